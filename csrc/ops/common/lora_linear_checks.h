@@ -1,0 +1,24 @@
+// Argument validation shared by every backend of lora_linear (CPU, CUDA, Meta). Each failure names the
+// argument, what was found and what was expected. Sizes are read as SymInts, so the Meta kernels can use
+// the same checks under torch.compile's dynamic shapes.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+
+namespace lorafuse::detail {
+
+// dtype of u and of all accumulation: float64 when x or the adapter is float64, else float32.
+at::ScalarType lora_acc_dtype(const at::Tensor& x, const at::Tensor& lora_a);
+
+void check_lora_linear_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias, const at::Tensor& lora_a,
+                            const at::Tensor& lora_b, double scale, double dropout_p);
+
+void check_lora_linear_backward_args(const char* op, const at::Tensor& grad_out, const at::Tensor& x,
+                                     const at::Tensor& weight, const at::Tensor& lora_a, const at::Tensor& lora_b,
+                                     const at::Tensor& u, const at::Tensor& rng_state, double scale,
+                                     double dropout_p);
+
+}  // namespace lorafuse::detail

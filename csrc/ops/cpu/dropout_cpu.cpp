@@ -1,0 +1,96 @@
+#include "csrc/ops/cpu/dropout_cpu.h"
+
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+
+#include <mutex>
+
+#include "csrc/ops/common/dropout_philox.h"
+
+namespace lorafuse::cpu {
+namespace {
+
+// Calls f(k, keep) for k in [0, in) of row t, drawing one Philox block per four elements.
+template <typename F>
+inline void for_each_keep(int64_t t, int64_t in, uint64_t seed, uint64_t offset, uint32_t threshold, F&& f) {
+  const uint64_t e0 = static_cast<uint64_t>(t) * static_cast<uint64_t>(in);
+  uint64_t group = ~uint64_t{0};
+  philox::Uint4 words{};
+  for (int64_t k = 0; k < in; ++k) {
+    const uint64_t e = e0 + static_cast<uint64_t>(k);
+    if ((e >> 2) != group) {
+      group = e >> 2;
+      words = philox::words_for_group(seed, offset, group);
+    }
+    f(k, philox::pick(words, static_cast<unsigned>(e & 3u)) >= threshold);
+  }
+}
+
+constexpr int64_t kRowsPerTask = 16;
+
+}  // namespace
+
+uint64_t draw_seed() {
+  auto* gen = at::check_generator<at::CPUGeneratorImpl>(at::detail::getDefaultCPUGenerator());
+  std::lock_guard<std::mutex> lock(gen->mutex_);
+  return gen->random64();
+}
+
+at::Tensor dropout_cast(const at::Tensor& x2, at::ScalarType dtype, uint64_t seed, uint64_t offset, double p) {
+  const int64_t rows = x2.size(0), in = x2.size(1);
+  at::Tensor out = at::empty({rows, in}, x2.options().dtype(dtype));
+  if (out.numel() == 0) return out;
+  const int64_t rs = x2.stride(0), cs = x2.stride(1);
+  const uint32_t threshold = philox::keep_threshold(p);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x2.scalar_type(), "lorafuse_dropout_cast", [&] {
+    using in_t = scalar_t;
+    const in_t* src = x2.const_data_ptr<in_t>();
+    AT_DISPATCH_FLOATING_TYPES(dtype, "lorafuse_dropout_cast_out", [&] {
+      using out_t = scalar_t;
+      out_t* dst = out.mutable_data_ptr<out_t>();
+      const out_t inv_keep = static_cast<out_t>(1.0 / (1.0 - p));
+      at::parallel_for(0, rows, kRowsPerTask, [&](int64_t begin, int64_t end) {
+        for (int64_t t = begin; t < end; ++t) {
+          const in_t* row = src + t * rs;
+          out_t* orow = dst + t * in;
+          if (p > 0.0) {
+            for_each_keep(t, in, seed, offset, threshold, [&](int64_t k, bool kept) {
+              orow[k] = kept ? static_cast<out_t>(row[k * cs]) * inv_keep : out_t(0);
+            });
+          } else {
+            for (int64_t k = 0; k < in; ++k) orow[k] = static_cast<out_t>(row[k * cs]);
+          }
+        }
+      });
+    });
+  });
+  return out;
+}
+
+void dropout_accumulate(at::Tensor& dst, const at::Tensor& g, uint64_t seed, uint64_t offset, double p) {
+  const int64_t rows = dst.size(0), in = dst.size(1);
+  if (dst.numel() == 0) return;
+  const uint32_t threshold = philox::keep_threshold(p);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dst.scalar_type(), "lorafuse_dropout_accumulate", [&] {
+    using out_t = scalar_t;
+    out_t* d = dst.mutable_data_ptr<out_t>();
+    AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "lorafuse_dropout_accumulate_g", [&] {
+      using acc_t = scalar_t;
+      const acc_t* src = g.const_data_ptr<acc_t>();
+      const acc_t inv_keep = static_cast<acc_t>(1.0 / (1.0 - p));
+      at::parallel_for(0, rows, kRowsPerTask, [&](int64_t begin, int64_t end) {
+        for (int64_t t = begin; t < end; ++t) {
+          out_t* drow = d + t * in;
+          const acc_t* grow = src + t * in;
+          for_each_keep(t, in, seed, offset, threshold, [&](int64_t k, bool kept) {
+            if (kept) drow[k] = static_cast<out_t>(static_cast<acc_t>(drow[k]) + grow[k] * inv_keep);
+          });
+        }
+      });
+    });
+  });
+}
+
+}  // namespace lorafuse::cpu

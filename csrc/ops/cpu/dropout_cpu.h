@@ -1,0 +1,20 @@
+// CPU helpers for the LoRA branch's dropout. The mask comes from csrc/ops/common/dropout_philox.h.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+
+namespace lorafuse::cpu {
+
+// A fresh seed from torch's default CPU generator (so torch.manual_seed makes runs reproducible).
+uint64_t draw_seed();
+
+// [T, in] contiguous tensor of dtype `dtype`: x2 * mask / (1 - p) when p > 0, else x2 cast. x2 may have
+// any strides.
+at::Tensor dropout_cast(const at::Tensor& x2, at::ScalarType dtype, uint64_t seed, uint64_t offset, double p);
+
+// dst += g * mask / (1 - p), elementwise over [T, in]; dst and g contiguous, g of the accumulation dtype.
+void dropout_accumulate(at::Tensor& dst, const at::Tensor& g, uint64_t seed, uint64_t offset, double p);
+
+}  // namespace lorafuse::cpu

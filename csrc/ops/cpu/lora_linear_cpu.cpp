@@ -1,0 +1,113 @@
+// CPU kernels of lora_linear. The GEMMs go through ATen (the CPU BLAS); the expand is accumulated into
+// the base GEMM's output in place (beta = 1), never added as a separate [T, out] tensor.
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include "csrc/ops/common/lora_linear_checks.h"
+#include "csrc/ops/cpu/dropout_cpu.h"
+
+namespace lorafuse::cpu {
+namespace {
+
+constexpr const char* kOp = "lorafuse.lora_linear";
+
+// x's shape with the last dimension replaced by `last`.
+std::vector<int64_t> with_last(at::IntArrayRef sizes, int64_t last) {
+  std::vector<int64_t> v = sizes.vec();
+  v.back() = last;
+  return v;
+}
+
+// dropout(x2) in the accumulation dtype; x2 itself when that is already the same thing.
+at::Tensor lora_input(const at::Tensor& x2, at::ScalarType acc, uint64_t seed, double p) {
+  if (p == 0.0 && x2.scalar_type() == acc) return x2;
+  return dropout_cast(x2, acc, seed, /*offset=*/0, p);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_forward_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                                                       const std::optional<at::Tensor>& bias,
+                                                                       const at::Tensor& lora_a,
+                                                                       const at::Tensor& lora_b, double scale,
+                                                                       double dropout_p) {
+  detail::check_lora_linear_args(kOp, x, weight, bias, lora_a, lora_b, scale, dropout_p);
+  const int64_t in = x.size(-1), out = weight.size(0);
+  const at::ScalarType acc = detail::lora_acc_dtype(x, lora_a);
+  const at::Tensor x2 = x.reshape({-1, in});  // [T, in]
+
+  at::Tensor rng_state = at::zeros({2}, x.options().dtype(at::kLong));
+  uint64_t seed = 0;
+  if (dropout_p > 0.0) {
+    seed = draw_seed();
+    rng_state.mutable_data_ptr<int64_t>()[0] = static_cast<int64_t>(seed);
+  }
+
+  at::Tensor y2 = at::empty({x2.size(0), out}, x.options());  // [T, out]
+  if (bias.has_value() && bias->defined()) {
+    at::addmm_out(y2, *bias, x2, weight.t());
+  } else {
+    at::mm_out(y2, x2, weight.t());
+  }
+  at::Tensor u = at::mm(lora_input(x2, acc, seed, dropout_p), lora_a.to(acc).t());  // [T, r]
+  // expand, accumulated into the base output: y2 = 1·y2 + scale·u·Bᵀ
+  y2.addmm_(u.to(x.scalar_type()), lora_b.to(x.scalar_type()).t(), /*beta=*/1, /*alpha=*/scale);
+  return {y2.view(with_last(x.sizes(), out)), u, rng_state};
+}
+
+at::Tensor lora_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                           const at::Tensor& lora_a, const at::Tensor& lora_b, double scale, double dropout_p) {
+  return std::get<0>(lora_linear_forward_cpu(x, weight, bias, lora_a, lora_b, scale, dropout_p));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_a,
+    const at::Tensor& lora_b, const at::Tensor& u, const at::Tensor& rng_state, double scale, double dropout_p,
+    std::array<bool, 4> output_mask) {
+  detail::check_lora_linear_backward_args("lorafuse.lora_linear_backward", grad_out, x, weight, lora_a, lora_b, u,
+                                          rng_state, scale, dropout_p);
+  const auto [need_x, need_a, need_b, need_bias] = output_mask;
+  const int64_t in = x.size(-1), out = weight.size(0);
+  const at::ScalarType acc = u.scalar_type();
+  const at::Tensor x2 = x.reshape({-1, in});             // [T, in]
+  const at::Tensor dy2 = grad_out.reshape({-1, out});    // [T, out]
+  const uint64_t seed = dropout_p > 0.0 ? static_cast<uint64_t>(rng_state.const_data_ptr<int64_t>()[0]) : 0;
+
+  at::Tensor grad_x = at::empty({0}, x.options());
+  at::Tensor grad_a = at::empty({0}, lora_a.options());
+  at::Tensor grad_b = at::empty({0}, lora_b.options());
+  at::Tensor grad_bias = at::empty({0}, x.options());
+
+  const bool need_v = need_x || need_a;
+  at::Tensor dy_acc;  // [T, out] in the accumulation dtype
+  if (need_v || need_b) dy_acc = dy2.scalar_type() == acc ? dy2 : dy2.to(acc);
+  if (need_b) grad_b = at::mm(dy_acc.t(), u).mul_(scale).to(lora_b.scalar_type());  // [out, r]
+  at::Tensor v;                                                                     // [T, r] = dY·B
+  if (need_v) v = at::mm(dy_acc, lora_b.to(acc));
+  if (need_a) {
+    grad_a = at::mm(v.t(), lora_input(x2, acc, seed, dropout_p)).mul_(scale).to(lora_a.scalar_type());  // [r, in]
+  }
+  if (need_x) {
+    at::Tensor gx2 = at::mm(dy2, weight);  // [T, in]: the frozen base's dX = dY·W
+    if (dropout_p == 0.0) {
+      gx2.addmm_(v.to(x.scalar_type()), lora_a.to(x.scalar_type()), /*beta=*/1, /*alpha=*/scale);
+    } else {
+      dropout_accumulate(gx2, at::mm(v, lora_a.to(acc)).mul_(scale), seed, /*offset=*/0, dropout_p);
+    }
+    grad_x = gx2.view(x.sizes());
+  }
+  if (need_bias) grad_bias = dy2.sum(0);
+  return {grad_x, grad_a, grad_b, grad_bias};
+}
+
+}  // namespace lorafuse::cpu
+
+TORCH_LIBRARY_IMPL(lorafuse, CPU, m) {
+  m.impl("lora_linear", &lorafuse::cpu::lora_linear_cpu);
+  m.impl("lora_linear_forward", &lorafuse::cpu::lora_linear_forward_cpu);
+  m.impl("lora_linear_backward", &lorafuse::cpu::lora_linear_backward_cpu);
+}

@@ -1,0 +1,38 @@
+// Built instead of cuda/ when LORAFUSE_CUDA is off: every schema still has a CUDA kernel, one that says
+// clearly that this build has none.
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+namespace {
+
+[[noreturn]] void no_cuda(const char* op) {
+  TORCH_CHECK(false, op,
+              ": this build of lorafuse has no CUDA kernels (it was built with LORAFUSE_CUDA=0, or without nvcc or "
+              "a CUDA build of torch). Rebuild with LORAFUSE_CUDA=1, or move the tensors to the CPU.");
+}
+
+at::Tensor lora_linear_no_cuda(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                               const at::Tensor&, const at::Tensor&, double, double) {
+  no_cuda("lorafuse.lora_linear");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_forward_no_cuda(const at::Tensor&, const at::Tensor&,
+                                                                           const std::optional<at::Tensor>&,
+                                                                           const at::Tensor&, const at::Tensor&,
+                                                                           double, double) {
+  no_cuda("lorafuse.lora_linear_forward");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward_no_cuda(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const at::Tensor&, const at::Tensor&, double, double, std::array<bool, 4>) {
+  no_cuda("lorafuse.lora_linear_backward");
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lorafuse, CUDA, m) {
+  m.impl("lora_linear", &lora_linear_no_cuda);
+  m.impl("lora_linear_forward", &lora_linear_forward_no_cuda);
+  m.impl("lora_linear_backward", &lora_linear_backward_no_cuda);
+}
