@@ -1,0 +1,432 @@
+// The LoRA kernels of lorafuse.lora_linear: __global__ templates over raw pointers, strides and a params
+// struct. No torch headers. The host wrapper (lora_linear_cuda.cu) checks, guards, picks the stream and
+// the template constants, and launches.
+//
+//   forward   u  = drop(x)·Aᵀ                 lora_shrink_kernel / lora_shrink_decode_kernel (T ≤ 16)
+//             y  = bias + scale·u·Bᵀ          lora_expand_kernel, then cuBLAS adds x·Wᵀ with beta = 1
+//   backward  v  = dY·B,  dB = scale·dYᵀ·u,  dbias = Σ_t dY         lora_grad_out_kernel (one pass over dY)
+//             dX = scale·(v·A)⊙mask/(1-p),  dA = scale·vᵀ·drop(x)    lora_grad_x_kernel (one pass over x),
+//             then cuBLAS adds dY·W into dX with beta = 1
+//   Reductions across blocks go through fp32 partial buffers summed in a fixed order
+//   (reduce_splits_kernel), so results are deterministic: no atomics.
+//
+// Shapes: x [T, in] with row stride ldx and unit column stride; A [r, in], B [out, r], u and v [T, r]
+// (fp32), all contiguous. Kernels that keep per-rank registers take a rank tile R (16, 32 or 64) and
+// handle ranks [r0, r0 + rc) of the r columns, rc ≤ R; the host loops over tiles when r > 64.
+#pragma once
+
+#include <cstdint>
+
+#include "csrc/ops/common/dropout_philox.h"
+#include "cuda/common/device_utils.cuh"
+
+namespace lorafuse::cuda {
+
+constexpr int kThreads = 256;
+
+// Dropout of the LoRA branch. The (seed, offset) pair comes from torch's CUDA generator: as values, or
+// (under CUDA graph capture) as device pointers read when the kernel runs. The forward writes the pair it
+// used to rng_out; the backward reads it from rng_in, so it regenerates exactly the forward's mask.
+struct DropoutParams {
+  bool enabled = false;
+  uint32_t threshold = 0;  // keep an element when its Philox word >= threshold
+  float inv_keep = 1.f;    // 1 / (1 - p)
+  uint64_t seed = 0, offset = 0;
+  const int64_t* seed_ptr = nullptr;    // captured: seed read from here
+  const int64_t* offset_ptr = nullptr;  // captured: offset = *offset_ptr + offset_intragraph
+  uint64_t offset_intragraph = 0;
+  bool captured = false;
+  int64_t* rng_out = nullptr;       // forward: where to record (seed, offset)
+  const int64_t* rng_in = nullptr;  // backward: (seed, offset) recorded by the forward
+};
+
+__device__ __forceinline__ void resolve_rng(const DropoutParams& d, uint64_t& seed, uint64_t& offset) {
+  if (d.rng_in != nullptr) {
+    seed = static_cast<uint64_t>(d.rng_in[0]);
+    offset = static_cast<uint64_t>(d.rng_in[1]);
+  } else if (d.captured) {
+    seed = static_cast<uint64_t>(*d.seed_ptr);
+    offset = static_cast<uint64_t>(*d.offset_ptr) + d.offset_intragraph;
+  } else {
+    seed = d.seed;
+    offset = d.offset;
+  }
+}
+
+// Value of drop(x)[t, k] given x[t, k] as float.
+__device__ __forceinline__ float apply_dropout(const DropoutParams& d, uint64_t seed, uint64_t offset, int64_t t,
+                                               int64_t in, int64_t k, float xv) {
+  if (!d.enabled) return xv;
+  const uint64_t e = static_cast<uint64_t>(t) * static_cast<uint64_t>(in) + static_cast<uint64_t>(k);
+  return philox::keep(seed, offset, e, d.threshold) ? xv * d.inv_keep : 0.f;
+}
+
+// ------------------------------------------------------------------------------------------------
+// forward: shrink u[:, r0:r0+rc] = drop(x)·A[r0:r0+rc]ᵀ
+struct ShrinkParams {
+  const void* x;  // [T, in], row stride ldx
+  int64_t ldx;
+  const void* a;  // [r, in]
+  float* u;       // [T, r]
+  int64_t tokens, in, r;
+  int r0, rc;
+  DropoutParams drop;
+};
+
+// Prefill: each warp owns TPW tokens, each lane every 32nd column of a 128-wide chunk; the A chunk is
+// staged in shared memory once per block and reused by its 8·TPW tokens. Accumulators: TPW·R fp32 per lane.
+template <typename Tx, typename Ta, int R, int TPW>
+__global__ void __launch_bounds__(kThreads) lora_shrink_kernel(ShrinkParams p) {
+  constexpr int kWarps = kThreads / 32, kChunk = 128, kPerLane = kChunk / 32;
+  __shared__ float a_s[R][kChunk];
+  const Tx* x = static_cast<const Tx*>(p.x);
+  const Ta* a = static_cast<const Ta*>(p.a);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t t_first = (static_cast<int64_t>(blockIdx.x) * kWarps + warp) * TPW;
+
+  uint64_t seed = 0, offset = 0;
+  if (p.drop.enabled) {
+    resolve_rng(p.drop, seed, offset);
+    if (p.drop.rng_out != nullptr && blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0) {
+      p.drop.rng_out[0] = static_cast<int64_t>(seed);
+      p.drop.rng_out[1] = static_cast<int64_t>(offset);
+    }
+  }
+
+  float acc[TPW][R];
+#pragma unroll
+  for (int i = 0; i < TPW; ++i)
+#pragma unroll
+    for (int j = 0; j < R; ++j) acc[i][j] = 0.f;
+
+  for (int64_t k0 = 0; k0 < p.in; k0 += kChunk) {
+    __syncthreads();  // the previous chunk's readers are done
+    for (int i = threadIdx.x; i < R * kChunk; i += kThreads) {
+      const int rr = i / kChunk, kk = i % kChunk;
+      const int64_t k = k0 + kk;
+      a_s[rr][kk] = (rr < p.rc && k < p.in) ? to_float(a[(p.r0 + rr) * p.in + k]) : 0.f;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int j = 0; j < kPerLane; ++j) {
+      const int kk = lane + 32 * j;
+      const int64_t k = k0 + kk;
+      if (k >= p.in) continue;
+#pragma unroll
+      for (int i = 0; i < TPW; ++i) {
+        const int64_t t = t_first + i;
+        if (t >= p.tokens) continue;
+        const float xv = apply_dropout(p.drop, seed, offset, t, p.in, k, to_float(x[t * p.ldx + k]));
+#pragma unroll
+        for (int rr = 0; rr < R; ++rr) acc[i][rr] += xv * a_s[rr][kk];
+      }
+    }
+  }
+
+#pragma unroll
+  for (int i = 0; i < TPW; ++i) {
+    const int64_t t = t_first + i;
+#pragma unroll
+    for (int rr = 0; rr < R; ++rr) {
+      const float s = warp_sum(acc[i][rr]);
+      if (lane == 0 && t < p.tokens && rr < p.rc) p.u[t * p.r + p.r0 + rr] = s;
+    }
+  }
+}
+
+// Decode (T ≤ MAXT = 16): one block per rank row; each thread strides over in for all tokens, then a
+// block reduction. The adapter's cost is reading A (once) and x (tiny).
+template <typename Tx, typename Ta, int MAXT>
+__global__ void __launch_bounds__(kThreads) lora_shrink_decode_kernel(ShrinkParams p) {
+  constexpr int kWarps = kThreads / 32;
+  __shared__ float part[kWarps][MAXT];
+  const Tx* x = static_cast<const Tx*>(p.x);
+  const Ta* a = static_cast<const Ta*>(p.a);
+  const int rr = p.r0 + blockIdx.x;  // rank row of this block
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+
+  uint64_t seed = 0, offset = 0;
+  if (p.drop.enabled) {
+    resolve_rng(p.drop, seed, offset);
+    if (p.drop.rng_out != nullptr && blockIdx.x == 0 && threadIdx.x == 0) {
+      p.drop.rng_out[0] = static_cast<int64_t>(seed);
+      p.drop.rng_out[1] = static_cast<int64_t>(offset);
+    }
+  }
+
+  float acc[MAXT];
+#pragma unroll
+  for (int t = 0; t < MAXT; ++t) acc[t] = 0.f;
+  for (int64_t k = threadIdx.x; k < p.in; k += kThreads) {
+    const float av = to_float(a[rr * p.in + k]);
+#pragma unroll
+    for (int t = 0; t < MAXT; ++t) {
+      if (t < p.tokens) acc[t] += apply_dropout(p.drop, seed, offset, t, p.in, k, to_float(x[t * p.ldx + k])) * av;
+    }
+  }
+#pragma unroll
+  for (int t = 0; t < MAXT; ++t) {
+    const float s = warp_sum(acc[t]);
+    if (lane == 0) part[warp][t] = s;
+  }
+  __syncthreads();
+  if (threadIdx.x < MAXT && threadIdx.x < p.tokens) {
+    float s = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) s += part[w][threadIdx.x];
+    p.u[threadIdx.x * p.r + rr] = s;
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// forward: expand y[t, o] = bias[o] + scale·Σ_j u[t, j]·B[o, j], written in y's dtype; the base GEMM then
+// accumulates x·Wᵀ onto it (beta = 1). Thread ↔ output column o, kExpandTokens tokens per block.
+constexpr int kExpandTokens = 16;
+constexpr int kExpandRankChunk = 64;
+
+struct ExpandParams {
+  const float* u;     // [T, r]
+  const void* b;      // [out, r]
+  const void* bias;   // [out] or nullptr
+  void* y;            // [T, out] contiguous
+  int64_t tokens, out, r;
+  float scale;
+};
+
+template <typename Ty, typename Tb>
+__global__ void __launch_bounds__(kThreads) lora_expand_kernel(ExpandParams p) {
+  __shared__ float u_s[kExpandTokens][kExpandRankChunk];
+  const Tb* b = static_cast<const Tb*>(p.b);
+  const Ty* bias = static_cast<const Ty*>(p.bias);
+  Ty* y = static_cast<Ty*>(p.y);
+  const int64_t o = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  const int64_t t0 = static_cast<int64_t>(blockIdx.y) * kExpandTokens;
+
+  float acc[kExpandTokens];
+#pragma unroll
+  for (int i = 0; i < kExpandTokens; ++i) acc[i] = 0.f;
+  for (int64_t j0 = 0; j0 < p.r; j0 += kExpandRankChunk) {
+    __syncthreads();
+    for (int i = threadIdx.x; i < kExpandTokens * kExpandRankChunk; i += kThreads) {
+      const int tt = i / kExpandRankChunk, jj = i % kExpandRankChunk;
+      const int64_t t = t0 + tt, j = j0 + jj;
+      u_s[tt][jj] = (t < p.tokens && j < p.r) ? p.u[t * p.r + j] : 0.f;
+    }
+    __syncthreads();
+    if (o < p.out) {
+      const int64_t jn = p.r - j0 < kExpandRankChunk ? p.r - j0 : kExpandRankChunk;
+      for (int64_t jj = 0; jj < jn; ++jj) {
+        const float bv = to_float(b[o * p.r + j0 + jj]);
+#pragma unroll
+        for (int i = 0; i < kExpandTokens; ++i) acc[i] += u_s[i][jj] * bv;
+      }
+    }
+  }
+  if (o >= p.out) return;
+  const float bias_v = bias != nullptr ? to_float(bias[o]) : 0.f;
+#pragma unroll
+  for (int i = 0; i < kExpandTokens; ++i) {
+    const int64_t t = t0 + i;
+    if (t < p.tokens) y[t * p.out + o] = from_float<Ty>(bias_v + p.scale * acc[i]);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// backward: one pass over dY. Block (ot, s) owns output columns [ot·256, ot·256 + 256) and the token split
+// s; it walks its tokens in tiles of 16 staged in shared memory and produces
+//   v_part[ot][t][r0 + j]   = Σ_{o in its columns} dY[t, o]·B[o, r0 + j]      (summed over ot later)
+//   db_part[s][o][r0 + j]   = Σ_{t in its split}  dY[t, o]·u[t, r0 + j]      (summed over s later)
+//   bias_part[s][o]         = Σ_{t in its split}  dY[t, o]
+constexpr int kGradOutCols = kThreads;
+constexpr int kGradOutTokens = 16;
+
+struct GradOutParams {
+  const void* dy;  // [T, out] contiguous
+  const void* b;   // [out, r]
+  const float* u;  // [T, r]
+  float* v_part;   // [n_col_tiles, T, r] or nullptr
+  float* db_part;  // [splits, out, r] or nullptr
+  float* bias_part;  // [splits, out] or nullptr
+  int64_t tokens, out, r;
+  int64_t tokens_per_split;  // a multiple of kGradOutTokens
+  int r0, rc;
+};
+
+template <int R>
+constexpr size_t grad_out_smem_bytes() {
+  return sizeof(float) * (kGradOutTokens * (kGradOutCols + 1) + kGradOutTokens * R + kGradOutCols * R);
+}
+
+template <typename Tg, typename Tb, int R>
+__global__ void __launch_bounds__(kThreads) lora_grad_out_kernel(GradOutParams p) {
+  static_assert(R % 16 == 0, "rank tile must be a multiple of 16");
+  extern __shared__ float smem[];
+  float* g_s = smem;                                           // [16][257] dY tile
+  float* u_s = g_s + kGradOutTokens * (kGradOutCols + 1);      // [16][R]
+  float* b_s = u_s + kGradOutTokens * R;                       // [256][R]
+  const Tg* dy = static_cast<const Tg*>(p.dy);
+  const Tb* b = static_cast<const Tb*>(p.b);
+  const int tid = threadIdx.x;
+  const int64_t o0 = static_cast<int64_t>(blockIdx.x) * kGradOutCols;
+  const int64_t t_begin = static_cast<int64_t>(blockIdx.y) * p.tokens_per_split;
+  const int64_t t_end = t_begin + p.tokens_per_split < p.tokens ? t_begin + p.tokens_per_split : p.tokens;
+
+  // B rows of this block's columns, once.
+  for (int i = tid; i < kGradOutCols * R; i += kThreads) {
+    const int oo = i / R, j = i % R;
+    const int64_t o = o0 + oo;
+    b_s[i] = (o < p.out && j < p.rc) ? to_float(b[o * p.r + p.r0 + j]) : 0.f;
+  }
+
+  // dB and dbias: thread ↔ column o0 + tid, all R ranks. v: thread ↔ (token tid % 16, ranks tid / 16 + 16·i).
+  float db_acc[R];
+#pragma unroll
+  for (int j = 0; j < R; ++j) db_acc[j] = 0.f;
+  float bias_acc = 0.f;
+  const int v_t = tid % kGradOutTokens, v_j0 = tid / kGradOutTokens;
+
+  for (int64_t t0 = t_begin; t0 < t_end; t0 += kGradOutTokens) {
+    __syncthreads();  // previous tile consumed (and b_s written, on the first pass)
+    for (int i = tid; i < kGradOutTokens * kGradOutCols; i += kThreads) {
+      const int tt = i / kGradOutCols, oo = i % kGradOutCols;
+      const int64_t t = t0 + tt, o = o0 + oo;
+      g_s[tt * (kGradOutCols + 1) + oo] = (t < t_end && o < p.out) ? to_float(dy[t * p.out + o]) : 0.f;
+    }
+    for (int i = tid; i < kGradOutTokens * R; i += kThreads) {
+      const int tt = i / R, j = i % R;
+      const int64_t t = t0 + tt;
+      u_s[i] = (t < t_end && j < p.rc) ? p.u[t * p.r + p.r0 + j] : 0.f;
+    }
+    __syncthreads();
+
+    if (p.db_part != nullptr || p.bias_part != nullptr) {
+#pragma unroll 4
+      for (int tt = 0; tt < kGradOutTokens; ++tt) {
+        const float g = g_s[tt * (kGradOutCols + 1) + tid];
+        bias_acc += g;
+#pragma unroll
+        for (int j = 0; j < R; ++j) db_acc[j] += g * u_s[tt * R + j];
+      }
+    }
+    if (p.v_part != nullptr) {
+      const int64_t t = t0 + v_t;
+#pragma unroll
+      for (int i = 0; i < R / 16; ++i) {
+        const int j = v_j0 + 16 * i;
+        float s = 0.f;
+        for (int oo = 0; oo < kGradOutCols; ++oo) s += g_s[v_t * (kGradOutCols + 1) + oo] * b_s[oo * R + j];
+        if (t < t_end && j < p.rc) p.v_part[(blockIdx.x * p.tokens + t) * p.r + p.r0 + j] = s;
+      }
+    }
+  }
+
+  const int64_t o = o0 + tid;
+  if (o >= p.out) return;
+  if (p.db_part != nullptr) {
+#pragma unroll
+    for (int j = 0; j < R; ++j) {
+      if (j < p.rc) p.db_part[(blockIdx.y * p.out + o) * p.r + p.r0 + j] = db_acc[j];
+    }
+  }
+  if (p.bias_part != nullptr) p.bias_part[blockIdx.y * p.out + o] = bias_acc;
+}
+
+// ------------------------------------------------------------------------------------------------
+// backward: one pass over x. Block (kt, s) owns input columns [kt·256, kt·256 + 256) and token split s;
+// thread ↔ column k, holding A[r0:r0+rc, k] in registers:
+//   dx[t, k]  (+)= scale·mask[t, k]/(1-p)·Σ_j v[t, r0 + j]·A[r0 + j, k]     (written in x's dtype; cuBLAS
+//                                                                          then adds dY·W with beta = 1)
+//   da_part[s][r0 + j][k] = Σ_{t in split} v[t, r0 + j]·drop(x)[t, k]      (summed over s later)
+constexpr int kGradXCols = kThreads;
+constexpr int kGradXTokens = 32;
+
+struct GradXParams {
+  const void* x;  // [T, in], row stride ldx
+  int64_t ldx;
+  const void* a;  // [r, in]
+  const float* v;  // [T, r]
+  void* dx;        // [T, in] contiguous, or nullptr
+  float* da_part;  // [splits, r, in], or nullptr
+  int64_t tokens, in, r;
+  int64_t tokens_per_split;
+  int r0, rc;
+  bool accumulate_dx;  // add to dx (rank tiles after the first)
+  float scale;
+  DropoutParams drop;
+};
+
+template <typename Tx, typename Ta, int R>
+__global__ void __launch_bounds__(kThreads) lora_grad_x_kernel(GradXParams p) {
+  __shared__ float v_s[kGradXTokens][R];
+  const Tx* x = static_cast<const Tx*>(p.x);
+  const Ta* a = static_cast<const Ta*>(p.a);
+  Tx* dx = static_cast<Tx*>(p.dx);
+  const int tid = threadIdx.x;
+  const int64_t k = static_cast<int64_t>(blockIdx.x) * kGradXCols + tid;
+  const bool col_ok = k < p.in;
+  const int64_t t_begin = static_cast<int64_t>(blockIdx.y) * p.tokens_per_split;
+  const int64_t t_end = t_begin + p.tokens_per_split < p.tokens ? t_begin + p.tokens_per_split : p.tokens;
+
+  uint64_t seed = 0, offset = 0;
+  if (p.drop.enabled) resolve_rng(p.drop, seed, offset);
+
+  float a_col[R], da_acc[R];
+#pragma unroll
+  for (int j = 0; j < R; ++j) {
+    a_col[j] = (col_ok && j < p.rc) ? to_float(a[(p.r0 + j) * p.in + k]) : 0.f;
+    da_acc[j] = 0.f;
+  }
+
+  for (int64_t t0 = t_begin; t0 < t_end; t0 += kGradXTokens) {
+    __syncthreads();
+    for (int i = tid; i < kGradXTokens * R; i += kThreads) {
+      const int tt = i / R, j = i % R;
+      const int64_t t = t0 + tt;
+      v_s[tt][j] = (t < t_end && j < p.rc) ? p.v[t * p.r + p.r0 + j] : 0.f;
+    }
+    __syncthreads();
+    if (!col_ok) continue;
+    const int64_t tn = t_end - t0 < kGradXTokens ? t_end - t0 : kGradXTokens;
+    for (int tt = 0; tt < tn; ++tt) {
+      const int64_t t = t0 + tt;
+      float keep_scale = 1.f;  // mask[t, k] / (1 - p)
+      if (p.drop.enabled) {
+        const uint64_t e = static_cast<uint64_t>(t) * static_cast<uint64_t>(p.in) + static_cast<uint64_t>(k);
+        keep_scale = philox::keep(seed, offset, e, p.drop.threshold) ? p.drop.inv_keep : 0.f;
+      }
+      if (dx != nullptr) {
+        float s = 0.f;
+#pragma unroll
+        for (int j = 0; j < R; ++j) s += v_s[tt][j] * a_col[j];
+        float val = p.scale * keep_scale * s;
+        if (p.accumulate_dx) val += to_float(dx[t * p.in + k]);
+        dx[t * p.in + k] = from_float<Tx>(val);
+      }
+      if (p.da_part != nullptr) {
+        const float xd = keep_scale * to_float(x[t * p.ldx + k]);
+#pragma unroll
+        for (int j = 0; j < R; ++j) da_acc[j] += v_s[tt][j] * xd;
+      }
+    }
+  }
+
+  if (p.da_part == nullptr || !col_ok) return;
+#pragma unroll
+  for (int j = 0; j < R; ++j) {
+    if (j < p.rc) p.da_part[(blockIdx.y * p.r + p.r0 + j) * p.in + k] = da_acc[j];
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// out[i] = alpha·Σ_s part[s·n + i], in a fixed order (deterministic), converted to out's dtype.
+template <typename To>
+__global__ void __launch_bounds__(kThreads) reduce_splits_kernel(const float* part, int64_t splits, int64_t n,
+                                                                 float alpha, To* out) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (i >= n) return;
+  float s = 0.f;
+  for (int64_t sp = 0; sp < splits; ++sp) s += part[sp * n + i];
+  out[i] = from_float<To>(alpha * s);
+}
+
+}  // namespace lorafuse::cuda
