@@ -7,6 +7,11 @@
 
 #include <cstdint>
 
+// Dynamic shared memory of a kernel as float* NAME (the CPU emulation in tests/cpp defines its own).
+#ifndef LORAFUSE_DYNAMIC_SMEM
+#define LORAFUSE_DYNAMIC_SMEM(NAME) extern __shared__ float NAME[]
+#endif
+
 namespace lorafuse::cuda {
 
 template <typename T>

@@ -260,7 +260,7 @@ constexpr size_t grad_out_smem_bytes() {
 template <typename Tg, typename Tb, int R>
 __global__ void __launch_bounds__(kThreads) lora_grad_out_kernel(GradOutParams p) {
   static_assert(R % 16 == 0, "rank tile must be a multiple of 16");
-  extern __shared__ float smem[];
+  LORAFUSE_DYNAMIC_SMEM(smem);
   float* g_s = smem;                                           // [16][257] dY tile
   float* u_s = g_s + kGradOutTokens * (kGradOutCols + 1);      // [16][R]
   float* b_s = u_s + kGradOutTokens * R;                       // [256][R]
@@ -420,13 +420,20 @@ __global__ void __launch_bounds__(kThreads) lora_grad_x_kernel(GradXParams p) {
 // ------------------------------------------------------------------------------------------------
 // out[i] = alpha·Σ_s part[s·n + i], in a fixed order (deterministic), converted to out's dtype.
 template <typename To>
-__global__ void __launch_bounds__(kThreads) reduce_splits_kernel(const float* part, int64_t splits, int64_t n,
-                                                                 float alpha, To* out) {
+struct ReduceParams {
+  const float* part;  // [splits, n]
+  int64_t splits, n;
+  float alpha;
+  To* out;  // [n]
+};
+
+template <typename To>
+__global__ void __launch_bounds__(kThreads) reduce_splits_kernel(ReduceParams<To> p) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  if (i >= n) return;
+  if (i >= p.n) return;
   float s = 0.f;
-  for (int64_t sp = 0; sp < splits; ++sp) s += part[sp * n + i];
-  out[i] = from_float<To>(alpha * s);
+  for (int64_t sp = 0; sp < p.splits; ++sp) s += p.part[sp * p.n + i];
+  p.out[i] = from_float<To>(p.alpha * s);
 }
 
 }  // namespace lorafuse::cuda
