@@ -3,6 +3,7 @@
 // The dropout mask itself is never stored: backward regenerates it from the seed.
 #include <ATen/core/grad_mode.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -31,9 +32,11 @@ class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
-    // forward inputs: x, weight, bias, lora_a, lora_b, scale, dropout_p
-    const std::array<bool, 4> mask = {ctx->needs_input_grad(0), ctx->needs_input_grad(3), ctx->needs_input_grad(4),
-                                      has_bias && ctx->needs_input_grad(2)};
+    // forward inputs: x, weight, bias, lora_a, lora_b, scale, dropout_p. needs_input_grad counts tensor
+    // inputs only (an absent bias has no edge), while the returned list has one slot per forward input.
+    const size_t edge_a = has_bias ? 3 : 2, edge_b = edge_a + 1;
+    const std::array<bool, 4> mask = {ctx->needs_input_grad(0), ctx->needs_input_grad(edge_a),
+                                      ctx->needs_input_grad(edge_b), has_bias && ctx->needs_input_grad(2)};
     variable_list result(7);
     if (!grads[0].defined() || !(mask[0] || mask[1] || mask[2] || mask[3])) return result;
     auto [gx, ga, gb, gbias] = lorafuse::lora_linear_backward(
@@ -64,4 +67,11 @@ at::Tensor lora_linear_autograd(const at::Tensor& x, const at::Tensor& weight, c
 }  // namespace
 }  // namespace lorafuse::autograd
 
-TORCH_LIBRARY_IMPL(lorafuse, Autograd, m) { m.impl("lora_linear", &lorafuse::autograd::lora_linear_autograd); }
+TORCH_LIBRARY_IMPL(lorafuse, Autograd, m) {
+  m.impl("lora_linear", &lorafuse::autograd::lora_linear_autograd);
+  // The building blocks are not differentiable themselves: they run below autograd (so their kernels never
+  // see requires_grad inputs), and backpropagating through their outputs (e.g. double backward of
+  // lora_linear) raises "derivative for lorafuse::... is not implemented" instead of silently being wrong.
+  m.impl("lora_linear_forward", torch::autograd::autogradNotImplementedFallback());
+  m.impl("lora_linear_backward", torch::autograd::autogradNotImplementedFallback());
+}
