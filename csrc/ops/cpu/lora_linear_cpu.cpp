@@ -22,6 +22,14 @@ std::vector<int64_t> with_last(at::IntArrayRef sizes, int64_t last) {
   return v;
 }
 
+// T: the product of all but the last dimension (explicit, since reshape({-1, 0}) is ambiguous when in or
+// out is 0).
+int64_t leading_numel(at::IntArrayRef sizes) {
+  int64_t n = 1;
+  for (size_t d = 0; d + 1 < sizes.size(); ++d) n *= sizes[d];
+  return n;
+}
+
 // dropout(x2) in the accumulation dtype; x2 itself when that is already the same thing.
 at::Tensor lora_input(const at::Tensor& x2, at::ScalarType acc, uint64_t seed, double p) {
   if (p == 0.0 && x2.scalar_type() == acc) return x2;
@@ -38,7 +46,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_forward_cpu(const at:
   detail::check_lora_linear_args(kOp, x, weight, bias, lora_a, lora_b, scale, dropout_p);
   const int64_t in = x.size(-1), out = weight.size(0);
   const at::ScalarType acc = detail::lora_acc_dtype(x, lora_a);
-  const at::Tensor x2 = x.reshape({-1, in});  // [T, in]
+  const at::Tensor x2 = x.reshape({leading_numel(x.sizes()), in});  // [T, in]
 
   at::Tensor rng_state = at::zeros({2}, x.options().dtype(at::kLong));
   uint64_t seed = 0;
@@ -73,8 +81,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward_
   const auto [need_x, need_a, need_b, need_bias] = output_mask;
   const int64_t in = x.size(-1), out = weight.size(0);
   const at::ScalarType acc = u.scalar_type();
-  const at::Tensor x2 = x.reshape({-1, in});             // [T, in]
-  const at::Tensor dy2 = grad_out.reshape({-1, out});    // [T, out]
+  const int64_t tokens = leading_numel(x.sizes());
+  const at::Tensor x2 = x.reshape({tokens, in});           // [T, in]
+  const at::Tensor dy2 = grad_out.reshape({tokens, out});  // [T, out]
   const uint64_t seed = dropout_p > 0.0 ? static_cast<uint64_t>(rng_state.const_data_ptr<int64_t>()[0]) : 0;
 
   at::Tensor grad_x = at::empty({0}, x.options());
