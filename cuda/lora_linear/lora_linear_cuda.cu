@@ -35,9 +35,16 @@ struct CudaLauncher {
   }
 };
 
+// T: the product of all but the last dimension (explicit: reshape({-1, 0}) is ambiguous when in is 0).
+int64_t leading_numel(at::IntArrayRef sizes) {
+  int64_t n = 1;
+  for (size_t d = 0; d + 1 < sizes.size(); ++d) n *= sizes[d];
+  return n;
+}
+
 // x viewed as [T, in] with unit column stride (rows may be strided, e.g. a slice).
 at::Tensor rows_view(const at::Tensor& x) {
-  at::Tensor x2 = x.reshape({-1, x.size(-1)});
+  at::Tensor x2 = x.reshape({leading_numel(x.sizes()), x.size(-1)});
   if (x2.stride(1) != 1 || (x2.size(0) > 1 && x2.stride(0) < x2.size(1))) x2 = x2.contiguous();
   return x2;
 }
@@ -152,7 +159,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward_
 
   const int64_t in = x.size(-1), out = weight.size(0), r = lora_a.size(0);
   const at::Tensor x2 = rows_view(x);                               // [T, in]
-  const at::Tensor dy2 = grad_out.reshape({-1, out}).contiguous();  // [T, out]
+  const at::Tensor dy2 = grad_out.reshape({x2.size(0), out}).contiguous();  // [T, out]
   const int64_t tokens = x2.size(0);
   const at::Tensor a = lora_a.contiguous(), b = lora_b.contiguous(), uc = u.contiguous();
   const at::Tensor rng = rng_state.contiguous();
