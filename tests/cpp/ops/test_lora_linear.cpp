@@ -168,7 +168,7 @@ TEST_CASE("only the inputs that require grad get a gradient", "[cpu]") {
   }
 }
 
-TEST_CASE("nothing requiring grad gives an output without grad_fn; weight must not require grad", "[cpu]") {
+TEST_CASE("nothing requiring grad gives an output without grad_fn, and weight must not require grad", "[cpu]") {
   const Inputs t = make_inputs({5}, 16, 8, 4, at::kFloat, at::kFloat, true, at::kCPU);
   const at::Tensor y = lorafuse::lora_linear(t.x, t.weight, t.bias, t.lora_a, t.lora_b, 0.5);
   CHECK_FALSE(y.requires_grad());

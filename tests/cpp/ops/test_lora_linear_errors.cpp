@@ -188,7 +188,7 @@ TEST_CASE("device mismatch: lora_a on meta", "[cpu][errors]") {
   require_error<c10::ValueError>(a, {"lora_a", "x's device cpu", "found lora_a on meta"});
 }
 
-TEST_CASE("dropout_p out of [0, 1)", "[cpu][errors]") {
+TEST_CASE("dropout_p outside 0 <= p < 1", "[cpu][errors]") {
   for (double p : {-0.1, 1.0, 1.5, std::numeric_limits<double>::quiet_NaN()}) {
     INFO("dropout_p = " << p);
     Args a;
