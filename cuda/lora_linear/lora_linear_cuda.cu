@@ -35,24 +35,11 @@ struct CudaLauncher {
   }
 };
 
-// T: the product of all but the last dimension (explicit: reshape({-1, 0}) is ambiguous when in is 0).
-int64_t leading_numel(at::IntArrayRef sizes) {
-  int64_t n = 1;
-  for (size_t d = 0; d + 1 < sizes.size(); ++d) n *= sizes[d];
-  return n;
-}
-
 // x viewed as [T, in] with unit column stride (rows may be strided, e.g. a slice).
 at::Tensor rows_view(const at::Tensor& x) {
-  at::Tensor x2 = x.reshape({leading_numel(x.sizes()), x.size(-1)});
+  at::Tensor x2 = x.reshape({detail::leading_numel(x.sizes()), x.size(-1)});
   if (x2.stride(1) != 1 || (x2.size(0) > 1 && x2.stride(0) < x2.size(1))) x2 = x2.contiguous();
   return x2;
-}
-
-std::vector<int64_t> with_last(at::IntArrayRef sizes, int64_t last) {
-  std::vector<int64_t> v = sizes.vec();
-  v.back() = last;
-  return v;
 }
 
 DropoutParams dropout_params(double p) {
@@ -139,7 +126,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_forward_cuda(const at
     });
     if (out > 0) y2.addmm_(x2, weight.t(), /*beta=*/1, /*alpha=*/1);  // y += x·Wᵀ (cuBLAS, beta = 1)
   }
-  return {y2.view(with_last(x.sizes(), out)), u, rng_state};
+  return {y2.view(detail::with_last(x.sizes(), out)), u, rng_state};
 }
 
 at::Tensor lora_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,

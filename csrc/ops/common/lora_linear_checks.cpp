@@ -25,6 +25,24 @@ void check_scalars(const char* op, double scale, double dropout_p) {
 
 }  // namespace
 
+int64_t leading_numel(at::IntArrayRef sizes) {
+  int64_t n = 1;
+  for (size_t d = 0; d + 1 < sizes.size(); ++d) n *= sizes[d];
+  return n;
+}
+
+c10::SymInt leading_sym_numel(const at::Tensor& x) {
+  c10::SymInt n = 1;
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) n = n * x.sym_size(d);
+  return n;
+}
+
+std::vector<int64_t> with_last(at::IntArrayRef sizes, int64_t last) {
+  std::vector<int64_t> v = sizes.vec();
+  v.back() = last;
+  return v;
+}
+
 at::ScalarType lora_acc_dtype(const at::Tensor& x, const at::Tensor& lora_a) {
   return (x.scalar_type() == at::kDouble || lora_a.scalar_type() == at::kDouble) ? at::kDouble : at::kFloat;
 }
@@ -109,8 +127,7 @@ void check_lora_linear_backward_args(const char* op, const at::Tensor& grad_out,
   TORCH_CHECK_TYPE(grad_out.scalar_type() == x.scalar_type(), op, ": grad_out must have x's dtype ",
                    x.scalar_type(), "; found ", grad_out.scalar_type());
 
-  c10::SymInt tokens = 1;
-  for (int64_t d = 0; d + 1 < x.dim(); ++d) tokens = tokens * x.sym_size(d);
+  const c10::SymInt tokens = leading_sym_numel(x);
   const auto acc = lora_acc_dtype(x, lora_a);
   TORCH_CHECK_VALUE(u.dim() == 2 && u.sym_size(0) == tokens && u.sym_size(1) == lora_a.sym_size(0), op,
                     ": u must have shape [T, r] = [", tokens, ", ", lora_a.sym_size(0),

@@ -6,8 +6,17 @@
 #include <ATen/core/Tensor.h>
 
 #include <optional>
+#include <vector>
 
 namespace lorafuse::detail {
+
+// T, the number of tokens: the product of all but the last dimension of x (explicit, since
+// reshape({-1, 0}) is ambiguous when in is 0). The SymInt form serves the Meta kernels.
+int64_t leading_numel(at::IntArrayRef sizes);
+c10::SymInt leading_sym_numel(const at::Tensor& x);
+
+// sizes with the last dimension replaced by `last` (x's shape → the output's).
+std::vector<int64_t> with_last(at::IntArrayRef sizes, int64_t last);
 
 // dtype of u and of all accumulation: float64 when x or the adapter is float64, else float32.
 at::ScalarType lora_acc_dtype(const at::Tensor& x, const at::Tensor& lora_a);

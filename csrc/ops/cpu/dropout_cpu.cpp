@@ -2,6 +2,7 @@
 
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 
@@ -69,26 +70,21 @@ at::Tensor dropout_cast(const at::Tensor& x2, at::ScalarType dtype, uint64_t see
   return out;
 }
 
-void dropout_accumulate(at::Tensor& dst, const at::Tensor& g, uint64_t seed, uint64_t offset, double p) {
-  const int64_t rows = dst.size(0), in = dst.size(1);
-  if (dst.numel() == 0) return;
+void dropout_scale_(at::Tensor& t, uint64_t seed, uint64_t offset, double p, double scale) {
+  const int64_t rows = t.size(0), in = t.size(1);
+  if (t.numel() == 0) return;
   const uint32_t threshold = philox::keep_threshold(p);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dst.scalar_type(), "lorafuse_dropout_accumulate", [&] {
-    using out_t = scalar_t;
-    out_t* d = dst.mutable_data_ptr<out_t>();
-    AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "lorafuse_dropout_accumulate_g", [&] {
-      using acc_t = scalar_t;
-      const acc_t* src = g.const_data_ptr<acc_t>();
-      const acc_t inv_keep = static_cast<acc_t>(1.0 / (1.0 - p));
-      at::parallel_for(0, rows, kRowsPerTask, [&](int64_t begin, int64_t end) {
-        for (int64_t t = begin; t < end; ++t) {
-          out_t* drow = d + t * in;
-          const acc_t* grow = src + t * in;
-          for_each_keep(t, in, seed, offset, threshold, [&](int64_t k, bool kept) {
-            if (kept) drow[k] = static_cast<out_t>(static_cast<acc_t>(drow[k]) + grow[k] * inv_keep);
-          });
-        }
-      });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "lorafuse_dropout_scale_", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    scalar_t* d = t.mutable_data_ptr<scalar_t>();
+    const acc_t kept_scale = static_cast<acc_t>(scale / (1.0 - p));
+    at::parallel_for(0, rows, kRowsPerTask, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        scalar_t* drow = d + row * in;
+        for_each_keep(row, in, seed, offset, threshold, [&](int64_t k, bool kept) {
+          drow[k] = kept ? static_cast<scalar_t>(static_cast<acc_t>(drow[k]) * kept_scale) : scalar_t(0);
+        });
+      }
     });
   });
 }

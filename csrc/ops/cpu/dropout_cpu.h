@@ -14,7 +14,7 @@ uint64_t draw_seed();
 // any strides.
 at::Tensor dropout_cast(const at::Tensor& x2, at::ScalarType dtype, uint64_t seed, uint64_t offset, double p);
 
-// dst += g * mask / (1 - p), elementwise over [T, in]; dst and g contiguous, g of the accumulation dtype.
-void dropout_accumulate(at::Tensor& dst, const at::Tensor& g, uint64_t seed, uint64_t offset, double p);
+// t *= scale * mask / (1 - p), in place; t contiguous [T, in].
+void dropout_scale_(at::Tensor& t, uint64_t seed, uint64_t offset, double p, double scale);
 
 }  // namespace lorafuse::cpu

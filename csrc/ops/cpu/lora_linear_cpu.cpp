@@ -1,9 +1,10 @@
 // CPU kernels of lora_linear. The GEMMs go through ATen (the CPU BLAS); the expand is accumulated into
 // the base GEMM's output in place (beta = 1), never added as a separate [T, out] tensor.
 #include <ATen/ops/addmm.h>
+#include <ATen/ops/cat.h>
+#include <ATen/ops/ones.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
-#include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -14,21 +15,6 @@ namespace lorafuse::cpu {
 namespace {
 
 constexpr const char* kOp = "lorafuse.lora_linear";
-
-// x's shape with the last dimension replaced by `last`.
-std::vector<int64_t> with_last(at::IntArrayRef sizes, int64_t last) {
-  std::vector<int64_t> v = sizes.vec();
-  v.back() = last;
-  return v;
-}
-
-// T: the product of all but the last dimension (explicit, since reshape({-1, 0}) is ambiguous when in or
-// out is 0).
-int64_t leading_numel(at::IntArrayRef sizes) {
-  int64_t n = 1;
-  for (size_t d = 0; d + 1 < sizes.size(); ++d) n *= sizes[d];
-  return n;
-}
 
 // dropout(x2) in the accumulation dtype; x2 itself when that is already the same thing.
 at::Tensor lora_input(const at::Tensor& x2, at::ScalarType acc, uint64_t seed, double p) {
@@ -46,7 +32,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_forward_cpu(const at:
   detail::check_lora_linear_args(kOp, x, weight, bias, lora_a, lora_b, scale, dropout_p);
   const int64_t in = x.size(-1), out = weight.size(0);
   const at::ScalarType acc = detail::lora_acc_dtype(x, lora_a);
-  const at::Tensor x2 = x.reshape({leading_numel(x.sizes()), in});  // [T, in]
+  const at::Tensor x2 = x.reshape({detail::leading_numel(x.sizes()), in});  // [T, in]
 
   at::Tensor rng_state = at::zeros({2}, x.options().dtype(at::kLong));
   uint64_t seed = 0;
@@ -55,16 +41,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_forward_cpu(const at:
     rng_state.mutable_data_ptr<int64_t>()[0] = static_cast<int64_t>(seed);
   }
 
-  at::Tensor y2 = at::empty({x2.size(0), out}, x.options());  // [T, out]
-  if (bias.has_value() && bias->defined()) {
-    at::addmm_out(y2, *bias, x2, weight.t());
-  } else {
-    at::mm_out(y2, x2, weight.t());
-  }
+  const at::ScalarType xt = x.scalar_type();
   at::Tensor u = at::mm(lora_input(x2, acc, seed, dropout_p), lora_a.to(acc).t());  // [T, r]
-  // expand, accumulated into the base output: y2 = 1·y2 + scale·u·Bᵀ
-  y2.addmm_(u.to(x.scalar_type()), lora_b.to(x.scalar_type()).t(), /*beta=*/1, /*alpha=*/scale);
-  return {y2.view(with_last(x.sizes(), out)), u, rng_state};
+  // The LoRA term (with the bias folded in as one more rank: [scale·u | 1]·[B | bias]ᵀ) is written first;
+  // the base GEMM then accumulates x·Wᵀ onto it with beta = 1, so the output is written once and read
+  // once inside the compute-bound GEMM, as the base linear alone does with its bias.
+  at::Tensor u_ext = u.mul(scale), b_ext = lora_b;
+  if (bias.has_value() && bias->defined()) {
+    u_ext = at::cat({u_ext, at::ones({u.size(0), 1}, u.options())}, 1);   // [T, r + 1]
+    b_ext = at::cat({lora_b.to(xt), bias->unsqueeze(1)}, 1);               // [out, r + 1]
+  }
+  at::Tensor y2 = at::mm(u_ext.to(xt), b_ext.to(xt).t());  // [T, out]
+  y2.addmm_(x2, weight.t(), /*beta=*/1, /*alpha=*/1);
+  return {y2.view(detail::with_last(x.sizes(), out)), u, rng_state};
 }
 
 at::Tensor lora_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -81,7 +70,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward_
   const auto [need_x, need_a, need_b, need_bias] = output_mask;
   const int64_t in = x.size(-1), out = weight.size(0);
   const at::ScalarType acc = u.scalar_type();
-  const int64_t tokens = leading_numel(x.sizes());
+  const int64_t tokens = detail::leading_numel(x.sizes());
   const at::Tensor x2 = x.reshape({tokens, in});           // [T, in]
   const at::Tensor dy2 = grad_out.reshape({tokens, out});  // [T, out]
   const uint64_t seed = dropout_p > 0.0 ? static_cast<uint64_t>(rng_state.const_data_ptr<int64_t>()[0]) : 0;
@@ -92,24 +81,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward_
   at::Tensor grad_bias = at::empty({0}, x.options());
 
   const bool need_v = need_x || need_a;
+  const int64_t r = lora_a.size(0);
   at::Tensor dy_acc;  // [T, out] in the accumulation dtype
-  if (need_v || need_b) dy_acc = dy2.scalar_type() == acc ? dy2 : dy2.to(acc);
-  if (need_b) grad_b = at::mm(dy_acc.t(), u).mul_(scale).to(lora_b.scalar_type());  // [out, r]
-  at::Tensor v;                                                                     // [T, r] = dY·B
+  if (need_v || need_b || need_bias) dy_acc = dy2.scalar_type() == acc ? dy2 : dy2.to(acc);
+  if (need_b || need_bias) {
+    // dB and dbias both reduce dY over T: one GEMM [u | 1]ᵀ·dY = [dBᵀ/scale ; dbias] ([r + 1, out]), with
+    // dY as the untransposed operand (the faster orientation for the CPU BLAS).
+    const at::Tensor lhs = need_bias ? at::cat({u, at::ones({tokens, 1}, u.options())}, 1) : u;  // [T, r (+1)]
+    const at::Tensor red = at::mm(lhs.t(), dy_acc);                                             // [r (+1), out]
+    if (need_b) grad_b = red.narrow(0, 0, r).t().contiguous().mul_(scale).to(lora_b.scalar_type());  // [out, r]
+    if (need_bias) grad_bias = red.select(0, r).to(x.scalar_type(), /*non_blocking=*/false, /*copy=*/true);  // [out]
+  }
+  at::Tensor v;  // [T, r] = dY·B
   if (need_v) v = at::mm(dy_acc, lora_b.to(acc));
   if (need_a) {
     grad_a = at::mm(v.t(), lora_input(x2, acc, seed, dropout_p)).mul_(scale).to(lora_a.scalar_type());  // [r, in]
   }
   if (need_x) {
-    at::Tensor gx2 = at::mm(dy2, weight);  // [T, in]: the frozen base's dX = dY·W
-    if (dropout_p == 0.0) {
-      gx2.addmm_(v.to(x.scalar_type()), lora_a.to(x.scalar_type()), /*beta=*/1, /*alpha=*/scale);
-    } else {
-      dropout_accumulate(gx2, at::mm(v, lora_a.to(acc)).mul_(scale), seed, /*offset=*/0, dropout_p);
-    }
+    // dX: the LoRA term scale·(v·A)⊙mask/(1-p) first, then the frozen base's dY·W accumulated onto it.
+    at::Tensor gx2 = at::mm(v.mul(scale).to(x.scalar_type()), lora_a.to(x.scalar_type()));  // [T, in]
+    if (dropout_p > 0.0) dropout_scale_(gx2, seed, /*offset=*/0, dropout_p, /*scale=*/1.0);
+    gx2.addmm_(dy2, weight, /*beta=*/1, /*alpha=*/1);
     grad_x = gx2.view(x.sizes());
   }
-  if (need_bias) grad_bias = dy2.sum(0);
   return {grad_x, grad_a, grad_b, grad_bias};
 }
 

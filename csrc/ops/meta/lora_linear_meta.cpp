@@ -8,12 +8,6 @@
 namespace lorafuse::meta {
 namespace {
 
-c10::SymInt leading_numel(const at::Tensor& x) {
-  c10::SymInt n = 1;
-  for (int64_t d = 0; d + 1 < x.dim(); ++d) n = n * x.sym_size(d);
-  return n;
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_forward_meta(const at::Tensor& x, const at::Tensor& weight,
                                                                         const std::optional<at::Tensor>& bias,
                                                                         const at::Tensor& lora_a,
@@ -23,7 +17,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_forward_meta(const at
   auto out_shape = x.sym_sizes().vec();
   out_shape.back() = weight.sym_size(0);
   at::Tensor y = at::empty_symint(out_shape, x.options());
-  at::Tensor u = at::empty_symint({leading_numel(x), lora_a.sym_size(0)},
+  at::Tensor u = at::empty_symint({detail::leading_sym_numel(x), lora_a.sym_size(0)},
                                   x.options().dtype(detail::lora_acc_dtype(x, lora_a)));
   at::Tensor rng_state = at::empty({2}, x.options().dtype(at::kLong));
   return {y, u, rng_state};
