@@ -19,6 +19,13 @@ T* device_ptr(const at::Tensor& t) {
   return reinterpret_cast<T*>(t.data_ptr());
 }
 
+inline void check_cuda_dtype(const at::Tensor& x, const char* op) {
+  const auto xt = x.scalar_type();
+  TORCH_CHECK_TYPE(xt == at::kFloat || xt == at::kHalf || xt == at::kBFloat16, op,
+                   ": CUDA kernels take x of dtype float32, float16 or bfloat16; found ", xt,
+                   " (float64 is supported on CPU)");
+}
+
 // Calls f(TypeTag<Tx>{}, TypeTag<Ta>{}) for x's dtype Tx and the adapter's dtype Ta (Tx or float).
 template <typename F>
 void dispatch_lora_types(at::ScalarType xt, at::ScalarType at_, const char* op, F&& f) {
@@ -32,8 +39,7 @@ void dispatch_lora_types(at::ScalarType xt, at::ScalarType at_, const char* op, 
       return a_fp32 ? f(TypeTag<__nv_bfloat16>{}, TypeTag<float>{})
                     : f(TypeTag<__nv_bfloat16>{}, TypeTag<__nv_bfloat16>{});
     default:
-      TORCH_CHECK_TYPE(false, op, ": CUDA kernels take x of dtype float32, float16 or bfloat16; found ", xt,
-                       " (float64 is supported on CPU)");
+      TORCH_CHECK_TYPE(false, op, ": no CUDA kernel for x of dtype ", xt);
   }
 }
 

@@ -83,6 +83,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_forward_cuda(const at
                                                                         const at::Tensor& lora_b, double scale,
                                                                         double dropout_p) {
   detail::check_lora_linear_args(kOp, x, weight, bias, lora_a, lora_b, scale, dropout_p);
+  check_cuda_dtype(x, kOp);
   const c10::cuda::OptionalCUDAGuard guard(x.device());
   const CudaLauncher launch{at::cuda::getCurrentCUDAStream()};
 
@@ -96,7 +97,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_forward_cuda(const at
   at::Tensor y2 = at::empty({tokens, out}, x.options());                     // [T, out]
   at::Tensor u = at::empty({tokens, r}, x.options().dtype(at::kFloat));      // [T, r]
   at::Tensor rng_state = at::empty({2}, x.options().dtype(at::kLong));
-  if (dropout_p <= 0.0) rng_state.zero_();
+  rng_state.zero_();  // defined even when no kernel runs (T = 0); the shrink records (seed, offset) here
   const DropoutParams drop = forward_dropout(dropout_p, rng_state, x);
 
   if (tokens > 0) {
@@ -140,6 +141,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward_
     std::array<bool, 4> output_mask) {
   constexpr const char* op = "lorafuse.lora_linear_backward";
   detail::check_lora_linear_backward_args(op, grad_out, x, weight, lora_a, lora_b, u, rng_state, scale, dropout_p);
+  check_cuda_dtype(x, op);
   const c10::cuda::OptionalCUDAGuard guard(x.device());
   const CudaLauncher launch{at::cuda::getCurrentCUDAStream()};
   const bool need_x = output_mask[0], need_a = output_mask[1], need_b = output_mask[2], need_bias = output_mask[3];

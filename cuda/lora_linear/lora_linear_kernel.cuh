@@ -180,7 +180,8 @@ __global__ void __launch_bounds__(kThreads) lora_shrink_decode_kernel(ShrinkPara
 
 // ------------------------------------------------------------------------------------------------
 // forward: expand y[t, o] = bias[o] + scale·Σ_j u[t, j]·B[o, j], written in y's dtype; the base GEMM then
-// accumulates x·Wᵀ onto it (beta = 1). Thread ↔ output column o, kExpandTokens tokens per block.
+// accumulates x·Wᵀ onto it (beta = 1). Thread ↔ output column o, kExpandTokens tokens per block; token
+// tiles on grid x (no 65535 limit), column tiles on grid y.
 constexpr int kExpandTokens = 16;
 constexpr int kExpandRankChunk = 64;
 
@@ -199,8 +200,8 @@ __global__ void __launch_bounds__(kThreads) lora_expand_kernel(ExpandParams p) {
   const Tb* b = static_cast<const Tb*>(p.b);
   const Ty* bias = static_cast<const Ty*>(p.bias);
   Ty* y = static_cast<Ty*>(p.y);
-  const int64_t o = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  const int64_t t0 = static_cast<int64_t>(blockIdx.y) * kExpandTokens;
+  const int64_t o = static_cast<int64_t>(blockIdx.y) * kThreads + threadIdx.x;
+  const int64_t t0 = static_cast<int64_t>(blockIdx.x) * kExpandTokens;
 
   float acc[kExpandTokens];
 #pragma unroll
@@ -389,21 +390,22 @@ __global__ void __launch_bounds__(kThreads) lora_grad_x_kernel(GradXParams p) {
     const int64_t tn = t_end - t0 < kGradXTokens ? t_end - t0 : kGradXTokens;
     for (int tt = 0; tt < tn; ++tt) {
       const int64_t t = t0 + tt;
-      float keep_scale = 1.f;  // mask[t, k] / (1 - p)
+      // dropped elements are exact zeros (selected, not multiplied: inf·0 would be NaN), as on the CPU
+      bool kept = true;
       if (p.drop.enabled) {
         const uint64_t e = static_cast<uint64_t>(t) * static_cast<uint64_t>(p.in) + static_cast<uint64_t>(k);
-        keep_scale = philox::keep(seed, offset, e, p.drop.threshold) ? p.drop.inv_keep : 0.f;
+        kept = philox::keep(seed, offset, e, p.drop.threshold);
       }
       if (dx != nullptr) {
         float s = 0.f;
 #pragma unroll
         for (int j = 0; j < R; ++j) s += v_s[tt][j] * a_col[j];
-        float val = p.scale * keep_scale * s;
+        float val = kept ? p.scale * p.drop.inv_keep * s : 0.f;
         if (p.accumulate_dx) val += to_float(dx[t * p.in + k]);
         dx[t * p.in + k] = from_float<Tx>(val);
       }
       if (p.da_part != nullptr) {
-        const float xd = keep_scale * to_float(x[t * p.ldx + k]);
+        const float xd = kept ? to_float(x[t * p.ldx + k]) * p.drop.inv_keep : 0.f;
 #pragma unroll
         for (int j = 0; j < R; ++j) da_acc[j] += v_s[tt][j] * xd;
       }

@@ -72,8 +72,8 @@ void run_shrink(const Launcher& launch, ShrinkParams p) {
 template <typename Tx, typename Ta, typename Launcher>
 void run_expand(const Launcher& launch, const ExpandParams& p) {
   if (p.tokens == 0 || p.out == 0) return;
-  const dim3 grid(static_cast<unsigned>(ceil_div<int64_t>(p.out, kThreads)),
-                  static_cast<unsigned>(ceil_div<int64_t>(p.tokens, kExpandTokens)));
+  const dim3 grid(static_cast<unsigned>(ceil_div<int64_t>(p.tokens, kExpandTokens)),
+                  static_cast<unsigned>(ceil_div<int64_t>(p.out, kThreads)));
   launch(lora_expand_kernel<Tx, Ta>, grid, kThreads, 0, p);
 }
 

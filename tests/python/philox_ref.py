@@ -2,9 +2,9 @@
 
 Philox-4x32-10 (Salmon et al., SC'11), written here from the algorithm's description, and the mask rule
 documented in csrc/ops/common/dropout_philox.h: element ``e`` of x viewed as ``[T, in]`` (row-major
-logical index ``e = t * in + k``) uses word ``e % 4`` of ``philox(counter=(e // 4, offset), key=seed)``,
-where the 64-bit group index and offset each fill two 32-bit counter words (low word first) and the
-64-bit seed fills the two key words (low word first). The element is kept iff its word >= threshold,
+logical index ``e = t * in + k``) uses word ``e % 4`` of ``philox(counter=(offset // 4, e // 4), key=seed)``,
+where ``offset // 4`` fills the low two 32-bit counter words and the 64-bit group index ``e // 4`` the high
+two (low word first in each pair), and the 64-bit seed fills the two key words (low word first). The element is kept iff its word >= threshold,
 threshold = floor(p * 2**32) (clamped to 2**32 - 1).
 """
 
@@ -47,8 +47,9 @@ def keep_mask(seed: int, offset: int, numel: int, p: float) -> np.ndarray:
     offset &= (1 << 64) - 1
     e = np.arange(numel, dtype=np.uint64)
     groups = np.arange((numel + 3) // 4, dtype=np.uint64)
+    step = offset >> 2
     words = philox4x32_10(
-        (groups & _MASK32, groups >> np.uint64(32), offset & 0xFFFFFFFF, offset >> 32),
+        (step & 0xFFFFFFFF, step >> 32, groups & _MASK32, groups >> np.uint64(32)),
         (seed & 0xFFFFFFFF, seed >> 32),
     )
     words = np.stack(words, axis=1).reshape(-1)[:numel]  # word e % 4 of group e // 4

@@ -4,7 +4,10 @@
 //
 // Generator: Philox-4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC'11).
 // Element e of x viewed as [T, in] (row-major logical index e = t*in + k, independent of x's strides)
-// uses word (e mod 4) of philox(counter = (e/4, offset), key = seed).
+// uses word (e mod 4) of philox(counter = (offset/4, e/4), key = seed): the low 64 counter bits hold
+// offset/4 and the high 64 bits the element group, the layout torch's own CUDA kernels use (offset in the
+// low half, thread in the high half). A call that reserved offsets [offset, offset + 4) from torch's CUDA
+// generator therefore draws only from counters reserved for it, never from another kernel's.
 #pragma once
 
 #include <cstdint>
@@ -52,8 +55,9 @@ LORAFUSE_HD uint32_t keep_threshold(double p) {
 
 // The four words for elements 4*group .. 4*group+3.
 LORAFUSE_HD Uint4 words_for_group(uint64_t seed, uint64_t offset, uint64_t group) {
-  return philox4x32_10(Uint4{static_cast<uint32_t>(group), static_cast<uint32_t>(group >> 32),
-                             static_cast<uint32_t>(offset), static_cast<uint32_t>(offset >> 32)},
+  const uint64_t step = offset >> 2;
+  return philox4x32_10(Uint4{static_cast<uint32_t>(step), static_cast<uint32_t>(step >> 32),
+                             static_cast<uint32_t>(group), static_cast<uint32_t>(group >> 32)},
                        static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
 }
 

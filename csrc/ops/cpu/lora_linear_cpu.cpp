@@ -17,9 +17,9 @@ namespace {
 constexpr const char* kOp = "lorafuse.lora_linear";
 
 // dropout(x2) in the accumulation dtype; x2 itself when that is already the same thing.
-at::Tensor lora_input(const at::Tensor& x2, at::ScalarType acc, uint64_t seed, double p) {
+at::Tensor lora_input(const at::Tensor& x2, at::ScalarType acc, uint64_t seed, uint64_t offset, double p) {
   if (p == 0.0 && x2.scalar_type() == acc) return x2;
-  return dropout_cast(x2, acc, seed, /*offset=*/0, p);
+  return dropout_cast(x2, acc, seed, offset, p);
 }
 
 }  // namespace
@@ -42,7 +42,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_forward_cpu(const at:
   }
 
   const at::ScalarType xt = x.scalar_type();
-  at::Tensor u = at::mm(lora_input(x2, acc, seed, dropout_p), lora_a.to(acc).t());  // [T, r]
+  at::Tensor u = at::mm(lora_input(x2, acc, seed, /*offset=*/0, dropout_p), lora_a.to(acc).t());  // [T, r]
   // The LoRA term (with the bias folded in as one more rank: [scale·u | 1]·[B | bias]ᵀ) is written first;
   // the base GEMM then accumulates x·Wᵀ onto it with beta = 1, so the output is written once and read
   // once inside the compute-bound GEMM, as the base linear alone does with its bias.
@@ -73,7 +73,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward_
   const int64_t tokens = detail::leading_numel(x.sizes());
   const at::Tensor x2 = x.reshape({tokens, in});           // [T, in]
   const at::Tensor dy2 = grad_out.reshape({tokens, out});  // [T, out]
-  const uint64_t seed = dropout_p > 0.0 ? static_cast<uint64_t>(rng_state.const_data_ptr<int64_t>()[0]) : 0;
+  // (seed, offset) as the forward recorded them (offset is 0 on the CPU; a CUDA forward records its own)
+  const int64_t* rng = rng_state.const_data_ptr<int64_t>();
+  const uint64_t seed = dropout_p > 0.0 ? static_cast<uint64_t>(rng[0]) : 0;
+  const uint64_t offset = dropout_p > 0.0 ? static_cast<uint64_t>(rng[1]) : 0;
 
   at::Tensor grad_x = at::empty({0}, x.options());
   at::Tensor grad_a = at::empty({0}, lora_a.options());
@@ -95,12 +98,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward_
   at::Tensor v;  // [T, r] = dY·B
   if (need_v) v = at::mm(dy_acc, lora_b.to(acc));
   if (need_a) {
-    grad_a = at::mm(v.t(), lora_input(x2, acc, seed, dropout_p)).mul_(scale).to(lora_a.scalar_type());  // [r, in]
+    grad_a = at::mm(v.t(), lora_input(x2, acc, seed, offset, dropout_p)).mul_(scale).to(lora_a.scalar_type());  // [r, in]
   }
   if (need_x) {
     // dX: the LoRA term scale·(v·A)⊙mask/(1-p) first, then the frozen base's dY·W accumulated onto it.
     at::Tensor gx2 = at::mm(v.mul(scale).to(x.scalar_type()), lora_a.to(x.scalar_type()));  // [T, in]
-    if (dropout_p > 0.0) dropout_scale_(gx2, seed, /*offset=*/0, dropout_p, /*scale=*/1.0);
+    if (dropout_p > 0.0) dropout_scale_(gx2, seed, offset, dropout_p, /*scale=*/1.0);
     gx2.addmm_(dy2, weight, /*beta=*/1, /*alpha=*/1);
     grad_x = gx2.view(x.sizes());
   }

@@ -3,6 +3,8 @@
 // the [cuda] cases) checks the real thing where a GPU exists.
 #include <ATen/ATen.h>
 
+#include <limits>
+
 #include "catch.h"
 // the emulator's macros (threadIdx, __shared__, ...) come after other headers and before the kernels'
 #include "cuda_emu/emulator.h"
@@ -262,4 +264,38 @@ TEST_CASE("emulator: a barrier that not every thread reaches is reported", "[cud
     __syncthreads();                                            // everyone else here: neither completes
   };
   REQUIRE_THROWS_AS(lorafuse_emu::launch(divergent, dim3(1), 64, 0, P{0}), std::runtime_error);
+}
+
+TEST_CASE("emulated CUDA kernels: dropped elements are exact zeros in backward (inf in x stays out of dA)",
+          "[cuda-emu]") {
+  const int64_t tokens = 20, in = 40, r = 4;
+  const double p = 0.5;
+  const at::Tensor mask = keep_scale(tokens, in, p, 77, 8);  // the mask the kernel regenerates
+  at::Tensor x = at::randn({tokens, in});
+  x.masked_fill_(mask.eq(0), std::numeric_limits<float>::infinity());  // inf exactly where dropped
+  at::Tensor a = at::randn({r, in}), v = at::randn({tokens, r});
+  at::Tensor rng = at::tensor({int64_t{77}, int64_t{8}}, at::kLong);
+  const BackwardPlan plan = lorafuse::cuda::plan_backward(tokens, in, 8, /*sm_count=*/4);
+  at::Tensor da_part = at::empty({plan.x_splits, r, in}), da = at::empty({r, in}), dx = at::empty({tokens, in});
+  lorafuse::cuda::GradXParams xp{};
+  xp.x = x.data_ptr();
+  xp.ldx = in;
+  xp.a = a.data_ptr();
+  xp.v = v.data_ptr<float>();
+  xp.dx = dx.data_ptr();
+  xp.da_part = da_part.data_ptr<float>();
+  xp.tokens = tokens;
+  xp.in = in;
+  xp.r = r;
+  xp.scale = 1.f;
+  xp.drop = dropout(p, 0, 0);
+  xp.drop.rng_in = rng.data_ptr<int64_t>();
+  const lorafuse_emu::Launcher launch;
+  lorafuse::cuda::run_grad_x<float, float>(launch, xp, plan);
+  lorafuse::cuda::run_reduce<float>(launch, da_part.data_ptr<float>(), plan.x_splits, r * in, 1.f,
+                                    da.data_ptr<float>());
+  REQUIRE(at::isfinite(da).all().item<bool>());
+  REQUIRE(at::isfinite(dx).all().item<bool>());
+  const auto xd = x.to(at::kDouble).masked_fill(mask.eq(0), 0.0) * mask;
+  REQUIRE(rel_err(da, at::mm(v.to(at::kDouble).t(), xd)) < 2e-5);
 }
