@@ -53,10 +53,10 @@ if(LORAFUSE_WITH_CUDA)
     endif()
   endforeach()
   set(LORAFUSE_CUDA_ARCHITECTURES "${_lf_archs}")
-  set(CMAKE_CUDA_ARCHITECTURES "${_lf_archs}")
   # torch's own CMake config reads TORCH_CUDA_ARCH_LIST too; keep both in agreement.
   set(TORCH_CUDA_ARCH_LIST "${_lf_arch_list}")
-  enable_language(CUDA)
+  # enable_language(CUDA) comes after find_package(Torch) in CMakeLists.txt: torch's config rejects a
+  # CMAKE_CUDA_ARCHITECTURES set before it.
   message(STATUS "lorafuse: CUDA kernels ON for ${LORAFUSE_CUDA_ARCHITECTURES}")
 else()
   set(TORCH_CUDA_ARCH_LIST "8.0")  # only quiets torch's config, which reads it even when we build no CUDA
