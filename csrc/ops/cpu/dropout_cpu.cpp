@@ -70,14 +70,14 @@ at::Tensor dropout_cast(const at::Tensor& x2, at::ScalarType dtype, uint64_t see
   return out;
 }
 
-void dropout_scale_(at::Tensor& t, uint64_t seed, uint64_t offset, double p, double scale) {
+void dropout_mask_(at::Tensor& t, uint64_t seed, uint64_t offset, double p) {
   const int64_t rows = t.size(0), in = t.size(1);
   if (t.numel() == 0) return;
   const uint32_t threshold = philox::keep_threshold(p);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "lorafuse_dropout_scale_", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "lorafuse_dropout_mask_", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     scalar_t* d = t.mutable_data_ptr<scalar_t>();
-    const acc_t kept_scale = static_cast<acc_t>(scale / (1.0 - p));
+    const acc_t kept_scale = static_cast<acc_t>(1.0 / (1.0 - p));
     at::parallel_for(0, rows, kRowsPerTask, [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
         scalar_t* drow = d + row * in;

@@ -14,7 +14,7 @@ uint64_t draw_seed();
 // any strides.
 at::Tensor dropout_cast(const at::Tensor& x2, at::ScalarType dtype, uint64_t seed, uint64_t offset, double p);
 
-// t *= scale * mask / (1 - p), in place; t contiguous [T, in].
-void dropout_scale_(at::Tensor& t, uint64_t seed, uint64_t offset, double p, double scale);
+// t *= mask / (1 - p), in place (dropped elements become exact zeros); t contiguous [T, in].
+void dropout_mask_(at::Tensor& t, uint64_t seed, uint64_t offset, double p);
 
 }  // namespace lorafuse::cpu

@@ -103,7 +103,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward_
   if (need_x) {
     // dX: the LoRA term scale·(v·A)⊙mask/(1-p) first, then the frozen base's dY·W accumulated onto it.
     at::Tensor gx2 = at::mm(v.mul(scale).to(x.scalar_type()), lora_a.to(x.scalar_type()));  // [T, in]
-    if (dropout_p > 0.0) dropout_scale_(gx2, seed, offset, dropout_p, /*scale=*/1.0);
+    if (dropout_p > 0.0) dropout_mask_(gx2, seed, offset, dropout_p);
     gx2.addmm_(dy2, weight, /*beta=*/1, /*alpha=*/1);
     grad_x = gx2.view(x.sizes());
   }
