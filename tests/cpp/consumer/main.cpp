@@ -1,5 +1,8 @@
-// Runs lora_linear through an installed lorafuse and checks it against the plain formula.
+// Runs lora_linear and the LoRA modules through an installed lorafuse: the op against the plain formula,
+// and a meta-device Llama 2 7B injected with LoRA and counted (its installed headers must be complete).
 #include <ATen/ATen.h>
+#include <lorafuse/inject.h>
+#include <lorafuse/models/llama.h>
 #include <lorafuse/ops.h>
 
 #include <cstdio>
@@ -12,5 +15,10 @@ int main() {
   const auto ref = at::addmm(b, x, w.t()) + 0.5 * at::mm(at::mm(x, a.t()), bb.t());
   const double err = (y - ref).abs().max().item<double>();
   std::printf("consumer: max |lorafuse - reference| = %g\n", err);
-  return err < 1e-4 ? 0 : 1;
+
+  lorafuse::models::Llama model(lorafuse::models::LlamaConfig::llama2_7b().tensor_options(at::kMeta));
+  lorafuse::inject_lora(*model, lorafuse::LoraConfig().r(8).lora_alpha(16));
+  const auto count = lorafuse::trainable_parameters(*model);
+  std::printf("consumer: %s\n", count.str().c_str());
+  return err < 1e-4 && count.trainable == 4194304 ? 0 : 1;
 }

@@ -1,0 +1,73 @@
+// Linear layers that LoRA injection can swap, and a factory for torch::nn::Linear on any device.
+#pragma once
+
+#include <c10/core/TensorOptions.h>
+#include <torch/nn/module.h>
+#include <torch/nn/modules/linear.h>
+
+#include <memory>
+#include <string>
+
+namespace lorafuse::nn {
+
+class LoraLinearImpl;
+
+/// A torch::nn::Linear whose weight [out, in] and bias [out] are made directly with `options`
+/// (device, dtype) and initialised as torch::nn::Linear does — on the meta device they are only
+/// shaped, so a skeleton of any size costs no memory.
+torch::nn::Linear make_linear(int64_t in_features, int64_t out_features, bool bias,
+                              const c10::TensorOptions& options = {});
+
+/// Replaces the tensor registered as parameter `name` of `module` (the registry entry, not a copy);
+/// the caller updates its own member handle. Used to build modules on devices that LibTorch's
+/// constructors cannot allocate on (meta).
+void replace_parameter(torch::nn::Module& module, const std::string& name, const at::Tensor& tensor);
+
+/// Sets requires_grad of every parameter of `to` as the parameter of the same name in `from` has it.
+/// Cloneable::clone re-creates parameters through reset(), which knows nothing of which ones a LoRA
+/// model froze; the clone() of lorafuse modules calls this so that a clone trains what the original trains.
+void copy_requires_grad(const torch::nn::Module& from, torch::nn::Module& to);
+
+/// A linear-layer child that inject_lora and merge_and_unload may swap between torch::nn::Linear and
+/// lorafuse::nn::LoraLinear. LibTorch calls a child through the typed holder its owner keeps, and
+/// replacing the registered child does not change that holder. A module that keeps its linear layers
+/// in LinearSlots (and implements LinearSlotOwner) always calls the layer that is registered now.
+///
+///   struct BlockImpl : torch::nn::Cloneable<BlockImpl>, lorafuse::nn::LinearSlotOwner {
+///     void reset() override { proj.reset(*this, "proj", torch::nn::LinearOptions(64, 64)); }
+///     lorafuse::nn::LinearSlot* linear_slot(const std::string& n) override { return n == "proj" ? &proj : nullptr; }
+///     torch::Tensor forward(const torch::Tensor& x) { return proj(x); }
+///     lorafuse::nn::LinearSlot proj;
+///   };
+class LinearSlot {
+ public:
+  /// Registers child `name` of `owner` and binds the slot to it. A fresh slot gets a new Linear made by
+  /// make_linear(options, tensor_options); a bound slot (an owner being cloned: its copy still points at
+  /// the original's layer) gets a new, same-kind layer of the same structure, whose values
+  /// Cloneable::clone then copies.
+  void reset(torch::nn::Module& owner, const std::string& name, const torch::nn::LinearOptions& options,
+             const c10::TensorOptions& tensor_options = {});
+  /// Points the slot at `layer` (a torch::nn::LinearImpl or a LoraLinearImpl) once the owner's child was
+  /// replaced. Anything else is an error.
+  void rebind(std::shared_ptr<torch::nn::Module> layer);
+  /// Calls the bound layer.
+  at::Tensor operator()(const at::Tensor& x) const;
+  /// The bound layer, or nullptr.
+  const std::shared_ptr<torch::nn::Module>& module() const noexcept { return module_; }
+
+ private:
+  std::shared_ptr<torch::nn::Module> module_;
+  torch::nn::LinearImpl* linear_ = nullptr;  // exactly one of these is set once bound
+  LoraLinearImpl* lora_ = nullptr;
+};
+
+/// Implemented by modules whose forward calls linear children through LinearSlots: inject_lora and
+/// merge_and_unload replace such a child in the owner's registry and rebind its slot.
+class LinearSlotOwner {
+ public:
+  virtual ~LinearSlotOwner() = default;
+  /// The slot that holds child `name`, or nullptr when that child is not called through a slot.
+  virtual LinearSlot* linear_slot(const std::string& name) = 0;
+};
+
+}  // namespace lorafuse::nn

@@ -1,0 +1,153 @@
+// lorafuse::nn::LoraLinear — a frozen torch::nn::Linear with named LoRA adapters.
+#pragma once
+
+#include <lorafuse/nn/adapter_options.h>
+#include <torch/nn/cloneable.h>
+#include <torch/nn/modules/container/moduledict.h>
+#include <torch/nn/modules/linear.h>
+#include <torch/nn/pimpl.h>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+namespace lorafuse::nn {
+
+/// Options of a LoraLinear that makes its own base layer; the adapter fields describe its first adapter.
+struct LoraLinearOptions {
+  LoraLinearOptions(int64_t in_features, int64_t out_features)
+      : in_features_(in_features), out_features_(out_features) {}
+  /// Size of each input sample.
+  TORCH_ARG(int64_t, in_features);
+  /// Size of each output sample.
+  TORCH_ARG(int64_t, out_features);
+  /// Whether the base layer has a bias.
+  TORCH_ARG(bool, bias) = true;
+  /// The first adapter's name.
+  TORCH_ARG(std::string, adapter_name) = "default";
+  /// The first adapter's rank.
+  TORCH_ARG(int64_t, r) = 8;
+  /// The first adapter's lora_alpha (scale = lora_alpha / r).
+  TORCH_ARG(double, lora_alpha) = 8.0;
+  /// The first adapter's dropout probability, in [0, 1).
+  TORCH_ARG(double, lora_dropout) = 0.0;
+  /// scale = lora_alpha / √r.
+  TORCH_ARG(bool, use_rslora) = false;
+  /// How the first adapter starts.
+  TORCH_ARG(InitLoraWeights, init_lora_weights) = true;
+  /// dtype of the first adapter (see LoraAdapterOptions::dtype).
+  TORCH_ARG(std::optional<c10::ScalarType>, adapter_dtype) = std::nullopt;
+
+ public:
+  /// The first adapter's options.
+  LoraAdapterOptions adapter() const;
+};
+
+/// y = base(x) + scale · (dropout(x)·Aᵀ)·Bᵀ for the active adapter, through lorafuse::lora_linear.
+///
+/// Wraps a frozen base torch::nn::Linear (registered as `base_layer`, sharing its weight and bias) and
+/// holds named adapters as PEFT does: `lora_A.<name>.weight` [r, in] and `lora_B.<name>.weight`
+/// [out, r]. One adapter is active at a time; only its A and B require grad. Switching adapters,
+/// disabling and enabling them move no data. While adapters are disabled, or when none is active, the
+/// layer is the plain base linear.
+///
+/// merge() folds scale·B·A (computed in float32) into the base weight, so the layer costs exactly what
+/// the base costs; it keeps the unmerged weight (the buffer `weight_unmerged`, empty otherwise) so that unmerge()
+/// restores it bit for bit. merge_and_unload() merges for good and hands back the plain Linear.
+class LoraLinearImpl : public torch::nn::Cloneable<LoraLinearImpl> {
+ public:
+  /// A new base Linear(in_features, out_features) with one adapter of rank r.
+  LoraLinearImpl(int64_t in_features, int64_t out_features, int64_t r = 8)
+      : LoraLinearImpl(LoraLinearOptions(in_features, out_features).r(r)) {}
+  /// A new base Linear (kaiming-initialised as torch::nn::Linear) with the first adapter of `options`.
+  explicit LoraLinearImpl(const LoraLinearOptions& options);
+  /// Wraps `base` (not copied: the layer shares its weight and bias and freezes them) with one adapter.
+  LoraLinearImpl(torch::nn::Linear base, const LoraAdapterOptions& adapter,
+                 const std::string& adapter_name = "default");
+
+  /// Registers base_layer, lora_A and lora_B, and fresh weights for every adapter this layer lists.
+  void reset() override;
+  /// Re-initialises every adapter's A and B as its init_lora_weights says; the base is untouched.
+  void reset_parameters();
+  void pretty_print(std::ostream& stream) const override;
+  /// Cloneable::clone, keeping which parameters require grad and the unmerged weight.
+  std::shared_ptr<torch::nn::Module> clone(const std::optional<torch::Device>& device = std::nullopt) const override;
+  /// Writes the parameters plus the adapters' options, the active adapter and the merge state.
+  void save(torch::serialize::OutputArchive& archive) const override;
+  /// Reads what save() wrote; adapters in the archive that this layer lacks are added first.
+  void load(torch::serialize::InputArchive& archive) override;
+
+  /// [..., in] → [..., out].
+  at::Tensor forward(const at::Tensor& x);
+
+  // ---- adapters ------------------------------------------------------------------------------
+  /// Adds adapter `name` (an error if it exists or the options are bad). The first adapter becomes the
+  /// active one; a later one is added beside it, inactive and frozen, until set_adapter(name).
+  void add_adapter(const std::string& name, const LoraAdapterOptions& options);
+  /// Makes `name` the active adapter (only its A and B require grad). O(1): nothing is allocated or copied.
+  void set_adapter(const std::string& name);
+  /// No adapter active: the layer is its base (what a model-wide set_adapter does to layers that lack
+  /// the adapter it activates).
+  void clear_active_adapter();
+  /// Removes adapter `name`; a merged adapter must be unmerged first. If it was active, the first
+  /// remaining adapter (if any) becomes active.
+  void delete_adapter(const std::string& name);
+  /// The base alone from now on (unmerging first if anything is merged).
+  void disable_adapters();
+  void enable_adapters();
+  bool adapters_enabled() const noexcept { return !disabled_; }
+  /// The active adapter's name, or "" when there is none.
+  const std::string& active_adapter() const noexcept { return active_; }
+  /// Adapter names in the order they were added.
+  const std::vector<std::string>& adapter_names() const noexcept { return order_; }
+  bool has_adapter(const std::string& name) const { return adapters_.count(name) != 0; }
+  const LoraAdapterOptions& adapter_options(const std::string& name) const;
+  /// lora_A.<name>.weight [r, in] and lora_B.<name>.weight [out, r].
+  at::Tensor& lora_a(const std::string& name);
+  at::Tensor& lora_b(const std::string& name);
+  /// scale · B · A in float32 [out, in].
+  at::Tensor delta_weight(const std::string& name) const;
+
+  // ---- merging -------------------------------------------------------------------------------
+  /// Folds the named adapters (default: the active one) into the base weight, in float32 from the
+  /// unmerged weight. Errors: an unknown adapter, one already merged, a non-finite result (the weight
+  /// is then left as it was).
+  void merge(const std::vector<std::string>& adapter_names = {});
+  /// Restores the unmerged base weight exactly. An error when nothing is merged.
+  void unmerge();
+  bool merged() const noexcept { return !merged_.empty(); }
+  const std::vector<std::string>& merged_adapters() const noexcept { return merged_; }
+  /// Merges the active adapter (unless merged already), drops the unmerged copy and returns the base
+  /// Linear, which then holds W + scale·B·A. This layer is left without a base and must not be used.
+  torch::nn::Linear merge_and_unload();
+
+  /// The wrapped base layer.
+  torch::nn::Linear base_layer{nullptr};
+  /// One Linear(in, r, bias=false) per adapter: weight [r, in].
+  torch::nn::ModuleDict lora_A{nullptr};
+  /// One Linear(r, out, bias=false) per adapter: weight [out, r].
+  torch::nn::ModuleDict lora_B{nullptr};
+  /// Shape of the base and the first adapter.
+  LoraLinearOptions options;
+
+ private:
+  void create_adapter_weights(const std::string& name, const LoraAdapterOptions& adapter);
+  void init_adapter_weights(const std::string& name);
+  void apply_trainability();
+  void drop_unmerged_copy();
+  const LoraAdapterOptions& known(const std::string& name, const char* what) const;
+
+  torch::nn::Linear pending_base_{nullptr};  // consumed by the first reset() of the wrapping constructor
+  std::unordered_map<std::string, LoraAdapterOptions> adapters_;
+  std::vector<std::string> order_;
+  std::string active_;
+  bool disabled_ = false;
+  std::vector<std::string> merged_;
+  at::Tensor weight_unmerged_;  // buffer: the unmerged weight while anything is merged, else [0]
+};
+
+TORCH_MODULE(LoraLinear);
+
+}  // namespace lorafuse::nn

@@ -1,0 +1,96 @@
+#include <c10/util/Exception.h>
+#include <lorafuse/config.h>
+
+#include <cmath>
+#include <regex>
+
+namespace lorafuse {
+namespace {
+
+bool last_component_is(const std::string& path, const std::string& name) {
+  return path == name ||
+         (path.size() > name.size() && path.compare(path.size() - name.size(), name.size(), name) == 0 &&
+          path[path.size() - name.size() - 1] == '.');
+}
+
+// PEFT's rank_pattern / alpha_pattern rule: re.match(rf"(.*\.)?({key})$", path).
+bool pattern_matches(const std::string& path, const std::string& key) {
+  return std::regex_match(path, std::regex("(.*\\.)?(" + key + ")"));
+}
+
+void check_regex(const char* field, const std::string& regex) {
+  try {
+    std::regex re(regex);
+  } catch (const std::regex_error& e) {
+    TORCH_CHECK_VALUE(false, field, ": \"", regex, "\" is not a valid regular expression (", e.what(), ")");
+  }
+}
+
+}  // namespace
+
+bool TargetModules::matches_name(const std::string& path, const std::string& name) {
+  return last_component_is(path, name);
+}
+
+bool TargetModules::matches(const std::string& path) const {
+  if (is_all_linear()) return !last_component_is(path, "lm_head");
+  if (is_regex_) return std::regex_match(path, std::regex(regex_));
+  for (const auto& name : names_) {
+    if (matches_name(path, name)) return true;
+  }
+  return false;
+}
+
+std::string TargetModules::str() const {
+  if (is_regex_) return "\"" + regex_ + "\"";
+  std::string out;
+  for (const auto& n : names_) out += (out.empty() ? "\"" : ", \"") + n + "\"";
+  return "{" + out + "}";
+}
+
+void LoraConfig::validate() const {
+  nn::LoraAdapterOptions(r_).lora_alpha(lora_alpha_).lora_dropout(lora_dropout_).validate();
+  TORCH_CHECK_VALUE(bias_ == "none" || bias_ == "all" || bias_ == "lora_only",
+                    "bias: expected \"none\", \"all\" or \"lora_only\", found \"", bias_, "\"");
+  TORCH_CHECK_VALUE(!target_modules_.empty(),
+                    "target_modules: none given; expected module names such as {\"q_proj\", \"v_proj\"}, a regular "
+                    "expression, or \"all-linear\"");
+  if (target_modules_.is_regex()) check_regex("target_modules", target_modules_.regex());
+  if (exclude_modules_.is_regex()) check_regex("exclude_modules", exclude_modules_.regex());
+  for (const auto& name : target_modules_.names()) {
+    TORCH_CHECK_VALUE(!name.empty(), "target_modules: an empty module name");
+  }
+  for (const auto& [key, r] : rank_pattern_) {
+    check_regex("rank_pattern", key);
+    TORCH_CHECK_VALUE(r > 0, "rank_pattern: \"", key, "\" gives r=", r, "; expected a rank > 0");
+  }
+  for (const auto& [key, alpha] : alpha_pattern_) {
+    check_regex("alpha_pattern", key);
+    TORCH_CHECK_VALUE(std::isfinite(alpha) && alpha > 0, "alpha_pattern: \"", key, "\" gives lora_alpha=", alpha,
+                      "; expected a finite value > 0");
+  }
+}
+
+nn::LoraAdapterOptions LoraConfig::adapter_for(const std::string& path) const {
+  int64_t r = r_;
+  double alpha = lora_alpha_;
+  for (const auto& [key, value] : rank_pattern_) {
+    if (pattern_matches(path, key)) {
+      r = value;
+      break;
+    }
+  }
+  for (const auto& [key, value] : alpha_pattern_) {
+    if (pattern_matches(path, key)) {
+      alpha = value;
+      break;
+    }
+  }
+  return nn::LoraAdapterOptions(r)
+      .lora_alpha(alpha)
+      .lora_dropout(lora_dropout_)
+      .use_rslora(use_rslora_)
+      .init_lora_weights(init_lora_weights_);
+}
+
+}  // namespace lorafuse

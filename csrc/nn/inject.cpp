@@ -1,0 +1,347 @@
+#include <c10/util/Exception.h>
+#include <lorafuse/inject.h>
+#include <lorafuse/nn/linear.h>
+#include <torch/nn/modules/container/moduledict.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <iostream>
+#include <map>
+#include <unordered_set>
+
+namespace lorafuse {
+namespace {
+
+using nn::LoraLinearImpl;
+using torch::nn::LinearImpl;
+using torch::nn::Module;
+
+// A child of the tree: its parent, its name there, its path from the root.
+struct Site {
+  Module* parent;
+  std::string name;
+  std::string path;
+  std::shared_ptr<Module> module;
+};
+
+// Pre-order, so module order; LoraLinear layers are leaves (their base_layer and lora_A/lora_B are theirs).
+void walk(Module& module, const std::string& prefix, std::vector<Site>& out) {
+  for (const auto& child : module.named_children()) {
+    std::string path = prefix.empty() ? child.key() : prefix + "." + child.key();
+    out.push_back({&module, child.key(), path, child.value()});
+    if (dynamic_cast<LoraLinearImpl*>(child.value().get()) == nullptr) walk(*child.value(), path, out);
+  }
+}
+
+std::vector<Site> sites_of(Module& module) {
+  std::vector<Site> sites;
+  walk(module, "", sites);
+  return sites;
+}
+
+bool is_linear(const Module* m) {
+  return dynamic_cast<const LinearImpl*>(m) != nullptr || dynamic_cast<const LoraLinearImpl*>(m) != nullptr;
+}
+
+nn::LinearSlot* slot_of(const Site& site) {
+  auto* owner = dynamic_cast<nn::LinearSlotOwner*>(site.parent);
+  return owner == nullptr ? nullptr : owner->linear_slot(site.name);
+}
+
+bool can_rewire(const Site& site) {
+  return slot_of(site) != nullptr || dynamic_cast<torch::nn::ModuleDictImpl*>(site.parent) != nullptr;
+}
+
+std::string cannot_rewire(const Site& site, const char* what) {
+  return std::string(what) + ": cannot replace \"" + site.path + "\": its parent (" + site.parent->name() +
+         ") calls it through a typed holder that lorafuse cannot rewire. Keep such layers in a "
+         "lorafuse::nn::LinearSlot (with the parent implementing lorafuse::nn::LinearSlotOwner) or in a "
+         "torch::nn::ModuleDict, or build the layer as a lorafuse::nn::LoraLinear yourself";
+}
+
+// Puts `replacement` where the site's module is, in the parent's registry and in what its forward calls.
+void rewire(const Site& site, std::shared_ptr<Module> replacement) {
+  if (auto* slot = slot_of(site)) {
+    site.parent->replace_module(site.name, replacement);
+    slot->rebind(std::move(replacement));
+  } else if (auto* dict = dynamic_cast<torch::nn::ModuleDictImpl*>(site.parent)) {
+    dict->update({{site.name, std::move(replacement)}});
+  } else {
+    TORCH_CHECK_VALUE(false, cannot_rewire(site, "lorafuse"));
+  }
+}
+
+// "q_proj (32), v_proj (32), lm_head (1)": the Linear layers that exist, by name.
+std::string linear_inventory(const std::vector<Site>& sites) {
+  std::vector<std::string> order;
+  std::map<std::string, int> count;
+  for (const auto& s : sites) {
+    if (!is_linear(s.module.get())) continue;
+    if (count[s.name]++ == 0) order.push_back(s.name);
+  }
+  if (order.empty()) return "none: the model has no torch::nn::Linear layers";
+  std::string out;
+  for (const auto& n : order) out += (out.empty() ? "" : ", ") + n + " (" + std::to_string(count[n]) + ")";
+  return out;
+}
+
+std::string join(const std::vector<std::string>& names) {
+  std::string out;
+  for (const auto& n : names) out += (out.empty() ? "" : ", ") + n;
+  return "[" + out + "]";
+}
+
+std::string with_commas(int64_t n) {
+  std::string digits = std::to_string(n < 0 ? -n : n);
+  std::string out;
+  for (size_t i = 0; i < digits.size(); ++i) {
+    if (i > 0 && (digits.size() - i) % 3 == 0) out += ',';
+    out += digits[i];
+  }
+  return n < 0 ? "-" + out : out;
+}
+
+bool model_has_adapter(Module& module, const std::string& name) {
+  for (const auto& [path, layer] : lora_layers(module)) {
+    if (layer->has_adapter(name)) return true;
+  }
+  return false;
+}
+
+void require_adapter(Module& module, const std::string& name, const char* what) {
+  TORCH_CHECK_VALUE(model_has_adapter(module, name), what, ": no layer has an adapter named \"", name,
+                    "\"; the model has ", join(adapter_names(module)));
+}
+
+}  // namespace
+
+std::vector<std::pair<std::string, LoraLinearImpl*>> lora_layers(Module& module) {
+  std::vector<std::pair<std::string, LoraLinearImpl*>> layers;
+  for (const auto& s : sites_of(module)) {
+    if (auto* lora = dynamic_cast<LoraLinearImpl*>(s.module.get())) layers.emplace_back(s.path, lora);
+  }
+  return layers;
+}
+
+std::vector<std::string> adapter_names(Module& module) {
+  std::vector<std::string> names;
+  for (const auto& [path, layer] : lora_layers(module)) {
+    for (const auto& n : layer->adapter_names()) {
+      if (std::find(names.begin(), names.end(), n) == names.end()) names.push_back(n);
+    }
+  }
+  return names;
+}
+
+std::string active_adapter(Module& module) {
+  for (const auto& [path, layer] : lora_layers(module)) {
+    if (!layer->active_adapter().empty()) return layer->active_adapter();
+  }
+  return "";
+}
+
+InjectReport inject_lora(Module& module, const LoraConfig& config, const std::string& adapter_name) {
+  config.validate();
+  nn::check_adapter_name(adapter_name);
+  TORCH_CHECK_VALUE(!is_linear(&module),
+                    "module: inject_lora replaces layers inside a model, and this model is itself a "
+                    "Linear layer; wrap it in lorafuse::nn::LoraLinear instead");
+  TORCH_CHECK_VALUE(!model_has_adapter(module, adapter_name), "adapter_name: the model already has an adapter named \"",
+                    adapter_name, "\"; adapters: ", join(adapter_names(module)));
+  const auto sites = sites_of(module);
+  const auto& targets = config.target_modules();
+  const auto& exclude = config.exclude_modules();
+
+  // Everything is checked before anything changes.
+  if (!targets.is_all_linear()) {
+    for (const auto& s : sites) {
+      if (!is_linear(s.module.get()) && targets.matches(s.path)) {
+        TORCH_CHECK_VALUE(
+            false, "target_modules: ", targets.str(), " selects \"", s.path, "\", a ", s.module->name(),
+            ", but LoRA goes into torch::nn::Linear layers only. Linear layers here: ", linear_inventory(sites));
+      }
+    }
+  }
+  for (const auto& name : targets.names()) {
+    bool found = false;
+    for (const auto& s : sites)
+      found = found || (is_linear(s.module.get()) && TargetModules::matches_name(s.path, name));
+    TORCH_CHECK_VALUE(found, "target_modules: \"", name,
+                      "\" matches no module. Linear layers here: ", linear_inventory(sites));
+  }
+  std::vector<const Site*> selected;
+  bool any_match = false;
+  for (const auto& s : sites) {
+    if (!is_linear(s.module.get()) || !targets.matches(s.path)) continue;
+    any_match = true;
+    if (!exclude.empty() && exclude.matches(s.path)) continue;
+    selected.push_back(&s);
+  }
+  TORCH_CHECK_VALUE(any_match, "target_modules: ", targets.str(),
+                    " matches no module. Linear layers here: ", linear_inventory(sites));
+  TORCH_CHECK_VALUE(!selected.empty(), "exclude_modules: ", exclude.str(), " excludes every layer that target_modules ",
+                    targets.str(), " selects");
+  for (const Site* s : selected) {
+    if (dynamic_cast<LinearImpl*>(s->module.get()) != nullptr) {
+      TORCH_CHECK_VALUE(can_rewire(*s), cannot_rewire(*s, "inject_lora"));
+    }
+  }
+
+  const std::string prior_active = active_adapter(module);
+  InjectReport report;
+  report.adapter_name = adapter_name;
+  for (const Site* s : selected) {
+    const auto adapter = config.adapter_for(s->path);
+    if (auto* lora = dynamic_cast<LoraLinearImpl*>(s->module.get())) {
+      lora->add_adapter(adapter_name, adapter);
+    } else {
+      torch::nn::Linear base(std::dynamic_pointer_cast<LinearImpl>(s->module));
+      rewire(*s, std::make_shared<LoraLinearImpl>(base, adapter, adapter_name));
+      report.wrapped.push_back(s->path);
+    }
+    report.targets.push_back(s->path);
+  }
+
+  for (auto& p : module.parameters()) p.set_requires_grad(false);
+  set_adapter(module, prior_active.empty() ? adapter_name : prior_active);
+  if (config.bias() == "all") {
+    for (auto& p : module.named_parameters()) {
+      if (TargetModules::matches_name(p.key(), "bias")) p.value().set_requires_grad(true);
+    }
+  } else if (config.bias() == "lora_only") {
+    for (const auto& [path, layer] : lora_layers(module)) {
+      if (layer->base_layer->bias.defined()) layer->base_layer->bias.set_requires_grad(true);
+    }
+  }
+  const auto count = trainable_parameters(module);
+  report.trainable = count.trainable;
+  report.total = count.total;
+  return report;
+}
+
+InjectReport add_adapter(Module& module, const std::string& adapter_name, const LoraConfig& config) {
+  return inject_lora(module, config, adapter_name);
+}
+
+double ParameterCount::percent() const {
+  return total == 0 ? 0.0 : 100.0 * static_cast<double>(trainable) / static_cast<double>(total);
+}
+
+std::string ParameterCount::str() const {
+  char pct[32];
+  std::snprintf(pct, sizeof(pct), "%.4f", percent());
+  return "trainable params: " + with_commas(trainable) + " || all params: " + with_commas(total) +
+         " || trainable%: " + pct;
+}
+
+ParameterCount trainable_parameters(const Module& module) {
+  ParameterCount count;
+  std::unordered_set<const void*> seen;  // tied weights count once
+  for (const auto& p : module.parameters()) {
+    if (!seen.insert(p.unsafeGetTensorImpl()).second) continue;
+    count.total += p.numel();
+    if (p.requires_grad()) count.trainable += p.numel();
+  }
+  return count;
+}
+
+void print_trainable_parameters(const Module& module, std::ostream& out) {
+  out << trainable_parameters(module).str() << "\n";
+}
+
+void print_trainable_parameters(const Module& module) { print_trainable_parameters(module, std::cout); }
+
+void set_adapter(Module& module, const std::string& adapter_name) {
+  require_adapter(module, adapter_name, "set_adapter");
+  for (const auto& [path, layer] : lora_layers(module)) {
+    if (layer->has_adapter(adapter_name)) {
+      layer->set_adapter(adapter_name);
+    } else {
+      layer->clear_active_adapter();
+    }
+  }
+}
+
+void disable_adapters(Module& module) {
+  for (const auto& [path, layer] : lora_layers(module)) layer->disable_adapters();
+}
+
+void enable_adapters(Module& module) {
+  for (const auto& [path, layer] : lora_layers(module)) layer->enable_adapters();
+}
+
+void delete_adapter(Module& module, const std::string& adapter_name) {
+  require_adapter(module, adapter_name, "delete_adapter");
+  const auto layers = lora_layers(module);
+  for (const auto& [path, layer] : layers) {
+    const auto& merged = layer->merged_adapters();
+    TORCH_CHECK_VALUE(std::find(merged.begin(), merged.end(), adapter_name) == merged.end(),
+                      "delete_adapter: adapter \"", adapter_name, "\" is merged into \"", path,
+                      "\"; unmerge_adapter() first");
+  }
+  const bool was_active = active_adapter(module) == adapter_name;
+  for (const auto& [path, layer] : layers) {
+    if (layer->has_adapter(adapter_name)) layer->delete_adapter(adapter_name);
+  }
+  if (was_active) {
+    const auto remaining = adapter_names(module);
+    if (remaining.empty()) {
+      for (const auto& [path, layer] : layers) layer->clear_active_adapter();
+    } else {
+      set_adapter(module, remaining.front());
+    }
+  }
+}
+
+void merge_adapter(Module& module, const std::vector<std::string>& adapter_names_to_merge) {
+  std::vector<std::string> names = adapter_names_to_merge;
+  if (names.empty()) {
+    const auto active = active_adapter(module);
+    TORCH_CHECK_VALUE(!active.empty(), "merge_adapter: the model has no active adapter; name the adapters to merge");
+    names.push_back(active);
+  }
+  const auto layers = lora_layers(module);
+  for (const auto& name : names) {
+    require_adapter(module, name, "merge_adapter");
+    for (const auto& [path, layer] : layers) {
+      const auto& merged = layer->merged_adapters();
+      TORCH_CHECK_VALUE(std::find(merged.begin(), merged.end(), name) == merged.end(), "merge_adapter: adapter \"",
+                        name, "\" is already merged into \"", path, "\"");
+      TORCH_CHECK_VALUE(!layer->has_adapter(name) || layer->adapters_enabled(),
+                        "merge_adapter: adapters are disabled in \"", path, "\"; enable_adapters() first");
+    }
+  }
+  for (const auto& [path, layer] : layers) {
+    std::vector<std::string> mine;
+    for (const auto& name : names) {
+      if (layer->has_adapter(name)) mine.push_back(name);
+    }
+    if (!mine.empty()) layer->merge(mine);
+  }
+}
+
+void unmerge_adapter(Module& module) {
+  bool any = false;
+  for (const auto& [path, layer] : lora_layers(module)) {
+    if (layer->merged()) {
+      layer->unmerge();
+      any = true;
+    }
+  }
+  TORCH_CHECK_VALUE(any, "unmerge_adapter: nothing is merged in this model");
+}
+
+void merge_and_unload(Module& module) {
+  std::vector<Site> lora_sites;
+  for (auto& s : sites_of(module)) {
+    if (dynamic_cast<LoraLinearImpl*>(s.module.get()) == nullptr) continue;
+    TORCH_CHECK_VALUE(can_rewire(s), cannot_rewire(s, "merge_and_unload"));
+    lora_sites.push_back(std::move(s));
+  }
+  for (const auto& s : lora_sites) {
+    auto base = std::dynamic_pointer_cast<LoraLinearImpl>(s.module)->merge_and_unload();
+    rewire(s, base.ptr());
+  }
+}
+
+}  // namespace lorafuse

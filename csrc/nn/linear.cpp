@@ -1,0 +1,87 @@
+#include <c10/util/Exception.h>
+#include <lorafuse/nn/linear.h>
+#include <lorafuse/nn/lora_linear.h>
+
+#include <utility>
+
+namespace lorafuse::nn {
+namespace {
+
+// Module's parameter registry is protected; a pointer to member named through a derived class is the
+// standard way to reach it for another module (the registry entry itself must change, not a copy).
+struct RegistryAccess : torch::nn::Module {
+  static torch::OrderedDict<std::string, at::Tensor>& parameters(torch::nn::Module& module) {
+    return module.*(&RegistryAccess::parameters_);
+  }
+};
+
+}  // namespace
+
+void replace_parameter(torch::nn::Module& module, const std::string& name, const at::Tensor& tensor) {
+  auto& registry = RegistryAccess::parameters(module);
+  at::Tensor* entry = registry.find(name);
+  TORCH_CHECK_VALUE(entry != nullptr, "replace_parameter: module ", module.name(), " has no parameter \"", name, "\"");
+  at::Tensor replacement = tensor;
+  if (replacement.defined() && entry->defined()) replacement.set_requires_grad(entry->requires_grad());
+  *entry = std::move(replacement);
+}
+
+void copy_requires_grad(const torch::nn::Module& from, torch::nn::Module& to) {
+  auto theirs = to.named_parameters();
+  for (const auto& p : from.named_parameters()) {
+    if (auto* q = theirs.find(p.key())) q->set_requires_grad(p.value().requires_grad());
+  }
+}
+
+torch::nn::Linear make_linear(int64_t in_features, int64_t out_features, bool bias, const c10::TensorOptions& options) {
+  TORCH_CHECK_VALUE(in_features >= 0, "in_features: expected >= 0, found ", in_features);
+  TORCH_CHECK_VALUE(out_features >= 0, "out_features: expected >= 0, found ", out_features);
+  // LinearImpl's constructor allocates on the CPU and initialises; build a 1x1 layer and put tensors of
+  // the requested shape, device and dtype in its registry instead.
+  torch::nn::Linear linear(torch::nn::LinearOptions(1, 1).bias(bias));
+  linear->options = torch::nn::LinearOptions(in_features, out_features).bias(bias);
+  const auto tensor_options = options.requires_grad(false);
+  replace_parameter(*linear, "weight", at::empty({out_features, in_features}, tensor_options));
+  linear->weight = linear->named_parameters(/*recurse=*/false)["weight"];
+  if (bias) {
+    replace_parameter(*linear, "bias", at::empty({out_features}, tensor_options));
+    linear->bias = linear->named_parameters(/*recurse=*/false)["bias"];
+  }
+  linear->reset_parameters();  // torch::nn::Linear's init; shapes only on meta
+  return linear;
+}
+
+void LinearSlot::reset(torch::nn::Module& owner, const std::string& name, const torch::nn::LinearOptions& options,
+                       const c10::TensorOptions& tensor_options) {
+  std::shared_ptr<torch::nn::Module> layer;
+  if (lora_ != nullptr) {
+    // An owner being cloned: a same-kind placeholder (sharing, not allocating) that Cloneable::clone
+    // overwrites with the clone of the original's layer.
+    layer = std::make_shared<LoraLinearImpl>(*lora_);
+  } else if (linear_ != nullptr) {
+    layer = std::make_shared<torch::nn::LinearImpl>(*linear_);
+  } else {
+    layer = make_linear(options.in_features(), options.out_features(), options.bias(), tensor_options).ptr();
+  }
+  rebind(owner.register_module(name, std::move(layer)));
+}
+
+void LinearSlot::rebind(std::shared_ptr<torch::nn::Module> layer) {
+  TORCH_CHECK_VALUE(layer != nullptr, "LinearSlot::rebind: layer is null");
+  auto* lora = dynamic_cast<LoraLinearImpl*>(layer.get());
+  auto* linear = lora == nullptr ? dynamic_cast<torch::nn::LinearImpl*>(layer.get()) : nullptr;
+  TORCH_CHECK_TYPE(lora != nullptr || linear != nullptr,
+                   "LinearSlot::rebind: expected a torch::nn::Linear or a lorafuse::nn::LoraLinear, found ",
+                   layer->name());
+  module_ = std::move(layer);
+  lora_ = lora;
+  linear_ = linear;
+}
+
+at::Tensor LinearSlot::operator()(const at::Tensor& x) const {
+  if (lora_ != nullptr) return lora_->forward(x);
+  TORCH_CHECK(linear_ != nullptr, "LinearSlot: called before reset() bound it to a layer");
+  return linear_->forward(x);
+}
+
+}  // namespace lorafuse::nn

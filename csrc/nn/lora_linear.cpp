@@ -1,0 +1,387 @@
+#include <ATen/ops/empty.h>
+#include <ATen/ops/isfinite.h>
+#include <c10/util/Exception.h>
+#include <lorafuse/nn/linear.h>
+#include <lorafuse/nn/lora_linear.h>
+#include <lorafuse/ops.h>
+#include <torch/nn/functional/dropout.h>
+#include <torch/nn/functional/linear.h>
+#include <torch/nn/init.h>
+#include <torch/serialize/archive.h>
+
+#include <algorithm>
+#include <cmath>
+#include <iomanip>
+#include <sstream>
+
+namespace lorafuse::nn {
+namespace {
+
+constexpr const char* kBackup = "weight_unmerged";
+constexpr const char* kStateKey = "lorafuse_state";
+
+std::string join(const std::vector<std::string>& names) {
+  std::string out;
+  for (const auto& n : names) out += (out.empty() ? "" : ", ") + n;
+  return "[" + out + "]";
+}
+
+bool contains(const std::vector<std::string>& names, const std::string& name) {
+  return std::find(names.begin(), names.end(), name) != names.end();
+}
+
+std::vector<std::string> split(const std::string& s, char sep) {
+  std::vector<std::string> parts;
+  std::string part;
+  std::istringstream in(s);
+  while (std::getline(in, part, sep)) parts.push_back(part);
+  if (!s.empty() && s.back() == sep) parts.emplace_back();
+  return parts;
+}
+
+}  // namespace
+
+LoraAdapterOptions LoraLinearOptions::adapter() const {
+  return LoraAdapterOptions(r_)
+      .lora_alpha(lora_alpha_)
+      .lora_dropout(lora_dropout_)
+      .use_rslora(use_rslora_)
+      .init_lora_weights(init_lora_weights_)
+      .dtype(adapter_dtype_);
+}
+
+LoraLinearImpl::LoraLinearImpl(const LoraLinearOptions& options_) : options(options_) {
+  check_adapter_name(options.adapter_name());
+  options.adapter().validate();
+  pending_base_ = make_linear(options.in_features(), options.out_features(), options.bias());
+  reset();
+  add_adapter(options.adapter_name(), options.adapter());
+}
+
+LoraLinearImpl::LoraLinearImpl(torch::nn::Linear base, const LoraAdapterOptions& adapter,
+                               const std::string& adapter_name)
+    : options(0, 0) {
+  TORCH_CHECK_VALUE(!base.is_empty(), "base: expected a torch::nn::Linear, found an empty holder");
+  check_adapter_name(adapter_name);
+  adapter.validate();
+  options = LoraLinearOptions(base->options.in_features(), base->options.out_features())
+                .bias(base->options.bias())
+                .adapter_name(adapter_name)
+                .r(adapter.r())
+                .lora_alpha(adapter.lora_alpha())
+                .lora_dropout(adapter.lora_dropout())
+                .use_rslora(adapter.use_rslora())
+                .init_lora_weights(adapter.init_lora_weights())
+                .adapter_dtype(adapter.dtype());
+  pending_base_ = std::move(base);
+  reset();
+  add_adapter(adapter_name, adapter);
+}
+
+void LoraLinearImpl::reset() {
+  torch::nn::Linear base = std::move(pending_base_);
+  pending_base_ = nullptr;
+  const bool wrapping = !base.is_empty();
+  if (!wrapping) {
+    // Cloneable::clone: this is a copy whose base_layer still points at the original's. A placeholder
+    // sharing it (no allocation) keeps the structure; clone() then overwrites it with a deep copy.
+    TORCH_CHECK(!base_layer.is_empty(), "LoraLinear::reset: no base layer to wrap");
+    base = torch::nn::Linear(std::make_shared<torch::nn::LinearImpl>(*base_layer));
+  }
+  base_layer = register_module("base_layer", base);
+  if (wrapping) {  // the base is frozen; inject_lora's `bias` may thaw the bias again
+    base_layer->weight.set_requires_grad(false);
+    if (base_layer->bias.defined()) base_layer->bias.set_requires_grad(false);
+  }
+  lora_A = register_module("lora_A", torch::nn::ModuleDict());
+  lora_B = register_module("lora_B", torch::nn::ModuleDict());
+  for (const auto& name : order_) {
+    create_adapter_weights(name, adapters_.at(name));
+    init_adapter_weights(name);
+  }
+  // Holds the unmerged weight while anything is merged, else nothing ([0]). Registered, so that it
+  // moves with to(), is cloned and is saved; set_data swaps its contents without touching the registry.
+  weight_unmerged_ = register_buffer(kBackup, at::empty({0}, base_layer->weight.options()));
+  apply_trainability();
+}
+
+void LoraLinearImpl::reset_parameters() {
+  for (const auto& name : order_) init_adapter_weights(name);
+}
+
+std::shared_ptr<torch::nn::Module> LoraLinearImpl::clone(const std::optional<torch::Device>& device) const {
+  auto copy = torch::nn::Cloneable<LoraLinearImpl>::clone(device);
+  copy_requires_grad(*this, *copy);
+  return copy;
+}
+
+const LoraAdapterOptions& LoraLinearImpl::known(const std::string& name, const char* what) const {
+  auto it = adapters_.find(name);
+  TORCH_CHECK_VALUE(it != adapters_.end(), what, ": no adapter named \"", name, "\"; this layer has ", join(order_));
+  return it->second;
+}
+
+const LoraAdapterOptions& LoraLinearImpl::adapter_options(const std::string& name) const {
+  return known(name, "adapter_options");
+}
+
+at::Tensor& LoraLinearImpl::lora_a(const std::string& name) {
+  known(name, "lora_a");
+  return lora_A[name]->as<torch::nn::LinearImpl>()->weight;
+}
+
+at::Tensor& LoraLinearImpl::lora_b(const std::string& name) {
+  known(name, "lora_b");
+  return lora_B[name]->as<torch::nn::LinearImpl>()->weight;
+}
+
+at::Tensor LoraLinearImpl::delta_weight(const std::string& name) const {
+  const auto& adapter = known(name, "delta_weight");
+  const auto acc = base_layer->weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto& a = lora_A->operator[](name)->as<torch::nn::LinearImpl>()->weight;  // [r, in]
+  const auto& b = lora_B->operator[](name)->as<torch::nn::LinearImpl>()->weight;  // [out, r]
+  torch::NoGradGuard no_grad;
+  return b.to(acc).mm(a.to(acc)).mul_(adapter.scale());  // [out, in]
+}
+
+void LoraLinearImpl::create_adapter_weights(const std::string& name, const LoraAdapterOptions& adapter) {
+  const auto& w = base_layer->weight;
+  const auto base_dtype = w.scalar_type();
+  const bool half = base_dtype == at::kHalf || base_dtype == at::kBFloat16;
+  const auto dtype = adapter.dtype().value_or(half ? at::kFloat : base_dtype);
+  const auto tensor_options = w.options().dtype(dtype);
+  lora_A->update({{name, make_linear(options.in_features(), adapter.r(), false, tensor_options).ptr()}});
+  lora_B->update({{name, make_linear(adapter.r(), options.out_features(), false, tensor_options).ptr()}});
+}
+
+void LoraLinearImpl::init_adapter_weights(const std::string& name) {
+  const auto& adapter = adapters_.at(name);
+  auto& a = lora_a(name);
+  auto& b = lora_b(name);
+  torch::NoGradGuard no_grad;
+  switch (adapter.init_lora_weights().kind()) {
+    case InitLoraWeights::Kind::kDefault:
+      torch::nn::init::kaiming_uniform_(a, std::sqrt(5.0));
+      torch::nn::init::zeros_(b);
+      break;
+    case InitLoraWeights::Kind::kGaussian:
+      torch::nn::init::normal_(a, 0.0, 1.0 / static_cast<double>(adapter.r()));
+      torch::nn::init::zeros_(b);
+      break;
+    case InitLoraWeights::Kind::kRandom:
+      torch::nn::init::kaiming_uniform_(a, std::sqrt(5.0));
+      torch::nn::init::kaiming_uniform_(b, std::sqrt(5.0));
+      break;
+  }
+}
+
+void LoraLinearImpl::apply_trainability() {
+  for (const auto& name : order_) {
+    const bool train = name == active_;
+    lora_a(name).set_requires_grad(train);
+    lora_b(name).set_requires_grad(train);
+  }
+}
+
+at::Tensor LoraLinearImpl::forward(const at::Tensor& x) {
+  if (disabled_ || active_.empty() || contains(merged_, active_)) return base_layer->forward(x);
+  const auto& adapter = adapters_.at(active_);
+  const double p = is_training() ? adapter.lora_dropout() : 0.0;
+  const auto& w = base_layer->weight;
+  const auto& bias = base_layer->bias;
+  const auto& a = lora_a(active_);
+  const auto& b = lora_b(active_);
+  if (w.requires_grad()) {
+    // The fused op never computes a weight gradient; a caller who thawed the base weight gets the
+    // unfused chain, which does.
+    namespace F = torch::nn::functional;
+    auto dropped = p > 0 ? F::dropout(x, F::DropoutFuncOptions().p(p).training(true)) : x;
+    auto lora = F::linear(F::linear(dropped.to(a.scalar_type()), a), b).mul(adapter.scale());
+    return base_layer->forward(x).add(lora.to(x.scalar_type()));
+  }
+  return lorafuse::lora_linear(x, w, bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt, a, b,
+                               adapter.scale(), p);
+}
+
+void LoraLinearImpl::add_adapter(const std::string& name, const LoraAdapterOptions& adapter) {
+  check_adapter_name(name);
+  adapter.validate();
+  TORCH_CHECK_VALUE(!has_adapter(name), "adapter_name: an adapter named \"", name, "\" already exists; this layer has ",
+                    join(order_));
+  create_adapter_weights(name, adapter);
+  adapters_.emplace(name, adapter);
+  order_.push_back(name);
+  init_adapter_weights(name);
+  if (active_.empty()) active_ = name;
+  apply_trainability();
+}
+
+void LoraLinearImpl::set_adapter(const std::string& name) {
+  known(name, "set_adapter");
+  active_ = name;
+  apply_trainability();
+}
+
+void LoraLinearImpl::clear_active_adapter() {
+  active_.clear();
+  apply_trainability();
+}
+
+void LoraLinearImpl::delete_adapter(const std::string& name) {
+  known(name, "delete_adapter");
+  TORCH_CHECK_VALUE(!contains(merged_, name), "delete_adapter: adapter \"", name, "\" is merged; unmerge() first");
+  lora_A->pop(name);
+  lora_A->unregister_module(name);
+  lora_B->pop(name);
+  lora_B->unregister_module(name);
+  adapters_.erase(name);
+  order_.erase(std::find(order_.begin(), order_.end(), name));
+  if (active_ == name) active_ = order_.empty() ? std::string() : order_.front();
+  apply_trainability();
+}
+
+void LoraLinearImpl::disable_adapters() {
+  if (merged()) unmerge();
+  disabled_ = true;
+}
+
+void LoraLinearImpl::enable_adapters() { disabled_ = false; }
+
+void LoraLinearImpl::merge(const std::vector<std::string>& adapter_names) {
+  std::vector<std::string> names = adapter_names;
+  if (names.empty()) {
+    TORCH_CHECK_VALUE(!active_.empty(), "merge: this layer has no active adapter; name the adapters to merge");
+    names.push_back(active_);
+  }
+  TORCH_CHECK_VALUE(!disabled_, "merge: adapters are disabled in this layer; enable_adapters() first");
+  for (size_t i = 0; i < names.size(); ++i) {
+    known(names[i], "merge");
+    TORCH_CHECK_VALUE(!contains(merged_, names[i]), "merge: adapter \"", names[i], "\" is already merged");
+    TORCH_CHECK_VALUE(std::find(names.begin(), names.begin() + i, names[i]) == names.begin() + i, "merge: adapter \"",
+                      names[i], "\" is named twice");
+  }
+  torch::NoGradGuard no_grad;
+  auto& w = base_layer->weight;
+  // Every merge starts from the unmerged weight, so merging adapters one by one rounds once.
+  const at::Tensor& original = merged() ? weight_unmerged_ : w;
+  const auto acc = w.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor merged_weight = original.to(acc, /*non_blocking=*/false, /*copy=*/true);
+  std::vector<std::string> all = merged_;
+  all.insert(all.end(), names.begin(), names.end());
+  for (const auto& name : all) merged_weight.add_(delta_weight(name).to(merged_weight.device()));
+  if (!w.is_meta()) {
+    TORCH_CHECK_VALUE(at::isfinite(merged_weight).all().item<bool>(), "merge: merging ", join(names),
+                      " gives non-finite weights; the base weight is left unchanged");
+  }
+  if (!merged()) weight_unmerged_.set_data(w.clone());
+  w.copy_(merged_weight);
+  merged_ = std::move(all);
+}
+
+void LoraLinearImpl::drop_unmerged_copy() {
+  weight_unmerged_.set_data(at::empty({0}, base_layer->weight.options()));
+  merged_.clear();
+}
+
+void LoraLinearImpl::unmerge() {
+  TORCH_CHECK_VALUE(merged(), "unmerge: nothing is merged in this layer");
+  torch::NoGradGuard no_grad;
+  base_layer->weight.copy_(weight_unmerged_);
+  drop_unmerged_copy();
+}
+
+torch::nn::Linear LoraLinearImpl::merge_and_unload() {
+  if (!disabled_ && !active_.empty() && !contains(merged_, active_)) merge({active_});
+  if (merged()) drop_unmerged_copy();
+  while (!order_.empty()) delete_adapter(order_.back());
+  return base_layer;
+}
+
+void LoraLinearImpl::pretty_print(std::ostream& stream) const {
+  stream << "lorafuse::nn::LoraLinear(in_features=" << options.in_features()
+         << ", out_features=" << options.out_features() << ", bias=" << (base_layer->bias.defined() ? "true" : "false")
+         << ", adapters=[";
+  for (size_t i = 0; i < order_.size(); ++i) {
+    const auto& a = adapters_.at(order_[i]);
+    stream << (i ? ", " : "") << order_[i] << "(r=" << a.r() << ", lora_alpha=" << a.lora_alpha()
+           << ", lora_dropout=" << a.lora_dropout() << (a.use_rslora() ? ", use_rslora=true" : "") << ")";
+  }
+  stream << "], active=" << (active_.empty() ? "none" : active_);
+  if (disabled_) stream << ", disabled";
+  if (merged()) stream << ", merged=" << join(merged_);
+  stream << ")";
+}
+
+// ---- serialisation: the parameters as Module::save writes them, plus one string with the adapter
+// table, so that a fresh LoraLinear can be loaded into.
+void LoraLinearImpl::save(torch::serialize::OutputArchive& archive) const {
+  torch::nn::Module::save(archive);
+  std::ostringstream state;
+  state << std::setprecision(17) << "lorafuse_state 1\n"
+        << "active\t" << active_ << "\n"
+        << "disabled\t" << (disabled_ ? 1 : 0) << "\n";
+  for (const auto& name : merged_) state << "merged\t" << name << "\n";
+  for (const auto& name : order_) {
+    const auto& a = adapters_.at(name);
+    state << "adapter\t" << name << "\t" << a.r() << "\t" << a.lora_alpha() << "\t" << a.lora_dropout() << "\t"
+          << (a.use_rslora() ? 1 : 0) << "\t" << a.init_lora_weights().str() << "\t"
+          << (a.dtype() ? static_cast<int>(*a.dtype()) : -1) << "\n";
+  }
+  archive.write(kStateKey, c10::IValue(state.str()));
+}
+
+void LoraLinearImpl::load(torch::serialize::InputArchive& archive) {
+  c10::IValue value;
+  if (archive.try_read(kStateKey, value)) {
+    TORCH_CHECK_VALUE(value.isString(), "LoraLinear::load: the archive's ", kStateKey, " is not a string");
+    std::istringstream in(value.toStringRef());
+    std::string line;
+    std::getline(in, line);
+    TORCH_CHECK_VALUE(line == "lorafuse_state 1", "LoraLinear::load: unknown adapter state header \"", line, "\"");
+    std::string active;
+    bool disabled = false;
+    std::vector<std::string> merged_names, names;
+    while (std::getline(in, line)) {
+      const auto f = split(line, '\t');
+      TORCH_CHECK_VALUE(!f.empty(), "LoraLinear::load: an empty line in the adapter state");
+      if (f[0] == "active" && f.size() == 2) {
+        active = f[1];
+      } else if (f[0] == "disabled" && f.size() == 2) {
+        disabled = f[1] == "1";
+      } else if (f[0] == "merged" && f.size() == 2) {
+        merged_names.push_back(f[1]);
+      } else if (f[0] == "adapter" && f.size() == 8) {
+        const int dtype = std::stoi(f[7]);
+        LoraAdapterOptions a(std::stoll(f[2]));
+        a.lora_alpha(std::stod(f[3]))
+            .lora_dropout(std::stod(f[4]))
+            .use_rslora(f[5] == "1")
+            .init_lora_weights(InitLoraWeights(f[6]))
+            .dtype(dtype < 0 ? std::nullopt : std::optional<c10::ScalarType>(static_cast<c10::ScalarType>(dtype)));
+        names.push_back(f[1]);
+        if (has_adapter(f[1])) {
+          const auto& mine = adapters_.at(f[1]);
+          TORCH_CHECK_VALUE(mine.r() == a.r(), "LoraLinear::load: adapter \"", f[1], "\" has r=", a.r(),
+                            " in the archive but r=", mine.r(), " in this layer");
+          adapters_.at(f[1]) = a;
+        } else {
+          add_adapter(f[1], a);
+        }
+      } else {
+        TORCH_CHECK_VALUE(false, "LoraLinear::load: cannot read the adapter state line \"", line, "\"");
+      }
+    }
+    for (const auto& mine : order_) {
+      TORCH_CHECK_VALUE(contains(names, mine), "LoraLinear::load: this layer has adapter \"", mine,
+                        "\" but the archive has only ", join(names));
+    }
+    order_ = names;          // the archive's order
+    merged_ = merged_names;  // Module::load below reads weight_unmerged as saved
+    active_ = active;
+    disabled_ = disabled;
+    apply_trainability();
+  }
+  torch::nn::Module::load(archive);
+}
+
+}  // namespace lorafuse::nn
