@@ -71,11 +71,13 @@ void enable_adapters(torch::nn::Module& module);
 /// Removes `adapter_name` from every layer; layers left without adapters stay LoraLinear layers.
 void delete_adapter(torch::nn::Module& module, const std::string& adapter_name);
 /// Folds the named adapters (default: the active one) into the base weights of every layer that has
-/// them; unmerge_adapter restores every layer's weights exactly.
+/// them, all or nothing: if one layer fails (non-finite weights), the layers before it are put back.
+/// unmerge_adapter restores every layer's weights exactly.
 void merge_adapter(torch::nn::Module& module, const std::vector<std::string>& adapter_names = {});
 void unmerge_adapter(torch::nn::Module& module);
-/// Merges the active adapter for good and puts each layer's plain torch::nn::Linear back in place of its
-/// LoraLinear: the model is the base model again, with the adapter inside its weights.
+/// Merges the active adapter for good (also while adapters are disabled, as PEFT does) and puts each
+/// layer's plain torch::nn::Linear back in place of its LoraLinear: the model is the base model again,
+/// with the adapter inside its weights. Nothing changes if a merge fails.
 void merge_and_unload(torch::nn::Module& module);
 
 }  // namespace lorafuse

@@ -28,9 +28,8 @@ at::Tensor lora_linear(const at::Tensor& x, const at::Tensor& weight, const std:
 /// lora_linear_backward needs besides x.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_forward(const at::Tensor& x, const at::Tensor& weight,
                                                                    const std::optional<at::Tensor>& bias,
-                                                                   const at::Tensor& lora_a,
-                                                                   const at::Tensor& lora_b, double scale,
-                                                                   double dropout_p);
+                                                                   const at::Tensor& lora_a, const at::Tensor& lora_b,
+                                                                   double scale, double dropout_p);
 
 /// Gradients of lora_linear: (grad_x, grad_lora_a, grad_lora_b, grad_bias). output_mask says which
 /// of the four to compute; the others come back as empty tensors of shape [0].

@@ -40,6 +40,8 @@ void LoraAdapterOptions::validate() const {
                     lora_alpha_);
   TORCH_CHECK_VALUE(lora_dropout_ >= 0.0 && lora_dropout_ < 1.0,
                     "lora_dropout: expected a probability in [0, 1), found ", lora_dropout_);
+  TORCH_CHECK_VALUE(bias_ == "none" || bias_ == "all" || bias_ == "lora_only",
+                    "bias: expected \"none\", \"all\" or \"lora_only\", found \"", bias_, "\"");
   if (dtype_) {
     TORCH_CHECK_TYPE(c10::isFloatingType(*dtype_),
                      "dtype: expected a floating-point dtype for lora_A and lora_B, found ", *dtype_);

@@ -90,7 +90,8 @@ nn::LoraAdapterOptions LoraConfig::adapter_for(const std::string& path) const {
       .lora_alpha(alpha)
       .lora_dropout(lora_dropout_)
       .use_rslora(use_rslora_)
-      .init_lora_weights(init_lora_weights_);
+      .init_lora_weights(init_lora_weights_)
+      .bias(bias_);
 }
 
 }  // namespace lorafuse

@@ -101,6 +101,34 @@ std::string with_commas(int64_t n) {
   return n < 0 ? "-" + out : out;
 }
 
+// Model-wide merges are all or nothing: a layer's merge can still fail (non-finite weights), and the
+// layers merged before it are then put back as they were (merge starts from the unmerged weight, so
+// re-merging what was merged before reproduces the same bits).
+class MergeTransaction {
+ public:
+  void merge(LoraLinearImpl* layer, const std::vector<std::string>& names) {
+    undo_.push_back({layer, layer->merged_adapters(), !layer->adapters_enabled()});
+    if (!layer->adapters_enabled()) layer->enable_adapters();
+    layer->merge(names);
+  }
+  void rollback() {
+    for (auto it = undo_.rbegin(); it != undo_.rend(); ++it) {
+      if (it->layer->merged()) it->layer->unmerge();
+      if (!it->merged_before.empty()) it->layer->merge(it->merged_before);
+      if (it->was_disabled) it->layer->disable_adapters();
+    }
+    undo_.clear();
+  }
+
+ private:
+  struct Undo {
+    LoraLinearImpl* layer;
+    std::vector<std::string> merged_before;
+    bool was_disabled;
+  };
+  std::vector<Undo> undo_;
+};
+
 bool model_has_adapter(Module& module, const std::string& name) {
   for (const auto& [path, layer] : lora_layers(module)) {
     if (layer->has_adapter(name)) return true;
@@ -203,14 +231,25 @@ InjectReport inject_lora(Module& module, const LoraConfig& config, const std::st
   }
 
   for (auto& p : module.parameters()) p.set_requires_grad(false);
-  set_adapter(module, prior_active.empty() ? adapter_name : prior_active);
-  if (config.bias() == "all") {
+  const std::string active = prior_active.empty() ? adapter_name : prior_active;
+  set_adapter(module, active);
+  // The active adapter's bias mode decides, as in PEFT (a later adapter's config waits until it is active).
+  const auto layers = lora_layers(module);
+  std::string bias = "none";
+  for (const auto& [path, layer] : layers) {
+    if (layer->has_adapter(active)) {
+      bias = layer->adapter_options(active).bias();
+      break;
+    }
+  }
+  if (bias == "all") {
     for (auto& p : module.named_parameters()) {
       if (TargetModules::matches_name(p.key(), "bias")) p.value().set_requires_grad(true);
     }
-  } else if (config.bias() == "lora_only") {
-    for (const auto& [path, layer] : lora_layers(module)) {
-      if (layer->base_layer->bias.defined()) layer->base_layer->bias.set_requires_grad(true);
+  } else if (bias == "lora_only") {
+    for (const auto& [path, layer] : layers) {
+      if (layer->has_adapter(active) && layer->base_layer->bias.defined())
+        layer->base_layer->bias.set_requires_grad(true);
     }
   }
   const auto count = trainable_parameters(module);
@@ -301,6 +340,10 @@ void merge_adapter(Module& module, const std::vector<std::string>& adapter_names
     names.push_back(active);
   }
   const auto layers = lora_layers(module);
+  for (size_t i = 0; i < names.size(); ++i) {
+    TORCH_CHECK_VALUE(std::find(names.begin(), names.begin() + i, names[i]) == names.begin() + i,
+                      "merge_adapter: adapter \"", names[i], "\" is named twice");
+  }
   for (const auto& name : names) {
     require_adapter(module, name, "merge_adapter");
     for (const auto& [path, layer] : layers) {
@@ -311,12 +354,18 @@ void merge_adapter(Module& module, const std::vector<std::string>& adapter_names
                         "merge_adapter: adapters are disabled in \"", path, "\"; enable_adapters() first");
     }
   }
-  for (const auto& [path, layer] : layers) {
-    std::vector<std::string> mine;
-    for (const auto& name : names) {
-      if (layer->has_adapter(name)) mine.push_back(name);
+  MergeTransaction transaction;
+  try {
+    for (const auto& [path, layer] : layers) {
+      std::vector<std::string> mine;
+      for (const auto& name : names) {
+        if (layer->has_adapter(name)) mine.push_back(name);
+      }
+      if (!mine.empty()) transaction.merge(layer, mine);
     }
-    if (!mine.empty()) layer->merge(mine);
+  } catch (...) {
+    transaction.rollback();
+    throw;
   }
 }
 
@@ -337,6 +386,21 @@ void merge_and_unload(Module& module) {
     if (dynamic_cast<LoraLinearImpl*>(s.module.get()) == nullptr) continue;
     TORCH_CHECK_VALUE(can_rewire(s), cannot_rewire(s, "merge_and_unload"));
     lora_sites.push_back(std::move(s));
+  }
+  // First merge every active adapter (all or nothing), then unload: nothing below can fail.
+  MergeTransaction transaction;
+  try {
+    for (const auto& s : lora_sites) {
+      auto* layer = dynamic_cast<LoraLinearImpl*>(s.module.get());
+      const auto& active = layer->active_adapter();
+      const auto& merged = layer->merged_adapters();
+      if (!active.empty() && std::find(merged.begin(), merged.end(), active) == merged.end()) {
+        transaction.merge(layer, {active});
+      }
+    }
+  } catch (...) {
+    transaction.rollback();
+    throw;
   }
   for (const auto& s : lora_sites) {
     auto base = std::dynamic_pointer_cast<LoraLinearImpl>(s.module)->merge_and_unload();

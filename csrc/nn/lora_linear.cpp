@@ -208,6 +208,12 @@ void LoraLinearImpl::add_adapter(const std::string& name, const LoraAdapterOptio
   adapter.validate();
   TORCH_CHECK_VALUE(!has_adapter(name), "adapter_name: an adapter named \"", name, "\" already exists; this layer has ",
                     join(order_));
+  if (adapter.dtype()) {
+    const auto base_dtype = base_layer->weight.scalar_type();
+    TORCH_CHECK_TYPE(*adapter.dtype() == base_dtype || *adapter.dtype() == at::kFloat,
+                     "dtype: lora_A and lora_B must have the base weight's dtype (", base_dtype, ") or float32, found ",
+                     *adapter.dtype());
+  }
   create_adapter_weights(name, adapter);
   adapters_.emplace(name, adapter);
   order_.push_back(name);
@@ -218,11 +224,13 @@ void LoraLinearImpl::add_adapter(const std::string& name, const LoraAdapterOptio
 
 void LoraLinearImpl::set_adapter(const std::string& name) {
   known(name, "set_adapter");
+  if (merged() && name != active_) unmerge();
   active_ = name;
   apply_trainability();
 }
 
 void LoraLinearImpl::clear_active_adapter() {
+  if (merged()) unmerge();
   active_.clear();
   apply_trainability();
 }
@@ -254,6 +262,10 @@ void LoraLinearImpl::merge(const std::vector<std::string>& adapter_names) {
     names.push_back(active_);
   }
   TORCH_CHECK_VALUE(!disabled_, "merge: adapters are disabled in this layer; enable_adapters() first");
+  merge_into_base(names);
+}
+
+void LoraLinearImpl::merge_into_base(const std::vector<std::string>& names) {
   for (size_t i = 0; i < names.size(); ++i) {
     known(names[i], "merge");
     TORCH_CHECK_VALUE(!contains(merged_, names[i]), "merge: adapter \"", names[i], "\" is already merged");
@@ -269,9 +281,10 @@ void LoraLinearImpl::merge(const std::vector<std::string>& adapter_names) {
   std::vector<std::string> all = merged_;
   all.insert(all.end(), names.begin(), names.end());
   for (const auto& name : all) merged_weight.add_(delta_weight(name).to(merged_weight.device()));
+  merged_weight = merged_weight.to(w.scalar_type());  // checked after rounding: float16 overflows at 65504
   if (!w.is_meta()) {
     TORCH_CHECK_VALUE(at::isfinite(merged_weight).all().item<bool>(), "merge: merging ", join(names),
-                      " gives non-finite weights; the base weight is left unchanged");
+                      " gives non-finite ", w.scalar_type(), " weights; the base weight is left unchanged");
   }
   if (!merged()) weight_unmerged_.set_data(w.clone());
   w.copy_(merged_weight);
@@ -291,7 +304,7 @@ void LoraLinearImpl::unmerge() {
 }
 
 torch::nn::Linear LoraLinearImpl::merge_and_unload() {
-  if (!disabled_ && !active_.empty() && !contains(merged_, active_)) merge({active_});
+  if (!active_.empty() && !contains(merged_, active_)) merge_into_base({active_});
   if (merged()) drop_unmerged_copy();
   while (!order_.empty()) delete_adapter(order_.back());
   return base_layer;
@@ -325,7 +338,7 @@ void LoraLinearImpl::save(torch::serialize::OutputArchive& archive) const {
     const auto& a = adapters_.at(name);
     state << "adapter\t" << name << "\t" << a.r() << "\t" << a.lora_alpha() << "\t" << a.lora_dropout() << "\t"
           << (a.use_rslora() ? 1 : 0) << "\t" << a.init_lora_weights().str() << "\t"
-          << (a.dtype() ? static_cast<int>(*a.dtype()) : -1) << "\n";
+          << (a.dtype() ? static_cast<int>(*a.dtype()) : -1) << "\t" << a.bias() << "\n";
   }
   archive.write(kStateKey, c10::IValue(state.str()));
 }
@@ -338,9 +351,11 @@ void LoraLinearImpl::load(torch::serialize::InputArchive& archive) {
     std::string line;
     std::getline(in, line);
     TORCH_CHECK_VALUE(line == "lorafuse_state 1", "LoraLinear::load: unknown adapter state header \"", line, "\"");
+    // Read and check the whole table before changing anything.
     std::string active;
     bool disabled = false;
     std::vector<std::string> merged_names, names;
+    std::vector<LoraAdapterOptions> options_read;
     while (std::getline(in, line)) {
       const auto f = split(line, '\t');
       TORCH_CHECK_VALUE(!f.empty(), "LoraLinear::load: an empty line in the adapter state");
@@ -350,23 +365,24 @@ void LoraLinearImpl::load(torch::serialize::InputArchive& archive) {
         disabled = f[1] == "1";
       } else if (f[0] == "merged" && f.size() == 2) {
         merged_names.push_back(f[1]);
-      } else if (f[0] == "adapter" && f.size() == 8) {
+      } else if (f[0] == "adapter" && f.size() == 9) {
         const int dtype = std::stoi(f[7]);
         LoraAdapterOptions a(std::stoll(f[2]));
         a.lora_alpha(std::stod(f[3]))
             .lora_dropout(std::stod(f[4]))
             .use_rslora(f[5] == "1")
             .init_lora_weights(InitLoraWeights(f[6]))
-            .dtype(dtype < 0 ? std::nullopt : std::optional<c10::ScalarType>(static_cast<c10::ScalarType>(dtype)));
-        names.push_back(f[1]);
+            .dtype(dtype < 0 ? std::nullopt : std::optional<c10::ScalarType>(static_cast<c10::ScalarType>(dtype)))
+            .bias(f[8]);
+        check_adapter_name(f[1]);
+        a.validate();
         if (has_adapter(f[1])) {
           const auto& mine = adapters_.at(f[1]);
           TORCH_CHECK_VALUE(mine.r() == a.r(), "LoraLinear::load: adapter \"", f[1], "\" has r=", a.r(),
                             " in the archive but r=", mine.r(), " in this layer");
-          adapters_.at(f[1]) = a;
-        } else {
-          add_adapter(f[1], a);
         }
+        names.push_back(f[1]);
+        options_read.push_back(a);
       } else {
         TORCH_CHECK_VALUE(false, "LoraLinear::load: cannot read the adapter state line \"", line, "\"");
       }
@@ -374,6 +390,18 @@ void LoraLinearImpl::load(torch::serialize::InputArchive& archive) {
     for (const auto& mine : order_) {
       TORCH_CHECK_VALUE(contains(names, mine), "LoraLinear::load: this layer has adapter \"", mine,
                         "\" but the archive has only ", join(names));
+    }
+    for (const auto& n : merged_names) {
+      TORCH_CHECK_VALUE(contains(names, n), "LoraLinear::load: merged adapter \"", n, "\" is not in the archive");
+    }
+    TORCH_CHECK_VALUE(active.empty() || contains(names, active), "LoraLinear::load: active adapter \"", active,
+                      "\" is not in the archive");
+    for (size_t i = 0; i < names.size(); ++i) {
+      if (has_adapter(names[i])) {
+        adapters_.at(names[i]) = options_read[i];
+      } else {
+        add_adapter(names[i], options_read[i]);
+      }
     }
     order_ = names;          // the archive's order
     merged_ = merged_names;  // Module::load below reads weight_unmerged as saved

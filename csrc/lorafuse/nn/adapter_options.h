@@ -43,9 +43,12 @@ struct LoraAdapterOptions {
   TORCH_ARG(bool, use_rslora) = false;
   /// How A and B start.
   TORCH_ARG(InitLoraWeights, init_lora_weights) = true;
-  /// dtype of lora_A and lora_B; none: float32 for a float16/bfloat16 base (as PEFT keeps adapters
-  /// in float32), else the base weight's dtype.
+  /// dtype of lora_A and lora_B: the base weight's dtype or float32; none: float32 for a
+  /// float16/bfloat16 base (as PEFT keeps adapters in float32), else the base weight's dtype.
   TORCH_ARG(std::optional<c10::ScalarType>, dtype) = std::nullopt;
+  /// Which biases train while this adapter is active: "none", "all" or "lora_only" (LoraConfig::bias,
+  /// recorded with the adapter because PEFT applies the active adapter's mode).
+  TORCH_ARG(std::string, bias) = "none";
 
  public:
   /// lora_alpha / r, or lora_alpha / √r with use_rslora.

@@ -86,10 +86,12 @@ class LoraLinearImpl : public torch::nn::Cloneable<LoraLinearImpl> {
   /// Adds adapter `name` (an error if it exists or the options are bad). The first adapter becomes the
   /// active one; a later one is added beside it, inactive and frozen, until set_adapter(name).
   void add_adapter(const std::string& name, const LoraAdapterOptions& options);
-  /// Makes `name` the active adapter (only its A and B require grad). O(1): nothing is allocated or copied.
+  /// Makes `name` the active adapter (only its A and B require grad). O(1): nothing is allocated or
+  /// copied. Switching away from the active adapter of a merged layer unmerges it first (exactly), as
+  /// PEFT does, so that a merged adapter never adds to another one.
   void set_adapter(const std::string& name);
   /// No adapter active: the layer is its base (what a model-wide set_adapter does to layers that lack
-  /// the adapter it activates).
+  /// the adapter it activates). Unmerges first, as set_adapter.
   void clear_active_adapter();
   /// Removes adapter `name`; a merged adapter must be unmerged first. If it was active, the first
   /// remaining adapter (if any) becomes active.
@@ -119,8 +121,9 @@ class LoraLinearImpl : public torch::nn::Cloneable<LoraLinearImpl> {
   void unmerge();
   bool merged() const noexcept { return !merged_.empty(); }
   const std::vector<std::string>& merged_adapters() const noexcept { return merged_; }
-  /// Merges the active adapter (unless merged already), drops the unmerged copy and returns the base
-  /// Linear, which then holds W + scale·B·A. This layer is left without a base and must not be used.
+  /// Merges the active adapter (unless merged already; also while adapters are disabled, as PEFT does),
+  /// drops the unmerged copy and the adapters, and returns the base Linear, which then holds
+  /// W + scale·B·A. This layer is left without adapters: its base alone.
   torch::nn::Linear merge_and_unload();
 
   /// The wrapped base layer.
@@ -137,6 +140,7 @@ class LoraLinearImpl : public torch::nn::Cloneable<LoraLinearImpl> {
   void init_adapter_weights(const std::string& name);
   void apply_trainability();
   void drop_unmerged_copy();
+  void merge_into_base(const std::vector<std::string>& names);
   const LoraAdapterOptions& known(const std::string& name, const char* what) const;
 
   torch::nn::Linear pending_base_{nullptr};  // consumed by the first reset() of the wrapping constructor

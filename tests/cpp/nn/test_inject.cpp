@@ -203,6 +203,79 @@ TEST_CASE("bias modes: none, all, lora_only", "[cpu][nn][inject]") {
   CHECK(trainable_biases("lora_only") == std::set<std::string>{"0.fc1.base_layer.bias", "1.fc1.base_layer.bias"});
 }
 
+TEST_CASE("the active adapter's bias mode decides; biases get gradients through the fused op", "[cpu][nn][inject]") {
+  torch::nn::ModuleList seq{SlotBlock{}, SlotBlock{}};
+  lorafuse::inject_lora(*seq, LoraConfig().target_modules({"fc1"}).bias("lora_only").init_lora_weights(false));
+  lorafuse::add_adapter(*seq, "b", LoraConfig().target_modules({"fc2"}).bias("none"));  // waits: default stays active
+  auto trainable = [&] {
+    std::set<std::string> names;
+    for (const auto& p : seq->named_parameters()) {
+      if (p.value().requires_grad() && p.key().find("bias") != std::string::npos) names.insert(p.key());
+    }
+    return names;
+  };
+  CHECK(trainable() == std::set<std::string>{"0.fc1.base_layer.bias", "1.fc1.base_layer.bias"});
+  auto* block = seq[0]->as<SlotBlockImpl>();
+  block->forward(at::randn({3, 8})).sum().backward();
+  auto* fc1 = block->fc1.module()->as<LoraLinearImpl>();
+  REQUIRE(fc1 != nullptr);
+  REQUIRE(fc1->base_layer->bias.grad().defined());
+  CHECK(fc1->base_layer->bias.grad().abs().sum().item<double>() > 0);
+  CHECK_FALSE(fc1->base_layer->weight.grad().defined());
+}
+
+TEST_CASE("set_adapter on a merged model unmerges first", "[cpu][nn][inject]") {
+  auto model = tiny_llama(6);
+  model->eval();
+  lorafuse::inject_lora(*model, LoraConfig().r(2).init_lora_weights(false));
+  lorafuse::add_adapter(*model, "b", LoraConfig().r(2).target_modules({"q_proj"}).init_lora_weights(false));
+  std::map<std::string, at::Tensor> weights;
+  for (const auto& p : model->named_parameters()) weights[p.key()] = p.value().clone();
+  lorafuse::set_adapter(*model, "b");
+  const auto y_b = model->forward(ids());
+  lorafuse::set_adapter(*model, "default");
+  lorafuse::merge_adapter(*model);
+  lorafuse::set_adapter(*model, "b");  // v_proj lacks b: cleared and unmerged; q_proj: switched and unmerged
+  for (const auto& [path, layer] : lorafuse::lora_layers(*model)) CHECK_FALSE(layer->merged());
+  for (const auto& p : model->named_parameters()) CHECK(at::equal(p.value(), weights[p.key()]));
+  CHECK(at::equal(model->forward(ids()), y_b));
+}
+
+TEST_CASE("model-wide merges are all or nothing", "[cpu][nn][inject][errors]") {
+  torch::nn::ModuleList seq{SlotBlock{}, SlotBlock{}};
+  seq->to(at::kHalf);
+  lorafuse::inject_lora(*seq, LoraConfig().target_modules({"fc1", "fc2"}).init_lora_weights(false));
+  std::map<std::string, at::Tensor> weights;
+  for (const auto& p : seq->named_parameters()) weights[p.key()] = p.value().clone();
+  {
+    torch::NoGradGuard g;  // the last layer's merge overflows float16; the three before it merge fine
+    seq[1]->as<SlotBlockImpl>()->fc2.module()->as<LoraLinearImpl>()->lora_b("default").fill_(1e5);
+  }
+  weights["1.fc2.lora_B.default.weight"] = seq->named_parameters()["1.fc2.lora_B.default.weight"].clone();
+  require_error_parts<c10::ValueError>([&] { lorafuse::merge_adapter(*seq); }, {"merge", "non-finite"});
+  for (const auto& [path, layer] : lorafuse::lora_layers(*seq)) CHECK_FALSE(layer->merged());
+  for (const auto& p : seq->named_parameters()) CHECK(at::equal(p.value(), weights[p.key()]));
+  require_error_parts<c10::ValueError>([&] { lorafuse::merge_and_unload(*seq); }, {"merge", "non-finite"});
+  CHECK(lorafuse::lora_layers(*seq).size() == 4);
+  for (const auto& p : seq->named_parameters()) CHECK(at::equal(p.value(), weights[p.key()]));
+  require_error_parts<c10::ValueError>(
+      [&] {
+        lorafuse::merge_adapter(*seq, {"default", "default"});
+      },
+      {"merge_adapter", "named twice"});
+}
+
+TEST_CASE("model-wide merge_and_unload while adapters are disabled keeps the adapter", "[cpu][nn][inject]") {
+  auto model = tiny_llama(7);
+  model->eval();
+  lorafuse::inject_lora(*model, LoraConfig().init_lora_weights(false));
+  const auto y = model->forward(ids());
+  lorafuse::disable_adapters(*model);
+  lorafuse::merge_and_unload(*model);
+  CHECK(lorafuse::lora_layers(*model).empty());
+  CHECK(at::allclose(model->forward(ids()), y, 1e-4, 1e-4));
+}
+
 TEST_CASE("a Linear in a ModuleDict is replaced in the dict", "[cpu][nn][inject]") {
   torch::nn::ModuleDict dict;
   dict->update({{"head", torch::nn::Linear(6, 3).ptr()}});

@@ -126,9 +126,16 @@ TEST_CASE("a bfloat16 base gets float32 adapters, as PEFT keeps them", "[cpu][nn
   const auto y = layer->forward(x);
   CHECK(y.scalar_type() == at::kBFloat16);
   CHECK(at::allclose(y.to(at::kDouble), reference(layer, x, "default"), 3e-2, 3e-2));
-  LoraLinear explicit_dtype(torch::nn::Linear(torch::nn::LinearOptions(8, 8)),
-                            LoraAdapterOptions(2).dtype(at::kDouble));
-  CHECK(explicit_dtype->lora_a("default").scalar_type() == at::kDouble);
+  torch::nn::Linear base2(torch::nn::LinearOptions(8, 8));
+  base2->to(at::kBFloat16);
+  LoraLinear same_dtype(base2, LoraAdapterOptions(2).dtype(at::kBFloat16).init_lora_weights(false));
+  CHECK(same_dtype->lora_a("default").scalar_type() == at::kBFloat16);
+  const auto x2 = at::randn({3, 8}).to(at::kBFloat16);
+  CHECK(at::allclose(same_dtype->forward(x2).to(at::kDouble), reference(same_dtype, x2, "default"), 5e-2, 5e-2));
+  // the op takes adapters in x's dtype or float32 only: anything else is refused when the adapter is made
+  require_error_parts<c10::TypeError>(
+      [] { LoraLinear(torch::nn::Linear(torch::nn::LinearOptions(8, 8)), LoraAdapterOptions(2).dtype(at::kDouble)); },
+      {"dtype", "Float", "Double"});
 }
 
 TEST_CASE("named adapters: add, set, disable, enable, delete", "[cpu][nn]") {
@@ -245,6 +252,38 @@ TEST_CASE("an active adapter that is not merged still applies on top of a merged
   CHECK_FALSE(at::equal(layer->base_layer->weight, w0));
 }
 
+TEST_CASE("switching adapters on a merged layer unmerges it first", "[cpu][nn]") {
+  auto layer = random_layer(16, 8, 2, 13);
+  layer->add_adapter("b", LoraAdapterOptions(3).init_lora_weights(false));
+  const auto w0 = layer->base_layer->weight.clone();
+  const auto x = at::randn({2, 16});
+  layer->set_adapter("b");
+  const auto y_b = layer->forward(x);
+  layer->set_adapter("default");
+  layer->merge();
+  layer->set_adapter("default");  // the same adapter: stays merged
+  CHECK(layer->merged());
+  layer->set_adapter("b");
+  CHECK_FALSE(layer->merged());
+  CHECK(at::equal(layer->base_layer->weight, w0));
+  CHECK(at::equal(layer->forward(x), y_b));  // b alone, not b on top of a merged default
+  layer->merge();
+  layer->clear_active_adapter();
+  CHECK_FALSE(layer->merged());
+  CHECK(at::equal(layer->forward(x), layer->base_layer->forward(x)));
+  CHECK(at::equal(layer->base_layer->weight, w0));
+}
+
+TEST_CASE("merge_and_unload merges the active adapter even while adapters are disabled", "[cpu][nn]") {
+  auto layer = random_layer(20, 12, 4, 14);
+  const auto x = at::randn({3, 20});
+  layer->eval();
+  const auto y = layer->forward(x);
+  layer->disable_adapters();
+  torch::nn::Linear plain = layer->merge_and_unload();
+  CHECK(at::allclose(plain->forward(x), y, 1e-5, 1e-5));
+}
+
 TEST_CASE("merge_and_unload hands back the plain Linear with the adapter inside", "[cpu][nn]") {
   auto layer = random_layer(20, 12, 4, 9);
   layer->eval();
@@ -307,7 +346,8 @@ TEST_CASE("pretty_print names the shape and the adapters", "[cpu][nn]") {
 
 TEST_CASE("torch::save / torch::load of a layer with adapters, into a fresh layer", "[cpu][nn]") {
   auto layer = random_layer(18, 7, 3, 12);
-  layer->add_adapter("b", LoraAdapterOptions(5).lora_alpha(10).lora_dropout(0.2).init_lora_weights(false));
+  layer->add_adapter("b",
+                     LoraAdapterOptions(5).lora_alpha(10).lora_dropout(0.2).init_lora_weights(false).bias("lora_only"));
   layer->set_adapter("b");
   layer->merge({"default"});
   const auto path = temp_path("lora_linear.pt");
@@ -322,6 +362,7 @@ TEST_CASE("torch::save / torch::load of a layer with adapters, into a fresh laye
   CHECK(loaded->merged_adapters() == std::vector<std::string>{"default"});
   CHECK(loaded->adapter_options("b").r() == 5);
   CHECK(loaded->adapter_options("b").lora_dropout() == 0.2);
+  CHECK(loaded->adapter_options("b").bias() == "lora_only");
   CHECK(loaded->lora_a("b").requires_grad());
   CHECK_FALSE(loaded->lora_a("default").requires_grad());
   const auto x = at::randn({4, 18});
@@ -369,6 +410,20 @@ TEST_CASE("bad input to LoraLinear names the argument", "[cpu][nn][errors]") {
   layer->unmerge();
   layer->disable_adapters();
   require_error_parts<c10::ValueError>([&] { layer->merge(); }, {"merge", "disabled"});
+}
+
+TEST_CASE("a merge that overflows float16 leaves the weight unchanged", "[cpu][nn][errors]") {
+  torch::nn::Linear base(torch::nn::LinearOptions(4, 4));
+  base->to(at::kHalf);
+  LoraLinear layer(base, LoraAdapterOptions(2).init_lora_weights(false));
+  {
+    torch::NoGradGuard g;
+    layer->lora_b("default").fill_(1e5);  // finite in float32, beyond float16's 65504 once merged
+  }
+  const auto w0 = base->weight.clone();
+  require_error_parts<c10::ValueError>([&] { layer->merge(); }, {"merge", "non-finite", "Half", "unchanged"});
+  CHECK(at::equal(base->weight, w0));
+  CHECK_FALSE(layer->merged());
 }
 
 TEST_CASE("a merge that would give non-finite weights leaves the weight unchanged", "[cpu][nn][errors]") {
