@@ -430,6 +430,7 @@ void LlamaForCausalLMImpl::reset() {
 }
 
 std::shared_ptr<torch::nn::Module> LlamaForCausalLMImpl::clone(const std::optional<c10::Device>& device) const {
+  lorafuse::nn::check_cloneable(*this, "LlamaForCausalLM::clone");
   at::NoGradGuard no_grad;
   auto copy = std::make_shared<LlamaForCausalLMImpl>(*this);  // config; the children are replaced below
   for (const auto& child : named_children()) copy->replace_module(child.key(), child.value()->clone(device));

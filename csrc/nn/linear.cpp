@@ -33,6 +33,13 @@ void copy_requires_grad(const torch::nn::Module& from, torch::nn::Module& to) {
   }
 }
 
+void check_cloneable(const torch::nn::Module& module, const char* what) {
+  for (const auto& p : module.named_parameters()) {
+    TORCH_CHECK_VALUE(!p.value().is_meta(), what, ": cannot clone a model on the meta device (\"", p.key(),
+                      "\" is a meta tensor); build another one from its config instead");
+  }
+}
+
 torch::nn::Linear make_linear(int64_t in_features, int64_t out_features, bool bias, const c10::TensorOptions& options) {
   TORCH_CHECK_VALUE(in_features >= 0, "in_features: expected >= 0, found ", in_features);
   TORCH_CHECK_VALUE(out_features >= 0, "out_features: expected >= 0, found ", out_features);

@@ -110,6 +110,7 @@ void LoraLinearImpl::reset_parameters() {
 }
 
 std::shared_ptr<torch::nn::Module> LoraLinearImpl::clone(const std::optional<torch::Device>& device) const {
+  check_cloneable(*this, "LoraLinear::clone");
   auto copy = torch::nn::Cloneable<LoraLinearImpl>::clone(device);
   copy_requires_grad(*this, *copy);
   return copy;

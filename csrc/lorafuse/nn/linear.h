@@ -28,6 +28,11 @@ void replace_parameter(torch::nn::Module& module, const std::string& name, const
 /// model froze; the clone() of lorafuse modules calls this so that a clone trains what the original trains.
 void copy_requires_grad(const torch::nn::Module& from, torch::nn::Module& to);
 
+/// Throws a ValueError if `module` has parameters on the meta device: LibTorch's Linear::clone re-creates
+/// its weights on the CPU and cannot take meta data back, so a meta skeleton is rebuilt from its
+/// config instead of cloned.
+void check_cloneable(const torch::nn::Module& module, const char* what);
+
 /// A linear-layer child that inject_lora and merge_and_unload may swap between torch::nn::Linear and
 /// lorafuse::nn::LoraLinear. LibTorch calls a child through the typed holder its owner keeps, and
 /// replacing the registered child does not change that holder. A module that keeps its linear layers

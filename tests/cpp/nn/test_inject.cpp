@@ -427,6 +427,7 @@ TEST_CASE("meta-device Llama 2 7B and Llama 3 70B: injected and counted without 
     CHECK(lorafuse::trainable_parameters(*model).str() ==
           "trainable params: 4,194,304 || all params: 6,742,609,920 || trainable%: 0.0622");
     for (const auto& p : model->parameters()) CHECK(p.is_meta());
+    require_error_parts<c10::ValueError>([&] { model->clone(); }, {"clone", "meta device", "config"});
   }
   {
     const auto cfg = LlamaConfig::llama3_70b().tensor_options(at::TensorOptions(at::kMeta));
