@@ -78,4 +78,26 @@ struct LoraConfig {
   nn::LoraAdapterOptions adapter_for(const std::string& path) const;
 };
 
+/// One module of a model, as select_targets sees it.
+struct ModuleInfo {
+  /// Path from the root, e.g. "model.layers.0.self_attn.q_proj".
+  std::string path;
+  /// Its type, for messages.
+  std::string type_name;
+  /// A Linear layer (or a LoRA layer wrapping one) that can take an adapter.
+  bool is_linear = false;
+};
+
+/// A module that a config selects, with its adapter's options (rank_pattern/alpha_pattern applied).
+struct TargetChoice {
+  size_t index;  // into the modules given to select_targets
+  nn::LoraAdapterOptions adapter;
+};
+
+/// The one implementation of PEFT's selection rules, shared by C++ inject_lora and the Python front:
+/// validates `config`, then returns the Linear modules that target_modules selects and exclude_modules
+/// does not. ValueErrors: a target entry that matches nothing (the message lists the Linear layers that
+/// exist), a selected module that is not a Linear, everything excluded.
+std::vector<TargetChoice> select_targets(const std::vector<ModuleInfo>& modules, const LoraConfig& config);
+
 }  // namespace lorafuse

@@ -2,6 +2,7 @@
 #include <lorafuse/config.h>
 
 #include <cmath>
+#include <map>
 #include <regex>
 
 namespace lorafuse {
@@ -92,6 +93,63 @@ nn::LoraAdapterOptions LoraConfig::adapter_for(const std::string& path) const {
       .use_rslora(use_rslora_)
       .init_lora_weights(init_lora_weights_)
       .bias(bias_);
+}
+
+namespace {
+
+std::string last_component(const std::string& path) {
+  const auto dot = path.rfind('.');
+  return dot == std::string::npos ? path : path.substr(dot + 1);
+}
+
+// "q_proj (32), v_proj (32), lm_head (1)": the Linear layers that exist, by name.
+std::string linear_inventory(const std::vector<ModuleInfo>& modules) {
+  std::vector<std::string> order;
+  std::map<std::string, int> count;
+  for (const auto& m : modules) {
+    if (!m.is_linear) continue;
+    const auto name = last_component(m.path);
+    if (count[name]++ == 0) order.push_back(name);
+  }
+  if (order.empty()) return "none: the model has no Linear layers";
+  std::string out;
+  for (const auto& n : order) out += (out.empty() ? "" : ", ") + n + " (" + std::to_string(count[n]) + ")";
+  return out;
+}
+
+}  // namespace
+
+std::vector<TargetChoice> select_targets(const std::vector<ModuleInfo>& modules, const LoraConfig& config) {
+  config.validate();
+  const auto& targets = config.target_modules();
+  const auto& exclude = config.exclude_modules();
+  if (!targets.is_all_linear()) {
+    for (const auto& m : modules) {
+      TORCH_CHECK_VALUE(m.is_linear || !targets.matches(m.path), "target_modules: ", targets.str(), " selects \"", m.path,
+                        "\", a ", m.type_name, ", but LoRA goes into Linear layers only. Linear layers here: ",
+                        linear_inventory(modules));
+    }
+  }
+  for (const auto& name : targets.names()) {
+    bool found = false;
+    for (const auto& m : modules) found = found || (m.is_linear && TargetModules::matches_name(m.path, name));
+    TORCH_CHECK_VALUE(found, "target_modules: \"", name, "\" matches no module. Linear layers here: ",
+                      linear_inventory(modules));
+  }
+  std::vector<TargetChoice> chosen;
+  bool any_match = false;
+  for (size_t i = 0; i < modules.size(); ++i) {
+    const auto& m = modules[i];
+    if (!m.is_linear || !targets.matches(m.path)) continue;
+    any_match = true;
+    if (!exclude.empty() && exclude.matches(m.path)) continue;
+    chosen.push_back({i, config.adapter_for(m.path)});
+  }
+  TORCH_CHECK_VALUE(any_match, "target_modules: ", targets.str(), " matches no module. Linear layers here: ",
+                    linear_inventory(modules));
+  TORCH_CHECK_VALUE(!chosen.empty(), "exclude_modules: ", exclude.str(), " excludes every layer that target_modules ",
+                    targets.str(), " selects");
+  return chosen;
 }
 
 }  // namespace lorafuse

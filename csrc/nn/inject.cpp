@@ -71,20 +71,6 @@ void rewire(const Site& site, std::shared_ptr<Module> replacement) {
   }
 }
 
-// "q_proj (32), v_proj (32), lm_head (1)": the Linear layers that exist, by name.
-std::string linear_inventory(const std::vector<Site>& sites) {
-  std::vector<std::string> order;
-  std::map<std::string, int> count;
-  for (const auto& s : sites) {
-    if (!is_linear(s.module.get())) continue;
-    if (count[s.name]++ == 0) order.push_back(s.name);
-  }
-  if (order.empty()) return "none: the model has no torch::nn::Linear layers";
-  std::string out;
-  for (const auto& n : order) out += (out.empty() ? "" : ", ") + n + " (" + std::to_string(count[n]) + ")";
-  return out;
-}
-
 std::string join(const std::vector<std::string>& names) {
   std::string out;
   for (const auto& n : names) out += (out.empty() ? "" : ", ") + n;
@@ -176,58 +162,32 @@ InjectReport inject_lora(Module& module, const LoraConfig& config, const std::st
                     "Linear layer; wrap it in lorafuse::nn::LoraLinear instead");
   TORCH_CHECK_VALUE(!model_has_adapter(module, adapter_name), "adapter_name: the model already has an adapter named \"",
                     adapter_name, "\"; adapters: ", join(adapter_names(module)));
-  const auto sites = sites_of(module);
-  const auto& targets = config.target_modules();
-  const auto& exclude = config.exclude_modules();
-
   // Everything is checked before anything changes.
-  if (!targets.is_all_linear()) {
-    for (const auto& s : sites) {
-      if (!is_linear(s.module.get()) && targets.matches(s.path)) {
-        TORCH_CHECK_VALUE(
-            false, "target_modules: ", targets.str(), " selects \"", s.path, "\", a ", s.module->name(),
-            ", but LoRA goes into torch::nn::Linear layers only. Linear layers here: ", linear_inventory(sites));
-      }
-    }
-  }
-  for (const auto& name : targets.names()) {
-    bool found = false;
-    for (const auto& s : sites)
-      found = found || (is_linear(s.module.get()) && TargetModules::matches_name(s.path, name));
-    TORCH_CHECK_VALUE(found, "target_modules: \"", name,
-                      "\" matches no module. Linear layers here: ", linear_inventory(sites));
-  }
-  std::vector<const Site*> selected;
-  bool any_match = false;
-  for (const auto& s : sites) {
-    if (!is_linear(s.module.get()) || !targets.matches(s.path)) continue;
-    any_match = true;
-    if (!exclude.empty() && exclude.matches(s.path)) continue;
-    selected.push_back(&s);
-  }
-  TORCH_CHECK_VALUE(any_match, "target_modules: ", targets.str(),
-                    " matches no module. Linear layers here: ", linear_inventory(sites));
-  TORCH_CHECK_VALUE(!selected.empty(), "exclude_modules: ", exclude.str(), " excludes every layer that target_modules ",
-                    targets.str(), " selects");
-  for (const Site* s : selected) {
-    if (dynamic_cast<LinearImpl*>(s->module.get()) != nullptr) {
-      TORCH_CHECK_VALUE(can_rewire(*s), cannot_rewire(*s, "inject_lora"));
+  const auto sites = sites_of(module);
+  std::vector<ModuleInfo> infos;
+  infos.reserve(sites.size());
+  for (const auto& s : sites) infos.push_back({s.path, s.module->name(), is_linear(s.module.get())});
+  const auto chosen = select_targets(infos, config);
+  for (const auto& c : chosen) {
+    const Site& s = sites[c.index];
+    if (dynamic_cast<LinearImpl*>(s.module.get()) != nullptr) {
+      TORCH_CHECK_VALUE(can_rewire(s), cannot_rewire(s, "inject_lora"));
     }
   }
 
   const std::string prior_active = active_adapter(module);
   InjectReport report;
   report.adapter_name = adapter_name;
-  for (const Site* s : selected) {
-    const auto adapter = config.adapter_for(s->path);
-    if (auto* lora = dynamic_cast<LoraLinearImpl*>(s->module.get())) {
-      lora->add_adapter(adapter_name, adapter);
+  for (const auto& c : chosen) {
+    const Site& s = sites[c.index];
+    if (auto* lora = dynamic_cast<LoraLinearImpl*>(s.module.get())) {
+      lora->add_adapter(adapter_name, c.adapter);
     } else {
-      torch::nn::Linear base(std::dynamic_pointer_cast<LinearImpl>(s->module));
-      rewire(*s, std::make_shared<LoraLinearImpl>(base, adapter, adapter_name));
-      report.wrapped.push_back(s->path);
+      torch::nn::Linear base(std::dynamic_pointer_cast<LinearImpl>(s.module));
+      rewire(s, std::make_shared<LoraLinearImpl>(base, c.adapter, adapter_name));
+      report.wrapped.push_back(s.path);
     }
-    report.targets.push_back(s->path);
+    report.targets.push_back(s.path);
   }
 
   for (auto& p : module.parameters()) p.set_requires_grad(false);

@@ -6,6 +6,24 @@ Importing this package registers the ``torch.ops.lorafuse.*`` operators.
 import torch  # noqa: F401  (loads libtorch before lorafuse's native library)
 
 from . import _C
+from . import nn
+from .config import LoraConfig
+from .inject import (
+    active_adapter,
+    adapter_names,
+    add_adapter,
+    delete_adapter,
+    disable_adapters,
+    enable_adapters,
+    inject_lora,
+    lora_layers,
+    merge,
+    merge_and_unload,
+    print_trainable_parameters,
+    set_adapter,
+    trainable_parameters,
+    unmerge,
+)
 from .ops import lora_linear
 
 __version__: str = _C.__version__
@@ -16,4 +34,24 @@ def has_cuda_kernels() -> bool:
     return bool(_C.has_cuda_kernels())
 
 
-__all__ = ["lora_linear", "has_cuda_kernels", "__version__"]
+__all__ = [
+    "lora_linear",
+    "has_cuda_kernels",
+    "__version__",
+    "nn",
+    "LoraConfig",
+    "inject_lora",
+    "add_adapter",
+    "trainable_parameters",
+    "print_trainable_parameters",
+    "set_adapter",
+    "disable_adapters",
+    "enable_adapters",
+    "delete_adapter",
+    "merge",
+    "unmerge",
+    "merge_and_unload",
+    "lora_layers",
+    "adapter_names",
+    "active_adapter",
+]

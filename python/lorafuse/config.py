@@ -1,0 +1,72 @@
+"""LoraConfig: which layers get LoRA and how, with PEFT's names, meanings and defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Union
+
+from . import _C
+
+
+@dataclass
+class LoraConfig:
+    """The LoRA configuration of one adapter (PEFT's ``LoraConfig`` fields).
+
+    Attributes:
+        r: rank of every adapter (unless ``rank_pattern`` overrides it); > 0.
+        lora_alpha: scale = lora_alpha / r (lora_alpha / sqrt(r) with ``use_rslora``); > 0.
+        lora_dropout: dropout on the LoRA branch while training, in [0, 1).
+        target_modules: which Linear layers get the adapter: a list of names (a module matches when its
+            path equals an entry or ends with ``"." + entry``), a regular expression that the whole path
+            must match, or ``"all-linear"`` (every Linear except the output head ``lm_head``).
+            ``None`` means ``["q_proj", "v_proj"]``.
+        exclude_modules: layers to leave alone even if selected (same forms), or ``None``.
+        bias: which biases train: ``"none"``, ``"all"`` or ``"lora_only"``.
+        use_rslora: rank-stabilised scaling lora_alpha / sqrt(r).
+        rank_pattern: per-module ranks ``{pattern: r}``; the first pattern P with the path matching
+            ``(.*\\.)?(P)$`` applies (PEFT's rule).
+        alpha_pattern: per-module lora_alpha, the same way.
+        init_lora_weights: ``True`` (A kaiming-uniform, B zeros: a new adapter changes nothing),
+            ``"gaussian"`` (A normal(0, 1/r), B zeros) or ``False`` (both random).
+
+    The rules are checked (and applied by :func:`lorafuse.inject_lora`) by the same C++ code that the
+    C++ ``lorafuse::LoraConfig`` uses. Bad values raise ValueError / TypeError naming the field.
+    """
+
+    r: int = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    target_modules: Optional[Union[List[str], str]] = None
+    exclude_modules: Optional[Union[List[str], str]] = None
+    bias: str = "none"
+    use_rslora: bool = False
+    rank_pattern: Dict[str, int] = field(default_factory=dict)
+    alpha_pattern: Dict[str, float] = field(default_factory=dict)
+    init_lora_weights: Union[bool, str] = True
+
+    def __post_init__(self) -> None:
+        _check_number("r", self.r, int)
+        _check_number("lora_alpha", self.lora_alpha, (int, float))
+        _check_number("lora_dropout", self.lora_dropout, (int, float))
+        if not isinstance(self.bias, str):
+            raise TypeError(f"bias: expected a str, found {type(self.bias).__name__}")
+        if not isinstance(self.use_rslora, bool):
+            raise TypeError(f"use_rslora: expected a bool, found {type(self.use_rslora).__name__}")
+        for name in ("rank_pattern", "alpha_pattern"):
+            value = getattr(self, name)
+            if value is None:
+                setattr(self, name, {})
+            elif not isinstance(value, dict):
+                raise TypeError(f"{name}: expected a dict {{pattern: value}}, found {type(value).__name__}")
+        _C._validate_lora_config(self.to_dict())
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The fields as a dict (what the C++ rules read)."""
+        return dataclasses.asdict(self)
+
+
+def _check_number(name: str, value: Any, kinds: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        expected = "an int" if kinds is int else "a number"
+        raise TypeError(f"{name}: expected {expected}, found {type(value).__name__} ({value!r})")

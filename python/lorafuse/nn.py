@@ -1,0 +1,304 @@
+"""The LoRA layer for models written in Python (Hugging Face transformers and any torch.nn.Module)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from . import _C
+
+
+@dataclass
+class AdapterOptions:
+    """One adapter's hyperparameters (PEFT's names)."""
+
+    r: int
+    lora_alpha: float
+    lora_dropout: float = 0.0
+    use_rslora: bool = False
+    init_lora_weights: Union[bool, str] = True
+    bias: str = "none"
+
+    @property
+    def scale(self) -> float:
+        """lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora."""
+        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+
+def _init_kind(init: Union[bool, str]) -> str:
+    if init is True or init == "true":
+        return "true"
+    if init is False or init == "false":
+        return "false"
+    if init == "gaussian":
+        return "gaussian"
+    raise ValueError(f'init_lora_weights: expected True, False or "gaussian", found {init!r}')
+
+
+class Linear(nn.Module):
+    """A frozen ``nn.Linear`` with named LoRA adapters, computed by ``torch.ops.lorafuse.lora_linear``.
+
+    ``y = base_layer(x) + scale * (dropout(x) @ A.T) @ B.T`` for the active adapter. The base layer is
+    wrapped, not copied (its weight and bias are frozen). Adapters are kept as PEFT keeps them:
+    ``lora_A[name].weight`` [r, in] and ``lora_B[name].weight`` [out, r]; float32 for a
+    float16/bfloat16 base. While adapters are disabled, when none is active, or when the active one is
+    merged, the layer is its base. ``merge`` folds scale·B·A into the base weight (float32 math) and
+    keeps the unmerged weight so that ``unmerge`` restores it bit for bit.
+
+    Args:
+        base_layer: the ``nn.Linear`` to wrap.
+        adapter_name: the first adapter's name.
+        r, lora_alpha, lora_dropout, use_rslora, init_lora_weights: the first adapter's options.
+        adapter_dtype: dtype of A and B (the base weight's dtype or float32); ``None`` picks as above.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Linear,
+        adapter_name: str = "default",
+        r: int = 8,
+        lora_alpha: float = 8,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        init_lora_weights: Union[bool, str] = True,
+        adapter_dtype: Optional[torch.dtype] = None,
+        bias: str = "none",
+    ) -> None:
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"base_layer: expected a torch.nn.Linear, found {type(base_layer).__name__}")
+        self.base_layer = base_layer
+        self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
+        base_layer.weight.requires_grad_(False)
+        if base_layer.bias is not None:
+            base_layer.bias.requires_grad_(False)
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.adapters: Dict[str, AdapterOptions] = {}
+        self.active_adapter: Optional[str] = None
+        self.adapters_enabled = True
+        self.merged_adapters: List[str] = []
+        self.register_buffer("weight_unmerged", torch.empty(0, device=base_layer.weight.device), persistent=False)
+        self.add_adapter(
+            adapter_name,
+            r=r,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            use_rslora=use_rslora,
+            init_lora_weights=init_lora_weights,
+            adapter_dtype=adapter_dtype,
+            bias=bias,
+        )
+
+    # ---- adapters --------------------------------------------------------------------------------
+    def add_adapter(
+        self,
+        adapter_name: str,
+        r: int = 8,
+        lora_alpha: float = 8,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        init_lora_weights: Union[bool, str] = True,
+        adapter_dtype: Optional[torch.dtype] = None,
+        bias: str = "none",
+    ) -> None:
+        """Adds adapter ``adapter_name``. The first adapter becomes active; a later one waits (frozen)."""
+        if not isinstance(adapter_name, str):
+            raise TypeError(f"adapter_name: expected a str, found {type(adapter_name).__name__}")
+        if isinstance(r, bool) or not isinstance(r, int):
+            raise TypeError(f"r: expected an int, found {type(r).__name__} ({r!r})")
+        _C._validate_adapter(adapter_name, r, float(lora_alpha), float(lora_dropout))
+        init = _init_kind(init_lora_weights)
+        if adapter_name in self.adapters:
+            raise ValueError(
+                f'adapter_name: an adapter named "{adapter_name}" already exists; this layer has {list(self.adapters)}'
+            )
+        weight = self.base_layer.weight
+        if adapter_dtype is None:
+            adapter_dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+        elif adapter_dtype not in (weight.dtype, torch.float32):
+            raise TypeError(
+                f"adapter_dtype: lora_A and lora_B must have the base weight's dtype ({weight.dtype}) or "
+                f"torch.float32, found {adapter_dtype}"
+            )
+        kw = dict(bias=False, device=weight.device, dtype=adapter_dtype)
+        self.lora_A[adapter_name] = nn.Linear(self.in_features, r, **kw)
+        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, **kw)
+        self.adapters[adapter_name] = AdapterOptions(
+            r, float(lora_alpha), float(lora_dropout), bool(use_rslora), init_lora_weights, bias
+        )
+        self._init_adapter(adapter_name, init)
+        if self.active_adapter is None:
+            self.active_adapter = adapter_name
+        self._apply_trainability()
+
+    def _init_adapter(self, name: str, init: str) -> None:
+        a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        with torch.no_grad():
+            if init == "gaussian":
+                nn.init.normal_(a, 0.0, 1.0 / self.adapters[name].r)
+            else:
+                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            if init == "false":
+                nn.init.kaiming_uniform_(b, a=math.sqrt(5))
+            else:
+                nn.init.zeros_(b)
+
+    def _known(self, name: str, what: str) -> AdapterOptions:
+        if name not in self.adapters:
+            raise ValueError(f'{what}: no adapter named "{name}"; this layer has {list(self.adapters)}')
+        return self.adapters[name]
+
+    def _apply_trainability(self) -> None:
+        for name in self.adapters:
+            train = name == self.active_adapter
+            self.lora_A[name].weight.requires_grad_(train)
+            self.lora_B[name].weight.requires_grad_(train)
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """Activates ``adapter_name`` (only its A and B require grad); moves no data. Switching away from
+        a merged adapter unmerges first, as PEFT does."""
+        self._known(adapter_name, "set_adapter")
+        if self.merged_adapters and adapter_name != self.active_adapter:
+            self.unmerge()
+        self.active_adapter = adapter_name
+        self._apply_trainability()
+
+    def clear_active_adapter(self) -> None:
+        """No adapter active: the layer is its base (unmerging first)."""
+        if self.merged_adapters:
+            self.unmerge()
+        self.active_adapter = None
+        self._apply_trainability()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Removes ``adapter_name`` (a merged adapter must be unmerged first)."""
+        self._known(adapter_name, "delete_adapter")
+        if adapter_name in self.merged_adapters:
+            raise ValueError(f'delete_adapter: adapter "{adapter_name}" is merged; unmerge() first')
+        del self.lora_A[adapter_name], self.lora_B[adapter_name], self.adapters[adapter_name]
+        if self.active_adapter == adapter_name:
+            self.active_adapter = next(iter(self.adapters), None)
+        self._apply_trainability()
+
+    def disable_adapters(self) -> None:
+        """The base alone from now on (unmerging first)."""
+        if self.merged_adapters:
+            self.unmerge()
+        self.adapters_enabled = False
+
+    def enable_adapters(self) -> None:
+        self.adapters_enabled = True
+
+    def delta_weight(self, adapter_name: str) -> Tensor:
+        """scale · B · A in float32 (float64 for a float64 base) [out, in]."""
+        opts = self._known(adapter_name, "delta_weight")
+        acc = torch.float64 if self.base_layer.weight.dtype == torch.float64 else torch.float32
+        with torch.no_grad():
+            b = self.lora_B[adapter_name].weight.to(acc)
+            a = self.lora_A[adapter_name].weight.to(acc)
+            return (b @ a) * opts.scale
+
+    # ---- merging ---------------------------------------------------------------------------------
+    def merge(self, adapter_names: Optional[Sequence[str]] = None) -> None:
+        """Folds the named adapters (default: the active one) into the base weight, in float32 from the
+        unmerged weight. Errors: unknown, already merged or repeated names; disabled adapters;
+        non-finite weights (the weight is then left unchanged)."""
+        if not self.adapters_enabled:
+            raise ValueError("merge: adapters are disabled in this layer; enable_adapters() first")
+        self._merge(adapter_names)
+
+    def _merge(self, adapter_names: Optional[Sequence[str]]) -> None:
+        if adapter_names is None:
+            if self.active_adapter is None:
+                raise ValueError("merge: this layer has no active adapter; name the adapters to merge")
+            adapter_names = [self.active_adapter]
+        names = list(adapter_names)
+        for i, name in enumerate(names):
+            self._known(name, "merge")
+            if name in self.merged_adapters:
+                raise ValueError(f'merge: adapter "{name}" is already merged')
+            if name in names[:i]:
+                raise ValueError(f'merge: adapter "{name}" is named twice')
+        weight = self.base_layer.weight
+        with torch.no_grad():
+            original = self.weight_unmerged if self.merged_adapters else weight
+            acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+            merged = original.to(acc, copy=True)
+            everything = self.merged_adapters + names
+            for name in everything:
+                merged += self.delta_weight(name).to(merged.device)
+            merged = merged.to(weight.dtype)  # checked after rounding: float16 overflows at 65504
+            if merged.device.type != "meta" and not bool(torch.isfinite(merged).all()):
+                raise ValueError(
+                    f"merge: merging {names} gives non-finite {weight.dtype} weights; the base weight is left unchanged"
+                )
+            if not self.merged_adapters:
+                self.weight_unmerged = weight.detach().clone()
+            weight.copy_(merged)
+        self.merged_adapters = everything
+
+    def unmerge(self) -> None:
+        """Restores the unmerged base weight exactly. An error when nothing is merged."""
+        if not self.merged_adapters:
+            raise ValueError("unmerge: nothing is merged in this layer")
+        with torch.no_grad():
+            self.base_layer.weight.copy_(self.weight_unmerged)
+        self._drop_unmerged_copy()
+
+    def _drop_unmerged_copy(self) -> None:
+        self.weight_unmerged = torch.empty(0, device=self.base_layer.weight.device)
+        self.merged_adapters = []
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    def merge_and_unload(self) -> nn.Linear:
+        """Merges the active adapter for good (also while disabled) and returns the plain base layer."""
+        if self.active_adapter is not None and self.active_adapter not in self.merged_adapters:
+            self._merge([self.active_adapter])
+        if self.merged_adapters:
+            self._drop_unmerged_copy()
+        for name in list(self.adapters):
+            self.delete_adapter(name)
+        return self.base_layer
+
+    # ---- forward ---------------------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        name = self.active_adapter
+        if not self.adapters_enabled or name is None or name in self.merged_adapters:
+            return self.base_layer(x)
+        opts = self.adapters[name]
+        a = self.lora_A[name].weight
+        b = self.lora_B[name].weight
+        p = opts.lora_dropout if self.training else 0.0
+        weight = self.base_layer.weight
+        if weight.requires_grad:
+            # The fused op never computes a weight gradient; a thawed base weight takes the unfused chain.
+            dropped = nn.functional.dropout(x, p=p, training=True) if p > 0 else x
+            lora = nn.functional.linear(nn.functional.linear(dropped.to(a.dtype), a), b) * opts.scale
+            return self.base_layer(x) + lora.to(x.dtype)
+        return torch.ops.lorafuse.lora_linear(x, weight, self.base_layer.bias, a, b, opts.scale, p)
+
+    def extra_repr(self) -> str:
+        adapters = ", ".join(
+            f"{n}(r={o.r}, lora_alpha={o.lora_alpha:g}, lora_dropout={o.lora_dropout:g}"
+            + (", use_rslora=True" if o.use_rslora else "")
+            + ")"
+            for n, o in self.adapters.items()
+        )
+        out = f"adapters=[{adapters}], active={self.active_adapter}"
+        if not self.adapters_enabled:
+            out += ", disabled"
+        if self.merged_adapters:
+            out += f", merged={self.merged_adapters}"
+        return out
+
+
+__all__ = ["Linear", "AdapterOptions"]
