@@ -25,6 +25,7 @@ from .inject import (
     unmerge,
 )
 from .ops import lora_linear
+from .peft_interop import from_peft
 
 __version__: str = _C.__version__
 
@@ -54,4 +55,5 @@ __all__ = [
     "lora_layers",
     "adapter_names",
     "active_adapter",
+    "from_peft",
 ]

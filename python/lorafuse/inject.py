@@ -118,7 +118,9 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
         if isinstance(module, Linear):
             module.add_adapter(adapter_name, **kwargs)
         else:
-            setattr(parent, name, Linear(module, adapter_name=adapter_name, **kwargs))
+            layer = Linear(module, adapter_name=adapter_name, **kwargs)
+            layer.train(module.training)  # a new module starts in training mode; keep the model's mode
+            setattr(parent, name, layer)
 
     for p in model.parameters():
         p.requires_grad_(False)

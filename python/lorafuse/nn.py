@@ -39,6 +39,10 @@ def _init_kind(init: Union[bool, str]) -> str:
     raise ValueError(f'init_lora_weights: expected True, False or "gaussian", found {init!r}')
 
 
+def _refresh_after_load(module: "Linear", incompatible_keys) -> None:
+    module._refresh_route()
+
+
 class Linear(nn.Module):
     """A frozen ``nn.Linear`` with named LoRA adapters, computed by ``torch.ops.lorafuse.lora_linear``.
 
@@ -83,7 +87,13 @@ class Linear(nn.Module):
         self.active_adapter: Optional[str] = None
         self.adapters_enabled = True
         self.merged_adapters: List[str] = []
+        # What forward reads: None (the base alone) or [A, B, scale, dropout]. Kept apart from the adapter
+        # names so that torch.compile guards on tensors and numbers, not on the active adapter's name:
+        # switching between adapters of the same shapes and scale does not recompile.
+        self._route: Optional[list] = None
         self.register_buffer("weight_unmerged", torch.empty(0, device=base_layer.weight.device), persistent=False)
+        # load_state_dict(assign=True) puts new Parameter objects in place: point the route at them.
+        self.register_load_state_dict_post_hook(_refresh_after_load)
         self.add_adapter(
             adapter_name,
             r=r,
@@ -159,6 +169,15 @@ class Linear(nn.Module):
             train = name == self.active_adapter
             self.lora_A[name].weight.requires_grad_(train)
             self.lora_B[name].weight.requires_grad_(train)
+        self._refresh_route()
+
+    def _refresh_route(self) -> None:
+        name = self.active_adapter
+        if not self.adapters_enabled or name is None or name in self.merged_adapters:
+            self._route = None
+        else:
+            opts = self.adapters[name]
+            self._route = [self.lora_A[name].weight, self.lora_B[name].weight, opts.scale, opts.lora_dropout]
 
     def set_adapter(self, adapter_name: str) -> None:
         """Activates ``adapter_name`` (only its A and B require grad); moves no data. Switching away from
@@ -191,9 +210,11 @@ class Linear(nn.Module):
         if self.merged_adapters:
             self.unmerge()
         self.adapters_enabled = False
+        self._refresh_route()
 
     def enable_adapters(self) -> None:
         self.adapters_enabled = True
+        self._refresh_route()
 
     def delta_weight(self, adapter_name: str) -> Tensor:
         """scale · B · A in float32 (float64 for a float64 base) [out, in]."""
@@ -242,6 +263,7 @@ class Linear(nn.Module):
                 self.weight_unmerged = weight.detach().clone()
             weight.copy_(merged)
         self.merged_adapters = everything
+        self._refresh_route()
 
     def unmerge(self) -> None:
         """Restores the unmerged base weight exactly. An error when nothing is merged."""
@@ -254,6 +276,7 @@ class Linear(nn.Module):
     def _drop_unmerged_copy(self) -> None:
         self.weight_unmerged = torch.empty(0, device=self.base_layer.weight.device)
         self.merged_adapters = []
+        self._refresh_route()
 
     @property
     def merged(self) -> bool:
@@ -269,22 +292,25 @@ class Linear(nn.Module):
             self.delete_adapter(name)
         return self.base_layer
 
+    def _apply(self, fn, recurse=True):  # to(), to_empty(), cuda(), half() may put new Parameters in place
+        out = super()._apply(fn, recurse)
+        self._refresh_route()
+        return out
+
     # ---- forward ---------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
-        name = self.active_adapter
-        if not self.adapters_enabled or name is None or name in self.merged_adapters:
+        route = self._route
+        if route is None:
             return self.base_layer(x)
-        opts = self.adapters[name]
-        a = self.lora_A[name].weight
-        b = self.lora_B[name].weight
-        p = opts.lora_dropout if self.training else 0.0
+        a, b, scale, dropout = route
+        p = dropout if self.training else 0.0
         weight = self.base_layer.weight
         if weight.requires_grad:
             # The fused op never computes a weight gradient; a thawed base weight takes the unfused chain.
             dropped = nn.functional.dropout(x, p=p, training=True) if p > 0 else x
-            lora = nn.functional.linear(nn.functional.linear(dropped.to(a.dtype), a), b) * opts.scale
+            lora = nn.functional.linear(nn.functional.linear(dropped.to(a.dtype), a), b) * scale
             return self.base_layer(x) + lora.to(x.dtype)
-        return torch.ops.lorafuse.lora_linear(x, weight, self.base_layer.bias, a, b, opts.scale, p)
+        return torch.ops.lorafuse.lora_linear(x, weight, self.base_layer.bias, a, b, scale, p)
 
     def extra_repr(self) -> str:
         adapters = ", ".join(

@@ -72,6 +72,7 @@ def test_inject_q_v_into_hf_llama_counts_and_paths():
     assert names == {n for n, _ in model.named_parameters() if ".lora_A.default." in n or ".lora_B.default." in n}
     assert "model.layers.1.self_attn.v_proj.lora_B.default.weight" in dict(model.named_parameters())
     assert torch.equal(logits(model), before)  # B starts at zero
+    assert all(not layer.training for _, layer in lorafuse.lora_layers(model))  # the eval model's mode
 
 
 def test_same_outputs_and_counts_as_peft_for_the_same_adapter_weights():
@@ -282,3 +283,42 @@ def test_bad_injection_names_the_problem_and_changes_nothing():
         lorafuse.inject_lora(nn.Linear(4, 4), LoraConfig())
     with pytest.raises(TypeError, match="base_layer"):
         lorafuse.nn.Linear(nn.Conv1d(2, 2, 1))
+
+
+def test_meta_inject_then_to_empty_and_load_state_dict_assign():
+    source = tiny_llama(8)
+    lorafuse.inject_lora(source, LoraConfig(r=4, init_lora_weights=False))
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(source.config)
+    lorafuse.inject_lora(model, LoraConfig(r=4))
+    model.to_empty(device="cpu")
+    model.load_state_dict(source.state_dict(), assign=True)
+    with torch.no_grad():  # non-persistent buffers (the rotary inv_freq) are not in a state_dict
+        for name, buf in source.named_buffers():
+            model.get_buffer(name).copy_(buf)
+    model.eval()
+    torch.testing.assert_close(logits(model), logits(source), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["inductor"])
+def test_compile_fullgraph_same_outputs_and_no_recompile_on_switch(backend):
+    torch._dynamo.reset()
+    model = tiny_llama(9)
+    lorafuse.inject_lora(model, LoraConfig(r=4, init_lora_weights=False))
+    lorafuse.add_adapter(model, "b", LoraConfig(r=4, init_lora_weights=False))
+    compiled = torch.compile(model, fullgraph=True, backend=backend)
+    eager = logits(model)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(input_ids=IDS).logits, eager, rtol=1e-5, atol=1e-5)
+    lorafuse.set_adapter(model, "b")
+    eager_b = logits(model)
+    assert not torch.allclose(eager_b, eager, atol=1e-4)
+    with torch._dynamo.config.patch(error_on_recompile=True), torch.no_grad():
+        torch.testing.assert_close(compiled(input_ids=IDS).logits, eager_b, rtol=1e-5, atol=1e-5)
+        lorafuse.set_adapter(model, "default")
+        torch.testing.assert_close(compiled(input_ids=IDS).logits, eager, rtol=1e-5, atol=1e-5)
+    # training through the compiled model: gradients reach the active adapter only
+    model.train()
+    compiled(input_ids=IDS).logits.pow(2).mean().backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert grads and all(".default." in n for n in grads)
