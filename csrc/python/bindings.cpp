@@ -6,7 +6,11 @@
 #include <pybind11/stl.h>
 
 #include <lorafuse/config.h>
+#include <lorafuse/inject.h>
+#include <lorafuse/models/llama.h>
+#include <lorafuse/nn/lora_linear.h>
 #include <lorafuse/ops.h>
+#include <torch/python.h>
 
 #include <string>
 #include <utility>
@@ -46,8 +50,10 @@ lorafuse::TargetModules target_modules_from(const py::handle& value, const char*
     }
     return lorafuse::TargetModules(std::move(names));
   }
-  throw py::type_error(std::string(field) + ": expected a list of module names, a regular expression (str) or "
-                       "\"all-linear\", found " + std::string(py::str(py::type::of(value).attr("__name__"))));
+  throw py::type_error(std::string(field) +
+                       ": expected a list of module names, a regular expression (str) or "
+                       "\"all-linear\", found " +
+                       std::string(py::str(py::type::of(value).attr("__name__"))));
 }
 
 template <typename T>
@@ -99,6 +105,154 @@ py::dict adapter_dict(const lorafuse::nn::LoraAdapterOptions& a) {
   return out;
 }
 
+lorafuse::nn::InitLoraWeights init_from(const py::handle& init) {
+  if (py::isinstance<py::bool_>(init)) return lorafuse::nn::InitLoraWeights(init.cast<bool>());
+  if (py::isinstance<py::str>(init)) return lorafuse::nn::InitLoraWeights(init.cast<std::string>());
+  throw py::type_error("init_lora_weights: expected True, False or \"gaussian\", found " +
+                       std::string(py::str(py::type::of(init).attr("__name__"))));
+}
+
+// The C++ modules: lorafuse.nn.LoraLinear and lorafuse.models.Llama (torch.nn.Module wrappers made by
+// torch::python::bind_module), keyword names as the C++ Options fields.
+void bind_modules(py::module& m) {
+  using lorafuse::nn::LoraAdapterOptions;
+  using lorafuse::nn::LoraLinearImpl;
+  using lorafuse::nn::LoraLinearOptions;
+  torch::python::bind_module<LoraLinearImpl>(m, "LoraLinear")
+      .def(py::init([](int64_t in_features, int64_t out_features, bool bias, const std::string& adapter_name, int64_t r,
+                       double lora_alpha, double lora_dropout, bool use_rslora, const py::object& init_lora_weights,
+                       std::optional<at::ScalarType> adapter_dtype) {
+             return translating([&] {
+               return std::make_shared<LoraLinearImpl>(LoraLinearOptions(in_features, out_features)
+                                                           .bias(bias)
+                                                           .adapter_name(adapter_name)
+                                                           .r(r)
+                                                           .lora_alpha(lora_alpha)
+                                                           .lora_dropout(lora_dropout)
+                                                           .use_rslora(use_rslora)
+                                                           .init_lora_weights(init_from(init_lora_weights))
+                                                           .adapter_dtype(adapter_dtype));
+             });
+           }),
+           py::arg("in_features"), py::arg("out_features"), py::arg("bias") = true, py::arg("adapter_name") = "default",
+           py::arg("r") = 8, py::arg("lora_alpha") = 8.0, py::arg("lora_dropout") = 0.0, py::arg("use_rslora") = false,
+           py::arg("init_lora_weights") = true, py::arg("adapter_dtype") = py::none())
+      .def(
+          "add_adapter",
+          [](LoraLinearImpl& self, const std::string& name, int64_t r, double lora_alpha, double lora_dropout,
+             bool use_rslora, const py::object& init_lora_weights, std::optional<at::ScalarType> dtype) {
+            translating([&] {
+              self.add_adapter(name, LoraAdapterOptions(r)
+                                         .lora_alpha(lora_alpha)
+                                         .lora_dropout(lora_dropout)
+                                         .use_rslora(use_rslora)
+                                         .init_lora_weights(init_from(init_lora_weights))
+                                         .dtype(dtype));
+            });
+          },
+          py::arg("adapter_name"), py::arg("r") = 8, py::arg("lora_alpha") = 8.0, py::arg("lora_dropout") = 0.0,
+          py::arg("use_rslora") = false, py::arg("init_lora_weights") = true, py::arg("dtype") = py::none())
+      .def("set_adapter", [](LoraLinearImpl& self, const std::string& n) { translating([&] { self.set_adapter(n); }); })
+      .def("delete_adapter",
+           [](LoraLinearImpl& self, const std::string& n) { translating([&] { self.delete_adapter(n); }); })
+      .def("disable_adapters", &LoraLinearImpl::disable_adapters)
+      .def("enable_adapters", &LoraLinearImpl::enable_adapters)
+      .def(
+          "merge",
+          [](LoraLinearImpl& self, const std::vector<std::string>& names) { translating([&] { self.merge(names); }); },
+          py::arg("adapter_names") = std::vector<std::string>{})
+      .def("unmerge", [](LoraLinearImpl& self) { translating([&] { self.unmerge(); }); })
+      .def("merged", &LoraLinearImpl::merged)
+      .def("merged_adapters", &LoraLinearImpl::merged_adapters)
+      .def("active_adapter", &LoraLinearImpl::active_adapter)
+      .def("adapter_names", &LoraLinearImpl::adapter_names)
+      .def("lora_a",
+           [](LoraLinearImpl& self, const std::string& n) { return translating([&] { return self.lora_a(n); }); })
+      .def("lora_b",
+           [](LoraLinearImpl& self, const std::string& n) { return translating([&] { return self.lora_b(n); }); })
+      .def("delta_weight", [](LoraLinearImpl& self, const std::string& n) {
+        return translating([&] { return self.delta_weight(n); });
+      });
+
+  using lorafuse::models::LlamaConfig;
+  py::class_<LlamaConfig>(m, "LlamaConfig")
+      .def(py::init([](int64_t vocab_size, int64_t hidden_size, int64_t intermediate_size, int64_t num_hidden_layers,
+                       int64_t num_attention_heads, int64_t num_key_value_heads, int64_t max_position_embeddings,
+                       double rope_theta, double rms_norm_eps, double initializer_range,
+                       std::optional<at::ScalarType> dtype, std::optional<at::Device> device) {
+             auto options = c10::TensorOptions().dtype(dtype.value_or(at::kFloat)).device(device.value_or(at::kCPU));
+             LlamaConfig c;
+             c.vocab_size(vocab_size)
+                 .hidden_size(hidden_size)
+                 .intermediate_size(intermediate_size)
+                 .num_hidden_layers(num_hidden_layers)
+                 .num_attention_heads(num_attention_heads)
+                 .num_key_value_heads(num_key_value_heads)
+                 .max_position_embeddings(max_position_embeddings)
+                 .rope_theta(rope_theta)
+                 .rms_norm_eps(rms_norm_eps)
+                 .initializer_range(initializer_range)
+                 .tensor_options(options);
+             translating([&] { c.validate(); });
+             return c;
+           }),
+           py::arg("vocab_size") = 128, py::arg("hidden_size") = 64, py::arg("intermediate_size") = 176,
+           py::arg("num_hidden_layers") = 2, py::arg("num_attention_heads") = 4, py::arg("num_key_value_heads") = 2,
+           py::arg("max_position_embeddings") = 2048, py::arg("rope_theta") = 10000.0, py::arg("rms_norm_eps") = 1e-6,
+           py::arg("initializer_range") = 0.02, py::arg("dtype") = py::none(), py::arg("device") = py::none())
+      .def_property_readonly("vocab_size", [](const LlamaConfig& c) { return c.vocab_size(); })
+      .def_property_readonly("hidden_size", [](const LlamaConfig& c) { return c.hidden_size(); })
+      .def_property_readonly("num_hidden_layers", [](const LlamaConfig& c) { return c.num_hidden_layers(); })
+      .def("num_parameters", &LlamaConfig::num_parameters);
+  torch::python::bind_module<lorafuse::models::LlamaForCausalLMImpl>(m, "Llama")
+      .def(py::init([](const LlamaConfig& c) {
+             return translating([&] { return std::make_shared<lorafuse::models::LlamaForCausalLMImpl>(c); });
+           }),
+           py::arg("config"));
+
+  // Model-wide functions on C++ modules (what lorafuse.inject_lora & co. call for them).
+  m.def(
+      "_cpp_inject_lora",
+      [](torch::nn::Module& module, const py::dict& config, const std::string& adapter_name) {
+        const auto report =
+            translating([&] { return lorafuse::inject_lora(module, config_from(config), adapter_name); });
+        return py::make_tuple(report.targets, report.wrapped, report.trainable, report.total);
+      },
+      py::arg("module"), py::arg("config"), py::arg("adapter_name"));
+  m.def(
+      "_cpp_adapters",
+      [](torch::nn::Module& module, const std::string& op, const std::vector<std::string>& names) -> py::object {
+        return translating([&]() -> py::object {
+          if (op == "set_adapter")
+            lorafuse::set_adapter(module, names.at(0));
+          else if (op == "delete_adapter")
+            lorafuse::delete_adapter(module, names.at(0));
+          else if (op == "disable_adapters")
+            lorafuse::disable_adapters(module);
+          else if (op == "enable_adapters")
+            lorafuse::enable_adapters(module);
+          else if (op == "merge")
+            lorafuse::merge_adapter(module, names);
+          else if (op == "unmerge")
+            lorafuse::unmerge_adapter(module);
+          else if (op == "merge_and_unload")
+            lorafuse::merge_and_unload(module);
+          else if (op == "adapter_names")
+            return py::cast(lorafuse::adapter_names(module));
+          else if (op == "active_adapter")
+            return py::cast(lorafuse::active_adapter(module));
+          else if (op == "lora_layers") {
+            py::list out;
+            for (const auto& [path, layer] : lorafuse::lora_layers(module)) out.append(path);
+            return out;
+          } else
+            TORCH_CHECK_VALUE(false, "unknown operation ", op);
+          return py::none();
+        });
+      },
+      py::arg("module"), py::arg("op"), py::arg("names") = std::vector<std::string>{});
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -132,4 +286,5 @@ PYBIND11_MODULE(_C, m) {
       },
       "The (index, adapter options) of the modules (path, type name, is_linear) that a config selects: the "
       "selection rules of C++ inject_lora.");
+  bind_modules(m);
 }

@@ -6,7 +6,7 @@ Importing this package registers the ``torch.ops.lorafuse.*`` operators.
 import torch  # noqa: F401  (loads libtorch before lorafuse's native library)
 
 from . import _C
-from . import nn
+from . import models, nn
 from .config import LoraConfig
 from .inject import (
     active_adapter,
@@ -40,6 +40,7 @@ __all__ = [
     "has_cuda_kernels",
     "__version__",
     "nn",
+    "models",
     "LoraConfig",
     "inject_lora",
     "add_adapter",

@@ -15,6 +15,12 @@ from .config import LoraConfig
 from .nn import Linear
 
 
+def _cpp(model: nn.Module):
+    """The C++ module behind a bound lorafuse C++ module (lorafuse.models.Llama, ...), else None: the
+    model-wide functions run the C++ implementation on those."""
+    return model.cpp_module if isinstance(model, torch.nn.cpp.ModuleWrapper) else None
+
+
 def _sites(model: nn.Module) -> Iterator[Tuple[nn.Module, str, str, nn.Module]]:
     """(parent, name, path, module) in module order; lorafuse layers are leaves."""
 
@@ -29,12 +35,19 @@ def _sites(model: nn.Module) -> Iterator[Tuple[nn.Module, str, str, nn.Module]]:
 
 
 def lora_layers(model: nn.Module) -> List[Tuple[str, Linear]]:
-    """Every lorafuse LoRA layer in the model, with its path, in module order."""
+    """Every lorafuse LoRA layer in the model, with its path, in module order (for a C++ model: the bound
+    C++ LoraLinear layers)."""
+    cpp = _cpp(model)
+    if cpp is not None:
+        modules = dict(cpp.named_modules().items())
+        return [(path, modules[path]) for path in _C._cpp_adapters(cpp, "lora_layers")]
     return [(path, m) for _, _, path, m in _sites(model) if isinstance(m, Linear)]
 
 
 def adapter_names(model: nn.Module) -> List[str]:
     """Adapter names present in the model, in the order they first appear."""
+    if _cpp(model) is not None:
+        return _C._cpp_adapters(_cpp(model), "adapter_names")
     names: List[str] = []
     for _, layer in lora_layers(model):
         names += [n for n in layer.adapters if n not in names]
@@ -43,6 +56,8 @@ def adapter_names(model: nn.Module) -> List[str]:
 
 def active_adapter(model: nn.Module) -> Optional[str]:
     """The model's active adapter, or None."""
+    if _cpp(model) is not None:
+        return _C._cpp_adapters(_cpp(model), "active_adapter") or None
     for _, layer in lora_layers(model):
         if layer.active_adapter is not None:
             return layer.active_adapter
@@ -84,6 +99,9 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
         raise TypeError(f"config: expected a lorafuse.LoraConfig, found {type(config).__name__}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, found {type(model).__name__}")
+    if _cpp(model) is not None:  # a C++ model (lorafuse.models.Llama): C++ inject_lora
+        _C._cpp_inject_lora(_cpp(model), config.to_dict(), adapter_name)
+        return model
     if isinstance(model, (nn.Linear, Linear)):
         raise ValueError(
             "model: inject_lora replaces layers inside a model, and this model is itself a Linear layer; "
@@ -164,6 +182,9 @@ def print_trainable_parameters(model: nn.Module) -> None:
 def set_adapter(model: nn.Module, adapter_name: str) -> None:
     """Activates ``adapter_name`` in every layer that has it (the others run as their base); only its
     weights train. Moves no data."""
+    if _cpp(model) is not None:
+        _C._cpp_adapters(_cpp(model), "set_adapter", [adapter_name])
+        return None
     for _, layer in _require_adapter(model, adapter_name, "set_adapter"):
         if adapter_name in layer.adapters:
             layer.set_adapter(adapter_name)
@@ -173,18 +194,27 @@ def set_adapter(model: nn.Module, adapter_name: str) -> None:
 
 def disable_adapters(model: nn.Module) -> None:
     """The base model alone (merged layers are unmerged first)."""
+    if _cpp(model) is not None:
+        _C._cpp_adapters(_cpp(model), "disable_adapters", [])
+        return None
     for _, layer in lora_layers(model):
         layer.disable_adapters()
 
 
 def enable_adapters(model: nn.Module) -> None:
     """The adapters again."""
+    if _cpp(model) is not None:
+        _C._cpp_adapters(_cpp(model), "enable_adapters", [])
+        return None
     for _, layer in lora_layers(model):
         layer.enable_adapters()
 
 
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     """Removes ``adapter_name`` from every layer (a merged adapter must be unmerged first)."""
+    if _cpp(model) is not None:
+        _C._cpp_adapters(_cpp(model), "delete_adapter", [adapter_name])
+        return None
     layers = _require_adapter(model, adapter_name, "delete_adapter")
     for path, layer in layers:
         if adapter_name in layer.merged_adapters:
@@ -226,6 +256,9 @@ class _MergeTransaction:
 
 def merge(model: nn.Module, adapter_names: Optional[Sequence[str]] = None) -> None:
     """Folds the named adapters (default: the active one) into the base weights, all or nothing."""
+    if _cpp(model) is not None:
+        _C._cpp_adapters(_cpp(model), "merge", list(adapter_names or []))
+        return
     names = list(adapter_names) if adapter_names is not None else [active_adapter(model)]
     if names == [None]:
         raise ValueError("merge: the model has no active adapter; name the adapters to merge")
@@ -253,6 +286,9 @@ def merge(model: nn.Module, adapter_names: Optional[Sequence[str]] = None) -> No
 
 def unmerge(model: nn.Module) -> None:
     """Restores every merged layer's base weight exactly."""
+    if _cpp(model) is not None:
+        _C._cpp_adapters(_cpp(model), "unmerge", [])
+        return None
     merged = [layer for _, layer in lora_layers(model) if layer.merged]
     if not merged:
         raise ValueError("unmerge: nothing is merged in this model")
@@ -263,6 +299,9 @@ def unmerge(model: nn.Module) -> None:
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Merges the active adapter for good (also while disabled) and puts each plain ``nn.Linear`` back:
     the base model again, with the adapter inside its weights. Returns ``model``."""
+    if _cpp(model) is not None:
+        _C._cpp_adapters(_cpp(model), "merge_and_unload", [])
+        return model
     sites = [(parent, name, m) for parent, name, _, m in _sites(model) if isinstance(m, Linear)]
     transaction = _MergeTransaction()
     try:

@@ -327,4 +327,10 @@ class Linear(nn.Module):
         return out
 
 
-__all__ = ["Linear", "AdapterOptions"]
+# The C++ layer (lorafuse::nn::LoraLinear) bound with torch::python::bind_module: a torch.nn.Module whose
+# keyword arguments are the C++ LoraLinearOptions fields (in_features, out_features, bias, adapter_name, r,
+# lora_alpha, lora_dropout, use_rslora, init_lora_weights, adapter_dtype).
+LoraLinear = _C.LoraLinear
+LoraLinear.__module__ = __name__
+
+__all__ = ["Linear", "LoraLinear", "AdapterOptions"]
