@@ -67,7 +67,9 @@ def active_adapter(model: nn.Module) -> Optional[str]:
 def _require_adapter(model: nn.Module, name: str, what: str) -> List[Tuple[str, Linear]]:
     layers = lora_layers(model)
     if not any(name in layer.adapters for _, layer in layers):
-        raise ValueError(f'{what}: no layer has an adapter named "{name}"; the model has {adapter_names(model)}')
+        raise ValueError(
+            f'{what}: no layer has an adapter named "{name}"; the model has {adapter_names(model)}'
+        )
     return layers
 
 
@@ -115,7 +117,8 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
         )
     if adapter_name in adapter_names(model):
         raise ValueError(
-            f'adapter_name: the model already has an adapter named "{adapter_name}"; adapters: {adapter_names(model)}'
+            f'adapter_name: the model already has an adapter named "{adapter_name}"; '
+            f"adapters: {adapter_names(model)}"
         )
     sites = list(_sites(model))
     infos = [(path, type(m).__name__, isinstance(m, (nn.Linear, Linear))) for _, _, path, m in sites]
@@ -173,7 +176,8 @@ def trainable_parameters(model: nn.Module) -> Tuple[int, int]:
 
 
 def print_trainable_parameters(model: nn.Module) -> None:
-    """Prints PEFT's line: ``trainable params: 4,194,304 || all params: 6,742,609,920 || trainable%: 0.0622``."""
+    """Prints PEFT's line, e.g.
+    ``trainable params: 4,194,304 || all params: 6,742,609,920 || trainable%: 0.0622``."""
     trainable, total = trainable_parameters(model)
     percent = 100.0 * trainable / total if total else 0.0
     print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {percent:.4f}")
@@ -218,7 +222,9 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     layers = _require_adapter(model, adapter_name, "delete_adapter")
     for path, layer in layers:
         if adapter_name in layer.merged_adapters:
-            raise ValueError(f'delete_adapter: adapter "{adapter_name}" is merged into "{path}"; unmerge() first')
+            raise ValueError(
+                f'delete_adapter: adapter "{adapter_name}" is merged into "{path}"; unmerge() first'
+            )
     was_active = active_adapter(model) == adapter_name
     for _, layer in layers:
         if adapter_name in layer.adapters:

@@ -91,7 +91,9 @@ class Linear(nn.Module):
         # names so that torch.compile guards on tensors and numbers, not on the active adapter's name:
         # switching between adapters of the same shapes and scale does not recompile.
         self._route: Optional[list] = None
-        self.register_buffer("weight_unmerged", torch.empty(0, device=base_layer.weight.device), persistent=False)
+        self.register_buffer(
+            "weight_unmerged", torch.empty(0, device=base_layer.weight.device), persistent=False
+        )
         # load_state_dict(assign=True) puts new Parameter objects in place: point the route at them.
         self.register_load_state_dict_post_hook(_refresh_after_load)
         self.add_adapter(
@@ -126,7 +128,8 @@ class Linear(nn.Module):
         init = _init_kind(init_lora_weights)
         if adapter_name in self.adapters:
             raise ValueError(
-                f'adapter_name: an adapter named "{adapter_name}" already exists; this layer has {list(self.adapters)}'
+                f'adapter_name: an adapter named "{adapter_name}" already exists; '
+                f"this layer has {list(self.adapters)}"
             )
         weight = self.base_layer.weight
         if adapter_dtype is None:
@@ -257,7 +260,8 @@ class Linear(nn.Module):
             merged = merged.to(weight.dtype)  # checked after rounding: float16 overflows at 65504
             if merged.device.type != "meta" and not bool(torch.isfinite(merged).all()):
                 raise ValueError(
-                    f"merge: merging {names} gives non-finite {weight.dtype} weights; the base weight is left unchanged"
+                    f"merge: merging {names} gives non-finite {weight.dtype} weights; "
+                    "the base weight is left unchanged"
                 )
             if not self.merged_adapters:
                 self.weight_unmerged = weight.detach().clone()

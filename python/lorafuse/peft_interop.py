@@ -57,7 +57,9 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
     except ImportError as e:  # pragma: no cover - peft is a test dependency
         raise TypeError("peft_model: the peft package is not installed") from e
     if not isinstance(peft_model, peft.PeftModel) or not isinstance(peft_model.base_model, LoraModel):
-        raise TypeError(f"peft_model: expected a peft.PeftModel with LoRA adapters, found {type(peft_model).__name__}")
+        raise TypeError(
+            f"peft_model: expected a peft.PeftModel with LoRA adapters, found {type(peft_model).__name__}"
+        )
     model = peft_model.base_model.model
 
     problems: List[str] = []
@@ -71,7 +73,9 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
         if not isinstance(module, LoraLayer):
             continue
         if type(module) is not PeftLinear or not isinstance(module.base_layer, nn.Linear):
-            problems.append(f'"{path}" is a PEFT {type(module).__name__} over a {type(module.base_layer).__name__}')
+            problems.append(
+                f'"{path}" is a PEFT {type(module).__name__} over a {type(module.base_layer).__name__}'
+            )
             continue
         if module.merged_adapters:
             problems.append(f'"{path}" has merged adapters {module.merged_adapters}; unmerge them first')
@@ -87,7 +91,9 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
         parent_path, _, child = path.rpartition(".")
         layers.append((model.get_submodule(parent_path) if parent_path else model, child, path, module))
     if problems:
-        raise ValueError("from_peft: this PEFT model has features lorafuse does not carry over: " + "; ".join(problems))
+        raise ValueError(
+            "from_peft: this PEFT model has features lorafuse does not carry over: " + "; ".join(problems)
+        )
     if not layers:
         raise ValueError("from_peft: the PEFT model has no LoRA Linear layers")
 
@@ -95,7 +101,9 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
         base = old.base_layer
         frozen = {id(p): p.requires_grad for p in base.parameters()}
         names = list(old.lora_A.keys())
-        requires = {id(p): p.requires_grad for a in names for p in (old.lora_A[a].weight, old.lora_B[a].weight)}
+        requires = {
+            id(p): p.requires_grad for a in names for p in (old.lora_A[a].weight, old.lora_B[a].weight)
+        }
         new = None
         for adapter in names:
             dropout = old.lora_dropout[adapter]
@@ -114,7 +122,9 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
             # adopt PEFT's modules: the very same parameters
             new.lora_A[adapter] = old.lora_A[adapter]
             new.lora_B[adapter] = old.lora_B[adapter]
-            if abs(new.adapters[adapter].scale - float(old.scaling[adapter])) > 1e-12 * abs(float(old.scaling[adapter])):
+            if abs(new.adapters[adapter].scale - float(old.scaling[adapter])) > 1e-12 * abs(
+                float(old.scaling[adapter])
+            ):
                 raise ValueError(f"from_peft: adapter {adapter!r} has a scaling lorafuse cannot express")
         active = old.active_adapters[0] if old.active_adapters else None
         if active in new.adapters:

@@ -40,7 +40,9 @@ def peft_model(**kw):
 
 def test_from_peft_gives_the_same_outputs_with_the_same_parameters():
     pm = peft_model()
-    pm.add_adapter("b", peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "k_proj"], init_lora_weights=False))
+    pm.add_adapter(
+        "b", peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "k_proj"], init_lora_weights=False)
+    )
     pm.set_adapter("default")
     expected = {"default": logits(pm)}
     pm.set_adapter("b")
@@ -62,7 +64,9 @@ def test_from_peft_gives_the_same_outputs_with_the_same_parameters():
         key = n.replace("base_model.model.", "", 1)
         assert ours[key] is p, n
     lorafuse.set_adapter(model, "default")
-    assert {"base_model.model." + n for n, p in model.named_parameters() if p.requires_grad} == trainable_before
+    assert {
+        "base_model.model." + n for n, p in model.named_parameters() if p.requires_grad
+    } == trainable_before
     # and the converted model trains through lorafuse
     model(input_ids=IDS).logits.pow(2).mean().backward()
     assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)

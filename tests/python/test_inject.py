@@ -69,7 +69,9 @@ def test_inject_q_v_into_hf_llama_counts_and_paths():
     lora = 2 * (4 * (32 + 32) + 4 * (32 + 16))
     assert lorafuse.trainable_parameters(model) == (lora, total_before + lora)
     names = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert names == {n for n, _ in model.named_parameters() if ".lora_A.default." in n or ".lora_B.default." in n}
+    assert names == {
+        n for n, _ in model.named_parameters() if ".lora_A.default." in n or ".lora_B.default." in n
+    }
     assert "model.layers.1.self_attn.v_proj.lora_B.default.weight" in dict(model.named_parameters())
     assert torch.equal(logits(model), before)  # B starts at zero
     assert all(not layer.training for _, layer in lorafuse.lora_layers(model))  # the eval model's mode
@@ -115,7 +117,10 @@ def test_meta_device_llama_7b_is_injected_and_counted_without_memory(capsys):
     assert lorafuse.trainable_parameters(model) == (4194304, 6738415616 + 4194304)
     assert all(p.is_meta for p in model.parameters())
     lorafuse.print_trainable_parameters(model)
-    assert capsys.readouterr().out == "trainable params: 4,194,304 || all params: 6,742,609,920 || trainable%: 0.0622\n"
+    assert (
+        capsys.readouterr().out
+        == "trainable params: 4,194,304 || all params: 6,742,609,920 || trainable%: 0.0622\n"
+    )
 
 
 def test_selection_rules_are_the_cpp_ones():
@@ -134,7 +139,9 @@ def test_selection_rules_are_the_cpp_ones():
     assert layers["model.layers.1.self_attn.v_proj"].adapters["default"].r == 2
     assert layers["model.layers.0.self_attn.q_proj"].adapters["default"].lora_alpha == 32
     assert layers["model.layers.1.self_attn.q_proj"].adapters["default"].lora_alpha == 8
-    regex = lorafuse.inject_lora(tiny_llama(), LoraConfig(target_modules=r"model\.layers\.0\.self_attn\.(q|k)_proj"))
+    regex = lorafuse.inject_lora(
+        tiny_llama(), LoraConfig(target_modules=r"model\.layers\.0\.self_attn\.(q|k)_proj")
+    )
     assert [p for p, _ in lorafuse.lora_layers(regex)] == [
         "model.layers.0.self_attn.q_proj",
         "model.layers.0.self_attn.k_proj",
@@ -174,7 +181,9 @@ def test_adapters_switch_disable_delete_and_merge():
     base = logits(model)
     lorafuse.inject_lora(model, LoraConfig(r=4, init_lora_weights=False))
     y_default = logits(model)
-    lorafuse.add_adapter(model, "b", LoraConfig(r=2, target_modules=["k_proj", "q_proj"], init_lora_weights=False))
+    lorafuse.add_adapter(
+        model, "b", LoraConfig(r=2, target_modules=["k_proj", "q_proj"], init_lora_weights=False)
+    )
     assert lorafuse.adapter_names(model) == ["default", "b"]
     assert lorafuse.active_adapter(model) == "default"
     assert torch.equal(logits(model), y_default)
