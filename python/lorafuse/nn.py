@@ -39,10 +39,6 @@ def _init_kind(init: Union[bool, str]) -> str:
     raise ValueError(f'init_lora_weights: expected True, False or "gaussian", found {init!r}')
 
 
-def _refresh_after_load(module: "Linear", incompatible_keys) -> None:
-    module._refresh_route()
-
-
 class Linear(nn.Module):
     """A frozen ``nn.Linear`` with named LoRA adapters, computed by ``torch.ops.lorafuse.lora_linear``.
 
@@ -94,8 +90,6 @@ class Linear(nn.Module):
         self.register_buffer(
             "weight_unmerged", torch.empty(0, device=base_layer.weight.device), persistent=False
         )
-        # load_state_dict(assign=True) puts new Parameter objects in place: point the route at them.
-        self.register_load_state_dict_post_hook(_refresh_after_load)
         self.add_adapter(
             adapter_name,
             r=r,
@@ -180,7 +174,7 @@ class Linear(nn.Module):
             self._route = None
         else:
             opts = self.adapters[name]
-            self._route = [self.lora_A[name].weight, self.lora_B[name].weight, opts.scale, opts.lora_dropout]
+            self._route = [self.lora_A[name], self.lora_B[name], opts.scale, opts.lora_dropout]
 
     def set_adapter(self, adapter_name: str) -> None:
         """Activates ``adapter_name`` (only its A and B require grad); moves no data. Switching away from
@@ -296,17 +290,14 @@ class Linear(nn.Module):
             self.delete_adapter(name)
         return self.base_layer
 
-    def _apply(self, fn, recurse=True):  # to(), to_empty(), cuda(), half() may put new Parameters in place
-        out = super()._apply(fn, recurse)
-        self._refresh_route()
-        return out
-
     # ---- forward ---------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
         route = self._route
         if route is None:
             return self.base_layer(x)
-        a, b, scale, dropout = route
+        lora_a, lora_b, scale, dropout = route
+        # read the weights now: FSDP and load_state_dict(assign=True) put new Parameters in the modules
+        a, b = lora_a.weight, lora_b.weight
         p = dropout if self.training else 0.0
         weight = self.base_layer.weight
         if weight.requires_grad:
