@@ -25,8 +25,9 @@ class TargetModules {
   TargetModules(const char* regex) : TargetModules(std::string(regex)) {}          // NOLINT
 
   bool empty() const noexcept { return !is_regex_ && names_.empty(); }
-  bool is_regex() const noexcept { return is_regex_ && regex_ != "all-linear"; }
-  bool is_all_linear() const noexcept { return is_regex_ && regex_ == "all-linear"; }
+  bool is_regex() const noexcept { return is_regex_ && !is_all_linear(); }
+  /// "all-linear" in any case, as PEFT accepts it.
+  bool is_all_linear() const noexcept;
   const std::vector<std::string>& names() const noexcept { return names_; }
   const std::string& regex() const noexcept { return regex_; }
   /// Whether module `path` is selected (for "all-linear": whether it is not the output head).

@@ -1,6 +1,7 @@
 #include <c10/util/Exception.h>
 #include <lorafuse/config.h>
 
+#include <cctype>
 #include <cmath>
 #include <map>
 #include <regex>
@@ -28,6 +29,13 @@ void check_regex(const char* field, const std::string& regex) {
 }
 
 }  // namespace
+
+bool TargetModules::is_all_linear() const noexcept {
+  if (!is_regex_ || regex_.size() != 10) return false;
+  std::string lower = regex_;
+  for (auto& c : lower) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  return lower == "all-linear";
+}
 
 bool TargetModules::matches_name(const std::string& path, const std::string& name) {
   return last_component_is(path, name);
@@ -125,16 +133,16 @@ std::vector<TargetChoice> select_targets(const std::vector<ModuleInfo>& modules,
   const auto& exclude = config.exclude_modules();
   if (!targets.is_all_linear()) {
     for (const auto& m : modules) {
-      TORCH_CHECK_VALUE(m.is_linear || !targets.matches(m.path), "target_modules: ", targets.str(), " selects \"", m.path,
-                        "\", a ", m.type_name, ", but LoRA goes into Linear layers only. Linear layers here: ",
-                        linear_inventory(modules));
+      TORCH_CHECK_VALUE(m.is_linear || !targets.matches(m.path), "target_modules: ", targets.str(), " selects \"",
+                        m.path, "\", a ", m.type_name,
+                        ", but LoRA goes into Linear layers only. Linear layers here: ", linear_inventory(modules));
     }
   }
   for (const auto& name : targets.names()) {
     bool found = false;
     for (const auto& m : modules) found = found || (m.is_linear && TargetModules::matches_name(m.path, name));
-    TORCH_CHECK_VALUE(found, "target_modules: \"", name, "\" matches no module. Linear layers here: ",
-                      linear_inventory(modules));
+    TORCH_CHECK_VALUE(found, "target_modules: \"", name,
+                      "\" matches no module. Linear layers here: ", linear_inventory(modules));
   }
   std::vector<TargetChoice> chosen;
   bool any_match = false;
@@ -145,8 +153,8 @@ std::vector<TargetChoice> select_targets(const std::vector<ModuleInfo>& modules,
     if (!exclude.empty() && exclude.matches(m.path)) continue;
     chosen.push_back({i, config.adapter_for(m.path)});
   }
-  TORCH_CHECK_VALUE(any_match, "target_modules: ", targets.str(), " matches no module. Linear layers here: ",
-                    linear_inventory(modules));
+  TORCH_CHECK_VALUE(any_match, "target_modules: ", targets.str(),
+                    " matches no module. Linear layers here: ", linear_inventory(modules));
   TORCH_CHECK_VALUE(!chosen.empty(), "exclude_modules: ", exclude.str(), " excludes every layer that target_modules ",
                     targets.str(), " selects");
   return chosen;

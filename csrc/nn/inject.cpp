@@ -176,6 +176,10 @@ InjectReport inject_lora(Module& module, const LoraConfig& config, const std::st
   }
 
   const std::string prior_active = active_adapter(module);
+  const auto existing = lora_layers(module);
+  const bool all_disabled = !existing.empty() && std::all_of(existing.begin(), existing.end(), [](const auto& l) {
+    return !l.second->adapters_enabled();
+  });
   InjectReport report;
   report.adapter_name = adapter_name;
   for (const auto& c : chosen) {
@@ -184,7 +188,10 @@ InjectReport inject_lora(Module& module, const LoraConfig& config, const std::st
       lora->add_adapter(adapter_name, c.adapter);
     } else {
       torch::nn::Linear base(std::dynamic_pointer_cast<LinearImpl>(s.module));
-      rewire(s, std::make_shared<LoraLinearImpl>(base, c.adapter, adapter_name));
+      auto layer = std::make_shared<LoraLinearImpl>(base, c.adapter, adapter_name);
+      layer->train(s.module->is_training());        // a new module starts in training mode; keep the model's mode
+      if (all_disabled) layer->disable_adapters();  // a model whose adapters are disabled stays so
+      rewire(s, layer);
       report.wrapped.push_back(s.path);
     }
     report.targets.push_back(s.path);

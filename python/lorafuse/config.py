@@ -59,6 +59,10 @@ class LoraConfig:
                 setattr(self, name, {})
             elif not isinstance(value, dict):
                 raise TypeError(f"{name}: expected a dict {{pattern: value}}, found {type(value).__name__}")
+            for key, v in value.items():
+                if not isinstance(key, str):
+                    raise TypeError(f"{name}: expected str patterns, found {type(key).__name__} ({key!r})")
+                _check_number(f"{name}[{key!r}]", v, int if name == "rank_pattern" else (int, float))
         _C._validate_lora_config(self.to_dict())
 
     def to_dict(self) -> Dict[str, Any]:

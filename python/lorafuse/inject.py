@@ -101,6 +101,8 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
         raise TypeError(f"config: expected a lorafuse.LoraConfig, found {type(config).__name__}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, found {type(model).__name__}")
+    if not isinstance(adapter_name, str):
+        raise TypeError(f"adapter_name: expected a str, found {type(adapter_name).__name__}")
     if _cpp(model) is not None:  # a C++ model (lorafuse.models.Llama): C++ inject_lora
         _C._cpp_inject_lora(_cpp(model), config.to_dict(), adapter_name)
         return model
@@ -126,6 +128,8 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
     _C._validate_adapter(adapter_name, config.r, float(config.lora_alpha), float(config.lora_dropout))
 
     prior_active = active_adapter(model)
+    existing = lora_layers(model)
+    all_disabled = bool(existing) and all(not layer.adapters_enabled for _, layer in existing)
     for index, opts in chosen:
         parent, name, _, module = sites[index]
         kwargs = dict(
@@ -141,6 +145,8 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
         else:
             layer = Linear(module, adapter_name=adapter_name, **kwargs)
             layer.train(module.training)  # a new module starts in training mode; keep the model's mode
+            if all_disabled:  # a model whose adapters are disabled stays so
+                layer.disable_adapters()
             setattr(parent, name, layer)
 
     for p in model.parameters():
@@ -261,11 +267,14 @@ class _MergeTransaction:
 
 
 def merge(model: nn.Module, adapter_names: Optional[Sequence[str]] = None) -> None:
-    """Folds the named adapters (default: the active one) into the base weights, all or nothing."""
+    """Folds the named adapters (default, or an empty list: the active one) into the base weights, all or
+    nothing. A single name may be given as a str."""
+    if isinstance(adapter_names, str):
+        adapter_names = [adapter_names]
     if _cpp(model) is not None:
         _C._cpp_adapters(_cpp(model), "merge", list(adapter_names or []))
         return
-    names = list(adapter_names) if adapter_names is not None else [active_adapter(model)]
+    names = list(adapter_names) if adapter_names else [active_adapter(model)]
     if names == [None]:
         raise ValueError("merge: the model has no active adapter; name the adapters to merge")
     for i, name in enumerate(names):

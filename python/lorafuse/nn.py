@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from . import _C
 
 
-@dataclass
+@dataclass(frozen=True)
 class AdapterOptions:
     """One adapter's hyperparameters (PEFT's names)."""
 
@@ -101,6 +101,22 @@ class Linear(nn.Module):
             bias=bias,
         )
 
+    @property
+    def weight(self) -> Tensor:
+        """The base layer's weight (model code that reads ``layer.weight`` keeps working, as with PEFT)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Optional[Tensor]:
+        """The base layer's bias."""
+        return self.base_layer.bias
+
+    def reset_parameters(self) -> None:
+        """Re-initialises every adapter as its init_lora_weights says (e.g. after ``to_empty()`` of a model
+        injected on the meta device); the base layer is untouched."""
+        for name, opts in self.adapters.items():
+            self._init_adapter(name, _init_kind(opts.init_lora_weights))
+
     # ---- adapters --------------------------------------------------------------------------------
     def add_adapter(
         self,
@@ -120,6 +136,8 @@ class Linear(nn.Module):
             raise TypeError(f"r: expected an int, found {type(r).__name__} ({r!r})")
         _C._validate_adapter(adapter_name, r, float(lora_alpha), float(lora_dropout))
         init = _init_kind(init_lora_weights)
+        if bias not in ("none", "all", "lora_only"):
+            raise ValueError(f'bias: expected "none", "all" or "lora_only", found {bias!r}')
         if adapter_name in self.adapters:
             raise ValueError(
                 f'adapter_name: an adapter named "{adapter_name}" already exists; '

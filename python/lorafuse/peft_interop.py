@@ -7,6 +7,7 @@ from typing import Any, List, Tuple
 import torch
 from torch import nn
 
+from . import _C
 from .nn import Linear
 
 
@@ -45,7 +46,8 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
 
     Raises:
         TypeError: not a PEFT LoRA model.
-        ValueError: a PEFT feature that lorafuse does not carry over, named — DoRA, modules_to_save,
+        ValueError: a PEFT feature that lorafuse does not carry over, named — DoRA and the other LoRA
+            variants (aLoRA, KaSA, ...), a scaling other than lora_alpha/r (scale_layer), modules_to_save,
             lora_bias, fan_in_fan_out, layer replication, trainable tokens, target_parameters, LoRA on
             layers other than nn.Linear (embeddings, convolutions, quantized bases), merged layers or
             several active adapters at once. Nothing is changed then.
@@ -77,6 +79,11 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
                 f'"{path}" is a PEFT {type(module).__name__} over a {type(module.base_layer).__name__}'
             )
             continue
+        variants = {
+            a: type(v).__name__ for a, v in getattr(module, "lora_variant", {}).items() if v is not None
+        }
+        if variants:
+            problems.append(f'"{path}" uses LoRA variants {variants} (they change the forward)')
         if module.merged_adapters:
             problems.append(f'"{path}" has merged adapters {module.merged_adapters}; unmerge them first')
         if len(module.active_adapters) > 1:
@@ -88,6 +95,19 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
                 problems.append(f'"{path}" adapter "{adapter}" is {dtype} over a {weight.dtype} base')
             if module.lora_A[adapter].bias is not None or module.lora_B[adapter].bias is not None:
                 problems.append(f'"{path}" adapter "{adapter}" has a bias in lora_A/lora_B')
+            try:
+                _C._validate_adapter(adapter, int(module.r[adapter]), float(module.lora_alpha[adapter]), 0.0)
+            except ValueError as e:
+                problems.append(f'"{path}" adapter "{adapter}": {e}')
+                continue
+            rslora = bool(module.use_rslora.get(adapter, False))
+            r, alpha = int(module.r[adapter]), float(module.lora_alpha[adapter])
+            expected = alpha / (r**0.5 if rslora else r)
+            if abs(expected - float(module.scaling[adapter])) > 1e-12 * abs(expected):
+                problems.append(
+                    f'"{path}" adapter "{adapter}" has scaling {float(module.scaling[adapter])}, not '
+                    f"lora_alpha / {'sqrt(r)' if rslora else 'r'} = {expected} (scale_layer?)"
+                )
         parent_path, _, child = path.rpartition(".")
         layers.append((model.get_submodule(parent_path) if parent_path else model, child, path, module))
     if problems:
@@ -97,6 +117,8 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
     if not layers:
         raise ValueError("from_peft: the PEFT model has no LoRA Linear layers")
 
+    # Everything was checked above; build every new layer first, then swap them all in.
+    converted = []
     for parent, child, _, old in layers:
         base = old.base_layer
         frozen = {id(p): p.requires_grad for p in base.parameters()}
@@ -122,10 +144,6 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
             # adopt PEFT's modules: the very same parameters
             new.lora_A[adapter] = old.lora_A[adapter]
             new.lora_B[adapter] = old.lora_B[adapter]
-            if abs(new.adapters[adapter].scale - float(old.scaling[adapter])) > 1e-12 * abs(
-                float(old.scaling[adapter])
-            ):
-                raise ValueError(f"from_peft: adapter {adapter!r} has a scaling lorafuse cannot express")
         active = old.active_adapters[0] if old.active_adapters else None
         if active in new.adapters:
             new.set_adapter(active)
@@ -139,6 +157,8 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
             new.lora_A[a].weight.requires_grad_(requires[id(new.lora_A[a].weight)])
             new.lora_B[a].weight.requires_grad_(requires[id(new.lora_B[a].weight)])
         new.train(old.training)  # a new module starts in training mode; keep the model's mode
+        converted.append((parent, child, new))
+    for parent, child, new in converted:
         setattr(parent, child, new)
     return model
 

@@ -49,7 +49,8 @@ def build_model(seed: int = 0) -> torch.nn.Module:
 
 
 def global_batches() -> torch.Tensor:
-    """[STEPS, GLOBAL_BATCH, SEQ_LEN] token ids, the same on every rank (own generator, not the global seed)."""
+    """[STEPS, GLOBAL_BATCH, SEQ_LEN] token ids, the same on every rank (own generator, not the global
+    seed)."""
     gen = torch.Generator().manual_seed(1234)
     return torch.randint(0, VOCAB, (STEPS, GLOBAL_BATCH, SEQ_LEN), generator=gen)
 

@@ -83,6 +83,13 @@ def test_from_peft_keeps_rslora_dropout_and_disabled_state():
     torch.testing.assert_close(logits(model), expected, rtol=1e-5, atol=1e-5)
     lorafuse.disable_adapters(model)
     torch.testing.assert_close(logits(model), base, rtol=0, atol=0)
+    # a PEFT model whose adapter layers are disabled converts to disabled lorafuse layers
+    disabled = peft_model()
+    disabled.base_model.disable_adapter_layers()
+    base2 = logits(disabled)
+    converted = lorafuse.from_peft(disabled)
+    assert all(not layer.adapters_enabled for _, layer in lorafuse.lora_layers(converted))
+    torch.testing.assert_close(logits(converted), base2, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(
@@ -92,6 +99,7 @@ def test_from_peft_keeps_rslora_dropout_and_disabled_state():
         (dict(modules_to_save=["lm_head"]), "modules_to_save"),
         (dict(target_modules=["q_proj", "embed_tokens"]), "Embedding"),
         (dict(lora_bias=True), "lora_bias"),
+        (dict(alora_invocation_tokens=[5]), "variants"),
     ],
 )
 def test_from_peft_rejects_what_it_cannot_carry_over(kwargs, part):
@@ -102,6 +110,21 @@ def test_from_peft_rejects_what_it_cannot_carry_over(kwargs, part):
     assert any(type(m).__module__.startswith("peft") for m in pm.modules())  # unchanged
     after = pm.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_from_peft_checks_every_layer_before_changing_any():
+    pm = peft_model()
+    pm.base_model.model.model.layers[1].self_attn.v_proj.scale_layer(0.5)  # the last LoRA layer
+    with pytest.raises(ValueError, match="scaling"):
+        lorafuse.from_peft(pm)
+    assert all(
+        type(m).__module__.split(".")[0] == "peft" for _, m in pm.named_modules() if hasattr(m, "lora_A")
+    )
+    named = peft_model()
+    named.add_adapter("my b", peft.LoraConfig(r=2, target_modules=["v_proj"]))
+    with pytest.raises(ValueError, match="adapter_name"):
+        lorafuse.from_peft(named)
+    assert not any(type(m).__module__.startswith("lorafuse") for m in named.modules())
 
 
 def test_from_peft_rejects_merged_layers_and_non_peft_models():

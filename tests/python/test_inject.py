@@ -216,6 +216,41 @@ def test_adapters_switch_disable_delete_and_merge():
     torch.testing.assert_close(logits(model), y_default, rtol=1e-4, atol=1e-4)
 
 
+def test_layers_keep_weight_and_bias_for_model_code_that_reads_them():
+    # nn.MultiheadAttention reads out_proj.weight itself; all-linear wraps out_proj
+    torch.manual_seed(10)
+    layer = nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=32, batch_first=True).eval()
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        before = layer(x)
+    lorafuse.inject_lora(layer, LoraConfig(target_modules="all-linear"))
+    assert isinstance(layer.self_attn.out_proj, lorafuse.nn.Linear)
+    assert layer.self_attn.out_proj.weight is layer.self_attn.out_proj.base_layer.weight
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), before)
+
+
+def test_reset_parameters_reinitialises_adapters_after_to_empty():
+    with torch.device("meta"):
+        model = nn.Sequential(Block())
+    lorafuse.inject_lora(model, LoraConfig(target_modules=["fc1"]))
+    model.to_empty(device="cpu")
+    for _, layer in lorafuse.lora_layers(model):
+        layer.reset_parameters()
+        assert torch.equal(layer.lora_B["default"].weight, torch.zeros_like(layer.lora_B["default"].weight))
+        assert (
+            layer.lora_A["default"].weight.abs().max() <= 8**-0.5 + 1e-6
+        )  # kaiming(a=sqrt 5): 1/sqrt(fan_in)
+
+
+def test_adapters_stay_disabled_when_another_adapter_is_injected():
+    model = tiny_llama()
+    lorafuse.inject_lora(model, LoraConfig(init_lora_weights=False))
+    lorafuse.disable_adapters(model)
+    lorafuse.add_adapter(model, "b", LoraConfig(target_modules=["k_proj"], init_lora_weights=False))
+    assert all(not layer.adapters_enabled for _, layer in lorafuse.lora_layers(model))
+
+
 def test_merge_unmerge_1000_bfloat16_cycles_are_exact():
     base = nn.Linear(64, 32).to(torch.bfloat16)
     layer = lorafuse.nn.Linear(base, r=8, lora_alpha=16, init_lora_weights=False)
@@ -234,7 +269,8 @@ def test_model_wide_merge_is_all_or_nothing():
     seq = nn.Sequential(Block(), Block()).to(torch.float16)
     lorafuse.inject_lora(seq, LoraConfig(target_modules=["fc1", "fc2"], init_lora_weights=False))
     with torch.no_grad():
-        seq[1].fc2.lora_B["default"].weight.fill_(1e5)  # overflows float16 once merged
+        seq[1].fc2.lora_A["default"].weight.fill_(1.0)  # every delta r * 1e5 = 8e5 overflows float16
+        seq[1].fc2.lora_B["default"].weight.fill_(1e5)
     weights = {n: p.clone() for n, p in seq.named_parameters()}
     with pytest.raises(ValueError, match="non-finite"):
         lorafuse.merge(seq)
@@ -257,6 +293,8 @@ def test_model_wide_merge_is_all_or_nothing():
         (dict(target_modules=[1]), TypeError, ["target_modules", "int"]),
         (dict(rank_pattern={"q_proj": -1}), ValueError, ["rank_pattern", "-1"]),
         (dict(init_lora_weights="pissa"), ValueError, ["init_lora_weights", "pissa"]),
+        (dict(rank_pattern={"q_proj": 2.5}), TypeError, ["rank_pattern", "float"]),
+        (dict(alpha_pattern={1: 2.0}), TypeError, ["alpha_pattern", "int"]),
     ],
 )
 def test_bad_config_names_the_field(kwargs, exc, parts):

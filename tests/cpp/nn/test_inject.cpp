@@ -140,7 +140,7 @@ TEST_CASE("training after injection changes only the adapters", "[cpu][nn][injec
 TEST_CASE("target_modules: all-linear, a regex, exclude_modules", "[cpu][nn][inject]") {
   {
     auto model = tiny_llama();
-    const auto r = lorafuse::inject_lora(*model, LoraConfig().target_modules("all-linear"));
+    const auto r = lorafuse::inject_lora(*model, LoraConfig().target_modules("ALL-Linear"));  // any case
     CHECK(r.targets.size() == 14);  // 7 per layer, not lm_head
     CHECK(paths_of(r.targets).count("lm_head") == 0);
     CHECK(paths_of(r.targets).count("model.layers.1.mlp.down_proj") == 1);
@@ -249,8 +249,12 @@ TEST_CASE("model-wide merges are all or nothing", "[cpu][nn][inject][errors]") {
   for (const auto& p : seq->named_parameters()) weights[p.key()] = p.value().clone();
   {
     torch::NoGradGuard g;  // the last layer's merge overflows float16; the three before it merge fine
-    seq[1]->as<SlotBlockImpl>()->fc2.module()->as<LoraLinearImpl>()->lora_b("default").fill_(1e5);
+    // A = 1, B = 1e5: every delta is r·1e5 = 8e5, whatever the random init
+    auto* last = seq[1]->as<SlotBlockImpl>()->fc2.module()->as<LoraLinearImpl>();
+    last->lora_a("default").fill_(1.0);
+    last->lora_b("default").fill_(1e5);
   }
+  weights["1.fc2.lora_A.default.weight"] = seq->named_parameters()["1.fc2.lora_A.default.weight"].clone();
   weights["1.fc2.lora_B.default.weight"] = seq->named_parameters()["1.fc2.lora_B.default.weight"].clone();
   require_error_parts<c10::ValueError>([&] { lorafuse::merge_adapter(*seq); }, {"merge", "non-finite"});
   for (const auto& [path, layer] : lorafuse::lora_layers(*seq)) CHECK_FALSE(layer->merged());
@@ -274,6 +278,16 @@ TEST_CASE("model-wide merge_and_unload while adapters are disabled keeps the ada
   lorafuse::merge_and_unload(*model);
   CHECK(lorafuse::lora_layers(*model).empty());
   CHECK(at::allclose(model->forward(ids()), y, 1e-4, 1e-4));
+}
+
+TEST_CASE("new LoRA layers keep the model's train/eval mode and its disabled adapters", "[cpu][nn][inject]") {
+  auto model = tiny_llama(11);
+  model->eval();
+  lorafuse::inject_lora(*model, LoraConfig().init_lora_weights(false));
+  for (const auto& [path, layer] : lorafuse::lora_layers(*model)) CHECK_FALSE(layer->is_training());
+  lorafuse::disable_adapters(*model);
+  lorafuse::add_adapter(*model, "b", LoraConfig().target_modules({"k_proj"}));
+  for (const auto& [path, layer] : lorafuse::lora_layers(*model)) CHECK_FALSE(layer->adapters_enabled());
 }
 
 TEST_CASE("a Linear in a ModuleDict is replaced in the dict", "[cpu][nn][inject]") {

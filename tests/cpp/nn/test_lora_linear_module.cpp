@@ -418,7 +418,8 @@ TEST_CASE("a merge that overflows float16 leaves the weight unchanged", "[cpu][n
   LoraLinear layer(base, LoraAdapterOptions(2).init_lora_weights(false));
   {
     torch::NoGradGuard g;
-    layer->lora_b("default").fill_(1e5);  // finite in float32, beyond float16's 65504 once merged
+    layer->lora_a("default").fill_(1.0);  // every delta is r·1e5 = 2e5: finite in float32,
+    layer->lora_b("default").fill_(1e5);  // beyond float16's 65504 once merged
   }
   const auto w0 = base->weight.clone();
   require_error_parts<c10::ValueError>([&] { layer->merge(); }, {"merge", "non-finite", "Half", "unchanged"});
