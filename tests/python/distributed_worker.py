@@ -19,6 +19,7 @@ import transformers
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
 import lorafuse
+from hf_models import tiny_llama_config  # beside this file: on sys.path for torchrun and for pytest
 
 STEPS = 3
 GLOBAL_BATCH = 4  # sequences per step over all ranks
@@ -28,18 +29,9 @@ LR = 1e-2
 
 
 def build_model(seed: int = 0) -> torch.nn.Module:
-    """The tiny Llama of test_inject.py with q_proj/v_proj adapters; deterministic for a given seed."""
+    """The tests' tiny Llama (hf_models.py) with q_proj/v_proj adapters; deterministic for a given seed."""
     torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    model = transformers.LlamaForCausalLM(config)
+    model = transformers.LlamaForCausalLM(tiny_llama_config(vocab_size=VOCAB))
     # init_lora_weights=False: B is random too, so A gets a non-zero gradient from the first step.
     # lora_dropout=0: no random masks, so every run of the same data is deterministic.
     lorafuse.inject_lora(

@@ -10,27 +10,7 @@ import lorafuse
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-IDS = torch.arange(12).remainder(64).reshape(2, 6)
-
-
-def tiny_llama(seed=0):
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return transformers.LlamaForCausalLM(config).eval()
-
-
-def logits(model):
-    with torch.no_grad():
-        return model(input_ids=IDS).logits
-
+from hf_models import IDS, logits, tiny_llama  # noqa: E402  (after the importorskip)
 
 def peft_model(**kw):
     fields = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)

@@ -13,32 +13,7 @@ from lorafuse import LoraConfig
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-
-def tiny_llama_config(**kw):
-    fields = dict(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    fields.update(kw)
-    return transformers.LlamaConfig(**fields)
-
-
-def tiny_llama(seed=0):
-    torch.manual_seed(seed)
-    return transformers.LlamaForCausalLM(tiny_llama_config()).eval()
-
-
-IDS = torch.arange(12).remainder(64).reshape(2, 6)
-
-
-def logits(model):
-    with torch.no_grad():
-        return model(input_ids=IDS).logits
+from hf_models import IDS, logits, tiny_llama, tiny_llama_config  # noqa: E402  (after the importorskip)
 
 
 class Block(nn.Module):
