@@ -7,6 +7,7 @@
 
 #include <lorafuse/config.h>
 #include <lorafuse/inject.h>
+#include <lorafuse/io/safetensors.h>
 #include <lorafuse/models/llama.h>
 #include <lorafuse/nn/lora_linear.h>
 #include <lorafuse/ops.h>
@@ -287,4 +288,19 @@ PYBIND11_MODULE(_C, m) {
       "The (index, adapter options) of the modules (path, type name, is_linear) that a config selects: the "
       "selection rules of C++ inject_lora.");
   bind_modules(m);
+  m.def(
+      "_read_safetensors",
+      [](const std::string& path) {
+        auto file = translating([&] { return lorafuse::io::read_safetensors(path); });
+        return py::make_tuple(file.tensors, file.metadata);
+      },
+      py::arg("path"), "([(name, tensor)] in file order, metadata) of a safetensors file, every rule checked.");
+  m.def(
+      "_write_safetensors",
+      [](const std::string& path, const std::vector<std::pair<std::string, at::Tensor>>& tensors,
+         const std::map<std::string, std::string>& metadata) {
+        translating([&] { lorafuse::io::write_safetensors(path, tensors, metadata); });
+      },
+      py::arg("path"), py::arg("tensors"), py::arg("metadata") = std::map<std::string, std::string>{},
+      "Writes a safetensors file atomically (temporary file, flush, rename).");
 }
