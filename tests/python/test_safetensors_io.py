@@ -66,3 +66,42 @@ def test_bad_files_are_rejected_here_and_by_the_reference(tmp_path, data, part):
         _C._read_safetensors(str(path))
     with pytest.raises(Exception):  # the reference reader rejects the same bytes
         safetensors_torch.load_file(str(path))
+
+
+def test_a_save_killed_midway_leaves_the_old_file_intact(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import lorafuse
+
+    path = str(tmp_path / "adapter_model.safetensors")
+    old = {"a": torch.arange(10, dtype=torch.float32)}
+    _C._write_safetensors(path, list(old.items()))
+    # A child process saves a large file over it again and again; it is killed in the middle of one.
+    package_root = os.path.dirname(os.path.dirname(lorafuse.__file__))
+    code = (
+        "import torch, lorafuse\n"
+        "from lorafuse import _C\n"
+        "big = [('a', torch.ones(64 * 1024 * 1024 // 4))]\n"
+        "print('ready', flush=True)\n"
+        "while True:\n"
+        f"    _C._write_safetensors({path!r}, big)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=package_root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, env=env)
+    try:
+        assert child.stdout.readline().strip() == b"ready"
+        time.sleep(1.5)  # several 64 MiB writes: the kill lands inside one of them (or between two)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    tensors, _ = _C._read_safetensors(path)  # whole: the old file or a complete new one, never a torn one
+    ((name, t),) = tensors
+    assert name == "a"
+    assert torch.equal(t, old["a"]) or (t.numel() == 64 * 1024 * 1024 // 4 and bool((t == 1).all()))
+    # what a killed save leaves behind is a temporary file beside it, never under the final name
+    leftovers = [f for f in os.listdir(tmp_path) if f != "adapter_model.safetensors"]
+    assert all(".tmp-" in f for f in leftovers)
