@@ -9,13 +9,15 @@ from lorafuse import LoraConfig
 from lorafuse.models import Llama, LlamaConfig
 from lorafuse.nn import LoraLinear
 
+from hf_models import TINY_LLAMA, tiny_llama
 
-def reference(layer, x, name):
+
+def reference(layer, x, name, scale):
+    """x·Wᵀ + b + scale·(x·Aᵀ)·Bᵀ in float64, from the layer's own tensors."""
     d = dict(layer.named_parameters())
     w, b = d["base_layer.weight"].double(), d["base_layer.bias"].double()
     a, bb = layer.lora_a(name).double(), layer.lora_b(name).double()
-    opts_scale = layer.delta_weight(name).double()  # scale * B @ A
-    return x.double() @ w.T + b + x.double() @ opts_scale.T, (a, bb)
+    return x.double() @ w.T + b + scale * (x.double() @ a.T) @ bb.T, (a, bb)
 
 
 def test_lora_linear_keywords_are_the_options_fields_and_forward_matches():
@@ -36,7 +38,7 @@ def test_lora_linear_keywords_are_the_options_fields_and_forward_matches():
     names = [n for n, _ in layer.named_parameters()]
     assert names == ["base_layer.weight", "base_layer.bias", "lora_A.default.weight", "lora_B.default.weight"]
     x = torch.randn(5, 24)
-    expected, (a, b) = reference(layer, x, "default")
+    expected, (a, b) = reference(layer, x, "default", scale=8.0 / 4)
     torch.testing.assert_close(layer(x).double(), expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(layer.delta_weight("default").double(), 2.0 * b @ a, rtol=1e-6, atol=1e-6)
     layer(x).sum().backward()
@@ -89,33 +91,12 @@ def test_lora_linear_runtime_errors():
 
 
 def small_config(**kw):
-    fields = dict(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    fields.update(kw)
-    return LlamaConfig(**fields)
+    return LlamaConfig(**{**TINY_LLAMA, **kw})
 
 
 def test_cpp_llama_equals_transformers_llama_with_the_same_weights():
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(1)
-    hf = transformers.LlamaForCausalLM(
-        transformers.LlamaConfig(
-            vocab_size=64,
-            hidden_size=32,
-            intermediate_size=48,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            rms_norm_eps=1e-6,
-            rope_theta=10000.0,
-        )
-    ).eval()
+    pytest.importorskip("transformers")
+    hf = tiny_llama(seed=1)  # rms_norm_eps 1e-6 and rope_theta 10000, as LlamaConfig's defaults here
     ours = Llama(small_config())
     ours.eval()
     hf_params = dict(hf.named_parameters())
