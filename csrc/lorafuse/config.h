@@ -4,6 +4,7 @@
 #include <lorafuse/nn/adapter_options.h>
 #include <torch/arg.h>
 
+#include <cstdint>
 #include <initializer_list>
 #include <string>
 #include <utility>
@@ -87,6 +88,9 @@ struct ModuleInfo {
   std::string type_name;
   /// A Linear layer (or a LoRA layer wrapping one) that can take an adapter.
   bool is_linear = false;
+  /// A Linear layer's shape (for loading adapters; -1 where unknown).
+  int64_t in_features = -1;
+  int64_t out_features = -1;
 };
 
 /// A module that a config selects, with its adapter's options (rank_pattern/alpha_pattern applied).

@@ -3,6 +3,8 @@
 #include <lorafuse/nn/linear.h>
 #include <torch/nn/modules/container/moduledict.h>
 
+#include "inject_impl.h"
+
 #include <algorithm>
 #include <cstdio>
 #include <iostream>
@@ -11,35 +13,17 @@
 namespace lorafuse {
 namespace {
 
+using detail::Site;
 using nn::LoraLinearImpl;
 using torch::nn::LinearImpl;
 using torch::nn::Module;
 
-// A child of the tree: its parent, its name there, its path from the root.
-struct Site {
-  Module* parent;
-  std::string name;
-  std::string path;
-  std::shared_ptr<Module> module;
-};
-
-// Pre-order, so module order; LoraLinear layers are leaves (their base_layer and lora_A/lora_B are theirs).
 void walk(Module& module, const std::string& prefix, std::vector<Site>& out) {
   for (const auto& child : module.named_children()) {
     std::string path = prefix.empty() ? child.key() : prefix + "." + child.key();
     out.push_back({&module, child.key(), path, child.value()});
     if (dynamic_cast<LoraLinearImpl*>(child.value().get()) == nullptr) walk(*child.value(), path, out);
   }
-}
-
-std::vector<Site> sites_of(Module& module) {
-  std::vector<Site> sites;
-  walk(module, "", sites);
-  return sites;
-}
-
-bool is_linear(const Module* m) {
-  return dynamic_cast<const LinearImpl*>(m) != nullptr || dynamic_cast<const LoraLinearImpl*>(m) != nullptr;
 }
 
 nn::LinearSlot* slot_of(const Site& site) {
@@ -70,7 +54,11 @@ void rewire(const Site& site, std::shared_ptr<Module> replacement) {
   }
 }
 
-std::string join(const std::vector<std::string>& names) {
+using detail::join;
+using detail::model_has_adapter;
+using detail::sites_of;
+
+std::string join_impl(const std::vector<std::string>& names) {
   std::string out;
   for (const auto& n : names) out += (out.empty() ? "" : ", ") + n;
   return "[" + out + "]";
@@ -114,6 +102,53 @@ class MergeTransaction {
   std::vector<Undo> undo_;
 };
 
+void require_adapter(Module& module, const std::string& name, const char* what) {
+  TORCH_CHECK_VALUE(model_has_adapter(module, name), what, ": no layer has an adapter named \"", name,
+                    "\"; the model has ", join(adapter_names(module)));
+}
+
+}  // namespace
+
+namespace detail {
+
+std::vector<Site> sites_of(Module& module) {
+  std::vector<Site> sites;
+  walk(module, "", sites);
+  return sites;
+}
+
+bool is_linear(const Module* m) {
+  return dynamic_cast<const LinearImpl*>(m) != nullptr || dynamic_cast<const LoraLinearImpl*>(m) != nullptr;
+}
+
+std::vector<ModuleInfo> infos_of(const std::vector<Site>& sites) {
+  std::vector<ModuleInfo> infos;
+  infos.reserve(sites.size());
+  for (const auto& s : sites) {
+    ModuleInfo info{s.path, s.module->name(), is_linear(s.module.get())};
+    if (auto* lin = dynamic_cast<const LinearImpl*>(s.module.get())) {
+      info.in_features = lin->options.in_features();
+      info.out_features = lin->options.out_features();
+    } else if (auto* lora = dynamic_cast<const LoraLinearImpl*>(s.module.get())) {
+      info.in_features = lora->options.in_features();
+      info.out_features = lora->options.out_features();
+    }
+    infos.push_back(std::move(info));
+  }
+  return infos;
+}
+
+void check_rewirable(const std::vector<Site>& sites, const std::vector<TargetChoice>& chosen, const char* what) {
+  for (const auto& c : chosen) {
+    const Site& s = sites[c.index];
+    if (dynamic_cast<LinearImpl*>(s.module.get()) != nullptr) {
+      TORCH_CHECK_VALUE(can_rewire(s), cannot_rewire(s, what));
+    }
+  }
+}
+
+std::string join(const std::vector<std::string>& names) { return join_impl(names); }
+
 bool model_has_adapter(Module& module, const std::string& name) {
   for (const auto& [path, layer] : lora_layers(module)) {
     if (layer->has_adapter(name)) return true;
@@ -121,12 +156,64 @@ bool model_has_adapter(Module& module, const std::string& name) {
   return false;
 }
 
-void require_adapter(Module& module, const std::string& name, const char* what) {
-  TORCH_CHECK_VALUE(model_has_adapter(module, name), what, ": no layer has an adapter named \"", name,
-                    "\"; the model has ", join(adapter_names(module)));
+InjectReport attach_adapter(const std::vector<Site>& sites, const std::vector<TargetChoice>& chosen,
+                            const std::string& name, bool keep_active,
+                            const std::function<void(size_t, LoraLinearImpl&)>& fill) {
+  bool any_lora = false, all_disabled = true;
+  for (const auto& s : sites) {
+    if (auto* lora = dynamic_cast<LoraLinearImpl*>(s.module.get())) {
+      any_lora = true;
+      all_disabled = all_disabled && !lora->adapters_enabled();
+    }
+  }
+  all_disabled = any_lora && all_disabled;
+  InjectReport report;
+  report.adapter_name = name;
+  for (const auto& c : chosen) {
+    const Site& s = sites[c.index];
+    if (auto* lora = dynamic_cast<LoraLinearImpl*>(s.module.get())) {
+      lora->add_adapter(name, c.adapter);
+      if (fill) fill(c.index, *lora);
+    } else {
+      torch::nn::Linear base(std::dynamic_pointer_cast<LinearImpl>(s.module));
+      auto layer = std::make_shared<LoraLinearImpl>(base, c.adapter, name);
+      layer->train(s.module->is_training());        // a new module starts in training mode; keep the model's mode
+      if (all_disabled) layer->disable_adapters();  // a model whose adapters are disabled stays so
+      if (keep_active) layer->clear_active_adapter();
+      if (fill) fill(c.index, *layer);
+      rewire(s, layer);
+      report.wrapped.push_back(s.path);
+    }
+    report.targets.push_back(s.path);
+  }
+  return report;
 }
 
-}  // namespace
+void activate_and_freeze(Module& module, const std::string& active) {
+  for (auto& p : module.parameters()) p.set_requires_grad(false);
+  set_adapter(module, active);
+  // The active adapter's bias mode decides, as in PEFT (a later adapter's config waits until it is active).
+  const auto layers = lora_layers(module);
+  std::string bias = "none";
+  for (const auto& [path, layer] : layers) {
+    if (layer->has_adapter(active)) {
+      bias = layer->adapter_options(active).bias();
+      break;
+    }
+  }
+  if (bias == "all") {
+    for (auto& p : module.named_parameters()) {
+      if (TargetModules::matches_name(p.key(), "bias")) p.value().set_requires_grad(true);
+    }
+  } else if (bias == "lora_only") {
+    for (const auto& [path, layer] : layers) {
+      if (layer->has_adapter(active) && layer->base_layer->bias.defined())
+        layer->base_layer->bias.set_requires_grad(true);
+    }
+  }
+}
+
+}  // namespace detail
 
 std::vector<std::pair<std::string, LoraLinearImpl*>> lora_layers(Module& module) {
   std::vector<std::pair<std::string, LoraLinearImpl*>> layers;
@@ -156,68 +243,19 @@ std::string active_adapter(Module& module) {
 InjectReport inject_lora(Module& module, const LoraConfig& config, const std::string& adapter_name) {
   config.validate();
   nn::check_adapter_name(adapter_name);
-  TORCH_CHECK_VALUE(!is_linear(&module),
+  TORCH_CHECK_VALUE(!detail::is_linear(&module),
                     "module: inject_lora replaces layers inside a model, and this model is itself a "
                     "Linear layer; wrap it in lorafuse::nn::LoraLinear instead");
   TORCH_CHECK_VALUE(!model_has_adapter(module, adapter_name), "adapter_name: the model already has an adapter named \"",
                     adapter_name, "\"; adapters: ", join(adapter_names(module)));
   // Everything is checked before anything changes.
   const auto sites = sites_of(module);
-  std::vector<ModuleInfo> infos;
-  infos.reserve(sites.size());
-  for (const auto& s : sites) infos.push_back({s.path, s.module->name(), is_linear(s.module.get())});
-  const auto chosen = select_targets(infos, config);
-  for (const auto& c : chosen) {
-    const Site& s = sites[c.index];
-    if (dynamic_cast<LinearImpl*>(s.module.get()) != nullptr) {
-      TORCH_CHECK_VALUE(can_rewire(s), cannot_rewire(s, "inject_lora"));
-    }
-  }
+  const auto chosen = select_targets(detail::infos_of(sites), config);
+  detail::check_rewirable(sites, chosen, "inject_lora");
 
   const std::string prior_active = active_adapter(module);
-  const auto existing = lora_layers(module);
-  const bool all_disabled = !existing.empty() && std::all_of(existing.begin(), existing.end(), [](const auto& l) {
-    return !l.second->adapters_enabled();
-  });
-  InjectReport report;
-  report.adapter_name = adapter_name;
-  for (const auto& c : chosen) {
-    const Site& s = sites[c.index];
-    if (auto* lora = dynamic_cast<LoraLinearImpl*>(s.module.get())) {
-      lora->add_adapter(adapter_name, c.adapter);
-    } else {
-      torch::nn::Linear base(std::dynamic_pointer_cast<LinearImpl>(s.module));
-      auto layer = std::make_shared<LoraLinearImpl>(base, c.adapter, adapter_name);
-      layer->train(s.module->is_training());        // a new module starts in training mode; keep the model's mode
-      if (all_disabled) layer->disable_adapters();  // a model whose adapters are disabled stays so
-      rewire(s, layer);
-      report.wrapped.push_back(s.path);
-    }
-    report.targets.push_back(s.path);
-  }
-
-  for (auto& p : module.parameters()) p.set_requires_grad(false);
-  const std::string active = prior_active.empty() ? adapter_name : prior_active;
-  set_adapter(module, active);
-  // The active adapter's bias mode decides, as in PEFT (a later adapter's config waits until it is active).
-  const auto layers = lora_layers(module);
-  std::string bias = "none";
-  for (const auto& [path, layer] : layers) {
-    if (layer->has_adapter(active)) {
-      bias = layer->adapter_options(active).bias();
-      break;
-    }
-  }
-  if (bias == "all") {
-    for (auto& p : module.named_parameters()) {
-      if (TargetModules::matches_name(p.key(), "bias")) p.value().set_requires_grad(true);
-    }
-  } else if (bias == "lora_only") {
-    for (const auto& [path, layer] : layers) {
-      if (layer->has_adapter(active) && layer->base_layer->bias.defined())
-        layer->base_layer->bias.set_requires_grad(true);
-    }
-  }
+  InjectReport report = detail::attach_adapter(sites, chosen, adapter_name, /*keep_active=*/false);
+  detail::activate_and_freeze(module, prior_active.empty() ? adapter_name : prior_active);
   const auto count = trainable_parameters(module);
   report.trainable = count.trainable;
   report.total = count.total;

@@ -39,7 +39,18 @@ std::vector<std::string> split(const std::string& s, char sep) {
   return parts;
 }
 
+thread_local const std::string* t_scope = nullptr;
+
 }  // namespace
+
+AdapterScope::AdapterScope(std::string adapter_name) : name_(std::move(adapter_name)), previous_(t_scope) {
+  if (!name_.empty()) check_adapter_name(name_);
+  t_scope = &name_;
+}
+
+AdapterScope::~AdapterScope() { t_scope = previous_; }
+
+const std::string* AdapterScope::current() noexcept { return t_scope; }
 
 LoraAdapterOptions LoraLinearOptions::adapter() const {
   return LoraAdapterOptions(r_)
@@ -103,6 +114,24 @@ void LoraLinearImpl::reset() {
   // moves with to(), is cloned and is saved; set_data swaps its contents without touching the registry.
   weight_unmerged_ = register_buffer(kBackup, at::empty({0}, base_layer->weight.options()));
   apply_trainability();
+  refresh_routes();
+}
+
+void LoraLinearImpl::refresh_routes() {
+  auto table = std::make_shared<RouteTable>();
+  for (const auto& name : order_) {
+    const auto& adapter = adapters_.at(name);
+    table->emplace(name, Route{std::dynamic_pointer_cast<torch::nn::LinearImpl>(lora_A[name]),
+                               std::dynamic_pointer_cast<torch::nn::LinearImpl>(lora_B[name]), adapter.scale(),
+                               adapter.lora_dropout()});
+  }
+  std::lock_guard<std::mutex> lock(route_lock_.mutex);
+  routes_ = std::move(table);
+}
+
+std::shared_ptr<const LoraLinearImpl::RouteTable> LoraLinearImpl::routes() const {
+  std::lock_guard<std::mutex> lock(route_lock_.mutex);
+  return routes_;
 }
 
 void LoraLinearImpl::reset_parameters() {
@@ -185,23 +214,33 @@ void LoraLinearImpl::apply_trainability() {
 }
 
 at::Tensor LoraLinearImpl::forward(const at::Tensor& x) {
-  if (disabled_ || active_.empty() || contains(merged_, active_)) return base_layer->forward(x);
-  const auto& adapter = adapters_.at(active_);
-  const double p = is_training() ? adapter.lora_dropout() : 0.0;
+  const std::string* scoped = AdapterScope::current();
+  const std::string& name = scoped != nullptr ? *scoped : active_;
+  if (disabled_ || name.empty()) return base_layer->forward(x);
+  if (!merged_.empty()) {
+    TORCH_CHECK_VALUE(name == active_, "LoraLinear: AdapterScope(\"", name, "\") on a layer with ", join(merged_),
+                      " merged into its weight; unmerge first to run other adapters per thread");
+    if (contains(merged_, name)) return base_layer->forward(x);
+  }
+  const auto table = routes();  // a consistent snapshot, whatever other threads add or remove meanwhile
+  const auto it = table->find(name);
+  if (it == table->end()) return base_layer->forward(x);  // a scope's adapter that this layer lacks
+  const Route& route = it->second;
+  const double p = is_training() ? route.dropout : 0.0;
   const auto& w = base_layer->weight;
   const auto& bias = base_layer->bias;
-  const auto& a = lora_a(active_);
-  const auto& b = lora_b(active_);
+  const auto& a = route.a->weight;
+  const auto& b = route.b->weight;
   if (w.requires_grad()) {
     // The fused op never computes a weight gradient; a caller who thawed the base weight gets the
     // unfused chain, which does.
     namespace F = torch::nn::functional;
     auto dropped = p > 0 ? F::dropout(x, F::DropoutFuncOptions().p(p).training(true)) : x;
-    auto lora = F::linear(F::linear(dropped.to(a.scalar_type()), a), b).mul(adapter.scale());
+    auto lora = F::linear(F::linear(dropped.to(a.scalar_type()), a), b).mul(route.scale);
     return base_layer->forward(x).add(lora.to(x.scalar_type()));
   }
-  return lorafuse::lora_linear(x, w, bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt, a, b,
-                               adapter.scale(), p);
+  return lorafuse::lora_linear(x, w, bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt, a, b, route.scale,
+                               p);
 }
 
 void LoraLinearImpl::add_adapter(const std::string& name, const LoraAdapterOptions& adapter) {
@@ -219,8 +258,14 @@ void LoraLinearImpl::add_adapter(const std::string& name, const LoraAdapterOptio
   adapters_.emplace(name, adapter);
   order_.push_back(name);
   init_adapter_weights(name);
-  if (active_.empty()) active_ = name;
-  apply_trainability();
+  if (active_.empty()) {
+    active_ = name;
+    apply_trainability();
+  } else {  // only the new adapter's flags: other threads may be running the others
+    lora_a(name).set_requires_grad(false);
+    lora_b(name).set_requires_grad(false);
+  }
+  refresh_routes();
 }
 
 void LoraLinearImpl::set_adapter(const std::string& name) {
@@ -245,8 +290,11 @@ void LoraLinearImpl::delete_adapter(const std::string& name) {
   lora_B->unregister_module(name);
   adapters_.erase(name);
   order_.erase(std::find(order_.begin(), order_.end(), name));
-  if (active_ == name) active_ = order_.empty() ? std::string() : order_.front();
-  apply_trainability();
+  refresh_routes();
+  if (active_ == name) {
+    active_ = order_.empty() ? std::string() : order_.front();
+    apply_trainability();
+  }
 }
 
 void LoraLinearImpl::disable_adapters() {
@@ -409,6 +457,7 @@ void LoraLinearImpl::load(torch::serialize::InputArchive& archive) {
     active_ = active;
     disabled_ = disabled;
     apply_trainability();
+    refresh_routes();
   }
   torch::nn::Module::load(archive);
 }

@@ -5,8 +5,10 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <lorafuse/adapters.h>
 #include <lorafuse/config.h>
 #include <lorafuse/inject.h>
+#include <lorafuse/io/adapter.h>
 #include <lorafuse/io/safetensors.h>
 #include <lorafuse/models/llama.h>
 #include <lorafuse/nn/lora_linear.h>
@@ -112,6 +114,74 @@ lorafuse::nn::InitLoraWeights init_from(const py::handle& init) {
   throw py::type_error("init_lora_weights: expected True, False or \"gaussian\", found " +
                        std::string(py::str(py::type::of(init).attr("__name__"))));
 }
+
+// Runs f with C++ warnings (TORCH_WARN) collected, then issues them as Python UserWarnings.
+class CollectWarnings : public c10::WarningHandler {
+ public:
+  void process(const c10::Warning& warning) override { messages.push_back(warning.msg()); }
+  std::vector<std::string> messages;
+};
+
+template <class F>
+auto warning_to_python(F&& f) -> decltype(f()) {
+  CollectWarnings collect;
+  auto result = [&] {
+    c10::WarningUtils::WarningHandlerGuard guard(&collect);
+    return translating(f);
+  }();
+  for (const auto& m : collect.messages) {
+    if (PyErr_WarnEx(PyExc_UserWarning, m.c_str(), 1) != 0) throw py::error_already_set();
+  }
+  return result;
+}
+
+std::vector<lorafuse::ModuleInfo> infos_from(
+    const std::vector<std::tuple<std::string, std::string, bool, int64_t, int64_t>>& modules) {
+  std::vector<lorafuse::ModuleInfo> infos;
+  infos.reserve(modules.size());
+  for (const auto& [path, type_name, is_linear, in, out] : modules)
+    infos.push_back({path, type_name, is_linear, in, out});
+  return infos;
+}
+
+py::dict config_dict(const lorafuse::LoraConfig& c, bool targets_from_file) {
+  py::dict d;
+  d["r"] = c.r();
+  d["lora_alpha"] = c.lora_alpha();
+  d["lora_dropout"] = c.lora_dropout();
+  const auto& t = c.target_modules();
+  d["target_modules"] = targets_from_file                     ? py::object(py::none())
+                        : (t.is_regex() || t.is_all_linear()) ? py::object(py::str(t.regex()))
+                                                              : py::object(py::cast(t.names()));
+  const auto& e = c.exclude_modules();
+  d["exclude_modules"] = e.empty()                             ? py::object(py::none())
+                         : (e.is_regex() || e.is_all_linear()) ? py::object(py::str(e.regex()))
+                                                               : py::object(py::cast(e.names()));
+  d["bias"] = c.bias();
+  d["use_rslora"] = c.use_rslora();
+  py::dict ranks, alphas;
+  for (const auto& [k, v] : c.rank_pattern()) ranks[py::str(k)] = v;
+  for (const auto& [k, v] : c.alpha_pattern()) alphas[py::str(k)] = v;
+  d["rank_pattern"] = ranks;
+  d["alpha_pattern"] = alphas;
+  const auto init = c.init_lora_weights().str();
+  d["init_lora_weights"] = init == "gaussian" ? py::object(py::str(init)) : py::object(py::bool_(init == "true"));
+  return d;
+}
+
+py::dict adapter_file_dict(const lorafuse::io::AdapterFile& file) {
+  py::dict out;
+  out["config"] = config_dict(file.config, file.targets_from_file);
+  out["config_json"] = lorafuse::io::adapter_config_json(file);
+  py::list layers;
+  for (const auto& l : file.layers) layers.append(py::make_tuple(l.path, l.lora_A, l.lora_B));
+  out["layers"] = layers;
+  out["biases"] = file.biases;
+  out["warnings"] = file.warnings;
+  return out;
+}
+
+lorafuse::nn::LoraAdapterOptions adapter_from(const py::dict& d);
 
 // The C++ modules: lorafuse.nn.LoraLinear and lorafuse.models.Llama (torch.nn.Module wrappers made by
 // torch::python::bind_module), keyword names as the C++ Options fields.
@@ -252,6 +322,86 @@ void bind_modules(py::module& m) {
         });
       },
       py::arg("module"), py::arg("op"), py::arg("names") = std::vector<std::string>{});
+  m.def(
+      "_cpp_save_adapter",
+      [](torch::nn::Module& module, const std::string& dir, const std::string& adapter_name) {
+        translating([&] { lorafuse::save_adapter(module, dir, adapter_name); });
+      },
+      py::arg("module"), py::arg("dir"), py::arg("adapter_name"));
+  m.def(
+      "_cpp_load_adapter",
+      [](torch::nn::Module& module, const std::string& dir, const std::string& adapter_name, bool partial) {
+        const auto report = warning_to_python([&] {
+          return lorafuse::load_adapter(module, dir, adapter_name, lorafuse::LoadAdapterOptions().partial(partial));
+        });
+        return py::make_tuple(report.targets, report.wrapped, report.trainable, report.total);
+      },
+      py::arg("module"), py::arg("dir"), py::arg("adapter_name"), py::arg("partial"));
+}
+
+lorafuse::nn::LoraAdapterOptions adapter_from(const py::dict& d) {
+  return lorafuse::nn::LoraAdapterOptions(d["r"].cast<int64_t>())
+      .lora_alpha(d["lora_alpha"].cast<double>())
+      .lora_dropout(d["lora_dropout"].cast<double>())
+      .use_rslora(d["use_rslora"].cast<bool>())
+      .init_lora_weights(init_from(d["init_lora_weights"]))
+      .bias(d["bias"].cast<std::string>());
+}
+
+// The adapter-file functions the Python front uses for models written in Python.
+void bind_adapter_files(py::module& m) {
+  using Modules = std::vector<std::tuple<std::string, std::string, bool, int64_t, int64_t>>;
+  m.def(
+      "_read_adapter",
+      [](const std::string& dir) {
+        return adapter_file_dict(translating([&] { return lorafuse::io::read_adapter(dir); }));
+      },
+      py::arg("dir"),
+      "The adapter in a folder, validated: {config, config_json, layers [(path, A, B)], biases, warnings}.");
+  m.def(
+      "_plan_adapter_load",
+      [](const std::string& dir, const Modules& modules, bool partial) {
+        const auto file = translating([&] { return lorafuse::io::read_adapter(dir); });
+        const auto plan =
+            translating([&] { return lorafuse::io::plan_adapter_load(file, infos_from(modules), partial); });
+        py::dict out = adapter_file_dict(file);
+        py::list targets;
+        for (const auto& t : plan) targets.append(py::make_tuple(t.index, adapter_dict(t.adapter), t.lora_A, t.lora_B));
+        out["targets"] = targets;
+        return out;
+      },
+      py::arg("dir"), py::arg("modules"), py::arg("partial"),
+      "Reads the adapter in `dir` and matches it against modules (path, type, is_linear, in, out): the "
+      "(index, adapter options, A, B) to load, every loading rule checked.");
+  m.def(
+      "_save_adapter",
+      [](const std::string& dir, const Modules& modules,
+         const std::vector<std::tuple<size_t, py::dict, at::Tensor, at::Tensor>>& layers,
+         const std::vector<std::pair<std::string, at::Tensor>>& biases, const std::string& base_model_name_or_path) {
+        std::vector<lorafuse::io::SaveSource> sources;
+        for (const auto& [index, opts, a, b] : layers) sources.push_back({index, adapter_from(opts), a, b});
+        translating([&] {
+          auto file = lorafuse::io::describe_adapter(infos_from(modules), sources, biases);
+          file.base_model_name_or_path = base_model_name_or_path;
+          lorafuse::io::write_adapter(dir, file);
+        });
+      },
+      py::arg("dir"), py::arg("modules"), py::arg("layers"), py::arg("biases"), py::arg("base_model_name_or_path"),
+      "Writes an adapter folder (PEFT's format, atomically) for these layers (index, options, A, B) of modules.");
+
+  struct Scope {
+    std::string name;
+    std::unique_ptr<lorafuse::AdapterScope> scope;
+  };
+  py::class_<Scope>(m, "_AdapterScope")
+      .def(py::init([](const std::string& name) {
+        translating([&] {
+          if (!name.empty()) lorafuse::nn::check_adapter_name(name);
+        });
+        return Scope{name, nullptr};
+      }))
+      .def("__enter__", [](Scope& s) { s.scope = std::make_unique<lorafuse::AdapterScope>(s.name); })
+      .def("__exit__", [](Scope& s, const py::args&) { s.scope.reset(); });
 }
 
 }  // namespace
@@ -288,6 +438,7 @@ PYBIND11_MODULE(_C, m) {
       "The (index, adapter options) of the modules (path, type name, is_linear) that a config selects: the "
       "selection rules of C++ inject_lora.");
   bind_modules(m);
+  bind_adapter_files(m);
   m.def(
       "_read_safetensors",
       [](const std::string& path) {

@@ -7,6 +7,7 @@ import torch  # noqa: F401  (loads libtorch before lorafuse's native library)
 
 from . import _C
 from . import models, nn
+from .adapters import load_adapter, read_adapter, save_adapter, use_adapter
 from .config import LoraConfig
 from .inject import (
     active_adapter,
@@ -57,4 +58,8 @@ __all__ = [
     "adapter_names",
     "active_adapter",
     "from_peft",
+    "save_adapter",
+    "load_adapter",
+    "read_adapter",
+    "use_adapter",
 ]

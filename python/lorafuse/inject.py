@@ -128,6 +128,16 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
     _C._validate_adapter(adapter_name, config.r, float(config.lora_alpha), float(config.lora_dropout))
 
     prior_active = active_adapter(model)
+    _attach(model, sites, chosen, adapter_name, keep_active=False)
+    _activate_and_freeze(model, prior_active if prior_active is not None else adapter_name)
+    return model
+
+
+def _attach(model, sites, chosen, adapter_name: str, keep_active: bool, fill=None) -> None:
+    """Gives ``adapter_name`` to ``sites[index]`` for each (index, options) chosen: added to a lorafuse
+    layer, or a new one wrapping an ``nn.Linear`` (in the model's train/eval mode; disabled if the model's
+    adapters are; not activating the adapter when ``keep_active``). ``fill(index, layer)`` then sets the
+    weights."""
     existing = lora_layers(model)
     all_disabled = bool(existing) and all(not layer.adapters_enabled for _, layer in existing)
     for index, opts in chosen:
@@ -137,21 +147,29 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
             lora_alpha=opts["lora_alpha"],
             lora_dropout=opts["lora_dropout"],
             use_rslora=opts["use_rslora"],
-            init_lora_weights=config.init_lora_weights,
+            init_lora_weights={"true": True, "false": False}.get(opts["init_lora_weights"], opts["init_lora_weights"]),
             bias=opts["bias"],
         )
         if isinstance(module, Linear):
             module.add_adapter(adapter_name, **kwargs)
+            layer = module
         else:
             layer = Linear(module, adapter_name=adapter_name, **kwargs)
             layer.train(module.training)  # a new module starts in training mode; keep the model's mode
             if all_disabled:  # a model whose adapters are disabled stays so
                 layer.disable_adapters()
+            if keep_active:
+                layer.clear_active_adapter()
+        if fill is not None:
+            fill(index, layer)
+        if layer is not module:
             setattr(parent, name, layer)
 
+
+def _activate_and_freeze(model: nn.Module, active: str) -> None:
+    """Freezes everything but ``active``'s A and B (and the biases its ``bias`` mode names)."""
     for p in model.parameters():
         p.requires_grad_(False)
-    active = prior_active if prior_active is not None else adapter_name
     set_adapter(model, active)
     layers = lora_layers(model)
     bias = next((layer.adapters[active].bias for _, layer in layers if active in layer.adapters), "none")
@@ -163,7 +181,6 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
         for _, layer in layers:
             if active in layer.adapters and layer.base_layer.bias is not None:
                 layer.base_layer.bias.requires_grad_(True)
-    return model
 
 
 def add_adapter(model: nn.Module, adapter_name: str, config: LoraConfig) -> nn.Module:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Union
 
@@ -27,6 +28,27 @@ class AdapterOptions:
     def scale(self) -> float:
         """lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora."""
         return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+
+# Per-thread adapter choice (lorafuse.use_adapter). _open_scopes counts the scopes open on any thread, so
+# that forward looks at the thread-local state only while some scope is open.
+_thread_scope = threading.local()
+_open_scopes = 0
+
+
+def _scope_enter(name: str) -> None:
+    global _open_scopes
+    stack = getattr(_thread_scope, "stack", None)
+    if stack is None:
+        stack = _thread_scope.stack = []
+    stack.append(name)
+    _open_scopes += 1
+
+
+def _scope_exit() -> None:
+    global _open_scopes
+    _thread_scope.stack.pop()
+    _open_scopes -= 1
 
 
 def _init_kind(init: Union[bool, str]) -> str:
@@ -87,6 +109,9 @@ class Linear(nn.Module):
         # names so that torch.compile guards on tensors and numbers, not on the active adapter's name:
         # switching between adapters of the same shapes and scale does not recompile.
         self._route: Optional[list] = None
+        # Every adapter's [A, B, scale, dropout], replaced as a whole when adapters come and go, so that
+        # forward on other threads (use_adapter) reads a consistent table.
+        self._routes: Dict[str, list] = {}
         self.register_buffer(
             "weight_unmerged", torch.empty(0, device=base_layer.weight.device), persistent=False
         )
@@ -160,7 +185,11 @@ class Linear(nn.Module):
         self._init_adapter(adapter_name, init)
         if self.active_adapter is None:
             self.active_adapter = adapter_name
-        self._apply_trainability()
+            self._apply_trainability()
+        else:  # only the new adapter's flags: other threads may be running the others
+            self.lora_A[adapter_name].weight.requires_grad_(False)
+            self.lora_B[adapter_name].weight.requires_grad_(False)
+            self._refresh_route()
 
     def _init_adapter(self, name: str, init: str) -> None:
         a, b = self.lora_A[name].weight, self.lora_B[name].weight
@@ -187,6 +216,9 @@ class Linear(nn.Module):
         self._refresh_route()
 
     def _refresh_route(self) -> None:
+        self._routes = {
+            n: [self.lora_A[n], self.lora_B[n], o.scale, o.lora_dropout] for n, o in self.adapters.items()
+        }
         name = self.active_adapter
         if not self.adapters_enabled or name is None or name in self.merged_adapters:
             self._route = None
@@ -215,10 +247,14 @@ class Linear(nn.Module):
         self._known(adapter_name, "delete_adapter")
         if adapter_name in self.merged_adapters:
             raise ValueError(f'delete_adapter: adapter "{adapter_name}" is merged; unmerge() first')
-        del self.lora_A[adapter_name], self.lora_B[adapter_name], self.adapters[adapter_name]
-        if self.active_adapter == adapter_name:
+        del self.adapters[adapter_name]
+        was_active = self.active_adapter == adapter_name
+        if was_active:
             self.active_adapter = next(iter(self.adapters), None)
-        self._apply_trainability()
+        self._refresh_route()  # forward stops seeing it before its modules go
+        del self.lora_A[adapter_name], self.lora_B[adapter_name]
+        if was_active:
+            self._apply_trainability()
 
     def disable_adapters(self) -> None:
         """The base alone from now on (unmerging first)."""
@@ -309,8 +345,25 @@ class Linear(nn.Module):
         return self.base_layer
 
     # ---- forward ---------------------------------------------------------------------------------
+    def _scoped_route(self, name: str) -> Optional[list]:
+        if not self.adapters_enabled or not name:
+            return None
+        if self.merged_adapters:
+            if name != self.active_adapter:
+                raise ValueError(
+                    f'use_adapter("{name}"): this layer has {self.merged_adapters} merged into its weight; '
+                    "unmerge first to run other adapters per thread"
+                )
+            if name in self.merged_adapters:
+                return None
+        return self._routes.get(name)
+
     def forward(self, x: Tensor) -> Tensor:
         route = self._route
+        if _open_scopes:
+            stack = getattr(_thread_scope, "stack", None)
+            if stack:
+                route = self._scoped_route(stack[-1])
         if route is None:
             return self.base_layer(x)
         lora_a, lora_b, scale, dropout = route

@@ -8,6 +8,8 @@
 #include <torch/nn/pimpl.h>
 
 #include <cstdint>
+#include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <unordered_map>
@@ -43,6 +45,24 @@ struct LoraLinearOptions {
  public:
   /// The first adapter's options.
   LoraAdapterOptions adapter() const;
+};
+
+/// For the current thread, while it lives: every LoraLinear runs adapter `adapter_name` instead of its
+/// active adapter; a layer without it runs as its base, and "" runs every layer as its base. Scopes nest.
+/// This is how threads serve different adapters of one model at once (see the thread-safety contract in
+/// <lorafuse/adapters.h>). A layer with a merged adapter accepts only its active adapter in a scope.
+class AdapterScope {
+ public:
+  explicit AdapterScope(std::string adapter_name);
+  ~AdapterScope();
+  AdapterScope(const AdapterScope&) = delete;
+  AdapterScope& operator=(const AdapterScope&) = delete;
+  /// The innermost scope's adapter on this thread, or nullptr outside any scope.
+  static const std::string* current() noexcept;
+
+ private:
+  std::string name_;
+  const std::string* previous_;
 };
 
 /// y = base(x) + scale · (dropout(x)·Aᵀ)·Bᵀ for the active adapter, through lorafuse::lora_linear.
@@ -136,6 +156,25 @@ class LoraLinearImpl : public torch::nn::Cloneable<LoraLinearImpl> {
   LoraLinearOptions options;
 
  private:
+  // What forward reads of each adapter, replaced as a whole (copy on write) whenever adapters are added,
+  // removed or reloaded, so that forward on other threads sees a consistent table while load_adapter or
+  // delete_adapter runs.
+  struct Route {
+    std::shared_ptr<torch::nn::LinearImpl> a, b;
+    double scale;
+    double dropout;
+  };
+  using RouteTable = std::unordered_map<std::string, Route>;
+  // A mutex that a copy (Cloneable::clone) gets fresh.
+  struct RouteLock {
+    RouteLock() = default;
+    RouteLock(const RouteLock&) {}
+    RouteLock& operator=(const RouteLock&) { return *this; }
+    std::mutex mutex;
+  };
+  void refresh_routes();
+  std::shared_ptr<const RouteTable> routes() const;
+
   void create_adapter_weights(const std::string& name, const LoraAdapterOptions& adapter);
   void init_adapter_weights(const std::string& name);
   void apply_trainability();
@@ -150,6 +189,8 @@ class LoraLinearImpl : public torch::nn::Cloneable<LoraLinearImpl> {
   bool disabled_ = false;
   std::vector<std::string> merged_;
   at::Tensor weight_unmerged_;  // buffer: the unmerged weight while anything is merged, else [0]
+  std::shared_ptr<const RouteTable> routes_;
+  mutable RouteLock route_lock_;
 };
 
 TORCH_MODULE(LoraLinear);

@@ -1,0 +1,479 @@
+// Reading, validating and writing PEFT-format adapter folders, and matching them against a model.
+#include <ATen/ops/all.h>
+#include <ATen/ops/count_nonzero.h>
+#include <ATen/ops/isfinite.h>
+#include <c10/util/Exception.h>
+#include <dirent.h>
+#include <fcntl.h>
+#include <lorafuse/io/adapter.h>
+#include <lorafuse/io/safetensors.h>
+#include <stdio.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <fstream>
+#include <map>
+#include <sstream>
+
+namespace lorafuse::io {
+namespace {
+
+constexpr const char* kPrefix = "base_model.model.";
+
+std::string join_path(const std::string& dir, const std::string& name) {
+  return dir.empty() || dir.back() == '/' ? dir + name : dir + "/" + name;
+}
+
+bool ends_with(const std::string& s, const std::string& suffix) {
+  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+bool starts_with(const std::string& s, const std::string& prefix) { return s.compare(0, prefix.size(), prefix) == 0; }
+
+std::string read_text(const std::string& path, const std::string& what) {
+  std::ifstream in(path, std::ios::binary);
+  TORCH_CHECK_VALUE(in.good(), what, ": cannot be read (", std::strerror(errno), ")");
+  std::stringstream buffer;
+  buffer << in.rdbuf();
+  return buffer.str();
+}
+
+std::string shape_str(const at::Tensor& t) {
+  std::ostringstream out;
+  out << t.sizes();
+  return out.str();
+}
+
+std::string last_component(const std::string& path) {
+  const auto dot = path.rfind('.');
+  return dot == std::string::npos ? path : path.substr(dot + 1);
+}
+
+std::string list_some(const std::vector<std::string>& names, size_t limit = 5) {
+  std::string out;
+  for (size_t i = 0; i < names.size() && i < limit; ++i) out += (i ? ", \"" : "\"") + names[i] + "\"";
+  if (names.size() > limit) out += " and " + std::to_string(names.size() - limit) + " more";
+  return out;
+}
+
+// ---- the tensors of a file ------------------------------------------------------------------------
+
+void check_weight(const std::string& file, const std::string& name, const at::Tensor& t) {
+  TORCH_CHECK_VALUE(t.numel() > 0, file, ": tensor \"", name, "\" has no elements (shape ", shape_str(t),
+                    "). Files saved from partitioned training (DeepSpeed ZeRO-3, FSDP) without gathering the full "
+                    "parameters hold such empty placeholders; save the adapter again with the parameters gathered");
+  TORCH_CHECK_VALUE(t.dim() == 2, file, ": tensor \"", name, "\" has shape ", shape_str(t),
+                    "; LoRA weights are matrices (lora_A [r, in], lora_B [out, r])");
+  TORCH_CHECK_VALUE(at::isFloatingType(t.scalar_type()) && t.element_size() >= 2, file, ": tensor \"", name,
+                    "\" has dtype ", t.scalar_type(), "; expected float32, float16, bfloat16 or float64");
+  TORCH_CHECK_VALUE(at::isfinite(t).all().item<bool>(), file, ": tensor \"", name,
+                    "\" holds non-finite values (inf or nan); the adapter would make every output non-finite");
+}
+
+void collect_tensors(AdapterFile& file, const std::string& weights_path, Safetensors&& st) {
+  std::map<std::string, size_t> layer_of;  // module path → index into file.layers
+  auto layer = [&](const std::string& path) -> AdapterLayer& {
+    auto it = layer_of.find(path);
+    if (it == layer_of.end()) {
+      it = layer_of.emplace(path, file.layers.size()).first;
+      file.layers.push_back({path, {}, {}});
+    }
+    return file.layers[it->second];
+  };
+  for (auto& [name, tensor] : st.tensors) {
+    TORCH_CHECK_VALUE(starts_with(name, kPrefix), weights_path, ": tensor \"", name,
+                      "\" is not named as PEFT names adapter tensors (base_model.model.<module>.lora_A.weight)");
+    const std::string rest = name.substr(std::strlen(kPrefix));
+    for (const char* which : {".lora_A.weight", ".lora_B.weight"}) {
+      if (ends_with(rest, which) && rest.size() > std::strlen(which)) {
+        const std::string path = rest.substr(0, rest.size() - std::strlen(which));
+        check_weight(weights_path, name, tensor);
+        auto& entry = which[6] == 'A' ? layer(path).lora_A : layer(path).lora_B;
+        entry = std::move(tensor);
+        goto next;
+      }
+    }
+    if (ends_with(rest, ".bias") || rest == "bias") {
+      TORCH_CHECK_VALUE(file.config.bias() != "none", weights_path, ": tensor \"", name,
+                        "\" is a bias, but adapter_config.json says bias = \"none\"");
+      TORCH_CHECK_VALUE(tensor.numel() > 0 && at::isFloatingType(tensor.scalar_type()), weights_path, ": bias \"", name,
+                        "\" is empty or not floating point (", tensor.scalar_type(), ", shape ", shape_str(tensor),
+                        ")");
+      file.biases.emplace_back(rest, std::move(tensor));
+      continue;
+    }
+    if (rest.find("lora_embedding_") != std::string::npos || rest.find("lora_magnitude_vector") != std::string::npos ||
+        rest.find("modules_to_save") != std::string::npos) {
+      TORCH_CHECK_VALUE(false, weights_path, ": tensor \"", name,
+                        "\" belongs to a PEFT feature that lorafuse does not support yet (LoRA on embeddings, DoRA, "
+                        "modules_to_save); only LoRA on Linear layers loads");
+    }
+    TORCH_CHECK_VALUE(false, weights_path, ": unexpected tensor \"", name,
+                      "\"; an adapter file holds base_model.model.<module>.lora_A.weight / .lora_B.weight");
+  next:;
+  }
+  std::vector<std::string> zero_b;
+  for (const auto& l : file.layers) {
+    TORCH_CHECK_VALUE(l.lora_A.defined() && l.lora_B.defined(), weights_path, ": module \"", l.path, "\" has ",
+                      l.lora_A.defined() ? "lora_A but no lora_B" : "lora_B but no lora_A",
+                      "; each adapted module needs both");
+    const int64_t r = l.lora_A.size(0);
+    TORCH_CHECK_VALUE(l.lora_B.size(1) == r, weights_path, ": module \"", l.path, "\": lora_A is ", shape_str(l.lora_A),
+                      " (rank ", r, ") but lora_B is ", shape_str(l.lora_B), "; expected lora_B [out, ", r, "]");
+    const int64_t expected = file.config.adapter_for(l.path).r();
+    TORCH_CHECK_VALUE(r == expected, weights_path, ": module \"", l.path, "\" has rank ", r,
+                      " but adapter_config.json gives it r = ", expected,
+                      " (r, or rank_pattern); the file and its config disagree");
+    if (l.lora_B.count_nonzero().item<int64_t>() == 0) zero_b.push_back(l.path);
+  }
+  TORCH_CHECK_VALUE(!file.layers.empty(), weights_path,
+                    ": holds no LoRA weights (no base_model.model.<module>.lora_A.weight)");
+  if (!zero_b.empty()) {
+    file.warnings.push_back(weights_path + ": lora_B is all zeros in " + std::to_string(zero_b.size()) + " of " +
+                            std::to_string(file.layers.size()) + " modules (" + list_some(zero_b, 3) +
+                            "); there the adapter changes nothing (saved before training?)");
+  }
+}
+
+// ---- atomic folder replacement --------------------------------------------------------------------
+
+[[noreturn]] void fail_io(const std::string& what, const std::string& step, int err) {
+  C10_THROW_ERROR(ValueError, what + ": " + step + " failed (" + std::strerror(err) + ")");
+}
+
+void fsync_path(const std::string& path, int flags) {
+  const int fd = ::open(path.c_str(), flags);
+  if (fd >= 0) {
+    ::fsync(fd);
+    ::close(fd);
+  }
+}
+
+void write_all(const std::string& path, const std::string& contents, const std::string& what) {
+  const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+  if (fd < 0) fail_io(what, "creating " + path, errno);
+  size_t written = 0;
+  while (written < contents.size()) {
+    const ssize_t n = ::write(fd, contents.data() + written, contents.size() - written);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) {
+      const int err = errno;
+      ::close(fd);
+      fail_io(what, "writing " + path, err);
+    }
+    written += static_cast<size_t>(n);
+  }
+  if (::fsync(fd) != 0) {
+    const int err = errno;
+    ::close(fd);
+    fail_io(what, "flushing " + path, err);
+  }
+  if (::close(fd) != 0) fail_io(what, "closing " + path, errno);
+}
+
+void remove_tree(const std::string& path) {
+  struct stat st;
+  if (::lstat(path.c_str(), &st) != 0) return;
+  if (S_ISDIR(st.st_mode)) {
+    if (DIR* d = ::opendir(path.c_str())) {
+      std::vector<std::string> names;
+      while (dirent* e = ::readdir(d)) {
+        const std::string n = e->d_name;
+        if (n != "." && n != "..") names.push_back(n);
+      }
+      ::closedir(d);
+      for (const auto& n : names) remove_tree(path + "/" + n);
+    }
+    ::rmdir(path.c_str());
+  } else {
+    ::unlink(path.c_str());
+  }
+}
+
+std::vector<std::string> entries(const std::string& dir) {
+  std::vector<std::string> names;
+  if (DIR* d = ::opendir(dir.c_str())) {
+    while (dirent* e = ::readdir(d)) {
+      const std::string n = e->d_name;
+      if (n != "." && n != "..") names.push_back(n);
+    }
+    ::closedir(d);
+  }
+  return names;
+}
+
+// Writes `files` (name → contents) as folder `dir`: a staging folder beside it gets the files (flushed)
+// and hard links to whatever else `dir` holds, then takes dir's place in one atomic rename.
+void replace_folder_atomically(const std::string& dir_in,
+                               const std::vector<std::pair<std::string, std::string>>& files) {
+  std::string dir = dir_in;
+  while (dir.size() > 1 && dir.back() == '/') dir.pop_back();
+  TORCH_CHECK_VALUE(!dir.empty(), "save_adapter: dir is empty; expected a folder path");
+  const auto slash = dir.rfind('/');
+  const std::string parent = slash == std::string::npos ? "." : (slash == 0 ? "/" : dir.substr(0, slash));
+  struct stat st;
+  const bool exists = ::stat(dir.c_str(), &st) == 0;
+  TORCH_CHECK_VALUE(!exists || S_ISDIR(st.st_mode), "save_adapter: \"", dir, "\" exists and is not a folder");
+  TORCH_CHECK_VALUE(::stat(parent.c_str(), &st) == 0 && S_ISDIR(st.st_mode), "save_adapter: the parent folder \"",
+                    parent, "\" of \"", dir, "\" does not exist");
+
+  std::string staging = dir + ".saving-XXXXXX";
+  std::vector<char> buf(staging.begin(), staging.end());
+  buf.push_back('\0');
+  if (::mkdtemp(buf.data()) == nullptr) fail_io("save_adapter: " + dir, "creating a folder beside it", errno);
+  staging = buf.data();
+  ::chmod(staging.c_str(), 0755);
+  try {
+    std::vector<std::string> subfolders;
+    for (const auto& [name, contents] : files) write_all(staging + "/" + name, contents, "save_adapter: " + dir);
+    if (exists) {
+      for (const auto& name : entries(dir)) {
+        if (std::any_of(files.begin(), files.end(), [&](const auto& f) { return f.first == name; })) continue;
+        const std::string from = dir + "/" + name;
+        struct stat est;
+        if (::lstat(from.c_str(), &est) != 0) continue;
+        if (S_ISDIR(est.st_mode)) {
+          subfolders.push_back(name);  // moved after the swap (folders cannot be hard-linked)
+        } else if (::link(from.c_str(), (staging + "/" + name).c_str()) != 0) {
+          fail_io("save_adapter: " + dir, "keeping \"" + name + "\" (a hard link into the new folder)", errno);
+        }
+      }
+    }
+    fsync_path(staging, O_RDONLY | O_DIRECTORY);
+    if (!exists) {
+      if (::rename(staging.c_str(), dir.c_str()) != 0) fail_io("save_adapter: " + dir, "renaming into place", errno);
+    } else {
+      // One atomic step: the new folder and the old one trade names; the old one is then removed.
+      std::string old = staging;
+      if (::renameat2(AT_FDCWD, staging.c_str(), AT_FDCWD, dir.c_str(), RENAME_EXCHANGE) != 0) {
+        // A file system without RENAME_EXCHANGE: the old folder steps aside under a temporary name first
+        // (a crash between the two renames leaves it whole there, as <dir>.old-XXXXXX).
+        if (errno != EINVAL && errno != ENOSYS && errno != EOPNOTSUPP) {
+          fail_io("save_adapter: " + dir, "swapping the new folder into place", errno);
+        }
+        std::string aside = dir + ".old-XXXXXX";
+        std::vector<char> abuf(aside.begin(), aside.end());
+        abuf.push_back('\0');
+        if (::mkdtemp(abuf.data()) == nullptr) fail_io("save_adapter: " + dir, "making room beside it", errno);
+        old = abuf.data();
+        if (::rename(dir.c_str(), old.c_str()) != 0) {
+          const int err = errno;
+          ::rmdir(old.c_str());
+          fail_io("save_adapter: " + dir, "moving the old folder aside", err);
+        }
+        if (::rename(staging.c_str(), dir.c_str()) != 0) {
+          const int err = errno;
+          ::rename(old.c_str(), dir.c_str());
+          fail_io("save_adapter: " + dir, "renaming the new folder into place", err);
+        }
+      }
+      for (const auto& name : subfolders) {
+        ::rename((old + "/" + name).c_str(), (dir + "/" + name).c_str());
+      }
+      remove_tree(old);
+    }
+    fsync_path(parent, O_RDONLY | O_DIRECTORY);
+  } catch (...) {
+    struct stat sst;
+    if (::stat(staging.c_str(), &sst) == 0) remove_tree(staging);
+    throw;
+  }
+}
+
+std::string escape_regex(const std::string& s) {
+  std::string out;
+  for (char c : s) {
+    if (std::strchr(".^$|()[]{}*+?\\", c) != nullptr) out += '\\';
+    out += c;
+  }
+  return out;
+}
+
+// The most common value of `values`, the first of those on a tie.
+template <typename T>
+T most_common(const std::vector<T>& values) {
+  T best = values.front();
+  size_t best_count = 0;
+  for (const auto& v : values) {
+    const auto n = static_cast<size_t>(std::count(values.begin(), values.end(), v));
+    if (n > best_count) best = v, best_count = n;
+  }
+  return best;
+}
+
+// Which Linear modules `config` selects (no errors: for comparing and for the missing-targets check).
+std::vector<size_t> selected(const std::vector<ModuleInfo>& modules, const LoraConfig& config) {
+  std::vector<size_t> out;
+  for (size_t i = 0; i < modules.size(); ++i) {
+    const auto& m = modules[i];
+    if (!m.is_linear || !config.target_modules().matches(m.path)) continue;
+    if (!config.exclude_modules().empty() && config.exclude_modules().matches(m.path)) continue;
+    out.push_back(i);
+  }
+  return out;
+}
+
+}  // namespace
+
+std::string lora_tensor_name(const std::string& module_path, char which) {
+  TORCH_CHECK_VALUE(which == 'A' || which == 'B', "lora_tensor_name: which must be 'A' or 'B'");
+  return std::string(kPrefix) + module_path + (which == 'A' ? ".lora_A.weight" : ".lora_B.weight");
+}
+
+AdapterFile read_adapter(const std::string& dir) {
+  struct stat st;
+  TORCH_CHECK_VALUE(::stat(dir.c_str(), &st) == 0, "load_adapter: \"", dir, "\" does not exist");
+  TORCH_CHECK_VALUE(S_ISDIR(st.st_mode), "load_adapter: \"", dir,
+                    "\" is not a folder; expected a folder holding adapter_config.json and adapter_model.safetensors");
+  const std::string config_path = join_path(dir, kAdapterConfigFile);
+  const std::string weights_path = join_path(dir, kAdapterWeightsFile);
+  TORCH_CHECK_VALUE(::stat(config_path.c_str(), &st) == 0, config_path,
+                    ": missing; an adapter folder holds adapter_config.json and adapter_model.safetensors");
+  if (::stat(weights_path.c_str(), &st) != 0) {
+    const std::string bin = join_path(dir, "adapter_model.bin");
+    TORCH_CHECK_VALUE(::stat(bin.c_str(), &st) != 0, weights_path,
+                      ": missing; the folder has adapter_model.bin, a "
+                      "pickle file, which lorafuse never loads (pickle can run code). Convert it with PEFT "
+                      "(save_pretrained(..., safe_serialization=True))");
+    TORCH_CHECK_VALUE(false, weights_path,
+                      ": missing; an adapter folder holds adapter_config.json and "
+                      "adapter_model.safetensors");
+  }
+  AdapterFile file = parse_adapter_config(read_text(config_path, config_path), config_path);
+  collect_tensors(file, weights_path, read_safetensors(weights_path));
+  return file;
+}
+
+void write_adapter(const std::string& dir, const AdapterFile& file) {
+  std::vector<std::pair<std::string, at::Tensor>> tensors;
+  for (const auto& l : file.layers) {
+    tensors.emplace_back(lora_tensor_name(l.path, 'A'), l.lora_A);
+    tensors.emplace_back(lora_tensor_name(l.path, 'B'), l.lora_B);
+  }
+  for (const auto& [path, t] : file.biases) tensors.emplace_back(kPrefix + path, t);
+  replace_folder_atomically(dir, {{kAdapterConfigFile, adapter_config_json(file)},
+                                  {kAdapterWeightsFile, serialize_safetensors(tensors, {{"format", "pt"}})}});
+}
+
+std::vector<LoadTarget> plan_adapter_load(const AdapterFile& file, const std::vector<ModuleInfo>& modules,
+                                          bool partial) {
+  std::map<std::string, size_t> index;
+  for (size_t i = 0; i < modules.size(); ++i) index.emplace(modules[i].path, i);
+  std::vector<std::string> absent;
+  for (const auto& l : file.layers) {
+    if (!index.count(l.path)) absent.push_back(l.path);
+  }
+  TORCH_CHECK_VALUE(absent.empty(), "load_adapter: ", absent.size(),
+                    " module(s) of the adapter file are not in the model: ", list_some(absent),
+                    ". Is this adapter for another model?");
+  std::vector<LoadTarget> plan;
+  for (const auto& l : file.layers) {
+    const size_t i = index.at(l.path);
+    const auto& m = modules[i];
+    TORCH_CHECK_VALUE(m.is_linear, "load_adapter: the file adapts \"", l.path, "\", which is a ", m.type_name,
+                      " in this model; LoRA goes into Linear layers only");
+    const int64_t r = l.lora_A.size(0);
+    TORCH_CHECK_VALUE(l.lora_A.size(1) == m.in_features, "load_adapter: \"", l.path, "\": lora_A is ",
+                      shape_str(l.lora_A), " but the layer takes ", m.in_features, " inputs; expected [", r, ", ",
+                      m.in_features, "]");
+    TORCH_CHECK_VALUE(l.lora_B.size(0) == m.out_features, "load_adapter: \"", l.path, "\": lora_B is ",
+                      shape_str(l.lora_B), " but the layer gives ", m.out_features, " outputs; expected [",
+                      m.out_features, ", ", r, "]");
+    plan.push_back({i, file.config.adapter_for(l.path), l.lora_A, l.lora_B});
+  }
+  if (!file.targets_from_file && !partial) {
+    std::vector<std::string> missing;
+    for (size_t i : selected(modules, file.config)) {
+      if (std::none_of(file.layers.begin(), file.layers.end(),
+                       [&](const auto& l) { return l.path == modules[i].path; }))
+        missing.push_back(modules[i].path);
+    }
+    TORCH_CHECK_VALUE(missing.empty(), "load_adapter: adapter_config.json targets ", file.config.target_modules().str(),
+                      ", but the file has no weights for ", missing.size(),
+                      " of those layers in this model: ", list_some(missing),
+                      ". Load with partial=true to adapt only the layers the file has");
+  }
+  return plan;
+}
+
+AdapterFile describe_adapter(const std::vector<ModuleInfo>& modules, const std::vector<SaveSource>& layers,
+                             std::vector<std::pair<std::string, at::Tensor>> biases) {
+  TORCH_CHECK_VALUE(!layers.empty(), "save_adapter: no layer has this adapter");
+  AdapterFile file;
+  const auto& first = layers.front();
+  std::vector<int64_t> ranks;
+  std::vector<double> alphas;
+  for (const auto& l : layers) {
+    const auto& a = l.adapter;
+    const auto& path = modules.at(l.index).path;
+    TORCH_CHECK_VALUE(a.lora_dropout() == first.adapter.lora_dropout() &&
+                          a.use_rslora() == first.adapter.use_rslora() && a.bias() == first.adapter.bias(),
+                      "save_adapter: layers \"", modules.at(first.index).path, "\" and \"", path,
+                      "\" disagree on lora_dropout, use_rslora or bias, which PEFT's format keeps once per adapter");
+    ranks.push_back(a.r());
+    alphas.push_back(a.lora_alpha());
+  }
+  LoraConfig& c = file.config;
+  c.r(most_common(ranks))
+      .lora_alpha(most_common(alphas))
+      .lora_dropout(first.adapter.lora_dropout())
+      .use_rslora(first.adapter.use_rslora())
+      .bias(first.adapter.bias())
+      .init_lora_weights(first.adapter.init_lora_weights());
+  // target_modules: the layers' own names ("q_proj", ...) when they select exactly these layers.
+  std::vector<size_t> wanted;
+  std::vector<std::string> names, paths;
+  for (const auto& l : layers) {
+    wanted.push_back(l.index);
+    paths.push_back(modules.at(l.index).path);
+    const auto leaf = last_component(paths.back());
+    if (std::find(names.begin(), names.end(), leaf) == names.end()) names.push_back(leaf);
+  }
+  std::sort(wanted.begin(), wanted.end());
+  c.target_modules(TargetModules(names));
+  if (selected(modules, c) != wanted) {
+    c.target_modules(TargetModules(paths));
+    TORCH_CHECK_VALUE(selected(modules, c) == wanted,
+                      "save_adapter: cannot name exactly the adapted layers in "
+                      "target_modules");
+  }
+  // rank_pattern / alpha_pattern for the layers off the common values: by name when that is unambiguous.
+  auto patterns = [&](auto value_of, auto common, auto& out) {
+    std::map<std::string, bool> name_ok;
+    for (const auto& l : layers) {
+      const auto leaf = last_component(modules.at(l.index).path);
+      bool same = true;
+      for (const auto& o : layers) {
+        if (last_component(modules.at(o.index).path) == leaf) same = same && value_of(o.adapter) == value_of(l.adapter);
+      }
+      name_ok[leaf] = same;
+    }
+    for (const auto& l : layers) {
+      if (value_of(l.adapter) == common) continue;
+      const auto& path = modules.at(l.index).path;
+      const auto leaf = last_component(path);
+      const std::string key = name_ok[leaf] ? leaf : escape_regex(path);
+      if (std::none_of(out.begin(), out.end(), [&](const auto& kv) { return kv.first == key; }))
+        out.emplace_back(key, value_of(l.adapter));
+    }
+  };
+  PatternMap<int64_t> rank_pattern;
+  PatternMap<double> alpha_pattern;
+  patterns([](const nn::LoraAdapterOptions& a) { return a.r(); }, c.r(), rank_pattern);
+  patterns([](const nn::LoraAdapterOptions& a) { return a.lora_alpha(); }, c.lora_alpha(), alpha_pattern);
+  c.rank_pattern(rank_pattern).alpha_pattern(alpha_pattern);
+  for (const auto& l : layers) {
+    const auto& path = modules.at(l.index).path;
+    const auto back = c.adapter_for(path);
+    TORCH_CHECK(back.r() == l.adapter.r() && back.lora_alpha() == l.adapter.lora_alpha(),
+                "save_adapter: internal error: the written config does not reproduce \"", path, "\"");
+    file.layers.push_back({path, l.lora_A, l.lora_B});
+  }
+  file.biases = std::move(biases);
+  return file;
+}
+
+}  // namespace lorafuse::io

@@ -1,0 +1,46 @@
+// inject.cpp's tree walking and layer replacement, shared with the adapter loader (adapters.cpp).
+#pragma once
+
+#include <lorafuse/config.h>
+#include <lorafuse/inject.h>
+#include <lorafuse/nn/lora_linear.h>
+#include <torch/nn/module.h>
+
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace lorafuse::detail {
+
+// A child of the tree: its parent, its name there, its path from the root.
+struct Site {
+  torch::nn::Module* parent;
+  std::string name;
+  std::string path;
+  std::shared_ptr<torch::nn::Module> module;
+};
+
+// Pre-order, so module order; LoraLinear layers are leaves (their base_layer and lora_A/lora_B are theirs).
+std::vector<Site> sites_of(torch::nn::Module& module);
+// What select_targets and plan_adapter_load see of each site (with Linear shapes).
+std::vector<ModuleInfo> infos_of(const std::vector<Site>& sites);
+bool is_linear(const torch::nn::Module* m);
+// An error unless every chosen plain Linear can be replaced (see inject_lora).
+void check_rewirable(const std::vector<Site>& sites, const std::vector<TargetChoice>& chosen, const char* what);
+
+// Gives adapter `name` to sites[c.index] for each choice: adds it to a LoraLinear, or wraps a Linear in a
+// new LoraLinear (in the model's train/eval mode; disabled if the model's adapters are). `fill` (if set)
+// then sets each layer's weights. When `keep_active` is set, new layers do not activate the adapter
+// (the model has another active one). Returns the targets and the wrapped layers.
+InjectReport attach_adapter(const std::vector<Site>& sites, const std::vector<TargetChoice>& chosen,
+                            const std::string& name, bool keep_active,
+                            const std::function<void(size_t, nn::LoraLinearImpl&)>& fill = nullptr);
+
+// inject_lora's last step: freeze everything but `active`'s A and B (and its biases by its bias mode).
+void activate_and_freeze(torch::nn::Module& module, const std::string& active);
+
+bool model_has_adapter(torch::nn::Module& module, const std::string& name);
+std::string join(const std::vector<std::string>& names);
+
+}  // namespace lorafuse::detail
