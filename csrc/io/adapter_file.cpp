@@ -332,6 +332,7 @@ AdapterFile read_adapter(const std::string& dir) {
   const std::string weights_path = join_path(dir, kAdapterWeightsFile);
   TORCH_CHECK_VALUE(::stat(config_path.c_str(), &st) == 0, config_path,
                     ": missing; an adapter folder holds adapter_config.json and adapter_model.safetensors");
+  AdapterFile file = parse_adapter_config(read_text(config_path, config_path), config_path);
   if (::stat(weights_path.c_str(), &st) != 0) {
     const std::string bin = join_path(dir, "adapter_model.bin");
     TORCH_CHECK_VALUE(::stat(bin.c_str(), &st) != 0, weights_path,
@@ -342,7 +343,6 @@ AdapterFile read_adapter(const std::string& dir) {
                       ": missing; an adapter folder holds adapter_config.json and "
                       "adapter_model.safetensors");
   }
-  AdapterFile file = parse_adapter_config(read_text(config_path, config_path), config_path);
   collect_tensors(file, weights_path, read_safetensors(weights_path));
   return file;
 }

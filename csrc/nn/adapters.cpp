@@ -72,11 +72,14 @@ InjectReport load_adapter(torch::nn::Module& module, const std::string& dir, con
   for (const auto& p : module.named_parameters()) params.emplace(p.key(), p.value());
   std::vector<std::pair<at::Tensor, at::Tensor>> bias_copies;  // (model parameter, file tensor)
   for (const auto& [path, t] : file.biases) {
+    // A wrapped layer's bias is "<path>.base_layer.bias" (PEFT since 0.7), "<path>.bias" before wrapping.
+    const std::string wrapped = ".base_layer.bias";
+    const bool is_wrapped =
+        path.size() > wrapped.size() && path.compare(path.size() - wrapped.size(), wrapped.size(), wrapped) == 0;
+    const std::string alias =
+        is_wrapped ? path.substr(0, path.size() - wrapped.size()) + ".bias" : path.substr(0, path.size() - 5) + wrapped;
     auto it = params.find(path);
-    if (it == params.end() && path.size() > 5) {  // PEFT before 0.7 named wrapped biases without base_layer
-      const auto dot = path.rfind(".bias");
-      it = params.find(path.substr(0, dot) + ".base_layer.bias");
-    }
+    if (it == params.end()) it = params.find(alias);
     TORCH_CHECK_VALUE(it != params.end(), "load_adapter: the file has bias \"", path, "\", which the model lacks");
     TORCH_CHECK_VALUE(it->second.sizes() == t.sizes(), "load_adapter: bias \"", path, "\" is ", t.sizes(),
                       " in the file but ", it->second.sizes(), " in the model");

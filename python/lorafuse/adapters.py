@@ -42,7 +42,13 @@ def _infos(sites) -> list:
     for _, _, path, m in sites:
         linear = isinstance(m, (nn.Linear, Linear))
         infos.append(
-            (path, type(m).__name__, linear, m.in_features if linear else -1, m.out_features if linear else -1)
+            (
+                path,
+                type(m).__name__,
+                linear,
+                m.in_features if linear else -1,
+                m.out_features if linear else -1,
+            )
         )
     return infos
 
@@ -94,7 +100,8 @@ def save_adapter(model: nn.Module, dir: PathLike, adapter_name: str = "default")
             layers.append((index, options, a, b))
     if not layers:
         raise ValueError(
-            f'save_adapter: no layer has an adapter named "{adapter_name}"; the model has {adapter_names(model)}'
+            f'save_adapter: no layer has an adapter named "{adapter_name}"; '
+            f"the model has {adapter_names(model)}"
         )
     biases = []
     if bias_mode == "all":
@@ -156,9 +163,11 @@ def load_adapter(
     params = dict(model.named_parameters())
     bias_copies = []
     for name, tensor in plan["biases"]:
-        param = params.get(name)
-        if param is None and name.endswith(".bias"):  # PEFT before 0.7 named wrapped biases without base_layer
-            param = params.get(name[: -len(".bias")] + ".base_layer.bias")
+        # A wrapped layer's bias is "<path>.base_layer.bias" (PEFT since 0.7), "<path>.bias" before wrapping.
+        alias = name.replace(".base_layer.bias", ".bias") if name.endswith(".base_layer.bias") else None
+        if alias is None and name.endswith(".bias"):
+            alias = name[: -len(".bias")] + ".base_layer.bias"
+        param = params.get(name, params.get(alias))
         if param is None:
             raise ValueError(f'load_adapter: the file has bias "{name}", which the model lacks')
         if param.shape != tensor.shape:

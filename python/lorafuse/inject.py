@@ -133,6 +133,9 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
     return model
 
 
+_INIT = {"true": True, "false": False}  # the C++ spelling of init_lora_weights
+
+
 def _attach(model, sites, chosen, adapter_name: str, keep_active: bool, fill=None) -> None:
     """Gives ``adapter_name`` to ``sites[index]`` for each (index, options) chosen: added to a lorafuse
     layer, or a new one wrapping an ``nn.Linear`` (in the model's train/eval mode; disabled if the model's
@@ -147,7 +150,7 @@ def _attach(model, sites, chosen, adapter_name: str, keep_active: bool, fill=Non
             lora_alpha=opts["lora_alpha"],
             lora_dropout=opts["lora_dropout"],
             use_rslora=opts["use_rslora"],
-            init_lora_weights={"true": True, "false": False}.get(opts["init_lora_weights"], opts["init_lora_weights"]),
+            init_lora_weights=_INIT.get(opts["init_lora_weights"], opts["init_lora_weights"]),
             bias=opts["bias"],
         )
         if isinstance(module, Linear):

@@ -1,0 +1,343 @@
+"""The ``lorafuse`` command.
+
+``lorafuse inspect DIR [--json]`` reads the PEFT-format adapter in folder DIR (adapter_config.json +
+adapter_model.safetensors) with :func:`lorafuse.read_adapter`, which validates it exactly as
+:func:`lorafuse.load_adapter` does, and describes it: its config and the effective scale of each rank, every
+tensor (name, shape, dtype), every adapted module with its rank, the targets grouped by name, the parameter
+count and the size of each file, the warnings, and finally ``valid``.
+
+Exit status: 0 for a valid adapter; 1 for an invalid one (the reason on stderr as
+``lorafuse inspect: invalid adapter: <message>``); 2 for a usage error.
+
+Also runs as ``python -m lorafuse ...`` and ``python -m lorafuse.cli ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from typing import Any, Dict, List, Optional, Sequence
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PREFIX = "base_model.model."  # PEFT's tensor names: base_model.model.<module path>.lora_A.weight
+
+# The LoraConfig fields shown, in this order.
+CONFIG_FIELDS = (
+    "r",
+    "lora_alpha",
+    "lora_dropout",
+    "target_modules",
+    "exclude_modules",
+    "bias",
+    "use_rslora",
+    "rank_pattern",
+    "alpha_pattern",
+    "init_lora_weights",
+)
+
+
+class InvalidAdapter(ValueError):
+    """The folder does not hold an adapter that lorafuse loads."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lorafuse", description="lorafuse command-line tools.")
+    parser.add_argument("--version", action="store_true", help="print lorafuse's version and exit")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    inspect = commands.add_parser(
+        "inspect",
+        help="describe and validate a PEFT-format adapter folder",
+        description=(
+            "Reads the adapter in DIR (adapter_config.json + adapter_model.safetensors), validates it as "
+            "lorafuse.load_adapter does, and describes it. Exit status 0: valid; 1: invalid (the reason on "
+            "stderr); 2: usage error."
+        ),
+    )
+    inspect.add_argument("dir", metavar="DIR", help="the adapter folder")
+    inspect.add_argument("--json", action="store_true", help="print the description as one JSON object")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Runs the ``lorafuse`` command with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        import lorafuse
+
+        print(f"lorafuse {lorafuse.__version__}")
+        return 0
+    if args.command is None:
+        parser.print_usage(sys.stderr)
+        print("lorafuse: error: a command is required (inspect)", file=sys.stderr)
+        return 2
+    if args.command == "inspect":
+        return _inspect_command(args.dir, args.json)
+    parser.error(f"unknown command {args.command!r}")  # exits 2
+    return 2
+
+
+def _inspect_command(folder: str, as_json: bool) -> int:
+    try:
+        try:
+            report = inspect_adapter(folder)
+        except (ValueError, OSError) as e:  # read_adapter's ValueErrors name the file and what is wrong
+            return _invalid(folder, str(e), as_json)
+        except Exception as e:  # not an invalid-adapter error: a bug; still no traceback for the user
+            message = f"{type(e).__name__}: {e}"
+            print(f"lorafuse inspect: internal error while reading {folder!r} (please report it): {message}",
+                  file=sys.stderr)
+            if as_json:
+                _print_json({"folder": folder, "valid": False, "error": message})
+            return 1
+        if as_json:
+            _print_json(report)
+        else:
+            _print_text(report)
+        sys.stdout.flush()
+    except BrokenPipeError:  # e.g. `lorafuse inspect DIR | head`
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    return 0
+
+
+def _invalid(folder: str, message: str, as_json: bool) -> int:
+    if as_json:
+        _print_json({"folder": folder, "valid": False, "error": message})
+    print(f"lorafuse inspect: invalid adapter: {message}", file=sys.stderr)
+    return 1
+
+
+# ---- the description ----------------------------------------------------------------------------------
+
+
+def _scale(r: int, alpha: float, use_rslora: bool) -> float:
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def _dtype_name(t: Any) -> str:
+    return str(t.dtype).replace("torch.", "")
+
+
+def inspect_adapter(folder: str) -> Dict[str, Any]:
+    """The description of the adapter in ``folder`` (what ``lorafuse inspect --json`` prints).
+
+    Raises:
+        InvalidAdapter, ValueError: the folder does not hold a valid adapter (the message says why).
+    """
+    if not os.path.exists(folder):
+        raise InvalidAdapter(
+            f'"{folder}" does not exist; expected a folder holding {CONFIG_FILE} and {WEIGHTS_FILE}'
+        )
+    if not os.path.isdir(folder):
+        raise InvalidAdapter(
+            f'"{folder}" is a file, not a folder; expected the folder holding {CONFIG_FILE} and {WEIGHTS_FILE}'
+        )
+
+    import lorafuse  # torch comes in only here, through lorafuse
+
+    adapter = lorafuse.read_adapter(folder)
+    config = adapter["config"]
+    use_rslora = bool(config["use_rslora"])
+
+    # lora_alpha of each module: config.lora_alpha, unless alpha_pattern names it. The pattern rule is the
+    # C++ one (LoraConfig::adapter_for), applied by the load planner to the file's own modules.
+    alphas = {path: float(config["lora_alpha"]) for path, _, _ in adapter["layers"]}
+    if config["alpha_pattern"] or config["rank_pattern"]:
+        infos = [(path, "Linear", True, int(a.shape[1]), int(b.shape[0])) for path, a, b in adapter["layers"]]
+        plan = lorafuse._C._plan_adapter_load(folder, infos, True)
+        for index, options, _, _ in plan["targets"]:
+            alphas[infos[index][0]] = float(options["lora_alpha"])
+
+    tensors: List[Dict[str, Any]] = []
+    layers: List[Dict[str, Any]] = []
+    elements = {"lora_A": 0, "lora_B": 0, "bias": 0}
+    for path, a, b in adapter["layers"]:
+        for kind, t in (("lora_A", a), ("lora_B", b)):
+            tensors.append(
+                {
+                    "name": f"{PREFIX}{path}.{kind}.weight",
+                    "kind": kind,
+                    "shape": list(t.shape),
+                    "dtype": _dtype_name(t),
+                    "elements": int(t.numel()),
+                }
+            )
+            elements[kind] += int(t.numel())
+        r = int(a.shape[0])
+        alpha = alphas[path]
+        layers.append(
+            {
+                "module": path,
+                "rank": r,
+                "in_features": int(a.shape[1]),
+                "out_features": int(b.shape[0]),
+                "lora_alpha": alpha,
+                "scale": _scale(r, alpha, use_rslora),
+            }
+        )
+    for path, t in adapter["biases"]:
+        tensors.append(
+            {
+                "name": PREFIX + path,
+                "kind": "bias",
+                "shape": list(t.shape),
+                "dtype": _dtype_name(t),
+                "elements": int(t.numel()),
+            }
+        )
+        elements["bias"] += int(t.numel())
+
+    # The effective scale of each (rank, lora_alpha) in use, with how many modules have it.
+    scales: Dict[tuple, int] = {}
+    for layer in layers:
+        key = (layer["rank"], layer["lora_alpha"])
+        scales[key] = scales.get(key, 0) + 1
+    by_name: Dict[str, int] = {}
+    for layer in layers:
+        name = layer["module"].rsplit(".", 1)[-1]
+        by_name[name] = by_name.get(name, 0) + 1
+
+    files = {name: os.path.getsize(os.path.join(folder, name)) for name in (CONFIG_FILE, WEIGHTS_FILE)}
+    try:
+        base_model = json.loads(adapter["config_json"]).get("base_model_name_or_path")
+    except ValueError:
+        base_model = None
+
+    return {
+        "folder": folder,
+        "config": {field: config[field] for field in CONFIG_FIELDS},
+        "base_model_name_or_path": base_model,
+        "scaling": "lora_alpha / sqrt(r)" if use_rslora else "lora_alpha / r",
+        "scales": [
+            {"rank": r, "lora_alpha": alpha, "scale": _scale(r, alpha, use_rslora), "modules": count}
+            for (r, alpha), count in sorted(scales.items())
+        ],
+        "tensors": tensors,
+        "layers": layers,
+        "targets": {"modules": [layer["module"] for layer in layers], "by_name": by_name},
+        "parameters": {"total": sum(elements.values()), **elements},
+        "files": files,
+        "warnings": list(adapter["warnings"]),
+        "valid": True,
+    }
+
+
+# ---- printing -----------------------------------------------------------------------------------------
+
+
+def _print_json(value: Dict[str, Any]) -> None:
+    print(json.dumps(value, indent=2))
+
+
+def _number(x: Any) -> str:
+    """8.0 → "8", 0.05 → "0.05", 1/3 → "0.333333"."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return str(x)
+    if isinstance(x, float) and x.is_integer() and abs(x) < 1e15:
+        return str(int(x))
+    return f"{x:.6g}"
+
+
+def _value(x: Any) -> str:
+    if isinstance(x, (int, float)) and not isinstance(x, bool):
+        return _number(x)
+    return json.dumps(x)  # as adapter_config.json writes it: null, true, ["q_proj", "v_proj"], {}
+
+
+def _table(header: Sequence[str], rows: List[Sequence[str]], indent: str = "  ") -> List[str]:
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    lines = []
+    for row in [header, *rows]:
+        cells = [str(c).ljust(w) for c, w in zip(row, widths)]
+        lines.append((indent + "  ".join(cells)).rstrip())
+    return lines
+
+
+def _times() -> str:
+    """The multiplication sign where stdout can print it."""
+    try:
+        "\u00d7".encode(sys.stdout.encoding or "ascii")
+        return "\u00d7"
+    except (UnicodeEncodeError, LookupError):
+        return "x"
+
+
+def _print_text(report: Dict[str, Any]) -> None:
+    out: List[str] = [f"adapter folder: {report['folder']}", ""]
+
+    config = report["config"]
+    out.append("config:")
+    width = max(len(f) for f in CONFIG_FIELDS)
+    for field in CONFIG_FIELDS:
+        value = _value(config[field])
+        if field == "target_modules" and config[field] is None:
+            value += "  (not set in the file: the adapted modules are the file's)"
+        out.append(f"  {field.ljust(width)}  {value}")
+    if report["base_model_name_or_path"]:
+        out.append(f"  {'base model'.ljust(width)}  {report['base_model_name_or_path']}")
+    out.append("")
+
+    out.append(f"effective scale ({report['scaling']}):")
+    out += _table(
+        ["rank", "lora_alpha", "scale", "modules"],
+        [[str(s["rank"]), _number(s["lora_alpha"]), _number(s["scale"]), str(s["modules"])] for s in report["scales"]],
+    )
+    out.append("")
+
+    out.append(f"tensors ({len(report['tensors'])}):")
+    out += _table(
+        ["name", "shape", "dtype"],
+        [[t["name"], "[" + ", ".join(map(str, t["shape"])) + "]", t["dtype"]] for t in report["tensors"]],
+    )
+    out.append("")
+
+    out.append(f"layers ({len(report['layers'])}):")
+    out += _table(
+        ["module", "rank", "in", "out", "lora_alpha", "scale"],
+        [
+            [
+                layer["module"],
+                str(layer["rank"]),
+                str(layer["in_features"]),
+                str(layer["out_features"]),
+                _number(layer["lora_alpha"]),
+                _number(layer["scale"]),
+            ]
+            for layer in report["layers"]
+        ],
+    )
+    out.append("")
+
+    targets = report["targets"]
+    out.append(f"target modules ({len(targets['modules'])}):")
+    out += [f"  {path}" for path in targets["modules"]]
+    times = _times()
+    out.append("  by name: " + ", ".join(f"{name} {times}{count}" for name, count in targets["by_name"].items()))
+    out.append("")
+
+    params = report["parameters"]
+    parts = [f"lora_A {params['lora_A']:,}", f"lora_B {params['lora_B']:,}"]
+    if params["bias"]:
+        parts.append(f"bias {params['bias']:,}")
+    out.append(f"parameters: {params['total']:,} ({', '.join(parts)})")
+    out.append("files:")
+    out += _table(["file", "bytes"], [[name, f"{size:,}"] for name, size in report["files"].items()])
+    out.append("")
+
+    if report["warnings"]:
+        out.append(f"warnings ({len(report['warnings'])}):")
+        out += [f"  - {w}" for w in report["warnings"]]
+    else:
+        out.append("warnings: none")
+    out.append("")
+    out.append("valid")
+    print("\n".join(out))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

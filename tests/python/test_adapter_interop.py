@@ -1,0 +1,347 @@
+"""Adapter files shared with the real PEFT package, both ways, and the C++ program that serves them; adapters
+loaded and deleted while other threads run forward with theirs."""
+
+import copy
+import os
+import subprocess
+import threading
+import time
+
+import pytest
+import torch
+
+import lorafuse
+from hf_models import IDS, TINY_LLAMA, logits, tiny_llama
+
+peft = pytest.importorskip("peft")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+
+# (lorafuse.LoraConfig fields, the same as PEFT LoraConfig fields)
+CONFIGS = {
+    "q_v": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    "all_linear_patterns": dict(
+        r=8,
+        lora_alpha=16,
+        target_modules="all-linear",
+        rank_pattern={"down_proj": 2, "k_proj": 4},
+        alpha_pattern={"o_proj": 3},
+    ),
+    "rslora_regex_exclude": dict(
+        r=4,
+        lora_alpha=6,
+        use_rslora=True,
+        target_modules=r".*\.(q_proj|up_proj|gate_proj)",
+        exclude_modules=["gate_proj"],
+    ),
+}
+
+
+def randomize(model, seed):
+    """Non-zero B (and fresh A) in every lorafuse layer: a trained adapter, not a no-op."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in lorafuse.lora_layers(model):
+            for name in layer.adapters:
+                for w in (layer.lora_A[name].weight, layer.lora_B[name].weight):
+                    w.copy_(torch.randn(w.shape, generator=g) * 0.2)
+
+
+def peft_adapter(base, config, seed):
+    model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(init_lora_weights=False, **config))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_lorafuse_adapter_loads_in_peft_with_the_same_outputs(tmp_path, name):
+    base = tiny_llama(seed=3)
+    ours = copy.deepcopy(base)
+    lorafuse.inject_lora(ours, lorafuse.LoraConfig(**CONFIGS[name]))
+    randomize(ours, seed=5)
+    assert not torch.allclose(logits(ours), logits(base))  # the adapter changes the outputs
+    lorafuse.save_adapter(ours, tmp_path / "adapter")
+
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "adapter").eval()
+    torch.testing.assert_close(logits(theirs), logits(ours), rtol=1e-5, atol=1e-5)
+    # PEFT adapted exactly our layers, with our ranks
+    ours_layers = {path: layer.adapters["default"].r for path, layer in lorafuse.lora_layers(ours)}
+    theirs_layers = {
+        path.removeprefix("base_model.model."): m.r["default"]
+        for path, m in theirs.named_modules()
+        if isinstance(m, peft.tuners.lora.LoraLayer)
+    }
+    assert theirs_layers == ours_layers
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_peft_adapter_loads_in_lorafuse_with_the_same_outputs(tmp_path, name):
+    base = tiny_llama(seed=4)
+    theirs = peft_adapter(base, CONFIGS[name], seed=6)
+    theirs.save_pretrained(tmp_path)
+
+    ours = lorafuse.load_adapter(copy.deepcopy(base), tmp_path)
+    torch.testing.assert_close(logits(ours), logits(theirs), rtol=1e-5, atol=1e-5)
+    assert lorafuse.active_adapter(ours) == "default"
+    # loaded like an injected adapter: its A and B train, nothing else
+    trainable = {n for n, p in ours.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    # the tensors are PEFT's, bit for bit
+    saved = safetensors_torch.load_file(tmp_path / "adapter_model.safetensors")
+    for path, layer in lorafuse.lora_layers(ours):
+        assert torch.equal(layer.lora_A["default"].weight, saved[f"base_model.model.{path}.lora_A.weight"])
+        assert torch.equal(layer.lora_B["default"].weight, saved[f"base_model.model.{path}.lora_B.weight"])
+
+
+def test_lorafuse_round_trip_and_a_second_adapter_beside_the_first(tmp_path):
+    base = tiny_llama(seed=7)
+    a, b = copy.deepcopy(base), copy.deepcopy(base)
+    lorafuse.inject_lora(a, lorafuse.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    lorafuse.inject_lora(b, lorafuse.LoraConfig(r=2, target_modules=["o_proj", "v_proj"]))
+    randomize(a, 1)
+    randomize(b, 2)
+    lorafuse.save_adapter(a, tmp_path / "a")
+    lorafuse.save_adapter(b, tmp_path / "b")
+
+    model = copy.deepcopy(base)
+    lorafuse.load_adapter(model, tmp_path / "a", "a")
+    lorafuse.load_adapter(model, tmp_path / "b", "b")
+    assert lorafuse.adapter_names(model) == ["a", "b"]
+    assert lorafuse.active_adapter(model) == "a"  # the second waits
+    torch.testing.assert_close(logits(model), logits(a), rtol=0, atol=0)
+    for _, layer in lorafuse.lora_layers(model):
+        if "b" in layer.adapters:
+            assert not layer.lora_A["b"].weight.requires_grad and not layer.lora_B["b"].weight.requires_grad
+    lorafuse.set_adapter(model, "b")
+    torch.testing.assert_close(logits(model), logits(b), rtol=0, atol=0)
+    want_a, want_base = logits(a), logits(base)  # outside the scopes: these models' adapter is "default"
+    with lorafuse.use_adapter("a"):
+        torch.testing.assert_close(logits(model), want_a, rtol=0, atol=0)
+    with lorafuse.use_adapter(""):
+        torch.testing.assert_close(logits(model), want_base, rtol=0, atol=0)
+
+
+def test_bias_lora_only_round_trips_with_peft(tmp_path):
+    # attention biases, so that there are biases to train
+    base = tiny_llama(seed=8)
+    import transformers
+
+    torch.manual_seed(8)
+    base = transformers.LlamaForCausalLM(
+        base.config.__class__(**{**base.config.to_dict(), "attention_bias": True})
+    )
+    base.eval()
+    ours = copy.deepcopy(base)
+    lorafuse.inject_lora(
+        ours, lorafuse.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], bias="lora_only")
+    )
+    randomize(ours, 9)
+    with torch.no_grad():
+        for _, layer in lorafuse.lora_layers(ours):
+            layer.base_layer.bias.add_(0.5)  # "trained" biases
+    lorafuse.save_adapter(ours, tmp_path / "x")
+    saved = safetensors_torch.load_file(tmp_path / "x" / "adapter_model.safetensors")
+    assert "base_model.model.model.layers.0.self_attn.q_proj.base_layer.bias" in saved
+
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "x").eval()
+    torch.testing.assert_close(logits(theirs), logits(ours), rtol=1e-5, atol=1e-5)
+    back = lorafuse.load_adapter(copy.deepcopy(base), tmp_path / "x")
+    torch.testing.assert_close(logits(back), logits(ours), rtol=0, atol=0)
+
+
+def _cpp_program():
+    roots = [os.environ.get("LORAFUSE_BUILD_DIR", ""), "build/cmake", "build"]
+    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    for root in roots:
+        if not root:
+            continue
+        path = os.path.join(
+            root if os.path.isabs(root) else os.path.join(here, root), "bin", "lorafuse_llama_adapters"
+        )
+        if os.access(path, os.X_OK):
+            return path
+    if os.environ.get("LORAFUSE_REQUIRE_CPP_TOOLS") == "1":
+        pytest.fail("lorafuse_llama_adapters was not built (LORAFUSE_BUILD_DIR/bin)")
+    pytest.skip("the C++ example lorafuse_llama_adapters is not built here")
+
+
+def test_peft_adapters_load_in_a_cpp_program_with_the_reference_llama(tmp_path):
+    program = _cpp_program()
+    base = tiny_llama(seed=10)
+    safetensors_torch.save_file(
+        {n: p.detach().contiguous() for n, p in base.named_parameters()}, tmp_path / "base.st"
+    )
+    safetensors_torch.save_file({"input_ids": IDS.to(torch.int64).contiguous()}, tmp_path / "ids.st")
+    expected = {"base": logits(base)}
+    args = []
+    for i, name in enumerate(["q_v", "all_linear_patterns", "rslora_regex_exclude"]):
+        theirs = peft_adapter(base, CONFIGS[name], seed=20 + i)
+        theirs.save_pretrained(tmp_path / name)
+        expected[name] = logits(theirs)
+        args.append(f"{name}={tmp_path / name}")
+    t = TINY_LLAMA
+    config = ",".join(
+        str(t[k])
+        for k in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+        )
+    )
+    out = tmp_path / "logits.st"
+    run = subprocess.run(
+        [
+            program,
+            "--base",
+            tmp_path / "base.st",
+            "--ids",
+            tmp_path / "ids.st",
+            "--out",
+            out,
+            "--config",
+            config,
+        ]
+        + args,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    got = safetensors_torch.load_file(out)
+    assert set(got) == set(expected)
+    for name, want in expected.items():
+        torch.testing.assert_close(got[name], want, rtol=1e-4, atol=1e-4, msg=name)
+    assert not torch.allclose(got["q_v"], got["base"])
+
+
+def test_cpp_program_reports_a_bad_adapter(tmp_path):
+    program = _cpp_program()
+    base = tiny_llama(seed=11)
+    safetensors_torch.save_file(
+        {n: p.detach().contiguous() for n, p in base.named_parameters()}, tmp_path / "base.st"
+    )
+    safetensors_torch.save_file({"input_ids": IDS.to(torch.int64).contiguous()}, tmp_path / "ids.st")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "adapter_config.json").write_text('{"peft_type": "LORA", "use_dora": true}')
+    run = subprocess.run(
+        [
+            program,
+            "--base",
+            tmp_path / "base.st",
+            "--ids",
+            tmp_path / "ids.st",
+            "--out",
+            tmp_path / "o.st",
+            "--config",
+            "64,32,48,2,4,2",
+            f"x={tmp_path / 'bad'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 1
+    assert "use_dora" in run.stderr and "Traceback" not in run.stderr
+
+
+def _hot_swap(model, tmp_path, rounds, run=logits):
+    """Threads run forward with fixed adapters "a" and "b" (and the base) while this thread loads and deletes
+    other adapters in a loop; returns the mismatches seen and the load times."""
+    references = {}
+    for name in ("a", "b", ""):
+        with lorafuse.use_adapter(name):
+            references[name] = run(model)
+    assert not torch.equal(references["a"], references["b"])
+    stop = threading.Event()
+    errors = []
+    counts = {}
+
+    def serve(name):
+        n = 0
+        try:
+            while not stop.is_set():
+                with lorafuse.use_adapter(name):
+                    out = run(model)
+                if not torch.equal(out, references[name]):
+                    errors.append(f"{name}: max diff {(out - references[name]).abs().max().item()}")
+                n += 1
+        except Exception as e:  # noqa: BLE001 - reported by the test
+            errors.append(f"{name}: {type(e).__name__}: {e}")
+        counts[name] = n
+
+    threads = [threading.Thread(target=serve, args=(n,)) for n in ("a", "b", "")]
+    for t in threads:
+        t.start()
+    times = []
+    try:
+        for i in range(rounds):
+            start = time.perf_counter()
+            lorafuse.load_adapter(model, tmp_path / ("c" if i % 2 else "d"), f"swap{i}")
+            times.append(time.perf_counter() - start)
+            if i >= 2:
+                lorafuse.delete_adapter(model, f"swap{i - 2}")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert all(counts.get(n, 0) > 0 for n in ("a", "b", "")), counts
+    return errors, times
+
+
+def test_hot_swap_under_load_python_model(tmp_path):
+    base = tiny_llama(seed=12)
+    for name, seed, targets in (
+        ("a", 1, ["q_proj", "v_proj"]),
+        ("b", 2, ["q_proj", "v_proj"]),
+        ("c", 3, ["q_proj"]),
+        ("d", 4, ["v_proj", "q_proj"]),
+    ):
+        m = copy.deepcopy(base)
+        lorafuse.inject_lora(m, lorafuse.LoraConfig(r=4, target_modules=targets))
+        randomize(m, seed)
+        lorafuse.save_adapter(m, tmp_path / name)
+    model = copy.deepcopy(base)
+    lorafuse.load_adapter(model, tmp_path / "a", "a")
+    lorafuse.load_adapter(model, tmp_path / "b", "b")
+    errors, times = _hot_swap(model, tmp_path, rounds=100)
+    assert errors == []
+    assert lorafuse.adapter_names(model) == ["a", "b", "swap98", "swap99"]
+    # loading does not slow down as adapters come and go: the last loads take about as long as the first
+    first, last = sorted(times[:10])[5], sorted(times[-10:])[5]
+    assert last < 3 * first + 0.02, (first, last)
+
+
+def test_hot_swap_under_load_cpp_model(tmp_path):
+    base = lorafuse.models.Llama(lorafuse.models.LlamaConfig(**TINY_LLAMA))
+    base.eval()
+    hf = tiny_llama(seed=13)
+    with torch.no_grad():
+        hf_params = dict(hf.named_parameters())
+        for n, p in base.named_parameters():
+            p.copy_(hf_params[n])
+    for name, seed, targets in (
+        ("a", 1, ["q_proj", "v_proj"]),
+        ("b", 2, ["q_proj", "v_proj"]),
+        ("c", 3, ["q_proj"]),
+        ("d", 4, ["v_proj", "q_proj"]),
+    ):
+        m = copy.deepcopy(hf)
+        lorafuse.inject_lora(m, lorafuse.LoraConfig(r=4, target_modules=targets))
+        randomize(m, seed)
+        lorafuse.save_adapter(m, tmp_path / name)
+    lorafuse.load_adapter(base, tmp_path / "a", "a")
+    lorafuse.load_adapter(base, tmp_path / "b", "b")
+
+    def cpp_logits(model):  # the C++ model takes ids and returns logits
+        with torch.no_grad():
+            return model(IDS)
+
+    errors, times = _hot_swap(base, tmp_path, rounds=60, run=cpp_logits)
+    assert errors == []
+    assert lorafuse.adapter_names(base) == ["a", "b", "swap58", "swap59"]
