@@ -9,4 +9,6 @@ cd "$LORAFUSE_ROOT"
 echo "lorafuse: C++ tests (ctest)"
 ctest --test-dir "$LORAFUSE_BUILD_DIR" --output-on-failure -j "$MAX_JOBS"
 echo "lorafuse: Python tests (pytest)"
+# The C++ programs that Python tests drive (lorafuse_llama_adapters) are built above: missing is a failure.
+export LORAFUSE_REQUIRE_CPP_TOOLS=1
 "$PY" -m pytest tests/python -q -ra "$@"

@@ -142,6 +142,8 @@ std::shared_ptr<torch::nn::Module> LoraLinearImpl::clone(const std::optional<tor
   check_cloneable(*this, "LoraLinear::clone");
   auto copy = torch::nn::Cloneable<LoraLinearImpl>::clone(device);
   copy_requires_grad(*this, *copy);
+  // Cloneable::clone puts fresh adapter modules into lora_A / lora_B after reset(): route to those.
+  std::dynamic_pointer_cast<LoraLinearImpl>(copy)->refresh_routes();
   return copy;
 }
 

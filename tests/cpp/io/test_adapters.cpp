@@ -1,0 +1,281 @@
+// save_adapter / load_adapter on the reference Llama (<lorafuse/adapters.h>): round trips, the config
+// written for the adapted layers, loading beside other adapters, loading errors leaving the model as it
+// was, the atomic folder swap, and hot-swapping while threads run forward with their own adapters.
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+#include <torch/csrc/autograd/grad_mode.h>
+
+#include <lorafuse/adapters.h>
+#include <lorafuse/io/adapter.h>
+#include <lorafuse/models/llama.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <fstream>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "catch.h"
+#include "nn/nn_test_util.h"
+
+using lorafuse::LoraConfig;
+using lorafuse::models::LlamaConfig;
+using lorafuse::models::LlamaForCausalLM;
+using lorafuse_test::require_error_parts;
+
+namespace {
+
+std::string temp_dir() {
+  std::string pattern = "/tmp/lorafuse_adapter_XXXXXX";
+  REQUIRE(::mkdtemp(pattern.data()) != nullptr);
+  return pattern;
+}
+
+std::string read_file(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+
+void write_file(const std::string& path, const std::string& text) { std::ofstream(path) << text; }
+
+// A tiny Llama with fixed weights (the same for every call with the same seed).
+LlamaForCausalLM tiny_llama(uint64_t seed = 0) {
+  at::manual_seed(seed);
+  LlamaForCausalLM model(LlamaConfig().vocab_size(64).hidden_size(32).intermediate_size(48));
+  model->eval();
+  return model;
+}
+
+at::Tensor ids() { return at::arange(12, at::kLong).remainder(64).reshape({2, 6}); }
+
+at::Tensor logits(LlamaForCausalLM& model) {
+  torch::NoGradGuard no_grad;
+  return model->forward(ids());
+}
+
+// A trained-looking adapter: random A and B (init_lora_weights false).
+std::string saved_adapter(const std::string& root, const std::string& name, const LoraConfig& config, uint64_t seed) {
+  auto model = tiny_llama();
+  at::manual_seed(seed);
+  lorafuse::inject_lora(*model, LoraConfig(config).init_lora_weights(false));
+  const std::string dir = root + "/" + name;
+  lorafuse::save_adapter(*model, dir);
+  return dir;
+}
+
+}  // namespace
+
+TEST_CASE("save_adapter then load_adapter into a fresh model gives the same outputs", "[cpu][adapters]") {
+  const auto root = temp_dir();
+  auto trained = tiny_llama();
+  at::manual_seed(1);
+  lorafuse::inject_lora(*trained, LoraConfig()
+                                      .r(8)
+                                      .lora_alpha(16)
+                                      .target_modules("all-linear")
+                                      .rank_pattern({{"down_proj", 2}})
+                                      .alpha_pattern({{"o_proj", 3.0}})
+                                      .init_lora_weights(false));
+  lorafuse::save_adapter(*trained, root + "/a");
+  const std::string config = read_file(root + "/a/adapter_config.json");
+  CHECK(config.find("\"peft_type\": \"LORA\"") != std::string::npos);
+  CHECK(config.find("\"down_proj\": 2") != std::string::npos);
+  CHECK(config.find("\"o_proj\": 3") != std::string::npos);
+
+  auto fresh = tiny_llama();
+  const auto before = logits(fresh);
+  const auto report = lorafuse::load_adapter(*fresh, root + "/a");
+  CHECK(report.targets.size() == 14);  // 7 linear layers × 2 decoder layers, lm_head excluded
+  CHECK(lorafuse::active_adapter(*fresh) == "default");
+  CHECK(at::equal(logits(fresh), logits(trained)));
+  CHECK_FALSE(at::allclose(logits(fresh), before));
+  for (const auto& [path, layer] : lorafuse::lora_layers(*fresh)) {
+    auto* original = lorafuse::lora_layers(*trained)[0].second;
+    for (const auto& [p2, l2] : lorafuse::lora_layers(*trained)) {
+      if (p2 == path) original = l2;
+    }
+    CHECK(at::equal(layer->lora_a("default"), original->lora_a("default")));
+    CHECK(at::equal(layer->lora_b("default"), original->lora_b("default")));
+    CHECK(layer->adapter_options("default").r() == original->adapter_options("default").r());
+  }
+}
+
+TEST_CASE("a second load_adapter adds the adapter beside the first, inactive and frozen", "[cpu][adapters]") {
+  const auto root = temp_dir();
+  const auto a = saved_adapter(root, "a", LoraConfig().r(4).target_modules({"q_proj", "v_proj"}), 1);
+  const auto b = saved_adapter(root, "b", LoraConfig().r(2).target_modules({"o_proj", "v_proj"}), 2);
+  auto only_a = tiny_llama();
+  lorafuse::load_adapter(*only_a, a, "a");
+  auto only_b = tiny_llama();
+  lorafuse::load_adapter(*only_b, b, "b");
+
+  auto model = tiny_llama();
+  lorafuse::load_adapter(*model, a, "a");
+  lorafuse::load_adapter(*model, b, "b");  // o_proj is wrapped now, without activating b there
+  CHECK(lorafuse::adapter_names(*model) == std::vector<std::string>{"a", "b"});
+  CHECK(lorafuse::active_adapter(*model) == "a");
+  CHECK(at::equal(logits(model), logits(only_a)));
+  for (const auto& [path, layer] : lorafuse::lora_layers(*model)) {
+    if (layer->has_adapter("b")) CHECK_FALSE(layer->lora_a("b").requires_grad());
+  }
+  const auto want_b = logits(only_b);
+  {
+    lorafuse::AdapterScope scope("b");
+    CHECK(at::equal(logits(model), want_b));
+  }
+  lorafuse::set_adapter(*model, "b");
+  CHECK(at::equal(logits(model), want_b));
+  REQUIRE_THROWS_AS(lorafuse::load_adapter(*model, a, "a"), c10::ValueError);
+}
+
+TEST_CASE("load_adapter errors leave the model as it was", "[cpu][adapters][errors]") {
+  const auto root = temp_dir();
+  const auto a = saved_adapter(root, "a", LoraConfig().r(4).target_modules({"q_proj", "v_proj"}), 1);
+  auto model = tiny_llama();
+  const auto before = logits(model);
+
+  SECTION("targets missing from the file, then a partial load") {
+    // The file keeps layer 0 only.
+    auto file = lorafuse::io::read_adapter(a);
+    file.layers.erase(std::remove_if(file.layers.begin(), file.layers.end(),
+                                     [](const auto& l) { return l.path.find("layers.1.") != std::string::npos; }),
+                      file.layers.end());
+    lorafuse::io::write_adapter(root + "/half", file);
+    require_error_parts<c10::ValueError>([&] { lorafuse::load_adapter(*model, root + "/half"); },
+                                         {"model.layers.1.self_attn.q_proj", "partial"});
+    CHECK(lorafuse::lora_layers(*model).empty());
+    CHECK(at::equal(logits(model), before));
+    const auto report =
+        lorafuse::load_adapter(*model, root + "/half", "default", lorafuse::LoadAdapterOptions().partial(true));
+    CHECK(report.targets ==
+          std::vector<std::string>{"model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"});
+  }
+  SECTION("a model of another shape") {
+    const auto wide = root + "/wide";
+    {
+      at::manual_seed(3);
+      LlamaForCausalLM other(LlamaConfig().vocab_size(64).hidden_size(64).intermediate_size(48));
+      lorafuse::inject_lora(*other, LoraConfig().r(4).init_lora_weights(false));
+      lorafuse::save_adapter(*other, wide);
+    }
+    require_error_parts<c10::ValueError>([&] { lorafuse::load_adapter(*model, wide); },
+                                         {"model.layers.0.self_attn.q_proj", "lora_A is [4, 64]", "32 inputs"});
+    CHECK(lorafuse::lora_layers(*model).empty());
+    CHECK(at::equal(logits(model), before));
+  }
+  SECTION("an unsupported PEFT feature") {
+    write_file(a + "/adapter_config.json",
+               R"({"peft_type": "LORA", "r": 4, "target_modules": ["q_proj"], "use_dora": true})");
+    require_error_parts<c10::ValueError>([&] { lorafuse::load_adapter(*model, a); }, {"use_dora", "not support"});
+    CHECK(lorafuse::lora_layers(*model).empty());
+  }
+}
+
+TEST_CASE("save_adapter replaces the folder as a whole and keeps the user's other files", "[cpu][adapters]") {
+  const auto root = temp_dir();
+  const auto dir = saved_adapter(root, "x", LoraConfig().r(4), 1);
+  write_file(dir + "/notes.txt", "mine");
+  REQUIRE(::mkdir((dir + "/checkpoint-1").c_str(), 0755) == 0);
+  write_file(dir + "/checkpoint-1/state.txt", "step 1");
+  auto model = tiny_llama();
+  at::manual_seed(5);
+  lorafuse::inject_lora(*model, LoraConfig().r(2).init_lora_weights(false));
+  lorafuse::save_adapter(*model, dir);
+  CHECK(read_file(dir + "/notes.txt") == "mine");
+  CHECK(read_file(dir + "/checkpoint-1/state.txt") == "step 1");
+  CHECK(lorafuse::io::read_adapter(dir).config.r() == 2);
+  // nothing left beside it
+  int leftovers = 0;
+  for (const auto* suffix : {".saving-", ".old-"}) {
+    const std::string cmd = "ls " + root + " | grep -c -- '" + suffix + "' > " + root + "/count.txt";
+    REQUIRE(std::system(cmd.c_str()) >= 0);
+    leftovers += std::stoi(read_file(root + "/count.txt"));
+  }
+  CHECK(leftovers == 0);
+}
+
+TEST_CASE("threads run forward with their adapters while another loads and deletes adapters", "[cpu][adapters]") {
+  const auto root = temp_dir();
+  const auto a = saved_adapter(root, "a", LoraConfig().r(4).target_modules({"q_proj", "v_proj"}), 1);
+  const auto b = saved_adapter(root, "b", LoraConfig().r(4).target_modules({"q_proj", "v_proj"}), 2);
+  const auto c = saved_adapter(root, "c", LoraConfig().r(8).target_modules({"q_proj"}), 3);
+  const auto d = saved_adapter(root, "d", LoraConfig().r(2).target_modules({"v_proj"}), 4);
+  auto model = tiny_llama();
+  lorafuse::load_adapter(*model, a, "a");
+  lorafuse::load_adapter(*model, b, "b");
+  std::map<std::string, at::Tensor> reference;
+  for (const std::string name : {"a", "b", ""}) {
+    lorafuse::AdapterScope scope(name);
+    reference[name] = logits(model);
+  }
+  REQUIRE_FALSE(at::equal(reference["a"], reference["b"]));
+
+  std::atomic<bool> stop{false};
+  std::atomic<int> mismatches{0}, failures{0};
+  std::vector<int> runs(3, 0);
+  std::vector<std::thread> threads;
+  const std::vector<std::string> names{"a", "b", ""};
+  for (size_t i = 0; i < names.size(); ++i) {
+    threads.emplace_back([&, i] {
+      try {
+        torch::NoGradGuard no_grad;
+        lorafuse::AdapterScope scope(names[i]);
+        while (!stop) {
+          if (!at::equal(model->forward(ids()), reference[names[i]])) ++mismatches;
+          ++runs[i];
+        }
+      } catch (...) {
+        ++failures;
+      }
+    });
+  }
+  std::vector<double> seconds;
+  for (int i = 0; i < 100; ++i) {
+    const auto start = std::chrono::steady_clock::now();
+    lorafuse::load_adapter(*model, i % 2 ? c : d, "swap" + std::to_string(i));
+    seconds.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+    if (i >= 2) lorafuse::delete_adapter(*model, "swap" + std::to_string(i - 2));
+  }
+  stop = true;
+  for (auto& t : threads) t.join();
+  CHECK(failures == 0);
+  CHECK(mismatches == 0);
+  for (int n : runs) CHECK(n > 0);
+  auto left = lorafuse::adapter_names(*model);
+  std::sort(left.begin(), left.end());
+  CHECK(left == std::vector<std::string>{"a", "b", "swap98", "swap99"});
+  // The 100th load costs about what the first did (medians of the first and last ten).
+  auto median = [](std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    return v[v.size() / 2];
+  };
+  const double first = median({seconds.begin(), seconds.begin() + 10});
+  const double last = median({seconds.end() - 10, seconds.end()});
+  INFO("first " << first << " s, last " << last << " s");
+  CHECK(last < 3 * first + 0.02);
+}
+
+TEST_CASE("an AdapterScope on a layer with a merged adapter is an error unless it names the active one",
+          "[cpu][adapters][errors]") {
+  const auto root = temp_dir();
+  const auto a = saved_adapter(root, "a", LoraConfig().r(4), 1);
+  auto model = tiny_llama();
+  lorafuse::load_adapter(*model, a, "a");
+  lorafuse::load_adapter(*model, a, "b");
+  const auto unmerged = logits(model);
+  lorafuse::merge_adapter(*model);
+  {
+    lorafuse::AdapterScope scope("a");
+    CHECK(at::allclose(logits(model), unmerged, 1e-4, 1e-5));
+  }
+  lorafuse::AdapterScope scope("b");
+  require_error_parts<c10::ValueError>([&] { logits(model); }, {"AdapterScope(\"b\")", "merged", "unmerge"});
+}
