@@ -83,6 +83,15 @@ void collect_tensors(AdapterFile& file, const std::string& weights_path, Safeten
     }
     return file.layers[it->second];
   };
+  // Tensors of PEFT features lorafuse does not support are named first, whatever else the file holds.
+  for (const auto& [name, tensor] : st.tensors) {
+    if (name.find("lora_embedding_") != std::string::npos || name.find("lora_magnitude_vector") != std::string::npos ||
+        name.find("modules_to_save") != std::string::npos) {
+      TORCH_CHECK_VALUE(false, weights_path, ": tensor \"", name,
+                        "\" belongs to a PEFT feature that lorafuse does not support yet (LoRA on embeddings, DoRA, "
+                        "modules_to_save); only LoRA on Linear layers loads");
+    }
+  }
   for (auto& [name, tensor] : st.tensors) {
     TORCH_CHECK_VALUE(starts_with(name, kPrefix), weights_path, ": tensor \"", name,
                       "\" is not named as PEFT names adapter tensors (base_model.model.<module>.lora_A.weight)");
@@ -102,14 +111,10 @@ void collect_tensors(AdapterFile& file, const std::string& weights_path, Safeten
       TORCH_CHECK_VALUE(tensor.numel() > 0 && at::isFloatingType(tensor.scalar_type()), weights_path, ": bias \"", name,
                         "\" is empty or not floating point (", tensor.scalar_type(), ", shape ", shape_str(tensor),
                         ")");
+      TORCH_CHECK_VALUE(at::isfinite(tensor).all().item<bool>(), weights_path, ": bias \"", name,
+                        "\" holds non-finite values (inf or nan)");
       file.biases.emplace_back(rest, std::move(tensor));
       continue;
-    }
-    if (rest.find("lora_embedding_") != std::string::npos || rest.find("lora_magnitude_vector") != std::string::npos ||
-        rest.find("modules_to_save") != std::string::npos) {
-      TORCH_CHECK_VALUE(false, weights_path, ": tensor \"", name,
-                        "\" belongs to a PEFT feature that lorafuse does not support yet (LoRA on embeddings, DoRA, "
-                        "modules_to_save); only LoRA on Linear layers loads");
     }
     TORCH_CHECK_VALUE(false, weights_path, ": unexpected tensor \"", name,
                       "\"; an adapter file holds base_model.model.<module>.lora_A.weight / .lora_B.weight");
@@ -325,8 +330,8 @@ std::string lora_tensor_name(const std::string& module_path, char which) {
 
 AdapterFile read_adapter(const std::string& dir) {
   struct stat st;
-  TORCH_CHECK_VALUE(::stat(dir.c_str(), &st) == 0, "load_adapter: \"", dir, "\" does not exist");
-  TORCH_CHECK_VALUE(S_ISDIR(st.st_mode), "load_adapter: \"", dir,
+  TORCH_CHECK_VALUE(::stat(dir.c_str(), &st) == 0, "adapter folder \"", dir, "\" does not exist");
+  TORCH_CHECK_VALUE(S_ISDIR(st.st_mode), "adapter folder \"", dir,
                     "\" is not a folder; expected a folder holding adapter_config.json and adapter_model.safetensors");
   const std::string config_path = join_path(dir, kAdapterConfigFile);
   const std::string weights_path = join_path(dir, kAdapterWeightsFile);
@@ -373,8 +378,9 @@ std::vector<LoadTarget> plan_adapter_load(const AdapterFile& file, const std::ve
   for (const auto& l : file.layers) {
     const size_t i = index.at(l.path);
     const auto& m = modules[i];
-    TORCH_CHECK_VALUE(m.is_linear, "load_adapter: the file adapts \"", l.path, "\", which is a ", m.type_name,
-                      " in this model; LoRA goes into Linear layers only");
+    TORCH_CHECK_VALUE(m.is_linear, "load_adapter: the file adapts \"", l.path,
+                      "\", which is not a Linear layer in this model (its type: ", m.type_name,
+                      "); LoRA goes into Linear layers only");
     const int64_t r = l.lora_A.size(0);
     TORCH_CHECK_VALUE(l.lora_A.size(1) == m.in_features, "load_adapter: \"", l.path, "\": lora_A is ",
                       shape_str(l.lora_A), " but the layer takes ", m.in_features, " inputs; expected [", r, ", ",
@@ -391,10 +397,11 @@ std::vector<LoadTarget> plan_adapter_load(const AdapterFile& file, const std::ve
                        [&](const auto& l) { return l.path == modules[i].path; }))
         missing.push_back(modules[i].path);
     }
-    TORCH_CHECK_VALUE(missing.empty(), "load_adapter: adapter_config.json targets ", file.config.target_modules().str(),
-                      ", but the file has no weights for ", missing.size(),
-                      " of those layers in this model: ", list_some(missing),
-                      ". Load with partial=true to adapt only the layers the file has");
+    TORCH_CHECK_VALUE(
+        missing.empty(), "load_adapter: adapter_config.json targets ", file.config.target_modules().str(),
+        ", but the file has no weights for ", missing.size(), " of those layers in this model: ", list_some(missing),
+        ". Load with partial (partial=True in Python, LoadAdapterOptions().partial(true) in C++) to adapt only the "
+        "layers the file has");
   }
   return plan;
 }

@@ -15,6 +15,7 @@
 #include <lorafuse/ops.h>
 #include <torch/python.h>
 
+#include <cstdio>
 #include <string>
 #include <utility>
 #include <vector>
@@ -23,17 +24,39 @@ namespace py = pybind11;
 
 namespace {
 
+// A message that Python can decode: bytes that are not UTF-8 (quoted from a corrupted file) as \xNN.
+std::string valid_utf8(const std::string& s) {
+  std::string out;
+  size_t i = 0;
+  while (i < s.size()) {
+    const auto c = static_cast<unsigned char>(s[i]);
+    const size_t n = c < 0x80 ? 1 : (c >> 5) == 0x6 ? 2 : (c >> 4) == 0xe ? 3 : (c >> 3) == 0x1e ? 4 : 0;
+    bool ok = n > 0 && i + n <= s.size();
+    for (size_t k = 1; ok && k < n; ++k) ok = (static_cast<unsigned char>(s[i + k]) & 0xc0) == 0x80;
+    if (ok) {
+      out.append(s, i, n);
+      i += n;
+    } else {
+      char esc[5];
+      std::snprintf(esc, sizeof(esc), "\\x%02x", c);
+      out += esc;
+      ++i;
+    }
+  }
+  return out;
+}
+
 // c10's ValueError / TypeError as Python's, with the message and without the C++ backtrace.
 template <class F>
 auto translating(F&& f) -> decltype(f()) {
   try {
     return f();
   } catch (const c10::TypeError& e) {
-    throw py::type_error(e.what_without_backtrace());
+    throw py::type_error(valid_utf8(e.what_without_backtrace()));
   } catch (const c10::ValueError& e) {
-    throw py::value_error(e.what_without_backtrace());
+    throw py::value_error(valid_utf8(e.what_without_backtrace()));
   } catch (const c10::Error& e) {
-    throw std::runtime_error(e.what_without_backtrace());
+    throw std::runtime_error(valid_utf8(e.what_without_backtrace()));
   }
 }
 
@@ -130,7 +153,7 @@ auto warning_to_python(F&& f) -> decltype(f()) {
     return translating(f);
   }();
   for (const auto& m : collect.messages) {
-    if (PyErr_WarnEx(PyExc_UserWarning, m.c_str(), 1) != 0) throw py::error_already_set();
+    if (PyErr_WarnEx(PyExc_UserWarning, valid_utf8(m).c_str(), 1) != 0) throw py::error_already_set();
   }
   return result;
 }

@@ -139,6 +139,7 @@ def load_adapter(
     """
     path = _folder(dir, "load_adapter")
     _check_name(adapter_name, "load_adapter")
+    _C._validate_adapter(adapter_name, 1, 1.0, 0.0)  # the name's rules, before anything changes
     if _cpp(model) is not None:
         _C._cpp_load_adapter(_cpp(model), path, adapter_name, bool(partial))
         return model

@@ -96,9 +96,6 @@ class Linear(nn.Module):
         self.base_layer = base_layer
         self.in_features = base_layer.in_features
         self.out_features = base_layer.out_features
-        base_layer.weight.requires_grad_(False)
-        if base_layer.bias is not None:
-            base_layer.bias.requires_grad_(False)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.adapters: Dict[str, AdapterOptions] = {}
@@ -125,6 +122,10 @@ class Linear(nn.Module):
             adapter_dtype=adapter_dtype,
             bias=bias,
         )
+        # frozen only once the adapter is valid: a bad argument leaves the caller's layer as it was
+        base_layer.weight.requires_grad_(False)
+        if base_layer.bias is not None:
+            base_layer.bias.requires_grad_(False)
 
     @property
     def weight(self) -> Tensor:
