@@ -9,7 +9,7 @@
 namespace lorafuse::io {
 namespace {
 
-using json = nlohmann::json;
+using json = nlohmann::ordered_json;  // PEFT applies rank_pattern / alpha_pattern keys in file order
 
 // Fields that do not change what the adapter computes.
 const std::set<std::string> kIgnored = {"base_model_name_or_path", "revision",          "task_type",
@@ -88,7 +88,10 @@ json modules_json(const TargetModules& m) {
 AdapterFile parse_adapter_config(const std::string& json_text, const std::string& what) {
   json j;
   try {
-    j = json::parse(json_text);
+    j = json::parse(json_text, [&](int depth, json::parse_event_t, json&) {
+      TORCH_CHECK_VALUE(depth <= 32, what, ": JSON nested deeper than 32 levels");
+      return true;
+    });
   } catch (const json::exception& e) {
     TORCH_CHECK_VALUE(false, what, ": not valid JSON (", e.what(), ")");
   }

@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <climits>
 #include <cstring>
 #include <fstream>
 #include <map>
@@ -179,25 +180,6 @@ void write_all(const std::string& path, const std::string& contents, const std::
   if (::close(fd) != 0) fail_io(what, "closing " + path, errno);
 }
 
-void remove_tree(const std::string& path) {
-  struct stat st;
-  if (::lstat(path.c_str(), &st) != 0) return;
-  if (S_ISDIR(st.st_mode)) {
-    if (DIR* d = ::opendir(path.c_str())) {
-      std::vector<std::string> names;
-      while (dirent* e = ::readdir(d)) {
-        const std::string n = e->d_name;
-        if (n != "." && n != "..") names.push_back(n);
-      }
-      ::closedir(d);
-      for (const auto& n : names) remove_tree(path + "/" + n);
-    }
-    ::rmdir(path.c_str());
-  } else {
-    ::unlink(path.c_str());
-  }
-}
-
 std::vector<std::string> entries(const std::string& dir) {
   std::vector<std::string> names;
   if (DIR* d = ::opendir(dir.c_str())) {
@@ -210,19 +192,47 @@ std::vector<std::string> entries(const std::string& dir) {
   return names;
 }
 
+mode_t current_umask() {
+  const mode_t mask = ::umask(0);
+  ::umask(mask);
+  return mask;
+}
+
 // Writes `files` (name → contents) as folder `dir`: a staging folder beside it gets the files (flushed)
-// and hard links to whatever else `dir` holds, then takes dir's place in one atomic rename.
+// and hard links to the other files `dir` holds, then takes dir's place in one atomic rename. A folder
+// that holds subfolders is refused: moving folders lorafuse does not own cannot be made atomic.
 void replace_folder_atomically(const std::string& dir_in,
                                const std::vector<std::pair<std::string, std::string>>& files) {
   std::string dir = dir_in;
   while (dir.size() > 1 && dir.back() == '/') dir.pop_back();
   TORCH_CHECK_VALUE(!dir.empty(), "save_adapter: dir is empty; expected a folder path");
+  struct stat st;
+  if (::lstat(dir.c_str(), &st) == 0 && S_ISLNK(st.st_mode)) {  // save into the folder the link points to
+    char resolved[PATH_MAX];
+    TORCH_CHECK_VALUE(::realpath(dir.c_str(), resolved) != nullptr, "save_adapter: \"", dir,
+                      "\" is a symbolic link that cannot be resolved (", std::strerror(errno), ")");
+    dir = resolved;
+  }
   const auto slash = dir.rfind('/');
   const std::string parent = slash == std::string::npos ? "." : (slash == 0 ? "/" : dir.substr(0, slash));
-  struct stat st;
   const bool exists = ::stat(dir.c_str(), &st) == 0;
   TORCH_CHECK_VALUE(!exists || S_ISDIR(st.st_mode), "save_adapter: \"", dir, "\" exists and is not a folder");
-  TORCH_CHECK_VALUE(::stat(parent.c_str(), &st) == 0 && S_ISDIR(st.st_mode), "save_adapter: the parent folder \"",
+  const mode_t mode = exists ? (st.st_mode & 07777) : (0777 & ~current_umask());
+  std::vector<std::string> others;  // the user's files in dir, kept
+  if (exists) {
+    std::vector<std::string> subfolders;
+    for (const auto& name : entries(dir)) {
+      if (std::any_of(files.begin(), files.end(), [&](const auto& f) { return f.first == name; })) continue;
+      struct stat est;
+      if (::lstat((dir + "/" + name).c_str(), &est) != 0) continue;
+      (S_ISDIR(est.st_mode) ? subfolders : others).push_back(name);
+    }
+    TORCH_CHECK_VALUE(subfolders.empty(), "save_adapter: \"", dir, "\" holds subfolders (", list_some(subfolders),
+                      "); an adapter folder is replaced as a whole, atomically, and lorafuse does not move folders "
+                      "it did not write. Save into a folder without subfolders");
+  }
+  struct stat pst;
+  TORCH_CHECK_VALUE(::stat(parent.c_str(), &pst) == 0 && S_ISDIR(pst.st_mode), "save_adapter: the parent folder \"",
                     parent, "\" of \"", dir, "\" does not exist");
 
   std::string staging = dir + ".saving-XXXXXX";
@@ -230,21 +240,12 @@ void replace_folder_atomically(const std::string& dir_in,
   buf.push_back('\0');
   if (::mkdtemp(buf.data()) == nullptr) fail_io("save_adapter: " + dir, "creating a folder beside it", errno);
   staging = buf.data();
-  ::chmod(staging.c_str(), 0755);
   try {
-    std::vector<std::string> subfolders;
+    if (::chmod(staging.c_str(), mode) != 0) fail_io("save_adapter: " + dir, "setting the new folder's mode", errno);
     for (const auto& [name, contents] : files) write_all(staging + "/" + name, contents, "save_adapter: " + dir);
-    if (exists) {
-      for (const auto& name : entries(dir)) {
-        if (std::any_of(files.begin(), files.end(), [&](const auto& f) { return f.first == name; })) continue;
-        const std::string from = dir + "/" + name;
-        struct stat est;
-        if (::lstat(from.c_str(), &est) != 0) continue;
-        if (S_ISDIR(est.st_mode)) {
-          subfolders.push_back(name);  // moved after the swap (folders cannot be hard-linked)
-        } else if (::link(from.c_str(), (staging + "/" + name).c_str()) != 0) {
-          fail_io("save_adapter: " + dir, "keeping \"" + name + "\" (a hard link into the new folder)", errno);
-        }
+    for (const auto& name : others) {
+      if (::link((dir + "/" + name).c_str(), (staging + "/" + name).c_str()) != 0) {
+        fail_io("save_adapter: " + dir, "keeping \"" + name + "\" (a hard link into the new folder)", errno);
       }
     }
     fsync_path(staging, O_RDONLY | O_DIRECTORY);
@@ -275,15 +276,17 @@ void replace_folder_atomically(const std::string& dir_in,
           fail_io("save_adapter: " + dir, "renaming the new folder into place", err);
         }
       }
-      for (const auto& name : subfolders) {
-        ::rename((old + "/" + name).c_str(), (dir + "/" + name).c_str());
-      }
-      remove_tree(old);
+      // The old folder holds only the old adapter files and links to files the new one also links.
+      for (const auto& name : entries(old)) ::unlink((old + "/" + name).c_str());
+      ::rmdir(old.c_str());
     }
     fsync_path(parent, O_RDONLY | O_DIRECTORY);
   } catch (...) {
     struct stat sst;
-    if (::stat(staging.c_str(), &sst) == 0) remove_tree(staging);
+    if (::stat(staging.c_str(), &sst) == 0) {
+      for (const auto& name : entries(staging)) ::unlink((staging + "/" + name).c_str());
+      ::rmdir(staging.c_str());
+    }
     throw;
   }
 }

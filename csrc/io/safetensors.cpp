@@ -18,6 +18,8 @@ namespace {
 
 using json = nlohmann::json;
 
+constexpr int kMaxJsonDepth = 64;
+
 struct DtypeInfo {
   const char* name;
   at::ScalarType type;
@@ -95,6 +97,8 @@ Safetensors parse_safetensors(const uint8_t* data, size_t size, const std::strin
   json header;
   try {
     header = json::parse(text, text + header_len, [&](int depth, json::parse_event_t event, json& parsed) {
+      // A well-formed header nests 3 levels deep; deep nesting would exhaust the stack in dump()/destruction.
+      TORCH_CHECK_VALUE(depth <= kMaxJsonDepth, what, ": the header nests JSON deeper than ", kMaxJsonDepth, " levels");
       if (event == json::parse_event_t::key && depth == 1) {
         const auto key = parsed.get<std::string>();
         TORCH_CHECK_VALUE(seen.insert(key).second, what, ": duplicate tensor name \"", key, "\" in the header");
@@ -140,12 +144,16 @@ Safetensors parse_safetensors(const uint8_t* data, size_t size, const std::strin
     TORCH_CHECK_VALUE(e.begin <= e.end, where, ": data_offsets [", e.begin, ", ", e.end, "] end before they begin");
     // numel × itemsize, overflow-checked
     uint64_t bytes = c10::elementSize(info->type);
+    uint64_t span = 1;  // product of the non-zero dimensions: strides must fit in int64 even when numel is 0
     for (const auto& d : shape) {
       const uint64_t dim = to_u64(d, where + " shape");
       TORCH_CHECK_VALUE(dim <= static_cast<uint64_t>(INT64_MAX), where, ": dimension ", dim, " is too large");
       TORCH_CHECK_VALUE(dim == 0 || bytes <= UINT64_MAX / dim, where, ": shape ", shape.dump(),
                         " overflows 64 bits in bytes");
       bytes *= dim;
+      TORCH_CHECK_VALUE(dim == 0 || span <= static_cast<uint64_t>(INT64_MAX) / dim, where, ": shape ", shape.dump(),
+                        " is too large (its strides overflow 64 bits)");
+      span *= dim == 0 ? 1 : dim;
       e.shape.push_back(static_cast<int64_t>(dim));
     }
     TORCH_CHECK_VALUE(bytes == e.end - e.begin, where, ": shape ", shape.dump(), " of ", info->name, " is ", bytes,

@@ -3,9 +3,9 @@
 // Thread-safety contract. On one model, these may run at the same time:
 //   - forward on any number of threads, each choosing its adapter with a lorafuse::AdapterScope (or
 //     running the model's active adapter), with autograd off or on;
-//   - one thread calling load_adapter under a new name on a model that already has LoRA layers for every
-//     layer the file adapts, and delete_adapter of an adapter that is neither active nor in use by a
-//     running forward (a forward that started with it finishes with it).
+//   - one thread calling load_adapter under a new name on a model that already has an active adapter and
+//     LoRA layers for every layer the file adapts (a file without biases), and delete_adapter of an adapter that is
+//     neither active nor in use by a running forward (a forward that started with it finishes with it).
 // Everything else changes the model and must not overlap anything: inject_lora, a load_adapter that has
 // to wrap new layers or that loads biases, set_adapter, merge/unmerge, enable/disable, to(), training
 // steps, load/save of module archives. Inference with a per-thread adapter never needs the active one.
@@ -45,7 +45,12 @@ struct LoadAdapterOptions {
 /// float16/bfloat16 base, else the base weight's dtype), as if the adapter were trained there.
 /// Everything is checked before the model changes (io::read_adapter and io::plan_adapter_load list the
 /// errors); warnings (an all-zero lora_B, unknown config fields) go through TORCH_WARN.
+/// report.trainable / report.total are counted when the load injects (a model without adapters); loading
+/// beside other adapters leaves them 0, so that its cost does not grow with the adapters already loaded.
 InjectReport load_adapter(torch::nn::Module& module, const std::string& dir,
+                          const std::string& adapter_name = "default", const LoadAdapterOptions& options = {});
+/// The same from an adapter read already (io::read_adapter), without warning again about what reading found.
+InjectReport load_adapter(torch::nn::Module& module, const io::AdapterFile& file,
                           const std::string& adapter_name = "default", const LoadAdapterOptions& options = {});
 
 }  // namespace lorafuse

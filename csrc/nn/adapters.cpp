@@ -49,6 +49,14 @@ void save_adapter(torch::nn::Module& module, const std::string& dir, const std::
 InjectReport load_adapter(torch::nn::Module& module, const std::string& dir, const std::string& adapter_name,
                           const LoadAdapterOptions& options) {
   nn::check_adapter_name(adapter_name);
+  const io::AdapterFile file = io::read_adapter(dir);
+  for (const auto& w : file.warnings) TORCH_WARN(w);
+  return load_adapter(module, file, adapter_name, options);
+}
+
+InjectReport load_adapter(torch::nn::Module& module, const io::AdapterFile& file, const std::string& adapter_name,
+                          const LoadAdapterOptions& options) {
+  nn::check_adapter_name(adapter_name);
   TORCH_CHECK_VALUE(!detail::is_linear(&module),
                     "module: load_adapter puts adapters into layers inside a model, and this model is itself a "
                     "Linear layer; wrap it in lorafuse::nn::LoraLinear and load into a model holding it");
@@ -57,8 +65,7 @@ InjectReport load_adapter(torch::nn::Module& module, const std::string& dir, con
                     "named \"",
                     adapter_name, "\"; adapters: ", detail::join(adapter_names(module)),
                     ". Load under another name, or delete_adapter first");
-  // Everything is read and checked before anything changes.
-  const io::AdapterFile file = io::read_adapter(dir);
+  // Everything is checked before anything changes.
   const auto sites = detail::sites_of(module);
   const auto plan = io::plan_adapter_load(file, detail::infos_of(sites), options.partial());
   std::vector<TargetChoice> chosen;
@@ -68,24 +75,25 @@ InjectReport load_adapter(torch::nn::Module& module, const std::string& dir, con
     by_index[t.index] = &t;
   }
   detail::check_rewirable(sites, chosen, "load_adapter");
-  std::map<std::string, at::Tensor> params;
-  for (const auto& p : module.named_parameters()) params.emplace(p.key(), p.value());
   std::vector<std::pair<at::Tensor, at::Tensor>> bias_copies;  // (model parameter, file tensor)
-  for (const auto& [path, t] : file.biases) {
-    // A wrapped layer's bias is "<path>.base_layer.bias" (PEFT since 0.7), "<path>.bias" before wrapping.
-    const std::string wrapped = ".base_layer.bias";
-    const bool is_wrapped =
-        path.size() > wrapped.size() && path.compare(path.size() - wrapped.size(), wrapped.size(), wrapped) == 0;
-    const std::string alias =
-        is_wrapped ? path.substr(0, path.size() - wrapped.size()) + ".bias" : path.substr(0, path.size() - 5) + wrapped;
-    auto it = params.find(path);
-    if (it == params.end()) it = params.find(alias);
-    TORCH_CHECK_VALUE(it != params.end(), "load_adapter: the file has bias \"", path, "\", which the model lacks");
-    TORCH_CHECK_VALUE(it->second.sizes() == t.sizes(), "load_adapter: bias \"", path, "\" is ", t.sizes(),
-                      " in the file but ", it->second.sizes(), " in the model");
-    bias_copies.emplace_back(it->second, t);
+  if (!file.biases.empty()) {
+    std::map<std::string, at::Tensor> params;
+    for (const auto& p : module.named_parameters()) params.emplace(p.key(), p.value());
+    for (const auto& [path, t] : file.biases) {
+      // A wrapped layer's bias is "<path>.base_layer.bias" (PEFT since 0.7), "<path>.bias" before wrapping.
+      const std::string wrapped = ".base_layer.bias";
+      const bool is_wrapped =
+          path.size() > wrapped.size() && path.compare(path.size() - wrapped.size(), wrapped.size(), wrapped) == 0;
+      const std::string alias = is_wrapped ? path.substr(0, path.size() - wrapped.size()) + ".bias"
+                                           : path.substr(0, path.size() - 5) + wrapped;
+      auto it = params.find(path);
+      if (it == params.end()) it = params.find(alias);
+      TORCH_CHECK_VALUE(it != params.end(), "load_adapter: the file has bias \"", path, "\", which the model lacks");
+      TORCH_CHECK_VALUE(it->second.sizes() == t.sizes(), "load_adapter: bias \"", path, "\" is ", t.sizes(),
+                        " in the file but ", it->second.sizes(), " in the model");
+      bias_copies.emplace_back(it->second, t);
+    }
   }
-  for (const auto& w : file.warnings) TORCH_WARN(w);
 
   const std::string prior_active = active_adapter(module);
   InjectReport report = detail::attach_adapter(
@@ -99,10 +107,12 @@ InjectReport load_adapter(torch::nn::Module& module, const std::string& dir, con
     torch::NoGradGuard no_grad;
     for (auto& [param, t] : bias_copies) param.copy_(t);
   }
-  if (prior_active.empty()) detail::activate_and_freeze(module, adapter_name);
-  const auto count = trainable_parameters(module);
-  report.trainable = count.trainable;
-  report.total = count.total;
+  if (prior_active.empty()) {
+    detail::activate_and_freeze(module, adapter_name);
+    const auto count = trainable_parameters(module);
+    report.trainable = count.trainable;
+    report.total = count.total;
+  }
   return report;
 }
 

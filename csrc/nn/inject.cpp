@@ -172,7 +172,7 @@ InjectReport attach_adapter(const std::vector<Site>& sites, const std::vector<Ta
   for (const auto& c : chosen) {
     const Site& s = sites[c.index];
     if (auto* lora = dynamic_cast<LoraLinearImpl*>(s.module.get())) {
-      lora->add_adapter(name, c.adapter);
+      lora->add_adapter(name, c.adapter, /*activate=*/!keep_active);
       if (fill) fill(c.index, *lora);
     } else {
       torch::nn::Linear base(std::dynamic_pointer_cast<LinearImpl>(s.module));

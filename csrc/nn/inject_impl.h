@@ -31,8 +31,8 @@ void check_rewirable(const std::vector<Site>& sites, const std::vector<TargetCho
 
 // Gives adapter `name` to sites[c.index] for each choice: adds it to a LoraLinear, or wraps a Linear in a
 // new LoraLinear (in the model's train/eval mode; disabled if the model's adapters are). `fill` (if set)
-// then sets each layer's weights. When `keep_active` is set, new layers do not activate the adapter
-// (the model has another active one). Returns the targets and the wrapped layers.
+// then sets each layer's weights. When `keep_active` is set, no layer activates the adapter (the model
+// has another active one, and threads may be running forward). Returns the targets and the wrapped layers.
 InjectReport attach_adapter(const std::vector<Site>& sites, const std::vector<TargetChoice>& chosen,
                             const std::string& name, bool keep_active,
                             const std::function<void(size_t, nn::LoraLinearImpl&)>& fill = nullptr);

@@ -10,6 +10,7 @@
 #include <torch/serialize/archive.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <iomanip>
 #include <sstream>
@@ -39,18 +40,30 @@ std::vector<std::string> split(const std::string& s, char sep) {
   return parts;
 }
 
-thread_local const std::string* t_scope = nullptr;
+// This thread's open scopes, innermost last, by id (names held by value).
+thread_local std::vector<std::pair<uint64_t, std::string>> t_scopes;
+std::atomic<uint64_t> next_scope_id{1};
 
 }  // namespace
 
-AdapterScope::AdapterScope(std::string adapter_name) : name_(std::move(adapter_name)), previous_(t_scope) {
-  if (!name_.empty()) check_adapter_name(name_);
-  t_scope = &name_;
+AdapterScope::AdapterScope(std::string adapter_name) : id_(next_scope_id++) {
+  if (!adapter_name.empty()) check_adapter_name(adapter_name);
+  t_scopes.emplace_back(id_, std::move(adapter_name));
 }
 
-AdapterScope::~AdapterScope() { t_scope = previous_; }
+AdapterScope::~AdapterScope() {
+  for (auto it = t_scopes.rbegin(); it != t_scopes.rend(); ++it) {
+    if (it->first == id_) {
+      t_scopes.erase(std::next(it).base());
+      return;
+    }
+  }
+}
 
-const std::string* AdapterScope::current() noexcept { return t_scope; }
+std::optional<std::string> AdapterScope::current() {
+  if (t_scopes.empty()) return std::nullopt;
+  return t_scopes.back().second;
+}
 
 LoraAdapterOptions LoraLinearOptions::adapter() const {
   return LoraAdapterOptions(r_)
@@ -216,14 +229,15 @@ void LoraLinearImpl::apply_trainability() {
 }
 
 at::Tensor LoraLinearImpl::forward(const at::Tensor& x) {
-  const std::string* scoped = AdapterScope::current();
-  const std::string& name = scoped != nullptr ? *scoped : active_;
-  if (disabled_ || name.empty()) return base_layer->forward(x);
+  const std::optional<std::string> scoped = AdapterScope::current();
+  const std::string& name = scoped ? *scoped : active_;
+  if (disabled_) return base_layer->forward(x);
   if (!merged_.empty()) {
     TORCH_CHECK_VALUE(name == active_, "LoraLinear: AdapterScope(\"", name, "\") on a layer with ", join(merged_),
                       " merged into its weight; unmerge first to run other adapters per thread");
     if (contains(merged_, name)) return base_layer->forward(x);
   }
+  if (name.empty()) return base_layer->forward(x);
   const auto table = routes();  // a consistent snapshot, whatever other threads add or remove meanwhile
   const auto it = table->find(name);
   if (it == table->end()) return base_layer->forward(x);  // a scope's adapter that this layer lacks
@@ -246,6 +260,10 @@ at::Tensor LoraLinearImpl::forward(const at::Tensor& x) {
 }
 
 void LoraLinearImpl::add_adapter(const std::string& name, const LoraAdapterOptions& adapter) {
+  add_adapter(name, adapter, /*activate=*/true);
+}
+
+void LoraLinearImpl::add_adapter(const std::string& name, const LoraAdapterOptions& adapter, bool activate) {
   check_adapter_name(name);
   adapter.validate();
   TORCH_CHECK_VALUE(!has_adapter(name), "adapter_name: an adapter named \"", name, "\" already exists; this layer has ",
@@ -260,7 +278,7 @@ void LoraLinearImpl::add_adapter(const std::string& name, const LoraAdapterOptio
   adapters_.emplace(name, adapter);
   order_.push_back(name);
   init_adapter_weights(name);
-  if (active_.empty()) {
+  if (active_.empty() && activate) {
     active_ = name;
     apply_trainability();
   } else {  // only the new adapter's flags: other threads may be running the others

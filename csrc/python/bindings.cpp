@@ -138,26 +138,6 @@ lorafuse::nn::InitLoraWeights init_from(const py::handle& init) {
                        std::string(py::str(py::type::of(init).attr("__name__"))));
 }
 
-// Runs f with C++ warnings (TORCH_WARN) collected, then issues them as Python UserWarnings.
-class CollectWarnings : public c10::WarningHandler {
- public:
-  void process(const c10::Warning& warning) override { messages.push_back(warning.msg()); }
-  std::vector<std::string> messages;
-};
-
-template <class F>
-auto warning_to_python(F&& f) -> decltype(f()) {
-  CollectWarnings collect;
-  auto result = [&] {
-    c10::WarningUtils::WarningHandlerGuard guard(&collect);
-    return translating(f);
-  }();
-  for (const auto& m : collect.messages) {
-    if (PyErr_WarnEx(PyExc_UserWarning, valid_utf8(m).c_str(), 1) != 0) throw py::error_already_set();
-  }
-  return result;
-}
-
 std::vector<lorafuse::ModuleInfo> infos_from(
     const std::vector<std::tuple<std::string, std::string, bool, int64_t, int64_t>>& modules) {
   std::vector<lorafuse::ModuleInfo> infos;
@@ -354,8 +334,16 @@ void bind_modules(py::module& m) {
   m.def(
       "_cpp_load_adapter",
       [](torch::nn::Module& module, const std::string& dir, const std::string& adapter_name, bool partial) {
-        const auto report = warning_to_python([&] {
-          return lorafuse::load_adapter(module, dir, adapter_name, lorafuse::LoadAdapterOptions().partial(partial));
+        // Read and warn first: a warning turned into an error must leave the model unchanged.
+        const auto file = translating([&] {
+          lorafuse::nn::check_adapter_name(adapter_name);
+          return lorafuse::io::read_adapter(dir);
+        });
+        for (const auto& w : file.warnings) {
+          if (PyErr_WarnEx(PyExc_UserWarning, valid_utf8(w).c_str(), 1) != 0) throw py::error_already_set();
+        }
+        const auto report = translating([&] {
+          return lorafuse::load_adapter(module, file, adapter_name, lorafuse::LoadAdapterOptions().partial(partial));
         });
         return py::make_tuple(report.targets, report.wrapped, report.trainable, report.total);
       },

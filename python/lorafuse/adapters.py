@@ -5,9 +5,10 @@ module applies them to models written in Python and hands bound C++ models to C+
 
 Thread-safety contract (the same as C++, see ``<lorafuse/adapters.h>``): on one model, any number of threads
 may run forward, each choosing its adapter with :func:`use_adapter`, while one thread calls
-:func:`load_adapter` under a new name (on a model that already has LoRA layers for every layer the file
-adapts) and :func:`delete_adapter` of an adapter that no running forward uses and that is not active.
-Everything else (inject_lora, set_adapter, merge, training steps, ``.to()``, ...) must not overlap anything.
+:func:`load_adapter` under a new name (on a model that already has an active adapter and LoRA layers for
+every layer the file adapts, from a file without biases) and :func:`delete_adapter` of an adapter that no
+running forward uses and that is not active. Everything else (inject_lora, set_adapter, merge, training
+steps, ``.to()``, ...) must not overlap anything.
 """
 
 from __future__ import annotations
@@ -154,14 +155,14 @@ def load_adapter(
             f'model: "{peft_path}" is a PEFT LoRA layer; load_adapter does not mix with PEFT layers '
             "(lorafuse.from_peft converts a PEFT model)"
         )
-    if adapter_name in adapter_names(model):
+    sites = list(_sites(model))
+    if any(isinstance(m, Linear) and adapter_name in m.adapters for _, _, _, m in sites):
         raise ValueError(
             f'adapter_name: the model already has an adapter named "{adapter_name}"; adapters: '
             f"{adapter_names(model)}. Load under another name, or delete_adapter first"
         )
-    sites = list(_sites(model))
     plan = _C._plan_adapter_load(path, _infos(sites), bool(partial))
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters()) if plan["biases"] else {}
     bias_copies = []
     for name, tensor in plan["biases"]:
         # A wrapped layer's bias is "<path>.base_layer.bias" (PEFT since 0.7), "<path>.bias" before wrapping.
@@ -211,15 +212,17 @@ def use_adapter(adapter_name: str) -> Iterator[None]:
     """For the current thread only, inside the ``with`` block: every lorafuse LoRA layer (Python and C++)
     runs adapter ``adapter_name`` instead of its active one; a layer without it runs as its base, and
     ``""`` runs the base model. Other threads are not affected, so each can serve its own adapter of one
-    model at the same time. Scopes nest. A layer with a merged adapter accepts only its active adapter."""
+    model at the same time. Scopes nest: the innermost open one decides, and one that closes out of order
+    (a suspended generator) removes only itself. A layer with a merged adapter accepts only its active
+    adapter. Activation checkpointing recomputes forward during backward: run backward inside the scope."""
     _check_name(adapter_name, "use_adapter")
     scope = _C._AdapterScope(adapter_name)
     with scope:
-        _scope_enter(adapter_name)
+        token = _scope_enter(adapter_name)
         try:
             yield
         finally:
-            _scope_exit()
+            _scope_exit(token)
 
 
 __all__ = ["save_adapter", "load_adapter", "read_adapter", "use_adapter"]

@@ -154,7 +154,7 @@ def _attach(model, sites, chosen, adapter_name: str, keep_active: bool, fill=Non
             bias=opts["bias"],
         )
         if isinstance(module, Linear):
-            module.add_adapter(adapter_name, **kwargs)
+            module.add_adapter(adapter_name, **kwargs, activate=not keep_active)
             layer = module
         else:
             layer = Linear(module, adapter_name=adapter_name, **kwargs)

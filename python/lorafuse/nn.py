@@ -36,18 +36,26 @@ _thread_scope = threading.local()
 _open_scopes = 0
 
 
-def _scope_enter(name: str) -> None:
+def _scope_enter(name: str) -> object:
+    """Opens a scope on this thread; returns the token that closes it."""
     global _open_scopes
     stack = getattr(_thread_scope, "stack", None)
     if stack is None:
         stack = _thread_scope.stack = []
-    stack.append(name)
+    token = object()
+    stack.append((token, name))
     _open_scopes += 1
+    return token
 
 
-def _scope_exit() -> None:
+def _scope_exit(token: object) -> None:
+    """Closes the scope of ``token``, wherever it is in the stack (generators may close out of order)."""
     global _open_scopes
-    _thread_scope.stack.pop()
+    stack = getattr(_thread_scope, "stack", [])
+    for i in range(len(stack) - 1, -1, -1):
+        if stack[i][0] is token:
+            del stack[i]
+            break
     _open_scopes -= 1
 
 
@@ -154,8 +162,11 @@ class Linear(nn.Module):
         init_lora_weights: Union[bool, str] = True,
         adapter_dtype: Optional[torch.dtype] = None,
         bias: str = "none",
+        *,
+        activate: bool = True,
     ) -> None:
-        """Adds adapter ``adapter_name``. The first adapter becomes active; a later one waits (frozen)."""
+        """Adds adapter ``adapter_name``. The first adapter becomes active (unless ``activate`` is False:
+        then a layer without an active adapter keeps none); a later one waits (frozen)."""
         if not isinstance(adapter_name, str):
             raise TypeError(f"adapter_name: expected a str, found {type(adapter_name).__name__}")
         if isinstance(r, bool) or not isinstance(r, int):
@@ -184,7 +195,7 @@ class Linear(nn.Module):
             r, float(lora_alpha), float(lora_dropout), bool(use_rslora), init_lora_weights, bias
         )
         self._init_adapter(adapter_name, init)
-        if self.active_adapter is None:
+        if self.active_adapter is None and activate:
             self.active_adapter = adapter_name
             self._apply_trainability()
         else:  # only the new adapter's flags: other threads may be running the others
@@ -347,7 +358,7 @@ class Linear(nn.Module):
 
     # ---- forward ---------------------------------------------------------------------------------
     def _scoped_route(self, name: str) -> Optional[list]:
-        if not self.adapters_enabled or not name:
+        if not self.adapters_enabled:
             return None
         if self.merged_adapters:
             if name != self.active_adapter:
@@ -357,14 +368,14 @@ class Linear(nn.Module):
                 )
             if name in self.merged_adapters:
                 return None
-        return self._routes.get(name)
+        return self._routes.get(name) if name else None
 
     def forward(self, x: Tensor) -> Tensor:
         route = self._route
         if _open_scopes:
             stack = getattr(_thread_scope, "stack", None)
             if stack:
-                route = self._scoped_route(stack[-1])
+                route = self._scoped_route(stack[-1][1])
         if route is None:
             return self.base_layer(x)
         lora_a, lora_b, scale, dropout = route

@@ -345,3 +345,123 @@ def test_hot_swap_under_load_cpp_model(tmp_path):
     errors, times = _hot_swap(base, tmp_path, rounds=60, run=cpp_logits)
     assert errors == []
     assert lorafuse.adapter_names(base) == ["a", "b", "swap58", "swap59"]
+
+
+def _two_adapters(tmp_path):
+    """A model with adapter "a" on q_proj only and "c" on v_proj only; a file "b" for q_proj and v_proj."""
+    base = tiny_llama(seed=14)
+    for name, targets, seed in (("a", ["q_proj"], 1), ("c", ["v_proj"], 2), ("b", ["q_proj", "v_proj"], 3)):
+        m = copy.deepcopy(base)
+        lorafuse.inject_lora(m, lorafuse.LoraConfig(r=4, target_modules=targets))
+        randomize(m, seed)
+        lorafuse.save_adapter(m, tmp_path / name)
+    model = copy.deepcopy(base)
+    lorafuse.load_adapter(model, tmp_path / "a", "a")
+    lorafuse.load_adapter(model, tmp_path / "c", "c")  # v_proj layers: "c" there, none active
+    return model
+
+
+@pytest.mark.parametrize("cpp", [False, True], ids=["python_model", "cpp_model"])
+def test_loading_beside_others_activates_nothing(tmp_path, cpp):
+    model = _two_adapters(tmp_path)
+    if cpp:
+        hf = model
+        model = lorafuse.models.Llama(lorafuse.models.LlamaConfig(**TINY_LLAMA))
+        model.eval()
+        with torch.no_grad():
+            params = dict(tiny_llama(seed=14).named_parameters())
+            for n, p in model.named_parameters():
+                p.copy_(params[n])
+        lorafuse.load_adapter(model, tmp_path / "a", "a")
+        lorafuse.load_adapter(model, tmp_path / "c", "c")
+        del hf
+
+    def run():
+        with torch.no_grad():
+            return model(IDS) if cpp else logits(model)
+
+    before = run()
+    trainable = lorafuse.trainable_parameters(model)[0]
+    lorafuse.load_adapter(model, tmp_path / "b", "b")
+    assert torch.equal(run(), before)  # the default forward is unchanged
+    assert lorafuse.trainable_parameters(model)[0] == trainable
+    assert lorafuse.active_adapter(model) == "a"
+
+
+def test_scopes_closed_out_of_order_remove_only_themselves():
+    base = tiny_llama(seed=15)
+    model = copy.deepcopy(base)
+    lorafuse.inject_lora(model, lorafuse.LoraConfig(r=4, target_modules=["q_proj"]), "a")
+    lorafuse.inject_lora(model, lorafuse.LoraConfig(r=4, target_modules=["q_proj"]), "b")
+    randomize(model, 3)
+    want = {}
+    for name in ("a", "b", ""):
+        with lorafuse.use_adapter(name):
+            want[name] = logits(model)
+
+    def stream(name):
+        with lorafuse.use_adapter(name):
+            while True:
+                yield logits(model)
+
+    g1, g2 = stream("a"), stream("b")
+    assert torch.equal(next(g1), want["a"])
+    assert torch.equal(next(g2), want["b"])
+    g1.close()  # closes "a" while "b" is open above it
+    assert torch.equal(next(g2), want["b"])
+    g2.close()
+    lorafuse.set_adapter(model, "a")
+    assert torch.equal(logits(model), want["a"])  # no scope left open
+
+
+def test_a_warning_turned_error_leaves_a_cpp_model_unchanged(tmp_path):
+    hf = tiny_llama(seed=16)
+    lorafuse.inject_lora(hf, lorafuse.LoraConfig(r=4))  # lora_B all zeros: loading warns
+    lorafuse.save_adapter(hf, tmp_path / "z")
+    model = lorafuse.models.Llama(lorafuse.models.LlamaConfig(**TINY_LLAMA))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(UserWarning, match="all zeros"):
+            lorafuse.load_adapter(model, tmp_path / "z", "z")
+    assert lorafuse.adapter_names(model) == []
+    with pytest.warns(UserWarning, match="all zeros"):
+        lorafuse.load_adapter(model, tmp_path / "z", "z")
+    assert lorafuse.adapter_names(model) == ["z"]
+
+
+def test_use_adapter_on_a_merged_layer(tmp_path):
+    model = tiny_llama(seed=17)
+    lorafuse.inject_lora(model, lorafuse.LoraConfig(r=4, target_modules=["q_proj"]), "a")
+    randomize(model, 4)
+    want = logits(model)
+    lorafuse.merge(model)
+    with lorafuse.use_adapter("a"):
+        torch.testing.assert_close(logits(model), want, rtol=1e-5, atol=1e-5)
+    for name in ("", "other"):
+        with lorafuse.use_adapter(name), pytest.raises(ValueError, match="merged into its weight"):
+            logits(model)
+
+
+def test_rank_pattern_keys_keep_their_file_order(tmp_path):
+    # PEFT takes the first rank_pattern key that matches, in file order: here "q_proj" (rank 4) first.
+    base = tiny_llama(seed=18)
+    theirs = peft.get_peft_model(
+        copy.deepcopy(base),
+        peft.LoraConfig(
+            r=2,
+            target_modules=["q_proj"],
+            rank_pattern={"q_proj": 4, "model.layers.0.self_attn.q_proj": 2},
+            init_lora_weights=False,
+        ),
+    ).eval()
+    theirs.save_pretrained(tmp_path)
+    import json
+
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    config["rank_pattern"] = {"q_proj": 4, "model.layers.0.self_attn.q_proj": 2}  # in this order
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config, sort_keys=False))
+    ours = lorafuse.load_adapter(copy.deepcopy(base), tmp_path)
+    assert {layer.adapters["default"].r for _, layer in lorafuse.lora_layers(ours)} == {4}
+    torch.testing.assert_close(logits(ours), logits(theirs), rtol=1e-5, atol=1e-5)

@@ -48,21 +48,23 @@ struct LoraLinearOptions {
 };
 
 /// For the current thread, while it lives: every LoraLinear runs adapter `adapter_name` instead of its
-/// active adapter; a layer without it runs as its base, and "" runs every layer as its base. Scopes nest.
-/// This is how threads serve different adapters of one model at once (see the thread-safety contract in
-/// <lorafuse/adapters.h>). A layer with a merged adapter accepts only its active adapter in a scope.
+/// active adapter; a layer without it runs as its base, and "" runs every layer as its base. Scopes nest:
+/// the innermost open scope of the thread decides, and a scope that closes out of order (e.g. in a
+/// suspended generator) removes only itself. This is how threads serve different adapters of one model at
+/// once (see the thread-safety contract in <lorafuse/adapters.h>). A layer with a merged adapter accepts
+/// only its active adapter in a scope. Autograd recomputation (activation checkpointing) runs in backward:
+/// keep backward inside the same scope.
 class AdapterScope {
  public:
   explicit AdapterScope(std::string adapter_name);
   ~AdapterScope();
   AdapterScope(const AdapterScope&) = delete;
   AdapterScope& operator=(const AdapterScope&) = delete;
-  /// The innermost scope's adapter on this thread, or nullptr outside any scope.
-  static const std::string* current() noexcept;
+  /// The innermost open scope's adapter on this thread, or nullopt outside any scope.
+  static std::optional<std::string> current();
 
  private:
-  std::string name_;
-  const std::string* previous_;
+  uint64_t id_;
 };
 
 /// y = base(x) + scale · (dropout(x)·Aᵀ)·Bᵀ for the active adapter, through lorafuse::lora_linear.
@@ -106,6 +108,9 @@ class LoraLinearImpl : public torch::nn::Cloneable<LoraLinearImpl> {
   /// Adds adapter `name` (an error if it exists or the options are bad). The first adapter becomes the
   /// active one; a later one is added beside it, inactive and frozen, until set_adapter(name).
   void add_adapter(const std::string& name, const LoraAdapterOptions& options);
+  /// As above; with `activate` false the new adapter never becomes the active one (a layer with no active
+  /// adapter keeps none), which is how adapters are loaded beside others while threads run forward.
+  void add_adapter(const std::string& name, const LoraAdapterOptions& options, bool activate);
   /// Makes `name` the active adapter (only its A and B require grad). O(1): nothing is allocated or
   /// copied. Switching away from the active adapter of a merged layer unmerges it first (exactly), as
   /// PEFT does, so that a merged adapter never adds to another one.

@@ -13,6 +13,9 @@
 #include <atomic>
 #include <chrono>
 #include <fstream>
+#include <map>
+#include <memory>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -183,23 +186,31 @@ TEST_CASE("save_adapter replaces the folder as a whole and keeps the user's othe
   const auto root = temp_dir();
   const auto dir = saved_adapter(root, "x", LoraConfig().r(4), 1);
   write_file(dir + "/notes.txt", "mine");
-  REQUIRE(::mkdir((dir + "/checkpoint-1").c_str(), 0755) == 0);
-  write_file(dir + "/checkpoint-1/state.txt", "step 1");
+  REQUIRE(::chmod(dir.c_str(), 0700) == 0);
   auto model = tiny_llama();
   at::manual_seed(5);
   lorafuse::inject_lora(*model, LoraConfig().r(2).init_lora_weights(false));
-  lorafuse::save_adapter(*model, dir);
+  REQUIRE(::symlink(dir.c_str(), (root + "/latest").c_str()) == 0);
+  lorafuse::save_adapter(*model, root + "/latest/");  // through a link, with a trailing slash
   CHECK(read_file(dir + "/notes.txt") == "mine");
-  CHECK(read_file(dir + "/checkpoint-1/state.txt") == "step 1");
   CHECK(lorafuse::io::read_adapter(dir).config.r() == 2);
+  struct stat st;
+  REQUIRE(::lstat((root + "/latest").c_str(), &st) == 0);
+  CHECK(S_ISLNK(st.st_mode));  // the link still points at the folder, which has the new adapter
+  REQUIRE(::stat(dir.c_str(), &st) == 0);
+  CHECK((st.st_mode & 0777) == 0700);  // the folder keeps its permissions
   // nothing left beside it
-  int leftovers = 0;
   for (const auto* suffix : {".saving-", ".old-"}) {
     const std::string cmd = "ls " + root + " | grep -c -- '" + suffix + "' > " + root + "/count.txt";
     REQUIRE(std::system(cmd.c_str()) >= 0);
-    leftovers += std::stoi(read_file(root + "/count.txt"));
+    CHECK(std::stoi(read_file(root + "/count.txt")) == 0);
   }
-  CHECK(leftovers == 0);
+  // A folder with subfolders is refused and left as it was.
+  REQUIRE(::mkdir((dir + "/checkpoint-1").c_str(), 0755) == 0);
+  const std::string before = read_file(dir + "/adapter_config.json");
+  require_error_parts<c10::ValueError>([&] { lorafuse::save_adapter(*model, dir); },
+                                       {dir, "subfolders", "checkpoint-1"});
+  CHECK(read_file(dir + "/adapter_config.json") == before);
 }
 
 TEST_CASE("threads run forward with their adapters while another loads and deletes adapters", "[cpu][adapters]") {
@@ -211,6 +222,7 @@ TEST_CASE("threads run forward with their adapters while another loads and delet
   auto model = tiny_llama();
   lorafuse::load_adapter(*model, a, "a");
   lorafuse::load_adapter(*model, b, "b");
+  const auto trainable = lorafuse::trainable_parameters(*model).trainable;
   std::map<std::string, at::Tensor> reference;
   for (const std::string name : {"a", "b", ""}) {
     lorafuse::AdapterScope scope(name);
@@ -248,6 +260,8 @@ TEST_CASE("threads run forward with their adapters while another loads and delet
   for (auto& t : threads) t.join();
   CHECK(failures == 0);
   CHECK(mismatches == 0);
+  CHECK(lorafuse::active_adapter(*model) == "a");
+  CHECK(lorafuse::trainable_parameters(*model).trainable == trainable);  // loads activated nothing
   for (int n : runs) CHECK(n > 0);
   auto left = lorafuse::adapter_names(*model);
   std::sort(left.begin(), left.end());
@@ -278,4 +292,37 @@ TEST_CASE("an AdapterScope on a layer with a merged adapter is an error unless i
   }
   lorafuse::AdapterScope scope("b");
   require_error_parts<c10::ValueError>([&] { logits(model); }, {"AdapterScope(\"b\")", "merged", "unmerge"});
+}
+
+TEST_CASE("loading the 100th adapter kept in the model costs about what the first did", "[cpu][adapters]") {
+  const auto root = temp_dir();
+  const auto a = saved_adapter(root, "a", LoraConfig().r(4).target_modules({"q_proj", "v_proj"}), 1);
+  auto model = tiny_llama();
+  std::vector<double> seconds;
+  for (int i = 0; i < 100; ++i) {
+    const auto start = std::chrono::steady_clock::now();
+    lorafuse::load_adapter(*model, a, "n" + std::to_string(i));
+    seconds.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+  }
+  CHECK(lorafuse::adapter_names(*model).size() == 100);
+  auto median = [](std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    return v[v.size() / 2];
+  };
+  const double first = median({seconds.begin(), seconds.begin() + 10});
+  const double last = median({seconds.end() - 10, seconds.end()});
+  INFO("first " << first << " s, last " << last << " s");
+  CHECK(last < 3 * first + 0.02);
+}
+
+TEST_CASE("AdapterScopes closed out of order remove only themselves", "[cpu][adapters]") {
+  auto outer = std::make_unique<lorafuse::AdapterScope>("a");
+  auto inner = std::make_unique<lorafuse::AdapterScope>("b");
+  CHECK(lorafuse::AdapterScope::current() == std::optional<std::string>("b"));
+  outer.reset();
+  CHECK(lorafuse::AdapterScope::current() == std::optional<std::string>("b"));
+  inner.reset();
+  CHECK_FALSE(lorafuse::AdapterScope::current().has_value());
+  REQUIRE_THROWS_AS(lorafuse::AdapterScope("a.b"), c10::ValueError);
+  CHECK_FALSE(lorafuse::AdapterScope::current().has_value());
 }
