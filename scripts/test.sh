@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every test of lorafuse: installs what is needed, builds through pip/CMake, then runs the C++ tests
-# (Catch2, through ctest) and the Python tests (pytest). CUDA cases run where a GPU is present and skip
+# (Catch2, through ctest), a bounded libFuzzer run of the safetensors parser (fuzz/run.sh;
+# LORAFUSE_FUZZ_SECONDS, default 60) and the Python tests (pytest). CUDA cases run where a GPU is present and skip
 # cleanly elsewhere. Extra arguments go to pytest.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
@@ -8,6 +9,8 @@ lorafuse_install
 cd "$LORAFUSE_ROOT"
 echo "lorafuse: C++ tests (ctest)"
 ctest --test-dir "$LORAFUSE_BUILD_DIR" --output-on-failure -j "$MAX_JOBS"
+echo "lorafuse: fuzzing the safetensors parser (libFuzzer, ${LORAFUSE_FUZZ_SECONDS:-60} s)"
+PY="$PY" bash fuzz/run.sh
 echo "lorafuse: Python tests (pytest)"
 # The C++ programs that Python tests drive (lorafuse_llama_adapters) are built above: missing is a failure.
 export LORAFUSE_REQUIRE_CPP_TOOLS=1
