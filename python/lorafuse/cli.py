@@ -72,13 +72,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"lorafuse {lorafuse.__version__}")
         return 0
     if args.command is None:
-        parser.print_usage(sys.stderr)
-        print("lorafuse: error: a command is required (inspect)", file=sys.stderr)
-        return 2
-    if args.command == "inspect":
-        return _inspect_command(args.dir, args.json)
-    parser.error(f"unknown command {args.command!r}")  # exits 2
-    return 2
+        parser.error("a command is required: inspect")  # exits 2, as argparse's other usage errors
+    return _inspect_command(args.dir, args.json)
 
 
 def _inspect_command(folder: str, as_json: bool) -> int:
@@ -89,8 +84,10 @@ def _inspect_command(folder: str, as_json: bool) -> int:
             return _invalid(folder, str(e), as_json)
         except Exception as e:  # not an invalid-adapter error: a bug; still no traceback for the user
             message = f"{type(e).__name__}: {e}"
-            print(f"lorafuse inspect: internal error while reading {folder!r} (please report it): {message}",
-                  file=sys.stderr)
+            print(
+                f"lorafuse inspect: internal error while reading {folder!r} (please report it): {message}",
+                file=sys.stderr,
+            )
             if as_json:
                 _print_json({"folder": folder, "valid": False, "error": message})
             return 1
@@ -135,7 +132,8 @@ def inspect_adapter(folder: str) -> Dict[str, Any]:
         )
     if not os.path.isdir(folder):
         raise InvalidAdapter(
-            f'"{folder}" is a file, not a folder; expected the folder holding {CONFIG_FILE} and {WEIGHTS_FILE}'
+            f'"{folder}" is a file, not a folder; expected the folder holding {CONFIG_FILE} and '
+            f"{WEIGHTS_FILE}"
         )
 
     import lorafuse  # torch comes in only here, through lorafuse
@@ -147,7 +145,7 @@ def inspect_adapter(folder: str) -> Dict[str, Any]:
     # lora_alpha of each module: config.lora_alpha, unless alpha_pattern names it. The pattern rule is the
     # C++ one (LoraConfig::adapter_for), applied by the load planner to the file's own modules.
     alphas = {path: float(config["lora_alpha"]) for path, _, _ in adapter["layers"]}
-    if config["alpha_pattern"] or config["rank_pattern"]:
+    if config["alpha_pattern"]:
         infos = [(path, "Linear", True, int(a.shape[1]), int(b.shape[0])) for path, a, b in adapter["layers"]]
         plan = lorafuse._C._plan_adapter_load(folder, infos, True)
         for index, options, _, _ in plan["targets"]:
@@ -202,6 +200,9 @@ def inspect_adapter(folder: str) -> Dict[str, Any]:
         name = layer["module"].rsplit(".", 1)[-1]
         by_name[name] = by_name.get(name, 0) + 1
 
+    warnings = list(adapter["warnings"]) + _target_warnings(
+        lorafuse, config, [p for p, _, _ in adapter["layers"]]
+    )
     files = {name: os.path.getsize(os.path.join(folder, name)) for name in (CONFIG_FILE, WEIGHTS_FILE)}
     try:
         base_model = json.loads(adapter["config_json"]).get("base_model_name_or_path")
@@ -222,9 +223,35 @@ def inspect_adapter(folder: str) -> Dict[str, Any]:
         "targets": {"modules": [layer["module"] for layer in layers], "by_name": by_name},
         "parameters": {"total": sum(elements.values()), **elements},
         "files": files,
-        "warnings": list(adapter["warnings"]),
+        "warnings": warnings,
         "valid": True,
     }
+
+
+def _target_warnings(lorafuse: Any, config: Dict[str, Any], paths: List[str]) -> List[str]:
+    """Where adapter_config.json's target_modules/exclude_modules and the file's modules disagree (PEFT's
+    from_pretrained injects LoRA where the config says, so it would skip the file's other modules and leave
+    the config's extra targets untrained). The selection rule is the C++ one (lorafuse::select_targets)."""
+    if config["target_modules"] is None:  # PEFT picks by model type; the file's modules are the targets
+        return []
+    what = f"{CONFIG_FILE}: target_modules {json.dumps(config['target_modules'])}"
+    if config["exclude_modules"] is not None:
+        what += f" with exclude_modules {json.dumps(config['exclude_modules'])}"
+    try:
+        chosen = lorafuse._C._select_targets([(p, "Linear", True) for p in paths], dict(config))
+    except ValueError as e:  # e.g. a name that matches none of the file's modules
+        return [f"{what} does not fit the modules in {WEIGHTS_FILE} ({e})"]
+    selected = {paths[index] for index, _ in chosen}
+    skipped = [p for p in paths if p not in selected]
+    if not skipped:
+        return []
+    shown = ", ".join(f'"{p}"' for p in skipped[:3]) + (
+        f" and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+    )
+    return [
+        f"{what} does not select {len(skipped)} of the {len(paths)} modules in {WEIGHTS_FILE} ({shown}); "
+        "PEFT's from_pretrained would not load their weights"
+    ]
 
 
 # ---- printing -----------------------------------------------------------------------------------------
@@ -285,7 +312,10 @@ def _print_text(report: Dict[str, Any]) -> None:
     out.append(f"effective scale ({report['scaling']}):")
     out += _table(
         ["rank", "lora_alpha", "scale", "modules"],
-        [[str(s["rank"]), _number(s["lora_alpha"]), _number(s["scale"]), str(s["modules"])] for s in report["scales"]],
+        [
+            [str(s["rank"]), _number(s["lora_alpha"]), _number(s["scale"]), str(s["modules"])]
+            for s in report["scales"]
+        ],
     )
     out.append("")
 
@@ -317,7 +347,9 @@ def _print_text(report: Dict[str, Any]) -> None:
     out.append(f"target modules ({len(targets['modules'])}):")
     out += [f"  {path}" for path in targets["modules"]]
     times = _times()
-    out.append("  by name: " + ", ".join(f"{name} {times}{count}" for name, count in targets["by_name"].items()))
+    out.append(
+        "  by name: " + ", ".join(f"{name} {times}{count}" for name, count in targets["by_name"].items())
+    )
     out.append("")
 
     params = report["parameters"]
