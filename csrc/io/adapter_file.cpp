@@ -340,6 +340,7 @@ AdapterFile read_adapter(const std::string& dir) {
   const std::string weights_path = join_path(dir, kAdapterWeightsFile);
   TORCH_CHECK_VALUE(::stat(config_path.c_str(), &st) == 0, config_path,
                     ": missing; an adapter folder holds adapter_config.json and adapter_model.safetensors");
+  TORCH_CHECK_VALUE(S_ISREG(st.st_mode), config_path, ": is a folder or a special file, not a JSON file");
   AdapterFile file = parse_adapter_config(read_text(config_path, config_path), config_path);
   if (::stat(weights_path.c_str(), &st) != 0) {
     const std::string bin = join_path(dir, "adapter_model.bin");
@@ -351,6 +352,7 @@ AdapterFile read_adapter(const std::string& dir) {
                       ": missing; an adapter folder holds adapter_config.json and "
                       "adapter_model.safetensors");
   }
+  TORCH_CHECK_VALUE(S_ISREG(st.st_mode), weights_path, ": is a folder or a special file, not a safetensors file");
   collect_tensors(file, weights_path, read_safetensors(weights_path));
   return file;
 }
