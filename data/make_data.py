@@ -514,9 +514,8 @@ def corpus(rng: random.Random) -> Dict[str, str]:
 
 def build() -> Dict[str, str]:
     """{path relative to data/: file contents}."""
-    rng = random.Random(SEED)
-    files = corpus(rng)
-    for name, records in instruction_sets(rng).items():
+    files = corpus(random.Random(SEED))
+    for name, records in instruction_sets(random.Random(SEED + 1)).items():
         files[name] = json.dumps(records, indent=1, ensure_ascii=True) + "\n"
     for name, text in files.items():
         if not text.isascii():

@@ -1,0 +1,353 @@
+"""lorafuse's demo, start to finish on lorafuse's own C++ Llama (lorafuse.models.Llama):
+
+  1. pre-train a small character-level Llama on the corpus in data/corpus (the base model);
+  2. LoRA fine-tuning on task A, product descriptions (data/product_descriptions.json, Alpaca format);
+  3. save adapter A, reload it into a fresh copy of the base model (its logits must be identical), train a
+     second adapter on task B (data/product_features.json: three key features) and generate for the same
+     prompt with adapter A, adapter B, adapters disabled (the base model) and with adapter A merged (the
+     merged model must give adapter A's tokens);
+  4. a summary: trainable vs total parameters, tokens/s and peak memory per phase, files written.
+
+    python scripts/demo.py [--device cpu|cuda] [--out DIR] [--quick]
+
+Runs on a GPU when one is present (and lorafuse has its CUDA kernels), else on the CPU, where the full
+run takes about three minutes on two cores. Writes into --out (default demo_out/): the base checkpoint
+(safetensors), the two adapters in PEFT's format, a loss curve PNG per phase and summary.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import demo_lib as lib  # noqa: E402
+from demo_lib import lorafuse  # noqa: E402
+
+
+@dataclass
+class Plan:
+    base: lib.BaseRecipe
+    adapter_steps: int
+    adapter_batch: int
+    adapter_lr: float
+    eval_every: int
+    eval_records: int  # held-out records used for eval losses (0: all)
+    max_new_tokens: int
+
+
+FULL = Plan(
+    base=lib.BASE_FULL,
+    adapter_steps=120,
+    adapter_batch=8,
+    adapter_lr=1e-2,
+    eval_every=20,
+    eval_records=0,
+    max_new_tokens=200,
+)
+QUICK = Plan(
+    base=lib.BASE_QUICK,
+    adapter_steps=15,
+    adapter_batch=4,
+    adapter_lr=1e-2,
+    eval_every=5,
+    eval_records=16,
+    max_new_tokens=40,
+)
+
+# The two adapters, both on every linear layer (at this size LoRA on q_proj+v_proj alone learns the tasks
+# too slowly for a demo; see scripts/quality.py). No LoRA dropout: PEFT's default, and faster on the CPU.
+ADAPTERS = {
+    "task_a": dict(task="descriptions", config=dict(r=16, lora_alpha=32, lora_dropout=0.0,
+                                                    target_modules="all-linear")),
+    "task_b": dict(task="features", config=dict(r=8, lora_alpha=16, lora_dropout=0.0,
+                                                target_modules="all-linear")),
+}  # fmt: skip
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, found {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, found {value}")
+    return value
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", help=f"cpu or cuda (default here: {lib.default_device()})")
+    parser.add_argument("--out", default="demo_out", help="folder for everything written (default: demo_out)")
+    parser.add_argument("--quick", action="store_true", help="a tiny model and a few steps (for tests)")
+    parser.add_argument("--threads", type=positive_int, help="CPU threads for torch (default: 1 on the CPU)")
+    parser.add_argument("--base-steps", type=positive_int, help="pre-training steps (default: the plan's)")
+    parser.add_argument("--adapter-steps", type=positive_int, help="steps per adapter (default: the plan's)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        parser.error(f"--out {args.out}: exists and is not a folder")
+    return args
+
+
+def banner(text: str) -> None:
+    print(f"\n=== {text} " + "=" * max(0, 96 - len(text)), flush=True)
+
+
+def params_line(model) -> dict:
+    trainable, total = lorafuse.trainable_parameters(model)
+    share = 100 * trainable / total
+    print(f"  trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {share:.4f}")
+    return dict(trainable_params=trainable, total_params=total)
+
+
+def plot_phase(path: str, title: str, result: lib.TrainResult) -> None:
+    steps = list(range(1, len(result.losses) + 1))
+    lib.plot_curves(
+        path,
+        title,
+        {
+            "training loss (10-step mean)": (steps, lib.smooth(result.losses)),
+            "held-out loss": (result.eval_steps, result.eval_losses),
+        },
+        ylabel="cross-entropy per character (nats)",
+    )
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = lib.check_device(args.device or lib.default_device())
+    lib.set_threads(device, args.threads)
+    plan = QUICK if args.quick else FULL
+    if args.base_steps:
+        plan = replace(plan, base=replace(plan.base, steps=args.base_steps))
+    if args.adapter_steps:
+        plan = replace(plan, adapter_steps=args.adapter_steps)
+    show = not args.no_progress
+    out = os.path.abspath(args.out)
+    os.makedirs(out, exist_ok=True)
+    started = time.perf_counter()
+    files = []
+    size = plan.base.size
+
+    def written(path: str) -> str:
+        files.append(os.path.relpath(path, out))
+        return path
+
+    print(f"lorafuse {lorafuse.__version__} demo on {device} ({lib.device_description(device)}), ", end="")
+    print(f"torch {torch.__version__}")
+    print(
+        f"model: lorafuse.models.Llama, {size.num_hidden_layers} layers, hidden {size.hidden_size}, "
+        f"{size.num_attention_heads} heads ({size.num_key_value_heads} key/value), character-level "
+        f"vocabulary of {size.vocab_size}; writing to {out}" + (" [--quick]" if args.quick else "")
+    )
+    summary = dict(
+        device=str(device),
+        device_name=lib.device_description(device),
+        torch=torch.__version__,
+        lorafuse=lorafuse.__version__,
+        commit=lib.git_commit(),
+        quick=bool(args.quick),
+        model=asdict(size),
+        phases={},
+    )
+
+    # ---- 1. the base model ------------------------------------------------------------------------------
+    banner("1. base model: pre-training on data/corpus (every weight trains)")
+    base = plan.base
+    print(f"  corpus: data/corpus/*.txt, {base.steps} steps of {base.batch} x {base.seq_len} characters")
+    lib.reset_peak_memory(device)
+    model, result = lib.pretrain_base(plan.base, device, plan.eval_every, show=show)
+    phase = params_line(model)
+    phase.update(result.summary(), peak_memory_bytes=lib.peak_memory_bytes(device), lr=plan.base.lr)
+    summary["phases"]["base"] = phase
+    print(
+        f"  held-out loss {result.eval_losses[0]:.3f} -> {result.eval_losses[-1]:.3f} nats/char, "
+        f"{result.tokens_per_s:,.0f} tokens/s, {result.seconds:.1f} s"
+    )
+    base_path = written(os.path.join(out, "base_model.safetensors"))
+    lib.save_model(model, base_path, size, plan.base, eval_loss=result.eval_losses[-1])
+    plot_phase(written(os.path.join(out, "loss_base.png")), "base model: pre-training on data/corpus", result)
+    sample, _ = lib.generate(model, "The potter", 120, device, size.max_position_embeddings, stop="")
+    print(f"  base model, greedy from 'The potter': {('The potter' + sample)!r}")
+
+    # ---- 2. adapter A ------------------------------------------------------------------------------------
+    tasks, held_out = {}, {}
+    for name, spec in ADAPTERS.items():
+        train_records, held_out[name] = lib.load_task(spec["task"])
+        tasks[name] = lib.RecordBatches(
+            train_records, held_out[name], plan.adapter_batch, device, seed=2, eval_records=plan.eval_records
+        )
+    probe = tasks["task_a"].eval_batches()[0]  # logits on these are compared across reload and merge
+    model.eval()
+    with torch.no_grad():
+        base_logits = model(probe.ids)
+
+    def train_adapter(name: str, title: str) -> dict:
+        spec, data = ADAPTERS[name], tasks[name]
+        print(f"  LoraConfig({', '.join(f'{k}={v!r}' for k, v in spec['config'].items())})")
+        phase = params_line(model)
+        lib.reset_peak_memory(device)
+        result = lib.train(
+            model, data.next, plan.adapter_steps, plan.adapter_lr, name, data.eval_batches(), plan.eval_every,
+            warmup=max(1, plan.adapter_steps // 20), show=show,
+        )  # fmt: skip
+        phase.update(
+            result.summary(),
+            peak_memory_bytes=lib.peak_memory_bytes(device),
+            lr=plan.adapter_lr,
+            task=spec["task"],
+            lora_config=spec["config"],
+            train_records=len(data.train),
+            eval_records=len(data.held),
+        )
+        print(
+            f"  held-out loss (response tokens) {result.eval_losses[0]:.3f} (base model) -> "
+            f"{result.eval_losses[-1]:.3f}, {result.tokens_per_s:,.0f} tokens/s, {result.seconds:.1f} s"
+        )
+        plot_phase(written(os.path.join(out, f"loss_{name}.png")), title, result)
+        return phase
+
+    banner("2. adapter task_a: LoRA fine-tuning on product descriptions (data/product_descriptions.json)")
+    lorafuse.inject_lora(model, lorafuse.LoraConfig(**ADAPTERS["task_a"]["config"]), "task_a")
+    summary["phases"]["task_a"] = train_adapter("task_a", "adapter task_a: product descriptions")
+
+    # ---- 3. save, reload, adapter B, generations ---------------------------------------------------------
+    banner("3. save adapter task_a, reload it, train adapter task_b, generate")
+    dir_a = os.path.join(out, "adapters", "task_a")
+    os.makedirs(os.path.dirname(dir_a), exist_ok=True)  # save_adapter creates the folder, not its parents
+    lorafuse.save_adapter(model, dir_a, "task_a")
+    files += [os.path.relpath(os.path.join(dir_a, f), out) for f in sorted(os.listdir(dir_a))]
+    model.eval()
+    with torch.no_grad():
+        logits_a = model(probe.ids)
+    del model
+    model, _ = lib.load_model(base_path, device)  # a fresh base model from the checkpoint ...
+    lorafuse.load_adapter(model, dir_a, "task_a")  # ... and the adapter from its files
+    model.eval()
+    with torch.no_grad():
+        reloaded = model(probe.ids)
+    if not torch.equal(reloaded, logits_a):
+        raise AssertionError(
+            f"the reloaded adapter's logits differ from the trained one's (max |diff| "
+            f"{(reloaded - logits_a).abs().max().item():.3g})"
+        )
+    print(f"  saved to {lib.show_path(dir_a)}, reloaded into a fresh base model: identical logits")
+    checks = {"reloaded_adapter_logits_identical": True}
+
+    lorafuse.add_adapter(model, "task_b", lorafuse.LoraConfig(**ADAPTERS["task_b"]["config"]))
+    lorafuse.set_adapter(model, "task_b")  # only task_b trains
+    print("  adapter task_b: LoRA fine-tuning on key features (data/product_features.json)")
+    summary["phases"]["task_b"] = train_adapter("task_b", "adapter task_b: three key features")
+    dir_b = os.path.join(out, "adapters", "task_b")
+    lorafuse.save_adapter(model, dir_b, "task_b")
+    files += [os.path.relpath(os.path.join(dir_b, f), out) for f in sorted(os.listdir(dir_b))]
+
+    model.eval()
+    with torch.no_grad(), lorafuse.use_adapter("task_a"):
+        same = torch.equal(model(probe.ids), logits_a)
+    if not same:
+        raise AssertionError("training task_b changed what adapter task_a computes")
+    checks["task_a_unchanged_by_training_task_b"] = True
+
+    record = held_out["task_a"][0]  # the first held-out product, with the instruction both tasks share
+    prompt = lib.render_prompt(record)
+    gen = {}
+
+    def run(label: str) -> None:
+        text, ids = lib.generate(model, prompt, plan.max_new_tokens, device, size.max_position_embeddings)
+        gen[label] = dict(text=text, ids=ids)
+
+    with lorafuse.use_adapter("task_a"):
+        run("adapter task_a")
+    with lorafuse.use_adapter("task_b"):
+        run("adapter task_b")
+    lorafuse.disable_adapters(model)
+    with torch.no_grad():
+        checks["disabled_equals_base_model"] = torch.equal(model(probe.ids), base_logits)
+    if not checks["disabled_equals_base_model"]:
+        raise AssertionError("with adapters disabled the model differs from the base model")
+    run("adapters disabled (base model)")
+    lorafuse.enable_adapters(model)
+    lorafuse.set_adapter(model, "task_a")
+    lorafuse.merge(model)
+    with torch.no_grad():
+        merged_diff = (model(probe.ids) - logits_a).abs().max().item()
+    run("adapter task_a merged")
+    lorafuse.unmerge(model)
+    if gen["adapter task_a merged"]["ids"] != gen["adapter task_a"]["ids"]:
+        raise AssertionError("after merging, adapter task_a's greedy output changed")
+    checks["merged_generation_equals_adapter_a"] = True
+    checks["merged_logits_max_abs_diff"] = merged_diff
+    with torch.no_grad():
+        checks["unmerged_logits_identical"] = torch.equal(model(probe.ids), logits_a)
+
+    print(f"\n  prompt (held-out product):\n    {prompt.strip().replace(chr(10), chr(10) + '    ')}")
+    print(f"  expected for task_a: {record['output']!r}")
+    print(f"  expected for task_b: {held_out['task_b'][0]['output']!r}")
+    for label, g in gen.items():
+        text = g["text"].replace("\n", "\n" + " " * 6)
+        print(f"\n  [{label}]\n      {text}")
+    print(
+        f"\n  merged task_a: same greedy tokens as unmerged (logits within {merged_diff:.2g}); "
+        "reloaded adapter: identical logits; disabled: identical to the base model"
+    )
+
+    # ---- 4. summary --------------------------------------------------------------------------------------
+    summary["peak_memory_meaning"] = lib.peak_memory_meaning(device)
+    summary["checks"] = checks
+    summary["generations"] = dict(prompt=prompt, **{k: v["text"] for k, v in gen.items()})
+    summary["seconds_total"] = round(time.perf_counter() - started, 1)
+    summary_path = written(os.path.join(out, "summary.json"))
+    summary["files"] = sorted(files)
+    with open(summary_path, "w") as f:
+        json.dump(summary, f, indent=2)
+
+    banner("4. summary")
+    print(f"  device: {device} ({summary['device_name']}); peak memory = {summary['peak_memory_meaning']}")
+    head = (
+        "phase",
+        "trainable",
+        "total",
+        "share",
+        "steps",
+        "tokens/s",
+        "time",
+        "held-out loss",
+        "peak memory",
+    )
+    widths = (-8, 10, 10, 7, 6, 9, 7, 16, 12)
+    row = "  " + " ".join(f"{{:{'<' if w < 0 else '>'}{abs(w)}}}" for w in widths)
+    print(row.format(*head))
+    for name, p in summary["phases"].items():
+        share = 100 * p["trainable_params"] / p["total_params"]
+        loss = f"{p['eval_losses'][0]:.2f} -> {p['eval_losses'][-1]:.2f}"
+        cells = (
+            name,
+            f"{p['trainable_params']:,d}",
+            f"{p['total_params']:,d}",
+            f"{share:.2f}%",
+            p["steps"],
+            f"{p['tokens_per_s']:,.0f}",
+            f"{p['seconds']:.1f}s",
+            loss,
+            lib.mib(p["peak_memory_bytes"]),
+        )
+        print(row.format(*cells))
+    print(f"  files written under {out}:")
+    for name in summary["files"]:
+        print(f"    {name} ({os.path.getsize(os.path.join(out, name)):,d} bytes)")
+    print(f"  total {summary['seconds_total']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,397 @@
+"""Full fine-tuning vs LoRA on the demo's small Llama, the comparison practitioners make when they choose the
+rank and the target modules.
+
+    python scripts/quality.py [--device cpu|cuda] [--steps N] [--out DIR] [--results DIR] [--quick]
+
+On lorafuse's C++ Llama, pre-trained on data/corpus as in the demo (the checkpoint is cached in --out and
+reused by later runs, also one written by scripts/demo.py with the same recipe), task A (product
+descriptions, data/product_descriptions.json) is trained with the same number of steps on the same batches
+in the same order by:
+
+    full fine-tuning                 every weight trains
+    LoRA q_proj+v_proj, r=8          PEFT's default targets
+    LoRA q_proj+v_proj, r=16
+    LoRA all-linear, r=8             every Linear but lm_head
+
+Each configuration runs in a fresh process, so that the CPU's peak memory (the process's peak resident set
+size, which never goes down) is its own. Reported: trainable parameters, the held-out loss (response
+characters of data/product_descriptions_eval.json) over the steps, training time, tokens/s and peak memory.
+Writes quality_<date>_<device>_<commit>.md (a Markdown table), .json and .png into --results
+(default: bench/results, or --out with --quick).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import demo_lib as lib  # noqa: E402
+from demo_lib import lorafuse  # noqa: E402
+
+CONFIGS = [
+    # name, LoraConfig fields (None: full fine-tuning)
+    ("full fine-tuning", None),
+    (
+        "LoRA q_proj+v_proj r=8",
+        dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]),
+    ),
+    (
+        "LoRA q_proj+v_proj r=16",
+        dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]),
+    ),
+    ("LoRA all-linear r=8", dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear")),
+]
+TASK = "descriptions"
+DEFAULTS = dict(steps=150, batch=8, lr_full=1e-3, lr_lora=1e-2, evals=6)
+QUICK = dict(steps=8, batch=4, lr_full=2e-3, lr_lora=1e-2, evals=2, eval_records=12)
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, found {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, found {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, found {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, found {text}")
+    return value
+
+
+# ---- one configuration, in its own process -------------------------------------------------------------
+
+
+def worker(spec: dict) -> dict:
+    device = torch.device(spec["device"])
+    lib.set_threads(device, spec.get("threads"))
+    model, size = lib.load_model(spec["base"], device)
+    train_records, eval_records = lib.load_task(TASK)
+    data = lib.RecordBatches(
+        train_records,
+        eval_records,
+        spec["batch"],
+        device,
+        seed=spec["seed"],
+        eval_records=spec["eval_records"],
+    )
+    if spec["lora"] is None:
+        lr = spec["lr_full"]
+    else:
+        lorafuse.inject_lora(model, lorafuse.LoraConfig(**spec["lora"]))
+        lr = spec["lr_lora"]
+    trainable, total = lorafuse.trainable_parameters(model)
+    eval_every = max(1, spec["steps"] // spec["evals"])
+    rss_before = lib.current_rss_bytes()
+    lib.reset_peak_memory(device)
+    allocated_before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    started = time.perf_counter()
+    result = lib.train(
+        model, data.next, spec["steps"], lr, spec["name"], data.eval_batches(), eval_every,
+        warmup=max(1, spec["steps"] // 20), show=spec["show"],
+    )  # fmt: skip
+    wall = time.perf_counter() - started
+    out = dict(
+        name=spec["name"],
+        lora_config=spec["lora"],
+        lr=lr,
+        trainable_params=trainable,
+        total_params=total,
+        train_seconds=round(result.seconds, 3),
+        wall_seconds=round(wall, 3),
+        tokens=result.tokens,
+        tokens_per_s=round(result.tokens_per_s, 1),
+        eval_steps=result.eval_steps,
+        eval_losses=result.eval_losses,
+        train_losses=result.losses,
+        peak_memory_bytes=lib.peak_memory_bytes(device),
+        peak_memory_meaning=lib.peak_memory_meaning(device),
+    )
+    if device.type == "cuda":
+        out["memory_before_training_bytes"] = int(allocated_before)
+    else:
+        out["memory_before_training_bytes"] = int(rss_before)
+    out["peak_over_before_bytes"] = out["peak_memory_bytes"] - out["memory_before_training_bytes"]
+    return out
+
+
+def run_worker(spec: dict) -> dict:
+    """Runs :func:`worker` in a new Python process; its progress bar goes to our stderr."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise SystemExit(f"quality: configuration {spec['name']!r} failed (exit status {proc.returncode})")
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+# ---- the comparison ---------------------------------------------------------------------------------------
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40] or "device"
+
+
+def markdown(report: dict) -> str:
+    device, s = report["device"], report["settings"]
+    base = report["base"]
+    gpu_note = (
+        f"**CPU results** (no GPU was available for this run): {report['device_name']}."
+        if device == "cpu"
+        else f"GPU results: {report['device_name']}."
+    )
+    lines = [
+        f"# Full fine-tuning vs LoRA on the demo's small Llama ({report['date']})",
+        "",
+        gpu_note,
+        f"torch {report['torch']}, lorafuse {report['lorafuse']}, commit {report['commit']}.",
+        "",
+        f"Model: `lorafuse.models.Llama`, {base['size']['num_hidden_layers']} layers, hidden "
+        f"{base['size']['hidden_size']}, intermediate {base['size']['intermediate_size']}, "
+        f"{base['size']['num_attention_heads']} heads ({base['size']['num_key_value_heads']} key/value), "
+        f"character vocabulary of {base['size']['vocab_size']}: {base['params']:,d} parameters, pre-trained "
+        f"for {base['recipe']['steps']} steps on `data/corpus` (held-out loss {base['eval_loss']:.3f} "
+        "nats/char).",
+        "",
+        f"Task A (product name and category -> description, `data/product_descriptions.json`, "
+        f"{s['train_records']} records): every configuration trains {s['steps']} steps of {s['batch']} "
+        "records "
+        f"(the same batches in the same order; {report['configs'][0]['tokens']:,d} tokens), AdamW, warm-up "
+        f"then cosine decay, lr {s['lr_full']:g} for full fine-tuning and {s['lr_lora']:g} for LoRA "
+        "(lora_alpha = 2r, no LoRA dropout, as full fine-tuning has none). Eval loss: cross-entropy per "
+        "response character (nats) on the "
+        f"{s['eval_records']} held-out records of `data/product_descriptions_eval.json`; before training "
+        f"(the base model): {report['configs'][0]['eval_losses'][0]:.3f}. Each configuration ran in its own "
+        "process.",
+        "",
+        "| configuration | trainable params | % of all | eval loss | best eval loss | train time | tokens/s "
+        "| peak memory | peak over model at rest |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for c in report["configs"]:
+        share = 100 * c["trainable_params"] / c["total_params"]
+        lines.append(
+            f"| {c['name']} | {c['trainable_params']:,d} | {share:.2f}% | {c['eval_losses'][-1]:.3f} | "
+            f"{min(c['eval_losses']):.3f} | {c['train_seconds']:.1f} s | {c['tokens_per_s']:,.0f} | "
+            f"{lib.mib(c['peak_memory_bytes'])} | {lib.mib(c['peak_over_before_bytes'])} |"
+        )
+    lines += [
+        "",
+        f"Peak memory on {device}: {report['peak_memory_meaning']}. {report['peak_over_meaning']}",
+        "",
+        "Train time excludes the periodic evaluations. Timings on a shared machine vary by several percent "
+        "from run to run.",
+        "",
+        f"Command: `{report['command']}`",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def plot(path: str, report: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    colors = ["#555555", "#4c72b0", "#55a868", "#c44e52"]
+    for c, color in zip(report["configs"], colors):
+        left.plot(c["eval_steps"], c["eval_losses"], marker="o", markersize=3, label=c["name"], color=color)
+    left.set_xlabel("step")
+    left.set_ylabel("held-out loss (nats per response character)")
+    left.set_title("task A, held-out loss")
+    left.grid(alpha=0.3)
+    left.legend()
+    names = [c["name"].replace("LoRA ", "LoRA\n") for c in report["configs"]]
+    params = [c["trainable_params"] for c in report["configs"]]
+    bars = right.bar(names, params, color=colors[: len(params)])
+    right.set_yscale("log")
+    right.set_ylabel("trainable parameters (log scale)")
+    right.set_title("trainable parameters, final eval loss and train time")
+    for bar, c in zip(bars, report["configs"]):
+        right.annotate(
+            f"{c['trainable_params']:,d}\nloss {c['eval_losses'][-1]:.3f}\n{c['train_seconds']:.1f} s",
+            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+        )
+    right.set_ylim(top=max(params) * 8)
+    right.tick_params(axis="x", labelsize=8)
+    fig.suptitle(f"Full fine-tuning vs LoRA, {report['device_name']} ({report['date']}, {report['commit']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", help=f"cpu or cuda (default here: {lib.default_device()})")
+    parser.add_argument(
+        "--steps", type=positive_int, help=f"steps per configuration (default {DEFAULTS['steps']})"
+    )
+    parser.add_argument(
+        "--out", default="demo_out", help="folder for the cached base model (default: demo_out)"
+    )
+    parser.add_argument(
+        "--results", help="folder for the .md/.json/.png (default: bench/results; --out with --quick)"
+    )
+    parser.add_argument("--quick", action="store_true", help="a tiny model and a few steps (for tests)")
+    parser.add_argument("--threads", type=positive_int, help="CPU threads for torch (default: 1 on the CPU)")
+    parser.add_argument("--lr-full", type=positive_float, help="learning rate of full fine-tuning")
+    parser.add_argument("--lr-lora", type=positive_float, help="learning rate of the LoRA configurations")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    for name in ("out", "results"):
+        value = getattr(args, name)
+        if value and os.path.exists(value) and not os.path.isdir(value):
+            parser.error(f"--{name} {value}: exists and is not a folder")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        print("RESULT " + json.dumps(worker(json.loads(args.worker))), flush=True)
+        return 0
+    device = lib.check_device(args.device or lib.default_device())
+    lib.set_threads(device, args.threads)
+    settings = dict(DEFAULTS, eval_records=0)
+    if args.quick:
+        settings.update(QUICK)
+    for key in ("steps", "lr_full", "lr_lora"):
+        if getattr(args, key) is not None:
+            settings[key] = getattr(args, key)
+    recipe = lib.BASE_QUICK if args.quick else lib.BASE_FULL
+    show = not args.no_progress
+    out = os.path.abspath(args.out)
+    results = os.path.abspath(
+        args.results or (args.out if args.quick else os.path.join(lib.ROOT, "bench", "results"))
+    )
+    os.makedirs(out, exist_ok=True)
+    os.makedirs(results, exist_ok=True)
+    started = time.perf_counter()
+    print(
+        f"lorafuse {lorafuse.__version__} quality comparison on {device} ({lib.device_description(device)})"
+    )
+
+    # The base model: cached in --out, trained once per recipe.
+    base_path = os.path.join(out, "base_model.safetensors")
+    metadata = lib.checkpoint_metadata(base_path)
+    if metadata.get("lorafuse_demo_recipe") == recipe.to_json() and "lorafuse_demo_eval_loss" in metadata:
+        base_eval_loss = float(metadata["lorafuse_demo_eval_loss"])
+        print(f"base model: reusing {lib.show_path(base_path)} (trained by the same recipe)")
+    else:
+        print(f"base model: pre-training ({recipe.steps} steps), cached as {lib.show_path(base_path)}")
+        model, result = lib.pretrain_base(recipe, device, max(1, recipe.steps // 5), show=show)
+        base_eval_loss = result.eval_losses[-1]
+        lib.save_model(model, base_path, recipe.size, recipe, eval_loss=base_eval_loss)
+        del model
+    model, size = lib.load_model(base_path, "cpu")
+    base = dict(
+        size=asdict(size),
+        recipe=json.loads(recipe.to_json()),
+        params=lorafuse.trainable_parameters(model)[1],
+        eval_loss=base_eval_loss,
+    )
+    del model
+    train_records, eval_records = lib.load_task(TASK)
+    settings["train_records"] = len(train_records)
+    settings["eval_records"] = settings["eval_records"] or len(eval_records)
+
+    configs = []
+    for name, lora in CONFIGS:
+        spec = dict(
+            name=name,
+            lora=lora,
+            device=str(device),
+            base=base_path,
+            steps=settings["steps"],
+            batch=settings["batch"],
+            lr_full=settings["lr_full"],
+            lr_lora=settings["lr_lora"],
+            evals=settings["evals"],
+            eval_records=settings["eval_records"],
+            seed=3,
+            threads=args.threads,
+            show=show,
+        )
+        c = run_worker(spec)
+        print(
+            f"  {name:<26} trainable {c['trainable_params']:>9,d}  eval loss {c['eval_losses'][0]:.3f} -> "
+            f"{c['eval_losses'][-1]:.3f}  {c['train_seconds']:6.1f} s  {c['tokens_per_s']:8,.0f} tokens/s  "
+            f"peak {lib.mib(c['peak_memory_bytes'])}",
+            flush=True,
+        )
+        configs.append(c)
+
+    peak_meaning = configs[0]["peak_memory_meaning"].replace("during the phase", "during training") + (
+        "; each configuration ran in its own process" if device.type == "cpu" else ""
+    )
+    now = datetime.datetime.now(datetime.timezone.utc)
+    commit = lib.git_commit()
+    device_tag = "cpu" if device.type == "cpu" else slug(lib.device_description(device))
+    stem = f"quality_{now:%Y%m%d}_{device_tag}_{commit}"
+    command = "python scripts/quality.py" + "".join(
+        f" {a}" for a in (argv if argv is not None else sys.argv[1:])
+    )
+    report = dict(
+        date=f"{now:%Y-%m-%d %H:%M} UTC",
+        device=device.type,
+        device_name=lib.device_description(device),
+        torch=torch.__version__,
+        lorafuse=lorafuse.__version__,
+        commit=commit,
+        task=TASK,
+        settings=settings,
+        base=base,
+        configs=configs,
+        peak_memory_meaning=peak_meaning,
+        peak_over_meaning=(
+            "'Peak over model at rest' subtracts the process's resident set size just before training (model "
+            "loaded, adapters injected), leaving what training itself added: gradients, optimizer state, "
+            "activations."
+            if device.type == "cpu"
+            else "'Peak over model at rest' subtracts the memory allocated before training (the model's "
+            "weights and adapters), leaving gradients, optimizer state and activations."
+        ),
+        command=command,
+        seconds_total=round(time.perf_counter() - started, 1),
+    )
+    paths = {ext: os.path.join(results, f"{stem}.{ext}") for ext in ("md", "json", "png")}
+    with open(paths["json"], "w") as f:
+        json.dump(report, f, indent=2)
+    with open(paths["md"], "w") as f:
+        f.write(markdown(report))
+    plot(paths["png"], report)
+    print()
+    print(markdown(report))
+    for path in paths.values():
+        print(f"wrote {lib.show_path(path)}")
+    print(f"total {report['seconds_total']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

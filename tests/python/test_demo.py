@@ -1,0 +1,281 @@
+"""The demo (scripts/demo.py), the quality comparison (scripts/quality.py) and their data (data/).
+
+The scripts run as the user runs them, in subprocesses, with --quick (a tiny model, a few steps): the demo
+first, then the comparison in the same folder, which reuses the demo's base model.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import lorafuse
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DATA = os.path.join(ROOT, "data")
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+import demo_lib  # noqa: E402
+
+TASK_FILES = {
+    "product_descriptions.json": "train",
+    "product_descriptions_eval.json": "eval",
+    "product_features.json": "train",
+    "product_features_eval.json": "eval",
+}
+ALPACA = re.compile(
+    r"### Instruction: ([^\n]+)\n(Product: [^\n]+\nCategory: [^\n]+)\n### Response: (.+)\n### End", re.S
+)
+
+
+def run_script(*args, timeout=300):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in [os.path.join(ROOT, "python"), env.get("PYTHONPATH", "")] if p
+    )
+    return subprocess.run(
+        [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+# ---- data --------------------------------------------------------------------------------------------------
+
+
+def test_data_files_are_what_make_data_writes():
+    proc = run_script("data/make_data.py", "--check")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    total = 0
+    for folder, _, files in os.walk(DATA):
+        total += sum(os.path.getsize(os.path.join(folder, f)) for f in files)
+    assert total < 2 * 2**20
+
+
+@pytest.mark.parametrize("name", sorted(TASK_FILES))
+def test_every_record_parses_and_renders_in_the_alpaca_format(name):
+    with open(os.path.join(DATA, name), encoding="utf-8") as f:
+        records = json.load(f)
+    assert isinstance(records, list)
+    count = len(records)
+    assert (300 <= count <= 600) if TASK_FILES[name] == "train" else (30 <= count <= 120)
+    tokenizer = demo_lib.TOKENIZER
+    for i, record in enumerate(records):
+        assert isinstance(record, dict) and sorted(record) == ["input", "instruction", "output"], (i, record)
+        assert all(isinstance(v, str) and v.strip() for v in record.values()), (i, record)
+        text = demo_lib.render(record)
+        match = ALPACA.fullmatch(text)
+        assert match, (i, text)
+        assert match.groups() == (record["instruction"], record["input"], record["output"])
+        instruction, input, output = record["instruction"], record["input"], record["output"]
+        assert text == f"### Instruction: {instruction}\n{input}\n### Response: {output}\n### End"
+        # the character tokenizer covers every character, and decodes what it encodes
+        ids = tokenizer.encode(text)
+        assert demo_lib.CharTokenizer.UNK not in ids, (i, text)
+        assert tokenizer.decode(ids) == text
+        name_of_product = record["input"].split("\n")[0][len("Product: ") :]
+        if name.startswith("product_descriptions"):
+            assert record["output"].startswith(f"The {name_of_product} is "), (i, record)
+            assert 1 <= record["output"].count(". ") + 1 <= 2 and record["output"].endswith(".")
+        else:
+            lines = record["output"].split("\n")
+            assert len(lines) == 3 and all(line.startswith("- ") for line in lines), (i, record)
+
+
+def test_tasks_share_products_and_hold_out_unseen_ones():
+    def load(name):
+        with open(os.path.join(DATA, name), encoding="utf-8") as f:
+            return json.load(f)
+
+    for split in ("", "_eval"):
+        a, b = load(f"product_descriptions{split}.json"), load(f"product_features{split}.json")
+        assert [r["input"] for r in a] == [r["input"] for r in b]  # similar inputs, different tasks
+        assert all(x["output"] != y["output"] for x, y in zip(a, b))
+    train = {r["input"] for r in load("product_descriptions.json")}
+    held_out = [r["input"] for r in load("product_descriptions_eval.json")]
+    assert not train & set(held_out) and len(set(held_out)) == len(held_out)
+    shared = [
+        r for r in load("product_descriptions.json") if r["instruction"] == "Write copy for this product."
+    ]
+    assert 0.15 < len(shared) / len(train) < 0.35
+    assert load("product_descriptions_eval.json")[0]["instruction"] == "Write copy for this product."
+
+
+def test_corpus_is_plain_ascii_text():
+    total = 0
+    for name in demo_lib.CORPUS_FILES:
+        with open(os.path.join(DATA, "corpus", name), "rb") as f:
+            raw = f.read()
+        assert raw.isascii() and b"\r" not in raw and b"\t" not in raw
+        assert raw.decode().count(". ") > 500
+        total += len(raw)
+    assert 100_000 < total < 400_000
+    with open(os.path.join(DATA, "README.md")) as f:
+        assert "written for lorafuse" in f.read()
+
+
+def test_tokenizer_round_trip_and_unknown_characters():
+    tok = demo_lib.TOKENIZER
+    assert tok.vocab_size == 98
+    text = "### Instruction: Hello\n~ {x}"
+    assert tok.decode(tok.encode(text)) == text
+    assert tok.encode("é") == [demo_lib.CharTokenizer.UNK]
+
+
+# ---- the scripts -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo_out")
+    demo = run_script("scripts/demo.py", "--quick", "--out", str(out), "--no-progress")
+    assert demo.returncode == 0, demo.stdout[-4000:] + demo.stderr[-4000:]
+    quality = run_script("scripts/quality.py", "--quick", "--out", str(out), "--no-progress")
+    assert quality.returncode == 0, quality.stdout[-4000:] + quality.stderr[-4000:]
+    return out, demo, quality
+
+
+def counted(size, configs):
+    """(trainable, total) of lorafuse.trainable_parameters on a fresh Llama of ``size`` given ``configs``
+    [(adapter name, LoraConfig fields)] injected in order, the last one active."""
+    model = demo_lib.build_model(demo_lib.ModelSize(**size), "cpu")
+    for name, fields in configs:
+        lorafuse.inject_lora(model, lorafuse.LoraConfig(**fields), name)
+    if configs:
+        lorafuse.set_adapter(model, configs[-1][0])
+    return lorafuse.trainable_parameters(model)
+
+
+def is_png(path):
+    with open(path, "rb") as f:
+        return f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_demo_writes_its_files_and_sane_numbers(runs):
+    out, demo, _ = runs
+    with open(out / "summary.json") as f:
+        summary = json.load(f)
+    for name in summary["files"]:
+        assert (out / name).is_file(), name
+    for name in [
+        "base_model.safetensors",
+        "summary.json",
+        "adapters/task_a/adapter_config.json",
+        "adapters/task_a/adapter_model.safetensors",
+        "adapters/task_b/adapter_config.json",
+        "adapters/task_b/adapter_model.safetensors",
+    ]:
+        assert name in summary["files"]
+    for phase in ("base", "task_a", "task_b"):
+        assert is_png(out / f"loss_{phase}.png")
+
+    phases = summary["phases"]
+    assert list(phases) == ["base", "task_a", "task_b"]
+    for name, p in phases.items():
+        assert p["eval_losses"][-1] < p["eval_losses"][0], name
+        assert p["loss_last_10_mean"] < p["loss_first"], name
+        assert p["tokens"] > 0 and p["seconds"] > 0 and p["tokens_per_s"] > 0
+        assert abs(p["tokens_per_s"] - p["tokens"] / p["seconds"]) / p["tokens_per_s"] < 0.01
+        assert p["peak_memory_bytes"] > 2**20
+        assert len(p["eval_steps"]) == len(p["eval_losses"]) and p["eval_steps"][-1] == p["steps"]
+
+    # parameter counts: lorafuse.trainable_parameters on the same configurations, computed here
+    size = summary["model"]
+    config_a, config_b = phases["task_a"]["lora_config"], phases["task_b"]["lora_config"]
+    trainable, total = counted(size, [])
+    assert (phases["base"]["trainable_params"], phases["base"]["total_params"]) == (trainable, total)
+    assert trainable == total
+    expected_a = counted(size, [("task_a", config_a)])
+    assert (phases["task_a"]["trainable_params"], phases["task_a"]["total_params"]) == expected_a
+    expected_b = counted(size, [("task_a", config_a), ("task_b", config_b)])
+    assert (phases["task_b"]["trainable_params"], phases["task_b"]["total_params"]) == expected_b
+    assert expected_a[0] < total
+
+    # the saved adapters are valid PEFT-format files with the configurations trained
+    for name, config in (("task_a", config_a), ("task_b", config_b)):
+        saved = lorafuse.read_adapter(str(out / "adapters" / name))
+        assert saved["config"]["r"] == config["r"]
+        assert saved["config"]["lora_alpha"] == config["lora_alpha"]
+
+    checks = summary["checks"]
+    assert checks["reloaded_adapter_logits_identical"] is True
+    assert checks["task_a_unchanged_by_training_task_b"] is True
+    assert checks["disabled_equals_base_model"] is True
+    assert checks["merged_generation_equals_adapter_a"] is True
+    assert checks["unmerged_logits_identical"] is True
+    assert checks["merged_logits_max_abs_diff"] < 1e-3
+    gen = summary["generations"]
+    assert gen["prompt"].startswith("### Instruction: Write copy for this product.\nProduct: ")
+    assert gen["adapter task_a merged"] == gen["adapter task_a"]
+    assert {"adapter task_a", "adapter task_b", "adapters disabled (base model)"} <= set(gen)
+    for text in (
+        "=== 1. base model",
+        "=== 2. adapter task_a",
+        "=== 3.",
+        "=== 4. summary",
+        "trainable params:",
+    ):
+        assert text in demo.stdout
+
+
+def test_quality_reuses_the_base_and_reports_four_configurations(runs):
+    out, _, quality = runs
+    assert "base model: reusing" in quality.stdout  # the demo's base model, same recipe
+    reports = sorted(out.glob("quality_*_*.json"))
+    assert len(reports) == 1
+    stem = str(reports[0])[: -len(".json")]
+    assert os.path.isfile(stem + ".md") and is_png(stem + ".png")
+    with open(reports[0]) as f:
+        report = json.load(f)
+    assert re.fullmatch(r"quality_\d{8}_[a-z0-9-]+_[0-9a-z]+", os.path.basename(stem))
+    configs = report["configs"]
+    assert [c["name"] for c in configs] == [
+        "full fine-tuning",
+        "LoRA q_proj+v_proj r=8",
+        "LoRA q_proj+v_proj r=16",
+        "LoRA all-linear r=8",
+    ]
+    size = report["base"]["size"]
+    total = counted(size, [])[1]
+    assert configs[0]["trainable_params"] == configs[0]["total_params"] == total
+    for c in configs[1:]:
+        assert (c["trainable_params"], c["total_params"]) == counted(size, [("default", c["lora_config"])])
+    assert configs[2]["trainable_params"] == 2 * configs[1]["trainable_params"]  # r=16 vs r=8, same targets
+    assert configs[3]["trainable_params"] > configs[1]["trainable_params"]
+    tokens = {c["tokens"] for c in configs}
+    assert len(tokens) == 1  # the same batches for every configuration
+    for c in configs:
+        assert c["eval_losses"][-1] < c["eval_losses"][0], c["name"]
+        assert c["eval_losses"][0] == configs[0]["eval_losses"][0]  # all start from the same base model
+        assert c["train_seconds"] > 0 and c["peak_memory_bytes"] > 2**20
+    with open(stem + ".md") as f:
+        md = f.read()
+    assert "| configuration | trainable params |" in md
+    for c in configs:
+        assert f"| {c['name']} | {c['trainable_params']:,d} |" in md
+    if report["device"] == "cpu":
+        assert "CPU results" in md
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["scripts/demo.py", "--device", "meta"], "cpu and cuda"),
+        (["scripts/demo.py", "--device", "nonsense"], "--device"),
+        (["scripts/demo.py", "--base-steps", "0"], "expected a number > 0"),
+        (["scripts/quality.py", "--steps", "x"], "expected a whole number"),
+        (["scripts/quality.py", "--lr-lora", "-1"], "expected a finite number > 0"),
+    ],
+)
+def test_bad_command_lines_say_what_is_wrong(args, message):
+    proc = run_script(*args, timeout=120)
+    assert proc.returncode != 0
+    assert message in proc.stderr + proc.stdout
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine with a GPU can run --device cuda")
+def test_cuda_without_a_gpu_is_refused_clearly():
+    proc = run_script("scripts/demo.py", "--device", "cuda", timeout=120)
+    assert proc.returncode != 0 and "use --device cpu" in proc.stderr
