@@ -532,16 +532,18 @@ def current_rss_bytes() -> int:
         return peak_rss_bytes()
 
 
-def peak_memory_meaning(device: torch.device) -> str:
+def peak_memory_meaning(device: torch.device, span: str = "the phase") -> str:
+    """What :func:`peak_memory_bytes` measured over ``span`` (reset by :func:`reset_peak_memory` when it
+    started), in words."""
     if device.type == "cuda":
         return (
-            "the most memory torch's CUDA allocator held during the phase (torch.cuda.max_memory_allocated "
+            f"the most memory torch's CUDA allocator held during {span} (torch.cuda.max_memory_allocated "
             "after reset_peak_memory_stats): weights, gradients, optimizer state, activations"
         )
     if _RSS_PEAK_RESET:
         return (
-            "the process's peak resident set size during the phase (getrusage ru_maxrss, its high-water mark "
-            "reset at the phase's start through /proc/self/clear_refs): Python, torch's libraries, data, "
+            f"the process's peak resident set size during {span} (getrusage ru_maxrss, its high-water mark "
+            f"reset when {span} started, through /proc/self/clear_refs): Python, torch's libraries, data, "
             "model, gradients, optimizer state, activations"
         )
     return (
