@@ -33,9 +33,9 @@ ALPACA = re.compile(
 
 def run_script(*args, timeout=300):
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in [os.path.join(ROOT, "python"), env.get("PYTHONPATH", "")] if p
-    )
+    # the lorafuse this test process imported (installed, or a built checkout on PYTHONPATH)
+    package_parent = os.path.dirname(os.path.dirname(lorafuse.__file__))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in [package_parent, env.get("PYTHONPATH", "")] if p)
     return subprocess.run(
         [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
     )
