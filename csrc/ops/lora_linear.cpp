@@ -1,6 +1,6 @@
 // C++ API → dispatcher. Callers never reach a backend kernel directly.
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <lorafuse/ops.h>
+#include <lorafuse/ops/lora_linear.h>
 
 namespace lorafuse {
 

@@ -5,9 +5,9 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
-#include <lorafuse/adapters.h>
-#include <lorafuse/config.h>
-#include <lorafuse/inject.h>
+#include <lorafuse/peft/adapters.h>
+#include <lorafuse/config/lora_config.h>
+#include <lorafuse/peft/inject.h>
 #include <lorafuse/io/adapter.h>
 #include <lorafuse/io/safetensors.h>
 #include <lorafuse/models/llama.h>

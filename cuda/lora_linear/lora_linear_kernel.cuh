@@ -17,7 +17,7 @@
 
 #include <cstdint>
 
-#include "csrc/ops/common/dropout_philox.h"
+#include "cuda/shared/philox.h"
 #include "cuda/common/device_utils.cuh"
 
 namespace lorafuse::cuda {

@@ -1,13 +1,13 @@
 // PEFT-format adapter files: adapter_config.json + adapter_model.safetensors. This is the one
 // implementation of the format and of the tensor-name mapping; the C++ save_adapter/load_adapter
-// (<lorafuse/adapters.h>) and the Python front both go through it.
+// (<lorafuse/peft/adapters.h>) and the Python front both go through it.
 //
 // Tensor names: base_model.model.<module path>.lora_A.weight [r, in] and ...lora_B.weight [out, r]; with
 // bias "all" or "lora_only" also the trained biases under base_model.model.<parameter path>.
 #pragma once
 
 #include <ATen/core/Tensor.h>
-#include <lorafuse/config.h>
+#include <lorafuse/config/lora_config.h>
 
 #include <cstdint>
 #include <string>

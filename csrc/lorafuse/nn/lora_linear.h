@@ -1,7 +1,8 @@
 // lorafuse::nn::LoraLinear — a frozen torch::nn::Linear with named LoRA adapters.
 #pragma once
 
-#include <lorafuse/nn/adapter_options.h>
+#include <lorafuse/config/adapter_options.h>
+#include <lorafuse/nn/adapter_scope.h>
 #include <torch/nn/cloneable.h>
 #include <torch/nn/modules/container/moduledict.h>
 #include <torch/nn/modules/linear.h>
@@ -45,26 +46,6 @@ struct LoraLinearOptions {
  public:
   /// The first adapter's options.
   LoraAdapterOptions adapter() const;
-};
-
-/// For the current thread, while it lives: every LoraLinear runs adapter `adapter_name` instead of its
-/// active adapter; a layer without it runs as its base, and "" runs every layer as its base. Scopes nest:
-/// the innermost open scope of the thread decides, and a scope that closes out of order (e.g. in a
-/// suspended generator) removes only itself. This is how threads serve different adapters of one model at
-/// once (see the thread-safety contract in <lorafuse/adapters.h>). A layer with a merged adapter accepts
-/// only its active adapter in a scope. Autograd recomputation (activation checkpointing) runs in backward:
-/// keep backward inside the same scope.
-class AdapterScope {
- public:
-  explicit AdapterScope(std::string adapter_name);
-  ~AdapterScope();
-  AdapterScope(const AdapterScope&) = delete;
-  AdapterScope& operator=(const AdapterScope&) = delete;
-  /// The innermost open scope's adapter on this thread, or nullopt outside any scope.
-  static std::optional<std::string> current();
-
- private:
-  uint64_t id_;
 };
 
 /// y = base(x) + scale · (dropout(x)·Aᵀ)·Bᵀ for the active adapter, through lorafuse::lora_linear.

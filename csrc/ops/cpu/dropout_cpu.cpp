@@ -8,7 +8,7 @@
 
 #include <mutex>
 
-#include "csrc/ops/common/dropout_philox.h"
+#include "cuda/shared/philox.h"
 
 namespace lorafuse::cpu {
 namespace {

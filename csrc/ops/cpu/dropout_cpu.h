@@ -1,4 +1,4 @@
-// CPU helpers for the LoRA branch's dropout. The mask comes from csrc/ops/common/dropout_philox.h.
+// CPU helpers for the LoRA branch's dropout. The mask comes from cuda/shared/philox.h.
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -1,7 +1,7 @@
 // Runs lora_linear and the LoRA modules through an installed lorafuse: the op against the plain formula,
 // and a meta-device Llama 2 7B injected with LoRA and counted (its installed headers must be complete).
 #include <ATen/ATen.h>
-#include <lorafuse/inject.h>
+#include <lorafuse/peft/inject.h>
 #include <lorafuse/models/llama.h>
 #include <lorafuse/ops.h>
 

@@ -1,11 +1,11 @@
-// save_adapter / load_adapter on the reference Llama (<lorafuse/adapters.h>): round trips, the config
+// save_adapter / load_adapter on the reference Llama (<lorafuse/peft/adapters.h>): round trips, the config
 // written for the adapted layers, loading beside other adapters, loading errors leaving the model as it
 // was, the atomic folder swap, and hot-swapping while threads run forward with their own adapters.
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 #include <torch/csrc/autograd/grad_mode.h>
 
-#include <lorafuse/adapters.h>
+#include <lorafuse/peft/adapters.h>
 #include <lorafuse/io/adapter.h>
 #include <lorafuse/models/llama.h>
 

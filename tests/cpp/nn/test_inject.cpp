@@ -1,7 +1,7 @@
 // lorafuse::inject_lora and the model-wide adapter functions, on the reference Llama and on small
 // hand-made modules: selection rules (names, regex, all-linear, exclude, patterns), trainability, bias
 // modes, a second adapter, switching, merging, merge_and_unload, clone, save/load, counts, bad input.
-#include <lorafuse/inject.h>
+#include <lorafuse/peft/inject.h>
 #include <lorafuse/models/llama.h>
 #include <lorafuse/nn/linear.h>
 #include <torch/nn/modules/container/moduledict.h>

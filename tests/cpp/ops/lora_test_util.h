@@ -18,7 +18,7 @@
 #include <vector>
 
 #include "catch.h"
-#include "csrc/ops/common/dropout_philox.h"
+#include "cuda/shared/philox.h"
 
 // Catch2 v3 has SKIP(); v2 has none, so a skipped case warns and returns early there.
 #if defined(LORAFUSE_CATCH2_V3)

@@ -1,11 +1,11 @@
-// The dropout generator of csrc/ops/common/dropout_philox.h: Philox-4x32-10 known-answer vectors (Random123's
+// The dropout generator of cuda/shared/philox.h: Philox-4x32-10 known-answer vectors (Random123's
 // kat_vectors), the keep threshold, the documented counter/key layout, and keep-rate statistics.
 #include <cmath>
 #include <cstdint>
 #include <vector>
 
 #include "catch.h"
-#include "csrc/ops/common/dropout_philox.h"
+#include "cuda/shared/philox.h"
 
 namespace ph = lorafuse::philox;
 

@@ -1,5 +1,5 @@
 #include <c10/util/Exception.h>
-#include <lorafuse/config.h>
+#include <lorafuse/config/lora_config.h>
 
 #include <cctype>
 #include <cmath>

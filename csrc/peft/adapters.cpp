@@ -1,10 +1,10 @@
 #include <c10/util/Exception.h>
-#include <lorafuse/adapters.h>
+#include <lorafuse/peft/adapters.h>
 #include <torch/csrc/autograd/grad_mode.h>
 
 #include <map>
 
-#include "inject_impl.h"
+#include "csrc/peft/sites.h"
 
 namespace lorafuse {
 namespace {

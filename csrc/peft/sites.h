@@ -1,8 +1,8 @@
-// inject.cpp's tree walking and layer replacement, shared with the adapter loader (adapters.cpp).
+// The model tree as inject_lora, the adapter functions and the adapter loader walk it (private to csrc/peft).
 #pragma once
 
-#include <lorafuse/config.h>
-#include <lorafuse/inject.h>
+#include <lorafuse/config/lora_config.h>
+#include <lorafuse/peft/inject.h>
 #include <lorafuse/nn/lora_linear.h>
 #include <torch/nn/module.h>
 

@@ -1,9 +1,9 @@
 #include <c10/util/Exception.h>
-#include <lorafuse/inject.h>
+#include <lorafuse/peft/inject.h>
 #include <lorafuse/nn/linear.h>
 #include <torch/nn/modules/container/moduledict.h>
 
-#include "inject_impl.h"
+#include "csrc/peft/sites.h"
 
 #include <algorithm>
 #include <cstdio>

@@ -1,5 +1,5 @@
 #include <c10/util/Exception.h>
-#include <lorafuse/nn/adapter_options.h>
+#include <lorafuse/config/adapter_options.h>
 
 #include <cctype>
 #include <cmath>

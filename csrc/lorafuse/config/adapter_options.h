@@ -1,0 +1,64 @@
+// One LoRA adapter's hyperparameters, with PEFT's names.
+#pragma once
+
+#include <c10/core/ScalarType.h>
+#include <torch/arg.h>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+
+namespace lorafuse::nn {
+
+/// How a new adapter's weights start (PEFT's init_lora_weights):
+///   true        A kaiming-uniform (a = √5), B zeros: the adapter starts as a no-op (the default);
+///   "gaussian"  A normal(0, 1/r), B zeros;
+///   false       A and B both kaiming-uniform (a = √5): a random, non-zero adapter (for tests).
+class InitLoraWeights {
+ public:
+  enum class Kind { kDefault, kGaussian, kRandom };
+  InitLoraWeights(bool init = true) : kind_(init ? Kind::kDefault : Kind::kRandom) {}  // NOLINT
+  /// "gaussian", "true" or "false"; anything else is a ValueError naming init_lora_weights.
+  InitLoraWeights(const std::string& init);                                  // NOLINT
+  InitLoraWeights(const char* init) : InitLoraWeights(std::string(init)) {}  // NOLINT
+  Kind kind() const noexcept { return kind_; }
+  /// "true", "gaussian" or "false", as PEFT's adapter_config.json writes it.
+  std::string str() const;
+  bool operator==(const InitLoraWeights& other) const noexcept { return kind_ == other.kind_; }
+
+ private:
+  Kind kind_;
+};
+
+/// The options of one adapter of a LoraLinear.
+struct LoraAdapterOptions {
+  explicit LoraAdapterOptions(int64_t r = 8) : r_(r) {}
+  /// Rank: lora_A is [r, in], lora_B [out, r]. Must be > 0.
+  TORCH_ARG(int64_t, r);
+  /// scale = lora_alpha / r (lora_alpha / √r with use_rslora). Must be > 0.
+  TORCH_ARG(double, lora_alpha) = 8.0;
+  /// Dropout on the LoRA branch's input while training, in [0, 1).
+  TORCH_ARG(double, lora_dropout) = 0.0;
+  /// Rank-stabilised scaling: lora_alpha / √r.
+  TORCH_ARG(bool, use_rslora) = false;
+  /// How A and B start.
+  TORCH_ARG(InitLoraWeights, init_lora_weights) = true;
+  /// dtype of lora_A and lora_B: the base weight's dtype or float32; none: float32 for a
+  /// float16/bfloat16 base (as PEFT keeps adapters in float32), else the base weight's dtype.
+  TORCH_ARG(std::optional<c10::ScalarType>, dtype) = std::nullopt;
+  /// Which biases train while this adapter is active: "none", "all" or "lora_only" (LoraConfig::bias,
+  /// recorded with the adapter because PEFT applies the active adapter's mode).
+  TORCH_ARG(std::string, bias) = "none";
+
+ public:
+  /// lora_alpha / r, or lora_alpha / √r with use_rslora.
+  double scale() const;
+  /// ValueError naming the first bad field, with what was found and what is expected.
+  void validate() const;
+};
+
+/// Throws a ValueError unless `name` can name an adapter: non-empty, without '.', whitespace or
+/// control characters (it becomes part of module paths: `q_proj.lora_A.<name>.weight`).
+void check_adapter_name(const std::string& name);
+
+}  // namespace lorafuse::nn

@@ -1,0 +1,108 @@
+// lorafuse::LoraConfig — which layers get LoRA and how, with PEFT's names and meanings.
+#pragma once
+
+#include <lorafuse/config/adapter_options.h>
+#include <torch/arg.h>
+
+#include <cstdint>
+#include <initializer_list>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace lorafuse {
+
+/// Which modules a config selects:
+///   a list of names   a module matches when its path equals an entry or ends with "." + entry
+///                     ({"q_proj", "v_proj"} selects model.layers.N.self_attn.q_proj and .v_proj);
+///   a string          a regular expression (ECMAScript) that the whole module path must match;
+///   "all-linear"      every Linear layer except the output head (a module named lm_head), as PEFT does.
+class TargetModules {
+ public:
+  TargetModules() = default;
+  TargetModules(std::vector<std::string> names) : names_(std::move(names)) {}  // NOLINT
+  TargetModules(std::initializer_list<std::string> names) : names_(names) {}
+  TargetModules(std::string regex) : regex_(std::move(regex)), is_regex_(true) {}  // NOLINT
+  TargetModules(const char* regex) : TargetModules(std::string(regex)) {}          // NOLINT
+
+  bool empty() const noexcept { return !is_regex_ && names_.empty(); }
+  bool is_regex() const noexcept { return is_regex_ && !is_all_linear(); }
+  /// "all-linear" in any case, as PEFT accepts it.
+  bool is_all_linear() const noexcept;
+  const std::vector<std::string>& names() const noexcept { return names_; }
+  const std::string& regex() const noexcept { return regex_; }
+  /// Whether module `path` is selected (for "all-linear": whether it is not the output head).
+  bool matches(const std::string& path) const;
+  /// Whether `path` is selected by list entry `name`.
+  static bool matches_name(const std::string& path, const std::string& name);
+  /// {"q_proj", "v_proj"} or "regex", as written.
+  std::string str() const;
+
+ private:
+  std::vector<std::string> names_;
+  std::string regex_;
+  bool is_regex_ = false;
+};
+
+/// Ordered (pattern, value) overrides: the first pattern P with the module path matching
+/// `(.*\.)?(P)` (PEFT's rank_pattern / alpha_pattern rule) gives the value.
+template <typename T>
+using PatternMap = std::vector<std::pair<std::string, T>>;
+
+/// The LoRA configuration of one adapter, as PEFT's LoraConfig.
+struct LoraConfig {
+  /// Rank of every adapter (unless rank_pattern overrides it). Must be > 0.
+  TORCH_ARG(int64_t, r) = 8;
+  /// scale = lora_alpha / r (lora_alpha / √r with use_rslora). Must be > 0.
+  TORCH_ARG(double, lora_alpha) = 8.0;
+  /// Dropout on the LoRA branch while training, in [0, 1).
+  TORCH_ARG(double, lora_dropout) = 0.0;
+  /// Which Linear layers get the adapter.
+  TORCH_ARG(TargetModules, target_modules) = TargetModules({"q_proj", "v_proj"});
+  /// Layers to leave alone even if target_modules selects them (same forms as target_modules).
+  TORCH_ARG(TargetModules, exclude_modules);
+  /// Which biases train: "none", "all" (every bias of the model) or "lora_only" (the biases of the layers
+  /// that get adapters).
+  TORCH_ARG(std::string, bias) = "none";
+  /// Rank-stabilised scaling lora_alpha / √r.
+  TORCH_ARG(bool, use_rslora) = false;
+  /// Per-module ranks, e.g. {{"down_proj", 16}}.
+  TORCH_ARG(PatternMap<int64_t>, rank_pattern);
+  /// Per-module lora_alpha, e.g. {{"down_proj", 32.0}}.
+  TORCH_ARG(PatternMap<double>, alpha_pattern);
+  /// How new A and B start (true, "gaussian" or false).
+  TORCH_ARG(nn::InitLoraWeights, init_lora_weights) = true;
+
+ public:
+  /// ValueError naming the first bad field, what was found and what is expected.
+  void validate() const;
+  /// The adapter options for the module at `path` (rank_pattern and alpha_pattern applied).
+  nn::LoraAdapterOptions adapter_for(const std::string& path) const;
+};
+
+/// One module of a model, as select_targets sees it.
+struct ModuleInfo {
+  /// Path from the root, e.g. "model.layers.0.self_attn.q_proj".
+  std::string path;
+  /// Its type, for messages.
+  std::string type_name;
+  /// A Linear layer (or a LoRA layer wrapping one) that can take an adapter.
+  bool is_linear = false;
+  /// A Linear layer's shape (for loading adapters; -1 where unknown).
+  int64_t in_features = -1;
+  int64_t out_features = -1;
+};
+
+/// A module that a config selects, with its adapter's options (rank_pattern/alpha_pattern applied).
+struct TargetChoice {
+  size_t index;  // into the modules given to select_targets
+  nn::LoraAdapterOptions adapter;
+};
+
+/// The one implementation of PEFT's selection rules, shared by C++ inject_lora and the Python front:
+/// validates `config`, then returns the Linear modules that target_modules selects and exclude_modules
+/// does not. ValueErrors: a target entry that matches nothing (the message lists the Linear layers that
+/// exist), a selected module that is not a Linear, everything excluded.
+std::vector<TargetChoice> select_targets(const std::vector<ModuleInfo>& modules, const LoraConfig& config);
+
+}  // namespace lorafuse

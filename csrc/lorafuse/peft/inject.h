@@ -1,0 +1,83 @@
+// Putting LoRA into a model and working with its adapters, model-wide: PEFT's LoraModel in LibTorch.
+#pragma once
+
+#include <lorafuse/config/lora_config.h>
+#include <lorafuse/nn/lora_linear.h>
+#include <torch/nn/module.h>
+
+#include <cstdint>
+#include <iosfwd>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace lorafuse {
+
+/// What inject_lora did.
+struct InjectReport {
+  std::string adapter_name;
+  /// Paths of the layers that got the adapter, in module order.
+  std::vector<std::string> targets;
+  /// Of those, the ones that were plain Linear layers and are LoraLinear layers now.
+  std::vector<std::string> wrapped;
+  /// Parameters that require grad, and all parameters, after injection.
+  int64_t trainable = 0;
+  int64_t total = 0;
+};
+
+/// Walks `module`'s tree and gives adapter `adapter_name` to every Linear layer that `config` selects:
+/// a torch::nn::Linear is replaced in place by a LoraLinear wrapping it (sharing its weight); a layer
+/// that is a LoraLinear already gets the adapter beside its others. Then every parameter of the model
+/// is frozen except the active adapter's A and B (and the biases that config.bias names).
+///
+/// The model's active adapter does not change: the first adapter injected becomes active; a later one
+/// waits for set_adapter. Nothing is changed when an error is raised: a bad config, an adapter name
+/// already present, a target entry that matches no module (the message lists the Linear layers that
+/// exist), a selected module that is not a Linear, or a Linear whose parent calls it through a typed
+/// holder that cannot be rewired (keep such layers in a lorafuse::nn::LinearSlot or a
+/// torch::nn::ModuleDict).
+InjectReport inject_lora(torch::nn::Module& module, const LoraConfig& config,
+                         const std::string& adapter_name = "default");
+
+/// Parameter counts (shared tensors counted once).
+struct ParameterCount {
+  int64_t trainable = 0;
+  int64_t total = 0;
+  /// 100 · trainable / total (0 for an empty model).
+  double percent() const;
+  /// PEFT's line: "trainable params: 4,194,304 || all params: 6,742,609,920 || trainable%: 0.0622".
+  std::string str() const;
+};
+ParameterCount trainable_parameters(const torch::nn::Module& module);
+/// Writes trainable_parameters(module).str() and a newline.
+void print_trainable_parameters(const torch::nn::Module& module, std::ostream& out);
+void print_trainable_parameters(const torch::nn::Module& module);
+
+/// Every LoraLinear in the tree, with its path, in module order.
+std::vector<std::pair<std::string, nn::LoraLinearImpl*>> lora_layers(torch::nn::Module& module);
+
+/// Adapter names present in the model, in the order they first appear.
+std::vector<std::string> adapter_names(torch::nn::Module& module);
+/// The model's active adapter ("" when none).
+std::string active_adapter(torch::nn::Module& module);
+/// Another adapter beside the existing ones (inject_lora under another name).
+InjectReport add_adapter(torch::nn::Module& module, const std::string& adapter_name, const LoraConfig& config);
+/// Activates `adapter_name` in every layer that has it (the others run as their base) and makes only
+/// its weights trainable. Moves no data. An error if no layer has it.
+void set_adapter(torch::nn::Module& module, const std::string& adapter_name);
+/// The base model alone (merged layers are unmerged first) / the adapters again.
+void disable_adapters(torch::nn::Module& module);
+void enable_adapters(torch::nn::Module& module);
+/// Removes `adapter_name` from every layer; layers left without adapters stay LoraLinear layers.
+void delete_adapter(torch::nn::Module& module, const std::string& adapter_name);
+/// Folds the named adapters (default: the active one) into the base weights of every layer that has
+/// them, all or nothing: if one layer fails (non-finite weights), the layers before it are put back.
+/// unmerge_adapter restores every layer's weights exactly.
+void merge_adapter(torch::nn::Module& module, const std::vector<std::string>& adapter_names = {});
+void unmerge_adapter(torch::nn::Module& module);
+/// Merges the active adapter for good (also while adapters are disabled, as PEFT does) and puts each
+/// layer's plain torch::nn::Linear back in place of its LoraLinear: the model is the base model again,
+/// with the adapter inside its weights. Nothing changes if a merge fails.
+void merge_and_unload(torch::nn::Module& module);
+
+}  // namespace lorafuse
