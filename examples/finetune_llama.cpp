@@ -13,8 +13,8 @@
 //
 //   lorafuse_finetune_llama [--device cpu|cuda] [--data DIR] [--steps N] [--ft-steps N]
 
-#include <lorafuse/config.h>
-#include <lorafuse/inject.h>
+#include <lorafuse/config/lora_config.h>
+#include <lorafuse/peft/inject.h>
 #include <lorafuse/models/llama.h>
 #include <lorafuse/ops.h>
 #include <torch/torch.h>

@@ -9,7 +9,7 @@
 //
 // ids.safetensors holds "input_ids" (int64 [batch, tokens]). logits.safetensors gets "base" (adapters
 // off) and one tensor per adapter name.
-#include <lorafuse/adapters.h>
+#include <lorafuse/peft/adapters.h>
 #include <lorafuse/io/safetensors.h>
 #include <lorafuse/models/llama.h>
 #include <torch/torch.h>
