@@ -269,8 +269,8 @@ int run(const Args& args) {
   const auto report = lorafuse::inject_lora(*model, lora_config, "task_b");
   std::cout << "  wrapped " << report.wrapped.size() << " layers:\n";
   for (const auto& path : report.wrapped) std::cout << "    " << path << "\n";
-  const auto layers = lorafuse::lora_layers(*model);  // (path, LoraLinearImpl*) in module order
-  std::cout << "  " << layers.front().first << " is now " << *layers.front().second << "\n  ";
+  const auto layers = lorafuse::lora_layers(*model);  // (path, nn::LoraLayer*) in module order
+  std::cout << "  " << layers.front().first << " is now " << layers.front().second->module() << "\n  ";
   lorafuse::print_trainable_parameters(*model);
   std::cout << "  trainable " << report.trainable << " of " << report.total << " parameters\n";
   check(report.wrapped.size() == 2 * static_cast<size_t>(config.num_hidden_layers()),
@@ -353,7 +353,7 @@ int run(const Args& args) {
   std::vector<Tensor> weights_before;
   bool b_nonzero = true;
   for (auto& [path, layer] : lorafuse::lora_layers(*model)) {
-    weights_before.push_back(layer->base_layer->weight.detach().clone());
+    weights_before.push_back(layer->module().as<lorafuse::nn::LoraLinear>()->base_layer->weight.detach().clone());
     b_nonzero = b_nonzero && layer->lora_b("task_b").abs().max().item<double>() > 0;
   }
   check(b_nonzero, "task_b's B matrices are non-zero, so merging has something to change");
@@ -365,7 +365,7 @@ int run(const Args& args) {
     size_t i = 0;
     for (auto& [path, layer] : lorafuse::lora_layers(*model)) {
       weights_changed =
-          weights_changed && layer->merged() && !torch::equal(layer->base_layer->weight, weights_before[i++]);
+          weights_changed && layer->merged() && !torch::equal(layer->module().as<lorafuse::nn::LoraLinear>()->base_layer->weight, weights_before[i++]);
     }
   }
   check(weights_changed, "merge_adapter changed every adapted base weight");
@@ -377,7 +377,7 @@ int run(const Args& args) {
   {
     size_t i = 0;
     for (auto& [path, layer] : lorafuse::lora_layers(*model)) {
-      restored = restored && !layer->merged() && torch::equal(layer->base_layer->weight, weights_before[i++]);
+      restored = restored && !layer->merged() && torch::equal(layer->module().as<lorafuse::nn::LoraLinear>()->base_layer->weight, weights_before[i++]);
     }
   }
   check(restored, "unmerge_adapter restored every base weight bit for bit");

@@ -3,3 +3,5 @@
 #pragma once
 
 #include <lorafuse/ops/lora_linear.h>
+#include <lorafuse/ops/lora_add.h>
+#include <lorafuse/ops/merge.h>

@@ -1,6 +1,7 @@
 #include <c10/util/Exception.h>
 #include <lorafuse/nn/linear.h>
-#include <lorafuse/nn/lora_linear.h>
+#include <lorafuse/nn/base_kind.h>
+#include <lorafuse/nn/lora_layer.h>
 
 #include <utility>
 
@@ -60,35 +61,32 @@ torch::nn::Linear make_linear(int64_t in_features, int64_t out_features, bool bi
 
 void LinearSlot::reset(torch::nn::Module& owner, const std::string& name, const torch::nn::LinearOptions& options,
                        const c10::TensorOptions& tensor_options) {
-  std::shared_ptr<torch::nn::Module> layer;
-  if (lora_ != nullptr) {
-    // An owner being cloned: a same-kind placeholder (sharing, not allocating) that Cloneable::clone
-    // overwrites with the clone of the original's layer.
-    layer = std::make_shared<LoraLinearImpl>(*lora_);
-  } else if (linear_ != nullptr) {
-    layer = std::make_shared<torch::nn::LinearImpl>(*linear_);
-  } else {
-    layer = make_linear(options.in_features(), options.out_features(), options.bias(), tensor_options).ptr();
-  }
+  // A bound slot belongs to an owner being cloned: a same-kind copy that Cloneable::clone then overwrites
+  // with the clone of the original's layer.
+  std::shared_ptr<torch::nn::Module> layer =
+      module_ != nullptr
+          ? module_->clone()
+          : make_linear(options.in_features(), options.out_features(), options.bias(), tensor_options).ptr();
   rebind(owner.register_module(name, std::move(layer)));
 }
 
 void LinearSlot::rebind(std::shared_ptr<torch::nn::Module> layer) {
   TORCH_CHECK_VALUE(layer != nullptr, "LinearSlot::rebind: layer is null");
-  auto* lora = dynamic_cast<LoraLinearImpl*>(layer.get());
-  auto* linear = lora == nullptr ? dynamic_cast<torch::nn::LinearImpl*>(layer.get()) : nullptr;
-  TORCH_CHECK_TYPE(lora != nullptr || linear != nullptr,
-                   "LinearSlot::rebind: expected a torch::nn::Linear or a lorafuse::nn::LoraLinear, found ",
-                   layer->name());
+  torch::nn::Module* raw = layer.get();
+  if (LoraLayer* lora = as_lora_layer(raw)) {
+    call_ = [lora](const at::Tensor& x) { return lora->lora_forward(x); };
+  } else if (const BaseKind* kind = base_kind_of(*raw)) {
+    call_ = [kind, raw](const at::Tensor& x) { return kind->forward(*raw, x); };
+  } else {
+    TORCH_CHECK_TYPE(false, "LinearSlot::rebind: expected a torch::nn::Linear or a lorafuse LoRA layer, found ",
+                     layer->name());
+  }
   module_ = std::move(layer);
-  lora_ = lora;
-  linear_ = linear;
 }
 
 at::Tensor LinearSlot::operator()(const at::Tensor& x) const {
-  if (lora_ != nullptr) return lora_->forward(x);
-  TORCH_CHECK(linear_ != nullptr, "LinearSlot: called before reset() bound it to a layer");
-  return linear_->forward(x);
+  TORCH_CHECK(call_, "LinearSlot: called before reset() bound it to a layer");
+  return call_(x);
 }
 
 }  // namespace lorafuse::nn

@@ -1,9 +1,9 @@
 #include <ATen/ops/empty.h>
-#include <ATen/ops/isfinite.h>
 #include <c10/util/Exception.h>
 #include <lorafuse/nn/linear.h>
 #include <lorafuse/nn/lora_linear.h>
-#include <lorafuse/ops.h>
+#include <lorafuse/ops/lora_linear.h>
+#include <lorafuse/ops/merge.h>
 #include <torch/nn/functional/dropout.h>
 #include <torch/nn/functional/linear.h>
 #include <torch/nn/init.h>
@@ -158,11 +158,10 @@ at::Tensor& LoraLinearImpl::lora_b(const std::string& name) {
 
 at::Tensor LoraLinearImpl::delta_weight(const std::string& name) const {
   const auto& adapter = known(name, "delta_weight");
-  const auto acc = base_layer->weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto& a = lora_A->operator[](name)->as<torch::nn::LinearImpl>()->weight;  // [r, in]
   const auto& b = lora_B->operator[](name)->as<torch::nn::LinearImpl>()->weight;  // [out, r]
   torch::NoGradGuard no_grad;
-  return b.to(acc).mm(a.to(acc)).mul_(adapter.scale());  // [out, in]
+  return lorafuse::lora_delta_weight(a, b, adapter.scale());  // [out, in]
 }
 
 void LoraLinearImpl::create_adapter_weights(const std::string& name, const LoraAdapterOptions& adapter) {
@@ -321,16 +320,16 @@ void LoraLinearImpl::merge_into_base(const std::vector<std::string>& names) {
   auto& w = base_layer->weight;
   // Every merge starts from the unmerged weight, so merging adapters one by one rounds once.
   const at::Tensor& original = merged() ? weight_unmerged_ : w;
-  const auto acc = w.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor merged_weight = original.to(acc, /*non_blocking=*/false, /*copy=*/true);
   std::vector<std::string> all = merged_;
   all.insert(all.end(), names.begin(), names.end());
-  for (const auto& name : all) merged_weight.add_(delta_weight(name).to(merged_weight.device()));
-  merged_weight = merged_weight.to(w.scalar_type());  // checked after rounding: float16 overflows at 65504
-  if (!w.is_meta()) {
-    TORCH_CHECK_VALUE(at::isfinite(merged_weight).all().item<bool>(), "merge: merging ", join(names),
-                      " gives non-finite ", w.scalar_type(), " weights; the base weight is left unchanged");
+  std::vector<at::Tensor> as, bs;
+  std::vector<double> scales;
+  for (const auto& name : all) {
+    as.push_back(lora_a(name));
+    bs.push_back(lora_b(name));
+    scales.push_back(adapters_.at(name).scale());
   }
+  const at::Tensor merged_weight = lorafuse::lora_merge(original, as, bs, scales);  // checks finiteness
   if (!merged()) weight_unmerged_.set_data(w.clone());
   w.copy_(merged_weight);
   merged_ = std::move(all);

@@ -12,9 +12,31 @@ TORCH_LIBRARY(lorafuse, m) {
       "lora_linear_forward(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, float scale, "
       "float dropout_p) -> (Tensor out, Tensor u, Tensor rng_state)",
       {at::Tag::nondeterministic_seeded});
-  // Backward of lora_linear; output_mask = (x, lora_a, lora_b, bias); unrequested grads are empty [0].
+  // Backward of lora_linear and lora_add; output_mask = (x, lora_a, lora_b, bias); unrequested grads are empty
+  // [0]. weight None (lora_add): dX is the LoRA term alone, out = lora_b.size(0).
   m.def(
-      "lora_linear_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor lora_a, Tensor lora_b, Tensor u, "
+      "lora_linear_backward(Tensor grad_out, Tensor x, Tensor? weight, Tensor lora_a, Tensor lora_b, Tensor u, "
       "Tensor rng_state, float scale, float dropout_p, bool[4] output_mask) "
       "-> (Tensor grad_x, Tensor grad_lora_a, Tensor grad_lora_b, Tensor grad_bias)");
+
+  // ---- lora_add: the LoRA branch on top of a base layer's own output (a base that lorafuse calls as it is)
+  // y = base_out + scale·(dropout(x)·Aᵀ)·Bᵀ; base_out [..., out], x [..., in], A [r, in], B [out, r]; y has
+  // base_out's dtype; differentiable in base_out, x, lora_a, lora_b. Backward: lora_linear_backward, weight None.
+  m.def(
+      "lora_add(Tensor base_out, Tensor x, Tensor lora_a, Tensor lora_b, float scale, float dropout_p=0.0) -> Tensor",
+      {at::Tag::nondeterministic_seeded});
+  // Training forward of lora_add: also u = dropout(x)·Aᵀ [T, r] and the dropout rng_state [2].
+  m.def(
+      "lora_add_forward(Tensor base_out, Tensor x, Tensor lora_a, Tensor lora_b, float scale, float dropout_p) "
+      "-> (Tensor out, Tensor u, Tensor rng_state)",
+      {at::Tag::nondeterministic_seeded});
+
+  // ---- merging: device-generic (CompositeExplicitAutograd), no gradients
+  // scale·B·A [out, in] in float32 (float64 when A is float64): what an adapter adds to the base weight.
+  m.def("lora_delta_weight(Tensor lora_a, Tensor lora_b, float scale) -> Tensor");
+  // weight + Σᵢ scaleᵢ·Bᵢ·Aᵢ, summed in float32 (float64 for float64) from `weight` and rounded once to weight's
+  // dtype; raises ValueError (weight untouched) if the result is not finite. Merging several adapters one by
+  // one from the unmerged weight gives the same bits as merging them at once. Unmerging is exact because
+  // the layers keep the unmerged weight (no subtraction).
+  m.def("lora_merge(Tensor weight, Tensor[] lora_a, Tensor[] lora_b, float[] scale) -> Tensor");
 }

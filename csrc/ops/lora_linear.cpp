@@ -27,14 +27,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_forward(const at::Ten
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_a,
-    const at::Tensor& lora_b, const at::Tensor& u, const at::Tensor& rng_state, double scale, double dropout_p,
-    std::array<bool, 4> output_mask) {
+    const at::Tensor& grad_out, const at::Tensor& x, const std::optional<at::Tensor>& weight,
+    const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& u, const at::Tensor& rng_state, double scale,
+    double dropout_p, std::array<bool, 4> output_mask) {
   static auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("lorafuse::lora_linear_backward", "")
           .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+              const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
               const at::Tensor&, const at::Tensor&, double, double, std::array<bool, 4>)>();
   return op.call(grad_out, x, weight, lora_a, lora_b, u, rng_state, scale, dropout_p, output_mask);
 }

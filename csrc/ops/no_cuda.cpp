@@ -24,9 +24,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_forward_no_cuda(const
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward_no_cuda(
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
     const at::Tensor&, const at::Tensor&, double, double, std::array<bool, 4>) {
   no_cuda("lorafuse.lora_linear_backward");
+}
+
+at::Tensor lora_add_no_cuda(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
+                            double) {
+  no_cuda("lorafuse.lora_add");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_add_forward_no_cuda(const at::Tensor&, const at::Tensor&,
+                                                                        const at::Tensor&, const at::Tensor&, double,
+                                                                        double) {
+  no_cuda("lorafuse.lora_add_forward");
 }
 
 }  // namespace
@@ -35,4 +46,6 @@ TORCH_LIBRARY_IMPL(lorafuse, CUDA, m) {
   m.impl("lora_linear", &lora_linear_no_cuda);
   m.impl("lora_linear_forward", &lora_linear_forward_no_cuda);
   m.impl("lora_linear_backward", &lora_linear_backward_no_cuda);
+  m.impl("lora_add", &lora_add_no_cuda);
+  m.impl("lora_add_forward", &lora_add_forward_no_cuda);
 }

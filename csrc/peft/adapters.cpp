@@ -9,7 +9,7 @@
 namespace lorafuse {
 namespace {
 
-using nn::LoraLinearImpl;
+using nn::LoraLayer;
 
 // The trained biases that PEFT saves for `bias` mode: every bias ("all") or the adapted layers' ("lora_only").
 std::vector<std::pair<std::string, at::Tensor>> trained_biases(torch::nn::Module& module, const std::string& bias,
@@ -21,8 +21,8 @@ std::vector<std::pair<std::string, at::Tensor>> trained_biases(torch::nn::Module
     }
   } else if (bias == "lora_only") {
     for (const auto& [path, layer] : lora_layers(module)) {
-      if (layer->has_adapter(adapter_name) && layer->base_layer->bias.defined())
-        out.emplace_back(path + ".base_layer.bias", layer->base_layer->bias.detach());
+      if (layer->has_adapter(adapter_name) && layer->base_bias().defined())
+        out.emplace_back(path + ".base_layer.bias", layer->base_bias().detach());
     }
   }
   return out;
@@ -35,7 +35,7 @@ void save_adapter(torch::nn::Module& module, const std::string& dir, const std::
   const auto infos = detail::infos_of(sites);
   std::vector<io::SaveSource> layers;
   for (size_t i = 0; i < sites.size(); ++i) {
-    auto* layer = dynamic_cast<LoraLinearImpl*>(sites[i].module.get());
+    auto* layer = nn::as_lora_layer(sites[i].module.get());
     if (layer == nullptr || !layer->has_adapter(adapter_name)) continue;
     layers.push_back({i, layer->adapter_options(adapter_name), layer->lora_a(adapter_name).detach(),
                       layer->lora_b(adapter_name).detach()});
@@ -97,7 +97,7 @@ InjectReport load_adapter(torch::nn::Module& module, const io::AdapterFile& file
 
   const std::string prior_active = active_adapter(module);
   InjectReport report = detail::attach_adapter(
-      sites, chosen, adapter_name, /*keep_active=*/!prior_active.empty(), [&](size_t index, LoraLinearImpl& layer) {
+      sites, chosen, adapter_name, /*keep_active=*/!prior_active.empty(), [&](size_t index, LoraLayer& layer) {
         const auto* t = by_index.at(index);
         torch::NoGradGuard no_grad;
         layer.lora_a(adapter_name).copy_(t->lora_A);  // cast to the layer's adapter dtype

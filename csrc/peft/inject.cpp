@@ -1,5 +1,6 @@
 #include <c10/util/Exception.h>
 #include <lorafuse/peft/inject.h>
+#include <lorafuse/nn/base_kind.h>
 #include <lorafuse/nn/linear.h>
 #include <torch/nn/modules/container/moduledict.h>
 
@@ -14,15 +15,14 @@ namespace lorafuse {
 namespace {
 
 using detail::Site;
-using nn::LoraLinearImpl;
-using torch::nn::LinearImpl;
+using nn::LoraLayer;
 using torch::nn::Module;
 
 void walk(Module& module, const std::string& prefix, std::vector<Site>& out) {
   for (const auto& child : module.named_children()) {
     std::string path = prefix.empty() ? child.key() : prefix + "." + child.key();
     out.push_back({&module, child.key(), path, child.value()});
-    if (dynamic_cast<LoraLinearImpl*>(child.value().get()) == nullptr) walk(*child.value(), path, out);
+    if (nn::as_lora_layer(child.value().get()) == nullptr) walk(*child.value(), path, out);
   }
 }
 
@@ -79,7 +79,7 @@ std::string with_commas(int64_t n) {
 // re-merging what was merged before reproduces the same bits).
 class MergeTransaction {
  public:
-  void merge(LoraLinearImpl* layer, const std::vector<std::string>& names) {
+  void merge(LoraLayer* layer, const std::vector<std::string>& names) {
     undo_.push_back({layer, layer->merged_adapters(), !layer->adapters_enabled()});
     if (!layer->adapters_enabled()) layer->enable_adapters();
     layer->merge(names);
@@ -95,7 +95,7 @@ class MergeTransaction {
 
  private:
   struct Undo {
-    LoraLinearImpl* layer;
+    LoraLayer* layer;
     std::vector<std::string> merged_before;
     bool was_disabled;
   };
@@ -118,7 +118,7 @@ std::vector<Site> sites_of(Module& module) {
 }
 
 bool is_linear(const Module* m) {
-  return dynamic_cast<const LinearImpl*>(m) != nullptr || dynamic_cast<const LoraLinearImpl*>(m) != nullptr;
+  return nn::base_kind_of(*m) != nullptr || nn::as_lora_layer(m) != nullptr;
 }
 
 std::vector<ModuleInfo> infos_of(const std::vector<Site>& sites) {
@@ -126,12 +126,12 @@ std::vector<ModuleInfo> infos_of(const std::vector<Site>& sites) {
   infos.reserve(sites.size());
   for (const auto& s : sites) {
     ModuleInfo info{s.path, s.module->name(), is_linear(s.module.get())};
-    if (auto* lin = dynamic_cast<const LinearImpl*>(s.module.get())) {
-      info.in_features = lin->options.in_features();
-      info.out_features = lin->options.out_features();
-    } else if (auto* lora = dynamic_cast<const LoraLinearImpl*>(s.module.get())) {
-      info.in_features = lora->options.in_features();
-      info.out_features = lora->options.out_features();
+    if (const auto* lora = nn::as_lora_layer(s.module.get())) {
+      info.in_features = lora->in_features();
+      info.out_features = lora->out_features();
+    } else if (const auto* kind = nn::base_kind_of(*s.module)) {
+      info.in_features = kind->in_features(*s.module);
+      info.out_features = kind->out_features(*s.module);
     }
     infos.push_back(std::move(info));
   }
@@ -141,7 +141,7 @@ std::vector<ModuleInfo> infos_of(const std::vector<Site>& sites) {
 void check_rewirable(const std::vector<Site>& sites, const std::vector<TargetChoice>& chosen, const char* what) {
   for (const auto& c : chosen) {
     const Site& s = sites[c.index];
-    if (dynamic_cast<LinearImpl*>(s.module.get()) != nullptr) {
+    if (nn::as_lora_layer(s.module.get()) == nullptr) {  // a base to replace
       TORCH_CHECK_VALUE(can_rewire(s), cannot_rewire(s, what));
     }
   }
@@ -158,10 +158,10 @@ bool model_has_adapter(Module& module, const std::string& name) {
 
 InjectReport attach_adapter(const std::vector<Site>& sites, const std::vector<TargetChoice>& chosen,
                             const std::string& name, bool keep_active,
-                            const std::function<void(size_t, LoraLinearImpl&)>& fill) {
+                            const std::function<void(size_t, LoraLayer&)>& fill) {
   bool any_lora = false, all_disabled = true;
   for (const auto& s : sites) {
-    if (auto* lora = dynamic_cast<LoraLinearImpl*>(s.module.get())) {
+    if (auto* lora = nn::as_lora_layer(s.module.get())) {
       any_lora = true;
       all_disabled = all_disabled && !lora->adapters_enabled();
     }
@@ -171,17 +171,20 @@ InjectReport attach_adapter(const std::vector<Site>& sites, const std::vector<Ta
   report.adapter_name = name;
   for (const auto& c : chosen) {
     const Site& s = sites[c.index];
-    if (auto* lora = dynamic_cast<LoraLinearImpl*>(s.module.get())) {
+    if (auto* lora = nn::as_lora_layer(s.module.get())) {
       lora->add_adapter(name, c.adapter, /*activate=*/!keep_active);
       if (fill) fill(c.index, *lora);
     } else {
-      torch::nn::Linear base(std::dynamic_pointer_cast<LinearImpl>(s.module));
-      auto layer = std::make_shared<LoraLinearImpl>(base, c.adapter, name);
-      layer->train(s.module->is_training());        // a new module starts in training mode; keep the model's mode
+      const nn::BaseKind* kind = nn::base_kind_of(*s.module);
+      TORCH_CHECK_VALUE(kind != nullptr, "inject: \"", s.path, "\" (", s.module->name(),
+                        ") is no base kind lorafuse can wrap");
+      std::shared_ptr<Module> wrapped = kind->wrap(s.module, c.adapter, name);
+      LoraLayer* layer = nn::as_lora_layer(wrapped.get());
+      wrapped->train(s.module->is_training());      // a new module starts in training mode; keep the model's mode
       if (all_disabled) layer->disable_adapters();  // a model whose adapters are disabled stays so
       if (keep_active) layer->clear_active_adapter();
       if (fill) fill(c.index, *layer);
-      rewire(s, layer);
+      rewire(s, wrapped);
       report.wrapped.push_back(s.path);
     }
     report.targets.push_back(s.path);
@@ -207,18 +210,17 @@ void activate_and_freeze(Module& module, const std::string& active) {
     }
   } else if (bias == "lora_only") {
     for (const auto& [path, layer] : layers) {
-      if (layer->has_adapter(active) && layer->base_layer->bias.defined())
-        layer->base_layer->bias.set_requires_grad(true);
+      if (layer->has_adapter(active) && layer->base_bias().defined()) layer->base_bias().set_requires_grad(true);
     }
   }
 }
 
 }  // namespace detail
 
-std::vector<std::pair<std::string, LoraLinearImpl*>> lora_layers(Module& module) {
-  std::vector<std::pair<std::string, LoraLinearImpl*>> layers;
+std::vector<std::pair<std::string, LoraLayer*>> lora_layers(Module& module) {
+  std::vector<std::pair<std::string, LoraLayer*>> layers;
   for (const auto& s : sites_of(module)) {
-    if (auto* lora = dynamic_cast<LoraLinearImpl*>(s.module.get())) layers.emplace_back(s.path, lora);
+    if (auto* lora = nn::as_lora_layer(s.module.get())) layers.emplace_back(s.path, lora);
   }
   return layers;
 }
@@ -387,7 +389,7 @@ void unmerge_adapter(Module& module) {
 void merge_and_unload(Module& module) {
   std::vector<Site> lora_sites;
   for (auto& s : sites_of(module)) {
-    if (dynamic_cast<LoraLinearImpl*>(s.module.get()) == nullptr) continue;
+    if (nn::as_lora_layer(s.module.get()) == nullptr) continue;
     TORCH_CHECK_VALUE(can_rewire(s), cannot_rewire(s, "merge_and_unload"));
     lora_sites.push_back(std::move(s));
   }
@@ -395,7 +397,7 @@ void merge_and_unload(Module& module) {
   MergeTransaction transaction;
   try {
     for (const auto& s : lora_sites) {
-      auto* layer = dynamic_cast<LoraLinearImpl*>(s.module.get());
+      auto* layer = nn::as_lora_layer(s.module.get());
       const auto& active = layer->active_adapter();
       const auto& merged = layer->merged_adapters();
       if (!active.empty() && std::find(merged.begin(), merged.end(), active) == merged.end()) {
@@ -407,8 +409,7 @@ void merge_and_unload(Module& module) {
     throw;
   }
   for (const auto& s : lora_sites) {
-    auto base = std::dynamic_pointer_cast<LoraLinearImpl>(s.module)->merge_and_unload();
-    rewire(s, base.ptr());
+    rewire(s, nn::as_lora_layer(s.module.get())->unload_merged());
   }
 }
 

@@ -3,7 +3,7 @@
 
 #include <lorafuse/config/lora_config.h>
 #include <lorafuse/peft/inject.h>
-#include <lorafuse/nn/lora_linear.h>
+#include <lorafuse/nn/lora_layer.h>
 #include <torch/nn/module.h>
 
 #include <functional>
@@ -21,7 +21,7 @@ struct Site {
   std::shared_ptr<torch::nn::Module> module;
 };
 
-// Pre-order, so module order; LoraLinear layers are leaves (their base_layer and lora_A/lora_B are theirs).
+// Pre-order, so module order; LoRA layers are leaves (their base and adapters are theirs).
 std::vector<Site> sites_of(torch::nn::Module& module);
 // What select_targets and plan_adapter_load see of each site (with Linear shapes).
 std::vector<ModuleInfo> infos_of(const std::vector<Site>& sites);
@@ -35,7 +35,7 @@ void check_rewirable(const std::vector<Site>& sites, const std::vector<TargetCho
 // has another active one, and threads may be running forward). Returns the targets and the wrapped layers.
 InjectReport attach_adapter(const std::vector<Site>& sites, const std::vector<TargetChoice>& chosen,
                             const std::string& name, bool keep_active,
-                            const std::function<void(size_t, nn::LoraLinearImpl&)>& fill = nullptr);
+                            const std::function<void(size_t, nn::LoraLayer&)>& fill = nullptr);
 
 // inject_lora's last step: freeze everything but `active`'s A and B (and its biases by its bias mode).
 void activate_and_freeze(torch::nn::Module& module, const std::string& active);

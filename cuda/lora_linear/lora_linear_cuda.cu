@@ -129,15 +129,60 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_forward_cuda(const at
   return {y2.view(detail::with_last(x.sizes(), out)), u, rng_state};
 }
 
+// lora_add: the shrink kernel gives u = drop(x)·Aᵀ (fp32); the expand is a cuBLAS GEMM accumulated with beta = 1
+// onto a copy of the base output (scale·u rounded to the output dtype first, as the unfused chain rounds it).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_add_forward_cuda(const at::Tensor& base_out, const at::Tensor& x,
+                                                                     const at::Tensor& lora_a, const at::Tensor& lora_b,
+                                                                     double scale, double dropout_p) {
+  constexpr const char* op = "lorafuse.lora_add";
+  detail::check_lora_add_args(op, base_out, x, lora_a, lora_b, scale, dropout_p);
+  check_cuda_dtype(x, op);
+  const c10::cuda::OptionalCUDAGuard guard(x.device());
+  const CudaLauncher launch{at::cuda::getCurrentCUDAStream()};
+  const int64_t out = base_out.size(-1), r = lora_a.size(0);
+  const at::Tensor x2 = rows_view(x);  // [T, in]
+  const int64_t tokens = x2.size(0);
+  const at::Tensor a = lora_a.contiguous();
+  at::Tensor u = at::empty({tokens, r}, x.options().dtype(at::kFloat));  // [T, r]
+  at::Tensor rng_state = at::empty({2}, x.options().dtype(at::kLong));
+  rng_state.zero_();
+  const DropoutParams drop = forward_dropout(dropout_p, rng_state, x);
+  at::Tensor y2 = base_out.reshape({tokens, out}).clone(at::MemoryFormat::Contiguous);  // [T, out]
+  if (tokens > 0) {
+    dispatch_lora_types(x.scalar_type(), lora_a.scalar_type(), op, [&](auto xt, auto at_) {
+      using Tx = typename decltype(xt)::type;
+      using Ta = typename decltype(at_)::type;
+      ShrinkParams sp{};
+      sp.x = x2.data_ptr();
+      sp.ldx = x2.stride(0);
+      sp.a = a.data_ptr();
+      sp.u = u.data_ptr<float>();
+      sp.tokens = tokens;
+      sp.in = x2.size(1);
+      sp.r = r;
+      sp.drop = drop;
+      run_shrink<Tx, Ta>(launch, sp);  // u = drop(x)·Aᵀ
+    });
+    const auto yt = y2.scalar_type();
+    if (out > 0) y2.addmm_(u.mul(scale).to(yt), lora_b.to(yt).t(), /*beta=*/1, /*alpha=*/1);  // y += scale·u·Bᵀ
+  }
+  return {y2.view(base_out.sizes()), u, rng_state};
+}
+
+at::Tensor lora_add_cuda(const at::Tensor& base_out, const at::Tensor& x, const at::Tensor& lora_a,
+                         const at::Tensor& lora_b, double scale, double dropout_p) {
+  return std::get<0>(lora_add_forward_cuda(base_out, x, lora_a, lora_b, scale, dropout_p));
+}
+
 at::Tensor lora_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                             const at::Tensor& lora_a, const at::Tensor& lora_b, double scale, double dropout_p) {
   return std::get<0>(lora_linear_forward_cuda(x, weight, bias, lora_a, lora_b, scale, dropout_p));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward_cuda(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_a,
-    const at::Tensor& lora_b, const at::Tensor& u, const at::Tensor& rng_state, double scale, double dropout_p,
-    std::array<bool, 4> output_mask) {
+    const at::Tensor& grad_out, const at::Tensor& x, const std::optional<at::Tensor>& weight,
+    const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& u, const at::Tensor& rng_state, double scale,
+    double dropout_p, std::array<bool, 4> output_mask) {
   constexpr const char* op = "lorafuse.lora_linear_backward";
   detail::check_lora_linear_backward_args(op, grad_out, x, weight, lora_a, lora_b, u, rng_state, scale, dropout_p);
   check_cuda_dtype(x, op);
@@ -145,7 +190,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward_
   const CudaLauncher launch{at::cuda::getCurrentCUDAStream()};
   const bool need_x = output_mask[0], need_a = output_mask[1], need_b = output_mask[2], need_bias = output_mask[3];
 
-  const int64_t in = x.size(-1), out = weight.size(0), r = lora_a.size(0);
+  const int64_t in = x.size(-1), out = lora_b.size(0), r = lora_a.size(0);
   const at::Tensor x2 = rows_view(x);                               // [T, in]
   const at::Tensor dy2 = grad_out.reshape({x2.size(0), out}).contiguous();  // [T, out]
   const int64_t tokens = x2.size(0);
@@ -213,8 +258,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward_
       if (need_a) run_reduce<Ta>(launch, da_part.const_data_ptr<float>(), plan.x_splits, r * in,
                                  static_cast<float>(scale), device_ptr<Ta>(grad_a));
     });
-    // dX += dY·W (cuBLAS, beta = 1 onto the LoRA part written above)
-    if (need_x) grad_x.addmm_(dy2, weight, /*beta=*/1, /*alpha=*/1);
+    // dX += dY·W (cuBLAS, beta = 1 onto the LoRA part written above); lora_add has no weight: its base's
+    // own backward gives that part.
+    if (need_x && weight.has_value() && weight->defined()) grad_x.addmm_(dy2, *weight, /*beta=*/1, /*alpha=*/1);
   }
   if (need_x) grad_x = grad_x.view(x.sizes());
   return {grad_x, grad_a, grad_b, grad_bias};
@@ -226,4 +272,6 @@ TORCH_LIBRARY_IMPL(lorafuse, CUDA, m) {
   m.impl("lora_linear", &lorafuse::cuda::lora_linear_cuda);
   m.impl("lora_linear_forward", &lorafuse::cuda::lora_linear_forward_cuda);
   m.impl("lora_linear_backward", &lorafuse::cuda::lora_linear_backward_cuda);
+  m.impl("lora_add", &lorafuse::cuda::lora_add_cuda);
+  m.impl("lora_add_forward", &lorafuse::cuda::lora_add_forward_cuda);
 }

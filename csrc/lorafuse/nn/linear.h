@@ -5,12 +5,11 @@
 #include <torch/nn/module.h>
 #include <torch/nn/modules/linear.h>
 
+#include <functional>
 #include <memory>
 #include <string>
 
 namespace lorafuse::nn {
-
-class LoraLinearImpl;
 
 /// A torch::nn::Linear whose weight [out, in] and bias [out] are made directly with `options`
 /// (device, dtype) and initialised as torch::nn::Linear does — on the meta device they are only
@@ -52,8 +51,8 @@ class LinearSlot {
   /// Cloneable::clone then copies.
   void reset(torch::nn::Module& owner, const std::string& name, const torch::nn::LinearOptions& options,
              const c10::TensorOptions& tensor_options = {});
-  /// Points the slot at `layer` (a torch::nn::LinearImpl or a LoraLinearImpl) once the owner's child was
-  /// replaced. Anything else is an error.
+  /// Points the slot at `layer` once the owner's child was replaced: a LoRA layer (nn::LoraLayer) or a base
+  /// that nn::base_kinds() takes. Anything else is an error.
   void rebind(std::shared_ptr<torch::nn::Module> layer);
   /// Calls the bound layer.
   at::Tensor operator()(const at::Tensor& x) const;
@@ -62,8 +61,7 @@ class LinearSlot {
 
  private:
   std::shared_ptr<torch::nn::Module> module_;
-  torch::nn::LinearImpl* linear_ = nullptr;  // exactly one of these is set once bound
-  LoraLinearImpl* lora_ = nullptr;
+  std::function<at::Tensor(const at::Tensor&)> call_;
 };
 
 /// Implemented by modules whose forward calls linear children through LinearSlots: inject_lora and

@@ -3,6 +3,7 @@
 
 #include <lorafuse/config/adapter_options.h>
 #include <lorafuse/nn/adapter_scope.h>
+#include <lorafuse/nn/lora_layer.h>
 #include <torch/nn/cloneable.h>
 #include <torch/nn/modules/container/moduledict.h>
 #include <torch/nn/modules/linear.h>
@@ -59,7 +60,7 @@ struct LoraLinearOptions {
 /// merge() folds scale·B·A (computed in float32) into the base weight, so the layer costs exactly what
 /// the base costs; it keeps the unmerged weight (the buffer `weight_unmerged`, empty otherwise) so that unmerge()
 /// restores it bit for bit. merge_and_unload() merges for good and hands back the plain Linear.
-class LoraLinearImpl : public torch::nn::Cloneable<LoraLinearImpl> {
+class LoraLinearImpl : public torch::nn::Cloneable<LoraLinearImpl>, public LoraLayer {
  public:
   /// A new base Linear(in_features, out_features) with one adapter of rank r.
   LoraLinearImpl(int64_t in_features, int64_t out_features, int64_t r = 8)
@@ -91,46 +92,54 @@ class LoraLinearImpl : public torch::nn::Cloneable<LoraLinearImpl> {
   void add_adapter(const std::string& name, const LoraAdapterOptions& options);
   /// As above; with `activate` false the new adapter never becomes the active one (a layer with no active
   /// adapter keeps none), which is how adapters are loaded beside others while threads run forward.
-  void add_adapter(const std::string& name, const LoraAdapterOptions& options, bool activate);
+  void add_adapter(const std::string& name, const LoraAdapterOptions& options, bool activate) override;
   /// Makes `name` the active adapter (only its A and B require grad). O(1): nothing is allocated or
   /// copied. Switching away from the active adapter of a merged layer unmerges it first (exactly), as
   /// PEFT does, so that a merged adapter never adds to another one.
-  void set_adapter(const std::string& name);
+  void set_adapter(const std::string& name) override;
   /// No adapter active: the layer is its base (what a model-wide set_adapter does to layers that lack
   /// the adapter it activates). Unmerges first, as set_adapter.
-  void clear_active_adapter();
+  void clear_active_adapter() override;
   /// Removes adapter `name`; a merged adapter must be unmerged first. If it was active, the first
   /// remaining adapter (if any) becomes active.
-  void delete_adapter(const std::string& name);
+  void delete_adapter(const std::string& name) override;
   /// The base alone from now on (unmerging first if anything is merged).
-  void disable_adapters();
-  void enable_adapters();
-  bool adapters_enabled() const noexcept { return !disabled_; }
+  void disable_adapters() override;
+  void enable_adapters() override;
+  bool adapters_enabled() const noexcept override { return !disabled_; }
   /// The active adapter's name, or "" when there is none.
-  const std::string& active_adapter() const noexcept { return active_; }
+  const std::string& active_adapter() const noexcept override { return active_; }
   /// Adapter names in the order they were added.
-  const std::vector<std::string>& adapter_names() const noexcept { return order_; }
-  bool has_adapter(const std::string& name) const { return adapters_.count(name) != 0; }
-  const LoraAdapterOptions& adapter_options(const std::string& name) const;
+  const std::vector<std::string>& adapter_names() const noexcept override { return order_; }
+  bool has_adapter(const std::string& name) const override { return adapters_.count(name) != 0; }
+  const LoraAdapterOptions& adapter_options(const std::string& name) const override;
   /// lora_A.<name>.weight [r, in] and lora_B.<name>.weight [out, r].
-  at::Tensor& lora_a(const std::string& name);
-  at::Tensor& lora_b(const std::string& name);
-  /// scale · B · A in float32 [out, in].
+  at::Tensor& lora_a(const std::string& name) override;
+  at::Tensor& lora_b(const std::string& name) override;
+  /// scale · B · A in float32 [out, in] (lorafuse::lora_delta_weight).
   at::Tensor delta_weight(const std::string& name) const;
 
   // ---- merging -------------------------------------------------------------------------------
   /// Folds the named adapters (default: the active one) into the base weight, in float32 from the
   /// unmerged weight. Errors: an unknown adapter, one already merged, a non-finite result (the weight
   /// is then left as it was).
-  void merge(const std::vector<std::string>& adapter_names = {});
+  void merge(const std::vector<std::string>& adapter_names = {}) override;
   /// Restores the unmerged base weight exactly. An error when nothing is merged.
-  void unmerge();
-  bool merged() const noexcept { return !merged_.empty(); }
-  const std::vector<std::string>& merged_adapters() const noexcept { return merged_; }
+  void unmerge() override;
+  bool merged() const noexcept override { return !merged_.empty(); }
+  const std::vector<std::string>& merged_adapters() const noexcept override { return merged_; }
   /// Merges the active adapter (unless merged already; also while adapters are disabled, as PEFT does),
   /// drops the unmerged copy and the adapters, and returns the base Linear, which then holds
   /// W + scale·B·A. This layer is left without adapters: its base alone.
   torch::nn::Linear merge_and_unload();
+
+  // ---- LoraLayer --------------------------------------------------------------------------------
+  torch::nn::Module& module() override { return *this; }
+  at::Tensor lora_forward(const at::Tensor& x) override { return forward(x); }
+  int64_t in_features() const override { return options.in_features(); }
+  int64_t out_features() const override { return options.out_features(); }
+  at::Tensor base_bias() const override { return base_layer->bias; }
+  std::shared_ptr<torch::nn::Module> unload_merged() override { return merge_and_unload().ptr(); }
 
   /// The wrapped base layer.
   torch::nn::Linear base_layer{nullptr};

@@ -32,9 +32,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_forward(const at::Ten
                                                                    double scale, double dropout_p);
 
 /// Gradients of lora_linear: (grad_x, grad_lora_a, grad_lora_b, grad_bias). output_mask says which
-/// of the four to compute; the others come back as empty tensors of shape [0].
+/// of the four to compute; the others come back as empty tensors of shape [0]. Without weight it is the
+/// backward of lora_add: grad_x is the LoRA term alone.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_a,
+    const at::Tensor& grad_out, const at::Tensor& x, const std::optional<at::Tensor>& weight, const at::Tensor& lora_a,
     const at::Tensor& lora_b, const at::Tensor& u, const at::Tensor& rng_state, double scale, double dropout_p,
     std::array<bool, 4> output_mask);
 

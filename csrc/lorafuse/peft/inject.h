@@ -53,8 +53,8 @@ ParameterCount trainable_parameters(const torch::nn::Module& module);
 void print_trainable_parameters(const torch::nn::Module& module, std::ostream& out);
 void print_trainable_parameters(const torch::nn::Module& module);
 
-/// Every LoraLinear in the tree, with its path, in module order.
-std::vector<std::pair<std::string, nn::LoraLinearImpl*>> lora_layers(torch::nn::Module& module);
+/// Every LoRA layer in the tree (whatever its base kind), with its path, in module order.
+std::vector<std::pair<std::string, nn::LoraLayer*>> lora_layers(torch::nn::Module& module);
 
 /// Adapter names present in the model, in the order they first appear.
 std::vector<std::string> adapter_names(torch::nn::Module& module);

@@ -6,7 +6,8 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
-#include <lorafuse/ops.h>
+#include <lorafuse/ops/lora_add.h>
+#include <lorafuse/ops/lora_linear.h>
 
 namespace lorafuse::autocast {
 namespace {
@@ -23,15 +24,28 @@ at::Tensor lora_linear_autocast(const at::Tensor& x, const at::Tensor& weight, c
   return lorafuse::lora_linear(cast(x), cast(weight), bias_cast, adapter(lora_a), adapter(lora_b), scale, dropout_p);
 }
 
+// lora_add: x goes to the autocast dtype (adapters in float32 stay so); base_out is what the base gave.
+template <c10::DeviceType kDevice, c10::DispatchKey kKey>
+at::Tensor lora_add_autocast(const at::Tensor& base_out, const at::Tensor& x, const at::Tensor& lora_a,
+                             const at::Tensor& lora_b, double scale, double dropout_p) {
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(kKey);
+  const at::ScalarType dtype = at::autocast::get_autocast_dtype(kDevice);
+  const auto cast = [&](const at::Tensor& t) { return at::autocast::cached_cast(dtype, t, kDevice); };
+  const auto adapter = [&](const at::Tensor& t) { return t.scalar_type() == at::kFloat ? t : cast(t); };
+  return lorafuse::lora_add(base_out, cast(x), adapter(lora_a), adapter(lora_b), scale, dropout_p);
+}
+
 }  // namespace
 }  // namespace lorafuse::autocast
 
 TORCH_LIBRARY_IMPL(lorafuse, AutocastCPU, m) {
   m.impl("lora_linear",
          &lorafuse::autocast::lora_linear_autocast<c10::DeviceType::CPU, c10::DispatchKey::AutocastCPU>);
+  m.impl("lora_add", &lorafuse::autocast::lora_add_autocast<c10::DeviceType::CPU, c10::DispatchKey::AutocastCPU>);
 }
 
 TORCH_LIBRARY_IMPL(lorafuse, AutocastCUDA, m) {
   m.impl("lora_linear",
          &lorafuse::autocast::lora_linear_autocast<c10::DeviceType::CUDA, c10::DispatchKey::AutocastCUDA>);
+  m.impl("lora_add", &lorafuse::autocast::lora_add_autocast<c10::DeviceType::CUDA, c10::DispatchKey::AutocastCUDA>);
 }

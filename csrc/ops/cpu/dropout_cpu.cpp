@@ -5,6 +5,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 
 #include <mutex>
 
@@ -87,6 +88,16 @@ void dropout_mask_(at::Tensor& t, uint64_t seed, uint64_t offset, double p) {
       }
     });
   });
+}
+
+at::Tensor forward_rng_state(const at::Tensor& x, double p, uint64_t& seed) {
+  at::Tensor rng_state = at::zeros({2}, x.options().dtype(at::kLong));
+  seed = 0;
+  if (p > 0.0) {
+    seed = draw_seed();
+    rng_state.mutable_data_ptr<int64_t>()[0] = static_cast<int64_t>(seed);
+  }
+  return rng_state;
 }
 
 }  // namespace lorafuse::cpu

@@ -17,4 +17,13 @@ at::Tensor dropout_cast(const at::Tensor& x2, at::ScalarType dtype, uint64_t see
 // t *= mask / (1 - p), in place (dropped elements become exact zeros); t contiguous [T, in].
 void dropout_mask_(at::Tensor& t, uint64_t seed, uint64_t offset, double p);
 
+// dropout(x2) in the accumulation dtype; x2 itself when that is already the same thing.
+inline at::Tensor lora_input(const at::Tensor& x2, at::ScalarType acc, uint64_t seed, uint64_t offset, double p) {
+  if (p == 0.0 && x2.scalar_type() == acc) return x2;
+  return dropout_cast(x2, acc, seed, offset, p);
+}
+
+// The forward's rng_state [2] int64 (seed, offset 0) on x's device, with a fresh seed when p > 0; `seed` set.
+at::Tensor forward_rng_state(const at::Tensor& x, double p, uint64_t& seed);
+
 }  // namespace lorafuse::cpu

@@ -16,12 +16,6 @@ namespace {
 
 constexpr const char* kOp = "lorafuse.lora_linear";
 
-// dropout(x2) in the accumulation dtype; x2 itself when that is already the same thing.
-at::Tensor lora_input(const at::Tensor& x2, at::ScalarType acc, uint64_t seed, uint64_t offset, double p) {
-  if (p == 0.0 && x2.scalar_type() == acc) return x2;
-  return dropout_cast(x2, acc, seed, offset, p);
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_forward_cpu(const at::Tensor& x, const at::Tensor& weight,
@@ -34,12 +28,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_forward_cpu(const at:
   const at::ScalarType acc = detail::lora_acc_dtype(x, lora_a);
   const at::Tensor x2 = x.reshape({detail::leading_numel(x.sizes()), in});  // [T, in]
 
-  at::Tensor rng_state = at::zeros({2}, x.options().dtype(at::kLong));
   uint64_t seed = 0;
-  if (dropout_p > 0.0) {
-    seed = draw_seed();
-    rng_state.mutable_data_ptr<int64_t>()[0] = static_cast<int64_t>(seed);
-  }
+  at::Tensor rng_state = forward_rng_state(x, dropout_p, seed);
 
   const at::ScalarType xt = x.scalar_type();
   at::Tensor u = at::mm(lora_input(x2, acc, seed, /*offset=*/0, dropout_p), lora_a.to(acc).t());  // [T, r]
@@ -62,13 +52,13 @@ at::Tensor lora_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const 
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward_cpu(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_a,
-    const at::Tensor& lora_b, const at::Tensor& u, const at::Tensor& rng_state, double scale, double dropout_p,
-    std::array<bool, 4> output_mask) {
+    const at::Tensor& grad_out, const at::Tensor& x, const std::optional<at::Tensor>& weight,
+    const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& u, const at::Tensor& rng_state, double scale,
+    double dropout_p, std::array<bool, 4> output_mask) {
   detail::check_lora_linear_backward_args("lorafuse.lora_linear_backward", grad_out, x, weight, lora_a, lora_b, u,
                                           rng_state, scale, dropout_p);
   const auto [need_x, need_a, need_b, need_bias] = output_mask;
-  const int64_t in = x.size(-1), out = weight.size(0);
+  const int64_t in = x.size(-1), out = lora_b.size(0);
   const at::ScalarType acc = u.scalar_type();
   const int64_t tokens = detail::leading_numel(x.sizes());
   const at::Tensor x2 = x.reshape({tokens, in});           // [T, in]
@@ -101,10 +91,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward_
     grad_a = at::mm(v.t(), lora_input(x2, acc, seed, offset, dropout_p)).mul_(scale).to(lora_a.scalar_type());  // [r, in]
   }
   if (need_x) {
-    // dX: the LoRA term scale·(v·A)⊙mask/(1-p) first, then the frozen base's dY·W accumulated onto it.
+    // dX: the LoRA term scale·(v·A)⊙mask/(1-p) first, then the frozen base's dY·W accumulated onto it
+    // (lora_add has no weight: its base's own backward gives that part).
     at::Tensor gx2 = at::mm(v.mul(scale).to(x.scalar_type()), lora_a.to(x.scalar_type()));  // [T, in]
     if (dropout_p > 0.0) dropout_mask_(gx2, seed, offset, dropout_p);
-    gx2.addmm_(dy2, weight, /*beta=*/1, /*alpha=*/1);
+    if (weight.has_value() && weight->defined()) gx2.addmm_(dy2, *weight, /*beta=*/1, /*alpha=*/1);
     grad_x = gx2.view(x.sizes());
   }
   return {grad_x, grad_a, grad_b, grad_bias};

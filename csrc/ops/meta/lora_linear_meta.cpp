@@ -29,9 +29,9 @@ at::Tensor lora_linear_meta(const at::Tensor& x, const at::Tensor& weight, const
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward_meta(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_a,
-    const at::Tensor& lora_b, const at::Tensor& u, const at::Tensor& rng_state, double scale, double dropout_p,
-    std::array<bool, 4> output_mask) {
+    const at::Tensor& grad_out, const at::Tensor& x, const std::optional<at::Tensor>& weight,
+    const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& u, const at::Tensor& rng_state, double scale,
+    double dropout_p, std::array<bool, 4> output_mask) {
   detail::check_lora_linear_backward_args("lorafuse.lora_linear_backward", grad_out, x, weight, lora_a, lora_b, u,
                                           rng_state, scale, dropout_p);
   auto like_or_empty = [](bool need, const at::Tensor& t, c10::SymIntArrayRef shape) {
@@ -40,7 +40,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward_
   return {like_or_empty(output_mask[0], x, x.sym_sizes()),
           like_or_empty(output_mask[1], lora_a, lora_a.sym_sizes()),
           like_or_empty(output_mask[2], lora_b, lora_b.sym_sizes()),
-          like_or_empty(output_mask[3], x, weight.sym_sizes().slice(0, 1))};
+          like_or_empty(output_mask[3], x, lora_b.sym_sizes().slice(0, 1))};
 }
 
 }  // namespace

@@ -284,7 +284,7 @@ TEST_CASE("new LoRA layers keep the model's train/eval mode and its disabled ada
   auto model = tiny_llama(11);
   model->eval();
   lorafuse::inject_lora(*model, LoraConfig().init_lora_weights(false));
-  for (const auto& [path, layer] : lorafuse::lora_layers(*model)) CHECK_FALSE(layer->is_training());
+  for (const auto& [path, layer] : lorafuse::lora_layers(*model)) CHECK_FALSE(layer->module().is_training());
   lorafuse::disable_adapters(*model);
   lorafuse::add_adapter(*model, "b", LoraConfig().target_modules({"k_proj"}));
   for (const auto& [path, layer] : lorafuse::lora_layers(*model)) CHECK_FALSE(layer->adapters_enabled());

@@ -1,0 +1,56 @@
+#include <lorafuse/nn/base_kind.h>
+#include <lorafuse/nn/lora_layer.h>
+#include <lorafuse/nn/lora_linear.h>
+#include <torch/nn/modules/linear.h>
+
+#include <typeinfo>
+
+namespace lorafuse::nn {
+namespace {
+
+// Exactly torch::nn::LinearImpl: the fused lora_linear op computes what its forward computes.
+class DenseLinearKind final : public BaseKind {
+ public:
+  const char* name() const noexcept override { return "linear"; }
+  bool matches(const torch::nn::Module& module) const override {
+    return typeid(module) == typeid(torch::nn::LinearImpl);
+  }
+  int64_t in_features(const torch::nn::Module& module) const override { return linear(module).options.in_features(); }
+  int64_t out_features(const torch::nn::Module& module) const override {
+    return linear(module).options.out_features();
+  }
+  at::Tensor forward(torch::nn::Module& module, const at::Tensor& x) const override {
+    return static_cast<torch::nn::LinearImpl&>(module).forward(x);
+  }
+  std::shared_ptr<torch::nn::Module> wrap(const std::shared_ptr<torch::nn::Module>& module,
+                                          const LoraAdapterOptions& adapter,
+                                          const std::string& adapter_name) const override {
+    torch::nn::Linear base(std::static_pointer_cast<torch::nn::LinearImpl>(module));
+    return std::make_shared<LoraLinearImpl>(base, adapter, adapter_name);
+  }
+
+ private:
+  static const torch::nn::LinearImpl& linear(const torch::nn::Module& module) {
+    return static_cast<const torch::nn::LinearImpl&>(module);
+  }
+};
+
+}  // namespace
+
+const std::vector<const BaseKind*>& base_kinds() {
+  static const DenseLinearKind dense;
+  static const std::vector<const BaseKind*> kinds = {&dense};
+  return kinds;
+}
+
+const BaseKind* base_kind_of(const torch::nn::Module& module) {
+  for (const BaseKind* kind : base_kinds()) {
+    if (kind->matches(module)) return kind;
+  }
+  return nullptr;
+}
+
+LoraLayer* as_lora_layer(torch::nn::Module* module) { return dynamic_cast<LoraLayer*>(module); }
+const LoraLayer* as_lora_layer(const torch::nn::Module* module) { return dynamic_cast<const LoraLayer*>(module); }
+
+}  // namespace lorafuse::nn
