@@ -19,17 +19,15 @@ PNG per phase and summary.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
 
+import common
+import demo_lib as lib
 import torch
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import demo_lib as lib  # noqa: E402
-from demo_lib import lorafuse  # noqa: E402
+from demo_lib import lorafuse
 
 
 @dataclass
@@ -65,33 +63,33 @@ QUICK = Plan(
 # The two adapters, both on every linear layer (at this size LoRA on q_proj+v_proj alone learns the tasks
 # too slowly for a demo; see scripts/quality.py). No LoRA dropout: PEFT's default, and faster on the CPU.
 ADAPTERS = {
-    "task_a": dict(task="descriptions", config=dict(r=16, lora_alpha=32, lora_dropout=0.0,
-                                                    target_modules="all-linear")),
-    "task_b": dict(task="features", config=dict(r=8, lora_alpha=16, lora_dropout=0.0,
-                                                target_modules="all-linear")),
-}  # fmt: skip
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, found {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, found {value}")
-    return value
+    "task_a": {
+        "task": "descriptions",
+        "config": {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear"},
+    },
+    "task_b": {
+        "task": "features",
+        "config": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": "all-linear"},
+    },
+}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--device", help=f"cpu or cuda (default here: {lib.default_device()})")
+    parser.add_argument("--device", help=f"cpu or cuda (default here: {common.default_device()})")
     parser.add_argument("--out", default="demo_out", help="folder for everything written (default: demo_out)")
     parser.add_argument("--quick", action="store_true", help="a tiny model and a few steps (for tests)")
-    parser.add_argument("--threads", type=positive_int, help="CPU threads for torch (default: 1 on the CPU)")
-    parser.add_argument("--base-steps", type=positive_int, help="pre-training steps (default: the plan's)")
-    parser.add_argument("--adapter-steps", type=positive_int, help="steps per adapter (default: the plan's)")
+    parser.add_argument(
+        "--threads", type=common.positive_int, help="CPU threads for torch (default: 1 on the CPU)"
+    )
+    parser.add_argument(
+        "--base-steps", type=common.positive_int, help="pre-training steps (default: the plan's)"
+    )
+    parser.add_argument(
+        "--adapter-steps", type=common.positive_int, help="steps per adapter (default: the plan's)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     if os.path.exists(args.out) and not os.path.isdir(args.out):
@@ -107,7 +105,7 @@ def params_line(model) -> dict:
     trainable, total = lorafuse.trainable_parameters(model)
     share = 100 * trainable / total
     print(f"  trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {share:.4f}")
-    return dict(trainable_params=trainable, total_params=total)
+    return {"trainable_params": trainable, "total_params": total}
 
 
 def plot_phase(path: str, title: str, result: lib.TrainResult) -> None:
@@ -125,8 +123,8 @@ def plot_phase(path: str, title: str, result: lib.TrainResult) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    device = lib.check_device(args.device or lib.default_device())
-    lib.set_threads(device, args.threads)
+    device = common.resolve_device(args.device)
+    common.set_threads(device, args.threads)
     plan = QUICK if args.quick else FULL
     if args.base_steps:
         plan = replace(plan, base=replace(plan.base, steps=args.base_steps))
@@ -143,32 +141,32 @@ def main(argv=None) -> int:
         files.append(os.path.relpath(path, out))
         return path
 
-    print(f"lorafuse {lorafuse.__version__} demo on {device} ({lib.device_description(device)}), ", end="")
+    print(f"lorafuse {lorafuse.__version__} demo on {device} ({common.device_name(device)}), ", end="")
     print(f"torch {torch.__version__}")
     print(
         f"model: lorafuse.models.Llama, {size.num_hidden_layers} layers, hidden {size.hidden_size}, "
         f"{size.num_attention_heads} heads ({size.num_key_value_heads} key/value), character-level "
         f"vocabulary of {size.vocab_size}; writing to {out}" + (" [--quick]" if args.quick else "")
     )
-    summary = dict(
-        device=str(device),
-        device_name=lib.device_description(device),
-        torch=torch.__version__,
-        lorafuse=lorafuse.__version__,
-        commit=lib.git_commit(),
-        quick=bool(args.quick),
-        model=asdict(size),
-        phases={},
-    )
+    summary = {
+        "device": str(device),
+        "device_name": common.device_name(device),
+        "torch": torch.__version__,
+        "lorafuse": lorafuse.__version__,
+        "commit": common.git_commit()[:7],
+        "quick": bool(args.quick),
+        "model": asdict(size),
+        "phases": {},
+    }
 
     # ---- 1. the base model ------------------------------------------------------------------------------
     banner("1. base model: pre-training on data/corpus (every weight trains)")
     base = plan.base
     print(f"  corpus: data/corpus/*.txt, {base.steps} steps of {base.batch} x {base.seq_len} characters")
-    lib.reset_peak_memory(device)
+    common.reset_peak_memory(device)
     model, result = lib.pretrain_base(plan.base, device, plan.eval_every, show=show)
     phase = params_line(model)
-    phase.update(result.summary(), peak_memory_bytes=lib.peak_memory_bytes(device), lr=plan.base.lr)
+    phase.update(result.summary(), peak_memory_bytes=common.peak_memory_bytes(device), lr=plan.base.lr)
     summary["phases"]["base"] = phase
     print(
         f"  held-out loss {result.eval_losses[0]:.3f} -> {result.eval_losses[-1]:.3f} nats/char, "
@@ -196,14 +194,14 @@ def main(argv=None) -> int:
         spec, data = ADAPTERS[name], tasks[name]
         print(f"  LoraConfig({', '.join(f'{k}={v!r}' for k, v in spec['config'].items())})")
         phase = params_line(model)
-        lib.reset_peak_memory(device)
+        common.reset_peak_memory(device)
         result = lib.train(
             model, data.next, plan.adapter_steps, plan.adapter_lr, name, data.eval_batches(), plan.eval_every,
             warmup=max(1, plan.adapter_steps // 20), show=show,
         )  # fmt: skip
         phase.update(
             result.summary(),
-            peak_memory_bytes=lib.peak_memory_bytes(device),
+            peak_memory_bytes=common.peak_memory_bytes(device),
             lr=plan.adapter_lr,
             task=spec["task"],
             lora_config=spec["config"],
@@ -241,7 +239,7 @@ def main(argv=None) -> int:
             f"the reloaded adapter's logits differ from the trained one's (max |diff| "
             f"{(reloaded - logits_a).abs().max().item():.3g})"
         )
-    print(f"  saved to {lib.show_path(dir_a)}, reloaded into a fresh base model: identical logits")
+    print(f"  saved to {common.show_path(dir_a)}, reloaded into a fresh base model: identical logits")
     checks = {"reloaded_adapter_logits_identical": True}
 
     lorafuse.add_adapter(model, "task_b", lorafuse.LoraConfig(**ADAPTERS["task_b"]["config"]))
@@ -265,7 +263,7 @@ def main(argv=None) -> int:
 
     def run(label: str) -> None:
         text, ids = lib.generate(model, prompt, plan.max_new_tokens, device, size.max_position_embeddings)
-        gen[label] = dict(text=text, ids=ids)
+        gen[label] = {"text": text, "ids": ids}
 
     with lorafuse.use_adapter("task_a"):
         run("adapter task_a")
@@ -303,14 +301,13 @@ def main(argv=None) -> int:
     )
 
     # ---- 4. summary --------------------------------------------------------------------------------------
-    summary["peak_memory_meaning"] = lib.peak_memory_meaning(device)
+    summary["peak_memory_meaning"] = common.peak_memory_meaning(device)
     summary["checks"] = checks
     summary["generations"] = dict(prompt=prompt, **{k: v["text"] for k, v in gen.items()})
     summary["seconds_total"] = round(time.perf_counter() - started, 1)
     summary_path = written(os.path.join(out, "summary.json"))
     summary["files"] = sorted(files)
-    with open(summary_path, "w") as f:
-        json.dump(summary, f, indent=2)
+    common.write_json(summary_path, summary, indent=2)
 
     banner("4. summary")
     print(f"  device: {device} ({summary['device_name']}); peak memory = {summary['peak_memory_meaning']}")
@@ -340,7 +337,7 @@ def main(argv=None) -> int:
             f"{p['tokens_per_s']:,.0f}",
             f"{p['seconds']:.1f}s",
             loss,
-            lib.mib(p["peak_memory_bytes"]),
+            common.mib(p["peak_memory_bytes"]),
         )
         print(row.format(*cells))
     print(f"  files written under {out}:")

@@ -1,5 +1,6 @@
-"""Shared code of scripts/demo.py and scripts/quality.py: the tokenizer, the data, the model, training with a
-progress bar, evaluation, greedy generation, timing and peak memory.
+"""The demo's model and data, shared by scripts/demo.py and scripts/quality.py: the tokenizer, the data, the
+model, training with a progress bar, evaluation, greedy generation and loss-curve plots. What the other
+scripts need too (device, threads, peak memory, commit, output) is scripts/common.py.
 
 The model is lorafuse's own C++ Llama (``lorafuse.models.Llama``), bound to Python; the data is written by
 the project (``data/``, see data/README.md). Nothing is downloaded.
@@ -11,26 +12,17 @@ import json
 import math
 import os
 import random
-import resource
-import subprocess
-import sys
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from common import REPO_ROOT, import_lorafuse, pyplot
+from tqdm import tqdm
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DATA = os.path.join(ROOT, "data")
-try:
-    import lorafuse
-except ImportError:  # a checkout without lorafuse installed: the copy built into python/
-    sys.path.insert(0, os.path.join(ROOT, "python"))
-    import lorafuse
-
-from tqdm import tqdm  # noqa: E402
-
+lorafuse = import_lorafuse()
+DATA = os.path.join(REPO_ROOT, "data")
 IGNORE = -100  # label of tokens that carry no loss (prompt, padding)
 
 TASKS = {
@@ -55,7 +47,7 @@ class CharTokenizer:
         self.index = {c: i + 2 for i, c in enumerate(self.chars)}
         self.vocab_size = len(self.chars) + 2
 
-    def encode(self, text: str) -> List[int]:
+    def encode(self, text: str) -> list[int]:
         return [self.index.get(c, self.UNK) for c in text]
 
     def decode(self, ids: Iterable[int]) -> str:
@@ -72,12 +64,12 @@ TOKENIZER = CharTokenizer()
 # ---- data ------------------------------------------------------------------------------------------------
 
 
-def render_prompt(record: Dict[str, str]) -> str:
+def render_prompt(record: dict[str, str]) -> str:
     """The Alpaca prompt of a record, up to and including ``### Response: ``."""
     return f"### Instruction: {record['instruction']}\n{record['input']}\n### Response: "
 
 
-def render(record: Dict[str, str]) -> str:
+def render(record: dict[str, str]) -> str:
     """A record as it is trained on: ``### Instruction: ...\\n{input}\\n### Response: {output}\\n### End``."""
     return f"{render_prompt(record)}{record['output']}\n### End"
 
@@ -85,7 +77,7 @@ def render(record: Dict[str, str]) -> str:
 END = "\n### End"
 
 
-def load_records(path: str) -> List[Dict[str, str]]:
+def load_records(path: str) -> list[dict[str, str]]:
     """The records of an Alpaca-format JSON list, checked: each has the string fields instruction, input
     and output."""
     with open(path, encoding="utf-8") as f:
@@ -100,13 +92,13 @@ def load_records(path: str) -> List[Dict[str, str]]:
     return records
 
 
-def load_task(task: str) -> Tuple[List[Dict[str, str]], List[Dict[str, str]]]:
+def load_task(task: str) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
     """(training records, held-out records) of a task in TASKS."""
     train, held_out = TASKS[task]
     return load_records(os.path.join(DATA, train)), load_records(os.path.join(DATA, held_out))
 
 
-def load_corpus(eval_fraction: float = 0.05) -> Tuple[torch.Tensor, torch.Tensor]:
+def load_corpus(eval_fraction: float = 0.05) -> tuple[torch.Tensor, torch.Tensor]:
     """The pre-training corpus as token ids (train, eval): the last ``eval_fraction`` of each file is held
     out."""
     train, held = [], []
@@ -119,7 +111,7 @@ def load_corpus(eval_fraction: float = 0.05) -> Tuple[torch.Tensor, torch.Tensor
     return torch.tensor(train, dtype=torch.long), torch.tensor(held, dtype=torch.long)
 
 
-def encode_record(record: Dict[str, str]) -> Tuple[List[int], List[int]]:
+def encode_record(record: dict[str, str]) -> tuple[list[int], list[int]]:
     """(input ids, labels) of a record: the model sees the whole rendered text; the loss is on the response
     and the end marker only (labels IGNORE on the prompt)."""
     prompt = TOKENIZER.encode(render_prompt(record))
@@ -137,7 +129,7 @@ class Batch:
     tokens: int  # real (non-padding) input tokens
 
 
-def record_batch(examples: Sequence[Tuple[List[int], List[int]]], device) -> Batch:
+def record_batch(examples: Sequence[tuple[list[int], list[int]]], device) -> Batch:
     """Right-padded batch of encoded records."""
     length = max(len(ids) for ids, _ in examples)
     ids = torch.full((len(examples), length), CharTokenizer.PAD, dtype=torch.long)
@@ -158,7 +150,7 @@ class RecordBatches:
         self.held = [encode_record(r) for r in held]
         self.batch_size, self.device = batch_size, device
         self.rng = random.Random(seed)
-        self.order: List[int] = []
+        self.order: list[int] = []
 
     def next(self) -> Batch:
         picked = []
@@ -169,7 +161,7 @@ class RecordBatches:
             picked.append(self.train[self.order.pop()])
         return record_batch(picked, self.device)
 
-    def eval_batches(self) -> List[Batch]:
+    def eval_batches(self) -> list[Batch]:
         return [
             record_batch(self.held[i : i + self.batch_size], self.device)
             for i in range(0, len(self.held), self.batch_size)
@@ -194,7 +186,7 @@ class CorpusBatches:
         high = len(self.train) - self.seq_len - 1
         return self._windows(self.train, torch.randint(0, high, (self.batch_size,), generator=self.generator))
 
-    def eval_batches(self, count: int = 4) -> List[Batch]:
+    def eval_batches(self, count: int = 4) -> list[Batch]:
         high = len(self.held) - self.seq_len - 1
         starts = torch.linspace(0, high, count * self.batch_size).long()
         return [self._windows(self.held, s) for s in starts.split(self.batch_size)]
@@ -272,9 +264,7 @@ def pretrain_base(recipe: BaseRecipe, device, eval_every: int, show: bool = True
     return model, result
 
 
-def save_model(
-    model, path: str, size: ModelSize, recipe: Optional[BaseRecipe] = None, eval_loss=None
-) -> None:
+def save_model(model, path: str, size: ModelSize, recipe: BaseRecipe | None = None, eval_loss=None) -> None:
     """The model's weights as a safetensors file; its size, and the recipe that trained it and the held-out
     loss it reached, in the metadata."""
     from safetensors.torch import save_file
@@ -288,7 +278,7 @@ def save_model(
     save_file(tensors, path, metadata=metadata)
 
 
-def checkpoint_metadata(path: str) -> Dict[str, str]:
+def checkpoint_metadata(path: str) -> dict[str, str]:
     """The metadata of a checkpoint written by :func:`save_model`; {} if there is no readable file."""
     from safetensors import safe_open
 
@@ -297,7 +287,7 @@ def checkpoint_metadata(path: str) -> Dict[str, str]:
     try:
         with safe_open(path, framework="pt") as f:
             return dict(f.metadata() or {})
-    except Exception:  # not a safetensors file: treated as absent (it will be rewritten)
+    except Exception:  # noqa: BLE001 (safetensors' own error type): not a safetensors file, treated as absent
         return {}
 
 
@@ -307,7 +297,7 @@ def load_model(path: str, device):
 
     with safe_open(path, framework="pt") as f:
         size = ModelSize(**json.loads(f.metadata()["lorafuse_demo_model_size"]))
-        tensors = {name: f.get_tensor(name) for name in f.keys()}
+        tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (not a dict)
     model = build_model(size, "cpu")
     params = dict(model.named_parameters())
     if set(params) != set(tensors):
@@ -349,22 +339,22 @@ class TrainResult:
     tokens: int
     seconds: float
     tokens_per_s: float
-    losses: List[float]  # training loss per step
-    eval_steps: List[int] = field(default_factory=list)
-    eval_losses: List[float] = field(default_factory=list)
+    losses: list[float]  # training loss per step
+    eval_steps: list[int] = field(default_factory=list)
+    eval_losses: list[float] = field(default_factory=list)
 
-    def summary(self) -> Dict[str, object]:
-        return dict(
-            steps=self.steps,
-            tokens=self.tokens,
-            seconds=round(self.seconds, 3),
-            tokens_per_s=round(self.tokens_per_s, 1),
-            loss_first=self.losses[0],
-            loss_last=self.losses[-1],
-            loss_last_10_mean=sum(self.losses[-10:]) / len(self.losses[-10:]),
-            eval_steps=self.eval_steps,
-            eval_losses=self.eval_losses,
-        )
+    def summary(self) -> dict[str, object]:
+        return {
+            "steps": self.steps,
+            "tokens": self.tokens,
+            "seconds": round(self.seconds, 3),
+            "tokens_per_s": round(self.tokens_per_s, 1),
+            "loss_first": self.losses[0],
+            "loss_last": self.losses[-1],
+            "loss_last_10_mean": sum(self.losses[-10:]) / len(self.losses[-10:]),
+            "eval_steps": self.eval_steps,
+            "eval_losses": self.eval_losses,
+        }
 
 
 def train(
@@ -373,7 +363,7 @@ def train(
     steps: int,
     lr: float,
     desc: str,
-    eval_batches: Optional[Sequence[Batch]] = None,
+    eval_batches: Sequence[Batch] | None = None,
     eval_every: int = 0,
     warmup: int = 0,
     weight_decay: float = 0.0,
@@ -442,7 +432,7 @@ def generate(model, prompt: str, max_new_tokens: int, device, max_positions: int
     ``max_positions`` tokens again (the model is small)."""
     model.eval()
     ids = TOKENIZER.encode(prompt)
-    new: List[int] = []
+    new: list[int] = []
     for _ in range(max_new_tokens):
         window = (ids + new)[-max_positions:]
         logits = model(torch.tensor([window], dtype=torch.long, device=device))
@@ -452,152 +442,14 @@ def generate(model, prompt: str, max_new_tokens: int, device, max_positions: int
     return TOKENIZER.decode(new), new
 
 
-# ---- measurements ----------------------------------------------------------------------------------------
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() and lorafuse.has_cuda_kernels() else "cpu"
-
-
-def check_device(name: str) -> torch.device:
-    """A torch.device for --device, or SystemExit with the reason it cannot be used."""
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise SystemExit(f"--device {name!r}: not a device name ({e}); use cpu or cuda") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise SystemExit(f"--device {name}: torch sees no CUDA device on this machine; use --device cpu")
-        if not lorafuse.has_cuda_kernels():
-            raise SystemExit(
-                f"--device {name}: this build of lorafuse has no CUDA kernels (built with LORAFUSE_CUDA=0 or "
-                "without nvcc); rebuild with the CUDA toolkit, or use --device cpu"
-            )
-    elif device.type != "cpu":
-        raise SystemExit(f"--device {name}: lorafuse has kernels for cpu and cuda only")
-    return device
-
-
-def set_threads(device: torch.device, threads: Optional[int]) -> None:
-    """torch's CPU threads: ``threads`` if given, else 1 on the CPU. The model is so small that a second
-    thread gains little on an idle machine, while on a busy one (CI runners, shared machines) threads that
-    wait for each other at every operation make training several times slower."""
-    if threads:
-        torch.set_num_threads(threads)
-    elif device.type == "cpu":
-        torch.set_num_threads(1)
-
-
-_RSS_PEAK_RESET = False  # whether the CPU's peak RSS has been reset (Linux /proc/self/clear_refs)
-
-
-def reset_peak_memory(device: torch.device) -> None:
-    """Starts a new peak-memory measurement. CUDA: torch's allocator statistics. CPU (Linux): resets the
-    process's resident-set high-water mark to its current size (writing 5 to /proc/self/clear_refs), which
-    also resets getrusage's ru_maxrss; where that is impossible the peak counts from the process's start."""
-    global _RSS_PEAK_RESET
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        _RSS_PEAK_RESET = True
-    except OSError:
-        pass
-
-
-def peak_memory_bytes(device: torch.device) -> int:
-    """The peak since :func:`reset_peak_memory`: CUDA, the most memory torch's allocator held for tensors
-    (torch.cuda.max_memory_allocated); CPU, the process's peak resident set size (ru_maxrss), which
-    includes Python and torch's libraries. See :func:`peak_memory_meaning`."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        return int(torch.cuda.max_memory_allocated(device))
-    return peak_rss_bytes()
-
-
-def peak_rss_bytes() -> int:
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(rss if sys.platform == "darwin" else rss * 1024)  # bytes on macOS, KiB on Linux
-
-
-def current_rss_bytes() -> int:
-    """The process's resident set size now (Linux /proc; else the peak)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return peak_rss_bytes()
-
-
-def peak_memory_meaning(device: torch.device, span: str = "the phase") -> str:
-    """What :func:`peak_memory_bytes` measured over ``span`` (reset by :func:`reset_peak_memory` when it
-    started), in words."""
-    if device.type == "cuda":
-        return (
-            f"the most memory torch's CUDA allocator held during {span} (torch.cuda.max_memory_allocated "
-            "after reset_peak_memory_stats): weights, gradients, optimizer state, activations"
-        )
-    if _RSS_PEAK_RESET:
-        return (
-            f"the process's peak resident set size during {span} (getrusage ru_maxrss, its high-water mark "
-            f"reset when {span} started, through /proc/self/clear_refs): Python, torch's libraries, data, "
-            "model, gradients, optimizer state, activations"
-        )
-    return (
-        "the process's peak resident set size since it started (getrusage ru_maxrss; it cannot be reset "
-        "here, so it never goes down): Python, torch's libraries, data, model, gradients, optimizer state, "
-        "activations"
-    )
-
-
-def show_path(path: str) -> str:
-    """``path`` relative to the current folder when it is inside it, else absolute."""
-    rel = os.path.relpath(path)
-    return path if rel.startswith("..") else rel
-
-
-def mib(n: float) -> str:
-    return f"{n / 2**20:,.1f} MiB"
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
-        )
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def device_description(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    threads = torch.get_num_threads()
-    return f"{model or 'CPU'}, {threads} thread{'s' if threads != 1 else ''}"
+# ---- plots ---------------------------------------------------------------------------------------------
 
 
 def plot_curves(
-    path: str, title: str, curves: Dict[str, Tuple[List[int], List[float]]], ylabel="loss"
+    path: str, title: str, curves: dict[str, tuple[list[int], list[float]]], ylabel="loss"
 ) -> None:
     """Line plot of {label: (x, y)} to a PNG (matplotlib, Agg backend)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot(required=True)
     fig, ax = plt.subplots(figsize=(7, 4))
     for label, (x, y) in curves.items():
         ax.plot(x, y, label=label, marker="o" if len(x) <= 12 else None, markersize=3)
@@ -611,7 +463,7 @@ def plot_curves(
     plt.close(fig)
 
 
-def smooth(values: Sequence[float], window: int = 10) -> List[float]:
+def smooth(values: Sequence[float], window: int = 10) -> list[float]:
     out, acc = [], []
     for v in values:
         acc.append(v)

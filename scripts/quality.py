@@ -27,54 +27,31 @@ import datetime
 import gc
 import json
 import os
-import re
-import subprocess
 import sys
 import time
 from dataclasses import asdict
 
+import common
+import demo_lib as lib
 import torch
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import demo_lib as lib  # noqa: E402
-from demo_lib import lorafuse  # noqa: E402
+from demo_lib import lorafuse
 
 CONFIGS = [
     # name, LoraConfig fields (None: full fine-tuning)
     ("full fine-tuning", None),
     (
         "LoRA q_proj+v_proj r=8",
-        dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]),
+        {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
     ),
     (
         "LoRA q_proj+v_proj r=16",
-        dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]),
+        {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
     ),
-    ("LoRA all-linear r=8", dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear")),
+    ("LoRA all-linear r=8", {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": "all-linear"}),
 ]
 TASK = "descriptions"
-DEFAULTS = dict(steps=150, batch=8, lr_full=1e-3, lr_lora=1e-2, evals=6)
-QUICK = dict(steps=8, batch=4, lr_full=2e-3, lr_lora=1e-2, evals=2, eval_records=12)
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, found {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, found {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, found {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, found {text}")
-    return value
+DEFAULTS = {"steps": 150, "batch": 8, "lr_full": 1e-3, "lr_lora": 1e-2, "evals": 6}
+QUICK = {"steps": 8, "batch": 4, "lr_full": 2e-3, "lr_lora": 1e-2, "evals": 2, "eval_records": 12}
 
 
 # ---- one configuration, in its own process -------------------------------------------------------------
@@ -82,8 +59,8 @@ def positive_float(text: str) -> float:
 
 def worker(spec: dict) -> dict:
     device = torch.device(spec["device"])
-    lib.set_threads(device, spec.get("threads"))
-    model, size = lib.load_model(spec["base"], device)
+    common.set_threads(device, spec.get("threads"))
+    model, _ = lib.load_model(spec["base"], device)
     train_records, eval_records = lib.load_task(TASK)
     data = lib.RecordBatches(
         train_records,
@@ -113,8 +90,8 @@ def worker(spec: dict) -> dict:
     for p in model.parameters():
         p.grad = None
     gc.collect()
-    rss_before = lib.current_rss_bytes()
-    lib.reset_peak_memory(device)
+    rss_before = common.current_rss_bytes()
+    common.reset_peak_memory(device)
     allocated_before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     started = time.perf_counter()
     result = lib.train(
@@ -122,22 +99,22 @@ def worker(spec: dict) -> dict:
         warmup=max(1, spec["steps"] // 20), show=spec["show"],
     )  # fmt: skip
     wall = time.perf_counter() - started
-    out = dict(
-        name=spec["name"],
-        lora_config=spec["lora"],
-        lr=lr,
-        trainable_params=trainable,
-        total_params=total,
-        train_seconds=round(result.seconds, 3),
-        wall_seconds=round(wall, 3),
-        tokens=result.tokens,
-        tokens_per_s=round(result.tokens_per_s, 1),
-        eval_steps=result.eval_steps,
-        eval_losses=result.eval_losses,
-        train_losses=result.losses,
-        peak_memory_bytes=lib.peak_memory_bytes(device),
-        peak_memory_meaning=lib.peak_memory_meaning(device, "training"),
-    )
+    out = {
+        "name": spec["name"],
+        "lora_config": spec["lora"],
+        "lr": lr,
+        "trainable_params": trainable,
+        "total_params": total,
+        "train_seconds": round(result.seconds, 3),
+        "wall_seconds": round(wall, 3),
+        "tokens": result.tokens,
+        "tokens_per_s": round(result.tokens_per_s, 1),
+        "eval_steps": result.eval_steps,
+        "eval_losses": result.eval_losses,
+        "train_losses": result.losses,
+        "peak_memory_bytes": common.peak_memory_bytes(device),
+        "peak_memory_meaning": common.peak_memory_meaning(device, "training"),
+    }
     if device.type == "cuda":
         out["memory_before_training_bytes"] = int(allocated_before)
     else:
@@ -148,19 +125,13 @@ def worker(spec: dict) -> dict:
 
 def run_worker(spec: dict) -> dict:
     """Runs :func:`worker` in a new Python process; its progress bar goes to our stderr."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        raise SystemExit(f"quality: configuration {spec['name']!r} failed (exit status {proc.returncode})")
-    return json.loads(lines[-1][len("RESULT ") :])
+    try:
+        return common.run_worker(os.path.abspath(__file__), "--worker", spec)
+    except common.WorkerFailed as err:
+        raise SystemExit(f"quality: configuration {spec['name']!r} failed ({err})") from None
 
 
 # ---- the comparison ---------------------------------------------------------------------------------------
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40] or "device"
 
 
 def markdown(report: dict) -> str:
@@ -177,26 +148,32 @@ def markdown(report: dict) -> str:
         gpu_note,
         f"torch {report['torch']}, lorafuse {report['lorafuse']}, commit {report['commit']}.",
         "",
-        f"Model: `lorafuse.models.Llama`, {base['size']['num_hidden_layers']} layers, hidden "
-        f"{base['size']['hidden_size']}, intermediate {base['size']['intermediate_size']}, "
-        f"{base['size']['num_attention_heads']} heads ({base['size']['num_key_value_heads']} key/value), "
-        f"character vocabulary of {base['size']['vocab_size']}: {base['params']:,d} parameters, pre-trained "
-        f"for {base['recipe']['steps']} steps on `data/corpus` (held-out loss {base['eval_loss']:.3f} "
-        "nats/char).",
+        (
+            f"Model: `lorafuse.models.Llama`, {base['size']['num_hidden_layers']} layers, hidden "
+            f"{base['size']['hidden_size']}, intermediate {base['size']['intermediate_size']}, "
+            f"{base['size']['num_attention_heads']} heads ({base['size']['num_key_value_heads']} key/value), "
+            f"character vocabulary of {base['size']['vocab_size']}: {base['params']:,d} parameters, pre-trained "
+            f"for {base['recipe']['steps']} steps on `data/corpus` (held-out loss {base['eval_loss']:.3f} "
+            "nats/char)."
+        ),
         "",
-        f"Task A (product name and category -> description, `data/product_descriptions.json`, "
-        f"{s['train_records']} records): every configuration trains {s['steps']} steps of {s['batch']} "
-        "records "
-        f"(the same batches in the same order; {report['configs'][0]['tokens']:,d} tokens), AdamW, warm-up "
-        f"then cosine decay, lr {s['lr_full']:g} for full fine-tuning and {s['lr_lora']:g} for LoRA "
-        "(lora_alpha = 2r, no LoRA dropout, as full fine-tuning has none). Eval loss: cross-entropy per "
-        "response character (nats) on the "
-        f"{s['eval_records']} held-out records of `data/product_descriptions_eval.json`; before training "
-        f"(the base model): {report['configs'][0]['eval_losses'][0]:.3f}. Each configuration ran in its own "
-        "process.",
+        (
+            f"Task A (product name and category -> description, `data/product_descriptions.json`, "
+            f"{s['train_records']} records): every configuration trains {s['steps']} steps of {s['batch']} "
+            "records "
+            f"(the same batches in the same order; {report['configs'][0]['tokens']:,d} tokens), AdamW, warm-up "
+            f"then cosine decay, lr {s['lr_full']:g} for full fine-tuning and {s['lr_lora']:g} for LoRA "
+            "(lora_alpha = 2r, no LoRA dropout, as full fine-tuning has none). Eval loss: cross-entropy per "
+            "response character (nats) on the "
+            f"{s['eval_records']} held-out records of `data/product_descriptions_eval.json`; before training "
+            f"(the base model): {report['configs'][0]['eval_losses'][0]:.3f}. Each configuration ran in its own "
+            "process."
+        ),
         "",
-        "| configuration | trainable params | % of all | eval loss | best eval loss | train time "
-        "| time vs full | tokens/s | peak memory | peak over model at rest |",
+        (
+            "| configuration | trainable params | % of all | eval loss | best eval loss | train time "
+            "| time vs full | tokens/s | peak memory | peak over model at rest |"
+        ),
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     configs = report["configs"]
@@ -210,24 +187,28 @@ def markdown(report: dict) -> str:
             f"| {c['name']} | {c['trainable_params']:,d} | {share:.2f}% | {c['eval_losses'][-1]:.3f} | "
             f"{min(c['eval_losses']):.3f} | {c['train_seconds']:.1f} s | {ratio} | "
             f"{c['tokens_per_s']:,.0f} | "
-            f"{lib.mib(c['peak_memory_bytes'])} | {lib.mib(c['peak_over_before_bytes'])} |"
+            f"{common.mib(c['peak_memory_bytes'])} | {common.mib(c['peak_over_before_bytes'])} |"
         )
     loras = [c for c in configs if c["lora_config"] is not None]
     if full and loras:
         best = min(loras, key=lambda c: c["eval_losses"][-1])
         lines += [
             "",
-            f"Closest to full fine-tuning (eval loss {full['eval_losses'][-1]:.3f}) in this run: "
-            f"{best['name']}, "
-            f"eval loss {best['eval_losses'][-1]:.3f} with "
-            f"{100 * best['trainable_params'] / full['trainable_params']:.1f}% of its trainable parameters.",
+            (
+                f"Closest to full fine-tuning (eval loss {full['eval_losses'][-1]:.3f}) in this run: "
+                f"{best['name']}, "
+                f"eval loss {best['eval_losses'][-1]:.3f} with "
+                f"{100 * best['trainable_params'] / full['trainable_params']:.1f}% of its trainable parameters."
+            ),
         ]
     lines += [
         "",
         f"Peak memory on {device}: {report['peak_memory_meaning']}. {report['peak_over_meaning']}",
         "",
-        "Train time excludes the periodic evaluations. Timings on a shared machine vary by several percent "
-        "from run to run.",
+        (
+            "Train time excludes the periodic evaluations. Timings on a shared machine vary by several percent "
+            "from run to run."
+        ),
         "",
         f"Command: `{report['command']}`",
         "",
@@ -236,10 +217,7 @@ def markdown(report: dict) -> str:
 
 
 def plot(path: str, report: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot(required=True)
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     colors = ["#555555", "#4c72b0", "#55a868", "#c44e52"]
@@ -276,9 +254,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--device", help=f"cpu or cuda (default here: {lib.default_device()})")
+    parser.add_argument("--device", help=f"cpu or cuda (default here: {common.default_device()})")
     parser.add_argument(
-        "--steps", type=positive_int, help=f"steps per configuration (default {DEFAULTS['steps']})"
+        "--steps", type=common.positive_int, help=f"steps per configuration (default {DEFAULTS['steps']})"
     )
     parser.add_argument(
         "--out", default="demo_out", help="folder for the cached base model (default: demo_out)"
@@ -287,9 +265,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--results", help="folder for the .md/.json/.png (default: bench/results; --out with --quick)"
     )
     parser.add_argument("--quick", action="store_true", help="a tiny model and a few steps (for tests)")
-    parser.add_argument("--threads", type=positive_int, help="CPU threads for torch (default: 1 on the CPU)")
-    parser.add_argument("--lr-full", type=positive_float, help="learning rate of full fine-tuning")
-    parser.add_argument("--lr-lora", type=positive_float, help="learning rate of the LoRA configurations")
+    parser.add_argument(
+        "--threads", type=common.positive_int, help="CPU threads for torch (default: 1 on the CPU)"
+    )
+    parser.add_argument("--lr-full", type=common.positive_float, help="learning rate of full fine-tuning")
+    parser.add_argument(
+        "--lr-lora", type=common.positive_float, help="learning rate of the LoRA configurations"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -303,10 +285,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker:
-        print("RESULT " + json.dumps(worker(json.loads(args.worker))), flush=True)
+        common.print_result(worker(json.loads(args.worker)))
         return 0
-    device = lib.check_device(args.device or lib.default_device())
-    lib.set_threads(device, args.threads)
+    device = common.resolve_device(args.device)
+    common.set_threads(device, args.threads)
     settings = dict(DEFAULTS, eval_records=0)
     if args.quick:
         settings.update(QUICK)
@@ -316,35 +298,31 @@ def main(argv=None) -> int:
     recipe = lib.BASE_QUICK if args.quick else lib.BASE_FULL
     show = not args.no_progress
     out = os.path.abspath(args.out)
-    results = os.path.abspath(
-        args.results or (args.out if args.quick else os.path.join(lib.ROOT, "bench", "results"))
-    )
+    results = os.path.abspath(args.results or (args.out if args.quick else str(common.DEFAULT_OUT_DIR)))
     os.makedirs(out, exist_ok=True)
     os.makedirs(results, exist_ok=True)
     started = time.perf_counter()
-    print(
-        f"lorafuse {lorafuse.__version__} quality comparison on {device} ({lib.device_description(device)})"
-    )
+    print(f"lorafuse {lorafuse.__version__} quality comparison on {device} ({common.device_name(device)})")
 
     # The base model: cached in --out, trained once per recipe.
     base_path = os.path.join(out, "base_model.safetensors")
     metadata = lib.checkpoint_metadata(base_path)
     if metadata.get("lorafuse_demo_recipe") == recipe.to_json() and "lorafuse_demo_eval_loss" in metadata:
         base_eval_loss = float(metadata["lorafuse_demo_eval_loss"])
-        print(f"base model: reusing {lib.show_path(base_path)} (trained by the same recipe)")
+        print(f"base model: reusing {common.show_path(base_path)} (trained by the same recipe)")
     else:
-        print(f"base model: pre-training ({recipe.steps} steps), cached as {lib.show_path(base_path)}")
+        print(f"base model: pre-training ({recipe.steps} steps), cached as {common.show_path(base_path)}")
         model, result = lib.pretrain_base(recipe, device, max(1, recipe.steps // 5), show=show)
         base_eval_loss = result.eval_losses[-1]
         lib.save_model(model, base_path, recipe.size, recipe, eval_loss=base_eval_loss)
         del model
     model, size = lib.load_model(base_path, "cpu")
-    base = dict(
-        size=asdict(size),
-        recipe=json.loads(recipe.to_json()),
-        params=lorafuse.trainable_parameters(model)[1],
-        eval_loss=base_eval_loss,
-    )
+    base = {
+        "size": asdict(size),
+        "recipe": json.loads(recipe.to_json()),
+        "params": lorafuse.trainable_parameters(model)[1],
+        "eval_loss": base_eval_loss,
+    }
     del model
     train_records, eval_records = lib.load_task(TASK)
     settings["train_records"] = len(train_records)
@@ -352,26 +330,26 @@ def main(argv=None) -> int:
 
     configs = []
     for name, lora in CONFIGS:
-        spec = dict(
-            name=name,
-            lora=lora,
-            device=str(device),
-            base=base_path,
-            steps=settings["steps"],
-            batch=settings["batch"],
-            lr_full=settings["lr_full"],
-            lr_lora=settings["lr_lora"],
-            evals=settings["evals"],
-            eval_records=settings["eval_records"],
-            seed=3,
-            threads=args.threads,
-            show=show,
-        )
+        spec = {
+            "name": name,
+            "lora": lora,
+            "device": str(device),
+            "base": base_path,
+            "steps": settings["steps"],
+            "batch": settings["batch"],
+            "lr_full": settings["lr_full"],
+            "lr_lora": settings["lr_lora"],
+            "evals": settings["evals"],
+            "eval_records": settings["eval_records"],
+            "seed": 3,
+            "threads": args.threads,
+            "show": show,
+        }
         c = run_worker(spec)
         print(
             f"  {name:<26} trainable {c['trainable_params']:>9,d}  eval loss {c['eval_losses'][0]:.3f} -> "
             f"{c['eval_losses'][-1]:.3f}  {c['train_seconds']:6.1f} s  {c['tokens_per_s']:8,.0f} tokens/s  "
-            f"peak {lib.mib(c['peak_memory_bytes'])}",
+            f"peak {common.mib(c['peak_memory_bytes'])}",
             flush=True,
         )
         configs.append(c)
@@ -380,25 +358,25 @@ def main(argv=None) -> int:
         "; each configuration ran in its own process" if device.type == "cpu" else ""
     )
     now = datetime.datetime.now(datetime.timezone.utc)
-    commit = lib.git_commit()
-    device_tag = "cpu" if device.type == "cpu" else slug(lib.device_description(device))
+    commit = common.git_commit()[:7]
+    device_tag = "cpu" if device.type == "cpu" else common.slug(common.device_name(device))
     stem = f"quality_{now:%Y%m%d}_{device_tag}_{commit}"
     command = "python scripts/quality.py" + "".join(
         f" {a}" for a in (argv if argv is not None else sys.argv[1:])
     )
-    report = dict(
-        date=f"{now:%Y-%m-%d %H:%M} UTC",
-        device=device.type,
-        device_name=lib.device_description(device),
-        torch=torch.__version__,
-        lorafuse=lorafuse.__version__,
-        commit=commit,
-        task=TASK,
-        settings=settings,
-        base=base,
-        configs=configs,
-        peak_memory_meaning=peak_meaning,
-        peak_over_meaning=(
+    report = {
+        "date": f"{now:%Y-%m-%d %H:%M} UTC",
+        "device": device.type,
+        "device_name": common.device_name(device),
+        "torch": torch.__version__,
+        "lorafuse": lorafuse.__version__,
+        "commit": commit,
+        "task": TASK,
+        "settings": settings,
+        "base": base,
+        "configs": configs,
+        "peak_memory_meaning": peak_meaning,
+        "peak_over_meaning": (
             "'Peak over model at rest' subtracts the process's resident set size just before training "
             "(model loaded, adapters injected, one warm-up step with lr=0 run, its gradients and optimizer "
             "dropped), leaving what training itself added: gradients, optimizer state, activations. The "
@@ -409,19 +387,18 @@ def main(argv=None) -> int:
             else "'Peak over model at rest' subtracts the memory allocated before training (the model's "
             "weights and adapters), leaving gradients, optimizer state and activations."
         ),
-        command=command,
-        seconds_total=round(time.perf_counter() - started, 1),
-    )
+        "command": command,
+        "seconds_total": round(time.perf_counter() - started, 1),
+    }
     paths = {ext: os.path.join(results, f"{stem}.{ext}") for ext in ("md", "json", "png")}
-    with open(paths["json"], "w") as f:
-        json.dump(report, f, indent=2)
+    common.write_json(paths["json"], report, indent=2)
     with open(paths["md"], "w") as f:
         f.write(markdown(report))
     plot(paths["png"], report)
     print()
     print(markdown(report))
     for path in paths.values():
-        print(f"wrote {lib.show_path(path)}")
+        print(f"wrote {common.show_path(path)}")
     print(f"total {report['seconds_total']:.0f} s")
     return 0
 

@@ -10,15 +10,14 @@ import re
 import subprocess
 import sys
 
+import lorafuse
 import pytest
 import torch
-
-import lorafuse
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DATA = os.path.join(ROOT, "data")
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
-import demo_lib  # noqa: E402
+import demo_lib
 
 TASK_FILES = {
     "product_descriptions.json": "train",
@@ -27,7 +26,7 @@ TASK_FILES = {
     "product_features_eval.json": "eval",
 }
 ALPACA = re.compile(
-    r"### Instruction: ([^\n]+)\n(Product: [^\n]+\nCategory: [^\n]+)\n### Response: (.+)\n### End", re.S
+    r"### Instruction: ([^\n]+)\n(Product: [^\n]+\nCategory: [^\n]+)\n### Response: (.+)\n### End", re.DOTALL
 )
 
 
@@ -36,8 +35,9 @@ def run_script(*args, timeout=300):
     # the lorafuse this test process imported (installed, or a built checkout on PYTHONPATH)
     package_parent = os.path.dirname(os.path.dirname(lorafuse.__file__))
     env["PYTHONPATH"] = os.pathsep.join(p for p in [package_parent, env.get("PYTHONPATH", "")] if p)
+    cmd = [sys.executable, *args]
     return subprocess.run(
-        [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+        cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False
     )
 
 
