@@ -25,14 +25,16 @@ from . import _C
 from .inject import (
     _activate_and_freeze,
     _attach,
-    _cpp,
     _has_peft_layers,
+    _is_target,
+    _model_wide,
     _sites,
     active_adapter,
     adapter_names,
     lora_layers,
 )
-from .nn import Linear, _scope_enter, _scope_exit
+from .nn import Linear, is_lora_layer
+from .nn import lora_linear as _layer
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -41,7 +43,7 @@ def _infos(sites) -> list:
     """(path, type, is_linear, in_features, out_features) of each site, as the C++ rules take them."""
     infos = []
     for _, _, path, m in sites:
-        linear = isinstance(m, (nn.Linear, Linear))
+        linear = _is_target(m)
         infos.append(
             (
                 path,
@@ -60,9 +62,10 @@ def _folder(dir: PathLike, what: str) -> str:
     return os.fspath(dir)
 
 
-def _check_name(adapter_name: str, what: str) -> None:
+def _check_name(adapter_name: str, what: str) -> str:
     if not isinstance(adapter_name, str):
         raise TypeError(f"{what}: adapter_name must be a str, found {type(adapter_name).__name__}")
+    return adapter_name
 
 
 def save_adapter(model: nn.Module, dir: PathLike, adapter_name: str = "default") -> None:
@@ -78,15 +81,15 @@ def save_adapter(model: nn.Module, dir: PathLike, adapter_name: str = "default")
         ValueError: no layer has the adapter; layers disagreeing on lora_dropout/use_rslora/bias; a folder
             that cannot be written.
     """
-    path = _folder(dir, "save_adapter")
-    _check_name(adapter_name, "save_adapter")
-    if _cpp(model) is not None:
-        _C._cpp_save_adapter(_cpp(model), path, adapter_name)
-        return
+    _save(model, _folder(dir, "save_adapter"), _check_name(adapter_name, "save_adapter"))
+
+
+@_model_wide(_C._cpp_save_adapter)
+def _save(model: nn.Module, path: str, adapter_name: str) -> None:
     sites = list(_sites(model))
     layers, bias_mode = [], "none"
     for index, (_, _, _, m) in enumerate(sites):
-        if isinstance(m, Linear) and adapter_name in m.adapters:
+        if is_lora_layer(m) and adapter_name in m.adapters:
             opts = m.adapters[adapter_name]
             bias_mode = opts.bias
             options = dict(
@@ -141,10 +144,12 @@ def load_adapter(
     path = _folder(dir, "load_adapter")
     _check_name(adapter_name, "load_adapter")
     _C._validate_adapter(adapter_name, 1, 1.0, 0.0)  # the name's rules, before anything changes
-    if _cpp(model) is not None:
-        _C._cpp_load_adapter(_cpp(model), path, adapter_name, bool(partial))
-        return model
-    if isinstance(model, (nn.Linear, Linear)):
+    return _load(model, path, adapter_name, bool(partial))
+
+
+@_model_wide(_C._cpp_load_adapter, result=lambda model, _: model)
+def _load(model: nn.Module, path: str, adapter_name: str, partial: bool) -> nn.Module:
+    if _is_target(model):
         raise ValueError(
             "model: load_adapter puts adapters into layers inside a model, and this model is itself a Linear "
             "layer; load into a model that holds it"
@@ -156,7 +161,7 @@ def load_adapter(
             "(lorafuse.from_peft converts a PEFT model)"
         )
     sites = list(_sites(model))
-    if any(isinstance(m, Linear) and adapter_name in m.adapters for _, _, _, m in sites):
+    if any(is_lora_layer(m) and adapter_name in m.adapters for _, _, _, m in sites):
         raise ValueError(
             f'adapter_name: the model already has an adapter named "{adapter_name}"; adapters: '
             f"{adapter_names(model)}. Load under another name, or delete_adapter first"
@@ -216,13 +221,13 @@ def use_adapter(adapter_name: str) -> Iterator[None]:
     (a suspended generator) removes only itself. A layer with a merged adapter accepts only its active
     adapter. Activation checkpointing recomputes forward during backward: run backward inside the scope."""
     _check_name(adapter_name, "use_adapter")
-    scope = _C._AdapterScope(adapter_name)
+    scope = _C._AdapterScope(adapter_name)  # the C++ per-thread scope: Python and C++ layers both read it
     with scope:
-        token = _scope_enter(adapter_name)
+        _layer._scope_opened(+1)
         try:
             yield
         finally:
-            _scope_exit(token)
+            _layer._scope_opened(-1)
 
 
 __all__ = ["save_adapter", "load_adapter", "read_adapter", "use_adapter"]

@@ -7,18 +7,42 @@ from __future__ import annotations
 
 from typing import Iterator, List, Optional, Sequence, Tuple
 
+import functools
+
 import torch
 from torch import nn
 
 from . import _C
 from .config import LoraConfig
-from .nn import Linear
+from .nn import Linear, base_kind_of, is_lora_layer
 
 
 def _cpp(model: nn.Module):
-    """The C++ module behind a bound lorafuse C++ module (lorafuse.models.Llama, ...), else None: the
-    model-wide functions run the C++ implementation on those."""
+    """The C++ module behind a bound lorafuse C++ module (lorafuse.models.Llama, ...), else None. The one
+    place that decides "C++ model or Python model"; :func:`_model_wide` routes on it."""
     return model.cpp_module if isinstance(model, torch.nn.cpp.ModuleWrapper) else None
+
+
+def _model_wide(cpp_impl, result=lambda model, out: out):
+    """Decorates the Python implementation of a model-wide function: on a bound C++ model ``cpp_impl`` (the
+    C++ implementation, one binding per function) runs instead; ``result(model, its return)`` is returned."""
+
+    def wrap(py_impl):
+        @functools.wraps(py_impl)
+        def dispatch(model, *args, **kwargs):
+            cpp = _cpp(model)
+            if cpp is None:
+                return py_impl(model, *args, **kwargs)
+            return result(model, cpp_impl(cpp, *args, **kwargs))
+
+        return dispatch
+
+    return wrap
+
+
+def _is_target(m: nn.Module) -> bool:
+    """A module that can take an adapter: a lorafuse layer, or a base of a known kind."""
+    return is_lora_layer(m) or base_kind_of(m) is not None
 
 
 def _sites(model: nn.Module) -> Iterator[Tuple[nn.Module, str, str, nn.Module]]:
@@ -28,36 +52,36 @@ def _sites(model: nn.Module) -> Iterator[Tuple[nn.Module, str, str, nn.Module]]:
         for name, child in module.named_children():
             path = f"{prefix}.{name}" if prefix else name
             yield module, name, path, child
-            if not isinstance(child, Linear):
+            if not is_lora_layer(child):
                 yield from walk(child, path)
 
     yield from walk(model, "")
 
 
+def _cpp_lora_layers(cpp) -> List[Tuple[str, nn.Module]]:
+    modules = dict(cpp.named_modules().items())
+    return [(path, modules[path]) for path in _C._cpp_lora_layers(cpp)]
+
+
+@_model_wide(_cpp_lora_layers)
 def lora_layers(model: nn.Module) -> List[Tuple[str, Linear]]:
     """Every lorafuse LoRA layer in the model, with its path, in module order (for a C++ model: the bound
     C++ LoraLinear layers)."""
-    cpp = _cpp(model)
-    if cpp is not None:
-        modules = dict(cpp.named_modules().items())
-        return [(path, modules[path]) for path in _C._cpp_adapters(cpp, "lora_layers")]
-    return [(path, m) for _, _, path, m in _sites(model) if isinstance(m, Linear)]
+    return [(path, m) for _, _, path, m in _sites(model) if is_lora_layer(m)]
 
 
+@_model_wide(_C._cpp_adapter_names)
 def adapter_names(model: nn.Module) -> List[str]:
     """Adapter names present in the model, in the order they first appear."""
-    if _cpp(model) is not None:
-        return _C._cpp_adapters(_cpp(model), "adapter_names")
     names: List[str] = []
     for _, layer in lora_layers(model):
         names += [n for n in layer.adapters if n not in names]
     return names
 
 
+@_model_wide(_C._cpp_active_adapter, result=lambda model, name: name or None)
 def active_adapter(model: nn.Module) -> Optional[str]:
     """The model's active adapter, or None."""
-    if _cpp(model) is not None:
-        return _C._cpp_adapters(_cpp(model), "active_adapter") or None
     for _, layer in lora_layers(model):
         if layer.active_adapter is not None:
             return layer.active_adapter
@@ -103,10 +127,12 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
         raise TypeError(f"model: expected a torch.nn.Module, found {type(model).__name__}")
     if not isinstance(adapter_name, str):
         raise TypeError(f"adapter_name: expected a str, found {type(adapter_name).__name__}")
-    if _cpp(model) is not None:  # a C++ model (lorafuse.models.Llama): C++ inject_lora
-        _C._cpp_inject_lora(_cpp(model), config.to_dict(), adapter_name)
-        return model
-    if isinstance(model, (nn.Linear, Linear)):
+    return _inject(model, config, adapter_name)
+
+
+@_model_wide(lambda cpp, config, name: _C._cpp_inject_lora(cpp, config.to_dict(), name), result=lambda m, _: m)
+def _inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> nn.Module:
+    if _is_target(model):
         raise ValueError(
             "model: inject_lora replaces layers inside a model, and this model is itself a Linear layer; "
             "wrap it in lorafuse.nn.Linear instead"
@@ -123,7 +149,7 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
             f"adapters: {adapter_names(model)}"
         )
     sites = list(_sites(model))
-    infos = [(path, type(m).__name__, isinstance(m, (nn.Linear, Linear))) for _, _, path, m in sites]
+    infos = [(path, type(m).__name__, _is_target(m)) for _, _, path, m in sites]
     chosen = _C._select_targets(infos, config.to_dict())
     _C._validate_adapter(adapter_name, config.r, float(config.lora_alpha), float(config.lora_dropout))
 
@@ -153,7 +179,7 @@ def _attach(model, sites, chosen, adapter_name: str, keep_active: bool, fill=Non
             init_lora_weights=_INIT.get(opts["init_lora_weights"], opts["init_lora_weights"]),
             bias=opts["bias"],
         )
-        if isinstance(module, Linear):
+        if is_lora_layer(module):
             module.add_adapter(adapter_name, **kwargs, activate=not keep_active)
             layer = module
         else:
@@ -209,12 +235,10 @@ def print_trainable_parameters(model: nn.Module) -> None:
     print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {percent:.4f}")
 
 
+@_model_wide(_C._cpp_set_adapter)
 def set_adapter(model: nn.Module, adapter_name: str) -> None:
     """Activates ``adapter_name`` in every layer that has it (the others run as their base); only its
     weights train. Moves no data."""
-    if _cpp(model) is not None:
-        _C._cpp_adapters(_cpp(model), "set_adapter", [adapter_name])
-        return None
     for _, layer in _require_adapter(model, adapter_name, "set_adapter"):
         if adapter_name in layer.adapters:
             layer.set_adapter(adapter_name)
@@ -222,29 +246,23 @@ def set_adapter(model: nn.Module, adapter_name: str) -> None:
             layer.clear_active_adapter()
 
 
+@_model_wide(_C._cpp_disable_adapters)
 def disable_adapters(model: nn.Module) -> None:
     """The base model alone (merged layers are unmerged first)."""
-    if _cpp(model) is not None:
-        _C._cpp_adapters(_cpp(model), "disable_adapters", [])
-        return None
     for _, layer in lora_layers(model):
         layer.disable_adapters()
 
 
+@_model_wide(_C._cpp_enable_adapters)
 def enable_adapters(model: nn.Module) -> None:
     """The adapters again."""
-    if _cpp(model) is not None:
-        _C._cpp_adapters(_cpp(model), "enable_adapters", [])
-        return None
     for _, layer in lora_layers(model):
         layer.enable_adapters()
 
 
+@_model_wide(_C._cpp_delete_adapter)
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     """Removes ``adapter_name`` from every layer (a merged adapter must be unmerged first)."""
-    if _cpp(model) is not None:
-        _C._cpp_adapters(_cpp(model), "delete_adapter", [adapter_name])
-        return None
     layers = _require_adapter(model, adapter_name, "delete_adapter")
     for path, layer in layers:
         if adapter_name in layer.merged_adapters:
@@ -291,9 +309,11 @@ def merge(model: nn.Module, adapter_names: Optional[Sequence[str]] = None) -> No
     nothing. A single name may be given as a str."""
     if isinstance(adapter_names, str):
         adapter_names = [adapter_names]
-    if _cpp(model) is not None:
-        _C._cpp_adapters(_cpp(model), "merge", list(adapter_names or []))
-        return
+    _merge(model, list(adapter_names or []))
+
+
+@_model_wide(_C._cpp_merge)
+def _merge(model: nn.Module, adapter_names: List[str]) -> None:
     names = list(adapter_names) if adapter_names else [active_adapter(model)]
     if names == [None]:
         raise ValueError("merge: the model has no active adapter; name the adapters to merge")
@@ -319,11 +339,9 @@ def merge(model: nn.Module, adapter_names: Optional[Sequence[str]] = None) -> No
         raise
 
 
+@_model_wide(_C._cpp_unmerge)
 def unmerge(model: nn.Module) -> None:
     """Restores every merged layer's base weight exactly."""
-    if _cpp(model) is not None:
-        _C._cpp_adapters(_cpp(model), "unmerge", [])
-        return None
     merged = [layer for _, layer in lora_layers(model) if layer.merged]
     if not merged:
         raise ValueError("unmerge: nothing is merged in this model")
@@ -331,13 +349,11 @@ def unmerge(model: nn.Module) -> None:
         layer.unmerge()
 
 
+@_model_wide(_C._cpp_merge_and_unload, result=lambda model, _: model)
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Merges the active adapter for good (also while disabled) and puts each plain ``nn.Linear`` back:
     the base model again, with the adapter inside its weights. Returns ``model``."""
-    if _cpp(model) is not None:
-        _C._cpp_adapters(_cpp(model), "merge_and_unload", [])
-        return model
-    sites = [(parent, name, m) for parent, name, _, m in _sites(model) if isinstance(m, Linear)]
+    sites = [(parent, name, m) for parent, name, _, m in _sites(model) if is_lora_layer(m)]
     transaction = _MergeTransaction()
     try:
         for _, _, layer in sites:

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import math
-import threading
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
-from . import _C
+from .. import _C
+from .base_kinds import base_kind_of, check_base_output
 
 
 @dataclass(frozen=True)
@@ -30,33 +30,15 @@ class AdapterOptions:
         return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
 
-# Per-thread adapter choice (lorafuse.use_adapter). _open_scopes counts the scopes open on any thread, so
-# that forward looks at the thread-local state only while some scope is open.
-_thread_scope = threading.local()
+# Per-thread adapter choice (lorafuse.use_adapter) is the C++ AdapterScope stack (one mechanism for C++ and
+# Python layers); _open_scopes counts the scopes opened from Python on any thread, so that forward asks C++
+# for the current scope only while some scope is open.
 _open_scopes = 0
 
 
-def _scope_enter(name: str) -> object:
-    """Opens a scope on this thread; returns the token that closes it."""
+def _scope_opened(delta: int) -> None:
     global _open_scopes
-    stack = getattr(_thread_scope, "stack", None)
-    if stack is None:
-        stack = _thread_scope.stack = []
-    token = object()
-    stack.append((token, name))
-    _open_scopes += 1
-    return token
-
-
-def _scope_exit(token: object) -> None:
-    """Closes the scope of ``token``, wherever it is in the stack (generators may close out of order)."""
-    global _open_scopes
-    stack = getattr(_thread_scope, "stack", [])
-    for i in range(len(stack) - 1, -1, -1):
-        if stack[i][0] is token:
-            del stack[i]
-            break
-    _open_scopes -= 1
+    _open_scopes += delta
 
 
 def _init_kind(init: Union[bool, str]) -> str:
@@ -70,9 +52,12 @@ def _init_kind(init: Union[bool, str]) -> str:
 
 
 class Linear(nn.Module):
-    """A frozen ``nn.Linear`` with named LoRA adapters, computed by ``torch.ops.lorafuse.lora_linear``.
+    """A frozen linear base layer with named LoRA adapters.
 
-    ``y = base_layer(x) + scale * (dropout(x) @ A.T) @ B.T`` for the active adapter. The base layer is
+    ``y = base_layer(x) + scale * (dropout(x) @ A.T) @ B.T`` for the active adapter. What the base may be
+    and how it runs is its base kind (:mod:`lorafuse.nn.base_kinds`): a plain ``nn.Linear`` is computed by the
+    fused ``torch.ops.lorafuse.lora_linear``; a subclass with its own forward, or a base with forward hooks,
+    is called as it is and ``torch.ops.lorafuse.lora_add`` adds the branch. The base layer is
     wrapped, not copied (its weight and bias are frozen). Adapters are kept as PEFT keeps them:
     ``lora_A[name].weight`` [r, in] and ``lora_B[name].weight`` [out, r]; float32 for a
     float16/bfloat16 base. While adapters are disabled, when none is active, or when the active one is
@@ -99,9 +84,11 @@ class Linear(nn.Module):
         bias: str = "none",
     ) -> None:
         super().__init__()
-        if not isinstance(base_layer, nn.Linear):
+        kind = base_kind_of(base_layer)
+        if kind is None:
             raise TypeError(f"base_layer: expected a torch.nn.Linear, found {type(base_layer).__name__}")
         self.base_layer = base_layer
+        self._kind = kind
         self.in_features = base_layer.in_features
         self.out_features = base_layer.out_features
         self.lora_A = nn.ModuleDict()
@@ -280,13 +267,12 @@ class Linear(nn.Module):
         self._refresh_route()
 
     def delta_weight(self, adapter_name: str) -> Tensor:
-        """scale · B · A in float32 (float64 for a float64 base) [out, in]."""
+        """scale · B · A in float32 (float64 for float64 adapters) [out, in] (``lorafuse.lora_delta_weight``)."""
         opts = self._known(adapter_name, "delta_weight")
-        acc = torch.float64 if self.base_layer.weight.dtype == torch.float64 else torch.float32
         with torch.no_grad():
-            b = self.lora_B[adapter_name].weight.to(acc)
-            a = self.lora_A[adapter_name].weight.to(acc)
-            return (b @ a) * opts.scale
+            return torch.ops.lorafuse.lora_delta_weight(
+                self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight, opts.scale
+            )
 
     # ---- merging ---------------------------------------------------------------------------------
     def merge(self, adapter_names: Optional[Sequence[str]] = None) -> None:
@@ -309,20 +295,20 @@ class Linear(nn.Module):
                 raise ValueError(f'merge: adapter "{name}" is already merged')
             if name in names[:i]:
                 raise ValueError(f'merge: adapter "{name}" is named twice')
+        refusal = self._kind.merge_refusal(self.base_layer)
+        if refusal is not None:
+            raise ValueError(f"merge: {refusal}")
         weight = self.base_layer.weight
+        everything = self.merged_adapters + names
         with torch.no_grad():
+            # from the unmerged weight, so merging adapters one by one rounds once; the op checks finiteness
             original = self.weight_unmerged if self.merged_adapters else weight
-            acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
-            merged = original.to(acc, copy=True)
-            everything = self.merged_adapters + names
-            for name in everything:
-                merged += self.delta_weight(name).to(merged.device)
-            merged = merged.to(weight.dtype)  # checked after rounding: float16 overflows at 65504
-            if merged.device.type != "meta" and not bool(torch.isfinite(merged).all()):
-                raise ValueError(
-                    f"merge: merging {names} gives non-finite {weight.dtype} weights; "
-                    "the base weight is left unchanged"
-                )
+            merged = torch.ops.lorafuse.lora_merge(
+                original,
+                [self.lora_A[n].weight for n in everything],
+                [self.lora_B[n].weight for n in everything],
+                [self.adapters[n].scale for n in everything],
+            )
             if not self.merged_adapters:
                 self.weight_unmerged = weight.detach().clone()
             weight.copy_(merged)
@@ -373,22 +359,22 @@ class Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         route = self._route
         if _open_scopes:
-            stack = getattr(_thread_scope, "stack", None)
-            if stack:
-                route = self._scoped_route(stack[-1][1])
+            name = _C._current_adapter_scope()
+            if name is not None:
+                route = self._scoped_route(name)
+        base = self.base_layer
         if route is None:
-            return self.base_layer(x)
+            return base(x)
         lora_a, lora_b, scale, dropout = route
         # read the weights now: FSDP and load_state_dict(assign=True) put new Parameters in the modules
         a, b = lora_a.weight, lora_b.weight
         p = dropout if self.training else 0.0
-        weight = self.base_layer.weight
-        if weight.requires_grad:
-            # The fused op never computes a weight gradient; a thawed base weight takes the unfused chain.
-            dropped = nn.functional.dropout(x, p=p, training=True) if p > 0 else x
-            lora = nn.functional.linear(nn.functional.linear(dropped.to(a.dtype), a), b) * scale
-            return self.base_layer(x) + lora.to(x.dtype)
-        return torch.ops.lorafuse.lora_linear(x, weight, self.base_layer.bias, a, b, scale, p)
+        if self._kind.fused(base):
+            return torch.ops.lorafuse.lora_linear(x, base.weight, base.bias, a, b, scale, p)
+        # the base as it is (its own forward, its hooks, a thawed weight), the branch added by lora_add
+        out = check_base_output(base(x), base, x, self.out_features)
+        xa = x if a.dtype in (x.dtype, torch.float32) else x.to(a.dtype)
+        return torch.ops.lorafuse.lora_add(out, xa, a, b, scale, p)
 
     def extra_repr(self) -> str:
         adapters = ", ".join(
@@ -405,10 +391,4 @@ class Linear(nn.Module):
         return out
 
 
-# The C++ layer (lorafuse::nn::LoraLinear) bound with torch::python::bind_module: a torch.nn.Module whose
-# keyword arguments are the C++ LoraLinearOptions fields (in_features, out_features, bias, adapter_name, r,
-# lora_alpha, lora_dropout, use_rslora, init_lora_weights, adapter_dtype).
-LoraLinear = _C.LoraLinear
-LoraLinear.__module__ = __name__
-
-__all__ = ["Linear", "LoraLinear", "AdapterOptions"]
+__all__ = ["Linear", "AdapterOptions"]

@@ -1,0 +1,66 @@
+// Model-wide functions on bound C++ models: what lorafuse.inject_lora & co. run for them, one binding per function.
+#include "csrc/python/convert.h"
+
+#include <lorafuse/peft/adapters.h>
+#include <lorafuse/peft/inject.h>
+
+namespace lorafuse::python {
+
+void bind_peft(py::module& m) {
+  m.def(
+      "_cpp_inject_lora",
+      [](torch::nn::Module& module, const py::dict& config, const std::string& adapter_name) {
+        const auto report =
+            translating([&] { return lorafuse::inject_lora(module, config_from(config), adapter_name); });
+        return py::make_tuple(report.targets, report.wrapped, report.trainable, report.total);
+      },
+      py::arg("module"), py::arg("config"), py::arg("adapter_name"));
+  using torch::nn::Module;
+  const auto arg = py::arg("module");
+  m.def("_cpp_set_adapter", [](Module& mod, const std::string& n) { translating([&] { set_adapter(mod, n); }); }, arg,
+        py::arg("adapter_name"));
+  m.def("_cpp_delete_adapter", [](Module& mod, const std::string& n) { translating([&] { delete_adapter(mod, n); }); },
+        arg, py::arg("adapter_name"));
+  m.def("_cpp_disable_adapters", [](Module& mod) { translating([&] { disable_adapters(mod); }); }, arg);
+  m.def("_cpp_enable_adapters", [](Module& mod) { translating([&] { enable_adapters(mod); }); }, arg);
+  m.def(
+      "_cpp_merge", [](Module& mod, const std::vector<std::string>& names) { translating([&] { merge_adapter(mod, names); }); },
+      arg, py::arg("adapter_names"));
+  m.def("_cpp_unmerge", [](Module& mod) { translating([&] { unmerge_adapter(mod); }); }, arg);
+  m.def("_cpp_merge_and_unload", [](Module& mod) { translating([&] { merge_and_unload(mod); }); }, arg);
+  m.def("_cpp_adapter_names", [](Module& mod) { return adapter_names(mod); }, arg);
+  m.def("_cpp_active_adapter", [](Module& mod) { return active_adapter(mod); }, arg);
+  m.def(
+      "_cpp_lora_layers",
+      [](Module& mod) {
+        std::vector<std::string> paths;
+        for (const auto& [path, layer] : lora_layers(mod)) paths.push_back(path);
+        return paths;
+      },
+      arg);
+  m.def(
+      "_cpp_save_adapter",
+      [](torch::nn::Module& module, const std::string& dir, const std::string& adapter_name) {
+        translating([&] { lorafuse::save_adapter(module, dir, adapter_name); });
+      },
+      py::arg("module"), py::arg("dir"), py::arg("adapter_name"));
+  m.def(
+      "_cpp_load_adapter",
+      [](torch::nn::Module& module, const std::string& dir, const std::string& adapter_name, bool partial) {
+        // Read and warn first: a warning turned into an error must leave the model unchanged.
+        const auto file = translating([&] {
+          nn::check_adapter_name(adapter_name);
+          return io::read_adapter(dir);
+        });
+        for (const auto& w : file.warnings) {
+          if (PyErr_WarnEx(PyExc_UserWarning, valid_utf8(w).c_str(), 1) != 0) throw py::error_already_set();
+        }
+        const auto report = translating([&] {
+          return lorafuse::load_adapter(module, file, adapter_name, lorafuse::LoadAdapterOptions().partial(partial));
+        });
+        return py::make_tuple(report.targets, report.wrapped, report.trainable, report.total);
+      },
+      py::arg("module"), py::arg("dir"), py::arg("adapter_name"), py::arg("partial"));
+}
+
+}  // namespace lorafuse::python

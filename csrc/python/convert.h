@@ -1,0 +1,56 @@
+// What the bindings share: C++ exceptions as Python's, and conversions between Python values and lorafuse's
+// C++ types (config fields, adapter options, module lists, adapter files).
+#pragma once
+
+#include <c10/util/Exception.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+#include <torch/python.h>
+
+#include <lorafuse/config/lora_config.h>
+#include <lorafuse/io/adapter.h>
+
+#include <string>
+#include <tuple>
+#include <vector>
+
+namespace lorafuse::python {
+
+namespace py = pybind11;
+
+// A message that Python can decode: bytes that are not UTF-8 (quoted from a corrupted file) as \xNN.
+std::string valid_utf8(const std::string& s);
+
+// c10's ValueError / TypeError as Python's, with the message and without the C++ backtrace.
+template <class F>
+auto translating(F&& f) -> decltype(f()) {
+  try {
+    return f();
+  } catch (const c10::TypeError& e) {
+    throw py::type_error(valid_utf8(e.what_without_backtrace()));
+  } catch (const c10::ValueError& e) {
+    throw py::value_error(valid_utf8(e.what_without_backtrace()));
+  } catch (const c10::Error& e) {
+    throw std::runtime_error(valid_utf8(e.what_without_backtrace()));
+  }
+}
+
+// (path, type name, is_linear, in_features, out_features) per module, as the Python front lists them.
+using ModuleTuples = std::vector<std::tuple<std::string, std::string, bool, int64_t, int64_t>>;
+
+LoraConfig config_from(const py::dict& d);
+py::dict config_dict(const LoraConfig& c, bool targets_from_file);
+py::dict adapter_dict(const nn::LoraAdapterOptions& a);
+nn::LoraAdapterOptions adapter_from(const py::dict& d);
+nn::InitLoraWeights init_from(const py::handle& init);
+std::vector<ModuleInfo> infos_from(const ModuleTuples& modules);
+py::dict adapter_file_dict(const io::AdapterFile& file);
+
+// One binding function per area (csrc/python/bind_<area>.cpp), called by PYBIND11_MODULE in module.cpp.
+void bind_config(py::module& m);
+void bind_nn(py::module& m);
+void bind_peft(py::module& m);
+void bind_io(py::module& m);
+void bind_models(py::module& m);
+
+}  // namespace lorafuse::python

@@ -1,0 +1,18 @@
+// PYBIND11_MODULE(_C): loading this module loads liblorafuse, which registers torch.ops.lorafuse.*. The
+// bindings are split by area (bind_<area>.cpp, one function per binding); python/lorafuse/_C.pyi types them.
+#include <lorafuse/ops.h>
+
+#include "csrc/python/convert.h"
+
+PYBIND11_MODULE(_C, m) {
+  namespace lp = lorafuse::python;
+  m.doc() = "lorafuse native module. Importing it registers the torch.ops.lorafuse operators.";
+  m.attr("__version__") = LORAFUSE_VERSION;
+  m.def("has_cuda_kernels", &lorafuse::has_cuda_kernels,
+        "Whether this build of lorafuse has its CUDA kernels (LORAFUSE_CUDA at build time).");
+  lp::bind_config(m);
+  lp::bind_nn(m);
+  lp::bind_models(m);
+  lp::bind_peft(m);
+  lp::bind_io(m);
+}

@@ -1,0 +1,20 @@
+"""LoRA layers for models written in Python (Hugging Face transformers and any torch.nn.Module), the base
+kinds they wrap, and the C++ layer bound from LibTorch."""
+
+from .. import _C
+from .base_kinds import BASE_KINDS, BaseKind, base_kind_of
+from .lora_linear import AdapterOptions, Linear
+
+# The C++ layer (lorafuse::nn::LoraLinear) bound with torch::python::bind_module: a torch.nn.Module whose
+# keyword arguments are the C++ LoraLinearOptions fields (in_features, out_features, bias, adapter_name, r,
+# lora_alpha, lora_dropout, use_rslora, init_lora_weights, adapter_dtype).
+LoraLinear = _C.LoraLinear
+LoraLinear.__module__ = __name__
+
+
+def is_lora_layer(module) -> bool:
+    """Whether ``module`` is a lorafuse LoRA layer of a Python model (the one place that asks)."""
+    return isinstance(module, Linear)
+
+
+__all__ = ["Linear", "LoraLinear", "AdapterOptions", "BASE_KINDS", "BaseKind", "base_kind_of", "is_lora_layer"]

@@ -1,0 +1,110 @@
+"""The one list of base layers that a lorafuse LoRA layer can wrap (as PEFT's dispatcher list).
+
+Each kind says whether it takes a module, how the LoRA layer runs over it and whether adapters can be
+merged into it. :func:`base_kind_of` asks the kinds in order; nothing else in lorafuse asks "which kind of
+linear layer is this".
+
+Kinds today:
+
+``linear``
+    ``torch.nn.Linear`` and subclasses that keep ``nn.Linear.forward`` (e.g. ``NonDynamicallyQuantizableLinear``).
+    Computed by the fused ``torch.ops.lorafuse.lora_linear`` (one pass, no second GEMM) — unless the base has
+    forward hooks or pre-hooks at call time (accelerate's offloading relies on them) or its weight requires
+    grad: then the base is called as it is (hooks run once) and ``lora_add`` adds the branch. Mergeable.
+``custom_linear``
+    any other ``nn.Linear`` subclass (its own ``forward``: transformers' ``AutoBitLinear``, ``2 * linear(x) + 1``
+    ...): always called as it is, the branch added by ``lora_add``. Merging is refused: folding B·A into its
+    weight would not equal ``base(x) + LoRA(x)`` for a forward lorafuse does not know.
+
+The C++ list is ``lorafuse::nn::base_kinds()`` (<lorafuse/nn/base_kind.h>).
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+from torch import Tensor, nn
+
+
+class BaseKind:
+    """One kind of base layer. Subclasses override the methods; :data:`BASE_KINDS` lists one of each."""
+
+    name = "?"
+
+    def matches(self, module: nn.Module) -> bool:
+        raise NotImplementedError
+
+    def fused(self, module: nn.Module) -> bool:
+        """Whether the fused op may compute ``module`` right now (else it is called as it is)."""
+        return False
+
+    def merge_refusal(self, module: nn.Module) -> Optional[str]:
+        """Why adapters cannot be merged into ``module``, or None when they can."""
+        return None
+
+    @staticmethod
+    def features(module: nn.Module):
+        return module.in_features, module.out_features
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    hooks = torch.nn.modules.module
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or hooks._global_forward_hooks
+        or hooks._global_forward_pre_hooks
+    )
+
+
+class DenseLinear(BaseKind):
+    name = "linear"
+
+    def matches(self, module: nn.Module) -> bool:
+        return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
+
+    def fused(self, module: nn.Module) -> bool:
+        return not _has_hooks(module) and not module.weight.requires_grad
+
+
+class CustomLinear(BaseKind):
+    name = "custom_linear"
+
+    def matches(self, module: nn.Module) -> bool:
+        return isinstance(module, nn.Linear)
+
+    def merge_refusal(self, module: nn.Module) -> Optional[str]:
+        return (
+            f"{type(module).__name__} has its own forward; folding B·A into its weight would not give "
+            "base(x) + LoRA(x), so lorafuse does not merge into it (the adapter stays a separate branch)"
+        )
+
+
+BASE_KINDS: List[BaseKind] = [DenseLinear(), CustomLinear()]
+
+
+def base_kind_of(module: nn.Module) -> Optional[BaseKind]:
+    """The first kind in :data:`BASE_KINDS` that takes ``module``, or None."""
+    for kind in BASE_KINDS:
+        if kind.matches(module):
+            return kind
+    return None
+
+
+def check_base_output(out: object, module: nn.Module, x: Tensor, out_features: int) -> Tensor:
+    """The output of a base called as it is, checked to be what a linear layer returns."""
+    if not isinstance(out, Tensor):
+        raise TypeError(
+            f"{type(module).__name__} returned {type(out).__name__}, not a Tensor: lorafuse adds the LoRA branch "
+            "to a linear layer's output and will not guess which part of it to add to"
+        )
+    if out.shape[:-1] != x.shape[:-1] or out.shape[-1] != out_features:
+        raise ValueError(
+            f"{type(module).__name__} returned shape {list(out.shape)} for input {list(x.shape)}; the LoRA branch "
+            f"gives [..., {out_features}], so lorafuse will not add them"
+        )
+    return out
+
+
+__all__ = ["BaseKind", "DenseLinear", "CustomLinear", "BASE_KINDS", "base_kind_of"]
