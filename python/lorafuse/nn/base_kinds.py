@@ -10,7 +10,8 @@ Kinds today:
     ``torch.nn.Linear`` and subclasses that keep ``nn.Linear.forward`` (e.g. ``NonDynamicallyQuantizableLinear``).
     Computed by the fused ``torch.ops.lorafuse.lora_linear`` (one pass, no second GEMM) — unless the base has
     forward hooks or pre-hooks at call time (accelerate's offloading relies on them) or its weight requires
-    grad: then the base is called as it is (hooks run once) and ``lora_add`` adds the branch. Mergeable.
+    grad: then the base is called as it is (hooks run once) and ``lora_add`` adds the branch. Mergeable while
+    it has no hooks (a hook could transform what a merged weight computes).
 ``custom_linear``
     any other ``nn.Linear`` subclass (its own ``forward``: transformers' ``AutoBitLinear``, ``2 * linear(x) + 1``
     ...): always called as it is, the branch added by ``lora_add``. Merging is refused: folding B·A into its
@@ -49,12 +50,15 @@ class BaseKind:
 
 
 def _has_hooks(module: nn.Module) -> bool:
+    """Forward (pre-)hooks on the module or global ones, or a forward replaced on the instance (accelerate's
+    add_hook_to_module does that): then only calling the module computes what the model computes."""
     hooks = torch.nn.modules.module
     return bool(
         module._forward_hooks
         or module._forward_pre_hooks
         or hooks._global_forward_hooks
         or hooks._global_forward_pre_hooks
+        or "forward" in module.__dict__
     )
 
 
@@ -66,6 +70,15 @@ class DenseLinear(BaseKind):
 
     def fused(self, module: nn.Module) -> bool:
         return not _has_hooks(module) and not module.weight.requires_grad
+
+    def merge_refusal(self, module: nn.Module) -> Optional[str]:
+        if _has_hooks(module):
+            return (
+                f"{type(module).__name__} has forward hooks (or a replaced forward); a hook may transform the "
+                "base's output or input, and then B·A folded into the weight would pass through it, unlike the "
+                "separate branch. Remove the hooks to merge"
+            )
+        return None
 
 
 class CustomLinear(BaseKind):
