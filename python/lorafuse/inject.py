@@ -130,7 +130,9 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
     return _inject(model, config, adapter_name)
 
 
-@_model_wide(lambda cpp, config, name: _C._cpp_inject_lora(cpp, config.to_dict(), name), result=lambda m, _: m)
+@_model_wide(
+    lambda cpp, config, name: _C._cpp_inject_lora(cpp, config.to_dict(), name), result=lambda m, _: m
+)
 def _inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> nn.Module:
     if _is_target(model):
         raise ValueError(

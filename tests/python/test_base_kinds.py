@@ -73,7 +73,11 @@ def test_subclass_gradients_match_the_reference_chain():
     out = layer(x)
     grad = torch.randn_like(out)
     out.backward(grad)
-    got = (x.grad.clone(), layer.lora_A["default"].weight.grad.clone(), layer.lora_B["default"].weight.grad.clone())
+    got = (
+        x.grad.clone(),
+        layer.lora_A["default"].weight.grad.clone(),
+        layer.lora_B["default"].weight.grad.clone(),
+    )
     x2 = x.detach().clone().requires_grad_(True)
     a = layer.lora_A["default"].weight.detach().clone().requires_grad_(True)
     b = layer.lora_B["default"].weight.detach().clone().requires_grad_(True)
@@ -184,7 +188,9 @@ def test_lora_add_matches_the_formula_and_gradcheck():
     base_out, x, a, b = _add_args(requires_grad=True)
     y = torch.ops.lorafuse.lora_add(base_out, x, a, b, 0.75, 0.0)
     torch.testing.assert_close(y, base_out + 0.75 * (x @ a.t() @ b.t()))
-    assert torch.autograd.gradcheck(lambda *t: torch.ops.lorafuse.lora_add(*t, 0.75, 0.0), (base_out, x, a, b))
+    assert torch.autograd.gradcheck(
+        lambda *t: torch.ops.lorafuse.lora_add(*t, 0.75, 0.0), (base_out, x, a, b)
+    )
 
 
 def test_lora_add_output_has_the_base_dtype():
@@ -218,7 +224,8 @@ def test_opcheck_new_ops(device):
     w = torch.randn(5, 7, device=device)
     torch.library.opcheck(torch.ops.lorafuse.lora_delta_weight.default, (a.detach(), b.detach(), 0.5))
     torch.library.opcheck(
-        torch.ops.lorafuse.lora_merge.default, (w, [a.detach(), a.detach()], [b.detach(), b.detach()], [0.5, 1.0])
+        torch.ops.lorafuse.lora_merge.default,
+        (w, [a.detach(), a.detach()], [b.detach(), b.detach()], [0.5, 1.0]),
     )
 
 

@@ -17,4 +17,12 @@ def is_lora_layer(module) -> bool:
     return isinstance(module, Linear)
 
 
-__all__ = ["Linear", "LoraLinear", "AdapterOptions", "BASE_KINDS", "BaseKind", "base_kind_of", "is_lora_layer"]
+__all__ = [
+    "Linear",
+    "LoraLinear",
+    "AdapterOptions",
+    "BASE_KINDS",
+    "BaseKind",
+    "base_kind_of",
+    "is_lora_layer",
+]

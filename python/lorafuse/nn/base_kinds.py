@@ -7,15 +7,16 @@ linear layer is this".
 Kinds today:
 
 ``linear``
-    ``torch.nn.Linear`` and subclasses that keep ``nn.Linear.forward`` (e.g. ``NonDynamicallyQuantizableLinear``).
-    Computed by the fused ``torch.ops.lorafuse.lora_linear`` (one pass, no second GEMM) — unless the base has
+    ``torch.nn.Linear`` and subclasses that keep ``nn.Linear.forward`` (``NonDynamicallyQuantizableLinear``).
+    Computed by the fused ``torch.ops.lorafuse.lora_linear`` (one pass, no second GEMM), unless the base has
     forward hooks or pre-hooks at call time (accelerate's offloading relies on them) or its weight requires
     grad: then the base is called as it is (hooks run once) and ``lora_add`` adds the branch. Mergeable while
     it has no hooks (a hook could transform what a merged weight computes).
 ``custom_linear``
-    any other ``nn.Linear`` subclass (its own ``forward``: transformers' ``AutoBitLinear``, ``2 * linear(x) + 1``
-    ...): always called as it is, the branch added by ``lora_add``. Merging is refused: folding B·A into its
-    weight would not equal ``base(x) + LoRA(x)`` for a forward lorafuse does not know.
+    any other ``nn.Linear`` subclass (its own ``forward``: transformers' ``AutoBitLinear``,
+    ``2 * linear(x) + 1`` ...): always called as it is, the branch added by ``lora_add``. Merging is
+    refused: folding B·A into its weight would not equal ``base(x) + LoRA(x)`` for a forward lorafuse does
+    not know.
 
 The C++ list is ``lorafuse::nn::base_kinds()`` (<lorafuse/nn/base_kind.h>).
 """
@@ -74,9 +75,9 @@ class DenseLinear(BaseKind):
     def merge_refusal(self, module: nn.Module) -> Optional[str]:
         if _has_hooks(module):
             return (
-                f"{type(module).__name__} has forward hooks (or a replaced forward); a hook may transform the "
-                "base's output or input, and then B·A folded into the weight would pass through it, unlike the "
-                "separate branch. Remove the hooks to merge"
+                f"{type(module).__name__} has forward hooks (or a replaced forward); a hook may transform "
+                "the base's output or input, and then B·A folded into the weight would pass through it, "
+                "unlike the separate branch. Remove the hooks to merge"
             )
         return None
 
@@ -109,13 +110,13 @@ def check_base_output(out: object, module: nn.Module, x: Tensor, out_features: i
     """The output of a base called as it is, checked to be what a linear layer returns."""
     if not isinstance(out, Tensor):
         raise TypeError(
-            f"{type(module).__name__} returned {type(out).__name__}, not a Tensor: lorafuse adds the LoRA branch "
-            "to a linear layer's output and will not guess which part of it to add to"
+            f"{type(module).__name__} returned {type(out).__name__}, not a Tensor: lorafuse adds the LoRA "
+            "branch to a linear layer's output and will not guess which part of it to add to"
         )
     if out.shape[:-1] != x.shape[:-1] or out.shape[-1] != out_features:
         raise ValueError(
-            f"{type(module).__name__} returned shape {list(out.shape)} for input {list(x.shape)}; the LoRA branch "
-            f"gives [..., {out_features}], so lorafuse will not add them"
+            f"{type(module).__name__} returned shape {list(out.shape)} for input {list(x.shape)}; the LoRA "
+            f"branch gives [..., {out_features}], so lorafuse will not add them"
         )
     return out
 

@@ -267,7 +267,7 @@ class Linear(nn.Module):
         self._refresh_route()
 
     def delta_weight(self, adapter_name: str) -> Tensor:
-        """scale · B · A in float32 (float64 for float64 adapters) [out, in] (``lorafuse.lora_delta_weight``)."""
+        """scale · B · A in float32 (float64 for float64 adapters) [out, in] (op ``lora_delta_weight``)."""
         opts = self._known(adapter_name, "delta_weight")
         with torch.no_grad():
             return torch.ops.lorafuse.lora_delta_weight(
