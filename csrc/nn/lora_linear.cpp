@@ -11,14 +11,11 @@
 
 #include <algorithm>
 #include <cmath>
-#include <iomanip>
-#include <sstream>
 
 namespace lorafuse::nn {
 namespace {
 
 constexpr const char* kBackup = "weight_unmerged";
-constexpr const char* kStateKey = "lorafuse_state";
 
 std::string join(const std::vector<std::string>& names) {
   std::string out;
@@ -30,25 +27,8 @@ bool contains(const std::vector<std::string>& names, const std::string& name) {
   return std::find(names.begin(), names.end(), name) != names.end();
 }
 
-std::vector<std::string> split(const std::string& s, char sep) {
-  std::vector<std::string> parts;
-  std::string part;
-  std::istringstream in(s);
-  while (std::getline(in, part, sep)) parts.push_back(part);
-  if (!s.empty() && s.back() == sep) parts.emplace_back();
-  return parts;
-}
 
 }  // namespace
-
-LoraAdapterOptions LoraLinearOptions::adapter() const {
-  return LoraAdapterOptions(r_)
-      .lora_alpha(lora_alpha_)
-      .lora_dropout(lora_dropout_)
-      .use_rslora(use_rslora_)
-      .init_lora_weights(init_lora_weights_)
-      .dtype(adapter_dtype_);
-}
 
 LoraLinearImpl::LoraLinearImpl(const LoraLinearOptions& options_) : options(options_) {
   check_adapter_name(options.adapter_name());
@@ -67,12 +47,7 @@ LoraLinearImpl::LoraLinearImpl(torch::nn::Linear base, const LoraAdapterOptions&
   options = LoraLinearOptions(base->options.in_features(), base->options.out_features())
                 .bias(base->options.bias())
                 .adapter_name(adapter_name)
-                .r(adapter.r())
-                .lora_alpha(adapter.lora_alpha())
-                .lora_dropout(adapter.lora_dropout())
-                .use_rslora(adapter.use_rslora())
-                .init_lora_weights(adapter.init_lora_weights())
-                .adapter_dtype(adapter.dtype());
+                .adapter(adapter);
   pending_base_ = std::move(base);
   reset();
   add_adapter(adapter_name, adapter);
@@ -367,94 +342,6 @@ void LoraLinearImpl::pretty_print(std::ostream& stream) const {
   if (disabled_) stream << ", disabled";
   if (merged()) stream << ", merged=" << join(merged_);
   stream << ")";
-}
-
-// ---- serialisation: the parameters as Module::save writes them, plus one string with the adapter
-// table, so that a fresh LoraLinear can be loaded into.
-void LoraLinearImpl::save(torch::serialize::OutputArchive& archive) const {
-  torch::nn::Module::save(archive);
-  std::ostringstream state;
-  state << std::setprecision(17) << "lorafuse_state 1\n"
-        << "active\t" << active_ << "\n"
-        << "disabled\t" << (disabled_ ? 1 : 0) << "\n";
-  for (const auto& name : merged_) state << "merged\t" << name << "\n";
-  for (const auto& name : order_) {
-    const auto& a = adapters_.at(name);
-    state << "adapter\t" << name << "\t" << a.r() << "\t" << a.lora_alpha() << "\t" << a.lora_dropout() << "\t"
-          << (a.use_rslora() ? 1 : 0) << "\t" << a.init_lora_weights().str() << "\t"
-          << (a.dtype() ? static_cast<int>(*a.dtype()) : -1) << "\t" << a.bias() << "\n";
-  }
-  archive.write(kStateKey, c10::IValue(state.str()));
-}
-
-void LoraLinearImpl::load(torch::serialize::InputArchive& archive) {
-  c10::IValue value;
-  if (archive.try_read(kStateKey, value)) {
-    TORCH_CHECK_VALUE(value.isString(), "LoraLinear::load: the archive's ", kStateKey, " is not a string");
-    std::istringstream in(value.toStringRef());
-    std::string line;
-    std::getline(in, line);
-    TORCH_CHECK_VALUE(line == "lorafuse_state 1", "LoraLinear::load: unknown adapter state header \"", line, "\"");
-    // Read and check the whole table before changing anything.
-    std::string active;
-    bool disabled = false;
-    std::vector<std::string> merged_names, names;
-    std::vector<LoraAdapterOptions> options_read;
-    while (std::getline(in, line)) {
-      const auto f = split(line, '\t');
-      TORCH_CHECK_VALUE(!f.empty(), "LoraLinear::load: an empty line in the adapter state");
-      if (f[0] == "active" && f.size() == 2) {
-        active = f[1];
-      } else if (f[0] == "disabled" && f.size() == 2) {
-        disabled = f[1] == "1";
-      } else if (f[0] == "merged" && f.size() == 2) {
-        merged_names.push_back(f[1]);
-      } else if (f[0] == "adapter" && f.size() == 9) {
-        const int dtype = std::stoi(f[7]);
-        LoraAdapterOptions a(std::stoll(f[2]));
-        a.lora_alpha(std::stod(f[3]))
-            .lora_dropout(std::stod(f[4]))
-            .use_rslora(f[5] == "1")
-            .init_lora_weights(InitLoraWeights(f[6]))
-            .dtype(dtype < 0 ? std::nullopt : std::optional<c10::ScalarType>(static_cast<c10::ScalarType>(dtype)))
-            .bias(f[8]);
-        check_adapter_name(f[1]);
-        a.validate();
-        if (has_adapter(f[1])) {
-          const auto& mine = adapters_.at(f[1]);
-          TORCH_CHECK_VALUE(mine.r() == a.r(), "LoraLinear::load: adapter \"", f[1], "\" has r=", a.r(),
-                            " in the archive but r=", mine.r(), " in this layer");
-        }
-        names.push_back(f[1]);
-        options_read.push_back(a);
-      } else {
-        TORCH_CHECK_VALUE(false, "LoraLinear::load: cannot read the adapter state line \"", line, "\"");
-      }
-    }
-    for (const auto& mine : order_) {
-      TORCH_CHECK_VALUE(contains(names, mine), "LoraLinear::load: this layer has adapter \"", mine,
-                        "\" but the archive has only ", join(names));
-    }
-    for (const auto& n : merged_names) {
-      TORCH_CHECK_VALUE(contains(names, n), "LoraLinear::load: merged adapter \"", n, "\" is not in the archive");
-    }
-    TORCH_CHECK_VALUE(active.empty() || contains(names, active), "LoraLinear::load: active adapter \"", active,
-                      "\" is not in the archive");
-    for (size_t i = 0; i < names.size(); ++i) {
-      if (has_adapter(names[i])) {
-        adapters_.at(names[i]) = options_read[i];
-      } else {
-        add_adapter(names[i], options_read[i]);
-      }
-    }
-    order_ = names;          // the archive's order
-    merged_ = merged_names;  // Module::load below reads weight_unmerged as saved
-    active_ = active;
-    disabled_ = disabled;
-    apply_trainability();
-    refresh_routes();
-  }
-  torch::nn::Module::load(archive);
 }
 
 }  // namespace lorafuse::nn

@@ -20,12 +20,12 @@ void bind_nn(py::module& m) {
                return std::make_shared<LoraLinearImpl>(LoraLinearOptions(in_features, out_features)
                                                            .bias(bias)
                                                            .adapter_name(adapter_name)
-                                                           .r(r)
-                                                           .lora_alpha(lora_alpha)
-                                                           .lora_dropout(lora_dropout)
-                                                           .use_rslora(use_rslora)
-                                                           .init_lora_weights(init_from(init_lora_weights))
-                                                           .adapter_dtype(adapter_dtype));
+                                                           .adapter(LoraAdapterOptions(r)
+                                                                        .lora_alpha(lora_alpha)
+                                                                        .lora_dropout(lora_dropout)
+                                                                        .use_rslora(use_rslora)
+                                                                        .init_lora_weights(init_from(init_lora_weights))
+                                                                        .dtype(adapter_dtype)));
              });
            }),
            py::arg("in_features"), py::arg("out_features"), py::arg("bias") = true, py::arg("adapter_name") = "default",

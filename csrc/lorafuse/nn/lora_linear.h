@@ -19,7 +19,9 @@
 
 namespace lorafuse::nn {
 
-/// Options of a LoraLinear that makes its own base layer; the adapter fields describe its first adapter.
+/// Options of a LoraLinear that makes its own base layer. The first adapter's options are a
+/// LoraAdapterOptions (composed, not repeated):
+///   LoraLinear(LoraLinearOptions(4096, 4096).adapter(LoraAdapterOptions(16).lora_alpha(32)))
 struct LoraLinearOptions {
   LoraLinearOptions(int64_t in_features, int64_t out_features)
       : in_features_(in_features), out_features_(out_features) {}
@@ -31,22 +33,8 @@ struct LoraLinearOptions {
   TORCH_ARG(bool, bias) = true;
   /// The first adapter's name.
   TORCH_ARG(std::string, adapter_name) = "default";
-  /// The first adapter's rank.
-  TORCH_ARG(int64_t, r) = 8;
-  /// The first adapter's lora_alpha (scale = lora_alpha / r).
-  TORCH_ARG(double, lora_alpha) = 8.0;
-  /// The first adapter's dropout probability, in [0, 1).
-  TORCH_ARG(double, lora_dropout) = 0.0;
-  /// scale = lora_alpha / √r.
-  TORCH_ARG(bool, use_rslora) = false;
-  /// How the first adapter starts.
-  TORCH_ARG(InitLoraWeights, init_lora_weights) = true;
-  /// dtype of the first adapter (see LoraAdapterOptions::dtype).
-  TORCH_ARG(std::optional<c10::ScalarType>, adapter_dtype) = std::nullopt;
-
- public:
-  /// The first adapter's options.
-  LoraAdapterOptions adapter() const;
+  /// The first adapter's options (rank, lora_alpha, dropout, rsLoRA, init, dtype).
+  TORCH_ARG(LoraAdapterOptions, adapter);
 };
 
 /// y = base(x) + scale · (dropout(x)·Aᵀ)·Bᵀ for the active adapter, through lorafuse::lora_linear.
@@ -64,7 +52,7 @@ class LoraLinearImpl : public torch::nn::Cloneable<LoraLinearImpl>, public LoraL
  public:
   /// A new base Linear(in_features, out_features) with one adapter of rank r.
   LoraLinearImpl(int64_t in_features, int64_t out_features, int64_t r = 8)
-      : LoraLinearImpl(LoraLinearOptions(in_features, out_features).r(r)) {}
+      : LoraLinearImpl(LoraLinearOptions(in_features, out_features).adapter(LoraAdapterOptions(r))) {}
   /// A new base Linear (kaiming-initialised as torch::nn::Linear) with the first adapter of `options`.
   explicit LoraLinearImpl(const LoraLinearOptions& options);
   /// Wraps `base` (not copied: the layer shares its weight and bias and freezes them) with one adapter.

@@ -31,7 +31,7 @@ at::Tensor reference(LoraLinear& layer, const at::Tensor& x, const std::string& 
 
 LoraLinear random_layer(int64_t in, int64_t out, int64_t r, uint64_t seed, bool bias = true) {
   at::manual_seed(seed);
-  return LoraLinear(LoraLinearOptions(in, out).r(r).lora_alpha(2.0 * r).bias(bias).init_lora_weights(false));
+  return LoraLinear(LoraLinearOptions(in, out).bias(bias).adapter(LoraAdapterOptions(r).lora_alpha(2.0 * r).init_lora_weights(false)));
 }
 
 std::string temp_path(const std::string& name) {
@@ -63,7 +63,7 @@ TEST_CASE("LoraLinear wraps its base Linear by reference and freezes it", "[cpu]
 
 TEST_CASE("PEFT initialisation: kaiming-uniform A, zero B, so a fresh adapter changes nothing", "[cpu][nn]") {
   at::manual_seed(0);
-  LoraLinear layer(LoraLinearOptions(256, 32).r(16));
+  LoraLinear layer(LoraLinearOptions(256, 32).adapter(LoraAdapterOptions(16)));
   const auto a = layer->lora_a("default");
   // kaiming_uniform(a=√5) on fan_in=256: bound = sqrt(6 / ((1 + 5) · 256)) = 1/16
   CHECK(a.abs().max().item<double>() <= 1.0 / 16 + 1e-7);
@@ -73,17 +73,17 @@ TEST_CASE("PEFT initialisation: kaiming-uniform A, zero B, so a fresh adapter ch
   const auto x = at::randn({3, 256});
   CHECK(at::equal(layer->forward(x), layer->base_layer->forward(x)));
 
-  LoraLinear gaussian(LoraLinearOptions(512, 8).r(4).init_lora_weights("gaussian"));
+  LoraLinear gaussian(LoraLinearOptions(512, 8).adapter(LoraAdapterOptions(4).init_lora_weights("gaussian")));
   CHECK(gaussian->lora_a("default").std().item<double>() == Approx(0.25).epsilon(0.05));
   CHECK(gaussian->lora_b("default").abs().max().item<double>() == 0.0);
 
-  LoraLinear random(LoraLinearOptions(64, 8).r(4).init_lora_weights(false));
+  LoraLinear random(LoraLinearOptions(64, 8).adapter(LoraAdapterOptions(4).init_lora_weights(false)));
   CHECK(random->lora_b("default").abs().max().item<double>() > 0.0);
 }
 
 TEST_CASE("use_rslora scales by lora_alpha / sqrt(r)", "[cpu][nn]") {
-  LoraLinear plain(LoraLinearOptions(8, 8).r(16).lora_alpha(32));
-  LoraLinear rs(LoraLinearOptions(8, 8).r(16).lora_alpha(32).use_rslora(true));
+  LoraLinear plain(LoraLinearOptions(8, 8).adapter(LoraAdapterOptions(16).lora_alpha(32)));
+  LoraLinear rs(LoraLinearOptions(8, 8).adapter(LoraAdapterOptions(16).lora_alpha(32).use_rslora(true)));
   CHECK(plain->adapter_options("default").scale() == 2.0);
   CHECK(rs->adapter_options("default").scale() == 8.0);
 }
@@ -107,7 +107,7 @@ TEST_CASE("LoraLinear forward and backward match the float64 formula", "[cpu][cu
 
 TEST_CASE("dropout applies in train mode only", "[cpu][nn]") {
   at::manual_seed(2);
-  LoraLinear layer(LoraLinearOptions(64, 16).r(8).lora_dropout(0.5).init_lora_weights(false));
+  LoraLinear layer(LoraLinearOptions(64, 16).adapter(LoraAdapterOptions(8).lora_dropout(0.5).init_lora_weights(false)));
   const auto x = at::randn({32, 64});
   layer->eval();
   const auto y_eval = layer->forward(x);
@@ -332,7 +332,7 @@ TEST_CASE("clone() is independent of the original", "[cpu][nn]") {
 }
 
 TEST_CASE("pretty_print names the shape and the adapters", "[cpu][nn]") {
-  LoraLinear layer(LoraLinearOptions(16, 4).r(2).lora_alpha(4).lora_dropout(0.1));
+  LoraLinear layer(LoraLinearOptions(16, 4).adapter(LoraAdapterOptions(2).lora_alpha(4).lora_dropout(0.1)));
   layer->add_adapter("b", LoraAdapterOptions(8).use_rslora(true));
   std::ostringstream s;
   layer->pretty_print(s);
@@ -354,7 +354,7 @@ TEST_CASE("torch::save / torch::load of a layer with adapters, into a fresh laye
   torch::save(layer, path);
 
   at::manual_seed(99);
-  LoraLinear loaded(LoraLinearOptions(18, 7).r(3).lora_alpha(6));
+  LoraLinear loaded(LoraLinearOptions(18, 7).adapter(LoraAdapterOptions(3).lora_alpha(6)));
   torch::load(loaded, path);
   std::remove(path.c_str());
   CHECK(loaded->adapter_names() == std::vector<std::string>{"default", "b"});
@@ -375,29 +375,39 @@ TEST_CASE("torch::save / torch::load of a layer with adapters, into a fresh laye
 
   // a layer with an adapter the archive lacks is not silently half-loaded
   torch::save(layer, path);
-  LoraLinear extra(LoraLinearOptions(18, 7).r(3));
+  LoraLinear extra(LoraLinearOptions(18, 7).adapter(LoraAdapterOptions(3)));
   extra->add_adapter("b", LoraAdapterOptions(5));
   extra->add_adapter("c", LoraAdapterOptions(1));
   require_error_parts<c10::ValueError>([&] { torch::load(extra, path); }, {"\"c\"", "default", "b"});
+
+  // an archive of the older text format is refused with a message that says so, the layer unchanged
+  {
+    torch::serialize::OutputArchive old;
+    old.write("lorafuse_state", c10::IValue(std::string("lorafuse_state 1\nactive\tdefault\n")));
+    old.save_to(path);
+  }
+  LoraLinear fresh(LoraLinearOptions(18, 7).adapter(LoraAdapterOptions(3)));
+  require_error_parts<c10::ValueError>([&] { torch::load(fresh, path); }, {"older lorafuse", "save_adapter"});
+  CHECK(fresh->adapter_names() == std::vector<std::string>{"default"});
   std::remove(path.c_str());
 }
 
 TEST_CASE("bad input to LoraLinear names the argument", "[cpu][nn][errors]") {
-  require_error_parts<c10::ValueError>([] { LoraLinear(LoraLinearOptions(4, 4).r(0)); }, {"r", "> 0", "0"});
-  require_error_parts<c10::ValueError>([] { LoraLinear(LoraLinearOptions(4, 4).lora_alpha(-1)); },
+  require_error_parts<c10::ValueError>([] { LoraLinear(LoraLinearOptions(4, 4).adapter(LoraAdapterOptions(0))); }, {"r", "> 0", "0"});
+  require_error_parts<c10::ValueError>([] { LoraLinear(LoraLinearOptions(4, 4).adapter(LoraAdapterOptions().lora_alpha(-1))); },
                                        {"lora_alpha", "-1"});
-  require_error_parts<c10::ValueError>([] { LoraLinear(LoraLinearOptions(4, 4).lora_dropout(1.0)); },
+  require_error_parts<c10::ValueError>([] { LoraLinear(LoraLinearOptions(4, 4).adapter(LoraAdapterOptions().lora_dropout(1.0))); },
                                        {"lora_dropout", "[0, 1)", "1"});
-  require_error_parts<c10::ValueError>([] { LoraLinear(LoraLinearOptions(4, 4).lora_dropout(-0.1)); },
+  require_error_parts<c10::ValueError>([] { LoraLinear(LoraLinearOptions(4, 4).adapter(LoraAdapterOptions().lora_dropout(-0.1))); },
                                        {"lora_dropout", "-0.1"});
-  require_error_parts<c10::ValueError>([] { LoraLinear(LoraLinearOptions(4, 4).init_lora_weights("pissa")); },
+  require_error_parts<c10::ValueError>([] { LoraLinear(LoraLinearOptions(4, 4).adapter(LoraAdapterOptions().init_lora_weights("pissa"))); },
                                        {"init_lora_weights", "pissa"});
   require_error_parts<c10::ValueError>([] { LoraLinear(LoraLinearOptions(4, 4).adapter_name("a.b")); },
                                        {"adapter_name", "a.b"});
   require_error_parts<c10::ValueError>([] { LoraLinear(torch::nn::Linear(nullptr), LoraAdapterOptions(2)); },
                                        {"base", "torch::nn::Linear"});
 
-  LoraLinear layer(LoraLinearOptions(4, 4).r(2));
+  LoraLinear layer(LoraLinearOptions(4, 4).adapter(LoraAdapterOptions(2)));
   require_error_parts<c10::ValueError>([&] { layer->add_adapter("default", LoraAdapterOptions(2)); },
                                        {"adapter_name", "\"default\"", "already exists"});
   require_error_parts<c10::ValueError>([&] { layer->set_adapter("nope"); }, {"set_adapter", "\"nope\"", "default"});
