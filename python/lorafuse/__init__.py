@@ -5,28 +5,30 @@ Importing this package registers the ``torch.ops.lorafuse.*`` operators.
 
 import torch  # noqa: F401  (loads libtorch before lorafuse's native library)
 
-from . import _C
-from . import models, nn
-from .adapters import load_adapter, read_adapter, save_adapter, use_adapter
+from . import _C, models, nn, peft
 from .config import LoraConfig
-from .inject import (
+from .ops import lora_linear
+from .peft import (
     active_adapter,
     adapter_names,
     add_adapter,
     delete_adapter,
     disable_adapters,
     enable_adapters,
+    from_peft,
     inject_lora,
+    load_adapter,
     lora_layers,
     merge,
     merge_and_unload,
     print_trainable_parameters,
+    read_adapter,
+    save_adapter,
     set_adapter,
     trainable_parameters,
     unmerge,
+    use_adapter,
 )
-from .ops import lora_linear
-from .peft_interop import from_peft
 
 __version__: str = _C.__version__
 
@@ -42,6 +44,7 @@ __all__ = [
     "__version__",
     "nn",
     "models",
+    "peft",
     "LoraConfig",
     "inject_lora",
     "add_adapter",

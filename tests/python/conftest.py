@@ -10,6 +10,10 @@ import sys
 import pytest
 import torch
 
+# The shared helpers (hf_models, adapter_files, philox_ref, distributed_worker) live beside this file; the
+# tests live in folders that mirror the source tree.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
 try:
     import lorafuse
 except ImportError:  # running from a checkout without PYTHONPATH=python

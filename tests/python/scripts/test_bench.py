@@ -23,7 +23,7 @@ import torch
 pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 SCRIPTS = REPO / "scripts"
 LAYER_VARIANTS = ("lorafuse", "lorafuse_layer", "peft_chain", "peft")
 MODEL_VARIANTS = ("frozen", "lorafuse", "peft")

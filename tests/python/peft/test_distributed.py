@@ -26,7 +26,7 @@ transformers = pytest.importorskip("transformers")
 
 WORLD = 2
 TIMEOUT_S = 300
-WORKER_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "distributed_worker.py")
+WORKER_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "distributed_worker.py")
 
 
 def _skip_reason():

@@ -154,7 +154,7 @@ def test_bias_lora_only_round_trips_with_peft(tmp_path):
 
 def _cpp_program():
     roots = [os.environ.get("LORAFUSE_BUILD_DIR", ""), "build/cmake", "build"]
-    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     for root in roots:
         if not root:
             continue

@@ -12,7 +12,7 @@ import lorafuse
 import pytest
 import torch
 
-TABLE_PATH = os.path.join(os.path.dirname(__file__), "..", "scenarios", "adapters.json")
+TABLE_PATH = os.path.join(os.path.dirname(__file__), "..", "..", "scenarios", "adapters.json")
 with open(TABLE_PATH) as f:
     TABLE = json.load(f)
 

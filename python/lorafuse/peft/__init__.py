@@ -1,0 +1,45 @@
+"""Model-wide LoRA: inject_lora and the adapter functions (PEFT's LoraModel), adapter files in PEFT's format,
+per-thread adapter routing, and conversion of PEFT models. On a bound C++ model every function runs the C++
+implementation (the switch is :func:`lorafuse.peft.inject._model_wide`)."""
+
+from .files import load_adapter, read_adapter, save_adapter
+from .from_peft import from_peft
+from .inject import (
+    active_adapter,
+    adapter_names,
+    add_adapter,
+    delete_adapter,
+    disable_adapters,
+    enable_adapters,
+    inject_lora,
+    lora_layers,
+    merge,
+    merge_and_unload,
+    print_trainable_parameters,
+    set_adapter,
+    trainable_parameters,
+    unmerge,
+)
+from .routing import use_adapter
+
+__all__ = [
+    "inject_lora",
+    "add_adapter",
+    "trainable_parameters",
+    "print_trainable_parameters",
+    "set_adapter",
+    "disable_adapters",
+    "enable_adapters",
+    "delete_adapter",
+    "merge",
+    "unmerge",
+    "merge_and_unload",
+    "lora_layers",
+    "adapter_names",
+    "active_adapter",
+    "save_adapter",
+    "load_adapter",
+    "read_adapter",
+    "use_adapter",
+    "from_peft",
+]

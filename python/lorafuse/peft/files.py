@@ -1,0 +1,213 @@
+"""Adapter files in PEFT's format (adapter_config.json + adapter_model.safetensors) and per-thread adapters.
+
+The format, the tensor names and every loading rule are the C++ implementation's (``lorafuse::io``); this
+module applies them to models written in Python and hands bound C++ models to C++.
+
+Thread-safety contract (the same as C++, see ``<lorafuse/adapters.h>``): on one model, any number of threads
+may run forward, each choosing its adapter with :func:`use_adapter`, while one thread calls
+:func:`load_adapter` under a new name (on a model that already has an active adapter and LoRA layers for
+every layer the file adapts, from a file without biases) and :func:`delete_adapter` of an adapter that no
+running forward uses and that is not active. Everything else (inject_lora, set_adapter, merge, training
+steps, ``.to()``, ...) must not overlap anything.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Union
+
+import torch
+from torch import nn
+
+from .. import _C
+from ..nn import Linear, is_lora_layer
+from .inject import (
+    _activate_and_freeze,
+    _attach,
+    _has_peft_layers,
+    _is_target,
+    _model_wide,
+    _sites,
+    active_adapter,
+    adapter_names,
+    lora_layers,
+)
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def _infos(sites) -> list:
+    """(path, type, is_linear, in_features, out_features) of each site, as the C++ rules take them."""
+    infos = []
+    for _, _, path, m in sites:
+        linear = _is_target(m)
+        infos.append(
+            (
+                path,
+                type(m).__name__,
+                linear,
+                m.in_features if linear else -1,
+                m.out_features if linear else -1,
+            )
+        )
+    return infos
+
+
+def _folder(dir: PathLike, what: str) -> str:
+    if not isinstance(dir, (str, os.PathLike)):
+        raise TypeError(f"{what}: dir must be a path (str or os.PathLike), found {type(dir).__name__}")
+    return os.fspath(dir)
+
+
+def _check_name(adapter_name: str, what: str) -> str:
+    if not isinstance(adapter_name, str):
+        raise TypeError(f"{what}: adapter_name must be a str, found {type(adapter_name).__name__}")
+    return adapter_name
+
+
+def save_adapter(model: nn.Module, dir: PathLike, adapter_name: str = "default") -> None:
+    """Writes adapter ``adapter_name`` of ``model`` to folder ``dir`` in PEFT's format, so that
+    ``PeftModel.from_pretrained(base_model, dir)`` loads it.
+
+    The two files replace what ``dir`` held as a pair, atomically (a new folder beside it takes its place in
+    one rename; other files in ``dir`` are kept): a crash leaves the old adapter or the new one. The config
+    selects exactly the layers that have the adapter: by their names (``["q_proj", "v_proj"]``) where that
+    is exact, with ``rank_pattern``/``alpha_pattern`` for layers off the common rank and alpha.
+
+    Raises:
+        ValueError: no layer has the adapter; layers disagreeing on lora_dropout/use_rslora/bias; a folder
+            that cannot be written.
+    """
+    _save(model, _folder(dir, "save_adapter"), _check_name(adapter_name, "save_adapter"))
+
+
+@_model_wide(_C._cpp_save_adapter)
+def _save(model: nn.Module, path: str, adapter_name: str) -> None:
+    sites = list(_sites(model))
+    layers, bias_mode = [], "none"
+    for index, (_, _, _, m) in enumerate(sites):
+        if is_lora_layer(m) and adapter_name in m.adapters:
+            opts = m.adapters[adapter_name]
+            bias_mode = opts.bias
+            options = dict(
+                r=opts.r,
+                lora_alpha=opts.lora_alpha,
+                lora_dropout=opts.lora_dropout,
+                use_rslora=opts.use_rslora,
+                init_lora_weights=opts.init_lora_weights,
+                bias=opts.bias,
+            )
+            a, b = m.lora_A[adapter_name].weight.detach(), m.lora_B[adapter_name].weight.detach()
+            layers.append((index, options, a, b))
+    if not layers:
+        raise ValueError(
+            f'save_adapter: no layer has an adapter named "{adapter_name}"; '
+            f"the model has {adapter_names(model)}"
+        )
+    biases = []
+    if bias_mode == "all":
+        biases = [(n, p.detach()) for n, p in model.named_parameters() if n == "bias" or n.endswith(".bias")]
+    elif bias_mode == "lora_only":
+        for layer_path, layer in lora_layers(model):
+            if adapter_name in layer.adapters and layer.base_layer.bias is not None:
+                biases.append((f"{layer_path}.base_layer.bias", layer.base_layer.bias.detach()))
+    config = getattr(model, "config", None)
+    base_name = getattr(config, "_name_or_path", "") or getattr(model, "name_or_path", "") or ""
+    _C._save_adapter(path, _infos(sites), layers, biases, str(base_name))
+
+
+def load_adapter(
+    model: nn.Module, dir: PathLike, adapter_name: str = "default", partial: bool = False
+) -> nn.Module:
+    """Loads the PEFT-format adapter in folder ``dir`` into ``model`` under ``adapter_name``.
+
+    On a model without LoRA layers the layers are injected from the file's adapter_config.json (as PEFT's
+    ``from_pretrained`` does) and the adapter becomes active (trainable, like one from :func:`inject_lora`).
+    On a model with LoRA layers the adapter is added beside the others, inactive and frozen, until
+    :func:`set_adapter` or :func:`use_adapter` picks it.
+
+    The file's tensors are cast to the layer's adapter dtype (float32 for a float16/bfloat16 base, else the
+    base weight's dtype). Everything is checked before the model changes.
+
+    Args:
+        partial: load even if the file lacks some layers that its config targets in this model.
+
+    Raises:
+        ValueError: a missing or malformed adapter_config.json; a truncated or corrupted safetensors file;
+            PEFT features lorafuse does not support yet (named); a rank or shape that does not fit the layer;
+            modules the model lacks; targeted layers the file lacks (unless ``partial``); zero-element
+            tensors; an adapter name already in use.
+    """
+    path = _folder(dir, "load_adapter")
+    _check_name(adapter_name, "load_adapter")
+    _C._validate_adapter(adapter_name, 1, 1.0, 0.0)  # the name's rules, before anything changes
+    return _load(model, path, adapter_name, bool(partial))
+
+
+@_model_wide(_C._cpp_load_adapter, result=lambda model, _: model)
+def _load(model: nn.Module, path: str, adapter_name: str, partial: bool) -> nn.Module:
+    if _is_target(model):
+        raise ValueError(
+            "model: load_adapter puts adapters into layers inside a model, and this model is itself a Linear "
+            "layer; load into a model that holds it"
+        )
+    peft_path = _has_peft_layers(model)
+    if peft_path is not None:
+        raise ValueError(
+            f'model: "{peft_path}" is a PEFT LoRA layer; load_adapter does not mix with PEFT layers '
+            "(lorafuse.from_peft converts a PEFT model)"
+        )
+    sites = list(_sites(model))
+    if any(is_lora_layer(m) and adapter_name in m.adapters for _, _, _, m in sites):
+        raise ValueError(
+            f'adapter_name: the model already has an adapter named "{adapter_name}"; adapters: '
+            f"{adapter_names(model)}. Load under another name, or delete_adapter first"
+        )
+    plan = _C._plan_adapter_load(path, _infos(sites), bool(partial))
+    params = dict(model.named_parameters()) if plan["biases"] else {}
+    bias_copies = []
+    for name, tensor in plan["biases"]:
+        # A wrapped layer's bias is "<path>.base_layer.bias" (PEFT since 0.7), "<path>.bias" before wrapping.
+        alias = name.replace(".base_layer.bias", ".bias") if name.endswith(".base_layer.bias") else None
+        if alias is None and name.endswith(".bias"):
+            alias = name[: -len(".bias")] + ".base_layer.bias"
+        param = params.get(name, params.get(alias))
+        if param is None:
+            raise ValueError(f'load_adapter: the file has bias "{name}", which the model lacks')
+        if param.shape != tensor.shape:
+            raise ValueError(
+                f'load_adapter: bias "{name}" is {list(tensor.shape)} in the file but {list(param.shape)} '
+                "in the model"
+            )
+        bias_copies.append((param, tensor))
+    for message in plan["warnings"]:
+        warnings.warn(message, UserWarning, stacklevel=2)
+
+    weights = {index: (a, b) for index, _, a, b in plan["targets"]}
+
+    def fill(index: int, layer: Linear) -> None:
+        a, b = weights[index]
+        with torch.no_grad():  # cast to the layer's adapter dtype, moved to its device
+            layer.lora_A[adapter_name].weight.copy_(a)
+            layer.lora_B[adapter_name].weight.copy_(b)
+
+    prior_active = active_adapter(model)
+    chosen = [(index, opts) for index, opts, _, _ in plan["targets"]]
+    _attach(model, sites, chosen, adapter_name, keep_active=prior_active is not None, fill=fill)
+    with torch.no_grad():
+        for param, tensor in bias_copies:
+            param.copy_(tensor)
+    if prior_active is None:
+        _activate_and_freeze(model, adapter_name)
+    return model
+
+
+def read_adapter(dir: PathLike) -> dict:
+    """The adapter in folder ``dir``, validated as :func:`load_adapter` validates it, without a model:
+    ``{"config": LoraConfig fields, "config_json": str, "layers": [(path, lora_A, lora_B)],
+    "biases": [(path, tensor)], "warnings": [str]}``."""
+    return _C._read_adapter(_folder(dir, "read_adapter"))
+
+
+__all__ = ["save_adapter", "load_adapter", "read_adapter"]

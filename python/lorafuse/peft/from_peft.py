@@ -1,0 +1,166 @@
+"""from_peft: a PEFT LoRA model's layers as lorafuse layers, in place, with the same outputs."""
+
+from __future__ import annotations
+
+from typing import Any, List, Tuple
+
+import torch
+from torch import nn
+
+from .. import _C
+from ..nn import Linear
+
+
+def _config_problems(name: str, config: Any) -> List[str]:
+    problems = []
+    if getattr(config, "use_dora", False):
+        problems.append(f'adapter "{name}" uses DoRA (use_dora=True)')
+    if getattr(config, "modules_to_save", None):
+        problems.append(f'adapter "{name}" has modules_to_save={list(config.modules_to_save)}')
+    if getattr(config, "lora_bias", False):
+        problems.append(f'adapter "{name}" has a bias in lora_B (lora_bias=True)')
+    if getattr(config, "fan_in_fan_out", False):
+        problems.append(f'adapter "{name}" has fan_in_fan_out=True (Conv1D weights)')
+    if getattr(config, "layer_replication", None):
+        problems.append(f'adapter "{name}" uses layer_replication')
+    if getattr(config, "trainable_token_indices", None):
+        problems.append(f'adapter "{name}" trains token embeddings (trainable_token_indices)')
+    if getattr(config, "target_parameters", None):
+        problems.append(f'adapter "{name}" targets parameters (target_parameters)')
+    return problems
+
+
+def from_peft(peft_model: nn.Module) -> nn.Module:
+    """Replaces the LoRA layers of a PEFT model by :class:`lorafuse.nn.Linear` layers, in place.
+
+    Each layer keeps its base layer and adopts PEFT's own ``lora_A`` / ``lora_B`` modules (the same
+    parameter objects, so an optimizer built on the PEFT model keeps working), with the same ranks,
+    scales, dropout, active adapter and enabled state. Outputs are the same as PEFT's.
+
+    Args:
+        peft_model: a ``peft.PeftModel`` whose tuner is LoRA.
+
+    Returns:
+        The underlying model (``peft_model.base_model.model``), now with lorafuse layers; use the
+        ``lorafuse`` functions (set_adapter, merge, ...) on it from then on, not PEFT's wrapper.
+
+    Raises:
+        TypeError: not a PEFT LoRA model.
+        ValueError: a PEFT feature that lorafuse does not carry over, named — DoRA and the other LoRA
+            variants (aLoRA, KaSA, ...), a scaling other than lora_alpha/r (scale_layer), modules_to_save,
+            lora_bias, fan_in_fan_out, layer replication, trainable tokens, target_parameters, LoRA on
+            layers other than nn.Linear (embeddings, convolutions, quantized bases), merged layers or
+            several active adapters at once. Nothing is changed then.
+    """
+    try:
+        import peft
+        from peft.tuners.lora import Linear as PeftLinear
+        from peft.tuners.lora import LoraLayer, LoraModel
+    except ImportError as e:  # pragma: no cover - peft is a test dependency
+        raise TypeError("peft_model: the peft package is not installed") from e
+    if not isinstance(peft_model, peft.PeftModel) or not isinstance(peft_model.base_model, LoraModel):
+        raise TypeError(
+            f"peft_model: expected a peft.PeftModel with LoRA adapters, found {type(peft_model).__name__}"
+        )
+    model = peft_model.base_model.model
+
+    problems: List[str] = []
+    for name, config in peft_model.peft_config.items():
+        problems += _config_problems(name, config)
+    layers: List[Tuple[nn.Module, str, str, Any]] = []
+    for path, module in model.named_modules():
+        if type(module).__name__ in ("ModulesToSaveWrapper", "TrainableTokensWrapper"):
+            problems.append(f'"{path}" is a {type(module).__name__}')
+            continue
+        if not isinstance(module, LoraLayer):
+            continue
+        if type(module) is not PeftLinear or not isinstance(module.base_layer, nn.Linear):
+            problems.append(
+                f'"{path}" is a PEFT {type(module).__name__} over a {type(module.base_layer).__name__}'
+            )
+            continue
+        variants = {
+            a: type(v).__name__ for a, v in getattr(module, "lora_variant", {}).items() if v is not None
+        }
+        if variants:
+            problems.append(f'"{path}" uses LoRA variants {variants} (they change the forward)')
+        if module.merged_adapters:
+            problems.append(f'"{path}" has merged adapters {module.merged_adapters}; unmerge them first')
+        if len(module.active_adapters) > 1:
+            problems.append(f'"{path}" has several active adapters {module.active_adapters}')
+        weight = module.base_layer.weight
+        for adapter in module.lora_A:
+            dtype = module.lora_A[adapter].weight.dtype
+            if dtype not in (weight.dtype, torch.float32):
+                problems.append(f'"{path}" adapter "{adapter}" is {dtype} over a {weight.dtype} base')
+            if module.lora_A[adapter].bias is not None or module.lora_B[adapter].bias is not None:
+                problems.append(f'"{path}" adapter "{adapter}" has a bias in lora_A/lora_B')
+            try:
+                _C._validate_adapter(adapter, int(module.r[adapter]), float(module.lora_alpha[adapter]), 0.0)
+            except ValueError as e:
+                problems.append(f'"{path}" adapter "{adapter}": {e}')
+                continue
+            rslora = bool(module.use_rslora.get(adapter, False))
+            r, alpha = int(module.r[adapter]), float(module.lora_alpha[adapter])
+            expected = alpha / (r**0.5 if rslora else r)
+            if abs(expected - float(module.scaling[adapter])) > 1e-12 * abs(expected):
+                problems.append(
+                    f'"{path}" adapter "{adapter}" has scaling {float(module.scaling[adapter])}, not '
+                    f"lora_alpha / {'sqrt(r)' if rslora else 'r'} = {expected} (scale_layer?)"
+                )
+        parent_path, _, child = path.rpartition(".")
+        layers.append((model.get_submodule(parent_path) if parent_path else model, child, path, module))
+    if problems:
+        raise ValueError(
+            "from_peft: this PEFT model has features lorafuse does not carry over: " + "; ".join(problems)
+        )
+    if not layers:
+        raise ValueError("from_peft: the PEFT model has no LoRA Linear layers")
+
+    # Everything was checked above; build every new layer first, then swap them all in.
+    converted = []
+    for parent, child, _, old in layers:
+        base = old.base_layer
+        frozen = {id(p): p.requires_grad for p in base.parameters()}
+        names = list(old.lora_A.keys())
+        requires = {
+            id(p): p.requires_grad for a in names for p in (old.lora_A[a].weight, old.lora_B[a].weight)
+        }
+        new = None
+        for adapter in names:
+            dropout = old.lora_dropout[adapter]
+            p = float(dropout.p) if isinstance(dropout, nn.Dropout) else 0.0
+            kwargs = dict(
+                r=int(old.r[adapter]),
+                lora_alpha=float(old.lora_alpha[adapter]),
+                lora_dropout=p,
+                use_rslora=bool(old.use_rslora.get(adapter, False)),
+                adapter_dtype=old.lora_A[adapter].weight.dtype,
+            )
+            if new is None:
+                new = Linear(base, adapter_name=adapter, **kwargs)
+            else:
+                new.add_adapter(adapter, **kwargs)
+            # adopt PEFT's modules: the very same parameters
+            new.lora_A[adapter] = old.lora_A[adapter]
+            new.lora_B[adapter] = old.lora_B[adapter]
+        active = old.active_adapters[0] if old.active_adapters else None
+        if active in new.adapters:
+            new.set_adapter(active)
+        else:
+            new.clear_active_adapter()
+        if old.disable_adapters:
+            new.disable_adapters()
+        for p in base.parameters():
+            p.requires_grad_(frozen[id(p)])
+        for a in names:  # trainability as PEFT had it
+            new.lora_A[a].weight.requires_grad_(requires[id(new.lora_A[a].weight)])
+            new.lora_B[a].weight.requires_grad_(requires[id(new.lora_B[a].weight)])
+        new.train(old.training)  # a new module starts in training mode; keep the model's mode
+        converted.append((parent, child, new))
+    for parent, child, new in converted:
+        setattr(parent, child, new)
+    return model
+
+
+__all__ = ["from_peft"]

@@ -1,0 +1,386 @@
+"""LoRA for any torch.nn.Module: inject_lora and the model-wide adapter functions (PEFT's LoraModel).
+
+Which layers a config selects is decided by the C++ rules that C++ ``lorafuse::inject_lora`` uses.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Iterator, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from .. import _C
+from ..config import LoraConfig
+from ..nn import Linear, base_kind_of, is_lora_layer
+
+
+def _cpp(model: nn.Module):
+    """The C++ module behind a bound lorafuse C++ module (lorafuse.models.Llama, ...), else None. The one
+    place that decides "C++ model or Python model"; :func:`_model_wide` routes on it."""
+    return model.cpp_module if isinstance(model, torch.nn.cpp.ModuleWrapper) else None
+
+
+def _model_wide(cpp_impl, result=lambda model, out: out):
+    """Decorates the Python implementation of a model-wide function: on a bound C++ model ``cpp_impl`` (the
+    C++ implementation, one binding per function) runs instead; ``result(model, its return)`` is returned."""
+
+    def wrap(py_impl):
+        @functools.wraps(py_impl)
+        def dispatch(model, *args, **kwargs):
+            cpp = _cpp(model)
+            if cpp is None:
+                return py_impl(model, *args, **kwargs)
+            return result(model, cpp_impl(cpp, *args, **kwargs))
+
+        return dispatch
+
+    return wrap
+
+
+def _is_target(m: nn.Module) -> bool:
+    """A module that can take an adapter: a lorafuse layer, or a base of a known kind."""
+    return is_lora_layer(m) or base_kind_of(m) is not None
+
+
+def _sites(model: nn.Module) -> Iterator[Tuple[nn.Module, str, str, nn.Module]]:
+    """(parent, name, path, module) in module order; lorafuse layers are leaves."""
+
+    def walk(module: nn.Module, prefix: str):
+        for name, child in module.named_children():
+            path = f"{prefix}.{name}" if prefix else name
+            yield module, name, path, child
+            if not is_lora_layer(child):
+                yield from walk(child, path)
+
+    yield from walk(model, "")
+
+
+def _cpp_lora_layers(cpp) -> List[Tuple[str, nn.Module]]:
+    modules = dict(cpp.named_modules().items())
+    return [(path, modules[path]) for path in _C._cpp_lora_layers(cpp)]
+
+
+@_model_wide(_cpp_lora_layers)
+def lora_layers(model: nn.Module) -> List[Tuple[str, Linear]]:
+    """Every lorafuse LoRA layer in the model, with its path, in module order (for a C++ model: the bound
+    C++ LoraLinear layers)."""
+    return [(path, m) for _, _, path, m in _sites(model) if is_lora_layer(m)]
+
+
+@_model_wide(_C._cpp_adapter_names)
+def adapter_names(model: nn.Module) -> List[str]:
+    """Adapter names present in the model, in the order they first appear."""
+    names: List[str] = []
+    for _, layer in lora_layers(model):
+        names += [n for n in layer.adapters if n not in names]
+    return names
+
+
+@_model_wide(_C._cpp_active_adapter, result=lambda model, name: name or None)
+def active_adapter(model: nn.Module) -> Optional[str]:
+    """The model's active adapter, or None."""
+    for _, layer in lora_layers(model):
+        if layer.active_adapter is not None:
+            return layer.active_adapter
+    return None
+
+
+def _require_adapter(model: nn.Module, name: str, what: str) -> List[Tuple[str, Linear]]:
+    layers = lora_layers(model)
+    if not any(name in layer.adapters for _, layer in layers):
+        raise ValueError(
+            f'{what}: no layer has an adapter named "{name}"; the model has {adapter_names(model)}'
+        )
+    return layers
+
+
+def _has_peft_layers(model: nn.Module) -> Optional[str]:
+    for path, m in model.named_modules():
+        if type(m).__module__.startswith("peft.") and hasattr(m, "lora_A"):
+            return path
+    return None
+
+
+def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> nn.Module:
+    """Gives adapter ``adapter_name`` to every Linear layer of ``model`` that ``config`` selects.
+
+    An ``nn.Linear`` is replaced in place by a :class:`lorafuse.nn.Linear` wrapping it (sharing its
+    weight); a lorafuse layer already there gets the adapter beside its others. Every parameter is then
+    frozen except the active adapter's A and B (and the biases that its ``bias`` mode names). The first
+    adapter injected becomes active; a later one waits for :func:`set_adapter`. Works on the meta device.
+
+    Returns:
+        ``model`` (changed in place).
+
+    Raises:
+        ValueError: a bad config, an adapter name already present, a target entry that matches no module
+            (the message lists the Linear layers there are), a selected module that is not a Linear, a
+            model that already has PEFT LoRA layers (use :func:`lorafuse.from_peft`). Nothing is changed.
+        TypeError: a field of the wrong type.
+    """
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"config: expected a lorafuse.LoraConfig, found {type(config).__name__}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, found {type(model).__name__}")
+    if not isinstance(adapter_name, str):
+        raise TypeError(f"adapter_name: expected a str, found {type(adapter_name).__name__}")
+    return _inject(model, config, adapter_name)
+
+
+@_model_wide(
+    lambda cpp, config, name: _C._cpp_inject_lora(cpp, config.to_dict(), name), result=lambda m, _: m
+)
+def _inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> nn.Module:
+    if _is_target(model):
+        raise ValueError(
+            "model: inject_lora replaces layers inside a model, and this model is itself a Linear layer; "
+            "wrap it in lorafuse.nn.Linear instead"
+        )
+    peft_path = _has_peft_layers(model)
+    if peft_path is not None:
+        raise ValueError(
+            f'model: "{peft_path}" is a PEFT LoRA layer; inject_lora does not mix with PEFT layers '
+            "(lorafuse.from_peft converts a PEFT model)"
+        )
+    if adapter_name in adapter_names(model):
+        raise ValueError(
+            f'adapter_name: the model already has an adapter named "{adapter_name}"; '
+            f"adapters: {adapter_names(model)}"
+        )
+    sites = list(_sites(model))
+    infos = [(path, type(m).__name__, _is_target(m)) for _, _, path, m in sites]
+    chosen = _C._select_targets(infos, config.to_dict())
+    _C._validate_adapter(adapter_name, config.r, float(config.lora_alpha), float(config.lora_dropout))
+
+    prior_active = active_adapter(model)
+    _attach(model, sites, chosen, adapter_name, keep_active=False)
+    _activate_and_freeze(model, prior_active if prior_active is not None else adapter_name)
+    return model
+
+
+_INIT = {"true": True, "false": False}  # the C++ spelling of init_lora_weights
+
+
+def _attach(model, sites, chosen, adapter_name: str, keep_active: bool, fill=None) -> None:
+    """Gives ``adapter_name`` to ``sites[index]`` for each (index, options) chosen: added to a lorafuse
+    layer, or a new one wrapping an ``nn.Linear`` (in the model's train/eval mode; disabled if the model's
+    adapters are; not activating the adapter when ``keep_active``). ``fill(index, layer)`` then sets the
+    weights."""
+    existing = lora_layers(model)
+    all_disabled = bool(existing) and all(not layer.adapters_enabled for _, layer in existing)
+    for index, opts in chosen:
+        parent, name, _, module = sites[index]
+        kwargs = dict(
+            r=opts["r"],
+            lora_alpha=opts["lora_alpha"],
+            lora_dropout=opts["lora_dropout"],
+            use_rslora=opts["use_rslora"],
+            init_lora_weights=_INIT.get(opts["init_lora_weights"], opts["init_lora_weights"]),
+            bias=opts["bias"],
+        )
+        if is_lora_layer(module):
+            module.add_adapter(adapter_name, **kwargs, activate=not keep_active)
+            layer = module
+        else:
+            layer = Linear(module, adapter_name=adapter_name, **kwargs)
+            layer.train(module.training)  # a new module starts in training mode; keep the model's mode
+            if all_disabled:  # a model whose adapters are disabled stays so
+                layer.disable_adapters()
+            if keep_active:
+                layer.clear_active_adapter()
+        if fill is not None:
+            fill(index, layer)
+        if layer is not module:
+            setattr(parent, name, layer)
+
+
+def _activate_and_freeze(model: nn.Module, active: str) -> None:
+    """Freezes everything but ``active``'s A and B (and the biases its ``bias`` mode names)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    set_adapter(model, active)
+    layers = lora_layers(model)
+    bias = next((layer.adapters[active].bias for _, layer in layers if active in layer.adapters), "none")
+    if bias == "all":
+        for name, p in model.named_parameters():
+            if name == "bias" or name.endswith(".bias"):
+                p.requires_grad_(True)
+    elif bias == "lora_only":
+        for _, layer in layers:
+            if active in layer.adapters and layer.base_layer.bias is not None:
+                layer.base_layer.bias.requires_grad_(True)
+
+
+def add_adapter(model: nn.Module, adapter_name: str, config: LoraConfig) -> nn.Module:
+    """Another adapter beside the existing ones (:func:`inject_lora` under another name)."""
+    return inject_lora(model, config, adapter_name)
+
+
+def trainable_parameters(model: nn.Module) -> Tuple[int, int]:
+    """(trainable, total) parameter counts; shared tensors count once."""
+    trainable = total = 0
+    for p in model.parameters():
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+    return trainable, total
+
+
+def print_trainable_parameters(model: nn.Module) -> None:
+    """Prints PEFT's line, e.g.
+    ``trainable params: 4,194,304 || all params: 6,742,609,920 || trainable%: 0.0622``."""
+    trainable, total = trainable_parameters(model)
+    percent = 100.0 * trainable / total if total else 0.0
+    print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {percent:.4f}")
+
+
+@_model_wide(_C._cpp_set_adapter)
+def set_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Activates ``adapter_name`` in every layer that has it (the others run as their base); only its
+    weights train. Moves no data."""
+    for _, layer in _require_adapter(model, adapter_name, "set_adapter"):
+        if adapter_name in layer.adapters:
+            layer.set_adapter(adapter_name)
+        else:
+            layer.clear_active_adapter()
+
+
+@_model_wide(_C._cpp_disable_adapters)
+def disable_adapters(model: nn.Module) -> None:
+    """The base model alone (merged layers are unmerged first)."""
+    for _, layer in lora_layers(model):
+        layer.disable_adapters()
+
+
+@_model_wide(_C._cpp_enable_adapters)
+def enable_adapters(model: nn.Module) -> None:
+    """The adapters again."""
+    for _, layer in lora_layers(model):
+        layer.enable_adapters()
+
+
+@_model_wide(_C._cpp_delete_adapter)
+def delete_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Removes ``adapter_name`` from every layer (a merged adapter must be unmerged first)."""
+    layers = _require_adapter(model, adapter_name, "delete_adapter")
+    for path, layer in layers:
+        if adapter_name in layer.merged_adapters:
+            raise ValueError(
+                f'delete_adapter: adapter "{adapter_name}" is merged into "{path}"; unmerge() first'
+            )
+    was_active = active_adapter(model) == adapter_name
+    for _, layer in layers:
+        if adapter_name in layer.adapters:
+            layer.delete_adapter(adapter_name)
+    if was_active:
+        remaining = adapter_names(model)
+        if remaining:
+            set_adapter(model, remaining[0])
+        else:
+            for _, layer in layers:
+                layer.clear_active_adapter()
+
+
+class _MergeTransaction:
+    """Model-wide merges are all or nothing: on a failure the layers merged before it are put back
+    (merging starts from the unmerged weight, so re-merging what was merged reproduces the same bits)."""
+
+    def __init__(self) -> None:
+        self.undo: List[Tuple[Linear, List[str], bool]] = []
+
+    def merge(self, layer: Linear, names: Sequence[str]) -> None:
+        self.undo.append((layer, list(layer.merged_adapters), not layer.adapters_enabled))
+        layer.enable_adapters()
+        layer.merge(names)
+
+    def rollback(self) -> None:
+        for layer, merged_before, was_disabled in reversed(self.undo):
+            if layer.merged:
+                layer.unmerge()
+            if merged_before:
+                layer.merge(merged_before)
+            if was_disabled:
+                layer.disable_adapters()
+
+
+def merge(model: nn.Module, adapter_names: Optional[Sequence[str]] = None) -> None:
+    """Folds the named adapters (default, or an empty list: the active one) into the base weights, all or
+    nothing. A single name may be given as a str."""
+    if isinstance(adapter_names, str):
+        adapter_names = [adapter_names]
+    _merge(model, list(adapter_names or []))
+
+
+@_model_wide(_C._cpp_merge)
+def _merge(model: nn.Module, adapter_names: List[str]) -> None:
+    names = list(adapter_names) if adapter_names else [active_adapter(model)]
+    if names == [None]:
+        raise ValueError("merge: the model has no active adapter; name the adapters to merge")
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise ValueError(f'merge: adapter "{name}" is named twice')
+    layers = lora_layers(model)
+    for name in names:
+        _require_adapter(model, name, "merge")
+        for path, layer in layers:
+            if name in layer.merged_adapters:
+                raise ValueError(f'merge: adapter "{name}" is already merged into "{path}"')
+            if name in layer.adapters and not layer.adapters_enabled:
+                raise ValueError(f'merge: adapters are disabled in "{path}"; enable_adapters() first')
+    transaction = _MergeTransaction()
+    try:
+        for _, layer in layers:
+            mine = [n for n in names if n in layer.adapters]
+            if mine:
+                transaction.merge(layer, mine)
+    except BaseException:
+        transaction.rollback()
+        raise
+
+
+@_model_wide(_C._cpp_unmerge)
+def unmerge(model: nn.Module) -> None:
+    """Restores every merged layer's base weight exactly."""
+    merged = [layer for _, layer in lora_layers(model) if layer.merged]
+    if not merged:
+        raise ValueError("unmerge: nothing is merged in this model")
+    for layer in merged:
+        layer.unmerge()
+
+
+@_model_wide(_C._cpp_merge_and_unload, result=lambda model, _: model)
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Merges the active adapter for good (also while disabled) and puts each plain ``nn.Linear`` back:
+    the base model again, with the adapter inside its weights. Returns ``model``."""
+    sites = [(parent, name, m) for parent, name, _, m in _sites(model) if is_lora_layer(m)]
+    transaction = _MergeTransaction()
+    try:
+        for _, _, layer in sites:
+            if layer.active_adapter is not None and layer.active_adapter not in layer.merged_adapters:
+                transaction.merge(layer, [layer.active_adapter])
+    except BaseException:
+        transaction.rollback()
+        raise
+    for parent, name, layer in sites:
+        setattr(parent, name, layer.merge_and_unload())
+    return model
+
+
+__all__ = [
+    "inject_lora",
+    "add_adapter",
+    "trainable_parameters",
+    "print_trainable_parameters",
+    "set_adapter",
+    "disable_adapters",
+    "enable_adapters",
+    "delete_adapter",
+    "merge",
+    "unmerge",
+    "merge_and_unload",
+    "lora_layers",
+    "adapter_names",
+    "active_adapter",
+]
