@@ -3,6 +3,7 @@
 
 #include <cctype>
 #include <cmath>
+#include <nlohmann/json.hpp>
 
 namespace lorafuse::nn {
 
@@ -53,6 +54,53 @@ void check_adapter_name(const std::string& name) {
   for (unsigned char c : name) {
     TORCH_CHECK_VALUE(c != '.' && !std::isspace(c) && !std::iscntrl(c), "adapter_name: \"", name,
                       "\" may not contain '.', whitespace or control characters (it becomes part of module paths)");
+  }
+}
+
+}  // namespace lorafuse::nn
+
+namespace lorafuse::nn {
+namespace {
+
+using json = nlohmann::ordered_json;
+
+c10::ScalarType dtype_named(const std::string& name, const std::string& what) {
+  for (auto t : {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16}) {
+    if (name == c10::toString(t)) return t;
+  }
+  TORCH_CHECK_VALUE(false, what, ": dtype: expected Float, Double, Half or BFloat16, found \"", name, "\"");
+}
+
+}  // namespace
+
+std::string adapter_options_json(const LoraAdapterOptions& a) {
+  const auto init = a.init_lora_weights().str();
+  return json{{"r", a.r()},
+              {"lora_alpha", a.lora_alpha()},
+              {"lora_dropout", a.lora_dropout()},
+              {"use_rslora", a.use_rslora()},
+              {"init_lora_weights", init == "gaussian" ? json(init) : json(init == "true")},
+              {"bias", a.bias()},
+              {"dtype", a.dtype() ? json(c10::toString(*a.dtype())) : json(nullptr)}}
+      .dump();
+}
+
+LoraAdapterOptions adapter_options_from_json(const std::string& text, const std::string& what) {
+  try {
+    const json j = json::parse(text);
+    LoraAdapterOptions a(j.at("r").get<int64_t>());
+    a.lora_alpha(j.at("lora_alpha").get<double>())
+        .lora_dropout(j.at("lora_dropout").get<double>())
+        .use_rslora(j.at("use_rslora").get<bool>())
+        .bias(j.at("bias").get<std::string>());
+    const json& init = j.at("init_lora_weights");
+    a.init_lora_weights(init.is_boolean() ? InitLoraWeights(init.get<bool>())
+                                          : InitLoraWeights(init.get<std::string>()));
+    if (j.contains("dtype") && !j.at("dtype").is_null()) a.dtype(dtype_named(j.at("dtype").get<std::string>(), what));
+    a.validate();
+    return a;
+  } catch (const json::exception& e) {
+    TORCH_CHECK_VALUE(false, what, ": cannot read adapter options from ", text, " (", e.what(), ")");
   }
 }
 

@@ -24,42 +24,16 @@ bool listed(const std::vector<std::string>& names, const std::string& name) {
   return std::find(names.begin(), names.end(), name) != names.end();
 }
 
-json options_json(const std::string& name, const LoraAdapterOptions& a) {
-  return json{{"name", name},
-              {"r", a.r()},
-              {"lora_alpha", a.lora_alpha()},
-              {"lora_dropout", a.lora_dropout()},
-              {"use_rslora", a.use_rslora()},
-              {"init_lora_weights", a.init_lora_weights().str()},
-              {"dtype", a.dtype() ? json(c10::toString(*a.dtype())) : json(nullptr)},
-              {"bias", a.bias()}};
-}
-
-c10::ScalarType dtype_named(const std::string& name) {
-  for (auto t : {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16}) {
-    if (name == c10::toString(t)) return t;
-  }
-  TORCH_CHECK_VALUE(false, "LoraLinear::load: unknown adapter dtype \"", name, "\" in the archive");
-}
-
-LoraAdapterOptions options_from(const json& j) {
-  LoraAdapterOptions a(j.at("r").get<int64_t>());
-  a.lora_alpha(j.at("lora_alpha").get<double>())
-      .lora_dropout(j.at("lora_dropout").get<double>())
-      .use_rslora(j.at("use_rslora").get<bool>())
-      .init_lora_weights(InitLoraWeights(j.at("init_lora_weights").get<std::string>()))
-      .bias(j.at("bias").get<std::string>());
-  if (!j.at("dtype").is_null()) a.dtype(dtype_named(j.at("dtype").get<std::string>()));
-  a.validate();
-  return a;
-}
-
 }  // namespace
 
 void LoraLinearImpl::save(torch::serialize::OutputArchive& archive) const {
   torch::nn::Module::save(archive);
   json adapters = json::array();
-  for (const auto& name : order_) adapters.push_back(options_json(name, adapters_.at(name)));
+  for (const auto& name : order_) {
+    json entry = json::parse(adapter_options_json(adapters_.at(name)));
+    entry["name"] = name;
+    adapters.push_back(std::move(entry));
+  }
   const std::map<std::string, std::string> metadata = {{"format", kFormat},
                                                        {"active", active_},
                                                        {"disabled", disabled_ ? "1" : "0"},
@@ -98,7 +72,7 @@ void LoraLinearImpl::load(torch::serialize::InputArchive& archive) {
     try {
       for (const auto& a : json::parse(field("adapters"))) {
         names.push_back(a.at("name").get<std::string>());
-        options_read.push_back(options_from(a));
+        options_read.push_back(adapter_options_from_json(a.dump(), "LoraLinear::load"));
       }
       merged_names = json::parse(field("merged")).get<std::vector<std::string>>();
     } catch (const json::exception& e) {

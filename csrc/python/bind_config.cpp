@@ -6,7 +6,7 @@ namespace lorafuse::python {
 
 void bind_config(py::module& m) {
   m.def(
-      "_validate_lora_config", [](const py::dict& config) { translating([&] { config_from(config).validate(); }); },
+      "_validate_lora_config", [](const std::string& config) { translating([&] { config_from(config).validate(); }); },
       "Raises ValueError / TypeError unless the lorafuse.LoraConfig fields (a dict) are valid.");
   m.def(
       "_validate_adapter",
@@ -20,13 +20,13 @@ void bind_config(py::module& m) {
       "Raises ValueError unless an adapter with this name and these options can be made (the C++ rules).");
   m.def(
       "_select_targets",
-      [](const std::vector<std::tuple<std::string, std::string, bool>>& modules, const py::dict& config) {
+      [](const std::vector<std::tuple<std::string, std::string, bool>>& modules, const std::string& config) {
         std::vector<ModuleInfo> infos;
         infos.reserve(modules.size());
         for (const auto& [path, type_name, is_linear] : modules) infos.push_back({path, type_name, is_linear});
         const auto chosen = translating([&] { return select_targets(infos, config_from(config)); });
         py::list out;
-        for (const auto& c : chosen) out.append(py::make_tuple(c.index, adapter_dict(c.adapter)));
+        for (const auto& c : chosen) out.append(py::make_tuple(c.index, nn::adapter_options_json(c.adapter)));
         return out;
       },
       "The (index, adapter options) of the modules (path, type name, is_linear) that a config selects: the "

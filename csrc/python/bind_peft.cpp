@@ -9,7 +9,7 @@ namespace lorafuse::python {
 void bind_peft(py::module& m) {
   m.def(
       "_cpp_inject_lora",
-      [](torch::nn::Module& module, const py::dict& config, const std::string& adapter_name) {
+      [](torch::nn::Module& module, const std::string& config, const std::string& adapter_name) {
         const auto report =
             translating([&] { return lorafuse::inject_lora(module, config_from(config), adapter_name); });
         return py::make_tuple(report.targets, report.wrapped, report.trainable, report.total);

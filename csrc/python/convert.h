@@ -38,12 +38,11 @@ auto translating(F&& f) -> decltype(f()) {
 // (path, type name, is_linear, in_features, out_features) per module, as the Python front lists them.
 using ModuleTuples = std::vector<std::tuple<std::string, std::string, bool, int64_t, int64_t>>;
 
-LoraConfig config_from(const py::dict& d);
-py::dict config_dict(const LoraConfig& c, bool targets_from_file);
-py::dict adapter_dict(const nn::LoraAdapterOptions& a);
-nn::LoraAdapterOptions adapter_from(const py::dict& d);
+// lorafuse.LoraConfig's fields as JSON (LoraConfig._to_json) → LoraConfig, through the one PEFT-JSON mapping.
+LoraConfig config_from(const std::string& json_text);
 nn::InitLoraWeights init_from(const py::handle& init);
 std::vector<ModuleInfo> infos_from(const ModuleTuples& modules);
+// {config_json, targets_from_file, layers, biases, warnings}: lorafuse.read_adapter builds "config" from config_json.
 py::dict adapter_file_dict(const io::AdapterFile& file);
 
 // One binding function per area (csrc/python/bind_<area>.cpp), called by PYBIND11_MODULE in module.cpp.

@@ -11,13 +11,14 @@ def has_cuda_kernels() -> bool: ...
 # ---- config (bind_config.cpp): the C++ rules of LoraConfig ------------------------------------------
 ModuleRow = Tuple[str, str, bool]  # (path, type name, is_linear)
 ModuleShapeRow = Tuple[str, str, bool, int, int]  # (path, type name, is_linear, in_features, out_features)
-AdapterOptionsDict = Dict[str, Any]  # r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, bias
+# JSON texts: a LoraConfig with PEFT's field names (lorafuse::lora_config_from_peft_json) and one adapter's
+# options (lorafuse::nn::adapter_options_json: r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, bias, dtype)
+LoraConfigJson = str
+AdapterOptionsJson = str
 
-def _validate_lora_config(config: Dict[str, Any]) -> None: ...
+def _validate_lora_config(config: LoraConfigJson) -> None: ...
 def _validate_adapter(name: str, r: int, lora_alpha: float, lora_dropout: float) -> None: ...
-def _select_targets(
-    modules: Sequence[ModuleRow], config: Dict[str, Any]
-) -> List[Tuple[int, AdapterOptionsDict]]: ...
+def _select_targets(modules: Sequence[ModuleRow], config: LoraConfigJson) -> List[Tuple[int, AdapterOptionsJson]]: ...
 
 # ---- nn (bind_nn.cpp) ---------------------------------------------------------------------------------
 class LoraLinear(torch.nn.Module):
@@ -94,7 +95,7 @@ class Llama(torch.nn.Module):
 CppModule = Any  # torch.nn.cpp.ModuleWrapper.cpp_module
 
 def _cpp_inject_lora(
-    module: CppModule, config: Dict[str, Any], adapter_name: str
+    module: CppModule, config: LoraConfigJson, adapter_name: str
 ) -> Tuple[List[str], List[str], int, int]: ...
 def _cpp_set_adapter(module: CppModule, adapter_name: str) -> None: ...
 def _cpp_delete_adapter(module: CppModule, adapter_name: str) -> None: ...
@@ -117,7 +118,7 @@ def _plan_adapter_load(dir: str, modules: Sequence[ModuleShapeRow], partial: boo
 def _save_adapter(
     dir: str,
     modules: Sequence[ModuleShapeRow],
-    layers: Sequence[Tuple[int, AdapterOptionsDict, torch.Tensor, torch.Tensor]],
+    layers: Sequence[Tuple[int, AdapterOptionsJson, torch.Tensor, torch.Tensor]],
     biases: Sequence[Tuple[str, torch.Tensor]],
     base_model_name_or_path: str,
 ) -> None: ...

@@ -149,7 +149,7 @@ def inspect_adapter(folder: str) -> Dict[str, Any]:
         infos = [(path, "Linear", True, int(a.shape[1]), int(b.shape[0])) for path, a, b in adapter["layers"]]
         plan = lorafuse._C._plan_adapter_load(folder, infos, True)
         for index, options, _, _ in plan["targets"]:
-            alphas[infos[index][0]] = float(options["lora_alpha"])
+            alphas[infos[index][0]] = float(json.loads(options)["lora_alpha"])
 
     tensors: List[Dict[str, Any]] = []
     layers: List[Dict[str, Any]] = []
@@ -238,7 +238,7 @@ def _target_warnings(lorafuse: Any, config: Dict[str, Any], paths: List[str]) ->
     if config["exclude_modules"] is not None:
         what += f" with exclude_modules {json.dumps(config['exclude_modules'])}"
     try:
-        chosen = lorafuse._C._select_targets([(p, "Linear", True) for p in paths], dict(config))
+        chosen = lorafuse._C._select_targets([(p, "Linear", True) for p in paths], json.dumps(config))
     except ValueError as e:  # e.g. a name that matches none of the file's modules
         return [f"{what} does not fit the modules in {WEIGHTS_FILE} ({e})"]
     selected = {paths[index] for index, _ in chosen}

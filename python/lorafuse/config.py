@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Union
 
@@ -63,11 +64,54 @@ class LoraConfig:
                 if not isinstance(key, str):
                     raise TypeError(f"{name}: expected str patterns, found {type(key).__name__} ({key!r})")
                 _check_number(f"{name}[{key!r}]", v, int if name == "rank_pattern" else (int, float))
-        _C._validate_lora_config(self.to_dict())
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if value is None or isinstance(value, str):
+                continue
+            if not isinstance(value, (list, tuple, set)):
+                raise TypeError(
+                    f"{name}: expected a list of module names, a regular expression (str) or "
+                    f'"all-linear", found {type(value).__name__}'
+                )
+            for item in value:
+                if not isinstance(item, str):
+                    raise TypeError(f"{name}: expected module names (str), found {type(item).__name__}")
+        init = self.init_lora_weights
+        if not isinstance(init, (bool, str)):
+            raise TypeError(
+                f'init_lora_weights: expected True, False or "gaussian", found {type(init).__name__}'
+            )
+        _C._validate_lora_config(self._to_json())
 
     def to_dict(self) -> Dict[str, Any]:
-        """The fields as a dict (what the C++ rules read)."""
+        """The fields as a dict."""
         return dataclasses.asdict(self)
+
+    def _to_json(self) -> str:
+        """The fields as PEFT's JSON, which the C++ rules read (lorafuse::lora_config_from_peft_json, the
+        one mapping of these names); ``target_modules=None`` is written as its meaning,
+        ``["q_proj", "v_proj"]``."""
+        fields = self.to_dict()
+        if fields["target_modules"] is None:
+            fields["target_modules"] = ["q_proj", "v_proj"]
+        for name in ("target_modules", "exclude_modules"):
+            if isinstance(fields[name], (tuple, set)):
+                fields[name] = sorted(fields[name]) if isinstance(fields[name], set) else list(fields[name])
+        return json.dumps(fields)
+
+
+def config_fields(config_json: str, targets_from_file: bool) -> Dict[str, Any]:
+    """The LoraConfig fields of an adapter_config.json text (``target_modules`` None when the file's layers
+    are the targets)."""
+    j = json.loads(config_json)
+    defaults = LoraConfig.__dataclass_fields__
+    out: Dict[str, Any] = {}
+    for name, f in defaults.items():
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        out[name] = j.get(name, default)
+    if targets_from_file:
+        out["target_modules"] = None
+    return out
 
 
 def _check_number(name: str, value: Any, kinds: Any) -> None:

@@ -57,6 +57,13 @@ struct LoraAdapterOptions {
   void validate() const;
 };
 
+/// The options as a JSON object with PEFT's names (r, lora_alpha, lora_dropout, use_rslora, init_lora_weights as
+/// true/false/"gaussian", bias) plus dtype ("Float", ... or null): the one mapping, used by module archives and
+/// the Python front.
+std::string adapter_options_json(const LoraAdapterOptions& options);
+/// The inverse, validated; ValueErrors are prefixed with `what`.
+LoraAdapterOptions adapter_options_from_json(const std::string& json_text, const std::string& what);
+
 /// Throws a ValueError unless `name` can name an adapter: non-empty, without '.', whitespace or
 /// control characters (it becomes part of module paths: `q_proj.lora_A.<name>.weight`).
 void check_adapter_name(const std::string& name);

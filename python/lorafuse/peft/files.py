@@ -13,6 +13,7 @@ steps, ``.to()``, ...) must not overlap anything.
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from typing import Union
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 
 from .. import _C
+from ..config import config_fields
 from ..nn import Linear, is_lora_layer
 from .inject import (
     _activate_and_freeze,
@@ -90,13 +92,15 @@ def _save(model: nn.Module, path: str, adapter_name: str) -> None:
         if is_lora_layer(m) and adapter_name in m.adapters:
             opts = m.adapters[adapter_name]
             bias_mode = opts.bias
-            options = dict(
-                r=opts.r,
-                lora_alpha=opts.lora_alpha,
-                lora_dropout=opts.lora_dropout,
-                use_rslora=opts.use_rslora,
-                init_lora_weights=opts.init_lora_weights,
-                bias=opts.bias,
+            options = json.dumps(
+                dict(
+                    r=opts.r,
+                    lora_alpha=opts.lora_alpha,
+                    lora_dropout=opts.lora_dropout,
+                    use_rslora=opts.use_rslora,
+                    init_lora_weights=opts.init_lora_weights,
+                    bias=opts.bias,
+                )
             )
             a, b = m.lora_A[adapter_name].weight.detach(), m.lora_B[adapter_name].weight.detach()
             layers.append((index, options, a, b))
@@ -193,7 +197,7 @@ def _load(model: nn.Module, path: str, adapter_name: str, partial: bool) -> nn.M
             layer.lora_B[adapter_name].weight.copy_(b)
 
     prior_active = active_adapter(model)
-    chosen = [(index, opts) for index, opts, _, _ in plan["targets"]]
+    chosen = [(index, json.loads(opts)) for index, opts, _, _ in plan["targets"]]
     _attach(model, sites, chosen, adapter_name, keep_active=prior_active is not None, fill=fill)
     with torch.no_grad():
         for param, tensor in bias_copies:
@@ -207,7 +211,9 @@ def read_adapter(dir: PathLike) -> dict:
     """The adapter in folder ``dir``, validated as :func:`load_adapter` validates it, without a model:
     ``{"config": LoraConfig fields, "config_json": str, "layers": [(path, lora_A, lora_B)],
     "biases": [(path, tensor)], "warnings": [str]}``."""
-    return _C._read_adapter(_folder(dir, "read_adapter"))
+    adapter = _C._read_adapter(_folder(dir, "read_adapter"))
+    adapter["config"] = config_fields(adapter["config_json"], adapter.pop("targets_from_file"))
+    return adapter
 
 
 __all__ = ["save_adapter", "load_adapter", "read_adapter"]

@@ -6,6 +6,7 @@ Which layers a config selects is decided by the C++ rules that C++ ``lorafuse::i
 from __future__ import annotations
 
 import functools
+import json
 from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -130,7 +131,7 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
 
 
 @_model_wide(
-    lambda cpp, config, name: _C._cpp_inject_lora(cpp, config.to_dict(), name), result=lambda m, _: m
+    lambda cpp, config, name: _C._cpp_inject_lora(cpp, config._to_json(), name), result=lambda m, _: m
 )
 def _inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> nn.Module:
     if _is_target(model):
@@ -151,16 +152,13 @@ def _inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> nn.Modul
         )
     sites = list(_sites(model))
     infos = [(path, type(m).__name__, _is_target(m)) for _, _, path, m in sites]
-    chosen = _C._select_targets(infos, config.to_dict())
+    chosen = [(i, json.loads(opts)) for i, opts in _C._select_targets(infos, config._to_json())]
     _C._validate_adapter(adapter_name, config.r, float(config.lora_alpha), float(config.lora_dropout))
 
     prior_active = active_adapter(model)
     _attach(model, sites, chosen, adapter_name, keep_active=False)
     _activate_and_freeze(model, prior_active if prior_active is not None else adapter_name)
     return model
-
-
-_INIT = {"true": True, "false": False}  # the C++ spelling of init_lora_weights
 
 
 def _attach(model, sites, chosen, adapter_name: str, keep_active: bool, fill=None) -> None:
@@ -177,7 +175,7 @@ def _attach(model, sites, chosen, adapter_name: str, keep_active: bool, fill=Non
             lora_alpha=opts["lora_alpha"],
             lora_dropout=opts["lora_dropout"],
             use_rslora=opts["use_rslora"],
-            init_lora_weights=_INIT.get(opts["init_lora_weights"], opts["init_lora_weights"]),
+            init_lora_weights=opts["init_lora_weights"],
             bias=opts["bias"],
         )
         if is_lora_layer(module):

@@ -1,0 +1,200 @@
+// LoraConfig ↔ PEFT's JSON field names: the one mapping, used for adapter_config.json (csrc/io/adapter_config.cpp)
+// and for lorafuse.LoraConfig from Python (its fields are PEFT's).
+#include <c10/util/Exception.h>
+#include <lorafuse/config/peft_json.h>
+
+#include <cmath>
+#include <nlohmann/json.hpp>
+#include <set>
+
+namespace lorafuse {
+namespace {
+
+using json = nlohmann::ordered_json;  // PEFT applies rank_pattern / alpha_pattern keys in file order
+
+// Fields that do not change what the adapter computes.
+const std::set<std::string> kIgnored = {"base_model_name_or_path", "revision",          "task_type",
+                                        "inference_mode",          "auto_mapping",      "peft_version",
+                                        "megatron_core",           "qalora_group_size", "ensure_weight_tying",
+                                        "runtime_config"};
+
+// Fields of PEFT features lorafuse does not support yet, each allowed only at its "off" value.
+bool is_off(const json& v) {
+  return v.is_null() || (v.is_boolean() && !v.get<bool>()) || (v.is_array() && v.empty()) ||
+         (v.is_object() && v.empty());
+}
+const std::set<std::string> kUnsupported = {"use_dora",
+                                            "modules_to_save",
+                                            "layers_to_transform",
+                                            "layers_pattern",
+                                            "fan_in_fan_out",
+                                            "lora_bias",
+                                            "layer_replication",
+                                            "use_qalora",
+                                            "target_parameters",
+                                            "megatron_config",
+                                            "trainable_token_indices",
+                                            "alora_invocation_tokens",
+                                            "loftq_config",
+                                            "eva_config",
+                                            "corda_config",
+                                            "arrow_config",
+                                            "kasa_config",
+                                            "lora_ga_config",
+                                            "monteclora_config",
+                                            "velora_config",
+                                            "use_bdlora"};
+
+std::string type_of(const json& v) { return v.type_name(); }
+
+double number(const json& v, const std::string& what, const char* field) {
+  TORCH_CHECK_VALUE(v.is_number(), what, ": ", field, " must be a number, found ", type_of(v), " ", v.dump());
+  return v.get<double>();
+}
+
+int64_t integer(const json& v, const std::string& what, const char* field) {
+  TORCH_CHECK_VALUE(v.is_number_integer(), what, ": ", field, " must be an integer, found ", type_of(v), " ", v.dump());
+  return v.get<int64_t>();
+}
+
+// target_modules / exclude_modules: a list of names, a regular expression, or null.
+TargetModules modules_field(const json& v, const std::string& what, const char* field) {
+  if (v.is_string()) return TargetModules(v.get<std::string>());
+  TORCH_CHECK_VALUE(v.is_array(), what, ": ", field, " must be a list of module names or a regular expression, found ",
+                    type_of(v), " ", v.dump());
+  std::vector<std::string> names;
+  for (const auto& item : v) {
+    TORCH_CHECK_VALUE(item.is_string(), what, ": ", field, " must hold module names (strings), found ", item.dump());
+    names.push_back(item.get<std::string>());
+  }
+  return TargetModules(std::move(names));
+}
+
+template <typename T, typename Get>
+PatternMap<T> pattern_field(const json& v, const std::string& what, const char* field, Get get) {
+  PatternMap<T> out;
+  if (v.is_null()) return out;
+  TORCH_CHECK_VALUE(v.is_object(), what, ": ", field, " must be an object of pattern → value, found ", type_of(v));
+  for (const auto& [key, value] : v.items()) out.emplace_back(key, get(value, what, field));
+  return out;
+}
+
+json modules_json(const TargetModules& m) {
+  if (m.is_regex() || m.is_all_linear()) return m.regex();
+  return m.names();
+}
+
+}  // namespace
+
+PeftLoraConfig lora_config_from_peft_json(const std::string& json_text, const std::string& what, bool adapter_file) {
+  json j;
+  try {
+    j = json::parse(json_text, [&](int depth, json::parse_event_t, json&) {
+      TORCH_CHECK_VALUE(depth <= 32, what, ": JSON nested deeper than 32 levels");
+      return true;
+    });
+  } catch (const json::exception& e) {
+    TORCH_CHECK_VALUE(false, what, ": not valid JSON (", e.what(), ")");
+  }
+  TORCH_CHECK_VALUE(j.is_object(), what, ": expected a JSON object of LoraConfig fields, found ", type_of(j));
+  TORCH_CHECK_VALUE(!adapter_file || j.contains("peft_type"), what,
+                    ": no peft_type field; expected \"peft_type\": \"LORA\" (is this a PEFT adapter_config.json?)");
+  TORCH_CHECK_VALUE(!j.contains("peft_type") || j["peft_type"] == "LORA", what, ": peft_type is ",
+                    j["peft_type"].dump(), "; lorafuse loads LoRA adapters (\"LORA\")");
+  for (const auto& field : kUnsupported) {
+    if (j.contains(field)) {
+      TORCH_CHECK_VALUE(is_off(j[field]), what, ": ", field, " = ", j[field].dump(),
+                        " is a PEFT feature that lorafuse does not support yet; only plain LoRA adapters load");
+    }
+  }
+
+  PeftLoraConfig file;
+  LoraConfig& c = file.config;
+  for (const auto& [key, value] : j.items()) {
+    if (key == "peft_type" || kIgnored.count(key) || kUnsupported.count(key)) {
+      if (key == "base_model_name_or_path" && value.is_string())
+        file.base_model_name_or_path = value.get<std::string>();
+      continue;
+    }
+    if (key == "r") {
+      c.r(integer(value, what, "r"));
+    } else if (key == "lora_alpha") {
+      c.lora_alpha(number(value, what, "lora_alpha"));
+    } else if (key == "lora_dropout") {
+      c.lora_dropout(number(value, what, "lora_dropout"));
+    } else if (key == "target_modules") {
+      if (value.is_null()) {
+        file.targets_from_file = true;
+      } else {
+        c.target_modules(modules_field(value, what, "target_modules"));
+      }
+    } else if (key == "exclude_modules") {
+      if (!value.is_null()) c.exclude_modules(modules_field(value, what, "exclude_modules"));
+    } else if (key == "bias") {
+      TORCH_CHECK_VALUE(value.is_string(), what, ": bias must be a string, found ", value.dump());
+      c.bias(value.get<std::string>());
+    } else if (key == "use_rslora") {
+      TORCH_CHECK_VALUE(value.is_boolean(), what, ": use_rslora must be true or false, found ", value.dump());
+      c.use_rslora(value.get<bool>());
+    } else if (key == "rank_pattern") {
+      c.rank_pattern(pattern_field<int64_t>(value, what, "rank_pattern", integer));
+    } else if (key == "alpha_pattern") {
+      c.alpha_pattern(pattern_field<double>(value, what, "alpha_pattern", number));
+    } else if (key == "init_lora_weights") {
+      // Only how fresh weights start, but PiSSA, OLoRA, LoftQ, EVA, CorDA... also change the base weights.
+      TORCH_CHECK_VALUE(value.is_boolean() || value == "gaussian", what, ": init_lora_weights = ", value.dump(),
+                        " is a PEFT initialisation that lorafuse does not support yet (it supports true, false and "
+                        "\"gaussian\")");
+      c.init_lora_weights(value.is_boolean() ? nn::InitLoraWeights(value.get<bool>())
+                                             : nn::InitLoraWeights("gaussian"));
+    } else {
+      file.warnings.push_back(what + ": unknown field \"" + key + "\" (= " + value.dump() + ") ignored");
+    }
+  }
+  if (!j.contains("target_modules")) file.targets_from_file = true;
+  if (file.targets_from_file) c.target_modules(TargetModules(".*"));  // a placeholder that validates
+  try {
+    c.validate();
+  } catch (const c10::Error& e) {
+    TORCH_CHECK_VALUE(false, what, ": ", e.what_without_backtrace());
+  }
+  return file;
+}
+
+
+std::string lora_config_to_peft_json(const LoraConfig& c, const std::string& base_model_name_or_path) {
+  json j = json::object();
+  // The fields that every PEFT release since 0.13 reads.
+  j["peft_type"] = "LORA";
+  j["task_type"] = nullptr;
+  j["base_model_name_or_path"] =
+      base_model_name_or_path.empty() ? json(nullptr) : json(base_model_name_or_path);
+  j["revision"] = nullptr;
+  j["inference_mode"] = true;
+  j["r"] = c.r();
+  const double alpha = c.lora_alpha();
+  j["lora_alpha"] =
+      alpha == std::floor(alpha) && std::abs(alpha) < 1e15 ? json(static_cast<int64_t>(alpha)) : json(alpha);
+  j["lora_dropout"] = c.lora_dropout();
+  j["target_modules"] = modules_json(c.target_modules());
+  if (!c.exclude_modules().empty()) j["exclude_modules"] = modules_json(c.exclude_modules());
+  j["bias"] = c.bias();
+  j["use_rslora"] = c.use_rslora();
+  j["fan_in_fan_out"] = false;
+  j["modules_to_save"] = nullptr;
+  j["layers_to_transform"] = nullptr;
+  j["layers_pattern"] = nullptr;
+  j["use_dora"] = false;
+  const auto init = c.init_lora_weights().str();
+  j["init_lora_weights"] = init == "gaussian" ? json("gaussian") : json(init == "true");
+  json ranks = json::object();
+  for (const auto& [key, r] : c.rank_pattern()) ranks[key] = r;
+  json alphas = json::object();
+  for (const auto& [key, a] : c.alpha_pattern())
+    alphas[key] = a == std::floor(a) && std::abs(a) < 1e15 ? json(static_cast<int64_t>(a)) : json(a);
+  j["rank_pattern"] = ranks;
+  j["alpha_pattern"] = alphas;
+  return j.dump(2) + "\n";
+}
+
+}  // namespace lorafuse
