@@ -22,6 +22,9 @@ class DenseLinearKind final : public BaseKind {
   at::Tensor forward(torch::nn::Module& module, const at::Tensor& x) const override {
     return static_cast<torch::nn::LinearImpl&>(module).forward(x);
   }
+  std::shared_ptr<torch::nn::Module> shallow_copy(const torch::nn::Module& module) const override {
+    return std::make_shared<torch::nn::LinearImpl>(linear(module));
+  }
   std::shared_ptr<torch::nn::Module> wrap(const std::shared_ptr<torch::nn::Module>& module,
                                           const LoraAdapterOptions& adapter,
                                           const std::string& adapter_name) const override {

@@ -61,12 +61,16 @@ torch::nn::Linear make_linear(int64_t in_features, int64_t out_features, bool bi
 
 void LinearSlot::reset(torch::nn::Module& owner, const std::string& name, const torch::nn::LinearOptions& options,
                        const c10::TensorOptions& tensor_options) {
-  // A bound slot belongs to an owner being cloned: a same-kind copy that Cloneable::clone then overwrites
-  // with the clone of the original's layer.
-  std::shared_ptr<torch::nn::Module> layer =
-      module_ != nullptr
-          ? module_->clone()
-          : make_linear(options.in_features(), options.out_features(), options.bias(), tensor_options).ptr();
+  // A bound slot belongs to an owner being cloned: a same-kind copy sharing the original's tensors (no
+  // allocation), which Cloneable::clone then overwrites with the clone of the original's layer.
+  std::shared_ptr<torch::nn::Module> layer;
+  if (module_ == nullptr) {
+    layer = make_linear(options.in_features(), options.out_features(), options.bias(), tensor_options).ptr();
+  } else if (const LoraLayer* lora = as_lora_layer(module_.get())) {
+    layer = lora->shallow_copy();
+  } else {
+    layer = base_kind_of(*module_)->shallow_copy(*module_);
+  }
   rebind(owner.register_module(name, std::move(layer)));
 }
 

@@ -53,7 +53,7 @@ void LoraLinearImpl::load(torch::serialize::InputArchive& archive) {
                       "adapter table is a text record); load it with that version and save it again, or save the "
                       "adapters with save_adapter and load them with load_adapter");
     TORCH_CHECK_VALUE(value.isTensor(), "LoraLinear::load: the archive's ", kStateKey, " is not a tensor");
-    blob = value.toTensor().contiguous();
+    blob = value.toTensor().to(at::kCPU).contiguous();  // torch::load(..., device) moves it with the rest
   }
   if (blob.defined()) {
     const auto state = io::parse_safetensors(blob.data_ptr<uint8_t>(), static_cast<size_t>(blob.numel()),

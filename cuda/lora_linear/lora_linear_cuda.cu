@@ -5,6 +5,7 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/cuda/CUDAGeneratorImpl.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -129,8 +130,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_forward_cuda(const at
   return {y2.view(detail::with_last(x.sizes(), out)), u, rng_state};
 }
 
-// lora_add: the shrink kernel gives u = drop(x)·Aᵀ (fp32); the expand is a cuBLAS GEMM accumulated with beta = 1
-// onto a copy of the base output (scale·u rounded to the output dtype first, as the unfused chain rounds it).
+// lora_add: the shrink kernel gives u = drop(x)·Aᵀ (fp32); the expand is a cuBLAS GEMM in fp32, accumulated with
+// beta = 1 onto a copy of a float32 base output, else added once after rounding (as the CPU kernel does).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_add_forward_cuda(const at::Tensor& base_out, const at::Tensor& x,
                                                                      const at::Tensor& lora_a, const at::Tensor& lora_b,
                                                                      double scale, double dropout_p) {
@@ -163,8 +164,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_add_forward_cuda(const at::T
       sp.drop = drop;
       run_shrink<Tx, Ta>(launch, sp);  // u = drop(x)·Aᵀ
     });
-    const auto yt = y2.scalar_type();
-    if (out > 0) y2.addmm_(u.mul(scale).to(yt), lora_b.to(yt).t(), /*beta=*/1, /*alpha=*/1);  // y += scale·u·Bᵀ
+    if (out > 0) {  // y += scale·u·Bᵀ
+      if (y2.scalar_type() == at::kFloat) {
+        y2.addmm_(u, lora_b.to(at::kFloat).t(), /*beta=*/1, /*alpha=*/scale);
+      } else {
+        y2.add_(at::mm(u, lora_b.to(at::kFloat).t()).mul_(scale).to(y2.scalar_type()));
+      }
+    }
   }
   return {y2.view(base_out.sizes()), u, rng_state};
 }

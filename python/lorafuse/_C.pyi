@@ -12,13 +12,16 @@ def has_cuda_kernels() -> bool: ...
 ModuleRow = Tuple[str, str, bool]  # (path, type name, is_linear)
 ModuleShapeRow = Tuple[str, str, bool, int, int]  # (path, type name, is_linear, in_features, out_features)
 # JSON texts: a LoraConfig with PEFT's field names (lorafuse::lora_config_from_peft_json) and one adapter's
-# options (lorafuse::nn::adapter_options_json: r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, bias, dtype)
+# options (lorafuse::nn::adapter_options_json: r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,
+# bias, dtype)
 LoraConfigJson = str
 AdapterOptionsJson = str
 
 def _validate_lora_config(config: LoraConfigJson) -> None: ...
 def _validate_adapter(name: str, r: int, lora_alpha: float, lora_dropout: float) -> None: ...
-def _select_targets(modules: Sequence[ModuleRow], config: LoraConfigJson) -> List[Tuple[int, AdapterOptionsJson]]: ...
+def _select_targets(
+    modules: Sequence[ModuleRow], config: LoraConfigJson
+) -> List[Tuple[int, AdapterOptionsJson]]: ...
 
 # ---- nn (bind_nn.cpp) ---------------------------------------------------------------------------------
 class LoraLinear(torch.nn.Module):

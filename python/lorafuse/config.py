@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Union
 
@@ -92,6 +93,8 @@ class LoraConfig:
         one mapping of these names); ``target_modules=None`` is written as its meaning,
         ``["q_proj", "v_proj"]``."""
         fields = self.to_dict()
+        if fields["init_lora_weights"] in ("true", "false"):  # the spelling lorafuse.nn.Linear accepts too
+            fields["init_lora_weights"] = fields["init_lora_weights"] == "true"
         if fields["target_modules"] is None:
             fields["target_modules"] = ["q_proj", "v_proj"]
         for name in ("target_modules", "exclude_modules"):
@@ -118,3 +121,5 @@ def _check_number(name: str, value: Any, kinds: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, kinds):
         expected = "an int" if kinds is int else "a number"
         raise TypeError(f"{name}: expected {expected}, found {type(value).__name__} ({value!r})")
+    if isinstance(value, float) and not math.isfinite(value):  # JSON (the fields' way to C++) has no NaN
+        raise ValueError(f"{name}: expected a finite number, found {value!r}")

@@ -28,6 +28,8 @@ class BaseKind {
   virtual int64_t out_features(const torch::nn::Module& module) const = 0;
   /// Calls `module` (a module this kind matches).
   virtual at::Tensor forward(torch::nn::Module& module, const at::Tensor& x) const = 0;
+  /// A copy of `module` sharing its tensors (no allocation): the placeholder of a cloned owner.
+  virtual std::shared_ptr<torch::nn::Module> shallow_copy(const torch::nn::Module& module) const = 0;
   /// A new LoRA layer over `module` (shared, frozen) with adapter `adapter_name`.
   virtual std::shared_ptr<torch::nn::Module> wrap(const std::shared_ptr<torch::nn::Module>& module,
                                                   const LoraAdapterOptions& adapter,

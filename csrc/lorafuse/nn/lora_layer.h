@@ -51,6 +51,9 @@ class LoraLayer {
   virtual const std::vector<std::string>& merged_adapters() const noexcept = 0;
   /// Merges the active adapter for good and returns the base module that then replaces this layer.
   virtual std::shared_ptr<torch::nn::Module> unload_merged() = 0;
+  /// A copy sharing this layer's tensors (no allocation): the placeholder a cloned owner's reset() registers
+  /// before Cloneable::clone puts the real clone in its place.
+  virtual std::shared_ptr<torch::nn::Module> shallow_copy() const = 0;
 };
 
 /// The LoRA layer that `module` is, or nullptr (the one place that asks).

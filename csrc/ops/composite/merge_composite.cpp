@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <string>
 
 namespace lorafuse::composite {
 namespace {
@@ -15,26 +16,32 @@ bool is_float(at::ScalarType t) {
   return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
 }
 
-// The delta of one adapter in `acc`, checked against [out, in] when out >= 0.
+// The delta of one adapter in `acc`, checked against [out, in] when out >= 0. `which` names the adapter in
+// messages ("" for the single-adapter op, "[i]" for lists).
 at::Tensor delta(const char* op, const at::Tensor& a, const at::Tensor& b, double scale, at::ScalarType acc,
-                 int64_t out, int64_t in, size_t i) {
-  TORCH_CHECK_VALUE(a.defined() && b.defined(), op, ": lora_a[", i, "] and lora_b[", i, "] must be tensors");
-  TORCH_CHECK_VALUE(a.dim() == 2 && b.dim() == 2, op, ": lora_a[", i, "] must be 2-D [r, in] and lora_b[", i,
-                    "] 2-D [out, r]; found shapes ", a.sizes(), " and ", b.sizes());
-  TORCH_CHECK_VALUE(b.size(1) == a.size(0), op, ": lora_b[", i, "] must have shape [out, r] with r = lora_a[", i,
-                    "].size(0) = ", a.size(0), "; found ", b.sizes());
-  TORCH_CHECK_VALUE(out < 0 || (b.size(0) == out && a.size(1) == in), op, ": adapter ", i,
-                    " must fit the weight [out, in] = [", out, ", ", in, "]; found lora_a ", a.sizes(), " and lora_b ",
-                    b.sizes());
-  TORCH_CHECK_TYPE(is_float(a.scalar_type()) && is_float(b.scalar_type()), op, ": lora_a[", i, "] and lora_b[", i,
-                   "] must be floating tensors; found ", a.scalar_type(), " and ", b.scalar_type());
-  TORCH_CHECK_VALUE(std::isfinite(scale), op, ": scale[", i, "] must be finite; found ", scale);
+                 int64_t out, int64_t in, const std::string& which) {
+  const std::string A = "lora_a" + which, B = "lora_b" + which;
+  TORCH_CHECK_VALUE(a.defined() && b.defined(), op, ": ", A, " and ", B, " must be tensors");
+  TORCH_CHECK_VALUE(a.layout() == at::kStrided && b.layout() == at::kStrided, op, ": ", A, " and ", B,
+                    " must be dense (strided) tensors; found layouts ", a.layout(), " and ", b.layout());
+  TORCH_CHECK_VALUE(a.device() == b.device(), op, ": ", B, " must be on ", A, "'s device ", a.device(), "; found ",
+                    b.device());
+  TORCH_CHECK_VALUE(a.dim() == 2 && b.dim() == 2, op, ": ", A, " must be 2-D [r, in] and ", B,
+                    " 2-D [out, r]; found shapes ", a.sizes(), " and ", b.sizes());
+  TORCH_CHECK_VALUE(b.size(1) == a.size(0), op, ": ", B, " must have shape [out, r] with r = ", A,
+                    ".size(0) = ", a.size(0), "; found ", b.sizes());
+  TORCH_CHECK_VALUE(out < 0 || (b.size(0) == out && a.size(1) == in), op, ": adapter", which,
+                    " must fit the weight [out, in] = [", out, ", ", in, "]; found ", A, " ", a.sizes(), " and ", B,
+                    " ", b.sizes());
+  TORCH_CHECK_TYPE(is_float(a.scalar_type()) && is_float(b.scalar_type()), op, ": ", A, " and ", B,
+                   " must be floating tensors; found ", a.scalar_type(), " and ", b.scalar_type());
+  TORCH_CHECK_VALUE(std::isfinite(scale), op, ": scale", which, " must be finite; found ", scale);
   return at::mm(b.to(acc), a.to(acc)).mul_(scale);  // [out, in]
 }
 
 at::Tensor lora_delta_weight(const at::Tensor& lora_a, const at::Tensor& lora_b, double scale) {
   const auto acc = lora_a.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  return delta("lorafuse.lora_delta_weight", lora_a, lora_b, scale, acc, -1, -1, 0);
+  return delta("lorafuse.lora_delta_weight", lora_a, lora_b, scale, acc, -1, -1, "");
 }
 
 at::Tensor lora_merge(const at::Tensor& weight, at::TensorList lora_a, at::TensorList lora_b,
@@ -42,6 +49,8 @@ at::Tensor lora_merge(const at::Tensor& weight, at::TensorList lora_a, at::Tenso
   constexpr const char* op = "lorafuse.lora_merge";
   TORCH_CHECK_VALUE(weight.defined() && weight.dim() == 2, op, ": weight must be a 2-D tensor [out, in]; found ",
                     weight.defined() ? weight.sizes() : at::IntArrayRef{});
+  TORCH_CHECK_VALUE(weight.layout() == at::kStrided, op, ": weight must be a dense (strided) tensor; found layout ",
+                    weight.layout());
   TORCH_CHECK_TYPE(is_float(weight.scalar_type()), op, ": weight must be float32, float16, bfloat16 or float64; found ",
                    weight.scalar_type());
   TORCH_CHECK_VALUE(lora_a.size() == lora_b.size() && lora_a.size() == scale.size(), op,
@@ -53,7 +62,8 @@ at::Tensor lora_merge(const at::Tensor& weight, at::TensorList lora_a, at::Tenso
     TORCH_CHECK_VALUE(lora_a[i].device() == weight.device() && lora_b[i].device() == weight.device(), op,
                       ": adapter ", i, " must be on weight's device ", weight.device(), "; found ", lora_a[i].device(),
                       " and ", lora_b[i].device());
-    merged.add_(delta(op, lora_a[i], lora_b[i], scale[i], acc, weight.size(0), weight.size(1), i));
+    merged.add_(delta(op, lora_a[i], lora_b[i], scale[i], acc, weight.size(0), weight.size(1),
+                      "[" + std::to_string(i) + "]"));
   }
   merged = merged.to(weight.scalar_type());  // checked after rounding: float16 overflows at 65504
   if (!merged.is_meta()) {

@@ -7,7 +7,7 @@ linear layer is this".
 Kinds today:
 
 ``linear``
-    ``torch.nn.Linear`` and subclasses that keep ``nn.Linear.forward`` (``NonDynamicallyQuantizableLinear``).
+    ``torch.nn.Linear`` and subclasses that keep ``nn.Linear.forward``.
     Computed by the fused ``torch.ops.lorafuse.lora_linear`` (one pass, no second GEMM), unless the base has
     forward hooks or pre-hooks at call time (accelerate's offloading relies on them) or its weight requires
     grad: then the base is called as it is (hooks run once) and ``lora_add`` adds the branch. Mergeable while
@@ -17,6 +17,11 @@ Kinds today:
     ``2 * linear(x) + 1`` ...): always called as it is, the branch added by ``lora_add``. Merging is
     refused: folding B·A into its weight would not equal ``base(x) + LoRA(x)`` for a forward lorafuse does
     not know.
+
+Not taken: a Linear with an integer weight (a quantized base is its own kind), and
+``nn.MultiheadAttention``'s ``out_proj`` (a ``NonDynamicallyQuantizableLinear``): the attention
+reads ``out_proj.weight`` itself and never calls the module, so a LoRA branch there would never run (selecting
+it is an error; "all-linear" leaves it alone).
 
 The C++ list is ``lorafuse::nn::base_kinds()`` (<lorafuse/nn/base_kind.h>).
 """
@@ -51,15 +56,30 @@ class BaseKind:
 
 
 def _has_hooks(module: nn.Module) -> bool:
-    """Forward (pre-)hooks on the module or global ones, or a forward replaced on the instance (accelerate's
-    add_hook_to_module does that): then only calling the module computes what the model computes."""
+    """Forward or backward hooks on the module or global ones, or a forward replaced on the instance
+    (accelerate's add_hook_to_module does that): then only calling the module computes what the model
+    computes, and runs what the user registered."""
     hooks = torch.nn.modules.module
     return bool(
         module._forward_hooks
         or module._forward_pre_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
         or hooks._global_forward_hooks
         or hooks._global_forward_pre_hooks
+        or hooks._global_backward_hooks
+        or hooks._global_backward_pre_hooks
         or "forward" in module.__dict__
+    )
+
+
+def _wrappable_linear(module: nn.Module) -> bool:
+    """An nn.Linear with a floating-point weight that its parent calls (nn.MultiheadAttention never calls its
+    out_proj: it reads the weight itself)."""
+    return (
+        isinstance(module, nn.Linear)
+        and not isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear)
+        and module.weight.is_floating_point()
     )
 
 
@@ -67,7 +87,7 @@ class DenseLinear(BaseKind):
     name = "linear"
 
     def matches(self, module: nn.Module) -> bool:
-        return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
+        return _wrappable_linear(module) and type(module).forward is nn.Linear.forward
 
     def fused(self, module: nn.Module) -> bool:
         return not _has_hooks(module) and not module.weight.requires_grad
@@ -86,7 +106,7 @@ class CustomLinear(BaseKind):
     name = "custom_linear"
 
     def matches(self, module: nn.Module) -> bool:
-        return isinstance(module, nn.Linear)
+        return _wrappable_linear(module)
 
     def merge_refusal(self, module: nn.Module) -> Optional[str]:
         return (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Union
 
@@ -30,15 +31,35 @@ class AdapterOptions:
         return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
 
-# Per-thread adapter choice (lorafuse.use_adapter) is the C++ AdapterScope stack (one mechanism for C++ and
-# Python layers); _open_scopes counts the scopes opened from Python on any thread, so that forward asks C++
-# for the current scope only while some scope is open.
+# Per-thread adapter choice: lorafuse.use_adapter opens a C++ AdapterScope (what C++ layers read) and, in
+# the same call, pushes the name onto this thread's stack here (what Python layers read: a Python value, so
+# that torch.compile can trace and guard it). _open_scopes counts the scopes open on any thread, so that
+# forward looks at the thread-local stack only while some scope is open.
+_thread_scope = threading.local()
 _open_scopes = 0
 
 
-def _scope_opened(delta: int) -> None:
+def _scope_enter(name: str) -> object:
+    """Pushes ``name`` on this thread's stack; returns the token that removes it."""
     global _open_scopes
-    _open_scopes += delta
+    stack = getattr(_thread_scope, "stack", None)
+    if stack is None:
+        stack = _thread_scope.stack = []
+    token = object()
+    stack.append((token, name))
+    _open_scopes += 1
+    return token
+
+
+def _scope_exit(token: object) -> None:
+    """Removes the entry of ``token`` wherever it is (generators may close scopes out of order)."""
+    global _open_scopes
+    stack = getattr(_thread_scope, "stack", [])
+    for i in range(len(stack) - 1, -1, -1):
+        if stack[i][0] is token:
+            del stack[i]
+            break
+    _open_scopes -= 1
 
 
 def _init_kind(init: Union[bool, str]) -> str:
@@ -88,7 +109,6 @@ class Linear(nn.Module):
         if kind is None:
             raise TypeError(f"base_layer: expected a torch.nn.Linear, found {type(base_layer).__name__}")
         self.base_layer = base_layer
-        self._kind = kind
         self.in_features = base_layer.in_features
         self.out_features = base_layer.out_features
         self.lora_A = nn.ModuleDict()
@@ -168,6 +188,11 @@ class Linear(nn.Module):
                 f"this layer has {list(self.adapters)}"
             )
         weight = self.base_layer.weight
+        if not weight.is_floating_point():
+            raise TypeError(
+                f"base_layer: its weight is {weight.dtype}; lorafuse wraps floating-point linear layers "
+                "(a quantized base needs its own base kind)"
+            )
         if adapter_dtype is None:
             adapter_dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
         elif adapter_dtype not in (weight.dtype, torch.float32):
@@ -295,7 +320,12 @@ class Linear(nn.Module):
                 raise ValueError(f'merge: adapter "{name}" is already merged')
             if name in names[:i]:
                 raise ValueError(f'merge: adapter "{name}" is named twice')
-        refusal = self._kind.merge_refusal(self.base_layer)
+        kind = base_kind_of(self.base_layer)
+        refusal = (
+            kind.merge_refusal(self.base_layer)
+            if kind is not None
+            else f"{type(self.base_layer).__name__} is no base kind lorafuse can merge into"
+        )
         if refusal is not None:
             raise ValueError(f"merge: {refusal}")
         weight = self.base_layer.weight
@@ -359,9 +389,9 @@ class Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         route = self._route
         if _open_scopes:
-            name = _C._current_adapter_scope()
-            if name is not None:
-                route = self._scoped_route(name)
+            stack = getattr(_thread_scope, "stack", None)
+            if stack:
+                route = self._scoped_route(stack[-1][1])
         base = self.base_layer
         if route is None:
             return base(x)
@@ -369,7 +399,8 @@ class Linear(nn.Module):
         # read the weights now: FSDP and load_state_dict(assign=True) put new Parameters in the modules
         a, b = lora_a.weight, lora_b.weight
         p = dropout if self.training else 0.0
-        if self._kind.fused(base):
+        kind = base_kind_of(base)  # asked per call: the base may have been replaced or hooked since
+        if kind is not None and kind.fused(base):
             return torch.ops.lorafuse.lora_linear(x, base.weight, base.bias, a, b, scale, p)
         # the base as it is (its own forward, its hooks, a thawed weight), the branch added by lora_add
         out = check_base_output(base(x), base, x, self.out_features)

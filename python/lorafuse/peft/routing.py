@@ -22,11 +22,11 @@ def use_adapter(adapter_name: str) -> Iterator[None]:
     _check_name(adapter_name, "use_adapter")
     scope = _C._AdapterScope(adapter_name)  # the C++ per-thread scope: Python and C++ layers both read it
     with scope:
-        _layer._scope_opened(+1)
+        token = _layer._scope_enter(adapter_name)  # the same scope, as Python layers read it
         try:
             yield
         finally:
-            _layer._scope_opened(-1)
+            _layer._scope_exit(token)
 
 
 __all__ = ["use_adapter"]

@@ -2,12 +2,11 @@
 nn.Linear computes "base module output + LoRA branch", runs the base's hooks once, and refuses what it
 cannot do right (merging into a custom forward, a base that returns a tuple)."""
 
+import lorafuse
 import pytest
 import torch
-from torch import nn
-
-import lorafuse
 from lorafuse.nn import BASE_KINDS, base_kind_of
+from torch import nn
 
 torch.manual_seed(0)
 
@@ -46,8 +45,14 @@ class Block(nn.Module):
 def test_kinds_are_one_ordered_list():
     assert [k.name for k in BASE_KINDS] == ["linear", "custom_linear"]
     assert base_kind_of(nn.Linear(3, 4)).name == "linear"
+
     # a subclass that keeps nn.Linear.forward computes the same thing: the fused kind
-    assert base_kind_of(nn.modules.linear.NonDynamicallyQuantizableLinear(3, 4)).name == "linear"
+    class Plain(nn.Linear):
+        pass
+
+    assert base_kind_of(Plain(3, 4)).name == "linear"
+    # nn.MultiheadAttention's out_proj is never called by its parent: no kind takes it
+    assert base_kind_of(nn.modules.linear.NonDynamicallyQuantizableLinear(3, 4)) is None
     assert base_kind_of(Affine2(3, 4)).name == "custom_linear"
     assert base_kind_of(nn.Conv1d(3, 4, 1)) is None
 
@@ -264,3 +269,65 @@ def test_lora_add_errors_name_the_argument(case, fragment):
     with pytest.raises((ValueError, TypeError)) as err:
         torch.ops.lorafuse.lora_add(base_out, x, a, b, 1.0, 0.0)
     assert fragment in str(err.value)
+
+
+def test_backward_hooks_run_on_the_base():
+    base = nn.Linear(6, 5)
+    seen = []
+    base.register_full_backward_hook(lambda m, gin, gout: seen.append(gout[0].shape))
+    layer = lorafuse.nn.Linear(base, r=2, init_lora_weights=False)
+    x = torch.randn(3, 6, requires_grad=True)
+    out = layer(x)
+    out.sum().backward()
+    assert seen == [torch.Size([3, 5])]
+    torch.testing.assert_close(out, base(x) + branch(layer, x), rtol=1e-5, atol=1e-5)
+
+
+def test_integer_weight_linear_is_not_a_target():
+    class Int8Linear(nn.Linear):
+        def __init__(self):
+            super().__init__(6, 5)
+            self.weight = nn.Parameter(torch.zeros(5, 6, dtype=torch.int8), requires_grad=False)
+
+    assert base_kind_of(Int8Linear()) is None
+    with pytest.raises(TypeError, match="base_layer: expected a torch.nn.Linear"):
+        lorafuse.nn.Linear(Int8Linear())
+    model = Block(Int8Linear())
+    with pytest.raises(ValueError, match="q_proj"):
+        lorafuse.inject_lora(model, lorafuse.LoraConfig(target_modules=["q_proj"]))
+    assert type(model.q_proj) is Int8Linear
+
+
+def test_use_adapter_opens_the_cpp_scope_and_compiles():
+    model = Block(nn.Linear(6, 5))
+    lorafuse.inject_lora(model, lorafuse.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    lorafuse.add_adapter(
+        model, "b", lorafuse.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False)
+    )
+    x = torch.randn(3, 6)
+    with torch.no_grad():
+        y_default = model(x)
+        lorafuse.set_adapter(model, "b")
+        y_b = model(x)
+        lorafuse.set_adapter(model, "default")
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    assert lorafuse._C._current_adapter_scope() is None
+    with torch.no_grad(), lorafuse.use_adapter("b"):
+        assert lorafuse._C._current_adapter_scope() == "b"  # the C++ layers' scope is the same one
+        torch.testing.assert_close(compiled(x), y_b)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), y_default)
+
+
+def test_config_refuses_non_finite_numbers_by_name():
+    with pytest.raises(ValueError, match="lora_alpha: expected a finite number"):
+        lorafuse.LoraConfig(lora_alpha=float("nan"))
+    assert lorafuse.LoraConfig(init_lora_weights="false").init_lora_weights == "false"
+
+
+def test_merge_ops_name_the_argument():
+    a, b = torch.randn(4, 7), torch.randn(5, 4)
+    with pytest.raises(ValueError, match="lora_b must be on lora_a's device"):
+        torch.ops.lorafuse.lora_delta_weight(a.to("meta"), b, 2.0)
+    with pytest.raises(ValueError, match=r"lora_b\[0\] must have shape \[out, r\]"):
+        torch.ops.lorafuse.lora_merge(torch.randn(5, 7), [a], [b[:, :3]], [1.0])

@@ -1,15 +1,13 @@
 """The C++ modules bound to Python: lorafuse.nn.LoraLinear and lorafuse.models.Llama (torch::python::
 bind_module), with the model-wide functions running their C++ implementation on them."""
 
+import lorafuse
 import pytest
 import torch
-
-import lorafuse
+from hf_models import TINY_LLAMA, tiny_llama
 from lorafuse import LoraConfig
 from lorafuse.models import Llama, LlamaConfig
 from lorafuse.nn import LoraLinear
-
-from hf_models import TINY_LLAMA, tiny_llama
 
 
 def reference(layer, x, name, scale):

@@ -3,12 +3,11 @@ transformers Llama models built from small configs (nothing downloaded), compare
 
 import copy
 
+import lorafuse
 import pytest
 import torch
-from torch import nn
-
-import lorafuse
 from lorafuse import LoraConfig
+from torch import nn
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -191,18 +190,24 @@ def test_adapters_switch_disable_delete_and_merge():
     torch.testing.assert_close(logits(model), y_default, rtol=1e-4, atol=1e-4)
 
 
-def test_layers_keep_weight_and_bias_for_model_code_that_reads_them():
-    # nn.MultiheadAttention reads out_proj.weight itself; all-linear wraps out_proj
+def test_multihead_attention_out_proj_is_left_alone():
+    # nn.MultiheadAttention reads out_proj.weight itself and never calls out_proj: a LoRA branch there would
+    # never run, so "all-linear" skips it and naming it is an error. (train mode, dropout 0: in eval,
+    # TransformerEncoderLayer may take its fused fast path, which reads the weights and skips every submodule)
     torch.manual_seed(10)
-    layer = nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=32, batch_first=True).eval()
+    layer = nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=32, dropout=0.0, batch_first=True)
     x = torch.randn(2, 5, 16)
     with torch.no_grad():
         before = layer(x)
-    lorafuse.inject_lora(layer, LoraConfig(target_modules="all-linear"))
-    assert isinstance(layer.self_attn.out_proj, lorafuse.nn.Linear)
-    assert layer.self_attn.out_proj.weight is layer.self_attn.out_proj.base_layer.weight
+    lorafuse.inject_lora(layer, LoraConfig(target_modules="all-linear", init_lora_weights=False))
+    assert type(layer.self_attn.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+    assert sorted(path for path, _ in lorafuse.lora_layers(layer)) == ["linear1", "linear2"]
     with torch.no_grad():
-        torch.testing.assert_close(layer(x), before)
+        assert not torch.allclose(layer(x), before)  # the adapters on linear1/linear2 do run
+    other = nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=32, batch_first=True)
+    with pytest.raises(ValueError, match="out_proj"):
+        lorafuse.inject_lora(other, LoraConfig(target_modules=["out_proj"]))
+    assert lorafuse.lora_layers(other) == []
 
 
 def test_reset_parameters_reinitialises_adapters_after_to_empty():
