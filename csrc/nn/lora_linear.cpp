@@ -2,31 +2,15 @@
 #include <c10/util/Exception.h>
 #include <lorafuse/nn/linear.h>
 #include <lorafuse/nn/lora_linear.h>
+#include <lorafuse/ops/lora_add.h>
 #include <lorafuse/ops/lora_linear.h>
 #include <lorafuse/ops/merge.h>
-#include <torch/nn/functional/dropout.h>
-#include <torch/nn/functional/linear.h>
-#include <torch/nn/init.h>
 #include <torch/serialize/archive.h>
-
-#include <algorithm>
-#include <cmath>
 
 namespace lorafuse::nn {
 namespace {
 
 constexpr const char* kBackup = "weight_unmerged";
-
-std::string join(const std::vector<std::string>& names) {
-  std::string out;
-  for (const auto& n : names) out += (out.empty() ? "" : ", ") + n;
-  return "[" + out + "]";
-}
-
-bool contains(const std::vector<std::string>& names, const std::string& name) {
-  return std::find(names.begin(), names.end(), name) != names.end();
-}
-
 
 }  // namespace
 
@@ -42,8 +26,7 @@ LoraLinearImpl::LoraLinearImpl(torch::nn::Linear base, const LoraAdapterOptions&
                                const std::string& adapter_name)
     : options(0, 0) {
   TORCH_CHECK_VALUE(!base.is_empty(), "base: expected a torch::nn::Linear, found an empty holder");
-  check_adapter_name(adapter_name);
-  adapter.validate();
+  table_.check_add(adapter_name, adapter, base->weight.scalar_type());
   options = LoraLinearOptions(base->options.in_features(), base->options.out_features())
                 .bias(base->options.bias())
                 .adapter_name(adapter_name)
@@ -70,9 +53,11 @@ void LoraLinearImpl::reset() {
   }
   lora_A = register_module("lora_A", torch::nn::ModuleDict());
   lora_B = register_module("lora_B", torch::nn::ModuleDict());
-  for (const auto& name : order_) {
-    create_adapter_weights(name, adapters_.at(name));
-    init_adapter_weights(name);
+  const auto base_dtype = base_layer->weight.scalar_type();
+  for (const auto& name : table_.names()) {
+    const auto& adapter = table_.options(name);
+    create_adapter_weights(name, adapter_dtype(adapter, base_dtype), adapter.r());
+    init_adapter_weights(lora_a(name), lora_b(name), adapter);
   }
   // Holds the unmerged weight while anything is merged, else nothing ([0]). Registered, so that it
   // moves with to(), is cloned and is saved; set_data swaps its contents without touching the registry.
@@ -83,8 +68,8 @@ void LoraLinearImpl::reset() {
 
 void LoraLinearImpl::refresh_routes() {
   auto table = std::make_shared<RouteTable>();
-  for (const auto& name : order_) {
-    const auto& adapter = adapters_.at(name);
+  for (const auto& name : table_.names()) {
+    const auto& adapter = table_.options(name);
     table->emplace(name, Route{std::dynamic_pointer_cast<torch::nn::LinearImpl>(lora_A[name]),
                                std::dynamic_pointer_cast<torch::nn::LinearImpl>(lora_B[name]), adapter.scale(),
                                adapter.lora_dropout()});
@@ -99,7 +84,7 @@ std::shared_ptr<const LoraLinearImpl::RouteTable> LoraLinearImpl::routes() const
 }
 
 void LoraLinearImpl::reset_parameters() {
-  for (const auto& name : order_) init_adapter_weights(name);
+  for (const auto& name : table_.names()) init_adapter_weights(lora_a(name), lora_b(name), table_.options(name));
 }
 
 std::shared_ptr<torch::nn::Module> LoraLinearImpl::clone(const std::optional<torch::Device>& device) const {
@@ -111,86 +96,43 @@ std::shared_ptr<torch::nn::Module> LoraLinearImpl::clone(const std::optional<tor
   return copy;
 }
 
-const LoraAdapterOptions& LoraLinearImpl::known(const std::string& name, const char* what) const {
-  auto it = adapters_.find(name);
-  TORCH_CHECK_VALUE(it != adapters_.end(), what, ": no adapter named \"", name, "\"; this layer has ", join(order_));
-  return it->second;
-}
-
-const LoraAdapterOptions& LoraLinearImpl::adapter_options(const std::string& name) const {
-  return known(name, "adapter_options");
-}
-
 at::Tensor& LoraLinearImpl::lora_a(const std::string& name) {
-  known(name, "lora_a");
+  table_.options(name, "lora_a");
   return lora_A[name]->as<torch::nn::LinearImpl>()->weight;
 }
 
 at::Tensor& LoraLinearImpl::lora_b(const std::string& name) {
-  known(name, "lora_b");
+  table_.options(name, "lora_b");
   return lora_B[name]->as<torch::nn::LinearImpl>()->weight;
 }
 
 at::Tensor LoraLinearImpl::delta_weight(const std::string& name) const {
-  const auto& adapter = known(name, "delta_weight");
+  const auto& adapter = table_.options(name, "delta_weight");
   const auto& a = lora_A->operator[](name)->as<torch::nn::LinearImpl>()->weight;  // [r, in]
   const auto& b = lora_B->operator[](name)->as<torch::nn::LinearImpl>()->weight;  // [out, r]
   torch::NoGradGuard no_grad;
   return lorafuse::lora_delta_weight(a, b, adapter.scale());  // [out, in]
 }
 
-void LoraLinearImpl::create_adapter_weights(const std::string& name, const LoraAdapterOptions& adapter) {
-  const auto& w = base_layer->weight;
-  const auto base_dtype = w.scalar_type();
-  const bool half = base_dtype == at::kHalf || base_dtype == at::kBFloat16;
-  const auto dtype = adapter.dtype().value_or(half ? at::kFloat : base_dtype);
-  const auto tensor_options = w.options().dtype(dtype);
-  lora_A->update({{name, make_linear(options.in_features(), adapter.r(), false, tensor_options).ptr()}});
-  lora_B->update({{name, make_linear(adapter.r(), options.out_features(), false, tensor_options).ptr()}});
-}
-
-void LoraLinearImpl::init_adapter_weights(const std::string& name) {
-  const auto& adapter = adapters_.at(name);
-  auto& a = lora_a(name);
-  auto& b = lora_b(name);
-  torch::NoGradGuard no_grad;
-  switch (adapter.init_lora_weights().kind()) {
-    case InitLoraWeights::Kind::kDefault:
-      torch::nn::init::kaiming_uniform_(a, std::sqrt(5.0));
-      torch::nn::init::zeros_(b);
-      break;
-    case InitLoraWeights::Kind::kGaussian:
-      torch::nn::init::normal_(a, 0.0, 1.0 / static_cast<double>(adapter.r()));
-      torch::nn::init::zeros_(b);
-      break;
-    case InitLoraWeights::Kind::kRandom:
-      torch::nn::init::kaiming_uniform_(a, std::sqrt(5.0));
-      torch::nn::init::kaiming_uniform_(b, std::sqrt(5.0));
-      break;
-  }
+void LoraLinearImpl::create_adapter_weights(const std::string& name, c10::ScalarType dtype, int64_t r) {
+  const auto tensor_options = base_layer->weight.options().dtype(dtype);
+  lora_A->update({{name, make_linear(options.in_features(), r, false, tensor_options).ptr()}});
+  lora_B->update({{name, make_linear(r, options.out_features(), false, tensor_options).ptr()}});
 }
 
 void LoraLinearImpl::apply_trainability() {
-  for (const auto& name : order_) {
-    const bool train = name == active_;
-    lora_a(name).set_requires_grad(train);
-    lora_b(name).set_requires_grad(train);
+  for (const auto& name : table_.names()) {
+    lora_a(name).set_requires_grad(table_.trains(name));
+    lora_b(name).set_requires_grad(table_.trains(name));
   }
 }
 
 at::Tensor LoraLinearImpl::forward(const at::Tensor& x) {
-  const std::optional<std::string> scoped = AdapterScope::current();
-  const std::string& name = scoped ? *scoped : active_;
-  if (disabled_) return base_layer->forward(x);
-  if (!merged_.empty()) {
-    TORCH_CHECK_VALUE(name == active_, "LoraLinear: AdapterScope(\"", name, "\") on a layer with ", join(merged_),
-                      " merged into its weight; unmerge first to run other adapters per thread");
-    if (contains(merged_, name)) return base_layer->forward(x);
-  }
+  const std::string name = table_.route(AdapterScope::current());
   if (name.empty()) return base_layer->forward(x);
   const auto table = routes();  // a consistent snapshot, whatever other threads add or remove meanwhile
   const auto it = table->find(name);
-  if (it == table->end()) return base_layer->forward(x);  // a scope's adapter that this layer lacks
+  if (it == table->end()) return base_layer->forward(x);  // removed by another thread meanwhile
   const Route& route = it->second;
   const double p = is_training() ? route.dropout : 0.0;
   const auto& w = base_layer->weight;
@@ -198,12 +140,10 @@ at::Tensor LoraLinearImpl::forward(const at::Tensor& x) {
   const auto& a = route.a->weight;
   const auto& b = route.b->weight;
   if (w.requires_grad()) {
-    // The fused op never computes a weight gradient; a caller who thawed the base weight gets the
-    // unfused chain, which does.
-    namespace F = torch::nn::functional;
-    auto dropped = p > 0 ? F::dropout(x, F::DropoutFuncOptions().p(p).training(true)) : x;
-    auto lora = F::linear(F::linear(dropped.to(a.scalar_type()), a), b).mul(route.scale);
-    return base_layer->forward(x).add(lora.to(x.scalar_type()));
+    // The fused op never computes a weight gradient; a caller who thawed the base weight gets the base's own
+    // forward (autograd through its GEMM) and lora_add for the branch, as Python's call-as-is base kind.
+    const auto& xa = a.scalar_type() == x.scalar_type() || a.scalar_type() == at::kFloat ? x : x.to(a.scalar_type());
+    return lorafuse::lora_add(base_layer->forward(x), xa, a, b, route.scale, p);
   }
   return lorafuse::lora_linear(x, w, bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt, a, b, route.scale,
                                p);
@@ -214,24 +154,15 @@ void LoraLinearImpl::add_adapter(const std::string& name, const LoraAdapterOptio
 }
 
 void LoraLinearImpl::add_adapter(const std::string& name, const LoraAdapterOptions& adapter, bool activate) {
-  check_adapter_name(name);
-  adapter.validate();
-  TORCH_CHECK_VALUE(!has_adapter(name), "adapter_name: an adapter named \"", name, "\" already exists; this layer has ",
-                    join(order_));
-  if (adapter.dtype()) {
-    const auto base_dtype = base_layer->weight.scalar_type();
-    TORCH_CHECK_TYPE(*adapter.dtype() == base_dtype || *adapter.dtype() == at::kFloat,
-                     "dtype: lora_A and lora_B must have the base weight's dtype (", base_dtype, ") or float32, found ",
-                     *adapter.dtype());
-  }
-  create_adapter_weights(name, adapter);
-  adapters_.emplace(name, adapter);
-  order_.push_back(name);
-  init_adapter_weights(name);
-  if (active_.empty() && activate) {
-    active_ = name;
+  const auto dtype = table_.check_add(name, adapter, base_layer->weight.scalar_type());
+  create_adapter_weights(name, dtype, adapter.r());
+  table_.add(name, adapter, activate);
+  init_adapter_weights(lora_a(name), lora_b(name), adapter);
+  // A new active adapter changes every adapter's flags; else only the new one's: other threads may be running
+  // the others.
+  if (table_.trains(name)) {
     apply_trainability();
-  } else {  // only the new adapter's flags: other threads may be running the others
+  } else {
     lora_a(name).set_requires_grad(false);
     lora_b(name).set_requires_grad(false);
   }
@@ -239,109 +170,77 @@ void LoraLinearImpl::add_adapter(const std::string& name, const LoraAdapterOptio
 }
 
 void LoraLinearImpl::set_adapter(const std::string& name) {
-  known(name, "set_adapter");
-  if (merged() && name != active_) unmerge();
-  active_ = name;
+  if (table_.check_activate(name)) unmerge();
+  table_.activate(name);
   apply_trainability();
 }
 
-void LoraLinearImpl::clear_active_adapter() {
-  if (merged()) unmerge();
-  active_.clear();
-  apply_trainability();
-}
+void LoraLinearImpl::clear_active_adapter() { set_adapter(""); }
 
 void LoraLinearImpl::delete_adapter(const std::string& name) {
-  known(name, "delete_adapter");
-  TORCH_CHECK_VALUE(!contains(merged_, name), "delete_adapter: adapter \"", name, "\" is merged; unmerge() first");
+  table_.check_remove(name);
   lora_A->pop(name);
   lora_A->unregister_module(name);
   lora_B->pop(name);
   lora_B->unregister_module(name);
-  adapters_.erase(name);
-  order_.erase(std::find(order_.begin(), order_.end(), name));
+  const bool new_active = table_.remove(name);
   refresh_routes();
-  if (active_ == name) {
-    active_ = order_.empty() ? std::string() : order_.front();
-    apply_trainability();
-  }
+  if (new_active) apply_trainability();
 }
 
 void LoraLinearImpl::disable_adapters() {
   if (merged()) unmerge();
-  disabled_ = true;
+  table_.set_enabled(false);
 }
 
-void LoraLinearImpl::enable_adapters() { disabled_ = false; }
+void LoraLinearImpl::enable_adapters() { table_.set_enabled(true); }
 
 void LoraLinearImpl::merge(const std::vector<std::string>& adapter_names) {
-  std::vector<std::string> names = adapter_names;
-  if (names.empty()) {
-    TORCH_CHECK_VALUE(!active_.empty(), "merge: this layer has no active adapter; name the adapters to merge");
-    names.push_back(active_);
-  }
-  TORCH_CHECK_VALUE(!disabled_, "merge: adapters are disabled in this layer; enable_adapters() first");
-  merge_into_base(names);
+  merge_into_base(table_.plan_merge(adapter_names));
 }
 
-void LoraLinearImpl::merge_into_base(const std::vector<std::string>& names) {
-  for (size_t i = 0; i < names.size(); ++i) {
-    known(names[i], "merge");
-    TORCH_CHECK_VALUE(!contains(merged_, names[i]), "merge: adapter \"", names[i], "\" is already merged");
-    TORCH_CHECK_VALUE(std::find(names.begin(), names.begin() + i, names[i]) == names.begin() + i, "merge: adapter \"",
-                      names[i], "\" is named twice");
-  }
+void LoraLinearImpl::merge_into_base(const std::vector<std::string>& everything) {
   torch::NoGradGuard no_grad;
   auto& w = base_layer->weight;
   // Every merge starts from the unmerged weight, so merging adapters one by one rounds once.
   const at::Tensor& original = merged() ? weight_unmerged_ : w;
-  std::vector<std::string> all = merged_;
-  all.insert(all.end(), names.begin(), names.end());
   std::vector<at::Tensor> as, bs;
   std::vector<double> scales;
-  for (const auto& name : all) {
+  for (const auto& name : everything) {
     as.push_back(lora_a(name));
     bs.push_back(lora_b(name));
-    scales.push_back(adapters_.at(name).scale());
+    scales.push_back(table_.options(name).scale());
   }
   const at::Tensor merged_weight = lorafuse::lora_merge(original, as, bs, scales);  // checks finiteness
   if (!merged()) weight_unmerged_.set_data(w.clone());
   w.copy_(merged_weight);
-  merged_ = std::move(all);
+  table_.set_merged(everything);
 }
 
 void LoraLinearImpl::drop_unmerged_copy() {
   weight_unmerged_.set_data(at::empty({0}, base_layer->weight.options()));
-  merged_.clear();
+  table_.set_merged({});
 }
 
 void LoraLinearImpl::unmerge() {
-  TORCH_CHECK_VALUE(merged(), "unmerge: nothing is merged in this layer");
+  table_.check_unmerge();
   torch::NoGradGuard no_grad;
   base_layer->weight.copy_(weight_unmerged_);
   drop_unmerged_copy();
 }
 
 torch::nn::Linear LoraLinearImpl::merge_and_unload() {
-  if (!active_.empty() && !contains(merged_, active_)) merge_into_base({active_});
+  const auto everything = table_.plan_unload();
+  if (!everything.empty()) merge_into_base(everything);
   if (merged()) drop_unmerged_copy();
-  while (!order_.empty()) delete_adapter(order_.back());
+  while (!table_.names().empty()) delete_adapter(table_.names().back());
   return base_layer;
 }
 
 void LoraLinearImpl::pretty_print(std::ostream& stream) const {
   stream << "lorafuse::nn::LoraLinear(in_features=" << options.in_features()
          << ", out_features=" << options.out_features() << ", bias=" << (base_layer->bias.defined() ? "true" : "false")
-         << ", adapters=[";
-  for (size_t i = 0; i < order_.size(); ++i) {
-    const auto& a = adapters_.at(order_[i]);
-    stream << (i ? ", " : "") << order_[i] << "(r=" << a.r() << ", lora_alpha=" << a.lora_alpha()
-           << ", lora_dropout=" << a.lora_dropout() << (a.use_rslora() ? ", use_rslora=true" : "") << ")";
-  }
-  stream << "], active=" << (active_.empty() ? "none" : active_);
-  if (disabled_) stream << ", disabled";
-  if (merged()) stream << ", merged=" << join(merged_);
-  stream << ")";
+         << ", " << table_.describe() << ")";
 }
 
 }  // namespace lorafuse::nn

@@ -9,7 +9,6 @@
 #include <lorafuse/nn/lora_linear.h>
 #include <torch/serialize/archive.h>
 
-#include <algorithm>
 #include <cstring>
 #include <nlohmann/json.hpp>
 
@@ -20,25 +19,16 @@ using json = nlohmann::ordered_json;
 constexpr const char* kStateKey = "lorafuse_state";
 constexpr const char* kFormat = "lorafuse.LoraLinear.state/2";
 
-bool listed(const std::vector<std::string>& names, const std::string& name) {
-  return std::find(names.begin(), names.end(), name) != names.end();
-}
-
 }  // namespace
 
 void LoraLinearImpl::save(torch::serialize::OutputArchive& archive) const {
   torch::nn::Module::save(archive);
-  json adapters = json::array();
-  for (const auto& name : order_) {
-    json entry = json::parse(adapter_options_json(adapters_.at(name)));
-    entry["name"] = name;
-    adapters.push_back(std::move(entry));
-  }
+  const json table = json::parse(table_.to_json());
   const std::map<std::string, std::string> metadata = {{"format", kFormat},
-                                                       {"active", active_},
-                                                       {"disabled", disabled_ ? "1" : "0"},
-                                                       {"merged", json(merged_).dump()},
-                                                       {"adapters", adapters.dump()}};
+                                                       {"active", table.at("active").get<std::string>()},
+                                                       {"disabled", table.at("enabled").get<bool>() ? "0" : "1"},
+                                                       {"merged", table.at("merged").dump()},
+                                                       {"adapters", table.at("adapters").dump()}};
   const std::string bytes = io::serialize_safetensors({}, metadata);
   at::Tensor blob = at::empty({static_cast<int64_t>(bytes.size())}, at::TensorOptions().dtype(at::kByte));
   std::memcpy(blob.data_ptr<uint8_t>(), bytes.data(), bytes.size());
@@ -67,47 +57,32 @@ void LoraLinearImpl::load(torch::serialize::InputArchive& archive) {
     TORCH_CHECK_VALUE(field("format") == kFormat, "LoraLinear::load: unknown adapter state format \"",
                       field("format"), "\"; expected ", kFormat);
     // Read and check the whole table before changing anything.
-    std::vector<std::string> names, merged_names;
-    std::vector<LoraAdapterOptions> options_read;
+    json table;
     try {
-      for (const auto& a : json::parse(field("adapters"))) {
-        names.push_back(a.at("name").get<std::string>());
-        options_read.push_back(adapter_options_from_json(a.dump(), "LoraLinear::load"));
-      }
-      merged_names = json::parse(field("merged")).get<std::vector<std::string>>();
+      table = json{{"adapters", json::parse(field("adapters"))},
+                   {"active", field("active")},
+                   {"enabled", field("disabled") != "1"},
+                   {"merged", json::parse(field("merged"))}};
     } catch (const json::exception& e) {
       TORCH_CHECK_VALUE(false, "LoraLinear::load: cannot read the archive's adapter table: ", e.what());
     }
-    const std::string active = field("active");
-    for (size_t i = 0; i < names.size(); ++i) {
-      check_adapter_name(names[i]);
-      if (has_adapter(names[i])) {
-        TORCH_CHECK_VALUE(adapters_.at(names[i]).r() == options_read[i].r(), "LoraLinear::load: adapter \"",
-                          names[i], "\" has r=", options_read[i].r(), " in the archive but r=",
-                          adapters_.at(names[i]).r(), " in this layer");
+    AdapterTable loaded = AdapterTable::from_json(table.dump(), "LoraLinear::load");
+    for (const auto& name : loaded.names()) {
+      if (table_.has(name)) {
+        const auto r = loaded.options(name).r();
+        TORCH_CHECK_VALUE(table_.options(name).r() == r, "LoraLinear::load: adapter \"", name, "\" has r=", r,
+                          " in the archive but r=", table_.options(name).r(), " in this layer");
       }
     }
-    for (const auto& mine : order_) {
-      TORCH_CHECK_VALUE(listed(names, mine), "LoraLinear::load: this layer has adapter \"", mine,
-                        "\" but the archive has only ", json(names).dump());
+    for (const auto& mine : table_.names()) {
+      TORCH_CHECK_VALUE(loaded.has(mine), "LoraLinear::load: this layer has adapter \"", mine,
+                        "\" but the archive has only ", AdapterTable::join(loaded.names()));
     }
-    for (const auto& n : merged_names) {
-      TORCH_CHECK_VALUE(listed(names, n), "LoraLinear::load: merged adapter \"", n, "\" is not in the archive");
+    for (const auto& name : loaded.names()) {
+      if (!table_.has(name)) add_adapter(name, loaded.options(name), /*activate=*/false);
     }
-    TORCH_CHECK_VALUE(active.empty() || listed(names, active), "LoraLinear::load: active adapter \"", active,
-                      "\" is not in the archive");
-    for (size_t i = 0; i < names.size(); ++i) {
-      if (has_adapter(names[i])) {
-        adapters_.at(names[i]) = options_read[i];
-      } else {
-        add_adapter(names[i], options_read[i]);
-      }
-    }
-    order_ = names;          // the archive's order
-    merged_ = merged_names;  // Module::load below reads weight_unmerged as saved
-    active_ = active;
-    disabled_ = field("disabled") == "1";
-    apply_trainability();
+    table_ = std::move(loaded);  // the archive's options, order, active adapter and merge state
+    apply_trainability();        // Module::load below reads weight_unmerged as saved
     refresh_routes();
   }
   torch::nn::Module::load(archive);

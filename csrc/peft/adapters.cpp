@@ -1,5 +1,6 @@
 #include <c10/util/Exception.h>
 #include <lorafuse/peft/adapters.h>
+#include <lorafuse/peft/rules.h>
 #include <torch/csrc/autograd/grad_mode.h>
 
 #include <map>
@@ -11,26 +12,18 @@ namespace {
 
 using nn::LoraLayer;
 
-// The trained biases that PEFT saves for `bias` mode: every bias ("all") or the adapted layers' ("lora_only").
-std::vector<std::pair<std::string, at::Tensor>> trained_biases(torch::nn::Module& module, const std::string& bias,
+// The biases that train with the adapter, as PEFT saves them.
+std::vector<std::pair<std::string, at::Tensor>> trained_biases(torch::nn::Module& module,
                                                                const std::string& adapter_name) {
-  std::vector<std::pair<std::string, at::Tensor>> out;
-  if (bias == "all") {
-    for (const auto& p : module.named_parameters()) {
-      if (TargetModules::matches_name(p.key(), "bias")) out.emplace_back(p.key(), p.value().detach());
-    }
-  } else if (bias == "lora_only") {
-    for (const auto& [path, layer] : lora_layers(module)) {
-      if (layer->has_adapter(adapter_name) && layer->base_bias().defined())
-        out.emplace_back(path + ".base_layer.bias", layer->base_bias().detach());
-    }
-  }
+  auto out = detail::trained_bias_parameters(module, adapter_name);
+  for (auto& [name, bias] : out) bias = bias.detach();
   return out;
 }
 
 }  // namespace
 
 void save_adapter(torch::nn::Module& module, const std::string& dir, const std::string& adapter_name) {
+  rules::require_adapter(detail::tables_of(lora_layers(module)), adapter_name, "save_adapter");
   const auto sites = detail::sites_of(module);
   const auto infos = detail::infos_of(sites);
   std::vector<io::SaveSource> layers;
@@ -40,9 +33,7 @@ void save_adapter(torch::nn::Module& module, const std::string& dir, const std::
     layers.push_back({i, layer->adapter_options(adapter_name), layer->lora_a(adapter_name).detach(),
                       layer->lora_b(adapter_name).detach()});
   }
-  TORCH_CHECK_VALUE(!layers.empty(), "save_adapter: no layer has an adapter named \"", adapter_name,
-                    "\"; the model has ", detail::join(adapter_names(module)));
-  auto file = io::describe_adapter(infos, layers, trained_biases(module, layers.front().adapter.bias(), adapter_name));
+  auto file = io::describe_adapter(infos, layers, trained_biases(module, adapter_name));
   io::write_adapter(dir, file);
 }
 
@@ -60,11 +51,8 @@ InjectReport load_adapter(torch::nn::Module& module, const io::AdapterFile& file
   TORCH_CHECK_VALUE(!detail::is_linear(&module),
                     "module: load_adapter puts adapters into layers inside a model, and this model is itself a "
                     "Linear layer; wrap it in lorafuse::nn::LoraLinear and load into a model holding it");
-  TORCH_CHECK_VALUE(!detail::model_has_adapter(module, adapter_name),
-                    "adapter_name: the model already has an adapter "
-                    "named \"",
-                    adapter_name, "\"; adapters: ", detail::join(adapter_names(module)),
-                    ". Load under another name, or delete_adapter first");
+  rules::check_new_adapter(detail::tables_of(lora_layers(module)), adapter_name,
+                           ". Load under another name, or delete_adapter first");
   // Everything is checked before anything changes.
   const auto sites = detail::sites_of(module);
   const auto plan = io::plan_adapter_load(file, detail::infos_of(sites), options.partial());
@@ -77,22 +65,12 @@ InjectReport load_adapter(torch::nn::Module& module, const io::AdapterFile& file
   detail::check_rewirable(sites, chosen, "load_adapter");
   std::vector<std::pair<at::Tensor, at::Tensor>> bias_copies;  // (model parameter, file tensor)
   if (!file.biases.empty()) {
-    std::map<std::string, at::Tensor> params;
-    for (const auto& p : module.named_parameters()) params.emplace(p.key(), p.value());
-    for (const auto& [path, t] : file.biases) {
-      // A wrapped layer's bias is "<path>.base_layer.bias" (PEFT since 0.7), "<path>.bias" before wrapping.
-      const std::string wrapped = ".base_layer.bias";
-      const bool is_wrapped =
-          path.size() > wrapped.size() && path.compare(path.size() - wrapped.size(), wrapped.size(), wrapped) == 0;
-      const std::string alias = is_wrapped ? path.substr(0, path.size() - wrapped.size()) + ".bias"
-                                           : path.substr(0, path.size() - 5) + wrapped;
-      auto it = params.find(path);
-      if (it == params.end()) it = params.find(alias);
-      TORCH_CHECK_VALUE(it != params.end(), "load_adapter: the file has bias \"", path, "\", which the model lacks");
-      TORCH_CHECK_VALUE(it->second.sizes() == t.sizes(), "load_adapter: bias \"", path, "\" is ", t.sizes(),
-                        " in the file but ", it->second.sizes(), " in the model");
-      bias_copies.emplace_back(it->second, t);
-    }
+    const auto params = module.named_parameters();
+    std::vector<std::pair<std::string, std::vector<int64_t>>> shapes, wanted;
+    for (const auto& p : params) shapes.emplace_back(p.key(), p.value().sizes().vec());
+    for (const auto& [path, t] : file.biases) wanted.emplace_back(path, t.sizes().vec());
+    const auto targets = rules::match_biases(wanted, shapes, "load_adapter");
+    for (size_t i = 0; i < targets.size(); ++i) bias_copies.emplace_back(params[targets[i]], file.biases[i].second);
   }
 
   const std::string prior_active = active_adapter(module);

@@ -1,5 +1,6 @@
 #include <c10/util/Exception.h>
 #include <lorafuse/peft/inject.h>
+#include <lorafuse/peft/rules.h>
 #include <lorafuse/nn/base_kind.h>
 #include <lorafuse/nn/linear.h>
 #include <torch/nn/modules/container/moduledict.h>
@@ -55,14 +56,8 @@ void rewire(const Site& site, std::shared_ptr<Module> replacement) {
 }
 
 using detail::join;
-using detail::model_has_adapter;
+using detail::tables_of;
 using detail::sites_of;
-
-std::string join_impl(const std::vector<std::string>& names) {
-  std::string out;
-  for (const auto& n : names) out += (out.empty() ? "" : ", ") + n;
-  return "[" + out + "]";
-}
 
 std::string with_commas(int64_t n) {
   std::string digits = std::to_string(n < 0 ? -n : n);
@@ -101,11 +96,6 @@ class MergeTransaction {
   };
   std::vector<Undo> undo_;
 };
-
-void require_adapter(Module& module, const std::string& name, const char* what) {
-  TORCH_CHECK_VALUE(model_has_adapter(module, name), what, ": no layer has an adapter named \"", name,
-                    "\"; the model has ", join(adapter_names(module)));
-}
 
 }  // namespace
 
@@ -147,26 +137,23 @@ void check_rewirable(const std::vector<Site>& sites, const std::vector<TargetCho
   }
 }
 
-std::string join(const std::vector<std::string>& names) { return join_impl(names); }
+std::string join(const std::vector<std::string>& names) { return nn::AdapterTable::join(names); }
 
-bool model_has_adapter(Module& module, const std::string& name) {
-  for (const auto& [path, layer] : lora_layers(module)) {
-    if (layer->has_adapter(name)) return true;
-  }
-  return false;
+rules::LayerTables tables_of(const std::vector<std::pair<std::string, LoraLayer*>>& layers) {
+  rules::LayerTables tables;
+  tables.reserve(layers.size());
+  for (const auto& [path, layer] : layers) tables.emplace_back(path, &layer->adapters());
+  return tables;
 }
 
 InjectReport attach_adapter(const std::vector<Site>& sites, const std::vector<TargetChoice>& chosen,
                             const std::string& name, bool keep_active,
                             const std::function<void(size_t, LoraLayer&)>& fill) {
-  bool any_lora = false, all_disabled = true;
+  rules::LayerTables existing;
   for (const auto& s : sites) {
-    if (auto* lora = nn::as_lora_layer(s.module.get())) {
-      any_lora = true;
-      all_disabled = all_disabled && !lora->adapters_enabled();
-    }
+    if (auto* lora = nn::as_lora_layer(s.module.get())) existing.emplace_back(s.path, &lora->adapters());
   }
-  all_disabled = any_lora && all_disabled;
+  const bool all_disabled = rules::starts_disabled(existing);
   InjectReport report;
   report.adapter_name = name;
   for (const auto& c : chosen) {
@@ -196,23 +183,17 @@ void activate_and_freeze(Module& module, const std::string& active) {
   for (auto& p : module.parameters()) p.set_requires_grad(false);
   set_adapter(module, active);
   // The active adapter's bias mode decides, as in PEFT (a later adapter's config waits until it is active).
-  const auto layers = lora_layers(module);
-  std::string bias = "none";
-  for (const auto& [path, layer] : layers) {
-    if (layer->has_adapter(active)) {
-      bias = layer->adapter_options(active).bias();
-      break;
-    }
-  }
-  if (bias == "all") {
-    for (auto& p : module.named_parameters()) {
-      if (TargetModules::matches_name(p.key(), "bias")) p.value().set_requires_grad(true);
-    }
-  } else if (bias == "lora_only") {
-    for (const auto& [path, layer] : layers) {
-      if (layer->has_adapter(active) && layer->base_bias().defined()) layer->base_bias().set_requires_grad(true);
-    }
-  }
+  for (auto& [name, bias] : trained_bias_parameters(module, active)) bias.set_requires_grad(true);
+}
+
+std::vector<std::pair<std::string, at::Tensor>> trained_bias_parameters(Module& module, const std::string& adapter) {
+  const auto params = module.named_parameters();
+  std::vector<std::string> names;
+  for (const auto& p : params) names.push_back(p.key());
+  std::vector<std::pair<std::string, at::Tensor>> out;
+  for (const auto& name : rules::trained_biases(tables_of(lora_layers(module)), names, adapter))
+    out.emplace_back(name, params[name]);
+  return out;
 }
 
 }  // namespace detail
@@ -225,22 +206,9 @@ std::vector<std::pair<std::string, LoraLayer*>> lora_layers(Module& module) {
   return layers;
 }
 
-std::vector<std::string> adapter_names(Module& module) {
-  std::vector<std::string> names;
-  for (const auto& [path, layer] : lora_layers(module)) {
-    for (const auto& n : layer->adapter_names()) {
-      if (std::find(names.begin(), names.end(), n) == names.end()) names.push_back(n);
-    }
-  }
-  return names;
-}
+std::vector<std::string> adapter_names(Module& module) { return rules::adapter_names(tables_of(lora_layers(module))); }
 
-std::string active_adapter(Module& module) {
-  for (const auto& [path, layer] : lora_layers(module)) {
-    if (!layer->active_adapter().empty()) return layer->active_adapter();
-  }
-  return "";
-}
+std::string active_adapter(Module& module) { return rules::active_adapter(tables_of(lora_layers(module))); }
 
 InjectReport inject_lora(Module& module, const LoraConfig& config, const std::string& adapter_name) {
   config.validate();
@@ -248,8 +216,7 @@ InjectReport inject_lora(Module& module, const LoraConfig& config, const std::st
   TORCH_CHECK_VALUE(!detail::is_linear(&module),
                     "module: inject_lora replaces layers inside a model, and this model is itself a "
                     "Linear layer; wrap it in lorafuse::nn::LoraLinear instead");
-  TORCH_CHECK_VALUE(!model_has_adapter(module, adapter_name), "adapter_name: the model already has an adapter named \"",
-                    adapter_name, "\"; adapters: ", join(adapter_names(module)));
+  rules::check_new_adapter(tables_of(lora_layers(module)), adapter_name);
   // Everything is checked before anything changes.
   const auto sites = sites_of(module);
   const auto chosen = select_targets(detail::infos_of(sites), config);
@@ -297,14 +264,9 @@ void print_trainable_parameters(const Module& module, std::ostream& out) {
 void print_trainable_parameters(const Module& module) { print_trainable_parameters(module, std::cout); }
 
 void set_adapter(Module& module, const std::string& adapter_name) {
-  require_adapter(module, adapter_name, "set_adapter");
-  for (const auto& [path, layer] : lora_layers(module)) {
-    if (layer->has_adapter(adapter_name)) {
-      layer->set_adapter(adapter_name);
-    } else {
-      layer->clear_active_adapter();
-    }
-  }
+  const auto layers = lora_layers(module);
+  const auto plan = rules::plan_set_adapter(tables_of(layers), adapter_name);
+  for (size_t i = 0; i < layers.size(); ++i) layers[i].second->set_adapter(plan[i]);
 }
 
 void disable_adapters(Module& module) {
@@ -316,58 +278,27 @@ void enable_adapters(Module& module) {
 }
 
 void delete_adapter(Module& module, const std::string& adapter_name) {
-  require_adapter(module, adapter_name, "delete_adapter");
   const auto layers = lora_layers(module);
-  for (const auto& [path, layer] : layers) {
-    const auto& merged = layer->merged_adapters();
-    TORCH_CHECK_VALUE(std::find(merged.begin(), merged.end(), adapter_name) == merged.end(),
-                      "delete_adapter: adapter \"", adapter_name, "\" is merged into \"", path,
-                      "\"; unmerge_adapter() first");
-  }
-  const bool was_active = active_adapter(module) == adapter_name;
+  const auto next_active = rules::plan_delete_adapter(tables_of(layers), adapter_name);
   for (const auto& [path, layer] : layers) {
     if (layer->has_adapter(adapter_name)) layer->delete_adapter(adapter_name);
   }
-  if (was_active) {
-    const auto remaining = adapter_names(module);
-    if (remaining.empty()) {
+  if (next_active) {
+    if (next_active->empty()) {
       for (const auto& [path, layer] : layers) layer->clear_active_adapter();
     } else {
-      set_adapter(module, remaining.front());
+      set_adapter(module, *next_active);
     }
   }
 }
 
 void merge_adapter(Module& module, const std::vector<std::string>& adapter_names_to_merge) {
-  std::vector<std::string> names = adapter_names_to_merge;
-  if (names.empty()) {
-    const auto active = active_adapter(module);
-    TORCH_CHECK_VALUE(!active.empty(), "merge_adapter: the model has no active adapter; name the adapters to merge");
-    names.push_back(active);
-  }
   const auto layers = lora_layers(module);
-  for (size_t i = 0; i < names.size(); ++i) {
-    TORCH_CHECK_VALUE(std::find(names.begin(), names.begin() + i, names[i]) == names.begin() + i,
-                      "merge_adapter: adapter \"", names[i], "\" is named twice");
-  }
-  for (const auto& name : names) {
-    require_adapter(module, name, "merge_adapter");
-    for (const auto& [path, layer] : layers) {
-      const auto& merged = layer->merged_adapters();
-      TORCH_CHECK_VALUE(std::find(merged.begin(), merged.end(), name) == merged.end(), "merge_adapter: adapter \"",
-                        name, "\" is already merged into \"", path, "\"");
-      TORCH_CHECK_VALUE(!layer->has_adapter(name) || layer->adapters_enabled(),
-                        "merge_adapter: adapters are disabled in \"", path, "\"; enable_adapters() first");
-    }
-  }
+  const auto plan = rules::plan_merge(tables_of(layers), adapter_names_to_merge, "merge_adapter");
   MergeTransaction transaction;
   try {
-    for (const auto& [path, layer] : layers) {
-      std::vector<std::string> mine;
-      for (const auto& name : names) {
-        if (layer->has_adapter(name)) mine.push_back(name);
-      }
-      if (!mine.empty()) transaction.merge(layer, mine);
+    for (size_t i = 0; i < layers.size(); ++i) {
+      if (!plan[i].empty()) transaction.merge(layers[i].second, plan[i]);
     }
   } catch (...) {
     transaction.rollback();
@@ -376,14 +307,11 @@ void merge_adapter(Module& module, const std::vector<std::string>& adapter_names
 }
 
 void unmerge_adapter(Module& module) {
-  bool any = false;
-  for (const auto& [path, layer] : lora_layers(module)) {
-    if (layer->merged()) {
-      layer->unmerge();
-      any = true;
-    }
+  const auto layers = lora_layers(module);
+  rules::check_unmerge(tables_of(layers), "unmerge_adapter");
+  for (const auto& [path, layer] : layers) {
+    if (layer->merged()) layer->unmerge();
   }
-  TORCH_CHECK_VALUE(any, "unmerge_adapter: nothing is merged in this model");
 }
 
 void merge_and_unload(Module& module) {
@@ -398,11 +326,7 @@ void merge_and_unload(Module& module) {
   try {
     for (const auto& s : lora_sites) {
       auto* layer = nn::as_lora_layer(s.module.get());
-      const auto& active = layer->active_adapter();
-      const auto& merged = layer->merged_adapters();
-      if (!active.empty() && std::find(merged.begin(), merged.end(), active) == merged.end()) {
-        transaction.merge(layer, {active});
-      }
+      if (!layer->adapters().plan_unload().empty()) transaction.merge(layer, {layer->active_adapter()});
     }
   } catch (...) {
     transaction.rollback();

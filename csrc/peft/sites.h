@@ -3,6 +3,7 @@
 
 #include <lorafuse/config/lora_config.h>
 #include <lorafuse/peft/inject.h>
+#include <lorafuse/peft/rules.h>
 #include <lorafuse/nn/lora_layer.h>
 #include <torch/nn/module.h>
 
@@ -40,7 +41,11 @@ InjectReport attach_adapter(const std::vector<Site>& sites, const std::vector<Ta
 // inject_lora's last step: freeze everything but `active`'s A and B (and its biases by its bias mode).
 void activate_and_freeze(torch::nn::Module& module, const std::string& active);
 
-bool model_has_adapter(torch::nn::Module& module, const std::string& name);
+// The parameters of the biases that train with `adapter` (rules::trained_biases), with their names.
+std::vector<std::pair<std::string, at::Tensor>> trained_bias_parameters(torch::nn::Module& module,
+                                                                        const std::string& adapter);
+// The layers' adapter tables, for the model-wide rules (lorafuse/peft/rules.h).
+rules::LayerTables tables_of(const std::vector<std::pair<std::string, nn::LoraLayer*>>& layers);
 std::string join(const std::vector<std::string>& names);
 
 }  // namespace lorafuse::detail

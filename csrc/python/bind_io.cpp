@@ -35,10 +35,10 @@ void bind_io(py::module& m) {
   m.def(
       "_save_adapter",
       [](const std::string& dir, const Modules& modules,
-         const std::vector<std::tuple<size_t, std::string, at::Tensor, at::Tensor>>& layers,
+         const std::vector<std::tuple<size_t, nn::LoraAdapterOptions, at::Tensor, at::Tensor>>& layers,
          const std::vector<std::pair<std::string, at::Tensor>>& biases, const std::string& base_model_name_or_path) {
         std::vector<io::SaveSource> sources;
-        for (const auto& [index, opts, a, b] : layers) sources.push_back({index, nn::adapter_options_from_json(opts, "save_adapter"), a, b});
+        for (const auto& [index, opts, a, b] : layers) sources.push_back({index, opts, a, b});
         translating([&] {
           auto file = io::describe_adapter(infos_from(modules), sources, biases);
           file.base_model_name_or_path = base_model_name_or_path;

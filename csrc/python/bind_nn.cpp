@@ -2,17 +2,138 @@
 #include "csrc/python/convert.h"
 
 #include <lorafuse/nn/adapter_scope.h>
+#include <lorafuse/nn/adapter_table.h>
 #include <lorafuse/nn/lora_linear.h>
 
 #include <memory>
+#include <sstream>
 
 namespace lorafuse::python {
 
+namespace {
+
+// One adapter's options (C++ LoraAdapterOptions) and a layer's adapter table: what lorafuse.nn.Linear keeps and
+// asks, so that its rules are the C++ layer's.
+void bind_adapter_table(py::module& m) {
+  using nn::AdapterTable;
+  using nn::LoraAdapterOptions;
+  py::class_<LoraAdapterOptions>(m, "AdapterOptions")
+      .def(py::init([](int64_t r, double lora_alpha, double lora_dropout, bool use_rslora,
+                       const py::object& init_lora_weights, const std::string& bias,
+                       std::optional<at::ScalarType> dtype) {
+             return translating([&] {
+               LoraAdapterOptions o(r);
+               o.lora_alpha(lora_alpha)
+                   .lora_dropout(lora_dropout)
+                   .use_rslora(use_rslora)
+                   .init_lora_weights(init_from(init_lora_weights))
+                   .bias(bias)
+                   .dtype(dtype);
+               o.validate();
+               return o;
+             });
+           }),
+           py::arg("r") = 8, py::arg("lora_alpha") = 8.0, py::arg("lora_dropout") = 0.0, py::arg("use_rslora") = false,
+           py::arg("init_lora_weights") = true, py::arg("bias") = "none", py::arg("dtype") = py::none())
+      .def_property_readonly("r", [](const LoraAdapterOptions& o) { return o.r(); })
+      .def_property_readonly("lora_alpha", [](const LoraAdapterOptions& o) { return o.lora_alpha(); })
+      .def_property_readonly("lora_dropout", [](const LoraAdapterOptions& o) { return o.lora_dropout(); })
+      .def_property_readonly("use_rslora", [](const LoraAdapterOptions& o) { return o.use_rslora(); })
+      .def_property_readonly("init_lora_weights",
+                             [](const LoraAdapterOptions& o) -> py::object {
+                               const auto init = o.init_lora_weights().str();
+                               if (init == "gaussian") return py::str(init);
+                               return py::bool_(init == "true");
+                             })
+      .def_property_readonly("bias", [](const LoraAdapterOptions& o) { return o.bias(); })
+      .def_property_readonly("dtype", [](const LoraAdapterOptions& o) { return o.dtype(); })
+      .def_property_readonly("scale", &LoraAdapterOptions::scale)
+      .def("__eq__", [](const LoraAdapterOptions& a, const LoraAdapterOptions& b) {
+        return nn::adapter_options_json(a) == nn::adapter_options_json(b);
+      })
+      .def("__repr__", [](const LoraAdapterOptions& o) { return "AdapterOptions(" + nn::adapter_options_json(o) + ")"; })
+      .def(py::pickle([](const LoraAdapterOptions& o) { return nn::adapter_options_json(o); },
+                      [](const std::string& text) {
+                        return translating([&] { return nn::adapter_options_from_json(text, "AdapterOptions"); });
+                      }));
+
+  py::class_<AdapterTable>(m, "AdapterTable")
+      .def(py::init<>())
+      .def_property_readonly("names", &AdapterTable::names)
+      .def("has", &AdapterTable::has)
+      .def(
+          "options",
+          [](const AdapterTable& t, const std::string& name, const std::string& what) {
+            return translating([&] { return t.options(name, what.c_str()); });
+          },
+          py::arg("name"), py::arg("what") = "adapter_options")
+      .def_property_readonly("active", &AdapterTable::active)
+      .def_property_readonly("enabled", &AdapterTable::enabled)
+      .def_property_readonly("merged", &AdapterTable::merged)
+      .def("is_merged", &AdapterTable::is_merged)
+      .def("trains", &AdapterTable::trains)
+      .def("check_add",
+           [](const AdapterTable& t, const std::string& name, const LoraAdapterOptions& o, at::ScalarType base_dtype) {
+             return translating([&] { return t.check_add(name, o, base_dtype); });
+           })
+      .def("add",
+           [](AdapterTable& t, const std::string& name, const LoraAdapterOptions& o, bool activate) {
+             return translating([&] { return t.add(name, o, activate); });
+           })
+      .def("check_remove", [](const AdapterTable& t, const std::string& n) { translating([&] { t.check_remove(n); }); })
+      .def("remove", [](AdapterTable& t, const std::string& n) { return translating([&] { return t.remove(n); }); })
+      .def("check_activate",
+           [](const AdapterTable& t, const std::string& n) { return translating([&] { return t.check_activate(n); }); })
+      .def("activate", [](AdapterTable& t, const std::string& n) { translating([&] { t.activate(n); }); })
+      .def("set_enabled", &AdapterTable::set_enabled)
+      .def(
+          "route",
+          [](const AdapterTable& t, const std::optional<std::string>& scoped) {
+            return translating([&] { return t.route(scoped); });
+          },
+          py::arg("scoped"))
+      .def("plan_merge",
+           [](const AdapterTable& t, const std::vector<std::string>& names) {
+             return translating([&] { return t.plan_merge(names); });
+           })
+      .def("set_merged", &AdapterTable::set_merged)
+      .def("check_unmerge", [](const AdapterTable& t) { translating([&] { t.check_unmerge(); }); })
+      .def("plan_unload", &AdapterTable::plan_unload)
+      .def("describe", &AdapterTable::describe)
+      .def("to_json", &AdapterTable::to_json)
+      .def_static("from_json",
+                  [](const std::string& text, const std::string& what) {
+                    return translating([&] { return AdapterTable::from_json(text, what); });
+                  })
+      .def(py::pickle([](const AdapterTable& t) { return t.to_json(); },
+                      [](const std::string& text) {
+                        return translating([&] { return AdapterTable::from_json(text, "AdapterTable"); });
+                      }));
+  m.def(
+      "init_adapter_weights",
+      [](at::Tensor a, at::Tensor b, const LoraAdapterOptions& o) { nn::init_adapter_weights(a, b, o); },
+      py::arg("lora_A"), py::arg("lora_B"), py::arg("options"),
+      "Sets a new adapter's A [r, in] and B [out, r] in place as options.init_lora_weights says (PEFT's rules).");
+}
+
+}  // namespace
+
 void bind_nn(py::module& m) {
+  bind_adapter_table(m);
   using nn::LoraAdapterOptions;
   using nn::LoraLinearImpl;
   using nn::LoraLinearOptions;
-  torch::python::bind_module<LoraLinearImpl>(m, "LoraLinear")
+  auto cls = torch::python::bind_module<LoraLinearImpl>(m, "LoraLinear");
+  // pretty_print (the adapter table's description) instead of bind_module's bare module name; replaced, not
+  // overloaded, so that it is the one Python calls.
+  cls.attr("__repr__") = py::cpp_function(
+      [](const LoraLinearImpl& self) {
+        std::ostringstream out;
+        self.pretty_print(out);
+        return out.str();
+      },
+      py::name("__repr__"), py::is_method(cls));
+  cls
       .def(py::init([](int64_t in_features, int64_t out_features, bool bias, const std::string& adapter_name, int64_t r,
                        double lora_alpha, double lora_dropout, bool use_rslora, const py::object& init_lora_weights,
                        std::optional<at::ScalarType> adapter_dtype) {
@@ -56,10 +177,10 @@ void bind_nn(py::module& m) {
           [](LoraLinearImpl& self, const std::vector<std::string>& names) { translating([&] { self.merge(names); }); },
           py::arg("adapter_names") = std::vector<std::string>{})
       .def("unmerge", [](LoraLinearImpl& self) { translating([&] { self.unmerge(); }); })
-      .def("merged", &LoraLinearImpl::merged)
-      .def("merged_adapters", &LoraLinearImpl::merged_adapters)
-      .def("active_adapter", &LoraLinearImpl::active_adapter)
-      .def("adapter_names", &LoraLinearImpl::adapter_names)
+      .def("merged", [](const LoraLinearImpl& self) { return self.merged(); })
+      .def("merged_adapters", [](const LoraLinearImpl& self) { return self.merged_adapters(); })
+      .def("active_adapter", [](const LoraLinearImpl& self) { return self.active_adapter(); })
+      .def("adapter_names", [](const LoraLinearImpl& self) { return self.adapter_names(); })
       .def("lora_a",
            [](LoraLinearImpl& self, const std::string& n) { return translating([&] { return self.lora_a(n); }); })
       .def("lora_b",

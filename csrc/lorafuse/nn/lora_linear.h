@@ -3,6 +3,7 @@
 
 #include <lorafuse/config/adapter_options.h>
 #include <lorafuse/nn/adapter_scope.h>
+#include <lorafuse/nn/adapter_table.h>
 #include <lorafuse/nn/lora_layer.h>
 #include <torch/nn/cloneable.h>
 #include <torch/nn/modules/container/moduledict.h>
@@ -94,13 +95,8 @@ class LoraLinearImpl : public torch::nn::Cloneable<LoraLinearImpl>, public LoraL
   /// The base alone from now on (unmerging first if anything is merged).
   void disable_adapters() override;
   void enable_adapters() override;
-  bool adapters_enabled() const noexcept override { return !disabled_; }
-  /// The active adapter's name, or "" when there is none.
-  const std::string& active_adapter() const noexcept override { return active_; }
-  /// Adapter names in the order they were added.
-  const std::vector<std::string>& adapter_names() const noexcept override { return order_; }
-  bool has_adapter(const std::string& name) const override { return adapters_.count(name) != 0; }
-  const LoraAdapterOptions& adapter_options(const std::string& name) const override;
+  /// Names, options, the active adapter, enabled, merged (adapter_names(), active_adapter(), merged() ... read it).
+  const AdapterTable& adapters() const noexcept override { return table_; }
   /// lora_A.<name>.weight [r, in] and lora_B.<name>.weight [out, r].
   at::Tensor& lora_a(const std::string& name) override;
   at::Tensor& lora_b(const std::string& name) override;
@@ -114,8 +110,6 @@ class LoraLinearImpl : public torch::nn::Cloneable<LoraLinearImpl>, public LoraL
   void merge(const std::vector<std::string>& adapter_names = {}) override;
   /// Restores the unmerged base weight exactly. An error when nothing is merged.
   void unmerge() override;
-  bool merged() const noexcept override { return !merged_.empty(); }
-  const std::vector<std::string>& merged_adapters() const noexcept override { return merged_; }
   /// Merges the active adapter (unless merged already; also while adapters are disabled, as PEFT does),
   /// drops the unmerged copy and the adapters, and returns the base Linear, which then holds
   /// W + scale·B·A. This layer is left without adapters: its base alone.
@@ -159,19 +153,13 @@ class LoraLinearImpl : public torch::nn::Cloneable<LoraLinearImpl>, public LoraL
   void refresh_routes();
   std::shared_ptr<const RouteTable> routes() const;
 
-  void create_adapter_weights(const std::string& name, const LoraAdapterOptions& adapter);
-  void init_adapter_weights(const std::string& name);
+  void create_adapter_weights(const std::string& name, c10::ScalarType dtype, int64_t r);
   void apply_trainability();
   void drop_unmerged_copy();
-  void merge_into_base(const std::vector<std::string>& names);
-  const LoraAdapterOptions& known(const std::string& name, const char* what) const;
+  void merge_into_base(const std::vector<std::string>& everything);
 
   torch::nn::Linear pending_base_{nullptr};  // consumed by the first reset() of the wrapping constructor
-  std::unordered_map<std::string, LoraAdapterOptions> adapters_;
-  std::vector<std::string> order_;
-  std::string active_;
-  bool disabled_ = false;
-  std::vector<std::string> merged_;
+  AdapterTable table_;
   at::Tensor weight_unmerged_;  // buffer: the unmerged weight while anything is merged, else [0]
   std::shared_ptr<const RouteTable> routes_;
   mutable RouteLock route_lock_;

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import math
 import threading
-from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Union
 
 import torch
@@ -14,22 +12,13 @@ from .. import _C
 from .base_kinds import base_kind_of, check_base_output
 
 
-@dataclass(frozen=True)
-class AdapterOptions:
-    """One adapter's hyperparameters (PEFT's names)."""
+AdapterOptions = _C.AdapterOptions
+AdapterOptions.__doc__ = """One adapter's hyperparameters (PEFT's names; C++ ``LoraAdapterOptions``): ``r``, ``lora_alpha``,
+``lora_dropout``, ``use_rslora``, ``init_lora_weights``, ``bias``, ``dtype`` and ``scale`` (lora_alpha / r, or
+lora_alpha / sqrt(r) with use_rslora)."""
 
-    r: int
-    lora_alpha: float
-    lora_dropout: float = 0.0
-    use_rslora: bool = False
-    init_lora_weights: Union[bool, str] = True
-    bias: str = "none"
-
-    @property
-    def scale(self) -> float:
-        """lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora."""
-        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
-
+# A route that forward cannot know in advance: the adapter table is asked (and raises the scope error).
+_ASK = object()
 
 # Per-thread adapter choice: lorafuse.use_adapter opens a C++ AdapterScope (what C++ layers read) and, in
 # the same call, pushes the name onto this thread's stack here (what Python layers read: a Python value, so
@@ -60,16 +49,6 @@ def _scope_exit(token: object) -> None:
             del stack[i]
             break
     _open_scopes -= 1
-
-
-def _init_kind(init: Union[bool, str]) -> str:
-    if init is True or init == "true":
-        return "true"
-    if init is False or init == "false":
-        return "false"
-    if init == "gaussian":
-        return "gaussian"
-    raise ValueError(f'init_lora_weights: expected True, False or "gaussian", found {init!r}')
 
 
 class Linear(nn.Module):
@@ -113,17 +92,19 @@ class Linear(nn.Module):
         self.out_features = base_layer.out_features
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
-        self.adapters: Dict[str, AdapterOptions] = {}
-        self.active_adapter: Optional[str] = None
-        self.adapters_enabled = True
-        self.merged_adapters: List[str] = []
-        # What forward reads: None (the base alone) or [A, B, scale, dropout]. Kept apart from the adapter
-        # names so that torch.compile guards on tensors and numbers, not on the active adapter's name:
-        # switching between adapters of the same shapes and scale does not recompile.
+        # The adapters and every rule over them (which is active, disabled, merged, what forward runs, what a
+        # merge folds in): the C++ layer's table (lorafuse::nn::AdapterTable), so both follow the same rules.
+        self._table = _C.AdapterTable()
+        # What forward reads, recomputed from the table whenever it changes (_refresh_route): Python values,
+        # so that torch.compile guards on tensors and numbers, not on the active adapter's name (switching
+        # between adapters of the same shapes and scale does not recompile). _route: None (the base alone) or
+        # [A, B, scale, dropout]; _routes: every adapter's, replaced as a whole so that forward on other threads
+        # (use_adapter) reads a consistent table; _scoped: the route per scope name, _scoped_other for names
+        # the layer lacks (_ASK: ask the table, which raises).
         self._route: Optional[list] = None
-        # Every adapter's [A, B, scale, dropout], replaced as a whole when adapters come and go, so that
-        # forward on other threads (use_adapter) reads a consistent table.
         self._routes: Dict[str, list] = {}
+        self._scoped: Dict[str, Optional[list]] = {}
+        self._scoped_other: object = None
         self.register_buffer(
             "weight_unmerged", torch.empty(0, device=base_layer.weight.device), persistent=False
         )
@@ -155,8 +136,32 @@ class Linear(nn.Module):
     def reset_parameters(self) -> None:
         """Re-initialises every adapter as its init_lora_weights says (e.g. after ``to_empty()`` of a model
         injected on the meta device); the base layer is untouched."""
-        for name, opts in self.adapters.items():
-            self._init_adapter(name, _init_kind(opts.init_lora_weights))
+        for name in self._table.names:
+            _C.init_adapter_weights(self.lora_A[name].weight, self.lora_B[name].weight, self._table.options(name))
+
+    # ---- what the table says ---------------------------------------------------------------------
+    @property
+    def adapters(self) -> Dict[str, AdapterOptions]:
+        """Each adapter's options, in the order they were added."""
+        return {n: self._table.options(n) for n in self._table.names}
+
+    @property
+    def active_adapter(self) -> Optional[str]:
+        """The active adapter, or None."""
+        return self._table.active or None
+
+    @property
+    def adapters_enabled(self) -> bool:
+        return self._table.enabled
+
+    @property
+    def merged_adapters(self) -> List[str]:
+        """The adapters folded into the base weight (empty: none)."""
+        return list(self._table.merged)
+
+    @property
+    def merged(self) -> bool:
+        return bool(self._table.merged)
 
     # ---- adapters --------------------------------------------------------------------------------
     def add_adapter(
@@ -178,122 +183,90 @@ class Linear(nn.Module):
             raise TypeError(f"adapter_name: expected a str, found {type(adapter_name).__name__}")
         if isinstance(r, bool) or not isinstance(r, int):
             raise TypeError(f"r: expected an int, found {type(r).__name__} ({r!r})")
-        _C._validate_adapter(adapter_name, r, float(lora_alpha), float(lora_dropout))
-        init = _init_kind(init_lora_weights)
-        if bias not in ("none", "all", "lora_only"):
-            raise ValueError(f'bias: expected "none", "all" or "lora_only", found {bias!r}')
-        if adapter_name in self.adapters:
-            raise ValueError(
-                f'adapter_name: an adapter named "{adapter_name}" already exists; '
-                f"this layer has {list(self.adapters)}"
-            )
+        if adapter_dtype is not None and not isinstance(adapter_dtype, torch.dtype):
+            raise TypeError(f"adapter_dtype: expected a torch.dtype or None, found {adapter_dtype!r}")
+        opts = AdapterOptions(
+            r, float(lora_alpha), float(lora_dropout), bool(use_rslora), init_lora_weights, bias, adapter_dtype
+        )
         weight = self.base_layer.weight
-        if not weight.is_floating_point():
-            raise TypeError(
-                f"base_layer: its weight is {weight.dtype}; lorafuse wraps floating-point linear layers "
-                "(a quantized base needs its own base kind)"
-            )
-        if adapter_dtype is None:
-            adapter_dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
-        elif adapter_dtype not in (weight.dtype, torch.float32):
-            raise TypeError(
-                f"adapter_dtype: lora_A and lora_B must have the base weight's dtype ({weight.dtype}) or "
-                f"torch.float32, found {adapter_dtype}"
-            )
-        kw = dict(bias=False, device=weight.device, dtype=adapter_dtype)
+        dtype = self._table.check_add(adapter_name, opts, weight.dtype)
+        kw = dict(bias=False, device=weight.device, dtype=dtype)
         self.lora_A[adapter_name] = nn.Linear(self.in_features, r, **kw)
         self.lora_B[adapter_name] = nn.Linear(r, self.out_features, **kw)
-        self.adapters[adapter_name] = AdapterOptions(
-            r, float(lora_alpha), float(lora_dropout), bool(use_rslora), init_lora_weights, bias
-        )
-        self._init_adapter(adapter_name, init)
-        if self.active_adapter is None and activate:
-            self.active_adapter = adapter_name
+        self._table.add(adapter_name, opts, activate)
+        _C.init_adapter_weights(self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight, opts)
+        if self._table.trains(adapter_name):
             self._apply_trainability()
         else:  # only the new adapter's flags: other threads may be running the others
             self.lora_A[adapter_name].weight.requires_grad_(False)
             self.lora_B[adapter_name].weight.requires_grad_(False)
             self._refresh_route()
 
-    def _init_adapter(self, name: str, init: str) -> None:
-        a, b = self.lora_A[name].weight, self.lora_B[name].weight
-        with torch.no_grad():
-            if init == "gaussian":
-                nn.init.normal_(a, 0.0, 1.0 / self.adapters[name].r)
-            else:
-                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-            if init == "false":
-                nn.init.kaiming_uniform_(b, a=math.sqrt(5))
-            else:
-                nn.init.zeros_(b)
-
-    def _known(self, name: str, what: str) -> AdapterOptions:
-        if name not in self.adapters:
-            raise ValueError(f'{what}: no adapter named "{name}"; this layer has {list(self.adapters)}')
-        return self.adapters[name]
-
     def _apply_trainability(self) -> None:
-        for name in self.adapters:
-            train = name == self.active_adapter
+        for name in self._table.names:
+            train = self._table.trains(name)
             self.lora_A[name].weight.requires_grad_(train)
             self.lora_B[name].weight.requires_grad_(train)
         self._refresh_route()
 
     def _refresh_route(self) -> None:
-        self._routes = {
-            n: [self.lora_A[n], self.lora_B[n], o.scale, o.lora_dropout] for n, o in self.adapters.items()
-        }
-        name = self.active_adapter
-        if not self.adapters_enabled or name is None or name in self.merged_adapters:
-            self._route = None
-        else:
-            opts = self.adapters[name]
-            self._route = [self.lora_A[name], self.lora_B[name], opts.scale, opts.lora_dropout]
+        table = self._table
+        routes = {}
+        for n in table.names:
+            opts = table.options(n)
+            routes[n] = [self.lora_A[n], self.lora_B[n], opts.scale, opts.lora_dropout]
+        self._routes = routes
+        name = table.route(None)
+        self._route = routes.get(name) if name else None
+        scoped: Dict[str, Optional[list]] = {}
+        for n in ["", *table.names]:
+            try:
+                target = table.route(n)
+            except ValueError:
+                continue  # forward asks the table, which raises with the scope's name
+            scoped[n] = routes.get(target) if target else None
+        self._scoped = scoped
+        try:  # "." can name no adapter: it stands for every name this layer lacks, which runs the base
+            table.route(".")
+            self._scoped_other = None
+        except ValueError:
+            self._scoped_other = _ASK
 
     def set_adapter(self, adapter_name: str) -> None:
         """Activates ``adapter_name`` (only its A and B require grad); moves no data. Switching away from
         a merged adapter unmerges first, as PEFT does."""
-        self._known(adapter_name, "set_adapter")
-        if self.merged_adapters and adapter_name != self.active_adapter:
+        if self._table.check_activate(adapter_name):
             self.unmerge()
-        self.active_adapter = adapter_name
+        self._table.activate(adapter_name)
         self._apply_trainability()
 
     def clear_active_adapter(self) -> None:
         """No adapter active: the layer is its base (unmerging first)."""
-        if self.merged_adapters:
-            self.unmerge()
-        self.active_adapter = None
-        self._apply_trainability()
+        self.set_adapter("")
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Removes ``adapter_name`` (a merged adapter must be unmerged first)."""
-        self._known(adapter_name, "delete_adapter")
-        if adapter_name in self.merged_adapters:
-            raise ValueError(f'delete_adapter: adapter "{adapter_name}" is merged; unmerge() first')
-        del self.adapters[adapter_name]
-        was_active = self.active_adapter == adapter_name
-        if was_active:
-            self.active_adapter = next(iter(self.adapters), None)
+        self._table.check_remove(adapter_name)
+        new_active = self._table.remove(adapter_name)
         self._refresh_route()  # forward stops seeing it before its modules go
         del self.lora_A[adapter_name], self.lora_B[adapter_name]
-        if was_active:
+        if new_active:
             self._apply_trainability()
 
     def disable_adapters(self) -> None:
         """The base alone from now on (unmerging first)."""
-        if self.merged_adapters:
+        if self.merged:
             self.unmerge()
-        self.adapters_enabled = False
+        self._table.set_enabled(False)
         self._refresh_route()
 
     def enable_adapters(self) -> None:
-        self.adapters_enabled = True
+        self._table.set_enabled(True)
         self._refresh_route()
 
     def delta_weight(self, adapter_name: str) -> Tensor:
         """scale · B · A in float32 (float64 for float64 adapters) [out, in] (op ``lora_delta_weight``)."""
-        opts = self._known(adapter_name, "delta_weight")
+        opts = self._table.options(adapter_name, "delta_weight")
         with torch.no_grad():
             return torch.ops.lorafuse.lora_delta_weight(
                 self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight, opts.scale
@@ -304,22 +277,12 @@ class Linear(nn.Module):
         """Folds the named adapters (default: the active one) into the base weight, in float32 from the
         unmerged weight. Errors: unknown, already merged or repeated names; disabled adapters;
         non-finite weights (the weight is then left unchanged)."""
-        if not self.adapters_enabled:
-            raise ValueError("merge: adapters are disabled in this layer; enable_adapters() first")
-        self._merge(adapter_names)
+        if isinstance(adapter_names, str):
+            adapter_names = [adapter_names]
+        self._fold(self._table.plan_merge(list(adapter_names or [])))
 
-    def _merge(self, adapter_names: Optional[Sequence[str]]) -> None:
-        if adapter_names is None:
-            if self.active_adapter is None:
-                raise ValueError("merge: this layer has no active adapter; name the adapters to merge")
-            adapter_names = [self.active_adapter]
-        names = list(adapter_names)
-        for i, name in enumerate(names):
-            self._known(name, "merge")
-            if name in self.merged_adapters:
-                raise ValueError(f'merge: adapter "{name}" is already merged')
-            if name in names[:i]:
-                raise ValueError(f'merge: adapter "{name}" is named twice')
+    def _fold(self, everything: List[str]) -> None:
+        """Makes the base weight hold ``everything`` (a plan of the table) merged into the unmerged weight."""
         kind = base_kind_of(self.base_layer)
         refusal = (
             kind.merge_refusal(self.base_layer)
@@ -329,69 +292,56 @@ class Linear(nn.Module):
         if refusal is not None:
             raise ValueError(f"merge: {refusal}")
         weight = self.base_layer.weight
-        everything = self.merged_adapters + names
+        table = self._table
         with torch.no_grad():
             # from the unmerged weight, so merging adapters one by one rounds once; the op checks finiteness
-            original = self.weight_unmerged if self.merged_adapters else weight
+            original = self.weight_unmerged if self.merged else weight
             merged = torch.ops.lorafuse.lora_merge(
                 original,
                 [self.lora_A[n].weight for n in everything],
                 [self.lora_B[n].weight for n in everything],
-                [self.adapters[n].scale for n in everything],
+                [table.options(n).scale for n in everything],
             )
-            if not self.merged_adapters:
+            if not self.merged:
                 self.weight_unmerged = weight.detach().clone()
             weight.copy_(merged)
-        self.merged_adapters = everything
+        table.set_merged(everything)
         self._refresh_route()
 
     def unmerge(self) -> None:
         """Restores the unmerged base weight exactly. An error when nothing is merged."""
-        if not self.merged_adapters:
-            raise ValueError("unmerge: nothing is merged in this layer")
+        self._table.check_unmerge()
         with torch.no_grad():
             self.base_layer.weight.copy_(self.weight_unmerged)
         self._drop_unmerged_copy()
 
     def _drop_unmerged_copy(self) -> None:
         self.weight_unmerged = torch.empty(0, device=self.base_layer.weight.device)
-        self.merged_adapters = []
+        self._table.set_merged([])
         self._refresh_route()
-
-    @property
-    def merged(self) -> bool:
-        return bool(self.merged_adapters)
 
     def merge_and_unload(self) -> nn.Linear:
         """Merges the active adapter for good (also while disabled) and returns the plain base layer."""
-        if self.active_adapter is not None and self.active_adapter not in self.merged_adapters:
-            self._merge([self.active_adapter])
-        if self.merged_adapters:
+        everything = self._table.plan_unload()
+        if everything:
+            self._fold(everything)
+        if self.merged:
             self._drop_unmerged_copy()
-        for name in list(self.adapters):
+        for name in list(self._table.names):
             self.delete_adapter(name)
         return self.base_layer
 
     # ---- forward ---------------------------------------------------------------------------------
-    def _scoped_route(self, name: str) -> Optional[list]:
-        if not self.adapters_enabled:
-            return None
-        if self.merged_adapters:
-            if name != self.active_adapter:
-                raise ValueError(
-                    f'use_adapter("{name}"): this layer has {self.merged_adapters} merged into its weight; '
-                    "unmerge first to run other adapters per thread"
-                )
-            if name in self.merged_adapters:
-                return None
-        return self._routes.get(name) if name else None
-
     def forward(self, x: Tensor) -> Tensor:
         route = self._route
         if _open_scopes:
             stack = getattr(_thread_scope, "stack", None)
             if stack:
-                route = self._scoped_route(stack[-1][1])
+                name = stack[-1][1]
+                route = self._scoped.get(name, self._scoped_other)
+                if route is _ASK:
+                    target = self._table.route(name)
+                    route = self._routes.get(target) if target else None
         base = self.base_layer
         if route is None:
             return base(x)
@@ -408,18 +358,7 @@ class Linear(nn.Module):
         return torch.ops.lorafuse.lora_add(out, xa, a, b, scale, p)
 
     def extra_repr(self) -> str:
-        adapters = ", ".join(
-            f"{n}(r={o.r}, lora_alpha={o.lora_alpha:g}, lora_dropout={o.lora_dropout:g}"
-            + (", use_rslora=True" if o.use_rslora else "")
-            + ")"
-            for n, o in self.adapters.items()
-        )
-        out = f"adapters=[{adapters}], active={self.active_adapter}"
-        if not self.adapters_enabled:
-            out += ", disabled"
-        if self.merged_adapters:
-            out += f", merged={self.merged_adapters}"
-        return out
+        return self._table.describe()
 
 
 __all__ = ["Linear", "AdapterOptions"]

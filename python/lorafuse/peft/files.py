@@ -31,6 +31,7 @@ from .inject import (
     _is_target,
     _model_wide,
     _sites,
+    _tables,
     active_adapter,
     adapter_names,
     lora_layers,
@@ -86,36 +87,16 @@ def save_adapter(model: nn.Module, dir: PathLike, adapter_name: str = "default")
 
 @_model_wide(_C._cpp_save_adapter)
 def _save(model: nn.Module, path: str, adapter_name: str) -> None:
+    _C._rules_require_adapter(_tables(lora_layers(model)), adapter_name, "save_adapter")
     sites = list(_sites(model))
-    layers, bias_mode = [], "none"
+    layers = []
     for index, (_, _, _, m) in enumerate(sites):
         if is_lora_layer(m) and adapter_name in m.adapters:
-            opts = m.adapters[adapter_name]
-            bias_mode = opts.bias
-            options = json.dumps(
-                dict(
-                    r=opts.r,
-                    lora_alpha=opts.lora_alpha,
-                    lora_dropout=opts.lora_dropout,
-                    use_rslora=opts.use_rslora,
-                    init_lora_weights=opts.init_lora_weights,
-                    bias=opts.bias,
-                )
-            )
             a, b = m.lora_A[adapter_name].weight.detach(), m.lora_B[adapter_name].weight.detach()
-            layers.append((index, options, a, b))
-    if not layers:
-        raise ValueError(
-            f'save_adapter: no layer has an adapter named "{adapter_name}"; '
-            f"the model has {adapter_names(model)}"
-        )
-    biases = []
-    if bias_mode == "all":
-        biases = [(n, p.detach()) for n, p in model.named_parameters() if n == "bias" or n.endswith(".bias")]
-    elif bias_mode == "lora_only":
-        for layer_path, layer in lora_layers(model):
-            if adapter_name in layer.adapters and layer.base_layer.bias is not None:
-                biases.append((f"{layer_path}.base_layer.bias", layer.base_layer.bias.detach()))
+            layers.append((index, m.adapters[adapter_name], a, b))
+    params = dict(model.named_parameters())
+    trained = _C._rules_trained_biases(_tables(lora_layers(model)), list(params), adapter_name)
+    biases = [(name, params[name].detach()) for name in trained]
     config = getattr(model, "config", None)
     base_name = getattr(config, "_name_or_path", "") or getattr(model, "name_or_path", "") or ""
     _C._save_adapter(path, _infos(sites), layers, biases, str(base_name))
@@ -163,28 +144,19 @@ def _load(model: nn.Module, path: str, adapter_name: str, partial: bool) -> nn.M
             "(lorafuse.from_peft converts a PEFT model)"
         )
     sites = list(_sites(model))
-    if any(is_lora_layer(m) and adapter_name in m.adapters for _, _, _, m in sites):
-        raise ValueError(
-            f'adapter_name: the model already has an adapter named "{adapter_name}"; adapters: '
-            f"{adapter_names(model)}. Load under another name, or delete_adapter first"
-        )
+    _C._rules_check_new_adapter(
+        _tables(lora_layers(model)), adapter_name, ". Load under another name, or delete_adapter first"
+    )
     plan = _C._plan_adapter_load(path, _infos(sites), bool(partial))
-    params = dict(model.named_parameters()) if plan["biases"] else {}
     bias_copies = []
-    for name, tensor in plan["biases"]:
-        # A wrapped layer's bias is "<path>.base_layer.bias" (PEFT since 0.7), "<path>.bias" before wrapping.
-        alias = name.replace(".base_layer.bias", ".bias") if name.endswith(".base_layer.bias") else None
-        if alias is None and name.endswith(".bias"):
-            alias = name[: -len(".bias")] + ".base_layer.bias"
-        param = params.get(name, params.get(alias))
-        if param is None:
-            raise ValueError(f'load_adapter: the file has bias "{name}", which the model lacks')
-        if param.shape != tensor.shape:
-            raise ValueError(
-                f'load_adapter: bias "{name}" is {list(tensor.shape)} in the file but {list(param.shape)} '
-                "in the model"
-            )
-        bias_copies.append((param, tensor))
+    if plan["biases"]:
+        params = dict(model.named_parameters())
+        targets = _C._rules_match_biases(
+            [(name, list(t.shape)) for name, t in plan["biases"]],
+            [(name, list(p.shape)) for name, p in params.items()],
+            "load_adapter",
+        )
+        bias_copies = [(params[target], t) for target, (_, t) in zip(targets, plan["biases"])]
     for message in plan["warnings"]:
         warnings.warn(message, UserWarning, stacklevel=2)
 

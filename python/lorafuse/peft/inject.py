@@ -70,31 +70,21 @@ def lora_layers(model: nn.Module) -> List[Tuple[str, Linear]]:
     return [(path, m) for _, _, path, m in _sites(model) if is_lora_layer(m)]
 
 
+def _tables(layers: Sequence[Tuple[str, Linear]]) -> list:
+    """(path, adapter table) per layer: what the model-wide rules (C++ lorafuse::rules) read."""
+    return [(path, layer._table) for path, layer in layers]
+
+
 @_model_wide(_C._cpp_adapter_names)
 def adapter_names(model: nn.Module) -> List[str]:
     """Adapter names present in the model, in the order they first appear."""
-    names: List[str] = []
-    for _, layer in lora_layers(model):
-        names += [n for n in layer.adapters if n not in names]
-    return names
+    return _C._rules_adapter_names(_tables(lora_layers(model)))
 
 
 @_model_wide(_C._cpp_active_adapter, result=lambda model, name: name or None)
 def active_adapter(model: nn.Module) -> Optional[str]:
     """The model's active adapter, or None."""
-    for _, layer in lora_layers(model):
-        if layer.active_adapter is not None:
-            return layer.active_adapter
-    return None
-
-
-def _require_adapter(model: nn.Module, name: str, what: str) -> List[Tuple[str, Linear]]:
-    layers = lora_layers(model)
-    if not any(name in layer.adapters for _, layer in layers):
-        raise ValueError(
-            f'{what}: no layer has an adapter named "{name}"; the model has {adapter_names(model)}'
-        )
-    return layers
+    return _C._rules_active_adapter(_tables(lora_layers(model))) or None
 
 
 def _has_peft_layers(model: nn.Module) -> Optional[str]:
@@ -145,11 +135,7 @@ def _inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> nn.Modul
             f'model: "{peft_path}" is a PEFT LoRA layer; inject_lora does not mix with PEFT layers '
             "(lorafuse.from_peft converts a PEFT model)"
         )
-    if adapter_name in adapter_names(model):
-        raise ValueError(
-            f'adapter_name: the model already has an adapter named "{adapter_name}"; '
-            f"adapters: {adapter_names(model)}"
-        )
+    _C._rules_check_new_adapter(_tables(lora_layers(model)), adapter_name, "")
     sites = list(_sites(model))
     infos = [(path, type(m).__name__, _is_target(m)) for _, _, path, m in sites]
     chosen = [(i, json.loads(opts)) for i, opts in _C._select_targets(infos, config._to_json())]
@@ -166,8 +152,7 @@ def _attach(model, sites, chosen, adapter_name: str, keep_active: bool, fill=Non
     layer, or a new one wrapping an ``nn.Linear`` (in the model's train/eval mode; disabled if the model's
     adapters are; not activating the adapter when ``keep_active``). ``fill(index, layer)`` then sets the
     weights."""
-    existing = lora_layers(model)
-    all_disabled = bool(existing) and all(not layer.adapters_enabled for _, layer in existing)
+    all_disabled = _C._rules_starts_disabled(_tables(lora_layers(model)))
     for index, opts in chosen:
         parent, name, _, module = sites[index]
         kwargs = dict(
@@ -199,16 +184,10 @@ def _activate_and_freeze(model: nn.Module, active: str) -> None:
     for p in model.parameters():
         p.requires_grad_(False)
     set_adapter(model, active)
-    layers = lora_layers(model)
-    bias = next((layer.adapters[active].bias for _, layer in layers if active in layer.adapters), "none")
-    if bias == "all":
-        for name, p in model.named_parameters():
-            if name == "bias" or name.endswith(".bias"):
-                p.requires_grad_(True)
-    elif bias == "lora_only":
-        for _, layer in layers:
-            if active in layer.adapters and layer.base_layer.bias is not None:
-                layer.base_layer.bias.requires_grad_(True)
+    # the active adapter's bias mode decides, as in PEFT (a later adapter's config waits until it is active)
+    params = dict(model.named_parameters())
+    for name in _C._rules_trained_biases(_tables(lora_layers(model)), list(params), active):
+        params[name].requires_grad_(True)
 
 
 def add_adapter(model: nn.Module, adapter_name: str, config: LoraConfig) -> nn.Module:
@@ -238,11 +217,9 @@ def print_trainable_parameters(model: nn.Module) -> None:
 def set_adapter(model: nn.Module, adapter_name: str) -> None:
     """Activates ``adapter_name`` in every layer that has it (the others run as their base); only its
     weights train. Moves no data."""
-    for _, layer in _require_adapter(model, adapter_name, "set_adapter"):
-        if adapter_name in layer.adapters:
-            layer.set_adapter(adapter_name)
-        else:
-            layer.clear_active_adapter()
+    layers = lora_layers(model)
+    for (_, layer), name in zip(layers, _C._rules_plan_set_adapter(_tables(layers), adapter_name)):
+        layer.set_adapter(name)
 
 
 @_model_wide(_C._cpp_disable_adapters)
@@ -262,23 +239,16 @@ def enable_adapters(model: nn.Module) -> None:
 @_model_wide(_C._cpp_delete_adapter)
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     """Removes ``adapter_name`` from every layer (a merged adapter must be unmerged first)."""
-    layers = _require_adapter(model, adapter_name, "delete_adapter")
-    for path, layer in layers:
-        if adapter_name in layer.merged_adapters:
-            raise ValueError(
-                f'delete_adapter: adapter "{adapter_name}" is merged into "{path}"; unmerge() first'
-            )
-    was_active = active_adapter(model) == adapter_name
+    layers = lora_layers(model)
+    next_active = _C._rules_plan_delete_adapter(_tables(layers), adapter_name)
     for _, layer in layers:
         if adapter_name in layer.adapters:
             layer.delete_adapter(adapter_name)
-    if was_active:
-        remaining = adapter_names(model)
-        if remaining:
-            set_adapter(model, remaining[0])
-        else:
-            for _, layer in layers:
-                layer.clear_active_adapter()
+    if next_active:
+        set_adapter(model, next_active)
+    elif next_active == "":
+        for _, layer in layers:
+            layer.clear_active_adapter()
 
 
 class _MergeTransaction:
@@ -313,24 +283,11 @@ def merge(model: nn.Module, adapter_names: Optional[Sequence[str]] = None) -> No
 
 @_model_wide(_C._cpp_merge)
 def _merge(model: nn.Module, adapter_names: List[str]) -> None:
-    names = list(adapter_names) if adapter_names else [active_adapter(model)]
-    if names == [None]:
-        raise ValueError("merge: the model has no active adapter; name the adapters to merge")
-    for i, name in enumerate(names):
-        if name in names[:i]:
-            raise ValueError(f'merge: adapter "{name}" is named twice')
     layers = lora_layers(model)
-    for name in names:
-        _require_adapter(model, name, "merge")
-        for path, layer in layers:
-            if name in layer.merged_adapters:
-                raise ValueError(f'merge: adapter "{name}" is already merged into "{path}"')
-            if name in layer.adapters and not layer.adapters_enabled:
-                raise ValueError(f'merge: adapters are disabled in "{path}"; enable_adapters() first')
+    plan = _C._rules_plan_merge(_tables(layers), adapter_names, "merge")
     transaction = _MergeTransaction()
     try:
-        for _, layer in layers:
-            mine = [n for n in names if n in layer.adapters]
+        for (_, layer), mine in zip(layers, plan):
             if mine:
                 transaction.merge(layer, mine)
     except BaseException:
@@ -341,11 +298,11 @@ def _merge(model: nn.Module, adapter_names: List[str]) -> None:
 @_model_wide(_C._cpp_unmerge)
 def unmerge(model: nn.Module) -> None:
     """Restores every merged layer's base weight exactly."""
-    merged = [layer for _, layer in lora_layers(model) if layer.merged]
-    if not merged:
-        raise ValueError("unmerge: nothing is merged in this model")
-    for layer in merged:
-        layer.unmerge()
+    layers = lora_layers(model)
+    _C._rules_check_unmerge(_tables(layers), "unmerge")
+    for _, layer in layers:
+        if layer.merged:
+            layer.unmerge()
 
 
 @_model_wide(_C._cpp_merge_and_unload, result=lambda model, _: model)
@@ -356,7 +313,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     transaction = _MergeTransaction()
     try:
         for _, _, layer in sites:
-            if layer.active_adapter is not None and layer.active_adapter not in layer.merged_adapters:
+            if layer._table.plan_unload():
                 transaction.merge(layer, [layer.active_adapter])
     except BaseException:
         transaction.rollback()

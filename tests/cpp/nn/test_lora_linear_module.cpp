@@ -450,3 +450,20 @@ TEST_CASE("a merge that would give non-finite weights leaves the weight unchange
   CHECK(at::equal(base->weight, w0));
   CHECK_FALSE(layer->merged());
 }
+
+TEST_CASE("a thawed base weight: the base's own forward plus lora_add, with a weight gradient", "[cpu][nn]") {
+  auto layer = random_layer(12, 6, 3, 7);
+  const auto x = at::randn({5, 12});
+  const auto frozen = layer->forward(x).detach();
+  layer->base_layer->weight.set_requires_grad(true);
+  const auto y = layer->forward(x);
+  CHECK(at::allclose(y.to(at::kDouble), reference(layer, x, "default"), 1e-5, 1e-5));
+  CHECK(at::allclose(y.detach(), frozen, 1e-6, 1e-6));
+  const auto dy = at::randn_like(y);
+  y.backward(dy);
+  const auto& gw = layer->base_layer->weight.grad();
+  REQUIRE(gw.defined());
+  CHECK(at::allclose(gw, at::matmul(dy.t(), x), 1e-5, 1e-5));  // dW = dYᵀ·X
+  CHECK(layer->lora_a("default").grad().defined());
+  CHECK(layer->lora_b("default").grad().defined());
+}

@@ -755,7 +755,7 @@ def test_adapter_name_already_used(folder):
     expect_rejected(
         model,
         folder,
-        rx('already has an adapter named "mine"', "['mine']"),
+        rx('already has an adapter named "mine"', "[mine]"),
         in_file=False,
         adapter_name="mine",
     )

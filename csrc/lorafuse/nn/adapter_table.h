@@ -1,0 +1,108 @@
+// lorafuse::nn::AdapterTable — a LoRA layer's adapters by name and every rule over them: which one is active,
+// whether adapters are disabled, which are merged, what forward runs under a scope, what a merge folds in, how
+// A and B start. No tensors live here: each layer (the C++ LoraLinear, Python's lorafuse.nn.Linear, later base
+// kinds) keeps its weights and asks its table, so that the rules and their messages exist once for C++ and Python.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/ScalarType.h>
+#include <lorafuse/config/adapter_options.h>
+
+#include <optional>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+namespace lorafuse::nn {
+
+class AdapterTable {
+ public:
+  // ---- what the table holds -------------------------------------------------------------------
+  /// Adapter names in the order they were added.
+  const std::vector<std::string>& names() const noexcept { return order_; }
+  bool has(const std::string& name) const { return options_.count(name) != 0; }
+  /// The options of `name`; a ValueError prefixed with `what` (the caller's operation) when there is none.
+  const LoraAdapterOptions& options(const std::string& name, const char* what = "adapter_options") const;
+  /// The active adapter, or "" when none is.
+  const std::string& active() const noexcept { return active_; }
+  bool enabled() const noexcept { return enabled_; }
+  /// The adapters folded into the base weight, in the order they were merged (empty: nothing is merged).
+  const std::vector<std::string>& merged() const noexcept { return merged_; }
+  bool is_merged(const std::string& name) const;
+  /// Whether `name`'s A and B train: only the active adapter's do.
+  bool trains(const std::string& name) const { return !name.empty() && name == active_; }
+
+  // ---- adding and removing ----------------------------------------------------------------------
+  /// Checks that adapter `name` with `options` can be added to a layer whose base weight has `base_dtype`
+  /// (a valid name not present yet, valid options, a floating-point base, an adapter dtype that is the base's
+  /// or float32) and returns the dtype of its A and B: options.dtype(), else float32 for a float16/bfloat16
+  /// base, else the base's dtype.
+  c10::ScalarType check_add(const std::string& name, const LoraAdapterOptions& options,
+                            c10::ScalarType base_dtype) const;
+  /// Records `name` (checked by check_add). The first adapter becomes active unless `activate` is false; returns
+  /// whether it did (then every adapter's trainability changes; else only the new one's, frozen).
+  bool add(const std::string& name, const LoraAdapterOptions& options, bool activate);
+  /// Checks that `name` can be removed: present and not merged.
+  void check_remove(const std::string& name) const;
+  /// Removes `name`; if it was active the first remaining adapter (if any) becomes active. Returns whether the
+  /// active adapter changed.
+  bool remove(const std::string& name);
+
+  // ---- which adapter runs -----------------------------------------------------------------------
+  /// Checks `name` for set_adapter ("": none active); returns whether the layer must unmerge first (switching
+  /// away from the active adapter of a merged layer, as PEFT does, so that a merged adapter never adds to
+  /// another one; clearing the active adapter of a merged layer).
+  bool check_activate(const std::string& name) const;
+  /// Makes `name` active ("": none; checked by check_activate).
+  void activate(const std::string& name);
+  void set_enabled(bool enabled) noexcept { enabled_ = enabled; }
+  /// The adapter that forward runs ("" for the base alone): the active one, or `scoped` (the innermost
+  /// AdapterScope's name on this thread, "" running the base) while a scope is open. Disabled adapters and a
+  /// merged adapter run the base; a scope naming another adapter than the one merged into the weight is a
+  /// ValueError. Reads no adapter options (forward may run while another thread adds adapters): a name the
+  /// layer lacks comes back as it is, and the layer, finding no weights for it, runs the base.
+  std::string route(const std::optional<std::string>& scoped) const;
+
+  // ---- merging ----------------------------------------------------------------------------------
+  /// Checks a merge of `names` (empty: the active adapter) and returns every adapter the merged weight then
+  /// holds, those merged before first (merges start from the unmerged weight, so merging one by one rounds
+  /// once). Errors: disabled adapters, no active adapter, an unknown, already merged or repeated name.
+  std::vector<std::string> plan_merge(const std::vector<std::string>& names) const;
+  /// The adapters folded into the weight now (a plan_merge result, or {} after an unmerge).
+  void set_merged(std::vector<std::string> names) { merged_ = std::move(names); }
+  /// An error unless something is merged.
+  void check_unmerge() const;
+  /// What merge_and_unload folds in for good: every adapter the weight then holds (as plan_merge; the active
+  /// one added unless merged already, also while disabled, as PEFT does), or {} when nothing is to be folded.
+  std::vector<std::string> plan_unload() const;
+
+  // ---- text and state ---------------------------------------------------------------------------
+  /// "adapters=[default(r=8, lora_alpha=8, lora_dropout=0)], active=default[, disabled][, merged=[...]]".
+  std::string describe() const;
+  /// The whole table as JSON: {"adapters": [{name, options...}], "active", "enabled", "merged"} (module archives,
+  /// Python pickling).
+  std::string to_json() const;
+  /// A table from to_json's text, checked as a whole (names, options, active and merged adapters listed);
+  /// ValueErrors are prefixed with `what`.
+  static AdapterTable from_json(const std::string& text, const std::string& what);
+
+  /// "[a, b]": how messages list names.
+  static std::string join(const std::vector<std::string>& names);
+
+ private:
+  std::unordered_map<std::string, LoraAdapterOptions> options_;
+  std::vector<std::string> order_;
+  std::string active_;
+  bool enabled_ = true;
+  std::vector<std::string> merged_;
+};
+
+/// The dtype of an adapter's A and B over a base weight of `base_dtype`: options.dtype(), else float32 for a
+/// float16/bfloat16 base (as PEFT keeps adapters in float32), else the base's dtype.
+c10::ScalarType adapter_dtype(const LoraAdapterOptions& options, c10::ScalarType base_dtype);
+
+/// Sets a new adapter's weights as its init_lora_weights says (A [r, in], B [out, r]; PEFT's rules):
+/// true: A kaiming-uniform (a = √5), B zeros; "gaussian": A normal(0, 1/r), B zeros; false: both kaiming-uniform.
+void init_adapter_weights(at::Tensor& a, at::Tensor& b, const LoraAdapterOptions& options);
+
+}  // namespace lorafuse::nn

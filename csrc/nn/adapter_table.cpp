@@ -1,0 +1,202 @@
+#include <c10/util/Exception.h>
+#include <lorafuse/nn/adapter_table.h>
+#include <torch/csrc/autograd/grad_mode.h>
+#include <torch/nn/init.h>
+
+#include <algorithm>
+#include <cmath>
+#include <sstream>
+#include <nlohmann/json.hpp>
+
+namespace lorafuse::nn {
+namespace {
+
+using json = nlohmann::ordered_json;
+
+bool listed(const std::vector<std::string>& names, const std::string& name) {
+  return std::find(names.begin(), names.end(), name) != names.end();
+}
+
+}  // namespace
+
+std::string AdapterTable::join(const std::vector<std::string>& names) {
+  std::string out;
+  for (const auto& n : names) out += (out.empty() ? "" : ", ") + n;
+  return "[" + out + "]";
+}
+
+const LoraAdapterOptions& AdapterTable::options(const std::string& name, const char* what) const {
+  const auto it = options_.find(name);
+  TORCH_CHECK_VALUE(it != options_.end(), what, ": no adapter named \"", name, "\"; this layer has ", join(order_));
+  return it->second;
+}
+
+bool AdapterTable::is_merged(const std::string& name) const { return listed(merged_, name); }
+
+c10::ScalarType AdapterTable::check_add(const std::string& name, const LoraAdapterOptions& options,
+                                        c10::ScalarType base_dtype) const {
+  check_adapter_name(name);
+  options.validate();
+  TORCH_CHECK_VALUE(!has(name), "adapter_name: an adapter named \"", name, "\" already exists; this layer has ",
+                    join(order_));
+  TORCH_CHECK_TYPE(c10::isFloatingType(base_dtype), "base_layer: its weight is ", base_dtype,
+                   "; lorafuse wraps floating-point linear layers (a quantized base needs its own base kind)");
+  if (options.dtype()) {
+    TORCH_CHECK_TYPE(*options.dtype() == base_dtype || *options.dtype() == at::kFloat,
+                     "dtype: lora_A and lora_B must have the base weight's dtype (", base_dtype, ") or float32, found ",
+                     *options.dtype());
+  }
+  return adapter_dtype(options, base_dtype);
+}
+
+c10::ScalarType adapter_dtype(const LoraAdapterOptions& options, c10::ScalarType base_dtype) {
+  if (options.dtype()) return *options.dtype();
+  return base_dtype == at::kHalf || base_dtype == at::kBFloat16 ? at::kFloat : base_dtype;
+}
+
+bool AdapterTable::add(const std::string& name, const LoraAdapterOptions& options, bool activate) {
+  TORCH_CHECK_VALUE(!has(name), "adapter_name: an adapter named \"", name, "\" already exists; this layer has ",
+                    join(order_));
+  options_.emplace(name, options);
+  order_.push_back(name);
+  if (active_.empty() && activate) {
+    active_ = name;
+    return true;
+  }
+  return false;
+}
+
+void AdapterTable::check_remove(const std::string& name) const {
+  options(name, "delete_adapter");
+  TORCH_CHECK_VALUE(!is_merged(name), "delete_adapter: adapter \"", name, "\" is merged; unmerge() first");
+}
+
+bool AdapterTable::remove(const std::string& name) {
+  check_remove(name);
+  options_.erase(name);
+  order_.erase(std::find(order_.begin(), order_.end(), name));
+  if (active_ != name) return false;
+  active_ = order_.empty() ? std::string() : order_.front();
+  return true;
+}
+
+bool AdapterTable::check_activate(const std::string& name) const {
+  if (name.empty()) return !merged_.empty();  // no adapter active: the layer is its base
+  options(name, "set_adapter");
+  return !merged_.empty() && name != active_;
+}
+
+void AdapterTable::activate(const std::string& name) {
+  if (!name.empty()) options(name, "set_adapter");
+  active_ = name;
+}
+
+std::string AdapterTable::route(const std::optional<std::string>& scoped) const {
+  const std::string& name = scoped ? *scoped : active_;
+  if (!enabled_) return "";
+  if (!merged_.empty()) {
+    TORCH_CHECK_VALUE(name == active_, "AdapterScope(\"", name, "\"): this layer has ", join(merged_),
+                      " merged into its weight; unmerge first to run other adapters per thread");
+    if (is_merged(name)) return "";
+  }
+  return name;
+}
+
+std::vector<std::string> AdapterTable::plan_merge(const std::vector<std::string>& names) const {
+  TORCH_CHECK_VALUE(enabled_, "merge: adapters are disabled in this layer; enable_adapters() first");
+  std::vector<std::string> chosen = names;
+  if (chosen.empty()) {
+    TORCH_CHECK_VALUE(!active_.empty(), "merge: this layer has no active adapter; name the adapters to merge");
+    chosen.push_back(active_);
+  }
+  for (size_t i = 0; i < chosen.size(); ++i) {
+    options(chosen[i], "merge");
+    TORCH_CHECK_VALUE(!is_merged(chosen[i]), "merge: adapter \"", chosen[i], "\" is already merged");
+    TORCH_CHECK_VALUE(std::find(chosen.begin(), chosen.begin() + i, chosen[i]) == chosen.begin() + i,
+                      "merge: adapter \"", chosen[i], "\" is named twice");
+  }
+  std::vector<std::string> all = merged_;
+  all.insert(all.end(), chosen.begin(), chosen.end());
+  return all;
+}
+
+void AdapterTable::check_unmerge() const {
+  TORCH_CHECK_VALUE(!merged_.empty(), "unmerge: nothing is merged in this layer");
+}
+
+std::vector<std::string> AdapterTable::plan_unload() const {
+  if (active_.empty() || is_merged(active_)) return {};
+  std::vector<std::string> all = merged_;
+  all.push_back(active_);
+  return all;
+}
+
+std::string AdapterTable::describe() const {
+  std::ostringstream out;
+  out << "adapters=[";
+  for (size_t i = 0; i < order_.size(); ++i) {
+    const auto& a = options_.at(order_[i]);
+    out << (i ? ", " : "") << order_[i] << "(r=" << a.r() << ", lora_alpha=" << a.lora_alpha()
+        << ", lora_dropout=" << a.lora_dropout() << (a.use_rslora() ? ", use_rslora=true" : "") << ")";
+  }
+  out << "], active=" << (active_.empty() ? "none" : active_);
+  if (!enabled_) out << ", disabled";
+  if (!merged_.empty()) out << ", merged=" << join(merged_);
+  return out.str();
+}
+
+std::string AdapterTable::to_json() const {
+  json adapters = json::array();
+  for (const auto& name : order_) {
+    json entry = json::parse(adapter_options_json(options_.at(name)));
+    entry["name"] = name;
+    adapters.push_back(std::move(entry));
+  }
+  return json{{"adapters", std::move(adapters)}, {"active", active_}, {"enabled", enabled_}, {"merged", merged_}}
+      .dump();
+}
+
+AdapterTable AdapterTable::from_json(const std::string& text, const std::string& what) {
+  AdapterTable table;
+  try {
+    const json j = json::parse(text);
+    for (const auto& a : j.at("adapters")) {
+      const auto name = a.at("name").get<std::string>();
+      check_adapter_name(name);
+      TORCH_CHECK_VALUE(!table.has(name), what, ": adapter \"", name, "\" is listed twice");
+      table.options_.emplace(name, adapter_options_from_json(a.dump(), what));
+      table.order_.push_back(name);
+    }
+    table.active_ = j.at("active").get<std::string>();
+    table.enabled_ = j.at("enabled").get<bool>();
+    table.merged_ = j.at("merged").get<std::vector<std::string>>();
+  } catch (const json::exception& e) {
+    TORCH_CHECK_VALUE(false, what, ": cannot read the adapter table: ", e.what());
+  }
+  for (const auto& n : table.merged_) {
+    TORCH_CHECK_VALUE(table.has(n), what, ": merged adapter \"", n, "\" is not in the table");
+  }
+  TORCH_CHECK_VALUE(table.active_.empty() || table.has(table.active_), what, ": active adapter \"", table.active_,
+                    "\" is not in the table");
+  return table;
+}
+
+void init_adapter_weights(at::Tensor& a, at::Tensor& b, const LoraAdapterOptions& options) {
+  torch::NoGradGuard no_grad;
+  switch (options.init_lora_weights().kind()) {
+    case InitLoraWeights::Kind::kDefault:
+      torch::nn::init::kaiming_uniform_(a, std::sqrt(5.0));
+      torch::nn::init::zeros_(b);
+      break;
+    case InitLoraWeights::Kind::kGaussian:
+      torch::nn::init::normal_(a, 0.0, 1.0 / static_cast<double>(options.r()));
+      torch::nn::init::zeros_(b);
+      break;
+    case InitLoraWeights::Kind::kRandom:
+      torch::nn::init::kaiming_uniform_(a, std::sqrt(5.0));
+      torch::nn::init::kaiming_uniform_(b, std::sqrt(5.0));
+      break;
+  }
+}
+
+}  // namespace lorafuse::nn

@@ -1,0 +1,172 @@
+#include <c10/util/Exception.h>
+#include <lorafuse/peft/rules.h>
+
+#include <algorithm>
+#include <map>
+#include <set>
+
+namespace lorafuse::rules {
+namespace {
+
+using nn::AdapterTable;
+
+bool listed(const std::vector<std::string>& names, const std::string& name) {
+  return std::find(names.begin(), names.end(), name) != names.end();
+}
+
+bool has_adapter(const LayerTables& layers, const std::string& name) {
+  return std::any_of(layers.begin(), layers.end(), [&](const auto& l) { return l.second->has(name); });
+}
+
+}  // namespace
+
+std::vector<std::string> adapter_names(const LayerTables& layers) {
+  std::vector<std::string> names;
+  for (const auto& [path, table] : layers) {
+    for (const auto& n : table->names()) {
+      if (!listed(names, n)) names.push_back(n);
+    }
+  }
+  return names;
+}
+
+std::string active_adapter(const LayerTables& layers) {
+  for (const auto& [path, table] : layers) {
+    if (!table->active().empty()) return table->active();
+  }
+  return "";
+}
+
+void require_adapter(const LayerTables& layers, const std::string& name, const std::string& what) {
+  TORCH_CHECK_VALUE(has_adapter(layers, name), what, ": no layer has an adapter named \"", name, "\"; the model has ",
+                    AdapterTable::join(adapter_names(layers)));
+}
+
+void check_new_adapter(const LayerTables& layers, const std::string& name, const std::string& hint) {
+  TORCH_CHECK_VALUE(!has_adapter(layers, name), "adapter_name: the model already has an adapter named \"", name,
+                    "\"; adapters: ", AdapterTable::join(adapter_names(layers)), hint);
+}
+
+std::vector<std::string> plan_set_adapter(const LayerTables& layers, const std::string& name) {
+  require_adapter(layers, name, "set_adapter");
+  std::vector<std::string> plan;
+  for (const auto& [path, table] : layers) plan.push_back(table->has(name) ? name : std::string());
+  return plan;
+}
+
+std::optional<std::string> plan_delete_adapter(const LayerTables& layers, const std::string& name) {
+  require_adapter(layers, name, "delete_adapter");
+  for (const auto& [path, table] : layers) {
+    TORCH_CHECK_VALUE(!table->is_merged(name), "delete_adapter: adapter \"", name, "\" is merged into \"", path,
+                      "\"; unmerge first");
+  }
+  if (active_adapter(layers) != name) return std::nullopt;
+  for (const auto& n : adapter_names(layers)) {
+    if (n != name) return n;
+  }
+  return std::string();
+}
+
+std::vector<std::vector<std::string>> plan_merge(const LayerTables& layers, const std::vector<std::string>& names_in,
+                                                 const std::string& what) {
+  std::vector<std::string> names = names_in;
+  if (names.empty()) {
+    const auto active = active_adapter(layers);
+    TORCH_CHECK_VALUE(!active.empty(), what, ": the model has no active adapter; name the adapters to merge");
+    names.push_back(active);
+  }
+  for (size_t i = 0; i < names.size(); ++i) {
+    TORCH_CHECK_VALUE(std::find(names.begin(), names.begin() + i, names[i]) == names.begin() + i, what,
+                      ": adapter \"", names[i], "\" is named twice");
+  }
+  for (const auto& name : names) {
+    require_adapter(layers, name, what);
+    for (const auto& [path, table] : layers) {
+      TORCH_CHECK_VALUE(!table->is_merged(name), what, ": adapter \"", name, "\" is already merged into \"", path,
+                        "\"");
+      TORCH_CHECK_VALUE(!table->has(name) || table->enabled(), what, ": adapters are disabled in \"", path,
+                        "\"; enable_adapters() first");
+    }
+  }
+  std::vector<std::vector<std::string>> plan;
+  for (const auto& [path, table] : layers) {
+    std::vector<std::string> mine;
+    for (const auto& name : names) {
+      if (table->has(name)) mine.push_back(name);
+    }
+    plan.push_back(std::move(mine));
+  }
+  return plan;
+}
+
+void check_unmerge(const LayerTables& layers, const std::string& what) {
+  const bool any = std::any_of(layers.begin(), layers.end(), [](const auto& l) { return !l.second->merged().empty(); });
+  TORCH_CHECK_VALUE(any, what, ": nothing is merged in this model");
+}
+
+bool starts_disabled(const LayerTables& layers) {
+  return !layers.empty() &&
+         std::all_of(layers.begin(), layers.end(), [](const auto& l) { return !l.second->enabled(); });
+}
+
+std::string bias_mode(const LayerTables& layers, const std::string& active) {
+  for (const auto& [path, table] : layers) {
+    if (table->has(active)) return table->options(active).bias();
+  }
+  return "none";
+}
+
+namespace {
+
+bool ends_with(const std::string& s, const std::string& suffix) {
+  return s.size() > suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+bool is_bias(const std::string& name) { return name == "bias" || ends_with(name, ".bias"); }
+
+std::string shape_str(const std::vector<int64_t>& shape) {
+  std::string out;
+  for (const auto d : shape) out += (out.empty() ? "" : ", ") + std::to_string(d);
+  return "[" + out + "]";
+}
+
+}  // namespace
+
+std::vector<std::string> trained_biases(const LayerTables& layers, const std::vector<std::string>& parameter_names,
+                                        const std::string& adapter) {
+  const std::string mode = bias_mode(layers, adapter);
+  std::set<std::string> wanted;
+  if (mode == "lora_only") {
+    for (const auto& [path, table] : layers) {
+      if (table->has(adapter)) wanted.insert(path + ".base_layer.bias");
+    }
+  }
+  std::vector<std::string> out;
+  for (const auto& name : parameter_names) {
+    if ((mode == "all" && is_bias(name)) || wanted.count(name) != 0) out.push_back(name);
+  }
+  return out;
+}
+
+std::vector<std::string> match_biases(const std::vector<std::pair<std::string, std::vector<int64_t>>>& file_biases,
+                                      const std::vector<std::pair<std::string, std::vector<int64_t>>>& parameters,
+                                      const std::string& what) {
+  const std::map<std::string, std::vector<int64_t>> shapes(parameters.begin(), parameters.end());
+  const std::string wrapped = ".base_layer.bias";
+  std::vector<std::string> out;
+  for (const auto& [name, shape] : file_biases) {
+    std::string target = name;
+    if (shapes.count(target) == 0 && ends_with(name, ".bias")) {
+      target = ends_with(name, wrapped) ? name.substr(0, name.size() - wrapped.size()) + ".bias"
+                                        : name.substr(0, name.size() - 5) + wrapped;
+    }
+    const auto it = shapes.find(target);
+    TORCH_CHECK_VALUE(it != shapes.end(), what, ": the file has bias \"", name, "\", which the model lacks");
+    TORCH_CHECK_VALUE(it->second == shape, what, ": bias \"", name, "\" is ", shape_str(shape), " in the file but ",
+                      shape_str(it->second), " in the model");
+    out.push_back(target);
+  }
+  return out;
+}
+
+}  // namespace lorafuse::rules

@@ -1,0 +1,115 @@
+"""The adapter table that lorafuse.nn.Linear keeps (lorafuse._C.AdapterTable, the C++ layer's own): copies,
+pickling, the options type, and the same description in both languages."""
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+import lorafuse
+from lorafuse import _C
+from lorafuse.nn import AdapterOptions, Linear
+
+
+def _layer() -> Linear:
+    torch.manual_seed(0)
+    layer = Linear(nn.Linear(16, 8), r=4, lora_alpha=8, init_lora_weights=False)
+    layer.add_adapter("b", r=2, lora_alpha=4, lora_dropout=0.1, use_rslora=True, init_lora_weights=False)
+    return layer
+
+
+def test_adapter_options_are_the_cpp_options_validated_and_picklable():
+    o = AdapterOptions(4, 8.0, 0.1, True, "gaussian", "lora_only", torch.float32)
+    assert (o.r, o.lora_alpha, o.lora_dropout, o.use_rslora, o.init_lora_weights, o.bias, o.dtype) == (
+        4, 8.0, 0.1, True, "gaussian", "lora_only", torch.float32,
+    )
+    assert o.scale == pytest.approx(8.0 / 2.0)  # rsLoRA: alpha / sqrt(r)
+    assert AdapterOptions(4, 8.0).scale == pytest.approx(2.0)
+    assert pickle.loads(pickle.dumps(o)) == o
+    assert AdapterOptions(4) != o
+    with pytest.raises(ValueError, match="r: expected a rank > 0, found 0"):
+        AdapterOptions(0)
+    with pytest.raises(ValueError, match='bias: expected "none", "all" or "lora_only", found "some"'):
+        AdapterOptions(4, bias="some")
+    with pytest.raises(ValueError, match="init_lora_weights"):
+        AdapterOptions(4, init_lora_weights="pissa")
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle", "torch.save"])
+def test_a_copied_layer_keeps_its_table_and_computes_the_same(how):
+    layer = _layer().eval()
+    layer.merge(["b"])
+    x = torch.randn(3, 16)
+    expected = layer(x)
+    if how == "deepcopy":
+        other = copy.deepcopy(layer)
+    elif how == "pickle":
+        other = pickle.loads(pickle.dumps(layer))
+    else:
+        buffer = io.BytesIO()
+        torch.save(layer, buffer)
+        buffer.seek(0)
+        other = torch.load(buffer, weights_only=False)
+    assert other._table is not layer._table
+    assert other.extra_repr() == layer.extra_repr()
+    assert other.merged_adapters == ["b"] and other.active_adapter == "default"
+    torch.testing.assert_close(other(x), expected, rtol=0, atol=0)
+    # the copy is independent: unmerging it restores its own weight exactly and leaves the original merged
+    original_weight = layer.base_layer.weight.clone()
+    other.unmerge()
+    assert not other.merged and layer.merged_adapters == ["b"]
+    torch.testing.assert_close(layer.base_layer.weight, original_weight, rtol=0, atol=0)
+    other.set_adapter("b")
+    assert other.lora_A["b"].weight.requires_grad and not other.lora_A["default"].weight.requires_grad
+
+
+def test_python_and_cpp_layers_describe_the_same_table():
+    py_layer = _layer()
+    cpp_layer = _C.LoraLinear(16, 8, r=4, lora_alpha=8.0)
+    cpp_layer.add_adapter("b", r=2, lora_alpha=4.0, lora_dropout=0.1, use_rslora=True)
+    assert py_layer.extra_repr() in repr(cpp_layer)
+    py_layer.merge(["b"])
+    cpp_layer.merge(["b"])
+    py_layer.disable_adapters()
+    cpp_layer.disable_adapters()
+    assert py_layer.extra_repr() in repr(cpp_layer)
+    assert py_layer.extra_repr().endswith("active=default, disabled")
+
+
+def test_the_same_refusals_from_both_layers():
+    py_layer = _layer()
+    cpp_layer = _C.LoraLinear(16, 8, r=4, lora_alpha=8.0)
+    cpp_layer.add_adapter("b", r=2, lora_alpha=4.0)
+    for call in (
+        lambda layer: layer.set_adapter("nope"),
+        lambda layer: layer.delete_adapter("nope"),
+        lambda layer: layer.merge(["b", "b"]),
+        lambda layer: layer.unmerge(),
+    ):
+        with pytest.raises(ValueError) as py_error:
+            call(py_layer)
+        with pytest.raises(ValueError) as cpp_error:
+            call(cpp_layer)
+        assert str(py_error.value) == str(cpp_error.value)
+
+
+def test_scope_routes_follow_the_table():
+    layer = _layer().eval()
+    x = torch.randn(2, 16)
+    base = layer.base_layer(x)
+    with lorafuse.use_adapter("b"):
+        b_out = layer(x)
+    with lorafuse.use_adapter("absent"):  # a name this layer lacks runs its base
+        torch.testing.assert_close(layer(x), base)
+    layer.merge()  # "default" merged: a scope may run it (the weight holds it) but nothing else
+    with lorafuse.use_adapter("default"):
+        torch.testing.assert_close(layer(x), layer.base_layer(x))
+    for other in ("b", "absent"):
+        with lorafuse.use_adapter(other), pytest.raises(ValueError, match=f'AdapterScope\\("{other}"\\)'):
+            layer(x)
+    layer.unmerge()
+    with lorafuse.use_adapter("b"):
+        torch.testing.assert_close(layer(x), b_out)
