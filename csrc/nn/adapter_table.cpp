@@ -81,13 +81,12 @@ bool AdapterTable::remove(const std::string& name) {
 }
 
 bool AdapterTable::check_activate(const std::string& name) const {
-  if (name.empty()) return !merged_.empty();  // no adapter active: the layer is its base
   options(name, "set_adapter");
   return !merged_.empty() && name != active_;
 }
 
 void AdapterTable::activate(const std::string& name) {
-  if (!name.empty()) options(name, "set_adapter");
+  options(name, "set_adapter");
   active_ = name;
 }
 

@@ -175,7 +175,11 @@ void LoraLinearImpl::set_adapter(const std::string& name) {
   apply_trainability();
 }
 
-void LoraLinearImpl::clear_active_adapter() { set_adapter(""); }
+void LoraLinearImpl::clear_active_adapter() {
+  if (table_.check_clear()) unmerge();
+  table_.clear_active();
+  apply_trainability();
+}
 
 void LoraLinearImpl::delete_adapter(const std::string& name) {
   table_.check_remove(name);

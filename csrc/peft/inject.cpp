@@ -266,7 +266,13 @@ void print_trainable_parameters(const Module& module) { print_trainable_paramete
 void set_adapter(Module& module, const std::string& adapter_name) {
   const auto layers = lora_layers(module);
   const auto plan = rules::plan_set_adapter(tables_of(layers), adapter_name);
-  for (size_t i = 0; i < layers.size(); ++i) layers[i].second->set_adapter(plan[i]);
+  for (size_t i = 0; i < layers.size(); ++i) {
+    if (plan[i].empty()) {
+      layers[i].second->clear_active_adapter();
+    } else {
+      layers[i].second->set_adapter(plan[i]);
+    }
+  }
 }
 
 void disable_adapters(Module& module) {

@@ -48,9 +48,13 @@ void bind_adapter_table(py::module& m) {
       .def_property_readonly("bias", [](const LoraAdapterOptions& o) { return o.bias(); })
       .def_property_readonly("dtype", [](const LoraAdapterOptions& o) { return o.dtype(); })
       .def_property_readonly("scale", &LoraAdapterOptions::scale)
-      .def("__eq__", [](const LoraAdapterOptions& a, const LoraAdapterOptions& b) {
-        return nn::adapter_options_json(a) == nn::adapter_options_json(b);
-      })
+      .def(
+          "__eq__",
+          [](const LoraAdapterOptions& a, const LoraAdapterOptions& b) {
+            return nn::adapter_options_json(a) == nn::adapter_options_json(b);
+          },
+          py::is_operator())  // another type: NotImplemented, so == is False and `in` works
+      .def("__hash__", [](const LoraAdapterOptions& o) { return py::hash(py::str(nn::adapter_options_json(o))); })
       .def("__repr__", [](const LoraAdapterOptions& o) { return "AdapterOptions(" + nn::adapter_options_json(o) + ")"; })
       .def(py::pickle([](const LoraAdapterOptions& o) { return nn::adapter_options_json(o); },
                       [](const std::string& text) {
@@ -85,6 +89,8 @@ void bind_adapter_table(py::module& m) {
       .def("check_activate",
            [](const AdapterTable& t, const std::string& n) { return translating([&] { return t.check_activate(n); }); })
       .def("activate", [](AdapterTable& t, const std::string& n) { translating([&] { t.activate(n); }); })
+      .def("check_clear", &AdapterTable::check_clear)
+      .def("clear_active", &AdapterTable::clear_active)
       .def("set_enabled", &AdapterTable::set_enabled)
       .def(
           "route",

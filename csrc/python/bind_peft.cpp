@@ -9,51 +9,60 @@ namespace lorafuse::python {
 
 namespace {
 
+// (path, table) pairs from Python; None for a table is a TypeError naming the path, not a null pointer.
+using TablesArg = std::vector<std::pair<std::string, const nn::AdapterTable*>>;
+rules::LayerTables checked(const TablesArg& layers) {
+  for (const auto& [path, table] : layers) {
+    if (table == nullptr) throw py::type_error("layers: \"" + path + "\" has no adapter table (found None)");
+  }
+  return layers;
+}
+
 // The model-wide rules over the tables of Python layers (lorafuse.peft plans with these, then acts on its layers).
 void bind_rules(py::module& m) {
-  using rules::LayerTables;
+  using LayerTables = TablesArg;
   const auto layers = py::arg("layers");
-  m.def("_rules_adapter_names", [](const LayerTables& l) { return rules::adapter_names(l); }, layers);
-  m.def("_rules_active_adapter", [](const LayerTables& l) { return rules::active_adapter(l); }, layers);
+  m.def("_rules_adapter_names", [](const LayerTables& l) { return rules::adapter_names(checked(l)); }, layers);
+  m.def("_rules_active_adapter", [](const LayerTables& l) { return rules::active_adapter(checked(l)); }, layers);
   m.def(
       "_rules_require_adapter",
       [](const LayerTables& l, const std::string& name, const std::string& what) {
-        translating([&] { rules::require_adapter(l, name, what); });
+        translating([&] { rules::require_adapter(checked(l), name, what); });
       },
       layers, py::arg("name"), py::arg("what"));
   m.def(
       "_rules_plan_set_adapter",
       [](const LayerTables& l, const std::string& name) {
-        return translating([&] { return rules::plan_set_adapter(l, name); });
+        return translating([&] { return rules::plan_set_adapter(checked(l), name); });
       },
       layers, py::arg("name"));
   m.def(
       "_rules_plan_delete_adapter",
       [](const LayerTables& l, const std::string& name) {
-        return translating([&] { return rules::plan_delete_adapter(l, name); });
+        return translating([&] { return rules::plan_delete_adapter(checked(l), name); });
       },
       layers, py::arg("name"));
   m.def(
       "_rules_plan_merge",
       [](const LayerTables& l, const std::vector<std::string>& names, const std::string& what) {
-        return translating([&] { return rules::plan_merge(l, names, what); });
+        return translating([&] { return rules::plan_merge(checked(l), names, what); });
       },
       layers, py::arg("names"), py::arg("what"));
   m.def(
       "_rules_check_unmerge",
-      [](const LayerTables& l, const std::string& what) { translating([&] { rules::check_unmerge(l, what); }); },
+      [](const LayerTables& l, const std::string& what) { translating([&] { rules::check_unmerge(checked(l), what); }); },
       layers, py::arg("what"));
-  m.def("_rules_starts_disabled", [](const LayerTables& l) { return rules::starts_disabled(l); }, layers);
+  m.def("_rules_starts_disabled", [](const LayerTables& l) { return rules::starts_disabled(checked(l)); }, layers);
   m.def(
       "_rules_check_new_adapter",
       [](const LayerTables& l, const std::string& name, const std::string& hint) {
-        translating([&] { rules::check_new_adapter(l, name, hint); });
+        translating([&] { rules::check_new_adapter(checked(l), name, hint); });
       },
       layers, py::arg("name"), py::arg("hint"));
   m.def(
       "_rules_trained_biases",
       [](const LayerTables& l, const std::vector<std::string>& parameter_names, const std::string& adapter) {
-        return rules::trained_biases(l, parameter_names, adapter);
+        return rules::trained_biases(checked(l), parameter_names, adapter);
       },
       layers, py::arg("parameter_names"), py::arg("adapter"));
   using Shapes = std::vector<std::pair<std::string, std::vector<int64_t>>>;

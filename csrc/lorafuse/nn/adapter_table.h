@@ -49,12 +49,14 @@ class AdapterTable {
   bool remove(const std::string& name);
 
   // ---- which adapter runs -----------------------------------------------------------------------
-  /// Checks `name` for set_adapter ("": none active); returns whether the layer must unmerge first (switching
-  /// away from the active adapter of a merged layer, as PEFT does, so that a merged adapter never adds to
-  /// another one; clearing the active adapter of a merged layer).
+  /// Checks `name` for set_adapter; returns whether the layer must unmerge first (switching away from the
+  /// active adapter of a merged layer, as PEFT does, so that a merged adapter never adds to another one).
   bool check_activate(const std::string& name) const;
-  /// Makes `name` active ("": none; checked by check_activate).
+  /// Makes `name` active (checked by check_activate).
   void activate(const std::string& name);
+  /// For clear_active_adapter (no adapter active: the layer is its base): whether the layer must unmerge first.
+  bool check_clear() const noexcept { return !merged_.empty(); }
+  void clear_active() noexcept { active_.clear(); }
   void set_enabled(bool enabled) noexcept { enabled_ = enabled; }
   /// The adapter that forward runs ("" for the base alone): the active one, or `scoped` (the innermost
   /// AdapterScope's name on this thread, "" running the base) while a scope is open. Disabled adapters and a

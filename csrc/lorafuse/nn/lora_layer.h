@@ -31,7 +31,6 @@ class LoraLayer {
 
   /// Adds adapter `name`; with `activate` false it never becomes the active one.
   virtual void add_adapter(const std::string& name, const LoraAdapterOptions& options, bool activate) = 0;
-  /// Activates `name` ("": none, as clear_active_adapter).
   virtual void set_adapter(const std::string& name) = 0;
   virtual void clear_active_adapter() = 0;
   virtual void delete_adapter(const std::string& name) = 0;

@@ -26,7 +26,8 @@ void require_adapter(const LayerTables& layers, const std::string& name, const s
 /// A ValueError "adapter_name: the model already has an adapter named ..." (then `hint`) if some layer has `name`.
 void check_new_adapter(const LayerTables& layers, const std::string& name, const std::string& hint = "");
 
-/// set_adapter: per layer, the adapter it activates: `name`, or "" (none active) where the layer lacks it.
+/// set_adapter: per layer, the adapter it activates: `name`, or "" where the layer lacks it (clear_active_adapter:
+/// it runs its base).
 std::vector<std::string> plan_set_adapter(const LayerTables& layers, const std::string& name);
 /// delete_adapter (checked: some layer has it, none has it merged): what the model activates afterwards —
 /// nothing (std::nullopt) unless `name` was active; then the first remaining adapter, or "" when none remains.

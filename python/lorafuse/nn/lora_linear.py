@@ -17,9 +17,6 @@ AdapterOptions.__doc__ = """One adapter's hyperparameters (PEFT's names; C++ ``L
 ``lora_dropout``, ``use_rslora``, ``init_lora_weights``, ``bias``, ``dtype`` and ``scale`` (lora_alpha / r, or
 lora_alpha / sqrt(r) with use_rslora)."""
 
-# A route that forward cannot know in advance: the adapter table is asked (and raises the scope error).
-_ASK = object()
-
 # Per-thread adapter choice: lorafuse.use_adapter opens a C++ AdapterScope (what C++ layers read) and, in
 # the same call, pushes the name onto this thread's stack here (what Python layers read: a Python value, so
 # that torch.compile can trace and guard it). _open_scopes counts the scopes open on any thread, so that
@@ -99,12 +96,12 @@ class Linear(nn.Module):
         # so that torch.compile guards on tensors and numbers, not on the active adapter's name (switching
         # between adapters of the same shapes and scale does not recompile). _route: None (the base alone) or
         # [A, B, scale, dropout]; _routes: every adapter's, replaced as a whole so that forward on other threads
-        # (use_adapter) reads a consistent table; _scoped: the route per scope name, _scoped_other for names
-        # the layer lacks (_ASK: ask the table, which raises).
+        # (use_adapter) reads a consistent table; _scoped: the route per scope name that has one; _scoped_ask:
+        # whether a name not in _scoped must be asked of the table (which raises), else it runs the base.
         self._route: Optional[list] = None
         self._routes: Dict[str, list] = {}
         self._scoped: Dict[str, Optional[list]] = {}
-        self._scoped_other: object = None
+        self._scoped_ask = False
         self.register_buffer(
             "weight_unmerged", torch.empty(0, device=base_layer.weight.device), persistent=False
         )
@@ -225,12 +222,12 @@ class Linear(nn.Module):
             except ValueError:
                 continue  # forward asks the table, which raises with the scope's name
             scoped[n] = routes.get(target) if target else None
-        self._scoped = scoped
-        try:  # "." can name no adapter: it stands for every name this layer lacks, which runs the base
+        try:  # "." can name no adapter: it stands for every name this layer lacks
             table.route(".")
-            self._scoped_other = None
+            ask = False
         except ValueError:
-            self._scoped_other = _ASK
+            ask = True
+        self._scoped, self._scoped_ask = scoped, ask
 
     def set_adapter(self, adapter_name: str) -> None:
         """Activates ``adapter_name`` (only its A and B require grad); moves no data. Switching away from
@@ -242,7 +239,10 @@ class Linear(nn.Module):
 
     def clear_active_adapter(self) -> None:
         """No adapter active: the layer is its base (unmerging first)."""
-        self.set_adapter("")
+        if self._table.check_clear():
+            self.unmerge()
+        self._table.clear_active()
+        self._apply_trainability()
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Removes ``adapter_name`` (a merged adapter must be unmerged first)."""
@@ -338,10 +338,14 @@ class Linear(nn.Module):
             stack = getattr(_thread_scope, "stack", None)
             if stack:
                 name = stack[-1][1]
-                route = self._scoped.get(name, self._scoped_other)
-                if route is _ASK:
-                    target = self._table.route(name)
+                scoped = self._scoped  # one snapshot: other threads may refresh it meanwhile
+                if name in scoped:
+                    route = scoped[name]
+                elif self._scoped_ask:
+                    target = self._table.route(name)  # raises: another adapter than the merged one
                     route = self._routes.get(target) if target else None
+                else:  # a name this layer lacks: its base
+                    route = None
         base = self.base_layer
         if route is None:
             return base(x)

@@ -219,7 +219,10 @@ def set_adapter(model: nn.Module, adapter_name: str) -> None:
     weights train. Moves no data."""
     layers = lora_layers(model)
     for (_, layer), name in zip(layers, _C._rules_plan_set_adapter(_tables(layers), adapter_name)):
-        layer.set_adapter(name)
+        if name:
+            layer.set_adapter(name)
+        else:
+            layer.clear_active_adapter()
 
 
 @_model_wide(_C._cpp_disable_adapters)

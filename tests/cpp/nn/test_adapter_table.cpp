@@ -52,6 +52,7 @@ TEST_CASE("adapter table: adding, the first adapter active, dtypes, refusals", "
 TEST_CASE("adapter table: activating, removing, routing under scopes", "[cpu][nn][adapter_table]") {
   AdapterTable t = table_with({"a", "b"});
   CHECK_FALSE(t.check_activate("b"));  // nothing merged: no unmerge
+  CHECK_FALSE(t.check_clear());
   t.activate("b");
   CHECK(t.route(std::nullopt) == "b");
   CHECK(t.route(std::string("a")) == "a");
@@ -70,7 +71,8 @@ TEST_CASE("adapter table: activating, removing, routing under scopes", "[cpu][nn
   require_error_parts<c10::ValueError>([&] { t.route(std::string("a")); },
                                        {"AdapterScope(\"a\")", "[b] merged into its weight"});
   CHECK(t.check_activate("a"));  // switching away from a merged adapter unmerges first
-  CHECK(t.check_activate(""));   // so does clearing
+  CHECK(t.check_clear());        // so does clearing
+  require_error_parts<c10::ValueError>([&] { t.check_activate(""); }, {"set_adapter", "no adapter named \"\""});
   CHECK_FALSE(t.check_activate("b"));
   require_error_parts<c10::ValueError>([&] { t.check_remove("b"); }, {"delete_adapter", "\"b\" is merged"});
   t.set_merged({});
