@@ -54,6 +54,7 @@ from common import (
     medians,
     peak_rss_bytes,
     plot_title,
+    reset_peak_memory,
     pyplot,
     rounded,
     run_worker,
@@ -344,6 +345,7 @@ def memory_probe(spec: dict[str, Any]) -> dict[str, Any]:
     step = train_step(model, make_batch(cfg, device, spec["seed"] + 1))
     gc.collect()
     built = current_rss_bytes()
+    reset_peak_memory(device)  # the peak of the steps, not of importing torch, transformers and peft
     for _ in range(spec["steps"]):
         step()
     peak = max(peak_rss_bytes(), built)  # the kernel's RSS counters are approximate: a few pages either way

@@ -244,8 +244,8 @@ _RSS_PEAK_RESET = False  # whether the CPU's peak RSS has been reset (Linux /pro
 
 def reset_peak_memory(device: torch.device) -> None:
     """Starts a new peak-memory measurement. CUDA: torch's allocator statistics. CPU (Linux): resets the
-    process's resident-set high-water mark to its current size (writing 5 to /proc/self/clear_refs), which
-    also resets getrusage's ru_maxrss; where that is impossible the peak counts from the process's start."""
+    process's resident-set high-water mark (VmHWM) to its current size (writing 5 to /proc/self/clear_refs);
+    where that is impossible the peak counts from the process's start."""
     global _RSS_PEAK_RESET
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -261,7 +261,7 @@ def reset_peak_memory(device: torch.device) -> None:
 
 def peak_memory_bytes(device: torch.device) -> int:
     """The peak since :func:`reset_peak_memory`: CUDA, the most memory torch's allocator held for tensors
-    (torch.cuda.max_memory_allocated); CPU, the process's peak resident set size (ru_maxrss), which
+    (torch.cuda.max_memory_allocated); CPU, the process's peak resident set size (VmHWM), which
     includes Python and torch's libraries. See :func:`peak_memory_meaning`."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -284,6 +284,15 @@ def cuda_step_memory(step: Callable[[], None], device: torch.device) -> dict[str
 
 
 def peak_rss_bytes() -> int:
+    """The process's peak resident set size: Linux's VmHWM, which reset_peak_memory resets (ru_maxrss is not
+    reset, and keeps the peak of importing torch and transformers); else ru_maxrss."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024)  # bytes on macOS, KiB on Linux
 
