@@ -5,3 +5,4 @@
 #include <lorafuse/ops/lora_linear.h>
 #include <lorafuse/ops/lora_add.h>
 #include <lorafuse/ops/merge.h>
+#include <lorafuse/ops/nf4.h>

@@ -39,4 +39,15 @@ TORCH_LIBRARY(lorafuse, m) {
   // one from the unmerged weight gives the same bits as merging them at once. Unmerging is exact because
   // the layers keep the unmerged weight (no subtraction).
   m.def("lora_merge(Tensor weight, Tensor[] lora_a, Tensor[] lora_b, float[] scale) -> Tensor");
+
+  // ---- NF4: the 4-bit NormalFloat base of QLoRA, bitsandbytes' exact bytes (cuda/shared/nf4.h has the rules)
+  // weight (float32/bfloat16/float16, finite) → packed uint8 [ceil(n/2), 1], absmax float32 [blocks] (uint8 codes
+  // with double_quant), nested_absmax float32 [ceil(blocks/256)] and offset float32 [] (both [0] without).
+  m.def(
+      "quantize_nf4(Tensor weight, int blocksize=64, bool double_quant=True) "
+      "-> (Tensor packed, Tensor absmax, Tensor nested_absmax, Tensor offset)");
+  // The weight of `shape` in `dtype`: code[index]·absmax of its block in float32, rounded once to dtype.
+  m.def(
+      "dequantize_nf4(Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? offset, int blocksize, "
+      "int[] shape, ScalarType dtype) -> Tensor");
 }

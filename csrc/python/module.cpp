@@ -10,6 +10,9 @@ PYBIND11_MODULE(_C, m) {
   m.attr("__version__") = LORAFUSE_VERSION;
   m.def("has_cuda_kernels", &lorafuse::has_cuda_kernels,
         "Whether this build of lorafuse has its CUDA kernels (LORAFUSE_CUDA at build time).");
+  m.def("nf4_code_map", &lorafuse::nf4_code_map, "The 16 NF4 code values (bitsandbytes' quant_map), float32 [16].");
+  m.def("dynamic_code_map", &lorafuse::dynamic_code_map,
+        "The dynamic 8-bit code of double quantization (bitsandbytes' nested_quant_map), float32 [256].");
   lp::bind_config(m);
   lp::bind_nn(m);
   lp::bind_models(m);

@@ -12,11 +12,7 @@
 
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define LORAFUSE_HD __host__ __device__ __forceinline__
-#else
-#define LORAFUSE_HD inline
-#endif
+#include "cuda/shared/host_device.h"
 
 namespace lorafuse::philox {
 

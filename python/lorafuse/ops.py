@@ -1,6 +1,6 @@
 """Python front of the lorafuse operators (backed by ``torch.ops.lorafuse``)."""
 
-from typing import Optional
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -38,3 +38,40 @@ def lora_linear(
         TypeError: a dtype does not fit.
     """
     return torch.ops.lorafuse.lora_linear(x, weight, bias, lora_a, lora_b, float(scale), float(dropout_p))
+
+
+class Nf4Weight(NamedTuple):
+    """A weight in NF4 as bitsandbytes stores it (and transformers' 4-bit checkpoints name it)."""
+
+    packed: Tensor  #: uint8 [ceil(n/2), 1]: two 4-bit codes per byte, the first element in the high nibble
+    absmax: Tensor  #: float32 [blocks], or uint8 [blocks] (8-bit codes) with double quantization
+    nested_absmax: Tensor  #: float32 [ceil(blocks/256)] with double quantization, else [0]
+    offset: Tensor  #: float32 [] (mean of the first-level absmax) with double quantization, else [0]
+
+
+def quantize_nf4(weight: Tensor, blocksize: int = 64, double_quant: bool = True) -> Nf4Weight:
+    """NF4 (4-bit NormalFloat) quantization with bitsandbytes' exact bytes: the same as
+    ``bitsandbytes.functional.quantize_4bit(weight, blocksize=blocksize, quant_type="nf4",
+    compress_statistics=double_quant)`` on the CPU.
+
+    The weight (float32, bfloat16 or float16, any shape, read row-major) is split into blocks of ``blocksize``
+    (32, 64, ..., 4096) elements; each block keeps its absmax and each element the nearest of the 16 NF4 codes of
+    ``w / absmax`` (ties to the lower code). With ``double_quant`` the block statistics are stored again in 8 bits
+    (blocks of 256) around their mean: 4.127 bits per weight at blocksize 64.
+
+    Raises:
+        ValueError: a non-finite value (the message gives its flat index), an empty weight, a blocksize
+            bitsandbytes does not allow.
+        TypeError: a weight that is not float32, bfloat16 or float16.
+    """
+    return Nf4Weight(*torch.ops.lorafuse.quantize_nf4(weight, int(blocksize), bool(double_quant)))
+
+
+def dequantize_nf4(
+    q: Nf4Weight, shape: Sequence[int], dtype: torch.dtype = torch.float32, blocksize: int = 64
+) -> Tensor:
+    """The weight of ``shape`` in ``dtype`` that ``q`` encodes: code · absmax of its block in float32 (the
+    statistics decoded first when double-quantized), rounded once to ``dtype`` — bitsandbytes' dequantize_4bit."""
+    nested = q.nested_absmax if q.nested_absmax.numel() else None
+    offset = q.offset if nested is not None else None
+    return torch.ops.lorafuse.dequantize_nf4(q.packed, q.absmax, nested, offset, int(blocksize), list(shape), dtype)

@@ -1,0 +1,41 @@
+// lorafuse — the C++ API of the NF4 ops (csrc/ops/nf4.cpp): 4-bit NormalFloat quantization with bitsandbytes'
+// exact bytes (QLoRA's frozen base). Calls go through the dispatcher (torch.ops.lorafuse.quantize_nf4, ...).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/ScalarType.h>
+
+#include <cstdint>
+#include <optional>
+#include <tuple>
+
+namespace lorafuse {
+
+/// What quantize_nf4 returns, with bitsandbytes' (and transformers' checkpoint) names:
+///   packed         uint8 [ceil(n/2), 1]: two 4-bit codes per byte, the first element in the high nibble
+///   absmax         float32 [blocks] (no double quantization) or uint8 [blocks] (the statistics' 8-bit codes)
+///   nested_absmax  float32 [ceil(blocks/256)] with double quantization, else [0]
+///   offset         float32 [] (mean of the first-level absmax) with double quantization, else [0]
+struct Nf4Weight {
+  at::Tensor packed, absmax, nested_absmax, offset;
+};
+
+/// Quantizes `weight` (float32, bfloat16 or float16; any shape, read row-major; finite values) in blocks of
+/// `blocksize` (32, 64, ..., 4096), bit-exact with bitsandbytes' quantize_4bit(quant_type="nf4",
+/// compress_statistics=double_quant) on the CPU.
+Nf4Weight quantize_nf4(const at::Tensor& weight, int64_t blocksize = 64, bool double_quant = true);
+
+/// The weight of `shape` in `dtype` (float32, bfloat16 or float16) that `packed` and its statistics encode:
+/// code[index] · absmax of its block, computed in float32 (absmax first decoded from its 8-bit codes and the
+/// offset added when nested_absmax is given), rounded once to dtype — bitsandbytes' dequantize_4bit.
+at::Tensor dequantize_nf4(const at::Tensor& packed, const at::Tensor& absmax,
+                          const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,
+                          int64_t blocksize, at::IntArrayRef shape, at::ScalarType dtype);
+
+/// The 16 NF4 code values (bitsandbytes' quant_map), float32 [16] on the CPU.
+at::Tensor nf4_code_map();
+/// The 256 values of the dynamic 8-bit code the statistics are quantized with (bitsandbytes' nested_quant_map,
+/// create_dynamic_map(signed=True)), float32 [256] on the CPU.
+at::Tensor dynamic_code_map();
+
+}  // namespace lorafuse

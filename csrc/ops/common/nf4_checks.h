@@ -1,0 +1,30 @@
+// What every NF4 kernel checks and shares (CPU, Meta, later CUDA): argument rules with messages naming the
+// argument, the output shapes, and the code tables as float32 arrays.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/ScalarType.h>
+
+#include <array>
+#include <cstdint>
+#include <optional>
+
+namespace lorafuse::detail {
+
+/// Blocks of `blocksize` over n elements (a partial last block counts).
+inline int64_t nf4_blocks(int64_t n, int64_t blocksize) { return (n + blocksize - 1) / blocksize; }
+
+/// quantize_nf4: weight float32/bfloat16/float16, strided, non-empty; blocksize one of 32 ... 4096.
+void check_quantize_nf4_args(const at::Tensor& weight, int64_t blocksize);
+
+/// dequantize_nf4: sizes and dtypes of packed, absmax, nested_absmax and offset agree with shape and blocksize.
+/// Returns whether the statistics are double-quantized.
+bool check_dequantize_nf4_args(const at::Tensor& packed, const at::Tensor& absmax,
+                               const std::optional<at::Tensor>& nested_absmax,
+                               const std::optional<at::Tensor>& offset, int64_t blocksize, at::IntArrayRef shape,
+                               at::ScalarType dtype);
+
+/// The dynamic 8-bit code (256 sorted values), computed once as bitsandbytes' create_dynamic_map(signed=True).
+const std::array<float, 256>& dynamic_code();
+
+}  // namespace lorafuse::detail

@@ -1,0 +1,45 @@
+// C++ API of the NF4 ops → dispatcher; the code tables.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/empty.h>
+#include <lorafuse/ops/nf4.h>
+
+#include <algorithm>
+
+#include "csrc/ops/common/nf4_checks.h"
+#include "cuda/shared/nf4.h"
+
+namespace lorafuse {
+
+Nf4Weight quantize_nf4(const at::Tensor& weight, int64_t blocksize, bool double_quant) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("lorafuse::quantize_nf4", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, int64_t,
+                                                                                          bool)>();
+  auto [packed, absmax, nested_absmax, offset] = op.call(weight, blocksize, double_quant);
+  return {packed, absmax, nested_absmax, offset};
+}
+
+at::Tensor dequantize_nf4(const at::Tensor& packed, const at::Tensor& absmax,
+                          const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,
+                          int64_t blocksize, at::IntArrayRef shape, at::ScalarType dtype) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("lorafuse::dequantize_nf4", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                         const std::optional<at::Tensor>&, int64_t, at::IntArrayRef, at::ScalarType)>();
+  return op.call(packed, absmax, nested_absmax, offset, blocksize, shape, dtype);
+}
+
+at::Tensor nf4_code_map() {
+  at::Tensor out = at::empty({16}, at::TensorOptions().dtype(at::kFloat));
+  std::copy(std::begin(nf4::kCode), std::end(nf4::kCode), out.data_ptr<float>());
+  return out;
+}
+
+at::Tensor dynamic_code_map() {
+  at::Tensor out = at::empty({256}, at::TensorOptions().dtype(at::kFloat));
+  const auto& code = detail::dynamic_code();
+  std::copy(code.begin(), code.end(), out.data_ptr<float>());
+  return out;
+}
+
+}  // namespace lorafuse

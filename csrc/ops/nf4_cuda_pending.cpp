@@ -1,0 +1,28 @@
+// The NF4 ops on CUDA tensors until their CUDA kernels land (QLoRA issue): a clear error instead of the
+// dispatcher's "could not run with arguments from the CUDA backend". Registered in every build.
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+namespace {
+
+[[noreturn]] void pending(const char* op) {
+  TORCH_CHECK(false, op,
+              ": lorafuse has no CUDA kernel for this op yet; run it on CPU tensors (e.g. weight.cpu()) and move the "
+              "results to the GPU");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_nf4_cuda_pending(const at::Tensor&, int64_t, bool) {
+  pending("lorafuse.quantize_nf4");
+}
+
+at::Tensor dequantize_nf4_cuda_pending(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                       const std::optional<at::Tensor>&, int64_t, at::IntArrayRef, at::ScalarType) {
+  pending("lorafuse.dequantize_nf4");
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lorafuse, CUDA, m) {
+  m.impl("quantize_nf4", &quantize_nf4_cuda_pending);
+  m.impl("dequantize_nf4", &dequantize_nf4_cuda_pending);
+}

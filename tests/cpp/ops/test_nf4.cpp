@@ -1,0 +1,76 @@
+// The NF4 ops through the C++ API (<lorafuse/ops/nf4.h>); bit-exactness against bitsandbytes is tested in
+// tests/python/ops/test_nf4.py, where the real bitsandbytes runs.
+#include <ATen/ATen.h>
+#include <lorafuse/ops/nf4.h>
+
+#include "catch.h"
+#include "nn/nn_test_util.h"
+
+using lorafuse_test::require_error_parts;
+
+TEST_CASE("nf4: the code values, the packing order and the tie rule", "[cpu][ops][nf4]") {
+  const auto code = lorafuse::nf4_code_map();
+  REQUIRE(code.numel() == 16);
+  CHECK(code[0].item<float>() == -1.0f);
+  CHECK(code[7].item<float>() == 0.0f);
+  CHECK(code[15].item<float>() == 1.0f);
+  CHECK(at::all(code.slice(0, 1) > code.slice(0, 0, -1)).item<bool>());
+  const auto dynamic = lorafuse::dynamic_code_map();
+  REQUIRE(dynamic.numel() == 256);
+  CHECK(at::all(dynamic.slice(0, 1) >= dynamic.slice(0, 0, -1)).item<bool>());
+  CHECK(dynamic[255].item<float>() == 1.0f);
+
+  // one block of 32: absmax 1 (code 15), then -1 (code 0), then each midpoint (the lower code), then zeros (code 7)
+  auto w = at::zeros({32});
+  w[0] = 1.0;
+  w[1] = -1.0;
+  for (int i = 0; i < 15; ++i) w[2 + i] = (code[i] + code[i + 1]).item<float>() / 2.0f;
+  const auto q = lorafuse::quantize_nf4(w, 32, false);
+  REQUIRE(q.packed.sizes() == at::IntArrayRef({16, 1}));
+  const auto bytes = q.packed.reshape(-1);
+  CHECK(bytes[0].item<uint8_t>() == 0xF0);  // first element in the high nibble
+  for (int i = 0; i < 15; ++i) {
+    const auto byte = bytes[(2 + i) / 2].item<uint8_t>();
+    CHECK(((2 + i) % 2 == 0 ? byte >> 4 : byte & 15) == i);
+  }
+  CHECK(bytes[15].item<uint8_t>() == 0x77);
+  CHECK(q.absmax.item<float>() == 1.0f);
+}
+
+TEST_CASE("nf4: round trip within half a code gap of each block's absmax, double quantization close to single",
+          "[cpu][ops][nf4]") {
+  at::manual_seed(3);
+  const auto w = at::randn({96, 130});
+  for (const int64_t bs : {32, 64, 4096}) {
+    const auto single = lorafuse::quantize_nf4(w, bs, false);
+    const auto back = lorafuse::dequantize_nf4(single.packed, single.absmax, std::nullopt, std::nullopt, bs,
+                                               w.sizes(), at::kFloat);
+    REQUIRE(back.sizes() == w.sizes());
+    // the largest gap between neighbouring codes is -0.6961928 - (-1) < 0.3039: half of it bounds the error
+    // relative to the block's absmax
+    const auto absmax = single.absmax.repeat_interleave(bs).slice(0, 0, w.numel()).reshape(w.sizes());
+    CHECK(at::all((back - w).abs() <= absmax * 0.152 + 1e-6).item<bool>());
+    const auto dq = lorafuse::quantize_nf4(w, bs, true);
+    CHECK(dq.absmax.scalar_type() == at::kByte);
+    CHECK(dq.offset.dim() == 0);
+    const auto back2 =
+        lorafuse::dequantize_nf4(dq.packed, dq.absmax, dq.nested_absmax, dq.offset, bs, w.sizes(), at::kBFloat16);
+    CHECK(back2.scalar_type() == at::kBFloat16);
+    CHECK(at::allclose(back2.to(at::kFloat), back, 0.02, 0.02));
+  }
+}
+
+TEST_CASE("nf4: bad input names the argument", "[cpu][ops][nf4]") {
+  require_error_parts<c10::ValueError>([] { lorafuse::quantize_nf4(at::randn({4, 4}), 100, true); },
+                                       {"blocksize", "found 100"});
+  require_error_parts<c10::TypeError>([] { lorafuse::quantize_nf4(at::ones({4, 4}, at::kInt), 64, true); },
+                                      {"weight", "Int"});
+  auto w = at::randn({4, 64});
+  w[1][3] = std::numeric_limits<float>::infinity();
+  require_error_parts<c10::ValueError>([&] { lorafuse::quantize_nf4(w, 64, true); },
+                                       {"weight: expected finite values", "flat index 67"});
+  const auto q = lorafuse::quantize_nf4(at::randn({4, 64}), 64, false);
+  require_error_parts<c10::ValueError>(
+      [&] { lorafuse::dequantize_nf4(q.packed, q.absmax, std::nullopt, std::nullopt, 64, {4, 65}, at::kFloat); },
+      {"packed", "130 bytes", "found 128"});
+}

@@ -1,0 +1,165 @@
+"""NF4 quantization (torch.ops.lorafuse.quantize_nf4 / dequantize_nf4) against the real bitsandbytes on the CPU:
+the same bytes, block statistics, nested statistics and offset; the same dequantized values; clear errors."""
+
+import itertools
+
+import pytest
+import torch
+
+import lorafuse
+from lorafuse import _C
+
+import bitsandbytes.functional as bnb_f  # noqa: E402 (a requirement: the reference is never skipped)
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+BLOCKSIZES = [32, 64, 128, 256, 512, 1024, 2048, 4096]
+
+
+def _bnb(weight, blocksize, double_quant):
+    packed, state = bnb_f.quantize_4bit(
+        weight, blocksize=blocksize, quant_type="nf4", compress_statistics=double_quant
+    )
+    return packed, state
+
+
+def _bnb_absmax_float(state):
+    """The float32 block statistics bitsandbytes decodes (its dequantize_4bit's first step)."""
+    if state.nested:
+        return bnb_f.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    return state.absmax
+
+
+def _reference_dequant(packed, absmax, blocksize, shape, dtype):
+    """code[index] · absmax of the block in float32, rounded once (bitsandbytes' documented semantics)."""
+    n = 1
+    for d in shape:
+        n *= d
+    u = packed.reshape(-1)
+    index = torch.stack([u >> 4, u & 15], 1).reshape(-1)[:n].long()
+    code = bnb_f.get_4bit_type("nf4", device="cpu")
+    return (code[index] * absmax.float().repeat_interleave(blocksize)[:n]).reshape(shape).to(dtype)
+
+
+def _assert_same_as_bnb(weight, blocksize, double_quant):
+    packed, state = _bnb(weight, blocksize, double_quant)
+    q = lorafuse.quantize_nf4(weight, blocksize, double_quant)
+    assert torch.equal(q.packed, packed), "packed bytes differ"
+    assert torch.equal(q.absmax, state.absmax), "absmax differs"
+    if double_quant:
+        assert torch.equal(q.nested_absmax, state.state2.absmax), "nested absmax differs"
+        assert torch.equal(q.offset.reshape(()), state.offset.reshape(())), "offset differs"
+    else:
+        assert q.nested_absmax.numel() == 0 and q.offset.numel() == 0
+    shape = list(weight.shape)
+    ours = lorafuse.dequantize_nf4(q, shape, weight.dtype, blocksize)
+    expected = _reference_dequant(packed, _bnb_absmax_float(state), blocksize, shape, weight.dtype)
+    assert ours.shape == weight.shape and ours.dtype == weight.dtype
+    assert torch.equal(ours, expected), "dequantized values differ"
+    return q
+
+
+@pytest.mark.parametrize(
+    "shape,dtype,blocksize,double_quant",
+    [
+        (shape, dtype, bs, dq)
+        for (shape, dtype), bs, dq in itertools.product(
+            [((64, 64), torch.float32), ((33, 17), torch.bfloat16), ((300, 64), torch.float16), ((7,), torch.float32),
+             ((3, 5, 129), torch.bfloat16), ((257 * 64 + 3,), torch.float32), ((512, 130), torch.float16)],
+            [32, 64, 256, 4096],
+            [False, True],
+        )
+    ],
+)
+def test_bytes_and_values_equal_bitsandbytes(shape, dtype, blocksize, double_quant):
+    torch.manual_seed(hash((shape, blocksize)) % 1000)
+    weight = (torch.randn(*shape) * 0.05).to(dtype)
+    _assert_same_as_bnb(weight, blocksize, double_quant)
+
+
+@pytest.mark.parametrize("blocksize", BLOCKSIZES)
+def test_every_blocksize(blocksize):
+    torch.manual_seed(blocksize)
+    _assert_same_as_bnb(torch.randn(64, 257), blocksize, True)
+
+
+def test_adversarial_blocks():
+    code = bnb_f.get_4bit_type("nf4", device="cpu")
+    midpoints = (code[:-1] + code[1:]) / 2
+    blocks = [
+        torch.cat([torch.tensor([1.0]), midpoints, torch.zeros(48)]),  # ties: absmax 1, values on midpoints
+        torch.cat([torch.tensor([-1.0]), -midpoints, torch.zeros(48)]),
+        torch.zeros(64),  # an all-zero block
+        torch.full((64,), 1e-39),  # subnormal values
+        torch.cat([torch.tensor([3e38]), torch.randn(63)]),  # near float32's largest
+        torch.cat([torch.tensor([2.0**-126]), torch.zeros(63)]),
+        torch.randn(64).sign(),  # every value is ±absmax
+    ]
+    weight = torch.cat(blocks + [torch.zeros(21)])  # and a partial last block of zeros (stores 1e-38)
+    for double_quant in (False, True):
+        q = _assert_same_as_bnb(weight, 64, double_quant)
+    assert q.packed.shape == ((weight.numel() + 1) // 2, 1)
+    # the tie block: value i on midpoint i takes the lower code i (the leading 1.0 is code 15)
+    first = lorafuse.quantize_nf4(weight[:64], 64, False).packed.reshape(-1)[:8]
+    assert torch.stack([first >> 4, first & 15], 1).reshape(-1).tolist() == [15, *range(15)]
+
+
+def test_bits_per_weight():
+    weight = torch.randn(4096, 4096)
+    q = lorafuse.quantize_nf4(weight, 64, True)
+    stored = sum(t.numel() * t.element_size() for t in q)
+    assert stored * 8 / weight.numel() == pytest.approx(4.127, abs=0.001)
+
+
+def test_code_maps_are_bitsandbytes():
+    assert torch.equal(_C.nf4_code_map(), bnb_f.get_4bit_type("nf4", device="cpu"))
+    assert torch.equal(_C.dynamic_code_map(), bnb_f.create_dynamic_map(signed=True))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_values_are_refused_by_index(bad):
+    weight = torch.randn(4, 64)
+    weight[2, 5] = bad
+    with pytest.raises(ValueError, match=r"quantize_nf4: weight: expected finite values, found .* at flat index 133"):
+        lorafuse.quantize_nf4(weight)
+
+
+def test_bad_arguments_name_what_is_wrong():
+    with pytest.raises(ValueError, match="blocksize: expected one of 32, 64.*found 48"):
+        lorafuse.quantize_nf4(torch.randn(8, 8), 48)
+    with pytest.raises(TypeError, match="weight: expected float32, bfloat16 or float16, found Double"):
+        lorafuse.quantize_nf4(torch.randn(8, 8, dtype=torch.float64))
+    with pytest.raises(ValueError, match="weight: expected at least one element"):
+        lorafuse.quantize_nf4(torch.empty(0, 8))
+    q = lorafuse.quantize_nf4(torch.randn(16, 64), 64, True)
+    with pytest.raises(ValueError, match=r"packed: expected 512 bytes .* for shape \[16, 64\], found 256"):
+        torch.ops.lorafuse.dequantize_nf4(q.packed[:256], q.absmax, q.nested_absmax, q.offset, 64, [16, 64], torch.float32)
+    with pytest.raises(ValueError, match=r"absmax: expected 8 values .* found 16"):
+        lorafuse.dequantize_nf4(q, [16, 64], torch.float32, blocksize=128)
+    with pytest.raises(TypeError, match="absmax: expected float32 .* found Byte"):
+        torch.ops.lorafuse.dequantize_nf4(q.packed, q.absmax, None, None, 64, [16, 64], torch.float32)
+    with pytest.raises(ValueError, match="offset: expected one float32 value with nested_absmax"):
+        torch.ops.lorafuse.dequantize_nf4(q.packed, q.absmax, q.nested_absmax, None, 64, [16, 64], torch.float32)
+    with pytest.raises(TypeError, match="dtype: expected float32, bfloat16 or float16, found Double"):
+        lorafuse.dequantize_nf4(q, [16, 64], torch.float64)
+
+
+def test_meta_tensors_give_shapes():
+    weight = torch.empty(1000, 130, device="meta")
+    q = lorafuse.quantize_nf4(weight, 64, True)
+    blocks = (1000 * 130 + 63) // 64
+    assert [t.shape for t in q] == [torch.Size([65000, 1]), torch.Size([blocks]), torch.Size([(blocks + 255) // 256]), torch.Size([])]
+    assert [t.dtype for t in q] == [torch.uint8, torch.uint8, torch.float32, torch.float32]
+    out = lorafuse.dequantize_nf4(q, [1000, 130], torch.bfloat16)
+    assert out.shape == (1000, 130) and out.dtype == torch.bfloat16 and out.device.type == "meta"
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_opcheck(double_quant):
+    weight = torch.randn(40, 96)
+    torch.library.opcheck(torch.ops.lorafuse.quantize_nf4.default, (weight, 64, double_quant))
+    q = lorafuse.quantize_nf4(weight, 64, double_quant)
+    nested = q.nested_absmax if double_quant else None
+    offset = q.offset if double_quant else None
+    torch.library.opcheck(
+        torch.ops.lorafuse.dequantize_nf4.default, (q.packed, q.absmax, nested, offset, 64, [40, 96], torch.bfloat16)
+    )
