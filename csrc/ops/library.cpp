@@ -50,4 +50,13 @@ TORCH_LIBRARY(lorafuse, m) {
   m.def(
       "dequantize_nf4(Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? offset, int blocksize, "
       "int[] shape, ScalarType dtype) -> Tensor");
+  // y = x·Wᵀ + bias for the NF4 weight W [out_features, in] (in = x.size(-1)), dequantized a tile of rows at a time
+  // in x's dtype (never the whole dense weight); differentiable in x and bias, never in W.
+  m.def(
+      "nf4_linear(Tensor x, Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? offset, int blocksize, "
+      "int out_features, Tensor? bias=None) -> Tensor");
+  // dX = dY·W [..., in_features] for nf4_linear's backward, tile by tile, accumulated in float32.
+  m.def(
+      "nf4_linear_backward(Tensor grad_out, Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? offset, "
+      "int blocksize, int in_features) -> Tensor");
 }

@@ -29,6 +29,28 @@ at::Tensor dequantize_nf4(const at::Tensor& packed, const at::Tensor& absmax,
   return op.call(packed, absmax, nested_absmax, offset, blocksize, shape, dtype);
 }
 
+at::Tensor nf4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                      const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,
+                      int64_t blocksize, int64_t out_features, const std::optional<at::Tensor>& bias) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("lorafuse::nf4_linear", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, int64_t,
+                                         int64_t, const std::optional<at::Tensor>&)>();
+  return op.call(x, packed, absmax, nested_absmax, offset, blocksize, out_features, bias);
+}
+
+at::Tensor nf4_linear_backward(const at::Tensor& grad_out, const at::Tensor& packed, const at::Tensor& absmax,
+                               const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,
+                               int64_t blocksize, int64_t in_features) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("lorafuse::nf4_linear_backward", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, int64_t,
+                                         int64_t)>();
+  return op.call(grad_out, packed, absmax, nested_absmax, offset, blocksize, in_features);
+}
+
 at::Tensor nf4_code_map() {
   at::Tensor out = at::empty({16}, at::TensorOptions().dtype(at::kFloat));
   std::copy(std::begin(nf4::kCode), std::end(nf4::kCode), out.data_ptr<float>());

@@ -20,9 +20,23 @@ at::Tensor dequantize_nf4_cuda_pending(const at::Tensor&, const at::Tensor&, con
   pending("lorafuse.dequantize_nf4");
 }
 
+at::Tensor nf4_linear_cuda_pending(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                   const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, int64_t, int64_t,
+                                   const std::optional<at::Tensor>&) {
+  pending("lorafuse.nf4_linear");
+}
+
+at::Tensor nf4_linear_backward_cuda_pending(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                            const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                                            int64_t, int64_t) {
+  pending("lorafuse.nf4_linear_backward");
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lorafuse, CUDA, m) {
   m.impl("quantize_nf4", &quantize_nf4_cuda_pending);
   m.impl("dequantize_nf4", &dequantize_nf4_cuda_pending);
+  m.impl("nf4_linear", &nf4_linear_cuda_pending);
+  m.impl("nf4_linear_backward", &nf4_linear_backward_cuda_pending);
 }

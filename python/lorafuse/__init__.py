@@ -7,7 +7,7 @@ import torch  # noqa: F401  (loads libtorch before lorafuse's native library)
 
 from . import _C, models, nn, peft
 from .config import LoraConfig
-from .ops import Nf4Weight, dequantize_nf4, lora_linear, quantize_nf4
+from .ops import Nf4Weight, dequantize_nf4, lora_linear, nf4_linear, quantize_nf4
 from .peft import (
     active_adapter,
     adapter_names,
@@ -42,6 +42,7 @@ __all__ = [
     "lora_linear",
     "quantize_nf4",
     "dequantize_nf4",
+    "nf4_linear",
     "Nf4Weight",
     "has_cuda_kernels",
     "__version__",

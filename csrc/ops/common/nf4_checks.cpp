@@ -87,6 +87,33 @@ bool check_dequantize_nf4_args(const at::Tensor& packed, const at::Tensor& absma
   return nested;
 }
 
+bool check_nf4_linear_args(const char* op, const at::Tensor& x, int64_t x_features, const at::Tensor& packed,
+                           const at::Tensor& absmax, const std::optional<at::Tensor>& nested_absmax,
+                           const std::optional<at::Tensor>& offset, int64_t blocksize, int64_t out_features,
+                           int64_t in_features, const std::optional<at::Tensor>& bias) {
+  const char* name = x_features == in_features ? "x" : "grad_out";
+  TORCH_CHECK_VALUE(x.defined() && x.layout() == at::kStrided, op, ": ", name, " must be a dense (strided) tensor");
+  TORCH_CHECK_TYPE(is_input_float(x.scalar_type()) || x.scalar_type() == at::kDouble, op, ": ", name,
+                   ": expected float32, bfloat16, float16 or float64, found ", x.scalar_type());
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.sym_size(-1) == x_features, op, ": ", name, ": expected [..., ", x_features,
+                    "], found shape ", x.sym_sizes());
+  TORCH_CHECK_VALUE(out_features > 0 && in_features > 0, op, ": expected out_features and in_features > 0, found ",
+                    out_features, " and ", in_features);
+  TORCH_CHECK_VALUE(packed.device() == x.device(), op, ": packed must be on ", name, "'s device ", x.device(),
+                    "; found ", packed.device());
+  const bool nested = check_dequantize_nf4_args(packed, absmax, nested_absmax, offset, blocksize,
+                                                {out_features, in_features}, at::kFloat);
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->sym_size(0) == out_features, op, ": bias: expected [", out_features,
+                      "], found shape ", bias->sym_sizes());
+    TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), op, ": bias: expected x's dtype ", x.scalar_type(),
+                     ", found ", bias->scalar_type());
+    TORCH_CHECK_VALUE(bias->device() == x.device(), op, ": bias must be on x's device ", x.device(), "; found ",
+                      bias->device());
+  }
+  return nested;
+}
+
 const std::array<float, 256>& dynamic_code() {
   // bitsandbytes' create_dynamic_map(signed=True, max_exponent_bits=7, total_bits=8), step by step in the same
   // ATen ops so that every value is the same float: for each exponent i, the midpoints of linspace(0.1, 1, 2^i + 1)

@@ -24,6 +24,14 @@ bool check_dequantize_nf4_args(const at::Tensor& packed, const at::Tensor& absma
                                const std::optional<at::Tensor>& offset, int64_t blocksize, at::IntArrayRef shape,
                                at::ScalarType dtype);
 
+/// nf4_linear / nf4_linear_backward: x (or grad_out) float32/bfloat16/float16/float64 with its last size matching,
+/// the NF4 weight [out_features, in_features] as dequantize_nf4 checks it, bias [out_features] in x's dtype.
+/// Returns whether the statistics are double-quantized.
+bool check_nf4_linear_args(const char* op, const at::Tensor& x, int64_t x_features, const at::Tensor& packed,
+                           const at::Tensor& absmax, const std::optional<at::Tensor>& nested_absmax,
+                           const std::optional<at::Tensor>& offset, int64_t blocksize, int64_t out_features,
+                           int64_t in_features, const std::optional<at::Tensor>& bias);
+
 /// The dynamic 8-bit code (256 sorted values), computed once as bitsandbytes' create_dynamic_map(signed=True).
 const std::array<float, 256>& dynamic_code();
 

@@ -2,7 +2,10 @@
 // This file is compiled without floating-point contraction (CMakeLists.txt): every product and sum is rounded
 // on its own, as bitsandbytes' code rounds them.
 #include <ATen/Parallel.h>
+#include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/ops/isfinite.h>
 #include <ATen/ops/mean.h>
 #include <ATen/ops/nonzero.h>
@@ -103,43 +106,129 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_nf4_cpu(cons
   return {packed, codes, nested, offset};
 }
 
+// The float32 statistic of every block: absmax itself, or decoded from its 8-bit code (code · nested absmax, then
+// + offset, each rounded on its own as bitsandbytes' dequantize_blockwise and its `absmax += offset` do).
+at::Tensor block_scales(const at::Tensor& absmax, const std::optional<at::Tensor>& nested_absmax,
+                        const std::optional<at::Tensor>& offset, bool nested) {
+  if (!nested) return absmax.to(at::kFloat).contiguous();
+  const int64_t blocks = absmax.numel();
+  at::Tensor scales = at::empty({blocks}, absmax.options().dtype(at::kFloat));
+  float* s = scales.data_ptr<float>();
+  const at::Tensor codes = absmax.contiguous();
+  const at::Tensor nest = nested_absmax->contiguous();
+  const uint8_t* q = codes.data_ptr<uint8_t>();
+  const float* na = nest.data_ptr<float>();
+  const float off = offset->to(at::kFloat).reshape(-1)[0].item<float>();
+  const auto& code = detail::dynamic_code();
+  for (int64_t b = 0; b < blocks; ++b) {
+    const float decoded = code[q[b]] * na[b / nf4::kNestedBlocksize];
+    s[b] = decoded + off;
+  }
+  return scales;
+}
+
+// Elements [begin, end) of the weight (row-major flat indices) in float32: code · the scale of its block. Block by
+// block (its scale read once), a byte (two elements) at a time.
+void dequantize_range(const uint8_t* packed, const float* scales, int64_t blocksize, int64_t begin, int64_t end,
+                      float* out) {
+  const int64_t first = begin / blocksize;
+  const int64_t last = (end + blocksize - 1) / blocksize;
+  const int64_t grain = std::max<int64_t>(1, 16384 / blocksize);
+  at::parallel_for(first, last, grain, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const float scale = scales[b];
+      int64_t i = std::max(begin, b * blocksize);
+      const int64_t stop = std::min(end, (b + 1) * blocksize);
+      float* o = out - begin;
+      if (i < stop && (i & 1)) {
+        o[i] = nf4::kCode[nf4::low(packed[i >> 1])] * scale;
+        ++i;
+      }
+      for (; i + 1 < stop; i += 2) {
+        const uint8_t byte = packed[i >> 1];
+        o[i] = nf4::kCode[nf4::high(byte)] * scale;
+        o[i + 1] = nf4::kCode[nf4::low(byte)] * scale;
+      }
+      if (i < stop) o[i] = nf4::kCode[nf4::high(packed[i >> 1])] * scale;
+    }
+  });
+}
+
 at::Tensor dequantize_nf4_cpu(const at::Tensor& packed, const at::Tensor& absmax,
                               const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,
                               int64_t blocksize, at::IntArrayRef shape, at::ScalarType dtype) {
   const bool nested = detail::check_dequantize_nf4_args(packed, absmax, nested_absmax, offset, blocksize, shape, dtype);
   int64_t n = 1;
   for (const auto d : shape) n *= d;
-  const int64_t blocks = detail::nf4_blocks(n, blocksize);
-  // The float32 statistics: decoded from their 8-bit codes (code · nested absmax, then + offset) when nested.
-  at::Tensor scales = at::empty({blocks}, packed.options().dtype(at::kFloat));
-  float* s = scales.data_ptr<float>();
-  if (nested) {
-    const at::Tensor codes = absmax.contiguous();
-    const at::Tensor nest = nested_absmax->contiguous();
-    const uint8_t* q = codes.data_ptr<uint8_t>();
-    const float* na = nest.data_ptr<float>();
-    const float off = offset->to(at::kFloat).reshape(-1)[0].item<float>();
-    const auto& code = detail::dynamic_code();
-    for (int64_t b = 0; b < blocks; ++b) {
-      const float decoded = code[q[b]] * na[b / nf4::kNestedBlocksize];
-      s[b] = decoded + off;
-    }
-  } else {
-    const at::Tensor a = absmax.contiguous();
-    std::copy(a.data_ptr<float>(), a.data_ptr<float>() + blocks, s);
-  }
+  const at::Tensor scales = block_scales(absmax, nested_absmax, offset, nested);
   const at::Tensor bytes = packed.contiguous();
-  const uint8_t* p = bytes.data_ptr<uint8_t>();
   at::Tensor out = at::empty({n}, packed.options().dtype(at::kFloat));
-  float* o = out.data_ptr<float>();
-  at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const uint8_t byte = p[i / 2];
-      const uint8_t index = (i % 2 == 0) ? nf4::high(byte) : nf4::low(byte);
-      o[i] = nf4::kCode[index] * s[i / blocksize];
-    }
-  });
+  dequantize_range(bytes.data_ptr<uint8_t>(), scales.data_ptr<float>(), blocksize, 0, n, out.data_ptr<float>());
   return out.to(dtype).reshape(shape);
+}
+
+// Rows of W per tile: about 4 MiB of float32 — small against the dense weight of a large layer, large enough that
+// the GEMM on each tile runs near the speed of one GEMM on the whole weight.
+int64_t tile_rows(int64_t in_features) { return std::max<int64_t>(1, (int64_t{1} << 20) / in_features); }
+
+// Runs fn(row0, rows, tile) over W [out, in] a tile of rows at a time; the tile is [rows, in] in `dtype` (W as the
+// layer computes with it: dequantized in float32, rounded once to dtype).
+template <class Fn>
+void for_each_tile(const at::Tensor& packed, const at::Tensor& scales, int64_t blocksize, int64_t out_features,
+                   int64_t in_features, at::ScalarType dtype, Fn&& fn) {
+  const at::Tensor bytes = packed.contiguous();
+  const int64_t step = tile_rows(in_features);
+  at::Tensor buffer = at::empty({std::min(step, out_features), in_features}, packed.options().dtype(at::kFloat));
+  for (int64_t row0 = 0; row0 < out_features; row0 += step) {
+    const int64_t rows = std::min(step, out_features - row0);
+    at::Tensor tile = buffer.narrow(0, 0, rows);
+    dequantize_range(bytes.data_ptr<uint8_t>(), scales.data_ptr<float>(), blocksize, row0 * in_features,
+                     (row0 + rows) * in_features, tile.data_ptr<float>());
+    fn(row0, rows, dtype == at::kFloat ? tile : tile.to(dtype));
+  }
+}
+
+at::Tensor nf4_linear_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                          const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,
+                          int64_t blocksize, int64_t out_features, const std::optional<at::Tensor>& bias) {
+  const int64_t in_features = x.dim() >= 1 ? x.size(-1) : 0;
+  const bool nested = detail::check_nf4_linear_args("lorafuse.nf4_linear", x, in_features, packed, absmax,
+                                                    nested_absmax, offset, blocksize, out_features, in_features, bias);
+  const at::Tensor x2 = x.reshape({-1, in_features});
+  at::Tensor y = at::empty({x2.size(0), out_features}, x.options());
+  const bool has_bias = bias.has_value() && bias->defined();
+  for_each_tile(packed, block_scales(absmax, nested_absmax, offset, nested), blocksize, out_features, in_features,
+                x.scalar_type(), [&](int64_t row0, int64_t rows, const at::Tensor& w) {
+                  at::Tensor part = y.narrow(1, row0, rows);
+                  if (has_bias) {
+                    part.copy_(at::addmm(bias->narrow(0, row0, rows), x2, w.t()));  // as F.linear adds its bias
+                  } else {
+                    part.copy_(at::mm(x2, w.t()));
+                  }
+                });
+  auto shape = x.sizes().vec();
+  shape.back() = out_features;
+  return y.view(shape);
+}
+
+at::Tensor nf4_linear_backward_cpu(const at::Tensor& grad_out, const at::Tensor& packed, const at::Tensor& absmax,
+                                   const std::optional<at::Tensor>& nested_absmax,
+                                   const std::optional<at::Tensor>& offset, int64_t blocksize, int64_t in_features) {
+  const int64_t out_features = grad_out.dim() >= 1 ? grad_out.size(-1) : 0;
+  const bool nested =
+      detail::check_nf4_linear_args("lorafuse.nf4_linear_backward", grad_out, out_features, packed, absmax,
+                                    nested_absmax, offset, blocksize, out_features, in_features, std::nullopt);
+  const auto dtype = grad_out.scalar_type();
+  const auto acc = dtype == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor dy = grad_out.reshape({-1, out_features}).to(acc);
+  at::Tensor dx = at::zeros({dy.size(0), in_features}, dy.options());
+  for_each_tile(packed, block_scales(absmax, nested_absmax, offset, nested), blocksize, out_features, in_features,
+                dtype, [&](int64_t row0, int64_t rows, const at::Tensor& w) {
+                  dx.addmm_(dy.narrow(1, row0, rows), w.scalar_type() == acc ? w : w.to(acc));
+                });
+  auto shape = grad_out.sizes().vec();
+  shape.back() = in_features;
+  return dx.to(dtype).view(shape);
 }
 
 }  // namespace
@@ -148,4 +237,6 @@ at::Tensor dequantize_nf4_cpu(const at::Tensor& packed, const at::Tensor& absmax
 TORCH_LIBRARY_IMPL(lorafuse, CPU, m) {
   m.impl("quantize_nf4", &lorafuse::cpu::quantize_nf4_cpu);
   m.impl("dequantize_nf4", &lorafuse::cpu::dequantize_nf4_cpu);
+  m.impl("nf4_linear", &lorafuse::cpu::nf4_linear_cpu);
+  m.impl("nf4_linear_backward", &lorafuse::cpu::nf4_linear_backward_cpu);
 }

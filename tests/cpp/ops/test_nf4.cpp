@@ -74,3 +74,25 @@ TEST_CASE("nf4: bad input names the argument", "[cpu][ops][nf4]") {
       [&] { lorafuse::dequantize_nf4(q.packed, q.absmax, std::nullopt, std::nullopt, 64, {4, 65}, at::kFloat); },
       {"packed", "130 bytes", "found 128"});
 }
+
+TEST_CASE("nf4_linear: forward and LibTorch autograd equal a dense linear over the dequantized weight, tile by tile",
+          "[cpu][ops][nf4]") {
+  at::manual_seed(5);
+  const int64_t out = 300, in = 4100;  // tiles of 255 rows: two tiles
+  const auto q = lorafuse::quantize_nf4(at::randn({out, in}), 64, true);
+  const auto w = lorafuse::dequantize_nf4(q.packed, q.absmax, q.nested_absmax, q.offset, 64, {out, in}, at::kFloat);
+  const auto x = at::randn({2, 3, in}).set_requires_grad(true);
+  const auto bias = at::randn({out}).set_requires_grad(true);
+  const auto y = lorafuse::nf4_linear(x, q.packed, q.absmax, q.nested_absmax, q.offset, 64, out, bias);
+  REQUIRE(y.sizes() == at::IntArrayRef({2, 3, out}));
+  const auto xd = x.detach().to(at::kDouble).set_requires_grad(true);
+  const auto bd = bias.detach().to(at::kDouble).set_requires_grad(true);
+  const auto ref = at::matmul(xd, w.to(at::kDouble).t()) + bd;
+  CHECK(at::allclose(y.to(at::kDouble), ref, 1e-5, 1e-4));
+  const auto dy = at::randn_like(y);
+  y.backward(dy);
+  ref.backward(dy.to(at::kDouble));
+  CHECK(at::allclose(x.grad().to(at::kDouble), xd.grad(), 1e-5, 1e-4));
+  CHECK(at::allclose(bias.grad().to(at::kDouble), bd.grad(), 1e-5, 1e-4));
+  CHECK_FALSE(q.packed.grad().defined());
+}

@@ -163,3 +163,97 @@ def test_opcheck(double_quant):
     torch.library.opcheck(
         torch.ops.lorafuse.dequantize_nf4.default, (q.packed, q.absmax, nested, offset, 64, [40, 96], torch.bfloat16)
     )
+
+
+# ---- nf4_linear: the frozen 4-bit base layer, tile by tile -------------------------------------------------------
+
+
+def _dense(q, out_features, in_features, dtype):
+    return lorafuse.dequantize_nf4(q, [out_features, in_features], torch.float32).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("shape", [((5, 300), 1000), ((2, 3, 64), 1100), ((1, 4097), 70)])  # 2, 1, 2 tiles
+def test_nf4_linear_equals_linear_over_the_dequantized_weight(dtype, double_quant, shape):
+    (xshape, out_features) = shape
+    in_features = xshape[-1]
+    torch.manual_seed(in_features + out_features)
+    q = lorafuse.quantize_nf4(torch.randn(out_features, in_features), 64, double_quant)
+    x = torch.randn(*xshape).to(dtype)
+    bias = torch.randn(out_features).to(dtype)
+    w = _dense(q, out_features, in_features, dtype)
+    for b in (bias, None):
+        ours = lorafuse.nf4_linear(x, q, out_features, b)
+        ref64 = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
+        theirs = torch.nn.functional.linear(x, w, b)  # PyTorch in the same dtype, over the same weight
+        assert ours.shape == theirs.shape and ours.dtype == dtype
+        # the rule for every op: our error ≤ 2 × PyTorch's same-dtype error + a small atol
+        err_ours = (ours.double() - ref64).abs().max().item()
+        err_torch = (theirs.double() - ref64).abs().max().item()
+        assert err_ours <= 2 * err_torch + (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nf4_linear_gradients(dtype):
+    torch.manual_seed(0)
+    out_features, in_features = 300, 1030  # two tiles of rows (254 + 46)
+    q = lorafuse.quantize_nf4(torch.randn(out_features, in_features), 64, True)
+    w = _dense(q, out_features, in_features, dtype)
+    x = torch.randn(7, in_features).to(dtype).requires_grad_()
+    bias = torch.randn(out_features).to(dtype).requires_grad_()
+    dy = torch.randn(7, out_features).to(dtype)
+    lorafuse.nf4_linear(x, q, out_features, bias).backward(dy)
+    x_ref, bias_ref = x.detach().double().requires_grad_(), bias.detach().double().requires_grad_()
+    torch.nn.functional.linear(x_ref, w.double(), bias_ref).backward(dy.double())
+    x_pt, bias_pt = x.detach().clone().requires_grad_(), bias.detach().clone().requires_grad_()
+    torch.nn.functional.linear(x_pt, w, bias_pt).backward(dy)  # PyTorch in the same dtype
+    atol = 1e-5 if dtype == torch.float32 else 1e-2
+    for ours, pt, ref in ((x.grad, x_pt.grad, x_ref.grad), (bias.grad, bias_pt.grad, bias_ref.grad)):
+        assert ours.dtype == dtype and ours.shape == ref.shape
+        err_ours = (ours.double() - ref).abs().max().item()
+        err_torch = (pt.double() - ref).abs().max().item()
+        assert err_ours <= 2 * err_torch + atol
+    assert q.packed.grad is None and not q.absmax.requires_grad
+
+
+def test_nf4_linear_gradcheck_float64():
+    torch.manual_seed(1)
+    q = lorafuse.quantize_nf4(torch.randn(9, 40), 32, True)
+    x = torch.randn(3, 40, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(9, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, b: lorafuse.nf4_linear(x, q, 9, b, blocksize=32), (x, bias))
+
+
+def test_qlora_layer_is_nf4_linear_plus_lora_add():
+    torch.manual_seed(2)
+    out_features, in_features, r = 48, 64, 4
+    q = lorafuse.quantize_nf4(torch.randn(out_features, in_features), 64, True)
+    a = torch.randn(r, in_features, requires_grad=True)
+    b = torch.randn(out_features, r, requires_grad=True)
+    x = torch.randn(5, in_features, requires_grad=True)
+    y = torch.ops.lorafuse.lora_add(lorafuse.nf4_linear(x, q, out_features), x, a, b, 0.5, 0.0)
+    w = _dense(q, out_features, in_features, torch.float32)
+    xr, ar, br = (t.detach().clone().requires_grad_() for t in (x, a, b))
+    ref = xr @ w.t() + 0.5 * (xr @ ar.t()) @ br.t()
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    ref.backward(dy)
+    for ours, theirs in ((x, xr), (a, ar), (b, br)):
+        torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_nf4_linear_opcheck_and_errors():
+    q = lorafuse.quantize_nf4(torch.randn(30, 64), 64, True)
+    x = torch.randn(4, 64, requires_grad=True)
+    args = (x, q.packed, q.absmax, q.nested_absmax, q.offset, 64, 30, torch.randn(30, requires_grad=True))
+    torch.library.opcheck(torch.ops.lorafuse.nf4_linear.default, args)
+    with pytest.raises(ValueError, match=r"x: expected \[\.\.\., 64\], found shape \[4, 63\]|packed: expected"):
+        lorafuse.nf4_linear(torch.randn(4, 63), q, 30)
+    with pytest.raises(ValueError, match=r"bias: expected \[30\], found shape \[29\]"):
+        lorafuse.nf4_linear(torch.randn(4, 64), q, 30, torch.randn(29))
+    with pytest.raises(TypeError, match="bias: expected x's dtype Float, found BFloat16"):
+        lorafuse.nf4_linear(torch.randn(4, 64), q, 30, torch.randn(30, dtype=torch.bfloat16))
+    with pytest.raises(TypeError, match="x: expected float32, bfloat16, float16 or float64, found Int"):
+        lorafuse.nf4_linear(torch.ones(4, 64, dtype=torch.int32), q, 30)
