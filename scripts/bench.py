@@ -1,4 +1,4 @@
-"""lorafuse benchmarks, layer level and model level, on the CPU and on CUDA when present.
+"""lorafuse benchmarks: layer, model and QLoRA-layer levels, on the CPU and on CUDA when present.
 
   --level layer  one LoRA linear layer, forward and forward + backward: the lorafuse op, lorafuse.nn.Linear,
                  the PEFT-style ATen chain and the real PEFT layer, as ratios to the frozen base layer
@@ -6,7 +6,9 @@
   --level model  training steps of a Hugging Face Llama: lorafuse.inject_lora and peft.get_peft_model with
                  the same adapters, and the frozen model without LoRA; tokens/s, lorafuse / PEFT, and each
                  LoRA variant's step time over the frozen step (scripts/bench_model.py)
-  --level all    both (the default)
+  --level qlora  one LoRA layer over a frozen 4-bit NF4 base: lorafuse's QLoRA layer and bitsandbytes + PEFT, as
+                 ratios to the float32 LoRA layer (scripts/bench_qlora.py; CPU only for now)
+  --level all    all three (the default)
 
 Each level checks lorafuse's results against the other variants before it times anything, and aborts on a
 mismatch. Their details follow the options below.
@@ -17,13 +19,13 @@ time.perf_counter on the CPU.
 
 Output: one JSON per run in --out DIR, named <UTC timestamp>_<device slug>_<commit7>.json (device, torch
 and lorafuse versions, git commit, date, load average, shapes, dtype, medians, ratios), and PNG plots
-beside it: <same name>_layer.png (ratio to base per shape) and <same name>_model.png (tokens/s, step time
-over the frozen step, memory).
+beside it: <same name>_layer.png (ratio to base per shape), <same name>_model.png (tokens/s, step time
+over the frozen step, memory) and <same name>_qlora.png (ratio to the float32 LoRA layer).
 
 Examples:
   python scripts/bench.py --quick --out /tmp/bench      # smoke run: small shapes, a tiny Llama
   python scripts/bench.py --level layer --device cpu --tokens 2048 --dims 1024 --ranks 16
-  python scripts/bench.py                                # both levels, full grid, CUDA when present
+  python scripts/bench.py                                # every level, full grid, CUDA when present
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from typing import Any
 
 import bench_layer
 import bench_model
+import bench_qlora
 import torch
 from common import (
     DEFAULT_OUT_DIR,
@@ -54,16 +57,16 @@ from common import (
     write_json,
 )
 
-LEVELS = {"layer": bench_layer, "model": bench_model}
+LEVELS = {"layer": bench_layer, "model": bench_model, "qlora": bench_qlora}
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         description=__doc__,
-        epilog=f"{bench_layer.__doc__}\n{bench_model.__doc__}",
+        epilog=f"{bench_layer.__doc__}\n{bench_model.__doc__}\n{bench_qlora.__doc__}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    ap.add_argument("--level", choices=("layer", "model", "all"), default="all", help="default: all")
+    ap.add_argument("--level", choices=(*LEVELS, "all"), default="all", help="default: all")
     ap.add_argument(
         "--device", choices=("cpu", "cuda", "auto"), default="auto", help="auto: cuda when usable"
     )

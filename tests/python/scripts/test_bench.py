@@ -73,16 +73,30 @@ def test_quick_run_metadata_and_file_names(quick_run):
     assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", report["git_commit"]), report["git_commit"]
     assert path.name.endswith(f"_{report['git_commit'][:7]}.json")
     assert report["dtype"] == "float32"
-    assert report["levels"] == ["layer", "model"] and report["quick"] is True
+    assert report["levels"] == ["layer", "model", "qlora"] and report["quick"] is True
     assert report["date"] and report["peft_version"] and report["transformers_version"]
     for key in ("load_average_start", "load_average_end"):
         assert report[key] is None or (len(report[key]) == 3 and min(report[key]) >= 0)
     stem = path.name.removesuffix(".json")
-    assert sorted(report["plots"]) == [f"{stem}_layer.png", f"{stem}_model.png"]
+    assert sorted(report["plots"]) == [f"{stem}_layer.png", f"{stem}_model.png", f"{stem}_qlora.png"]
     for name in report["plots"]:
         png = path.parent / name
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     print(f"quick run: {elapsed:.1f} s wall, {report['elapsed_s']} s inside the script")
+
+
+def test_quick_run_qlora_level(quick_run):
+    qlora = quick_run[0]["qlora"]
+    assert qlora["variants"] == ["lora", "qlora", "bnb_peft"] and qlora["results"]
+    for row in qlora["results"]:
+        assert row["status"] == "ok", row
+        assert max(row["check_rel_err"].values()) <= 2e-4  # lorafuse's QLoRA layer = bitsandbytes + PEFT
+        assert row["bits_per_weight"] < 4.5
+        for mode in ("forward", "fwd_bwd"):
+            med = row["median_ms"][mode]
+            assert all(v > 0 and math.isfinite(v) for v in med.values()), med
+            for name in ("qlora", "bnb_peft"):
+                assert row["ratio_to_lora"][mode][name] == pytest.approx(med[name] / med["lora"], rel=1e-9)
 
 
 def test_quick_run_layer_level(quick_run):

@@ -1,0 +1,197 @@
+"""QLoRA layer level of scripts/bench.py (--level qlora): one LoRA layer over a frozen 4-bit NF4 base (double
+quantization, blocksize 64), forward (under no_grad) and forward + backward, as ratios to the float32 LoRA layer:
+
+  lora       lorafuse.lora_linear over the dense float32 weight: what the 4-bit base is compared with
+  qlora      lorafuse: lora_add(nf4_linear(x, W4, b), x, A, B, scale), W4 dequantized a tile of rows at a time
+  bnb_peft   the real PEFT LoRA layer over the real bitsandbytes Linear4bit (peft.get_peft_model on a module
+             holding a bitsandbytes.nn.Linear4bit), the anchor to beat
+
+The 4-bit weight is the same bytes in both (checked: lorafuse's and bitsandbytes' quantization of W are
+compared byte for byte), A, B, b and scale are the same; before timing, lorafuse's output and gradients (x, bias,
+A, B) are compared with bitsandbytes+PEFT's. CPU only for now: the NF4 ops have no CUDA kernels yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from bench_layer import Shape, forward_step, fwd_bwd_step
+from common import (
+    CpuContention,
+    Timer,
+    TimingOptions,
+    grouped_bars,
+    import_lorafuse,
+    medians,
+    plot_title,
+    pyplot,
+    rounded,
+    time_variants,
+)
+from torch import Tensor, nn
+
+VARIANTS = ("lora", "qlora", "bnb_peft")
+DESCRIPTIONS = {
+    "lora": "lorafuse.lora_linear over the dense float32 weight",
+    "qlora": "lora_add(nf4_linear(x, W4, b), x, A, B, scale): lorafuse's QLoRA layer",
+    "bnb_peft": "peft.get_peft_model over bitsandbytes.nn.Linear4bit (nf4, double quantization)",
+}
+COLORS = {"lora": "tab:gray", "qlora": "tab:blue", "bnb_peft": "tab:red"}
+BLOCKSIZE = 64
+SCALE = 2.0
+CHECK_TOL = 2e-4  # max|diff| / max|bitsandbytes+PEFT|, float32
+GRID = {False: {"tokens": [512, 2048], "dims": [1024, 2048], "rank": 16}, True: {"tokens": [64], "dims": [256], "rank": 16}}
+TIMING = {
+    False: TimingOptions(repeats=9, warmup=2, warmup_ms=300.0, min_repeat_ms=20.0),
+    True: TimingOptions(repeats=3, warmup=1, warmup_ms=20.0, min_repeat_ms=5.0),
+}
+
+
+class _OneLinear(nn.Module):
+    def __init__(self, lin: nn.Module) -> None:
+        super().__init__()
+        self.lin = lin
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.lin(x)
+
+
+def _bnb_peft_layer(weight: Tensor, bias: Tensor, a: Tensor, b: Tensor, packed: Tensor) -> tuple[nn.Module, nn.Parameter]:
+    """PEFT's LoRA layer over a bitsandbytes Linear4bit holding `weight` in NF4; its packed bytes must be `packed`."""
+    import bitsandbytes as bnb
+    import peft
+
+    out_features, in_features = weight.shape
+    lin = bnb.nn.Linear4bit(
+        in_features, out_features, bias=True, compute_dtype=torch.float32, compress_statistics=True, quant_type="nf4"
+    )
+    lin.weight = bnb.nn.Params4bit(
+        weight.detach().clone(), requires_grad=False, compress_statistics=True, quant_type="nf4", blocksize=BLOCKSIZE
+    )._quantize("cpu")
+    if not torch.equal(lin.weight.data.reshape(-1), packed.reshape(-1)):
+        raise SystemExit("bitsandbytes and lorafuse quantized the weight to different bytes")
+    lin.bias = nn.Parameter(bias.detach().clone())
+    rank = a.shape[0]
+    config = peft.LoraConfig(r=rank, lora_alpha=SCALE * rank, target_modules=["lin"])
+    layer = peft.get_peft_model(_OneLinear(lin), config).base_model.model.lin
+    layer.lora_A["default"].weight = nn.Parameter(a.detach().clone())
+    layer.lora_B["default"].weight = nn.Parameter(b.detach().clone())
+    layer.base_layer.bias.requires_grad_(True)
+    return layer, layer.base_layer.bias
+
+
+def measure_shape(s: Shape, timing: TimingOptions) -> dict[str, Any]:
+    lorafuse = import_lorafuse()
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(s.d_out, s.d_in, generator=g) * s.d_in**-0.5
+    bias = torch.randn(s.d_out, generator=g).requires_grad_()
+    a = (torch.randn(s.rank, s.d_in, generator=g) * s.d_in**-0.5).requires_grad_()
+    b = (torch.randn(s.d_out, s.rank, generator=g) * s.rank**-0.5).requires_grad_()
+    x = torch.randn(s.tokens, s.d_in, generator=g).requires_grad_()
+    grad_out = torch.randn(s.tokens, s.d_out, generator=g)
+    q = lorafuse.quantize_nf4(weight, BLOCKSIZE, True)
+    layer, bnb_bias = _bnb_peft_layer(weight, bias, a, b, q.packed)
+    bnb_a, bnb_b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+
+    def lora() -> Tensor:
+        return lorafuse.lora_linear(x, weight, bias, a, b, SCALE)
+
+    def qlora() -> Tensor:
+        base = lorafuse.nf4_linear(x, q, s.d_out, bias, BLOCKSIZE)
+        return torch.ops.lorafuse.lora_add(base, x, a, b, SCALE, 0.0)
+
+    fns = {
+        "lora": (lora, [x, bias, a, b]),
+        "qlora": (qlora, [x, bias, a, b]),
+        "bnb_peft": ((lambda: layer(x)), [x, bnb_bias, bnb_a, bnb_b]),
+    }
+    # lorafuse's QLoRA layer against bitsandbytes + PEFT: output and every gradient
+    ours = [qlora(), *torch.autograd.grad(qlora(), fns["qlora"][1], grad_out)]
+    theirs = [layer(x), *torch.autograd.grad(layer(x), fns["bnb_peft"][1], grad_out)]
+    check = {
+        name: ((o - t).abs().max() / t.abs().max()).item()
+        for name, o, t in zip(("out", "dx", "dbias", "dlora_a", "dlora_b"), ours, theirs, strict=True)
+    }
+    if max(check.values()) > CHECK_TOL:
+        raise SystemExit(f"ABORT at {s.label()}: lorafuse's QLoRA layer differs from bitsandbytes+PEFT: {check}")
+    timer = Timer(torch.device("cpu"))
+    results: dict[str, dict[str, list[float]]] = {}
+    for mode in ("forward", "fwd_bwd"):
+        if mode == "forward":
+            steps = {n: forward_step(fn) for n, (fn, _) in fns.items()}
+        else:
+            steps = {n: fwd_bwd_step(fn, inputs, grad_out) for n, (fn, inputs) in fns.items()}
+        results[mode], _ = time_variants(steps, timer, timing)
+    med = {m: medians(r) for m, r in results.items()}
+    stored = sum(t.numel() * t.element_size() for t in q)
+    return {
+        "tokens": s.tokens,
+        "d_in": s.d_in,
+        "d_out": s.d_out,
+        "rank": s.rank,
+        "status": "ok",
+        "check_rel_err": check,
+        "bits_per_weight": stored * 8 / weight.numel(),
+        "median_ms": med,
+        "ratio_to_lora": {m: {n: med[m][n] / med[m]["lora"] for n in VARIANTS} for m in med},
+        "samples_ms": {m: rounded(r) for m, r in results.items()},
+    }
+
+
+def run(device: torch.device, dtype: torch.dtype, args: argparse.Namespace, quick: bool) -> dict[str, Any]:
+    """The report's "qlora" section: every (T, d) of the grid at r = 16, float32 compute."""
+    section: dict[str, Any] = {"variants": list(VARIANTS), "variant_descriptions": DESCRIPTIONS, "results": []}
+    if device.type != "cpu":
+        print("\n== qlora level: skipped (the NF4 ops have no CUDA kernels yet; run with --device cpu)")
+        section["skipped"] = "no CUDA kernels for the NF4 ops yet"
+        return section
+    grid = GRID[quick]
+    timing = TIMING[quick]
+    section.update(
+        blocksize=BLOCKSIZE, double_quant=True, scale=SCALE, compute_dtype="float32", timing=vars(timing),
+        statistic="median over repeats of ms per call; ratio = median / lora median",
+    )
+    print("\n== qlora level: LoRA over an NF4 base (double quantization), time / float32 LoRA layer time")
+    print(f"{'T':>6} {'d':>5} {'r':>3} | {'fwd lora':>9} {'qlora':>15} {'bnb+peft':>15} | {'f+b lora':>9} {'qlora':>15} {'bnb+peft':>15}")
+    t0 = time.perf_counter()
+    for d in grid["dims"]:
+        for n in grid["tokens"]:
+            contention = CpuContention()
+            row = measure_shape(Shape(n, d, d, grid["rank"]), timing)
+            row["cpu_share_others"] = contention.others_share()
+            section["results"].append(row)
+            cells = []
+            for mode in ("forward", "fwd_bwd"):
+                m, r = row["median_ms"][mode], row["ratio_to_lora"][mode]
+                cells.append(
+                    f" {m['lora']:>7.2f}ms" + "".join(f" {m[v]:>7.2f} ({r[v]:4.2f}x)" for v in VARIANTS[1:])
+                )
+            print(f"{n:>6} {d:>5} {grid['rank']:>3} |" + " |".join(cells), flush=True)
+    section["elapsed_s"] = round(time.perf_counter() - t0, 1)
+    return section
+
+
+def plot(path: Path, report: dict[str, Any]) -> bool:
+    """Bars of time / float32 LoRA time per shape, forward + backward above, forward below."""
+    plt = pyplot()
+    rows = [r for r in report["qlora"]["results"] if r["status"] == "ok"]
+    if plt is None or not rows:
+        return False
+    labels = [f"T={r['tokens']}\nd={r['d_in']}\nr={r['rank']}" for r in rows]
+    fig, axes = plt.subplots(2, 1, figsize=(max(8.0, 1.2 * len(rows) + 3), 8.0), sharex=True)
+    for ax, mode, title in zip(axes, ("fwd_bwd", "forward"), ("forward + backward", "forward (no_grad)"), strict=True):
+        series = {n: [r["ratio_to_lora"][mode][n] for r in rows] for n in VARIANTS[1:]}
+        grouped_bars(ax, series, labels, COLORS, {n: DESCRIPTIONS[n].split(":")[0] for n in VARIANTS[1:]},
+                     legend=mode == "fwd_bwd")
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_ylabel("time / float32 LoRA layer time")
+        ax.set_title(title, fontsize=10)
+    fig.suptitle(plot_title("QLoRA layer (NF4 base)", report), fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
