@@ -5,9 +5,10 @@ Importing this package registers the ``torch.ops.lorafuse.*`` operators.
 
 import torch  # noqa: F401  (loads libtorch before lorafuse's native library)
 
-from . import _C, models, nn, peft
+from . import _C, models, nn, peft, quant
 from .config import LoraConfig
 from .ops import Nf4Weight, dequantize_nf4, lora_linear, nf4_linear, quantize_nf4
+from .quant import QuantConfig, quantize_model
 from .peft import (
     active_adapter,
     adapter_names,
@@ -44,6 +45,9 @@ __all__ = [
     "dequantize_nf4",
     "nf4_linear",
     "Nf4Weight",
+    "QuantConfig",
+    "quantize_model",
+    "quant",
     "has_cuda_kernels",
     "__version__",
     "nn",

@@ -3,6 +3,7 @@ kinds they wrap, and the C++ layer bound from LibTorch."""
 
 from .. import _C
 from .base_kinds import BASE_KINDS, BaseKind, base_kind_of
+from .linear4bit import Linear4bit
 from .lora_linear import AdapterOptions, Linear
 
 # The C++ layer (lorafuse::nn::LoraLinear) bound with torch::python::bind_module: a torch.nn.Module whose
@@ -19,6 +20,7 @@ def is_lora_layer(module) -> bool:
 
 __all__ = [
     "Linear",
+    "Linear4bit",
     "LoraLinear",
     "AdapterOptions",
     "BASE_KINDS",

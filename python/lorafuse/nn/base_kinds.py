@@ -18,6 +18,10 @@ Kinds today:
     refused: folding B·A into its weight would not equal ``base(x) + LoRA(x)`` for a forward lorafuse does
     not know.
 
+``linear4bit``
+    ``lorafuse.nn.Linear4bit`` (the weight in NF4, QLoRA): called as it is, the branch added by ``lora_add``;
+    merging is refused for now.
+
 Not taken: a Linear with an integer weight (a quantized base is its own kind), and
 ``nn.MultiheadAttention``'s ``out_proj`` (a ``NonDynamicallyQuantizableLinear``): the attention
 reads ``out_proj.weight`` itself and never calls the module, so a LoRA branch there would never run (selecting
@@ -53,6 +57,19 @@ class BaseKind:
     @staticmethod
     def features(module: nn.Module):
         return module.in_features, module.out_features
+
+    def weight_dtype(self, module: nn.Module) -> torch.dtype:
+        """The dtype the base computes in (adapters are made in it, or in float32 for a 16-bit base)."""
+        return module.weight.dtype
+
+    def device(self, module: nn.Module) -> torch.device:
+        return module.weight.device
+
+    def freeze(self, module: nn.Module) -> None:
+        """Freezes the base's weight and bias (a LoRA layer trains only its adapters)."""
+        module.weight.requires_grad_(False)
+        if module.bias is not None:
+            module.bias.requires_grad_(False)
 
 
 def _has_hooks(module: nn.Module) -> bool:
@@ -115,7 +132,35 @@ class CustomLinear(BaseKind):
         )
 
 
-BASE_KINDS: List[BaseKind] = [DenseLinear(), CustomLinear()]
+class Nf4Linear(BaseKind):
+    """lorafuse.nn.Linear4bit: the weight in NF4 (QLoRA). Called as it is (``nf4_linear``, a tile of rows at a
+    time) with ``lora_add`` adding the branch; merging is refused until 4-bit merging lands."""
+
+    name = "linear4bit"
+
+    def matches(self, module: nn.Module) -> bool:
+        from .linear4bit import Linear4bit
+
+        return type(module) is Linear4bit
+
+    def weight_dtype(self, module: nn.Module) -> torch.dtype:
+        return module.compute_dtype
+
+    def device(self, module: nn.Module) -> torch.device:
+        return module.packed.device
+
+    def freeze(self, module: nn.Module) -> None:
+        if module.bias is not None:  # the 4-bit weight is buffers: never trainable
+            module.bias.requires_grad_(False)
+
+    def merge_refusal(self, module: nn.Module) -> Optional[str]:
+        return (
+            "the base is 4-bit (lorafuse.nn.Linear4bit); merging into 4 bits would re-quantize it and change its "
+            "outputs, and merging into a 16-bit copy is not available yet: keep the adapter as a separate branch"
+        )
+
+
+BASE_KINDS: List[BaseKind] = [DenseLinear(), CustomLinear(), Nf4Linear()]
 
 
 def base_kind_of(module: nn.Module) -> Optional[BaseKind]:
@@ -141,4 +186,4 @@ def check_base_output(out: object, module: nn.Module, x: Tensor, out_features: i
     return out
 
 
-__all__ = ["BaseKind", "DenseLinear", "CustomLinear", "BASE_KINDS", "base_kind_of"]
+__all__ = ["BaseKind", "DenseLinear", "CustomLinear", "Nf4Linear", "BASE_KINDS", "base_kind_of"]

@@ -83,7 +83,9 @@ class Linear(nn.Module):
         super().__init__()
         kind = base_kind_of(base_layer)
         if kind is None:
-            raise TypeError(f"base_layer: expected a torch.nn.Linear, found {type(base_layer).__name__}")
+            raise TypeError(
+                f"base_layer: expected a torch.nn.Linear or lorafuse.nn.Linear4bit, found {type(base_layer).__name__}"
+            )
         self.base_layer = base_layer
         self.in_features = base_layer.in_features
         self.out_features = base_layer.out_features
@@ -102,9 +104,7 @@ class Linear(nn.Module):
         self._routes: Dict[str, list] = {}
         self._scoped: Dict[str, Optional[list]] = {}
         self._scoped_ask = False
-        self.register_buffer(
-            "weight_unmerged", torch.empty(0, device=base_layer.weight.device), persistent=False
-        )
+        self.register_buffer("weight_unmerged", torch.empty(0, device=kind.device(base_layer)), persistent=False)
         self.add_adapter(
             adapter_name,
             r=r,
@@ -116,9 +116,7 @@ class Linear(nn.Module):
             bias=bias,
         )
         # frozen only once the adapter is valid: a bad argument leaves the caller's layer as it was
-        base_layer.weight.requires_grad_(False)
-        if base_layer.bias is not None:
-            base_layer.bias.requires_grad_(False)
+        kind.freeze(base_layer)
 
     @property
     def weight(self) -> Tensor:
@@ -185,9 +183,9 @@ class Linear(nn.Module):
         opts = AdapterOptions(
             r, float(lora_alpha), float(lora_dropout), bool(use_rslora), init_lora_weights, bias, adapter_dtype
         )
-        weight = self.base_layer.weight
-        dtype = self._table.check_add(adapter_name, opts, weight.dtype)
-        kw = dict(bias=False, device=weight.device, dtype=dtype)
+        kind = base_kind_of(self.base_layer)
+        dtype = self._table.check_add(adapter_name, opts, kind.weight_dtype(self.base_layer))
+        kw = dict(bias=False, device=kind.device(self.base_layer), dtype=dtype)
         self.lora_A[adapter_name] = nn.Linear(self.in_features, r, **kw)
         self.lora_B[adapter_name] = nn.Linear(r, self.out_features, **kw)
         self._table.add(adapter_name, opts, activate)
@@ -316,7 +314,7 @@ class Linear(nn.Module):
         self._drop_unmerged_copy()
 
     def _drop_unmerged_copy(self) -> None:
-        self.weight_unmerged = torch.empty(0, device=self.base_layer.weight.device)
+        self.weight_unmerged = torch.empty(0, device=base_kind_of(self.base_layer).device(self.base_layer))
         self._table.set_merged([])
         self._refresh_route()
 

@@ -14,7 +14,7 @@ from torch import nn
 
 from .. import _C
 from ..config import LoraConfig
-from ..nn import Linear, base_kind_of, is_lora_layer
+from ..nn import Linear, Linear4bit, base_kind_of, is_lora_layer
 
 
 def _cpp(model: nn.Module):
@@ -196,12 +196,16 @@ def add_adapter(model: nn.Module, adapter_name: str, config: LoraConfig) -> nn.M
 
 
 def trainable_parameters(model: nn.Module) -> Tuple[int, int]:
-    """(trainable, total) parameter counts; shared tensors count once."""
+    """(trainable, total) parameter counts; shared tensors count once. A 4-bit weight (lorafuse.nn.Linear4bit,
+    stored as buffers) counts its out × in parameters, as PEFT counts bitsandbytes' 4-bit weights."""
     trainable = total = 0
     for p in model.parameters():
         total += p.numel()
         if p.requires_grad:
             trainable += p.numel()
+    for m in model.modules():
+        if isinstance(m, Linear4bit):
+            total += m.in_features * m.out_features
     return trainable, total
 
 

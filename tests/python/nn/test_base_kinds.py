@@ -43,8 +43,9 @@ class Block(nn.Module):
 
 
 def test_kinds_are_one_ordered_list():
-    assert [k.name for k in BASE_KINDS] == ["linear", "custom_linear"]
+    assert [k.name for k in BASE_KINDS] == ["linear", "custom_linear", "linear4bit"]
     assert base_kind_of(nn.Linear(3, 4)).name == "linear"
+    assert base_kind_of(lorafuse.nn.Linear4bit.from_linear(nn.Linear(64, 4))).name == "linear4bit"
 
     # a subclass that keeps nn.Linear.forward computes the same thing: the fused kind
     class Plain(nn.Linear):

@@ -1,0 +1,101 @@
+"""A frozen linear layer whose weight is stored in 4-bit NF4 (QLoRA's base)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..ops import Nf4Weight, dequantize_nf4, nf4_linear, quantize_nf4
+
+_COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class Linear4bit(nn.Module):
+    """``y = x @ W.T + b`` with ``W`` [out_features, in_features] kept in NF4 as bitsandbytes stores it (the
+    buffers ``packed``, ``absmax``, ``nested_absmax``, ``offset``: the bytes of
+    ``bitsandbytes.functional.quantize_4bit(W, quant_type="nf4")``). The weight is frozen: it has no gradient and
+    no Parameter; the bias, if any, is a Parameter (frozen by inject_lora unless a ``bias`` mode trains it).
+
+    The input is cast to ``compute_dtype`` (float32, bfloat16 or float16) and the output back to the input's
+    dtype, as ``bitsandbytes.nn.Linear4bit`` does; ``torch.ops.lorafuse.nf4_linear`` computes it a tile of rows
+    at a time. Make one with :meth:`from_linear` or :func:`lorafuse.quantize_model`.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        compute_dtype: torch.dtype = torch.float32,
+        blocksize: int = 64,
+        double_quant: bool = True,
+        device: Optional[torch.device] = None,
+    ) -> None:
+        super().__init__()
+        if compute_dtype not in _COMPUTE_DTYPES:
+            raise TypeError(f"compute_dtype: expected torch.float32, bfloat16 or float16, found {compute_dtype}")
+        self.in_features = int(in_features)
+        self.out_features = int(out_features)
+        self.compute_dtype = compute_dtype
+        self.blocksize = int(blocksize)
+        self.double_quant = bool(double_quant)
+        q = quantize_nf4(torch.zeros(self.out_features, self.in_features, device="meta"), blocksize, double_quant)
+        for name, t in zip(Nf4Weight._fields, q):
+            self.register_buffer(name, torch.empty(t.shape, dtype=t.dtype, device=device))
+        self.bias = nn.Parameter(torch.zeros(self.out_features, device=device, dtype=compute_dtype)) if bias else None
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        compute_dtype: Optional[torch.dtype] = None,
+        blocksize: int = 64,
+        double_quant: bool = True,
+    ) -> "Linear4bit":
+        """``linear``'s weight quantized to NF4 (kept on its device; the CPU kernels quantize it, so a CUDA weight
+        is quantized through the CPU), its bias kept as it is; ``compute_dtype`` defaults to the weight's dtype."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear: expected a torch.nn.Linear, found {type(linear).__name__}")
+        weight = linear.weight.detach()
+        compute_dtype = compute_dtype or weight.dtype
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            compute_dtype=compute_dtype,
+            blocksize=blocksize,
+            double_quant=double_quant,
+            device=torch.device("meta"),
+        )
+        q = quantize_nf4(weight if weight.device.type != "cuda" else weight.cpu(), blocksize, double_quant)
+        for name, t in zip(Nf4Weight._fields, q):
+            setattr(layer, name, t.to(weight.device))
+        if linear.bias is not None:
+            layer.bias = nn.Parameter(linear.bias.detach(), requires_grad=linear.bias.requires_grad)
+        return layer
+
+    @property
+    def quantized(self) -> Nf4Weight:
+        return Nf4Weight(self.packed, self.absmax, self.nested_absmax, self.offset)
+
+    def dequantized_weight(self, dtype: Optional[torch.dtype] = None) -> Tensor:
+        """The dense weight [out, in] that the 4 bits encode (a new tensor), in ``dtype`` (default compute_dtype)."""
+        return dequantize_nf4(
+            self.quantized, [self.out_features, self.in_features], dtype or self.compute_dtype, self.blocksize
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        bias = self.bias.to(self.compute_dtype) if self.bias is not None else None
+        y = nf4_linear(x.to(self.compute_dtype), self.quantized, self.out_features, bias, self.blocksize)
+        return y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"nf4, blocksize={self.blocksize}, double_quant={self.double_quant}, compute_dtype={self.compute_dtype}"
+        )
+
+
+__all__ = ["Linear4bit"]

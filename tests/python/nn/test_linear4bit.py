@@ -1,0 +1,159 @@
+"""lorafuse.nn.Linear4bit (a frozen NF4 base), lorafuse.quantize_model and QLoRA through inject_lora, against the
+real bitsandbytes and PEFT on the CPU."""
+
+import copy
+
+import bitsandbytes as bnb
+import bitsandbytes.functional as bnb_f
+import peft
+import pytest
+import torch
+from hf_models import IDS, tiny_llama, tiny_llama_config
+from torch import nn
+
+import lorafuse
+from lorafuse.nn import Linear4bit
+
+
+def _bnb_linear4bit(linear: nn.Linear, compute_dtype=torch.float32) -> nn.Module:
+    """bitsandbytes' own Linear4bit holding ``linear``'s weight in NF4 (double quantization, blocksize 64)."""
+    lin = bnb.nn.Linear4bit(
+        linear.in_features,
+        linear.out_features,
+        bias=linear.bias is not None,
+        compute_dtype=compute_dtype,
+        compress_statistics=True,
+        quant_type="nf4",
+    )
+    lin.weight = bnb.nn.Params4bit(
+        linear.weight.detach().clone(), requires_grad=False, compress_statistics=True, quant_type="nf4"
+    )._quantize("cpu")
+    if linear.bias is not None:
+        lin.bias = nn.Parameter(linear.bias.detach().clone())
+    return lin
+
+
+@pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16])
+def test_linear4bit_holds_bitsandbytes_bytes_and_computes_as_its_linear4bit(compute_dtype):
+    torch.manual_seed(0)
+    linear = nn.Linear(200, 96)
+    ours = Linear4bit.from_linear(linear, compute_dtype=compute_dtype)
+    theirs = _bnb_linear4bit(linear, compute_dtype)
+    assert torch.equal(ours.packed.reshape(-1), theirs.weight.data.reshape(-1))
+    state = theirs.weight.quant_state
+    assert torch.equal(ours.absmax, state.absmax) and torch.equal(ours.nested_absmax, state.state2.absmax)
+    x = torch.randn(5, 200)
+    tol = dict(rtol=1e-5, atol=1e-5) if compute_dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(ours(x), theirs(x).to(x.dtype), **tol)
+    dense = bnb_f.dequantize_4bit(theirs.weight.data, state).reshape(96, 200)
+    torch.testing.assert_close(ours.dequantized_weight(torch.float32), dense.float(), rtol=0, atol=0)
+    assert not any(p.requires_grad for p in ours.buffers())
+    assert [n for n, _ in ours.named_parameters()] == ["bias"]
+
+
+def test_quantize_model_converts_plain_linears_but_not_the_output_layer():
+    model = tiny_llama(0)
+    lorafuse.quantize_model(model)
+    kinds = {n: type(m).__name__ for n, m in model.named_modules() if n.endswith(("_proj", "lm_head"))}
+    assert kinds.pop("lm_head") == "Linear"
+    assert set(kinds.values()) == {"Linear4bit"} and len(kinds) == 14
+    with pytest.raises(ValueError, match='quant_type: expected "nf4", found \'fp4\''):
+        lorafuse.QuantConfig(quant_type="fp4")
+    with pytest.raises(ValueError, match="blocksize: expected one of"):
+        lorafuse.QuantConfig(blocksize=100)
+    with pytest.raises(TypeError, match="compute_dtype"):
+        lorafuse.QuantConfig(compute_dtype=torch.int8)
+    kept = lorafuse.quantize_model(tiny_llama(0), lorafuse.QuantConfig(modules_to_not_convert=["lm_head", "o_proj"]))
+    assert type(kept.model.layers[0].self_attn.o_proj) is nn.Linear
+
+
+def _llama64(seed=0):
+    """A tiny Llama whose layers all have in_features >= 64: bitsandbytes 0.50.2's native CPU dequantize_4bit
+    decodes rows shorter than its block size wrongly (a 32×32 weight comes back off by up to 1.5), so the
+    comparison with bitsandbytes uses rows of at least one block."""
+    import transformers
+
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(tiny_llama_config(hidden_size=64, intermediate_size=128)).eval()
+
+
+def _qlora_pair(seed=0):
+    """The same tiny Llama as (lorafuse: quantize_model + inject_lora) and (PEFT over bitsandbytes' Linear4bit),
+    with the same non-zero adapters."""
+    base = _llama64(seed)
+    theirs = copy.deepcopy(base)
+    for name, module in list(theirs.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if type(child) is nn.Linear and child_name != "lm_head":
+                setattr(module, child_name, _bnb_linear4bit(child))
+    config = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    theirs = peft.get_peft_model(theirs, peft.LoraConfig(**config))
+    ours = lorafuse.inject_lora(lorafuse.quantize_model(base), lorafuse.LoraConfig(**config))
+    layers = dict(lorafuse.lora_layers(ours))
+    for name, module in theirs.base_model.model.named_modules():
+        if name in layers:
+            layers[name].lora_A["default"].weight.data.copy_(module.lora_A["default"].weight)
+            layers[name].lora_B["default"].weight.data.copy_(module.lora_B["default"].weight)
+    return ours, theirs
+
+
+def _loss(model):
+    return model(input_ids=IDS, labels=IDS).loss
+
+
+def test_qlora_training_steps_equal_peft_over_bitsandbytes():
+    ours, theirs = _qlora_pair()
+    assert lorafuse.trainable_parameters(ours) == theirs.get_nb_trainable_parameters()
+    ours.train(), theirs.train()
+    opt_ours = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-2)
+    opt_theirs = torch.optim.AdamW([p for p in theirs.parameters() if p.requires_grad], lr=1e-2)
+    for step in range(3):
+        loss_ours, loss_theirs = _loss(ours), _loss(theirs)
+        torch.testing.assert_close(loss_ours, loss_theirs, rtol=1e-5, atol=1e-5)
+        loss_ours.backward(), loss_theirs.backward()
+        for name, layer in lorafuse.lora_layers(ours):
+            peft_layer = theirs.base_model.model.get_submodule(name)
+            for which in ("lora_A", "lora_B"):
+                torch.testing.assert_close(
+                    getattr(layer, which)["default"].weight.grad,
+                    getattr(peft_layer, which)["default"].weight.grad,
+                    rtol=1e-4,
+                    atol=1e-6,
+                )
+        opt_ours.step(), opt_theirs.step()
+        opt_ours.zero_grad(), opt_theirs.zero_grad()
+
+
+def test_qlora_adapter_files_round_trip_and_merge_is_refused(tmp_path):
+    ours, _ = _qlora_pair()
+    ours.eval()
+    expected = ours(input_ids=IDS).logits
+    lorafuse.save_adapter(ours, tmp_path / "a")
+    fresh = lorafuse.load_adapter(lorafuse.quantize_model(_llama64(0)), tmp_path / "a")
+    torch.testing.assert_close(fresh.eval()(input_ids=IDS).logits, expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="merge: the base is 4-bit"):
+        lorafuse.merge(ours)
+    assert torch.equal(ours(input_ids=IDS).logits, expected)  # nothing changed
+
+
+def test_linear4bit_bad_input():
+    with pytest.raises(TypeError, match="compute_dtype: expected torch.float32, bfloat16 or float16"):
+        Linear4bit(64, 64, compute_dtype=torch.float64)
+    with pytest.raises(TypeError, match="linear: expected a torch.nn.Linear"):
+        Linear4bit.from_linear(nn.Conv1d(2, 2, 1))
+    with pytest.raises(ValueError, match="blocksize"):
+        Linear4bit(64, 64, blocksize=48)
+
+
+def test_rows_shorter_than_a_block_decode_to_the_documented_values():
+    """Where bitsandbytes' native CPU kernel goes wrong (rows shorter than the block), lorafuse decodes the same
+    bytes to code · absmax, as bitsandbytes' own pure-torch reference does."""
+    torch.manual_seed(3)
+    linear = nn.Linear(32, 32)
+    ours = Linear4bit.from_linear(linear)
+    state = _bnb_linear4bit(linear).weight.quant_state
+    absmax = bnb_f.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    packed = ours.packed.reshape(-1)
+    index = torch.stack([packed >> 4, packed & 15], 1).reshape(-1).long()
+    reference = (bnb_f.get_4bit_type("nf4", device="cpu")[index] * absmax.repeat_interleave(64)).reshape(32, 32)
+    torch.testing.assert_close(ours.dequantized_weight(torch.float32), reference, rtol=0, atol=0)
