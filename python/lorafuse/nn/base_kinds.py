@@ -21,6 +21,9 @@ Kinds today:
 ``linear4bit``
     ``lorafuse.nn.Linear4bit`` (the weight in NF4, QLoRA): called as it is, the branch added by ``lora_add``;
     merging is refused for now.
+``bnb_linear4bit``
+    ``bitsandbytes.nn.Linear4bit`` with an NF4 weight (transformers' 4-bit models): lorafuse's kernels on
+    bitsandbytes' own bytes, ``lora_add`` adds the branch; merging is refused for now.
 
 Not taken: a Linear with an integer weight (a quantized base is its own kind), and
 ``nn.MultiheadAttention``'s ``out_proj`` (a ``NonDynamicallyQuantizableLinear``): the attention
@@ -53,6 +56,10 @@ class BaseKind:
     def merge_refusal(self, module: nn.Module) -> Optional[str]:
         """Why adapters cannot be merged into ``module``, or None when they can."""
         return None
+
+    def lora_forward(self, module: nn.Module, x: Tensor, a: Tensor, b: Tensor, scale: float, p: float) -> Tensor:
+        """The LoRA layer's output when :meth:`fused` says the kind computes it: base(x) + scale·(drop(x)·Aᵀ)·Bᵀ."""
+        raise NotImplementedError
 
     @staticmethod
     def features(module: nn.Module):
@@ -109,6 +116,9 @@ class DenseLinear(BaseKind):
     def fused(self, module: nn.Module) -> bool:
         return not _has_hooks(module) and not module.weight.requires_grad
 
+    def lora_forward(self, module: nn.Module, x: Tensor, a: Tensor, b: Tensor, scale: float, p: float) -> Tensor:
+        return torch.ops.lorafuse.lora_linear(x, module.weight, module.bias, a, b, scale, p)
+
     def merge_refusal(self, module: nn.Module) -> Optional[str]:
         if _has_hooks(module):
             return (
@@ -160,7 +170,60 @@ class Nf4Linear(BaseKind):
         )
 
 
-BASE_KINDS: List[BaseKind] = [DenseLinear(), CustomLinear(), Nf4Linear()]
+def _is_bnb_nf4(module: nn.Module) -> bool:
+    cls = type(module)
+    state = getattr(getattr(module, "weight", None), "quant_state", None)
+    return (
+        cls.__name__ == "Linear4bit"
+        and cls.__module__.startswith("bitsandbytes")
+        and state is not None
+        and state.quant_type == "nf4"
+        and (not state.nested or state.state2.blocksize == 256)
+    )
+
+
+class BnbNf4Linear(BaseKind):
+    """bitsandbytes' own ``Linear4bit`` holding an NF4 weight (a transformers model loaded with
+    ``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")``): lorafuse's ``nf4_linear`` computes it
+    from bitsandbytes' packed bytes and quantization state as they are (same format, no copy), ``lora_add`` adds
+    the branch; the input is cast to the layer's compute dtype and the base output back, as bitsandbytes does.
+    With hooks (accelerate), it is called as it is. Merging is refused for now."""
+
+    name = "bnb_linear4bit"
+
+    def matches(self, module: nn.Module) -> bool:
+        return _is_bnb_nf4(module)
+
+    def fused(self, module: nn.Module) -> bool:
+        return not _has_hooks(module)
+
+    def weight_dtype(self, module: nn.Module) -> torch.dtype:
+        return module.compute_dtype or torch.float32
+
+    def freeze(self, module: nn.Module) -> None:
+        module.weight.requires_grad_(False)
+        if module.bias is not None:
+            module.bias.requires_grad_(False)
+
+    def merge_refusal(self, module: nn.Module) -> Optional[str]:
+        return Nf4Linear().merge_refusal(module).replace("lorafuse.nn.Linear4bit", "bitsandbytes' Linear4bit")
+
+    def lora_forward(self, module: nn.Module, x: Tensor, a: Tensor, b: Tensor, scale: float, p: float) -> Tensor:
+        state = module.weight.quant_state
+        dtype = module.compute_dtype or x.dtype
+        nested = state.state2.absmax if state.nested else None
+        offset = state.offset.reshape(()) if state.nested else None
+        bias = module.bias.to(dtype) if module.bias is not None else None
+        packed = module.weight.data
+        packed = packed if packed.dtype == torch.uint8 else packed.view(torch.uint8)  # quant_storage other than uint8
+        base = torch.ops.lorafuse.nf4_linear(
+            x.to(dtype), packed, state.absmax, nested, offset, state.blocksize, module.out_features, bias
+        ).to(x.dtype)
+        xa = x if a.dtype in (x.dtype, torch.float32) else x.to(a.dtype)
+        return torch.ops.lorafuse.lora_add(base, xa, a, b, scale, p)
+
+
+BASE_KINDS: List[BaseKind] = [DenseLinear(), CustomLinear(), Nf4Linear(), BnbNf4Linear()]
 
 
 def base_kind_of(module: nn.Module) -> Optional[BaseKind]:
@@ -186,4 +249,4 @@ def check_base_output(out: object, module: nn.Module, x: Tensor, out_features: i
     return out
 
 
-__all__ = ["BaseKind", "DenseLinear", "CustomLinear", "Nf4Linear", "BASE_KINDS", "base_kind_of"]
+__all__ = ["BaseKind", "DenseLinear", "CustomLinear", "Nf4Linear", "BnbNf4Linear", "BASE_KINDS", "base_kind_of"]

@@ -353,7 +353,7 @@ class Linear(nn.Module):
         p = dropout if self.training else 0.0
         kind = base_kind_of(base)  # asked per call: the base may have been replaced or hooked since
         if kind is not None and kind.fused(base):
-            return torch.ops.lorafuse.lora_linear(x, base.weight, base.bias, a, b, scale, p)
+            return kind.lora_forward(base, x, a, b, scale, p)
         # the base as it is (its own forward, its hooks, a thawed weight), the branch added by lora_add
         out = check_base_output(base(x), base, x, self.out_features)
         xa = x if a.dtype in (x.dtype, torch.float32) else x.to(a.dtype)

@@ -43,7 +43,7 @@ class Block(nn.Module):
 
 
 def test_kinds_are_one_ordered_list():
-    assert [k.name for k in BASE_KINDS] == ["linear", "custom_linear", "linear4bit"]
+    assert [k.name for k in BASE_KINDS] == ["linear", "custom_linear", "linear4bit", "bnb_linear4bit"]
     assert base_kind_of(nn.Linear(3, 4)).name == "linear"
     assert base_kind_of(lorafuse.nn.Linear4bit.from_linear(nn.Linear(64, 4))).name == "linear4bit"
 

@@ -157,3 +157,51 @@ def test_rows_shorter_than_a_block_decode_to_the_documented_values():
     index = torch.stack([packed >> 4, packed & 15], 1).reshape(-1).long()
     reference = (bnb_f.get_4bit_type("nf4", device="cpu")[index] * absmax.repeat_interleave(64)).reshape(32, 32)
     torch.testing.assert_close(ours.dequantized_weight(torch.float32), reference, rtol=0, atol=0)
+
+
+def _transformers_4bit(tmp_path, seed=0):
+    """A tiny Llama saved and loaded back by transformers with BitsAndBytesConfig(load_in_4bit=True, nf4,
+    double quantization): bitsandbytes' own Linear4bit layers."""
+    import transformers
+
+    path = tmp_path / f"llama{seed}"
+    if not path.exists():
+        _llama64(seed).save_pretrained(path)
+    config = transformers.BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    return transformers.AutoModelForCausalLM.from_pretrained(path, quantization_config=config).eval()
+
+
+def test_inject_lora_on_a_transformers_4bit_model_uses_bitsandbytes_bytes_and_equals_peft(tmp_path):
+    config = dict(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    theirs = peft.get_peft_model(_transformers_4bit(tmp_path), peft.LoraConfig(**config))
+    model = _transformers_4bit(tmp_path)
+    q_proj = model.model.layers[0].self_attn.q_proj
+    kind = lorafuse.nn.base_kind_of(q_proj)
+    assert type(q_proj).__module__.startswith("bitsandbytes") and kind.name == "bnb_linear4bit"
+    assert kind.fused(q_proj)  # no hooks: lorafuse's nf4_linear computes it, not bitsandbytes' forward
+    packed = q_proj.weight.data_ptr()
+    ours = lorafuse.inject_lora(model, lorafuse.LoraConfig(**config))
+    layers = dict(lorafuse.lora_layers(ours))
+    wrapped = layers["model.layers.0.self_attn.q_proj"].base_layer
+    assert wrapped is q_proj and wrapped.weight.data_ptr() == packed  # bitsandbytes' own bytes, no copy
+    assert set(layers) == {n for n, m in theirs.base_model.model.named_modules() if hasattr(m, "lora_A")}
+    for name, module in theirs.base_model.model.named_modules():
+        if name in layers:
+            layers[name].lora_A["default"].weight.data.copy_(module.lora_A["default"].weight)
+            layers[name].lora_B["default"].weight.data.copy_(module.lora_B["default"].weight)
+    ours.train(), theirs.train()
+    loss_ours, loss_theirs = _loss(ours), _loss(theirs)
+    torch.testing.assert_close(loss_ours, loss_theirs, rtol=1e-5, atol=1e-5)
+    loss_ours.backward(), loss_theirs.backward()
+    for name, layer in layers.items():
+        peft_layer = theirs.base_model.model.get_submodule(name)
+        torch.testing.assert_close(
+            layer.lora_B["default"].weight.grad, peft_layer.lora_B["default"].weight.grad, rtol=1e-4, atol=1e-6
+        )
+    with pytest.raises(ValueError, match="merge: the base is 4-bit \\(bitsandbytes' Linear4bit\\)"):
+        lorafuse.merge(ours)
