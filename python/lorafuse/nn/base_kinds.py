@@ -61,6 +61,11 @@ class BaseKind:
         """The LoRA layer's output when :meth:`fused` says the kind computes it: base(x) + scale·(drop(x)·Aᵀ)·Bᵀ."""
         raise NotImplementedError
 
+    def dense_weight(self, module: nn.Module) -> Optional[Tensor]:
+        """For a base that merge_and_unload replaces by a dense ``nn.Linear`` (a 4-bit base): its weight in float32,
+        a new tensor. None for a base that adapters merge into in place."""
+        return None
+
     @staticmethod
     def features(module: nn.Module):
         return module.in_features, module.out_features
@@ -166,8 +171,12 @@ class Nf4Linear(BaseKind):
     def merge_refusal(self, module: nn.Module) -> Optional[str]:
         return (
             "the base is 4-bit (lorafuse.nn.Linear4bit); merging into 4 bits would re-quantize it and change its "
-            "outputs, and merging into a 16-bit copy is not available yet: keep the adapter as a separate branch"
+            "outputs: keep the adapter as a separate branch, or merge_and_unload for a dense model holding "
+            "dequantized W + the adapter"
         )
+
+    def dense_weight(self, module: nn.Module) -> Optional[Tensor]:
+        return module.dequantized_weight(torch.float32)
 
 
 def _is_bnb_nf4(module: nn.Module) -> bool:
@@ -221,6 +230,20 @@ class BnbNf4Linear(BaseKind):
         ).to(x.dtype)
         xa = x if a.dtype in (x.dtype, torch.float32) else x.to(a.dtype)
         return torch.ops.lorafuse.lora_add(base, xa, a, b, scale, p)
+
+    def dense_weight(self, module: nn.Module) -> Optional[Tensor]:
+        state = module.weight.quant_state
+        packed = module.weight.data
+        packed = packed if packed.dtype == torch.uint8 else packed.view(torch.uint8)
+        return torch.ops.lorafuse.dequantize_nf4(
+            packed,
+            state.absmax,
+            state.state2.absmax if state.nested else None,
+            state.offset.reshape(()) if state.nested else None,
+            state.blocksize,
+            [module.out_features, module.in_features],
+            torch.float32,
+        )
 
 
 BASE_KINDS: List[BaseKind] = [DenseLinear(), CustomLinear(), Nf4Linear(), BnbNf4Linear()]

@@ -318,8 +318,47 @@ class Linear(nn.Module):
         self._table.set_merged([])
         self._refresh_route()
 
+    def _unloaded_dense(self) -> Optional[nn.Linear]:
+        """For a 4-bit base: a new dense ``nn.Linear`` (compute dtype) holding dequant(W) + the adapter that
+        merge_and_unload folds in, summed in float32 and rounded once; None for bases merged in place. Changes
+        nothing."""
+        base = self.base_layer
+        kind = base_kind_of(base)
+        weight = kind.dense_weight(base) if kind is not None else None
+        if weight is None:
+            return None
+        everything = self._table.plan_unload()
+        table = self._table
+        with torch.no_grad():
+            if everything:
+                weight = torch.ops.lorafuse.lora_merge(
+                    weight,
+                    [self.lora_A[n].weight for n in everything],
+                    [self.lora_B[n].weight for n in everything],
+                    [table.options(n).scale for n in everything],
+                )
+            dense = nn.Linear(
+                self.in_features,
+                self.out_features,
+                bias=base.bias is not None,
+                device=weight.device,
+                dtype=kind.weight_dtype(base),
+            )
+            dense.weight.copy_(weight)
+            dense.weight.requires_grad_(False)
+            if base.bias is not None:
+                dense.bias.copy_(base.bias)
+                dense.bias.requires_grad_(base.bias.requires_grad)
+        return dense
+
     def merge_and_unload(self) -> nn.Linear:
-        """Merges the active adapter for good (also while disabled) and returns the plain base layer."""
+        """Merges the active adapter for good (also while disabled) and returns the plain base layer; over a
+        4-bit base, a new dense ``nn.Linear`` holding dequant(W) + the adapter (in the compute dtype)."""
+        dense = self._unloaded_dense()
+        if dense is not None:
+            for name in list(self._table.names):
+                self.delete_adapter(name)
+            return dense
         everything = self._table.plan_unload()
         if everything:
             self._fold(everything)

@@ -315,18 +315,23 @@ def unmerge(model: nn.Module) -> None:
 @_model_wide(_C._cpp_merge_and_unload, result=lambda model, _: model)
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Merges the active adapter for good (also while disabled) and puts each plain ``nn.Linear`` back:
-    the base model again, with the adapter inside its weights. Returns ``model``."""
+    the base model again, with the adapter inside its weights; a 4-bit base becomes a dense ``nn.Linear`` holding
+    dequant(W) + the adapter in its compute dtype. All or nothing. Returns ``model``."""
     sites = [(parent, name, m) for parent, name, _, m in _sites(model) if is_lora_layer(m)]
+    dense = {id(layer): layer._unloaded_dense() for _, _, layer in sites}  # 4-bit bases; nothing changes yet
     transaction = _MergeTransaction()
     try:
         for _, _, layer in sites:
-            if layer._table.plan_unload():
+            if dense[id(layer)] is None and layer._table.plan_unload():
                 transaction.merge(layer, [layer.active_adapter])
     except BaseException:
         transaction.rollback()
         raise
     for parent, name, layer in sites:
-        setattr(parent, name, layer.merge_and_unload())
+        unloaded = dense[id(layer)]
+        if unloaded is None:
+            unloaded = layer.merge_and_unload()
+        setattr(parent, name, unloaded)
     return model
 
 

@@ -205,3 +205,24 @@ def test_inject_lora_on_a_transformers_4bit_model_uses_bitsandbytes_bytes_and_eq
         )
     with pytest.raises(ValueError, match="merge: the base is 4-bit \\(bitsandbytes' Linear4bit\\)"):
         lorafuse.merge(ours)
+
+
+@pytest.mark.parametrize("source", ["lorafuse", "bitsandbytes"])
+def test_merge_and_unload_of_a_4bit_model_gives_a_dense_model_with_the_adapter(tmp_path, source):
+    config = dict(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    if source == "lorafuse":
+        model = lorafuse.quantize_model(_llama64(0))
+    else:
+        model = _transformers_4bit(tmp_path)
+    model = lorafuse.inject_lora(model, lorafuse.LoraConfig(**config)).eval()
+    expected = model(input_ids=IDS).logits
+    layer = dict(lorafuse.lora_layers(model))["model.layers.1.mlp.down_proj"]
+    dense_w = lorafuse.nn.base_kind_of(layer.base_layer).dense_weight(layer.base_layer) + layer.delta_weight("default")
+    lorafuse.merge_and_unload(model)
+    assert not lorafuse.lora_layers(model)
+    kinds = {type(m).__name__ for n, m in model.named_modules() if n.endswith("_proj")}
+    assert kinds == {"Linear"}
+    down = model.model.layers[1].mlp.down_proj
+    assert type(down) is nn.Linear and down.weight.dtype == torch.float32 and not down.weight.requires_grad
+    torch.testing.assert_close(down.weight, dense_w, rtol=0, atol=1e-6)
+    torch.testing.assert_close(model(input_ids=IDS).logits, expected, rtol=1e-4, atol=1e-4)
