@@ -127,6 +127,19 @@ at::Tensor block_scales(const at::Tensor& absmax, const std::optional<at::Tensor
   return scales;
 }
 
+// The two code values of every byte (first element in the high nibble).
+struct PairTable {
+  float rows[256][2];
+  PairTable() {
+    for (int b = 0; b < 256; ++b) {
+      rows[b][0] = nf4::kCode[nf4::high(static_cast<uint8_t>(b))];
+      rows[b][1] = nf4::kCode[nf4::low(static_cast<uint8_t>(b))];
+    }
+  }
+  const float* operator[](uint8_t byte) const { return rows[byte]; }
+};
+const PairTable kPairs;
+
 // Elements [begin, end) of the weight (row-major flat indices) in float32: code · the scale of its block. Block by
 // block (its scale read once), a byte (two elements) at a time.
 void dequantize_range(const uint8_t* packed, const float* scales, int64_t blocksize, int64_t begin, int64_t end,
@@ -144,11 +157,15 @@ void dequantize_range(const uint8_t* packed, const float* scales, int64_t blocks
         o[i] = nf4::kCode[nf4::low(packed[i >> 1])] * scale;
         ++i;
       }
-      for (; i + 1 < stop; i += 2) {
-        const uint8_t byte = packed[i >> 1];
-        o[i] = nf4::kCode[nf4::high(byte)] * scale;
-        o[i + 1] = nf4::kCode[nf4::low(byte)] * scale;
+      const uint8_t* bytes = packed + (i >> 1);
+      float* pairs_out = o + i;
+      const int64_t count = (stop - i) / 2;
+      for (int64_t j = 0; j < count; ++j) {  // both codes of a byte from one table row
+        const float* pair = kPairs[bytes[j]];
+        pairs_out[2 * j] = pair[0] * scale;
+        pairs_out[2 * j + 1] = pair[1] * scale;
       }
+      i += 2 * count;
       if (i < stop) o[i] = nf4::kCode[nf4::high(packed[i >> 1])] * scale;
     }
   });
