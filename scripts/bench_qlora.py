@@ -9,16 +9,23 @@ quantization, blocksize 64), forward (under no_grad) and forward + backward, as 
 The 4-bit weight is the same bytes in both (checked: lorafuse's and bitsandbytes' quantization of W are
 compared byte for byte), A, B, b and scale are the same; before timing, lorafuse's output and gradients (x, bias,
 A, B) are compared with bitsandbytes+PEFT's. CPU only for now: the NF4 ops have no CUDA kernels yet.
+
+Then the model level: training steps (forward, loss, backward, AdamW on the adapters) of the model level's Llama
+(scripts/bench_model.py's preset, float32) with every Linear but lm_head in NF4: lorafuse (quantize_model +
+inject_lora) and PEFT over bitsandbytes' Linear4bit, same adapters (losses checked first), beside lorafuse's float32
+LoRA model; tokens/s.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+import bench_model
 from bench_layer import Shape, forward_step, fwd_bwd_step
 from common import (
     CpuContention,
@@ -58,6 +65,23 @@ class _OneLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.lin(x)
+
+
+def _bnb_linear4bit(linear: nn.Linear) -> nn.Module:
+    """bitsandbytes' Linear4bit holding `linear`'s weight in NF4 (double quantization, blocksize 64), float32 compute."""
+    import bitsandbytes as bnb
+
+    lin = bnb.nn.Linear4bit(
+        linear.in_features, linear.out_features, bias=linear.bias is not None, compute_dtype=torch.float32,
+        compress_statistics=True, quant_type="nf4",
+    )
+    lin.weight = bnb.nn.Params4bit(
+        linear.weight.detach().clone(), requires_grad=False, compress_statistics=True, quant_type="nf4",
+        blocksize=BLOCKSIZE,
+    )._quantize("cpu")
+    if linear.bias is not None:
+        lin.bias = nn.Parameter(linear.bias.detach().clone())
+    return lin
 
 
 def _bnb_peft_layer(weight: Tensor, bias: Tensor, a: Tensor, b: Tensor, packed: Tensor) -> tuple[nn.Module, nn.Parameter]:
@@ -142,6 +166,49 @@ def measure_shape(s: Shape, timing: TimingOptions) -> dict[str, Any]:
     }
 
 
+MODEL_VARIANTS = ("lora", "qlora", "bnb_peft")
+
+
+def measure_model(targets: str, quick: bool, timing: TimingOptions) -> dict[str, Any]:
+    """Training-step tokens/s of the three models for one target set (see the module docstring)."""
+    lorafuse = import_lorafuse()
+    cpu = torch.device("cpu")
+    cfg = bench_model.PRESETS[(quick, "cpu")]
+    base = bench_model.build_llama(cfg, cpu, torch.float32, seed=0)
+    target_list = bench_model.parse_targets(targets)
+    lora = bench_model.add_lorafuse(copy.deepcopy(base), target_list, bench_model.DEFAULT_RANK, 0.0)
+    qlora = bench_model.add_lorafuse(lorafuse.quantize_model(copy.deepcopy(base)), target_list, bench_model.DEFAULT_RANK, 0.0)
+    theirs = copy.deepcopy(base)
+    for module in list(theirs.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is nn.Linear and name != "lm_head":
+                setattr(module, name, _bnb_linear4bit(child))
+    theirs = bench_model.add_peft(theirs, target_list, bench_model.DEFAULT_RANK, 0.0)
+    bench_model.copy_same_adapters(bench_model.adapter_pairs(qlora, theirs), seed=1)
+    bench_model.copy_same_adapters(bench_model.adapter_pairs(lora, theirs), seed=1)
+    ids = bench_model.make_batch(cfg, cpu, seed=2)
+    models = {"lora": lora, "qlora": qlora, "bnb_peft": theirs}
+    for m in models.values():
+        m.train()
+    losses = {n: bench_model.loss_of(m, ids).item() for n, m in models.items()}
+    rel = abs(losses["qlora"] - losses["bnb_peft"]) / abs(losses["bnb_peft"])
+    if rel > 1e-5:
+        raise SystemExit(f"ABORT: QLoRA losses differ: lorafuse {losses['qlora']}, bitsandbytes+PEFT {losses['bnb_peft']}")
+    steps = {n: bench_model.train_step(m, ids) for n, m in models.items()}
+    samples, _ = time_variants(steps, Timer(cpu), timing)
+    med = medians(samples)
+    tokens = cfg["batch"] * cfg["seq"]
+    return {
+        "targets": targets,
+        "config": cfg,
+        "losses": losses,
+        "median_ms": med,
+        "tokens_per_s": {n: tokens / (med[n] / 1e3) for n in MODEL_VARIANTS},
+        "ratio_step_time_to_lora": {n: med[n] / med["lora"] for n in MODEL_VARIANTS},
+        "samples_ms": rounded(samples),
+    }
+
+
 def run(device: torch.device, dtype: torch.dtype, args: argparse.Namespace, quick: bool) -> dict[str, Any]:
     """The report's "qlora" section: every (T, d) of the grid at r = 16, float32 compute."""
     section: dict[str, Any] = {"variants": list(VARIANTS), "variant_descriptions": DESCRIPTIONS, "results": []}
@@ -171,6 +238,23 @@ def run(device: torch.device, dtype: torch.dtype, args: argparse.Namespace, quic
                     f" {m['lora']:>7.2f}ms" + "".join(f" {m[v]:>7.2f} ({r[v]:4.2f}x)" for v in VARIANTS[1:])
                 )
             print(f"{n:>6} {d:>5} {grid['rank']:>3} |" + " |".join(cells), flush=True)
+    model_timing = bench_model.TIMING[(quick, "cpu")]
+    section["model"] = {"variants": list(MODEL_VARIANTS), "timing": vars(model_timing), "results": []}
+    cfg = bench_model.PRESETS[(quick, "cpu")]
+    print(
+        f"\n== qlora model level: Llama hidden {cfg['hidden_size']}, {cfg['num_hidden_layers']} layers, batch "
+        f"{cfg['batch']} x seq {cfg['seq']}, r={bench_model.DEFAULT_RANK}: training-step tokens/s"
+    )
+    print(f"{'targets':>16} | {'float32 LoRA':>13} {'lorafuse QLoRA':>15} {'bnb+PEFT QLoRA':>15} | QLoRA lorafuse / bnb+PEFT")
+    for targets in (["q_proj,v_proj"] if quick else ["q_proj,v_proj", "all-linear"]):
+        row = measure_model(targets, quick, model_timing)
+        section["model"]["results"].append(row)
+        t = row["tokens_per_s"]
+        print(
+            f"{targets:>16} | {t['lora']:>13,.0f} {t['qlora']:>15,.0f} {t['bnb_peft']:>15,.0f} | "
+            f"{t['qlora'] / t['bnb_peft']:.3f}x",
+            flush=True,
+        )
     section["elapsed_s"] = round(time.perf_counter() - t0, 1)
     return section
 

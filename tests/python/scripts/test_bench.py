@@ -97,6 +97,12 @@ def test_quick_run_qlora_level(quick_run):
             assert all(v > 0 and math.isfinite(v) for v in med.values()), med
             for name in ("qlora", "bnb_peft"):
                 assert row["ratio_to_lora"][mode][name] == pytest.approx(med[name] / med["lora"], rel=1e-9)
+    model = qlora["model"]
+    assert model["variants"] == ["lora", "qlora", "bnb_peft"] and model["results"]
+    for row in model["results"]:
+        losses = row["losses"]
+        assert losses["qlora"] == pytest.approx(losses["bnb_peft"], rel=1e-5)  # the same 4-bit model and adapters
+        assert all(v > 0 and math.isfinite(v) for v in row["tokens_per_s"].values())
 
 
 def test_quick_run_layer_level(quick_run):
