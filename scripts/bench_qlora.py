@@ -167,6 +167,9 @@ def measure_shape(s: Shape, timing: TimingOptions) -> dict[str, Any]:
 
 
 MODEL_VARIANTS = ("lora", "qlora", "bnb_peft")
+# |loss difference| / |loss| between the two QLoRA models: each layer agrees to ~1e-6 (the layer level checks it);
+# lorafuse's tiles and bitsandbytes' one GEMM round differently, and 4 layers + softmax add that up.
+MODEL_LOSS_TOL = 1e-4
 
 
 def measure_model(targets: str, quick: bool, timing: TimingOptions) -> dict[str, Any]:
@@ -192,7 +195,7 @@ def measure_model(targets: str, quick: bool, timing: TimingOptions) -> dict[str,
         m.train()
     losses = {n: bench_model.loss_of(m, ids).item() for n, m in models.items()}
     rel = abs(losses["qlora"] - losses["bnb_peft"]) / abs(losses["bnb_peft"])
-    if rel > 1e-5:
+    if rel > MODEL_LOSS_TOL:
         raise SystemExit(f"ABORT: QLoRA losses differ: lorafuse {losses['qlora']}, bitsandbytes+PEFT {losses['bnb_peft']}")
     steps = {n: bench_model.train_step(m, ids) for n, m in models.items()}
     samples, _ = time_variants(steps, Timer(cpu), timing)
@@ -202,6 +205,7 @@ def measure_model(targets: str, quick: bool, timing: TimingOptions) -> dict[str,
         "targets": targets,
         "config": cfg,
         "losses": losses,
+        "loss_rel_diff_qlora_vs_bnb_peft": rel,
         "median_ms": med,
         "tokens_per_s": {n: tokens / (med[n] / 1e3) for n in MODEL_VARIANTS},
         "ratio_step_time_to_lora": {n: med[n] / med["lora"] for n in MODEL_VARIANTS},

@@ -101,7 +101,7 @@ def test_quick_run_qlora_level(quick_run):
     assert model["variants"] == ["lora", "qlora", "bnb_peft"] and model["results"]
     for row in model["results"]:
         losses = row["losses"]
-        assert losses["qlora"] == pytest.approx(losses["bnb_peft"], rel=1e-5)  # the same 4-bit model and adapters
+        assert losses["qlora"] == pytest.approx(losses["bnb_peft"], rel=1e-4)  # the same 4-bit model and adapters
         assert all(v > 0 and math.isfinite(v) for v in row["tokens_per_s"].values())
 
 
