@@ -167,8 +167,9 @@ def measure_shape(s: Shape, timing: TimingOptions) -> dict[str, Any]:
 
 
 MODEL_VARIANTS = ("lora", "qlora", "bnb_peft")
-# |loss difference| / |loss| between the two QLoRA models: each layer agrees to ~1e-6 (the layer level checks it);
-# lorafuse's tiles and bitsandbytes' one GEMM round differently, and 4 layers + softmax add that up.
+# |loss difference| / |loss| between the two QLoRA models. The layer level agrees exactly (d a multiple of 64); in the
+# model, bitsandbytes 0.50.2's native CPU dequantize_4bit decodes down_proj (rows of 1376, not a multiple of the
+# block of 64) wrongly near block boundaries, which moves its loss by ~5e-5 (lorafuse decodes the documented values).
 MODEL_LOSS_TOL = 1e-4
 
 

@@ -68,9 +68,9 @@ def test_quantize_model_converts_plain_linears_but_not_the_output_layer():
 
 
 def _llama64(seed=0):
-    """A tiny Llama whose layers all have in_features >= 64: bitsandbytes 0.50.2's native CPU dequantize_4bit
-    decodes rows shorter than its block size wrongly (a 32×32 weight comes back off by up to 1.5), so the
-    comparison with bitsandbytes uses rows of at least one block."""
+    """A tiny Llama whose layers all have in_features a multiple of 64: bitsandbytes 0.50.2's native CPU
+    dequantize_4bit decodes rows that are not a multiple of its block size wrongly (a 32×32 weight comes back off by
+    up to 1.5), so the comparison with bitsandbytes uses whole blocks per row."""
     import transformers
 
     torch.manual_seed(seed)
@@ -145,17 +145,20 @@ def test_linear4bit_bad_input():
         Linear4bit(64, 64, blocksize=48)
 
 
-def test_rows_shorter_than_a_block_decode_to_the_documented_values():
-    """Where bitsandbytes' native CPU kernel goes wrong (rows shorter than the block), lorafuse decodes the same
-    bytes to code · absmax, as bitsandbytes' own pure-torch reference does."""
+@pytest.mark.parametrize("shape", [(32, 32), (64, 96), (40, 1376)])
+def test_rows_not_a_multiple_of_the_block_decode_to_the_documented_values(shape):
+    """Where bitsandbytes 0.50.2's native CPU kernel goes wrong (rows shorter than a block, or not a multiple of
+    it), lorafuse decodes the same bytes to code · absmax, as bitsandbytes' own pure-torch reference does."""
     torch.manual_seed(3)
-    linear = nn.Linear(32, 32)
+    out_features, in_features = shape
+    linear = nn.Linear(in_features, out_features)
     ours = Linear4bit.from_linear(linear)
     state = _bnb_linear4bit(linear).weight.quant_state
     absmax = bnb_f.dequantize_blockwise(state.absmax, state.state2) + state.offset
     packed = ours.packed.reshape(-1)
     index = torch.stack([packed >> 4, packed & 15], 1).reshape(-1).long()
-    reference = (bnb_f.get_4bit_type("nf4", device="cpu")[index] * absmax.repeat_interleave(64)).reshape(32, 32)
+    n = out_features * in_features
+    reference = (bnb_f.get_4bit_type("nf4", device="cpu")[index] * absmax.repeat_interleave(64)[:n]).reshape(shape)
     torch.testing.assert_close(ours.dequantized_weight(torch.float32), reference, rtol=0, atol=0)
 
 
