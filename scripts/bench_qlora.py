@@ -48,6 +48,7 @@ DESCRIPTIONS = {
     "bnb_peft": "peft.get_peft_model over bitsandbytes.nn.Linear4bit (nf4, double quantization)",
 }
 COLORS = {"lora": "tab:gray", "qlora": "tab:blue", "bnb_peft": "tab:red"}
+LABELS = {"lora": "lorafuse float32 LoRA", "qlora": "lorafuse QLoRA", "bnb_peft": "bitsandbytes + PEFT"}
 BLOCKSIZE = 64
 SCALE = 2.0
 CHECK_TOL = 2e-4  # max|diff| / max|bitsandbytes+PEFT|, float32
@@ -274,8 +275,7 @@ def plot(path: Path, report: dict[str, Any]) -> bool:
     fig, axes = plt.subplots(2, 1, figsize=(max(8.0, 1.2 * len(rows) + 3), 8.0), sharex=True)
     for ax, mode, title in zip(axes, ("fwd_bwd", "forward"), ("forward + backward", "forward (no_grad)"), strict=True):
         series = {n: [r["ratio_to_lora"][mode][n] for r in rows] for n in VARIANTS[1:]}
-        grouped_bars(ax, series, labels, COLORS, {n: DESCRIPTIONS[n].split(":")[0] for n in VARIANTS[1:]},
-                     legend=mode == "fwd_bwd")
+        grouped_bars(ax, series, labels, COLORS, LABELS, legend=mode == "fwd_bwd")
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_ylabel("time / float32 LoRA layer time")
         ax.set_title(title, fontsize=10)
