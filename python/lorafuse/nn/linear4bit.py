@@ -55,7 +55,7 @@ class Linear4bit(nn.Module):
         double_quant: bool = True,
     ) -> "Linear4bit":
         """``linear``'s weight quantized to NF4 (kept on its device; the CPU kernels quantize it, so a CUDA weight
-        is quantized through the CPU), its bias kept as it is; ``compute_dtype`` defaults to the weight's dtype."""
+        is quantized through the CPU), its bias in ``compute_dtype``, which defaults to the weight's dtype."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear: expected a torch.nn.Linear, found {type(linear).__name__}")
         weight = linear.weight.detach()
@@ -73,7 +73,7 @@ class Linear4bit(nn.Module):
         for name, t in zip(Nf4Weight._fields, q):
             setattr(layer, name, t.to(weight.device))
         if linear.bias is not None:
-            layer.bias = nn.Parameter(linear.bias.detach(), requires_grad=linear.bias.requires_grad)
+            layer.bias = nn.Parameter(linear.bias.detach().to(compute_dtype), requires_grad=linear.bias.requires_grad)
         return layer
 
     @property

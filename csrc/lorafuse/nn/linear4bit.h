@@ -1,0 +1,60 @@
+// lorafuse::nn::Linear4bit — a frozen linear layer whose weight is stored in 4-bit NF4 (QLoRA's base), bitsandbytes'
+// bytes; computed by lorafuse::nf4_linear a tile of rows at a time.
+#pragma once
+
+#include <c10/core/ScalarType.h>
+#include <torch/arg.h>
+#include <torch/nn/cloneable.h>
+#include <torch/nn/modules/linear.h>
+#include <torch/nn/pimpl.h>
+
+#include <cstdint>
+#include <optional>
+
+namespace lorafuse::nn {
+
+/// Options of a Linear4bit (bitsandbytes' names).
+struct Linear4bitOptions {
+  Linear4bitOptions(int64_t in_features, int64_t out_features)
+      : in_features_(in_features), out_features_(out_features) {}
+  TORCH_ARG(int64_t, in_features);
+  TORCH_ARG(int64_t, out_features);
+  /// Whether the layer has a bias (a Parameter in compute_dtype).
+  TORCH_ARG(bool, bias) = true;
+  /// The dtype x is cast to and the GEMM runs in: float32, bfloat16 or float16; the output is cast back to x's.
+  TORCH_ARG(c10::ScalarType, compute_dtype) = c10::ScalarType::Float;
+  /// NF4 block size: 32, 64, ..., 4096.
+  TORCH_ARG(int64_t, blocksize) = 64;
+  /// Whether the block statistics are quantized again (8 bits, blocks of 256): 4.127 instead of 4.5 bits per weight.
+  TORCH_ARG(bool, double_quant) = true;
+};
+
+/// y = x·Wᵀ + b with W [out, in] held as the buffers `packed`, `absmax`, `nested_absmax` and `offset`
+/// (lorafuse::quantize_nf4's outputs: bitsandbytes' bytes). The weight is frozen: buffers, never a gradient.
+class Linear4bitImpl : public torch::nn::Cloneable<Linear4bitImpl> {
+ public:
+  Linear4bitImpl(int64_t in_features, int64_t out_features) : Linear4bitImpl(Linear4bitOptions(in_features, out_features)) {}
+  /// A layer holding a zero weight (load a state or use from_linear).
+  explicit Linear4bitImpl(const Linear4bitOptions& options);
+
+  /// `linear`'s weight quantized to NF4 (on the CPU kernels; the buffers are put on the weight's device) and its
+  /// bias in compute_dtype, which defaults to the weight's dtype.
+  static std::shared_ptr<Linear4bitImpl> from_linear(const torch::nn::Linear& linear,
+                                                     std::optional<c10::ScalarType> compute_dtype = std::nullopt,
+                                                     int64_t blocksize = 64, bool double_quant = true);
+
+  void reset() override;
+  void pretty_print(std::ostream& stream) const override;
+  /// [..., in] → [..., out] in x's dtype.
+  at::Tensor forward(const at::Tensor& x);
+  /// The dense weight [out, in] the 4 bits encode (a new tensor), in `dtype` (default compute_dtype).
+  at::Tensor dequantized_weight(std::optional<c10::ScalarType> dtype = std::nullopt) const;
+
+  Linear4bitOptions options;
+  at::Tensor packed, absmax, nested_absmax, offset;  // buffers
+  at::Tensor bias;                                   // parameter, or undefined
+};
+
+TORCH_MODULE(Linear4bit);
+
+}  // namespace lorafuse::nn
