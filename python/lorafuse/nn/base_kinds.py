@@ -179,6 +179,10 @@ class Nf4Linear(BaseKind):
         return module.dequantized_weight(torch.float32)
 
 
+def _repacked_for_cpu(module: nn.Module) -> bool:
+    return bool(getattr(module.weight.quant_state, "packing_format_for_cpu", False))
+
+
 def _is_bnb_nf4(module: nn.Module) -> bool:
     cls = type(module)
     state = getattr(getattr(module, "weight", None), "quant_state", None)
@@ -187,7 +191,7 @@ def _is_bnb_nf4(module: nn.Module) -> bool:
         and cls.__module__.startswith("bitsandbytes")
         and state is not None
         and state.quant_type == "nf4"
-        and (not state.nested or state.state2.blocksize == 256)
+        and (not state.nested or state.state2.blocksize == 256 or getattr(state, "packing_format_for_cpu", False))
     )
 
 
@@ -196,7 +200,8 @@ class BnbNf4Linear(BaseKind):
     ``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")``): lorafuse's ``nf4_linear`` computes it
     from bitsandbytes' packed bytes and quantization state as they are (same format, no copy), ``lora_add`` adds
     the branch; the input is cast to the layer's compute dtype and the base output back, as bitsandbytes does.
-    With hooks (accelerate), it is called as it is. Merging is refused for now."""
+    With hooks (accelerate), or once bitsandbytes has repacked the weight into its own CPU layout (an inference
+    forward of its own on an AVX512-BF16 CPU), it is called as it is. Merging into 4 bits is refused."""
 
     name = "bnb_linear4bit"
 
@@ -204,7 +209,9 @@ class BnbNf4Linear(BaseKind):
         return _is_bnb_nf4(module)
 
     def fused(self, module: nn.Module) -> bool:
-        return not _has_hooks(module)
+        # bitsandbytes repacks the weight into its own CPU layout on an inference forward (AVX512-BF16 machines,
+        # quant_state.packing_format_for_cpu): then only its own forward reads it
+        return not _has_hooks(module) and not _repacked_for_cpu(module)
 
     def weight_dtype(self, module: nn.Module) -> torch.dtype:
         return module.compute_dtype or torch.float32
@@ -232,6 +239,14 @@ class BnbNf4Linear(BaseKind):
         return torch.ops.lorafuse.lora_add(base, xa, a, b, scale, p)
 
     def dense_weight(self, module: nn.Module) -> Optional[Tensor]:
+        # back to the standard layout first, as bitsandbytes does before it saves (its inverse re-quantizes the
+        # statistics it had turned into bfloat16: the layer keeps computing as before)
+        if _repacked_for_cpu(module):
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+            module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
+                module.weight.data, module.weight.quant_state
+            )
         state = module.weight.quant_state
         packed = module.weight.data
         packed = packed if packed.dtype == torch.uint8 else packed.view(torch.uint8)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .. import _C
-from ..nn import Linear
+from ..nn import Linear, base_kind_of
 
 
 def _config_problems(name: str, config: Any) -> List[str]:
@@ -28,6 +28,16 @@ def _config_problems(name: str, config: Any) -> List[str]:
     if getattr(config, "target_parameters", None):
         problems.append(f'adapter "{name}" targets parameters (target_parameters)')
     return problems
+
+
+def _convertible(module: nn.Module, peft_linear: type) -> bool:
+    """A PEFT LoRA layer that a lorafuse layer reproduces: PEFT's Linear over an nn.Linear of a lorafuse base kind,
+    or PEFT's bitsandbytes Linear4bit over bitsandbytes' NF4 Linear4bit (the bnb_linear4bit kind)."""
+    kind = base_kind_of(module.base_layer)
+    if type(module) is peft_linear:
+        return isinstance(module.base_layer, nn.Linear) and kind is not None
+    cls = type(module)
+    return cls.__module__ == "peft.tuners.lora.bnb" and cls.__name__ == "Linear4bit" and kind is not None
 
 
 def from_peft(peft_model: nn.Module) -> nn.Module:
@@ -74,7 +84,7 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
             continue
         if not isinstance(module, LoraLayer):
             continue
-        if type(module) is not PeftLinear or not isinstance(module.base_layer, nn.Linear):
+        if not _convertible(module, PeftLinear):
             problems.append(
                 f'"{path}" is a PEFT {type(module).__name__} over a {type(module.base_layer).__name__}'
             )
@@ -88,11 +98,11 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
             problems.append(f'"{path}" has merged adapters {module.merged_adapters}; unmerge them first')
         if len(module.active_adapters) > 1:
             problems.append(f'"{path}" has several active adapters {module.active_adapters}')
-        weight = module.base_layer.weight
+        base_dtype = base_kind_of(module.base_layer).weight_dtype(module.base_layer)
         for adapter in module.lora_A:
             dtype = module.lora_A[adapter].weight.dtype
-            if dtype not in (weight.dtype, torch.float32):
-                problems.append(f'"{path}" adapter "{adapter}" is {dtype} over a {weight.dtype} base')
+            if dtype not in (base_dtype, torch.float32):
+                problems.append(f'"{path}" adapter "{adapter}" is {dtype} over a {base_dtype} base')
             if module.lora_A[adapter].bias is not None or module.lora_B[adapter].bias is not None:
                 problems.append(f'"{path}" adapter "{adapter}" has a bias in lora_A/lora_B')
             try:

@@ -229,3 +229,41 @@ def test_merge_and_unload_of_a_4bit_model_gives_a_dense_model_with_the_adapter(t
     assert type(down) is nn.Linear and down.weight.dtype == torch.float32 and not down.weight.requires_grad
     torch.testing.assert_close(down.weight, dense_w, rtol=0, atol=1e-6)
     torch.testing.assert_close(model(input_ids=IDS).logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_from_peft_converts_a_peft_qlora_model_over_bitsandbytes(tmp_path):
+    theirs = peft.get_peft_model(
+        _transformers_4bit(tmp_path),
+        peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    )
+    theirs.train()  # in training mode bitsandbytes keeps its standard layout (no dropout: the same outputs)
+    expected = theirs(input_ids=IDS).logits.detach()
+    ours = lorafuse.from_peft(theirs)
+    layers = dict(lorafuse.lora_layers(ours))
+    assert len(layers) == 4
+    q_proj = layers["model.layers.0.self_attn.q_proj"]
+    kind = lorafuse.nn.base_kind_of(q_proj.base_layer)
+    assert kind.name == "bnb_linear4bit" and kind.fused(q_proj.base_layer)
+    torch.testing.assert_close(ours(input_ids=IDS).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_layer_bitsandbytes_repacked_for_its_cpu_kernel_is_called_as_it_is(tmp_path):
+    """On AVX512-BF16 CPUs bitsandbytes repacks a Linear4bit's weight into its own layout on an inference forward;
+    lorafuse then calls the layer as it is (same outputs), and merge_and_unload restores the standard layout first."""
+    model = _transformers_4bit(tmp_path)
+    q_proj = model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        model(input_ids=IDS)  # bitsandbytes may repack here
+    if not getattr(q_proj.weight.quant_state, "packing_format_for_cpu", False):
+        pytest.skip("bitsandbytes did not repack on this CPU (no AVX512-BF16)")
+    kind = lorafuse.nn.base_kind_of(q_proj)
+    assert kind.name == "bnb_linear4bit" and not kind.fused(q_proj)
+    lorafuse.inject_lora(model, lorafuse.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False))
+    model.eval()
+    with torch.no_grad():
+        expected = model(input_ids=IDS).logits
+    lorafuse.merge_and_unload(model)
+    assert type(model.model.layers[0].self_attn.q_proj) is nn.Linear
+    with torch.no_grad():
+        # bitsandbytes computes its repacked layers in bfloat16, and its inverse re-quantizes the block statistics
+        torch.testing.assert_close(model(input_ids=IDS).logits, expected, rtol=5e-3, atol=5e-3)
