@@ -36,11 +36,10 @@ void check_quantize_nf4_args(const at::Tensor& weight, int64_t blocksize) {
   check_blocksize(op, blocksize);
 }
 
-bool check_dequantize_nf4_args(const at::Tensor& packed, const at::Tensor& absmax,
+bool check_dequantize_nf4_args(const char* op, const at::Tensor& packed, const at::Tensor& absmax,
                                const std::optional<at::Tensor>& nested_absmax,
                                const std::optional<at::Tensor>& offset, int64_t blocksize, at::IntArrayRef shape,
                                at::ScalarType dtype) {
-  constexpr const char* op = "lorafuse.dequantize_nf4";
   check_blocksize(op, blocksize);
   TORCH_CHECK_TYPE(is_input_float(dtype), op, ": dtype: expected float32, bfloat16 or float16, found ", dtype);
   int64_t n = 1;
@@ -101,7 +100,7 @@ bool check_nf4_linear_args(const char* op, const at::Tensor& x, int64_t x_featur
                     out_features, " and ", in_features);
   TORCH_CHECK_VALUE(packed.device() == x.device(), op, ": packed must be on ", name, "'s device ", x.device(),
                     "; found ", packed.device());
-  const bool nested = check_dequantize_nf4_args(packed, absmax, nested_absmax, offset, blocksize,
+  const bool nested = check_dequantize_nf4_args(op, packed, absmax, nested_absmax, offset, blocksize,
                                                 {out_features, in_features}, at::kFloat);
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK_VALUE(bias->dim() == 1 && bias->sym_size(0) == out_features, op, ": bias: expected [", out_features,

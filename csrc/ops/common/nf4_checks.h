@@ -17,9 +17,10 @@ inline int64_t nf4_blocks(int64_t n, int64_t blocksize) { return (n + blocksize 
 /// quantize_nf4: weight float32/bfloat16/float16, strided, non-empty; blocksize one of 32 ... 4096.
 void check_quantize_nf4_args(const at::Tensor& weight, int64_t blocksize);
 
-/// dequantize_nf4: sizes and dtypes of packed, absmax, nested_absmax and offset agree with shape and blocksize.
+/// dequantize_nf4 (and the weight of nf4_linear; `op` names the op in messages): sizes and dtypes of packed, absmax,
+/// nested_absmax and offset agree with shape and blocksize.
 /// Returns whether the statistics are double-quantized.
-bool check_dequantize_nf4_args(const at::Tensor& packed, const at::Tensor& absmax,
+bool check_dequantize_nf4_args(const char* op, const at::Tensor& packed, const at::Tensor& absmax,
                                const std::optional<at::Tensor>& nested_absmax,
                                const std::optional<at::Tensor>& offset, int64_t blocksize, at::IntArrayRef shape,
                                at::ScalarType dtype);

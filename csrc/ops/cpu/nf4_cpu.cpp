@@ -174,7 +174,8 @@ void dequantize_range(const uint8_t* packed, const float* scales, int64_t blocks
 at::Tensor dequantize_nf4_cpu(const at::Tensor& packed, const at::Tensor& absmax,
                               const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,
                               int64_t blocksize, at::IntArrayRef shape, at::ScalarType dtype) {
-  const bool nested = detail::check_dequantize_nf4_args(packed, absmax, nested_absmax, offset, blocksize, shape, dtype);
+  const bool nested = detail::check_dequantize_nf4_args("lorafuse.dequantize_nf4", packed, absmax, nested_absmax, offset,
+                                    blocksize, shape, dtype);
   int64_t n = 1;
   for (const auto d : shape) n *= d;
   const at::Tensor scales = block_scales(absmax, nested_absmax, offset, nested);

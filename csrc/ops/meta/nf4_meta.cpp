@@ -26,7 +26,8 @@ at::Tensor dequantize_nf4_meta(const at::Tensor& packed, const at::Tensor& absma
                                const std::optional<at::Tensor>& nested_absmax,
                                const std::optional<at::Tensor>& offset, int64_t blocksize, at::IntArrayRef shape,
                                at::ScalarType dtype) {
-  detail::check_dequantize_nf4_args(packed, absmax, nested_absmax, offset, blocksize, shape, dtype);
+  detail::check_dequantize_nf4_args("lorafuse.dequantize_nf4", packed, absmax, nested_absmax, offset,
+                                    blocksize, shape, dtype);
   return at::empty(shape, packed.options().dtype(dtype));
 }
 

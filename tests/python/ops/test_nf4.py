@@ -249,7 +249,7 @@ def test_nf4_linear_opcheck_and_errors():
     x = torch.randn(4, 64, requires_grad=True)
     args = (x, q.packed, q.absmax, q.nested_absmax, q.offset, 64, 30, torch.randn(30, requires_grad=True))
     torch.library.opcheck(torch.ops.lorafuse.nf4_linear.default, args)
-    with pytest.raises(ValueError, match=r"x: expected \[\.\.\., 64\], found shape \[4, 63\]|packed: expected"):
+    with pytest.raises(ValueError, match=r"lorafuse\.nf4_linear: packed: expected 945 bytes .* for shape \[30, 63\]"):
         lorafuse.nf4_linear(torch.randn(4, 63), q, 30)
     with pytest.raises(ValueError, match=r"bias: expected \[30\], found shape \[29\]"):
         lorafuse.nf4_linear(torch.randn(4, 64), q, 30, torch.randn(29))
