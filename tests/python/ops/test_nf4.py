@@ -257,3 +257,26 @@ def test_nf4_linear_opcheck_and_errors():
         lorafuse.nf4_linear(torch.randn(4, 64), q, 30, torch.randn(30, dtype=torch.bfloat16))
     with pytest.raises(TypeError, match="x: expected float32, bfloat16, float16 or float64, found Int"):
         lorafuse.nf4_linear(torch.ones(4, 64, dtype=torch.int32), q, 30)
+
+
+def test_the_vectorized_and_the_scalar_dequantize_give_the_same_bits(tmp_path):
+    """The CPU kernel has an AVX2 path (where the CPU has it) and a scalar one (elsewhere, and for block edges);
+    LORAFUSE_NF4_SCALAR=1 forces the scalar one in a process of its own."""
+    import os
+    import subprocess
+    import sys
+
+    torch.manual_seed(4)
+    weight = torch.randn(70, 333)
+    q = lorafuse.quantize_nf4(weight, 64, True)
+    torch.save({"q": tuple(q), "weight": weight}, tmp_path / "q.pt")
+    script = (
+        "import sys, torch, lorafuse\n"
+        "d = torch.load(sys.argv[1])\n"
+        "q = lorafuse.Nf4Weight(*d['q'])\n"
+        "torch.save(lorafuse.dequantize_nf4(q, [70, 333]), sys.argv[2])\n"
+    )
+    env = {**os.environ, "LORAFUSE_NF4_SCALAR": "1"}
+    subprocess.run([sys.executable, "-c", script, str(tmp_path / "q.pt"), str(tmp_path / "out.pt")], env=env, check=True)
+    scalar = torch.load(tmp_path / "out.pt")
+    assert torch.equal(lorafuse.dequantize_nf4(q, [70, 333]), scalar)
