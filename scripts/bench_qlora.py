@@ -13,7 +13,7 @@ A, B) are compared with bitsandbytes+PEFT's. CPU only for now: the NF4 ops have 
 Then the model level: training steps (forward, loss, backward, AdamW on the adapters) of the model level's Llama
 (scripts/bench_model.py's preset, float32) with every Linear but lm_head in NF4: lorafuse (quantize_model +
 inject_lora) and PEFT over bitsandbytes' Linear4bit, same adapters (losses checked first), beside lorafuse's float32
-LoRA model; tokens/s.
+LoRA model; tokens/s, and the bytes of the model's weights before and after quantize_model.
 """
 
 from __future__ import annotations
@@ -168,6 +168,16 @@ def measure_shape(s: Shape, timing: TimingOptions) -> dict[str, Any]:
 
 
 MODEL_VARIANTS = ("lora", "qlora", "bnb_peft")
+
+
+def _tensor_bytes(model: nn.Module) -> int:
+    """Bytes of a model's parameters and buffers (each tensor once): its resident weights."""
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
 # |loss difference| / |loss| between the two QLoRA models. The layer level agrees exactly (d a multiple of 64); in the
 # model, bitsandbytes 0.50.2's native CPU dequantize_4bit decodes down_proj (rows of 1376, not a multiple of the
 # block of 64) wrongly near block boundaries, which moves its loss by ~5e-5 (lorafuse decodes the documented values).
@@ -182,7 +192,9 @@ def measure_model(targets: str, quick: bool, timing: TimingOptions) -> dict[str,
     base = bench_model.build_llama(cfg, cpu, torch.float32, seed=0)
     target_list = bench_model.parse_targets(targets)
     lora = bench_model.add_lorafuse(copy.deepcopy(base), target_list, bench_model.DEFAULT_RANK, 0.0)
-    qlora = bench_model.add_lorafuse(lorafuse.quantize_model(copy.deepcopy(base)), target_list, bench_model.DEFAULT_RANK, 0.0)
+    quantized = lorafuse.quantize_model(copy.deepcopy(base))
+    sizes = {"float32": _tensor_bytes(base), "nf4": _tensor_bytes(quantized)}
+    qlora = bench_model.add_lorafuse(quantized, target_list, bench_model.DEFAULT_RANK, 0.0)
     theirs = copy.deepcopy(base)
     for module in list(theirs.modules()):
         for name, child in list(module.named_children()):
@@ -206,6 +218,8 @@ def measure_model(targets: str, quick: bool, timing: TimingOptions) -> dict[str,
     return {
         "targets": targets,
         "config": cfg,
+        "model_bytes": sizes,
+        "model_bytes_ratio": sizes["nf4"] / sizes["float32"],
         "losses": losses,
         "loss_rel_diff_qlora_vs_bnb_peft": rel,
         "median_ms": med,
@@ -261,6 +275,11 @@ def run(device: torch.device, dtype: torch.dtype, args: argparse.Namespace, quic
             f"{t['qlora'] / t['bnb_peft']:.3f}x",
             flush=True,
         )
+    sizes = section["model"]["results"][0]["model_bytes"]
+    print(
+        f"model weights: float32 {sizes['float32'] / 2**20:.1f} MiB, quantize_model (NF4, lm_head and embeddings "
+        f"kept) {sizes['nf4'] / 2**20:.1f} MiB ({sizes['nf4'] / sizes['float32']:.3f}x)"
+    )
     section["elapsed_s"] = round(time.perf_counter() - t0, 1)
     return section
 

@@ -103,6 +103,7 @@ def test_quick_run_qlora_level(quick_run):
         losses = row["losses"]
         assert losses["qlora"] == pytest.approx(losses["bnb_peft"], rel=1e-4)  # the same 4-bit model and adapters
         assert all(v > 0 and math.isfinite(v) for v in row["tokens_per_s"].values())
+        assert 0 < row["model_bytes"]["nf4"] < row["model_bytes"]["float32"]
 
 
 def test_quick_run_layer_level(quick_run):
