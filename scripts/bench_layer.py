@@ -245,6 +245,41 @@ def fwd_bwd_step(fn: Callable[[], Tensor], inputs: list[Tensor], grad_out: Tenso
     return step
 
 
+def time_modes(
+    fns: Variants, grad_out: Tensor, timer: Timer, timing: TimingOptions
+) -> tuple[dict[str, dict[str, list[float]]], dict[str, int]]:
+    """Every variant timed forward (no_grad) and forward + backward: per mode, ms per call per repeat and the
+    calls per repeat."""
+    results: dict[str, dict[str, list[float]]] = {}
+    iters: dict[str, int] = {}
+    for mode in ("forward", "fwd_bwd"):
+        if mode == "forward":
+            steps = {n: forward_step(fn) for n, (fn, _) in fns.items()}
+        else:
+            steps = {n: fwd_bwd_step(fn, inputs, grad_out) for n, (fn, inputs) in fns.items()}
+        results[mode], iters[mode] = time_variants(steps, timer, timing)
+    return results, iters
+
+
+def plot_ratios(path: Path, report: dict[str, Any], rows: list[dict[str, Any]], ticks: list[str], ratios,
+                names: Sequence[str], colors: dict[str, str], labels: dict[str, str], ylabel: str, what: str) -> None:
+    """Bars of ratios[row][mode][name] per shape, forward + backward above, forward below."""
+    plt = pyplot()
+    fig, axes = plt.subplots(2, 1, figsize=(max(8.0, 0.62 * len(rows) + 3), 8.5), sharex=True)
+    for ax, mode, title in zip(
+        axes, ("fwd_bwd", "forward"), ("forward + backward", "forward (no_grad)"), strict=True
+    ):
+        series = {n: [ratios(r)[mode][n] for r in rows] for n in names}
+        grouped_bars(ax, series, ticks, colors, labels, legend=mode == "fwd_bwd")
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=10)
+    fig.suptitle(plot_title(what, report), fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 # ---------------------------------------------------------------- check and measure one shape
 
 
@@ -296,14 +331,7 @@ def measure_shape(
     check = check_variants(variant_fns(p, 0.0), p.grad_out, dtype, f"{s.label()} {dtype}")
     fns = variant_fns(p, dropout)
     timer = Timer(device)
-    results: dict[str, dict[str, list[float]]] = {}
-    iters: dict[str, int] = {}
-    for mode in ("forward", "fwd_bwd"):
-        if mode == "forward":
-            steps = {n: forward_step(fn) for n, (fn, _) in fns.items()}
-        else:
-            steps = {n: fwd_bwd_step(fn, inputs, p.grad_out) for n, (fn, inputs) in fns.items()}
-        results[mode], iters[mode] = time_variants(steps, timer, timing)
+    results, iters = time_modes(fns, p.grad_out, timer, timing)
     med = {m: medians(r) for m, r in results.items()}
     return {
         "status": "ok",
@@ -422,17 +450,6 @@ def plot(path: Path, report: dict[str, Any]) -> bool:
         + f"\nr={r['rank']}"
         for r in rows
     ]
-    fig, axes = plt.subplots(2, 1, figsize=(max(10.0, 0.62 * len(rows) + 3), 8.5), sharex=True)
-    for ax, mode, title in zip(
-        axes, ("fwd_bwd", "forward"), ("forward + backward", "forward (no_grad)"), strict=True
-    ):
-        series = {n: [r["ratio"][mode][n] for r in rows] for n in LORA_VARIANTS}
-        grouped_bars(ax, series, labels, COLORS, LABELS, legend=mode == "fwd_bwd")
-        ax.axhline(1.0, color="black", linewidth=0.8)
-        ax.set_ylabel("time / base linear time")
-        ax.set_title(title, fontsize=10)
-    fig.suptitle(plot_title("LoRA linear layer", report), fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    plot_ratios(path, report, rows, labels, lambda r: r["ratio"], LORA_VARIANTS, COLORS, LABELS,
+                "time / base linear time", "LoRA linear layer")
     return True

@@ -26,15 +26,13 @@ from typing import Any
 
 import torch
 import bench_model
-from bench_layer import Shape, forward_step, fwd_bwd_step
+from bench_layer import Shape, plot_ratios, time_modes
 from common import (
     CpuContention,
     Timer,
     TimingOptions,
-    grouped_bars,
     import_lorafuse,
     medians,
-    plot_title,
     pyplot,
     rounded,
     time_variants,
@@ -143,14 +141,7 @@ def measure_shape(s: Shape, timing: TimingOptions) -> dict[str, Any]:
     }
     if max(check.values()) > CHECK_TOL:
         raise SystemExit(f"ABORT at {s.label()}: lorafuse's QLoRA layer differs from bitsandbytes+PEFT: {check}")
-    timer = Timer(torch.device("cpu"))
-    results: dict[str, dict[str, list[float]]] = {}
-    for mode in ("forward", "fwd_bwd"):
-        if mode == "forward":
-            steps = {n: forward_step(fn) for n, (fn, _) in fns.items()}
-        else:
-            steps = {n: fwd_bwd_step(fn, inputs, grad_out) for n, (fn, inputs) in fns.items()}
-        results[mode], _ = time_variants(steps, timer, timing)
+    results, _ = time_modes(fns, grad_out, Timer(torch.device("cpu")), timing)
     med = {m: medians(r) for m, r in results.items()}
     stored = sum(t.numel() * t.element_size() for t in q)
     return {
@@ -291,15 +282,6 @@ def plot(path: Path, report: dict[str, Any]) -> bool:
     if plt is None or not rows:
         return False
     labels = [f"T={r['tokens']}\nd={r['d_in']}\nr={r['rank']}" for r in rows]
-    fig, axes = plt.subplots(2, 1, figsize=(max(8.0, 1.2 * len(rows) + 3), 8.0), sharex=True)
-    for ax, mode, title in zip(axes, ("fwd_bwd", "forward"), ("forward + backward", "forward (no_grad)"), strict=True):
-        series = {n: [r["ratio_to_lora"][mode][n] for r in rows] for n in VARIANTS[1:]}
-        grouped_bars(ax, series, labels, COLORS, LABELS, legend=mode == "fwd_bwd")
-        ax.axhline(1.0, color="black", linewidth=0.8)
-        ax.set_ylabel("time / float32 LoRA layer time")
-        ax.set_title(title, fontsize=10)
-    fig.suptitle(plot_title("QLoRA layer (NF4 base)", report), fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    plot_ratios(path, report, rows, labels, lambda r: r["ratio_to_lora"], VARIANTS[1:], COLORS, LABELS,
+                "time / float32 LoRA layer time", "QLoRA layer (NF4 base)")
     return True

@@ -13,10 +13,6 @@ void check_compute_dtype(c10::ScalarType dtype) {
                    "Linear4bit: compute_dtype: expected float32, bfloat16 or float16, found ", dtype);
 }
 
-std::optional<at::Tensor> given(const at::Tensor& t) {
-  return t.defined() && t.numel() > 0 ? std::optional<at::Tensor>(t) : std::nullopt;
-}
-
 }  // namespace
 
 Linear4bitImpl::Linear4bitImpl(const Linear4bitOptions& options_) : options(options_) {
@@ -69,16 +65,12 @@ std::shared_ptr<Linear4bitImpl> Linear4bitImpl::from_linear(const torch::nn::Lin
 }
 
 at::Tensor Linear4bitImpl::forward(const at::Tensor& x) {
-  const auto dtype = options.compute_dtype();
-  std::optional<at::Tensor> b;
-  if (bias.defined()) b = bias.scalar_type() == dtype ? bias : bias.to(dtype);
-  return lorafuse::nf4_linear(x.to(dtype), packed, absmax, given(nested_absmax), given(offset), options.blocksize(),
-                              options.out_features(), b)
-      .to(x.scalar_type());
+  return lorafuse::linear4bit(x, packed, absmax, nested_absmax, offset, options.blocksize(), options.out_features(),
+                              bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt, options.compute_dtype());
 }
 
 at::Tensor Linear4bitImpl::dequantized_weight(std::optional<c10::ScalarType> dtype) const {
-  return lorafuse::dequantize_nf4(packed, absmax, given(nested_absmax), given(offset), options.blocksize(),
+  return lorafuse::dequantize_nf4(packed, absmax, nested_absmax, offset, options.blocksize(),
                                   {options.out_features(), options.in_features()},
                                   dtype.value_or(options.compute_dtype()));
 }

@@ -55,6 +55,11 @@ TORCH_LIBRARY(lorafuse, m) {
   m.def(
       "nf4_linear(Tensor x, Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? offset, int blocksize, "
       "int out_features, Tensor? bias=None) -> Tensor");
+  // The 4-bit layer's forward (bitsandbytes' Linear4bit): x and bias cast to compute_dtype, nf4_linear, the result
+  // cast back to x's dtype. CompositeImplicitAutograd: autograd, Meta and devices come from the ops it calls.
+  m.def(
+      "linear4bit(Tensor x, Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? offset, int blocksize, "
+      "int out_features, Tensor? bias, ScalarType compute_dtype) -> Tensor");
   // dX = dY·W [..., in_features] for nf4_linear's backward, tile by tile, accumulated in float32.
   m.def(
       "nf4_linear_backward(Tensor grad_out, Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? offset, "

@@ -51,6 +51,18 @@ at::Tensor nf4_linear_backward(const at::Tensor& grad_out, const at::Tensor& pac
   return op.call(grad_out, packed, absmax, nested_absmax, offset, blocksize, in_features);
 }
 
+at::Tensor linear4bit(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                      const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,
+                      int64_t blocksize, int64_t out_features, const std::optional<at::Tensor>& bias,
+                      at::ScalarType compute_dtype) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("lorafuse::linear4bit", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, int64_t,
+                                         int64_t, const std::optional<at::Tensor>&, at::ScalarType)>();
+  return op.call(x, packed, absmax, nested_absmax, offset, blocksize, out_features, bias, compute_dtype);
+}
+
 at::Tensor nf4_code_map() {
   at::Tensor out = at::empty({16}, at::TensorOptions().dtype(at::kFloat));
   std::copy(std::begin(nf4::kCode), std::end(nf4::kCode), out.data_ptr<float>());

@@ -3,6 +3,7 @@
 #include <lorafuse/peft/rules.h>
 #include <lorafuse/nn/base_kind.h>
 #include <lorafuse/nn/linear.h>
+#include <lorafuse/nn/linear4bit.h>
 #include <torch/nn/modules/container/moduledict.h>
 
 #include "csrc/peft/sites.h"
@@ -253,6 +254,10 @@ ParameterCount trainable_parameters(const Module& module) {
     if (!seen.insert(p.unsafeGetTensorImpl()).second) continue;
     count.total += p.numel();
     if (p.requires_grad()) count.trainable += p.numel();
+  }
+  // a 4-bit weight (buffers) counts its out × in parameters, as PEFT counts bitsandbytes' 4-bit weights
+  for (const auto& m : module.modules()) {
+    if (const auto* q = m->as<nn::Linear4bitImpl>()) count.total += q->options.in_features() * q->options.out_features();
   }
   return count;
 }

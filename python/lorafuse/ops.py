@@ -72,17 +72,16 @@ def dequantize_nf4(
 ) -> Tensor:
     """The weight of ``shape`` in ``dtype`` that ``q`` encodes: code · absmax of its block in float32 (the
     statistics decoded first when double-quantized), rounded once to ``dtype`` — bitsandbytes' dequantize_4bit."""
-    nested = q.nested_absmax if q.nested_absmax.numel() else None
-    offset = q.offset if nested is not None else None
-    return torch.ops.lorafuse.dequantize_nf4(q.packed, q.absmax, nested, offset, int(blocksize), list(shape), dtype)
+    # without double quantization nested_absmax and offset are empty, which the ops read as "not nested"
+    return torch.ops.lorafuse.dequantize_nf4(
+        q.packed, q.absmax, q.nested_absmax, q.offset, int(blocksize), list(shape), dtype
+    )
 
 
 def nf4_linear(x: Tensor, q: Nf4Weight, out_features: int, bias: Optional[Tensor] = None, blocksize: int = 64) -> Tensor:
     """``y = x @ W.T + bias`` for the NF4 weight ``W`` [out_features, x.shape[-1]] that ``q`` holds, dequantized a
     tile of rows at a time in x's dtype (the dense weight never exists as a whole). Differentiable in ``x`` and
     ``bias``, never in ``W``. The QLoRA layer is ``lora_add(nf4_linear(x, q, out), x, A, B, scale, p)``."""
-    nested = q.nested_absmax if q.nested_absmax.numel() else None
-    offset = q.offset if nested is not None else None
     return torch.ops.lorafuse.nf4_linear(
-        x, q.packed, q.absmax, nested, offset, int(blocksize), int(out_features), bias
+        x, q.packed, q.absmax, q.nested_absmax, q.offset, int(blocksize), int(out_features), bias
     )

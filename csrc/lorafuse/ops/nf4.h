@@ -44,6 +44,13 @@ at::Tensor nf4_linear_backward(const at::Tensor& grad_out, const at::Tensor& pac
                                const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,
                                int64_t blocksize, int64_t in_features);
 
+/// A 4-bit layer's forward, bitsandbytes' Linear4bit semantics: x and bias cast to compute_dtype, nf4_linear, the
+/// result cast back to x's dtype (the C++ and Python Linear4bit and bitsandbytes' layers all run it).
+at::Tensor linear4bit(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                      const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,
+                      int64_t blocksize, int64_t out_features, const std::optional<at::Tensor>& bias,
+                      at::ScalarType compute_dtype);
+
 /// The 16 NF4 code values (bitsandbytes' quant_map), float32 [16] on the CPU.
 at::Tensor nf4_code_map();
 /// The 256 values of the dynamic 8-bit code the statistics are quantized with (bitsandbytes' nested_quant_map,

@@ -48,6 +48,8 @@ struct ParameterCount {
   /// PEFT's line: "trainable params: 4,194,304 || all params: 6,742,609,920 || trainable%: 0.0622".
   std::string str() const;
 };
+/// Parameters counted once each; a lorafuse::nn::Linear4bit's weight counts out × in (as lorafuse.trainable_parameters
+/// and PEFT count 4-bit weights).
 ParameterCount trainable_parameters(const torch::nn::Module& module);
 /// Writes trainable_parameters(module).str() and a newline.
 void print_trainable_parameters(const torch::nn::Module& module, std::ostream& out);

@@ -225,18 +225,14 @@ class BnbNf4Linear(BaseKind):
         return Nf4Linear().merge_refusal(module).replace("lorafuse.nn.Linear4bit", "bitsandbytes' Linear4bit")
 
     def lora_forward(self, module: nn.Module, x: Tensor, a: Tensor, b: Tensor, scale: float, p: float) -> Tensor:
-        state = module.weight.quant_state
-        dtype = module.compute_dtype or x.dtype
-        nested = state.state2.absmax if state.nested else None
-        offset = state.offset.reshape(()) if state.nested else None
-        bias = module.bias.to(dtype) if module.bias is not None else None
-        packed = module.weight.data
-        packed = packed if packed.dtype == torch.uint8 else packed.view(torch.uint8)  # quant_storage other than uint8
-        base = torch.ops.lorafuse.nf4_linear(
-            x.to(dtype), packed, state.absmax, nested, offset, state.blocksize, module.out_features, bias
-        ).to(x.dtype)
-        xa = x if a.dtype in (x.dtype, torch.float32) else x.to(a.dtype)
-        return torch.ops.lorafuse.lora_add(base, xa, a, b, scale, p)
+        base = torch.ops.lorafuse.linear4bit(
+            x,
+            *_bnb_nf4_state(module),
+            module.out_features,
+            module.bias,
+            module.compute_dtype or x.dtype,
+        )
+        return lora_add(base, x, a, b, scale, p)
 
     def dense_weight(self, module: nn.Module) -> Optional[Tensor]:
         # back to the standard layout first, as bitsandbytes does before it saves (its inverse re-quantizes the
@@ -247,18 +243,26 @@ class BnbNf4Linear(BaseKind):
             module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
                 module.weight.data, module.weight.quant_state
             )
-        state = module.weight.quant_state
-        packed = module.weight.data
-        packed = packed if packed.dtype == torch.uint8 else packed.view(torch.uint8)
         return torch.ops.lorafuse.dequantize_nf4(
-            packed,
-            state.absmax,
-            state.state2.absmax if state.nested else None,
-            state.offset.reshape(()) if state.nested else None,
-            state.blocksize,
-            [module.out_features, module.in_features],
-            torch.float32,
+            *_bnb_nf4_state(module), [module.out_features, module.in_features], torch.float32
         )
+
+
+def _bnb_nf4_state(module: nn.Module) -> tuple:
+    """(packed, absmax, nested_absmax, offset, blocksize) of a bitsandbytes NF4 layer, as the NF4 ops take them."""
+    state = module.weight.quant_state
+    packed = module.weight.data
+    packed = packed if packed.dtype == torch.uint8 else packed.view(torch.uint8)  # quant_storage other than uint8
+    nested = state.state2.absmax if state.nested else None
+    offset = state.offset.reshape(()) if state.nested else None
+    return packed, state.absmax, nested, offset, state.blocksize
+
+
+def lora_add(out: Tensor, x: Tensor, a: Tensor, b: Tensor, scale: float, p: float) -> Tensor:
+    """The LoRA branch added to a base's output; x is cast to the adapter's dtype unless it is x's or float32
+    (lora_add accumulates in float32 either way)."""
+    xa = x if a.dtype in (x.dtype, torch.float32) else x.to(a.dtype)
+    return torch.ops.lorafuse.lora_add(out, xa, a, b, scale, p)
 
 
 BASE_KINDS: List[BaseKind] = [DenseLinear(), CustomLinear(), Nf4Linear(), BnbNf4Linear()]

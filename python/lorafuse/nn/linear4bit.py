@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ..ops import Nf4Weight, dequantize_nf4, nf4_linear, quantize_nf4
+from ..ops import Nf4Weight, dequantize_nf4, quantize_nf4
 
 _COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -19,8 +19,9 @@ class Linear4bit(nn.Module):
     no Parameter; the bias, if any, is a Parameter (frozen by inject_lora unless a ``bias`` mode trains it).
 
     The input is cast to ``compute_dtype`` (float32, bfloat16 or float16) and the output back to the input's
-    dtype, as ``bitsandbytes.nn.Linear4bit`` does; ``torch.ops.lorafuse.nf4_linear`` computes it a tile of rows
-    at a time. Make one with :meth:`from_linear` or :func:`lorafuse.quantize_model`.
+    dtype, as ``bitsandbytes.nn.Linear4bit`` does (``torch.ops.lorafuse.linear4bit``, which the C++ Linear4bit runs
+    too); ``nf4_linear`` computes it a tile of rows at a time. Make one with :meth:`from_linear` or
+    :func:`lorafuse.quantize_model`.
     """
 
     def __init__(
@@ -87,9 +88,9 @@ class Linear4bit(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        bias = self.bias.to(self.compute_dtype) if self.bias is not None else None
-        y = nf4_linear(x.to(self.compute_dtype), self.quantized, self.out_features, bias, self.blocksize)
-        return y.to(x.dtype)
+        return torch.ops.lorafuse.linear4bit(
+            x, *self.quantized, self.blocksize, self.out_features, self.bias, self.compute_dtype
+        )
 
     def extra_repr(self) -> str:
         return (

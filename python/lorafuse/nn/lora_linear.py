@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import _C
-from .base_kinds import base_kind_of, check_base_output
+from .base_kinds import base_kind_of, check_base_output, lora_add
 
 
 AdapterOptions = _C.AdapterOptions
@@ -394,9 +394,7 @@ class Linear(nn.Module):
         if kind is not None and kind.fused(base):
             return kind.lora_forward(base, x, a, b, scale, p)
         # the base as it is (its own forward, its hooks, a thawed weight), the branch added by lora_add
-        out = check_base_output(base(x), base, x, self.out_features)
-        xa = x if a.dtype in (x.dtype, torch.float32) else x.to(a.dtype)
-        return torch.ops.lorafuse.lora_add(out, xa, a, b, scale, p)
+        return lora_add(check_base_output(base(x), base, x, self.out_features), x, a, b, scale, p)
 
     def extra_repr(self) -> str:
         return self._table.describe()

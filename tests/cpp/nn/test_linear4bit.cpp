@@ -2,6 +2,7 @@
 #include <ATen/ATen.h>
 #include <lorafuse/nn/linear4bit.h>
 #include <lorafuse/ops/nf4.h>
+#include <lorafuse/peft/inject.h>
 #include <torch/serialize.h>
 
 #include <filesystem>
@@ -30,8 +31,10 @@ TEST_CASE("Linear4bit: from_linear holds quantize_nf4's bytes and computes x·de
   const auto y = layer->forward(x);
   REQUIRE(y.sizes() == at::IntArrayRef({3, 5, 70}));
   CHECK(at::allclose(y, at::matmul(x, w.t()) + linear->bias.detach(), 1e-5, 1e-5));
-  // the weight is buffers only: nothing to train but the bias
+  // the weight is buffers only: nothing to train but the bias; counted as out × in parameters
   CHECK(layer->named_parameters().size() == 1);
+  const auto count = lorafuse::trainable_parameters(*layer);
+  CHECK(count.total == 200 * 70 + 70);
   CHECK(layer->named_buffers().size() == 4);
   std::ostringstream text;
   layer->pretty_print(text);

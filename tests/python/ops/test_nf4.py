@@ -280,3 +280,12 @@ def test_the_vectorized_and_the_scalar_dequantize_give_the_same_bits(tmp_path):
     subprocess.run([sys.executable, "-c", script, str(tmp_path / "q.pt"), str(tmp_path / "out.pt")], env=env, check=True)
     scalar = torch.load(tmp_path / "out.pt")
     assert torch.equal(lorafuse.dequantize_nf4(q, [70, 333]), scalar)
+
+
+def test_linear4bit_op_casts_to_the_compute_dtype_and_back():
+    q = lorafuse.quantize_nf4(torch.randn(30, 64), 64, True)
+    x, bias = torch.randn(4, 64), torch.randn(30)
+    y = torch.ops.lorafuse.linear4bit(x, *q, 64, 30, bias, torch.bfloat16)
+    expected = lorafuse.nf4_linear(x.bfloat16(), q, 30, bias.bfloat16()).float()
+    assert y.dtype == torch.float32 and torch.equal(y, expected)
+    torch.library.opcheck(torch.ops.lorafuse.linear4bit.default, (x.requires_grad_(), *q, 64, 30, bias, torch.bfloat16))
