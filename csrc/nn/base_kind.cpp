@@ -1,6 +1,8 @@
 #include <lorafuse/nn/base_kind.h>
 #include <lorafuse/nn/lora_layer.h>
+#include <lorafuse/nn/linear4bit.h>
 #include <lorafuse/nn/lora_linear.h>
+#include <lorafuse/nn/lora_linear4bit.h>
 #include <torch/nn/modules/linear.h>
 
 #include <typeinfo>
@@ -38,11 +40,40 @@ class DenseLinearKind final : public BaseKind {
   }
 };
 
+// Exactly lorafuse::nn::Linear4bit: QLoRA's NF4 base, computed by lorafuse::linear4bit; LoraLinear4bit wraps it.
+class Nf4LinearKind final : public BaseKind {
+ public:
+  const char* name() const noexcept override { return "linear4bit"; }
+  bool matches(const torch::nn::Module& module) const override { return typeid(module) == typeid(Linear4bitImpl); }
+  int64_t in_features(const torch::nn::Module& module) const override { return layer(module).options.in_features(); }
+  int64_t out_features(const torch::nn::Module& module) const override {
+    return layer(module).options.out_features();
+  }
+  at::Tensor forward(torch::nn::Module& module, const at::Tensor& x) const override {
+    return static_cast<Linear4bitImpl&>(module).forward(x);
+  }
+  std::shared_ptr<torch::nn::Module> shallow_copy(const torch::nn::Module& module) const override {
+    return std::make_shared<Linear4bitImpl>(layer(module));
+  }
+  std::shared_ptr<torch::nn::Module> wrap(const std::shared_ptr<torch::nn::Module>& module,
+                                          const LoraAdapterOptions& adapter,
+                                          const std::string& adapter_name) const override {
+    return std::make_shared<LoraLinear4bitImpl>(Linear4bit(std::static_pointer_cast<Linear4bitImpl>(module)), adapter,
+                                                adapter_name);
+  }
+
+ private:
+  static const Linear4bitImpl& layer(const torch::nn::Module& module) {
+    return static_cast<const Linear4bitImpl&>(module);
+  }
+};
+
 }  // namespace
 
 const std::vector<const BaseKind*>& base_kinds() {
   static const DenseLinearKind dense;
-  static const std::vector<const BaseKind*> kinds = {&dense};
+  static const Nf4LinearKind nf4;
+  static const std::vector<const BaseKind*> kinds = {&dense, &nf4};
   return kinds;
 }
 

@@ -1,5 +1,6 @@
 #include <c10/util/Exception.h>
 #include <lorafuse/nn/linear.h>
+#include <torch/nn/modules/container/moduledict.h>
 #include <lorafuse/nn/base_kind.h>
 #include <lorafuse/nn/lora_layer.h>
 
@@ -91,6 +92,39 @@ void LinearSlot::rebind(std::shared_ptr<torch::nn::Module> layer) {
 at::Tensor LinearSlot::operator()(const at::Tensor& x) const {
   TORCH_CHECK(call_, "LinearSlot: called before reset() bound it to a layer");
   return call_(x);
+}
+
+namespace {
+
+LinearSlot* slot_of(torch::nn::Module& parent, const std::string& name) {
+  auto* owner = dynamic_cast<LinearSlotOwner*>(&parent);
+  return owner == nullptr ? nullptr : owner->linear_slot(name);
+}
+
+}  // namespace
+
+bool can_replace_child(torch::nn::Module& parent, const std::string& name) {
+  return slot_of(parent, name) != nullptr || dynamic_cast<torch::nn::ModuleDictImpl*>(&parent) != nullptr;
+}
+
+bool replace_child(torch::nn::Module& parent, const std::string& name, std::shared_ptr<torch::nn::Module> replacement) {
+  if (auto* slot = slot_of(parent, name)) {
+    parent.replace_module(name, replacement);
+    slot->rebind(std::move(replacement));
+    return true;
+  }
+  if (auto* dict = dynamic_cast<torch::nn::ModuleDictImpl*>(&parent)) {
+    dict->update({{name, std::move(replacement)}});
+    return true;
+  }
+  return false;
+}
+
+std::string cannot_replace_message(const torch::nn::Module& parent, const std::string& path, const char* what) {
+  return std::string(what) + ": cannot replace \"" + path + "\": its parent (" + parent.name() +
+         ") calls it through a typed holder that lorafuse cannot rewire. Keep such layers in a "
+         "lorafuse::nn::LinearSlot (with the parent implementing lorafuse::nn::LinearSlotOwner) or in a "
+         "torch::nn::ModuleDict, or build the layer as a lorafuse::nn::LoraLinear yourself";
 }
 
 }  // namespace lorafuse::nn

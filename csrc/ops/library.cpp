@@ -25,6 +25,12 @@ TORCH_LIBRARY(lorafuse, m) {
   m.def(
       "lora_add(Tensor base_out, Tensor x, Tensor lora_a, Tensor lora_b, float scale, float dropout_p=0.0) -> Tensor",
       {at::Tag::nondeterministic_seeded});
+  // The branch over a base called as it is, with the adapter-dtype rule (CompositeImplicitAutograd): x is cast to
+  // lora_a's dtype unless it is x's or float32 (lora_add accumulates in float32 either way), then lora_add.
+  m.def(
+      "lora_branch(Tensor base_out, Tensor x, Tensor lora_a, Tensor lora_b, float scale, float dropout_p=0.0) -> "
+      "Tensor",
+      {at::Tag::nondeterministic_seeded});
   // Training forward of lora_add: also u = dropout(x)·Aᵀ [T, r] and the dropout rng_state [2].
   m.def(
       "lora_add_forward(Tensor base_out, Tensor x, Tensor lora_a, Tensor lora_b, float scale, float dropout_p) "
@@ -60,6 +66,15 @@ TORCH_LIBRARY(lorafuse, m) {
   m.def(
       "linear4bit(Tensor x, Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? offset, int blocksize, "
       "int out_features, Tensor? bias, ScalarType compute_dtype) -> Tensor");
+  // Merging into 4 bits (asked for explicitly; never differentiated): W' = dequant(W) + Σ scaleᵢ·Bᵢ·Aᵢ in float32
+  // (lora_merge's rules), quantized again with the same blocksize and double quantization (nested statistics given
+  // ⇔ double_quant) → the new (packed, absmax, nested_absmax, offset) and error float32 [2] = (‖Ŵ − W'‖ / ‖W'‖,
+  // ‖Ŵ − W'‖ / ‖W' − W‖) with Ŵ the dequantized result: the relative output change for uncorrelated inputs, and
+  // the rounding measured against what the adapters add.
+  m.def(
+      "nf4_merge(Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? offset, int blocksize, int[] shape, "
+      "Tensor[] lora_a, Tensor[] lora_b, float[] scale) "
+      "-> (Tensor packed, Tensor absmax, Tensor nested_absmax, Tensor offset, Tensor error)");
   // dX = dY·W [..., in_features] for nf4_linear's backward, tile by tile, accumulated in float32.
   m.def(
       "nf4_linear_backward(Tensor grad_out, Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? offset, "

@@ -29,6 +29,20 @@ at::Tensor dequantize_nf4(const at::Tensor& packed, const at::Tensor& absmax,
   return op.call(packed, absmax, nested_absmax, offset, blocksize, shape, dtype);
 }
 
+Nf4Merge nf4_merge(const at::Tensor& packed, const at::Tensor& absmax, const std::optional<at::Tensor>& nested_absmax,
+                   const std::optional<at::Tensor>& offset, int64_t blocksize, at::IntArrayRef shape,
+                   at::TensorList lora_a, at::TensorList lora_b, c10::ArrayRef<double> scale) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("lorafuse::nf4_merge", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+                           const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                           const std::optional<at::Tensor>&, int64_t, at::IntArrayRef, at::TensorList, at::TensorList,
+                           c10::ArrayRef<double>)>();
+  auto [p, a, n, o, error] = op.call(packed, absmax, nested_absmax, offset, blocksize, shape, lora_a, lora_b, scale);
+  const at::Tensor e = error.to(at::kCPU, at::kDouble);
+  return {{p, a, n, o}, e[0].item<double>(), e[1].item<double>()};
+}
+
 at::Tensor nf4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
                       const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,
                       int64_t blocksize, int64_t out_features, const std::optional<at::Tensor>& bias) {

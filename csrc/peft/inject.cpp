@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <iostream>
+#include <map>
 #include <unordered_set>
 
 namespace lorafuse {
@@ -28,32 +29,16 @@ void walk(Module& module, const std::string& prefix, std::vector<Site>& out) {
   }
 }
 
-nn::LinearSlot* slot_of(const Site& site) {
-  auto* owner = dynamic_cast<nn::LinearSlotOwner*>(site.parent);
-  return owner == nullptr ? nullptr : owner->linear_slot(site.name);
-}
-
-bool can_rewire(const Site& site) {
-  return slot_of(site) != nullptr || dynamic_cast<torch::nn::ModuleDictImpl*>(site.parent) != nullptr;
-}
+bool can_rewire(const Site& site) { return nn::can_replace_child(*site.parent, site.name); }
 
 std::string cannot_rewire(const Site& site, const char* what) {
-  return std::string(what) + ": cannot replace \"" + site.path + "\": its parent (" + site.parent->name() +
-         ") calls it through a typed holder that lorafuse cannot rewire. Keep such layers in a "
-         "lorafuse::nn::LinearSlot (with the parent implementing lorafuse::nn::LinearSlotOwner) or in a "
-         "torch::nn::ModuleDict, or build the layer as a lorafuse::nn::LoraLinear yourself";
+  return nn::cannot_replace_message(*site.parent, site.path, what);
 }
 
 // Puts `replacement` where the site's module is, in the parent's registry and in what its forward calls.
 void rewire(const Site& site, std::shared_ptr<Module> replacement) {
-  if (auto* slot = slot_of(site)) {
-    site.parent->replace_module(site.name, replacement);
-    slot->rebind(std::move(replacement));
-  } else if (auto* dict = dynamic_cast<torch::nn::ModuleDictImpl*>(site.parent)) {
-    dict->update({{site.name, std::move(replacement)}});
-  } else {
-    TORCH_CHECK_VALUE(false, cannot_rewire(site, "lorafuse"));
-  }
+  TORCH_CHECK_VALUE(nn::replace_child(*site.parent, site.name, std::move(replacement)),
+                    cannot_rewire(site, "lorafuse"));
 }
 
 using detail::join;
@@ -75,15 +60,15 @@ std::string with_commas(int64_t n) {
 // re-merging what was merged before reproduces the same bits).
 class MergeTransaction {
  public:
-  void merge(LoraLayer* layer, const std::vector<std::string>& names) {
-    undo_.push_back({layer, layer->merged_adapters(), !layer->adapters_enabled()});
+  void merge(LoraLayer* layer, const std::vector<std::string>& names, bool requantize = false) {
+    undo_.push_back({layer, layer->merged_adapters(), !layer->adapters_enabled(), requantize});
     if (!layer->adapters_enabled()) layer->enable_adapters();
-    layer->merge(names);
+    layer->merge(names, requantize);
   }
   void rollback() {
     for (auto it = undo_.rbegin(); it != undo_.rend(); ++it) {
       if (it->layer->merged()) it->layer->unmerge();
-      if (!it->merged_before.empty()) it->layer->merge(it->merged_before);
+      if (!it->merged_before.empty()) it->layer->merge(it->merged_before, it->requantize);
       if (it->was_disabled) it->layer->disable_adapters();
     }
     undo_.clear();
@@ -94,6 +79,7 @@ class MergeTransaction {
     LoraLayer* layer;
     std::vector<std::string> merged_before;
     bool was_disabled;
+    bool requantize;
   };
   std::vector<Undo> undo_;
 };
@@ -303,18 +289,24 @@ void delete_adapter(Module& module, const std::string& adapter_name) {
   }
 }
 
-void merge_adapter(Module& module, const std::vector<std::string>& adapter_names_to_merge) {
+std::map<std::string, nn::MergeError> merge_adapter(Module& module, const std::vector<std::string>& adapter_names_to_merge,
+                                                   bool requantize) {
   const auto layers = lora_layers(module);
   const auto plan = rules::plan_merge(tables_of(layers), adapter_names_to_merge, "merge_adapter");
   MergeTransaction transaction;
   try {
     for (size_t i = 0; i < layers.size(); ++i) {
-      if (!plan[i].empty()) transaction.merge(layers[i].second, plan[i]);
+      if (!plan[i].empty()) transaction.merge(layers[i].second, plan[i], requantize);
     }
   } catch (...) {
     transaction.rollback();
     throw;
   }
+  std::map<std::string, nn::MergeError> rounded;
+  for (const auto& [path, layer] : layers) {
+    if (const auto error = layer->merge_error()) rounded.emplace(path, *error);
+  }
+  return rounded;
 }
 
 void unmerge_adapter(Module& module) {
@@ -332,19 +324,27 @@ void merge_and_unload(Module& module) {
     TORCH_CHECK_VALUE(can_rewire(s), cannot_rewire(s, "merge_and_unload"));
     lora_sites.push_back(std::move(s));
   }
-  // First merge every active adapter (all or nothing), then unload: nothing below can fail.
+  // Bases that are not merged in place (4-bit) give their dense replacement first, computed without changing
+  // anything; then every other active adapter is merged (all or nothing); then the layers are swapped, which
+  // cannot fail.
+  std::vector<std::shared_ptr<Module>> dense(lora_sites.size());
+  for (size_t i = 0; i < lora_sites.size(); ++i) {
+    dense[i] = nn::as_lora_layer(lora_sites[i].module.get())->unloaded_dense();
+  }
   MergeTransaction transaction;
   try {
-    for (const auto& s : lora_sites) {
-      auto* layer = nn::as_lora_layer(s.module.get());
-      if (!layer->adapters().plan_unload().empty()) transaction.merge(layer, {layer->active_adapter()});
+    for (size_t i = 0; i < lora_sites.size(); ++i) {
+      auto* layer = nn::as_lora_layer(lora_sites[i].module.get());
+      if (dense[i] == nullptr && !layer->adapters().plan_unload().empty()) {
+        transaction.merge(layer, {layer->active_adapter()});
+      }
     }
   } catch (...) {
     transaction.rollback();
     throw;
   }
-  for (const auto& s : lora_sites) {
-    rewire(s, nn::as_lora_layer(s.module.get())->unload_merged());
+  for (size_t i = 0; i < lora_sites.size(); ++i) {
+    rewire(lora_sites[i], dense[i] ? dense[i] : nn::as_lora_layer(lora_sites[i].module.get())->unload_merged());
   }
 }
 

@@ -95,8 +95,16 @@ void bind_peft(py::module& m) {
   m.def("_cpp_disable_adapters", [](Module& mod) { translating([&] { disable_adapters(mod); }); }, arg);
   m.def("_cpp_enable_adapters", [](Module& mod) { translating([&] { enable_adapters(mod); }); }, arg);
   m.def(
-      "_cpp_merge", [](Module& mod, const std::vector<std::string>& names) { translating([&] { merge_adapter(mod, names); }); },
-      arg, py::arg("adapter_names"));
+      "_cpp_merge",
+      [](Module& mod, const std::vector<std::string>& names, bool requantize) {
+        std::map<std::string, std::pair<double, double>> report;
+        for (const auto& [path, e] : translating([&] { return merge_adapter(mod, names, requantize); })) {
+          report.emplace(path, std::make_pair(e.output_error, e.adapter_error));
+        }
+        return report;
+      },
+      arg, py::arg("adapter_names"), py::arg("requantize") = false,
+      "merge_adapter: {path: (output_error, adapter_error)} of the layers re-quantized.");
   m.def("_cpp_unmerge", [](Module& mod) { translating([&] { unmerge_adapter(mod); }); }, arg);
   m.def("_cpp_merge_and_unload", [](Module& mod) { translating([&] { merge_and_unload(mod); }); }, arg);
   m.def("_cpp_adapter_names", [](Module& mod) { return adapter_names(mod); }, arg);

@@ -2,7 +2,8 @@
 // kind says whether it takes a module, its shape, how to call it, and which LoRA layer wraps it. Selection
 // (inject_lora, adapter files), injection and LinearSlot ask this list and nothing else.
 //
-// Kinds today: "linear" — exactly torch::nn::LinearImpl, computed by the fused lora_linear op. A subclass of
+// Kinds today: "linear" — exactly torch::nn::LinearImpl, computed by the fused lora_linear op; "linear4bit" — exactly
+// lorafuse::nn::Linear4bit (QLoRA's NF4 base), wrapped by LoraLinear4bit. A subclass of
 // LinearImpl is not taken: LibTorch's forward is not virtual, so a wrapper could not call the subclass's own
 // forward, and computing W·x instead would silently change the model (selecting one is a clear error).
 #pragma once

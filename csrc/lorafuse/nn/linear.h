@@ -73,4 +73,13 @@ class LinearSlotOwner {
   virtual LinearSlot* linear_slot(const std::string& name) = 0;
 };
 
+/// Whether child `name` of `parent` can be swapped so that the parent's forward calls the new module: the parent
+/// keeps it in a LinearSlot (LinearSlotOwner) or is a torch::nn::ModuleDict.
+bool can_replace_child(torch::nn::Module& parent, const std::string& name);
+/// Puts `replacement` in place of child `name` of `parent`, in the registry and in what its forward calls; false
+/// (nothing changed) when can_replace_child says no.
+bool replace_child(torch::nn::Module& parent, const std::string& name, std::shared_ptr<torch::nn::Module> replacement);
+/// The error for a child at `path` that cannot be replaced; `what` names the caller.
+std::string cannot_replace_message(const torch::nn::Module& parent, const std::string& path, const char* what);
+
 }  // namespace lorafuse::nn

@@ -9,10 +9,18 @@
 #include <torch/nn/module.h>
 
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
 namespace lorafuse::nn {
+
+/// What merging into a quantized base cost (lorafuse::nf4_merge): the relative output change for inputs with
+/// uncorrelated features, ‖Ŵ − W'‖/‖W'‖, and the rounding against what the adapters add, ‖Ŵ − W'‖/‖W' − W‖.
+struct MergeError {
+  double output_error = 0.0;
+  double adapter_error = 0.0;
+};
 
 class LoraLayer {
  public:
@@ -53,13 +61,20 @@ class LoraLayer {
   bool merged() const noexcept { return !adapters().merged().empty(); }
   const std::vector<std::string>& merged_adapters() const noexcept { return adapters().merged(); }
 
-  /// Folds the named adapters (default: the active one) into the base (lorafuse::lora_merge); an error for a
-  /// base kind that cannot hold a merged weight.
-  virtual void merge(const std::vector<std::string>& adapter_names = {}) = 0;
+  /// Folds the named adapters (default: the active one) into the base (lorafuse::lora_merge). A 4-bit base holds
+  /// the merged weight only by rounding it to 4 bits again: it refuses unless `requantize` (then merge_error()
+  /// says what the rounding cost; unmerge() still restores the old bytes exactly). Bases merged in place ignore
+  /// `requantize`.
+  virtual void merge(const std::vector<std::string>& adapter_names = {}, bool requantize = false) = 0;
+  /// What re-quantizing the current merge cost, or nullopt (nothing merged, or merged without rounding to 4 bits).
+  virtual std::optional<MergeError> merge_error() const { return std::nullopt; }
   /// Restores the unmerged base exactly.
   virtual void unmerge() = 0;
   /// Merges the active adapter for good and returns the base module that then replaces this layer.
   virtual std::shared_ptr<torch::nn::Module> unload_merged() = 0;
+  /// For a base not merged in place (4-bit): the dense module merge_and_unload gives (dequantized W + the active
+  /// adapter), computed without changing this layer; nullptr for bases merged in place.
+  virtual std::shared_ptr<torch::nn::Module> unloaded_dense() const { return nullptr; }
   /// A copy sharing this layer's tensors (no allocation): the placeholder a cloned owner's reset() registers
   /// before Cloneable::clone puts the real clone in its place.
   virtual std::shared_ptr<torch::nn::Module> shallow_copy() const = 0;

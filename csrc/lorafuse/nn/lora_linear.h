@@ -4,6 +4,7 @@
 #include <lorafuse/config/adapter_options.h>
 #include <lorafuse/nn/adapter_scope.h>
 #include <lorafuse/nn/adapter_table.h>
+#include <lorafuse/nn/lora_adapters.h>
 #include <lorafuse/nn/lora_layer.h>
 #include <torch/nn/cloneable.h>
 #include <torch/nn/modules/container/moduledict.h>
@@ -12,10 +13,8 @@
 
 #include <cstdint>
 #include <memory>
-#include <mutex>
 #include <optional>
 #include <string>
-#include <unordered_map>
 #include <vector>
 
 namespace lorafuse::nn {
@@ -96,18 +95,18 @@ class LoraLinearImpl : public torch::nn::Cloneable<LoraLinearImpl>, public LoraL
   void disable_adapters() override;
   void enable_adapters() override;
   /// Names, options, the active adapter, enabled, merged (adapter_names(), active_adapter(), merged() ... read it).
-  const AdapterTable& adapters() const noexcept override { return table_; }
+  const AdapterTable& adapters() const noexcept override { return adapters_.table(); }
   /// lora_A.<name>.weight [r, in] and lora_B.<name>.weight [out, r].
-  at::Tensor& lora_a(const std::string& name) override;
-  at::Tensor& lora_b(const std::string& name) override;
+  at::Tensor& lora_a(const std::string& name) override { return adapters_.lora_a(name); }
+  at::Tensor& lora_b(const std::string& name) override { return adapters_.lora_b(name); }
   /// scale · B · A in float32 [out, in] (lorafuse::lora_delta_weight).
-  at::Tensor delta_weight(const std::string& name) const;
+  at::Tensor delta_weight(const std::string& name) const { return adapters_.delta_weight(name); }
 
   // ---- merging -------------------------------------------------------------------------------
   /// Folds the named adapters (default: the active one) into the base weight, in float32 from the
   /// unmerged weight. Errors: an unknown adapter, one already merged, a non-finite result (the weight
-  /// is then left as it was).
-  void merge(const std::vector<std::string>& adapter_names = {}) override;
+  /// is then left as it was). `requantize` has no meaning for a dense base and is ignored.
+  void merge(const std::vector<std::string>& adapter_names = {}, bool requantize = false) override;
   /// Restores the unmerged base weight exactly. An error when nothing is merged.
   void unmerge() override;
   /// Merges the active adapter (unless merged already; also while adapters are disabled, as PEFT does),
@@ -134,35 +133,13 @@ class LoraLinearImpl : public torch::nn::Cloneable<LoraLinearImpl>, public LoraL
   LoraLinearOptions options;
 
  private:
-  // What forward reads of each adapter, replaced as a whole (copy on write) whenever adapters are added,
-  // removed or reloaded, so that forward on other threads sees a consistent table while load_adapter or
-  // delete_adapter runs.
-  struct Route {
-    std::shared_ptr<torch::nn::LinearImpl> a, b;
-    double scale;
-    double dropout;
-  };
-  using RouteTable = std::unordered_map<std::string, Route>;
-  // A mutex that a copy (Cloneable::clone) gets fresh.
-  struct RouteLock {
-    RouteLock() = default;
-    RouteLock(const RouteLock&) {}
-    RouteLock& operator=(const RouteLock&) { return *this; }
-    std::mutex mutex;
-  };
-  void refresh_routes();
-  std::shared_ptr<const RouteTable> routes() const;
-
-  void create_adapter_weights(const std::string& name, c10::ScalarType dtype, int64_t r);
-  void apply_trainability();
+  at::TensorOptions base_options() const { return base_layer->weight.options(); }
   void drop_unmerged_copy();
   void merge_into_base(const std::vector<std::string>& everything);
 
   torch::nn::Linear pending_base_{nullptr};  // consumed by the first reset() of the wrapping constructor
-  AdapterTable table_;
+  LoraAdapters adapters_;
   at::Tensor weight_unmerged_;  // buffer: the unmerged weight while anything is merged, else [0]
-  std::shared_ptr<const RouteTable> routes_;
-  mutable RouteLock route_lock_;
 };
 
 TORCH_MODULE(LoraLinear);

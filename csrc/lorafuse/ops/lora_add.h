@@ -18,6 +18,11 @@ namespace lorafuse {
 at::Tensor lora_add(const at::Tensor& base_out, const at::Tensor& x, const at::Tensor& lora_a,
                     const at::Tensor& lora_b, double scale, double dropout_p = 0.0);
 
+/// lora_add over a base's output with the adapter-dtype rule every LoRA layer over a base called as it is follows:
+/// x is cast to lora_a's dtype unless it is x's or float32 (torch.ops.lorafuse.lora_branch).
+at::Tensor lora_branch(const at::Tensor& base_out, const at::Tensor& x, const at::Tensor& lora_a,
+                       const at::Tensor& lora_b, double scale, double dropout_p = 0.0);
+
 /// The training forward: (y, u, rng_state) as lora_linear_forward; backward is lora_linear_backward without
 /// weight.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_add_forward(const at::Tensor& base_out, const at::Tensor& x,

@@ -51,6 +51,23 @@ at::Tensor linear4bit(const at::Tensor& x, const at::Tensor& packed, const at::T
                       int64_t blocksize, int64_t out_features, const std::optional<at::Tensor>& bias,
                       at::ScalarType compute_dtype);
 
+/// What nf4_merge returns: the re-quantized weight and what the rounding cost.
+struct Nf4Merge {
+  Nf4Weight weight;
+  /// ‖Ŵ − W'‖_F / ‖W'‖_F: the relative change of the layer's outputs for inputs with uncorrelated features, where
+  /// W' = dequant(W) + the adapters (float32) and Ŵ what the new 4 bits encode.
+  double output_error;
+  /// ‖Ŵ − W'‖_F / ‖W' − dequant(W)‖_F: the rounding measured against what the adapters add (1 = as large).
+  double adapter_error;
+};
+
+/// Merging into 4 bits, asked for explicitly: dequant(W) [shape] + Σ scaleᵢ·Bᵢ·Aᵢ in float32 (lora_merge; a
+/// non-finite result is an error), quantized again with `blocksize` and double quantization when nested_absmax is
+/// given and not empty. The caller keeps the old bytes to unmerge exactly.
+Nf4Merge nf4_merge(const at::Tensor& packed, const at::Tensor& absmax, const std::optional<at::Tensor>& nested_absmax,
+                   const std::optional<at::Tensor>& offset, int64_t blocksize, at::IntArrayRef shape,
+                   at::TensorList lora_a, at::TensorList lora_b, c10::ArrayRef<double> scale);
+
 /// The 16 NF4 code values (bitsandbytes' quant_map), float32 [16] on the CPU.
 at::Tensor nf4_code_map();
 /// The 256 values of the dynamic 8-bit code the statistics are quantized with (bitsandbytes' nested_quant_map,

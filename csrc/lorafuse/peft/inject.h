@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <iosfwd>
+#include <map>
 #include <string>
 #include <utility>
 #include <vector>
@@ -74,12 +75,17 @@ void enable_adapters(torch::nn::Module& module);
 void delete_adapter(torch::nn::Module& module, const std::string& adapter_name);
 /// Folds the named adapters (default: the active one) into the base weights of every layer that has
 /// them, all or nothing: if one layer fails (non-finite weights), the layers before it are put back.
-/// unmerge_adapter restores every layer's weights exactly.
-void merge_adapter(torch::nn::Module& module, const std::vector<std::string>& adapter_names = {});
+/// 4-bit layers refuse (rounding to 4 bits again changes their outputs) unless `requantize`; the result
+/// then maps each re-quantized layer's path to what the rounding cost (it is empty otherwise).
+/// unmerge_adapter restores every layer's weights (and 4-bit bytes) exactly.
+std::map<std::string, nn::MergeError> merge_adapter(torch::nn::Module& module,
+                                                    const std::vector<std::string>& adapter_names = {},
+                                                    bool requantize = false);
 void unmerge_adapter(torch::nn::Module& module);
 /// Merges the active adapter for good (also while adapters are disabled, as PEFT does) and puts each
-/// layer's plain torch::nn::Linear back in place of its LoraLinear: the model is the base model again,
-/// with the adapter inside its weights. Nothing changes if a merge fails.
+/// layer's plain torch::nn::Linear back in place of its LoRA layer: the model is the base model again,
+/// with the adapter inside its weights; a 4-bit layer becomes a dense Linear (compute dtype) holding
+/// dequant(W) + the adapter. Nothing changes if a merge fails.
 void merge_and_unload(torch::nn::Module& module);
 
 }  // namespace lorafuse

@@ -4,7 +4,7 @@ kinds they wrap, and the C++ layer bound from LibTorch."""
 from .. import _C
 from .base_kinds import BASE_KINDS, BaseKind, base_kind_of
 from .linear4bit import Linear4bit
-from .lora_linear import AdapterOptions, Linear
+from .lora_linear import AdapterOptions, Linear, MergeError
 
 # The C++ layer (lorafuse::nn::LoraLinear) bound with torch::python::bind_module: a torch.nn.Module whose
 # keyword arguments are the C++ LoraLinearOptions fields (in_features, out_features, bias, adapter_name, r,
@@ -19,6 +19,7 @@ def is_lora_layer(module) -> bool:
 
 
 __all__ = [
+    "MergeError",
     "Linear",
     "Linear4bit",
     "LoraLinear",

@@ -61,6 +61,14 @@ class BaseKind:
         """The LoRA layer's output when :meth:`fused` says the kind computes it: base(x) + scale·(drop(x)·Aᵀ)·Bᵀ."""
         raise NotImplementedError
 
+    def nf4_state(self, module: nn.Module) -> Optional[tuple]:
+        """For a 4-bit base: (packed, absmax, nested_absmax, offset, blocksize) as the NF4 ops take them; else None."""
+        return None
+
+    def set_nf4_state(self, module: nn.Module, packed: Tensor, absmax: Tensor, nested: Tensor, offset: Tensor) -> None:
+        """Puts other NF4 bytes and statistics (same shapes and blocksize) into a 4-bit base."""
+        raise NotImplementedError
+
     def dense_weight(self, module: nn.Module) -> Optional[Tensor]:
         """For a base that merge_and_unload replaces by a dense ``nn.Linear`` (a 4-bit base): its weight in float32,
         a new tensor. None for a base that adapters merge into in place."""
@@ -149,7 +157,8 @@ class CustomLinear(BaseKind):
 
 class Nf4Linear(BaseKind):
     """lorafuse.nn.Linear4bit: the weight in NF4 (QLoRA). Called as it is (``nf4_linear``, a tile of rows at a
-    time) with ``lora_add`` adding the branch; merging is refused until 4-bit merging lands."""
+    time) with ``lora_branch`` adding the branch; merging rounds to 4 bits again, so it is refused unless asked
+    for (``merge(requantize=True)``)."""
 
     name = "linear4bit"
 
@@ -170,10 +179,17 @@ class Nf4Linear(BaseKind):
 
     def merge_refusal(self, module: nn.Module) -> Optional[str]:
         return (
-            "the base is 4-bit (lorafuse.nn.Linear4bit); merging into 4 bits would re-quantize it and change its "
-            "outputs: keep the adapter as a separate branch, or merge_and_unload for a dense model holding "
-            "dequantized W + the adapter"
+            "the base is 4-bit (lorafuse.nn.Linear4bit); merging into 4 bits rounds W + scale·B·A to 4 bits again "
+            "and changes its outputs. Ask for it with requantize=True (the layer's merge_error then reports the "
+            "cost; unmerge restores the bytes exactly), keep the adapter as a separate branch, or merge_and_unload "
+            "for a dense model holding dequantized W + the adapter"
         )
+
+    def nf4_state(self, module: nn.Module) -> Optional[tuple]:
+        return module.packed, module.absmax, module.nested_absmax, module.offset, module.blocksize
+
+    def set_nf4_state(self, module: nn.Module, packed: Tensor, absmax: Tensor, nested: Tensor, offset: Tensor) -> None:
+        module.packed, module.absmax, module.nested_absmax, module.offset = packed, absmax, nested, offset
 
     def dense_weight(self, module: nn.Module) -> Optional[Tensor]:
         return module.dequantized_weight(torch.float32)
@@ -224,6 +240,19 @@ class BnbNf4Linear(BaseKind):
     def merge_refusal(self, module: nn.Module) -> Optional[str]:
         return Nf4Linear().merge_refusal(module).replace("lorafuse.nn.Linear4bit", "bitsandbytes' Linear4bit")
 
+    def nf4_state(self, module: nn.Module) -> Optional[tuple]:
+        _to_standard_layout(module)
+        return _bnb_nf4_state(module)
+
+    def set_nf4_state(self, module: nn.Module, packed: Tensor, absmax: Tensor, nested: Tensor, offset: Tensor) -> None:
+        _to_standard_layout(module)
+        state = module.weight.quant_state
+        module.weight.data = packed.view(module.weight.dtype)  # bitsandbytes' quant_storage dtype
+        if state.nested:
+            state.absmax, state.state2.absmax, state.offset = absmax, nested, offset.reshape(state.offset.shape)
+        else:
+            state.absmax = absmax
+
     def lora_forward(self, module: nn.Module, x: Tensor, a: Tensor, b: Tensor, scale: float, p: float) -> Tensor:
         base = torch.ops.lorafuse.linear4bit(
             x,
@@ -235,16 +264,20 @@ class BnbNf4Linear(BaseKind):
         return lora_add(base, x, a, b, scale, p)
 
     def dense_weight(self, module: nn.Module) -> Optional[Tensor]:
-        # back to the standard layout first, as bitsandbytes does before it saves (its inverse re-quantizes the
-        # statistics it had turned into bfloat16: the layer keeps computing as before)
-        if _repacked_for_cpu(module):
-            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
-            module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
-                module.weight.data, module.weight.quant_state
-            )
+        _to_standard_layout(module)
         return torch.ops.lorafuse.dequantize_nf4(
             *_bnb_nf4_state(module), [module.out_features, module.in_features], torch.float32
+        )
+
+
+def _to_standard_layout(module: nn.Module) -> None:
+    """A bitsandbytes layer repacked into its CPU layout back to the standard one, as bitsandbytes does before it saves
+    (its inverse re-quantizes the statistics it had turned into bfloat16: the layer keeps computing as before)."""
+    if _repacked_for_cpu(module):
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
+            module.weight.data, module.weight.quant_state
         )
 
 
@@ -259,10 +292,9 @@ def _bnb_nf4_state(module: nn.Module) -> tuple:
 
 
 def lora_add(out: Tensor, x: Tensor, a: Tensor, b: Tensor, scale: float, p: float) -> Tensor:
-    """The LoRA branch added to a base's output; x is cast to the adapter's dtype unless it is x's or float32
-    (lora_add accumulates in float32 either way)."""
-    xa = x if a.dtype in (x.dtype, torch.float32) else x.to(a.dtype)
-    return torch.ops.lorafuse.lora_add(out, xa, a, b, scale, p)
+    """The LoRA branch added to a base's output (``lora_branch``: x is cast to the adapter's dtype unless it is x's or
+    float32; the rule the C++ layers follow too)."""
+    return torch.ops.lorafuse.lora_branch(out, x, a, b, scale, p)
 
 
 BASE_KINDS: List[BaseKind] = [DenseLinear(), CustomLinear(), Nf4Linear(), BnbNf4Linear()]

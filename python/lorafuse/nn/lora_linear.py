@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -46,6 +46,16 @@ def _scope_exit(token: object) -> None:
             del stack[i]
             break
     _open_scopes -= 1
+
+
+class MergeError(NamedTuple):
+    """What merging into a 4-bit base cost (``merge(requantize=True)``; lorafuse.nf4_merge), with W' = dequant(W) +
+    the adapters and Ŵ what the new 4 bits encode."""
+
+    #: ‖Ŵ − W'‖ / ‖W'‖: the relative change of the layer's outputs for inputs with uncorrelated features
+    output_error: float
+    #: ‖Ŵ − W'‖ / ‖W' − dequant(W)‖: the rounding against what the adapters add (1.0: as large)
+    adapter_error: float
 
 
 class Linear(nn.Module):
@@ -105,6 +115,9 @@ class Linear(nn.Module):
         self._scoped: Dict[str, Optional[list]] = {}
         self._scoped_ask = False
         self.register_buffer("weight_unmerged", torch.empty(0, device=kind.device(base_layer)), persistent=False)
+        # a 4-bit base merged with requantize=True: its bytes before the merge, and what the rounding cost
+        self._unmerged_nf4: Optional[tuple] = None
+        self._merge_error: Optional[MergeError] = None
         self.add_adapter(
             adapter_name,
             r=r,
@@ -271,17 +284,26 @@ class Linear(nn.Module):
             )
 
     # ---- merging ---------------------------------------------------------------------------------
-    def merge(self, adapter_names: Optional[Sequence[str]] = None) -> None:
+    def merge(self, adapter_names: Optional[Sequence[str]] = None, requantize: bool = False) -> None:
         """Folds the named adapters (default: the active one) into the base weight, in float32 from the
         unmerged weight. Errors: unknown, already merged or repeated names; disabled adapters;
-        non-finite weights (the weight is then left unchanged)."""
+        non-finite weights (the weight is then left unchanged). A 4-bit base holds the merged weight only by
+        rounding it to 4 bits again: refused unless ``requantize`` (then :attr:`merge_error` reports the cost and
+        ``unmerge`` restores the old bytes exactly); other bases ignore ``requantize``."""
         if isinstance(adapter_names, str):
             adapter_names = [adapter_names]
-        self._fold(self._table.plan_merge(list(adapter_names or [])))
+        self._fold(self._table.plan_merge(list(adapter_names or [])), requantize)
 
-    def _fold(self, everything: List[str]) -> None:
+    @property
+    def merge_error(self) -> Optional["MergeError"]:
+        """What re-quantizing the current merge cost (a 4-bit base merged with ``requantize=True``), else None."""
+        return self._merge_error
+
+    def _fold(self, everything: List[str], requantize: bool = False) -> None:
         """Makes the base weight hold ``everything`` (a plan of the table) merged into the unmerged weight."""
         kind = base_kind_of(self.base_layer)
+        if requantize and kind is not None and kind.nf4_state(self.base_layer) is not None:
+            return self._fold_4bit(kind, everything)
         refusal = (
             kind.merge_refusal(self.base_layer)
             if kind is not None
@@ -294,49 +316,81 @@ class Linear(nn.Module):
         with torch.no_grad():
             # from the unmerged weight, so merging adapters one by one rounds once; the op checks finiteness
             original = self.weight_unmerged if self.merged else weight
-            merged = torch.ops.lorafuse.lora_merge(
-                original,
-                [self.lora_A[n].weight for n in everything],
-                [self.lora_B[n].weight for n in everything],
-                [table.options(n).scale for n in everything],
-            )
+            merged = torch.ops.lorafuse.lora_merge(original, *self._merge_inputs(everything))
             if not self.merged:
                 self.weight_unmerged = weight.detach().clone()
             weight.copy_(merged)
         table.set_merged(everything)
         self._refresh_route()
 
-    def unmerge(self) -> None:
-        """Restores the unmerged base weight exactly. An error when nothing is merged."""
-        self._table.check_unmerge()
+    def _merge_inputs(self, names: List[str]) -> tuple:
+        return (
+            [self.lora_A[n].weight for n in names],
+            [self.lora_B[n].weight for n in names],
+            [self._table.options(n).scale for n in names],
+        )
+
+    def _fold_4bit(self, kind, everything: List[str]) -> None:
+        """merge(requantize=True) over a 4-bit base: lorafuse.nf4_merge from the unmerged bytes (kept for unmerge)."""
+        base = self.base_layer
+        current = kind.nf4_state(base)
+        packed, absmax, nested, offset = self._unmerged_nf4 if self.merged else current[:4]
         with torch.no_grad():
-            self.base_layer.weight.copy_(self.weight_unmerged)
+            *state, error = torch.ops.lorafuse.nf4_merge(
+                packed,
+                absmax,
+                nested,
+                offset,
+                current[4],
+                [self.out_features, self.in_features],
+                *self._merge_inputs(everything),
+            )
+        if not self.merged:
+            self._unmerged_nf4 = tuple(current[:4])
+        kind.set_nf4_state(base, *state)
+        self._merge_error = MergeError(*error.tolist())
+        self._table.set_merged(everything)
+        self._refresh_route()
+
+    def unmerge(self) -> None:
+        """Restores the unmerged base weight (or 4-bit bytes) exactly. An error when nothing is merged."""
+        self._table.check_unmerge()
+        if self._unmerged_nf4 is not None:
+            base = self.base_layer
+            base_kind_of(base).set_nf4_state(base, *self._unmerged_nf4)
+        else:
+            with torch.no_grad():
+                self.base_layer.weight.copy_(self.weight_unmerged)
         self._drop_unmerged_copy()
 
     def _drop_unmerged_copy(self) -> None:
         self.weight_unmerged = torch.empty(0, device=base_kind_of(self.base_layer).device(self.base_layer))
+        self._unmerged_nf4 = None
+        self._merge_error = None
         self._table.set_merged([])
         self._refresh_route()
 
     def _unloaded_dense(self) -> Optional[nn.Linear]:
         """For a 4-bit base: a new dense ``nn.Linear`` (compute dtype) holding dequant(W) + the adapter that
-        merge_and_unload folds in, summed in float32 and rounded once; None for bases merged in place. Changes
-        nothing."""
+        merge_and_unload folds in (with a requantized merge, from the unmerged bytes and the merged adapters), summed
+        in float32 and rounded once; None for bases merged in place. Changes nothing."""
         base = self.base_layer
         kind = base_kind_of(base)
-        weight = kind.dense_weight(base) if kind is not None else None
-        if weight is None:
+        if kind is None or kind.dense_weight(base) is None:
             return None
-        everything = self._table.plan_unload()
-        table = self._table
+        everything = self._table.plan_unload() or list(self._table.merged)
+        if self._unmerged_nf4 is not None:
+            weight = torch.ops.lorafuse.dequantize_nf4(
+                *self._unmerged_nf4,
+                kind.nf4_state(base)[4],
+                [self.out_features, self.in_features],
+                torch.float32,
+            )
+        else:
+            weight = kind.dense_weight(base)
         with torch.no_grad():
             if everything:
-                weight = torch.ops.lorafuse.lora_merge(
-                    weight,
-                    [self.lora_A[n].weight for n in everything],
-                    [self.lora_B[n].weight for n in everything],
-                    [table.options(n).scale for n in everything],
-                )
+                weight = torch.ops.lorafuse.lora_merge(weight, *self._merge_inputs(everything))
             dense = nn.Linear(
                 self.in_features,
                 self.out_features,
@@ -356,6 +410,8 @@ class Linear(nn.Module):
         4-bit base, a new dense ``nn.Linear`` holding dequant(W) + the adapter (in the compute dtype)."""
         dense = self._unloaded_dense()
         if dense is not None:
+            if self.merged:
+                self.unmerge()
             for name in list(self._table.names):
                 self.delete_adapter(name)
             return dense
@@ -400,4 +456,4 @@ class Linear(nn.Module):
         return self._table.describe()
 
 
-__all__ = ["Linear", "AdapterOptions"]
+__all__ = ["Linear", "AdapterOptions", "MergeError"]

@@ -7,20 +7,15 @@ from __future__ import annotations
 
 import functools
 import json
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from .. import _C
+from .._cpp import cpp_module_of as _cpp
 from ..config import LoraConfig
-from ..nn import Linear, Linear4bit, base_kind_of, is_lora_layer
-
-
-def _cpp(model: nn.Module):
-    """The C++ module behind a bound lorafuse C++ module (lorafuse.models.Llama, ...), else None. The one
-    place that decides "C++ model or Python model"; :func:`_model_wide` routes on it."""
-    return model.cpp_module if isinstance(model, torch.nn.cpp.ModuleWrapper) else None
+from ..nn import Linear, Linear4bit, MergeError, base_kind_of, is_lora_layer
 
 
 def _model_wide(cpp_impl, result=lambda model, out: out):
@@ -263,43 +258,52 @@ class _MergeTransaction:
     (merging starts from the unmerged weight, so re-merging what was merged reproduces the same bits)."""
 
     def __init__(self) -> None:
-        self.undo: List[Tuple[Linear, List[str], bool]] = []
+        self.undo: List[Tuple[Linear, List[str], bool, bool]] = []
 
-    def merge(self, layer: Linear, names: Sequence[str]) -> None:
-        self.undo.append((layer, list(layer.merged_adapters), not layer.adapters_enabled))
+    def merge(self, layer: Linear, names: Sequence[str], requantize: bool = False) -> None:
+        self.undo.append((layer, list(layer.merged_adapters), not layer.adapters_enabled, requantize))
         layer.enable_adapters()
-        layer.merge(names)
+        layer.merge(names, requantize=requantize)
 
     def rollback(self) -> None:
-        for layer, merged_before, was_disabled in reversed(self.undo):
+        for layer, merged_before, was_disabled, requantize in reversed(self.undo):
             if layer.merged:
                 layer.unmerge()
             if merged_before:
-                layer.merge(merged_before)
+                layer.merge(merged_before, requantize=requantize)
             if was_disabled:
                 layer.disable_adapters()
 
 
-def merge(model: nn.Module, adapter_names: Optional[Sequence[str]] = None) -> None:
+def merge(
+    model: nn.Module, adapter_names: Optional[Sequence[str]] = None, requantize: bool = False
+) -> Dict[str, MergeError]:
     """Folds the named adapters (default, or an empty list: the active one) into the base weights, all or
-    nothing. A single name may be given as a str."""
+    nothing. A single name may be given as a str. 4-bit layers refuse (rounding to 4 bits again changes their
+    outputs) unless ``requantize``; then the result maps each re-quantized layer's path to what the rounding cost
+    (:class:`lorafuse.nn.MergeError`), and ``unmerge`` restores the bytes exactly. Empty when nothing was rounded."""
     if isinstance(adapter_names, str):
         adapter_names = [adapter_names]
-    _merge(model, list(adapter_names or []))
+    return _merge(model, list(adapter_names or []), requantize)
 
 
-@_model_wide(_C._cpp_merge)
-def _merge(model: nn.Module, adapter_names: List[str]) -> None:
+def _cpp_merge_report(model: nn.Module, report: Dict[str, tuple]) -> Dict[str, MergeError]:
+    return {path: MergeError(*errors) for path, errors in report.items()}
+
+
+@_model_wide(_C._cpp_merge, result=_cpp_merge_report)
+def _merge(model: nn.Module, adapter_names: List[str], requantize: bool) -> Dict[str, MergeError]:
     layers = lora_layers(model)
     plan = _C._rules_plan_merge(_tables(layers), adapter_names, "merge")
     transaction = _MergeTransaction()
     try:
         for (_, layer), mine in zip(layers, plan):
             if mine:
-                transaction.merge(layer, mine)
+                transaction.merge(layer, mine, requantize)
     except BaseException:
         transaction.rollback()
         raise
+    return {path: layer.merge_error for path, layer in layers if layer.merge_error is not None}
 
 
 @_model_wide(_C._cpp_unmerge)

@@ -8,9 +8,10 @@ from typing import List, Optional
 import torch
 from torch import nn
 
+from .. import _C
+from .._cpp import cpp_module_of as _cpp
 from ..nn.base_kinds import DenseLinear
-from ..nn.linear4bit import _COMPUTE_DTYPES, Linear4bit
-from ..ops import quantize_nf4
+from ..nn.linear4bit import Linear4bit
 
 
 @dataclass
@@ -24,11 +25,11 @@ class QuantConfig:
     modules_to_not_convert: List[str] = field(default_factory=lambda: ["lm_head"])
 
     def __post_init__(self) -> None:
-        if self.quant_type != "nf4":
-            raise ValueError(f'quant_type: expected "nf4", found {self.quant_type!r}')
-        if self.compute_dtype is not None and self.compute_dtype not in _COMPUTE_DTYPES:
-            raise TypeError(f"compute_dtype: expected torch.float32, bfloat16 or float16, found {self.compute_dtype}")
-        quantize_nf4(torch.empty(2, device="meta"), self.blocksize, self.double_quant)  # checks the blocksize
+        self.modules_to_not_convert = list(self.modules_to_not_convert)
+        _C._validate_quant_config(*self._fields())  # the C++ QuantConfig's rules
+
+    def _fields(self) -> tuple:
+        return self.quant_type, self.blocksize, self.double_quant, self.compute_dtype, self.modules_to_not_convert
 
 
 def quantize_model(model: nn.Module, config: Optional[QuantConfig] = None) -> nn.Module:
@@ -37,12 +38,15 @@ def quantize_model(model: nn.Module, config: Optional[QuantConfig] = None) -> nn
     at a time, so peak memory stays near the model's own. Then ``inject_lora`` adds adapters as usual (QLoRA).
     Returns ``model``."""
     config = config or QuantConfig()
+    cpp = _cpp(model)
+    if cpp is not None:  # a bound C++ model (the reference Llama): lorafuse::quantize_model
+        _C._cpp_quantize_model(cpp, *config._fields())
+        return model
     dense = DenseLinear()
-    skip = tuple(config.modules_to_not_convert)
     for path, module in list(model.named_modules()):
         for name, child in list(module.named_children()):
             full = f"{path}.{name}" if path else name
-            if not dense.matches(child) or any(full == s or full.endswith("." + s) for s in skip):
+            if not dense.matches(child) or _C._quant_keeps_dense(full, config.modules_to_not_convert):
                 continue
             setattr(
                 module,

@@ -28,7 +28,7 @@
 #include <unistd.h>
 
 #include "catch.h"
-#include "ops/lora_test_util.h"
+#include "nn/nn_test_util.h"
 
 using lorafuse::models::LlamaConfig;
 using lorafuse::models::LlamaDecoderLayerImpl;
@@ -177,21 +177,7 @@ at::Tensor reference_logits(const std::map<std::string, at::Tensor>& params, con
   return linear(ref_rms(x, w("model.norm.weight"), c.rms_norm_eps()), "lm_head.weight");
 }
 
-// A fresh directory under $TMPDIR (or /tmp), removed when empty at scope exit. POSIX calls rather than
-// std::filesystem: libtorch.so exports its own copies of std::filesystem symbols, and remove_all resolved
-// to that copy crashes.
-struct TempDir {
-  TempDir() {
-    const char* tmp = std::getenv("TMPDIR");
-    std::string name = std::string(tmp != nullptr && *tmp != '\0' ? tmp : "/tmp") + "/lorafuse_llama_XXXXXX";
-    REQUIRE(mkdtemp(name.data()) != nullptr);
-    path = name;
-  }
-  ~TempDir() { rmdir(path.c_str()); }
-  TempDir(const TempDir&) = delete;
-  TempDir& operator=(const TempDir&) = delete;
-  std::string path;
-};
+using lorafuse_test::TempDir;
 
 double max_abs_diff(const at::Tensor& a, const at::Tensor& b) {
   return (a.to(at::kDouble) - b.to(at::kDouble)).abs().max().item<double>();

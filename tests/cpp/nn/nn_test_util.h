@@ -9,7 +9,31 @@
 
 #include "ops/lora_test_util.h"
 
+#include <ftw.h>
+#include <stdio.h>
+#include <stdlib.h>
+
 namespace lorafuse_test {
+
+// A fresh folder under $TMPDIR (or /tmp), removed with its contents at scope exit (failed test or not). POSIX calls
+// rather than std::filesystem: libtorch.so exports its own copies of std::filesystem symbols, and remove_all
+// resolved to that copy crashes.
+struct TempDir {
+  explicit TempDir(const std::string& stem = "lorafuse_test") {
+    const char* tmp = std::getenv("TMPDIR");
+    std::string name = std::string(tmp != nullptr && *tmp != '\0' ? tmp : "/tmp") + "/" + stem + "_XXXXXX";
+    REQUIRE(::mkdtemp(name.data()) != nullptr);
+    path = name;
+  }
+  ~TempDir() {
+    ::nftw(
+        path.c_str(), [](const char* p, const struct stat*, int, struct FTW*) { return ::remove(p); }, 16,
+        FTW_DEPTH | FTW_PHYS);
+  }
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+  std::string path;
+};
 
 // Runs f, which must throw E whose message contains every part.
 template <class E, class F>

@@ -25,6 +25,7 @@
 #include <stdlib.h>
 
 #include "catch.h"
+#include "nn/nn_test_util.h"
 
 #ifndef LORAFUSE_SCENARIOS
 #error "LORAFUSE_SCENARIOS: the path of tests/scenarios/adapters.json (set in tests/cpp/CMakeLists.txt)"
@@ -243,25 +244,7 @@ class Runner {
   std::map<std::string, std::map<std::string, at::Tensor>> weights_;
 };
 
-// A fresh folder for a scenario's saved adapters, removed with its contents when the scenario ends (failed or
-// not). POSIX calls rather than std::filesystem: libtorch.so exports its own copies of std::filesystem
-// symbols, and remove_all resolved to that copy crashes (see tests/cpp/models/test_llama.cpp).
-struct TempDir {
-  TempDir() {
-    const char* tmp = std::getenv("TMPDIR");
-    std::string name = std::string(tmp != nullptr && *tmp != '\0' ? tmp : "/tmp") + "/lorafuse_scenario_XXXXXX";
-    REQUIRE(::mkdtemp(name.data()) != nullptr);
-    path = name;
-  }
-  ~TempDir() {
-    ::nftw(
-        path.c_str(), [](const char* p, const struct stat*, int, struct FTW*) { return ::remove(p); }, 16,
-        FTW_DEPTH | FTW_PHYS);
-  }
-  TempDir(const TempDir&) = delete;
-  TempDir& operator=(const TempDir&) = delete;
-  std::string path;
-};
+using lorafuse_test::TempDir;  // a scenario's saved adapters, removed with its contents when it ends
 
 }  // namespace
 

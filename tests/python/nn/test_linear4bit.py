@@ -57,7 +57,7 @@ def test_quantize_model_converts_plain_linears_but_not_the_output_layer():
     kinds = {n: type(m).__name__ for n, m in model.named_modules() if n.endswith(("_proj", "lm_head"))}
     assert kinds.pop("lm_head") == "Linear"
     assert set(kinds.values()) == {"Linear4bit"} and len(kinds) == 14
-    with pytest.raises(ValueError, match='quant_type: expected "nf4", found \'fp4\''):
+    with pytest.raises(ValueError, match='quant_type: expected "nf4", found "fp4"'):
         lorafuse.QuantConfig(quant_type="fp4")
     with pytest.raises(ValueError, match="blocksize: expected one of"):
         lorafuse.QuantConfig(blocksize=100)
@@ -131,7 +131,7 @@ def test_qlora_adapter_files_round_trip_and_merge_is_refused(tmp_path):
     lorafuse.save_adapter(ours, tmp_path / "a")
     fresh = lorafuse.load_adapter(lorafuse.quantize_model(_llama64(0)), tmp_path / "a")
     torch.testing.assert_close(fresh.eval()(input_ids=IDS).logits, expected, rtol=0, atol=0)
-    with pytest.raises(ValueError, match="merge: the base is 4-bit"):
+    with pytest.raises(ValueError, match="merge: the base is 4-bit.*requantize=True"):
         lorafuse.merge(ours)
     assert torch.equal(ours(input_ids=IDS).logits, expected)  # nothing changed
 
@@ -229,6 +229,70 @@ def test_merge_and_unload_of_a_4bit_model_gives_a_dense_model_with_the_adapter(t
     assert type(down) is nn.Linear and down.weight.dtype == torch.float32 and not down.weight.requires_grad
     torch.testing.assert_close(down.weight, dense_w, rtol=0, atol=1e-6)
     torch.testing.assert_close(model(input_ids=IDS).logits, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("source", ["lorafuse", "bitsandbytes"])
+def test_merge_into_4_bits_on_request_reports_its_error_and_unmerges_exactly(tmp_path, source):
+    config = dict(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    model = lorafuse.quantize_model(_llama64(0)) if source == "lorafuse" else _transformers_4bit(tmp_path)
+    model = lorafuse.inject_lora(model, lorafuse.LoraConfig(**config)).eval().requires_grad_(False)
+    expected = model(input_ids=IDS).logits
+    layers = dict(lorafuse.lora_layers(model))
+    kind = lorafuse.nn.base_kind_of(layers["model.layers.0.self_attn.q_proj"].base_layer)
+    before = {p: [t.clone() for t in kind.nf4_state(layer.base_layer)[:4] if t is not None] for p, layer in layers.items()}
+    down = layers["model.layers.1.mlp.down_proj"]
+    exact = kind.dense_weight(down.base_layer) + down.delta_weight("default")
+    with pytest.raises(ValueError, match="requantize=True"):
+        lorafuse.merge(model)
+    report = lorafuse.merge(model, requantize=True)
+    assert set(report) == set(layers)
+    for path, error in report.items():
+        assert isinstance(error, lorafuse.nn.MergeError) and layers[path].merge_error == error
+        assert 0 < error.output_error < 0.2 and error.adapter_error > 0
+    # the new bytes are quantize_nf4(dequant(W) + scale·B·A); the reported errors are what they cost
+    packed, absmax, nested, offset, blocksize = kind.nf4_state(down.base_layer)
+    q = lorafuse.quantize_nf4(exact, 64, True)
+    assert torch.equal(packed.reshape(-1), q.packed.reshape(-1)) and torch.equal(absmax, q.absmax)
+    rounded = torch.ops.lorafuse.dequantize_nf4(packed, absmax, nested, offset, blocksize, list(exact.shape), torch.float32)
+    err = (rounded - exact).double().norm()
+    assert report["model.layers.1.mlp.down_proj"].output_error == pytest.approx(float(err / exact.double().norm()), rel=1e-5)
+    merged = model(input_ids=IDS).logits
+    assert not torch.equal(merged, expected)
+    assert float((merged - expected).norm() / expected.norm()) < 0.25
+    lorafuse.unmerge(model)
+    for path, layer in layers.items():
+        now = [t for t in kind.nf4_state(layer.base_layer)[:4] if t is not None]
+        assert all(torch.equal(a, b) for a, b in zip(now, before[path])) and layer.merge_error is None
+    torch.testing.assert_close(model(input_ids=IDS).logits, expected, rtol=0, atol=0)
+    # merge_and_unload after a requantized merge starts from the unmerged bytes: one rounding
+    lorafuse.merge(model, requantize=True)
+    lorafuse.merge_and_unload(model)
+    torch.testing.assert_close(model.model.layers[1].mlp.down_proj.weight, exact, rtol=0, atol=1e-6)
+    torch.testing.assert_close(model(input_ids=IDS).logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_merge_into_4_bits_on_the_cpp_llama():
+    """lorafuse.quantize_model, inject_lora and merge(requantize=True) on the C++ reference Llama run the C++ code."""
+    config = lorafuse.models.LlamaConfig(
+        vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    torch.manual_seed(0)
+    model = lorafuse.models.Llama(config)
+    lorafuse.quantize_model(model)
+    buffers = dict(model.named_buffers())
+    assert buffers["model.layers.0.self_attn.q_proj.packed"].dtype == torch.uint8
+    assert "lm_head.weight" in dict(model.named_parameters())  # kept dense
+    lorafuse.inject_lora(model, lorafuse.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False))
+    model.eval()
+    ids = torch.arange(12).reshape(2, 6)
+    expected = model(ids)
+    with pytest.raises(ValueError, match="requantize"):
+        lorafuse.merge(model)
+    report = lorafuse.merge(model, requantize=True)
+    assert len(report) == 4 and all(0 < e.output_error < 0.2 for e in report.values())
+    lorafuse.unmerge(model)
+    torch.testing.assert_close(model(ids), expected, rtol=0, atol=0)
 
 
 def test_from_peft_converts_a_peft_qlora_model_over_bitsandbytes(tmp_path):

@@ -289,3 +289,64 @@ def test_linear4bit_op_casts_to_the_compute_dtype_and_back():
     expected = lorafuse.nf4_linear(x.bfloat16(), q, 30, bias.bfloat16()).float()
     assert y.dtype == torch.float32 and torch.equal(y, expected)
     torch.library.opcheck(torch.ops.lorafuse.linear4bit.default, (x.requires_grad_(), *q, 64, 30, bias, torch.bfloat16))
+
+
+# ---- nf4_merge: merging into 4 bits, asked for explicitly ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_nf4_merge_requantizes_the_merged_weight_and_reports_what_it_cost(double_quant):
+    torch.manual_seed(5)
+    q = lorafuse.quantize_nf4(torch.randn(48, 128), 64, double_quant)
+    nested, offset = (q.nested_absmax, q.offset) if double_quant else (None, None)
+    a, b = torch.randn(4, 128), torch.randn(48, 4) * 0.1
+    packed, absmax, nested2, offset2, error = torch.ops.lorafuse.nf4_merge(
+        q.packed, q.absmax, nested, offset, 64, [48, 128], [a], [b], [2.0]
+    )
+    dense = lorafuse.dequantize_nf4(q, [48, 128], torch.float32)
+    exact = torch.ops.lorafuse.lora_merge(dense, [a], [b], [2.0])
+    expected = lorafuse.quantize_nf4(exact, 64, double_quant)
+    assert torch.equal(packed, expected.packed) and torch.equal(absmax, expected.absmax)
+    assert torch.equal(nested2, expected.nested_absmax) and torch.equal(offset2, expected.offset)
+    rounded = torch.ops.lorafuse.dequantize_nf4(packed, absmax, nested2, offset2, 64, [48, 128], torch.float32)
+    err = (rounded - exact).double().norm()
+    assert error.dtype == torch.float32 and error.shape == (2,)
+    assert error[0].item() == pytest.approx(float(err / exact.double().norm()), rel=1e-6)
+    assert error[1].item() == pytest.approx(float(err / (exact - dense).double().norm()), rel=1e-4)
+    torch.library.opcheck(
+        torch.ops.lorafuse.nf4_merge.default, (q.packed, q.absmax, nested, offset, 64, [48, 128], [a], [b], [2.0])
+    )
+    # a zero weight and zero adapters: nothing to round, no error (not 0/0)
+    z = lorafuse.quantize_nf4(torch.zeros(8, 64), 64, double_quant)
+    zn, zo = (z.nested_absmax, z.offset) if double_quant else (None, None)
+    *_, zero_error = torch.ops.lorafuse.nf4_merge(
+        z.packed, z.absmax, zn, zo, 64, [8, 64], [torch.zeros(2, 64)], [torch.zeros(8, 2)], [1.0]
+    )
+    assert zero_error.tolist() == [0.0, 0.0]
+
+
+def test_nf4_merge_bad_input():
+    q = lorafuse.quantize_nf4(torch.randn(8, 64), 64, True)
+    args = (q.packed, q.absmax, q.nested_absmax, q.offset, 64)
+    with pytest.raises(ValueError, match=r"nf4_merge: shape must be \[out, in\]"):
+        torch.ops.lorafuse.nf4_merge(*args, [512], [torch.randn(2, 64)], [torch.randn(8, 2)], [1.0])
+    with pytest.raises(ValueError, match="lora_a: expected at least one adapter"):
+        torch.ops.lorafuse.nf4_merge(*args, [8, 64], [], [], [])
+    with pytest.raises(ValueError, match="adapter.* must fit the weight"):
+        torch.ops.lorafuse.nf4_merge(*args, [8, 64], [torch.randn(2, 32)], [torch.randn(8, 2)], [1.0])
+    with pytest.raises(ValueError, match="not finite|non-finite|finite"):
+        torch.ops.lorafuse.nf4_merge(*args, [8, 64], [torch.full((2, 64), 1e30)], [torch.full((8, 2), 1e30)], [1.0])
+
+
+def test_lora_branch_casts_x_to_the_adapter_dtype_unless_float32():
+    torch.manual_seed(6)
+    out = torch.randn(3, 16, dtype=torch.bfloat16)
+    x = torch.randn(3, 32, dtype=torch.bfloat16)
+    a16, b16 = torch.randn(4, 32, dtype=torch.float16), torch.randn(16, 4, dtype=torch.float16)
+    y = torch.ops.lorafuse.lora_branch(out, x, a16, b16, 0.5)
+    assert torch.equal(y, torch.ops.lorafuse.lora_add(out, x.half(), a16, b16, 0.5))
+    a32, b32 = a16.float(), b16.float()  # float32 adapters take x as it is
+    assert torch.equal(torch.ops.lorafuse.lora_branch(out, x, a32, b32, 0.5), torch.ops.lorafuse.lora_add(out, x, a32, b32, 0.5))
+    torch.library.opcheck(
+        torch.ops.lorafuse.lora_branch.default, (out, x.requires_grad_(), a32.requires_grad_(), b32, 0.5, 0.0)
+    )

@@ -1,0 +1,99 @@
+// lorafuse::nn::LoraAdapters — the adapter side of a LoRA layer, whatever its base: the `lora_A` / `lora_B`
+// module dicts it registers in its owner, the AdapterTable (the rules), the snapshot of what forward reads, and the
+// adapter state in module archives. LoraLinear (a dense base) and LoraLinear4bit (a 4-bit base) each keep one, so
+// adding, switching, removing, trainability and archives are written once.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/TensorOptions.h>
+#include <lorafuse/config/adapter_options.h>
+#include <lorafuse/nn/adapter_scope.h>
+#include <lorafuse/nn/adapter_table.h>
+#include <torch/nn/module.h>
+#include <torch/nn/modules/container/moduledict.h>
+#include <torch/nn/modules/linear.h>
+
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+namespace torch::serialize {
+class InputArchive;
+class OutputArchive;
+}  // namespace torch::serialize
+
+namespace lorafuse::nn {
+
+class LoraAdapters {
+ public:
+  /// What forward reads of one adapter.
+  struct Route {
+    std::shared_ptr<torch::nn::LinearImpl> a, b;  // weights [r, in] and [out, r]
+    double scale;
+    double dropout;
+  };
+
+  /// (Re)registers `lora_A` and `lora_B` in `owner` with fresh weights for every adapter the table lists, made
+  /// on `base`'s device with each adapter's dtype (adapter_dtype over `base`'s dtype), then trainability and routes.
+  void reset(torch::nn::Module& owner, int64_t in_features, int64_t out_features, const at::TensorOptions& base);
+  /// Re-initialises every adapter's A and B as its init_lora_weights says.
+  void reset_parameters();
+
+  /// Adds adapter `name` (checked against the table; `base` gives the device and the base dtype). The first one
+  /// becomes active unless `activate` is false.
+  void add(const std::string& name, const LoraAdapterOptions& options, bool activate, const at::TensorOptions& base);
+  /// Makes `name` the active adapter / none; only the active adapter's A and B require grad.
+  void activate(const std::string& name);
+  void clear_active();
+  /// Removes adapter `name` (table.check_remove first).
+  void remove(const std::string& name);
+  void set_enabled(bool enabled) { table_.set_enabled(enabled); }
+
+  const AdapterTable& table() const noexcept { return table_; }
+  AdapterTable& table() noexcept { return table_; }
+  at::Tensor& lora_a(const std::string& name);
+  at::Tensor& lora_b(const std::string& name);
+  /// scale · B · A in float32 [out, in] (lorafuse::lora_delta_weight).
+  at::Tensor delta_weight(const std::string& name) const;
+  /// The A, B and scale of each named adapter, for lorafuse::lora_merge.
+  void merge_inputs(const std::vector<std::string>& names, std::vector<at::Tensor>& as, std::vector<at::Tensor>& bs,
+                    std::vector<double>& scales) const;
+
+  /// The adapter forward runs now (the table's route under the thread's AdapterScope), or nullopt: the base alone.
+  std::optional<Route> route() const;
+  /// Points the routes at the adapter modules registered now (after Cloneable::clone put fresh ones in).
+  void refresh_routes();
+
+  /// Writes the table (options, order, active, enabled, merged) into `archive`.
+  void save(torch::serialize::OutputArchive& archive) const;
+  /// Reads what save() wrote, if the archive has it: adapters it lacks are added first (on `base`), then the table
+  /// becomes the archive's. `what` prefixes the errors ("LoraLinear::load").
+  void load(torch::serialize::InputArchive& archive, const at::TensorOptions& base, const char* what);
+
+  torch::nn::ModuleDict lora_A{nullptr};  // one Linear(in, r, bias=false) per adapter
+  torch::nn::ModuleDict lora_B{nullptr};  // one Linear(r, out, bias=false) per adapter
+
+ private:
+  using RouteTable = std::unordered_map<std::string, Route>;
+  // A mutex that a copy (Cloneable::clone) gets fresh.
+  struct RouteLock {
+    RouteLock() = default;
+    RouteLock(const RouteLock&) {}
+    RouteLock& operator=(const RouteLock&) { return *this; }
+    std::mutex mutex;
+  };
+  void create_weights(const std::string& name, const at::TensorOptions& options, int64_t r);
+  void apply_trainability();
+
+  int64_t in_features_ = 0, out_features_ = 0;
+  AdapterTable table_;
+  // Replaced as a whole (copy on write) whenever adapters are added, removed or reloaded, so that forward on other
+  // threads sees a consistent table while load_adapter or delete_adapter runs.
+  std::shared_ptr<const RouteTable> routes_;
+  mutable RouteLock route_lock_;
+};
+
+}  // namespace lorafuse::nn

@@ -1,0 +1,131 @@
+#include <c10/util/Exception.h>
+#include <lorafuse/nn/linear.h>
+#include <lorafuse/nn/lora_adapters.h>
+#include <lorafuse/ops/merge.h>
+#include <torch/csrc/autograd/grad_mode.h>
+
+namespace lorafuse::nn {
+
+void LoraAdapters::reset(torch::nn::Module& owner, int64_t in_features, int64_t out_features,
+                         const at::TensorOptions& base) {
+  in_features_ = in_features;
+  out_features_ = out_features;
+  lora_A = owner.register_module("lora_A", torch::nn::ModuleDict());
+  lora_B = owner.register_module("lora_B", torch::nn::ModuleDict());
+  const auto base_dtype = c10::typeMetaToScalarType(base.dtype());
+  for (const auto& name : table_.names()) {
+    const auto& adapter = table_.options(name);
+    create_weights(name, base.dtype(adapter_dtype(adapter, base_dtype)), adapter.r());
+    init_adapter_weights(lora_a(name), lora_b(name), adapter);
+  }
+  apply_trainability();
+  refresh_routes();
+}
+
+void LoraAdapters::reset_parameters() {
+  for (const auto& name : table_.names()) init_adapter_weights(lora_a(name), lora_b(name), table_.options(name));
+}
+
+void LoraAdapters::create_weights(const std::string& name, const at::TensorOptions& options, int64_t r) {
+  lora_A->update({{name, make_linear(in_features_, r, false, options).ptr()}});
+  lora_B->update({{name, make_linear(r, out_features_, false, options).ptr()}});
+}
+
+void LoraAdapters::add(const std::string& name, const LoraAdapterOptions& adapter, bool activate,
+                       const at::TensorOptions& base) {
+  const auto dtype = table_.check_add(name, adapter, c10::typeMetaToScalarType(base.dtype()));
+  create_weights(name, base.dtype(dtype), adapter.r());
+  table_.add(name, adapter, activate);
+  init_adapter_weights(lora_a(name), lora_b(name), adapter);
+  // A new active adapter changes every adapter's flags; else only the new one's: other threads may be running
+  // the others.
+  if (table_.trains(name)) {
+    apply_trainability();
+  } else {
+    lora_a(name).set_requires_grad(false);
+    lora_b(name).set_requires_grad(false);
+  }
+  refresh_routes();
+}
+
+void LoraAdapters::activate(const std::string& name) {
+  table_.activate(name);
+  apply_trainability();
+}
+
+void LoraAdapters::clear_active() {
+  table_.clear_active();
+  apply_trainability();
+}
+
+void LoraAdapters::remove(const std::string& name) {
+  table_.check_remove(name);
+  lora_A->pop(name);
+  lora_A->unregister_module(name);
+  lora_B->pop(name);
+  lora_B->unregister_module(name);
+  const bool new_active = table_.remove(name);
+  refresh_routes();
+  if (new_active) apply_trainability();
+}
+
+at::Tensor& LoraAdapters::lora_a(const std::string& name) {
+  table_.options(name, "lora_a");
+  return lora_A[name]->as<torch::nn::LinearImpl>()->weight;
+}
+
+at::Tensor& LoraAdapters::lora_b(const std::string& name) {
+  table_.options(name, "lora_b");
+  return lora_B[name]->as<torch::nn::LinearImpl>()->weight;
+}
+
+at::Tensor LoraAdapters::delta_weight(const std::string& name) const {
+  const auto& adapter = table_.options(name, "delta_weight");
+  const auto& a = lora_A->operator[](name)->as<torch::nn::LinearImpl>()->weight;  // [r, in]
+  const auto& b = lora_B->operator[](name)->as<torch::nn::LinearImpl>()->weight;  // [out, r]
+  torch::NoGradGuard no_grad;
+  return lorafuse::lora_delta_weight(a, b, adapter.scale());  // [out, in]
+}
+
+void LoraAdapters::merge_inputs(const std::vector<std::string>& names, std::vector<at::Tensor>& as,
+                                std::vector<at::Tensor>& bs, std::vector<double>& scales) const {
+  for (const auto& name : names) {
+    scales.push_back(table_.options(name, "merge").scale());
+    as.push_back(lora_A->operator[](name)->as<torch::nn::LinearImpl>()->weight);
+    bs.push_back(lora_B->operator[](name)->as<torch::nn::LinearImpl>()->weight);
+  }
+}
+
+void LoraAdapters::apply_trainability() {
+  for (const auto& name : table_.names()) {
+    lora_a(name).set_requires_grad(table_.trains(name));
+    lora_b(name).set_requires_grad(table_.trains(name));
+  }
+}
+
+void LoraAdapters::refresh_routes() {
+  auto routes = std::make_shared<RouteTable>();
+  for (const auto& name : table_.names()) {
+    const auto& adapter = table_.options(name);
+    routes->emplace(name, Route{std::dynamic_pointer_cast<torch::nn::LinearImpl>(lora_A[name]),
+                                std::dynamic_pointer_cast<torch::nn::LinearImpl>(lora_B[name]), adapter.scale(),
+                                adapter.lora_dropout()});
+  }
+  std::lock_guard<std::mutex> lock(route_lock_.mutex);
+  routes_ = std::move(routes);
+}
+
+std::optional<LoraAdapters::Route> LoraAdapters::route() const {
+  const std::string name = table_.route(AdapterScope::current());
+  if (name.empty()) return std::nullopt;
+  std::shared_ptr<const RouteTable> routes;  // a consistent snapshot, whatever other threads add or remove meanwhile
+  {
+    std::lock_guard<std::mutex> lock(route_lock_.mutex);
+    routes = routes_;
+  }
+  const auto it = routes->find(name);
+  if (it == routes->end()) return std::nullopt;  // removed by another thread meanwhile
+  return it->second;
+}
+
+}  // namespace lorafuse::nn

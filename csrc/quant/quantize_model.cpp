@@ -1,0 +1,58 @@
+#include <c10/util/Exception.h>
+#include <lorafuse/nn/base_kind.h>
+#include <lorafuse/nn/linear.h>
+#include <lorafuse/nn/linear4bit.h>
+#include <lorafuse/nn/lora_layer.h>
+#include <lorafuse/quant/quantize_model.h>
+#include <torch/nn/modules/linear.h>
+
+#include <utility>
+
+namespace lorafuse {
+namespace {
+
+struct Target {
+  torch::nn::Module* parent;
+  std::string name;
+  std::string path;
+};
+
+void collect(torch::nn::Module& module, const std::string& prefix, const QuantConfig& config,
+             std::vector<Target>& out) {
+  for (const auto& child : module.named_children()) {
+    const std::string path = prefix.empty() ? child.key() : prefix + "." + child.key();
+    const auto* kind = nn::base_kind_of(*child.value());
+    if (kind != nullptr && std::string(kind->name()) == "linear") {
+      if (!config.keeps_dense(path)) out.push_back({&module, child.key(), path});
+    } else if (nn::as_lora_layer(child.value().get()) == nullptr) {
+      collect(*child.value(), path, config, out);
+    }
+  }
+}
+
+}  // namespace
+
+std::vector<std::string> quantize_model(torch::nn::Module& module, const QuantConfig& config) {
+  config.validate();
+  std::vector<Target> targets;
+  collect(module, "", config, targets);
+  for (const auto& t : targets) {
+    TORCH_CHECK_VALUE(nn::can_replace_child(*t.parent, t.name),
+                      nn::cannot_replace_message(*t.parent, t.path, "quantize_model"));
+  }
+  std::vector<std::string> paths;
+  for (const auto& t : targets) {
+    torch::nn::Linear dense(std::dynamic_pointer_cast<torch::nn::LinearImpl>(t.parent->named_children()[t.name]));
+    TORCH_CHECK_VALUE(!dense->weight.is_meta(), "quantize_model: \"", t.path,
+                      "\" has its weight on the meta device; load its values first");
+    auto layer =
+        nn::Linear4bitImpl::from_linear(dense, config.compute_dtype(), config.blocksize(), config.double_quant());
+    layer->train(dense->is_training());
+    dense = nullptr;  // the parent's registry then holds the last reference to the dense weight
+    nn::replace_child(*t.parent, t.name, std::move(layer));
+    paths.push_back(t.path);
+  }
+  return paths;
+}
+
+}  // namespace lorafuse
