@@ -48,7 +48,7 @@ void LoraLinear4bitImpl::reset() {
   absmax_unmerged_ = register_buffer(kUnmerged[1], at::empty({0}, base_layer->absmax.options()));
   nested_absmax_unmerged_ = register_buffer(kUnmerged[2], at::empty({0}, bytes.dtype(at::kFloat)));
   offset_unmerged_ = register_buffer(kUnmerged[3], at::empty({0}, bytes.dtype(at::kFloat)));
-  merge_error_ = register_buffer("merge_error", at::empty({0}, at::TensorOptions().dtype(at::kDouble)));
+  merge_error_ = register_buffer("merge_error", at::empty({0}, bytes.dtype(at::kDouble)));
 }
 
 std::shared_ptr<torch::nn::Module> LoraLinear4bitImpl::clone(const std::optional<torch::Device>& device) const {
@@ -120,7 +120,7 @@ void LoraLinear4bitImpl::merge(const std::vector<std::string>& adapter_names, bo
   base.absmax.set_data(result.weight.absmax);
   base.nested_absmax.set_data(result.weight.nested_absmax);
   base.offset.set_data(result.weight.offset);
-  merge_error_.set_data(at::tensor({result.output_error, result.adapter_error}, at::kDouble));
+  merge_error_.set_data(at::tensor({result.output_error, result.adapter_error}, at::kDouble).to(base.packed.device()));
   adapters_.table().set_merged(everything);
 }
 

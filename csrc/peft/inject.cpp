@@ -1,9 +1,9 @@
 #include <c10/util/Exception.h>
-#include <lorafuse/peft/inject.h>
-#include <lorafuse/peft/rules.h>
 #include <lorafuse/nn/base_kind.h>
 #include <lorafuse/nn/linear.h>
 #include <lorafuse/nn/linear4bit.h>
+#include <lorafuse/peft/inject.h>
+#include <lorafuse/peft/rules.h>
 #include <torch/nn/modules/container/moduledict.h>
 
 #include "csrc/peft/sites.h"
@@ -42,8 +42,8 @@ void rewire(const Site& site, std::shared_ptr<Module> replacement) {
 }
 
 using detail::join;
-using detail::tables_of;
 using detail::sites_of;
+using detail::tables_of;
 
 std::string with_commas(int64_t n) {
   std::string digits = std::to_string(n < 0 ? -n : n);
@@ -61,14 +61,16 @@ std::string with_commas(int64_t n) {
 class MergeTransaction {
  public:
   void merge(LoraLayer* layer, const std::vector<std::string>& names, bool requantize = false) {
-    undo_.push_back({layer, layer->merged_adapters(), !layer->adapters_enabled(), requantize});
+    undo_.push_back({layer, layer->merged_adapters(), !layer->adapters_enabled()});
     if (!layer->adapters_enabled()) layer->enable_adapters();
     layer->merge(names, requantize);
   }
   void rollback() {
     for (auto it = undo_.rbegin(); it != undo_.rend(); ++it) {
       if (it->layer->merged()) it->layer->unmerge();
-      if (!it->merged_before.empty()) it->layer->merge(it->merged_before, it->requantize);
+      // what was merged before: into 4 bits only ever with requantize (dense layers ignore the flag); re-merging
+      // from the unmerged bytes reproduces the same bytes
+      if (!it->merged_before.empty()) it->layer->merge(it->merged_before, /*requantize=*/true);
       if (it->was_disabled) it->layer->disable_adapters();
     }
     undo_.clear();
@@ -79,7 +81,6 @@ class MergeTransaction {
     LoraLayer* layer;
     std::vector<std::string> merged_before;
     bool was_disabled;
-    bool requantize;
   };
   std::vector<Undo> undo_;
 };
@@ -94,9 +95,7 @@ std::vector<Site> sites_of(Module& module) {
   return sites;
 }
 
-bool is_linear(const Module* m) {
-  return nn::base_kind_of(*m) != nullptr || nn::as_lora_layer(m) != nullptr;
-}
+bool is_linear(const Module* m) { return nn::base_kind_of(*m) != nullptr || nn::as_lora_layer(m) != nullptr; }
 
 std::vector<ModuleInfo> infos_of(const std::vector<Site>& sites) {
   std::vector<ModuleInfo> infos;
@@ -243,7 +242,8 @@ ParameterCount trainable_parameters(const Module& module) {
   }
   // a 4-bit weight (buffers) counts its out × in parameters, as PEFT counts bitsandbytes' 4-bit weights
   for (const auto& m : module.modules()) {
-    if (const auto* q = m->as<nn::Linear4bitImpl>()) count.total += q->options.in_features() * q->options.out_features();
+    if (const auto* q = m->as<nn::Linear4bitImpl>())
+      count.total += q->options.in_features() * q->options.out_features();
   }
   return count;
 }
@@ -289,8 +289,9 @@ void delete_adapter(Module& module, const std::string& adapter_name) {
   }
 }
 
-std::map<std::string, nn::MergeError> merge_adapter(Module& module, const std::vector<std::string>& adapter_names_to_merge,
-                                                   bool requantize) {
+std::map<std::string, nn::MergeError> merge_adapter(Module& module,
+                                                    const std::vector<std::string>& adapter_names_to_merge,
+                                                    bool requantize) {
   const auto layers = lora_layers(module);
   const auto plan = rules::plan_merge(tables_of(layers), adapter_names_to_merge, "merge_adapter");
   MergeTransaction transaction;

@@ -4,6 +4,7 @@
 #include <lorafuse/nn/linear4bit.h>
 #include <lorafuse/nn/lora_layer.h>
 #include <lorafuse/quant/quantize_model.h>
+#include <torch/csrc/autograd/grad_mode.h>
 #include <torch/nn/modules/linear.h>
 
 #include <utility>
@@ -36,15 +37,24 @@ std::vector<std::string> quantize_model(torch::nn::Module& module, const QuantCo
   config.validate();
   std::vector<Target> targets;
   collect(module, "", config, targets);
+  // Everything that can refuse is checked before the first layer is replaced: nothing changes on an error.
   for (const auto& t : targets) {
     TORCH_CHECK_VALUE(nn::can_replace_child(*t.parent, t.name),
                       nn::cannot_replace_message(*t.parent, t.path, "quantize_model"));
+    const auto& weight = t.parent->named_children()[t.name]->as<torch::nn::LinearImpl>()->weight;
+    TORCH_CHECK_VALUE(!weight.is_meta(), "quantize_model: \"", t.path,
+                      "\" has its weight on the meta device; load its values first");
+    const auto dtype = config.compute_dtype().value_or(weight.scalar_type());
+    TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, "quantize_model: \"", t.path,
+                     "\" has a ", weight.scalar_type(),
+                     " weight; give QuantConfig().compute_dtype (float32, bfloat16 or float16)");
+    torch::NoGradGuard no_grad;
+    TORCH_CHECK_VALUE(weight.isfinite().all().item<bool>(), "quantize_model: \"", t.path,
+                      "\" has NaN or infinite weights, which NF4 cannot hold");
   }
   std::vector<std::string> paths;
   for (const auto& t : targets) {
     torch::nn::Linear dense(std::dynamic_pointer_cast<torch::nn::LinearImpl>(t.parent->named_children()[t.name]));
-    TORCH_CHECK_VALUE(!dense->weight.is_meta(), "quantize_model: \"", t.path,
-                      "\" has its weight on the meta device; load its values first");
     auto layer =
         nn::Linear4bitImpl::from_linear(dense, config.compute_dtype(), config.blocksize(), config.double_quant());
     layer->train(dense->is_training());

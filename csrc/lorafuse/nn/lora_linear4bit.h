@@ -20,8 +20,9 @@ namespace lorafuse::nn {
 
 /// y = base(x) + scale · (dropout(x)·Aᵀ)·Bᵀ for the active adapter, with base a Linear4bit (lorafuse::linear4bit)
 /// and the branch added by lorafuse::lora_branch; the adapters are kept as LoraLinear keeps them
-/// (`lora_A.<name>.weight` [r, in], `lora_B.<name>.weight` [out, r], only the active one trains), in the compute
-/// dtype unless their options say otherwise. The 4-bit weight is buffers: it never trains.
+/// (`lora_A.<name>.weight` [r, in], `lora_B.<name>.weight` [out, r], only the active one trains), with the dtype rule
+/// of LoraLinear over the compute dtype (float32 adapters for a 16-bit compute dtype, as PEFT's autocast). The 4-bit
+/// weight is buffers: it never trains.
 ///
 /// Merging: merge() refuses (rounding W + scale·B·A to 4 bits changes the layer's outputs) unless asked with
 /// `requantize`: then the base holds the merged weight in NF4 (lorafuse::nf4_merge), merge_error() reports what the

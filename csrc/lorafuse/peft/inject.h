@@ -76,7 +76,8 @@ void delete_adapter(torch::nn::Module& module, const std::string& adapter_name);
 /// Folds the named adapters (default: the active one) into the base weights of every layer that has
 /// them, all or nothing: if one layer fails (non-finite weights), the layers before it are put back.
 /// 4-bit layers refuse (rounding to 4 bits again changes their outputs) unless `requantize`; the result
-/// then maps each re-quantized layer's path to what the rounding cost (it is empty otherwise).
+/// maps the path of every layer holding a re-quantized merge (this call's or an earlier one's) to what the
+/// rounding cost (empty when nothing is rounded).
 /// unmerge_adapter restores every layer's weights (and 4-bit bytes) exactly.
 std::map<std::string, nn::MergeError> merge_adapter(torch::nn::Module& module,
                                                     const std::vector<std::string>& adapter_names = {},

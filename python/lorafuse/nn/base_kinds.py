@@ -19,11 +19,11 @@ Kinds today:
     not know.
 
 ``linear4bit``
-    ``lorafuse.nn.Linear4bit`` (the weight in NF4, QLoRA): called as it is, the branch added by ``lora_add``;
-    merging is refused for now.
+    ``lorafuse.nn.Linear4bit`` (the weight in NF4, QLoRA): called as it is, the branch added by ``lora_branch``;
+    merging into the 4 bits only when asked (``requantize=True``, its error reported).
 ``bnb_linear4bit``
     ``bitsandbytes.nn.Linear4bit`` with an NF4 weight (transformers' 4-bit models): lorafuse's kernels on
-    bitsandbytes' own bytes, ``lora_add`` adds the branch; merging is refused for now.
+    bitsandbytes' own bytes, ``lora_branch`` adds the branch; merging as ``linear4bit``.
 
 Not taken: a Linear with an integer weight (a quantized base is its own kind), and
 ``nn.MultiheadAttention``'s ``out_proj`` (a ``NonDynamicallyQuantizableLinear``): the attention
@@ -217,7 +217,8 @@ class BnbNf4Linear(BaseKind):
     from bitsandbytes' packed bytes and quantization state as they are (same format, no copy), ``lora_add`` adds
     the branch; the input is cast to the layer's compute dtype and the base output back, as bitsandbytes does.
     With hooks (accelerate), or once bitsandbytes has repacked the weight into its own CPU layout (an inference
-    forward of its own on an AVX512-BF16 CPU), it is called as it is. Merging into 4 bits is refused."""
+    forward of its own on an AVX512-BF16 CPU), it is called as it is. Merging into 4 bits only when asked
+    (``requantize=True``)."""
 
     name = "bnb_linear4bit"
 
@@ -247,7 +248,8 @@ class BnbNf4Linear(BaseKind):
     def set_nf4_state(self, module: nn.Module, packed: Tensor, absmax: Tensor, nested: Tensor, offset: Tensor) -> None:
         _to_standard_layout(module)
         state = module.weight.quant_state
-        module.weight.data = packed.view(module.weight.dtype)  # bitsandbytes' quant_storage dtype
+        # bitsandbytes' quant_storage dtype (uint8 by default): the same bytes, [bytes / itemsize, 1]
+        module.weight.data = packed.reshape(-1).view(module.weight.dtype).reshape(-1, 1)
         if state.nested:
             state.absmax, state.state2.absmax, state.offset = absmax, nested, offset.reshape(state.offset.shape)
         else:

@@ -48,6 +48,9 @@ def _scope_exit(token: object) -> None:
     _open_scopes -= 1
 
 
+_NF4_UNMERGED = ("packed_unmerged", "absmax_unmerged", "nested_absmax_unmerged", "offset_unmerged")
+
+
 class MergeError(NamedTuple):
     """What merging into a 4-bit base cost (``merge(requantize=True)``; lorafuse.nf4_merge), with W' = dequant(W) +
     the adapters and Ŵ what the new 4 bits encode."""
@@ -115,8 +118,10 @@ class Linear(nn.Module):
         self._scoped: Dict[str, Optional[list]] = {}
         self._scoped_ask = False
         self.register_buffer("weight_unmerged", torch.empty(0, device=kind.device(base_layer)), persistent=False)
-        # a 4-bit base merged with requantize=True: its bytes before the merge, and what the rounding cost
-        self._unmerged_nf4: Optional[tuple] = None
+        # a 4-bit base merged with requantize=True: its bytes before the merge (buffers, so that .to() moves them),
+        # and what the rounding cost
+        for name in _NF4_UNMERGED:
+            self.register_buffer(name, None, persistent=False)
         self._merge_error: Optional[MergeError] = None
         self.add_adapter(
             adapter_name,
@@ -295,6 +300,18 @@ class Linear(nn.Module):
         self._fold(self._table.plan_merge(list(adapter_names or [])), requantize)
 
     @property
+    def _unmerged_nf4(self) -> Optional[tuple]:
+        """(packed, absmax, nested_absmax, offset) of a 4-bit base before a requantized merge, else None."""
+        if self.packed_unmerged is None:
+            return None
+        return tuple(getattr(self, name) for name in _NF4_UNMERGED)
+
+    @_unmerged_nf4.setter
+    def _unmerged_nf4(self, state: Optional[tuple]) -> None:
+        for name, tensor in zip(_NF4_UNMERGED, state or (None,) * len(_NF4_UNMERGED)):
+            setattr(self, name, tensor)
+
+    @property
     def merge_error(self) -> Optional["MergeError"]:
         """What re-quantizing the current merge cost (a 4-bit base merged with ``requantize=True``), else None."""
         return self._merge_error
@@ -345,9 +362,9 @@ class Linear(nn.Module):
                 [self.out_features, self.in_features],
                 *self._merge_inputs(everything),
             )
+        kind.set_nf4_state(base, *state)
         if not self.merged:
             self._unmerged_nf4 = tuple(current[:4])
-        kind.set_nf4_state(base, *state)
         self._merge_error = MergeError(*error.tolist())
         self._table.set_merged(everything)
         self._refresh_route()
@@ -376,7 +393,7 @@ class Linear(nn.Module):
         in float32 and rounded once; None for bases merged in place. Changes nothing."""
         base = self.base_layer
         kind = base_kind_of(base)
-        if kind is None or kind.dense_weight(base) is None:
+        if kind is None or kind.nf4_state(base) is None:
             return None
         everything = self._table.plan_unload() or list(self._table.merged)
         if self._unmerged_nf4 is not None:

@@ -258,19 +258,20 @@ class _MergeTransaction:
     (merging starts from the unmerged weight, so re-merging what was merged reproduces the same bits)."""
 
     def __init__(self) -> None:
-        self.undo: List[Tuple[Linear, List[str], bool, bool]] = []
+        self.undo: List[Tuple[Linear, List[str], bool]] = []
 
     def merge(self, layer: Linear, names: Sequence[str], requantize: bool = False) -> None:
-        self.undo.append((layer, list(layer.merged_adapters), not layer.adapters_enabled, requantize))
+        self.undo.append((layer, list(layer.merged_adapters), not layer.adapters_enabled))
         layer.enable_adapters()
         layer.merge(names, requantize=requantize)
 
     def rollback(self) -> None:
-        for layer, merged_before, was_disabled, requantize in reversed(self.undo):
+        for layer, merged_before, was_disabled in reversed(self.undo):
             if layer.merged:
                 layer.unmerge()
             if merged_before:
-                layer.merge(merged_before, requantize=requantize)
+                # into 4 bits only ever with requantize (other bases ignore it); from the unmerged bytes: same bytes
+                layer.merge(merged_before, requantize=True)
             if was_disabled:
                 layer.disable_adapters()
 
@@ -280,8 +281,9 @@ def merge(
 ) -> Dict[str, MergeError]:
     """Folds the named adapters (default, or an empty list: the active one) into the base weights, all or
     nothing. A single name may be given as a str. 4-bit layers refuse (rounding to 4 bits again changes their
-    outputs) unless ``requantize``; then the result maps each re-quantized layer's path to what the rounding cost
-    (:class:`lorafuse.nn.MergeError`), and ``unmerge`` restores the bytes exactly. Empty when nothing was rounded."""
+    outputs) unless ``requantize``; the result maps the path of every layer that holds a re-quantized merge (this
+    call's or an earlier one's) to what the rounding cost (:class:`lorafuse.nn.MergeError`); ``unmerge`` restores
+    the bytes exactly. Empty when nothing is rounded."""
     if isinstance(adapter_names, str):
         adapter_names = [adapter_names]
     return _merge(model, list(adapter_names or []), requantize)

@@ -198,8 +198,16 @@ TEST_CASE("LoraLinear4bit: archives and clones keep the bytes, the adapters and 
   CHECK(at::equal(fresh->forward(x), y));
   REQUIRE(fresh->merge_error().has_value());
   CHECK(fresh->merge_error()->output_error == layer->merge_error()->output_error);
+  // a clone of a merged layer keeps the merged bytes, the error and the bytes to unmerge to
+  auto merged_copy = std::dynamic_pointer_cast<LoraLinear4bitImpl>(layer->clone());
+  merged_copy->eval();
+  CHECK(at::equal(merged_copy->forward(x), y));
+  REQUIRE(merged_copy->merge_error().has_value());
+  CHECK(merged_copy->merge_error()->adapter_error == layer->merge_error()->adapter_error);
+  merged_copy->unmerge();
   fresh->unmerge();
   layer->unmerge();
+  CHECK(same_bytes(*merged_copy->base_layer, bytes_of(*layer->base_layer)));
   CHECK(same_bytes(*fresh->base_layer, bytes_of(*layer->base_layer)));
 
   auto copy = std::dynamic_pointer_cast<LoraLinear4bitImpl>(layer->clone());

@@ -14,6 +14,8 @@
 #include <torch/nn/functional/loss.h>
 #include <torch/optim/adamw.h>
 
+#include <cmath>
+
 #include "catch.h"
 #include "nn/nn_test_util.h"
 
@@ -173,6 +175,19 @@ TEST_CASE(
   for (const auto& b : model->named_buffers()) CHECK(at::equal(b.value(), bytes[b.key()]));
   CHECK(at::equal(model->forward(ids()), y));
 
+  // a failing merge rolls back to the earlier requantized merge, bytes and all
+  lorafuse::merge_adapter(*model, {}, true);
+  std::map<std::string, at::Tensor> merged_bytes;
+  for (const auto& b : model->named_buffers()) merged_bytes[b.key()] = b.value().clone();
+  lorafuse::add_adapter(*model, "b", LoraConfig().r(2).init_lora_weights(false));
+  require_error_parts<c10::ValueError>([&] { lorafuse::merge_adapter(*model, {"b"}); }, {"requantize"});
+  for (const auto& b : model->named_buffers()) CHECK(at::equal(b.value(), merged_bytes[b.key()]));
+  for (const auto& [path, layer] : lorafuse::lora_layers(*model)) {
+    CHECK(layer->merged_adapters() == std::vector<std::string>{"default"});
+  }
+  lorafuse::unmerge_adapter(*model);
+  lorafuse::delete_adapter(*model, "b");
+
   lorafuse::merge_and_unload(*model);
   const auto modules = model->named_modules();
   auto q = std::dynamic_pointer_cast<torch::nn::LinearImpl>(modules["model.layers.0.self_attn.q_proj"]);
@@ -192,6 +207,14 @@ TEST_CASE("QuantConfig and quantize_model name what is wrong", "[cpu][quant][err
   require_error_parts<c10::ValueError>(
       [&] { lorafuse::quantize_model(*model, QuantConfig().modules_to_not_convert({""})); },
       {"modules_to_not_convert", "empty"});
+  CHECK(std::dynamic_pointer_cast<torch::nn::LinearImpl>(model->named_modules()["model.layers.0.self_attn.q_proj"]));
+  // a bad layer late in the model: refused before any layer is replaced
+  {
+    torch::NoGradGuard g;
+    model->named_parameters()["model.layers.1.mlp.down_proj.weight"][0][0] = NAN;
+  }
+  require_error_parts<c10::ValueError>([&] { lorafuse::quantize_model(*model); },
+                                       {"model.layers.1.mlp.down_proj", "NaN"});
   CHECK(std::dynamic_pointer_cast<torch::nn::LinearImpl>(model->named_modules()["model.layers.0.self_attn.q_proj"]));
   CHECK(QuantConfig().keeps_dense("lm_head"));
   CHECK(QuantConfig().keeps_dense("model.lm_head"));

@@ -235,6 +235,7 @@ def test_merge_and_unload_of_a_4bit_model_gives_a_dense_model_with_the_adapter(t
 def test_merge_into_4_bits_on_request_reports_its_error_and_unmerges_exactly(tmp_path, source):
     config = dict(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
     model = lorafuse.quantize_model(_llama64(0)) if source == "lorafuse" else _transformers_4bit(tmp_path)
+    torch.manual_seed(1)  # the random adapters
     model = lorafuse.inject_lora(model, lorafuse.LoraConfig(**config)).eval().requires_grad_(False)
     expected = model(input_ids=IDS).logits
     layers = dict(lorafuse.lora_layers(model))
@@ -258,11 +259,23 @@ def test_merge_into_4_bits_on_request_reports_its_error_and_unmerges_exactly(tmp
     assert report["model.layers.1.mlp.down_proj"].output_error == pytest.approx(float(err / exact.double().norm()), rel=1e-5)
     merged = model(input_ids=IDS).logits
     assert not torch.equal(merged, expected)
-    assert float((merged - expected).norm() / expected.norm()) < 0.25
+    assert float((merged - expected).norm() / expected.norm()) < 0.5  # changed, not destroyed
     lorafuse.unmerge(model)
     for path, layer in layers.items():
         now = [t for t in kind.nf4_state(layer.base_layer)[:4] if t is not None]
+        assert len(now) == len(before[path]) == 4
         assert all(torch.equal(a, b) for a, b in zip(now, before[path])) and layer.merge_error is None
+    # a failing merge rolls back to the earlier requantized merge, bytes and all
+    lorafuse.merge(model, requantize=True)
+    merged_bytes = {p: [t.clone() for t in kind.nf4_state(layer.base_layer)[:4]] for p, layer in layers.items()}
+    lorafuse.add_adapter(model, "b", lorafuse.LoraConfig(**config))
+    with pytest.raises(ValueError, match="requantize=True"):
+        lorafuse.merge(model, ["b"])
+    for path, layer in layers.items():
+        assert layer.merged_adapters == ["default"]
+        assert all(torch.equal(a, b) for a, b in zip(kind.nf4_state(layer.base_layer)[:4], merged_bytes[path]))
+    lorafuse.unmerge(model)
+    lorafuse.delete_adapter(model, "b")
     torch.testing.assert_close(model(input_ids=IDS).logits, expected, rtol=0, atol=0)
     # merge_and_unload after a requantized merge starts from the unmerged bytes: one rounding
     lorafuse.merge(model, requantize=True)
