@@ -130,6 +130,11 @@ std::vector<std::string> AdapterTable::plan_unload() const {
   return all;
 }
 
+std::vector<std::string> AdapterTable::unloaded_adapters() const {
+  auto names = plan_unload();
+  return names.empty() ? merged_ : names;
+}
+
 std::string AdapterTable::describe() const {
   std::ostringstream out;
   out << "adapters=[";

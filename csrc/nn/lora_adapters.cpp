@@ -48,14 +48,21 @@ void LoraAdapters::add(const std::string& name, const LoraAdapterOptions& adapte
   refresh_routes();
 }
 
-void LoraAdapters::activate(const std::string& name) {
+void LoraAdapters::activate(const std::string& name, const std::function<void()>& unmerge) {
+  if (table_.check_activate(name)) unmerge();
   table_.activate(name);
   apply_trainability();
 }
 
-void LoraAdapters::clear_active() {
+void LoraAdapters::clear_active(const std::function<void()>& unmerge) {
+  if (table_.check_clear()) unmerge();
   table_.clear_active();
   apply_trainability();
+}
+
+void LoraAdapters::disable(const std::function<void()>& unmerge) {
+  if (!table_.merged().empty()) unmerge();
+  table_.set_enabled(false);
 }
 
 void LoraAdapters::remove(const std::string& name) {

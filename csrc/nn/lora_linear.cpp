@@ -96,23 +96,20 @@ void LoraLinearImpl::add_adapter(const std::string& name, const LoraAdapterOptio
 }
 
 void LoraLinearImpl::set_adapter(const std::string& name) {
-  if (adapters_.table().check_activate(name)) unmerge();
-  adapters_.activate(name);
+  adapters_.activate(name, [this] { unmerge(); });
 }
 
 void LoraLinearImpl::clear_active_adapter() {
-  if (adapters_.table().check_clear()) unmerge();
-  adapters_.clear_active();
+  adapters_.clear_active([this] { unmerge(); });
 }
 
 void LoraLinearImpl::delete_adapter(const std::string& name) { adapters_.remove(name); }
 
 void LoraLinearImpl::disable_adapters() {
-  if (merged()) unmerge();
-  adapters_.set_enabled(false);
+  adapters_.disable([this] { unmerge(); });
 }
 
-void LoraLinearImpl::enable_adapters() { adapters_.set_enabled(true); }
+void LoraLinearImpl::enable_adapters() { adapters_.enable(); }
 
 void LoraLinearImpl::merge(const std::vector<std::string>& adapter_names, bool /*requantize*/) {
   merge_into_base(adapters_.table().plan_merge(adapter_names));

@@ -72,23 +72,20 @@ void LoraLinear4bitImpl::add_adapter(const std::string& name, const LoraAdapterO
 }
 
 void LoraLinear4bitImpl::set_adapter(const std::string& name) {
-  if (adapters_.table().check_activate(name)) unmerge();
-  adapters_.activate(name);
+  adapters_.activate(name, [this] { unmerge(); });
 }
 
 void LoraLinear4bitImpl::clear_active_adapter() {
-  if (adapters_.table().check_clear()) unmerge();
-  adapters_.clear_active();
+  adapters_.clear_active([this] { unmerge(); });
 }
 
 void LoraLinear4bitImpl::delete_adapter(const std::string& name) { adapters_.remove(name); }
 
 void LoraLinear4bitImpl::disable_adapters() {
-  if (merged()) unmerge();
-  adapters_.set_enabled(false);
+  adapters_.disable([this] { unmerge(); });
 }
 
-void LoraLinear4bitImpl::enable_adapters() { adapters_.set_enabled(true); }
+void LoraLinear4bitImpl::enable_adapters() { adapters_.enable(); }
 
 void LoraLinear4bitImpl::merge(const std::vector<std::string>& adapter_names, bool requantize) {
   const auto everything = adapters_.table().plan_merge(adapter_names);
@@ -153,8 +150,7 @@ torch::nn::Linear LoraLinear4bitImpl::dense_merged() const {
   const bool was_merged = merged();
   // From the unmerged bytes with every adapter a requantized merge holds (and the active one, as merge_and_unload
   // merges it), so the dense weight rounds once.
-  auto everything = adapters_.table().plan_unload();
-  if (everything.empty()) everything = merged_adapters();
+  const auto everything = adapters_.table().unloaded_adapters();
   torch::NoGradGuard no_grad;
   const auto& base = *base_layer;
   at::Tensor weight = lorafuse::dequantize_nf4(

@@ -105,6 +105,7 @@ void bind_adapter_table(py::module& m) {
       .def("set_merged", &AdapterTable::set_merged)
       .def("check_unmerge", [](const AdapterTable& t) { translating([&] { t.check_unmerge(); }); })
       .def("plan_unload", &AdapterTable::plan_unload)
+      .def("unloaded_adapters", &AdapterTable::unloaded_adapters)
       .def("describe", &AdapterTable::describe)
       .def("to_json", &AdapterTable::to_json)
       .def_static("from_json",

@@ -77,6 +77,9 @@ class AdapterTable {
   /// What merge_and_unload folds in for good: every adapter the weight then holds (as plan_merge; the active
   /// one added unless merged already, also while disabled, as PEFT does), or {} when nothing is to be folded.
   std::vector<std::string> plan_unload() const;
+  /// Every adapter the weight holds after merge_and_unload: plan_unload(), or what is merged already when that is
+  /// empty (a base rebuilt from its unmerged state, as a 4-bit base's dense replacement is, must add these).
+  std::vector<std::string> unloaded_adapters() const;
 
   // ---- text and state ---------------------------------------------------------------------------
   /// "adapters=[default(r=8, lora_alpha=8, lora_dropout=0)], active=default[, disabled][, merged=[...]]".

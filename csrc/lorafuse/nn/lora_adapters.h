@@ -13,6 +13,7 @@
 #include <torch/nn/modules/container/moduledict.h>
 #include <torch/nn/modules/linear.h>
 
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -45,12 +46,15 @@ class LoraAdapters {
   /// Adds adapter `name` (checked against the table; `base` gives the device and the base dtype). The first one
   /// becomes active unless `activate` is false.
   void add(const std::string& name, const LoraAdapterOptions& options, bool activate, const at::TensorOptions& base);
-  /// Makes `name` the active adapter / none; only the active adapter's A and B require grad.
-  void activate(const std::string& name);
-  void clear_active();
+  /// Makes `name` the active adapter / none; only the active adapter's A and B require grad. When the table says
+  /// the layer must unmerge first (switching away from a merged adapter), `unmerge` runs before.
+  void activate(const std::string& name, const std::function<void()>& unmerge);
+  void clear_active(const std::function<void()>& unmerge);
+  /// Adapters disabled (unmerging first if anything is merged) / enabled again.
+  void disable(const std::function<void()>& unmerge);
   /// Removes adapter `name` (table.check_remove first).
   void remove(const std::string& name);
-  void set_enabled(bool enabled) { table_.set_enabled(enabled); }
+  void enable() { table_.set_enabled(true); }
 
   const AdapterTable& table() const noexcept { return table_; }
   AdapterTable& table() noexcept { return table_; }

@@ -395,7 +395,7 @@ class Linear(nn.Module):
         kind = base_kind_of(base)
         if kind is None or kind.nf4_state(base) is None:
             return None
-        everything = self._table.plan_unload() or list(self._table.merged)
+        everything = self._table.unloaded_adapters()
         if self._unmerged_nf4 is not None:
             weight = torch.ops.lorafuse.dequantize_nf4(
                 *self._unmerged_nf4,

@@ -15,6 +15,7 @@
 #include <sstream>
 
 #include "catch.h"
+#include "models/llama_test_util.h"
 #include "nn/nn_test_util.h"
 
 using lorafuse::LoraConfig;
@@ -25,16 +26,7 @@ using lorafuse_test::require_error_parts;
 
 namespace {
 
-Llama tiny_llama(uint64_t seed = 0) {
-  at::manual_seed(seed);
-  return Llama(LlamaConfig()
-                   .vocab_size(50)
-                   .hidden_size(32)
-                   .intermediate_size(48)
-                   .num_hidden_layers(2)
-                   .num_attention_heads(4)
-                   .num_key_value_heads(2));
-}
+using lorafuse_test::tiny_llama;
 
 at::Tensor ids() { return at::arange(12, at::kLong).remainder(50).reshape({2, 6}); }
 

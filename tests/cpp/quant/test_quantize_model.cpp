@@ -17,6 +17,7 @@
 #include <cmath>
 
 #include "catch.h"
+#include "models/llama_test_util.h"
 #include "nn/nn_test_util.h"
 
 using lorafuse::LoraConfig;
@@ -29,16 +30,8 @@ using lorafuse_test::require_error_parts;
 
 namespace {
 
-Llama tiny_llama(uint64_t seed = 0) {
-  at::manual_seed(seed);
-  return Llama(LlamaConfig()
-                   .vocab_size(50)
-                   .hidden_size(64)
-                   .intermediate_size(128)
-                   .num_hidden_layers(2)
-                   .num_attention_heads(4)
-                   .num_key_value_heads(2));
-}
+// every layer's in_features a multiple of the NF4 block (64)
+Llama tiny_llama(uint64_t seed = 0) { return lorafuse_test::tiny_llama(seed, 64, 128); }
 
 at::Tensor ids() { return at::arange(16, at::kLong).mul(7).remainder(50).reshape({2, 8}); }
 
