@@ -3,7 +3,104 @@
 #include <lorafuse/config/quant_config.h>
 #include <lorafuse/ops/nf4.h>
 
+#include <nlohmann/json.hpp>
+
 namespace lorafuse {
+namespace {
+
+using json = nlohmann::ordered_json;
+
+constexpr std::pair<const char*, c10::ScalarType> kComputeDtypes[] = {
+    {"float32", at::kFloat}, {"bfloat16", at::kBFloat16}, {"float16", at::kHalf}};
+
+std::optional<c10::ScalarType> compute_dtype_named(const json& value, const std::string& what) {
+  if (value.is_null()) return std::nullopt;
+  TORCH_CHECK_VALUE(value.is_string(), what, ": bnb_4bit_compute_dtype: expected a dtype name, found ", value.dump());
+  std::string name = value.get<std::string>();
+  if (name.rfind("torch.", 0) == 0) name = name.substr(6);
+  for (const auto& [n, dtype] : kComputeDtypes) {
+    if (name == n) return dtype;
+  }
+  TORCH_CHECK_TYPE(false, what, ": bnb_4bit_compute_dtype: expected \"float32\", \"bfloat16\" or \"float16\", found ",
+                   value.dump());
+}
+
+const char* compute_dtype_name(c10::ScalarType dtype) {
+  for (const auto& [n, d] : kComputeDtypes) {
+    if (d == dtype) return n;
+  }
+  TORCH_CHECK_TYPE(false, "QuantConfig: compute_dtype: expected float32, bfloat16 or float16, found ", dtype);
+}
+
+bool flag(const json& j, const char* key, const std::string& what) {
+  if (!j.contains(key) || j[key].is_null()) return false;
+  TORCH_CHECK_VALUE(j[key].is_boolean(), what, ": ", key, ": expected true or false, found ", j[key].dump());
+  return j[key].get<bool>();
+}
+
+}  // namespace
+
+QuantConfig QuantConfig::from_hf_json(const std::string& json_text, const std::string& what) {
+  json j;
+  try {
+    j = json::parse(json_text, [&](int depth, json::parse_event_t, json&) {
+      TORCH_CHECK_VALUE(depth <= 64, what, ": JSON nested deeper than 64 levels");
+      return true;
+    });
+  } catch (const json::exception& e) {
+    TORCH_CHECK_VALUE(false, what, ": not valid JSON (", e.what(), ")");
+  }
+  TORCH_CHECK_VALUE(j.is_object(), what, ": expected a JSON object, found ", j.type_name());
+  const std::string method = j.contains("quant_method") && j["quant_method"].is_string()
+                                 ? j["quant_method"].get<std::string>()
+                                 : (j.contains("quant_method") ? j["quant_method"].dump() : "(none)");
+  TORCH_CHECK_VALUE(method == "bitsandbytes", what,
+                    ": quant_method: lorafuse loads bitsandbytes' 4-bit NF4 "
+                    "checkpoints; found ",
+                    method);
+  TORCH_CHECK_VALUE(!flag(j, "load_in_8bit", what), what,
+                    ": load_in_8bit: bitsandbytes' 8-bit (LLM.int8) checkpoints are not supported; lorafuse loads "
+                    "4-bit NF4 ones");
+  TORCH_CHECK_VALUE(flag(j, "load_in_4bit", what), what, ": load_in_4bit: expected true (a 4-bit checkpoint)");
+  QuantConfig c;
+  if (j.contains("bnb_4bit_quant_type")) {
+    const auto& t = j["bnb_4bit_quant_type"];
+    TORCH_CHECK_VALUE(t.is_string() && t.get<std::string>() == "nf4", what,
+                      ": bnb_4bit_quant_type: lorafuse has NF4 kernels only; expected \"nf4\", found ", t.dump());
+  }
+  c.double_quant(flag(j, "bnb_4bit_use_double_quant", what));
+  if (j.contains("bnb_4bit_compute_dtype")) c.compute_dtype(compute_dtype_named(j["bnb_4bit_compute_dtype"], what));
+  if (j.contains("llm_int8_skip_modules") && !j["llm_int8_skip_modules"].is_null()) {
+    const auto& skip = j["llm_int8_skip_modules"];
+    TORCH_CHECK_VALUE(skip.is_array(), what, ": llm_int8_skip_modules: expected a list of module names, found ",
+                      skip.dump());
+    std::vector<std::string> names;
+    for (const auto& n : skip) {
+      TORCH_CHECK_VALUE(n.is_string(), what, ": llm_int8_skip_modules: expected names, found ", n.dump());
+      names.push_back(n.get<std::string>());
+    }
+    c.modules_to_not_convert(std::move(names));
+  }
+  c.validate();
+  return c;
+}
+
+std::string QuantConfig::to_hf_json(const std::vector<std::string>& dense_modules) const {
+  validate();
+  json j = json::object();
+  j["quant_method"] = "bitsandbytes";
+  j["load_in_4bit"] = true;
+  j["load_in_8bit"] = false;
+  j["bnb_4bit_quant_type"] = quant_type();
+  j["bnb_4bit_use_double_quant"] = double_quant();
+  j["bnb_4bit_compute_dtype"] = compute_dtype_name(compute_dtype().value_or(at::kFloat));
+  j["bnb_4bit_quant_storage"] = "uint8";
+  j["llm_int8_skip_modules"] = dense_modules;
+  j["llm_int8_threshold"] = 6.0;
+  j["llm_int8_has_fp16_weight"] = false;
+  j["llm_int8_enable_fp32_cpu_offload"] = false;
+  return j.dump();
+}
 
 void QuantConfig::validate() const {
   TORCH_CHECK_VALUE(quant_type() == "nf4", "QuantConfig: quant_type: expected \"nf4\", found \"", quant_type(), "\"");

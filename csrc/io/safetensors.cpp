@@ -75,22 +75,22 @@ uint64_t to_u64(const json& v, const std::string& where) {
   return v.get<uint64_t>();
 }
 
-struct Entry {
-  std::string name;
-  const DtypeInfo* dtype;
-  std::vector<int64_t> shape;
-  uint64_t begin, end;
+struct Header {
+  uint64_t header_len = 0;
+  std::vector<SafetensorsEntry> entries;  // by byte offset
+  std::map<std::string, std::string> metadata;
 };
 
-}  // namespace
-
-Safetensors parse_safetensors(const uint8_t* data, size_t size, const std::string& what) {
-  TORCH_CHECK_VALUE(size >= 8, what, ": ", size, " bytes, shorter than the 8-byte header length");
+// The header of a safetensors file of `size` bytes whose first `available` bytes are at `data` (at least the 8-byte
+// length and the header it gives, else a ValueError): every rule of the format checked against the file's size.
+Header parse_header(const uint8_t* data, size_t available, uint64_t size, const std::string& what) {
+  TORCH_CHECK_VALUE(size >= 8 && available >= 8, what, ": ", size, " bytes, shorter than the 8-byte header length");
   const uint64_t header_len = read_le64(data);
   TORCH_CHECK_VALUE(header_len <= kMaxSafetensorsHeader, what, ": header length ", header_len, " exceeds the limit of ",
                     kMaxSafetensorsHeader, " bytes");
   TORCH_CHECK_VALUE(header_len <= size - 8, what, ": header of ", header_len, " bytes runs past the end of the file (",
                     size, " bytes)");
+  TORCH_CHECK_VALUE(header_len <= available - 8, what, ": the header could not be read whole");
   const char* text = reinterpret_cast<const char*>(data + 8);
   // nlohmann keeps the last of duplicate keys silently: the callback sees every top-level key first.
   std::set<std::string> seen;
@@ -110,8 +110,9 @@ Safetensors parse_safetensors(const uint8_t* data, size_t size, const std::strin
   }
   TORCH_CHECK_VALUE(header.is_object(), what, ": the header must be a JSON object, found ", header.type_name());
 
-  Safetensors out;
-  std::vector<Entry> entries;
+  Header out;
+  out.header_len = header_len;
+  std::vector<SafetensorsEntry>& entries = out.entries;
   for (const auto& [name, value] : header.items()) {
     if (name == "__metadata__") {
       TORCH_CHECK_VALUE(value.is_object(), what, ": __metadata__ must be an object of strings, found ",
@@ -140,7 +141,8 @@ Safetensors parse_safetensors(const uint8_t* data, size_t size, const std::strin
     const auto& offsets = value["data_offsets"];
     TORCH_CHECK_VALUE(offsets.is_array() && offsets.size() == 2, where, ": data_offsets must be [begin, end], found ",
                       offsets.dump());
-    Entry e{name, info, {}, to_u64(offsets[0], where + " data_offsets"), to_u64(offsets[1], where + " data_offsets")};
+    SafetensorsEntry e{
+        name, info->type, {}, to_u64(offsets[0], where + " data_offsets"), to_u64(offsets[1], where + " data_offsets")};
     TORCH_CHECK_VALUE(e.begin <= e.end, where, ": data_offsets [", e.begin, ", ", e.end, "] end before they begin");
     // numel × itemsize, overflow-checked
     uint64_t bytes = c10::elementSize(info->type);
@@ -161,8 +163,9 @@ Safetensors parse_safetensors(const uint8_t* data, size_t size, const std::strin
     entries.push_back(std::move(e));
   }
   // Byte ranges: contiguous from 0, no gaps, no overlaps, no trailing bytes.
-  std::sort(entries.begin(), entries.end(),
-            [](const Entry& a, const Entry& b) { return a.begin != b.begin ? a.begin < b.begin : a.end < b.end; });
+  std::sort(entries.begin(), entries.end(), [](const SafetensorsEntry& a, const SafetensorsEntry& b) {
+    return a.begin != b.begin ? a.begin < b.begin : a.end < b.end;
+  });
   const uint64_t data_size = size - 8 - header_len;
   uint64_t expected = 0;
   for (const auto& e : entries) {
@@ -175,11 +178,20 @@ Safetensors parse_safetensors(const uint8_t* data, size_t size, const std::strin
                     data_size, " (truncated?)");
   TORCH_CHECK_VALUE(expected == data_size, what, ": ", data_size - expected,
                     " trailing bytes after the last tensor's data");
-  const uint8_t* base = data + 8 + header_len;
-  for (const auto& e : entries) {
-    at::Tensor t = at::empty(e.shape, at::TensorOptions().dtype(e.dtype->type));
+  return out;
+}
+
+}  // namespace
+
+Safetensors parse_safetensors(const uint8_t* data, size_t size, const std::string& what) {
+  Header header = parse_header(data, size, size, what);
+  Safetensors out;
+  out.metadata = std::move(header.metadata);
+  const uint8_t* base = data + 8 + header.header_len;
+  for (auto& e : header.entries) {
+    at::Tensor t = at::empty(e.shape, at::TensorOptions().dtype(e.dtype));
     if (e.end > e.begin) std::memcpy(t.data_ptr(), base + e.begin, e.end - e.begin);
-    out.tensors.emplace_back(e.name, std::move(t));
+    out.tensors.emplace_back(std::move(e.name), std::move(t));
   }
   return out;
 }
@@ -191,6 +203,60 @@ Safetensors read_safetensors(const std::string& path) {
   buffer << in.rdbuf();
   const std::string bytes = buffer.str();
   return parse_safetensors(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size(), path);
+}
+
+SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
+  fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  TORCH_CHECK_VALUE(fd_ >= 0, path, ": cannot open for reading (", std::strerror(errno), ")");
+  try {
+    struct stat st;
+    TORCH_CHECK_VALUE(::fstat(fd_, &st) == 0 && S_ISREG(st.st_mode), path, ": not a regular file");
+    const uint64_t size = static_cast<uint64_t>(st.st_size);
+    std::vector<uint8_t> head(std::min<uint64_t>(size, 8));
+    read_at(head.data(), head.size(), 0);
+    if (head.size() == 8) {  // the header itself, bounded by the limit and the file (parse_header says which)
+      const uint64_t header_len = read_le64(head.data());
+      if (header_len <= kMaxSafetensorsHeader && header_len <= size - 8) {
+        head.resize(8 + header_len);
+        read_at(head.data() + 8, header_len, 8);
+      }
+    }
+    Header header = parse_header(head.data(), head.size(), size, path);
+    data_start_ = 8 + header.header_len;
+    entries_ = std::move(header.entries);
+    metadata_ = std::move(header.metadata);
+  } catch (...) {
+    ::close(fd_);
+    throw;
+  }
+}
+
+SafetensorsFile::~SafetensorsFile() { ::close(fd_); }
+
+const SafetensorsEntry* SafetensorsFile::find(const std::string& name) const {
+  for (const auto& e : entries_) {
+    if (e.name == name) return &e;
+  }
+  return nullptr;
+}
+
+at::Tensor SafetensorsFile::read(const std::string& name) const {
+  const SafetensorsEntry* e = find(name);
+  TORCH_CHECK_VALUE(e != nullptr, path_, ": no tensor named \"", name, "\"");
+  at::Tensor t = at::empty(e->shape, at::TensorOptions().dtype(e->dtype));
+  read_at(static_cast<uint8_t*>(t.data_ptr()), e->end - e->begin, data_start_ + e->begin);
+  return t;
+}
+
+void SafetensorsFile::read_at(uint8_t* out, uint64_t bytes, uint64_t offset) const {
+  uint64_t done = 0;
+  while (done < bytes) {
+    const ssize_t n = ::pread(fd_, out + done, bytes - done, static_cast<off_t>(offset + done));
+    if (n < 0 && errno == EINTR) continue;
+    TORCH_CHECK_VALUE(n > 0, path_, ": reading ", bytes, " bytes at offset ", offset, " failed (",
+                      n == 0 ? "the file is shorter than when it was opened" : std::strerror(errno), ")");
+    done += static_cast<uint64_t>(n);
+  }
 }
 
 std::string serialize_safetensors(const std::vector<std::pair<std::string, at::Tensor>>& tensors,

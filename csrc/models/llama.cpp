@@ -10,6 +10,7 @@
 
 #include <lorafuse/nn/linear.h>
 
+#include <nlohmann/json.hpp>
 #include <utility>
 
 namespace lorafuse::models {
@@ -116,6 +117,107 @@ void LlamaConfig::validate() const {
                    dtype);
   TORCH_CHECK_VALUE(tensor_options().layout() == c10::kStrided,
                     "LlamaConfig: tensor_options must have the strided layout; found ", tensor_options().layout());
+}
+
+LlamaConfig LlamaConfig::from_hf_json(const std::string& json_text, const std::string& what) {
+  using json = nlohmann::json;
+  json j;
+  try {
+    j = json::parse(json_text, [&](int depth, json::parse_event_t, json&) {
+      TORCH_CHECK_VALUE(depth <= 64, what, ": JSON nested deeper than 64 levels");
+      return true;
+    });
+  } catch (const json::exception& e) {
+    TORCH_CHECK_VALUE(false, what, ": not valid JSON (", e.what(), ")");
+  }
+  TORCH_CHECK_VALUE(j.is_object(), what, ": expected a JSON object, found ", j.type_name());
+  const auto field = [&](const char* key) -> const json& {
+    static const json null;
+    return j.contains(key) ? j[key] : null;
+  };
+  TORCH_CHECK_VALUE(field("model_type") == "llama", what, ": model_type: expected \"llama\", found ",
+                    field("model_type").dump());
+  const auto integer = [&](const char* key) {
+    const auto& v = field(key);
+    TORCH_CHECK_VALUE(v.is_number_integer(), what, ": ", key, ": expected an integer, found ", v.dump());
+    return v.get<int64_t>();
+  };
+  const auto number = [&](const char* key, double fallback) {
+    const auto& v = field(key);
+    if (v.is_null()) return fallback;
+    TORCH_CHECK_VALUE(v.is_number(), what, ": ", key, ": expected a number, found ", v.dump());
+    return v.get<double>();
+  };
+  const auto refuse_true = [&](const char* key, const char* why) {
+    const auto& v = field(key);
+    TORCH_CHECK_VALUE(v.is_null() || v == false, what, ": ", key, " = ", v.dump(), ": ", why);
+  };
+  refuse_true("tie_word_embeddings", "the reference Llama keeps lm_head apart from embed_tokens");
+  refuse_true("attention_bias", "the reference Llama's attention has no biases");
+  refuse_true("mlp_bias", "the reference Llama's MLP has no biases");
+  TORCH_CHECK_VALUE(field("rope_scaling").is_null(), what, ": rope_scaling = ", field("rope_scaling").dump(),
+                    ": the reference Llama has the plain rotary embedding only");
+  double rope_theta = number("rope_theta", 10000.0);
+  if (const auto& rope = field("rope_parameters"); !rope.is_null()) {  // transformers 5
+    TORCH_CHECK_VALUE(rope.is_object() && (!rope.contains("rope_type") || rope["rope_type"] == "default"), what,
+                      ": rope_parameters = ", rope.dump(),
+                      ": the reference Llama has the plain (\"default\") rotary embedding only");
+    if (rope.contains("rope_theta")) {
+      TORCH_CHECK_VALUE(rope["rope_theta"].is_number(), what, ": rope_parameters.rope_theta: expected a number, found ",
+                        rope["rope_theta"].dump());
+      rope_theta = rope["rope_theta"].get<double>();
+    }
+  }
+  TORCH_CHECK_VALUE(field("hidden_act").is_null() || field("hidden_act") == "silu", what,
+                    ": hidden_act: expected \"silu\", found ", field("hidden_act").dump());
+  LlamaConfig c;
+  c.vocab_size(integer("vocab_size"))
+      .hidden_size(integer("hidden_size"))
+      .intermediate_size(integer("intermediate_size"))
+      .num_hidden_layers(integer("num_hidden_layers"))
+      .num_attention_heads(integer("num_attention_heads"))
+      .num_key_value_heads(field("num_key_value_heads").is_null() ? c.num_attention_heads()
+                                                                  : integer("num_key_value_heads"))
+      .rope_theta(rope_theta)
+      .rms_norm_eps(number("rms_norm_eps", 1e-6))
+      .initializer_range(number("initializer_range", 0.02));
+  if (!field("max_position_embeddings").is_null()) c.max_position_embeddings(integer("max_position_embeddings"));
+  c.validate();
+  TORCH_CHECK_VALUE(field("head_dim").is_null() || integer("head_dim") == c.head_dim(), what,
+                    ": head_dim = ", field("head_dim").dump(),
+                    ": the reference Llama's head_dim is hidden_size / "
+                    "num_attention_heads = ",
+                    c.head_dim());
+  return c;
+}
+
+std::string LlamaConfig::to_hf_json() const {
+  validate();
+  const auto dtype = c10::typeMetaToScalarType(tensor_options().dtype());
+  const char* dtype_name = dtype == at::kBFloat16 ? "bfloat16"
+                           : dtype == at::kHalf   ? "float16"
+                           : dtype == at::kDouble ? "float64"
+                                                  : "float32";
+  nlohmann::ordered_json j = {{"architectures", {"LlamaForCausalLM"}},
+                              {"model_type", "llama"},
+                              {"vocab_size", vocab_size()},
+                              {"hidden_size", hidden_size()},
+                              {"intermediate_size", intermediate_size()},
+                              {"num_hidden_layers", num_hidden_layers()},
+                              {"num_attention_heads", num_attention_heads()},
+                              {"num_key_value_heads", num_key_value_heads()},
+                              {"head_dim", head_dim()},
+                              {"max_position_embeddings", max_position_embeddings()},
+                              {"rope_theta", rope_theta()},
+                              {"rope_parameters", {{"rope_type", "default"}, {"rope_theta", rope_theta()}}},
+                              {"rms_norm_eps", rms_norm_eps()},
+                              {"initializer_range", initializer_range()},
+                              {"hidden_act", "silu"},
+                              {"attention_bias", false},
+                              {"mlp_bias", false},
+                              {"tie_word_embeddings", false},
+                              {"torch_dtype", dtype_name}};
+  return j.dump(2);
 }
 
 int64_t LlamaConfig::head_dim() const {

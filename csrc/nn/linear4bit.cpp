@@ -34,32 +34,66 @@ void Linear4bitImpl::reset() {
   absmax = register_buffer("absmax", cpu(shapes.absmax));
   nested_absmax = register_buffer("nested_absmax", cpu(shapes.nested_absmax));
   offset = register_buffer("offset", cpu(shapes.offset));
-  bias = options.bias() ? register_parameter(
-                              "bias", at::zeros({options.out_features()}, at::TensorOptions().dtype(options.compute_dtype())),
-                              /*requires_grad=*/false)
-                        : at::Tensor();
+  bias = options.bias()
+             ? register_parameter(
+                   "bias", at::zeros({options.out_features()}, at::TensorOptions().dtype(options.compute_dtype())),
+                   /*requires_grad=*/false)
+             : at::Tensor();
 }
 
 std::shared_ptr<Linear4bitImpl> Linear4bitImpl::from_linear(const torch::nn::Linear& linear,
                                                             std::optional<c10::ScalarType> compute_dtype,
                                                             int64_t blocksize, bool double_quant) {
   TORCH_CHECK_VALUE(!linear.is_empty(), "linear: expected a torch::nn::Linear, found an empty holder");
-  const at::Tensor weight = linear->weight.detach();
-  auto layer = std::make_shared<Linear4bitImpl>(Linear4bitOptions(linear->options.in_features(),
-                                                                  linear->options.out_features())
-                                                    .bias(linear->options.bias())
-                                                    .compute_dtype(compute_dtype.value_or(weight.scalar_type()))
-                                                    .blocksize(blocksize)
-                                                    .double_quant(double_quant));
+  return from_weight(linear->weight, linear->bias, compute_dtype, blocksize, double_quant);
+}
+
+std::shared_ptr<Linear4bitImpl> Linear4bitImpl::from_weight(const at::Tensor& weight_in, const at::Tensor& bias,
+                                                            std::optional<c10::ScalarType> compute_dtype,
+                                                            int64_t blocksize, bool double_quant) {
+  TORCH_CHECK_VALUE(weight_in.defined() && weight_in.dim() == 2,
+                    "Linear4bit: weight: expected [out_features, "
+                    "in_features], found ",
+                    weight_in.defined() ? weight_in.sizes() : at::IntArrayRef{});
+  const at::Tensor weight = weight_in.detach();
+  const auto options = Linear4bitOptions(weight.size(1), weight.size(0))
+                           .bias(bias.defined())
+                           .compute_dtype(compute_dtype.value_or(weight.scalar_type()))
+                           .blocksize(blocksize)
+                           .double_quant(double_quant);
   const auto q = lorafuse::quantize_nf4(weight.to(at::kCPU), blocksize, double_quant);
+  auto layer = from_nf4(options,
+                        {q.packed.to(weight.device()), q.absmax.to(weight.device()),
+                         q.nested_absmax.to(weight.device()), q.offset.to(weight.device())},
+                        bias);
+  if (bias.defined()) layer->bias.set_requires_grad(bias.requires_grad());
+  return layer;
+}
+
+std::shared_ptr<Linear4bitImpl> Linear4bitImpl::from_nf4(const Linear4bitOptions& options, const Nf4Weight& weight,
+                                                         const at::Tensor& bias) {
+  auto layer = std::make_shared<Linear4bitImpl>(options);
+  const auto expect = [](const char* name, const at::Tensor& want, const at::Tensor& got) {
+    TORCH_CHECK_VALUE(got.defined() && got.sizes() == want.sizes() && got.scalar_type() == want.scalar_type(),
+                      "Linear4bit: ", name, ": expected ", want.scalar_type(), " ", want.sizes(),
+                      " for the options, found ", got.defined() ? got.scalar_type() : at::ScalarType::Undefined, " ",
+                      got.defined() ? got.sizes() : at::IntArrayRef{});
+  };
+  expect("packed", layer->packed, weight.packed);
+  expect("absmax", layer->absmax, weight.absmax);
+  expect("nested_absmax", layer->nested_absmax, weight.nested_absmax);
+  expect("offset", layer->offset, weight.offset);
+  TORCH_CHECK_VALUE(bias.defined() == options.bias(), "Linear4bit: bias: ", options.bias() ? "expected" : "no",
+                    " bias for options.bias() = ", options.bias(), ", found ", bias.defined() ? "one" : "none");
   torch::NoGradGuard no_grad;
-  layer->packed.set_data(q.packed.to(weight.device()));
-  layer->absmax.set_data(q.absmax.to(weight.device()));
-  layer->nested_absmax.set_data(q.nested_absmax.to(weight.device()));
-  layer->offset.set_data(q.offset.to(weight.device()));
-  if (linear->bias.defined()) {
-    layer->bias.set_data(linear->bias.detach().to(layer->options.compute_dtype()).clone());
-    layer->bias.set_requires_grad(linear->bias.requires_grad());
+  layer->packed.set_data(weight.packed.detach());
+  layer->absmax.set_data(weight.absmax.detach());
+  layer->nested_absmax.set_data(weight.nested_absmax.detach());
+  layer->offset.set_data(weight.offset.detach());
+  if (bias.defined()) {
+    TORCH_CHECK_VALUE(bias.dim() == 1 && bias.size(0) == options.out_features(), "Linear4bit: bias: expected [",
+                      options.out_features(), "], found ", bias.sizes());
+    layer->bias.set_data(bias.detach().to(options.compute_dtype()).clone());
   }
   return layer;
 }
@@ -78,7 +112,8 @@ at::Tensor Linear4bitImpl::dequantized_weight(std::optional<c10::ScalarType> dty
 void Linear4bitImpl::pretty_print(std::ostream& stream) const {
   stream << "lorafuse::nn::Linear4bit(in_features=" << options.in_features()
          << ", out_features=" << options.out_features() << ", bias=" << (bias.defined() ? "true" : "false")
-         << ", nf4, blocksize=" << options.blocksize() << ", double_quant=" << (options.double_quant() ? "true" : "false")
+         << ", nf4, blocksize=" << options.blocksize()
+         << ", double_quant=" << (options.double_quant() ? "true" : "false")
          << ", compute_dtype=" << options.compute_dtype() << ")";
 }
 

@@ -1,8 +1,10 @@
-// The C++ rules of LoraConfig and adapter options for the Python front (validation and target selection), so
-// that C++ and Python select the same layers.
+// The C++ rules of LoraConfig, adapter options and QuantConfig for the Python front (validation and target
+// selection), so that C++ and Python select the same layers; quantizing and the checkpoint format (load/save).
 #include "csrc/python/convert.h"
 
 #include <lorafuse/config/quant_config.h>
+#include <lorafuse/io/checkpoint.h>
+#include <lorafuse/quant/checkpoint.h>
 #include <lorafuse/quant/quantize_model.h>
 
 namespace lorafuse::python {
@@ -19,9 +21,98 @@ QuantConfig quant_config(const std::string& quant_type, int64_t blocksize, bool 
       .modules_to_not_convert(skip);
 }
 
+using QuantFields = std::tuple<std::string, int64_t, bool, std::optional<at::ScalarType>, std::vector<std::string>>;
+
+QuantConfig quant_config(const QuantFields& f) {
+  return quant_config(std::get<0>(f), std::get<1>(f), std::get<2>(f), std::get<3>(f), std::get<4>(f));
+}
+
+QuantFields fields_of(const QuantConfig& c) {
+  return {c.quant_type(), c.blocksize(), c.double_quant(), c.compute_dtype(), c.modules_to_not_convert()};
+}
+
+py::tuple nf4_tuple(const io::Nf4Tensor& t) {
+  return py::make_tuple(t.weight.packed, t.weight.absmax, t.weight.nested_absmax, t.weight.offset, t.blocksize, t.shape,
+                        t.dtype);
+}
+
+void bind_checkpoint(py::module& m) {
+  py::class_<io::CheckpointReader>(m, "_CheckpointReader",
+                                   "A Hugging Face checkpoint folder read lazily (lorafuse::io::CheckpointReader).")
+      .def(py::init([](const std::string& dir) {
+             return translating([&] { return std::make_unique<io::CheckpointReader>(dir); });
+           }),
+           py::arg("dir"))
+      .def_property_readonly("config_json", &io::CheckpointReader::config_json)
+      .def_property_readonly("quant_config",
+                             [](const io::CheckpointReader& r) -> std::optional<QuantFields> {
+                               if (!r.quant_config()) return std::nullopt;
+                               return fields_of(*r.quant_config());
+                             })
+      .def("names", &io::CheckpointReader::names)
+      .def("__contains__", &io::CheckpointReader::contains)
+      .def("entry",
+           [](const io::CheckpointReader& r, const std::string& name) {
+             const auto& e = translating([&]() -> const io::SafetensorsEntry& { return r.entry(name); });
+             return py::make_tuple(e.dtype, e.shape);
+           })
+      .def("read", [](const io::CheckpointReader& r,
+                      const std::string& name) { return translating([&] { return r.read(name); }); })
+      .def("nf4_weights", &io::CheckpointReader::nf4_weights)
+      .def(
+          "read_nf4",
+          [](const io::CheckpointReader& r, const std::string& name) {
+            return nf4_tuple(translating([&] { return r.read_nf4(name); }));
+          },
+          "(packed, absmax, nested_absmax, offset, blocksize, shape, dtype), every rule checked.")
+      .def("nf4_tensor_names", &io::CheckpointReader::nf4_tensor_names);
+  m.def(
+      "_nf4_checkpoint_tensors",
+      [](const std::string& name, const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& nested,
+         const at::Tensor& offset, int64_t blocksize, const std::vector<int64_t>& shape, at::ScalarType dtype) {
+        return translating([&] {
+          return io::nf4_checkpoint_tensors(name, {{packed, absmax, nested, offset}, blocksize, shape, dtype});
+        });
+      },
+      py::arg("name"), py::arg("packed"), py::arg("absmax"), py::arg("nested_absmax"), py::arg("offset"),
+      py::arg("blocksize"), py::arg("shape"), py::arg("dtype"),
+      "The checkpoint tensors [(name, tensor)] of one NF4 weight, as transformers + bitsandbytes store it.");
+  m.def(
+      "_write_checkpoint",
+      [](const std::string& dir, const std::string& config_json,
+         const std::vector<std::pair<std::string, at::Tensor>>& tensors) {
+        translating([&] { io::write_checkpoint(dir, config_json, tensors); });
+      },
+      py::arg("dir"), py::arg("config_json"), py::arg("tensors"),
+      "Writes a checkpoint folder atomically: config.json and model.safetensors.");
+  m.def(
+      "_quant_config_hf_json",
+      [](const QuantFields& fields, const std::vector<std::string>& dense_modules) {
+        return translating([&] { return quant_config(fields).to_hf_json(dense_modules); });
+      },
+      py::arg("config"), py::arg("dense_modules"),
+      "The quantization_config object (JSON text) transformers writes for this QuantConfig.");
+  m.def(
+      "_cpp_load_checkpoint",
+      [](torch::nn::Module& module, const std::string& dir, const std::optional<QuantFields>& quantize, bool strict) {
+        auto options = LoadCheckpointOptions().strict(strict);
+        if (quantize) options.quantize(quant_config(*quantize));
+        return translating([&] { return load_checkpoint(module, dir, options); });
+      },
+      py::arg("module"), py::arg("dir"), py::arg("quantize"), py::arg("strict"),
+      "lorafuse::load_checkpoint on a bound C++ module; the paths of the layers now in 4 bits.");
+  m.def(
+      "_cpp_save_checkpoint",
+      [](torch::nn::Module& module, const std::string& dir, const std::string& config_json) {
+        translating([&] { save_checkpoint(module, dir, config_json); });
+      },
+      py::arg("module"), py::arg("dir"), py::arg("config_json"), "lorafuse::save_checkpoint on a bound C++ module.");
+}
+
 }  // namespace
 
 void bind_config(py::module& m) {
+  bind_checkpoint(m);
   m.def(
       "_validate_quant_config",
       [](const std::string& quant_type, int64_t blocksize, bool double_quant, std::optional<at::ScalarType> dtype,
@@ -29,7 +120,8 @@ void bind_config(py::module& m) {
         translating([&] { quant_config(quant_type, blocksize, double_quant, dtype, skip).validate(); });
       },
       py::arg("quant_type"), py::arg("blocksize"), py::arg("double_quant"), py::arg("compute_dtype"),
-      py::arg("modules_to_not_convert"), "Raises ValueError / TypeError unless the lorafuse.QuantConfig fields are valid.");
+      py::arg("modules_to_not_convert"),
+      "Raises ValueError / TypeError unless the lorafuse.QuantConfig fields are valid.");
   m.def(
       "_quant_keeps_dense",
       [](const std::string& path, const std::vector<std::string>& skip) {

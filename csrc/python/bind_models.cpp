@@ -35,12 +35,27 @@ void bind_models(py::module& m) {
       .def_property_readonly("vocab_size", [](const LlamaConfig& c) { return c.vocab_size(); })
       .def_property_readonly("hidden_size", [](const LlamaConfig& c) { return c.hidden_size(); })
       .def_property_readonly("num_hidden_layers", [](const LlamaConfig& c) { return c.num_hidden_layers(); })
-      .def("num_parameters", &LlamaConfig::num_parameters);
+      .def("num_parameters", &LlamaConfig::num_parameters)
+      .def(
+          "to_hf_json", [](const LlamaConfig& c) { return translating([&] { return c.to_hf_json(); }); },
+          "The config.json transformers writes for a LlamaForCausalLM of this shape.")
+      .def_static(
+          "from_hf_json",
+          [](const std::string& text, std::optional<at::ScalarType> dtype, std::optional<at::Device> device) {
+            auto c = translating([&] { return LlamaConfig::from_hf_json(text); });
+            c.tensor_options(c10::TensorOptions().dtype(dtype.value_or(at::kFloat)).device(device.value_or(at::kCPU)));
+            translating([&] { c.validate(); });
+            return c;
+          },
+          py::arg("json_text"), py::arg("dtype") = py::none(), py::arg("device") = py::none(),
+          "The shape a Hugging Face config.json of a LlamaForCausalLM gives (what this Llama does not compute is "
+          "refused by name).");
   torch::python::bind_module<models::LlamaForCausalLMImpl>(m, "Llama")
       .def(py::init([](const LlamaConfig& c) {
              return translating([&] { return std::make_shared<models::LlamaForCausalLMImpl>(c); });
            }),
-           py::arg("config"));
+           py::arg("config"))
+      .def_property_readonly("config", [](const models::LlamaForCausalLMImpl& l) { return l.config; });
 }
 
 }  // namespace lorafuse::python

@@ -8,7 +8,7 @@ import torch  # noqa: F401  (loads libtorch before lorafuse's native library)
 from . import _C, models, nn, peft, quant
 from .config import LoraConfig
 from .ops import Nf4Weight, dequantize_nf4, lora_linear, nf4_linear, quantize_nf4
-from .quant import QuantConfig, quantize_model
+from .quant import QuantConfig, load_checkpoint, quantize_model, save_checkpoint
 from .peft import (
     active_adapter,
     adapter_names,
@@ -47,6 +47,8 @@ __all__ = [
     "Nf4Weight",
     "QuantConfig",
     "quantize_model",
+    "load_checkpoint",
+    "save_checkpoint",
     "quant",
     "has_cuda_kernels",
     "__version__",

@@ -17,6 +17,17 @@ struct QuantConfig {
   /// Whether the layer at `path` stays dense (modules_to_not_convert).
   bool keeps_dense(const std::string& path) const;
 
+  /// The `quantization_config` object of a Hugging Face config.json (transformers' BitsAndBytesConfig) as a
+  /// QuantConfig: quant_method "bitsandbytes" with load_in_4bit, bnb_4bit_quant_type, bnb_4bit_use_double_quant,
+  /// bnb_4bit_compute_dtype, llm_int8_skip_modules (→ modules_to_not_convert; null keeps the default). `json_text`
+  /// is that object's JSON. ValueErrors name the field: another quant_method, 8-bit, fp4, a dtype not taken.
+  /// The block size is not part of it (each weight's quant_state has its own); blocksize stays 64.
+  static QuantConfig from_hf_json(const std::string& json_text, const std::string& what = "quantization_config");
+  /// The `quantization_config` object transformers writes for this config, as JSON text, with
+  /// llm_int8_skip_modules = `dense_modules` (the paths of the Linear layers left dense, so that transformers
+  /// quantizes exactly the layers stored in 4 bits) and bnb_4bit_compute_dtype = compute_dtype (float32 if unset).
+  std::string to_hf_json(const std::vector<std::string>& dense_modules) const;
+
   /// "nf4" (bitsandbytes' 4-bit NormalFloat).
   TORCH_ARG(std::string, quant_type) = "nf4";
   /// Weights per absmax block: 32, 64, ..., 4096.

@@ -41,6 +41,15 @@ struct LlamaConfig {
   void validate() const;
   /// hidden_size / num_attention_heads.
   int64_t head_dim() const;
+
+  /// The shape in a Hugging Face config.json of a LlamaForCausalLM (`json_text`; `what` names it in errors). What
+  /// this model does not compute is refused by name rather than ignored: another model_type, tied embeddings,
+  /// rope_scaling, attention or MLP biases, an activation other than silu, a head_dim other than
+  /// hidden_size / num_attention_heads. tensor_options stay the default (float32 on the CPU): set them to choose.
+  static LlamaConfig from_hf_json(const std::string& json_text, const std::string& what = "config.json");
+  /// The config.json of a LlamaForCausalLM of this shape, as transformers writes it (torch_dtype from
+  /// tensor_options), so a checkpoint saved from this model loads in transformers.
+  std::string to_hf_json() const;
   /// The number of parameters a LlamaForCausalLM of this shape has, without building it.
   int64_t num_parameters() const;
 

@@ -8,6 +8,8 @@
 #include <torch/nn/modules/linear.h>
 #include <torch/nn/pimpl.h>
 
+#include <lorafuse/ops/nf4.h>
+
 #include <cstdint>
 #include <optional>
 
@@ -33,7 +35,8 @@ struct Linear4bitOptions {
 /// (lorafuse::quantize_nf4's outputs: bitsandbytes' bytes). The weight is frozen: buffers, never a gradient.
 class Linear4bitImpl : public torch::nn::Cloneable<Linear4bitImpl> {
  public:
-  Linear4bitImpl(int64_t in_features, int64_t out_features) : Linear4bitImpl(Linear4bitOptions(in_features, out_features)) {}
+  Linear4bitImpl(int64_t in_features, int64_t out_features)
+      : Linear4bitImpl(Linear4bitOptions(in_features, out_features)) {}
   /// A layer holding a zero weight (load a state or use from_linear).
   explicit Linear4bitImpl(const Linear4bitOptions& options);
 
@@ -42,6 +45,17 @@ class Linear4bitImpl : public torch::nn::Cloneable<Linear4bitImpl> {
   static std::shared_ptr<Linear4bitImpl> from_linear(const torch::nn::Linear& linear,
                                                      std::optional<c10::ScalarType> compute_dtype = std::nullopt,
                                                      int64_t blocksize = 64, bool double_quant = true);
+
+  /// A layer holding `weight` [out_features, in_features] (any device; quantized on the CPU kernels, the buffers put on
+  /// the weight's device) and `bias` (undefined for none; kept as given, cast to compute_dtype).
+  static std::shared_ptr<Linear4bitImpl> from_weight(const at::Tensor& weight, const at::Tensor& bias,
+                                                     std::optional<c10::ScalarType> compute_dtype = std::nullopt,
+                                                     int64_t blocksize = 64, bool double_quant = true);
+  /// A layer holding already quantized bytes (quantize_nf4's outputs for an [out_features, in_features] weight with
+  /// options.blocksize; double-quantized when options.double_quant) and `bias` (undefined when options.bias is false).
+  /// The sizes are checked against the options.
+  static std::shared_ptr<Linear4bitImpl> from_nf4(const Linear4bitOptions& options, const Nf4Weight& weight,
+                                                  const at::Tensor& bias = at::Tensor());
 
   void reset() override;
   void pretty_print(std::ostream& stream) const override;

@@ -59,12 +59,29 @@ class Linear4bit(nn.Module):
         is quantized through the CPU), its bias in ``compute_dtype``, which defaults to the weight's dtype."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear: expected a torch.nn.Linear, found {type(linear).__name__}")
-        weight = linear.weight.detach()
+        return cls.from_weight(linear.weight, linear.bias, compute_dtype, blocksize, double_quant)
+
+    @classmethod
+    def from_weight(
+        cls,
+        weight: Tensor,
+        bias: Optional[Tensor] = None,
+        compute_dtype: Optional[torch.dtype] = None,
+        blocksize: int = 64,
+        double_quant: bool = True,
+    ) -> "Linear4bit":
+        """A layer holding ``weight`` [out_features, in_features] in NF4 (on its device, quantized by the CPU
+        kernels) and ``bias`` (None for none; a frozen copy in ``compute_dtype`` unless it requires grad), with
+        ``compute_dtype`` defaulting to the weight's dtype."""
+        if not isinstance(weight, Tensor) or weight.dim() != 2:
+            found = list(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
+            raise ValueError(f"weight: expected a tensor [out_features, in_features], found {found}")
+        weight = weight.detach()
         compute_dtype = compute_dtype or weight.dtype
         layer = cls(
-            linear.in_features,
-            linear.out_features,
-            bias=linear.bias is not None,
+            weight.shape[1],
+            weight.shape[0],
+            bias=bias is not None,
             compute_dtype=compute_dtype,
             blocksize=blocksize,
             double_quant=double_quant,
@@ -73,8 +90,8 @@ class Linear4bit(nn.Module):
         q = quantize_nf4(weight if weight.device.type != "cuda" else weight.cpu(), blocksize, double_quant)
         for name, t in zip(Nf4Weight._fields, q):
             setattr(layer, name, t.to(weight.device))
-        if linear.bias is not None:
-            layer.bias = nn.Parameter(linear.bias.detach().to(compute_dtype), requires_grad=linear.bias.requires_grad)
+        if bias is not None:
+            layer.bias = nn.Parameter(bias.detach().to(compute_dtype).clone(), requires_grad=bias.requires_grad)
         return layer
 
     @property

@@ -56,4 +56,6 @@ def quantize_model(model: nn.Module, config: Optional[QuantConfig] = None) -> nn
     return model
 
 
-__all__ = ["QuantConfig", "quantize_model"]
+from .checkpoint import load_checkpoint, save_checkpoint  # noqa: E402  (it takes QuantConfig from here)
+
+__all__ = ["QuantConfig", "quantize_model", "load_checkpoint", "save_checkpoint"]

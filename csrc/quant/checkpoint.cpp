@@ -1,0 +1,304 @@
+// Model weights from and to Hugging Face checkpoint folders, 4-bit layers included (see
+// <lorafuse/quant/checkpoint.h>; the file format is <lorafuse/io/checkpoint.h>).
+#include <c10/core/TensorImpl.h>
+#include <c10/util/Exception.h>
+#include <lorafuse/io/checkpoint.h>
+#include <lorafuse/io/files.h>
+#include <lorafuse/nn/base_kind.h>
+#include <lorafuse/nn/linear.h>
+#include <lorafuse/nn/linear4bit.h>
+#include <lorafuse/nn/lora_layer.h>
+#include <lorafuse/quant/checkpoint.h>
+#include <torch/csrc/autograd/grad_mode.h>
+#include <torch/nn/modules/linear.h>
+
+#include <map>
+#include <nlohmann/json.hpp>
+#include <set>
+#include <typeinfo>
+#include <utility>
+
+namespace lorafuse {
+namespace {
+
+// A Linear or Linear4bit layer of the model.
+struct Layer {
+  torch::nn::Module* parent;
+  std::string name, path;
+  std::shared_ptr<torch::nn::Module> module;
+  bool is_4bit;
+};
+
+void collect(torch::nn::Module& module, const std::string& prefix, std::vector<Layer>& out,
+             std::vector<std::string>& lora) {
+  for (const auto& child : module.named_children()) {
+    const std::string path = prefix.empty() ? child.key() : prefix + "." + child.key();
+    if (nn::as_lora_layer(child.value().get()) != nullptr) {
+      lora.push_back(path);
+      continue;
+    }
+    const auto* kind = nn::base_kind_of(*child.value());
+    const std::string kind_name = kind != nullptr ? kind->name() : "";
+    if (kind_name == "linear" || kind_name == "linear4bit") {
+      out.push_back({&module, child.key(), path, child.value(), kind_name == "linear4bit"});
+    } else {
+      collect(*child.value(), path, out, lora);
+    }
+  }
+}
+
+std::vector<Layer> layers_of(torch::nn::Module& module, const char* what) {
+  std::vector<Layer> layers;
+  std::vector<std::string> lora;
+  collect(module, "", layers, lora);
+  TORCH_CHECK_VALUE(lora.empty(), what, ": the model has LoRA layers (", io::list_some(lora),
+                    "); a checkpoint holds the base model: ",
+                    std::string(what) == "load_checkpoint"
+                        ? "load it before inject_lora"
+                        : "save adapters with save_adapter, or merge_and_unload first");
+  return layers;
+}
+
+bool under(const std::string& name, const std::set<std::string>& prefixes) {
+  for (auto dot = name.rfind('.'); dot != std::string::npos; dot = name.rfind('.', dot - 1)) {
+    if (prefixes.count(name.substr(0, dot))) return true;
+    if (dot == 0) break;
+  }
+  return false;
+}
+
+// The model's parameters and persistent state by full name, each tensor once (the first name of a shared one).
+std::vector<std::pair<std::string, at::Tensor>> named_state(torch::nn::Module& module) {
+  std::vector<std::pair<std::string, at::Tensor>> out;
+  std::set<const c10::TensorImpl*> seen;
+  for (auto dict : {module.named_parameters(true), module.named_buffers(true)}) {
+    for (const auto& item : dict) {
+      if (!item.value().defined() || !seen.insert(item.value().unsafeGetTensorImpl()).second) continue;
+      out.emplace_back(item.key(), item.value());
+    }
+  }
+  return out;
+}
+
+// `target` (a parameter or buffer) takes `value`'s contents in place, so that every holder of it (a module's member
+// and its registry) sees them: copy_ for a tensor with storage, and for a meta tensor what Tensor::set_data does,
+// without its check that refuses a meta tensor (both are plain dense tensors, checked here); a meta tensor's values
+// land on the CPU in its dtype.
+void assign(const at::Tensor& target, const at::Tensor& value) {
+  torch::NoGradGuard no_grad;
+  if (!target.is_meta()) {
+    target.copy_(value);  // converts dtype and device
+    return;
+  }
+  const at::Tensor v = value.to(target.scalar_type()).contiguous();
+  TORCH_INTERNAL_ASSERT(typeid(*target.unsafeGetTensorImpl()) == typeid(c10::TensorImpl) &&
+                        typeid(*v.unsafeGetTensorImpl()) == typeid(c10::TensorImpl) && target.layout() == at::kStrided);
+  target.unsafeGetTensorImpl()->shallow_copy_from(v.getIntrusivePtr());
+}
+
+std::string sizes_str(at::IntArrayRef sizes) {
+  std::ostringstream out;
+  out << sizes;
+  return out.str();
+}
+
+struct Replacement {
+  Layer layer;
+  std::shared_ptr<nn::Linear4bitImpl> module;
+};
+
+}  // namespace
+
+std::vector<std::string> load_checkpoint(torch::nn::Module& module, const std::string& dir,
+                                         const LoadCheckpointOptions& options) {
+  if (options.quantize()) options.quantize()->validate();
+  const io::CheckpointReader reader(dir);
+  const std::vector<Layer> layers = layers_of(module, "load_checkpoint");
+  const auto nf4_names = reader.nf4_weights();
+  const std::set<std::string> nf4(nf4_names.begin(), nf4_names.end());
+  std::set<std::string> used;
+  std::vector<std::string> missing;
+  const auto& file_config = reader.quant_config();
+
+  // 1. The 4-bit layers, built aside (4-bit bytes only; a dense weight quantized while loading is freed at once).
+  std::vector<Replacement> replacements;
+  std::set<std::string> handled;  // layers whose tensors are read here
+  for (const auto& l : layers) {
+    const std::string weight = l.path + ".weight";
+    const auto* kind = nn::base_kind_of(*l.module);
+    const int64_t in = kind->in_features(*l.module), out = kind->out_features(*l.module);
+    const bool has_bias = l.module->named_parameters(false).find("bias") != nullptr;
+    const bool quantize_dense = reader.contains(weight) && !nf4.count(weight) &&
+                                (l.is_4bit || (options.quantize() && !options.quantize()->keeps_dense(l.path)));
+    if (!nf4.count(weight) && !quantize_dense) {
+      if (l.is_4bit) {
+        handled.insert(l.path);
+        missing.push_back(weight);
+      }
+      continue;
+    }
+    handled.insert(l.path);
+    TORCH_CHECK_VALUE(nn::can_replace_child(*l.parent, l.name),
+                      nn::cannot_replace_message(*l.parent, l.path, "load_checkpoint"));
+    at::Tensor bias;
+    const std::string bias_name = l.path + ".bias";
+    if (has_bias) {
+      if (reader.contains(bias_name)) {
+        const auto& e = reader.entry(bias_name);
+        TORCH_CHECK_VALUE(e.shape == std::vector<int64_t>{out}, "load_checkpoint: \"", bias_name, "\" is ",
+                          sizes_str(e.shape), " in the checkpoint; the model's layer has [", out, "]");
+        bias = reader.read(bias_name);
+        used.insert(bias_name);
+      } else {
+        missing.push_back(bias_name);
+        bias = at::zeros({out});
+      }
+    }
+    std::shared_ptr<nn::Linear4bitImpl> layer;
+    if (nf4.count(weight)) {
+      const io::Nf4Tensor t = reader.read_nf4(weight);
+      TORCH_CHECK_VALUE(t.shape == std::vector<int64_t>({out, in}), "load_checkpoint: \"", weight, "\" is ",
+                        sizes_str(t.shape), " in the checkpoint; the model's layer is [", out, ", ", in, "]");
+      const auto compute = file_config && file_config->compute_dtype() ? *file_config->compute_dtype()
+                           : options.quantize() && options.quantize()->compute_dtype()
+                               ? *options.quantize()->compute_dtype()
+                               : t.dtype;
+      layer = nn::Linear4bitImpl::from_nf4(nn::Linear4bitOptions(in, out)
+                                               .bias(has_bias)
+                                               .compute_dtype(compute)
+                                               .blocksize(t.blocksize)
+                                               .double_quant(t.nested()),
+                                           t.weight, bias);
+      for (const auto& n : reader.nf4_tensor_names(weight)) used.insert(n);
+    } else {
+      const auto& e = reader.entry(weight);
+      TORCH_CHECK_VALUE(e.shape == std::vector<int64_t>({out, in}), "load_checkpoint: \"", weight, "\" is ",
+                        sizes_str(e.shape), " in the checkpoint; the model's layer is [", out, ", ", in, "]");
+      const QuantConfig q = l.is_4bit ? QuantConfig()
+                                            .blocksize(l.module->as<nn::Linear4bitImpl>()->options.blocksize())
+                                            .double_quant(l.module->as<nn::Linear4bitImpl>()->options.double_quant())
+                                            .compute_dtype(l.module->as<nn::Linear4bitImpl>()->options.compute_dtype())
+                                      : *options.quantize();
+      at::Tensor dense = reader.read(weight);
+      TORCH_CHECK_TYPE(dense.is_floating_point() && dense.scalar_type() != at::kDouble &&
+                           (q.compute_dtype() || dense.scalar_type() == at::kFloat ||
+                            dense.scalar_type() == at::kBFloat16 || dense.scalar_type() == at::kHalf),
+                       "load_checkpoint: \"", weight, "\" is ", dense.scalar_type(),
+                       "; quantizing takes float32, bfloat16 or float16 weights");
+      TORCH_CHECK_VALUE(dense.isfinite().all().item<bool>(), "load_checkpoint: \"", weight,
+                        "\" has NaN or infinite values, which NF4 cannot hold");
+      layer = nn::Linear4bitImpl::from_weight(dense, bias, q.compute_dtype(), q.blocksize(), q.double_quant());
+      used.insert(weight);
+    }
+    layer->train(l.module->is_training());
+    replacements.push_back({l, std::move(layer)});
+  }
+
+  const auto modules = module.named_modules();
+  for (const auto& w : nf4_names) {  // a 4-bit weight of a module that is not a Linear layer (else: unexpected)
+    const auto dot = w.rfind('.');
+    if (dot == std::string::npos || w.substr(dot) != ".weight") continue;
+    const std::string path = w.substr(0, dot);
+    const auto* found = modules.find(path);
+    TORCH_CHECK_VALUE(handled.count(path) || found == nullptr, "load_checkpoint: ", dir, " stores \"", w,
+                      "\" in 4 bits, but the model's \"", path, "\" is a ", (*found)->name(), ", not a Linear layer");
+  }
+
+  // 2. Every other parameter and buffer, matched by name and shape.
+  std::vector<std::pair<std::string, at::Tensor>> assignments;
+  for (const auto& [name, tensor] : named_state(module)) {
+    if (under(name, handled)) continue;
+    if (!reader.contains(name)) {
+      missing.push_back(name);
+      continue;
+    }
+    const auto& e = reader.entry(name);
+    TORCH_CHECK_VALUE(tensor.sizes() == at::IntArrayRef(e.shape), "load_checkpoint: \"", name, "\" is ",
+                      sizes_str(e.shape), " in the checkpoint; the model's is ", sizes_str(tensor.sizes()));
+    assignments.emplace_back(name, tensor);
+    used.insert(name);
+  }
+  std::vector<std::string> unexpected;
+  for (const auto& name : reader.names()) {
+    if (!used.count(name)) unexpected.push_back(name);
+  }
+  if (options.strict()) {
+    TORCH_CHECK_VALUE(
+        missing.empty(), "load_checkpoint: ", dir, " lacks ", missing.size(),
+        " tensor(s) of the model: ", io::list_some(missing),
+        ". Is it another model's checkpoint? (LoadCheckpointOptions().strict(false) loads what is there)");
+    TORCH_CHECK_VALUE(unexpected.empty(), "load_checkpoint: ", dir, " holds ", unexpected.size(),
+                      " tensor(s) that the model has no place for: ", io::list_some(unexpected),
+                      ". Is it another model's checkpoint? (LoadCheckpointOptions().strict(false) ignores them)");
+  } else {
+    std::vector<std::string> meta;
+    for (const auto& [name, tensor] : named_state(module)) {
+      if (!under(name, handled) && tensor.is_meta() && !reader.contains(name)) meta.push_back(name);
+    }
+    TORCH_CHECK_VALUE(meta.empty(), "load_checkpoint: ", dir, " lacks ", meta.size(),
+                      " tensor(s) that the model holds on the meta device (no values at all): ", io::list_some(meta));
+  }
+
+  // 3. Apply: nothing above changed the model.
+  for (const auto& [name, tensor] : assignments) assign(tensor, reader.read(name));
+  std::vector<std::string> paths;
+  for (auto& r : replacements) {
+    nn::replace_child(*r.layer.parent, r.layer.name, std::move(r.module));
+    paths.push_back(r.layer.path);
+  }
+  return paths;
+}
+
+void save_checkpoint(torch::nn::Module& module, const std::string& dir, const std::string& model_config_json) {
+  using json = nlohmann::ordered_json;
+  json config;
+  try {
+    config = json::parse(model_config_json);
+  } catch (const json::exception& e) {
+    TORCH_CHECK_VALUE(false, "save_checkpoint: model_config_json: not valid JSON (", e.what(), ")");
+  }
+  TORCH_CHECK_VALUE(config.is_object(), "save_checkpoint: model_config_json: expected a JSON object, found ",
+                    config.type_name());
+  const std::vector<Layer> layers = layers_of(module, "save_checkpoint");
+  std::vector<std::pair<std::string, at::Tensor>> tensors;
+  std::set<std::string> quantized;
+  std::vector<std::string> dense_linear;
+  std::map<c10::ScalarType, int> compute_dtypes;
+  bool nested = false;
+  for (const auto& l : layers) {
+    if (!l.is_4bit) {
+      dense_linear.push_back(l.path);
+      continue;
+    }
+    const auto* q = l.module->as<nn::Linear4bitImpl>();
+    io::Nf4Tensor t;
+    t.weight = {q->packed, q->absmax, q->nested_absmax, q->offset};
+    t.blocksize = q->options.blocksize();
+    t.shape = {q->options.out_features(), q->options.in_features()};
+    t.dtype = q->options.compute_dtype();
+    for (auto& entry : io::nf4_checkpoint_tensors(l.path + ".weight", t)) tensors.push_back(std::move(entry));
+    if (q->bias.defined()) tensors.emplace_back(l.path + ".bias", q->bias);
+    quantized.insert(l.path);
+    ++compute_dtypes[t.dtype];
+    nested = nested || t.nested();
+  }
+  for (const auto& [name, tensor] : named_state(module)) {
+    if (under(name, quantized)) continue;
+    TORCH_CHECK_VALUE(!tensor.is_meta(), "save_checkpoint: \"", name,
+                      "\" is on the meta device (it has no values); load or initialise it first");
+    tensors.emplace_back(name, tensor);
+  }
+  if (quantized.empty()) {
+    config.erase("quantization_config");
+  } else {
+    auto most = compute_dtypes.begin();
+    for (auto it = compute_dtypes.begin(); it != compute_dtypes.end(); ++it) {
+      if (it->second > most->second) most = it;
+    }
+    const QuantConfig q = QuantConfig().double_quant(nested).compute_dtype(most->first);
+    config["quantization_config"] = json::parse(q.to_hf_json(dense_linear));
+  }
+  io::write_checkpoint(dir, config.dump(), tensors);
+}
+
+}  // namespace lorafuse
