@@ -7,7 +7,10 @@
 Seeds are valid files, most written by the reference `safetensors` package (and all loaded back by it), a few
 laid out by hand where the reference writer never would (tensors out of header order, extra whitespace).
 Regressions are one small malformed file per rule of the parser, named after the rule; REGRESSIONS below
-holds the part of csrc/io/safetensors.cpp's message that each must be rejected with. Files named crash_*
+holds the part of csrc/io/safetensors.cpp's message that each must be rejected with. The nf4_* seeds and
+regressions are NF4 weights as a Hugging Face 4-bit checkpoint stores them (bitsandbytes' own bytes and quant_state),
+for the NF4 reader (csrc/io/nf4_tensors.cpp) that the fuzzer runs on every accepted file; NF4_REGRESSIONS holds their
+messages. Files named crash_*
 are inputs that crashed the fuzzer (bugs to fix in csrc); they must be rejected cleanly once fixed.
 Output is deterministic: rerunning gives the same bytes.
 """
@@ -129,6 +132,67 @@ REGRESSIONS_TABLE = {
     ),
 }
 
+# NF4 weights whose checkpoint tensors break a rule of csrc/io/nf4_tensors.cpp: name -> (change to a valid weight,
+# the part of the message). Built by nf4_files() (they need torch and bitsandbytes).
+NF4_REGRESSIONS = {
+    "nf4_quant_map_not_nf4": '"layer.weight.quant_map"[3] is 0.25',
+    "nf4_unknown_field": 'quant_state: unknown field "extra"',
+    "nf4_state_not_json": "quant_state: not valid UTF-8 JSON",
+    "nf4_fp4": "lorafuse has NF4 kernels only",
+    "nf4_absmax_count": '"layer.weight.absmax" has shape [16]',
+    "nf4_packed_bytes": '"layer.weight" holds 512 bytes',
+    "nf4_missing_nested_quant_map": 'no "layer.weight.nested_quant_map"',
+    "nf4_nested_fields_apart": "go together",
+}
+
+
+def nf4_files():
+    """(seeds, regressions): name -> bytes of NF4 weights as transformers + bitsandbytes save them (32 x 64, blocks of
+    64), with and without double quantization, and the NF4_REGRESSIONS made from the double-quantized one."""
+    import json as json_module
+
+    import torch
+    from bitsandbytes.functional import quantize_4bit
+    from safetensors.torch import save
+
+    weight = (torch.arange(32 * 64, dtype=torch.float64).remainder(37) * 0.11 - 2).to(torch.float32).reshape(32, 64)
+
+    def tensors(nested):
+        packed, state = quantize_4bit(weight, blocksize=64, compress_statistics=nested, quant_type="nf4")
+        out = {"layer.weight": packed}
+        out.update({f"layer.weight.{k}": v for k, v in state.as_dict(packed=True).items()})
+        return out
+
+    def with_state(t, change):
+        state = json_module.loads(bytes(t["layer.weight.quant_state.bitsandbytes__nf4"].tolist()))
+        change(state)
+        return {**t, "layer.weight.quant_state.bitsandbytes__nf4": _json_bytes(json_module.dumps(state))}
+
+    good = tensors(True)
+    quant_map = good["layer.weight.quant_map"].clone()
+    quant_map[3] = 0.25
+    no_nested_map = {k: v for k, v in good.items() if k != "layer.weight.nested_quant_map"}
+    changes = {
+        "nf4_quant_map_not_nf4": {**good, "layer.weight.quant_map": quant_map},
+        "nf4_unknown_field": with_state(good, lambda st: st.update(extra=1)),
+        "nf4_state_not_json": {**good, "layer.weight.quant_state.bitsandbytes__nf4": _json_bytes('{"quant_type":')},
+        "nf4_fp4": with_state(good, lambda st: st.update(quant_type="fp4")),
+        "nf4_absmax_count": {**good, "layer.weight.absmax": good["layer.weight.absmax"][:16].clone()},
+        "nf4_packed_bytes": {**good, "layer.weight": good["layer.weight"][:512].clone()},
+        "nf4_missing_nested_quant_map": no_nested_map,
+        "nf4_nested_fields_apart": with_state(good, lambda st: st.pop("nested_dtype")),
+    }
+    assert set(changes) == set(NF4_REGRESSIONS)
+    seeds = {"nf4_nested": save(good, metadata={"format": "pt"}), "nf4_plain": save(tensors(False))}
+    return seeds, {name: save(t) for name, t in changes.items()}
+
+
+def _json_bytes(text):
+    import torch
+
+    return torch.tensor(list(text.encode()), dtype=torch.uint8)
+
+
 # Inputs that crash the parser (bugs in csrc, open until fixed): once fixed, each must be rejected with a
 # c10::Error (None: with any message). Too big for -max_len, so written here rather than found by fuzzing.
 # crash_deep_nesting: a 100000-deep array inside a shape (200 KB, far below the 100 MB header bound). The
@@ -221,6 +285,7 @@ def seeds():
             b"\x01\x02",
         ),
     }
+    out.update(nf4_files()[0])
     return out
 
 
@@ -238,17 +303,21 @@ def write_all():
         (CORPUS / f"{name}.safetensors").write_bytes(data)
     for name, (data, _) in {**REGRESSIONS_TABLE, **CRASHES}.items():
         (REGRESSIONS / f"{name}.safetensors").write_bytes(data)
+    nf4_regressions = nf4_files()[1]
+    for name, data in nf4_regressions.items():
+        load(data)  # a valid safetensors file: the NF4 reader rejects it
+        (REGRESSIONS / f"{name}.safetensors").write_bytes(data)
     total = sum(p.stat().st_size for p in CORPUS.iterdir())
     print(
         f"{len(seed_files)} seeds ({total} bytes) in {CORPUS}, "
-        f"{len(REGRESSIONS_TABLE) + len(CRASHES)} regression files in {REGRESSIONS}"
+        f"{len(REGRESSIONS_TABLE) + len(CRASHES) + len(nf4_regressions)} regression files in {REGRESSIONS}"
     )
 
 
 def check_log(log_path):
     """Each regression file in the log must have been rejected with its message, each seed accepted.
     libFuzzer prints "Running: FILE", then come the fuzzer's "rejected: MESSAGE" lines, "Executed FILE"."""
-    expected = {**REGRESSIONS_TABLE, **CRASHES}
+    expected = {**REGRESSIONS_TABLE, **CRASHES, **{name: (None, m) for name, m in NF4_REGRESSIONS.items()}}
     seen = {}  # path -> rejection messages
     current = None
     for line in Path(log_path).read_text(errors="replace").splitlines():

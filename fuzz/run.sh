@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Fuzzes the safetensors parser (csrc/io/safetensors.cpp) with libFuzzer, ASan and UBSan.
+# Fuzzes the safetensors parser (csrc/io/safetensors.cpp) and the NF4 checkpoint reader run on what it accepts
+# (csrc/io/nf4_tensors.cpp) with libFuzzer, ASan and UBSan.
 #
 #   bash fuzz/run.sh                           # build, check the committed files, fuzz for 60 s
 #   LORAFUSE_FUZZ_SECONDS=600 bash fuzz/run.sh  # fuzz longer

@@ -1,4 +1,5 @@
-// libFuzzer target for lorafuse::io::parse_safetensors (built and run by fuzz/run.sh).
+// libFuzzer target for lorafuse::io::parse_safetensors and, on what it accepts, lorafuse::io::read_nf4_tensors (the
+// NF4 weights of a Hugging Face 4-bit checkpoint; built and run by fuzz/run.sh).
 //
 // A bug is anything but a clean result: the parser may only accept the input or reject it with a c10::Error;
 // any other exception, a crash or a sanitizer report is a finding. An accepted input must also hold what the
@@ -6,14 +7,19 @@
 //   - the tensors' bytes, in the order returned, are exactly the data section of the input;
 //   - serialize_safetensors of the result parses again to the same names, dtypes, shapes, bytes and
 //     metadata, and serializing that gives the same file again (the writer is deterministic).
+// Each tensor named "<w>.quant_state.bitsandbytes__nf4" of an accepted input is read as an NF4 weight: accepted or
+// rejected with a c10::Error likewise; an accepted one, written again by nf4_checkpoint_tensors, must read back to the
+// same bytes, statistics and quant_state, and its packed bytes and statistics be the input's.
 // LORAFUSE_FUZZ_PRINT_ERRORS=1 prints each rejection's message (run.sh checks the regression files with it).
 #include <c10/util/Exception.h>
+#include <lorafuse/io/nf4_tensors.h>
 #include <lorafuse/io/safetensors.h>
 
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <string>
 
 namespace {
@@ -65,6 +71,56 @@ Safetensors parse_or_fail(const std::string& bytes, const char* what) {
   }
 }
 
+bool same_bytes(const at::Tensor& a, const at::Tensor& b) {
+  return a.scalar_type() == b.scalar_type() && a.sizes() == b.sizes() && bytes_of("nf4", a) == bytes_of("nf4", b);
+}
+
+// The NF4 weights of an accepted input (see the top of the file).
+void check_nf4(const Safetensors& parsed) {
+  std::map<std::string, at::Tensor> by_name(parsed.tensors.begin(), parsed.tensors.end());
+  const auto get = [&](const std::map<std::string, at::Tensor>& tensors) {
+    return [&tensors](const std::string& n) {
+      const auto it = tensors.find(n);
+      return it == tensors.end() ? at::Tensor() : it->second;
+    };
+  };
+  for (const auto& [name, unused] : parsed.tensors) {
+    const auto weight = lorafuse::io::nf4_weight_of_state(name);
+    if (!weight) continue;
+    lorafuse::io::Nf4Tensor t;
+    try {
+      t = lorafuse::io::read_nf4_tensors(*weight, get(by_name), "fuzz input");
+    } catch (const c10::Error& e) {
+      if (print_errors()) std::fprintf(stderr, "rejected: %s\n", e.what_without_backtrace());
+      continue;
+    }
+    const auto& w = t.weight;
+    if (!same_bytes(w.packed.reshape(-1), by_name.at(*weight).contiguous().reshape(-1).view(at::kByte)) ||
+        !same_bytes(w.absmax, by_name.at(*weight + ".absmax").contiguous().reshape(-1)) ||
+        (t.nested() && !same_bytes(w.nested_absmax, by_name.at(*weight + ".nested_absmax").contiguous().reshape(-1)))) {
+      fail("the NF4 weight \"" + *weight + "\" read is not the input's bytes");
+    }
+    std::vector<std::pair<std::string, at::Tensor>> written;
+    try {
+      written = lorafuse::io::nf4_checkpoint_tensors(*weight, t);
+    } catch (const c10::Error& e) {
+      fail(std::string("the NF4 writer rejects what the reader accepted: ") + e.what_without_backtrace());
+    }
+    const std::map<std::string, at::Tensor> again_tensors(written.begin(), written.end());
+    lorafuse::io::Nf4Tensor again;
+    try {
+      again = lorafuse::io::read_nf4_tensors(*weight, get(again_tensors), "re-written NF4 weight");
+    } catch (const c10::Error& e) {
+      fail(std::string("the NF4 reader rejects what the writer wrote: ") + e.what_without_backtrace());
+    }
+    if (again.blocksize != t.blocksize || again.shape != t.shape || again.dtype != t.dtype ||
+        !same_bytes(again.weight.packed, w.packed) || !same_bytes(again.weight.absmax, w.absmax) ||
+        !same_bytes(again.weight.nested_absmax, w.nested_absmax) || !same_bytes(again.weight.offset, w.offset)) {
+      fail("the NF4 weight \"" + *weight + "\" changed in a write and read");
+    }
+  }
+}
+
 }  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
@@ -97,5 +153,6 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (lorafuse::io::serialize_safetensors(again.tensors, again.metadata) != written) {
     fail("serializing the re-parsed tensors gives different bytes");
   }
+  check_nf4(parsed);
   return 0;
 }

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every test of lorafuse: installs what is needed, builds through pip/CMake, then runs the C++ tests
-# (Catch2, through ctest), a bounded libFuzzer run of the safetensors parser (fuzz/run.sh;
+# (Catch2, through ctest), a bounded libFuzzer run of the safetensors parser and NF4 checkpoint reader (fuzz/run.sh;
 # LORAFUSE_FUZZ_SECONDS, default 60) and the Python tests (pytest). CUDA cases run where a GPU is present and skip
 # cleanly elsewhere. Extra arguments go to pytest.
 set -euo pipefail
