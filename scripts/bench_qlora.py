@@ -14,12 +14,25 @@ Then the model level: training steps (forward, loss, backward, AdamW on the adap
 (scripts/bench_model.py's preset, float32) with every Linear but lm_head in NF4: lorafuse (quantize_model +
 inject_lora) and PEFT over bitsandbytes' Linear4bit, same adapters (losses checked first), beside lorafuse's float32
 LoRA model; tokens/s, and the bytes of the model's weights before and after quantize_model.
+
+Then loading: the peak resident memory (VmHWM, in a fresh process per way, reset once torch, transformers and lorafuse
+are imported, minus VmRSS then) of loading a Llama (LOAD_PRESET; float32) from a checkpoint folder:
+  skeleton            the meta skeleton and one small NF4 op only: what any way costs beyond its weights (code pages)
+  dense               transformers' from_pretrained of the float32 checkpoint, every weight read once (for scale)
+  quantize_after      the same, then lorafuse.quantize_model
+  quantize_loading    lorafuse.load_checkpoint(meta skeleton, float32 folder, quantize=QuantConfig()): one layer at a time
+  load_4bit           lorafuse.load_checkpoint(meta skeleton, 4-bit folder written by lorafuse.save_checkpoint)
+  bnb_loading         transformers' from_pretrained with BitsAndBytesConfig(load_in_4bit=True, nf4, double quant)
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -220,6 +233,87 @@ def measure_model(targets: str, quick: bool, timing: TimingOptions) -> dict[str,
     }
 
 
+LOAD_WAYS = ("skeleton", "dense", "quantize_after", "quantize_loading", "load_4bit", "bnb_loading")
+# hidden, MLP, layers, heads, key/value heads, vocabulary: ~110 M parameters in the quantized layers (quick: ~3 M)
+LOAD_PRESET = {False: (1024, 2816, 10, 16, 16, 8192), True: (256, 704, 4, 4, 4, 1024)}
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise SystemExit(f"no {field} in /proc/self/status")
+
+
+def _load_probe(way: str, dense_folder: str, nf4_folder: str) -> None:
+    """Run in a fresh process: prints {"base_kib", "peak_kib"} of loading the checkpoint one way (see the docstring)."""
+    import transformers
+    from accelerate import init_empty_weights
+
+    lorafuse = import_lorafuse()
+    config = transformers.AutoConfig.from_pretrained(dense_folder)
+    with open("/proc/self/clear_refs", "w") as f:  # the peak so far (imports) is forgotten: VmHWM = VmRSS now
+        f.write("5")
+    base = _status_kib("VmRSS")
+    if way == "skeleton":
+        with init_empty_weights():
+            model = transformers.AutoModelForCausalLM.from_config(config)
+        lorafuse.quantize_nf4(torch.randn(64, 64))
+    elif way in ("dense", "quantize_after"):
+        model = transformers.AutoModelForCausalLM.from_pretrained(dense_folder, dtype=torch.float32)
+        for p in model.parameters():  # safetensors maps the file: read every page once
+            p.sum()
+        if way == "quantize_after":
+            lorafuse.quantize_model(model)
+    elif way == "bnb_loading":
+        q = transformers.BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32,
+        )
+        model = transformers.AutoModelForCausalLM.from_pretrained(dense_folder, quantization_config=q)
+    else:
+        with init_empty_weights():
+            model = transformers.AutoModelForCausalLM.from_config(config)
+        if way == "quantize_loading":
+            lorafuse.load_checkpoint(model, dense_folder, quantize=lorafuse.QuantConfig())
+        else:
+            lorafuse.load_checkpoint(model, nf4_folder)
+    peak = _status_kib("VmHWM")
+    weights = 0 if way == "skeleton" else _tensor_bytes(model)
+    print(json.dumps({"base_kib": base, "peak_kib": peak, "weights_bytes": weights}))
+
+
+def measure_loading(quick: bool) -> dict[str, Any]:
+    """Peak memory of loading one model each way (see the module docstring), each in its own process."""
+    import transformers
+
+    lorafuse = import_lorafuse()
+    keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size")
+    cfg = dict(zip(keys, LOAD_PRESET[quick]))
+    with tempfile.TemporaryDirectory() as tmp:
+        dense_folder, nf4_folder = f"{tmp}/dense", f"{tmp}/nf4"
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg, tie_word_embeddings=False))
+        dense_bytes = _tensor_bytes(model)
+        model.save_pretrained(dense_folder)
+        lorafuse.save_checkpoint(lorafuse.quantize_model(model), nf4_folder)
+        del model
+        here = str(Path(__file__).resolve().parent)
+        out: dict[str, Any] = {"config": cfg, "dense_weights_bytes": dense_bytes, "ways": {}}
+        for way in LOAD_WAYS:
+            code = f"import sys; sys.path.insert(0, {here!r}); import bench_qlora; bench_qlora._load_probe({way!r}, {dense_folder!r}, {nf4_folder!r})"
+            done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                raise SystemExit(f"ABORT: loading {way} failed:\n{done.stderr[-2000:]}")
+            probe = json.loads(done.stdout.strip().splitlines()[-1])
+            out["ways"][way] = {
+                "peak_increase_mib": (probe["peak_kib"] - probe["base_kib"]) / 1024,
+                "weights_mib": probe["weights_bytes"] / 2**20,
+            }
+    return out
+
+
 def run(device: torch.device, dtype: torch.dtype, args: argparse.Namespace, quick: bool) -> dict[str, Any]:
     """The report's "qlora" section: every (T, d) of the grid at r = 16, float32 compute."""
     section: dict[str, Any] = {"variants": list(VARIANTS), "variant_descriptions": DESCRIPTIONS, "results": []}
@@ -270,6 +364,20 @@ def run(device: torch.device, dtype: torch.dtype, args: argparse.Namespace, quic
     print(
         f"model weights: float32 {sizes['float32'] / 2**20:.1f} MiB, quantize_model (NF4, lm_head and embeddings "
         f"kept) {sizes['nf4'] / 2**20:.1f} MiB ({sizes['nf4'] / sizes['float32']:.3f}x)"
+    )
+    loading = measure_loading(quick)
+    section["loading"] = loading
+    c = loading["config"]
+    print(
+        f"\n== loading a Llama (hidden {c['hidden_size']}, {c['num_hidden_layers']} layers, vocabulary "
+        f"{c['vocab_size']}; float32 weights {loading['dense_weights_bytes'] / 2**20:.0f} MiB): peak memory increase"
+    )
+    for way, row in loading["ways"].items():
+        print(f"{way:>18}: {row['peak_increase_mib']:8.1f} MiB peak, {row['weights_mib']:7.1f} MiB of weights after", flush=True)
+    q, s4 = loading["ways"]["quantize_loading"], loading["ways"]["skeleton"]
+    print(
+        f"quantizing while loading: peak beyond the skeleton {q['peak_increase_mib'] - s4['peak_increase_mib']:.1f} MiB "
+        f"for {q['weights_mib']:.1f} MiB of weights"
     )
     section["elapsed_s"] = round(time.perf_counter() - t0, 1)
     return section

@@ -1,6 +1,9 @@
 // Files written so that a crash never leaves them half-written (see <lorafuse/io/files.h>).
 #include <c10/util/Exception.h>
 #include <dirent.h>
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
 #include <fcntl.h>
 #include <lorafuse/io/files.h>
 #include <stdio.h>
@@ -84,6 +87,12 @@ std::string list_some(const std::vector<std::string>& names, size_t limit) {
   for (size_t i = 0; i < names.size() && i < limit; ++i) out += (i ? ", \"" : "\"") + names[i] + "\"";
   if (names.size() > limit) out += " and " + std::to_string(names.size() - limit) + " more";
   return out;
+}
+
+void release_freed_memory() {
+#if defined(__GLIBC__)
+  ::malloc_trim(0);
+#endif
 }
 
 bool is_file(const std::string& path) {

@@ -14,11 +14,11 @@ constexpr int kMaxJsonDepth = 64;
 /// The JSON value in [begin, end), at most kMaxJsonDepth levels deep; a ValueError starting with `what` otherwise.
 inline nlohmann::ordered_json parse_json(const char* begin, const char* end, const std::string& what) {
   try {
-    return nlohmann::ordered_json::parse(begin, end, [&](int depth, nlohmann::ordered_json::parse_event_t,
-                                                         nlohmann::ordered_json&) {
-      TORCH_CHECK_VALUE(depth <= kMaxJsonDepth, what, ": JSON nested deeper than ", kMaxJsonDepth, " levels");
-      return true;
-    });
+    return nlohmann::ordered_json::parse(
+        begin, end, [&](int depth, nlohmann::ordered_json::parse_event_t, nlohmann::ordered_json&) {
+          TORCH_CHECK_VALUE(depth <= kMaxJsonDepth, what, ": JSON nested deeper than ", kMaxJsonDepth, " levels");
+          return true;
+        });
   } catch (const nlohmann::ordered_json::exception& e) {
     TORCH_CHECK_VALUE(false, what, ": not valid UTF-8 JSON (", e.what(), ")");
   }

@@ -225,8 +225,9 @@ Nf4Tensor read_nf4_tensors(const std::string& name, const std::function<at::Tens
                       "found ",
                       offset.dump());
     out.weight.absmax = expect(get, absmax_name, at::kByte, blocks, where, "8-bit codes, one per block");
-    out.weight.nested_absmax = expect(get, name + ".nested_absmax", at::kFloat,
-                                      lorafuse::detail::nf4_blocks(blocks, nf4::kNestedBlocksize), where, "one per 256 blocks");
+    out.weight.nested_absmax =
+        expect(get, name + ".nested_absmax", at::kFloat, lorafuse::detail::nf4_blocks(blocks, nf4::kNestedBlocksize),
+               where, "one per 256 blocks");
     expect_finite_statistics(out.weight.nested_absmax, name + ".nested_absmax", where);
     const at::Tensor nested_map =
         expect(get, name + ".nested_quant_map", at::kFloat, 256, where, "the dynamic 8-bit code");

@@ -4,6 +4,7 @@
 
 #include <lorafuse/config/quant_config.h>
 #include <lorafuse/io/checkpoint.h>
+#include <lorafuse/io/files.h>
 #include <lorafuse/quant/checkpoint.h>
 #include <lorafuse/quant/quantize_model.h>
 
@@ -77,6 +78,8 @@ void bind_checkpoint(py::module& m) {
       py::arg("name"), py::arg("packed"), py::arg("absmax"), py::arg("nested_absmax"), py::arg("offset"),
       py::arg("blocksize"), py::arg("shape"), py::arg("dtype"),
       "The checkpoint tensors [(name, tensor)] of one NF4 weight, as transformers + bitsandbytes store it.");
+  m.def("_release_freed_memory", &io::release_freed_memory,
+        "Gives memory the C allocator holds freed back to the system (lorafuse::io::release_freed_memory).");
   m.def(
       "_write_checkpoint",
       [](const std::string& dir, const std::string& config_json,

@@ -188,6 +188,8 @@ std::vector<std::string> load_checkpoint(torch::nn::Module& module, const std::s
       TORCH_CHECK_VALUE(dense.isfinite().all().item<bool>(), "load_checkpoint: \"", weight,
                         "\" has NaN or infinite values, which NF4 cannot hold");
       layer = nn::Linear4bitImpl::from_weight(dense, bias, q.compute_dtype(), q.blocksize(), q.double_quant());
+      dense = at::Tensor();
+      io::release_freed_memory();
       used.insert(weight);
     }
     layer->train(l.module->is_training());

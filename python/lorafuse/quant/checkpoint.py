@@ -147,6 +147,7 @@ def load_checkpoint(
             else:
                 settings = (quantize.compute_dtype, quantize.blocksize, quantize.double_quant)
             layer = Linear4bit.from_weight(reader.read(weight), bias, *settings)
+            _C._release_freed_memory()  # the dense weight's place, given back: the peak stays near the 4-bit size
             if layer.bias is not None:
                 layer.bias.requires_grad_(False)
             used.add(weight)
