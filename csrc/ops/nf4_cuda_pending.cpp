@@ -1,5 +1,6 @@
-// The NF4 ops on CUDA tensors until their CUDA kernels land (QLoRA issue): a clear error instead of the
-// dispatcher's "could not run with arguments from the CUDA backend". Registered in every build.
+// The NF4 ops on CUDA tensors without a CUDA kernel: a clear error instead of the dispatcher's "could not run with
+// arguments from the CUDA backend". quantize_nf4 in every build; dequantize_nf4, nf4_linear and nf4_linear_backward
+// only in a build without CUDA kernels (cuda/nf4/nf4_cuda.cu has them).
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
@@ -15,6 +16,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_nf4_cuda_pen
   pending("lorafuse.quantize_nf4");
 }
 
+#if !LORAFUSE_WITH_CUDA
 at::Tensor dequantize_nf4_cuda_pending(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
                                        const std::optional<at::Tensor>&, int64_t, at::IntArrayRef, at::ScalarType) {
   pending("lorafuse.dequantize_nf4");
@@ -27,16 +29,19 @@ at::Tensor nf4_linear_cuda_pending(const at::Tensor&, const at::Tensor&, const a
 }
 
 at::Tensor nf4_linear_backward_cuda_pending(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                            const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-                                            int64_t, int64_t) {
+                                            const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, int64_t,
+                                            int64_t) {
   pending("lorafuse.nf4_linear_backward");
 }
+#endif
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lorafuse, CUDA, m) {
   m.impl("quantize_nf4", &quantize_nf4_cuda_pending);
+#if !LORAFUSE_WITH_CUDA
   m.impl("dequantize_nf4", &dequantize_nf4_cuda_pending);
   m.impl("nf4_linear", &nf4_linear_cuda_pending);
   m.impl("nf4_linear_backward", &nf4_linear_backward_cuda_pending);
+#endif
 }

@@ -38,7 +38,7 @@ constexpr float kMinAbsmax = 1e-38f;
 /// below x, so a value exactly between two codes takes the lower one.
 LORAFUSE_HD uint8_t index_of(float x) {
   uint8_t index = 0;
-#if defined(__CUDACC__)
+#if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
   for (int i = 0; i < 15; ++i) {

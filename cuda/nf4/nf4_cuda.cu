@@ -1,0 +1,159 @@
+// Host wrappers of the NF4 CUDA kernels and their TORCH_LIBRARY_IMPL(lorafuse, CUDA, m): dequantize_nf4 (bit-exact
+// with the CPU kernel), nf4_linear (T ≤ kGemvTokens: the 4-bit GEMV on the packed bytes; larger T: the weight
+// dequantized into a scratch buffer in x's dtype, then cuBLAS) and nf4_linear_backward (dX = dY·W through cuBLAS on
+// the dequantized weight). quantize_nf4 has no CUDA kernel yet: csrc/ops/nf4_cuda_pending.cpp says so (CUDA builds
+// register only that one there).
+#include <ATen/core/Tensor.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <optional>
+
+#include "csrc/ops/common/nf4_checks.h"
+#include "cuda/common/launch.h"
+#include "cuda/nf4/nf4_launch.cuh"
+
+namespace lorafuse::cuda {
+namespace {
+
+struct CudaLauncher {
+  cudaStream_t stream;
+  template <typename P>
+  void operator()(void (*kernel)(P), dim3 grid, unsigned threads, size_t smem, const P& params) const {
+    void* args[] = {const_cast<P*>(&params)};
+    C10_CUDA_CHECK(cudaLaunchKernel(reinterpret_cast<const void*>(kernel), grid, dim3(threads), args, smem, stream));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+};
+
+// The device view of the weight (tensors made contiguous and kept alive in `keep`).
+struct Weight {
+  at::Tensor packed, absmax, nested, offset;
+  Nf4View view;
+};
+
+Weight weight_of(const at::Tensor& packed, const at::Tensor& absmax, const std::optional<at::Tensor>& nested_absmax,
+                 const std::optional<at::Tensor>& offset, int64_t blocksize, bool nested) {
+  Weight w;
+  w.packed = packed.contiguous();
+  w.absmax = absmax.contiguous();
+  if (nested) {
+    w.nested = nested_absmax->contiguous();
+    w.offset = offset->to(at::kFloat).contiguous();
+  }
+  w.view = nf4_view(w.packed.data_ptr<uint8_t>(), nested ? nullptr : w.absmax.data_ptr<float>(),
+                    nested ? w.absmax.data_ptr<uint8_t>() : nullptr, nested ? w.nested.data_ptr<float>() : nullptr,
+                    nested ? w.offset.data_ptr<float>() : nullptr, blocksize, lorafuse::detail::dynamic_code().data());
+  return w;
+}
+
+int64_t max_blocks(const at::Tensor& t) {
+  return 8 * static_cast<int64_t>(at::cuda::getDeviceProperties(t.device().index())->multiProcessorCount);
+}
+
+template <typename F>
+void dispatch_float_types(at::ScalarType dtype, const char* op, F&& f) {
+  switch (dtype) {
+    case at::kFloat:
+      return f(TypeTag<float>{});
+    case at::kHalf:
+      return f(TypeTag<__half>{});
+    case at::kBFloat16:
+      return f(TypeTag<__nv_bfloat16>{});
+    default:
+      TORCH_CHECK_TYPE(false, op, ": CUDA kernels take float32, float16 or bfloat16; found ", dtype,
+                       " (float64 is supported on CPU)");
+  }
+}
+
+// The weight [out, in] in `dtype`, decoded by the dequantize kernel (the scratch buffer of the large-T paths).
+at::Tensor dequantized(const Weight& w, int64_t out_features, int64_t in_features, at::ScalarType dtype,
+                       const at::Tensor& like) {
+  at::Tensor dense = at::empty({out_features, in_features}, like.options().dtype(dtype));
+  const CudaLauncher launch{at::cuda::getCurrentCUDAStream()};
+  dispatch_float_types(dtype, "lorafuse.dequantize_nf4", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    run_nf4_dequantize<T>(launch, w.view, device_ptr<T>(dense), dense.numel(), max_blocks(like));
+  });
+  return dense;
+}
+
+at::Tensor dequantize_nf4_cuda(const at::Tensor& packed, const at::Tensor& absmax,
+                               const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,
+                               int64_t blocksize, at::IntArrayRef shape, at::ScalarType dtype) {
+  const bool nested = lorafuse::detail::check_dequantize_nf4_args("lorafuse.dequantize_nf4", packed, absmax,
+                                                                  nested_absmax, offset, blocksize, shape, dtype);
+  const c10::cuda::CUDAGuard guard(packed.device());
+  int64_t n = 1;
+  for (const auto d : shape) n *= d;
+  const Weight w = weight_of(packed, absmax, nested_absmax, offset, blocksize, nested);
+  at::Tensor out = at::empty({n}, packed.options().dtype(dtype));
+  const CudaLauncher launch{at::cuda::getCurrentCUDAStream()};
+  dispatch_float_types(dtype, "lorafuse.dequantize_nf4", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    run_nf4_dequantize<T>(launch, w.view, device_ptr<T>(out), n, max_blocks(packed));
+  });
+  return out.reshape(shape);
+}
+
+at::Tensor nf4_linear_cuda(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                           const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,
+                           int64_t blocksize, int64_t out_features, const std::optional<at::Tensor>& bias) {
+  const int64_t in_features = x.dim() >= 1 ? x.size(-1) : 0;
+  const bool nested =
+      lorafuse::detail::check_nf4_linear_args("lorafuse.nf4_linear", x, in_features, packed, absmax, nested_absmax,
+                                              offset, blocksize, out_features, in_features, bias);
+  check_cuda_dtype(x, "lorafuse.nf4_linear");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const Weight w = weight_of(packed, absmax, nested_absmax, offset, blocksize, nested);
+  at::Tensor x2 = x.reshape({-1, in_features});
+  if (x2.stride(1) != 1) x2 = x2.contiguous();
+  const int64_t tokens = x2.size(0);
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end() - 1);
+  out_shape.push_back(out_features);
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (tokens <= kGemvTokens) {  // decode: the packed bytes are read once, never a dense weight
+    at::Tensor y = at::empty({tokens, out_features}, x.options());
+    const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
+    const CudaLauncher launch{at::cuda::getCurrentCUDAStream()};
+    dispatch_float_types(x.scalar_type(), "lorafuse.nf4_linear", [&](auto tag) {
+      using T = typename decltype(tag)::type;
+      run_nf4_gemv<T>(launch, Nf4GemvParams<T>{w.view, device_ptr<T>(x2), has_bias ? device_ptr<T>(b) : nullptr,
+                                               device_ptr<T>(y), tokens, in_features, out_features, x2.stride(0)});
+    });
+    return y.view(out_shape);
+  }
+  const at::Tensor dense = dequantized(w, out_features, in_features, x.scalar_type(), x);
+  const at::Tensor y = has_bias ? at::addmm(*bias, x2, dense.t()) : at::mm(x2, dense.t());
+  return y.view(out_shape);
+}
+
+at::Tensor nf4_linear_backward_cuda(const at::Tensor& grad_out, const at::Tensor& packed, const at::Tensor& absmax,
+                                    const std::optional<at::Tensor>& nested_absmax,
+                                    const std::optional<at::Tensor>& offset, int64_t blocksize, int64_t in_features) {
+  const int64_t out_features = grad_out.dim() >= 1 ? grad_out.size(-1) : 0;
+  const bool nested = lorafuse::detail::check_nf4_linear_args("lorafuse.nf4_linear_backward", grad_out, out_features,
+                                                              packed, absmax, nested_absmax, offset, blocksize,
+                                                              out_features, in_features, std::nullopt);
+  check_cuda_dtype(grad_out, "lorafuse.nf4_linear_backward");
+  const c10::cuda::CUDAGuard guard(grad_out.device());
+  const Weight w = weight_of(packed, absmax, nested_absmax, offset, blocksize, nested);
+  const at::Tensor dy = grad_out.reshape({-1, out_features});
+  const at::Tensor dense = dequantized(w, out_features, in_features, grad_out.scalar_type(), grad_out);
+  std::vector<int64_t> shape(grad_out.sizes().begin(), grad_out.sizes().end() - 1);
+  shape.push_back(in_features);
+  return at::mm(dy, dense).view(shape);  // cuBLAS accumulates 16-bit products in float32
+}
+
+}  // namespace
+}  // namespace lorafuse::cuda
+
+TORCH_LIBRARY_IMPL(lorafuse, CUDA, m) {
+  m.impl("dequantize_nf4", &lorafuse::cuda::dequantize_nf4_cuda);
+  m.impl("nf4_linear", &lorafuse::cuda::nf4_linear_cuda);
+  m.impl("nf4_linear_backward", &lorafuse::cuda::nf4_linear_backward_cuda);
+}
