@@ -6,8 +6,9 @@
 
 #include "catch.h"
 // the emulator's macros (threadIdx, __shared__, ...) come after other headers and before the kernels'
-#include "cuda/nf4/nf4_launch.cuh"
 #include "cuda_emu/emulator.h"
+
+#include "cuda/nf4/nf4_launch.cuh"
 
 namespace {
 
