@@ -80,7 +80,8 @@ def dequantize_nf4(
 
 def nf4_linear(x: Tensor, q: Nf4Weight, out_features: int, bias: Optional[Tensor] = None, blocksize: int = 64) -> Tensor:
     """``y = x @ W.T + bias`` for the NF4 weight ``W`` [out_features, x.shape[-1]] that ``q`` holds, dequantized a
-    tile of rows at a time in x's dtype (the dense weight never exists as a whole). Differentiable in ``x`` and
+    tile of rows at a time in x's dtype (at most ~16 MiB of float32 in a per-thread scratch buffer on the CPU: the dense
+    weight of a large layer never exists as a whole). Differentiable in ``x`` and
     ``bias``, never in ``W``. The QLoRA layer is ``lora_add(nf4_linear(x, q, out), x, A, B, scale, p)``."""
     return torch.ops.lorafuse.nf4_linear(
         x, q.packed, q.absmax, q.nested_absmax, q.offset, int(blocksize), int(out_features), bias
