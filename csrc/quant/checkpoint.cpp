@@ -84,16 +84,25 @@ std::vector<std::pair<std::string, at::Tensor>> named_state(torch::nn::Module& m
 // and its registry) sees them: copy_ for a tensor with storage, and for a meta tensor what Tensor::set_data does,
 // without its check that refuses a meta tensor (both are plain dense tensors, checked here); a meta tensor's values
 // land on the CPU in its dtype.
-void assign(const at::Tensor& target, const at::Tensor& value) {
+void assign(const std::string& name, const at::Tensor& target, const at::Tensor& value) {
   torch::NoGradGuard no_grad;
   if (!target.is_meta()) {
     target.copy_(value);  // converts dtype and device
     return;
   }
   const at::Tensor v = value.to(target.scalar_type()).contiguous();
-  TORCH_INTERNAL_ASSERT(typeid(*target.unsafeGetTensorImpl()) == typeid(c10::TensorImpl) &&
-                        typeid(*v.unsafeGetTensorImpl()) == typeid(c10::TensorImpl) && target.layout() == at::kStrided);
+  TORCH_CHECK_VALUE(typeid(*target.unsafeGetTensorImpl()) == typeid(c10::TensorImpl) &&
+                        typeid(*v.unsafeGetTensorImpl()) == typeid(c10::TensorImpl) && target.layout() == at::kStrided,
+                    "load_checkpoint: \"", name, "\" is a meta tensor of a kind that cannot take values in place (",
+                    typeid(*target.unsafeGetTensorImpl()).name(), "); make the model on the CPU instead");
   target.unsafeGetTensorImpl()->shallow_copy_from(v.getIntrusivePtr());
+}
+
+// The device of a module's tensors; nullopt on the meta device (a skeleton) or without tensors.
+std::optional<c10::Device> device_of(const torch::nn::Module& module) {
+  for (const auto& t : module.parameters()) return t.is_meta() ? std::nullopt : std::optional<c10::Device>(t.device());
+  for (const auto& t : module.buffers()) return t.is_meta() ? std::nullopt : std::optional<c10::Device>(t.device());
+  return std::nullopt;
 }
 
 std::string sizes_str(at::IntArrayRef sizes) {
@@ -193,6 +202,7 @@ std::vector<std::string> load_checkpoint(torch::nn::Module& module, const std::s
       used.insert(weight);
     }
     layer->train(l.module->is_training());
+    if (const auto device = device_of(*l.module)) layer->to(*device);  // a model on its device: the layer joins it
     replacements.push_back({l, std::move(layer)});
   }
 
@@ -242,7 +252,7 @@ std::vector<std::string> load_checkpoint(torch::nn::Module& module, const std::s
   }
 
   // 3. Apply: nothing above changed the model.
-  for (const auto& [name, tensor] : assignments) assign(tensor, reader.read(name));
+  for (const auto& [name, tensor] : assignments) assign(name, tensor, reader.read(name));
   std::vector<std::string> paths;
   for (auto& r : replacements) {
     nn::replace_child(*r.layer.parent, r.layer.name, std::move(r.module));

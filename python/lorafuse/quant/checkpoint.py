@@ -123,7 +123,8 @@ def load_checkpoint(
             bias_name = f"{path}.bias"
             if bias_name in reader:
                 _check_shape(reader, bias_name, [out_features])
-                bias, _ = reader.read(bias_name), used.add(bias_name)
+                bias = reader.read(bias_name)
+                used.add(bias_name)
             else:
                 missing.append(bias_name)
                 bias = torch.zeros(out_features)
@@ -142,8 +143,10 @@ def load_checkpoint(
             used.update(reader.nf4_tensor_names(weight))
         else:
             _check_shape(reader, weight, [out_features, in_features])
-            if is_4bit:
-                settings = (module.compute_dtype, module.blocksize, module.double_quant)
+            if is_4bit:  # quantized as the model's 4-bit layer is (lorafuse's or bitsandbytes')
+                _, _, nested, _, blocksize = base_kind_of(module).nf4_state(module)
+                double_quant = nested is not None and nested.numel() > 0
+                settings = (getattr(module, "compute_dtype", None), blocksize, double_quant)
             else:
                 settings = (quantize.compute_dtype, quantize.blocksize, quantize.double_quant)
             layer = Linear4bit.from_weight(reader.read(weight), bias, *settings)
@@ -152,6 +155,9 @@ def load_checkpoint(
                 layer.bias.requires_grad_(False)
             used.add(weight)
         layer.train(module.training)
+        device = _device_of(module)
+        if device is not None:  # a model already on its device (not a skeleton): the new layer joins it there
+            layer = layer.to(device)
         replacements.append((parent, name, path, layer))
     modules = dict(model.named_modules())
     for w in sorted(nf4):
@@ -208,6 +214,13 @@ def load_checkpoint(
     for parent, name, _, layer in replacements:
         setattr(parent, name, layer)
     return [path for _, _, path, _ in replacements]
+
+
+def _device_of(module: nn.Module) -> Optional[torch.device]:
+    """The device of a module's tensors, or None on the meta device (or without tensors)."""
+    for t in [*module.parameters(), *module.buffers()]:
+        return None if t.is_meta else t.device
+    return None
 
 
 def _check_shape(reader, name: str, expected: List[int]) -> None:

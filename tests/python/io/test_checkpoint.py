@@ -89,6 +89,18 @@ def test_a_transformers_4bit_checkpoint_loads_into_a_meta_skeleton_with_equal_lo
     torch.testing.assert_close(_logits(ours), _logits(theirs), rtol=0, atol=0)
 
 
+def test_a_4bit_checkpoint_loads_into_a_model_with_real_weights_too(tmp_path):
+    folder, theirs = _bnb_folder(tmp_path)
+    torch.manual_seed(5)
+    ours = transformers.LlamaForCausalLM(tiny_llama_config(**SHAPE)).to(torch.bfloat16)
+    embed = ours.model.embed_tokens.weight
+    lorafuse.load_checkpoint(ours, folder)
+    assert ours.model.embed_tokens.weight is embed and embed.dtype == torch.bfloat16  # copied in, the model's dtype
+    assert type(ours.model.layers[0].self_attn.q_proj) is Linear4bit
+    ours.float()
+    torch.testing.assert_close(_logits(ours), _logits(theirs), rtol=1e-2, atol=1e-2)  # bfloat16 norms and embeddings
+
+
 def test_bfloat16_compute_dtype_comes_from_the_checkpoint(tmp_path):
     folder, theirs = _bnb_folder(tmp_path, compute_dtype=torch.bfloat16)
     ours = _skeleton()
