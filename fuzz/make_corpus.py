@@ -137,7 +137,7 @@ REGRESSIONS_TABLE = {
 NF4_REGRESSIONS = {
     "nf4_quant_map_not_nf4": '"layer.weight.quant_map"[3] is 0.25',
     "nf4_unknown_field": 'quant_state: unknown field "extra"',
-    "nf4_state_not_json": "quant_state: not valid UTF-8 JSON",
+    "nf4_state_not_json": "quant_state: not valid JSON",
     "nf4_fp4": "lorafuse has NF4 kernels only",
     "nf4_absmax_count": '"layer.weight.absmax" has shape [16]',
     "nf4_packed_bytes": '"layer.weight" holds 512 bytes',

@@ -5,7 +5,9 @@
 
 #include <cmath>
 #include <nlohmann/json.hpp>
+
 #include <set>
+#include "csrc/config/json.h"
 
 namespace lorafuse {
 namespace {
@@ -87,15 +89,7 @@ json modules_json(const TargetModules& m) {
 }  // namespace
 
 PeftLoraConfig lora_config_from_peft_json(const std::string& json_text, const std::string& what, bool adapter_file) {
-  json j;
-  try {
-    j = json::parse(json_text, [&](int depth, json::parse_event_t, json&) {
-      TORCH_CHECK_VALUE(depth <= 32, what, ": JSON nested deeper than 32 levels");
-      return true;
-    });
-  } catch (const json::exception& e) {
-    TORCH_CHECK_VALUE(false, what, ": not valid JSON (", e.what(), ")");
-  }
+  const json j = lorafuse::detail::parse_json<json>(json_text, what, /*max_depth=*/32);
   TORCH_CHECK_VALUE(j.is_object(), what, ": expected a JSON object of LoraConfig fields, found ", type_of(j));
   TORCH_CHECK_VALUE(!adapter_file || j.contains("peft_type"), what,
                     ": no peft_type field; expected \"peft_type\": \"LORA\" (is this a PEFT adapter_config.json?)");
@@ -161,14 +155,12 @@ PeftLoraConfig lora_config_from_peft_json(const std::string& json_text, const st
   return file;
 }
 
-
 std::string lora_config_to_peft_json(const LoraConfig& c, const std::string& base_model_name_or_path) {
   json j = json::object();
   // The fields that every PEFT release since 0.13 reads.
   j["peft_type"] = "LORA";
   j["task_type"] = nullptr;
-  j["base_model_name_or_path"] =
-      base_model_name_or_path.empty() ? json(nullptr) : json(base_model_name_or_path);
+  j["base_model_name_or_path"] = base_model_name_or_path.empty() ? json(nullptr) : json(base_model_name_or_path);
   j["revision"] = nullptr;
   j["inference_mode"] = true;
   j["r"] = c.r();

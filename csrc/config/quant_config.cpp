@@ -5,6 +5,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include "csrc/config/json.h"
+
 namespace lorafuse {
 namespace {
 
@@ -41,15 +43,7 @@ bool flag(const json& j, const char* key, const std::string& what) {
 }  // namespace
 
 QuantConfig QuantConfig::from_hf_json(const std::string& json_text, const std::string& what) {
-  json j;
-  try {
-    j = json::parse(json_text, [&](int depth, json::parse_event_t, json&) {
-      TORCH_CHECK_VALUE(depth <= 64, what, ": JSON nested deeper than 64 levels");
-      return true;
-    });
-  } catch (const json::exception& e) {
-    TORCH_CHECK_VALUE(false, what, ": not valid JSON (", e.what(), ")");
-  }
+  const json j = lorafuse::detail::parse_json<json>(json_text, what);
   TORCH_CHECK_VALUE(j.is_object(), what, ": expected a JSON object, found ", j.type_name());
   const std::string method = j.contains("quant_method") && j["quant_method"].is_string()
                                  ? j["quant_method"].get<std::string>()

@@ -6,13 +6,13 @@
 
 #include <nlohmann/json.hpp>
 
-#include "csrc/io/json.h"
+#include "csrc/config/json.h"
 
 namespace lorafuse::io {
 namespace {
 
 using json = nlohmann::ordered_json;
-using detail::parse_json;
+using lorafuse::detail::parse_json;
 
 std::string join_path(const std::string& dir, const std::string& name) {
   return dir.empty() || dir.back() == '/' ? dir + name : dir + "/" + name;

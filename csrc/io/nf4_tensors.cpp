@@ -16,7 +16,7 @@
 #include <set>
 #include <sstream>
 
-#include "csrc/io/json.h"
+#include "csrc/config/json.h"
 #include "csrc/ops/common/nf4_checks.h"
 #include "cuda/shared/nf4.h"
 
@@ -24,7 +24,7 @@ namespace lorafuse::io {
 namespace {
 
 using json = nlohmann::ordered_json;
-using detail::parse_json;
+using lorafuse::detail::parse_json;
 
 constexpr std::pair<const char*, at::ScalarType> kWeightDtypes[] = {
     {"float32", at::kFloat}, {"bfloat16", at::kBFloat16}, {"float16", at::kHalf}};

@@ -13,6 +13,8 @@
 #include <nlohmann/json.hpp>
 #include <utility>
 
+#include "csrc/config/json.h"
+
 namespace lorafuse::models {
 
 namespace {
@@ -55,6 +57,21 @@ at::Tensor repeat_kv(const at::Tensor& x, int64_t groups) {
 // ---------------------------------------------------------------------------------------------------------
 // LlamaConfig
 
+namespace {
+
+// The sizes of a LlamaConfig (Hugging Face's field names), each > 0.
+std::vector<std::pair<const char*, int64_t>> size_fields(const LlamaConfig& c) {
+  return {{"vocab_size", c.vocab_size()},
+          {"hidden_size", c.hidden_size()},
+          {"intermediate_size", c.intermediate_size()},
+          {"num_hidden_layers", c.num_hidden_layers()},
+          {"num_attention_heads", c.num_attention_heads()},
+          {"num_key_value_heads", c.num_key_value_heads()},
+          {"max_position_embeddings", c.max_position_embeddings()}};
+}
+
+}  // namespace
+
 LlamaConfig LlamaConfig::llama2_7b() {
   return LlamaConfig()
       .vocab_size(32000)
@@ -82,16 +99,7 @@ LlamaConfig LlamaConfig::llama3_70b() {
 }
 
 void LlamaConfig::validate() const {
-  const std::pair<const char*, int64_t> sizes[] = {
-      {"vocab_size", vocab_size()},
-      {"hidden_size", hidden_size()},
-      {"intermediate_size", intermediate_size()},
-      {"num_hidden_layers", num_hidden_layers()},
-      {"num_attention_heads", num_attention_heads()},
-      {"num_key_value_heads", num_key_value_heads()},
-      {"max_position_embeddings", max_position_embeddings()},
-  };
-  for (const auto& [name, value] : sizes) {
+  for (const auto& [name, value] : size_fields(*this)) {
     TORCH_CHECK_VALUE(value > 0, "LlamaConfig: ", name, " must be > 0; found ", value);
   }
   TORCH_CHECK_VALUE(hidden_size() % num_attention_heads() == 0,
@@ -121,15 +129,7 @@ void LlamaConfig::validate() const {
 
 LlamaConfig LlamaConfig::from_hf_json(const std::string& json_text, const std::string& what) {
   using json = nlohmann::json;
-  json j;
-  try {
-    j = json::parse(json_text, [&](int depth, json::parse_event_t, json&) {
-      TORCH_CHECK_VALUE(depth <= 64, what, ": JSON nested deeper than 64 levels");
-      return true;
-    });
-  } catch (const json::exception& e) {
-    TORCH_CHECK_VALUE(false, what, ": not valid JSON (", e.what(), ")");
-  }
+  const json j = lorafuse::detail::parse_json<json>(json_text, what);
   TORCH_CHECK_VALUE(j.is_object(), what, ": expected a JSON object, found ", j.type_name());
   const auto field = [&](const char* key) -> const json& {
     static const json null;
@@ -198,25 +198,18 @@ std::string LlamaConfig::to_hf_json() const {
                            : dtype == at::kHalf   ? "float16"
                            : dtype == at::kDouble ? "float64"
                                                   : "float32";
-  nlohmann::ordered_json j = {{"architectures", {"LlamaForCausalLM"}},
-                              {"model_type", "llama"},
-                              {"vocab_size", vocab_size()},
-                              {"hidden_size", hidden_size()},
-                              {"intermediate_size", intermediate_size()},
-                              {"num_hidden_layers", num_hidden_layers()},
-                              {"num_attention_heads", num_attention_heads()},
-                              {"num_key_value_heads", num_key_value_heads()},
-                              {"head_dim", head_dim()},
-                              {"max_position_embeddings", max_position_embeddings()},
-                              {"rope_theta", rope_theta()},
-                              {"rope_parameters", {{"rope_type", "default"}, {"rope_theta", rope_theta()}}},
-                              {"rms_norm_eps", rms_norm_eps()},
-                              {"initializer_range", initializer_range()},
-                              {"hidden_act", "silu"},
-                              {"attention_bias", false},
-                              {"mlp_bias", false},
-                              {"tie_word_embeddings", false},
-                              {"torch_dtype", dtype_name}};
+  nlohmann::ordered_json j = {{"architectures", {"LlamaForCausalLM"}}, {"model_type", "llama"}};
+  for (const auto& [name, value] : size_fields(*this)) j[name] = value;
+  j.update(nlohmann::ordered_json{{"head_dim", head_dim()},
+                                  {"rope_theta", rope_theta()},
+                                  {"rope_parameters", {{"rope_type", "default"}, {"rope_theta", rope_theta()}}},
+                                  {"rms_norm_eps", rms_norm_eps()},
+                                  {"initializer_range", initializer_range()},
+                                  {"hidden_act", "silu"},
+                                  {"attention_bias", false},
+                                  {"mlp_bias", false},
+                                  {"tie_word_embeddings", false},
+                                  {"torch_dtype", dtype_name}});
   return j.dump(2);
 }
 

@@ -6,8 +6,10 @@
 #include <limits>
 
 #include "catch.h"
+#include "cuda_emu/dtype_of.h"
 // the emulator's macros (threadIdx, __shared__, ...) come after other headers and before the kernels'
 #include "cuda_emu/emulator.h"
+
 #include "cuda/lora_linear/lora_linear_launch.cuh"
 
 namespace {
@@ -15,20 +17,7 @@ namespace {
 using lorafuse::cuda::BackwardPlan;
 using lorafuse::cuda::DropoutParams;
 
-template <typename T>
-at::ScalarType dtype_of();
-template <>
-at::ScalarType dtype_of<float>() {
-  return at::kFloat;
-}
-template <>
-at::ScalarType dtype_of<__half>() {
-  return at::kHalf;
-}
-template <>
-at::ScalarType dtype_of<__nv_bfloat16>() {
-  return at::kBFloat16;
-}
+using lorafuse_test::dtype_of;
 
 double tol_of(at::ScalarType t) { return t == at::kFloat ? 2e-5 : (t == at::kHalf ? 4e-3 : 2e-2); }
 
@@ -153,12 +142,15 @@ void check_backward(const Case& c, bool need_x, bool need_a, bool need_b, bool n
   gp.out = c.out;
   gp.r = c.r;
   lorafuse::cuda::run_grad_out<Tx, Ta>(launch, gp, plan);
-  if (need_v) lorafuse::cuda::run_reduce<float>(launch, v_part.data_ptr<float>(), plan.out_col_tiles, c.tokens * c.r,
-                                                1.f, v.data_ptr<float>());
-  if (need_b) lorafuse::cuda::run_reduce<Ta>(launch, db_part.data_ptr<float>(), plan.out_splits, c.out * c.r, scale,
-                                             reinterpret_cast<Ta*>(gb.data_ptr()));
-  if (need_bias) lorafuse::cuda::run_reduce<Tx>(launch, bias_part.data_ptr<float>(), plan.out_splits, c.out, 1.f,
-                                                reinterpret_cast<Tx*>(gbias.data_ptr()));
+  if (need_v)
+    lorafuse::cuda::run_reduce<float>(launch, v_part.data_ptr<float>(), plan.out_col_tiles, c.tokens * c.r, 1.f,
+                                      v.data_ptr<float>());
+  if (need_b)
+    lorafuse::cuda::run_reduce<Ta>(launch, db_part.data_ptr<float>(), plan.out_splits, c.out * c.r, scale,
+                                   reinterpret_cast<Ta*>(gb.data_ptr()));
+  if (need_bias)
+    lorafuse::cuda::run_reduce<Tx>(launch, bias_part.data_ptr<float>(), plan.out_splits, c.out, 1.f,
+                                   reinterpret_cast<Tx*>(gbias.data_ptr()));
   if (need_v) {
     lorafuse::cuda::GradXParams xp{};
     xp.x = x_store.data_ptr();
@@ -174,8 +166,9 @@ void check_backward(const Case& c, bool need_x, bool need_a, bool need_b, bool n
     xp.drop = dropout(c.p, 0, 0);
     xp.drop.rng_in = c.p > 0 ? rng.data_ptr<int64_t>() : nullptr;
     lorafuse::cuda::run_grad_x<Tx, Ta>(launch, xp, plan);
-    if (need_a) lorafuse::cuda::run_reduce<Ta>(launch, da_part.data_ptr<float>(), plan.x_splits, c.r * c.in, scale,
-                                               reinterpret_cast<Ta*>(ga.data_ptr()));
+    if (need_a)
+      lorafuse::cuda::run_reduce<Ta>(launch, da_part.data_ptr<float>(), plan.x_splits, c.r * c.in, scale,
+                                     reinterpret_cast<Ta*>(ga.data_ptr()));
   }
 
   const auto dyd = dy.to(at::kDouble), xd_mask = keep_scale(c.tokens, c.in, c.p, 77, 8);
@@ -261,7 +254,7 @@ TEST_CASE("emulator: a barrier that not every thread reaches is reported", "[cud
   };
   auto divergent = +[](P) {
     if (threadIdx.x == 0) __shfl_xor_sync(0xffffffffu, 1.f, 1);  // lane 0 alone at a warp shuffle
-    __syncthreads();                                            // everyone else here: neither completes
+    __syncthreads();                                             // everyone else here: neither completes
   };
   REQUIRE_THROWS_AS(lorafuse_emu::launch(divergent, dim3(1), 64, 0, P{0}), std::runtime_error);
 }

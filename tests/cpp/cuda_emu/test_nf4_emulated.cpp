@@ -5,6 +5,7 @@
 #include <lorafuse/ops/nf4.h>
 
 #include "catch.h"
+#include "cuda_emu/dtype_of.h"
 // the emulator's macros (threadIdx, __shared__, ...) come after other headers and before the kernels'
 #include "cuda_emu/emulator.h"
 
@@ -14,20 +15,7 @@ namespace {
 
 using lorafuse::cuda::Nf4View;
 
-template <typename T>
-at::ScalarType dtype_of();
-template <>
-at::ScalarType dtype_of<float>() {
-  return at::kFloat;
-}
-template <>
-at::ScalarType dtype_of<__half>() {
-  return at::kHalf;
-}
-template <>
-at::ScalarType dtype_of<__nv_bfloat16>() {
-  return at::kBFloat16;
-}
+using lorafuse_test::dtype_of;
 
 struct Quantized {
   lorafuse::Nf4Weight q;

@@ -110,7 +110,7 @@ TEST_CASE("nf4 checkpoint: every rule of the reader, named", "[cpu][io][nf4][err
   require_error_parts<c10::ValueError>([&] { read(with(state, at::Tensor())); },
                                        {"test: \"w\"", "no \"w.quant_state.bitsandbytes__nf4\""});
   require_error_parts<c10::ValueError>([&] { read(with(state, at::zeros({3}, at::kFloat))); }, {"expected uint8 [n]"});
-  state_error("{\"quant_type\":", {"quant_state", "not valid UTF-8 JSON"});
+  state_error("{\"quant_type\":", {"quant_state", "not valid JSON"});
   state_error("[1]", {"quant_state: expected a JSON object, found array"});
   state_error(R"({"quant_type":"nf4","blocksize":64,"dtype":"float32","shape":[8,48],"extra":1})",
               {"unknown field \"extra\""});

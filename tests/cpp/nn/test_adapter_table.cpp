@@ -84,7 +84,7 @@ TEST_CASE("adapter table: activating, removing, routing under scopes", "[cpu][nn
   CHECK(t.names().empty());
 }
 
-TEST_CASE("adapter table: merge plans start from the unmerged weight; refusals name the problem",
+TEST_CASE("adapter table: merge plans start from the unmerged weight, refusals name the problem",
           "[cpu][nn][adapter_table]") {
   AdapterTable t = table_with({"a", "b", "c"});
   CHECK(t.plan_merge({"b"}) == std::vector<std::string>{"b"});

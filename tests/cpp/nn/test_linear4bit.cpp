@@ -43,7 +43,7 @@ TEST_CASE("Linear4bit: from_linear holds quantize_nf4's bytes and computes x·de
         "compute_dtype=Float)");
 }
 
-TEST_CASE("Linear4bit: a new layer is a zero weight; bfloat16 compute; archives and clones keep the bytes",
+TEST_CASE("Linear4bit: a new layer is a zero weight, bfloat16 compute, archives and clones keep the bytes",
           "[cpu][nn][nf4]") {
   Linear4bit fresh(Linear4bitOptions(64, 32).bias(false).compute_dtype(at::kBFloat16).double_quant(false));
   CHECK(at::equal(fresh->dequantized_weight(at::kFloat), at::zeros({32, 64})));

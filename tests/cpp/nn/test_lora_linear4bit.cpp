@@ -54,7 +54,7 @@ bool same_bytes(const Linear4bitImpl& base, const std::vector<at::Tensor>& bytes
 
 }  // namespace
 
-TEST_CASE("LoraLinear4bit: forward and gradients equal the float64 reference; the 4-bit weight never trains",
+TEST_CASE("LoraLinear4bit: forward and gradients equal the float64 reference, the 4-bit weight never trains",
           "[cpu][nn][nf4]") {
   auto layer = make_layer();
   CHECK(lorafuse::nn::base_kind_of(*layer->base_layer)->name() == std::string("linear4bit"));
@@ -111,7 +111,7 @@ TEST_CASE("LoraLinear4bit: a bfloat16 compute dtype keeps float32 adapters (PEFT
   CHECK(ours <= 2 * theirs + 1e-2);
 }
 
-TEST_CASE("LoraLinear4bit: merge refuses unless requantize; a requantized merge reports its error and unmerges exactly",
+TEST_CASE("LoraLinear4bit: merge refuses unless requantize, a requantized merge reports its error and unmerges exactly",
           "[cpu][nn][nf4][merge]") {
   auto layer = make_layer();
   const auto x = at::randn({7, 192});

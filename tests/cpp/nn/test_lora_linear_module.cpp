@@ -176,7 +176,7 @@ TEST_CASE("named adapters: add, set, disable, enable, delete", "[cpu][nn]") {
   CHECK(at::equal(layer->forward(x), layer->base_layer->forward(x)));
 }
 
-TEST_CASE("merge: zero added latency path, output unchanged; unmerge restores W exactly", "[cpu][cuda][nn]") {
+TEST_CASE("merge: zero added latency path, output unchanged, unmerge restores W exactly", "[cpu][cuda][nn]") {
   for (const auto& device : lorafuse_test::module_devices()) {
     INFO("device " << device);
     auto layer = random_layer(48, 20, 8, 5);

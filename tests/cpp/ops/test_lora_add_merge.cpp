@@ -21,7 +21,7 @@ TEST_CASE("lora_add: base_out + scale·x·Aᵀ·Bᵀ and its gradients", "[cpu][
   for (size_t i = 0; i < ours.size(); ++i) CHECK(at::allclose(ours[i], theirs[i], 1e-12, 1e-12));
 }
 
-TEST_CASE("lora_merge: rounded once from the weight; non-finite refused", "[cpu][ops][merge]") {
+TEST_CASE("lora_merge: rounded once from the weight, non-finite refused", "[cpu][ops][merge]") {
   at::Tensor w = at::randn({5, 7}).to(at::kHalf);
   at::Tensor a = at::randn({4, 7}), b = at::randn({5, 4});
   at::Tensor merged = lorafuse::lora_merge(w, {a, a}, {b, b}, {0.5, 0.25});

@@ -195,7 +195,7 @@ TEST_CASE("bias modes: none, all, lora_only", "[cpu][nn][inject]") {
   CHECK(trainable_biases("lora_only") == std::set<std::string>{"0.fc1.base_layer.bias", "1.fc1.base_layer.bias"});
 }
 
-TEST_CASE("the active adapter's bias mode decides; biases get gradients through the fused op", "[cpu][nn][inject]") {
+TEST_CASE("the active adapter's bias mode decides, biases get gradients through the fused op", "[cpu][nn][inject]") {
   torch::nn::ModuleList seq{SlotBlock{}, SlotBlock{}};
   lorafuse::inject_lora(*seq, LoraConfig().target_modules({"fc1"}).bias("lora_only").init_lora_weights(false));
   lorafuse::add_adapter(*seq, "b", LoraConfig().target_modules({"fc2"}).bias("none"));  // waits: default stays active
@@ -291,7 +291,7 @@ TEST_CASE("a Linear in a ModuleDict is replaced in the dict", "[cpu][nn][inject]
   CHECK(root->named_parameters().find("0.head.lora_A.default.weight") != nullptr);
 }
 
-TEST_CASE("a second adapter is added beside the first; set_adapter switches model-wide", "[cpu][nn][inject]") {
+TEST_CASE("a second adapter is added beside the first, set_adapter switches model-wide", "[cpu][nn][inject]") {
   auto model = tiny_llama(2);
   model->eval();
   const auto base = model->forward(ids());

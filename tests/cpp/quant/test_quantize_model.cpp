@@ -136,7 +136,7 @@ TEST_CASE("QLoRA on the reference Llama: inject_lora over Linear4bit, training c
 }
 
 TEST_CASE(
-    "QLoRA model-wide merges: refused into 4 bits unless asked, reported, unmerged exactly; merge_and_unload "
+    "QLoRA model-wide merges: refused into 4 bits unless asked, reported, unmerged exactly, merge_and_unload "
     "gives a dense model",
     "[cpu][quant][nf4][merge]") {
   auto model = tiny_llama(2);
