@@ -2,6 +2,7 @@
 #include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
 #include <lorafuse/nn/linear4bit.h>
+#include <lorafuse/ops/lora_linear.h>
 #include <lorafuse/ops/nf4.h>
 #include <torch/csrc/autograd/grad_mode.h>
 
@@ -61,7 +62,9 @@ std::shared_ptr<Linear4bitImpl> Linear4bitImpl::from_weight(const at::Tensor& we
                            .compute_dtype(compute_dtype.value_or(weight.scalar_type()))
                            .blocksize(blocksize)
                            .double_quant(double_quant);
-  const auto q = lorafuse::quantize_nf4(weight.to(at::kCPU), blocksize, double_quant);
+  // on the weight's device; through the CPU in a build without CUDA kernels (the same bytes either way)
+  const bool on_cpu = weight.is_cuda() && !lorafuse::has_cuda_kernels();
+  const auto q = lorafuse::quantize_nf4(on_cpu ? weight.to(at::kCPU) : weight, blocksize, double_quant);
   auto layer = from_nf4(options,
                         {q.packed.to(weight.device()), q.absmax.to(weight.device()),
                          q.nested_absmax.to(weight.device()), q.offset.to(weight.device())},

@@ -1,17 +1,20 @@
-// Host wrappers of the NF4 CUDA kernels and their TORCH_LIBRARY_IMPL(lorafuse, CUDA, m): dequantize_nf4 (bit-exact
-// with the CPU kernel), nf4_linear (T ≤ kGemvTokens: the 4-bit GEMV on the packed bytes; larger T: the weight
-// dequantized into a scratch buffer in x's dtype, then cuBLAS) and nf4_linear_backward (dX = dY·W through cuBLAS on
-// the dequantized weight). quantize_nf4 has no CUDA kernel yet: csrc/ops/nf4_cuda_pending.cpp says so (CUDA builds
-// register only that one there).
+// Host wrappers of the NF4 CUDA kernels and their TORCH_LIBRARY_IMPL(lorafuse, CUDA, m): quantize_nf4 and
+// dequantize_nf4 (bit-exact with the CPU kernels: the same bytes on every device), nf4_linear (T ≤ kGemvTokens: the
+// 4-bit GEMV on the packed bytes; larger T: the weight dequantized into a scratch buffer in x's dtype, then cuBLAS) and
+// nf4_linear_backward (dX = dY·W through cuBLAS on the dequantized weight).
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/mean.h>
 #include <ATen/ops/mm.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <optional>
+#include <tuple>
+#include <vector>
 
 #include "csrc/ops/common/nf4_checks.h"
 #include "cuda/common/launch.h"
@@ -80,6 +83,43 @@ at::Tensor dequantized(const Weight& w, int64_t out_features, int64_t in_feature
     run_nf4_dequantize<T>(launch, w.view, device_ptr<T>(dense), dense.numel(), max_blocks(like));
   });
   return dense;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_nf4_cuda(const at::Tensor& weight,
+                                                                             int64_t blocksize, bool double_quant) {
+  lorafuse::detail::check_quantize_nf4_args(weight, blocksize);
+  const c10::cuda::CUDAGuard guard(weight.device());
+  const at::Tensor flat = weight.reshape(-1).to(at::kFloat).contiguous();  // row-major, as bitsandbytes reads it
+  lorafuse::detail::check_nf4_finite(flat);
+  const int64_t n = flat.numel();
+  const auto f32 = flat.options();
+  const auto p = nf4_quantize_params(flat.data_ptr<float>(), n, blocksize, nullptr, nullptr);
+  at::Tensor packed = at::empty({(n + 1) / 2, 1}, f32.dtype(at::kByte));
+  at::Tensor absmax = at::empty({p.blocks}, f32);
+  auto params = p;
+  params.absmax = absmax.data_ptr<float>();
+  params.packed = packed.data_ptr<uint8_t>();
+  const CudaLauncher launch{at::cuda::getCurrentCUDAStream()};
+  run_nf4_quantize(launch, params);
+  if (!double_quant) return {packed, absmax, at::empty({0}, f32), at::empty({0}, f32)};
+  // the mean on the CPU, in the CPU kernel's reduction order: the same offset (and bytes) on every device
+  const at::Tensor offset = at::mean(absmax.cpu()).to(weight.device());
+  static const std::vector<uint8_t> lut = [] {
+    std::vector<uint8_t> table(nf4::kLutSize);
+    nf4::build_lut(lorafuse::detail::dynamic_code().data(), table.data());
+    return table;
+  }();
+  const at::Tensor device_lut =
+      at::from_blob(const_cast<uint8_t*>(lut.data()), {nf4::kLutSize}, at::TensorOptions().dtype(at::kByte))
+          .to(weight.device());
+  const int64_t groups = ceil_div<int64_t>(p.blocks, nf4::kNestedBlocksize);
+  at::Tensor codes = at::empty({p.blocks}, f32.dtype(at::kByte));
+  at::Tensor nested = at::empty({groups}, f32);
+  run_nf4_quantize_statistics(
+      launch,
+      Nf4QuantizeStatisticsParams{absmax.data_ptr<float>(), offset.data_ptr<float>(), p.blocks, groups,
+                                  nested.data_ptr<float>(), codes.data_ptr<uint8_t>(), device_lut.data_ptr<uint8_t>()});
+  return {packed, codes, nested, offset};
 }
 
 at::Tensor dequantize_nf4_cuda(const at::Tensor& packed, const at::Tensor& absmax,
@@ -153,6 +193,7 @@ at::Tensor nf4_linear_backward_cuda(const at::Tensor& grad_out, const at::Tensor
 }  // namespace lorafuse::cuda
 
 TORCH_LIBRARY_IMPL(lorafuse, CUDA, m) {
+  m.impl("quantize_nf4", &lorafuse::cuda::quantize_nf4_cuda);
   m.impl("dequantize_nf4", &lorafuse::cuda::dequantize_nf4_cuda);
   m.impl("nf4_linear", &lorafuse::cuda::nf4_linear_cuda);
   m.impl("nf4_linear_backward", &lorafuse::cuda::nf4_linear_backward_cuda);

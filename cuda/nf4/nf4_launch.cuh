@@ -27,6 +27,34 @@ inline Nf4View nf4_view(const uint8_t* packed, const float* absmax, const uint8_
   return v;
 }
 
+// The quantize kernel's parameters for w [n] (float32) in blocks of `blocksize`, the code tables filled in.
+inline Nf4QuantizeParams nf4_quantize_params(const float* w, int64_t n, int64_t blocksize, float* absmax,
+                                             uint8_t* packed) {
+  Nf4QuantizeParams p{};
+  p.w = w;
+  p.n = n;
+  p.blocksize = blocksize;
+  p.blocks = ceil_div<int64_t>(n, blocksize);
+  p.absmax = absmax;
+  p.packed = packed;
+  for (int i = 0; i < 15; ++i) p.midpoints[i] = (nf4::kCode[i] + nf4::kCode[i + 1]) / 2.0f;  // as nf4::index_of
+  p.zero_code = nf4::index_of(0.0f);
+  return p;
+}
+
+template <typename Launcher>
+void run_nf4_quantize(const Launcher& launch, const Nf4QuantizeParams& p) {
+  if (p.blocks == 0) return;
+  launch(nf4_quantize_kernel, dim3(static_cast<unsigned>(ceil_div<int64_t>(p.blocks, kNf4Threads))), kNf4Threads, 0, p);
+}
+
+template <typename Launcher>
+void run_nf4_quantize_statistics(const Launcher& launch, const Nf4QuantizeStatisticsParams& p) {
+  if (p.groups == 0) return;
+  launch(nf4_quantize_statistics_kernel, dim3(static_cast<unsigned>(ceil_div<int64_t>(p.groups, kNf4Threads))),
+         kNf4Threads, 0, p);
+}
+
 // out [n] = the weight in T; at most max_blocks blocks (a few per SM), each looping over its share.
 template <typename T, typename Launcher>
 void run_nf4_dequantize(const Launcher& launch, const Nf4View& w, T* out, int64_t n, int64_t max_blocks) {

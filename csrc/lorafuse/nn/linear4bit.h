@@ -40,14 +40,14 @@ class Linear4bitImpl : public torch::nn::Cloneable<Linear4bitImpl> {
   /// A layer holding a zero weight (load a state or use from_linear).
   explicit Linear4bitImpl(const Linear4bitOptions& options);
 
-  /// `linear`'s weight quantized to NF4 (on the CPU kernels; the buffers are put on the weight's device) and its
-  /// bias in compute_dtype, which defaults to the weight's dtype.
+  /// `linear`'s weight quantized to NF4 (as from_weight) and its bias in compute_dtype, which defaults to the weight's
+  /// dtype.
   static std::shared_ptr<Linear4bitImpl> from_linear(const torch::nn::Linear& linear,
                                                      std::optional<c10::ScalarType> compute_dtype = std::nullopt,
                                                      int64_t blocksize = 64, bool double_quant = true);
 
-  /// A layer holding `weight` [out_features, in_features] (any device; quantized on the CPU kernels, the buffers put on
-  /// the weight's device) and `bias` (undefined for none; kept as given, cast to compute_dtype).
+  /// A layer holding `weight` [out_features, in_features] quantized on its device (a CUDA weight through the CPU in a
+  /// build without CUDA kernels: the same bytes either way) and `bias` (undefined for none; cast to compute_dtype).
   static std::shared_ptr<Linear4bitImpl> from_weight(const at::Tensor& weight, const at::Tensor& bias,
                                                      std::optional<c10::ScalarType> compute_dtype = std::nullopt,
                                                      int64_t blocksize = 64, bool double_quant = true);

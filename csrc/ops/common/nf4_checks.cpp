@@ -1,6 +1,11 @@
 #include "csrc/ops/common/nf4_checks.h"
 
+#include <ATen/ops/any.h>
+#include <ATen/ops/isfinite.h>
 #include <ATen/ops/linspace.h>
+#include <ATen/ops/logical_not.h>
+#include <ATen/ops/nonzero.h>
+#include <ATen/ops/select.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -17,29 +22,36 @@ bool is_input_float(at::ScalarType t) { return t == at::kFloat || t == at::kBFlo
 void check_blocksize(const char* op, int64_t blocksize) {
   const auto* begin = std::begin(nf4::kBlocksizes);
   const auto* end = std::end(nf4::kBlocksizes);
-  TORCH_CHECK_VALUE(std::find(begin, end, blocksize) != end, op,
-                    ": blocksize: expected one of 32, 64, 128, 256, 512, 1024, 2048, 4096 (bitsandbytes' sizes), found ",
-                    blocksize);
+  TORCH_CHECK_VALUE(
+      std::find(begin, end, blocksize) != end, op,
+      ": blocksize: expected one of 32, 64, 128, 256, 512, 1024, 2048, 4096 (bitsandbytes' sizes), found ", blocksize);
 }
 
 }  // namespace
+
+void check_nf4_finite(const at::Tensor& flat) {
+  const auto bad = at::isfinite(flat).logical_not();
+  if (!bad.any().item<bool>()) return;
+  const int64_t index = at::nonzero(bad)[0][0].item<int64_t>();
+  TORCH_CHECK_VALUE(false, "lorafuse.quantize_nf4: weight: expected finite values, found ", flat[index].item<float>(),
+                    " at flat index ", index);
+}
 
 void check_quantize_nf4_args(const at::Tensor& weight, int64_t blocksize) {
   constexpr const char* op = "lorafuse.quantize_nf4";
   TORCH_CHECK_VALUE(weight.defined(), op, ": weight must be a tensor");
   TORCH_CHECK_VALUE(weight.layout() == at::kStrided, op, ": weight must be a dense (strided) tensor, found layout ",
                     weight.layout());
-  TORCH_CHECK_TYPE(is_input_float(weight.scalar_type()), op,
-                   ": weight: expected float32, bfloat16 or float16, found ", weight.scalar_type());
+  TORCH_CHECK_TYPE(is_input_float(weight.scalar_type()), op, ": weight: expected float32, bfloat16 or float16, found ",
+                   weight.scalar_type());
   TORCH_CHECK_VALUE(weight.sym_numel() > 0, op, ": weight: expected at least one element, found shape ",
                     weight.sym_sizes());
   check_blocksize(op, blocksize);
 }
 
 bool check_dequantize_nf4_args(const char* op, const at::Tensor& packed, const at::Tensor& absmax,
-                               const std::optional<at::Tensor>& nested_absmax,
-                               const std::optional<at::Tensor>& offset, int64_t blocksize, at::IntArrayRef shape,
-                               at::ScalarType dtype) {
+                               const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,
+                               int64_t blocksize, at::IntArrayRef shape, at::ScalarType dtype) {
   check_blocksize(op, blocksize);
   TORCH_CHECK_TYPE(is_input_float(dtype), op, ": dtype: expected float32, bfloat16 or float16, found ", dtype);
   int64_t n = 1;

@@ -17,13 +17,17 @@ inline int64_t nf4_blocks(int64_t n, int64_t blocksize) { return (n + blocksize 
 /// quantize_nf4: weight float32/bfloat16/float16, strided, non-empty; blocksize one of 32 ... 4096.
 void check_quantize_nf4_args(const at::Tensor& weight, int64_t blocksize);
 
+/// quantize_nf4's weight (flat float32, any device) holds finite values only: bitsandbytes turns a NaN into a NaN block
+/// statistic and an infinity into NaN codes, and with double quantization the result would depend on undefined
+/// float-to-int conversions. The error gives the first bad value's flat index.
+void check_nf4_finite(const at::Tensor& flat);
+
 /// dequantize_nf4 (and the weight of nf4_linear; `op` names the op in messages): sizes and dtypes of packed, absmax,
 /// nested_absmax and offset agree with shape and blocksize.
 /// Returns whether the statistics are double-quantized.
 bool check_dequantize_nf4_args(const char* op, const at::Tensor& packed, const at::Tensor& absmax,
-                               const std::optional<at::Tensor>& nested_absmax,
-                               const std::optional<at::Tensor>& offset, int64_t blocksize, at::IntArrayRef shape,
-                               at::ScalarType dtype);
+                               const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,
+                               int64_t blocksize, at::IntArrayRef shape, at::ScalarType dtype);
 
 /// nf4_linear / nf4_linear_backward: x (or grad_out) float32/bfloat16/float16/float64 with its last size matching,
 /// the NF4 weight [out_features, in_features] as dequantize_nf4 checks it, bias [out_features] in x's dtype.

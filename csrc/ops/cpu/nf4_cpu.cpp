@@ -29,16 +29,6 @@
 namespace lorafuse::cpu {
 namespace {
 
-// Finite values only: bitsandbytes turns a NaN into a NaN block statistic (and the whole block into NaN) and an
-// infinity into NaN codes; with double quantization the result depends on undefined float-to-int conversions.
-void check_finite(const at::Tensor& flat) {
-  const auto bad = at::isfinite(flat).logical_not();
-  if (!bad.any().item<bool>()) return;
-  const int64_t index = at::nonzero(bad)[0][0].item<int64_t>();
-  TORCH_CHECK_VALUE(false, "lorafuse.quantize_nf4: weight: expected finite values, found ", flat[index].item<float>(),
-                    " at flat index ", index);
-}
-
 // First level: one absmax per block; the codes of a block written two per byte (blocksizes are even, so a byte
 // never holds two blocks). Full blocks scale by the reciprocal of their absmax; a partial last block divides by
 // its absmax clamped to kMinAbsmax, which is also what it stores — bitsandbytes' arithmetic, kept for its bits.
@@ -96,7 +86,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_nf4_cpu(cons
                                                                             bool double_quant) {
   detail::check_quantize_nf4_args(weight, blocksize);
   const at::Tensor flat = weight.reshape(-1).to(at::kFloat).contiguous();  // row-major, as bitsandbytes reads it
-  check_finite(flat);
+  detail::check_nf4_finite(flat);
   const int64_t n = flat.numel();
   const int64_t blocks = detail::nf4_blocks(n, blocksize);
   const auto f32 = flat.options();

@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from .. import _C
 from ..ops import Nf4Weight, dequantize_nf4, quantize_nf4
 
 _COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -55,8 +56,7 @@ class Linear4bit(nn.Module):
         blocksize: int = 64,
         double_quant: bool = True,
     ) -> "Linear4bit":
-        """``linear``'s weight quantized to NF4 (kept on its device; the CPU kernels quantize it, so a CUDA weight
-        is quantized through the CPU), its bias in ``compute_dtype``, which defaults to the weight's dtype."""
+        """``linear``'s weight quantized to NF4 (kept on its device, see :meth:`from_weight`), its bias in ``compute_dtype``, which defaults to the weight's dtype."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear: expected a torch.nn.Linear, found {type(linear).__name__}")
         return cls.from_weight(linear.weight, linear.bias, compute_dtype, blocksize, double_quant)
@@ -70,8 +70,8 @@ class Linear4bit(nn.Module):
         blocksize: int = 64,
         double_quant: bool = True,
     ) -> "Linear4bit":
-        """A layer holding ``weight`` [out_features, in_features] in NF4 (on its device, quantized by the CPU
-        kernels) and ``bias`` (None for none; a frozen copy in ``compute_dtype`` unless it requires grad), with
+        """A layer holding ``weight`` [out_features, in_features] in NF4 (on its device; a CUDA weight is quantized by the
+        CUDA kernels, or through the CPU in a build without them: the same bytes) and ``bias`` (None for none; a frozen copy in ``compute_dtype`` unless it requires grad), with
         ``compute_dtype`` defaulting to the weight's dtype."""
         if not isinstance(weight, Tensor) or weight.dim() != 2:
             found = list(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
@@ -87,7 +87,8 @@ class Linear4bit(nn.Module):
             double_quant=double_quant,
             device=torch.device("meta"),
         )
-        q = quantize_nf4(weight if weight.device.type != "cuda" else weight.cpu(), blocksize, double_quant)
+        on_cpu = weight.device.type == "cuda" and not _C.has_cuda_kernels()  # the same bytes either way
+        q = quantize_nf4(weight.cpu() if on_cpu else weight, blocksize, double_quant)
         for name, t in zip(Nf4Weight._fields, q):
             setattr(layer, name, t.to(weight.device))
         if bias is not None:

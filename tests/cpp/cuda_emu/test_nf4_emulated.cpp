@@ -81,7 +81,54 @@ void check_gemv(int64_t tokens, int64_t in, int64_t out, bool nested, bool bias,
   CHECK(err < tol);
 }
 
+// The quantize kernels against the CPU op: the same bytes, statistics, nested statistics (offset from the CPU op: the
+// host wrapper takes the mean on the CPU too).
+void check_quantize(const at::Tensor& weight, int64_t blocksize, bool nested) {
+  const at::Tensor flat = weight.reshape(-1).to(at::kFloat).contiguous();
+  const int64_t n = flat.numel();
+  const auto want = lorafuse::quantize_nf4(weight, blocksize, nested);
+  auto p = lorafuse::cuda::nf4_quantize_params(flat.data_ptr<float>(), n, blocksize, nullptr, nullptr);
+  at::Tensor absmax = at::full({p.blocks}, -1.0);
+  at::Tensor packed = at::full({(n + 1) / 2, 1}, 0xAB, at::kByte);
+  p.absmax = absmax.data_ptr<float>();
+  p.packed = packed.data_ptr<uint8_t>();
+  lorafuse::cuda::run_nf4_quantize(lorafuse_emu::Launcher{}, p);
+  INFO("n " << n << " blocksize " << blocksize << " nested " << nested);
+  CHECK(at::equal(packed, want.packed));
+  if (!nested) {
+    CHECK(at::equal(absmax, want.absmax));
+    return;
+  }
+  std::vector<uint8_t> lut(lorafuse::nf4::kLutSize);
+  lorafuse::nf4::build_lut(lorafuse::dynamic_code_map().data_ptr<float>(), lut.data());
+  const int64_t groups = (p.blocks + 255) / 256;
+  at::Tensor codes = at::full({p.blocks}, 0xAB, at::kByte);
+  at::Tensor nested_absmax = at::full({groups}, -1.0);
+  const at::Tensor offset = at::mean(absmax);
+  lorafuse::cuda::run_nf4_quantize_statistics(
+      lorafuse_emu::Launcher{}, lorafuse::cuda::Nf4QuantizeStatisticsParams{
+                                    absmax.data_ptr<float>(), offset.data_ptr<float>(), p.blocks, groups,
+                                    nested_absmax.data_ptr<float>(), codes.data_ptr<uint8_t>(), lut.data()});
+  CHECK(at::equal(offset, want.offset));
+  CHECK(at::equal(codes, want.absmax));
+  CHECK(at::equal(nested_absmax, want.nested_absmax));
+}
+
 }  // namespace
+
+TEST_CASE("emulated NF4 kernels: quantize gives the CPU op's bytes", "[cuda-emu][nf4]") {
+  at::manual_seed(4);
+  check_quantize(at::randn({8, 64}) * 3, 64, true);
+  check_quantize(at::randn({7, 33}), 32, false);                      // odd n, a partial last block
+  check_quantize(at::randn({75, 128}), 32, true);                     // 300 blocks: two groups of nested statistics
+  check_quantize(at::randn({3, 300}).to(at::kBFloat16), 4096, true);  // one partial block
+  check_quantize(at::zeros({4, 64}), 64, true);                       // all-zero blocks and statistics
+  // ties: values exactly halfway between two codes (scaled by the block's absmax of 1) take the lower code
+  at::Tensor ties = at::empty({64});
+  for (int64_t i = 0; i < 64; ++i)
+    ties[i] = i == 0 ? 1.0f : (lorafuse::nf4::kCode[i % 15] + lorafuse::nf4::kCode[i % 15 + 1]) / 2.0f;
+  check_quantize(ties, 64, false);
+}
 
 TEST_CASE("emulated NF4 kernels: dequantize is bit-exact with the CPU op", "[cuda-emu][nf4]") {
   check_dequantize<float>(8, 64, 64, true, 1024);

@@ -1,4 +1,4 @@
-"""The NF4 ops on CUDA (cuda/nf4/): dequantize bit-exact with the CPU kernel, nf4_linear through the decode GEMV
+"""The NF4 ops on CUDA (cuda/nf4/): quantize and dequantize bit-exact with the CPU kernels, nf4_linear through the decode GEMV
 (T <= 16) and through the dequantized weight + cuBLAS (larger T) against a float64 reference, its backward, and a
 QLoRA layer moved to the GPU. Skipped without a GPU or without CUDA kernels in this build; the same kernels run
 through the CPU emulator in tests/cpp/cuda_emu on every machine."""
@@ -67,9 +67,16 @@ def test_nf4_linear_backward_on_cuda(dtype, tokens):
     torch.testing.assert_close(bias.grad, grad.sum(0))
 
 
-def test_quantizing_on_cuda_says_there_is_no_kernel_yet():
-    with pytest.raises(RuntimeError, match="lorafuse.quantize_nf4: lorafuse has no CUDA kernel for this op yet"):
-        lorafuse.quantize_nf4(torch.randn(8, 64, device="cuda"))
+@pytest.mark.parametrize("shape,blocksize,double_quant", [((64, 128), 64, True), ((7, 33), 32, False), ((300, 256), 32, True)])
+def test_quantize_on_cuda_gives_the_cpu_bytes(shape, blocksize, double_quant):
+    torch.manual_seed(2)
+    w = torch.randn(*shape) * 3
+    cpu = lorafuse.quantize_nf4(w, blocksize, double_quant)
+    gpu = lorafuse.quantize_nf4(w.cuda(), blocksize, double_quant)
+    for name, c, g in zip(lorafuse.Nf4Weight._fields, cpu, gpu):
+        assert g.is_cuda and torch.equal(g.cpu(), c), name
+    with pytest.raises(ValueError, match="expected finite values, found inf at flat index 5"):
+        lorafuse.quantize_nf4(w.reshape(-1).index_fill(0, torch.tensor([5]), float("inf")).cuda())
 
 
 def test_a_qlora_layer_moved_to_the_gpu_computes_as_on_the_cpu():
