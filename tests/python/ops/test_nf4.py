@@ -174,7 +174,8 @@ def _dense(q, out_features, in_features, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("double_quant", [False, True])
-@pytest.mark.parametrize("shape", [((5, 300), 1000), ((2, 3, 64), 1100), ((1, 4097), 70)])  # 2, 1, 2 tiles
+# tiles of 2^22 // in_features rows: one, one, and three (511 + 511 + 78 rows)
+@pytest.mark.parametrize("shape", [((5, 300), 1000), ((2, 3, 64), 1100), ((3, 8200), 1100)])
 def test_nf4_linear_equals_linear_over_the_dequantized_weight(dtype, double_quant, shape):
     (xshape, out_features) = shape
     in_features = xshape[-1]
@@ -197,7 +198,7 @@ def test_nf4_linear_equals_linear_over_the_dequantized_weight(dtype, double_quan
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_nf4_linear_gradients(dtype):
     torch.manual_seed(0)
-    out_features, in_features = 300, 1030  # two tiles of rows (254 + 46)
+    out_features, in_features = 1100, 8200  # three tiles of rows (511 + 511 + 78)
     q = lorafuse.quantize_nf4(torch.randn(out_features, in_features), 64, True)
     w = _dense(q, out_features, in_features, dtype)
     x = torch.randn(7, in_features).to(dtype).requires_grad_()
