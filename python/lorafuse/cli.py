@@ -9,6 +9,13 @@ count and the size of each file, the warnings, and finally ``valid``.
 Exit status: 0 for a valid adapter; 1 for an invalid one (the reason on stderr as
 ``lorafuse inspect: invalid adapter: <message>``); 2 for a usage error.
 
+``lorafuse quantize SRC DST [--blocksize N] [--no-double-quant] [--compute-dtype DTYPE] [--keep-dense NAME ...]``
+stores the Hugging Face checkpoint in folder SRC (a transformers model: config.json and safetensors weights) in
+4 bits (NF4) as folder DST, which transformers + bitsandbytes and :func:`lorafuse.load_checkpoint` load: the model is
+built on the meta device and each Linear layer quantized as it loads (:func:`lorafuse.load_checkpoint` with
+``quantize``), so memory peaks near the 4-bit size; SRC's other files (tokenizer, generation config) are copied.
+Exit status 0; 1 on an error (the reason on stderr as ``lorafuse quantize: <message>``); 2 for a usage error.
+
 Also runs as ``python -m lorafuse ...`` and ``python -m lorafuse.cli ...``.
 """
 
@@ -59,6 +66,33 @@ def _parser() -> argparse.ArgumentParser:
     )
     inspect.add_argument("dir", metavar="DIR", help="the adapter folder")
     inspect.add_argument("--json", action="store_true", help="print the description as one JSON object")
+    quantize = commands.add_parser(
+        "quantize",
+        help="store a Hugging Face checkpoint's Linear layers in 4 bits (NF4)",
+        description=(
+            "Loads the transformers checkpoint in SRC onto the meta device, quantizing each Linear layer to NF4 as it "
+            "loads (bitsandbytes' format), and saves it as DST, which transformers + bitsandbytes and "
+            "lorafuse.load_checkpoint load. Exit status 0; 1 on an error; 2: usage error."
+        ),
+    )
+    quantize.add_argument("src", metavar="SRC", help="the checkpoint folder (config.json, *.safetensors)")
+    quantize.add_argument("dst", metavar="DST", help="the folder to write (created; other files in it are kept)")
+    quantize.add_argument("--blocksize", type=int, default=64, help="NF4 block size: 32, 64, ..., 4096 (default 64)")
+    quantize.add_argument(
+        "--no-double-quant", action="store_true", help="keep the block statistics in float32 (4.5 bits per weight)"
+    )
+    quantize.add_argument(
+        "--compute-dtype",
+        choices=("float32", "bfloat16", "float16"),
+        help="the dtype the 4-bit layers compute in (default: each weight's dtype)",
+    )
+    quantize.add_argument(
+        "--keep-dense",
+        nargs="+",
+        metavar="NAME",
+        default=["lm_head"],
+        help="layers left dense, by name or path suffix (default: lm_head)",
+    )
     return parser
 
 
@@ -72,8 +106,65 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"lorafuse {lorafuse.__version__}")
         return 0
     if args.command is None:
-        parser.error("a command is required: inspect")  # exits 2, as argparse's other usage errors
+        parser.error("a command is required: inspect or quantize")  # exits 2, as argparse's other usage errors
+    if args.command == "quantize":
+        return _quantize_command(args)
     return _inspect_command(args.dir, args.json)
+
+
+# Files of a checkpoint folder that `quantize` writes anew rather than copies.
+_WEIGHT_FILES = ("config.json", "model.safetensors.index.json")
+
+
+def quantize_checkpoint(src: str, dst: str, config: Any) -> List[str]:
+    """The ``quantize`` command's work: SRC loaded onto a meta skeleton with every Linear layer but
+    ``config.modules_to_not_convert`` quantized as it loads, saved as DST with SRC's other files. Returns the paths
+    quantized."""
+    import shutil
+
+    import transformers
+    from accelerate import init_empty_weights
+
+    import lorafuse
+
+    hf_config = transformers.AutoConfig.from_pretrained(src)
+    architectures = getattr(hf_config, "architectures", None) or []
+    model_class = getattr(transformers, architectures[0], None) if architectures else None
+    with init_empty_weights():  # parameters on the meta device: nothing allocated until each loads
+        if model_class is not None:
+            model = model_class(hf_config)
+        else:
+            model = transformers.AutoModelForCausalLM.from_config(hf_config)
+    paths = lorafuse.load_checkpoint(model, src, quantize=config)
+    if not paths:
+        raise ValueError(f"{src}: no Linear layer to quantize (all are kept dense, or the model has none)")
+    lorafuse.save_checkpoint(model, dst)
+    for name in sorted(os.listdir(src)):  # the tokenizer, generation config, README ...
+        path = os.path.join(src, name)
+        if name in _WEIGHT_FILES or name.endswith(".safetensors") or not os.path.isfile(path):
+            continue
+        shutil.copy2(path, os.path.join(dst, name))
+    return paths
+
+
+def _quantize_command(args: argparse.Namespace) -> int:
+    import torch
+
+    import lorafuse
+
+    try:
+        config = lorafuse.QuantConfig(
+            blocksize=args.blocksize,
+            double_quant=not args.no_double_quant,
+            compute_dtype=getattr(torch, args.compute_dtype) if args.compute_dtype else None,
+            modules_to_not_convert=args.keep_dense,
+        )
+        paths = quantize_checkpoint(args.src, args.dst, config)
+    except (ValueError, TypeError, OSError) as e:
+        print(f"lorafuse quantize: {e}", file=sys.stderr)
+        return 1
+    print(f"lorafuse quantize: {len(paths)} Linear layers in NF4 (blocksize {config.blocksize}), written to {args.dst}")
+    return 0
 
 
 def _inspect_command(folder: str, as_json: bool) -> int:

@@ -384,3 +384,44 @@ def test_console_script(trained):
     result = run("inspect", trained[0], "--json", command=[script])
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["parameters"]["total"] == trained[1]["elements"]
+
+
+# ---- lorafuse quantize ----------------------------------------------------------------------------------------
+
+
+def test_quantize_writes_a_4bit_checkpoint_that_transformers_loads(tmp_path, capsys):
+    import transformers
+
+    torch.manual_seed(0)
+    dense = transformers.LlamaForCausalLM(hf_models.tiny_llama_config(hidden_size=64, intermediate_size=128))
+    src, dst = tmp_path / "dense", tmp_path / "nf4"
+    dense.save_pretrained(src)
+    (src / "tokenizer.json").write_text('{"model": "a tokenizer"}')
+    assert cli.main(["quantize", str(src), str(dst)]) == 0
+    assert "14 Linear layers in NF4 (blocksize 64)" in capsys.readouterr().out
+    assert (dst / "tokenizer.json").read_text() == '{"model": "a tokenizer"}'
+    ids = torch.arange(12).reshape(2, 6)
+    expected = lorafuse.quantize_model(transformers.LlamaForCausalLM.from_pretrained(src)).eval()
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(dst).train()  # bitsandbytes' exact path
+    assert type(theirs.model.layers[0].mlp.up_proj).__module__.startswith("bitsandbytes")
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(input_ids=ids).logits, expected(input_ids=ids).logits, rtol=0, atol=0)
+    # the options reach the file (bitsandbytes' CPU kernels decode blocks longer than a row wrongly: lorafuse loads it)
+    assert cli.main(["quantize", str(src), str(tmp_path / "b128"), "--blocksize", "128", "--no-double-quant"]) == 0
+    loaded = transformers.LlamaForCausalLM(hf_models.tiny_llama_config(hidden_size=64, intermediate_size=128))
+    lorafuse.load_checkpoint(loaded, tmp_path / "b128")
+    layer = loaded.model.layers[0].mlp.down_proj
+    assert layer.blocksize == 128 and not layer.double_quant
+
+
+def test_quantize_errors_name_the_problem(tmp_path, capsys):
+    assert cli.main(["quantize", str(tmp_path / "absent"), str(tmp_path / "out")]) == 1
+    assert "lorafuse quantize:" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        cli.main(["quantize", str(tmp_path)])
+    assert e.value.code == 2
+    import transformers
+
+    transformers.LlamaForCausalLM(hf_models.tiny_llama_config()).save_pretrained(tmp_path / "dense")
+    assert cli.main(["quantize", str(tmp_path / "dense"), str(tmp_path / "out"), "--blocksize", "100"]) == 1
+    assert "blocksize" in capsys.readouterr().err
