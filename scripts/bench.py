@@ -7,7 +7,8 @@
                  the same adapters, and the frozen model without LoRA; tokens/s, lorafuse / PEFT, and each
                  LoRA variant's step time over the frozen step (scripts/bench_model.py)
   --level qlora  one LoRA layer over a frozen 4-bit NF4 base: lorafuse's QLoRA layer and bitsandbytes + PEFT, as
-                 ratios to the float32 LoRA layer (scripts/bench_qlora.py; CPU only for now)
+                 ratios to the LoRA layer over the dense weight (scripts/bench_qlora.py; on CUDA: bf16, d = 4096,
+                 T = 1 and 8192); on the CPU also QLoRA training steps and the peak memory of loading a checkpoint
   --level all    all three (the default)
 
 Each level checks lorafuse's results against the other variants before it times anything, and aborts on a

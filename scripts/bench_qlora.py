@@ -1,14 +1,18 @@
 """QLoRA layer level of scripts/bench.py (--level qlora): one LoRA layer over a frozen 4-bit NF4 base (double
-quantization, blocksize 64), forward (under no_grad) and forward + backward, as ratios to the float32 LoRA layer:
+quantization, blocksize 64), forward (under no_grad) and forward + backward, as ratios to the LoRA layer over the
+dense weight, in the run's dtype (float32 on the CPU, bfloat16 on CUDA):
 
-  lora       lorafuse.lora_linear over the dense float32 weight: what the 4-bit base is compared with
+  lora       lorafuse.lora_linear over the dense weight: what the 4-bit base is compared with
+  base       the dense base alone, F.linear(x, W, b): the decode target (a 4-bit token should cost less than it)
   qlora      lorafuse: lora_add(nf4_linear(x, W4, b), x, A, B, scale), W4 dequantized a tile of rows at a time
   bnb_peft   the real PEFT LoRA layer over the real bitsandbytes Linear4bit (peft.get_peft_model on a module
              holding a bitsandbytes.nn.Linear4bit), the anchor to beat
 
-The 4-bit weight is the same bytes in both (checked: lorafuse's and bitsandbytes' quantization of W are
-compared byte for byte), A, B, b and scale are the same; before timing, lorafuse's output and gradients (x, bias,
-A, B) are compared with bitsandbytes+PEFT's. CPU only for now: the NF4 ops have no CUDA kernels yet.
+The 4-bit weight is the same bytes in both on the CPU (checked: lorafuse's and bitsandbytes' quantization of W are
+compared byte for byte; on CUDA bitsandbytes' own kernel quantizes, and whether the bytes agree is recorded), A, B, b
+and scale are the same; before timing, lorafuse's output and gradients (x, bias, A, B) are compared with
+bitsandbytes+PEFT's. On CUDA the grid is the issue's: d = 4096, r = 16, T = 1 (decode: the GEMV on the packed
+bytes) and T = 8192, in bfloat16; the model level and the loading memory run on the CPU only.
 
 Then the model level: training steps (forward, loss, backward, AdamW on the adapters) of the model level's Llama
 (scripts/bench_model.py's preset, float32) with every Linear but lm_head in NF4: lorafuse (quantize_model +
@@ -52,18 +56,24 @@ from common import (
 )
 from torch import Tensor, nn
 
-VARIANTS = ("lora", "qlora", "bnb_peft")
+VARIANTS = ("lora", "base", "qlora", "bnb_peft")
 DESCRIPTIONS = {
-    "lora": "lorafuse.lora_linear over the dense float32 weight",
+    "lora": "lorafuse.lora_linear over the dense weight",
+    "base": "F.linear(x, W, b): the dense base alone",
     "qlora": "lora_add(nf4_linear(x, W4, b), x, A, B, scale): lorafuse's QLoRA layer",
     "bnb_peft": "peft.get_peft_model over bitsandbytes.nn.Linear4bit (nf4, double quantization)",
 }
-COLORS = {"lora": "tab:gray", "qlora": "tab:blue", "bnb_peft": "tab:red"}
-LABELS = {"lora": "lorafuse float32 LoRA", "qlora": "lorafuse QLoRA", "bnb_peft": "bitsandbytes + PEFT"}
+COLORS = {"lora": "tab:gray", "base": "tab:olive", "qlora": "tab:blue", "bnb_peft": "tab:red"}
+LABELS = {"lora": "lorafuse LoRA", "base": "dense base alone", "qlora": "lorafuse QLoRA", "bnb_peft": "bitsandbytes + PEFT"}
 BLOCKSIZE = 64
 SCALE = 2.0
-CHECK_TOL = 2e-4  # max|diff| / max|bitsandbytes+PEFT|, float32
-GRID = {False: {"tokens": [512, 2048], "dims": [1024, 2048], "rank": 16}, True: {"tokens": [64], "dims": [256], "rank": 16}}
+CHECK_TOL = {torch.float32: 2e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}  # max|diff| / max|bitsandbytes+PEFT|
+GRID = {
+    (False, "cpu"): {"tokens": [512, 2048], "dims": [1024, 2048], "rank": 16},
+    (True, "cpu"): {"tokens": [64], "dims": [256], "rank": 16},
+    (False, "cuda"): {"tokens": [1, 8192], "dims": [4096], "rank": 16},
+    (True, "cuda"): {"tokens": [1, 256], "dims": [1024], "rank": 16},
+}
 TIMING = {
     False: TimingOptions(repeats=9, warmup=2, warmup_ms=300.0, min_repeat_ms=20.0),
     True: TimingOptions(repeats=3, warmup=1, warmup_ms=20.0, min_repeat_ms=5.0),
@@ -96,19 +106,23 @@ def _bnb_linear4bit(linear: nn.Linear) -> nn.Module:
     return lin
 
 
-def _bnb_peft_layer(weight: Tensor, bias: Tensor, a: Tensor, b: Tensor, packed: Tensor) -> tuple[nn.Module, nn.Parameter]:
-    """PEFT's LoRA layer over a bitsandbytes Linear4bit holding `weight` in NF4; its packed bytes must be `packed`."""
+def _bnb_peft_layer(
+    weight: Tensor, bias: Tensor, a: Tensor, b: Tensor, packed: Tensor
+) -> tuple[nn.Module, nn.Parameter, bool]:
+    """PEFT's LoRA layer over a bitsandbytes Linear4bit holding `weight` in NF4 on its device, computing in its dtype;
+    and whether bitsandbytes' bytes are `packed` (required on the CPU, where both quantize alike)."""
     import bitsandbytes as bnb
     import peft
 
     out_features, in_features = weight.shape
     lin = bnb.nn.Linear4bit(
-        in_features, out_features, bias=True, compute_dtype=torch.float32, compress_statistics=True, quant_type="nf4"
+        in_features, out_features, bias=True, compute_dtype=weight.dtype, compress_statistics=True, quant_type="nf4"
     )
     lin.weight = bnb.nn.Params4bit(
         weight.detach().clone(), requires_grad=False, compress_statistics=True, quant_type="nf4", blocksize=BLOCKSIZE
-    )._quantize("cpu")
-    if not torch.equal(lin.weight.data.reshape(-1), packed.reshape(-1)):
+    )._quantize(weight.device.type)
+    same_bytes = torch.equal(lin.weight.data.reshape(-1).view(torch.uint8), packed.reshape(-1))
+    if weight.device.type == "cpu" and not same_bytes:
         raise SystemExit("bitsandbytes and lorafuse quantized the weight to different bytes")
     lin.bias = nn.Parameter(bias.detach().clone())
     rank = a.shape[0]
@@ -117,31 +131,40 @@ def _bnb_peft_layer(weight: Tensor, bias: Tensor, a: Tensor, b: Tensor, packed: 
     layer.lora_A["default"].weight = nn.Parameter(a.detach().clone())
     layer.lora_B["default"].weight = nn.Parameter(b.detach().clone())
     layer.base_layer.bias.requires_grad_(True)
-    return layer, layer.base_layer.bias
+    return layer, layer.base_layer.bias, same_bytes
 
 
-def measure_shape(s: Shape, timing: TimingOptions) -> dict[str, Any]:
+def measure_shape(s: Shape, timing: TimingOptions, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     lorafuse = import_lorafuse()
     g = torch.Generator().manual_seed(0)
-    weight = torch.randn(s.d_out, s.d_in, generator=g) * s.d_in**-0.5
-    bias = torch.randn(s.d_out, generator=g).requires_grad_()
-    a = (torch.randn(s.rank, s.d_in, generator=g) * s.d_in**-0.5).requires_grad_()
-    b = (torch.randn(s.d_out, s.rank, generator=g) * s.rank**-0.5).requires_grad_()
-    x = torch.randn(s.tokens, s.d_in, generator=g).requires_grad_()
-    grad_out = torch.randn(s.tokens, s.d_out, generator=g)
-    q = lorafuse.quantize_nf4(weight, BLOCKSIZE, True)
-    layer, bnb_bias = _bnb_peft_layer(weight, bias, a, b, q.packed)
+
+    def make(*shape: int, scale: float = 1.0, grad: bool = False) -> Tensor:
+        t = (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
+        return t.requires_grad_() if grad else t
+
+    weight = make(s.d_out, s.d_in, scale=s.d_in**-0.5)
+    bias = make(s.d_out, grad=True)
+    a = make(s.rank, s.d_in, scale=s.d_in**-0.5, grad=True)
+    b = make(s.d_out, s.rank, scale=s.rank**-0.5, grad=True)
+    x = make(s.tokens, s.d_in, grad=True)
+    grad_out = make(s.tokens, s.d_out)
+    q = lorafuse.quantize_nf4(weight, BLOCKSIZE, True)  # on the weight's device
+    layer, bnb_bias, same_bytes = _bnb_peft_layer(weight, bias, a, b, q.packed)
     bnb_a, bnb_b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
 
     def lora() -> Tensor:
         return lorafuse.lora_linear(x, weight, bias, a, b, SCALE)
 
+    def base() -> Tensor:
+        return torch.nn.functional.linear(x, weight, bias)
+
     def qlora() -> Tensor:
-        base = lorafuse.nf4_linear(x, q, s.d_out, bias, BLOCKSIZE)
-        return torch.ops.lorafuse.lora_add(base, x, a, b, SCALE, 0.0)
+        out = lorafuse.nf4_linear(x, q, s.d_out, bias, BLOCKSIZE)
+        return torch.ops.lorafuse.lora_add(out, x, a, b, SCALE, 0.0)
 
     fns = {
         "lora": (lora, [x, bias, a, b]),
+        "base": (base, [x, bias]),
         "qlora": (qlora, [x, bias, a, b]),
         "bnb_peft": ((lambda: layer(x)), [x, bnb_bias, bnb_a, bnb_b]),
     }
@@ -152,9 +175,9 @@ def measure_shape(s: Shape, timing: TimingOptions) -> dict[str, Any]:
         name: ((o - t).abs().max() / t.abs().max()).item()
         for name, o, t in zip(("out", "dx", "dbias", "dlora_a", "dlora_b"), ours, theirs, strict=True)
     }
-    if max(check.values()) > CHECK_TOL:
+    if max(check.values()) > CHECK_TOL[dtype]:
         raise SystemExit(f"ABORT at {s.label()}: lorafuse's QLoRA layer differs from bitsandbytes+PEFT: {check}")
-    results, _ = time_modes(fns, grad_out, Timer(torch.device("cpu")), timing)
+    results, _ = time_modes(fns, grad_out, Timer(device), timing)
     med = {m: medians(r) for m, r in results.items()}
     stored = sum(t.numel() * t.element_size() for t in q)
     return {
@@ -164,6 +187,7 @@ def measure_shape(s: Shape, timing: TimingOptions) -> dict[str, Any]:
         "rank": s.rank,
         "status": "ok",
         "check_rel_err": check,
+        "bnb_same_bytes": same_bytes,
         "bits_per_weight": stored * 8 / weight.numel(),
         "median_ms": med,
         "ratio_to_lora": {m: {n: med[m][n] / med[m]["lora"] for n in VARIANTS} for m in med},
@@ -315,34 +339,36 @@ def measure_loading(quick: bool) -> dict[str, Any]:
 
 
 def run(device: torch.device, dtype: torch.dtype, args: argparse.Namespace, quick: bool) -> dict[str, Any]:
-    """The report's "qlora" section: every (T, d) of the grid at r = 16, float32 compute."""
+    """The report's "qlora" section: every (T, d) of the grid at r = 16 in `dtype`; then, on the CPU, the model level
+    and the loading memory."""
     section: dict[str, Any] = {"variants": list(VARIANTS), "variant_descriptions": DESCRIPTIONS, "results": []}
-    if device.type != "cpu":
-        print("\n== qlora level: skipped (the NF4 ops have no CUDA kernels yet; run with --device cpu)")
-        section["skipped"] = "no CUDA kernels for the NF4 ops yet"
-        return section
-    grid = GRID[quick]
+    grid = GRID[(quick, device.type)]
     timing = TIMING[quick]
     section.update(
-        blocksize=BLOCKSIZE, double_quant=True, scale=SCALE, compute_dtype="float32", timing=vars(timing),
-        statistic="median over repeats of ms per call; ratio = median / lora median",
+        blocksize=BLOCKSIZE, double_quant=True, scale=SCALE, compute_dtype=str(dtype).replace("torch.", ""),
+        timing=vars(timing), statistic="median over repeats of ms per call; ratio = median / lora median",
     )
-    print("\n== qlora level: LoRA over an NF4 base (double quantization), time / float32 LoRA layer time")
-    print(f"{'T':>6} {'d':>5} {'r':>3} | {'fwd lora':>9} {'qlora':>15} {'bnb+peft':>15} | {'f+b lora':>9} {'qlora':>15} {'bnb+peft':>15}")
+    name = str(dtype).replace("torch.", "")
+    print(f"\n== qlora level: LoRA over an NF4 base (double quantization), {name}, time / {name} LoRA layer time")
+    cols = VARIANTS[1:]
+    print(f"{'T':>6} {'d':>5} {'r':>3} | {'fwd lora':>9}" + "".join(f" {v:>15}" for v in cols) + f" | {'f+b lora':>9}"
+          + "".join(f" {v:>15}" for v in cols))
     t0 = time.perf_counter()
     for d in grid["dims"]:
         for n in grid["tokens"]:
             contention = CpuContention()
-            row = measure_shape(Shape(n, d, d, grid["rank"]), timing)
+            row = measure_shape(Shape(n, d, d, grid["rank"]), timing, device, dtype)
             row["cpu_share_others"] = contention.others_share()
             section["results"].append(row)
             cells = []
             for mode in ("forward", "fwd_bwd"):
                 m, r = row["median_ms"][mode], row["ratio_to_lora"][mode]
-                cells.append(
-                    f" {m['lora']:>7.2f}ms" + "".join(f" {m[v]:>7.2f} ({r[v]:4.2f}x)" for v in VARIANTS[1:])
-                )
+                cells.append(f" {m['lora']:>7.2f}ms" + "".join(f" {m[v]:>7.2f} ({r[v]:4.2f}x)" for v in cols))
             print(f"{n:>6} {d:>5} {grid['rank']:>3} |" + " |".join(cells), flush=True)
+    if device.type != "cpu":
+        print("(the qlora model level and the loading memory run on the CPU: --device cpu)")
+        section["elapsed_s"] = round(time.perf_counter() - t0, 1)
+        return section
     model_timing = bench_model.TIMING[(quick, "cpu")]
     section["model"] = {"variants": list(MODEL_VARIANTS), "timing": vars(model_timing), "results": []}
     cfg = bench_model.PRESETS[(quick, "cpu")]
@@ -390,6 +416,7 @@ def plot(path: Path, report: dict[str, Any]) -> bool:
     if plt is None or not rows:
         return False
     labels = [f"T={r['tokens']}\nd={r['d_in']}\nr={r['rank']}" for r in rows]
+    dtype = report["qlora"].get("compute_dtype", "float32")
     plot_ratios(path, report, rows, labels, lambda r: r["ratio_to_lora"], VARIANTS[1:], COLORS, LABELS,
-                "time / float32 LoRA layer time", "QLoRA layer (NF4 base)")
+                f"time / {dtype} LoRA layer time", "QLoRA layer (NF4 base)")
     return True

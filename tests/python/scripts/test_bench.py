@@ -87,15 +87,17 @@ def test_quick_run_metadata_and_file_names(quick_run):
 
 def test_quick_run_qlora_level(quick_run):
     qlora = quick_run[0]["qlora"]
-    assert qlora["variants"] == ["lora", "qlora", "bnb_peft"] and qlora["results"]
+    assert qlora["variants"] == ["lora", "base", "qlora", "bnb_peft"] and qlora["results"]
+    assert qlora["compute_dtype"] == "float32"
     for row in qlora["results"]:
         assert row["status"] == "ok", row
         assert max(row["check_rel_err"].values()) <= 2e-4  # lorafuse's QLoRA layer = bitsandbytes + PEFT
+        assert row["bnb_same_bytes"] is True  # the same NF4 bytes on the CPU
         assert row["bits_per_weight"] < 4.5
         for mode in ("forward", "fwd_bwd"):
             med = row["median_ms"][mode]
             assert all(v > 0 and math.isfinite(v) for v in med.values()), med
-            for name in ("qlora", "bnb_peft"):
+            for name in ("base", "qlora", "bnb_peft"):
                 assert row["ratio_to_lora"][mode][name] == pytest.approx(med[name] / med["lora"], rel=1e-9)
     model = qlora["model"]
     assert model["variants"] == ["lora", "qlora", "bnb_peft"] and model["results"]
@@ -104,6 +106,11 @@ def test_quick_run_qlora_level(quick_run):
         assert losses["qlora"] == pytest.approx(losses["bnb_peft"], rel=1e-4)  # the same 4-bit model and adapters
         assert all(v > 0 and math.isfinite(v) for v in row["tokens_per_s"].values())
         assert 0 < row["model_bytes"]["nf4"] < row["model_bytes"]["float32"]
+    loading = qlora["loading"]  # peak memory of loading a checkpoint each way, measured (values not asserted)
+    assert set(loading["ways"]) == {"skeleton", "dense", "quantize_after", "quantize_loading", "load_4bit", "bnb_loading"}
+    for way, row in loading["ways"].items():
+        assert math.isfinite(row["peak_increase_mib"]), way
+    assert loading["ways"]["quantize_loading"]["weights_mib"] < loading["ways"]["dense"]["weights_mib"] / 3
 
 
 def test_quick_run_layer_level(quick_run):
