@@ -189,14 +189,13 @@ std::vector<std::string> load_checkpoint(torch::nn::Module& module, const std::s
                                             .compute_dtype(l.module->as<nn::Linear4bitImpl>()->options.compute_dtype())
                                       : *options.quantize();
       at::Tensor dense = reader.read(weight);
-      TORCH_CHECK_TYPE(dense.is_floating_point() && dense.scalar_type() != at::kDouble &&
-                           (q.compute_dtype() || dense.scalar_type() == at::kFloat ||
-                            dense.scalar_type() == at::kBFloat16 || dense.scalar_type() == at::kHalf),
-                       "load_checkpoint: \"", weight, "\" is ", dense.scalar_type(),
-                       "; quantizing takes float32, bfloat16 or float16 weights");
-      TORCH_CHECK_VALUE(dense.isfinite().all().item<bool>(), "load_checkpoint: \"", weight,
-                        "\" has NaN or infinite values, which NF4 cannot hold");
-      layer = nn::Linear4bitImpl::from_weight(dense, bias, q.compute_dtype(), q.blocksize(), q.double_quant());
+      try {  // quantize_nf4's own checks (dtype, finite values), with the tensor named
+        layer = nn::Linear4bitImpl::from_weight(dense, bias, q.compute_dtype(), q.blocksize(), q.double_quant());
+      } catch (const c10::TypeError& e) {
+        C10_THROW_ERROR(TypeError, "load_checkpoint: \"" + weight + "\": " + e.what_without_backtrace());
+      } catch (const c10::ValueError& e) {
+        C10_THROW_ERROR(ValueError, "load_checkpoint: \"" + weight + "\": " + e.what_without_backtrace());
+      }
       dense = at::Tensor();
       io::release_freed_memory();
       used.insert(weight);

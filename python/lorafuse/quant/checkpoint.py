@@ -149,7 +149,10 @@ def load_checkpoint(
                 settings = (getattr(module, "compute_dtype", None), blocksize, double_quant)
             else:
                 settings = (quantize.compute_dtype, quantize.blocksize, quantize.double_quant)
-            layer = Linear4bit.from_weight(reader.read(weight), bias, *settings)
+            try:  # quantize_nf4's own checks (dtype, finite values), with the tensor named
+                layer = Linear4bit.from_weight(reader.read(weight), bias, *settings)
+            except (TypeError, ValueError) as e:
+                raise type(e)(f'load_checkpoint: "{weight}": {e}') from None
             _C._release_freed_memory()  # the dense weight's place, given back: the peak stays near the 4-bit size
             if layer.bias is not None:
                 layer.bias.requires_grad_(False)

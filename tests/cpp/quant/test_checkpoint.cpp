@@ -10,6 +10,7 @@
 #include <lorafuse/quant/checkpoint.h>
 #include <lorafuse/quant/quantize_model.h>
 
+#include <cmath>
 #include <nlohmann/json.hpp>
 
 #include "catch.h"
@@ -106,6 +107,18 @@ TEST_CASE("a dense checkpoint quantizes layer by layer while it loads", "[cpu][q
   const auto half_head = half->named_parameters()["lm_head.weight"];
   CHECK(half_head.scalar_type() == at::kBFloat16);
   CHECK(at::equal(half_head, dense->named_parameters()["lm_head.weight"].to(at::kBFloat16)));
+  // a weight that NF4 cannot hold, named
+  {
+    torch::NoGradGuard no_grad;
+    dense->named_parameters()["model.layers.1.mlp.up_proj.weight"][3][5] = INFINITY;
+  }
+  TempDir bad;
+  lorafuse::save_checkpoint(*dense, bad.path, dense->config.to_hf_json());
+  Llama target(skeleton_config(dense));
+  require_error_parts<c10::ValueError>(
+      [&] { lorafuse::load_checkpoint(*target, bad.path, LoadCheckpointOptions().quantize(QuantConfig())); },
+      {"load_checkpoint: \"model.layers.1.mlp.up_proj.weight\"", "expected finite values, found inf"});
+  CHECK(target->model->embed_tokens->weight.is_meta());
 }
 
 TEST_CASE("load_checkpoint refuses what does not fit before the model changes", "[cpu][quant][io][errors]") {

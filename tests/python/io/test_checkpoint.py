@@ -197,6 +197,15 @@ def test_a_dense_checkpoint_quantizes_while_it_loads(tmp_path):
     # without quantize: the dense model as saved, into a meta skeleton or a real model (copied in place)
     plain = lorafuse.load_checkpoint(_skeleton(), folder)
     assert plain == []
+    # a weight NF4 cannot hold, named; nothing loaded
+    model = transformers.LlamaForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[3, 5] = float("nan")
+    model.save_pretrained(tmp_path / "nan")
+    skeleton = _skeleton()
+    with pytest.raises(ValueError, match='"model.layers.1.mlp.up_proj.weight": .*expected finite values, found nan'):
+        lorafuse.load_checkpoint(skeleton, tmp_path / "nan", quantize=lorafuse.QuantConfig())
+    assert skeleton.model.embed_tokens.weight.is_meta
 
 
 def test_load_checkpoint_refuses_what_does_not_fit_and_leaves_the_model_as_it_was(tmp_path):
