@@ -92,3 +92,17 @@ def test_a_qlora_layer_moved_to_the_gpu_computes_as_on_the_cpu():
     torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-5)
     got.sum().backward()
     assert all(p.grad is not None for n, p in gpu.named_parameters() if p.requires_grad)
+
+
+def test_opcheck_on_cuda():
+    torch.manual_seed(3)
+    w = torch.randn(40, 96, device="cuda")
+    torch.library.opcheck(torch.ops.lorafuse.quantize_nf4.default, (w, 64, True))
+    q = lorafuse.quantize_nf4(w, 64, True)
+    torch.library.opcheck(
+        torch.ops.lorafuse.dequantize_nf4.default, (q.packed, q.absmax, q.nested_absmax, q.offset, 64, [40, 96], torch.bfloat16)
+    )
+    for tokens in (3, 40):  # the GEMV and the cuBLAS path
+        x = torch.randn(tokens, 96, device="cuda", requires_grad=True)
+        bias = torch.randn(40, device="cuda", requires_grad=True)
+        torch.library.opcheck(torch.ops.lorafuse.nf4_linear.default, (x, *q, 64, 40, bias))
