@@ -54,6 +54,17 @@ at::Tensor nf4_linear_autograd(const at::Tensor& x, const at::Tensor& packed, co
                                const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,
                                int64_t blocksize, int64_t out_features, const std::optional<at::Tensor>& bias) {
   const bool bias_grad = bias.has_value() && bias->defined() && bias->requires_grad();
+  if (at::GradMode::is_enabled()) {  // the 4-bit weight never trains: a statistic that asks for a gradient is refused
+    const std::pair<const char*, const at::Tensor*> statistics[] = {
+        {"absmax", &absmax},
+        {"nested_absmax", nested_absmax.has_value() ? &*nested_absmax : nullptr},
+        {"offset", offset.has_value() ? &*offset : nullptr}};
+    for (const auto& [name, t] : statistics) {
+      TORCH_CHECK_VALUE(t == nullptr || !t->defined() || !t->requires_grad(), "lorafuse.nf4_linear: ", name,
+                        " requires grad, but the 4-bit weight is frozen and gets no gradient (QLoRA trains the "
+                        "adapters); call requires_grad_(False) on it, or train a dense layer instead");
+    }
+  }
   if (at::GradMode::is_enabled() && (x.requires_grad() || bias_grad)) {
     return Nf4LinearFunction::apply(x, packed, absmax, nested_absmax, offset, blocksize, out_features, bias);
   }

@@ -73,6 +73,12 @@ TEST_CASE("nf4: bad input names the argument", "[cpu][ops][nf4]") {
   require_error_parts<c10::ValueError>(
       [&] { lorafuse::dequantize_nf4(q.packed, q.absmax, std::nullopt, std::nullopt, 64, {4, 65}, at::kFloat); },
       {"packed", "130 bytes", "found 128"});
+  // the 4-bit weight never trains: statistics that ask for a gradient are refused
+  const auto absmax = q.absmax.clone().set_requires_grad(true);
+  const auto x = at::randn({2, 64}).set_requires_grad(true);
+  require_error_parts<c10::ValueError>(
+      [&] { lorafuse::nf4_linear(x, q.packed, absmax, std::nullopt, std::nullopt, 64, 4); },
+      {"lorafuse.nf4_linear: absmax requires grad", "the 4-bit weight is frozen"});
 }
 
 TEST_CASE("nf4_linear: forward and LibTorch autograd equal a dense linear over the dequantized weight, tile by tile",

@@ -258,6 +258,18 @@ def test_nf4_linear_opcheck_and_errors():
         lorafuse.nf4_linear(torch.randn(4, 64), q, 30, torch.randn(30, dtype=torch.bfloat16))
     with pytest.raises(TypeError, match="x: expected float32, bfloat16, float16 or float64, found Int"):
         lorafuse.nf4_linear(torch.ones(4, 64, dtype=torch.int32), q, 30)
+    # unfreezing the 4-bit weight: refused, never a silent missing gradient
+    for field in ("nested_absmax", "offset"):
+        unfrozen = q._replace(**{field: getattr(q, field).clone().requires_grad_()})
+        with pytest.raises(ValueError, match=f"lorafuse.nf4_linear: {field} requires grad, but the 4-bit weight is frozen"):
+            lorafuse.nf4_linear(x, unfrozen, 30)
+    plain = lorafuse.quantize_nf4(torch.randn(30, 64), 64, False)
+    layer = lorafuse.nn.Linear4bit.from_weight(torch.randn(30, 64), double_quant=False)
+    layer.absmax.requires_grad_(True)
+    with pytest.raises(ValueError, match="absmax requires grad, but the 4-bit weight is frozen"):
+        layer(x)
+    with torch.no_grad():  # inference does not train: allowed
+        lorafuse.nf4_linear(x, plain._replace(absmax=plain.absmax.clone().requires_grad_()), 30)
 
 
 def test_the_vectorized_and_the_scalar_dequantize_give_the_same_bits(tmp_path):
