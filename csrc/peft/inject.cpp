@@ -21,6 +21,27 @@ using detail::Site;
 using nn::LoraLayer;
 using torch::nn::Module;
 
+// Merging writes into a layer's base weight in place: where another module holds the same tensor (tied weights, e.g.
+// an lm_head sharing the input embeddings'), that module would change too, silently. Refused for every layer in
+// `paths` (LoRA layers about to merge in place), naming both holders.
+void check_not_tied(const Module& model, const std::vector<std::pair<std::string, LoraLayer*>>& layers,
+                    const char* what) {
+  if (layers.empty()) return;
+  std::map<const c10::TensorImpl*, std::vector<std::string>> holders;
+  for (const auto& p : model.named_parameters(/*recurse=*/true)) {
+    holders[p.value().unsafeGetTensorImpl()].push_back(p.key());
+  }
+  for (const auto& [path, layer] : layers) {
+    for (const auto& p : layer->module().named_parameters(/*recurse=*/true)) {
+      for (const auto& name : holders[p.value().unsafeGetTensorImpl()]) {
+        TORCH_CHECK_VALUE(name.rfind(path + ".", 0) == 0, what, ": \"", path, ".", p.key(), "\" is also \"", name,
+                          "\" (tied weights): merging into it would change that module too. Give the layer a weight "
+                          "of its own first (untie them), or keep the adapter unmerged");
+      }
+    }
+  }
+}
+
 void walk(Module& module, const std::string& prefix, std::vector<Site>& out) {
   for (const auto& child : module.named_children()) {
     std::string path = prefix.empty() ? child.key() : prefix + "." + child.key();
@@ -294,6 +315,11 @@ std::map<std::string, nn::MergeError> merge_adapter(Module& module,
                                                     bool requantize) {
   const auto layers = lora_layers(module);
   const auto plan = rules::plan_merge(tables_of(layers), adapter_names_to_merge, "merge_adapter");
+  std::vector<std::pair<std::string, LoraLayer*>> merging;
+  for (size_t i = 0; i < layers.size(); ++i) {
+    if (!plan[i].empty()) merging.push_back(layers[i]);
+  }
+  check_not_tied(module, merging, "merge_adapter");
   MergeTransaction transaction;
   try {
     for (size_t i = 0; i < layers.size(); ++i) {
@@ -332,6 +358,13 @@ void merge_and_unload(Module& module) {
   for (size_t i = 0; i < lora_sites.size(); ++i) {
     dense[i] = nn::as_lora_layer(lora_sites[i].module.get())->unloaded_dense();
   }
+  std::vector<std::pair<std::string, LoraLayer*>> merging;
+  for (size_t i = 0; i < lora_sites.size(); ++i) {
+    auto* layer = nn::as_lora_layer(lora_sites[i].module.get());
+    if (dense[i] == nullptr && !layer->adapters().plan_unload().empty())
+      merging.emplace_back(lora_sites[i].path, layer);
+  }
+  check_not_tied(module, merging, "merge_and_unload");
   MergeTransaction transaction;
   try {
     for (size_t i = 0; i < lora_sites.size(); ++i) {

@@ -293,10 +293,32 @@ def _cpp_merge_report(model: nn.Module, report: Dict[str, tuple]) -> Dict[str, M
     return {path: MergeError(*errors) for path, errors in report.items()}
 
 
+def _check_not_tied(model: nn.Module, layers: List[Tuple[str, nn.Module]], what: str) -> None:
+    """Merging writes into a layer's base weight in place: where another module holds the same tensor (tied weights,
+    e.g. an lm_head sharing the input embeddings'), that module would change too, silently. Refused for every layer
+    of ``layers`` (LoRA layers about to merge in place), naming both holders (the C++ check_not_tied's rule)."""
+    if not layers:
+        return
+    holders: Dict[int, List[str]] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        for name, p in module.named_parameters(recurse=False):
+            holders.setdefault(id(p), []).append(f"{path}.{name}" if path else name)
+    for path, layer in layers:
+        for name, p in layer.named_parameters():
+            for holder in holders.get(id(p), []):
+                if not holder.startswith(path + "."):
+                    raise ValueError(
+                        f'{what}: "{path}.{name}" is also "{holder}" (tied weights): merging into it would change that '
+                        "module too. Give the layer a weight of its own first (untie them), or keep the adapter "
+                        "unmerged"
+                    )
+
+
 @_model_wide(_C._cpp_merge, result=_cpp_merge_report)
 def _merge(model: nn.Module, adapter_names: List[str], requantize: bool) -> Dict[str, MergeError]:
     layers = lora_layers(model)
     plan = _C._rules_plan_merge(_tables(layers), adapter_names, "merge")
+    _check_not_tied(model, [layer for layer, mine in zip(layers, plan) if mine], "merge")
     transaction = _MergeTransaction()
     try:
         for (_, layer), mine in zip(layers, plan):
@@ -325,6 +347,8 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     dequant(W) + the adapter in its compute dtype. All or nothing. Returns ``model``."""
     sites = [(parent, name, m) for parent, name, _, m in _sites(model) if is_lora_layer(m)]
     dense = {id(layer): layer._unloaded_dense() for _, _, layer in sites}  # 4-bit bases; nothing changes yet
+    in_place = [(path, m) for _, _, path, m in _sites(model) if is_lora_layer(m) and dense[id(m)] is None]
+    _check_not_tied(model, [(p, m) for p, m in in_place if m._table.plan_unload()], "merge_and_unload")
     transaction = _MergeTransaction()
     try:
         for _, _, layer in sites:

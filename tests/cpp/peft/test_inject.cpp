@@ -1,9 +1,9 @@
 // lorafuse::inject_lora and the model-wide adapter functions, on the reference Llama and on small
 // hand-made modules: selection rules (names, regex, all-linear, exclude, patterns), trainability, bias
 // modes, a second adapter, switching, merging, merge_and_unload, clone, save/load, counts, bad input.
-#include <lorafuse/peft/inject.h>
 #include <lorafuse/models/llama.h>
 #include <lorafuse/nn/linear.h>
+#include <lorafuse/peft/inject.h>
 #include <torch/nn/modules/container/moduledict.h>
 #include <torch/nn/modules/container/modulelist.h>
 #include <torch/serialize.h>
@@ -497,4 +497,19 @@ TEST_CASE("bad input to inject_lora and the model-wide functions", "[cpu][nn][in
   CHECK(typed->fc->as<torch::nn::LinearImpl>() != nullptr);
   torch::nn::Linear lone(4, 4);
   require_error_parts<c10::ValueError>([&] { lorafuse::inject_lora(*lone, LoraConfig()); }, {"module", "LoraLinear"});
+}
+
+TEST_CASE("merging into a weight another module holds too (tied) is refused, naming both", "[cpu][peft][merge]") {
+  torch::nn::Linear shared(8, 8);
+  torch::nn::ModuleDict dict;
+  dict->update({{"q_proj", shared.ptr()}, {"k_proj", shared.ptr()}});  // one layer in two places: tied weights
+  lorafuse::inject_lora(*dict, LoraConfig().r(2).lora_alpha(4).init_lora_weights(false).target_modules({"q_proj"}));
+  const auto before = shared->weight.clone();
+  require_error_parts<c10::ValueError>(
+      [&] { lorafuse::merge_adapter(*dict); },
+      {"merge_adapter: \"q_proj.base_layer.weight\" is also \"k_proj.weight\"", "tied weights", "untie them"});
+  require_error_parts<c10::ValueError>([&] { lorafuse::merge_and_unload(*dict); },
+                                       {"merge_and_unload: \"q_proj.base_layer.weight\"", "tied weights"});
+  CHECK(at::equal(shared->weight, before));  // nothing changed
+  CHECK(lorafuse::lora_layers(*dict).size() == 1);
 }

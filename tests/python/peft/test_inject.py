@@ -349,3 +349,30 @@ def test_compile_fullgraph_same_outputs_and_no_recompile_on_switch(backend):
     compiled(input_ids=IDS).logits.pow(2).mean().backward()
     grads = {n for n, p in model.named_parameters() if p.grad is not None}
     assert grads and all(".default." in n for n in grads)
+
+
+def test_merging_into_a_tied_lm_head_is_refused_naming_both():
+    """An lm_head tied to the input embeddings (tie_word_embeddings): merging its adapter would change the embeddings
+    too, silently; refused, all or nothing, until the user unties them."""
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(tiny_llama_config(tie_word_embeddings=True)).eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["lm_head", "q_proj"], init_lora_weights=False)
+    lorafuse.inject_lora(model, config)
+    before = logits(model)
+    embeddings = model.model.embed_tokens.weight.detach().clone()
+    with pytest.raises(ValueError, match=r'merge: "lm_head.base_layer.weight" is also "model.embed_tokens.weight" '
+                                         r"\(tied weights\)"):
+        lorafuse.merge(model)
+    with pytest.raises(ValueError, match=r'merge_and_unload: "lm_head.base_layer.weight" .*\(tied weights\)'):
+        lorafuse.merge_and_unload(model)
+    assert torch.equal(model.model.embed_tokens.weight, embeddings) and not dict(lorafuse.lora_layers(model))["lm_head"].merged
+    torch.testing.assert_close(logits(model), before, rtol=0, atol=0)
+    # untied: the merge goes through and computes the same logits
+    head = dict(lorafuse.lora_layers(model))["lm_head"]
+    head.base_layer.weight = nn.Parameter(head.base_layer.weight.detach().clone(), requires_grad=False)
+    lorafuse.merge(model)
+    torch.testing.assert_close(logits(model), before, rtol=1e-4, atol=1e-5)
+    assert torch.equal(model.model.embed_tokens.weight, embeddings)
