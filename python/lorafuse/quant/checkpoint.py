@@ -59,22 +59,23 @@ def _under(name: str, prefixes: set) -> bool:
     return any(".".join(parts[:i]) in prefixes for i in range(1, len(parts)))
 
 
-def _owners(model: nn.Module) -> Dict[str, List[Tuple[nn.Module, str, bool]]]:
-    """Each parameter and persistent buffer by its first name: every (module, attribute, is_parameter) holding it
-    (a tied weight has several)."""
+def _owners(model: nn.Module) -> Dict[str, Tuple[List[str], List[Tuple[nn.Module, str, bool]]]]:
+    """Each parameter and persistent buffer by its first name: all its names and every (module, attribute,
+    is_parameter) holding it (a tied weight has several of both)."""
     persistent = set(model.state_dict(keep_vars=True).keys())
     first: Dict[int, str] = {}
-    owners: Dict[str, List[Tuple[nn.Module, str, bool]]] = {}
+    owners: Dict[str, Tuple[List[str], List[Tuple[nn.Module, str, bool]]]] = {}
     for prefix, module in model.named_modules(remove_duplicate=False):
         for store, is_param in ((module._parameters, True), (module._buffers, False)):
             for attr, tensor in store.items():
                 full = f"{prefix}.{attr}" if prefix else attr
                 if tensor is None or (not is_param and full not in persistent and id(tensor) not in first):
                     continue
-                name = first.setdefault(id(tensor), full)
-                owners.setdefault(name, [])
-                if (module, attr, is_param) not in owners[name]:
-                    owners[name].append((module, attr, is_param))
+                names, holders = owners.setdefault(first.setdefault(id(tensor), full), ([], []))
+                if full not in names:
+                    names.append(full)
+                if (module, attr, is_param) not in holders:
+                    holders.append((module, attr, is_param))
     return owners
 
 
@@ -101,11 +102,15 @@ def load_checkpoint(
     if cpp is not None:  # a bound C++ model (the reference Llama): lorafuse::load_checkpoint
         return _C._cpp_load_checkpoint(cpp, directory, quantize._fields() if quantize else None, strict)
     reader = _C._CheckpointReader(directory)
+    layers = _layers(model, "load_checkpoint")
+    tie = getattr(model, "tie_weights", None)
+    if callable(tie):  # a transformers skeleton made under init_empty_weights has its tied weights still apart
+        tie()
     file_quant = reader.quant_config
     nf4 = set(reader.nf4_weights())
     used, missing, handled = set(), [], set()
     replacements = []
-    for parent, name, path, module, is_4bit in _layers(model, "load_checkpoint"):
+    for parent, name, path, module, is_4bit in layers:
         weight = f"{path}.weight"
         out_features, in_features = module.out_features, module.in_features
         dense_in_file = weight in reader and weight not in nf4
@@ -173,16 +178,17 @@ def load_checkpoint(
 
     owners = _owners(model)
     assignments = []
-    for name, holders in owners.items():
+    for name, (names, holders) in owners.items():
         if _under(name, handled):
             continue
-        if name not in reader:
+        present = [n for n in names if n in reader]  # a tied weight: under any of its names, once or more
+        if not present:
             missing.append(name)
             continue
         module, attr, _ = holders[0]
-        _check_shape(reader, name, list(getattr(module, attr).shape))
-        assignments.append((name, holders))
-        used.add(name)
+        _check_shape(reader, present[0], list(getattr(module, attr).shape))
+        assignments.append((present[0], holders))
+        used.update(present)
     unexpected = [n for n in reader.names() if n not in used]
     if strict and missing:
         raise ValueError(
@@ -194,7 +200,7 @@ def load_checkpoint(
             f"load_checkpoint: {directory} holds {len(unexpected)} tensor(s) that the model has no place for: "
             f"{_some(unexpected)}. Is it another model's checkpoint? (strict=False ignores them)"
         )
-    meta = [n for n in missing if n in owners and getattr(owners[n][0][0], owners[n][0][1]).is_meta]
+    meta = [n for n in missing if n in owners and getattr(owners[n][1][0][0], owners[n][1][0][1]).is_meta]
     if meta:
         raise ValueError(
             f"load_checkpoint: {directory} lacks {len(meta)} tensor(s) that the model holds on the meta device (no "
@@ -280,7 +286,7 @@ def save_checkpoint(model: nn.Module, directory: PathLike, config: Optional[dict
         quantized.add(path)
         dtypes.append(getattr(module, "compute_dtype", None) or dtype)
         nested = nested or (nested_absmax is not None and nested_absmax.numel() > 0)
-    for name, holders in _owners(model).items():
+    for name, (_, holders) in _owners(model).items():
         if _under(name, quantized):
             continue
         module, attr, _ = holders[0]

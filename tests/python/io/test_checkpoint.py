@@ -275,3 +275,33 @@ def test_a_checkpoint_whose_quant_state_disagrees_is_refused_with_the_tensor_nam
         config["quantization_config"]["bnb_4bit_quant_type"] = "fp4"
         (folder / "config.json").write_text(json.dumps(config))
         lorafuse.load_checkpoint(model, folder)
+
+
+def test_tied_embeddings_load_and_save_under_either_name(tmp_path):
+    """A model whose lm_head shares the input embeddings (tie_word_embeddings, as SmolLM2): transformers saves the
+    weight once; a skeleton made under init_empty_weights is tied before loading, and a file holding both names
+    loads too."""
+    torch.manual_seed(0)
+    config = tiny_llama_config(tie_word_embeddings=True, **SHAPE)
+    dense = transformers.LlamaForCausalLM(config)
+    dense.save_pretrained(tmp_path / "dense")
+    with init_empty_weights():
+        ours = transformers.LlamaForCausalLM(config)
+    lorafuse.load_checkpoint(ours, tmp_path / "dense", quantize=lorafuse.QuantConfig())
+    assert ours.lm_head.weight is ours.model.embed_tokens.weight and not ours.lm_head.weight.is_meta
+    expected = _logits(lorafuse.quantize_model(transformers.LlamaForCausalLM.from_pretrained(tmp_path / "dense")))
+    torch.testing.assert_close(_logits(ours), expected, rtol=0, atol=0)
+    lorafuse.save_checkpoint(ours, tmp_path / "nf4")
+    names = _C._CheckpointReader(str(tmp_path / "nf4")).names()
+    assert "model.embed_tokens.weight" in names and "lm_head.weight" not in names  # once, as transformers saves it
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "nf4")
+    assert theirs.lm_head.weight is theirs.model.embed_tokens.weight
+    torch.testing.assert_close(_logits(theirs), expected, rtol=0, atol=0)
+    # both names in the file (some writers keep both): loads, neither is "unexpected"
+    tensors = [(n, t) for n, t in dense.state_dict().items()]
+    assert any(n == "lm_head.weight" for n, _ in tensors)
+    _C._write_checkpoint(str(tmp_path / "both"), dense.config.to_json_string(), [(n, t.contiguous()) for n, t in tensors])
+    with init_empty_weights():
+        again = transformers.LlamaForCausalLM(config)
+    lorafuse.load_checkpoint(again, tmp_path / "both")
+    torch.testing.assert_close(_logits(again), _logits(dense), rtol=0, atol=0)
