@@ -12,6 +12,7 @@
 #include <torch/csrc/autograd/grad_mode.h>
 #include <torch/nn/modules/linear.h>
 
+#include <algorithm>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <set>
@@ -67,14 +68,22 @@ bool under(const std::string& name, const std::set<std::string>& prefixes) {
   return false;
 }
 
-// The model's parameters and persistent state by full name, each tensor once (the first name of a shared one).
-std::vector<std::pair<std::string, at::Tensor>> named_state(torch::nn::Module& module) {
-  std::vector<std::pair<std::string, at::Tensor>> out;
-  std::set<const c10::TensorImpl*> seen;
+// The model's parameters and persistent state, each tensor once: all its full names (a tied weight has several; the
+// first is its name) and the tensor.
+struct NamedState {
+  std::vector<std::string> names;
+  at::Tensor tensor;
+};
+
+std::vector<NamedState> named_state(torch::nn::Module& module) {
+  std::vector<NamedState> out;
+  std::map<const c10::TensorImpl*, size_t> index;
   for (auto dict : {module.named_parameters(true), module.named_buffers(true)}) {
     for (const auto& item : dict) {
-      if (!item.value().defined() || !seen.insert(item.value().unsafeGetTensorImpl()).second) continue;
-      out.emplace_back(item.key(), item.value());
+      if (!item.value().defined()) continue;
+      const auto [it, fresh] = index.emplace(item.value().unsafeGetTensorImpl(), out.size());
+      if (fresh) out.push_back({{}, item.value()});
+      out[it->second].names.push_back(item.key());
     }
   }
   return out;
@@ -217,17 +226,22 @@ std::vector<std::string> load_checkpoint(torch::nn::Module& module, const std::s
 
   // 2. Every other parameter and buffer, matched by name and shape.
   std::vector<std::pair<std::string, at::Tensor>> assignments;
-  for (const auto& [name, tensor] : named_state(module)) {
-    if (under(name, handled)) continue;
-    if (!reader.contains(name)) {
-      missing.push_back(name);
+  for (const auto& [names, tensor] : named_state(module)) {
+    // held only by layers read above: done; held elsewhere too (a tied weight), it loads for those holders
+    if (std::all_of(names.begin(), names.end(), [&](const auto& n) { return under(n, handled); })) continue;
+    std::vector<std::string> present;  // a tied weight: under any of its names, once or more
+    for (const auto& n : names) {
+      if (reader.contains(n)) present.push_back(n);
+    }
+    if (present.empty()) {
+      missing.push_back(names.front());
       continue;
     }
-    const auto& e = reader.entry(name);
-    TORCH_CHECK_VALUE(tensor.sizes() == at::IntArrayRef(e.shape), "load_checkpoint: \"", name, "\" is ",
+    const auto& e = reader.entry(present.front());
+    TORCH_CHECK_VALUE(tensor.sizes() == at::IntArrayRef(e.shape), "load_checkpoint: \"", present.front(), "\" is ",
                       sizes_str(e.shape), " in the checkpoint; the model's is ", sizes_str(tensor.sizes()));
-    assignments.emplace_back(name, tensor);
-    used.insert(name);
+    assignments.emplace_back(present.front(), tensor);
+    used.insert(present.begin(), present.end());
   }
   std::vector<std::string> unexpected;
   for (const auto& name : reader.names()) {
@@ -243,8 +257,10 @@ std::vector<std::string> load_checkpoint(torch::nn::Module& module, const std::s
                       ". Is it another model's checkpoint? (LoadCheckpointOptions().strict(false) ignores them)");
   } else {
     std::vector<std::string> meta;
-    for (const auto& [name, tensor] : named_state(module)) {
-      if (!under(name, handled) && tensor.is_meta() && !reader.contains(name)) meta.push_back(name);
+    for (const auto& [names, tensor] : named_state(module)) {
+      const bool absent = std::none_of(names.begin(), names.end(), [&](const auto& n) { return reader.contains(n); });
+      const bool elsewhere = std::any_of(names.begin(), names.end(), [&](const auto& n) { return !under(n, handled); });
+      if (elsewhere && tensor.is_meta() && absent) meta.push_back(names.front());
     }
     TORCH_CHECK_VALUE(meta.empty(), "load_checkpoint: ", dir, " lacks ", meta.size(),
                       " tensor(s) that the model holds on the meta device (no values at all): ", io::list_some(meta));
@@ -293,11 +309,11 @@ void save_checkpoint(torch::nn::Module& module, const std::string& dir, const st
     ++compute_dtypes[t.dtype];
     nested = nested || t.nested();
   }
-  for (const auto& [name, tensor] : named_state(module)) {
-    if (under(name, quantized)) continue;
-    TORCH_CHECK_VALUE(!tensor.is_meta(), "save_checkpoint: \"", name,
+  for (const auto& [names, tensor] : named_state(module)) {  // a tied weight once, under its first name
+    if (under(names.front(), quantized)) continue;
+    TORCH_CHECK_VALUE(!tensor.is_meta(), "save_checkpoint: \"", names.front(),
                       "\" is on the meta device (it has no values); load or initialise it first");
-    tensors.emplace_back(name, tensor);
+    tensors.emplace_back(names.front(), tensor);
   }
   if (quantized.empty()) {
     config.erase("quantization_config");

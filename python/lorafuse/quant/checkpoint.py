@@ -179,7 +179,8 @@ def load_checkpoint(
     owners = _owners(model)
     assignments = []
     for name, (names, holders) in owners.items():
-        if _under(name, handled):
+        # held only by layers read above: done; held elsewhere too (a tied weight), it loads for those holders
+        if all(_under(n, handled) for n in names):
             continue
         present = [n for n in names if n in reader]  # a tied weight: under any of its names, once or more
         if not present:

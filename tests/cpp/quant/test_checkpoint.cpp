@@ -196,3 +196,31 @@ TEST_CASE("LlamaConfig from and to a Hugging Face config.json", "[cpu][models]")
                                        {"vocab_size: expected an integer, found null"});
   require_error_parts<c10::ValueError>([&] { LlamaConfig::from_hf_json("{"); }, {"config.json: not valid JSON"});
 }
+
+TEST_CASE("a tied weight saves once and loads under any of its names", "[cpu][quant][io]") {
+  TempDir dir;
+  const auto make = [] {
+    torch::nn::Linear shared(64, 8);
+    torch::nn::ModuleDict dict;
+    dict->update({{"q", shared.ptr()}, {"k", shared.ptr()}});  // one layer in two places: its weights tied
+    return std::make_pair(dict, shared);
+  };
+  auto [model, shared] = make();
+  lorafuse::save_checkpoint(*model, dir.path);
+  lorafuse::io::CheckpointReader reader(dir.path);
+  CHECK(reader.names() == std::vector<std::string>{"q.weight", "q.bias"});  // once, under the first name
+  auto [loaded, loaded_shared] = make();
+  lorafuse::load_checkpoint(*loaded, dir.path);
+  CHECK(at::equal(loaded_shared->weight, shared->weight));
+  // a file holding it under the other name loads too
+  TempDir other;
+  lorafuse::io::write_checkpoint(other.path, "{}", {{"k.weight", shared->weight * 2}, {"k.bias", shared->bias}});
+  lorafuse::load_checkpoint(*loaded, other.path);
+  CHECK(at::equal(loaded_shared->weight, shared->weight * 2));
+  // quantizing one holder of a tied weight: that one in 4 bits, the other keeps the dense values (untied, both right)
+  auto [split, split_shared] = make();
+  lorafuse::load_checkpoint(*split, dir.path,
+                            LoadCheckpointOptions().quantize(QuantConfig().modules_to_not_convert({"k"})));
+  CHECK(split->named_children()["q"]->as<Linear4bitImpl>() != nullptr);
+  CHECK(at::equal(split_shared->weight, shared->weight));
+}
