@@ -4,6 +4,8 @@
 #include <lorafuse/io/files.h>
 #include <sys/stat.h>
 
+#include <algorithm>
+#include <map>
 #include <nlohmann/json.hpp>
 
 #include "csrc/config/json.h"
@@ -118,11 +120,36 @@ std::vector<std::string> CheckpointReader::nf4_tensor_names(const std::string& n
   return out;
 }
 
-void write_checkpoint(const std::string& dir, const std::string& config_json,
-                      const std::vector<std::pair<std::string, at::Tensor>>& tensors) {
-  const json config = parse_json(config_json, "save_checkpoint: config_json");
+void write_checkpoint(const std::string& dir, const std::string& model_config_json,
+                      const std::vector<std::pair<std::string, at::Tensor>>& tensors,
+                      const std::vector<std::string>& dense_modules) {
+  json config = parse_json(model_config_json, "save_checkpoint: config_json");
   TORCH_CHECK_VALUE(config.is_object(), "save_checkpoint: config_json: expected a JSON object, found ",
                     config.type_name());
+  // quantization_config from the NF4 weights themselves (each read back as a loader will: a writer bug stops here)
+  const std::map<std::string, at::Tensor> by_name(tensors.begin(), tensors.end());
+  std::map<at::ScalarType, int> dtypes;
+  bool nested = false;
+  for (const auto& [name, tensor] : tensors) {
+    const auto weight = nf4_weight_of_state(name);
+    if (!weight) continue;
+    const Nf4Tensor t = read_nf4_tensors(
+        *weight,
+        [&](const std::string& n) {
+          const auto it = by_name.find(n);
+          return it == by_name.end() ? at::Tensor() : it->second;
+        },
+        "save_checkpoint");
+    ++dtypes[t.dtype];
+    nested = nested || t.nested();
+  }
+  config.erase("quantization_config");
+  if (!dtypes.empty()) {
+    const auto most = std::max_element(dtypes.begin(), dtypes.end(),
+                                       [](const auto& a, const auto& b) { return a.second < b.second; });
+    config["quantization_config"] = parse_json(
+        QuantConfig().double_quant(nested).compute_dtype(most->first).to_hf_json(dense_modules), "quantization_config");
+  }
   std::vector<std::string> drop;
   const std::string index_path = join_path(dir, kModelIndexFile);
   if (is_file(index_path)) {  // a sharded checkpoint saved here before: its index and shards describe the old model

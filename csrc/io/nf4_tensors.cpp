@@ -11,7 +11,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
-#include <map>
 #include <nlohmann/json.hpp>
 #include <set>
 #include <sstream>
@@ -116,15 +115,6 @@ std::vector<std::pair<std::string, at::Tensor>> nf4_checkpoint_tensors(const std
   at::Tensor bytes = at::empty({static_cast<int64_t>(text.size())}, at::TensorOptions().dtype(at::kByte));
   std::memcpy(bytes.data_ptr(), text.data(), text.size());
   out.emplace_back(name + kNf4StateSuffix, bytes);
-  // What the reader checks, checked once here: a writer bug never reaches a file.
-  std::map<std::string, at::Tensor> by_name(out.begin(), out.end());
-  read_nf4_tensors(
-      name,
-      [&](const std::string& n) {
-        auto it = by_name.find(n);
-        return it == by_name.end() ? at::Tensor() : it->second;
-      },
-      "nf4 checkpoint");
   return out;
 }
 

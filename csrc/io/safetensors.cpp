@@ -1,9 +1,7 @@
 #include <ATen/ops/empty.h>
-#include <ATen/ops/from_blob.h>
 #include <c10/util/Exception.h>
 #include <fcntl.h>
 #include <lorafuse/io/safetensors.h>
-#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -17,9 +15,6 @@
 
 namespace lorafuse::io {
 namespace {
-
-// SafetensorsFile::read gives tensors of at least this many bytes pages of their own.
-constexpr uint64_t kOwnPagesBytes = uint64_t{1} << 20;
 
 using json = nlohmann::json;
 
@@ -249,19 +244,7 @@ at::Tensor SafetensorsFile::read(const std::string& name) const {
   const SafetensorsEntry* e = find(name);
   TORCH_CHECK_VALUE(e != nullptr, path_, ": no tensor named \"", name, "\"");
   const uint64_t bytes = e->end - e->begin;
-  at::Tensor t;
-  if (bytes >= kOwnPagesBytes) {
-    // A large tensor gets pages of its own, given back to the system when it is freed: a model loaded one dense
-    // weight at a time (quantized as it loads) would otherwise leave the allocator's heap as large as the many
-    // freed weights' holes between the small tensors kept, and the peak memory far above what the model holds.
-    void* pages = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    TORCH_CHECK_VALUE(pages != MAP_FAILED, path_, ": cannot allocate ", bytes, " bytes for \"", name, "\" (",
-                      std::strerror(errno), ")");
-    t = at::from_blob(
-        pages, e->shape, [bytes](void* p) { ::munmap(p, bytes); }, at::TensorOptions().dtype(e->dtype));
-  } else {
-    t = at::empty(e->shape, at::TensorOptions().dtype(e->dtype));
-  }
+  at::Tensor t = at::empty(e->shape, at::TensorOptions().dtype(e->dtype));
   read_at(static_cast<uint8_t*>(t.data_ptr()), bytes, data_start_ + e->begin);
   return t;
 }

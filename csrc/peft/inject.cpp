@@ -21,25 +21,17 @@ using detail::Site;
 using nn::LoraLayer;
 using torch::nn::Module;
 
-// Merging writes into a layer's base weight in place: where another module holds the same tensor (tied weights, e.g.
-// an lm_head sharing the input embeddings'), that module would change too, silently. Refused for every layer in
-// `paths` (LoRA layers about to merge in place), naming both holders.
+// rules::check_not_tied over this model's parameters (identity: the tensor's storage object).
 void check_not_tied(const Module& model, const std::vector<std::pair<std::string, LoraLayer*>>& layers,
                     const char* what) {
   if (layers.empty()) return;
-  std::map<const c10::TensorImpl*, std::vector<std::string>> holders;
+  std::vector<std::pair<std::string, int64_t>> parameters;
   for (const auto& p : model.named_parameters(/*recurse=*/true)) {
-    holders[p.value().unsafeGetTensorImpl()].push_back(p.key());
+    parameters.emplace_back(p.key(), reinterpret_cast<int64_t>(p.value().unsafeGetTensorImpl()));
   }
-  for (const auto& [path, layer] : layers) {
-    for (const auto& p : layer->module().named_parameters(/*recurse=*/true)) {
-      for (const auto& name : holders[p.value().unsafeGetTensorImpl()]) {
-        TORCH_CHECK_VALUE(name.rfind(path + ".", 0) == 0, what, ": \"", path, ".", p.key(), "\" is also \"", name,
-                          "\" (tied weights): merging into it would change that module too. Give the layer a weight "
-                          "of its own first (untie them), or keep the adapter unmerged");
-      }
-    }
-  }
+  std::vector<std::string> merging;
+  for (const auto& [path, layer] : layers) merging.push_back(path);
+  rules::check_not_tied(parameters, merging, what);
 }
 
 void walk(Module& module, const std::string& prefix, std::vector<Site>& out) {

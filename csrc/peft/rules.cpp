@@ -76,8 +76,8 @@ std::vector<std::vector<std::string>> plan_merge(const LayerTables& layers, cons
     names.push_back(active);
   }
   for (size_t i = 0; i < names.size(); ++i) {
-    TORCH_CHECK_VALUE(std::find(names.begin(), names.begin() + i, names[i]) == names.begin() + i, what,
-                      ": adapter \"", names[i], "\" is named twice");
+    TORCH_CHECK_VALUE(std::find(names.begin(), names.begin() + i, names[i]) == names.begin() + i, what, ": adapter \"",
+                      names[i], "\" is named twice");
   }
   for (const auto& name : names) {
     require_adapter(layers, name, what);
@@ -167,6 +167,23 @@ std::vector<std::string> match_biases(const std::vector<std::pair<std::string, s
     out.push_back(target);
   }
   return out;
+}
+
+void check_not_tied(const std::vector<std::pair<std::string, int64_t>>& parameters,
+                    const std::vector<std::string>& merging, const std::string& what) {
+  std::map<int64_t, std::vector<std::string>> names;
+  for (const auto& [name, id] : parameters) names[id].push_back(name);
+  for (const auto& path : merging) {
+    const std::string prefix = path + ".";
+    for (const auto& [name, id] : parameters) {
+      if (name.rfind(prefix, 0) != 0) continue;
+      for (const auto& other : names[id]) {
+        TORCH_CHECK_VALUE(other.rfind(prefix, 0) == 0, what, ": \"", name, "\" is also \"", other,
+                          "\" (tied weights): merging into it would change that module too. Give the layer a weight of "
+                          "its own first (untie them), or keep the adapter unmerged");
+      }
+    }
+  }
 }
 
 }  // namespace lorafuse::rules

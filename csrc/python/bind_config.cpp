@@ -83,18 +83,12 @@ void bind_checkpoint(py::module& m) {
   m.def(
       "_write_checkpoint",
       [](const std::string& dir, const std::string& config_json,
-         const std::vector<std::pair<std::string, at::Tensor>>& tensors) {
-        translating([&] { io::write_checkpoint(dir, config_json, tensors); });
+         const std::vector<std::pair<std::string, at::Tensor>>& tensors, const std::vector<std::string>& dense) {
+        translating([&] { io::write_checkpoint(dir, config_json, tensors, dense); });
       },
-      py::arg("dir"), py::arg("config_json"), py::arg("tensors"),
-      "Writes a checkpoint folder atomically: config.json and model.safetensors.");
-  m.def(
-      "_quant_config_hf_json",
-      [](const QuantFields& fields, const std::vector<std::string>& dense_modules) {
-        return translating([&] { return quant_config(fields).to_hf_json(dense_modules); });
-      },
-      py::arg("config"), py::arg("dense_modules"),
-      "The quantization_config object (JSON text) transformers writes for this QuantConfig.");
+      py::arg("dir"), py::arg("config_json"), py::arg("tensors"), py::arg("dense_modules") = std::vector<std::string>{},
+      "Writes a checkpoint folder atomically: config.json (its quantization_config derived from the NF4 tensors) and "
+      "model.safetensors.");
   m.def(
       "_cpp_load_checkpoint",
       [](torch::nn::Module& module, const std::string& dir, const std::optional<QuantFields>& quantize, bool strict) {

@@ -22,8 +22,10 @@ rules::LayerTables checked(const TablesArg& layers) {
 void bind_rules(py::module& m) {
   using LayerTables = TablesArg;
   const auto layers = py::arg("layers");
-  m.def("_rules_adapter_names", [](const LayerTables& l) { return rules::adapter_names(checked(l)); }, layers);
-  m.def("_rules_active_adapter", [](const LayerTables& l) { return rules::active_adapter(checked(l)); }, layers);
+  m.def(
+      "_rules_adapter_names", [](const LayerTables& l) { return rules::adapter_names(checked(l)); }, layers);
+  m.def(
+      "_rules_active_adapter", [](const LayerTables& l) { return rules::active_adapter(checked(l)); }, layers);
   m.def(
       "_rules_require_adapter",
       [](const LayerTables& l, const std::string& name, const std::string& what) {
@@ -49,10 +51,19 @@ void bind_rules(py::module& m) {
       },
       layers, py::arg("names"), py::arg("what"));
   m.def(
+      "_rules_check_not_tied",
+      [](const std::vector<std::pair<std::string, int64_t>>& parameters, const std::vector<std::string>& merging,
+         const std::string& what) { translating([&] { rules::check_not_tied(parameters, merging, what); }); },
+      py::arg("parameters"), py::arg("merging"), py::arg("what"),
+      "Refuses merging into a weight another module holds too (rules::check_not_tied): parameters are (name, id).");
+  m.def(
       "_rules_check_unmerge",
-      [](const LayerTables& l, const std::string& what) { translating([&] { rules::check_unmerge(checked(l), what); }); },
+      [](const LayerTables& l, const std::string& what) {
+        translating([&] { rules::check_unmerge(checked(l), what); });
+      },
       layers, py::arg("what"));
-  m.def("_rules_starts_disabled", [](const LayerTables& l) { return rules::starts_disabled(checked(l)); }, layers);
+  m.def(
+      "_rules_starts_disabled", [](const LayerTables& l) { return rules::starts_disabled(checked(l)); }, layers);
   m.def(
       "_rules_check_new_adapter",
       [](const LayerTables& l, const std::string& name, const std::string& hint) {
@@ -88,12 +99,16 @@ void bind_peft(py::module& m) {
       py::arg("module"), py::arg("config"), py::arg("adapter_name"));
   using torch::nn::Module;
   const auto arg = py::arg("module");
-  m.def("_cpp_set_adapter", [](Module& mod, const std::string& n) { translating([&] { set_adapter(mod, n); }); }, arg,
-        py::arg("adapter_name"));
-  m.def("_cpp_delete_adapter", [](Module& mod, const std::string& n) { translating([&] { delete_adapter(mod, n); }); },
-        arg, py::arg("adapter_name"));
-  m.def("_cpp_disable_adapters", [](Module& mod) { translating([&] { disable_adapters(mod); }); }, arg);
-  m.def("_cpp_enable_adapters", [](Module& mod) { translating([&] { enable_adapters(mod); }); }, arg);
+  m.def(
+      "_cpp_set_adapter", [](Module& mod, const std::string& n) { translating([&] { set_adapter(mod, n); }); }, arg,
+      py::arg("adapter_name"));
+  m.def(
+      "_cpp_delete_adapter", [](Module& mod, const std::string& n) { translating([&] { delete_adapter(mod, n); }); },
+      arg, py::arg("adapter_name"));
+  m.def(
+      "_cpp_disable_adapters", [](Module& mod) { translating([&] { disable_adapters(mod); }); }, arg);
+  m.def(
+      "_cpp_enable_adapters", [](Module& mod) { translating([&] { enable_adapters(mod); }); }, arg);
   m.def(
       "_cpp_merge",
       [](Module& mod, const std::vector<std::string>& names, bool requantize) {
@@ -105,10 +120,14 @@ void bind_peft(py::module& m) {
       },
       arg, py::arg("adapter_names"), py::arg("requantize") = false,
       "merge_adapter: {path: (output_error, adapter_error)} of the layers re-quantized.");
-  m.def("_cpp_unmerge", [](Module& mod) { translating([&] { unmerge_adapter(mod); }); }, arg);
-  m.def("_cpp_merge_and_unload", [](Module& mod) { translating([&] { merge_and_unload(mod); }); }, arg);
-  m.def("_cpp_adapter_names", [](Module& mod) { return adapter_names(mod); }, arg);
-  m.def("_cpp_active_adapter", [](Module& mod) { return active_adapter(mod); }, arg);
+  m.def(
+      "_cpp_unmerge", [](Module& mod) { translating([&] { unmerge_adapter(mod); }); }, arg);
+  m.def(
+      "_cpp_merge_and_unload", [](Module& mod) { translating([&] { merge_and_unload(mod); }); }, arg);
+  m.def(
+      "_cpp_adapter_names", [](Module& mod) { return adapter_names(mod); }, arg);
+  m.def(
+      "_cpp_active_adapter", [](Module& mod) { return active_adapter(mod); }, arg);
   m.def(
       "_cpp_lora_layers",
       [](Module& mod) {

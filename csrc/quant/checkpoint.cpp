@@ -277,21 +277,10 @@ std::vector<std::string> load_checkpoint(torch::nn::Module& module, const std::s
 }
 
 void save_checkpoint(torch::nn::Module& module, const std::string& dir, const std::string& model_config_json) {
-  using json = nlohmann::ordered_json;
-  json config;
-  try {
-    config = json::parse(model_config_json);
-  } catch (const json::exception& e) {
-    TORCH_CHECK_VALUE(false, "save_checkpoint: model_config_json: not valid JSON (", e.what(), ")");
-  }
-  TORCH_CHECK_VALUE(config.is_object(), "save_checkpoint: model_config_json: expected a JSON object, found ",
-                    config.type_name());
   const std::vector<Layer> layers = layers_of(module, "save_checkpoint");
   std::vector<std::pair<std::string, at::Tensor>> tensors;
   std::set<std::string> quantized;
   std::vector<std::string> dense_linear;
-  std::map<c10::ScalarType, int> compute_dtypes;
-  bool nested = false;
   for (const auto& l : layers) {
     if (!l.is_4bit) {
       dense_linear.push_back(l.path);
@@ -306,8 +295,6 @@ void save_checkpoint(torch::nn::Module& module, const std::string& dir, const st
     for (auto& entry : io::nf4_checkpoint_tensors(l.path + ".weight", t)) tensors.push_back(std::move(entry));
     if (q->bias.defined()) tensors.emplace_back(l.path + ".bias", q->bias);
     quantized.insert(l.path);
-    ++compute_dtypes[t.dtype];
-    nested = nested || t.nested();
   }
   for (const auto& [names, tensor] : named_state(module)) {  // a tied weight once, under its first name
     if (under(names.front(), quantized)) continue;
@@ -315,17 +302,7 @@ void save_checkpoint(torch::nn::Module& module, const std::string& dir, const st
                       "\" is on the meta device (it has no values); load or initialise it first");
     tensors.emplace_back(names.front(), tensor);
   }
-  if (quantized.empty()) {
-    config.erase("quantization_config");
-  } else {
-    auto most = compute_dtypes.begin();
-    for (auto it = compute_dtypes.begin(); it != compute_dtypes.end(); ++it) {
-      if (it->second > most->second) most = it;
-    }
-    const QuantConfig q = QuantConfig().double_quant(nested).compute_dtype(most->first);
-    config["quantization_config"] = json::parse(q.to_hf_json(dense_linear));
-  }
-  io::write_checkpoint(dir, config.dump(), tensors);
+  io::write_checkpoint(dir, model_config_json, tensors, dense_linear);
 }
 
 }  // namespace lorafuse

@@ -55,11 +55,15 @@ class CheckpointReader {
   std::map<std::string, size_t> where_;  // tensor name -> index in files_
 };
 
-/// Writes checkpoint folder `dir` atomically (replace_folder_atomically): config.json holding `config_json` and
-/// model.safetensors holding `tensors` (metadata {"format": "pt"}, as transformers writes). A
+/// Writes checkpoint folder `dir` atomically (replace_folder_atomically): config.json and model.safetensors holding
+/// `tensors` (metadata {"format": "pt"}, as transformers writes). config.json is `model_config_json` (a JSON object)
+/// with its `quantization_config` derived from the NF4 weights among `tensors` (QuantConfig::to_hf_json: the most
+/// common dtype of their quant_states as the compute dtype, double quantization if any is nested, and
+/// `dense_modules`, the Linear layers left dense, as llm_int8_skip_modules), or removed when there are none. A
 /// model.safetensors.index.json in `dir` and the shards it lists are dropped (they would describe the old model);
 /// other files are kept.
-void write_checkpoint(const std::string& dir, const std::string& config_json,
-                      const std::vector<std::pair<std::string, at::Tensor>>& tensors);
+void write_checkpoint(const std::string& dir, const std::string& model_config_json,
+                      const std::vector<std::pair<std::string, at::Tensor>>& tensors,
+                      const std::vector<std::string>& dense_modules = {});
 
 }  // namespace lorafuse::io

@@ -56,4 +56,12 @@ std::vector<std::string> match_biases(const std::vector<std::pair<std::string, s
                                       const std::vector<std::pair<std::string, std::vector<int64_t>>>& parameters,
                                       const std::string& what);
 
+/// Merging writes into a layer's base weight in place: where another module holds the same tensor (tied weights, e.g.
+/// an lm_head sharing the input embeddings'), that module would change too, silently. `parameters` are the model's
+/// parameters as (full name, identity: equal for one tensor under several names); for each layer path in `merging`
+/// (LoRA layers about to merge in place), a parameter inside it that also has a name outside it is a ValueError
+/// prefixed with `what`, naming both.
+void check_not_tied(const std::vector<std::pair<std::string, int64_t>>& parameters,
+                    const std::vector<std::string>& merging, const std::string& what);
+
 }  // namespace lorafuse::rules

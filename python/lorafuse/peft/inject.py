@@ -294,24 +294,10 @@ def _cpp_merge_report(model: nn.Module, report: Dict[str, tuple]) -> Dict[str, M
 
 
 def _check_not_tied(model: nn.Module, layers: List[Tuple[str, nn.Module]], what: str) -> None:
-    """Merging writes into a layer's base weight in place: where another module holds the same tensor (tied weights,
-    e.g. an lm_head sharing the input embeddings'), that module would change too, silently. Refused for every layer
-    of ``layers`` (LoRA layers about to merge in place), naming both holders (the C++ check_not_tied's rule)."""
-    if not layers:
-        return
-    holders: Dict[int, List[str]] = {}
-    for path, module in model.named_modules(remove_duplicate=False):
-        for name, p in module.named_parameters(recurse=False):
-            holders.setdefault(id(p), []).append(f"{path}.{name}" if path else name)
-    for path, layer in layers:
-        for name, p in layer.named_parameters():
-            for holder in holders.get(id(p), []):
-                if not holder.startswith(path + "."):
-                    raise ValueError(
-                        f'{what}: "{path}.{name}" is also "{holder}" (tied weights): merging into it would change that '
-                        "module too. Give the layer a weight of its own first (untie them), or keep the adapter "
-                        "unmerged"
-                    )
+    """rules::check_not_tied over this model's parameters: no merge into a weight another module holds too."""
+    if layers:
+        parameters = [(n, id(p)) for n, p in model.named_parameters(remove_duplicate=False)]
+        _C._rules_check_not_tied(parameters, [path for path, _ in layers], what)
 
 
 @_model_wide(_C._cpp_merge, result=_cpp_merge_report)

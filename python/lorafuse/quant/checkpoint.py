@@ -240,10 +240,9 @@ def _check_shape(reader, name: str, expected: List[int]) -> None:
 
 
 def _nf4_dtype(module: nn.Module) -> torch.dtype:
-    """The dtype a 4-bit layer's weight dequantizes to (bitsandbytes' quant_state.dtype)."""
-    if isinstance(module, Linear4bit):
-        return module.compute_dtype
-    return module.weight.quant_state.dtype
+    """The dtype a 4-bit layer is saved with (its quant_state's dtype): the dtype it computes in, which
+    save_checkpoint's quantization_config then names (write_checkpoint derives it)."""
+    return getattr(module, "compute_dtype", None) or module.weight.quant_state.dtype
 
 
 def save_checkpoint(model: nn.Module, directory: PathLike, config: Optional[dict] = None) -> None:
@@ -265,7 +264,7 @@ def save_checkpoint(model: nn.Module, directory: PathLike, config: Optional[dict
     if cpp is not None:
         _C._cpp_save_checkpoint(cpp, directory, json.dumps(config))
         return
-    tensors, quantized, dense, dtypes, nested = [], set(), [], [], False
+    tensors, quantized, dense = [], set(), []
     for _, _, path, module, is_4bit in _layers(model, "save_checkpoint"):
         if not is_4bit:
             dense.append(path)
@@ -285,8 +284,6 @@ def save_checkpoint(model: nn.Module, directory: PathLike, config: Optional[dict
         if module.bias is not None:
             tensors.append((f"{path}.bias", module.bias.detach()))
         quantized.add(path)
-        dtypes.append(getattr(module, "compute_dtype", None) or dtype)
-        nested = nested or (nested_absmax is not None and nested_absmax.numel() > 0)
     for name, (_, holders) in _owners(model).items():
         if _under(name, quantized):
             continue
@@ -295,13 +292,7 @@ def save_checkpoint(model: nn.Module, directory: PathLike, config: Optional[dict
         if tensor.is_meta:
             raise ValueError(f'save_checkpoint: "{name}" is on the meta device (it has no values); load it first')
         tensors.append((name, tensor.detach()))
-    config = dict(config)
-    config.pop("quantization_config", None)
-    if quantized:
-        compute = max(set(dtypes), key=dtypes.count)
-        fields = ("nf4", 64, nested, compute, [])
-        config["quantization_config"] = json.loads(_C._quant_config_hf_json(fields, dense))
-    _C._write_checkpoint(directory, json.dumps(config), tensors)
+    _C._write_checkpoint(directory, json.dumps(config), tensors, dense)  # quantization_config derived in C++
 
 
 def _default_config(model: nn.Module, cpp) -> dict:

@@ -190,7 +190,8 @@ TEST_CASE("SafetensorsFile reads the header when it opens and each tensor when a
 TEST_CASE("CheckpointReader: one file or shards listed by the index, config.json's quantization_config",
           "[cpu][io][nf4]") {
   TempDir dir;
-  const Nf4Tensor t = quantized(true);
+  Nf4Tensor t = quantized(true);
+  t.dtype = at::kBFloat16;  // the compute dtype write_checkpoint puts into quantization_config
   auto tensors = lorafuse::io::nf4_checkpoint_tensors("layer.weight", t);
   tensors.emplace_back("norm.weight", at::ones({4}));
   lorafuse::io::write_checkpoint(

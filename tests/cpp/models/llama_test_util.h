@@ -20,4 +20,10 @@ inline lorafuse::models::Llama tiny_llama(uint64_t seed = 0, int64_t hidden_size
                                      .num_key_value_heads(2));
 }
 
+// The tiny Llama with every layer's in_features a multiple of the NF4 block (64): for the 4-bit tests.
+inline lorafuse::models::Llama tiny_llama_nf4(uint64_t seed = 0) { return tiny_llama(seed, 64, 128); }
+
+// Token ids [2, 8] within the tiny Llama's vocabulary.
+inline at::Tensor llama_ids() { return at::arange(16, at::kLong).mul(7).remainder(50).reshape({2, 8}); }
+
 }  // namespace lorafuse_test

@@ -27,18 +27,17 @@ using lorafuse_test::TempDir;
 
 namespace {
 
-Llama tiny_llama(uint64_t seed = 0) { return lorafuse_test::tiny_llama(seed, 64, 128); }
+using lorafuse_test::llama_ids;
+Llama tiny_llama(uint64_t seed = 0) { return lorafuse_test::tiny_llama_nf4(seed); }
 
 LlamaConfig skeleton_config(const Llama& model) {
   return LlamaConfig(model->config).tensor_options(at::TensorOptions().device(at::kMeta).dtype(at::kFloat));
 }
 
-at::Tensor ids() { return at::arange(16, at::kLong).mul(7).remainder(50).reshape({2, 8}); }
-
 at::Tensor logits(Llama& model) {
   torch::NoGradGuard no_grad;
   model->eval();
-  return model->forward(ids());
+  return model->forward(llama_ids());
 }
 
 }  // namespace
@@ -163,7 +162,7 @@ TEST_CASE("load_checkpoint refuses what does not fit before the model changes", 
   require_error_parts<c10::ValueError>([&] { lorafuse::save_checkpoint(*skeleton, dir.path); },
                                        {"is on the meta device"});
   require_error_parts<c10::ValueError>([&] { lorafuse::save_checkpoint(*model, dir.path, "[]"); },
-                                       {"model_config_json: expected a JSON object"});
+                                       {"config_json: expected a JSON object"});
 }
 
 TEST_CASE("LlamaConfig from and to a Hugging Face config.json", "[cpu][models]") {

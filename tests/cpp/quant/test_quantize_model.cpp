@@ -30,13 +30,11 @@ using lorafuse_test::require_error_parts;
 
 namespace {
 
-// every layer's in_features a multiple of the NF4 block (64)
-Llama tiny_llama(uint64_t seed = 0) { return lorafuse_test::tiny_llama(seed, 64, 128); }
-
-at::Tensor ids() { return at::arange(16, at::kLong).mul(7).remainder(50).reshape({2, 8}); }
+using lorafuse_test::llama_ids;
+Llama tiny_llama(uint64_t seed = 0) { return lorafuse_test::tiny_llama_nf4(seed); }
 
 at::Tensor loss_of(Llama& model) {
-  const auto input = ids();
+  const auto input = llama_ids();
   const auto logits = model->forward(input);
   return torch::nn::functional::cross_entropy(logits.slice(1, 0, -1).reshape({-1, 50}),
                                               input.slice(1, 1).reshape({-1}));
@@ -65,8 +63,8 @@ TEST_CASE("quantize_model replaces every Linear but lm_head by Linear4bit holdin
   torch::NoGradGuard no_grad;
   model->eval();
   dense->eval();
-  const auto y = model->forward(ids());
-  const auto y_dense = dense->forward(ids());
+  const auto y = model->forward(llama_ids());
+  const auto y_dense = dense->forward(llama_ids());
   CHECK_FALSE(at::equal(y, y_dense));
   const double relative = ((y - y_dense).norm() / y_dense.norm()).item<double>();
   INFO("relative change of the logits: " << relative);
@@ -132,7 +130,7 @@ TEST_CASE("QLoRA on the reference Llama: inject_lora over Linear4bit, training c
   model->eval();
   other->eval();
   torch::NoGradGuard no_grad;
-  CHECK(at::equal(other->forward(ids()), model->forward(ids())));
+  CHECK(at::equal(other->forward(llama_ids()), model->forward(llama_ids())));
 }
 
 TEST_CASE(
@@ -144,7 +142,7 @@ TEST_CASE(
   lorafuse::inject_lora(*model, LoraConfig().r(4).lora_alpha(8).init_lora_weights(false));
   model->eval();
   torch::NoGradGuard no_grad;
-  const auto y = model->forward(ids());
+  const auto y = model->forward(llama_ids());
   std::map<std::string, at::Tensor> bytes;
   for (const auto& b : model->named_buffers()) bytes[b.key()] = b.value().clone();
   require_error_parts<c10::ValueError>([&] { lorafuse::merge_adapter(*model); }, {"merge", "4-bit", "requantize"});
@@ -159,14 +157,14 @@ TEST_CASE(
     CHECK(error.output_error < 0.2);
     CHECK(error.adapter_error > 0.0);
   }
-  const auto merged = model->forward(ids());
+  const auto merged = model->forward(llama_ids());
   CHECK_FALSE(at::equal(merged, y));
   const double relative = ((merged - y).norm() / y.norm()).item<double>();
   INFO("relative change of the logits: " << relative);
   CHECK(relative < 0.25);
   lorafuse::unmerge_adapter(*model);
   for (const auto& b : model->named_buffers()) CHECK(at::equal(b.value(), bytes[b.key()]));
-  CHECK(at::equal(model->forward(ids()), y));
+  CHECK(at::equal(model->forward(llama_ids()), y));
 
   // a failing merge rolls back to the earlier requantized merge, bytes and all
   lorafuse::merge_adapter(*model, {}, true);
@@ -186,7 +184,7 @@ TEST_CASE(
   auto q = std::dynamic_pointer_cast<torch::nn::LinearImpl>(modules["model.layers.0.self_attn.q_proj"]);
   REQUIRE(q != nullptr);  // dense again, holding dequant(W) + the adapter
   CHECK(std::dynamic_pointer_cast<Linear4bitImpl>(modules["model.layers.0.self_attn.k_proj"]) != nullptr);
-  CHECK(at::allclose(model->forward(ids()), y, 1e-4, 1e-4));
+  CHECK(at::allclose(model->forward(llama_ids()), y, 1e-4, 1e-4));
 }
 
 TEST_CASE("QuantConfig and quantize_model name what is wrong", "[cpu][quant][errors]") {
