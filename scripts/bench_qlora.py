@@ -4,7 +4,8 @@ dense weight, in the run's dtype (float32 on the CPU, bfloat16 on CUDA):
 
   lora       lorafuse.lora_linear over the dense weight: what the 4-bit base is compared with
   base       the dense base alone, F.linear(x, W, b): the decode target (a 4-bit token should cost less than it)
-  qlora      lorafuse: lora_add(nf4_linear(x, W4, b), x, A, B, scale), W4 dequantized a tile of rows at a time
+  qlora      lorafuse's QLoRA layer: nf4_lora_linear(x, W4, b, A, B, scale) (what lorafuse.nn.Linear4bit under a
+             LoRA layer runs), W4 dequantized a tile of rows at a time, the branch added in place
   bnb_peft   the real PEFT LoRA layer over the real bitsandbytes Linear4bit (peft.get_peft_model on a module
              holding a bitsandbytes.nn.Linear4bit), the anchor to beat
 
@@ -60,7 +61,7 @@ VARIANTS = ("lora", "base", "qlora", "bnb_peft")
 DESCRIPTIONS = {
     "lora": "lorafuse.lora_linear over the dense weight",
     "base": "F.linear(x, W, b): the dense base alone",
-    "qlora": "lora_add(nf4_linear(x, W4, b), x, A, B, scale): lorafuse's QLoRA layer",
+    "qlora": "nf4_lora_linear(x, W4, b, A, B, scale): lorafuse's QLoRA layer in one op",
     "bnb_peft": "peft.get_peft_model over bitsandbytes.nn.Linear4bit (nf4, double quantization)",
 }
 COLORS = {"lora": "tab:gray", "base": "tab:olive", "qlora": "tab:blue", "bnb_peft": "tab:red"}
@@ -159,8 +160,7 @@ def measure_shape(s: Shape, timing: TimingOptions, device: torch.device, dtype: 
         return torch.nn.functional.linear(x, weight, bias)
 
     def qlora() -> Tensor:
-        out = lorafuse.nf4_linear(x, q, s.d_out, bias, BLOCKSIZE)
-        return torch.ops.lorafuse.lora_add(out, x, a, b, SCALE, 0.0)
+        return lorafuse.nf4_lora_linear(x, q, s.d_out, a, b, SCALE, bias, blocksize=BLOCKSIZE)
 
     fns = {
         "lora": (lora, [x, bias, a, b]),

@@ -61,10 +61,13 @@ std::shared_ptr<torch::nn::Module> LoraLinear4bitImpl::clone(const std::optional
 
 at::Tensor LoraLinear4bitImpl::forward(const at::Tensor& x) {
   const auto route = adapters_.route();
-  const at::Tensor base = base_layer->forward(x);
-  if (!route) return base;
-  return lorafuse::lora_branch(base, x, route->a->weight, route->b->weight, route->scale,
-                               is_training() ? route->dropout : 0.0);
+  if (!route) return base_layer->forward(x);
+  const Linear4bitImpl& base = *base_layer;  // the layer and its branch in one op (nf4_lora_linear where it applies)
+  return lorafuse::lora_linear4bit(x, base.packed, base.absmax, base.nested_absmax, base.offset,
+                                   base.options.blocksize(), base.options.out_features(),
+                                   base.bias.defined() ? std::optional<at::Tensor>(base.bias) : std::nullopt,
+                                   base.options.compute_dtype(), route->a->weight, route->b->weight, route->scale,
+                                   is_training() ? route->dropout : 0.0);
 }
 
 void LoraLinear4bitImpl::add_adapter(const std::string& name, const LoraAdapterOptions& options, bool activate) {

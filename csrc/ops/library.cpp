@@ -22,9 +22,8 @@ TORCH_LIBRARY(lorafuse, m) {
   // ---- lora_add: the LoRA branch on top of a base layer's own output (a base that lorafuse calls as it is)
   // y = base_out + scale·(dropout(x)·Aᵀ)·Bᵀ; base_out [..., out], x [..., in], A [r, in], B [out, r]; y has
   // base_out's dtype; differentiable in base_out, x, lora_a, lora_b. Backward: lora_linear_backward, weight None.
-  m.def(
-      "lora_add(Tensor base_out, Tensor x, Tensor lora_a, Tensor lora_b, float scale, float dropout_p=0.0) -> Tensor",
-      {at::Tag::nondeterministic_seeded});
+  m.def("lora_add(Tensor base_out, Tensor x, Tensor lora_a, Tensor lora_b, float scale, float dropout_p=0.0) -> Tensor",
+        {at::Tag::nondeterministic_seeded});
   // The branch over a base called as it is, with the adapter-dtype rule (CompositeImplicitAutograd): x is cast to
   // lora_a's dtype unless it is x's or float32 (lora_add accumulates in float32 either way), then lora_add.
   m.def(
@@ -79,4 +78,32 @@ TORCH_LIBRARY(lorafuse, m) {
   m.def(
       "nf4_linear_backward(Tensor grad_out, Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? offset, "
       "int blocksize, int in_features) -> Tensor");
+  // ---- The QLoRA layer in one op: y = nf4_linear(x, W4, bias) + scale·(dropout(x)·Aᵀ)·Bᵀ, the branch by lora_add's
+  // rules (lora_a in x's dtype or float32, accumulated in float32); differentiable in x, bias, lora_a and lora_b, never
+  // in W. CPU: one kernel (the branch accumulated into the base's output in place, dX's LoRA term and the dY·W tiles
+  // summed into one buffer); other devices (CompositeExplicitAutograd): nf4_linear and lora_add.
+  m.def(
+      "nf4_lora_linear(Tensor x, Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? offset, int blocksize, "
+      "int out_features, Tensor? bias, Tensor lora_a, Tensor lora_b, float scale, float dropout_p=0.0) -> Tensor",
+      {at::Tag::nondeterministic_seeded});
+  // Training forward: also u = dropout(x)·Aᵀ [T, r] and the dropout rng_state [2], as lora_add_forward.
+  m.def(
+      "nf4_lora_linear_forward(Tensor x, Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? offset, "
+      "int blocksize, int out_features, Tensor? bias, Tensor lora_a, Tensor lora_b, float scale, float dropout_p) "
+      "-> (Tensor out, Tensor u, Tensor rng_state)",
+      {at::Tag::nondeterministic_seeded});
+  // Its backward; output_mask = (x, lora_a, lora_b, bias), unrequested grads empty [0]; dX = dY·W + the LoRA term.
+  m.def(
+      "nf4_lora_linear_backward(Tensor grad_out, Tensor x, Tensor packed, Tensor absmax, Tensor? nested_absmax, "
+      "Tensor? offset, int blocksize, Tensor lora_a, Tensor lora_b, Tensor u, Tensor rng_state, float scale, "
+      "float dropout_p, bool[4] output_mask) "
+      "-> (Tensor grad_x, Tensor grad_lora_a, Tensor grad_lora_b, Tensor grad_bias)");
+  // A LoRA layer over a 4-bit layer (linear4bit's compute-dtype rule, lora_branch's adapter-dtype rule), once for the
+  // C++ LoraLinear4bit and Python's 4-bit kinds (CompositeImplicitAutograd): nf4_lora_linear when x is already in
+  // compute_dtype and lora_a in x's dtype or float32, else lora_branch(linear4bit(...)).
+  m.def(
+      "lora_linear4bit(Tensor x, Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? offset, int blocksize, "
+      "int out_features, Tensor? bias, ScalarType compute_dtype, Tensor lora_a, Tensor lora_b, float scale, "
+      "float dropout_p=0.0) -> Tensor",
+      {at::Tag::nondeterministic_seeded});
 }

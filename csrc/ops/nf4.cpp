@@ -11,10 +11,10 @@
 namespace lorafuse {
 
 Nf4Weight quantize_nf4(const at::Tensor& weight, int64_t blocksize, bool double_quant) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("lorafuse::quantize_nf4", "")
-                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, int64_t,
-                                                                                          bool)>();
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("lorafuse::quantize_nf4", "")
+          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, int64_t, bool)>();
   auto [packed, absmax, nested_absmax, offset] = op.call(weight, blocksize, double_quant);
   return {packed, absmax, nested_absmax, offset};
 }
@@ -32,12 +32,12 @@ at::Tensor dequantize_nf4(const at::Tensor& packed, const at::Tensor& absmax,
 Nf4Merge nf4_merge(const at::Tensor& packed, const at::Tensor& absmax, const std::optional<at::Tensor>& nested_absmax,
                    const std::optional<at::Tensor>& offset, int64_t blocksize, at::IntArrayRef shape,
                    at::TensorList lora_a, at::TensorList lora_b, c10::ArrayRef<double> scale) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("lorafuse::nf4_merge", "")
-                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-                           const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                           const std::optional<at::Tensor>&, int64_t, at::IntArrayRef, at::TensorList, at::TensorList,
-                           c10::ArrayRef<double>)>();
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("lorafuse::nf4_merge", "")
+          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+              const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+              int64_t, at::IntArrayRef, at::TensorList, at::TensorList, c10::ArrayRef<double>)>();
   auto [p, a, n, o, error] = op.call(packed, absmax, nested_absmax, offset, blocksize, shape, lora_a, lora_b, scale);
   const at::Tensor e = error.to(at::kCPU, at::kDouble);
   return {{p, a, n, o}, e[0].item<double>(), e[1].item<double>()};
@@ -46,22 +46,22 @@ Nf4Merge nf4_merge(const at::Tensor& packed, const at::Tensor& absmax, const std
 at::Tensor nf4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
                       const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,
                       int64_t blocksize, int64_t out_features, const std::optional<at::Tensor>& bias) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("lorafuse::nf4_linear", "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                         const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, int64_t,
-                                         int64_t, const std::optional<at::Tensor>&)>();
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("lorafuse::nf4_linear", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                            const std::optional<at::Tensor>&, int64_t, int64_t, const std::optional<at::Tensor>&)>();
   return op.call(x, packed, absmax, nested_absmax, offset, blocksize, out_features, bias);
 }
 
 at::Tensor nf4_linear_backward(const at::Tensor& grad_out, const at::Tensor& packed, const at::Tensor& absmax,
                                const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,
                                int64_t blocksize, int64_t in_features) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("lorafuse::nf4_linear_backward", "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                         const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, int64_t,
-                                         int64_t)>();
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("lorafuse::nf4_linear_backward", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                            const std::optional<at::Tensor>&, int64_t, int64_t)>();
   return op.call(grad_out, packed, absmax, nested_absmax, offset, blocksize, in_features);
 }
 
@@ -75,6 +75,66 @@ at::Tensor linear4bit(const at::Tensor& x, const at::Tensor& packed, const at::T
                                          const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, int64_t,
                                          int64_t, const std::optional<at::Tensor>&, at::ScalarType)>();
   return op.call(x, packed, absmax, nested_absmax, offset, blocksize, out_features, bias, compute_dtype);
+}
+
+at::Tensor nf4_lora_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                           const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,
+                           int64_t blocksize, int64_t out_features, const std::optional<at::Tensor>& bias,
+                           const at::Tensor& lora_a, const at::Tensor& lora_b, double scale, double dropout_p) {
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("lorafuse::nf4_lora_linear", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                            const std::optional<at::Tensor>&, int64_t, int64_t, const std::optional<at::Tensor>&,
+                            const at::Tensor&, const at::Tensor&, double, double)>();
+  return op.call(x, packed, absmax, nested_absmax, offset, blocksize, out_features, bias, lora_a, lora_b, scale,
+                 dropout_p);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> nf4_lora_linear_forward(
+    const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+    const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset, int64_t blocksize,
+    int64_t out_features, const std::optional<at::Tensor>& bias, const at::Tensor& lora_a, const at::Tensor& lora_b,
+    double scale, double dropout_p) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("lorafuse::nf4_lora_linear_forward", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                           const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                           const std::optional<at::Tensor>&, int64_t, int64_t, const std::optional<at::Tensor>&,
+                           const at::Tensor&, const at::Tensor&, double, double)>();
+  return op.call(x, packed, absmax, nested_absmax, offset, blocksize, out_features, bias, lora_a, lora_b, scale,
+                 dropout_p);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nf4_lora_linear_backward(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+    const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset, int64_t blocksize,
+    const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& u, const at::Tensor& rng_state, double scale,
+    double dropout_p, std::array<bool, 4> output_mask) {
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("lorafuse::nf4_lora_linear_backward", "")
+          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+              const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, int64_t, const at::Tensor&,
+              const at::Tensor&, const at::Tensor&, const at::Tensor&, double, double, std::array<bool, 4>)>();
+  return op.call(grad_out, x, packed, absmax, nested_absmax, offset, blocksize, lora_a, lora_b, u, rng_state, scale,
+                 dropout_p, output_mask);
+}
+
+at::Tensor lora_linear4bit(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                           const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,
+                           int64_t blocksize, int64_t out_features, const std::optional<at::Tensor>& bias,
+                           at::ScalarType compute_dtype, const at::Tensor& lora_a, const at::Tensor& lora_b,
+                           double scale, double dropout_p) {
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("lorafuse::lora_linear4bit", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                            const std::optional<at::Tensor>&, int64_t, int64_t, const std::optional<at::Tensor>&,
+                            at::ScalarType, const at::Tensor&, const at::Tensor&, double, double)>();
+  return op.call(x, packed, absmax, nested_absmax, offset, blocksize, out_features, bias, compute_dtype, lora_a, lora_b,
+                 scale, dropout_p);
 }
 
 at::Tensor nf4_code_map() {

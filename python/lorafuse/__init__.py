@@ -7,7 +7,7 @@ import torch  # noqa: F401  (loads libtorch before lorafuse's native library)
 
 from . import _C, models, nn, peft, quant
 from .config import LoraConfig
-from .ops import Nf4Weight, dequantize_nf4, lora_linear, nf4_linear, quantize_nf4
+from .ops import Nf4Weight, dequantize_nf4, lora_linear, nf4_linear, nf4_lora_linear, quantize_nf4
 from .quant import QuantConfig, load_checkpoint, quantize_model, save_checkpoint
 from .peft import (
     active_adapter,
@@ -44,6 +44,7 @@ __all__ = [
     "quantize_nf4",
     "dequantize_nf4",
     "nf4_linear",
+    "nf4_lora_linear",
     "Nf4Weight",
     "QuantConfig",
     "quantize_model",

@@ -82,7 +82,27 @@ def nf4_linear(x: Tensor, q: Nf4Weight, out_features: int, bias: Optional[Tensor
     """``y = x @ W.T + bias`` for the NF4 weight ``W`` [out_features, x.shape[-1]] that ``q`` holds, dequantized a
     tile of rows at a time in x's dtype (at most ~16 MiB of float32 in a per-thread scratch buffer on the CPU: the dense
     weight of a large layer never exists as a whole). Differentiable in ``x`` and
-    ``bias``, never in ``W``. The QLoRA layer is ``lora_add(nf4_linear(x, q, out), x, A, B, scale, p)``."""
+    ``bias``, never in ``W``. The QLoRA layer in one op is :func:`nf4_lora_linear`."""
     return torch.ops.lorafuse.nf4_linear(
         x, q.packed, q.absmax, q.nested_absmax, q.offset, int(blocksize), int(out_features), bias
+    )
+
+
+def nf4_lora_linear(
+    x: Tensor,
+    q: Nf4Weight,
+    out_features: int,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scale: float,
+    bias: Optional[Tensor] = None,
+    dropout_p: float = 0.0,
+    blocksize: int = 64,
+) -> Tensor:
+    """The QLoRA layer in one op: ``nf4_linear(x, q, out_features, bias) + scale * (dropout(x) @ lora_a.T) @ lora_b.T``,
+    ``lora_a`` [r, in] and ``lora_b`` [out_features, r] in x's dtype or float32 (the branch accumulates in float32).
+    Differentiable in ``x``, ``bias``, ``lora_a`` and ``lora_b``, never in the 4-bit weight. On the CPU one kernel:
+    the branch is added into the base's output in place and dX's two terms share one buffer."""
+    return torch.ops.lorafuse.nf4_lora_linear(
+        x, *q, int(blocksize), int(out_features), bias, lora_a, lora_b, float(scale), float(dropout_p)
     )

@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/core/ScalarType.h>
 
+#include <array>
 #include <cstdint>
 #include <optional>
 #include <tuple>
@@ -51,6 +52,36 @@ at::Tensor linear4bit(const at::Tensor& x, const at::Tensor& packed, const at::T
                       const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,
                       int64_t blocksize, int64_t out_features, const std::optional<at::Tensor>& bias,
                       at::ScalarType compute_dtype);
+
+/// The QLoRA layer in one op: nf4_linear(x, W4, bias) + scale·(dropout(x)·Aᵀ)·Bᵀ, the branch by lora_add's rules
+/// (lora_a in x's dtype or float32, accumulated in float32; bias in x's dtype). Differentiable in x, bias, lora_a and
+/// lora_b, never in the 4-bit weight (a statistic that requires grad is an error). On the CPU one kernel: the branch is
+/// added into the base's output in place and dX's two terms go into one buffer; elsewhere nf4_linear and lora_add.
+at::Tensor nf4_lora_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                           const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,
+                           int64_t blocksize, int64_t out_features, const std::optional<at::Tensor>& bias,
+                           const at::Tensor& lora_a, const at::Tensor& lora_b, double scale, double dropout_p = 0.0);
+/// Its training forward (out, u = dropout(x)·Aᵀ [T, r], rng_state [2]) and backward (grad_x, grad_lora_a, grad_lora_b,
+/// grad_bias for output_mask = (x, lora_a, lora_b, bias); the others empty), as lora_linear_forward / _backward.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> nf4_lora_linear_forward(
+    const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+    const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset, int64_t blocksize,
+    int64_t out_features, const std::optional<at::Tensor>& bias, const at::Tensor& lora_a, const at::Tensor& lora_b,
+    double scale, double dropout_p);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nf4_lora_linear_backward(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+    const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset, int64_t blocksize,
+    const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& u, const at::Tensor& rng_state, double scale,
+    double dropout_p, std::array<bool, 4> output_mask);
+
+/// A LoRA layer over a 4-bit layer — what LoraLinear4bit and Python's 4-bit kinds run: nf4_lora_linear when x is in
+/// compute_dtype and lora_a in x's dtype or float32 (the bias cast to compute_dtype), else
+/// lora_branch(linear4bit(x, ...), x, A, B, scale, p).
+at::Tensor lora_linear4bit(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                           const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,
+                           int64_t blocksize, int64_t out_features, const std::optional<at::Tensor>& bias,
+                           at::ScalarType compute_dtype, const at::Tensor& lora_a, const at::Tensor& lora_b,
+                           double scale, double dropout_p = 0.0);
 
 /// What nf4_merge returns: the re-quantized weight and what the rounding cost.
 struct Nf4Merge {

@@ -8,6 +8,8 @@
 
 #include <lorafuse/ops/nf4.h>
 
+#include "csrc/ops/common/nf4_checks.h"
+
 namespace lorafuse::autograd {
 namespace {
 
@@ -38,9 +40,9 @@ class Nf4LinearFunction : public torch::autograd::Function<Nf4LinearFunction> {
     if (!dy.defined()) return result;
     const auto optional = [](const at::Tensor& t) { return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt; };
     if (ctx->needs_input_grad(0)) {
-      result[0] = lorafuse::nf4_linear_backward(dy, saved[0], saved[1], optional(saved[2]), optional(saved[3]),
-                                                ctx->saved_data["blocksize"].toInt(),
-                                                ctx->saved_data["in_features"].toInt());
+      result[0] =
+          lorafuse::nf4_linear_backward(dy, saved[0], saved[1], optional(saved[2]), optional(saved[3]),
+                                        ctx->saved_data["blocksize"].toInt(), ctx->saved_data["in_features"].toInt());
     }
     const int64_t bias_edge = ctx->saved_data["bias_edge"].toInt();
     if (bias_edge >= 0 && ctx->needs_input_grad(static_cast<size_t>(bias_edge))) {
@@ -54,17 +56,9 @@ at::Tensor nf4_linear_autograd(const at::Tensor& x, const at::Tensor& packed, co
                                const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,
                                int64_t blocksize, int64_t out_features, const std::optional<at::Tensor>& bias) {
   const bool bias_grad = bias.has_value() && bias->defined() && bias->requires_grad();
-  if (at::GradMode::is_enabled()) {  // the 4-bit weight never trains: a statistic that asks for a gradient is refused
-    const std::pair<const char*, const at::Tensor*> statistics[] = {
-        {"absmax", &absmax},
-        {"nested_absmax", nested_absmax.has_value() ? &*nested_absmax : nullptr},
-        {"offset", offset.has_value() ? &*offset : nullptr}};
-    for (const auto& [name, t] : statistics) {
-      TORCH_CHECK_VALUE(t == nullptr || !t->defined() || !t->requires_grad(), "lorafuse.nf4_linear: ", name,
-                        " requires grad, but the 4-bit weight is frozen and gets no gradient (QLoRA trains the "
-                        "adapters); call requires_grad_(False) on it, or train a dense layer instead");
-    }
-  }
+  // the 4-bit weight never trains: a statistic that asks for a gradient is refused
+  if (at::GradMode::is_enabled())
+    detail::check_nf4_statistics_frozen("lorafuse.nf4_linear", absmax, nested_absmax, offset);
   if (at::GradMode::is_enabled() && (x.requires_grad() || bias_grad)) {
     return Nf4LinearFunction::apply(x, packed, absmax, nested_absmax, offset, blocksize, out_features, bias);
   }

@@ -12,6 +12,7 @@
 #include <cmath>
 #include <vector>
 
+#include "csrc/ops/common/lora_linear_checks.h"
 #include "cuda/shared/nf4.h"
 
 namespace lorafuse::detail {
@@ -123,6 +124,45 @@ bool check_nf4_linear_args(const char* op, const at::Tensor& x, int64_t x_featur
                       bias->device());
   }
   return nested;
+}
+
+bool check_nf4_lora_linear_args(const char* op, const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                                const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,
+                                int64_t blocksize, int64_t out_features, const std::optional<at::Tensor>& bias,
+                                const at::Tensor& lora_a, const at::Tensor& lora_b, double scale, double dropout_p) {
+  TORCH_CHECK_VALUE(x.defined() && x.dim() >= 1, op, ": x: expected [..., in_features], found ",
+                    x.defined() ? "a 0-d tensor" : "an undefined tensor");
+  const int64_t in_features = x.size(-1);
+  const bool nested = check_nf4_linear_args(op, x, in_features, packed, absmax, nested_absmax, offset, blocksize,
+                                            out_features, in_features, bias);
+  check_lora_branch_args(op, x, lora_a, lora_b, out_features, "out_features", scale, dropout_p);
+  return nested;
+}
+
+bool check_nf4_lora_linear_backward_args(const char* op, const at::Tensor& grad_out, const at::Tensor& x,
+                                         const at::Tensor& packed, const at::Tensor& absmax,
+                                         const std::optional<at::Tensor>& nested_absmax,
+                                         const std::optional<at::Tensor>& offset, int64_t blocksize,
+                                         const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& u,
+                                         const at::Tensor& rng_state, double scale, double dropout_p) {
+  check_lora_linear_backward_args(op, grad_out, x, std::nullopt, lora_a, lora_b, u, rng_state, scale, dropout_p);
+  const int64_t out_features = lora_b.size(0);
+  return check_nf4_linear_args(op, grad_out, out_features, packed, absmax, nested_absmax, offset, blocksize,
+                               out_features, x.size(-1), std::nullopt);
+}
+
+void check_nf4_statistics_frozen(const char* op, const at::Tensor& absmax,
+                                 const std::optional<at::Tensor>& nested_absmax,
+                                 const std::optional<at::Tensor>& offset) {
+  const std::pair<const char*, const at::Tensor*> statistics[] = {
+      {"absmax", &absmax},
+      {"nested_absmax", nested_absmax.has_value() ? &*nested_absmax : nullptr},
+      {"offset", offset.has_value() ? &*offset : nullptr}};
+  for (const auto& [name, t] : statistics) {
+    TORCH_CHECK_VALUE(t == nullptr || !t->defined() || !t->requires_grad(), op, ": ", name,
+                      " requires grad, but the 4-bit weight is frozen and gets no gradient (QLoRA trains the "
+                      "adapters); call requires_grad_(False) on it, or train a dense layer instead");
+  }
 }
 
 const std::array<float, 256>& dynamic_code() {

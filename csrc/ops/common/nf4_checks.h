@@ -37,6 +37,29 @@ bool check_nf4_linear_args(const char* op, const at::Tensor& x, int64_t x_featur
                            const std::optional<at::Tensor>& offset, int64_t blocksize, int64_t out_features,
                            int64_t in_features, const std::optional<at::Tensor>& bias);
 
+/// nf4_lora_linear (forward): x [..., in] float32/bfloat16/float16/float64, the NF4 weight [out_features, in] and bias
+/// as nf4_linear checks them, lora_a [r, in] and lora_b [out_features, r] as lora_add checks them.
+/// Returns whether the statistics are double-quantized.
+bool check_nf4_lora_linear_args(const char* op, const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                                const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,
+                                int64_t blocksize, int64_t out_features, const std::optional<at::Tensor>& bias,
+                                const at::Tensor& lora_a, const at::Tensor& lora_b, double scale, double dropout_p);
+
+/// nf4_lora_linear_backward: grad_out, x, u and rng_state as lora_linear_backward checks them (without weight), the NF4
+/// weight [lora_b.size(0), x.size(-1)]. Returns whether the statistics are double-quantized.
+bool check_nf4_lora_linear_backward_args(const char* op, const at::Tensor& grad_out, const at::Tensor& x,
+                                         const at::Tensor& packed, const at::Tensor& absmax,
+                                         const std::optional<at::Tensor>& nested_absmax,
+                                         const std::optional<at::Tensor>& offset, int64_t blocksize,
+                                         const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& u,
+                                         const at::Tensor& rng_state, double scale, double dropout_p);
+
+/// Under grad mode, a 4-bit weight's statistic that requires grad is an error (the 4-bit weight is frozen: QLoRA
+/// trains the adapters), naming the statistic.
+void check_nf4_statistics_frozen(const char* op, const at::Tensor& absmax,
+                                 const std::optional<at::Tensor>& nested_absmax,
+                                 const std::optional<at::Tensor>& offset);
+
 /// The dynamic 8-bit code (256 sorted values), computed once as bitsandbytes' create_dynamic_map(signed=True).
 const std::array<float, 256>& dynamic_code();
 

@@ -2,14 +2,15 @@
 // the base GEMM's output in place (beta = 1), never added as a separate [T, out] tensor.
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/cat.h>
-#include <ATen/ops/ones.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/ones.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include "csrc/ops/common/lora_linear_checks.h"
 #include "csrc/ops/cpu/dropout_cpu.h"
+#include "csrc/ops/cpu/lora_linear_cpu.h"
 
 namespace lorafuse::cpu {
 namespace {
@@ -38,8 +39,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_forward_cpu(const at:
   // once inside the compute-bound GEMM, as the base linear alone does with its bias.
   at::Tensor u_ext = u.mul(scale), b_ext = lora_b;
   if (bias.has_value() && bias->defined()) {
-    u_ext = at::cat({u_ext, at::ones({u.size(0), 1}, u.options())}, 1);   // [T, r + 1]
-    b_ext = at::cat({lora_b.to(xt), bias->unsqueeze(1)}, 1);               // [out, r + 1]
+    u_ext = at::cat({u_ext, at::ones({u.size(0), 1}, u.options())}, 1);  // [T, r + 1]
+    b_ext = at::cat({lora_b.to(xt), bias->unsqueeze(1)}, 1);             // [out, r + 1]
   }
   at::Tensor y2 = at::mm(u_ext.to(xt), b_ext.to(xt).t());  // [T, out]
   y2.addmm_(x2, weight.t(), /*beta=*/1, /*alpha=*/1);
@@ -52,9 +53,9 @@ at::Tensor lora_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const 
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward_cpu(
-    const at::Tensor& grad_out, const at::Tensor& x, const std::optional<at::Tensor>& weight,
-    const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& u, const at::Tensor& rng_state, double scale,
-    double dropout_p, std::array<bool, 4> output_mask) {
+    const at::Tensor& grad_out, const at::Tensor& x, const std::optional<at::Tensor>& weight, const at::Tensor& lora_a,
+    const at::Tensor& lora_b, const at::Tensor& u, const at::Tensor& rng_state, double scale, double dropout_p,
+    std::array<bool, 4> output_mask) {
   detail::check_lora_linear_backward_args("lorafuse.lora_linear_backward", grad_out, x, weight, lora_a, lora_b, u,
                                           rng_state, scale, dropout_p);
   const auto [need_x, need_a, need_b, need_bias] = output_mask;
@@ -80,15 +81,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward_
   if (need_b || need_bias) {
     // dB and dbias both reduce dY over T: one GEMM [u | 1]ᵀ·dY = [dBᵀ/scale ; dbias] ([r + 1, out]), with
     // dY as the untransposed operand (the faster orientation for the CPU BLAS).
-    const at::Tensor lhs = need_bias ? at::cat({u, at::ones({tokens, 1}, u.options())}, 1) : u;  // [T, r (+1)]
-    const at::Tensor red = at::mm(lhs.t(), dy_acc);                                             // [r (+1), out]
+    const at::Tensor lhs = need_bias ? at::cat({u, at::ones({tokens, 1}, u.options())}, 1) : u;      // [T, r (+1)]
+    const at::Tensor red = at::mm(lhs.t(), dy_acc);                                                  // [r (+1), out]
     if (need_b) grad_b = red.narrow(0, 0, r).t().contiguous().mul_(scale).to(lora_b.scalar_type());  // [out, r]
     if (need_bias) grad_bias = red.select(0, r).to(x.scalar_type(), /*non_blocking=*/false, /*copy=*/true);  // [out]
   }
   at::Tensor v;  // [T, r] = dY·B
   if (need_v) v = at::mm(dy_acc, lora_b.to(acc));
   if (need_a) {
-    grad_a = at::mm(v.t(), lora_input(x2, acc, seed, offset, dropout_p)).mul_(scale).to(lora_a.scalar_type());  // [r, in]
+    grad_a =
+        at::mm(v.t(), lora_input(x2, acc, seed, offset, dropout_p)).mul_(scale).to(lora_a.scalar_type());  // [r, in]
   }
   if (need_x) {
     // dX: the LoRA term scale·(v·A)⊙mask/(1-p) first, then the frozen base's dY·W accumulated onto it

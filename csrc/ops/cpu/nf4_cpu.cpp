@@ -19,11 +19,16 @@
 #include <cstring>
 #include <vector>
 
+#include <unistd.h>
+
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
 
+#include "csrc/ops/common/lora_linear_checks.h"
 #include "csrc/ops/common/nf4_checks.h"
+#include "csrc/ops/cpu/dropout_cpu.h"
+#include "csrc/ops/cpu/lora_linear_cpu.h"
 #include "cuda/shared/nf4.h"
 
 namespace lorafuse::cpu {
@@ -141,7 +146,10 @@ const PairTable kPairs;
 // Bytes [0, count) of one block → 2·count floats, 4 bytes (8 elements) per step with AVX2 (compiled for AVX2 here
 // only; called only when the CPU has it): each byte's two nibbles become two int32 lanes, the 16-entry code table
 // is two 8-lane permutes blended on bit 3, then one multiply by the block's scale — the same IEEE products as the
-// scalar loop, so the same bits. Returns how many bytes it did.
+// scalar loop, so the same bits. kStream: non-temporal stores (for an output larger than the cores' L2 caches,
+// which would reach memory anyway: they skip reading each line before writing it, which halved the dequantization
+// of a cold 16 MiB tile on a 2-core Xeon, 2.1 → 1.05 ms); store_fence() after them. Returns how many bytes it did.
+template <bool kStream>
 __attribute__((target("avx2"))) int64_t dequantize_pairs_avx2(const uint8_t* bytes, int64_t count, float scale,
                                                               float* out) {
   const __m256 low_codes = _mm256_loadu_ps(nf4::kCode);
@@ -159,10 +167,16 @@ __attribute__((target("avx2"))) int64_t dequantize_pairs_avx2(const uint8_t* byt
     const __m256 high_half = _mm256_castsi256_ps(_mm256_slli_epi32(index, 28));  // sign bit = index >= 8
     const __m256 code = _mm256_blendv_ps(_mm256_permutevar8x32_ps(low_codes, index),
                                          _mm256_permutevar8x32_ps(high_codes, index), high_half);
-    _mm256_storeu_ps(out + 2 * j, _mm256_mul_ps(code, factor));
+    if constexpr (kStream) {
+      _mm256_stream_ps(out + 2 * j, _mm256_mul_ps(code, factor));  // 32-byte aligned: the caller checked
+    } else {
+      _mm256_storeu_ps(out + 2 * j, _mm256_mul_ps(code, factor));
+    }
   }
   return j;
 }
+
+__attribute__((target("avx2"))) void store_fence() { _mm_sfence(); }
 
 // LORAFUSE_NF4_SCALAR=1 forces the scalar loop (the tests compare both paths).
 bool cpu_has_avx2() {
@@ -171,6 +185,20 @@ bool cpu_has_avx2() {
 }
 #endif
 
+// Whether dequantizing `bytes` of float32 output should bypass the caches: more than the L2 caches of the threads
+// that write it hold (an output that fits stays cached for the GEMM that reads it next).
+bool stream_output(int64_t bytes) {
+  static const int64_t l2 = [] {
+#ifdef _SC_LEVEL2_CACHE_SIZE
+    const long size = sysconf(_SC_LEVEL2_CACHE_SIZE);
+#else
+    const long size = 0;
+#endif
+    return size > 0 ? static_cast<int64_t>(size) : int64_t{1} << 21;  // 2 MiB when the system does not say
+  }();
+  return bytes > l2 * at::get_num_threads();
+}
+
 // Elements [begin, end) of the weight (row-major flat indices) in float32: code · the scale of its block. Block by
 // block (its scale read once), a byte (two elements) at a time.
 void dequantize_range(const uint8_t* packed, const float* scales, int64_t blocksize, int64_t begin, int64_t end,
@@ -178,6 +206,9 @@ void dequantize_range(const uint8_t* packed, const float* scales, int64_t blocks
   const int64_t first = begin / blocksize;
   const int64_t last = (end + blocksize - 1) / blocksize;
   const int64_t grain = std::max<int64_t>(1, 16384 / blocksize);
+#ifdef LORAFUSE_NF4_AVX2
+  const bool stream = cpu_has_avx2() && stream_output((end - begin) * static_cast<int64_t>(sizeof(float)));
+#endif
   at::parallel_for(first, last, grain, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const float scale = scales[b];
@@ -193,7 +224,11 @@ void dequantize_range(const uint8_t* packed, const float* scales, int64_t blocks
       const int64_t count = (stop - i) / 2;
       int64_t j = 0;
 #ifdef LORAFUSE_NF4_AVX2
-      if (cpu_has_avx2()) j = dequantize_pairs_avx2(bytes, count, scale, pairs_out);
+      if (cpu_has_avx2()) {
+        j = stream && reinterpret_cast<uintptr_t>(pairs_out) % 32 == 0
+                ? dequantize_pairs_avx2<true>(bytes, count, scale, pairs_out)
+                : dequantize_pairs_avx2<false>(bytes, count, scale, pairs_out);
+      }
 #endif
       for (; j < count; ++j) {  // both codes of a byte from one table row
         const float* pair = kPairs[bytes[j]];
@@ -203,6 +238,9 @@ void dequantize_range(const uint8_t* packed, const float* scales, int64_t blocks
       i += 2 * count;
       if (i < stop) o[i] = nf4::kCode[nf4::high(packed[i >> 1])] * scale;
     }
+#ifdef LORAFUSE_NF4_AVX2
+    if (stream) store_fence();  // this thread's non-temporal stores visible before the GEMM reads them
+#endif
   });
 }
 
@@ -248,18 +286,14 @@ void for_each_tile(const at::Tensor& packed, const at::Tensor& scales, int64_t b
   }
 }
 
-at::Tensor nf4_linear_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
-                          const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,
-                          int64_t blocksize, int64_t out_features, const std::optional<at::Tensor>& bias) {
-  const int64_t in_features = x.dim() >= 1 ? x.size(-1) : 0;
-  const bool nested = detail::check_nf4_linear_args("lorafuse.nf4_linear", x, in_features, packed, absmax,
-                                                    nested_absmax, offset, blocksize, out_features, in_features, bias);
-  const at::Tensor x2 = x.reshape({-1, in_features});
-  at::Tensor y = at::empty({x2.size(0), out_features}, x.options());
+// x2 [T, in] · Wᵀ (+ bias) → [T, out_features] in x2's dtype, a tile of W's rows at a time, each tile's GEMM writing
+// straight into y's columns (a BLAS matrix with leading dimension out_features: no copy).
+at::Tensor nf4_matmul(const at::Tensor& x2, const at::Tensor& packed, const at::Tensor& scales, int64_t blocksize,
+                      int64_t out_features, const std::optional<at::Tensor>& bias) {
+  at::Tensor y = at::empty({x2.size(0), out_features}, x2.options());
   const bool has_bias = bias.has_value() && bias->defined();
-  for_each_tile(packed, block_scales(absmax, nested_absmax, offset, nested), blocksize, out_features, in_features,
-                x.scalar_type(), [&](int64_t row0, int64_t rows, const at::Tensor& w) {
-                  // straight into y's columns (a BLAS matrix with leading dimension out_features: no copy)
+  for_each_tile(packed, scales, blocksize, out_features, x2.size(1), x2.scalar_type(),
+                [&](int64_t row0, int64_t rows, const at::Tensor& w) {
                   at::Tensor part = y.narrow(1, row0, rows);
                   if (has_bias) {
                     at::addmm_out(part, bias->narrow(0, row0, rows), x2, w.t());  // as F.linear adds its bias
@@ -267,9 +301,34 @@ at::Tensor nf4_linear_cpu(const at::Tensor& x, const at::Tensor& packed, const a
                     at::mm_out(part, x2, w.t());
                   }
                 });
-  auto shape = x.sizes().vec();
-  shape.back() = out_features;
-  return y.view(shape);
+  return y;
+}
+
+// dx [T, in] (+)= dy [T, out] · W in dy's dtype (float32 or float64), W in `dtype` (as the forward computes with it)
+// widened to dy's; `accumulate`: dx already holds a term that the tiles add to, else the first tile writes it.
+void nf4_matmul_backward(const at::Tensor& dy, const at::Tensor& packed, const at::Tensor& scales, int64_t blocksize,
+                         int64_t in_features, at::ScalarType dtype, at::Tensor& dx, bool accumulate) {
+  const auto acc = dy.scalar_type();
+  for_each_tile(packed, scales, blocksize, dy.size(1), in_features, dtype,
+                [&](int64_t row0, int64_t rows, const at::Tensor& w) {
+                  const at::Tensor wa = w.scalar_type() == acc ? w : w.to(acc);
+                  if (row0 == 0 && !accumulate) {
+                    at::mm_out(dx, dy.narrow(1, 0, rows), wa);
+                  } else {
+                    dx.addmm_(dy.narrow(1, row0, rows), wa);
+                  }
+                });
+}
+
+at::Tensor nf4_linear_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                          const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,
+                          int64_t blocksize, int64_t out_features, const std::optional<at::Tensor>& bias) {
+  const int64_t in_features = x.dim() >= 1 ? x.size(-1) : 0;
+  const bool nested = detail::check_nf4_linear_args("lorafuse.nf4_linear", x, in_features, packed, absmax,
+                                                    nested_absmax, offset, blocksize, out_features, in_features, bias);
+  const at::Tensor y = nf4_matmul(x.reshape({-1, in_features}), packed,
+                                  block_scales(absmax, nested_absmax, offset, nested), blocksize, out_features, bias);
+  return y.view(detail::with_last(x.sizes(), out_features));
 }
 
 at::Tensor nf4_linear_backward_cpu(const at::Tensor& grad_out, const at::Tensor& packed, const at::Tensor& absmax,
@@ -283,18 +342,69 @@ at::Tensor nf4_linear_backward_cpu(const at::Tensor& grad_out, const at::Tensor&
   const auto acc = dtype == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor dy = grad_out.reshape({-1, out_features}).to(acc);
   at::Tensor dx = at::empty({dy.size(0), in_features}, dy.options());
-  for_each_tile(packed, block_scales(absmax, nested_absmax, offset, nested), blocksize, out_features, in_features,
-                dtype, [&](int64_t row0, int64_t rows, const at::Tensor& w) {
-                  const at::Tensor wa = w.scalar_type() == acc ? w : w.to(acc);
-                  if (row0 == 0) {
-                    at::mm_out(dx, dy.narrow(1, 0, rows), wa);  // the first tile writes, the others add
-                  } else {
-                    dx.addmm_(dy.narrow(1, row0, rows), wa);
-                  }
-                });
-  auto shape = grad_out.sizes().vec();
-  shape.back() = in_features;
-  return dx.to(dtype).view(shape);
+  nf4_matmul_backward(dy, packed, block_scales(absmax, nested_absmax, offset, nested), blocksize, in_features, dtype,
+                      dx,
+                      /*accumulate=*/false);
+  return dx.to(dtype).view(detail::with_last(grad_out.sizes(), in_features));
+}
+
+// ---- nf4_lora_linear: the QLoRA layer in one kernel. The forward is nf4_linear's tiles, then the LoRA expand added
+// into that output in place (lora_add's arithmetic, without its copy of the base output); the backward writes dX's
+// LoRA term first (lora_linear_backward without weight) and adds the dY·W tiles onto it, in float32 for a
+// half-precision x, so dX is one buffer instead of two tensors that autograd then sums.
+constexpr const char* kLoraOp = "lorafuse.nf4_lora_linear";
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> nf4_lora_linear_forward_cpu(
+    const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+    const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset, int64_t blocksize,
+    int64_t out_features, const std::optional<at::Tensor>& bias, const at::Tensor& lora_a, const at::Tensor& lora_b,
+    double scale, double dropout_p) {
+  const bool nested = detail::check_nf4_lora_linear_args(kLoraOp, x, packed, absmax, nested_absmax, offset, blocksize,
+                                                         out_features, bias, lora_a, lora_b, scale, dropout_p);
+  const int64_t in = x.size(-1);
+  const at::ScalarType acc = detail::lora_acc_dtype(x, lora_a);
+  const at::Tensor x2 = x.reshape({detail::leading_numel(x.sizes()), in});  // [T, in]
+  uint64_t seed = 0;
+  at::Tensor rng_state = forward_rng_state(x, dropout_p, seed);
+  at::Tensor u = at::mm(lora_input(x2, acc, seed, /*offset=*/0, dropout_p), lora_a.to(acc).t());  // [T, r]
+  at::Tensor y2 =
+      nf4_matmul(x2, packed, block_scales(absmax, nested_absmax, offset, nested), blocksize, out_features, bias);
+  if (x.scalar_type() == acc) {
+    y2.addmm_(u, lora_b.to(acc).t(), /*beta=*/1, /*alpha=*/scale);
+  } else {  // a half-precision output: expand in float32, add once (as lora_add)
+    y2.add_(at::mm(u, lora_b.to(acc).t()).mul_(scale).to(x.scalar_type()));
+  }
+  return {y2.view(detail::with_last(x.sizes(), out_features)), u, rng_state};
+}
+
+at::Tensor nf4_lora_linear_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                               const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,
+                               int64_t blocksize, int64_t out_features, const std::optional<at::Tensor>& bias,
+                               const at::Tensor& lora_a, const at::Tensor& lora_b, double scale, double dropout_p) {
+  return std::get<0>(nf4_lora_linear_forward_cpu(x, packed, absmax, nested_absmax, offset, blocksize, out_features,
+                                                 bias, lora_a, lora_b, scale, dropout_p));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nf4_lora_linear_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+    const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset, int64_t blocksize,
+    const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& u, const at::Tensor& rng_state, double scale,
+    double dropout_p, std::array<bool, 4> output_mask) {
+  const bool nested = detail::check_nf4_lora_linear_backward_args("lorafuse.nf4_lora_linear_backward", grad_out, x,
+                                                                  packed, absmax, nested_absmax, offset, blocksize,
+                                                                  lora_a, lora_b, u, rng_state, scale, dropout_p);
+  auto [gx, ga, gb, gbias] =
+      lora_linear_backward_cpu(grad_out, x, std::nullopt, lora_a, lora_b, u, rng_state, scale, dropout_p, output_mask);
+  if (!output_mask[0]) return {gx, ga, gb, gbias};
+  const int64_t in = x.size(-1), out = lora_b.size(0);
+  const auto dtype = x.scalar_type();
+  const auto acc = dtype == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor dy = grad_out.reshape({-1, out}).to(acc);
+  at::Tensor dx = gx.reshape({-1, in});
+  if (dtype != acc) dx = dx.to(acc);  // a half-precision dX: summed in float32, rounded once
+  nf4_matmul_backward(dy, packed, block_scales(absmax, nested_absmax, offset, nested), blocksize, in, dtype, dx,
+                      /*accumulate=*/true);
+  return {dx.to(dtype).view(x.sizes()), ga, gb, gbias};
 }
 
 }  // namespace
@@ -305,4 +415,7 @@ TORCH_LIBRARY_IMPL(lorafuse, CPU, m) {
   m.impl("dequantize_nf4", &lorafuse::cpu::dequantize_nf4_cpu);
   m.impl("nf4_linear", &lorafuse::cpu::nf4_linear_cpu);
   m.impl("nf4_linear_backward", &lorafuse::cpu::nf4_linear_backward_cpu);
+  m.impl("nf4_lora_linear", &lorafuse::cpu::nf4_lora_linear_cpu);
+  m.impl("nf4_lora_linear_forward", &lorafuse::cpu::nf4_lora_linear_forward_cpu);
+  m.impl("nf4_lora_linear_backward", &lorafuse::cpu::nf4_lora_linear_backward_cpu);
 }

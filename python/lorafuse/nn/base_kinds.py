@@ -19,11 +19,11 @@ Kinds today:
     not know.
 
 ``linear4bit``
-    ``lorafuse.nn.Linear4bit`` (the weight in NF4, QLoRA): called as it is, the branch added by ``lora_branch``;
-    merging into the 4 bits only when asked (``requantize=True``, its error reported).
+    ``lorafuse.nn.Linear4bit`` (the weight in NF4, QLoRA): the layer and its branch in one op, ``lora_linear4bit``
+    (called as it is, the branch added by ``lora_add``, when it has hooks); merging into the 4 bits only when asked (``requantize=True``, its error reported).
 ``bnb_linear4bit``
     ``bitsandbytes.nn.Linear4bit`` with an NF4 weight (transformers' 4-bit models): lorafuse's kernels on
-    bitsandbytes' own bytes, ``lora_branch`` adds the branch; merging as ``linear4bit``.
+    bitsandbytes' own bytes, the branch in the same op (``lora_linear4bit``); merging as ``linear4bit``.
 
 Not taken: a Linear with an integer weight (a quantized base is its own kind), and
 ``nn.MultiheadAttention``'s ``out_proj`` (a ``NonDynamicallyQuantizableLinear``): the attention
@@ -156,8 +156,9 @@ class CustomLinear(BaseKind):
 
 
 class Nf4Linear(BaseKind):
-    """lorafuse.nn.Linear4bit: the weight in NF4 (QLoRA). Called as it is (``nf4_linear``, a tile of rows at a
-    time) with ``lora_branch`` adding the branch; merging rounds to 4 bits again, so it is refused unless asked
+    """lorafuse.nn.Linear4bit: the weight in NF4 (QLoRA). The layer and its branch in one op, ``lora_linear4bit``
+    (``nf4_lora_linear``: the 4-bit weight dequantized a tile of rows at a time, the branch added in place), unless
+    the layer has hooks (then it is called as it is, ``lora_add`` adding the branch); merging rounds to 4 bits again, so it is refused unless asked
     for (``merge(requantize=True)``)."""
 
     name = "linear4bit"
@@ -176,6 +177,14 @@ class Nf4Linear(BaseKind):
     def freeze(self, module: nn.Module) -> None:
         if module.bias is not None:  # the 4-bit weight is buffers: never trainable
             module.bias.requires_grad_(False)
+
+    def fused(self, module: nn.Module) -> bool:
+        return not _has_hooks(module)
+
+    def lora_forward(self, module: nn.Module, x: Tensor, a: Tensor, b: Tensor, scale: float, p: float) -> Tensor:
+        return torch.ops.lorafuse.lora_linear4bit(
+            x, *module.quantized, module.blocksize, module.out_features, module.bias, module.compute_dtype, a, b, scale, p
+        )
 
     def merge_refusal(self, module: nn.Module) -> Optional[str]:
         return (
@@ -214,8 +223,8 @@ def _is_bnb_nf4(module: nn.Module) -> bool:
 class BnbNf4Linear(BaseKind):
     """bitsandbytes' own ``Linear4bit`` holding an NF4 weight (a transformers model loaded with
     ``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")``): lorafuse's ``nf4_linear`` computes it
-    from bitsandbytes' packed bytes and quantization state as they are (same format, no copy), ``lora_add`` adds
-    the branch; the input is cast to the layer's compute dtype and the base output back, as bitsandbytes does.
+    from bitsandbytes' packed bytes and quantization state as they are (same format, no copy), with the branch in the
+    same op (``lora_linear4bit``); the input is cast to the layer's compute dtype and the base output back, as bitsandbytes does.
     With hooks (accelerate), or once bitsandbytes has repacked the weight into its own CPU layout (an inference
     forward of its own on an AVX512-BF16 CPU), it is called as it is. Merging into 4 bits only when asked
     (``requantize=True``)."""
@@ -256,14 +265,17 @@ class BnbNf4Linear(BaseKind):
             state.absmax = absmax
 
     def lora_forward(self, module: nn.Module, x: Tensor, a: Tensor, b: Tensor, scale: float, p: float) -> Tensor:
-        base = torch.ops.lorafuse.linear4bit(
+        return torch.ops.lorafuse.lora_linear4bit(
             x,
             *_bnb_nf4_state(module),
             module.out_features,
             module.bias,
             module.compute_dtype or x.dtype,
+            a,
+            b,
+            scale,
+            p,
         )
-        return lora_add(base, x, a, b, scale, p)
 
     def dense_weight(self, module: nn.Module) -> Optional[Tensor]:
         _to_standard_layout(module)

@@ -7,6 +7,7 @@
 #include <lorafuse/nn/linear4bit.h>
 #include <lorafuse/nn/lora_linear4bit.h>
 #include <lorafuse/ops/nf4.h>
+#include <torch/csrc/autograd/function.h>
 #include <torch/serialize.h>
 
 #include <cmath>
@@ -62,6 +63,9 @@ TEST_CASE("LoraLinear4bit: forward and gradients equal the float64 reference, th
   const auto y = layer->forward(x);
   REQUIRE(y.sizes() == at::IntArrayRef({3, 5, 80}));
   CHECK(at::allclose(d(y), reference(*layer, x), 1e-4, 1e-4));
+  // the layer and its branch are one autograd node: nf4_lora_linear
+  REQUIRE(y.grad_fn());
+  CHECK(y.grad_fn()->name().find("Nf4LoraLinearFunction") != std::string::npos);
   // gradients of x, A and B against autograd through the float64 reference
   const auto g = at::randn_like(y);
   y.backward(g);

@@ -1,7 +1,9 @@
 // The NF4 ops through the C++ API (<lorafuse/ops/nf4.h>); bit-exactness against bitsandbytes is tested in
 // tests/python/ops/test_nf4.py, where the real bitsandbytes runs.
 #include <ATen/ATen.h>
+#include <lorafuse/ops/lora_add.h>
 #include <lorafuse/ops/nf4.h>
+#include <torch/csrc/autograd/autograd.h>
 
 #include "catch.h"
 #include "nn/nn_test_util.h"
@@ -43,8 +45,8 @@ TEST_CASE("nf4: round trip within half a code gap of each block's absmax, double
   const auto w = at::randn({96, 130});
   for (const int64_t bs : {32, 64, 4096}) {
     const auto single = lorafuse::quantize_nf4(w, bs, false);
-    const auto back = lorafuse::dequantize_nf4(single.packed, single.absmax, std::nullopt, std::nullopt, bs,
-                                               w.sizes(), at::kFloat);
+    const auto back =
+        lorafuse::dequantize_nf4(single.packed, single.absmax, std::nullopt, std::nullopt, bs, w.sizes(), at::kFloat);
     REQUIRE(back.sizes() == w.sizes());
     // the largest gap between neighbouring codes is -0.6961928 - (-1) < 0.3039: half of it bounds the error
     // relative to the block's absmax
@@ -61,17 +63,25 @@ TEST_CASE("nf4: round trip within half a code gap of each block's absmax, double
 }
 
 TEST_CASE("nf4: bad input names the argument", "[cpu][ops][nf4]") {
-  require_error_parts<c10::ValueError>([] { lorafuse::quantize_nf4(at::randn({4, 4}), 100, true); },
-                                       {"blocksize", "found 100"});
-  require_error_parts<c10::TypeError>([] { lorafuse::quantize_nf4(at::ones({4, 4}, at::kInt), 64, true); },
-                                      {"weight", "Int"});
+  require_error_parts<c10::ValueError>(
+      [] {
+        lorafuse::quantize_nf4(at::randn({4, 4}), 100, true);
+      },
+      {"blocksize", "found 100"});
+  require_error_parts<c10::TypeError>(
+      [] {
+        lorafuse::quantize_nf4(at::ones({4, 4}, at::kInt), 64, true);
+      },
+      {"weight", "Int"});
   auto w = at::randn({4, 64});
   w[1][3] = std::numeric_limits<float>::infinity();
   require_error_parts<c10::ValueError>([&] { lorafuse::quantize_nf4(w, 64, true); },
                                        {"weight: expected finite values", "flat index 67"});
   const auto q = lorafuse::quantize_nf4(at::randn({4, 64}), 64, false);
   require_error_parts<c10::ValueError>(
-      [&] { lorafuse::dequantize_nf4(q.packed, q.absmax, std::nullopt, std::nullopt, 64, {4, 65}, at::kFloat); },
+      [&] {
+        lorafuse::dequantize_nf4(q.packed, q.absmax, std::nullopt, std::nullopt, 64, {4, 65}, at::kFloat);
+      },
       {"packed", "130 bytes", "found 128"});
   // the 4-bit weight never trains: statistics that ask for a gradient are refused
   const auto absmax = q.absmax.clone().set_requires_grad(true);
@@ -101,4 +111,41 @@ TEST_CASE("nf4_linear: forward and LibTorch autograd equal a dense linear over t
   CHECK(at::allclose(x.grad().to(at::kDouble), xd.grad(), 1e-5, 1e-4));
   CHECK(at::allclose(bias.grad().to(at::kDouble), bd.grad(), 1e-5, 1e-4));
   CHECK_FALSE(q.packed.grad().defined());
+}
+
+TEST_CASE("nf4_lora_linear: the one op equals nf4_linear + lora_add, forward and LibTorch autograd, dropout included",
+          "[cpu][ops][nf4]") {
+  const int64_t out = 1100, in = 8200, r = 8;  // three tiles of rows
+  const auto q = lorafuse::quantize_nf4(at::randn({out, in}), 64, true);
+  const auto x = at::randn({2, 3, in}).set_requires_grad(true);
+  const auto bias = at::randn({out}).set_requires_grad(true);
+  const auto a = (at::randn({r, in}) * 0.01).set_requires_grad(true);
+  const auto b = at::randn({out, r}).set_requires_grad(true);
+  const auto dy = at::randn({2, 3, out});
+  const std::vector<at::Tensor> inputs = {x, bias, a, b};
+  auto run = [&](double p, bool fused) {
+    at::manual_seed(21);  // the same dropout draw for both
+    const auto y =
+        fused
+            ? lorafuse::nf4_lora_linear(x, q.packed, q.absmax, q.nested_absmax, q.offset, 64, out, bias, a, b, 0.5, p)
+            : lorafuse::lora_add(lorafuse::nf4_linear(x, q.packed, q.absmax, q.nested_absmax, q.offset, 64, out, bias),
+                                 x, a, b, 0.5, p);
+    auto grads = torch::autograd::grad({y}, inputs, {dy});
+    grads.insert(grads.begin(), y.detach());
+    return grads;
+  };
+  for (const double p : {0.0, 0.3}) {
+    const auto fused = run(p, true), chain = run(p, false);
+    for (size_t i = 0; i < fused.size(); ++i) {
+      INFO("p = " << p << ", tensor " << i << " (y, dx, dbias, da, db)");
+      CHECK(at::allclose(fused[i], chain[i], 1e-5, 1e-4));
+    }
+  }
+  // bad input names the op and the argument
+  require_error_parts<c10::ValueError>(
+      [&] {
+        lorafuse::nf4_lora_linear(x, q.packed, q.absmax, q.nested_absmax, q.offset, 64, out, bias, a,
+                                  at::randn({out + 1, r}), 1.0);
+      },
+      {"lorafuse.nf4_lora_linear", "lora_b must have shape [out, r]"});
 }

@@ -245,6 +245,138 @@ def test_qlora_layer_is_nf4_linear_plus_lora_add():
         torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-4, atol=1e-4)
 
 
+# ---- nf4_lora_linear: the QLoRA layer in one op ------------------------------------------------------------------
+
+
+def _qlora_inputs(dtype, out_features=1100, in_features=8200, tokens=7, r=8, adapter_dtype=torch.float32, bias=True):
+    torch.manual_seed(3)
+    q = lorafuse.quantize_nf4(torch.randn(out_features, in_features), 64, True)
+    x = torch.randn(2, tokens, in_features).to(dtype).requires_grad_()
+    b = (torch.randn(out_features).to(dtype).requires_grad_()) if bias else None
+    a = (torch.randn(r, in_features) * in_features**-0.5).to(adapter_dtype).requires_grad_()
+    bb = (torch.randn(out_features, r) * 0.5).to(adapter_dtype).requires_grad_()
+    dy = torch.randn(2, tokens, out_features).to(dtype)
+    return q, x, b, a, bb, dy
+
+
+def _grads(y, dy, inputs):
+    return [y.detach()] + list(torch.autograd.grad(y, [t for t in inputs if t is not None], dy))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_nf4_lora_linear_against_float64_and_the_two_op_chain(dtype, bias):
+    """Output and every gradient (x, bias, A, B) against float64 from the dequantized weight, within twice the error of
+    PyTorch's own chain in the same dtype; the weight spans three tiles of rows (511 + 511 + 78)."""
+    out_features, in_features = 1100, 8200
+    q, x, b, a, bb, dy = _qlora_inputs(dtype, out_features, in_features, bias=bias)
+    inputs = (x, b, a, bb)
+    ours = _grads(lorafuse.nf4_lora_linear(x, q, out_features, a, bb, 0.5, b), dy, inputs)
+    w = _dense(q, out_features, in_features, dtype)
+
+    def chain(x, b, a, bb, w):  # PyTorch's layer: base + scale·(x·Aᵀ)·Bᵀ, the branch in the adapters' dtype
+        base = torch.nn.functional.linear(x, w, b)
+        return base + (0.5 * ((x.to(a.dtype) @ a.t()) @ bb.t())).to(base.dtype)
+
+    ref_in = [t.detach().double().requires_grad_() if t is not None else None for t in inputs]
+    ref = _grads(chain(*ref_in, w.double()), dy.double(), ref_in)
+    pt_in = [t.detach().clone().requires_grad_() if t is not None else None for t in inputs]
+    pt = _grads(chain(*pt_in, w), dy, pt_in)
+    atol = 1e-5 if dtype == torch.float32 else 1e-2
+    for name, o, p_, r in zip(("out", "dx", "dbias", "da", "db") if bias else ("out", "dx", "da", "db"), ours, pt, ref):
+        assert o.dtype == p_.dtype and o.shape == r.shape, name
+        err_ours = (o.double() - r).abs().max().item()
+        err_torch = (p_.double() - r).abs().max().item()
+        assert err_ours <= 2 * err_torch + atol * max(1.0, r.abs().max().item()), (name, err_ours, err_torch)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nf4_lora_linear_dropout_uses_the_two_op_chains_mask(dtype):
+    """Under the same seed the one op draws the same dropout mask as nf4_linear + lora_add, so outputs and gradients
+    agree (to rounding: dX is summed in one buffer); the mask differs between seeds."""
+    out_features, in_features = 300, 256
+    q, x, b, a, bb, dy = _qlora_inputs(dtype, out_features, in_features)
+    inputs = (x, b, a, bb)
+
+    def one(seed):
+        torch.manual_seed(seed)
+        return _grads(lorafuse.nf4_lora_linear(x, q, out_features, a, bb, 2.0, b, dropout_p=0.4), dy, inputs)
+
+    torch.manual_seed(11)
+    chain = _grads(
+        torch.ops.lorafuse.lora_add(lorafuse.nf4_linear(x, q, out_features, b), x, a, bb, 2.0, 0.4), dy, inputs
+    )
+    fused = one(11)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=5e-2)
+    for o, c in zip(fused, chain):
+        torch.testing.assert_close(o, c, **tol)
+    assert not torch.equal(one(12)[0], fused[0])
+
+
+def test_nf4_lora_linear_gradcheck_float64_and_opcheck():
+    torch.manual_seed(1)
+    q = lorafuse.quantize_nf4(torch.randn(9, 40), 32, True)
+    x = torch.randn(3, 40, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(9, dtype=torch.float64, requires_grad=True)
+    a = torch.randn(2, 40, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(9, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda x, bias, a, b: lorafuse.nf4_lora_linear(x, q, 9, a, b, 0.7, bias, blocksize=32), (x, bias, a, b)
+    )
+    q = lorafuse.quantize_nf4(torch.randn(30, 64), 64, True)
+    x = torch.randn(4, 64, requires_grad=True)
+    a, b = torch.randn(4, 64, requires_grad=True), torch.randn(30, 4, requires_grad=True)
+    for bias in (torch.randn(30, requires_grad=True), None):
+        torch.library.opcheck(torch.ops.lorafuse.nf4_lora_linear.default, (x, *q, 64, 30, bias, a, b, 0.5, 0.0))
+    plain = lorafuse.quantize_nf4(torch.randn(30, 64), 64, False)  # no double quantization: no nested statistics
+    torch.library.opcheck(torch.ops.lorafuse.nf4_lora_linear.default, (x, *plain, 64, 30, None, a, b, 0.5, 0.0))
+    args = (x, *q, 64, 30, None, torch.bfloat16, a.detach().bfloat16(), b.detach().bfloat16(), 0.5, 0.0)
+    torch.library.opcheck(torch.ops.lorafuse.lora_linear4bit.default, args)
+
+
+def test_nf4_lora_linear_errors_name_the_op_and_the_argument():
+    q = lorafuse.quantize_nf4(torch.randn(30, 64), 64, True)
+    x, a, b = torch.randn(4, 64), torch.randn(4, 64), torch.randn(30, 4)
+    with pytest.raises(ValueError, match=r"lorafuse\.nf4_lora_linear: packed: expected 945 bytes .* for shape \[30, 63\]"):
+        lorafuse.nf4_lora_linear(torch.randn(4, 63), q, 30, torch.randn(4, 63), b, 1.0)
+    with pytest.raises(ValueError, match=r"lorafuse\.nf4_lora_linear: lora_b must have shape \[out, r\] = \[30, 4\]"):
+        lorafuse.nf4_lora_linear(x, q, 30, a, torch.randn(29, 4), 1.0)
+    with pytest.raises(TypeError, match=r"lorafuse\.nf4_lora_linear: lora_a must have x's dtype Float or float32"):
+        lorafuse.nf4_lora_linear(x, q, 30, a.double(), b.double(), 1.0)
+    with pytest.raises(ValueError, match=r"lorafuse\.nf4_lora_linear: .*dropout_p"):
+        lorafuse.nf4_lora_linear(x, q, 30, a, b, 1.0, dropout_p=1.0)
+    unfrozen = q._replace(nested_absmax=q.nested_absmax.clone().requires_grad_())
+    with pytest.raises(ValueError, match="lorafuse.nf4_lora_linear: nested_absmax requires grad, but the 4-bit weight"):
+        lorafuse.nf4_lora_linear(x.requires_grad_(), unfrozen, 30, a, b, 1.0)
+
+
+@pytest.mark.parametrize(
+    "x_dtype, compute_dtype, adapter_dtype",
+    [
+        (torch.float32, torch.float32, torch.float32),  # the one op
+        (torch.bfloat16, torch.bfloat16, torch.float32),  # the one op, adapters in float32
+        (torch.float32, torch.bfloat16, torch.float32),  # x cast for the base only: the two ops
+        (torch.bfloat16, torch.float32, torch.bfloat16),  # the same, adapters in x's dtype
+        (torch.float32, torch.float32, torch.bfloat16),  # adapters in neither: the two ops
+    ],
+)
+def test_lora_linear4bit_equals_the_4bit_layer_plus_its_branch(x_dtype, compute_dtype, adapter_dtype):
+    """lora_linear4bit (what the 4-bit LoRA layers run, C++ and Python) computes lora_branch(linear4bit(x), x, ...)
+    for every mix of dtypes, and is the one op exactly where no cast separates the base from the branch."""
+    q, x, b, a, bb, dy = _qlora_inputs(x_dtype, 96, 128, adapter_dtype=adapter_dtype)
+    bias = b.detach().to(compute_dtype).requires_grad_()
+    inputs = (x, bias, a, bb)
+    ours = _grads(torch.ops.lorafuse.lora_linear4bit(x, *q, 64, 96, bias, compute_dtype, a, bb, 0.5, 0.0), dy, inputs)
+    base = torch.ops.lorafuse.linear4bit(x, *q, 64, 96, bias, compute_dtype)
+    chain = _grads(torch.ops.lorafuse.lora_branch(base, x, a, bb, 0.5, 0.0), dy, inputs)
+    tol = dict(rtol=1e-5, atol=1e-5) if torch.bfloat16 not in (x_dtype, compute_dtype, adapter_dtype) else dict(
+        rtol=2e-2, atol=5e-2
+    )
+    for o, c in zip(ours, chain):
+        assert o.dtype == c.dtype
+        torch.testing.assert_close(o, c, **tol)
+
+
 def test_nf4_linear_opcheck_and_errors():
     q = lorafuse.quantize_nf4(torch.randn(30, 64), 64, True)
     x = torch.randn(4, 64, requires_grad=True)
@@ -280,19 +412,22 @@ def test_the_vectorized_and_the_scalar_dequantize_give_the_same_bits(tmp_path):
     import sys
 
     torch.manual_seed(4)
-    weight = torch.randn(70, 333)
-    q = lorafuse.quantize_nf4(weight, 64, True)
-    torch.save({"q": tuple(q), "weight": weight}, tmp_path / "q.pt")
+    # small, and larger than the L2 caches of a few cores (16.5 MiB of float32: the vectorized path writes it with
+    # non-temporal stores) with rows that start mid-block (4097 columns)
+    shapes = [[70, 333], [1030, 4097]]
+    qs = [tuple(lorafuse.quantize_nf4(torch.randn(*shape), 64, True)) for shape in shapes]
+    torch.save({"q": qs, "shapes": shapes}, tmp_path / "q.pt")
     script = (
         "import sys, torch, lorafuse\n"
         "d = torch.load(sys.argv[1])\n"
-        "q = lorafuse.Nf4Weight(*d['q'])\n"
-        "torch.save(lorafuse.dequantize_nf4(q, [70, 333]), sys.argv[2])\n"
+        "out = [lorafuse.dequantize_nf4(lorafuse.Nf4Weight(*q), s) for q, s in zip(d['q'], d['shapes'])]\n"
+        "torch.save(out, sys.argv[2])\n"
     )
     env = {**os.environ, "LORAFUSE_NF4_SCALAR": "1"}
     subprocess.run([sys.executable, "-c", script, str(tmp_path / "q.pt"), str(tmp_path / "out.pt")], env=env, check=True)
     scalar = torch.load(tmp_path / "out.pt")
-    assert torch.equal(lorafuse.dequantize_nf4(q, [70, 333]), scalar)
+    for q, shape, expected in zip(qs, shapes, scalar, strict=True):
+        assert torch.equal(lorafuse.dequantize_nf4(lorafuse.Nf4Weight(*q), shape), expected)
 
 
 def test_linear4bit_op_casts_to_the_compute_dtype_and_back():
