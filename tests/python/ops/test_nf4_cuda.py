@@ -1,7 +1,7 @@
-"""The NF4 ops on CUDA (cuda/nf4/): quantize and dequantize bit-exact with the CPU kernels, nf4_linear through the decode GEMV
-(T <= 16) and through the dequantized weight + cuBLAS (larger T) against a float64 reference, its backward, and a
-QLoRA layer moved to the GPU. Skipped without a GPU or without CUDA kernels in this build; the same kernels run
-through the CPU emulator in tests/cpp/cuda_emu on every machine."""
+"""The NF4 ops on CUDA (cuda/nf4/): quantize and dequantize bit-exact with the CPU kernels, nf4_linear through the decode
+GEMV (T <= 16) and through the dequantized weight + cuBLAS (larger T) against a float64 reference, its backward, a
+QLoRA layer moved to the GPU, and nf4_lora_linear against the CPU kernel. Skipped without a GPU or without CUDA
+kernels in this build; the same kernels run through the CPU emulator in tests/cpp/cuda_emu on every machine."""
 
 import pytest
 import torch
@@ -106,3 +106,31 @@ def test_opcheck_on_cuda():
         x = torch.randn(tokens, 96, device="cuda", requires_grad=True)
         bias = torch.randn(40, device="cuda", requires_grad=True)
         torch.library.opcheck(torch.ops.lorafuse.nf4_linear.default, (x, *q, 64, 40, bias))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens", [1, 300])
+def test_nf4_lora_linear_on_cuda_computes_as_on_the_cpu(dtype, tokens):
+    """The QLoRA layer in one op on CUDA (nf4_linear's kernels and lora_add's, CompositeExplicitAutograd): output and
+    gradients as the CPU kernel gives them, dropout off; opcheck on the device."""
+    out_features, in_features, r = 96, 160, 8
+    q = _quantized(out_features, in_features)
+    torch.manual_seed(4)
+    x = torch.randn(tokens, in_features).to(dtype)
+    bias = torch.randn(out_features).to(dtype)
+    a, b = torch.randn(r, in_features) * 0.1, torch.randn(out_features, r) * 0.1
+    dy = torch.randn(tokens, out_features).to(dtype)
+
+    def run(device):
+        ins = [t.to(device).requires_grad_() for t in (x, bias, a, b)]
+        y = lorafuse.nf4_lora_linear(ins[0], lorafuse.Nf4Weight(*(t.to(device) for t in q)), out_features, ins[2],
+                                     ins[3], 0.5, ins[1])
+        return [y.detach().cpu()] + [g.cpu() for g in torch.autograd.grad(y, ins, dy.to(device))]
+
+    for name, got, want in zip(("y", "dx", "dbias", "da", "db"), run("cuda"), run("cpu")):
+        err = (got.double() - want.double()).abs().max() / want.double().abs().max()
+        assert err < 2 * TOL[dtype], (name, err)
+    ins = [t.cuda().requires_grad_() for t in (x, bias, a, b)]
+    torch.library.opcheck(
+        torch.ops.lorafuse.nf4_lora_linear.default, (ins[0], *_cuda(q), 64, out_features, ins[1], ins[2], ins[3], 0.5, 0.0)
+    )
