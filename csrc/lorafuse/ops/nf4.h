@@ -36,8 +36,7 @@ at::Tensor dequantize_nf4(const at::Tensor& packed, const at::Tensor& absmax,
 /// y = x·Wᵀ + bias for the NF4 weight W [out_features, in] (in = x.size(-1); x float32, bfloat16, float16 or
 /// float64), dequantized a tile of rows at a time (at most ~16 MiB of float32, in a per-thread scratch buffer kept
 /// between calls) in x's dtype, so the dense weight of a large layer never exists as a whole. Differentiable in x and
-/// bias (dX through nf4_linear_backward), never in W. With lora_add on top it is the QLoRA layer:
-/// lora_add(nf4_linear(x, ...), x, A, B, scale, p).
+/// bias (dX through nf4_linear_backward), never in W. The QLoRA layer in one op is nf4_lora_linear.
 at::Tensor nf4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
                       const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,
                       int64_t blocksize, int64_t out_features, const std::optional<at::Tensor>& bias = std::nullopt);

@@ -185,8 +185,10 @@ bool cpu_has_avx2() {
 }
 #endif
 
-// Whether dequantizing `bytes` of float32 output should bypass the caches: more than the L2 caches of the threads
-// that write it hold (an output that fits stays cached for the GEMM that reads it next).
+// Whether dequantizing `bytes` of float32 output should bypass the caches: at least what the L2 caches of the threads
+// that write it hold (a smaller output stays cached for the GEMM that reads it next; one that fills them is evicted
+// by the GEMM's own operands: streaming a 1024 x 1024 layer's 4 MiB on a 2-core Xeon with 2 MiB L2 per core took its
+// QLoRA step at T = 2048 from 1.03x to 1.01x the float32 LoRA step, and left T = 512 unchanged).
 bool stream_output(int64_t bytes) {
   static const int64_t l2 = [] {
 #ifdef _SC_LEVEL2_CACHE_SIZE
@@ -196,7 +198,7 @@ bool stream_output(int64_t bytes) {
 #endif
     return size > 0 ? static_cast<int64_t>(size) : int64_t{1} << 21;  // 2 MiB when the system does not say
   }();
-  return bytes > l2 * at::get_num_threads();
+  return bytes >= l2 * at::get_num_threads();
 }
 
 // Elements [begin, end) of the weight (row-major flat indices) in float32: code · the scale of its block. Block by
