@@ -110,6 +110,14 @@ class Linear4bit(nn.Module):
             x, *self.quantized, self.blocksize, self.out_features, self.bias, self.compute_dtype
         )
 
+    def __getattr__(self, name: str):
+        if name == "weight":  # code written for nn.Linear asks for it: say where the weight is instead
+            raise AttributeError(
+                "Linear4bit has no dense 'weight': it holds W in 4 bits (the buffers packed, absmax, nested_absmax, "
+                "offset); dequantized_weight(dtype) gives a dense copy, compute_dtype the dtype it computes in"
+            )
+        return super().__getattr__(name)
+
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

@@ -143,6 +143,10 @@ def test_linear4bit_bad_input():
         Linear4bit.from_linear(nn.Conv1d(2, 2, 1))
     with pytest.raises(ValueError, match="blocksize"):
         Linear4bit(64, 64, blocksize=48)
+    layer = Linear4bit(64, 32)
+    with pytest.raises(AttributeError, match=r"no dense 'weight'.*dequantized_weight\(dtype\) gives a dense copy"):
+        layer.weight
+    assert getattr(layer, "weight", None) is None and layer.packed.shape == (1024, 1)  # other attributes as before
 
 
 @pytest.mark.parametrize("shape", [(32, 32), (64, 96), (40, 1376)])
