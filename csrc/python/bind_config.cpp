@@ -37,7 +37,56 @@ py::tuple nf4_tuple(const io::Nf4Tensor& t) {
                         t.dtype);
 }
 
+// A C++ Linear4bit as Python's lorafuse.nn.Linear4bit is built from it: (in_features, out_features, compute_dtype,
+// blocksize, double_quant, packed, absmax, nested_absmax, offset, bias or None).
+py::tuple linear4bit_parts(const nn::Linear4bitImpl& l) {
+  const auto& o = l.options;
+  return py::make_tuple(o.in_features(), o.out_features(), o.compute_dtype(), o.blocksize(), o.double_quant(), l.packed,
+                        l.absmax, l.nested_absmax, l.offset,
+                        l.bias.defined() ? py::cast(l.bias) : py::object(py::none()));
+}
+
+using LayerFields = std::tuple<std::string, int64_t, int64_t, bool, std::optional<QuantFields>>;
+using StateFields = std::tuple<std::vector<std::string>, std::vector<int64_t>, bool>;
+
 void bind_checkpoint(py::module& m) {
+  m.def(
+      "_linear4bit_from_weight",
+      [](const at::Tensor& weight, const std::optional<at::Tensor>& bias, std::optional<at::ScalarType> compute_dtype,
+         int64_t blocksize, bool double_quant) {
+        return linear4bit_parts(*translating([&] {
+          return nn::Linear4bitImpl::from_weight(weight, bias.value_or(at::Tensor()), compute_dtype, blocksize,
+                                                 double_quant);
+        }));
+      },
+      py::arg("weight"), py::arg("bias"), py::arg("compute_dtype"), py::arg("blocksize"), py::arg("double_quant"),
+      "lorafuse::nn::Linear4bitImpl::from_weight: the parts of the layer (Python's Linear4bit is built from them).");
+  m.def(
+      "_plan_checkpoint_load",
+      [](const io::CheckpointReader& reader, const std::vector<LayerFields>& layers,
+         const std::vector<StateFields>& state, const std::map<std::string, std::string>& modules,
+         const std::optional<QuantFields>& quantize, bool strict) {
+        std::vector<CheckpointLayer> described;
+        for (const auto& [path, in, out, has_bias, nf4] : layers) {
+          described.push_back(
+              {path, in, out, has_bias, nf4 ? std::optional<QuantConfig>(quant_config(*nf4)) : std::nullopt});
+        }
+        std::vector<CheckpointState> described_state;
+        for (const auto& [names, shape, is_meta] : state) described_state.push_back({names, shape, is_meta});
+        auto options = LoadCheckpointOptions().strict(strict);
+        if (quantize) options.quantize(quant_config(*quantize));
+        const CheckpointLoadPlan plan =
+            translating([&] { return plan_checkpoint_load(reader, described, described_state, modules, options); });
+        py::list planned;
+        for (const auto& [index, layer] : plan.layers) planned.append(py::make_tuple(index, linear4bit_parts(*layer)));
+        return py::make_tuple(planned, plan.assignments);
+      },
+      py::arg("reader"), py::arg("layers"), py::arg("state"), py::arg("modules"), py::arg("quantize"),
+      py::arg("strict"),
+      "lorafuse::plan_checkpoint_load: layers [(path, in, out, has_bias, the 4-bit layer's QuantConfig fields or "
+      "None)], state [(names, shape, is_meta)], modules {path: type name} -> ([(layer index, Linear4bit parts)], "
+      "[(checkpoint name, state index)]).");
+
   py::class_<io::CheckpointReader>(m, "_CheckpointReader",
                                    "A Hugging Face checkpoint folder read lazily (lorafuse::io::CheckpointReader).")
       .def(py::init([](const std::string& dir) {

@@ -120,47 +120,40 @@ std::string sizes_str(at::IntArrayRef sizes) {
   return out.str();
 }
 
-struct Replacement {
-  Layer layer;
-  std::shared_ptr<nn::Linear4bitImpl> module;
-};
-
 }  // namespace
 
-std::vector<std::string> load_checkpoint(torch::nn::Module& module, const std::string& dir,
-                                         const LoadCheckpointOptions& options) {
+CheckpointLoadPlan plan_checkpoint_load(const io::CheckpointReader& reader, const std::vector<CheckpointLayer>& layers,
+                                        const std::vector<CheckpointState>& state,
+                                        const std::map<std::string, std::string>& modules,
+                                        const LoadCheckpointOptions& options) {
   if (options.quantize()) options.quantize()->validate();
-  const io::CheckpointReader reader(dir);
-  const std::vector<Layer> layers = layers_of(module, "load_checkpoint");
+  const std::string& dir = reader.dir();
   const auto nf4_names = reader.nf4_weights();
   const std::set<std::string> nf4(nf4_names.begin(), nf4_names.end());
   std::set<std::string> used;
   std::vector<std::string> missing;
   const auto& file_config = reader.quant_config();
+  CheckpointLoadPlan plan;
 
   // 1. The 4-bit layers, built aside (4-bit bytes only; a dense weight quantized while loading is freed at once).
-  std::vector<Replacement> replacements;
   std::set<std::string> handled;  // layers whose tensors are read here
-  for (const auto& l : layers) {
+  for (size_t i = 0; i < layers.size(); ++i) {
+    const CheckpointLayer& l = layers[i];
     const std::string weight = l.path + ".weight";
-    const auto* kind = nn::base_kind_of(*l.module);
-    const int64_t in = kind->in_features(*l.module), out = kind->out_features(*l.module);
-    const bool has_bias = l.module->named_parameters(false).find("bias") != nullptr;
+    const int64_t in = l.in_features, out = l.out_features;
     const bool quantize_dense = reader.contains(weight) && !nf4.count(weight) &&
-                                (l.is_4bit || (options.quantize() && !options.quantize()->keeps_dense(l.path)));
+                                (l.nf4 || (options.quantize() && !options.quantize()->keeps_dense(l.path)));
     if (!nf4.count(weight) && !quantize_dense) {
-      if (l.is_4bit) {
+      if (l.nf4) {
         handled.insert(l.path);
         missing.push_back(weight);
       }
       continue;
     }
     handled.insert(l.path);
-    TORCH_CHECK_VALUE(nn::can_replace_child(*l.parent, l.name),
-                      nn::cannot_replace_message(*l.parent, l.path, "load_checkpoint"));
     at::Tensor bias;
     const std::string bias_name = l.path + ".bias";
-    if (has_bias) {
+    if (l.has_bias) {
       if (reader.contains(bias_name)) {
         const auto& e = reader.entry(bias_name);
         TORCH_CHECK_VALUE(e.shape == std::vector<int64_t>{out}, "load_checkpoint: \"", bias_name, "\" is ",
@@ -182,7 +175,7 @@ std::vector<std::string> load_checkpoint(torch::nn::Module& module, const std::s
                                ? *options.quantize()->compute_dtype()
                                : t.dtype;
       layer = nn::Linear4bitImpl::from_nf4(nn::Linear4bitOptions(in, out)
-                                               .bias(has_bias)
+                                               .bias(l.has_bias)
                                                .compute_dtype(compute)
                                                .blocksize(t.blocksize)
                                                .double_quant(t.nested()),
@@ -192,11 +185,7 @@ std::vector<std::string> load_checkpoint(torch::nn::Module& module, const std::s
       const auto& e = reader.entry(weight);
       TORCH_CHECK_VALUE(e.shape == std::vector<int64_t>({out, in}), "load_checkpoint: \"", weight, "\" is ",
                         sizes_str(e.shape), " in the checkpoint; the model's layer is [", out, ", ", in, "]");
-      const QuantConfig q = l.is_4bit ? QuantConfig()
-                                            .blocksize(l.module->as<nn::Linear4bitImpl>()->options.blocksize())
-                                            .double_quant(l.module->as<nn::Linear4bitImpl>()->options.double_quant())
-                                            .compute_dtype(l.module->as<nn::Linear4bitImpl>()->options.compute_dtype())
-                                      : *options.quantize();
+      const QuantConfig& q = l.nf4 ? *l.nf4 : *options.quantize();  // as the model's 4-bit layer is quantized
       at::Tensor dense = reader.read(weight);
       try {  // quantize_nf4's own checks (dtype, finite values), with the tensor named
         layer = nn::Linear4bitImpl::from_weight(dense, bias, q.compute_dtype(), q.blocksize(), q.double_quant());
@@ -206,27 +195,25 @@ std::vector<std::string> load_checkpoint(torch::nn::Module& module, const std::s
         C10_THROW_ERROR(ValueError, "load_checkpoint: \"" + weight + "\": " + e.what_without_backtrace());
       }
       dense = at::Tensor();
-      io::release_freed_memory();
+      io::release_freed_memory();  // the dense weight's place, given back: the peak stays near the 4-bit size
       used.insert(weight);
     }
-    layer->train(l.module->is_training());
-    if (const auto device = device_of(*l.module)) layer->to(*device);  // a model on its device: the layer joins it
-    replacements.push_back({l, std::move(layer)});
+    if (layer->bias.defined()) layer->bias.set_requires_grad(false);
+    plan.layers.emplace_back(i, std::move(layer));
   }
 
-  const auto modules = module.named_modules();
   for (const auto& w : nf4_names) {  // a 4-bit weight of a module that is not a Linear layer (else: unexpected)
     const auto dot = w.rfind('.');
     if (dot == std::string::npos || w.substr(dot) != ".weight") continue;
     const std::string path = w.substr(0, dot);
-    const auto* found = modules.find(path);
-    TORCH_CHECK_VALUE(handled.count(path) || found == nullptr, "load_checkpoint: ", dir, " stores \"", w,
-                      "\" in 4 bits, but the model's \"", path, "\" is a ", (*found)->name(), ", not a Linear layer");
+    const auto found = modules.find(path);
+    TORCH_CHECK_VALUE(handled.count(path) || found == modules.end(), "load_checkpoint: ", dir, " stores \"", w,
+                      "\" in 4 bits, but the model's \"", path, "\" is a ", found->second, ", not a Linear layer");
   }
 
   // 2. Every other parameter and buffer, matched by name and shape.
-  std::vector<std::pair<std::string, at::Tensor>> assignments;
-  for (const auto& [names, tensor] : named_state(module)) {
+  for (size_t i = 0; i < state.size(); ++i) {
+    const auto& names = state[i].names;
     // held only by layers read above: done; held elsewhere too (a tied weight), it loads for those holders
     if (std::all_of(names.begin(), names.end(), [&](const auto& n) { return under(n, handled); })) continue;
     std::vector<std::string> present;  // a tied weight: under any of its names, once or more
@@ -238,9 +225,9 @@ std::vector<std::string> load_checkpoint(torch::nn::Module& module, const std::s
       continue;
     }
     const auto& e = reader.entry(present.front());
-    TORCH_CHECK_VALUE(tensor.sizes() == at::IntArrayRef(e.shape), "load_checkpoint: \"", present.front(), "\" is ",
-                      sizes_str(e.shape), " in the checkpoint; the model's is ", sizes_str(tensor.sizes()));
-    assignments.emplace_back(present.front(), tensor);
+    TORCH_CHECK_VALUE(state[i].shape == e.shape, "load_checkpoint: \"", present.front(), "\" is ", sizes_str(e.shape),
+                      " in the checkpoint; the model's is ", sizes_str(state[i].shape));
+    plan.assignments.emplace_back(present.front(), i);
     used.insert(present.begin(), present.end());
   }
   std::vector<std::string> unexpected;
@@ -248,30 +235,64 @@ std::vector<std::string> load_checkpoint(torch::nn::Module& module, const std::s
     if (!used.count(name)) unexpected.push_back(name);
   }
   if (options.strict()) {
-    TORCH_CHECK_VALUE(
-        missing.empty(), "load_checkpoint: ", dir, " lacks ", missing.size(),
-        " tensor(s) of the model: ", io::list_some(missing),
-        ". Is it another model's checkpoint? (LoadCheckpointOptions().strict(false) loads what is there)");
+    TORCH_CHECK_VALUE(missing.empty(), "load_checkpoint: ", dir, " lacks ", missing.size(),
+                      " tensor(s) of the model: ", io::list_some(missing),
+                      ". Is it another model's checkpoint? (strict=False; in C++ "
+                      "LoadCheckpointOptions().strict(false): loads what is there)");
     TORCH_CHECK_VALUE(unexpected.empty(), "load_checkpoint: ", dir, " holds ", unexpected.size(),
                       " tensor(s) that the model has no place for: ", io::list_some(unexpected),
-                      ". Is it another model's checkpoint? (LoadCheckpointOptions().strict(false) ignores them)");
+                      ". Is it another model's checkpoint? (strict=False; in C++ "
+                      "LoadCheckpointOptions().strict(false): ignores them)");
   } else {
     std::vector<std::string> meta;
-    for (const auto& [names, tensor] : named_state(module)) {
+    for (const auto& s : state) {
+      const auto& names = s.names;
       const bool absent = std::none_of(names.begin(), names.end(), [&](const auto& n) { return reader.contains(n); });
       const bool elsewhere = std::any_of(names.begin(), names.end(), [&](const auto& n) { return !under(n, handled); });
-      if (elsewhere && tensor.is_meta() && absent) meta.push_back(names.front());
+      if (elsewhere && s.is_meta && absent) meta.push_back(names.front());
     }
     TORCH_CHECK_VALUE(meta.empty(), "load_checkpoint: ", dir, " lacks ", meta.size(),
                       " tensor(s) that the model holds on the meta device (no values at all): ", io::list_some(meta));
   }
+  return plan;
+}
 
-  // 3. Apply: nothing above changed the model.
-  for (const auto& [name, tensor] : assignments) assign(name, tensor, reader.read(name));
+std::vector<std::string> load_checkpoint(torch::nn::Module& module, const std::string& dir,
+                                         const LoadCheckpointOptions& options) {
+  const io::CheckpointReader reader(dir);
+  const std::vector<Layer> layers = layers_of(module, "load_checkpoint");
+  std::vector<CheckpointLayer> described;
+  for (const auto& l : layers) {
+    const auto* kind = nn::base_kind_of(*l.module);
+    CheckpointLayer d{l.path, kind->in_features(*l.module), kind->out_features(*l.module),
+                      l.module->named_parameters(false).find("bias") != nullptr, std::nullopt};
+    if (l.is_4bit) {
+      const auto& o = l.module->as<nn::Linear4bitImpl>()->options;
+      d.nf4 = QuantConfig().blocksize(o.blocksize()).double_quant(o.double_quant()).compute_dtype(o.compute_dtype());
+    }
+    described.push_back(std::move(d));
+  }
+  const std::vector<NamedState> named = named_state(module);
+  std::vector<CheckpointState> state;
+  for (const auto& [names, tensor] : named) state.push_back({names, tensor.sizes().vec(), tensor.is_meta()});
+  std::map<std::string, std::string> modules;
+  for (const auto& item : module.named_modules()) modules.emplace(item.key(), item.value()->name());
+  CheckpointLoadPlan plan = plan_checkpoint_load(reader, described, state, modules, options);
+
+  for (const auto& [index, layer] : plan.layers) {  // before anything changes: every layer can be swapped
+    const Layer& l = layers[index];
+    TORCH_CHECK_VALUE(nn::can_replace_child(*l.parent, l.name),
+                      nn::cannot_replace_message(*l.parent, l.path, "load_checkpoint"));
+  }
+  // Apply: nothing above changed the model.
+  for (const auto& [name, index] : plan.assignments) assign(name, named[index].tensor, reader.read(name));
   std::vector<std::string> paths;
-  for (auto& r : replacements) {
-    nn::replace_child(*r.layer.parent, r.layer.name, std::move(r.module));
-    paths.push_back(r.layer.path);
+  for (auto& [index, layer] : plan.layers) {
+    const Layer& l = layers[index];
+    layer->train(l.module->is_training());
+    if (const auto device = device_of(*l.module)) layer->to(*device);  // a model on its device: the layer joins it
+    nn::replace_child(*l.parent, l.name, std::move(layer));
+    paths.push_back(l.path);
   }
   return paths;
 }

@@ -4,11 +4,16 @@
 #pragma once
 
 #include <lorafuse/config/quant_config.h>
+#include <lorafuse/io/checkpoint.h>
+#include <lorafuse/nn/linear4bit.h>
 #include <torch/arg.h>
 #include <torch/nn/module.h>
 
+#include <map>
+#include <memory>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace lorafuse {
@@ -32,6 +37,35 @@ struct LoadCheckpointOptions {
 /// inject_lora). Returns the paths of the layers now in 4 bits.
 std::vector<std::string> load_checkpoint(torch::nn::Module& module, const std::string& dir,
                                          const LoadCheckpointOptions& options = LoadCheckpointOptions());
+
+/// What load_checkpoint reads into a model, decided (and every tensor read or quantized) before the model changes:
+/// the one implementation of its rules, which the C++ load_checkpoint and Python's lorafuse.load_checkpoint both run
+/// over their own description of the model and then apply to their own modules.
+struct CheckpointLayer {  // a dense Linear or 4-bit layer of the model
+  std::string path;
+  int64_t in_features = 0, out_features = 0;
+  bool has_bias = false;
+  /// For a 4-bit layer: its blocksize, double quantization and compute dtype (nullopt: the checkpoint weight's dtype),
+  /// with which a dense weight in the checkpoint is quantized for it. nullopt: a dense layer.
+  std::optional<QuantConfig> nf4;
+};
+struct CheckpointState {           // a parameter or persistent buffer, each tensor once
+  std::vector<std::string> names;  // all its names (a tied weight has several); the first is its name
+  std::vector<int64_t> shape;
+  bool is_meta = false;
+};
+struct CheckpointLoadPlan {
+  /// (index into the layers, the 4-bit layer that replaces it: its bytes read or quantized, on the CPU)
+  std::vector<std::pair<size_t, std::shared_ptr<nn::Linear4bitImpl>>> layers;
+  /// (the checkpoint tensor, index into the state) for every other parameter and buffer
+  std::vector<std::pair<std::string, size_t>> assignments;
+};
+/// load_checkpoint's decisions for a model described by `layers`, `state` and `modules` (every module's path and type
+/// name, for the error about a 4-bit weight where the model has no Linear layer); raises what load_checkpoint raises.
+CheckpointLoadPlan plan_checkpoint_load(const io::CheckpointReader& reader, const std::vector<CheckpointLayer>& layers,
+                                        const std::vector<CheckpointState>& state,
+                                        const std::map<std::string, std::string>& modules,
+                                        const LoadCheckpointOptions& options);
 
 /// Saves `module`'s weights as checkpoint folder `dir` (atomically; other files in it kept): each Linear4bit as
 /// transformers stores a 4-bit layer, every other parameter and buffer as it is (a tensor shared under two names is

@@ -76,23 +76,21 @@ class Linear4bit(nn.Module):
         if not isinstance(weight, Tensor) or weight.dim() != 2:
             found = list(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
             raise ValueError(f"weight: expected a tensor [out_features, in_features], found {found}")
-        weight = weight.detach()
-        compute_dtype = compute_dtype or weight.dtype
-        layer = cls(
-            weight.shape[1],
-            weight.shape[0],
-            bias=bias is not None,
-            compute_dtype=compute_dtype,
-            blocksize=blocksize,
-            double_quant=double_quant,
-            device=torch.device("meta"),
-        )
-        on_cpu = weight.device.type == "cuda" and not _C.has_cuda_kernels()  # the same bytes either way
-        q = quantize_nf4(weight.cpu() if on_cpu else weight, blocksize, double_quant)
-        for name, t in zip(Nf4Weight._fields, q):
-            setattr(layer, name, t.to(weight.device))
+        if compute_dtype is not None and compute_dtype not in _COMPUTE_DTYPES:
+            raise TypeError(f"compute_dtype: expected torch.float32, bfloat16 or float16, found {compute_dtype}")
+        # lorafuse::nn::Linear4bitImpl::from_weight: where it quantizes (a CUDA weight through the CPU in a build
+        # without CUDA kernels: the same bytes), the bias's dtype and requires_grad
+        return cls._from_parts(_C._linear4bit_from_weight(weight.detach(), bias, compute_dtype, blocksize, double_quant))
+
+    @classmethod
+    def _from_parts(cls, parts: tuple) -> "Linear4bit":
+        """The layer from a C++ Linear4bit's parts (in, out, compute_dtype, blocksize, double_quant, packed, absmax,
+        nested_absmax, offset, bias or None), its tensors taken as they are."""
+        in_features, out_features, compute_dtype, blocksize, double_quant, *quantized, bias = parts
+        layer = cls(in_features, out_features, bias is not None, compute_dtype, blocksize, double_quant, "meta")
+        layer.packed, layer.absmax, layer.nested_absmax, layer.offset = quantized
         if bias is not None:
-            layer.bias = nn.Parameter(bias.detach().to(compute_dtype).clone(), requires_grad=bias.requires_grad)
+            layer.bias = nn.Parameter(bias, requires_grad=bias.requires_grad)
         return layer
 
     @property

@@ -106,111 +106,31 @@ def load_checkpoint(
     tie = getattr(model, "tie_weights", None)
     if callable(tie):  # a transformers skeleton made under init_empty_weights has its tied weights still apart
         tie()
-    file_quant = reader.quant_config
-    nf4 = set(reader.nf4_weights())
-    used, missing, handled = set(), [], set()
-    replacements = []
-    for parent, name, path, module, is_4bit in layers:
-        weight = f"{path}.weight"
-        out_features, in_features = module.out_features, module.in_features
-        dense_in_file = weight in reader and weight not in nf4
-        to_quantize = dense_in_file and (
-            is_4bit or (quantize is not None and not _C._quant_keeps_dense(path, quantize.modules_to_not_convert))
-        )
-        if weight not in nf4 and not to_quantize:
-            if is_4bit:
-                handled.add(path)
-                missing.append(weight)
-            continue
-        handled.add(path)
-        bias = None
-        if module.bias is not None:
-            bias_name = f"{path}.bias"
-            if bias_name in reader:
-                _check_shape(reader, bias_name, [out_features])
-                bias = reader.read(bias_name)
-                used.add(bias_name)
-            else:
-                missing.append(bias_name)
-                bias = torch.zeros(out_features)
-        if weight in nf4:
-            packed, absmax, nested, offset, blocksize, shape, dtype = reader.read_nf4(weight)
-            if list(shape) != [out_features, in_features]:
-                raise ValueError(
-                    f'load_checkpoint: "{weight}" is {list(shape)} in the checkpoint; the model\'s layer is '
-                    f"[{out_features}, {in_features}]"
-                )
-            compute = (file_quant[3] if file_quant else None) or (quantize.compute_dtype if quantize else None) or dtype
-            layer = Linear4bit(in_features, out_features, bias is not None, compute, blocksize, nested.numel() > 0, "meta")
-            layer.packed, layer.absmax, layer.nested_absmax, layer.offset = packed, absmax, nested, offset
-            if bias is not None:
-                layer.bias = nn.Parameter(bias.to(compute), requires_grad=False)
-            used.update(reader.nf4_tensor_names(weight))
-        else:
-            _check_shape(reader, weight, [out_features, in_features])
-            if is_4bit:  # quantized as the model's 4-bit layer is (lorafuse's or bitsandbytes')
-                _, _, nested, _, blocksize = base_kind_of(module).nf4_state(module)
-                double_quant = nested is not None and nested.numel() > 0
-                settings = (getattr(module, "compute_dtype", None), blocksize, double_quant)
-            else:
-                settings = (quantize.compute_dtype, quantize.blocksize, quantize.double_quant)
-            try:  # quantize_nf4's own checks (dtype, finite values), with the tensor named
-                layer = Linear4bit.from_weight(reader.read(weight), bias, *settings)
-            except (TypeError, ValueError) as e:
-                raise type(e)(f'load_checkpoint: "{weight}": {e}') from None
-            _C._release_freed_memory()  # the dense weight's place, given back: the peak stays near the 4-bit size
-            if layer.bias is not None:
-                layer.bias.requires_grad_(False)
-            used.add(weight)
-        layer.train(module.training)
-        device = _device_of(module)
-        if device is not None:  # a model already on its device (not a skeleton): the new layer joins it there
-            layer = layer.to(device)
-        replacements.append((parent, name, path, layer))
-    modules = dict(model.named_modules())
-    for w in sorted(nf4):
-        path = w[: -len(".weight")] if w.endswith(".weight") else None
-        if path not in handled and path in modules:
-            raise ValueError(
-                f'load_checkpoint: {directory} stores "{w}" in 4 bits, but the model\'s "{path}" is a '
-                f"{type(modules[path]).__name__}, not a Linear layer"
-            )
-
+    described = []
+    for _, _, path, module, is_4bit in layers:
+        own = None
+        if is_4bit:  # a dense weight in the checkpoint is quantized as the model's 4-bit layer is
+            _, _, nested, _, blocksize = base_kind_of(module).nf4_state(module)
+            double_quant = nested is not None and nested.numel() > 0
+            own = ("nf4", blocksize, double_quant, getattr(module, "compute_dtype", None), [])
+        described.append((path, module.in_features, module.out_features, module.bias is not None, own))
     owners = _owners(model)
-    assignments = []
-    for name, (names, holders) in owners.items():
-        # held only by layers read above: done; held elsewhere too (a tied weight), it loads for those holders
-        if all(_under(n, handled) for n in names):
-            continue
-        present = [n for n in names if n in reader]  # a tied weight: under any of its names, once or more
-        if not present:
-            missing.append(name)
-            continue
+    state = []
+    for names, holders in owners.values():
         module, attr, _ = holders[0]
-        _check_shape(reader, present[0], list(getattr(module, attr).shape))
-        assignments.append((present[0], holders))
-        used.update(present)
-    unexpected = [n for n in reader.names() if n not in used]
-    if strict and missing:
-        raise ValueError(
-            f"load_checkpoint: {directory} lacks {len(missing)} tensor(s) of the model: {_some(missing)}. Is it "
-            "another model's checkpoint? (strict=False loads what is there)"
-        )
-    if strict and unexpected:
-        raise ValueError(
-            f"load_checkpoint: {directory} holds {len(unexpected)} tensor(s) that the model has no place for: "
-            f"{_some(unexpected)}. Is it another model's checkpoint? (strict=False ignores them)"
-        )
-    meta = [n for n in missing if n in owners and getattr(owners[n][1][0][0], owners[n][1][0][1]).is_meta]
-    if meta:
-        raise ValueError(
-            f"load_checkpoint: {directory} lacks {len(meta)} tensor(s) that the model holds on the meta device (no "
-            f"values at all): {_some(meta)}"
-        )
+        tensor = getattr(module, attr)
+        state.append((names, list(tensor.shape), tensor.is_meta))
+    kinds = {path: type(m).__name__ for path, m in model.named_modules() if path}
+    # every rule (what loads, what is quantized, the checks and errors) in C++: lorafuse::plan_checkpoint_load
+    planned, assignments = _C._plan_checkpoint_load(
+        reader, described, state, kinds, quantize._fields() if quantize else None, strict
+    )
 
     # Apply: nothing above changed the model.
+    holders_of = list(owners.values())
     with torch.no_grad():
-        for name, holders in assignments:
+        for name, index in assignments:
+            holders = holders_of[index][1]
             module, attr, is_param = holders[0]
             current = getattr(module, attr)
             value = reader.read(name)
@@ -221,9 +141,17 @@ def load_checkpoint(
             new = nn.Parameter(value, requires_grad=current.requires_grad) if is_param else value
             for owner, owner_attr, _ in holders:
                 setattr(owner, owner_attr, new)
-    for parent, name, _, layer in replacements:
+    paths = []
+    for index, parts in planned:
+        parent, name, path, module, _ = layers[index]
+        layer = Linear4bit._from_parts(parts)
+        layer.train(module.training)
+        device = _device_of(module)
+        if device is not None:  # a model already on its device (not a skeleton): the new layer joins it there
+            layer = layer.to(device)
         setattr(parent, name, layer)
-    return [path for _, _, path, _ in replacements]
+        paths.append(path)
+    return paths
 
 
 def _device_of(module: nn.Module) -> Optional[torch.device]:
@@ -231,12 +159,6 @@ def _device_of(module: nn.Module) -> Optional[torch.device]:
     for t in [*module.parameters(), *module.buffers()]:
         return None if t.is_meta else t.device
     return None
-
-
-def _check_shape(reader, name: str, expected: List[int]) -> None:
-    _, shape = reader.entry(name)
-    if list(shape) != list(expected):
-        raise ValueError(f'load_checkpoint: "{name}" is {list(shape)} in the checkpoint; the model\'s is {expected}')
 
 
 def _nf4_dtype(module: nn.Module) -> torch.dtype:
