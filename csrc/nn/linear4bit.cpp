@@ -73,6 +73,21 @@ std::shared_ptr<Linear4bitImpl> Linear4bitImpl::from_weight(const at::Tensor& we
   return layer;
 }
 
+namespace {
+
+// A new layer's buffer or parameter takes `value` as it is (its storage and device): set_data, or for a meta value
+// (a skeleton quantized on the meta device) what set_data does without its check that refuses a meta value for a
+// CPU tensor.
+void take(at::Tensor& target, const at::Tensor& value) {
+  if (target.is_meta() == value.is_meta()) {
+    target.set_data(value);
+  } else {
+    target.unsafeGetTensorImpl()->shallow_copy_from(value.getIntrusivePtr());
+  }
+}
+
+}  // namespace
+
 std::shared_ptr<Linear4bitImpl> Linear4bitImpl::from_nf4(const Linear4bitOptions& options, const Nf4Weight& weight,
                                                          const at::Tensor& bias) {
   auto layer = std::make_shared<Linear4bitImpl>(options);
@@ -89,14 +104,14 @@ std::shared_ptr<Linear4bitImpl> Linear4bitImpl::from_nf4(const Linear4bitOptions
   TORCH_CHECK_VALUE(bias.defined() == options.bias(), "Linear4bit: bias: ", options.bias() ? "expected" : "no",
                     " bias for options.bias() = ", options.bias(), ", found ", bias.defined() ? "one" : "none");
   torch::NoGradGuard no_grad;
-  layer->packed.set_data(weight.packed.detach());
-  layer->absmax.set_data(weight.absmax.detach());
-  layer->nested_absmax.set_data(weight.nested_absmax.detach());
-  layer->offset.set_data(weight.offset.detach());
+  take(layer->packed, weight.packed.detach());
+  take(layer->absmax, weight.absmax.detach());
+  take(layer->nested_absmax, weight.nested_absmax.detach());
+  take(layer->offset, weight.offset.detach());
   if (bias.defined()) {
     TORCH_CHECK_VALUE(bias.dim() == 1 && bias.size(0) == options.out_features(), "Linear4bit: bias: expected [",
                       options.out_features(), "], found ", bias.sizes());
-    layer->bias.set_data(bias.detach().to(options.compute_dtype()).clone());
+    take(layer->bias, bias.detach().to(options.compute_dtype()).clone());
   }
   return layer;
 }

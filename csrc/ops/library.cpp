@@ -79,9 +79,10 @@ TORCH_LIBRARY(lorafuse, m) {
       "nf4_linear_backward(Tensor grad_out, Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? offset, "
       "int blocksize, int in_features) -> Tensor");
   // ---- The QLoRA layer in one op: y = nf4_linear(x, W4, bias) + scale·(dropout(x)·Aᵀ)·Bᵀ, the branch by lora_add's
-  // rules (lora_a in x's dtype or float32, accumulated in float32); differentiable in x, bias, lora_a and lora_b, never
-  // in W. CPU: one kernel (the branch accumulated into the base's output in place, dX's LoRA term and the dY·W tiles
-  // summed into one buffer); other devices (CompositeExplicitAutograd): nf4_linear and lora_add.
+  // rules (lora_a in x's dtype or float32, accumulated in float32, float64 for float64); differentiable in x, bias,
+  // lora_a and lora_b, never in W. CPU: one kernel (the branch accumulated into the base's output in place, dX's LoRA
+  // term and the dY·W tiles summed into one buffer); other devices (CompositeExplicitAutograd): nf4_linear and
+  // lora_add.
   m.def(
       "nf4_lora_linear(Tensor x, Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? offset, int blocksize, "
       "int out_features, Tensor? bias, Tensor lora_a, Tensor lora_b, float scale, float dropout_p=0.0) -> Tensor",

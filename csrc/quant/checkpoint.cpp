@@ -13,6 +13,7 @@
 #include <torch/nn/modules/linear.h>
 
 #include <algorithm>
+#include <functional>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <set>
@@ -125,7 +126,8 @@ std::string sizes_str(at::IntArrayRef sizes) {
 CheckpointLoadPlan plan_checkpoint_load(const io::CheckpointReader& reader, const std::vector<CheckpointLayer>& layers,
                                         const std::vector<CheckpointState>& state,
                                         const std::map<std::string, std::string>& modules,
-                                        const LoadCheckpointOptions& options) {
+                                        const LoadCheckpointOptions& options,
+                                        const std::function<void(size_t)>& replaceable) {
   if (options.quantize()) options.quantize()->validate();
   const std::string& dir = reader.dir();
   const auto nf4_names = reader.nf4_weights();
@@ -136,7 +138,8 @@ CheckpointLoadPlan plan_checkpoint_load(const io::CheckpointReader& reader, cons
   CheckpointLoadPlan plan;
 
   // 1. The 4-bit layers, built aside (4-bit bytes only; a dense weight quantized while loading is freed at once).
-  std::set<std::string> handled;  // layers whose tensors are read here
+  std::set<std::string> handled;   // layers whose weight is read here or reported missing (a 4-bit layer's)
+  std::set<std::string> replaced;  // layers that a 4-bit layer read here replaces, with all their tensors
   for (size_t i = 0; i < layers.size(); ++i) {
     const CheckpointLayer& l = layers[i];
     const std::string weight = l.path + ".weight";
@@ -151,6 +154,8 @@ CheckpointLoadPlan plan_checkpoint_load(const io::CheckpointReader& reader, cons
       continue;
     }
     handled.insert(l.path);
+    replaced.insert(l.path);
+    if (replaceable) replaceable(i);  // the caller's veto, before anything is read for this layer
     at::Tensor bias;
     const std::string bias_name = l.path + ".bias";
     if (l.has_bias) {
@@ -214,14 +219,16 @@ CheckpointLoadPlan plan_checkpoint_load(const io::CheckpointReader& reader, cons
   // 2. Every other parameter and buffer, matched by name and shape.
   for (size_t i = 0; i < state.size(); ++i) {
     const auto& names = state[i].names;
-    // held only by layers read above: done; held elsewhere too (a tied weight), it loads for those holders
-    if (std::all_of(names.begin(), names.end(), [&](const auto& n) { return under(n, handled); })) continue;
+    // held only by layers replaced above: done; held elsewhere too (a tied weight), it loads for those holders
+    if (std::all_of(names.begin(), names.end(), [&](const auto& n) { return under(n, replaced); })) continue;
     std::vector<std::string> present;  // a tied weight: under any of its names, once or more
     for (const auto& n : names) {
       if (reader.contains(n)) present.push_back(n);
     }
     if (present.empty()) {
-      missing.push_back(names.front());
+      // a tensor of a 4-bit layer whose weight the checkpoint lacks: that weight is what is reported missing
+      const bool reported = std::all_of(names.begin(), names.end(), [&](const auto& n) { return under(n, handled); });
+      if (!reported) missing.push_back(names.front());
       continue;
     }
     const auto& e = reader.entry(present.front());
@@ -248,7 +255,8 @@ CheckpointLoadPlan plan_checkpoint_load(const io::CheckpointReader& reader, cons
     for (const auto& s : state) {
       const auto& names = s.names;
       const bool absent = std::none_of(names.begin(), names.end(), [&](const auto& n) { return reader.contains(n); });
-      const bool elsewhere = std::any_of(names.begin(), names.end(), [&](const auto& n) { return !under(n, handled); });
+      const bool elsewhere =
+          std::any_of(names.begin(), names.end(), [&](const auto& n) { return !under(n, replaced); });
       if (elsewhere && s.is_meta && absent) meta.push_back(names.front());
     }
     TORCH_CHECK_VALUE(meta.empty(), "load_checkpoint: ", dir, " lacks ", meta.size(),
@@ -277,13 +285,13 @@ std::vector<std::string> load_checkpoint(torch::nn::Module& module, const std::s
   for (const auto& [names, tensor] : named) state.push_back({names, tensor.sizes().vec(), tensor.is_meta()});
   std::map<std::string, std::string> modules;
   for (const auto& item : module.named_modules()) modules.emplace(item.key(), item.value()->name());
-  CheckpointLoadPlan plan = plan_checkpoint_load(reader, described, state, modules, options);
-
-  for (const auto& [index, layer] : plan.layers) {  // before anything changes: every layer can be swapped
+  // a layer that becomes 4-bit must sit where it can be swapped: checked before anything of it is read
+  const auto replaceable = [&](size_t index) {
     const Layer& l = layers[index];
     TORCH_CHECK_VALUE(nn::can_replace_child(*l.parent, l.name),
                       nn::cannot_replace_message(*l.parent, l.path, "load_checkpoint"));
-  }
+  };
+  CheckpointLoadPlan plan = plan_checkpoint_load(reader, described, state, modules, options, replaceable);
   // Apply: nothing above changed the model.
   for (const auto& [name, index] : plan.assignments) assign(name, named[index].tensor, reader.read(name));
   std::vector<std::string> paths;

@@ -66,6 +66,27 @@ def _cpp_load_checkpoint(
     module: "CppModule", dir: str, quantize: Optional[QuantFields], strict: bool
 ) -> List[str]: ...
 def _cpp_save_checkpoint(module: "CppModule", dir: str, config_json: str) -> None: ...
+
+# (in_features, out_features, compute_dtype, blocksize, double_quant, packed, absmax, nested_absmax, offset, bias)
+Linear4bitParts = Tuple[
+    int, int, torch.dtype, int, bool, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]
+]
+
+def _linear4bit_from_weight(
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    compute_dtype: Optional[torch.dtype],
+    blocksize: int,
+    double_quant: bool,
+) -> Linear4bitParts: ...
+def _plan_checkpoint_load(
+    reader: _CheckpointReader,
+    layers: Sequence[Tuple[str, int, int, bool, Optional[QuantFields]]],
+    state: Sequence[Tuple[List[str], List[int], bool]],
+    modules: Dict[str, str],
+    quantize: Optional[QuantFields],
+    strict: bool,
+) -> Tuple[List[Tuple[int, Linear4bitParts]], List[Tuple[str, int]]]: ...
 def _validate_lora_config(config: LoraConfigJson) -> None: ...
 def _validate_adapter(name: str, r: int, lora_alpha: float, lora_dropout: float) -> None: ...
 def _select_targets(

@@ -5,7 +5,7 @@ Importing this package registers the ``torch.ops.lorafuse.*`` operators.
 
 import torch  # noqa: F401  (loads libtorch before lorafuse's native library)
 
-from . import _C, models, nn, peft, quant
+from . import _C, models, nn, peft, pretrained, quant
 from .config import LoraConfig
 from .ops import Nf4Weight, dequantize_nf4, lora_linear, nf4_linear, nf4_lora_linear, quantize_nf4
 from .quant import QuantConfig, load_checkpoint, quantize_model, save_checkpoint
@@ -55,6 +55,7 @@ __all__ = [
     "__version__",
     "nn",
     "models",
+    "pretrained",
     "peft",
     "LoraConfig",
     "inject_lora",

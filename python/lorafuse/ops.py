@@ -100,9 +100,12 @@ def nf4_lora_linear(
     blocksize: int = 64,
 ) -> Tensor:
     """The QLoRA layer in one op: ``nf4_linear(x, q, out_features, bias) + scale * (dropout(x) @ lora_a.T) @ lora_b.T``,
-    ``lora_a`` [r, in] and ``lora_b`` [out_features, r] in x's dtype or float32 (the branch accumulates in float32).
-    Differentiable in ``x``, ``bias``, ``lora_a`` and ``lora_b``, never in the 4-bit weight. On the CPU one kernel:
-    the branch is added into the base's output in place and dX's two terms share one buffer."""
+    ``lora_a`` [r, in] and ``lora_b`` [out_features, r] in x's dtype or float32 (the branch accumulates in float32,
+    float64 for float64). Differentiable in ``x``, ``bias``, ``lora_a`` and ``lora_b``, never in the 4-bit weight. On
+    the CPU one kernel: the branch is added into the base's output in place and dX's two terms are summed into one
+    buffer. No autocast rule of its own (the base computes in x's dtype, as ``nf4_linear``); the 4-bit LoRA layers
+    call ``lora_linear4bit``, which under autocast computes the base in its compute dtype and the branch as
+    ``lora_add`` does."""
     return torch.ops.lorafuse.nf4_lora_linear(
         x, *q, int(blocksize), int(out_features), bias, lora_a, lora_b, float(scale), float(dropout_p)
     )

@@ -53,9 +53,10 @@ at::Tensor linear4bit(const at::Tensor& x, const at::Tensor& packed, const at::T
                       at::ScalarType compute_dtype);
 
 /// The QLoRA layer in one op: nf4_linear(x, W4, bias) + scale·(dropout(x)·Aᵀ)·Bᵀ, the branch by lora_add's rules
-/// (lora_a in x's dtype or float32, accumulated in float32; bias in x's dtype). Differentiable in x, bias, lora_a and
-/// lora_b, never in the 4-bit weight (a statistic that requires grad is an error). On the CPU one kernel: the branch is
-/// added into the base's output in place and dX's two terms go into one buffer; elsewhere nf4_linear and lora_add.
+/// (lora_a in x's dtype or float32, accumulated in float32, float64 for float64; bias in x's dtype). Differentiable in
+/// x, bias, lora_a and lora_b, never in the 4-bit weight (a statistic that requires grad is an error). On the CPU one
+/// kernel: the branch is added into the base's output in place and dX's two terms go into one buffer; elsewhere
+/// nf4_linear and lora_add.
 at::Tensor nf4_lora_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
                            const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,
                            int64_t blocksize, int64_t out_features, const std::optional<at::Tensor>& bias,

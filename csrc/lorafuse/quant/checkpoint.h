@@ -9,6 +9,7 @@
 #include <torch/arg.h>
 #include <torch/nn/module.h>
 
+#include <functional>
 #include <map>
 #include <memory>
 #include <optional>
@@ -62,10 +63,13 @@ struct CheckpointLoadPlan {
 };
 /// load_checkpoint's decisions for a model described by `layers`, `state` and `modules` (every module's path and type
 /// name, for the error about a 4-bit weight where the model has no Linear layer); raises what load_checkpoint raises.
+/// `replaceable(i)`, when given, runs for each layer that a 4-bit layer will replace, before anything of it is read
+/// (a model that cannot swap that layer raises there).
 CheckpointLoadPlan plan_checkpoint_load(const io::CheckpointReader& reader, const std::vector<CheckpointLayer>& layers,
                                         const std::vector<CheckpointState>& state,
                                         const std::map<std::string, std::string>& modules,
-                                        const LoadCheckpointOptions& options);
+                                        const LoadCheckpointOptions& options,
+                                        const std::function<void(size_t)>& replaceable = {});
 
 /// Saves `module`'s weights as checkpoint folder `dir` (atomically; other files in it kept): each Linear4bit as
 /// transformers stores a 4-bit layer, every other parameter and buffer as it is (a tensor shared under two names is

@@ -352,8 +352,9 @@ at::Tensor nf4_linear_backward_cpu(const at::Tensor& grad_out, const at::Tensor&
 
 // ---- nf4_lora_linear: the QLoRA layer in one kernel. The forward is nf4_linear's tiles, then the LoRA expand added
 // into that output in place (lora_add's arithmetic, without its copy of the base output); the backward writes dX's
-// LoRA term first (lora_linear_backward without weight) and adds the dY·W tiles onto it, in float32 for a
-// half-precision x, so dX is one buffer instead of two tensors that autograd then sums.
+// LoRA term first (lora_linear_backward without weight, in x's dtype) and adds the dY·W tiles onto it, so for a
+// float32 x dX is one buffer instead of two tensors that autograd then sums (a half-precision x: the LoRA term
+// widened to float32, the tiles added there, one rounding back).
 constexpr const char* kLoraOp = "lorafuse.nf4_lora_linear";
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> nf4_lora_linear_forward_cpu(
@@ -403,7 +404,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nf4_lora_linear_backw
   const auto acc = dtype == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor dy = grad_out.reshape({-1, out}).to(acc);
   at::Tensor dx = gx.reshape({-1, in});
-  if (dtype != acc) dx = dx.to(acc);  // a half-precision dX: summed in float32, rounded once
+  if (dtype != acc) dx = dx.to(acc);  // a half-precision dX: the tiles added in float32, rounded back once
   nf4_matmul_backward(dy, packed, block_scales(absmax, nested_absmax, offset, nested), blocksize, in, dtype, dx,
                       /*accumulate=*/true);
   return {dx.to(dtype).view(x.sizes()), ga, gb, gbias};

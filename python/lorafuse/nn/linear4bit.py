@@ -109,12 +109,16 @@ class Linear4bit(nn.Module):
         )
 
     def __getattr__(self, name: str):
-        if name == "weight":  # code written for nn.Linear asks for it: say where the weight is instead
-            raise AttributeError(
-                "Linear4bit has no dense 'weight': it holds W in 4 bits (the buffers packed, absmax, nested_absmax, "
-                "offset); dequantized_weight(dtype) gives a dense copy, compute_dtype the dtype it computes in"
-            )
-        return super().__getattr__(name)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name != "weight":
+                raise
+        # code written for nn.Linear asks for it: say where the weight is instead
+        raise AttributeError(
+            "Linear4bit has no dense 'weight': it holds W in 4 bits (the buffers packed, absmax, nested_absmax, "
+            "offset); dequantized_weight(dtype) gives a dense copy, compute_dtype the dtype it computes in"
+        )
 
     def extra_repr(self) -> str:
         return (

@@ -230,6 +230,16 @@ def test_load_checkpoint_refuses_what_does_not_fit_and_leaves_the_model_as_it_wa
         lorafuse.load_checkpoint(deep, folder)
     with pytest.raises(ValueError, match="on the meta device"):
         lorafuse.load_checkpoint(deep, folder, strict=False)
+    # a model already in 4 bits (on the meta device) whose one 4-bit layer the checkpoint lacks: strict=False names
+    # that layer's tensors rather than leave them without values
+    reader = _C._CheckpointReader(str(folder))
+    lacking = [(n, reader.read(n)) for n in reader.names() if not n.startswith("model.layers.0.mlp.up_proj.")]
+    _C._write_checkpoint(str(tmp_path / "lacking"), reader.config_json, lacking)
+    skeleton = lorafuse.quantize_model(_skeleton())
+    with pytest.raises(ValueError, match=r"lacks .* tensor\(s\) of the model: \"model.layers.0.mlp.up_proj.weight\""):
+        lorafuse.load_checkpoint(skeleton, tmp_path / "lacking")
+    with pytest.raises(ValueError, match=r"on the meta device \(no values at all\): \"model.layers.0.mlp.up_proj."):
+        lorafuse.load_checkpoint(skeleton, tmp_path / "lacking", strict=False)
     # a 4-bit weight where the model has no Linear layer
     q = lorafuse.quantize_nf4(torch.ones(64))
     _C._write_checkpoint(

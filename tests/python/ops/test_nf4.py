@@ -377,6 +377,21 @@ def test_lora_linear4bit_equals_the_4bit_layer_plus_its_branch(x_dtype, compute_
         torch.testing.assert_close(o, c, **tol)
 
 
+def test_lora_linear4bit_under_autocast_keeps_the_base_in_its_compute_dtype_and_autocasts_the_branch():
+    """Under torch.autocast the 4-bit layer computes its base in its compute dtype (as bitsandbytes' does) and the
+    branch as lora_add does under autocast (x in the autocast dtype, float32 adapters kept): the two-op route."""
+    q, x, b, a, bb, dy = _qlora_inputs(torch.float32, 96, 128)
+    args = (x, *q, 64, 96, b, torch.float32, a, bb, 0.5, 0.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = torch.ops.lorafuse.lora_linear4bit(*args)
+        base = torch.ops.lorafuse.linear4bit(x, *q, 64, 96, b, torch.float32)
+        want = torch.ops.lorafuse.lora_branch(base, x, a, bb, 0.5, 0.0)
+    assert y.dtype == torch.float32 and torch.equal(y, want)
+    assert not torch.equal(y, torch.ops.lorafuse.lora_linear4bit(*args))  # the branch saw bfloat16 x
+    grads = torch.autograd.grad(y, (x, a, bb), dy)
+    assert all(g is not None and g.dtype == torch.float32 for g in grads)
+
+
 def test_nf4_linear_opcheck_and_errors():
     q = lorafuse.quantize_nf4(torch.randn(30, 64), 64, True)
     x = torch.randn(4, 64, requires_grad=True)
