@@ -63,13 +63,15 @@ def test_the_converted_folder_holds_the_gguf_weights(smollm2_folder):
 
 
 def test_smollm2_is_a_real_language_model(smollm2_folder):
-    """Below 3 nats/token on the shipped English prose (a uniform guess is ln 49152 = 10.8), and a right answer."""
+    """Below 3 nats/token on the shipped English prose, 512 tokens of each corpus file (measured: town 2.95, workshops
+    2.98, market 2.62; a uniform guess is ln 49152 = 10.8), and a right answer to a question."""
     model, tokenizer = _load(smollm2_folder)
-    text = (DATA / "corpus" / "town.txt").read_text()[:3000]
-    ids = tokenizer(text, return_tensors="pt").input_ids[:, :512]
-    with torch.no_grad():
-        loss = model(input_ids=ids, labels=ids).loss.item()
-    assert loss < 3.0, loss
+    losses = []
+    for name in ("town.txt", "workshops.txt", "market.txt"):
+        ids = tokenizer((DATA / "corpus" / name).read_text()[:3000], return_tensors="pt").input_ids[:, :512]
+        with torch.no_grad():
+            losses.append(model(input_ids=ids, labels=ids).loss.item())
+    assert sum(losses) / len(losses) < 3.0 and max(losses) < 3.2, losses
     chat = [{"role": "user", "content": "What is the capital of France?"}]
     prompt = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     with torch.no_grad():
@@ -148,4 +150,5 @@ def test_adapters_on_smollm2_round_trip_and_a_tied_head_is_never_merged_into(smo
     with torch.no_grad():
         unmerged = plain(input_ids=ids).logits
         lorafuse.merge(plain)
-        torch.testing.assert_close(plain(input_ids=ids).logits, unmerged, rtol=1e-4, atol=1e-4)
+        # float32 rounding of W + scale·B·A through 30 layers: about 1e-4 on logits of magnitude ~20
+        torch.testing.assert_close(plain(input_ids=ids).logits, unmerged, rtol=1e-4, atol=1e-3)
