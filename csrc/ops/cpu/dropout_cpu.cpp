@@ -7,32 +7,134 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 
+#include <cstdlib>
+#include <cstring>
 #include <mutex>
+#include <type_traits>
+#include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include "cuda/shared/philox.h"
 
 namespace lorafuse::cpu {
 namespace {
 
-// Calls f(k, keep) for k in [0, in) of row t, drawing one Philox block per four elements.
-template <typename F>
-inline void for_each_keep(int64_t t, int64_t in, uint64_t seed, uint64_t offset, uint32_t threshold, F&& f) {
-  const uint64_t e0 = static_cast<uint64_t>(t) * static_cast<uint64_t>(in);
-  uint64_t group = ~uint64_t{0};
-  philox::Uint4 words{};
-  for (int64_t k = 0; k < in; ++k) {
-    const uint64_t e = e0 + static_cast<uint64_t>(k);
-    if ((e >> 2) != group) {
-      group = e >> 2;
-      words = philox::words_for_group(seed, offset, group);
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define LORAFUSE_PHILOX_AVX2 1
+// (hi, lo) of the 32x32-bit products m·c in each of the 8 lanes: mullo for the low halves, two 32x32→64 multiplies
+// (the even lanes, then the odd ones shifted down) for the high halves.
+__attribute__((target("avx2"), always_inline)) inline __m256i mulhilo8(__m256i m, __m256i c, __m256i* hi) {
+  const __m256i even = _mm256_mul_epu32(m, c);
+  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(m, 32), _mm256_srli_epi64(c, 32));
+  *hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+  return _mm256_mullo_epi32(m, c);
+}
+
+// philox::words_for_group for the 8·kVectors groups group0 .. (their high 32 bits equal: the caller checks),
+// Philox-4x32-10 lane-parallel with AVX2, the same arithmetic as the scalar rounds; kVectors independent sets of 8 per
+// round so that the multiplies' latency overlaps. out[4*i + j] = word j of group group0 + i, the order elements use
+// them in.
+template <int kVectors>
+__attribute__((target("avx2"))) void philox_groups(uint64_t seed, uint64_t offset, uint64_t group0, uint32_t* out) {
+  const uint64_t step = offset >> 2;
+  const __m256i m0 = _mm256_set1_epi32(static_cast<int>(0xD2511F53u));
+  const __m256i m1 = _mm256_set1_epi32(static_cast<int>(0xCD9E8D57u));
+  __m256i c0[kVectors], c1[kVectors], c2[kVectors], c3[kVectors];
+  for (int v = 0; v < kVectors; ++v) {
+    c0[v] = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(step)));
+    c1[v] = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(step >> 32)));
+    c2[v] = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(group0) + 8u * v)),
+                             _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    c3[v] = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(group0 >> 32)));
+  }
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  for (int round = 0; round < 10; ++round) {
+    const __m256i key0 = _mm256_set1_epi32(static_cast<int>(k0)), key1 = _mm256_set1_epi32(static_cast<int>(k1));
+    for (int v = 0; v < kVectors; ++v) {
+      __m256i hi0, hi1;
+      const __m256i lo0 = mulhilo8(m0, c0[v], &hi0);
+      const __m256i lo1 = mulhilo8(m1, c2[v], &hi1);
+      c0[v] = _mm256_xor_si256(_mm256_xor_si256(hi1, c1[v]), key0);
+      c2[v] = _mm256_xor_si256(_mm256_xor_si256(hi0, c3[v]), key1);
+      c1[v] = lo1;
+      c3[v] = lo0;
     }
-    f(k, philox::pick(words, static_cast<unsigned>(e & 3u)) >= threshold);
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  for (int v = 0; v < kVectors; ++v) {
+    // lanes (c0, c1, c2, c3) → groups in order: 4x4 transposes within each 128-bit half, then the halves placed
+    const __m256i t0 = _mm256_unpacklo_epi32(c0[v], c1[v]), t1 = _mm256_unpacklo_epi32(c2[v], c3[v]);
+    const __m256i t2 = _mm256_unpackhi_epi32(c0[v], c1[v]), t3 = _mm256_unpackhi_epi32(c2[v], c3[v]);
+    const __m256i g04 = _mm256_unpacklo_epi64(t0, t1), g15 = _mm256_unpackhi_epi64(t0, t1);
+    const __m256i g26 = _mm256_unpacklo_epi64(t2, t3), g37 = _mm256_unpackhi_epi64(t2, t3);
+    auto* o = reinterpret_cast<__m256i*>(out + 32 * v);
+    _mm256_storeu_si256(o + 0, _mm256_permute2x128_si256(g04, g15, 0x20));
+    _mm256_storeu_si256(o + 1, _mm256_permute2x128_si256(g26, g37, 0x20));
+    _mm256_storeu_si256(o + 2, _mm256_permute2x128_si256(g04, g15, 0x31));
+    _mm256_storeu_si256(o + 3, _mm256_permute2x128_si256(g26, g37, 0x31));
+  }
+}
+
+bool philox_avx2() {
+  static const bool has = __builtin_cpu_supports("avx2") && std::getenv("LORAFUSE_PHILOX_SCALAR") == nullptr;
+  return has;
+}
+#endif
+
+// The mask words of row t (elements t*in .. t*in + in - 1), in this thread's buffer.
+inline const uint32_t* row_words(int64_t t, int64_t in, uint64_t seed, uint64_t offset) {
+  thread_local std::vector<uint32_t> words;
+  return mask_words(seed, offset, static_cast<uint64_t>(t) * static_cast<uint64_t>(in), in, words);
+}
+
+// out[k] = word[k] >= threshold ? in[k]·scale (computed in Acc, stored as Out) : +0, for k in [0, n). The product's
+// bits are ANDed with an all-ones or all-zeros mask (a dropped NaN or infinity still gives 0): with no branch the
+// compiler vectorizes the loop, which a select it kept as control flow (GCC 12, -O3) did not. out may be in itself
+// (element k is read before it is written).
+template <typename In, typename Out, typename Acc = Out>
+inline void keep_scaled(const In* in, const uint32_t* word, int64_t n, uint32_t threshold, Acc scale, Out* out) {
+  using Bits = std::conditional_t<sizeof(Out) == 8, uint64_t, std::conditional_t<sizeof(Out) == 4, uint32_t, uint16_t>>;
+  static_assert(sizeof(Bits) == sizeof(Out), "a floating type of 2, 4 or 8 bytes");
+  for (int64_t k = 0; k < n; ++k) {
+    const Out v = static_cast<Out>(static_cast<Acc>(in[k]) * scale);
+    Bits bits;
+    std::memcpy(&bits, &v, sizeof(bits));
+    bits &= static_cast<Bits>(-static_cast<Bits>(word[k] >= threshold));
+    std::memcpy(&out[k], &bits, sizeof(bits));
   }
 }
 
 constexpr int64_t kRowsPerTask = 16;
 
 }  // namespace
+
+const uint32_t* mask_words(uint64_t seed, uint64_t offset, uint64_t e0, int64_t n, std::vector<uint32_t>& buffer) {
+  const uint64_t first = e0 >> 2, last = (e0 + static_cast<uint64_t>(n) + 3) >> 2;  // groups [first, last)
+  const uint64_t groups = last - first;
+  buffer.resize(static_cast<size_t>(4 * groups));
+  uint64_t g = first;
+#ifdef LORAFUSE_PHILOX_AVX2
+  if (philox_avx2()) {
+    for (; g + 32 <= last && (g >> 32) == ((g + 31) >> 32); g += 32) {
+      philox_groups<4>(seed, offset, g, buffer.data() + 4 * (g - first));
+    }
+    // a batch across a 2^32 boundary of the group number stops here: the scalar loop takes the rest
+    for (; g + 8 <= last && (g >> 32) == ((g + 7) >> 32); g += 8) {
+      philox_groups<1>(seed, offset, g, buffer.data() + 4 * (g - first));
+    }
+  }
+#endif
+  for (; g < last; ++g) {
+    const philox::Uint4 w = philox::words_for_group(seed, offset, g);
+    uint32_t* o = buffer.data() + 4 * (g - first);
+    o[0] = w.x, o[1] = w.y, o[2] = w.z, o[3] = w.w;
+  }
+  return buffer.data() + (e0 & 3u);
+}
 
 uint64_t draw_seed() {
   auto* gen = at::check_generator<at::CPUGeneratorImpl>(at::detail::getDefaultCPUGenerator());
@@ -57,12 +159,16 @@ at::Tensor dropout_cast(const at::Tensor& x2, at::ScalarType dtype, uint64_t see
         for (int64_t t = begin; t < end; ++t) {
           const in_t* row = src + t * rs;
           out_t* orow = dst + t * in;
-          if (p > 0.0) {
-            for_each_keep(t, in, seed, offset, threshold, [&](int64_t k, bool kept) {
-              orow[k] = kept ? static_cast<out_t>(row[k * cs]) * inv_keep : out_t(0);
-            });
-          } else {
+          if (p == 0.0) {
             for (int64_t k = 0; k < in; ++k) orow[k] = static_cast<out_t>(row[k * cs]);
+            continue;
+          }
+          const uint32_t* w = row_words(t, in, seed, offset);
+          if (cs == 1) {
+            keep_scaled(row, w, in, threshold, inv_keep, orow);
+          } else {
+            for (int64_t k = 0; k < in; ++k)
+              orow[k] = w[k] >= threshold ? static_cast<out_t>(row[k * cs]) * inv_keep : out_t(0);
           }
         }
       });
@@ -82,9 +188,7 @@ void dropout_mask_(at::Tensor& t, uint64_t seed, uint64_t offset, double p) {
     at::parallel_for(0, rows, kRowsPerTask, [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
         scalar_t* drow = d + row * in;
-        for_each_keep(row, in, seed, offset, threshold, [&](int64_t k, bool kept) {
-          drow[k] = kept ? static_cast<scalar_t>(static_cast<acc_t>(drow[k]) * kept_scale) : scalar_t(0);
-        });
+        keep_scaled<scalar_t, scalar_t, acc_t>(drow, row_words(row, in, seed, offset), in, threshold, kept_scale, drow);
       }
     });
   });

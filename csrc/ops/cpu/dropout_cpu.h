@@ -4,8 +4,14 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <vector>
 
 namespace lorafuse::cpu {
+
+// The mask words of elements e0 .. e0 + n - 1 (element e keeps when its word >= philox::keep_threshold(p)), as
+// philox::keep draws them, a whole range at once (AVX2: 8 Philox blocks per step; LORAFUSE_PHILOX_SCALAR=1 or a CPU
+// without AVX2: one at a time). Written into `buffer`; returns where element e0's word is.
+const uint32_t* mask_words(uint64_t seed, uint64_t offset, uint64_t e0, int64_t n, std::vector<uint32_t>& buffer);
 
 // A fresh seed from torch's default CPU generator (so torch.manual_seed makes runs reproducible).
 uint64_t draw_seed();

@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "catch.h"
+#include "csrc/ops/cpu/dropout_cpu.h"
 #include "cuda/shared/philox.h"
 
 namespace ph = lorafuse::philox;
@@ -70,12 +71,12 @@ TEST_CASE("keep_threshold maps p to floor(p * 2^32), saturating below 1", "[phil
 
 TEST_CASE("element e uses word e % 4 of philox(counter = (offset / 4, e / 4), key = seed)", "[philox]") {
   const uint64_t seed = 0x0123456789abcdefull, offset = 0xfedcba9876543210ull;
-  for (uint64_t group : {uint64_t{0}, uint64_t{1}, uint64_t{0xffffffffull}, uint64_t{0x100000000ull},
-                         uint64_t{0x0eadbeefcafef00dull}}) {
-    const ph::Uint4 expected = ph::philox4x32_10(
-        {static_cast<uint32_t>(offset >> 2), static_cast<uint32_t>(offset >> 34), static_cast<uint32_t>(group),
-         static_cast<uint32_t>(group >> 32)},
-        0x89abcdefu, 0x01234567u);
+  for (uint64_t group :
+       {uint64_t{0}, uint64_t{1}, uint64_t{0xffffffffull}, uint64_t{0x100000000ull}, uint64_t{0x0eadbeefcafef00dull}}) {
+    const ph::Uint4 expected =
+        ph::philox4x32_10({static_cast<uint32_t>(offset >> 2), static_cast<uint32_t>(offset >> 34),
+                           static_cast<uint32_t>(group), static_cast<uint32_t>(group >> 32)},
+                          0x89abcdefu, 0x01234567u);
     const ph::Uint4 got = ph::words_for_group(seed, offset, group);
     INFO("group " << group);
     require_words(got, expected.x, expected.y, expected.z, expected.w);
@@ -150,4 +151,24 @@ TEST_CASE("different seeds or offsets draw different masks", "[philox]") {
   CHECK(std::abs(static_cast<double>(diff_seed) / n - 0.5) < 0.01);
   CHECK(std::abs(static_cast<double>(diff_offset) / n - 0.5) < 0.01);
   CHECK(same == n);
+}
+
+TEST_CASE("philox: the CPU kernels' words for a range equal philox::keep's, element by element",
+          "[cpu][ops][dropout]") {
+  std::vector<uint32_t> buffer;
+  const uint64_t near_carry = ((uint64_t{1} << 32) - 5) * 4 + 1;  // groups that cross a 2^32 boundary in a batch
+  for (const uint64_t seed : {uint64_t{0}, uint64_t{42}, uint64_t{0x123456789ABCDEFull}}) {
+    for (const uint64_t offset : {uint64_t{0}, uint64_t{8}, uint64_t{1} << 40}) {
+      for (const auto& [e0, n] : std::vector<std::pair<uint64_t, int64_t>>{
+               {0, 0}, {0, 1}, {3, 5}, {0, 64}, {5, 133}, {4096 * 7 + 2, 1000}, {near_carry, 200}}) {
+        const uint32_t* w = lorafuse::cpu::mask_words(seed, offset, e0, n, buffer);
+        for (int64_t k = 0; k < n; ++k) {
+          const uint64_t e = e0 + static_cast<uint64_t>(k);
+          const uint32_t want = ph::pick(ph::words_for_group(seed, offset, e >> 2), static_cast<unsigned>(e & 3));
+          INFO("seed " << seed << ", offset " << offset << ", element " << e);
+          REQUIRE(w[k] == want);
+        }
+      }
+    }
+  }
 }
