@@ -108,6 +108,16 @@ inline void keep_scaled(const In* in, const uint32_t* word, int64_t n, uint32_t 
   }
 }
 
+// Row `row` of t ([T, in] contiguous) times its keep mask / (1 - p), in place, from that row's words.
+void mask_row(at::Tensor& t, int64_t row, const uint32_t* w, uint32_t threshold, double p) {
+  const int64_t in = t.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "lorafuse_dropout_mask_row", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    scalar_t* d = t.mutable_data_ptr<scalar_t>() + row * in;
+    keep_scaled<scalar_t, scalar_t, acc_t>(d, w, in, threshold, static_cast<acc_t>(1.0 / (1.0 - p)), d);
+  });
+}
+
 constexpr int64_t kRowsPerTask = 16;
 
 }  // namespace
@@ -142,7 +152,12 @@ uint64_t draw_seed() {
   return gen->random64();
 }
 
-at::Tensor dropout_cast(const at::Tensor& x2, at::ScalarType dtype, uint64_t seed, uint64_t offset, double p) {
+namespace {
+
+// dropout_cast, and when `also` is given, dropout_mask_ of it too ([T, in] contiguous) from the same words: one
+// Philox pass over the rows for both.
+at::Tensor dropout_cast_impl(const at::Tensor& x2, at::ScalarType dtype, uint64_t seed, uint64_t offset, double p,
+                             at::Tensor* also) {
   const int64_t rows = x2.size(0), in = x2.size(1);
   at::Tensor out = at::empty({rows, in}, x2.options().dtype(dtype));
   if (out.numel() == 0) return out;
@@ -167,9 +182,11 @@ at::Tensor dropout_cast(const at::Tensor& x2, at::ScalarType dtype, uint64_t see
           if (cs == 1) {
             keep_scaled(row, w, in, threshold, inv_keep, orow);
           } else {
-            for (int64_t k = 0; k < in; ++k)
+            for (int64_t k = 0; k < in; ++k) {
               orow[k] = w[k] >= threshold ? static_cast<out_t>(row[k * cs]) * inv_keep : out_t(0);
+            }
           }
+          if (also != nullptr) mask_row(*also, t, w, threshold, p);
         }
       });
     });
@@ -177,20 +194,25 @@ at::Tensor dropout_cast(const at::Tensor& x2, at::ScalarType dtype, uint64_t see
   return out;
 }
 
+}  // namespace
+
+at::Tensor dropout_cast(const at::Tensor& x2, at::ScalarType dtype, uint64_t seed, uint64_t offset, double p) {
+  return dropout_cast_impl(x2, dtype, seed, offset, p, nullptr);
+}
+
+at::Tensor dropout_cast_and_mask_(const at::Tensor& x2, at::ScalarType dtype, at::Tensor& t, uint64_t seed,
+                                  uint64_t offset, double p) {
+  TORCH_CHECK(t.is_contiguous() && t.dim() == 2 && t.sizes() == x2.sizes(),
+              "dropout_cast_and_mask_: t must be a contiguous [T, in] tensor of x2's shape");
+  return dropout_cast_impl(x2, dtype, seed, offset, p, p > 0.0 ? &t : nullptr);
+}
+
 void dropout_mask_(at::Tensor& t, uint64_t seed, uint64_t offset, double p) {
   const int64_t rows = t.size(0), in = t.size(1);
   if (t.numel() == 0) return;
   const uint32_t threshold = philox::keep_threshold(p);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "lorafuse_dropout_mask_", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    scalar_t* d = t.mutable_data_ptr<scalar_t>();
-    const acc_t kept_scale = static_cast<acc_t>(1.0 / (1.0 - p));
-    at::parallel_for(0, rows, kRowsPerTask, [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row) {
-        scalar_t* drow = d + row * in;
-        keep_scaled<scalar_t, scalar_t, acc_t>(drow, row_words(row, in, seed, offset), in, threshold, kept_scale, drow);
-      }
-    });
+  at::parallel_for(0, rows, kRowsPerTask, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) mask_row(t, row, row_words(row, in, seed, offset), threshold, p);
   });
 }
 

@@ -20,6 +20,11 @@ uint64_t draw_seed();
 // any strides.
 at::Tensor dropout_cast(const at::Tensor& x2, at::ScalarType dtype, uint64_t seed, uint64_t offset, double p);
 
+// dropout_cast(x2, ...) and dropout_mask_(t, ...) with the same (seed, offset, p) in one pass over the mask (each row's
+// words drawn once for both); t contiguous with x2's shape.
+at::Tensor dropout_cast_and_mask_(const at::Tensor& x2, at::ScalarType dtype, at::Tensor& t, uint64_t seed,
+                                  uint64_t offset, double p);
+
 // t *= mask / (1 - p), in place (dropped elements become exact zeros); t contiguous [T, in].
 void dropout_mask_(at::Tensor& t, uint64_t seed, uint64_t offset, double p);
 

@@ -88,15 +88,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward_
   }
   at::Tensor v;  // [T, r] = dY·B
   if (need_v) v = at::mm(dy_acc, lora_b.to(acc));
+  // dX: the LoRA term scale·(v·A)⊙mask/(1-p) first, then the frozen base's dY·W accumulated onto it (lora_add has no
+  // weight: its base's own backward gives that part). The mask is regenerated once for dX and dropout(x) together.
+  at::Tensor gx2;  // [T, in]
+  if (need_x) gx2 = at::mm(v.mul(scale).to(x.scalar_type()), lora_a.to(x.scalar_type()));
   if (need_a) {
-    grad_a =
-        at::mm(v.t(), lora_input(x2, acc, seed, offset, dropout_p)).mul_(scale).to(lora_a.scalar_type());  // [r, in]
+    const at::Tensor dropped = need_x && dropout_p > 0.0 ? dropout_cast_and_mask_(x2, acc, gx2, seed, offset, dropout_p)
+                                                         : lora_input(x2, acc, seed, offset, dropout_p);
+    grad_a = at::mm(v.t(), dropped).mul_(scale).to(lora_a.scalar_type());  // [r, in]
+  } else if (need_x && dropout_p > 0.0) {
+    dropout_mask_(gx2, seed, offset, dropout_p);
   }
   if (need_x) {
-    // dX: the LoRA term scale·(v·A)⊙mask/(1-p) first, then the frozen base's dY·W accumulated onto it
-    // (lora_add has no weight: its base's own backward gives that part).
-    at::Tensor gx2 = at::mm(v.mul(scale).to(x.scalar_type()), lora_a.to(x.scalar_type()));  // [T, in]
-    if (dropout_p > 0.0) dropout_mask_(gx2, seed, offset, dropout_p);
     if (weight.has_value() && weight->defined()) gx2.addmm_(dy2, *weight, /*beta=*/1, /*alpha=*/1);
     grad_x = gx2.view(x.sizes());
   }
