@@ -1,14 +1,13 @@
-// Autocast kernels: inside torch.autocast, x, weight and bias run in the autocast dtype, as F.linear's do;
-// float32 adapters stay float32 (the op takes fp32 lora_a/lora_b with fp16/bf16 x and accumulates in fp32),
-// other adapters follow x. The casts are ordinary differentiable ops, so gradients reach the original
-// (e.g. float32) tensors.
+// Autocast kernels (lora_linear4bit's is beside its composite, nf4_lora_linear_composite.cpp): inside torch.autocast,
+// x, weight and bias run in the autocast dtype, as F.linear's do; float32 adapters stay float32 (the op takes fp32
+// lora_a/lora_b with fp16/bf16 x and accumulates in fp32), other adapters follow x. The casts are ordinary
+// differentiable ops, so gradients reach the original (e.g. float32) tensors.
 #include <ATen/autocast_mode.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
 #include <lorafuse/ops/lora_add.h>
 #include <lorafuse/ops/lora_linear.h>
-#include <lorafuse/ops/nf4.h>
 
 namespace lorafuse::autocast {
 namespace {
@@ -36,33 +35,16 @@ at::Tensor lora_add_autocast(const at::Tensor& base_out, const at::Tensor& x, co
   return lorafuse::lora_add(base_out, cast(x), adapter(lora_a), adapter(lora_b), scale, dropout_p);
 }
 
-// lora_linear4bit: the 4-bit base computes in its compute dtype whatever autocast says (as bitsandbytes' layer does),
-// and only the branch follows autocast, so under autocast the layer takes the two-op route, linear4bit then
-// lora_branch, whose lora_add casts x for the branch as above (the one op, nf4_lora_linear, shares x between the
-// two). The autocast key stays on for lora_add.
-at::Tensor lora_linear4bit_autocast(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
-                                    const std::optional<at::Tensor>& nested_absmax,
-                                    const std::optional<at::Tensor>& offset, int64_t blocksize, int64_t out_features,
-                                    const std::optional<at::Tensor>& bias, at::ScalarType compute_dtype,
-                                    const at::Tensor& lora_a, const at::Tensor& lora_b, double scale,
-                                    double dropout_p) {
-  const at::Tensor base =
-      lorafuse::linear4bit(x, packed, absmax, nested_absmax, offset, blocksize, out_features, bias, compute_dtype);
-  return lorafuse::lora_branch(base, x, lora_a, lora_b, scale, dropout_p);
-}
-
 }  // namespace
 }  // namespace lorafuse::autocast
 
 TORCH_LIBRARY_IMPL(lorafuse, AutocastCPU, m) {
   m.impl("lora_linear", &lorafuse::autocast::lora_linear_autocast<c10::DeviceType::CPU, c10::DispatchKey::AutocastCPU>);
   m.impl("lora_add", &lorafuse::autocast::lora_add_autocast<c10::DeviceType::CPU, c10::DispatchKey::AutocastCPU>);
-  m.impl("lora_linear4bit", &lorafuse::autocast::lora_linear4bit_autocast);
 }
 
 TORCH_LIBRARY_IMPL(lorafuse, AutocastCUDA, m) {
   m.impl("lora_linear",
          &lorafuse::autocast::lora_linear_autocast<c10::DeviceType::CUDA, c10::DispatchKey::AutocastCUDA>);
   m.impl("lora_add", &lorafuse::autocast::lora_add_autocast<c10::DeviceType::CUDA, c10::DispatchKey::AutocastCUDA>);
-  m.impl("lora_linear4bit", &lorafuse::autocast::lora_linear4bit_autocast);
 }
