@@ -152,7 +152,6 @@ LlamaConfig LlamaConfig::from_hf_json(const std::string& json_text, const std::s
     const auto& v = field(key);
     TORCH_CHECK_VALUE(v.is_null() || v == false, what, ": ", key, " = ", v.dump(), ": ", why);
   };
-  refuse_true("tie_word_embeddings", "the reference Llama keeps lm_head apart from embed_tokens");
   refuse_true("attention_bias", "the reference Llama's attention has no biases");
   refuse_true("mlp_bias", "the reference Llama's MLP has no biases");
   TORCH_CHECK_VALUE(field("rope_scaling").is_null(), what, ": rope_scaling = ", field("rope_scaling").dump(),
@@ -182,6 +181,10 @@ LlamaConfig LlamaConfig::from_hf_json(const std::string& json_text, const std::s
       .rms_norm_eps(number("rms_norm_eps", 1e-6))
       .initializer_range(number("initializer_range", 0.02));
   if (!field("max_position_embeddings").is_null()) c.max_position_embeddings(integer("max_position_embeddings"));
+  if (const auto& tie = field("tie_word_embeddings"); !tie.is_null()) {  // transformers' LlamaConfig default: false
+    TORCH_CHECK_VALUE(tie.is_boolean(), what, ": tie_word_embeddings: expected true or false, found ", tie.dump());
+    c.tie_word_embeddings(tie.get<bool>());
+  }
   c.validate();
   TORCH_CHECK_VALUE(field("head_dim").is_null() || integer("head_dim") == c.head_dim(), what,
                     ": head_dim = ", field("head_dim").dump(),
@@ -208,7 +211,7 @@ std::string LlamaConfig::to_hf_json() const {
                                   {"hidden_act", "silu"},
                                   {"attention_bias", false},
                                   {"mlp_bias", false},
-                                  {"tie_word_embeddings", false},
+                                  {"tie_word_embeddings", tie_word_embeddings()},
                                   {"torch_dtype", dtype_name}});
   return j.dump(2);
 }
@@ -225,7 +228,7 @@ int64_t LlamaConfig::num_parameters() const {
   const int64_t mlp = 3 * h * intermediate_size();           // gate_proj, up_proj, down_proj
   const int64_t layer = attention + mlp + 2 * h;             // + input/post_attention layernorms
   return vocab_size() * h + num_hidden_layers() * layer + h  // embed_tokens, layers, norm
-         + vocab_size() * h;                                 // lm_head
+         + (tie_word_embeddings() ? 0 : vocab_size() * h);   // lm_head (tied: embed_tokens' weight)
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -518,10 +521,39 @@ LlamaForCausalLMImpl::LlamaForCausalLMImpl(LlamaConfig config_) : config(std::mo
   reset();
 }
 
+namespace {
+
+// The registry of a module's own parameters (Module::parameters_, protected): through a pointer to member taken in a
+// class derived from Module, which the language allows on any Module.
+struct ParameterRegistry : torch::nn::Module {
+  static torch::OrderedDict<std::string, at::Tensor>& of(torch::nn::Module& m) {
+    return m.*(&ParameterRegistry::parameters_);
+  }
+};
+
+// lm_head (a Linear, or the base Linear of a LoRA layer on it) computes with `weight`, the same tensor registered
+// under its name too: what Hugging Face's tie_weights does.
+void tie_lm_head(torch::nn::Module& lm_head, const at::Tensor& weight) {
+  torch::nn::LinearImpl* linear = lm_head.as<torch::nn::LinearImpl>();
+  if (linear == nullptr) {
+    const auto base = lm_head.named_children().find("base_layer");
+    linear = base != nullptr ? (*base)->as<torch::nn::LinearImpl>() : nullptr;
+  }
+  TORCH_CHECK(linear != nullptr, "LlamaForCausalLM: tie_word_embeddings: lm_head is a ", lm_head.name(),
+              ", not a Linear layer (or a LoRA layer over one) whose weight can be embed_tokens'");
+  TORCH_CHECK(linear->weight.sizes() == weight.sizes(), "LlamaForCausalLM: tie_word_embeddings: lm_head's weight is ",
+              linear->weight.sizes(), ", embed_tokens' ", weight.sizes());
+  ParameterRegistry::of(*linear)["weight"] = weight;
+  linear->weight = weight;
+}
+
+}  // namespace
+
 void LlamaForCausalLMImpl::reset() {
   model = register_module("model", LlamaModel(config));
   lm_head.reset(*this, "lm_head", torch::nn::LinearOptions(config.hidden_size(), config.vocab_size()).bias(false),
                 config.tensor_options());
+  if (config.tie_word_embeddings()) tie_lm_head(*lm_head.module(), model->embed_tokens->weight);
 }
 
 std::shared_ptr<torch::nn::Module> LlamaForCausalLMImpl::clone(const std::optional<c10::Device>& device) const {
@@ -532,6 +564,8 @@ std::shared_ptr<torch::nn::Module> LlamaForCausalLMImpl::clone(const std::option
   const auto children = copy->named_children();
   copy->model = LlamaModel(std::dynamic_pointer_cast<LlamaModelImpl>(children["model"]));
   copy->lm_head.rebind(children["lm_head"]);  // the slot must call the copy's head, not this one's
+  // the children were copied apart: the copy's head takes the copy's embedding, tied as here
+  if (config.tie_word_embeddings()) tie_lm_head(*children["lm_head"], copy->model->embed_tokens->weight);
   lorafuse::nn::copy_requires_grad(*this, *copy);
   return copy;
 }

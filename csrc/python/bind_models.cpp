@@ -10,7 +10,7 @@ void bind_models(py::module& m) {
   py::class_<LlamaConfig>(m, "LlamaConfig")
       .def(py::init([](int64_t vocab_size, int64_t hidden_size, int64_t intermediate_size, int64_t num_hidden_layers,
                        int64_t num_attention_heads, int64_t num_key_value_heads, int64_t max_position_embeddings,
-                       double rope_theta, double rms_norm_eps, double initializer_range,
+                       double rope_theta, double rms_norm_eps, double initializer_range, bool tie_word_embeddings,
                        std::optional<at::ScalarType> dtype, std::optional<at::Device> device) {
              auto options = c10::TensorOptions().dtype(dtype.value_or(at::kFloat)).device(device.value_or(at::kCPU));
              LlamaConfig c;
@@ -24,6 +24,7 @@ void bind_models(py::module& m) {
                  .rope_theta(rope_theta)
                  .rms_norm_eps(rms_norm_eps)
                  .initializer_range(initializer_range)
+                 .tie_word_embeddings(tie_word_embeddings)
                  .tensor_options(options);
              translating([&] { c.validate(); });
              return c;
@@ -31,10 +32,12 @@ void bind_models(py::module& m) {
            py::arg("vocab_size") = 128, py::arg("hidden_size") = 64, py::arg("intermediate_size") = 176,
            py::arg("num_hidden_layers") = 2, py::arg("num_attention_heads") = 4, py::arg("num_key_value_heads") = 2,
            py::arg("max_position_embeddings") = 2048, py::arg("rope_theta") = 10000.0, py::arg("rms_norm_eps") = 1e-6,
-           py::arg("initializer_range") = 0.02, py::arg("dtype") = py::none(), py::arg("device") = py::none())
+           py::arg("initializer_range") = 0.02, py::arg("tie_word_embeddings") = false, py::arg("dtype") = py::none(),
+           py::arg("device") = py::none())
       .def_property_readonly("vocab_size", [](const LlamaConfig& c) { return c.vocab_size(); })
       .def_property_readonly("hidden_size", [](const LlamaConfig& c) { return c.hidden_size(); })
       .def_property_readonly("num_hidden_layers", [](const LlamaConfig& c) { return c.num_hidden_layers(); })
+      .def_property_readonly("tie_word_embeddings", [](const LlamaConfig& c) { return c.tie_word_embeddings(); })
       .def("num_parameters", &LlamaConfig::num_parameters)
       .def(
           "to_hf_json", [](const LlamaConfig& c) { return translating([&] { return c.to_hf_json(); }); },

@@ -215,6 +215,7 @@ class LlamaConfig:
     vocab_size: int
     hidden_size: int
     num_hidden_layers: int
+    tie_word_embeddings: bool
     def __init__(
         self,
         vocab_size: int = 128,
@@ -227,6 +228,7 @@ class LlamaConfig:
         rope_theta: float = 10000.0,
         rms_norm_eps: float = 1e-6,
         initializer_range: float = 0.02,
+        tie_word_embeddings: bool = False,
         dtype: Optional[torch.dtype] = None,
         device: Optional[torch.device] = None,
     ) -> None: ...

@@ -43,9 +43,9 @@ struct LlamaConfig {
   int64_t head_dim() const;
 
   /// The shape in a Hugging Face config.json of a LlamaForCausalLM (`json_text`; `what` names it in errors). What
-  /// this model does not compute is refused by name rather than ignored: another model_type, tied embeddings,
-  /// rope_scaling, attention or MLP biases, an activation other than silu, a head_dim other than
-  /// hidden_size / num_attention_heads. tensor_options stay the default (float32 on the CPU): set them to choose.
+  /// this model does not compute is refused by name rather than ignored: another model_type, rope_scaling, attention or
+  /// MLP biases, an activation other than silu, a head_dim other than hidden_size / num_attention_heads. tensor_options
+  /// stay the default (float32 on the CPU): set them to choose.
   static LlamaConfig from_hf_json(const std::string& json_text, const std::string& what = "config.json");
   /// The config.json of a LlamaForCausalLM of this shape, as transformers writes it (torch_dtype from
   /// tensor_options), so a checkpoint saved from this model loads in transformers.
@@ -73,6 +73,10 @@ struct LlamaConfig {
   TORCH_ARG(double, rms_norm_eps) = 1e-6;
   /// Standard deviation of the embedding's normal initialisation.
   TORCH_ARG(double, initializer_range) = 0.02;
+  /// lm_head computes with embed_tokens' weight: one tensor registered under both names, as Hugging Face ties them
+  /// (saved once, loaded under either name; merging an adapter into it is refused). LibTorch's parameters() lists
+  /// it under both names: give an optimizer that trains it each tensor once.
+  TORCH_ARG(bool, tie_word_embeddings) = false;
   /// Device and dtype every weight is created with (kMeta: a skeleton that costs no memory).
   TORCH_ARG(c10::TensorOptions, tensor_options) = c10::TensorOptions().device(c10::kCPU).dtype(c10::kFloat);
 };

@@ -422,6 +422,38 @@ TEST_CASE("Llama clone is a deep copy that forwards the same", "[cpu][models]") 
   }
 }
 
+TEST_CASE("tie_word_embeddings: lm_head computes with embed_tokens' weight, one tensor under both names, clones too",
+          "[cpu][models]") {
+  const LlamaConfig config = tiny_config().tie_word_embeddings(true);
+  LlamaForCausalLM model(config);
+  randomize(*model, 13);
+  const auto params = model->named_parameters();
+  const at::Tensor& embed = params["model.embed_tokens.weight"];
+  CHECK(params["lm_head.weight"].unsafeGetTensorImpl() == embed.unsafeGetTensorImpl());
+  std::set<const c10::TensorImpl*> seen;
+  int64_t distinct = 0;
+  for (const auto& p : params) {
+    if (seen.insert(p.value().unsafeGetTensorImpl()).second) distinct += p.value().numel();
+  }
+  CHECK(distinct == config.num_parameters());
+  CHECK(config.num_parameters() == tiny_config().num_parameters() - 50 * 32);
+  const at::Tensor ids = ids_tensor({1, 2, 3, 4, 5, 6}, 2);
+  const at::Tensor logits = model(ids);
+  CHECK(at::allclose(logits, at::matmul(model->model->forward(ids), embed.t()), 1e-5, 1e-6));
+  {  // one tensor: changing the embedding changes the head
+    at::NoGradGuard no_grad;
+    embed.mul_(1.5);
+  }
+  CHECK_FALSE(at::allclose(model(ids), logits));
+  auto copy = LlamaForCausalLM(std::dynamic_pointer_cast<LlamaForCausalLMImpl>(model->clone()));
+  const auto copied = copy->named_parameters();
+  CHECK(copied["lm_head.weight"].unsafeGetTensorImpl() == copied["model.embed_tokens.weight"].unsafeGetTensorImpl());
+  CHECK(copied["lm_head.weight"].data_ptr() != embed.data_ptr());
+  CHECK(at::equal(copy(ids), model(ids)));
+  CHECK(LlamaConfig::from_hf_json(config.to_hf_json()).tie_word_embeddings());
+  CHECK_FALSE(LlamaConfig::from_hf_json(tiny_config().to_hf_json()).tie_word_embeddings());
+}
+
 TEST_CASE("Llama survives a torch::save and torch::load round trip", "[cpu][models]") {
   LlamaForCausalLM saved(tiny_config());
   randomize(*saved, 5);

@@ -184,7 +184,8 @@ TEST_CASE("LlamaConfig from and to a Hugging Face config.json", "[cpu][models]")
   const auto refused = [&](const std::string& extra, const std::vector<std::string>& parts) {
     require_error_parts<c10::ValueError>([&] { LlamaConfig::from_hf_json(base + extra + "}"); }, parts);
   };
-  refused(R"(,"tie_word_embeddings":true)", {"tie_word_embeddings = true", "lm_head apart"});
+  CHECK(LlamaConfig::from_hf_json(base + R"(,"tie_word_embeddings":true})").tie_word_embeddings());
+  refused(R"(,"tie_word_embeddings":1)", {"tie_word_embeddings: expected true or false, found 1"});
   refused(R"(,"rope_scaling":{"type":"linear","factor":2.0})", {"rope_scaling", "plain rotary"});
   refused(R"(,"rope_parameters":{"rope_type":"llama3"})", {"rope_parameters", "\"default\""});
   refused(R"(,"attention_bias":true)", {"attention_bias = true"});

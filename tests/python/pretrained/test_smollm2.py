@@ -152,3 +152,28 @@ def test_adapters_on_smollm2_round_trip_and_a_tied_head_is_never_merged_into(smo
         lorafuse.merge(plain)
         # float32 rounding of W + scale·B·A through 30 layers: about 1e-4 on logits of magnitude ~20
         torch.testing.assert_close(plain(input_ids=ids).logits, unmerged, rtol=1e-4, atol=1e-3)
+
+
+def test_the_cpp_llama_serves_smollm2_and_a_python_trained_adapter(smollm2_folder, tmp_path):
+    """The reference C++ Llama (lorafuse.models.Llama) built from the folder's config.json on the meta device
+    (tied embeddings, 9 query heads over 3 key/value heads, rope theta 1e5) and loaded with load_checkpoint computes
+    transformers' logits; an adapter saved from the Python model loads into it with the same logits again; merging
+    an adapter on its tied lm_head is refused there too."""
+    config = lorafuse.models.LlamaConfig.from_hf_json(
+        (smollm2_folder / "config.json").read_text(), device=torch.device("meta")
+    )
+    assert config.tie_word_embeddings and config.num_parameters() == 134_515_008
+    cpp = lorafuse.models.Llama(config)
+    assert lorafuse.load_checkpoint(cpp, smollm2_folder) == []
+    hf, tokenizer = _load(smollm2_folder)
+    ids = _batch(tokenizer, json.loads((DATA / "product_descriptions_eval.json").read_text())[:1])["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(cpp(ids), hf(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+    config = dict(r=8, lora_alpha=16, target_modules=[*ALL_LINEAR, "lm_head"], init_lora_weights=False)
+    lorafuse.inject_lora(hf, lorafuse.LoraConfig(**config))
+    lorafuse.save_adapter(hf.eval(), tmp_path / "adapter")
+    lorafuse.load_adapter(cpp, tmp_path / "adapter")
+    with torch.no_grad():
+        torch.testing.assert_close(cpp(ids), hf(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match=r"lm_head.*embed_tokens|embed_tokens.*lm_head"):
+        lorafuse.merge(cpp)
