@@ -1,17 +1,23 @@
-// Serving one frozen Llama with several PEFT-format adapters from C++: load the base weights (a
-// safetensors file with Hugging Face's parameter names, e.g. saved from transformers), load each adapter
+// Serving one frozen Llama with several PEFT-format adapters from C++: load the base model, load each adapter
 // folder (saved by PEFT or by lorafuse) under its name, and run every adapter on the same tokens, each in
 // its own thread through lorafuse::AdapterScope.
 //
-//   lorafuse_llama_adapters --base model.safetensors --ids ids.safetensors --out logits.safetensors
-//                           [--config vocab,hidden,intermediate,layers,heads,kv_heads]
+//   lorafuse_llama_adapters --model MODEL_DIR --ids ids.safetensors --out logits.safetensors
 //                           NAME=ADAPTER_DIR [NAME=ADAPTER_DIR ...]
+//   lorafuse_llama_adapters --base model.safetensors [--config vocab,hidden,intermediate,layers,heads,kv_heads] ...
+//
+// --model: a Hugging Face checkpoint folder (config.json and model.safetensors or its shards, 4-bit layers
+// included), e.g. a transformers save_pretrained folder or lorafuse.pretrained.smollm2_folder(): the model is built
+// from config.json on the meta device and takes the folder's weights (lorafuse::load_checkpoint). --base: one
+// safetensors file with Hugging Face's parameter names and the shape given by --config.
 //
 // ids.safetensors holds "input_ids" (int64 [batch, tokens]). logits.safetensors gets "base" (adapters
 // off) and one tensor per adapter name.
-#include <lorafuse/peft/adapters.h>
+#include <lorafuse/io/checkpoint.h>
 #include <lorafuse/io/safetensors.h>
 #include <lorafuse/models/llama.h>
+#include <lorafuse/peft/adapters.h>
+#include <lorafuse/quant/checkpoint.h>
 #include <torch/torch.h>
 
 #include <iostream>
@@ -57,7 +63,7 @@ lorafuse::models::LlamaConfig parse_config(const std::string& text) {
 }  // namespace
 
 int main(int argc, char** argv) try {
-  std::string base, ids_path, out;
+  std::string base, model_dir, ids_path, out;
   lorafuse::models::LlamaConfig config;
   std::vector<std::pair<std::string, std::string>> adapters;
   for (int i = 1; i < argc; ++i) {
@@ -68,6 +74,8 @@ int main(int argc, char** argv) try {
     };
     if (arg == "--base") {
       base = value();
+    } else if (arg == "--model") {
+      model_dir = value();
     } else if (arg == "--ids") {
       ids_path = value();
     } else if (arg == "--out") {
@@ -80,11 +88,21 @@ int main(int argc, char** argv) try {
       TORCH_CHECK_VALUE(false, "unknown argument \"", arg, "\"; see the comment at the top of llama_adapters.cpp");
     }
   }
-  TORCH_CHECK_VALUE(!base.empty() && !ids_path.empty() && !out.empty(), "--base, --ids and --out are required");
+  TORCH_CHECK_VALUE(base.empty() != model_dir.empty() && !ids_path.empty() && !out.empty(),
+                    "--ids, --out and one of --model and --base are required");
 
-  lorafuse::models::LlamaForCausalLM model(config);
+  lorafuse::models::LlamaForCausalLM model = nullptr;
+  if (!model_dir.empty()) {  // the shape from config.json, a skeleton that costs nothing until the weights load
+    const lorafuse::io::CheckpointReader folder(model_dir);
+    config = lorafuse::models::LlamaConfig::from_hf_json(folder.config_json(), model_dir + "/config.json");
+    config.tensor_options(config.tensor_options().device(at::kMeta));
+    model = lorafuse::models::LlamaForCausalLM(config);
+    lorafuse::load_checkpoint(*model, model_dir);
+  } else {
+    model = lorafuse::models::LlamaForCausalLM(config);
+    load_weights(*model, base);
+  }
   model->eval();
-  load_weights(*model, base);
   for (const auto& [name, dir] : adapters) {
     const auto report = lorafuse::load_adapter(*model, dir, name);
     std::cout << "adapter " << name << ": " << report.targets.size() << " layers from " << dir << "\n";

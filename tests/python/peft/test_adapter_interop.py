@@ -2,7 +2,6 @@
 loaded and deleted while other threads run forward with theirs."""
 
 import copy
-import os
 import subprocess
 import threading
 import time
@@ -11,6 +10,7 @@ import pytest
 import torch
 
 import lorafuse
+from cpp_tools import cpp_program
 from hf_models import IDS, TINY_LLAMA, logits, tiny_llama
 
 peft = pytest.importorskip("peft")
@@ -152,24 +152,8 @@ def test_bias_lora_only_round_trips_with_peft(tmp_path):
     torch.testing.assert_close(logits(back), logits(ours), rtol=0, atol=0)
 
 
-def _cpp_program():
-    roots = [os.environ.get("LORAFUSE_BUILD_DIR", ""), "build/cmake", "build"]
-    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-    for root in roots:
-        if not root:
-            continue
-        path = os.path.join(
-            root if os.path.isabs(root) else os.path.join(here, root), "bin", "lorafuse_llama_adapters"
-        )
-        if os.access(path, os.X_OK):
-            return path
-    if os.environ.get("LORAFUSE_REQUIRE_CPP_TOOLS") == "1":
-        pytest.fail("lorafuse_llama_adapters was not built (LORAFUSE_BUILD_DIR/bin)")
-    pytest.skip("the C++ example lorafuse_llama_adapters is not built here")
-
-
 def test_peft_adapters_load_in_a_cpp_program_with_the_reference_llama(tmp_path):
-    program = _cpp_program()
+    program = cpp_program()
     base = tiny_llama(seed=10)
     safetensors_torch.save_file(
         {n: p.detach().contiguous() for n, p in base.named_parameters()}, tmp_path / "base.st"
@@ -221,7 +205,7 @@ def test_peft_adapters_load_in_a_cpp_program_with_the_reference_llama(tmp_path):
 
 
 def test_cpp_program_reports_a_bad_adapter(tmp_path):
-    program = _cpp_program()
+    program = cpp_program()
     base = tiny_llama(seed=11)
     safetensors_torch.save_file(
         {n: p.detach().contiguous() for n, p in base.named_parameters()}, tmp_path / "base.st"

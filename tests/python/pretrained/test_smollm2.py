@@ -177,3 +177,38 @@ def test_the_cpp_llama_serves_smollm2_and_a_python_trained_adapter(smollm2_folde
         torch.testing.assert_close(cpp(ids), hf(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match=r"lm_head.*embed_tokens|embed_tokens.*lm_head"):
         lorafuse.merge(cpp)
+
+
+def test_the_cpp_serving_program_runs_smollm2_with_python_trained_adapters(smollm2_folder, tmp_path):
+    """examples/llama_adapters.cpp (lorafuse_llama_adapters --model FOLDER): the converted SmolLM2 folder and two
+    adapters saved from the Python model, each run in its own thread on the same C++ model; every logit equals
+    transformers' + lorafuse's (within float32 rounding)."""
+    import subprocess
+
+    from cpp_tools import cpp_program
+    from safetensors import torch as safetensors_torch
+
+    program = cpp_program()
+    hf, tokenizer = _load(smollm2_folder)
+    ids = _batch(tokenizer, json.loads((DATA / "product_descriptions_eval.json").read_text())[:1])["input_ids"]
+    safetensors_torch.save_file({"input_ids": ids.contiguous()}, tmp_path / "ids.st")
+    with torch.no_grad():
+        expected = {"base": hf(input_ids=ids).logits}
+    configs = {
+        "qv": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+        "all": dict(r=4, lora_alpha=8, target_modules=[*ALL_LINEAR, "lm_head"], init_lora_weights=False),
+    }
+    for name, config in configs.items():
+        model, _ = _load(smollm2_folder)
+        lorafuse.inject_lora(model, lorafuse.LoraConfig(**config))
+        lorafuse.save_adapter(model.eval(), tmp_path / name)
+        with torch.no_grad():
+            expected[name] = model(input_ids=ids).logits
+    args = [program, "--model", smollm2_folder, "--ids", tmp_path / "ids.st", "--out", tmp_path / "logits.st"]
+    run = subprocess.run([*args, *(f"{n}={tmp_path / n}" for n in configs)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    got = safetensors_torch.load_file(tmp_path / "logits.st")
+    assert set(got) == set(expected)
+    for name, want in expected.items():
+        torch.testing.assert_close(got[name], want, rtol=1e-4, atol=1e-4, msg=name)
+    assert not torch.allclose(got["qv"], got["base"])
