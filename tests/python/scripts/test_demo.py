@@ -1,7 +1,8 @@
 """The demo (scripts/demo.py), the quality comparison (scripts/quality.py) and their data (data/).
 
-The scripts run as the user runs them, in subprocesses, with --quick (a tiny model, a few steps): the demo
-first, then the comparison in the same folder, which reuses the demo's base model.
+The scripts run as the user runs them, in subprocesses, with --quick (a few steps): the demo on the tiny model
+first, then the comparison in the same folder, which reuses the demo's base model; and the demo on the real
+SmolLM2 (its default).
 """
 
 import json
@@ -129,7 +130,7 @@ def test_tokenizer_round_trip_and_unknown_characters():
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo_out")
-    demo = run_script("scripts/demo.py", "--quick", "--out", str(out), "--no-progress")
+    demo = run_script("scripts/demo.py", "--model", "tiny", "--quick", "--out", str(out), "--no-progress")
     assert demo.returncode == 0, demo.stdout[-4000:] + demo.stderr[-4000:]
     quality = run_script("scripts/quality.py", "--quick", "--out", str(out), "--no-progress")
     assert quality.returncode == 0, quality.stdout[-4000:] + quality.stderr[-4000:]
@@ -217,6 +218,34 @@ def test_demo_writes_its_files_and_sane_numbers(runs):
         "trainable params:",
     ):
         assert text in demo.stdout
+
+
+def test_demo_on_the_real_pretrained_model(tmp_path):
+    """--model smollm2 --quick: SmolLM2-135M-Instruct (lorafuse.pretrained) in lorafuse's C++ Llama, both adapters a
+    few steps each, every check of the tiny model's run, a generation before tuning, and parameter counts that
+    count its tied embeddings once."""
+    if os.environ.get("LORAFUSE_REQUIRE_SMOLLM2") != "1":
+        try:
+            lorafuse.pretrained.smollm2_gguf()
+        except FileNotFoundError as e:
+            pytest.skip(str(e))
+    demo = run_script("scripts/demo.py", "--model", "smollm2", "--quick", "--out", str(tmp_path), "--no-progress")
+    assert demo.returncode == 0, demo.stdout[-4000:] + demo.stderr[-4000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["model"] == "SmolLM2-135M-Instruct"
+    assert summary["base_model"]["total_params"] == summary["base_model"]["trainable_params"] == 134_515_008
+    phases = summary["phases"]
+    assert list(phases) == ["task_a", "task_b"]
+    assert phases["task_a"]["total_params"] == 134_515_008 + phases["task_a"]["trainable_params"]
+    assert phases["task_a"]["eval_losses"][-1] < phases["task_a"]["eval_losses"][0]
+    checks = summary["checks"]
+    for name in ("reloaded_adapter_logits_identical", "task_a_unchanged_by_training_task_b",
+                 "disabled_equals_base_model", "merged_generation_equals_adapter_a", "unmerged_logits_identical"):
+        assert checks[name] is True, name
+    gen = summary["generations"]
+    assert {"before tuning", "adapter task_a", "adapter task_b", "adapter task_a merged"} <= set(gen)
+    assert gen["adapters disabled (base model)"] == gen["before tuning"]
+    assert "=== 1. base model: SmolLM2-135M-Instruct" in demo.stdout
 
 
 def test_quality_reuses_the_base_and_reports_four_configurations(runs):
