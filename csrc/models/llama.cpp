@@ -11,6 +11,7 @@
 #include <lorafuse/nn/linear.h>
 
 #include <nlohmann/json.hpp>
+#include <unordered_set>
 #include <utility>
 
 #include "csrc/config/json.h"
@@ -577,6 +578,15 @@ void LlamaForCausalLMImpl::pretty_print(std::ostream& stream) const {
 
 lorafuse::nn::LinearSlot* LlamaForCausalLMImpl::linear_slot(const std::string& name) {
   return name == "lm_head" ? &lm_head : nullptr;
+}
+
+std::vector<at::Tensor> LlamaForCausalLMImpl::parameters(bool recurse) const {
+  std::vector<at::Tensor> once;
+  std::unordered_set<const c10::TensorImpl*> seen;
+  for (auto& p : torch::nn::Module::parameters(recurse)) {
+    if (seen.insert(p.unsafeGetTensorImpl()).second) once.push_back(std::move(p));
+  }
+  return once;
 }
 
 at::Tensor LlamaForCausalLMImpl::forward(const at::Tensor& input_ids) {

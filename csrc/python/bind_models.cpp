@@ -58,7 +58,12 @@ void bind_models(py::module& m) {
              return translating([&] { return std::make_shared<models::LlamaForCausalLMImpl>(c); });
            }),
            py::arg("config"))
-      .def_property_readonly("config", [](const models::LlamaForCausalLMImpl& l) { return l.config; });
+      .def_property_readonly("config", [](const models::LlamaForCausalLMImpl& l) { return l.config; })
+      // every parameter once (a tied weight is registered under two names): before torch's binding of
+      // Module::parameters, which lists it twice, so that an optimizer steps it once
+      .def(
+          "parameters", [](const models::LlamaForCausalLMImpl& l, bool recurse) { return l.parameters(recurse); },
+          py::arg("recurse") = true, py::prepend());
 }
 
 }  // namespace lorafuse::python

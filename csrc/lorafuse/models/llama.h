@@ -220,6 +220,10 @@ class LlamaForCausalLMImpl : public torch::nn::Cloneable<LlamaForCausalLMImpl>, 
   lorafuse::nn::LinearSlot* linear_slot(const std::string& name) override;
   /// input_ids [B, T] -> logits [B, T, vocab_size] in the weights' dtype.
   at::Tensor forward(const at::Tensor& input_ids);
+  /// Every parameter once. With tie_word_embeddings one tensor is registered under two names and
+  /// Module::parameters lists it twice, so an optimizer given that list would step it twice; this one (what
+  /// `model->parameters()` calls on a LlamaForCausalLM) lists it once. named_parameters() keeps both names.
+  std::vector<at::Tensor> parameters(bool recurse = true) const;
 
   LlamaConfig config;
   LlamaModel model = nullptr;

@@ -436,6 +436,8 @@ TEST_CASE("tie_word_embeddings: lm_head computes with embed_tokens' weight, one 
     if (seen.insert(p.value().unsafeGetTensorImpl()).second) distinct += p.value().numel();
   }
   CHECK(distinct == config.num_parameters());
+  CHECK(model->parameters().size() == seen.size());  // an optimizer given parameters() steps the tied weight once
+  CHECK(model->named_parameters().size() == seen.size() + 1);  // both names stay
   CHECK(config.num_parameters() == tiny_config().num_parameters() - 50 * 32);
   const at::Tensor ids = ids_tensor({1, 2, 3, 4, 5, 6}, 2);
   const at::Tensor logits = model(ids);

@@ -160,3 +160,19 @@ def test_meta_cpp_llama_7b_count():
 def test_bad_llama_config_names_the_field():
     with pytest.raises(ValueError, match="num_attention_heads"):
         LlamaConfig(hidden_size=30, num_attention_heads=4)
+
+
+def test_a_tied_cpp_llama_lists_its_tied_weight_once_for_optimizers():
+    """tie_word_embeddings: lm_head and embed_tokens hold one tensor, listed under both names but once by
+    parameters() (an optimizer over it steps it once: one AdamW step moves it by at most lr)."""
+    model = lorafuse.models.Llama(lorafuse.models.LlamaConfig(tie_word_embeddings=True))
+    named = dict(model.named_parameters())
+    assert named["lm_head.weight"]._cdata == named["model.embed_tokens.weight"]._cdata
+    params = list(model.parameters())
+    assert len(params) == len({p._cdata for p in params}) == len(named) - 1
+    before = named["model.embed_tokens.weight"].detach().clone()
+    optimizer = torch.optim.SGD(params, lr=0.1)
+    model(torch.tensor([[1, 2, 3]])).sum().backward()
+    grad = named["model.embed_tokens.weight"].grad.clone()
+    optimizer.step()
+    torch.testing.assert_close(named["model.embed_tokens.weight"].detach(), before - 0.1 * grad)
