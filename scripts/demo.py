@@ -206,7 +206,11 @@ def main(argv=None) -> int:
         banner("1. base model: SmolLM2-135M-Instruct, pretrained, loaded into lorafuse's C++ Llama")
         common.reset_peak_memory(device)
         loading = time.perf_counter()
-        model, _ = lib.use_smollm2(device)  # converted from the wheel's GGUF file once, then ~1 s
+        try:
+            model, _ = lib.use_smollm2(device)  # converted from the wheel's GGUF file once, then ~1 s
+        except FileNotFoundError as e:  # the wheel is not installed (bash scripts/demo.sh installs it)
+            print(f"demo.py: {e}; or run the demo on the character-level model: --model tiny", file=sys.stderr)
+            return 2
         base_path, max_positions = None, 2048
         summary["base_model"] = dict(
             params_line(model),
