@@ -4,7 +4,7 @@ rank and the target modules.
     python scripts/quality.py [--device cpu|cuda] [--steps N] [--out DIR] [--results DIR] [--quick]
 
 On lorafuse's C++ Llama, pre-trained on data/corpus as in the demo (the checkpoint is cached in --out and
-reused by later runs, also one written by scripts/demo.py with the same recipe), task A (product
+reused by later runs, also one written by scripts/demo.py --model tiny with the same recipe), task A (product
 descriptions, data/product_descriptions.json) is trained with the same number of steps on the same batches
 in the same order by:
 
