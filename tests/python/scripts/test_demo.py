@@ -242,6 +242,9 @@ def test_demo_on_the_real_pretrained_model(tmp_path):
     for name in ("reloaded_adapter_logits_identical", "task_a_unchanged_by_training_task_b",
                  "disabled_equals_base_model", "merged_generation_equals_adapter_a", "unmerged_logits_identical"):
         assert checks[name] is True, name
+    # served from C++: the program loaded the folder and both adapters and gave the demo model's logits
+    assert checks["cpp_program_logits_max_abs_diff"] is not None and checks["cpp_program_logits_max_abs_diff"] < 1e-3
+    assert "served from C++: " in demo.stdout
     gen = summary["generations"]
     assert {"before tuning", "adapter task_a", "adapter task_b", "adapter task_a merged"} <= set(gen)
     assert gen["adapters disabled (base model)"] == gen["before tuning"]
