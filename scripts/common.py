@@ -462,6 +462,18 @@ def grouped_bars(
     return bars
 
 
+def built_program(name: str) -> str | None:
+    """The C++ example `name` built beside the tests (LORAFUSE_BUILD_DIR/bin, as scripts/env.sh sets it, else the
+    default build folders), or None when it is not built."""
+    for root in (os.environ.get("LORAFUSE_BUILD_DIR"), "build/cmake", "build"):
+        if not root:
+            continue
+        path = Path(root) if os.path.isabs(root) else REPO_ROOT / root
+        if os.access(path / "bin" / name, os.X_OK):
+            return str(path / "bin" / name)
+    return None
+
+
 def show_path(path: str | Path) -> str:
     """``path`` relative to the current folder when it is inside it, else absolute."""
     rel = os.path.relpath(path)

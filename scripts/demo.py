@@ -227,15 +227,6 @@ def main(argv=None) -> int:
                   started, smol)
 
 
-def cpp_program() -> str | None:
-    """The C++ serving example built with the tests (LORAFUSE_BUILD_DIR/bin, as scripts/env.sh sets it), or None."""
-    for root in (os.environ.get("LORAFUSE_BUILD_DIR"), os.path.join(common.REPO_ROOT, "build", "cmake")):
-        path = os.path.join(root, "bin", "lorafuse_llama_adapters") if root else ""
-        if path and os.access(path, os.X_OK):
-            return path
-    return None
-
-
 def serve_from_cpp(model, ids, adapters: dict, out: str) -> float | None:
     """Train in Python, serve from C++: the C++ program (examples/llama_adapters.cpp) loads the converted SmolLM2
     folder and the adapters just saved, runs each in its own thread on `ids`, and must give the logits the demo's
@@ -244,7 +235,7 @@ def serve_from_cpp(model, ids, adapters: dict, out: str) -> float | None:
 
     from safetensors.torch import load_file, save_file
 
-    program = cpp_program()
+    program = common.built_program("lorafuse_llama_adapters")
     if program is None:
         print("  C++ program lorafuse_llama_adapters not built here: serving from C++ skipped")
         return None

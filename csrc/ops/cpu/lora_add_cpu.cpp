@@ -6,6 +6,7 @@
 
 #include "csrc/ops/common/lora_linear_checks.h"
 #include "csrc/ops/cpu/dropout_cpu.h"
+#include "csrc/ops/cpu/lora_linear_cpu.h"
 
 namespace lorafuse::cpu {
 
@@ -16,18 +17,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_add_forward_cpu(const at::Te
   const int64_t in = x.size(-1), out = base_out.size(-1);
   const int64_t tokens = detail::leading_numel(x.sizes());
   const at::ScalarType acc = detail::lora_acc_dtype(x, lora_a);
-  const at::ScalarType yt = base_out.scalar_type();
   uint64_t seed = 0;
   at::Tensor rng_state = forward_rng_state(x, dropout_p, seed);
-  const at::Tensor x2 = x.reshape({tokens, in});                                           // [T, in]
+  const at::Tensor x2 = x.reshape({tokens, in});                                                  // [T, in]
   at::Tensor u = at::mm(lora_input(x2, acc, seed, /*offset=*/0, dropout_p), lora_a.to(acc).t());  // [T, r]
-  at::Tensor y2 = base_out.reshape({tokens, out}).clone(at::MemoryFormat::Contiguous);  // [T, out]
-  if (yt == acc) {
+  at::Tensor y2 = base_out.reshape({tokens, out}).clone(at::MemoryFormat::Contiguous);            // [T, out]
+  add_expand_(y2, u, lora_b, scale);
+  return {y2.view(base_out.sizes()), u, rng_state};
+}
+
+void add_expand_(at::Tensor& y2, const at::Tensor& u, const at::Tensor& lora_b, double scale) {
+  const at::ScalarType acc = u.scalar_type();
+  if (y2.scalar_type() == acc) {
     y2.addmm_(u, lora_b.to(acc).t(), /*beta=*/1, /*alpha=*/scale);
   } else {  // a half-precision output: expand in float32, add once
-    y2.add_(at::mm(u, lora_b.to(acc).t()).mul_(scale).to(yt));
+    y2.add_(at::mm(u, lora_b.to(acc).t()).mul_(scale).to(y2.scalar_type()));
   }
-  return {y2.view(base_out.sizes()), u, rng_state};
 }
 
 at::Tensor lora_add_cpu(const at::Tensor& base_out, const at::Tensor& x, const at::Tensor& lora_a,

@@ -372,11 +372,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nf4_lora_linear_forward_cpu(
   at::Tensor u = at::mm(lora_input(x2, acc, seed, /*offset=*/0, dropout_p), lora_a.to(acc).t());  // [T, r]
   at::Tensor y2 =
       nf4_matmul(x2, packed, block_scales(absmax, nested_absmax, offset, nested), blocksize, out_features, bias);
-  if (x.scalar_type() == acc) {
-    y2.addmm_(u, lora_b.to(acc).t(), /*beta=*/1, /*alpha=*/scale);
-  } else {  // a half-precision output: expand in float32, add once (as lora_add)
-    y2.add_(at::mm(u, lora_b.to(acc).t()).mul_(scale).to(x.scalar_type()));
-  }
+  add_expand_(y2, u, lora_b, scale);  // lora_add's arithmetic, in place
   return {y2.view(detail::with_last(x.sizes(), out_features)), u, rng_state};
 }
 

@@ -194,11 +194,7 @@ def trainable_parameters(model: nn.Module) -> Tuple[int, int]:
     """(trainable, total) parameter counts; shared tensors count once. A 4-bit weight (lorafuse.nn.Linear4bit,
     stored as buffers) counts its out × in parameters, as PEFT counts bitsandbytes' 4-bit weights."""
     trainable = total = 0
-    seen = set()  # by the tensor's C++ object: a bound C++ module lists a tied weight under each name
-    for p in model.parameters():
-        if p._cdata in seen:
-            continue
-        seen.add(p._cdata)
+    for p in model.parameters():  # each tensor once (the bound C++ Llama's parameters() too, tied weights included)
         total += p.numel()
         if p.requires_grad:
             trainable += p.numel()
