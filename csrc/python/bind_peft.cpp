@@ -106,6 +106,13 @@ void bind_peft(py::module& m) {
       "_cpp_delete_adapter", [](Module& mod, const std::string& n) { translating([&] { delete_adapter(mod, n); }); },
       arg, py::arg("adapter_name"));
   m.def(
+      "_cpp_trainable_parameters",
+      [](const Module& mod) {
+        const auto count = trainable_parameters(mod);
+        return std::make_pair(count.trainable, count.total);
+      },
+      arg);
+  m.def(
       "_cpp_disable_adapters", [](Module& mod) { translating([&] { disable_adapters(mod); }); }, arg);
   m.def(
       "_cpp_enable_adapters", [](Module& mod) { translating([&] { enable_adapters(mod); }); }, arg);

