@@ -53,6 +53,7 @@ from common import (
     medians,
     pyplot,
     rounded,
+    tensor_bytes,
     time_variants,
 )
 from torch import Tensor, nn
@@ -198,14 +199,6 @@ def measure_shape(s: Shape, timing: TimingOptions, device: torch.device, dtype: 
 MODEL_VARIANTS = ("lora", "qlora", "bnb_peft")
 
 
-def _tensor_bytes(model: nn.Module) -> int:
-    """Bytes of a model's parameters and buffers (each tensor once): its resident weights."""
-    seen, total = set(), 0
-    for t in [*model.parameters(), *model.buffers()]:
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
-    return total
 # |loss difference| / |loss| between the two QLoRA models. The layer level agrees exactly (d a multiple of 64); in the
 # model, bitsandbytes 0.50.2's native CPU dequantize_4bit decodes down_proj (rows of 1376, not a multiple of the
 # block of 64) wrongly near block boundaries, which moves its loss by ~5e-5 (lorafuse decodes the documented values).
@@ -221,7 +214,7 @@ def measure_model(targets: str, quick: bool, timing: TimingOptions) -> dict[str,
     target_list = bench_model.parse_targets(targets)
     lora = bench_model.add_lorafuse(copy.deepcopy(base), target_list, bench_model.DEFAULT_RANK, 0.0)
     quantized = lorafuse.quantize_model(copy.deepcopy(base))
-    sizes = {"float32": _tensor_bytes(base), "nf4": _tensor_bytes(quantized)}
+    sizes = {"float32": tensor_bytes(base), "nf4": tensor_bytes(quantized)}
     qlora = bench_model.add_lorafuse(quantized, target_list, bench_model.DEFAULT_RANK, 0.0)
     theirs = copy.deepcopy(base)
     for module in list(theirs.modules()):
@@ -304,7 +297,7 @@ def _load_probe(way: str, dense_folder: str, nf4_folder: str) -> None:
         else:
             lorafuse.load_checkpoint(model, nf4_folder)
     peak = _status_kib("VmHWM")
-    weights = 0 if way == "skeleton" else _tensor_bytes(model)
+    weights = 0 if way == "skeleton" else tensor_bytes(model)
     print(json.dumps({"base_kib": base, "peak_kib": peak, "weights_bytes": weights}))
 
 
@@ -319,7 +312,7 @@ def measure_loading(quick: bool) -> dict[str, Any]:
         dense_folder, nf4_folder = f"{tmp}/dense", f"{tmp}/nf4"
         torch.manual_seed(0)
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg, tie_word_embeddings=False))
-        dense_bytes = _tensor_bytes(model)
+        dense_bytes = tensor_bytes(model)
         model.save_pretrained(dense_folder)
         lorafuse.save_checkpoint(lorafuse.quantize_model(model), nf4_folder)
         del model

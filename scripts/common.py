@@ -297,6 +297,16 @@ def peak_rss_bytes() -> int:
     return int(rss if sys.platform == "darwin" else rss * 1024)  # bytes on macOS, KiB on Linux
 
 
+def tensor_bytes(model) -> int:
+    """Bytes of a model's parameters and buffers (each tensor once, tied weights too): its resident weights."""
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
 def current_rss_bytes() -> int:
     """The process's resident set size now (Linux /proc; else the peak)."""
     try:

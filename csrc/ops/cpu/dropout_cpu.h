@@ -16,23 +16,19 @@ const uint32_t* mask_words(uint64_t seed, uint64_t offset, uint64_t e0, int64_t 
 // A fresh seed from torch's default CPU generator (so torch.manual_seed makes runs reproducible).
 uint64_t draw_seed();
 
-// [T, in] contiguous tensor of dtype `dtype`: x2 * mask / (1 - p) when p > 0, else x2 cast. x2 may have
-// any strides.
-at::Tensor dropout_cast(const at::Tensor& x2, at::ScalarType dtype, uint64_t seed, uint64_t offset, double p);
-
-// dropout_cast(x2, ...) and dropout_mask_(t, ...) with the same (seed, offset, p) in one pass over the mask (each row's
-// words drawn once for both); t contiguous with x2's shape.
-at::Tensor dropout_cast_and_mask_(const at::Tensor& x2, at::ScalarType dtype, at::Tensor& t, uint64_t seed,
-                                  uint64_t offset, double p);
-
 // t *= mask / (1 - p), in place (dropped elements become exact zeros); t contiguous [T, in].
 void dropout_mask_(at::Tensor& t, uint64_t seed, uint64_t offset, double p);
 
-// dropout(x2) in the accumulation dtype; x2 itself when that is already the same thing.
-inline at::Tensor lora_input(const at::Tensor& x2, at::ScalarType acc, uint64_t seed, uint64_t offset, double p) {
-  if (p == 0.0 && x2.scalar_type() == acc) return x2;
-  return dropout_cast(x2, acc, seed, offset, p);
-}
+// u = dropout(x2)·aᵀ ([T, r], a's dtype: the accumulation dtype), where dropout(x2) = x2 ⊙ keep / (1 - p) in that
+// dtype (element e of x2 kept when its mask_words word >= philox::keep_threshold(p); x2 cast when p = 0), without a
+// [T, in] copy of it: tiles of rows are cast and masked into a per-thread buffer (in the L2 cache) and multiplied
+// there. The LoRA branch's shrink of lora_linear, lora_add and nf4_lora_linear.
+at::Tensor lora_shrink(const at::Tensor& x2, const at::Tensor& a, uint64_t seed, uint64_t offset, double p);
+
+// The shrink's backward for A: vᵀ·dropout(x2) ([r, in], v's dtype), by the same tiles (per-thread partial sums added
+// at the end); when `masked` is given and p > 0, masked *= mask / (1 - p) too (dX's LoRA term), from the same words.
+at::Tensor lora_shrink_backward(const at::Tensor& x2, const at::Tensor& v, uint64_t seed, uint64_t offset, double p,
+                                at::Tensor* masked);
 
 // The forward's rng_state [2] int64 (seed, offset 0) on x's device, with a fresh seed when p > 0; `seed` set.
 at::Tensor forward_rng_state(const at::Tensor& x, double p, uint64_t& seed);

@@ -19,9 +19,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_add_forward_cpu(const at::Te
   const at::ScalarType acc = detail::lora_acc_dtype(x, lora_a);
   uint64_t seed = 0;
   at::Tensor rng_state = forward_rng_state(x, dropout_p, seed);
-  const at::Tensor x2 = x.reshape({tokens, in});                                                  // [T, in]
-  at::Tensor u = at::mm(lora_input(x2, acc, seed, /*offset=*/0, dropout_p), lora_a.to(acc).t());  // [T, r]
-  at::Tensor y2 = base_out.reshape({tokens, out}).clone(at::MemoryFormat::Contiguous);            // [T, out]
+  const at::Tensor x2 = x.reshape({tokens, in});                                        // [T, in]
+  at::Tensor u = lora_shrink(x2, lora_a.to(acc), seed, /*offset=*/0, dropout_p);        // [T, r]
+  at::Tensor y2 = base_out.reshape({tokens, out}).clone(at::MemoryFormat::Contiguous);  // [T, out]
   add_expand_(y2, u, lora_b, scale);
   return {y2.view(base_out.sizes()), u, rng_state};
 }

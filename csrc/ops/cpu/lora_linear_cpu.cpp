@@ -33,7 +33,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_forward_cpu(const at:
   at::Tensor rng_state = forward_rng_state(x, dropout_p, seed);
 
   const at::ScalarType xt = x.scalar_type();
-  at::Tensor u = at::mm(lora_input(x2, acc, seed, /*offset=*/0, dropout_p), lora_a.to(acc).t());  // [T, r]
+  at::Tensor u = lora_shrink(x2, lora_a.to(acc), seed, /*offset=*/0, dropout_p);  // [T, r]
   // The LoRA term (with the bias folded in as one more rank: [scale·u | 1]·[B | bias]ᵀ) is written first;
   // the base GEMM then accumulates x·Wᵀ onto it with beta = 1, so the output is written once and read
   // once inside the compute-bound GEMM, as the base linear alone does with its bias.
@@ -89,13 +89,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward_
   at::Tensor v;  // [T, r] = dY·B
   if (need_v) v = at::mm(dy_acc, lora_b.to(acc));
   // dX: the LoRA term scale·(v·A)⊙mask/(1-p) first, then the frozen base's dY·W accumulated onto it (lora_add has no
-  // weight: its base's own backward gives that part). The mask is regenerated once for dX and dropout(x) together.
+  // weight: its base's own backward gives that part). The mask is regenerated once for dX and dA's dropout(x) together.
   at::Tensor gx2;  // [T, in]
   if (need_x) gx2 = at::mm(v.mul(scale).to(x.scalar_type()), lora_a.to(x.scalar_type()));
   if (need_a) {
-    const at::Tensor dropped = need_x && dropout_p > 0.0 ? dropout_cast_and_mask_(x2, acc, gx2, seed, offset, dropout_p)
-                                                         : lora_input(x2, acc, seed, offset, dropout_p);
-    grad_a = at::mm(v.t(), dropped).mul_(scale).to(lora_a.scalar_type());  // [r, in]
+    grad_a = lora_shrink_backward(x2, v, seed, offset, dropout_p, need_x ? &gx2 : nullptr)
+                 .mul_(scale)
+                 .to(lora_a.scalar_type());  // [r, in]
   } else if (need_x && dropout_p > 0.0) {
     dropout_mask_(gx2, seed, offset, dropout_p);
   }

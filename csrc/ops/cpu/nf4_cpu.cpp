@@ -40,7 +40,7 @@ namespace {
 void quantize_blocks(const float* w, int64_t n, int64_t blocksize, float* absmax, uint8_t* packed) {
   const int64_t blocks = detail::nf4_blocks(n, blocksize);
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<uint8_t> codes(static_cast<size_t>(blocksize) + 1);
+    std::vector<uint8_t> codes(static_cast<size_t>(blocksize));
     for (int64_t b = begin; b < end; ++b) {
       const int64_t start = b * blocksize;
       const int64_t len = std::min(blocksize, n - start);
@@ -56,9 +56,9 @@ void quantize_blocks(const float* w, int64_t n, int64_t blocksize, float* absmax
         absmax[b] = am;
         for (int64_t i = 0; i < len; ++i) codes[i] = nf4::index_of(std::clamp(w[start + i] / am, -1.0f, 1.0f));
       }
-      int64_t count = len;
-      if (count % 2) codes[count++] = nf4::index_of(0.0f);  // an odd total: the last byte's low nibble is 0's code
-      for (int64_t i = 0; i < count; i += 2) packed[(start + i) / 2] = nf4::pack(codes[i], codes[i + 1]);
+      for (int64_t i = 0; i + 1 < len; i += 2) packed[(start + i) / 2] = nf4::pack(codes[i], codes[i + 1]);
+      // an odd total: the last byte's low nibble is 0's code
+      if (len % 2) packed[(start + len - 1) / 2] = nf4::pack(codes[len - 1], nf4::index_of(0.0f));
     }
   });
 }
@@ -369,7 +369,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nf4_lora_linear_forward_cpu(
   const at::Tensor x2 = x.reshape({detail::leading_numel(x.sizes()), in});  // [T, in]
   uint64_t seed = 0;
   at::Tensor rng_state = forward_rng_state(x, dropout_p, seed);
-  at::Tensor u = at::mm(lora_input(x2, acc, seed, /*offset=*/0, dropout_p), lora_a.to(acc).t());  // [T, r]
+  at::Tensor u = lora_shrink(x2, lora_a.to(acc), seed, /*offset=*/0, dropout_p);  // [T, r]
   at::Tensor y2 =
       nf4_matmul(x2, packed, block_scales(absmax, nested_absmax, offset, nested), blocksize, out_features, bias);
   add_expand_(y2, u, lora_b, scale);  // lora_add's arithmetic, in place

@@ -628,6 +628,27 @@ def test_dropout_backward_uses_forward_mask(device):
     torch.testing.assert_close(leaves[0].grad, same["x"], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("p", [0.0, 0.1], ids=["p0", "p0.1"])
+def test_many_row_tiles_and_threads(device, dtype, p, threads):
+    """The CPU shrink reads x in tiles of 64 rows (the dropout mask and the cast made per tile, dA summed per thread):
+    210 rows (3 full tiles and a partial one), an odd width, 1 and 2 threads, x contiguous and with a column stride."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        inputs = make_inputs(device, 257, 40, 8, lead=(3, 70), dtype=dtype, seed=4)
+        check_against_reference(inputs, 0.5, p, seed=11)
+        x, *rest = inputs
+        wide = torch.zeros(*x.shape[:-1], 2 * x.shape[-1], dtype=x.dtype, device=x.device)
+        wide[..., ::2] = x.detach()
+        strided = wide[..., ::2].requires_grad_()  # the same values, every other column of a wider tensor
+        assert strided.stride(-1) == 2
+        check_against_reference((strided, *rest), 0.5, p, seed=11)
+    finally:
+        torch.set_num_threads(before)
+
+
 # ---------------------------------------------------------------------------------------------------
 # grad modes, torch.compile, meta
 # ---------------------------------------------------------------------------------------------------

@@ -166,13 +166,15 @@ def test_demo_writes_its_files_and_sane_numbers(runs):
         "adapters/task_a/adapter_model.safetensors",
         "adapters/task_b/adapter_config.json",
         "adapters/task_b/adapter_model.safetensors",
+        "adapters/task_a_qlora/adapter_config.json",
+        "adapters/task_a_qlora/adapter_model.safetensors",
     ]:
         assert name in summary["files"]
-    for phase in ("base", "task_a", "task_b"):
+    for phase in ("base", "task_a", "task_b", "task_a_qlora"):
         assert is_png(out / f"loss_{phase}.png")
 
     phases = summary["phases"]
-    assert list(phases) == ["base", "task_a", "task_b"]
+    assert list(phases) == ["base", "task_a", "task_b", "task_a_qlora"]
     for name, p in phases.items():
         assert p["eval_losses"][-1] < p["eval_losses"][0], name
         assert p["loss_last_10_mean"] < p["loss_first"], name
@@ -192,6 +194,7 @@ def test_demo_writes_its_files_and_sane_numbers(runs):
     expected_b = counted(size, [("task_a", config_a), ("task_b", config_b)])
     assert (phases["task_b"]["trainable_params"], phases["task_b"]["total_params"]) == expected_b
     assert expected_a[0] < total
+    check_qlora_phase(phases, out)
 
     # the saved adapters are valid PEFT-format files with the configurations trained
     for name, config in (("task_a", config_a), ("task_b", config_b)):
@@ -210,14 +213,29 @@ def test_demo_writes_its_files_and_sane_numbers(runs):
     assert gen["prompt"].startswith("### Instruction: Write copy for this product.\nProduct: ")
     assert gen["adapter task_a merged"] == gen["adapter task_a"]
     assert {"adapter task_a", "adapter task_b", "adapters disabled (base model)"} <= set(gen)
+    assert gen["adapter task_a on the 4-bit base (QLoRA)"].strip()
     for text in (
         "=== 1. base model",
         "=== 2. adapter task_a",
         "=== 3.",
-        "=== 4. summary",
+        "=== 4. QLoRA",
+        "=== 5. summary",
         "trainable params:",
     ):
         assert text in demo.stdout
+
+
+def check_qlora_phase(phases: dict, out) -> None:
+    """The demo's QLoRA phase: adapter A again (the same configuration and counts: the 4-bit weights count out × in
+    each) on the base quantized to NF4, its weights smaller, its held-out loss falling, the adapter saved."""
+    qlora, lora = phases["task_a_qlora"], phases["task_a"]
+    assert qlora["lora_config"] == lora["lora_config"]
+    assert (qlora["trainable_params"], qlora["total_params"]) == (lora["trainable_params"], lora["total_params"])
+    assert qlora["tokens"] == lora["tokens"]  # the same batches
+    assert qlora["eval_losses"][-1] < qlora["eval_losses"][0]
+    assert qlora["weight_bytes_nf4"] < qlora["weight_bytes_float32"] and qlora["quantize_seconds"] >= 0
+    saved = lorafuse.read_adapter(str(out / "adapters" / "task_a_qlora"))
+    assert saved["config"]["r"] == lora["lora_config"]["r"]
 
 
 def need_smollm2() -> None:
@@ -240,8 +258,11 @@ def test_demo_on_the_real_pretrained_model(tmp_path):
     assert summary["model"] == "SmolLM2-135M-Instruct"
     assert summary["base_model"]["total_params"] == summary["base_model"]["trainable_params"] == 134_515_008
     phases = summary["phases"]
-    assert list(phases) == ["task_a", "task_b"]
+    assert list(phases) == ["task_a", "task_b", "task_a_qlora"]
     assert phases["task_a"]["total_params"] == 134_515_008 + phases["task_a"]["trainable_params"]
+    check_qlora_phase(phases, tmp_path)
+    # SmolLM2's Linear layers (all but the tied lm_head) in NF4: under a third of the float32 weights' bytes
+    assert phases["task_a_qlora"]["weight_bytes_nf4"] < phases["task_a_qlora"]["weight_bytes_float32"] / 3
     assert phases["task_a"]["eval_losses"][-1] < phases["task_a"]["eval_losses"][0]
     checks = summary["checks"]
     for name in ("reloaded_adapter_logits_identical", "task_a_unchanged_by_training_task_b",
