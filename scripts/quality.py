@@ -323,7 +323,10 @@ def plot(path: str, report: dict) -> None:
     left.set_title("task A, held-out loss")
     left.grid(alpha=0.3)
     left.legend()
-    names = [c["name"].replace("LoRA ", "LoRA\n") for c in report["configs"]]
+    names = [
+        c["name"].replace("QLoRA ", "QLoRA\n").replace(" all-linear", "\nall-linear").replace("LoRA q_", "LoRA\nq_")
+        for c in report["configs"]
+    ]
     params = [c["trainable_params"] for c in report["configs"]]
     bars = right.bar(names, params, color=colors[: len(params)])
     right.set_yscale("log")
