@@ -28,6 +28,16 @@ def _validate_quant_config(
 ) -> None: ...
 def _quant_keeps_dense(path: str, modules_to_not_convert: List[str]) -> bool: ...
 
+# lorafuse::allocate_bits (LQ-LoRA's bit allocation) -> (choice per matrix, cost, storage, lower_bound, gap,
+# optimal, nodes)
+def _allocate_bits(
+    cost: List[List[float]],
+    storage: List[List[float]],
+    budget: float,
+    max_nodes: int,
+    relative_gap: float,
+) -> Tuple[List[int], float, float, float, float, bool, int]: ...
+
 # ---- checkpoints (bind_config.cpp): lorafuse::io::CheckpointReader and the NF4 tensor format ------------
 # (quant_type, blocksize, double_quant, compute_dtype, modules_to_not_convert): lorafuse.QuantConfig's fields
 QuantFields = Tuple[str, int, bool, Optional[torch.dtype], List[str]]

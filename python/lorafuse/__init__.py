@@ -8,7 +8,7 @@ import torch  # noqa: F401  (loads libtorch before lorafuse's native library)
 from . import _C, models, nn, peft, pretrained, quant
 from .config import LoraConfig
 from .ops import Nf4Weight, dequantize_nf4, lora_linear, nf4_linear, nf4_lora_linear, quantize_nf4
-from .quant import QuantConfig, load_checkpoint, quantize_model, save_checkpoint
+from .quant import BitAllocation, QuantConfig, allocate_bits, load_checkpoint, quantize_model, save_checkpoint
 from .peft import (
     active_adapter,
     adapter_names,
@@ -50,6 +50,8 @@ __all__ = [
     "quantize_model",
     "load_checkpoint",
     "save_checkpoint",
+    "allocate_bits",
+    "BitAllocation",
     "quant",
     "has_cuda_kernels",
     "__version__",

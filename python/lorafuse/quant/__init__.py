@@ -1,4 +1,5 @@
-"""Quantizing a model's frozen base: QuantConfig and quantize_model (QLoRA's first step)."""
+"""Quantizing a model's frozen base: QuantConfig and quantize_model (QLoRA's first step); LQ-LoRA's bit
+allocation (allocate_bits)."""
 
 from __future__ import annotations
 
@@ -56,6 +57,14 @@ def quantize_model(model: nn.Module, config: Optional[QuantConfig] = None) -> nn
     return model
 
 
+from .bit_allocation import BitAllocation, allocate_bits  # noqa: E402
 from .checkpoint import load_checkpoint, save_checkpoint  # noqa: E402  (it takes QuantConfig from here)
 
-__all__ = ["QuantConfig", "quantize_model", "load_checkpoint", "save_checkpoint"]
+__all__ = [
+    "QuantConfig",
+    "quantize_model",
+    "load_checkpoint",
+    "save_checkpoint",
+    "BitAllocation",
+    "allocate_bits",
+]
