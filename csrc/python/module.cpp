@@ -1,6 +1,7 @@
 // PYBIND11_MODULE(_C): loading this module loads liblorafuse, which registers torch.ops.lorafuse.*. The
 // bindings are split by area (bind_<area>.cpp, one function per binding); python/lorafuse/_C.pyi types them.
 #include <lorafuse/ops.h>
+#include <lorafuse/quant/nf_code.h>
 
 #include "csrc/python/convert.h"
 
@@ -11,6 +12,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("has_cuda_kernels", &lorafuse::has_cuda_kernels,
         "Whether this build of lorafuse has its CUDA kernels (LORAFUSE_CUDA at build time).");
   m.def("nf4_code_map", &lorafuse::nf4_code_map, "The 16 NF4 code values (bitsandbytes' quant_map), float32 [16].");
+  m.def(
+      "nf_code", [](int64_t bits) { return lp::translating([&] { return lorafuse::nf_code(bits); }); },
+      pybind11::arg("bits"),
+      "The NF-b code (b-bit NormalFloat, 2 <= b <= 8) as bitsandbytes builds NF4, float32 [2^b]; nf_code(4) equals "
+      "nf4_code_map().");
   m.def("dynamic_code_map", &lorafuse::dynamic_code_map,
         "The dynamic 8-bit code of double quantization (bitsandbytes' nested_quant_map), float32 [256].");
   lp::bind_config(m);

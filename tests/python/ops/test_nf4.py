@@ -115,6 +115,39 @@ def test_code_maps_are_bitsandbytes():
     assert torch.equal(_C.dynamic_code_map(), bnb_f.create_dynamic_map(signed=True))
 
 
+def _nf_reference(bits: int) -> torch.Tensor:
+    """bitsandbytes' create_normal_map recipe for 2^bits values, with torch in place of scipy: float32 quantiles
+    from torch.linspace, the normal quantile in float64, rounded to float32, sorted, divided by the largest."""
+    half, offset = 2 ** (bits - 1), 0.9677083
+    positive = torch.special.ndtri(torch.linspace(offset, 0.5, half + 1)[:-1].double())
+    negative = -torch.special.ndtri(torch.linspace(offset, 0.5, half)[:-1].double())
+    values = torch.cat([positive, torch.zeros(1, dtype=torch.float64), negative]).float().sort().values
+    return values / values.max()
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_nf_codes_follow_bitsandbytes_recipe(bits):
+    """NF-b (the b-bit codes of LQ-LoRA's configurations): 4 bits is bitsandbytes' NF4 table to the bit; 2, 3 and
+    4 equal the recipe computed by torch to the bit; from 5 bits torch.linspace computes some quantiles in SIMD lanes
+    (base + k·step, not start + i·step): a quantile may differ by a float32 rounding there, moving its value by up
+    to about 1e-6."""
+    code = _C.nf_code(bits)
+    assert code.dtype == torch.float32 and code.shape == (2**bits,)
+    reference = _nf_reference(bits)
+    if bits <= 4:
+        assert torch.equal(code, reference)
+    else:
+        torch.testing.assert_close(code, reference, rtol=0, atol=2e-6)
+    if bits == 4:
+        assert torch.equal(code, bnb_f.get_4bit_type("nf4", device="cpu"))
+
+
+@pytest.mark.parametrize("bits", [1, 9, -2])
+def test_nf_code_refuses_other_bit_widths(bits):
+    with pytest.raises(ValueError, match=rf"nf_code: bits must be in \[2, 8\], found {bits}"):
+        _C.nf_code(bits)
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 def test_non_finite_values_are_refused_by_index(bad):
     weight = torch.randn(4, 64)
