@@ -461,7 +461,7 @@ def finish(args, plan, adapters, device, held, base_path, max_positions, summary
     dir_q = os.path.join(out, "adapters", "task_a_qlora")
     lorafuse.save_adapter(model, dir_q, "task_a")
     files += [os.path.relpath(os.path.join(dir_q, f), out) for f in sorted(os.listdir(dir_q))]
-    print(f"  saved to {common.show_path(dir_q)} (PEFT's format: it loads onto any base holding these weights)")
+    print(f"  saved to {common.show_path(dir_q)} (PEFT's format)")
     text = gen["adapter task_a on the 4-bit base (QLoRA)"]["text"].replace("\n", "\n" + " " * 6)
     print(f"\n  [adapter task_a on the 4-bit base (QLoRA)]\n      {text}")
 
