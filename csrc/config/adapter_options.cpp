@@ -47,6 +47,21 @@ void LoraAdapterOptions::validate() const {
     TORCH_CHECK_TYPE(c10::isFloatingType(*dtype_),
                      "dtype: expected a floating-point dtype for lora_A and lora_B, found ", *dtype_);
   }
+  check_task_type(task_type_);
+}
+
+void check_task_type(const std::string& task_type) {
+  if (task_type.empty() || task_type == "CAUSAL_LM" || task_type == "SEQ_2_SEQ_LM" || task_type == "FEATURE_EXTRACTION")
+    return;
+  const bool head = task_type == "SEQ_CLS" || task_type == "TOKEN_CLS" || task_type == "QUESTION_ANS";
+  TORCH_CHECK_VALUE(!head, "task_type: \"", task_type,
+                    "\" makes PEFT train and save the model's task head with the adapter (modules_to_save), which "
+                    "lorafuse does not support yet; leave task_type unset (or use \"FEATURE_EXTRACTION\") to adapt "
+                    "the targeted layers only");
+  TORCH_CHECK_VALUE(false,
+                    "task_type: expected one of PEFT's task types \"CAUSAL_LM\", \"SEQ_2_SEQ_LM\", "
+                    "\"FEATURE_EXTRACTION\", \"SEQ_CLS\", \"TOKEN_CLS\", \"QUESTION_ANS\" or none, found \"",
+                    task_type, "\"");
 }
 
 void check_adapter_name(const std::string& name) {
@@ -81,6 +96,7 @@ std::string adapter_options_json(const LoraAdapterOptions& a) {
               {"use_rslora", a.use_rslora()},
               {"init_lora_weights", init == "gaussian" ? json(init) : json(init == "true")},
               {"bias", a.bias()},
+              {"task_type", a.task_type().empty() ? json(nullptr) : json(a.task_type())},
               {"dtype", a.dtype() ? json(c10::toString(*a.dtype())) : json(nullptr)}}
       .dump();
 }
@@ -97,6 +113,8 @@ LoraAdapterOptions adapter_options_from_json(const std::string& text, const std:
     a.init_lora_weights(init.is_boolean() ? InitLoraWeights(init.get<bool>())
                                           : InitLoraWeights(init.get<std::string>()));
     if (j.contains("dtype") && !j.at("dtype").is_null()) a.dtype(dtype_named(j.at("dtype").get<std::string>(), what));
+    // absent in archives written before task_type existed
+    if (j.contains("task_type") && !j.at("task_type").is_null()) a.task_type(j.at("task_type").get<std::string>());
     a.validate();
     return a;
   } catch (const json::exception& e) {

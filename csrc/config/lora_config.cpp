@@ -61,6 +61,7 @@ void LoraConfig::validate() const {
   nn::LoraAdapterOptions(r_).lora_alpha(lora_alpha_).lora_dropout(lora_dropout_).validate();
   TORCH_CHECK_VALUE(bias_ == "none" || bias_ == "all" || bias_ == "lora_only",
                     "bias: expected \"none\", \"all\" or \"lora_only\", found \"", bias_, "\"");
+  nn::check_task_type(task_type_);
   TORCH_CHECK_VALUE(!target_modules_.empty(),
                     "target_modules: none given; expected module names such as {\"q_proj\", \"v_proj\"}, a regular "
                     "expression, or \"all-linear\"");
@@ -100,7 +101,8 @@ nn::LoraAdapterOptions LoraConfig::adapter_for(const std::string& path) const {
       .lora_dropout(lora_dropout_)
       .use_rslora(use_rslora_)
       .init_lora_weights(init_lora_weights_)
-      .bias(bias_);
+      .bias(bias_)
+      .task_type(task_type_);
 }
 
 namespace {

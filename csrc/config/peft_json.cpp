@@ -15,10 +15,9 @@ namespace {
 using json = nlohmann::ordered_json;  // PEFT applies rank_pattern / alpha_pattern keys in file order
 
 // Fields that do not change what the adapter computes.
-const std::set<std::string> kIgnored = {"base_model_name_or_path", "revision",          "task_type",
-                                        "inference_mode",          "auto_mapping",      "peft_version",
-                                        "megatron_core",           "qalora_group_size", "ensure_weight_tying",
-                                        "runtime_config"};
+const std::set<std::string> kIgnored = {
+    "base_model_name_or_path", "revision",          "inference_mode",      "auto_mapping",  "peft_version",
+    "megatron_core",           "qalora_group_size", "ensure_weight_tying", "runtime_config"};
 
 // Fields of PEFT features lorafuse does not support yet, each allowed only at its "off" value.
 bool is_off(const json& v) {
@@ -124,6 +123,10 @@ PeftLoraConfig lora_config_from_peft_json(const std::string& json_text, const st
       }
     } else if (key == "exclude_modules") {
       if (!value.is_null()) c.exclude_modules(modules_field(value, what, "exclude_modules"));
+    } else if (key == "task_type") {
+      TORCH_CHECK_VALUE(value.is_null() || value.is_string(), what, ": task_type must be a string or null, found ",
+                        value.dump());
+      if (value.is_string()) c.task_type(value.get<std::string>());
     } else if (key == "bias") {
       TORCH_CHECK_VALUE(value.is_string(), what, ": bias must be a string, found ", value.dump());
       c.bias(value.get<std::string>());
@@ -159,7 +162,7 @@ std::string lora_config_to_peft_json(const LoraConfig& c, const std::string& bas
   json j = json::object();
   // The fields that every PEFT release since 0.13 reads.
   j["peft_type"] = "LORA";
-  j["task_type"] = nullptr;
+  j["task_type"] = c.task_type().empty() ? json(nullptr) : json(c.task_type());
   j["base_model_name_or_path"] = base_model_name_or_path.empty() ? json(nullptr) : json(base_model_name_or_path);
   j["revision"] = nullptr;
   j["inference_mode"] = true;

@@ -262,9 +262,11 @@ AdapterFile describe_adapter(const std::vector<ModuleInfo>& modules, const std::
     const auto& a = l.adapter;
     const auto& path = modules.at(l.index).path;
     TORCH_CHECK_VALUE(a.lora_dropout() == first.adapter.lora_dropout() &&
-                          a.use_rslora() == first.adapter.use_rslora() && a.bias() == first.adapter.bias(),
+                          a.use_rslora() == first.adapter.use_rslora() && a.bias() == first.adapter.bias() &&
+                          a.task_type() == first.adapter.task_type(),
                       "save_adapter: layers \"", modules.at(first.index).path, "\" and \"", path,
-                      "\" disagree on lora_dropout, use_rslora or bias, which PEFT's format keeps once per adapter");
+                      "\" disagree on lora_dropout, use_rslora, bias or task_type, which PEFT's format keeps once per "
+                      "adapter");
     ranks.push_back(a.r());
     alphas.push_back(a.lora_alpha());
   }
@@ -274,6 +276,7 @@ AdapterFile describe_adapter(const std::vector<ModuleInfo>& modules, const std::
       .lora_dropout(first.adapter.lora_dropout())
       .use_rslora(first.adapter.use_rslora())
       .bias(first.adapter.bias())
+      .task_type(first.adapter.task_type())
       .init_lora_weights(first.adapter.init_lora_weights());
   // target_modules: the layers' own names ("q_proj", ...) when they select exactly these layers.
   std::vector<size_t> wanted;

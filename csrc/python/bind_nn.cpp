@@ -1,4 +1,5 @@
-// lorafuse.nn: the C++ LoraLinear (torch::python::bind_module, keyword names as LoraLinearOptions) and the per-thread adapter scope.
+// lorafuse.nn: the C++ LoraLinear (torch::python::bind_module, keyword names as LoraLinearOptions) and the per-thread
+// adapter scope.
 #include "csrc/python/convert.h"
 
 #include <lorafuse/nn/adapter_scope.h>
@@ -20,7 +21,7 @@ void bind_adapter_table(py::module& m) {
   py::class_<LoraAdapterOptions>(m, "AdapterOptions")
       .def(py::init([](int64_t r, double lora_alpha, double lora_dropout, bool use_rslora,
                        const py::object& init_lora_weights, const std::string& bias,
-                       std::optional<at::ScalarType> dtype) {
+                       std::optional<at::ScalarType> dtype, const std::optional<std::string>& task_type) {
              return translating([&] {
                LoraAdapterOptions o(r);
                o.lora_alpha(lora_alpha)
@@ -28,13 +29,15 @@ void bind_adapter_table(py::module& m) {
                    .use_rslora(use_rslora)
                    .init_lora_weights(init_from(init_lora_weights))
                    .bias(bias)
-                   .dtype(dtype);
+                   .dtype(dtype)
+                   .task_type(task_type.value_or(""));
                o.validate();
                return o;
              });
            }),
            py::arg("r") = 8, py::arg("lora_alpha") = 8.0, py::arg("lora_dropout") = 0.0, py::arg("use_rslora") = false,
-           py::arg("init_lora_weights") = true, py::arg("bias") = "none", py::arg("dtype") = py::none())
+           py::arg("init_lora_weights") = true, py::arg("bias") = "none", py::arg("dtype") = py::none(),
+           py::arg("task_type") = py::none())
       .def_property_readonly("r", [](const LoraAdapterOptions& o) { return o.r(); })
       .def_property_readonly("lora_alpha", [](const LoraAdapterOptions& o) { return o.lora_alpha(); })
       .def_property_readonly("lora_dropout", [](const LoraAdapterOptions& o) { return o.lora_dropout(); })
@@ -46,6 +49,11 @@ void bind_adapter_table(py::module& m) {
                                return py::bool_(init == "true");
                              })
       .def_property_readonly("bias", [](const LoraAdapterOptions& o) { return o.bias(); })
+      .def_property_readonly("task_type",
+                             [](const LoraAdapterOptions& o) -> std::optional<std::string> {
+                               if (o.task_type().empty()) return std::nullopt;
+                               return o.task_type();
+                             })
       .def_property_readonly("dtype", [](const LoraAdapterOptions& o) { return o.dtype(); })
       .def_property_readonly("scale", &LoraAdapterOptions::scale)
       .def(
@@ -55,7 +63,8 @@ void bind_adapter_table(py::module& m) {
           },
           py::is_operator())  // another type: NotImplemented, so == is False and `in` works
       .def("__hash__", [](const LoraAdapterOptions& o) { return py::hash(py::str(nn::adapter_options_json(o))); })
-      .def("__repr__", [](const LoraAdapterOptions& o) { return "AdapterOptions(" + nn::adapter_options_json(o) + ")"; })
+      .def("__repr__",
+           [](const LoraAdapterOptions& o) { return "AdapterOptions(" + nn::adapter_options_json(o) + ")"; })
       .def(py::pickle([](const LoraAdapterOptions& o) { return nn::adapter_options_json(o); },
                       [](const std::string& text) {
                         return translating([&] { return nn::adapter_options_from_json(text, "AdapterOptions"); });
@@ -80,10 +89,8 @@ void bind_adapter_table(py::module& m) {
            [](const AdapterTable& t, const std::string& name, const LoraAdapterOptions& o, at::ScalarType base_dtype) {
              return translating([&] { return t.check_add(name, o, base_dtype); });
            })
-      .def("add",
-           [](AdapterTable& t, const std::string& name, const LoraAdapterOptions& o, bool activate) {
-             return translating([&] { return t.add(name, o, activate); });
-           })
+      .def("add", [](AdapterTable& t, const std::string& name, const LoraAdapterOptions& o,
+                     bool activate) { return translating([&] { return t.add(name, o, activate); }); })
       .def("check_remove", [](const AdapterTable& t, const std::string& n) { translating([&] { t.check_remove(n); }); })
       .def("remove", [](AdapterTable& t, const std::string& n) { return translating([&] { return t.remove(n); }); })
       .def("check_activate",
@@ -140,25 +147,24 @@ void bind_nn(py::module& m) {
         return out.str();
       },
       py::name("__repr__"), py::is_method(cls));
-  cls
-      .def(py::init([](int64_t in_features, int64_t out_features, bool bias, const std::string& adapter_name, int64_t r,
-                       double lora_alpha, double lora_dropout, bool use_rslora, const py::object& init_lora_weights,
-                       std::optional<at::ScalarType> adapter_dtype) {
-             return translating([&] {
-               return std::make_shared<LoraLinearImpl>(LoraLinearOptions(in_features, out_features)
-                                                           .bias(bias)
-                                                           .adapter_name(adapter_name)
-                                                           .adapter(LoraAdapterOptions(r)
-                                                                        .lora_alpha(lora_alpha)
-                                                                        .lora_dropout(lora_dropout)
-                                                                        .use_rslora(use_rslora)
-                                                                        .init_lora_weights(init_from(init_lora_weights))
-                                                                        .dtype(adapter_dtype)));
-             });
-           }),
-           py::arg("in_features"), py::arg("out_features"), py::arg("bias") = true, py::arg("adapter_name") = "default",
-           py::arg("r") = 8, py::arg("lora_alpha") = 8.0, py::arg("lora_dropout") = 0.0, py::arg("use_rslora") = false,
-           py::arg("init_lora_weights") = true, py::arg("adapter_dtype") = py::none())
+  cls.def(py::init([](int64_t in_features, int64_t out_features, bool bias, const std::string& adapter_name, int64_t r,
+                      double lora_alpha, double lora_dropout, bool use_rslora, const py::object& init_lora_weights,
+                      std::optional<at::ScalarType> adapter_dtype) {
+            return translating([&] {
+              return std::make_shared<LoraLinearImpl>(LoraLinearOptions(in_features, out_features)
+                                                          .bias(bias)
+                                                          .adapter_name(adapter_name)
+                                                          .adapter(LoraAdapterOptions(r)
+                                                                       .lora_alpha(lora_alpha)
+                                                                       .lora_dropout(lora_dropout)
+                                                                       .use_rslora(use_rslora)
+                                                                       .init_lora_weights(init_from(init_lora_weights))
+                                                                       .dtype(adapter_dtype)));
+            });
+          }),
+          py::arg("in_features"), py::arg("out_features"), py::arg("bias") = true, py::arg("adapter_name") = "default",
+          py::arg("r") = 8, py::arg("lora_alpha") = 8.0, py::arg("lora_dropout") = 0.0, py::arg("use_rslora") = false,
+          py::arg("init_lora_weights") = true, py::arg("adapter_dtype") = py::none())
       .def(
           "add_adapter",
           [](LoraLinearImpl& self, const std::string& name, int64_t r, double lora_alpha, double lora_dropout,
@@ -195,7 +201,6 @@ void bind_nn(py::module& m) {
       .def("delta_weight", [](LoraLinearImpl& self, const std::string& n) {
         return translating([&] { return self.delta_weight(n); });
       });
-
 
   struct Scope {
     std::string name;

@@ -16,7 +16,7 @@ ModuleRow = Tuple[str, str, bool]  # (path, type name, is_linear)
 ModuleShapeRow = Tuple[str, str, bool, int, int]  # (path, type name, is_linear, in_features, out_features)
 # JSON texts: a LoraConfig with PEFT's field names (lorafuse::lora_config_from_peft_json) and one adapter's
 # options (lorafuse::nn::adapter_options_json: r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,
-# bias, dtype)
+# bias, task_type, dtype)
 LoraConfigJson = str
 AdapterOptionsJson = str
 
@@ -117,6 +117,7 @@ class AdapterOptions:
         init_lora_weights: Any = True,
         bias: str = "none",
         dtype: Optional[torch.dtype] = None,
+        task_type: Optional[str] = None,
     ) -> None: ...
     @property
     def r(self) -> int: ...
@@ -130,6 +131,8 @@ class AdapterOptions:
     def init_lora_weights(self) -> Any: ...  # True, False or "gaussian"
     @property
     def bias(self) -> str: ...
+    @property
+    def task_type(self) -> Optional[str]: ...
     @property
     def dtype(self) -> Optional[torch.dtype]: ...
     @property

@@ -31,6 +31,10 @@ class LoraConfig:
         alpha_pattern: per-module lora_alpha, the same way.
         init_lora_weights: ``True`` (A kaiming-uniform, B zeros: a new adapter changes nothing),
             ``"gaussian"`` (A normal(0, 1/r), B zeros) or ``False`` (both random).
+        task_type: PEFT's task type (a str or ``peft.TaskType``): ``None``, ``"CAUSAL_LM"``,
+            ``"SEQ_2_SEQ_LM"`` or ``"FEATURE_EXTRACTION"``; saved in adapter_config.json and read from it, it
+            changes nothing lorafuse computes. ``"SEQ_CLS"``, ``"TOKEN_CLS"`` and ``"QUESTION_ANS"`` (PEFT then
+            trains and saves the task head too, ``modules_to_save``) are refused until lorafuse supports that.
 
     The rules are checked (and applied by :func:`lorafuse.inject_lora`) by the same C++ code that the
     C++ ``lorafuse::LoraConfig`` uses. Bad values raise ValueError / TypeError naming the field.
@@ -46,8 +50,13 @@ class LoraConfig:
     rank_pattern: Dict[str, int] = field(default_factory=dict)
     alpha_pattern: Dict[str, float] = field(default_factory=dict)
     init_lora_weights: Union[bool, str] = True
+    task_type: Optional[str] = None
 
     def __post_init__(self) -> None:
+        self.task_type = getattr(self.task_type, "value", self.task_type)  # peft.TaskType: its name
+        if self.task_type is not None and not isinstance(self.task_type, str):
+            kind = type(self.task_type).__name__
+            raise TypeError(f"task_type: expected a str (PEFT's task type) or None, found {kind}")
         _check_number("r", self.r, int)
         _check_number("lora_alpha", self.lora_alpha, (int, float))
         _check_number("lora_dropout", self.lora_dropout, (int, float))

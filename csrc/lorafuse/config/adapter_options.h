@@ -49,6 +49,9 @@ struct LoraAdapterOptions {
   /// Which biases train while this adapter is active: "none", "all" or "lora_only" (LoraConfig::bias,
   /// recorded with the adapter because PEFT applies the active adapter's mode).
   TORCH_ARG(std::string, bias) = "none";
+  /// PEFT's task type of the adapter's config (LoraConfig::task_type; "" for none), recorded with the adapter so that
+  /// its file says it again. It changes nothing lorafuse computes.
+  TORCH_ARG(std::string, task_type);
 
  public:
   /// lora_alpha / r, or lora_alpha / √r with use_rslora.
@@ -63,6 +66,11 @@ struct LoraAdapterOptions {
 std::string adapter_options_json(const LoraAdapterOptions& options);
 /// The inverse, validated; ValueErrors are prefixed with `what`.
 LoraAdapterOptions adapter_options_from_json(const std::string& json_text, const std::string& what);
+
+/// A ValueError unless `task_type` is "" (none) or a PEFT task type whose model wrapper adapts only the targeted layers
+/// ("CAUSAL_LM", "SEQ_2_SEQ_LM", "FEATURE_EXTRACTION"). "SEQ_CLS", "TOKEN_CLS" and "QUESTION_ANS" make PEFT also train
+/// and save the model's task head (modules_to_save), which lorafuse does not do yet: refused by name.
+void check_task_type(const std::string& task_type);
 
 /// Throws a ValueError unless `name` can name an adapter: non-empty, without '.', whitespace or
 /// control characters (it becomes part of module paths: `q_proj.lora_A.<name>.weight`).

@@ -72,6 +72,9 @@ struct LoraConfig {
   TORCH_ARG(PatternMap<double>, alpha_pattern);
   /// How new A and B start (true, "gaussian" or false).
   TORCH_ARG(nn::InitLoraWeights, init_lora_weights) = true;
+  /// PEFT's task type: "" (none), "CAUSAL_LM", "SEQ_2_SEQ_LM" or "FEATURE_EXTRACTION"; written to adapter_config.json
+  /// and read from it (nn::check_task_type says what is refused). It changes nothing lorafuse computes.
+  TORCH_ARG(std::string, task_type);
 
  public:
   /// ValueError naming the first bad field, what was found and what is expected.

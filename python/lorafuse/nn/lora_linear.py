@@ -92,6 +92,7 @@ class Linear(nn.Module):
         init_lora_weights: Union[bool, str] = True,
         adapter_dtype: Optional[torch.dtype] = None,
         bias: str = "none",
+        task_type: Optional[str] = None,
     ) -> None:
         super().__init__()
         kind = base_kind_of(base_layer)
@@ -132,6 +133,7 @@ class Linear(nn.Module):
             init_lora_weights=init_lora_weights,
             adapter_dtype=adapter_dtype,
             bias=bias,
+            task_type=task_type,
         )
         # frozen only once the adapter is valid: a bad argument leaves the caller's layer as it was
         kind.freeze(base_layer)
@@ -187,6 +189,7 @@ class Linear(nn.Module):
         init_lora_weights: Union[bool, str] = True,
         adapter_dtype: Optional[torch.dtype] = None,
         bias: str = "none",
+        task_type: Optional[str] = None,
         *,
         activate: bool = True,
     ) -> None:
@@ -199,7 +202,8 @@ class Linear(nn.Module):
         if adapter_dtype is not None and not isinstance(adapter_dtype, torch.dtype):
             raise TypeError(f"adapter_dtype: expected a torch.dtype or None, found {adapter_dtype!r}")
         opts = AdapterOptions(
-            r, float(lora_alpha), float(lora_dropout), bool(use_rslora), init_lora_weights, bias, adapter_dtype
+            r, float(lora_alpha), float(lora_dropout), bool(use_rslora), init_lora_weights, bias, adapter_dtype,
+            task_type,
         )
         kind = base_kind_of(self.base_layer)
         dtype = self._table.check_add(adapter_name, opts, kind.weight_dtype(self.base_layer))

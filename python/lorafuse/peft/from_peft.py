@@ -30,6 +30,12 @@ def _config_problems(name: str, config: Any) -> List[str]:
     return problems
 
 
+def _task_type(config: Any) -> Any:
+    """The adapter's PEFT task type as a str (peft.TaskType's value), or None."""
+    task_type = getattr(config, "task_type", None)
+    return getattr(task_type, "value", task_type)
+
+
 def _convertible(module: nn.Module, peft_linear: type) -> bool:
     """A PEFT LoRA layer that a lorafuse layer reproduces: PEFT's Linear over an nn.Linear of a lorafuse base kind,
     or PEFT's bitsandbytes Linear4bit over bitsandbytes' NF4 Linear4bit (the bnb_linear4bit kind)."""
@@ -146,6 +152,7 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
                 lora_dropout=p,
                 use_rslora=bool(old.use_rslora.get(adapter, False)),
                 adapter_dtype=old.lora_A[adapter].weight.dtype,
+                task_type=_task_type(peft_model.peft_config.get(adapter)),
             )
             if new is None:
                 new = Linear(base, adapter_name=adapter, **kwargs)

@@ -157,6 +157,7 @@ def _attach(model, sites, chosen, adapter_name: str, keep_active: bool, fill=Non
             use_rslora=opts["use_rslora"],
             init_lora_weights=opts["init_lora_weights"],
             bias=opts["bias"],
+            task_type=opts["task_type"],
         )
         if is_lora_layer(module):
             module.add_adapter(adapter_name, **kwargs, activate=not keep_active)

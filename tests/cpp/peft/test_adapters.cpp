@@ -5,9 +5,9 @@
 #include <c10/util/Exception.h>
 #include <torch/csrc/autograd/grad_mode.h>
 
-#include <lorafuse/peft/adapters.h>
 #include <lorafuse/io/adapter.h>
 #include <lorafuse/models/llama.h>
+#include <lorafuse/peft/adapters.h>
 
 #include <algorithm>
 #include <atomic>
@@ -109,6 +109,41 @@ TEST_CASE("save_adapter then load_adapter into a fresh model gives the same outp
     CHECK(at::equal(layer->lora_b("default"), original->lora_b("default")));
     CHECK(layer->adapter_options("default").r() == original->adapter_options("default").r());
   }
+}
+
+TEST_CASE("task_type is written to adapter_config.json, read back and written again", "[cpu][adapters]") {
+  const auto root = temp_dir();
+  const auto a = saved_adapter(root, "a", LoraConfig().r(4).task_type("CAUSAL_LM"), 3);
+  CHECK(read_file(a + "/adapter_config.json").find("\"task_type\": \"CAUSAL_LM\"") != std::string::npos);
+  auto fresh = tiny_llama();
+  lorafuse::load_adapter(*fresh, a);
+  for (const auto& [path, layer] : lorafuse::lora_layers(*fresh)) {
+    CHECK(layer->adapter_options("default").task_type() == "CAUSAL_LM");
+  }
+  lorafuse::save_adapter(*fresh, root + "/b");
+  CHECK(read_file(root + "/b/adapter_config.json").find("\"task_type\": \"CAUSAL_LM\"") != std::string::npos);
+  // none: written as null, as PEFT writes it
+  const auto c = saved_adapter(root, "c", LoraConfig().r(4), 3);
+  CHECK(read_file(c + "/adapter_config.json").find("\"task_type\": null") != std::string::npos);
+}
+
+TEST_CASE("task types whose PEFT model trains a task head are refused by name", "[cpu][adapters][errors]") {
+  for (const std::string t : {"SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS"}) {
+    require_error_parts<c10::ValueError>([&] { LoraConfig().task_type(t).validate(); },
+                                         {"task_type: \"" + t + "\"", "modules_to_save", "does not support yet"});
+  }
+  require_error_parts<c10::ValueError>([&] { LoraConfig().task_type("causal").validate(); },
+                                       {"task_type: expected one of PEFT's task types", "found \"causal\""});
+  // a file that says so is refused the same way, naming the file
+  const auto root = temp_dir();
+  const auto a = saved_adapter(root, "a", LoraConfig().r(4), 3);
+  std::string config = read_file(a + "/adapter_config.json");
+  config.replace(config.find("\"task_type\": null"), std::string("\"task_type\": null").size(),
+                 "\"task_type\": \"SEQ_CLS\"");
+  write_file(a + "/adapter_config.json", config);
+  auto fresh = tiny_llama();
+  require_error_parts<c10::ValueError>([&] { lorafuse::load_adapter(*fresh, a); },
+                                       {"adapter_config.json", "task_type: \"SEQ_CLS\"", "modules_to_save"});
 }
 
 TEST_CASE("a second load_adapter adds the adapter beside the first, inactive and frozen", "[cpu][adapters]") {

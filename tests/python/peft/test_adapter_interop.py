@@ -152,6 +152,68 @@ def test_bias_lora_only_round_trips_with_peft(tmp_path):
     torch.testing.assert_close(logits(back), logits(ours), rtol=0, atol=0)
 
 
+def _saved_config(folder) -> dict:
+    import json
+
+    return json.loads((folder / "adapter_config.json").read_text())
+
+
+@pytest.mark.parametrize("task_type", ["CAUSAL_LM", peft.TaskType.CAUSAL_LM, "FEATURE_EXTRACTION", None])
+def test_task_type_is_accepted_saved_and_read_as_peft_does(tmp_path, task_type):
+    """PEFT recipes write LoraConfig(task_type=...): lorafuse takes it (a str or peft.TaskType), saves it in
+    adapter_config.json, PEFT loads the file into the model class of that task, and lorafuse reads it back and
+    saves it again; it changes no output."""
+    base = tiny_llama(seed=11)
+    ours = copy.deepcopy(base)
+    config = lorafuse.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type=task_type)
+    expected = None if task_type is None else str(getattr(task_type, "value", task_type))
+    assert config.task_type == expected
+    lorafuse.inject_lora(ours, config)
+    randomize(ours, seed=12)
+    assert {layer.adapters["default"].task_type for _, layer in lorafuse.lora_layers(ours)} == {expected}
+    lorafuse.save_adapter(ours, tmp_path / "a")
+    assert _saved_config(tmp_path / "a")["task_type"] == expected
+
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "a").eval()
+    assert theirs.peft_config["default"].task_type == expected
+    if expected == "CAUSAL_LM":
+        assert isinstance(theirs, peft.PeftModelForCausalLM)
+    torch.testing.assert_close(logits(theirs), logits(ours), rtol=1e-5, atol=1e-5)
+
+    back = lorafuse.load_adapter(copy.deepcopy(base), tmp_path / "a")
+    assert lorafuse.read_adapter(str(tmp_path / "a"))["config"]["task_type"] == expected
+    lorafuse.save_adapter(back, tmp_path / "b")
+    assert _saved_config(tmp_path / "b")["task_type"] == expected
+    torch.testing.assert_close(logits(back), logits(ours), rtol=0, atol=0)
+
+
+def test_a_peft_causal_lm_adapter_keeps_its_task_type_through_lorafuse(tmp_path):
+    base = tiny_llama(seed=13)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, task_type="CAUSAL_LM"))
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = lorafuse.load_adapter(copy.deepcopy(base), tmp_path / "peft")
+    lorafuse.save_adapter(ours, tmp_path / "again")
+    assert _saved_config(tmp_path / "again")["task_type"] == "CAUSAL_LM"
+    converted = lorafuse.from_peft(peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, task_type="CAUSAL_LM")))
+    assert {layer.adapters["default"].task_type for _, layer in lorafuse.lora_layers(converted)} == {"CAUSAL_LM"}
+
+
+@pytest.mark.parametrize(
+    "task_type, error, parts",
+    [
+        ("SEQ_CLS", ValueError, ["task_type", '"SEQ_CLS"', "modules_to_save", "not support"]),
+        ("QUESTION_ANS", ValueError, ["task_type", '"QUESTION_ANS"', "modules_to_save"]),
+        ("causal_lm", ValueError, ["task_type", "expected one of PEFT's task types", 'found "causal_lm"']),
+        (3, TypeError, ["task_type", "expected a str", "found int"]),
+    ],
+)
+def test_task_types_lorafuse_cannot_honour_are_refused_by_name(task_type, error, parts):
+    with pytest.raises(error) as raised:
+        lorafuse.LoraConfig(task_type=task_type)
+    for part in parts:
+        assert part in str(raised.value)
+
+
 def test_peft_adapters_load_in_a_cpp_program_with_the_reference_llama(tmp_path):
     program = cpp_program()
     base = tiny_llama(seed=10)
