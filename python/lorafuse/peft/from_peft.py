@@ -153,6 +153,7 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
                 use_rslora=bool(old.use_rslora.get(adapter, False)),
                 adapter_dtype=old.lora_A[adapter].weight.dtype,
                 task_type=_task_type(peft_model.peft_config.get(adapter)),
+                bias=getattr(peft_model.peft_config.get(adapter), "bias", "none"),  # which biases save with it
             )
             if new is None:
                 new = Linear(base, adapter_name=adapter, **kwargs)

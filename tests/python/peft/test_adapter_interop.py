@@ -214,6 +214,30 @@ def test_task_types_lorafuse_cannot_honour_are_refused_by_name(task_type, error,
         assert part in str(raised.value)
 
 
+@pytest.mark.parametrize("bias", ["lora_only", "all"])
+def test_from_peft_keeps_the_bias_mode_so_trained_biases_are_saved(tmp_path, bias):
+    """A PEFT model with bias="lora_only"/"all" trains biases; after from_peft they are still trained and
+    save_adapter must save them, as PEFT's save_pretrained does."""
+    import transformers
+
+    torch.manual_seed(14)
+    base = transformers.LlamaForCausalLM(
+        tiny_llama(seed=14).config.__class__(**{**tiny_llama(seed=14).config.to_dict(), "attention_bias": True})
+    ).eval()
+    theirs = peft_adapter(base, dict(r=4, target_modules=["q_proj", "v_proj"], bias=bias), seed=15)
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if p.requires_grad and name.endswith("bias"):
+                p.add_(0.25)  # "trained" biases
+    want = logits(theirs)
+    ours = lorafuse.from_peft(theirs)
+    assert {layer.adapters["default"].bias for _, layer in lorafuse.lora_layers(ours)} == {bias}
+    lorafuse.save_adapter(ours, tmp_path / "a")
+    assert _saved_config(tmp_path / "a")["bias"] == bias
+    back = lorafuse.load_adapter(copy.deepcopy(base), tmp_path / "a")
+    torch.testing.assert_close(logits(back), want, rtol=1e-5, atol=1e-5)
+
+
 def test_peft_adapters_load_in_a_cpp_program_with_the_reference_llama(tmp_path):
     program = cpp_program()
     base = tiny_llama(seed=10)
