@@ -299,12 +299,16 @@ def finish(args, plan, adapters, device, held, base_path, max_positions, summary
     model = held.pop()
     ADAPTERS = adapters  # noqa: N806 (the table of this run)
     # ---- 2. adapter A ------------------------------------------------------------------------------------
-    tasks, held_out = {}, {}
-    for name, spec in ADAPTERS.items():
-        train_records, held_out[name] = lib.load_task(spec["task"])
-        tasks[name] = lib.RecordBatches(
-            train_records, held_out[name], plan.adapter_batch, device, seed=2, eval_records=plan.eval_records
+    records = {name: lib.load_task(spec["task"]) for name, spec in ADAPTERS.items()}  # (train, held out)
+    held_out = {name: held for name, (_, held) in records.items()}
+
+    def batches(name: str) -> lib.RecordBatches:
+        """The task's batches, in the same order every time they are made (seeded)."""
+        return lib.RecordBatches(
+            *records[name], plan.adapter_batch, device, seed=2, eval_records=plan.eval_records
         )
+
+    tasks = {name: batches(name) for name in ADAPTERS}
     probe = tasks["task_a"].eval_batches()[0]  # logits on these are compared across reload and merge
     model.eval()
     with torch.no_grad():
@@ -443,11 +447,8 @@ def finish(args, plan, adapters, device, held, base_path, max_positions, summary
         + " stays dense)"
     )
     lorafuse.inject_lora(model, lorafuse.LoraConfig(**ADAPTERS["task_a"]["config"]), "task_a")
-    train_records, _ = lib.load_task(ADAPTERS["task_a"]["task"])
-    same_batches = lib.RecordBatches(  # task_a's batches in task_a's order: the LoRA run's numbers compare
-        train_records, held_out["task_a"], plan.adapter_batch, device, seed=2, eval_records=plan.eval_records
-    )
-    phase = train_adapter("task_a", "QLoRA adapter task_a: the 4-bit base", same_batches, "task_a_qlora")
+    # task_a's batches again, in task_a's order: the LoRA run's numbers compare
+    phase = train_adapter("task_a", "QLoRA adapter task_a: the 4-bit base", batches("task_a"), "task_a_qlora")
     phase.update(
         weight_bytes_float32=dense_bytes, weight_bytes_nf4=nf4_bytes, quantize_seconds=round(quantize_seconds, 2)
     )
