@@ -16,7 +16,7 @@
 #include <sstream>
 
 #include "csrc/config/json.h"
-#include "csrc/ops/common/nf4_checks.h"
+#include "csrc/ops/common/nf_checks.h"
 #include "cuda/shared/nf4.h"
 
 namespace lorafuse::io {

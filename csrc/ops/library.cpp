@@ -45,7 +45,52 @@ TORCH_LIBRARY(lorafuse, m) {
   // the layers keep the unmerged weight (no subtraction).
   m.def("lora_merge(Tensor weight, Tensor[] lora_a, Tensor[] lora_b, float[] scale) -> Tensor");
 
-  // ---- NF4: the 4-bit NormalFloat base of QLoRA, bitsandbytes' exact bytes (cuda/shared/nf4.h has the rules)
+  // ---- The quantized-weight format of QLoRA and LQ-LoRA (cuda/shared/nf_format.h has the rules): NF-b codes in absmax
+  // blocks, the statistics quantized again; format = [bits, blocksize, stat_bits, stat_blocksize].
+  // weight (float32/bfloat16/float16, finite) → packed uint8 [ceil(n·bits/8), 1], absmax float32 [blocks] (stat_bits
+  // = 0) or uint8 [ceil(blocks·stat_bits/8)], nested_absmax [ceil(blocks/stat_blocksize)] in stat_dtype and offset
+  // float32 [] (both [0] without double quantization).
+  m.def(
+      "quantize_nf(Tensor weight, int[] format, ScalarType stat_dtype=float) "
+      "-> (Tensor packed, Tensor absmax, Tensor nested_absmax, Tensor offset)");
+  // The weight of `shape` in `dtype`: code[index]·the statistic of its block in float32, rounded once to dtype.
+  m.def(
+      "dequantize_nf(Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? offset, int[] format, int[] shape, "
+      "ScalarType dtype) -> Tensor");
+  // y = x·Wᵀ + bias for the quantized W [out_features, in] (in = x.size(-1)), dequantized a tile of rows at a time in
+  // x's dtype (never the whole dense weight); differentiable in x and bias, never in W.
+  m.def(
+      "nf_linear(Tensor x, Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? offset, int[] format, "
+      "int out_features, Tensor? bias=None) -> Tensor");
+  // dX = dY·W [..., in_features] for nf_linear's backward, tile by tile, accumulated in float32.
+  m.def(
+      "nf_linear_backward(Tensor grad_out, Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? offset, "
+      "int[] format, int in_features) -> Tensor");
+  // The LoRA layer over a quantized base in one op: y = nf_linear(x, W, bias) + scale·(dropout(x)·Aᵀ)·Bᵀ, the branch
+  // by lora_add's rules (lora_a in x's dtype or float32, accumulated in float32, float64 for float64); differentiable
+  // in x, bias, lora_a and lora_b, never in W. CPU: one kernel (the branch accumulated into the base's output in place,
+  // dX's LoRA term and the dY·W tiles summed into one buffer); other devices (CompositeExplicitAutograd): nf_linear
+  // and lora_add.
+  m.def(
+      "nf_lora_linear(Tensor x, Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? offset, int[] format, "
+      "int out_features, Tensor? bias, Tensor lora_a, Tensor lora_b, float scale, float dropout_p=0.0) -> Tensor",
+      {at::Tag::nondeterministic_seeded});
+  // Training forward: also u = dropout(x)·Aᵀ [T, r] and the dropout rng_state [2], as lora_add_forward.
+  m.def(
+      "nf_lora_linear_forward(Tensor x, Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? offset, "
+      "int[] format, int out_features, Tensor? bias, Tensor lora_a, Tensor lora_b, float scale, float dropout_p) "
+      "-> (Tensor out, Tensor u, Tensor rng_state)",
+      {at::Tag::nondeterministic_seeded});
+  // Its backward; output_mask = (x, lora_a, lora_b, bias), unrequested grads empty [0]; dX = dY·W + the LoRA term.
+  m.def(
+      "nf_lora_linear_backward(Tensor grad_out, Tensor x, Tensor packed, Tensor absmax, Tensor? nested_absmax, "
+      "Tensor? offset, int[] format, Tensor lora_a, Tensor lora_b, Tensor u, Tensor rng_state, float scale, "
+      "float dropout_p, bool[4] output_mask) "
+      "-> (Tensor grad_x, Tensor grad_lora_a, Tensor grad_lora_b, Tensor grad_bias)");
+
+  // ---- NF4: the 4-bit NormalFloat base of QLoRA with bitsandbytes' names and exact bytes: the ops above at
+  // format [4, blocksize, 8, 256] (double quantization, float32 scales) or [4, blocksize, 0, 0]
+  // (CompositeImplicitAutograd, csrc/ops/composite/nf4_composite.cpp), blocksize one of bitsandbytes' 32 ... 4096.
   // weight (float32/bfloat16/float16, finite) → packed uint8 [ceil(n/2), 1], absmax float32 [blocks] (uint8 codes
   // with double_quant), nested_absmax float32 [ceil(blocks/256)] and offset float32 [] (both [0] without).
   m.def(

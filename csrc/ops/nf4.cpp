@@ -5,7 +5,7 @@
 
 #include <algorithm>
 
-#include "csrc/ops/common/nf4_checks.h"
+#include "csrc/ops/common/nf_checks.h"
 #include "cuda/shared/nf4.h"
 
 namespace lorafuse {

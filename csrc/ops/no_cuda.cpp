@@ -40,24 +40,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_add_forward_no_cuda(const at
   no_cuda("lorafuse.lora_add_forward");
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_nf4_no_cuda(const at::Tensor&, int64_t, bool) {
-  no_cuda("lorafuse.quantize_nf4");
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_nf_no_cuda(const at::Tensor&, at::IntArrayRef,
+                                                                               at::ScalarType) {
+  no_cuda("lorafuse.quantize_nf");
 }
 
-at::Tensor dequantize_nf4_no_cuda(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                                  const std::optional<at::Tensor>&, int64_t, at::IntArrayRef, at::ScalarType) {
-  no_cuda("lorafuse.dequantize_nf4");
+at::Tensor dequantize_nf_no_cuda(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                 const std::optional<at::Tensor>&, at::IntArrayRef, at::IntArrayRef, at::ScalarType) {
+  no_cuda("lorafuse.dequantize_nf");
 }
 
-at::Tensor nf4_linear_no_cuda(const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                              const std::optional<at::Tensor>&, int64_t, int64_t, const std::optional<at::Tensor>&) {
-  no_cuda("lorafuse.nf4_linear");
+at::Tensor nf_linear_no_cuda(const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                             const std::optional<at::Tensor>&, at::IntArrayRef, int64_t,
+                             const std::optional<at::Tensor>&) {
+  no_cuda("lorafuse.nf_linear");
 }
 
-at::Tensor nf4_linear_backward_no_cuda(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                       const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, int64_t,
-                                       int64_t) {
-  no_cuda("lorafuse.nf4_linear_backward");
+at::Tensor nf_linear_backward_no_cuda(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                      const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                                      at::IntArrayRef, int64_t) {
+  no_cuda("lorafuse.nf_linear_backward");
 }
 
 }  // namespace
@@ -68,8 +70,8 @@ TORCH_LIBRARY_IMPL(lorafuse, CUDA, m) {
   m.impl("lora_linear_backward", &lora_linear_backward_no_cuda);
   m.impl("lora_add", &lora_add_no_cuda);
   m.impl("lora_add_forward", &lora_add_forward_no_cuda);
-  m.impl("quantize_nf4", &quantize_nf4_no_cuda);
-  m.impl("dequantize_nf4", &dequantize_nf4_no_cuda);
-  m.impl("nf4_linear", &nf4_linear_no_cuda);
-  m.impl("nf4_linear_backward", &nf4_linear_backward_no_cuda);
+  m.impl("quantize_nf", &quantize_nf_no_cuda);
+  m.impl("dequantize_nf", &dequantize_nf_no_cuda);
+  m.impl("nf_linear", &nf_linear_no_cuda);
+  m.impl("nf_linear_backward", &nf_linear_backward_no_cuda);
 }

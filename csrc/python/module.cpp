@@ -17,6 +17,14 @@ PYBIND11_MODULE(_C, m) {
       pybind11::arg("bits"),
       "The NF-b code (b-bit NormalFloat, 2 <= b <= 8) as bitsandbytes builds NF4, float32 [2^b]; nf_code(4) equals "
       "nf4_code_map().");
+  m.def(
+      "nf_bits_per_weight",
+      [](std::vector<int64_t> format, at::ScalarType stat_dtype) {
+        return lp::translating([&] { return lorafuse::nf_bits_per_weight(format, stat_dtype); });
+      },
+      pybind11::arg("format"), pybind11::arg("stat_dtype"),
+      "Bits per weight of a quantized-weight format [bits, blocksize, stat_bits, stat_blocksize] with statistic "
+      "scales in stat_dtype (the one offset per matrix left out).");
   m.def("dynamic_code_map", &lorafuse::dynamic_code_map,
         "The dynamic 8-bit code of double quantization (bitsandbytes' nested_quant_map), float32 [256].");
   lp::bind_config(m);

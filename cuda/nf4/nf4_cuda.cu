@@ -1,7 +1,8 @@
-// Host wrappers of the NF4 CUDA kernels and their TORCH_LIBRARY_IMPL(lorafuse, CUDA, m): quantize_nf4 and
-// dequantize_nf4 (bit-exact with the CPU kernels: the same bytes on every device), nf4_linear (T ≤ kGemvTokens: the
+// Host wrappers of the NF4 CUDA kernels and their TORCH_LIBRARY_IMPL(lorafuse, CUDA, m) for the quantized-weight ops
+// at NF4 formats (4 bits; bitsandbytes' statistics [4, blocksize, 8, 256] with float32 scales, or none): quantize_nf
+// and dequantize_nf (bit-exact with the CPU kernels: the same bytes on every device), nf_linear (T ≤ kGemvTokens: the
 // 4-bit GEMV on the packed bytes; larger T: the weight dequantized into a scratch buffer in x's dtype, then cuBLAS) and
-// nf4_linear_backward (dX = dY·W through cuBLAS on the dequantized weight).
+// nf_linear_backward (dX = dY·W through cuBLAS on the dequantized weight). Other formats are refused by name.
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/addmm.h>
@@ -16,7 +17,7 @@
 #include <tuple>
 #include <vector>
 
-#include "csrc/ops/common/nf4_checks.h"
+#include "csrc/ops/common/nf_checks.h"
 #include "cuda/common/launch.h"
 #include "cuda/nf4/nf4_launch.cuh"
 
@@ -54,6 +55,24 @@ Weight weight_of(const at::Tensor& packed, const at::Tensor& absmax, const std::
   return w;
 }
 
+// The format, checked to be one the CUDA kernels cover.
+nf::Format cuda_format(const char* op, at::IntArrayRef format) {
+  const nf::Format f = lorafuse::detail::parse_nf_format(op, format);
+  TORCH_CHECK_NOT_IMPLEMENTED(
+      f.bits == 4 && (f.stat_bits == 0 || (f.stat_bits == 8 && f.stat_blocksize == nf4::kNestedBlocksize)), op,
+      ": the CUDA kernels cover NF4 formats so far ([4, blocksize, 8, 256] or [4, blocksize, 0, 0]); found format ",
+      format, ". Other formats run on the CPU");
+  lorafuse::detail::nf4_format(op, f.blocksize, f.nested());  // bitsandbytes' block sizes
+  return f;
+}
+
+void check_cuda_statistics(const char* op, const std::optional<at::Tensor>& nested_absmax) {
+  TORCH_CHECK_NOT_IMPLEMENTED(!nested_absmax.has_value() || !nested_absmax->defined() || nested_absmax->numel() == 0 ||
+                                  nested_absmax->scalar_type() == at::kFloat,
+                              op, ": the CUDA kernels take float32 nested_absmax so far, found ",
+                              nested_absmax->scalar_type());
+}
+
 int64_t max_blocks(const at::Tensor& t) {
   return 8 * static_cast<int64_t>(at::cuda::getDeviceProperties(t.device().index())->multiProcessorCount);
 }
@@ -85,12 +104,19 @@ at::Tensor dequantized(const Weight& w, int64_t out_features, int64_t in_feature
   return dense;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_nf4_cuda(const at::Tensor& weight,
-                                                                             int64_t blocksize, bool double_quant) {
-  lorafuse::detail::check_quantize_nf4_args(weight, blocksize);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_nf_cuda(const at::Tensor& weight,
+                                                                            at::IntArrayRef format,
+                                                                            at::ScalarType stat_dtype) {
+  constexpr const char* op = "lorafuse.quantize_nf";
+  const nf::Format f = cuda_format(op, format);
+  lorafuse::detail::check_quantize_nf_args(op, weight, f, stat_dtype);
+  TORCH_CHECK_NOT_IMPLEMENTED(stat_dtype == at::kFloat, op, ": the CUDA kernels write float32 scales so far, found ",
+                              stat_dtype);
+  const int64_t blocksize = f.blocksize;
+  const bool double_quant = f.nested();
   const c10::cuda::CUDAGuard guard(weight.device());
   const at::Tensor flat = weight.reshape(-1).to(at::kFloat).contiguous();  // row-major, as bitsandbytes reads it
-  lorafuse::detail::check_nf4_finite(flat);
+  lorafuse::detail::check_nf_finite(op, flat);
   const int64_t n = flat.numel();
   const auto f32 = flat.options();
   const auto p = nf4_quantize_params(flat.data_ptr<float>(), n, blocksize, nullptr, nullptr);
@@ -122,32 +148,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_nf4_cuda(con
   return {packed, codes, nested, offset};
 }
 
-at::Tensor dequantize_nf4_cuda(const at::Tensor& packed, const at::Tensor& absmax,
-                               const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,
-                               int64_t blocksize, at::IntArrayRef shape, at::ScalarType dtype) {
-  const bool nested = lorafuse::detail::check_dequantize_nf4_args("lorafuse.dequantize_nf4", packed, absmax,
-                                                                  nested_absmax, offset, blocksize, shape, dtype);
+at::Tensor dequantize_nf_cuda(const at::Tensor& packed, const at::Tensor& absmax,
+                              const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,
+                              at::IntArrayRef format, at::IntArrayRef shape, at::ScalarType dtype) {
+  constexpr const char* op = "lorafuse.dequantize_nf";
+  const nf::Format f = cuda_format(op, format);
+  const int64_t blocksize = f.blocksize;
+  const bool nested =
+      lorafuse::detail::check_dequantize_nf_args(op, packed, absmax, nested_absmax, offset, f, shape, dtype);
+  check_cuda_statistics(op, nested_absmax);
   const c10::cuda::CUDAGuard guard(packed.device());
   int64_t n = 1;
   for (const auto d : shape) n *= d;
   const Weight w = weight_of(packed, absmax, nested_absmax, offset, blocksize, nested);
   at::Tensor out = at::empty({n}, packed.options().dtype(dtype));
   const CudaLauncher launch{at::cuda::getCurrentCUDAStream()};
-  dispatch_float_types(dtype, "lorafuse.dequantize_nf4", [&](auto tag) {
+  dispatch_float_types(dtype, op, [&](auto tag) {
     using T = typename decltype(tag)::type;
     run_nf4_dequantize<T>(launch, w.view, device_ptr<T>(out), n, max_blocks(packed));
   });
   return out.reshape(shape);
 }
 
-at::Tensor nf4_linear_cuda(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
-                           const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,
-                           int64_t blocksize, int64_t out_features, const std::optional<at::Tensor>& bias) {
+at::Tensor nf_linear_cuda(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                          const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,
+                          at::IntArrayRef format, int64_t out_features, const std::optional<at::Tensor>& bias) {
+  constexpr const char* op = "lorafuse.nf_linear";
+  const nf::Format f = cuda_format(op, format);
+  const int64_t blocksize = f.blocksize;
   const int64_t in_features = x.dim() >= 1 ? x.size(-1) : 0;
-  const bool nested =
-      lorafuse::detail::check_nf4_linear_args("lorafuse.nf4_linear", x, in_features, packed, absmax, nested_absmax,
-                                              offset, blocksize, out_features, in_features, bias);
-  check_cuda_dtype(x, "lorafuse.nf4_linear");
+  const bool nested = lorafuse::detail::check_nf_linear_args(op, x, in_features, packed, absmax, nested_absmax, offset,
+                                                             f, out_features, in_features, bias);
+  check_cuda_statistics(op, nested_absmax);
+  check_cuda_dtype(x, op);
   const c10::cuda::CUDAGuard guard(x.device());
   const Weight w = weight_of(packed, absmax, nested_absmax, offset, blocksize, nested);
   at::Tensor x2 = x.reshape({-1, in_features});
@@ -160,7 +193,7 @@ at::Tensor nf4_linear_cuda(const at::Tensor& x, const at::Tensor& packed, const 
     at::Tensor y = at::empty({tokens, out_features}, x.options());
     const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
     const CudaLauncher launch{at::cuda::getCurrentCUDAStream()};
-    dispatch_float_types(x.scalar_type(), "lorafuse.nf4_linear", [&](auto tag) {
+    dispatch_float_types(x.scalar_type(), op, [&](auto tag) {
       using T = typename decltype(tag)::type;
       run_nf4_gemv<T>(launch, Nf4GemvParams<T>{w.view, device_ptr<T>(x2), has_bias ? device_ptr<T>(b) : nullptr,
                                                device_ptr<T>(y), tokens, in_features, out_features, x2.stride(0)});
@@ -172,14 +205,18 @@ at::Tensor nf4_linear_cuda(const at::Tensor& x, const at::Tensor& packed, const 
   return y.view(out_shape);
 }
 
-at::Tensor nf4_linear_backward_cuda(const at::Tensor& grad_out, const at::Tensor& packed, const at::Tensor& absmax,
-                                    const std::optional<at::Tensor>& nested_absmax,
-                                    const std::optional<at::Tensor>& offset, int64_t blocksize, int64_t in_features) {
+at::Tensor nf_linear_backward_cuda(const at::Tensor& grad_out, const at::Tensor& packed, const at::Tensor& absmax,
+                                   const std::optional<at::Tensor>& nested_absmax,
+                                   const std::optional<at::Tensor>& offset, at::IntArrayRef format,
+                                   int64_t in_features) {
+  constexpr const char* op = "lorafuse.nf_linear_backward";
+  const nf::Format f = cuda_format(op, format);
+  const int64_t blocksize = f.blocksize;
   const int64_t out_features = grad_out.dim() >= 1 ? grad_out.size(-1) : 0;
-  const bool nested = lorafuse::detail::check_nf4_linear_args("lorafuse.nf4_linear_backward", grad_out, out_features,
-                                                              packed, absmax, nested_absmax, offset, blocksize,
-                                                              out_features, in_features, std::nullopt);
-  check_cuda_dtype(grad_out, "lorafuse.nf4_linear_backward");
+  const bool nested = lorafuse::detail::check_nf_linear_args(op, grad_out, out_features, packed, absmax, nested_absmax,
+                                                             offset, f, out_features, in_features, std::nullopt);
+  check_cuda_statistics(op, nested_absmax);
+  check_cuda_dtype(grad_out, op);
   const c10::cuda::CUDAGuard guard(grad_out.device());
   const Weight w = weight_of(packed, absmax, nested_absmax, offset, blocksize, nested);
   const at::Tensor dy = grad_out.reshape({-1, out_features});
@@ -193,8 +230,8 @@ at::Tensor nf4_linear_backward_cuda(const at::Tensor& grad_out, const at::Tensor
 }  // namespace lorafuse::cuda
 
 TORCH_LIBRARY_IMPL(lorafuse, CUDA, m) {
-  m.impl("quantize_nf4", &lorafuse::cuda::quantize_nf4_cuda);
-  m.impl("dequantize_nf4", &lorafuse::cuda::dequantize_nf4_cuda);
-  m.impl("nf4_linear", &lorafuse::cuda::nf4_linear_cuda);
-  m.impl("nf4_linear_backward", &lorafuse::cuda::nf4_linear_backward_cuda);
+  m.impl("quantize_nf", &lorafuse::cuda::quantize_nf_cuda);
+  m.impl("dequantize_nf", &lorafuse::cuda::dequantize_nf_cuda);
+  m.impl("nf_linear", &lorafuse::cuda::nf_linear_cuda);
+  m.impl("nf_linear_backward", &lorafuse::cuda::nf_linear_backward_cuda);
 }

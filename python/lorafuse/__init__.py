@@ -7,7 +7,20 @@ import torch  # noqa: F401  (loads libtorch before lorafuse's native library)
 
 from . import _C, models, nn, peft, pretrained, quant
 from .config import LoraConfig
-from .ops import Nf4Weight, dequantize_nf4, lora_linear, nf4_linear, nf4_lora_linear, quantize_nf4
+from .ops import (
+    NfFormat,
+    NfWeight,
+    Nf4Weight,
+    dequantize_nf,
+    dequantize_nf4,
+    lora_linear,
+    nf4_linear,
+    nf4_lora_linear,
+    nf_linear,
+    nf_lora_linear,
+    quantize_nf,
+    quantize_nf4,
+)
 from .quant import BitAllocation, QuantConfig, allocate_bits, load_checkpoint, quantize_model, save_checkpoint
 from .peft import (
     active_adapter,
@@ -46,6 +59,12 @@ __all__ = [
     "nf4_linear",
     "nf4_lora_linear",
     "Nf4Weight",
+    "NfFormat",
+    "NfWeight",
+    "quantize_nf",
+    "dequantize_nf",
+    "nf_linear",
+    "nf_lora_linear",
     "QuantConfig",
     "quantize_model",
     "load_checkpoint",

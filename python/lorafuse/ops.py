@@ -40,13 +40,86 @@ def lora_linear(
     return torch.ops.lorafuse.lora_linear(x, weight, bias, lora_a, lora_b, float(scale), float(dropout_p))
 
 
-class Nf4Weight(NamedTuple):
-    """A weight in NF4 as bitsandbytes stores it (and transformers' 4-bit checkpoints name it)."""
+class NfWeight(NamedTuple):
+    """A quantized weight (the one format of QLoRA and LQ-LoRA, see :class:`NfFormat`), with bitsandbytes' field names
+    (transformers' 4-bit checkpoints name them so)."""
 
-    packed: Tensor  #: uint8 [ceil(n/2), 1]: two 4-bit codes per byte, the first element in the high nibble
-    absmax: Tensor  #: float32 [blocks], or uint8 [blocks] (8-bit codes) with double quantization
-    nested_absmax: Tensor  #: float32 [ceil(blocks/256)] with double quantization, else [0]
-    offset: Tensor  #: float32 [] (mean of the first-level absmax) with double quantization, else [0]
+    packed: Tensor  #: uint8 [ceil(n*bits/8), 1]: the codes as a bit stream, most significant bit first
+    absmax: Tensor  #: float32 [blocks], or uint8 [ceil(blocks*stat_bits/8)] (the statistics' codes)
+    nested_absmax: Tensor  #: the statistics' scales [ceil(blocks/stat_blocksize)] with double quantization, else [0]
+    offset: Tensor  #: float32 [] with double quantization, else [0]
+
+
+#: A weight in NF4 as bitsandbytes stores it: :class:`NfWeight` at 4 bits.
+Nf4Weight = NfWeight
+
+
+class NfFormat(NamedTuple):
+    """A quantized-weight format: NF-``bits`` codes (:func:`lorafuse.nf_code`) in absmax blocks of ``blocksize``
+    weights, the block statistics quantized again.
+
+    ``stat_bits`` = 0 keeps every absmax in float32 (``stat_blocksize`` 0); 8 is bitsandbytes' double quantization
+    (the statistics around their mean in the dynamic 8-bit code, blocks of ``stat_blocksize``, bitsandbytes: 256);
+    2 .. 7 is the LQ-LoRA reference's (above their minimum in the uniform code). Each index is taken against its
+    block's exact absmax. ``NfFormat(4, 64, 8, 256)`` with float32 scales is bitsandbytes' NF4 with double
+    quantization, to the bit."""
+
+    bits: int = 4  #: 2 .. 8
+    blocksize: int = 64  #: a power of two in [16, 4096]
+    stat_bits: int = 8  #: 0 or 2 .. 8
+    stat_blocksize: int = 256  #: a power of two in [16, 4096]; 0 with stat_bits = 0
+
+    def bits_per_weight(self, stat_dtype: torch.dtype = torch.float32) -> float:
+        """``bits + stat_bits/blocksize + (scale bits)/(blocksize*stat_blocksize)``; the one float32 offset per
+        matrix is left out."""
+        from . import _C
+
+        return _C.nf_bits_per_weight(list(self), stat_dtype)
+
+
+def quantize_nf(weight: Tensor, format: NfFormat = NfFormat(), stat_dtype: torch.dtype = torch.float32) -> NfWeight:
+    """Quantizes ``weight`` (float32, bfloat16 or float16, any shape, read row-major, finite) in ``format``, the
+    statistics' scales kept in ``stat_dtype`` (float32, bfloat16 or float16). ``quantize_nf4`` is this at 4 bits.
+
+    Raises:
+        ValueError: a format field out of range (named), a non-finite value (its flat index), an empty weight.
+        TypeError: a weight or stat_dtype that is not float32, bfloat16 or float16.
+    """
+    return NfWeight(*torch.ops.lorafuse.quantize_nf(weight, list(format), stat_dtype))
+
+
+def dequantize_nf(q: NfWeight, format: NfFormat, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> Tensor:
+    """The weight of ``shape`` in ``dtype`` that ``q`` encodes in ``format``: code · the statistic of its block in
+    float32, rounded once to ``dtype``."""
+    return torch.ops.lorafuse.dequantize_nf(
+        q.packed, q.absmax, q.nested_absmax, q.offset, list(format), list(shape), dtype
+    )
+
+
+def nf_linear(x: Tensor, q: NfWeight, format: NfFormat, out_features: int, bias: Optional[Tensor] = None) -> Tensor:
+    """``y = x @ W.T + bias`` for the quantized ``W`` [out_features, x.shape[-1]], dequantized a tile of rows at a
+    time in x's dtype (the dense weight of a large layer never exists as a whole). Differentiable in ``x`` and
+    ``bias``, never in ``W``."""
+    return torch.ops.lorafuse.nf_linear(x, *q, list(format), int(out_features), bias)
+
+
+def nf_lora_linear(
+    x: Tensor,
+    q: NfWeight,
+    format: NfFormat,
+    out_features: int,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scale: float,
+    bias: Optional[Tensor] = None,
+    dropout_p: float = 0.0,
+) -> Tensor:
+    """The LoRA layer over a quantized base in one op: ``nf_linear(x, q, format, out_features, bias) + scale *
+    (dropout(x) @ lora_a.T) @ lora_b.T`` (the branch by ``lora_add``'s rules). Differentiable in ``x``, ``bias``,
+    ``lora_a`` and ``lora_b``, never in the quantized weight."""
+    return torch.ops.lorafuse.nf_lora_linear(
+        x, *q, list(format), int(out_features), bias, lora_a, lora_b, float(scale), float(dropout_p)
+    )
 
 
 def quantize_nf4(weight: Tensor, blocksize: int = 64, double_quant: bool = True) -> Nf4Weight:

@@ -10,16 +10,15 @@
 #include <optional>
 #include <tuple>
 
+#include <lorafuse/ops/nf.h>
+
 namespace lorafuse {
 
-/// What quantize_nf4 returns, with bitsandbytes' (and transformers' checkpoint) names:
-///   packed         uint8 [ceil(n/2), 1]: two 4-bit codes per byte, the first element in the high nibble
-///   absmax         float32 [blocks] (no double quantization) or uint8 [blocks] (the statistics' 8-bit codes)
-///   nested_absmax  float32 [ceil(blocks/256)] with double quantization, else [0]
-///   offset         float32 [] (mean of the first-level absmax) with double quantization, else [0]
-struct Nf4Weight {
-  at::Tensor packed, absmax, nested_absmax, offset;
-};
+/// What quantize_nf4 returns (lorafuse/ops/nf.h: NfWeight at 4 bits), with bitsandbytes' (and transformers'
+/// checkpoint) names: packed uint8 [ceil(n/2), 1], two codes per byte, the first element in the high nibble; absmax
+/// float32 [blocks] or, with double quantization, uint8 [blocks]; nested_absmax float32 [ceil(blocks/256)] and offset
+/// float32 [] (the mean of the first-level absmax) with double quantization, else [0].
+using Nf4Weight = NfWeight;
 
 /// Quantizes `weight` (float32, bfloat16 or float16; any shape, read row-major; finite values) in blocks of
 /// `blocksize` (32, 64, ..., 4096), bit-exact with bitsandbytes' quantize_4bit(quant_type="nf4",

@@ -1,4 +1,4 @@
-// Autocast kernels (lora_linear4bit's is beside its composite, nf4_lora_linear_composite.cpp): inside torch.autocast,
+// Autocast kernels (lora_linear4bit's is beside its composite, nf_lora_linear_composite.cpp): inside torch.autocast,
 // x, weight and bias run in the autocast dtype, as F.linear's do; float32 adapters stay float32 (the op takes fp32
 // lora_a/lora_b with fp16/bf16 x and accumulates in fp32), other adapters follow x. The casts are ordinary
 // differentiable ops, so gradients reach the original (e.g. float32) tensors.

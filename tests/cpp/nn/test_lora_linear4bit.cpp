@@ -65,7 +65,7 @@ TEST_CASE("LoraLinear4bit: forward and gradients equal the float64 reference, th
   CHECK(at::allclose(d(y), reference(*layer, x), 1e-4, 1e-4));
   // the layer and its branch are one autograd node: nf4_lora_linear
   REQUIRE(y.grad_fn());
-  CHECK(y.grad_fn()->name().find("Nf4LoraLinearFunction") != std::string::npos);
+  CHECK(y.grad_fn()->name().find("NfLoraLinearFunction") != std::string::npos);
   // gradients of x, A and B against autograd through the float64 reference
   const auto g = at::randn_like(y);
   y.backward(g);

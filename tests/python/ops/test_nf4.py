@@ -152,7 +152,7 @@ def test_nf_code_refuses_other_bit_widths(bits):
 def test_non_finite_values_are_refused_by_index(bad):
     weight = torch.randn(4, 64)
     weight[2, 5] = bad
-    with pytest.raises(ValueError, match=r"quantize_nf4: weight: expected finite values, found .* at flat index 133"):
+    with pytest.raises(ValueError, match=r"quantize_nf: weight: expected finite values, found .* at flat index 133"):
         lorafuse.quantize_nf4(weight)
 
 
@@ -166,7 +166,7 @@ def test_bad_arguments_name_what_is_wrong():
     q = lorafuse.quantize_nf4(torch.randn(16, 64), 64, True)
     with pytest.raises(ValueError, match=r"packed: expected 512 bytes .* for shape \[16, 64\], found 256"):
         torch.ops.lorafuse.dequantize_nf4(q.packed[:256], q.absmax, q.nested_absmax, q.offset, 64, [16, 64], torch.float32)
-    with pytest.raises(ValueError, match=r"absmax: expected 8 values .* found 16"):
+    with pytest.raises(ValueError, match=r"absmax: expected 8 bytes .* found 16"):
         lorafuse.dequantize_nf4(q, [16, 64], torch.float32, blocksize=128)
     with pytest.raises(TypeError, match="absmax: expected float32 .* found Byte"):
         torch.ops.lorafuse.dequantize_nf4(q.packed, q.absmax, None, None, 64, [16, 64], torch.float32)

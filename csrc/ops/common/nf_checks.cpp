@@ -1,4 +1,4 @@
-#include "csrc/ops/common/nf4_checks.h"
+#include "csrc/ops/common/nf_checks.h"
 
 #include <ATen/ops/any.h>
 #include <ATen/ops/isfinite.h>
@@ -20,26 +20,51 @@ namespace {
 
 bool is_input_float(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf; }
 
-void check_blocksize(const char* op, int64_t blocksize) {
+bool power_of_two_in(int64_t v, int64_t lo, int64_t hi) { return v >= lo && v <= hi && (v & (v - 1)) == 0; }
+
+}  // namespace
+
+nf::Format parse_nf_format(const char* op, at::IntArrayRef format) {
+  TORCH_CHECK_VALUE(format.size() == 4, op, ": format: expected [bits, blocksize, stat_bits, stat_blocksize], found ",
+                    format);
+  const nf::Format f{format[0], format[1], format[2], format[3]};
+  TORCH_CHECK_VALUE(f.bits >= 2 && f.bits <= 8, op, ": format: bits: expected 2 .. 8, found ", f.bits);
+  TORCH_CHECK_VALUE(power_of_two_in(f.blocksize, 16, 4096), op,
+                    ": format: blocksize: expected a power of two in [16, 4096], found ", f.blocksize);
+  TORCH_CHECK_VALUE(f.stat_bits == 0 || (f.stat_bits >= 2 && f.stat_bits <= 8), op,
+                    ": format: stat_bits: expected 0 (float32 absmax) or 2 .. 8, found ", f.stat_bits);
+  if (f.nested()) {
+    TORCH_CHECK_VALUE(power_of_two_in(f.stat_blocksize, 16, 4096), op,
+                      ": format: stat_blocksize: expected a power of two in [16, 4096] with stat_bits = ", f.stat_bits,
+                      ", found ", f.stat_blocksize);
+  } else {
+    TORCH_CHECK_VALUE(f.stat_blocksize == 0, op,
+                      ": format: stat_blocksize: expected 0 with stat_bits = 0 (no double quantization), found ",
+                      f.stat_blocksize);
+  }
+  return f;
+}
+
+nf::Format nf4_format(const char* op, int64_t blocksize, bool double_quant) {
   const auto* begin = std::begin(nf4::kBlocksizes);
   const auto* end = std::end(nf4::kBlocksizes);
   TORCH_CHECK_VALUE(
       std::find(begin, end, blocksize) != end, op,
       ": blocksize: expected one of 32, 64, 128, 256, 512, 1024, 2048, 4096 (bitsandbytes' sizes), found ", blocksize);
+  return double_quant ? nf::Format{4, blocksize, 8, nf4::kNestedBlocksize} : nf::Format{4, blocksize, 0, 0};
 }
 
-}  // namespace
+std::vector<int64_t> format_list(const nf::Format& f) { return {f.bits, f.blocksize, f.stat_bits, f.stat_blocksize}; }
 
-void check_nf4_finite(const at::Tensor& flat) {
+void check_nf_finite(const char* op, const at::Tensor& flat) {
   const auto bad = at::isfinite(flat).logical_not();
   if (!bad.any().item<bool>()) return;
   const int64_t index = at::nonzero(bad)[0][0].item<int64_t>();
-  TORCH_CHECK_VALUE(false, "lorafuse.quantize_nf4: weight: expected finite values, found ", flat[index].item<float>(),
-                    " at flat index ", index);
+  TORCH_CHECK_VALUE(false, op, ": weight: expected finite values, found ", flat[index].item<float>(), " at flat index ",
+                    index);
 }
 
-void check_quantize_nf4_args(const at::Tensor& weight, int64_t blocksize) {
-  constexpr const char* op = "lorafuse.quantize_nf4";
+void check_quantize_nf_args(const char* op, const at::Tensor& weight, const nf::Format& f, at::ScalarType stat_dtype) {
   TORCH_CHECK_VALUE(weight.defined(), op, ": weight must be a tensor");
   TORCH_CHECK_VALUE(weight.layout() == at::kStrided, op, ": weight must be a dense (strided) tensor, found layout ",
                     weight.layout());
@@ -47,13 +72,15 @@ void check_quantize_nf4_args(const at::Tensor& weight, int64_t blocksize) {
                    weight.scalar_type());
   TORCH_CHECK_VALUE(weight.sym_numel() > 0, op, ": weight: expected at least one element, found shape ",
                     weight.sym_sizes());
-  check_blocksize(op, blocksize);
+  TORCH_CHECK_TYPE(is_input_float(stat_dtype), op, ": stat_dtype: expected float32, bfloat16 or float16, found ",
+                   stat_dtype);
+  TORCH_CHECK_TYPE(f.nested() || stat_dtype == at::kFloat, op,
+                   ": stat_dtype: expected float32 without double quantization (stat_bits = 0), found ", stat_dtype);
 }
 
-bool check_dequantize_nf4_args(const char* op, const at::Tensor& packed, const at::Tensor& absmax,
-                               const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,
-                               int64_t blocksize, at::IntArrayRef shape, at::ScalarType dtype) {
-  check_blocksize(op, blocksize);
+bool check_dequantize_nf_args(const char* op, const at::Tensor& packed, const at::Tensor& absmax,
+                              const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,
+                              const nf::Format& f, at::IntArrayRef shape, at::ScalarType dtype) {
   TORCH_CHECK_TYPE(is_input_float(dtype), op, ": dtype: expected float32, bfloat16 or float16, found ", dtype);
   int64_t n = 1;
   for (const auto d : shape) {
@@ -62,27 +89,35 @@ bool check_dequantize_nf4_args(const char* op, const at::Tensor& packed, const a
   }
   TORCH_CHECK_VALUE(n > 0, op, ": shape: expected at least one element, found ", shape);
   TORCH_CHECK_TYPE(packed.scalar_type() == at::kByte, op, ": packed: expected uint8, found ", packed.scalar_type());
-  TORCH_CHECK_VALUE(packed.sym_numel() == (n + 1) / 2, op, ": packed: expected ", (n + 1) / 2,
-                    " bytes (two codes each) for shape ", shape, ", found ", packed.sym_numel(), " (shape ",
-                    packed.sym_sizes(), ")");
-  const int64_t blocks = nf4_blocks(n, blocksize);
-  TORCH_CHECK_VALUE(absmax.sym_numel() == blocks, op, ": absmax: expected ", blocks, " values (one per block of ",
-                    blocksize, " in shape ", shape, "), found ", absmax.sym_numel());
+  const int64_t bytes = nf::stream_bytes(n, f.bits);
+  TORCH_CHECK_VALUE(packed.sym_numel() == bytes, op, ": packed: expected ", bytes, " bytes (", f.bits,
+                    "-bit codes) for shape ", shape, ", found ", packed.sym_numel(), " (shape ", packed.sym_sizes(),
+                    ")");
+  const int64_t blocks = nf::blocks_of(n, f.blocksize);
   const bool nested = nested_absmax.has_value() && nested_absmax->defined() && nested_absmax->sym_numel() > 0;
+  TORCH_CHECK_VALUE(nested == f.nested(), op, ": nested_absmax: ",
+                    f.nested() ? "expected the statistics' scales (double quantization: stat_bits > 0), found none"
+                               : "given, but the format has stat_bits = 0 (no double quantization)");
   if (nested) {
+    const int64_t stat_bytes = nf::stream_bytes(blocks, f.stat_bits);
     TORCH_CHECK_TYPE(absmax.scalar_type() == at::kByte, op,
                      ": absmax: expected uint8 codes with nested_absmax (double quantization), found ",
                      absmax.scalar_type());
-    TORCH_CHECK_TYPE(nested_absmax->scalar_type() == at::kFloat, op, ": nested_absmax: expected float32, found ",
-                     nested_absmax->scalar_type());
-    const int64_t nested_blocks = nf4_blocks(blocks, nf4::kNestedBlocksize);
+    TORCH_CHECK_VALUE(absmax.sym_numel() == stat_bytes, op, ": absmax: expected ", stat_bytes, " bytes (", f.stat_bits,
+                      "-bit codes of ", blocks, " blocks of ", f.blocksize, " in shape ", shape, "), found ",
+                      absmax.sym_numel());
+    TORCH_CHECK_TYPE(is_input_float(nested_absmax->scalar_type()), op,
+                     ": nested_absmax: expected float32, bfloat16 or float16, found ", nested_absmax->scalar_type());
+    const int64_t nested_blocks = nf::blocks_of(blocks, f.stat_blocksize);
     TORCH_CHECK_VALUE(nested_absmax->sym_numel() == nested_blocks, op, ": nested_absmax: expected ", nested_blocks,
-                      " values (one per 256 blocks), found ", nested_absmax->sym_numel());
+                      " values (one per ", f.stat_blocksize, " blocks), found ", nested_absmax->sym_numel());
     TORCH_CHECK_VALUE(offset.has_value() && offset->defined() && offset->sym_numel() == 1, op,
                       ": offset: expected one float32 value with nested_absmax (double quantization)");
     TORCH_CHECK_TYPE(offset->scalar_type() == at::kFloat, op, ": offset: expected float32, found ",
                      offset->scalar_type());
   } else {
+    TORCH_CHECK_VALUE(absmax.sym_numel() == blocks, op, ": absmax: expected ", blocks, " values (one per block of ",
+                      f.blocksize, " in shape ", shape, "), found ", absmax.sym_numel());
     TORCH_CHECK_TYPE(absmax.scalar_type() == at::kFloat, op,
                      ": absmax: expected float32 (uint8 codes need nested_absmax and offset), found ",
                      absmax.scalar_type());
@@ -99,10 +134,10 @@ bool check_dequantize_nf4_args(const char* op, const at::Tensor& packed, const a
   return nested;
 }
 
-bool check_nf4_linear_args(const char* op, const at::Tensor& x, int64_t x_features, const at::Tensor& packed,
-                           const at::Tensor& absmax, const std::optional<at::Tensor>& nested_absmax,
-                           const std::optional<at::Tensor>& offset, int64_t blocksize, int64_t out_features,
-                           int64_t in_features, const std::optional<at::Tensor>& bias) {
+bool check_nf_linear_args(const char* op, const at::Tensor& x, int64_t x_features, const at::Tensor& packed,
+                          const at::Tensor& absmax, const std::optional<at::Tensor>& nested_absmax,
+                          const std::optional<at::Tensor>& offset, const nf::Format& f, int64_t out_features,
+                          int64_t in_features, const std::optional<at::Tensor>& bias) {
   const char* name = x_features == in_features ? "x" : "grad_out";
   TORCH_CHECK_VALUE(x.defined() && x.layout() == at::kStrided, op, ": ", name, " must be a dense (strided) tensor");
   TORCH_CHECK_TYPE(is_input_float(x.scalar_type()) || x.scalar_type() == at::kDouble, op, ": ", name,
@@ -113,8 +148,8 @@ bool check_nf4_linear_args(const char* op, const at::Tensor& x, int64_t x_featur
                     out_features, " and ", in_features);
   TORCH_CHECK_VALUE(packed.device() == x.device(), op, ": packed must be on ", name, "'s device ", x.device(),
                     "; found ", packed.device());
-  const bool nested = check_dequantize_nf4_args(op, packed, absmax, nested_absmax, offset, blocksize,
-                                                {out_features, in_features}, at::kFloat);
+  const bool nested =
+      check_dequantize_nf_args(op, packed, absmax, nested_absmax, offset, f, {out_features, in_features}, at::kFloat);
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK_VALUE(bias->dim() == 1 && bias->sym_size(0) == out_features, op, ": bias: expected [", out_features,
                       "], found shape ", bias->sym_sizes());
@@ -126,34 +161,34 @@ bool check_nf4_linear_args(const char* op, const at::Tensor& x, int64_t x_featur
   return nested;
 }
 
-bool check_nf4_lora_linear_args(const char* op, const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
-                                const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,
-                                int64_t blocksize, int64_t out_features, const std::optional<at::Tensor>& bias,
-                                const at::Tensor& lora_a, const at::Tensor& lora_b, double scale, double dropout_p) {
+bool check_nf_lora_linear_args(const char* op, const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                               const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,
+                               const nf::Format& f, int64_t out_features, const std::optional<at::Tensor>& bias,
+                               const at::Tensor& lora_a, const at::Tensor& lora_b, double scale, double dropout_p) {
   TORCH_CHECK_VALUE(x.defined() && x.dim() >= 1, op, ": x: expected [..., in_features], found ",
                     x.defined() ? "a 0-d tensor" : "an undefined tensor");
   const int64_t in_features = x.size(-1);
-  const bool nested = check_nf4_linear_args(op, x, in_features, packed, absmax, nested_absmax, offset, blocksize,
-                                            out_features, in_features, bias);
+  const bool nested = check_nf_linear_args(op, x, in_features, packed, absmax, nested_absmax, offset, f, out_features,
+                                           in_features, bias);
   check_lora_branch_args(op, x, lora_a, lora_b, out_features, "out_features", scale, dropout_p);
   return nested;
 }
 
-bool check_nf4_lora_linear_backward_args(const char* op, const at::Tensor& grad_out, const at::Tensor& x,
-                                         const at::Tensor& packed, const at::Tensor& absmax,
-                                         const std::optional<at::Tensor>& nested_absmax,
-                                         const std::optional<at::Tensor>& offset, int64_t blocksize,
-                                         const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& u,
-                                         const at::Tensor& rng_state, double scale, double dropout_p) {
+bool check_nf_lora_linear_backward_args(const char* op, const at::Tensor& grad_out, const at::Tensor& x,
+                                        const at::Tensor& packed, const at::Tensor& absmax,
+                                        const std::optional<at::Tensor>& nested_absmax,
+                                        const std::optional<at::Tensor>& offset, const nf::Format& f,
+                                        const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& u,
+                                        const at::Tensor& rng_state, double scale, double dropout_p) {
   check_lora_linear_backward_args(op, grad_out, x, std::nullopt, lora_a, lora_b, u, rng_state, scale, dropout_p);
   const int64_t out_features = lora_b.size(0);
-  return check_nf4_linear_args(op, grad_out, out_features, packed, absmax, nested_absmax, offset, blocksize,
-                               out_features, x.size(-1), std::nullopt);
+  return check_nf_linear_args(op, grad_out, out_features, packed, absmax, nested_absmax, offset, f, out_features,
+                              x.size(-1), std::nullopt);
 }
 
-void check_nf4_statistics_frozen(const char* op, const at::Tensor& absmax,
-                                 const std::optional<at::Tensor>& nested_absmax,
-                                 const std::optional<at::Tensor>& offset) {
+void check_nf_statistics_frozen(const char* op, const at::Tensor& absmax,
+                                const std::optional<at::Tensor>& nested_absmax,
+                                const std::optional<at::Tensor>& offset) {
   const std::pair<const char*, const at::Tensor*> statistics[] = {
       {"absmax", &absmax},
       {"nested_absmax", nested_absmax.has_value() ? &*nested_absmax : nullptr},
@@ -190,6 +225,17 @@ const std::array<float, 256>& dynamic_code() {
     return out;
   }();
   return code;
+}
+
+std::vector<float> statistics_code(int64_t stat_bits) {
+  if (stat_bits == 8) {
+    const auto& code = dynamic_code();
+    return {code.begin(), code.end()};
+  }
+  const int64_t levels = (int64_t{1} << stat_bits) - 1;
+  std::vector<float> out(static_cast<size_t>(levels + 1));
+  for (int64_t k = 0; k <= levels; ++k) out[k] = static_cast<float>(k) / static_cast<float>(levels);
+  return out;
 }
 
 }  // namespace lorafuse::detail

@@ -1,51 +1,55 @@
-// nf4_lora_linear on every device without a kernel of its own (CompositeExplicitAutograd: CUDA and Meta): nf4_linear
-// and lora_add_forward, and their backwards summed — the CPU kernel (nf4_cpu.cpp) fuses the same arithmetic.
+// nf_lora_linear on every device without a kernel of its own (CompositeExplicitAutograd: CUDA and Meta): nf_linear
+// and lora_add_forward, and their backwards summed — the CPU kernel (nf_cpu.cpp) fuses the same arithmetic.
 // lora_linear4bit: the rule that picks nf4_lora_linear or the 4-bit layer + lora_branch (CompositeImplicitAutograd;
 // under autocast always the latter).
 #include <torch/library.h>
 
 #include <lorafuse/ops/lora_add.h>
 #include <lorafuse/ops/lora_linear.h>
+#include <lorafuse/ops/nf.h>
 #include <lorafuse/ops/nf4.h>
 
-#include "csrc/ops/common/nf4_checks.h"
+#include "csrc/ops/common/nf_checks.h"
 
 namespace lorafuse::composite {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> nf4_lora_linear_forward_composite(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> nf_lora_linear_forward_composite(
     const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
-    const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset, int64_t blocksize,
+    const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset, at::IntArrayRef format,
     int64_t out_features, const std::optional<at::Tensor>& bias, const at::Tensor& lora_a, const at::Tensor& lora_b,
     double scale, double dropout_p) {
-  detail::check_nf4_lora_linear_args("lorafuse.nf4_lora_linear", x, packed, absmax, nested_absmax, offset, blocksize,
-                                     out_features, bias, lora_a, lora_b, scale, dropout_p);
-  const at::Tensor base = lorafuse::nf4_linear(x, packed, absmax, nested_absmax, offset, blocksize, out_features, bias);
+  constexpr const char* op = "lorafuse.nf_lora_linear";
+  detail::check_nf_lora_linear_args(op, x, packed, absmax, nested_absmax, offset, detail::parse_nf_format(op, format),
+                                    out_features, bias, lora_a, lora_b, scale, dropout_p);
+  const at::Tensor base = lorafuse::nf_linear(x, packed, absmax, nested_absmax, offset, format, out_features, bias);
   return lorafuse::lora_add_forward(base, x, lora_a, lora_b, scale, dropout_p);
 }
 
-at::Tensor nf4_lora_linear_composite(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
-                                     const std::optional<at::Tensor>& nested_absmax,
-                                     const std::optional<at::Tensor>& offset, int64_t blocksize, int64_t out_features,
-                                     const std::optional<at::Tensor>& bias, const at::Tensor& lora_a,
-                                     const at::Tensor& lora_b, double scale, double dropout_p) {
-  return std::get<0>(nf4_lora_linear_forward_composite(x, packed, absmax, nested_absmax, offset, blocksize,
-                                                       out_features, bias, lora_a, lora_b, scale, dropout_p));
+at::Tensor nf_lora_linear_composite(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                                    const std::optional<at::Tensor>& nested_absmax,
+                                    const std::optional<at::Tensor>& offset, at::IntArrayRef format,
+                                    int64_t out_features, const std::optional<at::Tensor>& bias,
+                                    const at::Tensor& lora_a, const at::Tensor& lora_b, double scale,
+                                    double dropout_p) {
+  return std::get<0>(nf_lora_linear_forward_composite(x, packed, absmax, nested_absmax, offset, format, out_features,
+                                                      bias, lora_a, lora_b, scale, dropout_p));
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nf4_lora_linear_backward_composite(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nf_lora_linear_backward_composite(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
-    const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset, int64_t blocksize,
+    const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset, at::IntArrayRef format,
     const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& u, const at::Tensor& rng_state, double scale,
     double dropout_p, std::array<bool, 4> output_mask) {
-  detail::check_nf4_lora_linear_backward_args("lorafuse.nf4_lora_linear_backward", grad_out, x, packed, absmax,
-                                              nested_absmax, offset, blocksize, lora_a, lora_b, u, rng_state, scale,
-                                              dropout_p);
+  constexpr const char* op = "lorafuse.nf_lora_linear_backward";
+  detail::check_nf_lora_linear_backward_args(op, grad_out, x, packed, absmax, nested_absmax, offset,
+                                             detail::parse_nf_format(op, format), lora_a, lora_b, u, rng_state, scale,
+                                             dropout_p);
   auto [gx, ga, gb, gbias] =
       lorafuse::lora_linear_backward(grad_out, x, std::nullopt, lora_a, lora_b, u, rng_state, scale, dropout_p,
                                      {output_mask[0], output_mask[1], output_mask[2], false});
   if (output_mask[0]) {
-    gx = gx.add(lorafuse::nf4_linear_backward(grad_out, packed, absmax, nested_absmax, offset, blocksize, x.size(-1)));
+    gx = gx.add(lorafuse::nf_linear_backward(grad_out, packed, absmax, nested_absmax, offset, format, x.size(-1)));
   }
   if (output_mask[3]) gbias = grad_out.reshape({-1, lora_b.size(0)}).sum(0);
   return {gx, ga, gb, gbias};
@@ -87,9 +91,9 @@ at::Tensor lora_linear4bit_composite(const at::Tensor& x, const at::Tensor& pack
 }  // namespace lorafuse::composite
 
 TORCH_LIBRARY_IMPL(lorafuse, CompositeExplicitAutograd, m) {
-  m.impl("nf4_lora_linear", &lorafuse::composite::nf4_lora_linear_composite);
-  m.impl("nf4_lora_linear_forward", &lorafuse::composite::nf4_lora_linear_forward_composite);
-  m.impl("nf4_lora_linear_backward", &lorafuse::composite::nf4_lora_linear_backward_composite);
+  m.impl("nf_lora_linear", &lorafuse::composite::nf_lora_linear_composite);
+  m.impl("nf_lora_linear_forward", &lorafuse::composite::nf_lora_linear_forward_composite);
+  m.impl("nf_lora_linear_backward", &lorafuse::composite::nf_lora_linear_backward_composite);
 }
 
 TORCH_LIBRARY_IMPL(lorafuse, CompositeImplicitAutograd, m) {

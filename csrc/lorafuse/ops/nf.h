@@ -1,0 +1,82 @@
+// lorafuse — the C++ API of the quantized-weight ops (csrc/ops/nf.cpp): the one format of QLoRA and LQ-LoRA, NF-b
+// codes in absmax blocks with the statistics quantized again, for any bit width. Calls go through the dispatcher
+// (torch.ops.lorafuse.quantize_nf, ...). The NF4 ops (lorafuse/ops/nf4.h) are this family at 4 bits with
+// bitsandbytes' statistics.
+//
+// A format is [bits, blocksize, stat_bits, stat_blocksize]:
+//   bits            the NF-b code of the weights, 2 .. 8 (nf_code(bits); 4 is bitsandbytes' NF4)
+//   blocksize       weights per absmax block, a power of two in [16, 4096]
+//   stat_bits       0: every absmax in float32; 8: bitsandbytes' double quantization (offset = mean, the dynamic
+//                   8-bit code); 2 .. 7: the LQ-LoRA reference's (offset = min, the uniform code k / (2^b − 1))
+//   stat_blocksize  statistics per scale, a power of two in [16, 4096] (0 with stat_bits = 0)
+// The scales of the statistics are float32, bfloat16 or float16 (quantize_nf's stat_dtype). Storage per weight:
+// bits + stat_bits / blocksize + (scale bits) / (blocksize · stat_blocksize). [4, 64, 8, 256] with float32 scales is
+// bitsandbytes' NF4 with double quantization (4.127 bits), to the bit.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/ScalarType.h>
+
+#include <array>
+#include <cstdint>
+#include <optional>
+#include <tuple>
+
+namespace lorafuse {
+
+/// A quantized weight, with bitsandbytes' (and transformers' checkpoint) names:
+///   packed         uint8 [ceil(n·bits/8), 1]: the codes as a bit stream, most significant bit first (4 bits: two per
+///                  byte, the first element in the high nibble)
+///   absmax         float32 [blocks] (stat_bits = 0) or uint8 [ceil(blocks·stat_bits/8)] (the statistics' codes)
+///   nested_absmax  the statistics' scales [ceil(blocks/stat_blocksize)] in stat_dtype with double quantization, else
+///   [0] offset         float32 [] with double quantization, else [0]
+struct NfWeight {
+  at::Tensor packed, absmax, nested_absmax, offset;
+};
+
+/// Quantizes `weight` (float32, bfloat16 or float16; any shape, read row-major; finite values) in `format`. Each
+/// index is taken against its block's exact absmax; the statistics are then quantized as the format says.
+NfWeight quantize_nf(const at::Tensor& weight, at::IntArrayRef format, at::ScalarType stat_dtype = at::kFloat);
+
+/// The weight of `shape` in `dtype` (float32, bfloat16 or float16): code[index] · the statistic of its block (decoded
+/// as code · scale + offset with double quantization), computed in float32, rounded once to dtype.
+at::Tensor dequantize_nf(const at::Tensor& packed, const at::Tensor& absmax,
+                         const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,
+                         at::IntArrayRef format, at::IntArrayRef shape, at::ScalarType dtype);
+
+/// y = x·Wᵀ + bias for the quantized W [out_features, in] (in = x.size(-1); x float32, bfloat16, float16 or float64),
+/// dequantized a tile of rows at a time in x's dtype, so the dense weight of a large layer never exists as a whole.
+/// Differentiable in x and bias, never in W.
+at::Tensor nf_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                     const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,
+                     at::IntArrayRef format, int64_t out_features,
+                     const std::optional<at::Tensor>& bias = std::nullopt);
+/// dX = dY·W [..., in_features] (W as nf_linear computes with it), tile by tile, accumulated in float32.
+at::Tensor nf_linear_backward(const at::Tensor& grad_out, const at::Tensor& packed, const at::Tensor& absmax,
+                              const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,
+                              at::IntArrayRef format, int64_t in_features);
+
+/// The LoRA layer over a quantized base in one op: nf_linear(x, W, bias) + scale·(dropout(x)·Aᵀ)·Bᵀ, the branch by
+/// lora_add's rules. Differentiable in x, bias, lora_a and lora_b, never in the quantized weight (a statistic that
+/// requires grad is an error). On the CPU one kernel; elsewhere nf_linear and lora_add.
+at::Tensor nf_lora_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                          const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,
+                          at::IntArrayRef format, int64_t out_features, const std::optional<at::Tensor>& bias,
+                          const at::Tensor& lora_a, const at::Tensor& lora_b, double scale, double dropout_p = 0.0);
+/// Its training forward (out, u = dropout(x)·Aᵀ [T, r], rng_state [2]) and backward (grad_x, grad_lora_a, grad_lora_b,
+/// grad_bias for output_mask = (x, lora_a, lora_b, bias); the others empty), as lora_linear_forward / _backward.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> nf_lora_linear_forward(
+    const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+    const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset, at::IntArrayRef format,
+    int64_t out_features, const std::optional<at::Tensor>& bias, const at::Tensor& lora_a, const at::Tensor& lora_b,
+    double scale, double dropout_p);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nf_lora_linear_backward(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+    const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset, at::IntArrayRef format,
+    const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& u, const at::Tensor& rng_state, double scale,
+    double dropout_p, std::array<bool, 4> output_mask);
+
+/// Bits per weight of `format` with statistic scales in `stat_dtype` (the one offset per matrix left out).
+double nf_bits_per_weight(at::IntArrayRef format, at::ScalarType stat_dtype = at::kFloat);
+
+}  // namespace lorafuse

@@ -1,0 +1,102 @@
+// The NF4 ops (bitsandbytes' names and fields) as the quantized-weight ops at 4 bits (CompositeImplicitAutograd):
+// the format is [4, blocksize, 8, 256] when the statistics are double-quantized (nested_absmax given), else
+// [4, blocksize, 0, 0]. Each checks its arguments under its own name first, so errors name the op the user called.
+#include <ATen/core/grad_mode.h>
+#include <torch/library.h>
+
+#include <lorafuse/ops/nf.h>
+
+#include "csrc/ops/common/nf_checks.h"
+
+namespace lorafuse::composite {
+namespace {
+
+using OptTensor = std::optional<at::Tensor>;
+
+bool given(const OptTensor& t) { return t.has_value() && t->defined() && t->sym_numel() > 0; }
+
+std::vector<int64_t> format_of(const char* op, int64_t blocksize, const OptTensor& nested_absmax) {
+  return detail::format_list(detail::nf4_format(op, blocksize, given(nested_absmax)));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_nf4(const at::Tensor& weight, int64_t blocksize,
+                                                                        bool double_quant) {
+  constexpr const char* op = "lorafuse.quantize_nf4";
+  const nf::Format f = detail::nf4_format(op, blocksize, double_quant);
+  detail::check_quantize_nf_args(op, weight, f, at::kFloat);  // finiteness: quantize_nf's kernels look at the values
+  auto [packed, absmax, nested, offset] = lorafuse::quantize_nf(weight, detail::format_list(f), at::kFloat);
+  return {packed, absmax, nested, offset};
+}
+
+at::Tensor dequantize_nf4(const at::Tensor& packed, const at::Tensor& absmax, const OptTensor& nested_absmax,
+                          const OptTensor& offset, int64_t blocksize, at::IntArrayRef shape, at::ScalarType dtype) {
+  constexpr const char* op = "lorafuse.dequantize_nf4";
+  const auto format = format_of(op, blocksize, nested_absmax);
+  detail::check_dequantize_nf_args(op, packed, absmax, nested_absmax, offset, detail::parse_nf_format(op, format),
+                                   shape, dtype);
+  return lorafuse::dequantize_nf(packed, absmax, nested_absmax, offset, format, shape, dtype);
+}
+
+at::Tensor nf4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                      const OptTensor& nested_absmax, const OptTensor& offset, int64_t blocksize, int64_t out_features,
+                      const OptTensor& bias) {
+  constexpr const char* op = "lorafuse.nf4_linear";
+  const auto format = format_of(op, blocksize, nested_absmax);
+  TORCH_CHECK_VALUE(x.defined() && x.dim() >= 1, op, ": x: expected [..., in_features]");
+  detail::check_nf_linear_args(op, x, x.size(-1), packed, absmax, nested_absmax, offset,
+                               detail::parse_nf_format(op, format), out_features, x.size(-1), bias);
+  if (at::GradMode::is_enabled()) detail::check_nf_statistics_frozen(op, absmax, nested_absmax, offset);
+  return lorafuse::nf_linear(x, packed, absmax, nested_absmax, offset, format, out_features, bias);
+}
+
+at::Tensor nf4_linear_backward(const at::Tensor& grad_out, const at::Tensor& packed, const at::Tensor& absmax,
+                               const OptTensor& nested_absmax, const OptTensor& offset, int64_t blocksize,
+                               int64_t in_features) {
+  const auto format = format_of("lorafuse.nf4_linear_backward", blocksize, nested_absmax);
+  return lorafuse::nf_linear_backward(grad_out, packed, absmax, nested_absmax, offset, format, in_features);
+}
+
+at::Tensor nf4_lora_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                           const OptTensor& nested_absmax, const OptTensor& offset, int64_t blocksize,
+                           int64_t out_features, const OptTensor& bias, const at::Tensor& lora_a,
+                           const at::Tensor& lora_b, double scale, double dropout_p) {
+  constexpr const char* op = "lorafuse.nf4_lora_linear";
+  const auto format = format_of(op, blocksize, nested_absmax);
+  detail::check_nf_lora_linear_args(op, x, packed, absmax, nested_absmax, offset, detail::parse_nf_format(op, format),
+                                    out_features, bias, lora_a, lora_b, scale, dropout_p);
+  if (at::GradMode::is_enabled()) detail::check_nf_statistics_frozen(op, absmax, nested_absmax, offset);
+  return lorafuse::nf_lora_linear(x, packed, absmax, nested_absmax, offset, format, out_features, bias, lora_a, lora_b,
+                                  scale, dropout_p);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> nf4_lora_linear_forward(
+    const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax, const OptTensor& nested_absmax,
+    const OptTensor& offset, int64_t blocksize, int64_t out_features, const OptTensor& bias, const at::Tensor& lora_a,
+    const at::Tensor& lora_b, double scale, double dropout_p) {
+  const auto format = format_of("lorafuse.nf4_lora_linear_forward", blocksize, nested_absmax);
+  return lorafuse::nf_lora_linear_forward(x, packed, absmax, nested_absmax, offset, format, out_features, bias, lora_a,
+                                          lora_b, scale, dropout_p);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nf4_lora_linear_backward(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+    const OptTensor& nested_absmax, const OptTensor& offset, int64_t blocksize, const at::Tensor& lora_a,
+    const at::Tensor& lora_b, const at::Tensor& u, const at::Tensor& rng_state, double scale, double dropout_p,
+    std::array<bool, 4> output_mask) {
+  const auto format = format_of("lorafuse.nf4_lora_linear_backward", blocksize, nested_absmax);
+  return lorafuse::nf_lora_linear_backward(grad_out, x, packed, absmax, nested_absmax, offset, format, lora_a, lora_b,
+                                           u, rng_state, scale, dropout_p, output_mask);
+}
+
+}  // namespace
+}  // namespace lorafuse::composite
+
+TORCH_LIBRARY_IMPL(lorafuse, CompositeImplicitAutograd, m) {
+  m.impl("quantize_nf4", &lorafuse::composite::quantize_nf4);
+  m.impl("dequantize_nf4", &lorafuse::composite::dequantize_nf4);
+  m.impl("nf4_linear", &lorafuse::composite::nf4_linear);
+  m.impl("nf4_linear_backward", &lorafuse::composite::nf4_linear_backward);
+  m.impl("nf4_lora_linear", &lorafuse::composite::nf4_lora_linear);
+  m.impl("nf4_lora_linear_forward", &lorafuse::composite::nf4_lora_linear_forward);
+  m.impl("nf4_lora_linear_backward", &lorafuse::composite::nf4_lora_linear_backward);
+}
