@@ -1,12 +1,10 @@
 // The C++ rules of LoraConfig, adapter options and QuantConfig for the Python front (validation and target
-// selection), so that C++ and Python select the same layers; quantizing, LQ-LoRA's bit allocation and the checkpoint
-// format (load/save).
+// selection), so that C++ and Python select the same layers; quantizing and the checkpoint format (load/save).
 #include "csrc/python/convert.h"
 
 #include <lorafuse/config/quant_config.h>
 #include <lorafuse/io/checkpoint.h>
 #include <lorafuse/io/files.h>
-#include <lorafuse/quant/bit_allocation.h>
 #include <lorafuse/quant/checkpoint.h>
 #include <lorafuse/quant/quantize_model.h>
 
@@ -186,20 +184,6 @@ void bind_config(py::module& m) {
       },
       py::arg("module"), py::arg("quant_type"), py::arg("blocksize"), py::arg("double_quant"), py::arg("compute_dtype"),
       py::arg("modules_to_not_convert"), "lorafuse::quantize_model on a bound C++ module; the paths quantized.");
-  m.def(
-      "_allocate_bits",
-      [](const std::vector<std::vector<double>>& cost, const std::vector<std::vector<double>>& storage, double budget,
-         int64_t max_nodes, double relative_gap) {
-        const auto r = translating([&] {
-          py::gil_scoped_release no_gil;  // plain C++ on vectors: other Python threads may run meanwhile
-          return allocate_bits(cost, storage, budget,
-                               BitAllocationOptions().max_nodes(max_nodes).relative_gap(relative_gap));
-        });
-        return std::make_tuple(r.choice, r.cost, r.storage, r.lower_bound, r.gap, r.optimal, r.nodes);
-      },
-      py::arg("cost"), py::arg("storage"), py::arg("budget"), py::arg("max_nodes"), py::arg("relative_gap"),
-      "lorafuse::allocate_bits (LQ-LoRA's bit allocation): (choice, cost, storage, lower_bound, gap, optimal, "
-      "nodes).");
   m.def(
       "_validate_lora_config", [](const std::string& config) { translating([&] { config_from(config).validate(); }); },
       "Raises ValueError / TypeError unless the lorafuse.LoraConfig fields (a dict) are valid.");

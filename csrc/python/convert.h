@@ -51,5 +51,6 @@ void bind_nn(py::module& m);
 void bind_peft(py::module& m);
 void bind_io(py::module& m);
 void bind_models(py::module& m);
+void bind_quant(py::module& m);
 
 }  // namespace lorafuse::python

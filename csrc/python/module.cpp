@@ -30,6 +30,7 @@ PYBIND11_MODULE(_C, m) {
   lp::bind_config(m);
   lp::bind_nn(m);
   lp::bind_models(m);
+  lp::bind_quant(m);
   lp::bind_peft(m);
   lp::bind_io(m);
 }

@@ -30,6 +30,7 @@ def _validate_quant_config(
 ) -> None: ...
 def _quant_keeps_dense(path: str, modules_to_not_convert: List[str]) -> bool: ...
 
+# ---- LQ-LoRA (bind_quant.cpp) --------------------------------------------------------------------------
 # lorafuse::allocate_bits (LQ-LoRA's bit allocation) -> (choice per matrix, cost, storage, lower_bound, gap,
 # optimal, nodes)
 def _allocate_bits(
@@ -39,6 +40,28 @@ def _allocate_bits(
     max_nodes: int,
     relative_gap: float,
 ) -> Tuple[List[int], float, float, float, float, bool, int]: ...
+
+# lorafuse::lq_decompose -> (l1, l2, (packed, absmax, nested_absmax, offset), error, norm, errors, best_iteration)
+def _lq_decompose(
+    weight: torch.Tensor,
+    rank: int,
+    format: List[int],
+    stat_dtype: torch.dtype,
+    max_iters: int,
+    tol: float,
+    oversampling: int,
+    power_iters: int,
+    seed: int,
+    fisher: Optional[torch.Tensor],
+) -> Tuple[
+    torch.Tensor,
+    torch.Tensor,
+    Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    float,
+    float,
+    List[float],
+    int,
+]: ...
 
 # ---- checkpoints (bind_config.cpp): lorafuse::io::CheckpointReader and the NF4 tensor format ------------
 # (quant_type, blocksize, double_quant, compute_dtype, modules_to_not_convert): lorafuse.QuantConfig's fields

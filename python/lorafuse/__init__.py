@@ -21,7 +21,16 @@ from .ops import (
     quantize_nf,
     quantize_nf4,
 )
-from .quant import BitAllocation, QuantConfig, allocate_bits, load_checkpoint, quantize_model, save_checkpoint
+from .quant import (
+    BitAllocation,
+    LqDecomposition,
+    QuantConfig,
+    allocate_bits,
+    load_checkpoint,
+    lq_decompose,
+    quantize_model,
+    save_checkpoint,
+)
 from .peft import (
     active_adapter,
     adapter_names,
@@ -67,6 +76,8 @@ __all__ = [
     "nf_lora_linear",
     "QuantConfig",
     "quantize_model",
+    "lq_decompose",
+    "LqDecomposition",
     "load_checkpoint",
     "save_checkpoint",
     "allocate_bits",

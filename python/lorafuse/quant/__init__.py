@@ -1,5 +1,5 @@
 """Quantizing a model's frozen base: QuantConfig and quantize_model (QLoRA's first step); LQ-LoRA's bit
-allocation (allocate_bits)."""
+allocation (allocate_bits) and decomposition of a matrix (lq_decompose)."""
 
 from __future__ import annotations
 
@@ -58,6 +58,7 @@ def quantize_model(model: nn.Module, config: Optional[QuantConfig] = None) -> nn
 
 
 from .bit_allocation import BitAllocation, allocate_bits  # noqa: E402
+from .decompose import LqDecomposition, lq_decompose  # noqa: E402
 from .checkpoint import load_checkpoint, save_checkpoint  # noqa: E402  (it takes QuantConfig from here)
 
 __all__ = [
@@ -67,4 +68,6 @@ __all__ = [
     "save_checkpoint",
     "BitAllocation",
     "allocate_bits",
+    "LqDecomposition",
+    "lq_decompose",
 ]
