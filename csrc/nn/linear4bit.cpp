@@ -3,6 +3,7 @@
 #include <c10/util/Exception.h>
 #include <lorafuse/nn/linear4bit.h>
 #include <lorafuse/ops/lora_linear.h>
+#include <lorafuse/ops/nf.h>
 #include <lorafuse/ops/nf4.h>
 #include <torch/csrc/autograd/grad_mode.h>
 
@@ -25,13 +26,13 @@ Linear4bitImpl::Linear4bitImpl(const Linear4bitOptions& options_) : options(opti
 }
 
 void Linear4bitImpl::reset() {
-  // A zero weight in NF4 without quantizing a dense one: every code is 7 (the value 0), every statistic 0. The
-  // meta quantize_nf4 checks the blocksize and gives the buffers' shapes and dtypes.
-  const auto shapes = lorafuse::quantize_nf4(
-      at::empty({options.out_features(), options.in_features()}, at::TensorOptions().device(at::kMeta)),
-      options.blocksize(), options.double_quant());
+  // A zero weight without quantizing a dense one: every statistic 0 (for NF4 every code 7, the value 0, as
+  // bitsandbytes writes a zero weight). The meta quantize checks the format and gives the buffers' shapes and dtypes.
+  const auto meta = at::empty({options.out_features(), options.in_features()}, at::TensorOptions().device(at::kMeta));
+  const auto shapes = options.is_nf4() ? lorafuse::quantize_nf4(meta, options.blocksize(), options.double_quant())
+                                       : lorafuse::quantize_nf(meta, options.format(), options.stat_dtype());
   const auto cpu = [](const at::Tensor& meta) { return at::zeros(meta.sizes(), meta.options().device(at::kCPU)); };
-  packed = register_buffer("packed", cpu(shapes.packed).fill_(0x77));
+  packed = register_buffer("packed", options.bits() == 4 ? cpu(shapes.packed).fill_(0x77) : cpu(shapes.packed));
   absmax = register_buffer("absmax", cpu(shapes.absmax));
   nested_absmax = register_buffer("nested_absmax", cpu(shapes.nested_absmax));
   offset = register_buffer("offset", cpu(shapes.offset));
@@ -49,22 +50,33 @@ std::shared_ptr<Linear4bitImpl> Linear4bitImpl::from_linear(const torch::nn::Lin
   return from_weight(linear->weight, linear->bias, compute_dtype, blocksize, double_quant);
 }
 
-std::shared_ptr<Linear4bitImpl> Linear4bitImpl::from_weight(const at::Tensor& weight_in, const at::Tensor& bias,
+std::shared_ptr<Linear4bitImpl> Linear4bitImpl::from_weight(const at::Tensor& weight, const at::Tensor& bias,
                                                             std::optional<c10::ScalarType> compute_dtype,
                                                             int64_t blocksize, bool double_quant) {
-  TORCH_CHECK_VALUE(weight_in.defined() && weight_in.dim() == 2,
-                    "Linear4bit: weight: expected [out_features, "
-                    "in_features], found ",
-                    weight_in.defined() ? weight_in.sizes() : at::IntArrayRef{});
+  TORCH_CHECK_VALUE(weight.defined() && weight.dim() == 2,
+                    "Linear4bit: weight: expected [out_features, in_features], found ",
+                    weight.defined() ? weight.sizes() : at::IntArrayRef{});
+  return from_weight(weight, bias,
+                     Linear4bitOptions(weight.size(1), weight.size(0))
+                         .bias(bias.defined())
+                         .compute_dtype(compute_dtype.value_or(weight.scalar_type()))
+                         .blocksize(blocksize)
+                         .double_quant(double_quant));
+}
+
+std::shared_ptr<Linear4bitImpl> Linear4bitImpl::from_weight(const at::Tensor& weight_in, const at::Tensor& bias,
+                                                            const Linear4bitOptions& options) {
+  TORCH_CHECK_VALUE(weight_in.defined() && weight_in.dim() == 2 && weight_in.size(0) == options.out_features() &&
+                        weight_in.size(1) == options.in_features(),
+                    "Linear4bit: weight: expected [out_features, in_features] = [", options.out_features(), ", ",
+                    options.in_features(), "], found ", weight_in.defined() ? weight_in.sizes() : at::IntArrayRef{});
   const at::Tensor weight = weight_in.detach();
-  const auto options = Linear4bitOptions(weight.size(1), weight.size(0))
-                           .bias(bias.defined())
-                           .compute_dtype(compute_dtype.value_or(weight.scalar_type()))
-                           .blocksize(blocksize)
-                           .double_quant(double_quant);
-  // on the weight's device; through the CPU in a build without CUDA kernels (the same bytes either way)
-  const bool on_cpu = weight.is_cuda() && !lorafuse::has_cuda_kernels();
-  const auto q = lorafuse::quantize_nf4(on_cpu ? weight.to(at::kCPU) : weight, blocksize, double_quant);
+  // on the weight's device; through the CPU in a build without CUDA kernels or for a format they do not cover (the
+  // same bytes either way)
+  const bool on_cpu = weight.is_cuda() && (!lorafuse::has_cuda_kernels() || !options.is_nf4());
+  const at::Tensor source = on_cpu ? weight.to(at::kCPU) : weight;
+  const auto q = options.is_nf4() ? lorafuse::quantize_nf4(source, options.blocksize(), options.double_quant())
+                                  : lorafuse::quantize_nf(source, options.format(), options.stat_dtype());
   auto layer = from_nf4(options,
                         {q.packed.to(weight.device()), q.absmax.to(weight.device()),
                          q.nested_absmax.to(weight.device()), q.offset.to(weight.device())},
@@ -117,22 +129,26 @@ std::shared_ptr<Linear4bitImpl> Linear4bitImpl::from_nf4(const Linear4bitOptions
 }
 
 at::Tensor Linear4bitImpl::forward(const at::Tensor& x) {
-  return lorafuse::linear4bit(x, packed, absmax, nested_absmax, offset, options.blocksize(), options.out_features(),
-                              bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt, options.compute_dtype());
+  return lorafuse::linear_nf(x, packed, absmax, nested_absmax, offset, options.format(), options.out_features(),
+                             bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt, options.compute_dtype());
 }
 
 at::Tensor Linear4bitImpl::dequantized_weight(std::optional<c10::ScalarType> dtype) const {
-  return lorafuse::dequantize_nf4(packed, absmax, nested_absmax, offset, options.blocksize(),
-                                  {options.out_features(), options.in_features()},
-                                  dtype.value_or(options.compute_dtype()));
+  return lorafuse::dequantize_nf(packed, absmax, nested_absmax, offset, options.format(),
+                                 {options.out_features(), options.in_features()},
+                                 dtype.value_or(options.compute_dtype()));
 }
 
 void Linear4bitImpl::pretty_print(std::ostream& stream) const {
   stream << "lorafuse::nn::Linear4bit(in_features=" << options.in_features()
          << ", out_features=" << options.out_features() << ", bias=" << (bias.defined() ? "true" : "false")
-         << ", nf4, blocksize=" << options.blocksize()
-         << ", double_quant=" << (options.double_quant() ? "true" : "false")
-         << ", compute_dtype=" << options.compute_dtype() << ")";
+         << (options.is_nf4() ? ", nf4" : ", nf" + std::to_string(options.bits()))
+         << ", blocksize=" << options.blocksize() << ", double_quant=" << (options.double_quant() ? "true" : "false");
+  if (!options.is_nf4() && options.double_quant()) {
+    stream << ", stat_bits=" << options.stat_bits() << ", stat_blocksize=" << options.stat_blocksize()
+           << ", stat_dtype=" << options.stat_dtype();
+  }
+  stream << ", compute_dtype=" << options.compute_dtype() << ")";
 }
 
 }  // namespace lorafuse::nn

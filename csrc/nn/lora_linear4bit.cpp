@@ -5,6 +5,7 @@
 #include <lorafuse/nn/lora_linear4bit.h>
 #include <lorafuse/ops/lora_add.h>
 #include <lorafuse/ops/merge.h>
+#include <lorafuse/ops/nf.h>
 #include <lorafuse/ops/nf4.h>
 #include <torch/csrc/autograd/grad_mode.h>
 #include <torch/serialize/archive.h>
@@ -62,12 +63,11 @@ std::shared_ptr<torch::nn::Module> LoraLinear4bitImpl::clone(const std::optional
 at::Tensor LoraLinear4bitImpl::forward(const at::Tensor& x) {
   const auto route = adapters_.route();
   if (!route) return base_layer->forward(x);
-  const Linear4bitImpl& base = *base_layer;  // the layer and its branch in one op (nf4_lora_linear where it applies)
-  return lorafuse::lora_linear4bit(x, base.packed, base.absmax, base.nested_absmax, base.offset,
-                                   base.options.blocksize(), base.options.out_features(),
-                                   base.bias.defined() ? std::optional<at::Tensor>(base.bias) : std::nullopt,
-                                   base.options.compute_dtype(), route->a->weight, route->b->weight, route->scale,
-                                   is_training() ? route->dropout : 0.0);
+  const Linear4bitImpl& base = *base_layer;  // the layer and its branch in one op (nf_lora_linear where it applies)
+  return lorafuse::lora_linear_nf(
+      x, base.packed, base.absmax, base.nested_absmax, base.offset, base.options.format(), base.options.out_features(),
+      base.bias.defined() ? std::optional<at::Tensor>(base.bias) : std::nullopt, base.options.compute_dtype(),
+      route->a->weight, route->b->weight, route->scale, is_training() ? route->dropout : 0.0);
 }
 
 void LoraLinear4bitImpl::add_adapter(const std::string& name, const LoraAdapterOptions& options, bool activate) {
@@ -93,8 +93,8 @@ void LoraLinear4bitImpl::enable_adapters() { adapters_.enable(); }
 void LoraLinear4bitImpl::merge(const std::vector<std::string>& adapter_names, bool requantize) {
   const auto everything = adapters_.table().plan_merge(adapter_names);
   TORCH_CHECK_VALUE(requantize,
-                    "merge: the base is 4-bit (lorafuse::nn::Linear4bit); merging into 4 bits rounds W + scale·B·A to "
-                    "4 bits again and changes the layer's outputs. Ask for it with requantize = true (merge_error() "
+                    "merge: the base is quantized (lorafuse::nn::Linear4bit); merging rounds W + scale·B·A to "
+                    "its bits again and changes the layer's outputs. Ask for it with requantize = true (merge_error() "
                     "then reports the cost; unmerge() restores the bytes exactly), keep the adapter as a separate "
                     "branch, or merge_and_unload for a dense layer holding dequantized W + the adapter");
   torch::NoGradGuard no_grad;
@@ -108,8 +108,8 @@ void LoraLinear4bitImpl::merge(const std::vector<std::string>& adapter_names, bo
   std::vector<at::Tensor> as, bs;
   std::vector<double> scales;
   adapters_.merge_inputs(everything, as, bs, scales);
-  const Nf4Merge result = lorafuse::nf4_merge(packed, absmax, nested, offset, base.options.blocksize(),
-                                              {out_features(), in_features()}, as, bs, scales);
+  const NfMerge result = lorafuse::nf_merge(packed, absmax, nested, offset, base.options.format(),
+                                            {out_features(), in_features()}, as, bs, scales);
   if (!was_merged) {
     packed_unmerged_.set_data(base.packed.detach());
     absmax_unmerged_.set_data(base.absmax.detach());
@@ -156,10 +156,10 @@ torch::nn::Linear LoraLinear4bitImpl::dense_merged() const {
   const auto everything = adapters_.table().unloaded_adapters();
   torch::NoGradGuard no_grad;
   const auto& base = *base_layer;
-  at::Tensor weight = lorafuse::dequantize_nf4(
+  at::Tensor weight = lorafuse::dequantize_nf(
       was_merged ? packed_unmerged_ : base.packed, was_merged ? absmax_unmerged_ : base.absmax,
       was_merged ? nested_absmax_unmerged_ : base.nested_absmax, was_merged ? offset_unmerged_ : base.offset,
-      base.options.blocksize(), {out_features(), in_features()}, at::kFloat);
+      base.options.format(), {out_features(), in_features()}, at::kFloat);
   if (!everything.empty()) {
     std::vector<at::Tensor> as, bs;
     std::vector<double> scales;
@@ -196,7 +196,8 @@ void LoraLinear4bitImpl::load(torch::serialize::InputArchive& archive) {
 void LoraLinear4bitImpl::pretty_print(std::ostream& stream) const {
   stream << "lorafuse::nn::LoraLinear4bit(in_features=" << in_features() << ", out_features=" << out_features()
          << ", bias=" << (base_layer->bias.defined() ? "true" : "false")
-         << ", nf4, blocksize=" << base_layer->options.blocksize()
+         << (base_layer->options.is_nf4() ? ", nf4" : ", nf" + std::to_string(base_layer->options.bits()))
+         << ", blocksize=" << base_layer->options.blocksize()
          << ", compute_dtype=" << base_layer->options.compute_dtype() << ", " << adapters().describe() << ")";
 }
 

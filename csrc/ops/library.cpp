@@ -88,6 +88,30 @@ TORCH_LIBRARY(lorafuse, m) {
       "float dropout_p, bool[4] output_mask) "
       "-> (Tensor grad_x, Tensor grad_lora_a, Tensor grad_lora_b, Tensor grad_bias)");
 
+  // A quantized layer's forward (bitsandbytes' Linear4bit rule): x and bias cast to compute_dtype, nf_linear, the
+  // result cast back to x's dtype. CompositeImplicitAutograd: autograd, Meta and devices come from the ops it calls.
+  m.def(
+      "linear_nf(Tensor x, Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? offset, int[] format, "
+      "int out_features, Tensor? bias, ScalarType compute_dtype) -> Tensor");
+  // A LoRA layer over a quantized layer (linear_nf's compute-dtype rule, lora_branch's adapter-dtype rule), once for
+  // the C++ LoraLinear4bit and Python's quantized kinds (CompositeImplicitAutograd): nf_lora_linear when x is already
+  // in compute_dtype and lora_a in x's dtype or float32, else lora_branch(linear_nf(...)); under autocast always the
+  // latter.
+  m.def(
+      "lora_linear_nf(Tensor x, Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? offset, int[] format, "
+      "int out_features, Tensor? bias, ScalarType compute_dtype, Tensor lora_a, Tensor lora_b, float scale, "
+      "float dropout_p=0.0) -> Tensor",
+      {at::Tag::nondeterministic_seeded});
+  // Merging into the quantized weight (asked for explicitly; never differentiated): W' = dequant(W) + Σ scaleᵢ·Bᵢ·Aᵢ in
+  // float32 (lora_merge's rules), quantized again in the same format (statistic scales in nested_absmax's dtype) →
+  // the new (packed, absmax, nested_absmax, offset) and error float32 [2] = (‖Ŵ − W'‖ / ‖W'‖, ‖Ŵ − W'‖ / ‖W' − W‖)
+  // with Ŵ the dequantized result: the relative output change for uncorrelated inputs, and the rounding measured
+  // against what the adapters add.
+  m.def(
+      "nf_merge(Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? offset, int[] format, int[] shape, "
+      "Tensor[] lora_a, Tensor[] lora_b, float[] scale) "
+      "-> (Tensor packed, Tensor absmax, Tensor nested_absmax, Tensor offset, Tensor error)");
+
   // ---- NF4: the 4-bit NormalFloat base of QLoRA with bitsandbytes' names and exact bytes: the ops above at
   // format [4, blocksize, 8, 256] (double quantization, float32 scales) or [4, blocksize, 0, 0]
   // (CompositeImplicitAutograd, csrc/ops/composite/nf4_composite.cpp), blocksize one of bitsandbytes' 32 ... 4096.

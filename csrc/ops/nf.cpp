@@ -88,6 +88,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nf_lora_linear_backwa
                  dropout_p, output_mask);
 }
 
+at::Tensor linear_nf(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                     const OptTensor& nested_absmax, const OptTensor& offset, at::IntArrayRef format,
+                     int64_t out_features, const OptTensor& bias, at::ScalarType compute_dtype) {
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("lorafuse::linear_nf", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&,
+                            at::IntArrayRef, int64_t, const OptTensor&, at::ScalarType)>();
+  return op.call(x, packed, absmax, nested_absmax, offset, format, out_features, bias, compute_dtype);
+}
+
+at::Tensor lora_linear_nf(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                          const OptTensor& nested_absmax, const OptTensor& offset, at::IntArrayRef format,
+                          int64_t out_features, const OptTensor& bias, at::ScalarType compute_dtype,
+                          const at::Tensor& lora_a, const at::Tensor& lora_b, double scale, double dropout_p) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("lorafuse::lora_linear_nf", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&,
+                                         const OptTensor&, at::IntArrayRef, int64_t, const OptTensor&, at::ScalarType,
+                                         const at::Tensor&, const at::Tensor&, double, double)>();
+  return op.call(x, packed, absmax, nested_absmax, offset, format, out_features, bias, compute_dtype, lora_a, lora_b,
+                 scale, dropout_p);
+}
+
+NfMerge nf_merge(const at::Tensor& packed, const at::Tensor& absmax, const OptTensor& nested_absmax,
+                 const OptTensor& offset, at::IntArrayRef format, at::IntArrayRef shape, at::TensorList lora_a,
+                 at::TensorList lora_b, c10::ArrayRef<double> scale) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("lorafuse::nf_merge", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+                           const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&, at::IntArrayRef,
+                           at::IntArrayRef, at::TensorList, at::TensorList, c10::ArrayRef<double>)>();
+  auto [p, a, n, o, error] = op.call(packed, absmax, nested_absmax, offset, format, shape, lora_a, lora_b, scale);
+  const at::Tensor e = error.to(at::kCPU, at::kDouble);
+  return {{p, a, n, o}, e[0].item<double>(), e[1].item<double>(), error};
+}
+
 double nf_bits_per_weight(at::IntArrayRef format, at::ScalarType stat_dtype) {
   const nf::Format f = detail::parse_nf_format("lorafuse.nf_bits_per_weight", format);
   TORCH_CHECK_TYPE(stat_dtype == at::kFloat || stat_dtype == at::kHalf || stat_dtype == at::kBFloat16,

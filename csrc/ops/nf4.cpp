@@ -40,7 +40,7 @@ Nf4Merge nf4_merge(const at::Tensor& packed, const at::Tensor& absmax, const std
               int64_t, at::IntArrayRef, at::TensorList, at::TensorList, c10::ArrayRef<double>)>();
   auto [p, a, n, o, error] = op.call(packed, absmax, nested_absmax, offset, blocksize, shape, lora_a, lora_b, scale);
   const at::Tensor e = error.to(at::kCPU, at::kDouble);
-  return {{p, a, n, o}, e[0].item<double>(), e[1].item<double>()};
+  return {{p, a, n, o}, e[0].item<double>(), e[1].item<double>(), error};
 }
 
 at::Tensor nf4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,

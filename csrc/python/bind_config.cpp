@@ -38,12 +38,13 @@ py::tuple nf4_tuple(const io::Nf4Tensor& t) {
 }
 
 // A C++ Linear4bit as Python's lorafuse.nn.Linear4bit is built from it: (in_features, out_features, compute_dtype,
-// blocksize, double_quant, packed, absmax, nested_absmax, offset, bias or None).
+// blocksize, double_quant, (bits, stat_bits, stat_blocksize, stat_dtype), packed, absmax, nested_absmax, offset,
+// bias or None).
 py::tuple linear4bit_parts(const nn::Linear4bitImpl& l) {
   const auto& o = l.options;
-  return py::make_tuple(o.in_features(), o.out_features(), o.compute_dtype(), o.blocksize(), o.double_quant(), l.packed,
-                        l.absmax, l.nested_absmax, l.offset,
-                        l.bias.defined() ? py::cast(l.bias) : py::object(py::none()));
+  return py::make_tuple(o.in_features(), o.out_features(), o.compute_dtype(), o.blocksize(), o.double_quant(),
+                        py::make_tuple(o.bits(), o.stat_bits(), o.stat_blocksize(), o.stat_dtype()), l.packed, l.absmax,
+                        l.nested_absmax, l.offset, l.bias.defined() ? py::cast(l.bias) : py::object(py::none()));
 }
 
 using LayerFields = std::tuple<std::string, int64_t, int64_t, bool, std::optional<QuantFields>>;
@@ -53,13 +54,24 @@ void bind_checkpoint(py::module& m) {
   m.def(
       "_linear4bit_from_weight",
       [](const at::Tensor& weight, const std::optional<at::Tensor>& bias, std::optional<at::ScalarType> compute_dtype,
-         int64_t blocksize, bool double_quant) {
+         int64_t blocksize, bool double_quant, int64_t bits, int64_t stat_bits, int64_t stat_blocksize,
+         at::ScalarType stat_dtype) {
         return linear4bit_parts(*translating([&] {
-          return nn::Linear4bitImpl::from_weight(weight, bias.value_or(at::Tensor()), compute_dtype, blocksize,
-                                                 double_quant);
+          TORCH_CHECK_VALUE(weight.dim() == 2, "weight: expected [out_features, in_features], found ", weight.sizes());
+          return nn::Linear4bitImpl::from_weight(weight, bias.value_or(at::Tensor()),
+                                                 nn::Linear4bitOptions(weight.size(1), weight.size(0))
+                                                     .bias(bias.has_value() && bias->defined())
+                                                     .compute_dtype(compute_dtype.value_or(weight.scalar_type()))
+                                                     .blocksize(blocksize)
+                                                     .double_quant(double_quant)
+                                                     .bits(bits)
+                                                     .stat_bits(stat_bits)
+                                                     .stat_blocksize(stat_blocksize)
+                                                     .stat_dtype(stat_dtype));
         }));
       },
       py::arg("weight"), py::arg("bias"), py::arg("compute_dtype"), py::arg("blocksize"), py::arg("double_quant"),
+      py::arg("bits"), py::arg("stat_bits"), py::arg("stat_blocksize"), py::arg("stat_dtype"),
       "lorafuse::nn::Linear4bitImpl::from_weight: the parts of the layer (Python's Linear4bit is built from them).");
   m.def(
       "_plan_checkpoint_load",

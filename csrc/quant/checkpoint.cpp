@@ -265,6 +265,14 @@ CheckpointLoadPlan plan_checkpoint_load(const io::CheckpointReader& reader, cons
   return plan;
 }
 
+// A checkpoint holds quantized layers in bitsandbytes' NF4 only (transformers' 4-bit format).
+static void check_nf4(const char* op, const std::string& path, const nn::Linear4bitOptions& o) {
+  TORCH_CHECK_VALUE(o.is_nf4(), op, ": \"", path, "\" is a Linear4bit in format ", o.format(), " (stat_dtype ",
+                    o.stat_dtype(),
+                    "), not bitsandbytes' NF4 ([4, blocksize, 8, 256] with float32 scales, or [4, blocksize, 0, 0]), "
+                    "which a checkpoint in transformers' 4-bit format holds");
+}
+
 std::vector<std::string> load_checkpoint(torch::nn::Module& module, const std::string& dir,
                                          const LoadCheckpointOptions& options) {
   const io::CheckpointReader reader(dir);
@@ -276,6 +284,7 @@ std::vector<std::string> load_checkpoint(torch::nn::Module& module, const std::s
                       l.module->named_parameters(false).find("bias") != nullptr, std::nullopt};
     if (l.is_4bit) {
       const auto& o = l.module->as<nn::Linear4bitImpl>()->options;
+      check_nf4("load_checkpoint", l.path, o);
       d.nf4 = QuantConfig().blocksize(o.blocksize()).double_quant(o.double_quant()).compute_dtype(o.compute_dtype());
     }
     described.push_back(std::move(d));
@@ -316,6 +325,7 @@ void save_checkpoint(torch::nn::Module& module, const std::string& dir, const st
       continue;
     }
     const auto* q = l.module->as<nn::Linear4bitImpl>();
+    check_nf4("save_checkpoint", l.path, q->options);
     io::Nf4Tensor t;
     t.weight = {q->packed, q->absmax, q->nested_absmax, q->offset};
     t.blocksize = q->options.blocksize();

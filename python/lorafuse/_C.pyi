@@ -102,9 +102,20 @@ def _cpp_load_checkpoint(
 ) -> List[str]: ...
 def _cpp_save_checkpoint(module: "CppModule", dir: str, config_json: str) -> None: ...
 
-# (in_features, out_features, compute_dtype, blocksize, double_quant, packed, absmax, nested_absmax, offset, bias)
+# (in_features, out_features, compute_dtype, blocksize, double_quant, (bits, stat_bits, stat_blocksize, stat_dtype),
+# packed, absmax, nested_absmax, offset, bias)
 Linear4bitParts = Tuple[
-    int, int, torch.dtype, int, bool, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]
+    int,
+    int,
+    torch.dtype,
+    int,
+    bool,
+    Tuple[int, int, int, torch.dtype],
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    Optional[torch.Tensor],
 ]
 
 def _linear4bit_from_weight(
@@ -113,6 +124,10 @@ def _linear4bit_from_weight(
     compute_dtype: Optional[torch.dtype],
     blocksize: int,
     double_quant: bool,
+    bits: int,
+    stat_bits: int,
+    stat_blocksize: int,
+    stat_dtype: torch.dtype,
 ) -> Linear4bitParts: ...
 def _plan_checkpoint_load(
     reader: _CheckpointReader,

@@ -1,5 +1,6 @@
-// lorafuse::nn::Linear4bit — a frozen linear layer whose weight is stored in 4-bit NF4 (QLoRA's base), bitsandbytes'
-// bytes; computed by lorafuse::nf4_linear a tile of rows at a time.
+// lorafuse::nn::Linear4bit — a frozen linear layer whose weight is stored quantized: 4-bit NF4 by default (QLoRA's
+// base, bitsandbytes' bytes), or any format of the family (lorafuse/ops/nf.h: LQ-LoRA's 2 .. 8-bit bases); computed
+// by lorafuse::nf_linear a tile of rows at a time.
 #pragma once
 
 #include <c10/core/ScalarType.h>
@@ -12,6 +13,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <vector>
 
 namespace lorafuse::nn {
 
@@ -25,14 +27,33 @@ struct Linear4bitOptions {
   TORCH_ARG(bool, bias) = true;
   /// The dtype x is cast to and the GEMM runs in: float32, bfloat16 or float16; the output is cast back to x's.
   TORCH_ARG(c10::ScalarType, compute_dtype) = c10::ScalarType::Float;
-  /// NF4 block size: 32, 64, ..., 4096.
+  /// Weights per absmax block: bitsandbytes' 32, 64, ..., 4096 for NF4; a power of two in [16, 4096] otherwise.
   TORCH_ARG(int64_t, blocksize) = 64;
-  /// Whether the block statistics are quantized again (8 bits, blocks of 256): 4.127 instead of 4.5 bits per weight.
+  /// Whether the block statistics are quantized again (NF4: 8 bits, blocks of 256: 4.127 instead of 4.5 bits per
+  /// weight).
   TORCH_ARG(bool, double_quant) = true;
+  /// The NF code's bits per weight: 4 is bitsandbytes' NF4; 2 .. 8 for LQ-LoRA's bases.
+  TORCH_ARG(int64_t, bits) = 4;
+  /// With double_quant: bits per quantized statistic (8: bitsandbytes' dynamic code around the mean; 2 .. 7: the
+  /// uniform code above the minimum), statistics per scale, and the scales' dtype (float32, bfloat16 or float16).
+  TORCH_ARG(int64_t, stat_bits) = 8;
+  TORCH_ARG(int64_t, stat_blocksize) = 256;
+  TORCH_ARG(c10::ScalarType, stat_dtype) = c10::ScalarType::Float;
+
+ public:
+  /// The quantized-weight format [bits, blocksize, stat_bits, stat_blocksize] (0, 0 without double_quant).
+  std::vector<int64_t> format() const {
+    return {bits(), blocksize(), double_quant() ? stat_bits() : 0, double_quant() ? stat_blocksize() : 0};
+  }
+  /// Whether this is bitsandbytes' NF4 (4 bits; its double quantization or none): what its checkpoints hold.
+  bool is_nf4() const {
+    return bits() == 4 &&
+           (!double_quant() || (stat_bits() == 8 && stat_blocksize() == 256 && stat_dtype() == c10::ScalarType::Float));
+  }
 };
 
 /// y = x·Wᵀ + b with W [out, in] held as the buffers `packed`, `absmax`, `nested_absmax` and `offset`
-/// (lorafuse::quantize_nf4's outputs: bitsandbytes' bytes). The weight is frozen: buffers, never a gradient.
+/// (lorafuse::quantize_nf's outputs; for NF4 bitsandbytes' bytes). The weight is frozen: buffers, never a gradient.
 class Linear4bitImpl : public torch::nn::Cloneable<Linear4bitImpl> {
  public:
   Linear4bitImpl(int64_t in_features, int64_t out_features)
@@ -51,9 +72,13 @@ class Linear4bitImpl : public torch::nn::Cloneable<Linear4bitImpl> {
   static std::shared_ptr<Linear4bitImpl> from_weight(const at::Tensor& weight, const at::Tensor& bias,
                                                      std::optional<c10::ScalarType> compute_dtype = std::nullopt,
                                                      int64_t blocksize = 64, bool double_quant = true);
-  /// A layer holding already quantized bytes (quantize_nf4's outputs for an [out_features, in_features] weight with
-  /// options.blocksize; double-quantized when options.double_quant) and `bias` (undefined when options.bias is false).
-  /// The sizes are checked against the options.
+  /// A layer holding `weight` [out_features, in_features] (the sizes in `options`) quantized in options.format() with
+  /// options.stat_dtype on its device, and `bias` (undefined for none; cast to compute_dtype).
+  static std::shared_ptr<Linear4bitImpl> from_weight(const at::Tensor& weight, const at::Tensor& bias,
+                                                     const Linear4bitOptions& options);
+  /// A layer holding already quantized bytes (quantize_nf's outputs for an [out_features, in_features] weight in
+  /// options.format() and options.stat_dtype) and `bias` (undefined when options.bias is false). The sizes and dtypes
+  /// are checked against the options.
   static std::shared_ptr<Linear4bitImpl> from_nf4(const Linear4bitOptions& options, const Nf4Weight& weight,
                                                   const at::Tensor& bias = at::Tensor());
 
@@ -61,7 +86,7 @@ class Linear4bitImpl : public torch::nn::Cloneable<Linear4bitImpl> {
   void pretty_print(std::ostream& stream) const override;
   /// [..., in] → [..., out] in x's dtype.
   at::Tensor forward(const at::Tensor& x);
-  /// The dense weight [out, in] the 4 bits encode (a new tensor), in `dtype` (default compute_dtype).
+  /// The dense weight [out, in] the quantized bytes encode (a new tensor), in `dtype` (default compute_dtype).
   at::Tensor dequantized_weight(std::optional<c10::ScalarType> dtype = std::nullopt) const;
 
   Linear4bitOptions options;

@@ -76,6 +76,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nf_lora_linear_backwa
     const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& u, const at::Tensor& rng_state, double scale,
     double dropout_p, std::array<bool, 4> output_mask);
 
+/// A quantized layer's forward (bitsandbytes' Linear4bit semantics): x and bias cast to compute_dtype, nf_linear, the
+/// result cast back to x's dtype (the C++ and Python Linear4bit and bitsandbytes' layers all run it).
+at::Tensor linear_nf(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                     const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,
+                     at::IntArrayRef format, int64_t out_features, const std::optional<at::Tensor>& bias,
+                     at::ScalarType compute_dtype);
+
+/// A LoRA layer over a quantized layer — what LoraLinear4bit and Python's quantized kinds run: nf_lora_linear when x
+/// is in compute_dtype and lora_a in x's dtype or float32 (the bias cast to compute_dtype), else
+/// lora_branch(linear_nf(x, ...), x, A, B, scale, p).
+at::Tensor lora_linear_nf(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                          const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,
+                          at::IntArrayRef format, int64_t out_features, const std::optional<at::Tensor>& bias,
+                          at::ScalarType compute_dtype, const at::Tensor& lora_a, const at::Tensor& lora_b,
+                          double scale, double dropout_p = 0.0);
+
+/// What nf_merge returns: the re-quantized weight and what the rounding cost.
+struct NfMerge {
+  NfWeight weight;
+  /// ‖Ŵ − W'‖_F / ‖W'‖_F: the relative change of the layer's outputs for inputs with uncorrelated features, where
+  /// W' = dequant(W) + the adapters (float32) and Ŵ what the new bits encode.
+  double output_error;
+  /// ‖Ŵ − W'‖_F / ‖W' − dequant(W)‖_F: the rounding measured against what the adapters add (1 = as large).
+  double adapter_error;
+  /// The two as the op returns them, float32 [2] on the weight's device.
+  at::Tensor error;
+};
+
+/// Merging into the quantized weight, asked for explicitly: dequant(W) [shape] + Σ scaleᵢ·Bᵢ·Aᵢ in float32
+/// (lora_merge; a non-finite result is an error), quantized again in `format` (statistic scales in nested_absmax's
+/// dtype). The caller keeps the old bytes to unmerge exactly.
+NfMerge nf_merge(const at::Tensor& packed, const at::Tensor& absmax, const std::optional<at::Tensor>& nested_absmax,
+                 const std::optional<at::Tensor>& offset, at::IntArrayRef format, at::IntArrayRef shape,
+                 at::TensorList lora_a, at::TensorList lora_b, c10::ArrayRef<double> scale);
+
 /// Bits per weight of `format` with statistic scales in `stat_dtype` (the one offset per matrix left out).
 double nf_bits_per_weight(at::IntArrayRef format, at::ScalarType stat_dtype = at::kFloat);
 

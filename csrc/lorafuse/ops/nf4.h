@@ -82,15 +82,8 @@ at::Tensor lora_linear4bit(const at::Tensor& x, const at::Tensor& packed, const 
                            at::ScalarType compute_dtype, const at::Tensor& lora_a, const at::Tensor& lora_b,
                            double scale, double dropout_p = 0.0);
 
-/// What nf4_merge returns: the re-quantized weight and what the rounding cost.
-struct Nf4Merge {
-  Nf4Weight weight;
-  /// ‖Ŵ − W'‖_F / ‖W'‖_F: the relative change of the layer's outputs for inputs with uncorrelated features, where
-  /// W' = dequant(W) + the adapters (float32) and Ŵ what the new 4 bits encode.
-  double output_error;
-  /// ‖Ŵ − W'‖_F / ‖W' − dequant(W)‖_F: the rounding measured against what the adapters add (1 = as large).
-  double adapter_error;
-};
+/// What nf4_merge returns: the re-quantized weight and what the rounding cost (NfMerge, lorafuse/ops/nf.h).
+using Nf4Merge = NfMerge;
 
 /// Merging into 4 bits, asked for explicitly: dequant(W) [shape] + Σ scaleᵢ·Bᵢ·Aᵢ in float32 (lora_merge; a
 /// non-finite result is an error), quantized again with `blocksize` and double quantization when nested_absmax is

@@ -12,9 +12,7 @@
 namespace lorafuse::composite {
 namespace {
 
-bool is_float(at::ScalarType t) {
-  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
-}
+bool is_float(at::ScalarType t) { return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble; }
 
 // The delta of one adapter in `acc`, checked against [out, in] when out >= 0. `which` names the adapter in
 // messages ("" for the single-adapter op, "[i]" for lists).
@@ -59,16 +57,16 @@ at::Tensor lora_merge(const at::Tensor& weight, at::TensorList lora_a, at::Tenso
   const auto acc = weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor merged = weight.to(acc, /*non_blocking=*/false, /*copy=*/true);
   for (size_t i = 0; i < lora_a.size(); ++i) {
-    TORCH_CHECK_VALUE(lora_a[i].device() == weight.device() && lora_b[i].device() == weight.device(), op,
-                      ": adapter ", i, " must be on weight's device ", weight.device(), "; found ", lora_a[i].device(),
-                      " and ", lora_b[i].device());
-    merged.add_(delta(op, lora_a[i], lora_b[i], scale[i], acc, weight.size(0), weight.size(1),
-                      "[" + std::to_string(i) + "]"));
+    TORCH_CHECK_VALUE(lora_a[i].device() == weight.device() && lora_b[i].device() == weight.device(), op, ": adapter ",
+                      i, " must be on weight's device ", weight.device(), "; found ", lora_a[i].device(), " and ",
+                      lora_b[i].device());
+    merged.add_(
+        delta(op, lora_a[i], lora_b[i], scale[i], acc, weight.size(0), weight.size(1), "[" + std::to_string(i) + "]"));
   }
   merged = merged.to(weight.scalar_type());  // checked after rounding: float16 overflows at 65504
   if (!merged.is_meta()) {
-    TORCH_CHECK_VALUE(at::isfinite(merged).all().item<bool>(), op, ": merging gives non-finite ",
-                      weight.scalar_type(), " weights; the base weight is left unchanged");
+    TORCH_CHECK_VALUE(at::isfinite(merged).all().item<bool>(), op, ": merging gives non-finite ", weight.scalar_type(),
+                      " weights; the base weight is left unchanged");
   }
   return merged;
 }

@@ -1,6 +1,7 @@
 // The NF4 ops (bitsandbytes' names and fields) as the quantized-weight ops at 4 bits (CompositeImplicitAutograd):
 // the format is [4, blocksize, 8, 256] when the statistics are double-quantized (nested_absmax given), else
 // [4, blocksize, 0, 0]. Each checks its arguments under its own name first, so errors name the op the user called.
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/grad_mode.h>
 #include <torch/library.h>
 
@@ -88,6 +89,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nf4_lora_linear_backw
                                            u, rng_state, scale, dropout_p, output_mask);
 }
 
+at::Tensor linear4bit(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                      const OptTensor& nested_absmax, const OptTensor& offset, int64_t blocksize, int64_t out_features,
+                      const OptTensor& bias, at::ScalarType compute_dtype) {
+  const auto format = format_of("lorafuse.linear4bit", blocksize, nested_absmax);
+  return lorafuse::linear_nf(x, packed, absmax, nested_absmax, offset, format, out_features, bias, compute_dtype);
+}
+
+at::Tensor lora_linear4bit(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                           const OptTensor& nested_absmax, const OptTensor& offset, int64_t blocksize,
+                           int64_t out_features, const OptTensor& bias, at::ScalarType compute_dtype,
+                           const at::Tensor& lora_a, const at::Tensor& lora_b, double scale, double dropout_p) {
+  const auto format = format_of("lorafuse.lora_linear4bit", blocksize, nested_absmax);
+  return lorafuse::lora_linear_nf(x, packed, absmax, nested_absmax, offset, format, out_features, bias, compute_dtype,
+                                  lora_a, lora_b, scale, dropout_p);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> nf4_merge(
+    const at::Tensor& packed, const at::Tensor& absmax, const OptTensor& nested_absmax, const OptTensor& offset,
+    int64_t blocksize, at::IntArrayRef shape, at::TensorList lora_a, at::TensorList lora_b,
+    c10::ArrayRef<double> scale) {
+  TORCH_CHECK_VALUE(shape.size() == 2, "lorafuse.nf4_merge: shape must be [out, in]; found ", shape);
+  const auto format = format_of("lorafuse.nf4_merge", blocksize, nested_absmax);
+  // the op itself, not lorafuse::nf_merge, which reads the error's values (no data-dependent reads under tracing)
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("lorafuse::nf_merge", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+                           const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&, at::IntArrayRef,
+                           at::IntArrayRef, at::TensorList, at::TensorList, c10::ArrayRef<double>)>();
+  return op.call(packed, absmax, nested_absmax, offset, format, shape, lora_a, lora_b, scale);
+}
+
 }  // namespace
 }  // namespace lorafuse::composite
 
@@ -99,4 +131,7 @@ TORCH_LIBRARY_IMPL(lorafuse, CompositeImplicitAutograd, m) {
   m.impl("nf4_lora_linear", &lorafuse::composite::nf4_lora_linear);
   m.impl("nf4_lora_linear_forward", &lorafuse::composite::nf4_lora_linear_forward);
   m.impl("nf4_lora_linear_backward", &lorafuse::composite::nf4_lora_linear_backward);
+  m.impl("linear4bit", &lorafuse::composite::linear4bit);
+  m.impl("lora_linear4bit", &lorafuse::composite::lora_linear4bit);
+  m.impl("nf4_merge", &lorafuse::composite::nf4_merge);
 }

@@ -1,6 +1,6 @@
 // nf_lora_linear on every device without a kernel of its own (CompositeExplicitAutograd: CUDA and Meta): nf_linear
 // and lora_add_forward, and their backwards summed — the CPU kernel (nf_cpu.cpp) fuses the same arithmetic.
-// lora_linear4bit: the rule that picks nf4_lora_linear or the 4-bit layer + lora_branch (CompositeImplicitAutograd;
+// lora_linear_nf: the rule that picks nf_lora_linear or the quantized layer + lora_branch (CompositeImplicitAutograd;
 // under autocast always the latter).
 #include <torch/library.h>
 
@@ -55,36 +55,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nf_lora_linear_backwa
   return {gx, ga, gb, gbias};
 }
 
-// The two-op route: the 4-bit layer (x cast to compute_dtype), then the branch (x cast to the adapters' dtype unless it
-// is x's or float32). Also the whole layer under autocast (registered below): the base computes in its compute dtype
-// whatever autocast says, as bitsandbytes' layer does, and only the branch follows it, through lora_add's autocast
-// kernel (the one op, nf4_lora_linear, shares x between the two).
-at::Tensor lora_linear4bit_two_ops(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
-                                   const std::optional<at::Tensor>& nested_absmax,
-                                   const std::optional<at::Tensor>& offset, int64_t blocksize, int64_t out_features,
-                                   const std::optional<at::Tensor>& bias, at::ScalarType compute_dtype,
-                                   const at::Tensor& lora_a, const at::Tensor& lora_b, double scale, double dropout_p) {
+// The two-op route: the quantized layer (x cast to compute_dtype), then the branch (x cast to the adapters' dtype
+// unless it is x's or float32). Also the whole layer under autocast (registered below): the base computes in its
+// compute dtype whatever autocast says, as bitsandbytes' layer does, and only the branch follows it, through
+// lora_add's autocast kernel (the one op, nf_lora_linear, shares x between the two).
+at::Tensor lora_linear_nf_two_ops(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                                  const std::optional<at::Tensor>& nested_absmax,
+                                  const std::optional<at::Tensor>& offset, at::IntArrayRef format, int64_t out_features,
+                                  const std::optional<at::Tensor>& bias, at::ScalarType compute_dtype,
+                                  const at::Tensor& lora_a, const at::Tensor& lora_b, double scale, double dropout_p) {
   const at::Tensor base =
-      lorafuse::linear4bit(x, packed, absmax, nested_absmax, offset, blocksize, out_features, bias, compute_dtype);
+      lorafuse::linear_nf(x, packed, absmax, nested_absmax, offset, format, out_features, bias, compute_dtype);
   return lorafuse::lora_branch(base, x, lora_a, lora_b, scale, dropout_p);
 }
 
-at::Tensor lora_linear4bit_composite(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
-                                     const std::optional<at::Tensor>& nested_absmax,
-                                     const std::optional<at::Tensor>& offset, int64_t blocksize, int64_t out_features,
-                                     const std::optional<at::Tensor>& bias, at::ScalarType compute_dtype,
-                                     const at::Tensor& lora_a, const at::Tensor& lora_b, double scale,
-                                     double dropout_p) {
+at::Tensor lora_linear_nf_composite(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                                    const std::optional<at::Tensor>& nested_absmax,
+                                    const std::optional<at::Tensor>& offset, at::IntArrayRef format,
+                                    int64_t out_features, const std::optional<at::Tensor>& bias,
+                                    at::ScalarType compute_dtype, const at::Tensor& lora_a, const at::Tensor& lora_b,
+                                    double scale, double dropout_p) {
   const auto adapter = lora_a.scalar_type();
   if (x.scalar_type() == compute_dtype && (adapter == compute_dtype || adapter == at::kFloat)) {
-    std::optional<at::Tensor> b;  // linear4bit's rule: the bias in the compute dtype
+    std::optional<at::Tensor> b;  // linear_nf's rule: the bias in the compute dtype
     if (bias.has_value() && bias->defined()) b = bias->to(compute_dtype);
-    return lorafuse::nf4_lora_linear(x, packed, absmax, nested_absmax, offset, blocksize, out_features, b, lora_a,
-                                     lora_b, scale, dropout_p);
+    return lorafuse::nf_lora_linear(x, packed, absmax, nested_absmax, offset, format, out_features, b, lora_a, lora_b,
+                                    scale, dropout_p);
   }
   // x cast to compute_dtype for the base, to the adapters' dtype for the branch: two inputs, the ops apart
-  return lora_linear4bit_two_ops(x, packed, absmax, nested_absmax, offset, blocksize, out_features, bias, compute_dtype,
-                                 lora_a, lora_b, scale, dropout_p);
+  return lora_linear_nf_two_ops(x, packed, absmax, nested_absmax, offset, format, out_features, bias, compute_dtype,
+                                lora_a, lora_b, scale, dropout_p);
 }
 
 }  // namespace
@@ -97,13 +97,11 @@ TORCH_LIBRARY_IMPL(lorafuse, CompositeExplicitAutograd, m) {
 }
 
 TORCH_LIBRARY_IMPL(lorafuse, CompositeImplicitAutograd, m) {
-  m.impl("lora_linear4bit", &lorafuse::composite::lora_linear4bit_composite);
+  m.impl("lora_linear_nf", &lorafuse::composite::lora_linear_nf_composite);
 }
 
-TORCH_LIBRARY_IMPL(lorafuse, AutocastCPU, m) {
-  m.impl("lora_linear4bit", &lorafuse::composite::lora_linear4bit_two_ops);
-}
+TORCH_LIBRARY_IMPL(lorafuse, AutocastCPU, m) { m.impl("lora_linear_nf", &lorafuse::composite::lora_linear_nf_two_ops); }
 
 TORCH_LIBRARY_IMPL(lorafuse, AutocastCUDA, m) {
-  m.impl("lora_linear4bit", &lorafuse::composite::lora_linear4bit_two_ops);
+  m.impl("lora_linear_nf", &lorafuse::composite::lora_linear_nf_two_ops);
 }

@@ -61,13 +61,30 @@ class BaseKind:
         """The LoRA layer's output when :meth:`fused` says the kind computes it: base(x) + scale·(drop(x)·Aᵀ)·Bᵀ."""
         raise NotImplementedError
 
-    def nf4_state(self, module: nn.Module) -> Optional[tuple]:
-        """For a 4-bit base: (packed, absmax, nested_absmax, offset, blocksize) as the NF4 ops take them; else None."""
+    def quantized_state(self, module: nn.Module) -> Optional[tuple]:
+        """For a quantized base: (packed, absmax, nested_absmax, offset, format) as the quantized-weight ops
+        (``dequantize_nf``, ``nf_merge``, ...) take them; else None."""
         return None
 
-    def set_nf4_state(self, module: nn.Module, packed: Tensor, absmax: Tensor, nested: Tensor, offset: Tensor) -> None:
-        """Puts other NF4 bytes and statistics (same shapes and blocksize) into a 4-bit base."""
+    def set_quantized_state(
+        self, module: nn.Module, packed: Tensor, absmax: Tensor, nested: Tensor, offset: Tensor
+    ) -> None:
+        """Puts other bytes and statistics (same shapes and format) into a quantized base."""
         raise NotImplementedError
+
+    def nf4_state(self, module: nn.Module) -> Optional[tuple]:
+        """For a base in bitsandbytes' NF4: (packed, absmax, nested_absmax, offset, blocksize) as the NF4 ops (and
+        its checkpoints) take them; None for a dense base; ValueError for a quantized base in another format."""
+        state = self.quantized_state(module)
+        if state is None:
+            return None
+        fmt = list(state[4])
+        if fmt[0] != 4 or fmt[2:] not in ([8, 256], [0, 0]) or (state[2] is not None and state[2].dtype != torch.float32):
+            raise ValueError(
+                f"{type(module).__name__}: its weight is in format {fmt} (lorafuse.NfFormat), not bitsandbytes' NF4 "
+                "([4, blocksize, 8, 256] with float32 scales, or [4, blocksize, 0, 0]), which this needs"
+            )
+        return (*state[:4], fmt[1])
 
     def dense_weight(self, module: nn.Module) -> Optional[Tensor]:
         """For a base that merge_and_unload replaces by a dense ``nn.Linear`` (a 4-bit base): its weight in float32,
@@ -156,10 +173,10 @@ class CustomLinear(BaseKind):
 
 
 class Nf4Linear(BaseKind):
-    """lorafuse.nn.Linear4bit: the weight in NF4 (QLoRA). The layer and its branch in one op, ``lora_linear4bit``
-    (``nf4_lora_linear``: the 4-bit weight dequantized a tile of rows at a time, the branch added in place), unless
-    the layer has hooks (then it is called as it is, ``lora_add`` adding the branch); merging rounds to 4 bits again, so it is refused unless asked
-    for (``merge(requantize=True)``)."""
+    """lorafuse.nn.Linear4bit: the weight quantized, NF4 (QLoRA) or another format of the family (LQ-LoRA). The layer
+    and its branch in one op, ``lora_linear_nf`` (``nf_lora_linear``: the weight dequantized a tile of rows at a
+    time, the branch added in place), unless the layer has hooks (then it is called as it is, ``lora_add`` adding the
+    branch); merging rounds to the format again, so it is refused unless asked for (``merge(requantize=True)``)."""
 
     name = "linear4bit"
 
@@ -182,22 +199,24 @@ class Nf4Linear(BaseKind):
         return not _has_hooks(module)
 
     def lora_forward(self, module: nn.Module, x: Tensor, a: Tensor, b: Tensor, scale: float, p: float) -> Tensor:
-        return torch.ops.lorafuse.lora_linear4bit(
-            x, *module.quantized, module.blocksize, module.out_features, module.bias, module.compute_dtype, a, b, scale, p
+        return torch.ops.lorafuse.lora_linear_nf(
+            x, *module.quantized, module.format, module.out_features, module.bias, module.compute_dtype, a, b, scale, p
         )
 
     def merge_refusal(self, module: nn.Module) -> Optional[str]:
         return (
             "the base is 4-bit (lorafuse.nn.Linear4bit); merging into 4 bits rounds W + scale·B·A to 4 bits again "
-            "and changes its outputs. Ask for it with requantize=True (the layer's merge_error then reports the "
+            "(its quantized format) and changes its outputs. Ask for it with requantize=True (the layer's merge_error then reports the "
             "cost; unmerge restores the bytes exactly), keep the adapter as a separate branch, or merge_and_unload "
             "for a dense model holding dequantized W + the adapter"
         )
 
-    def nf4_state(self, module: nn.Module) -> Optional[tuple]:
-        return module.packed, module.absmax, module.nested_absmax, module.offset, module.blocksize
+    def quantized_state(self, module: nn.Module) -> Optional[tuple]:
+        return module.packed, module.absmax, module.nested_absmax, module.offset, module.format
 
-    def set_nf4_state(self, module: nn.Module, packed: Tensor, absmax: Tensor, nested: Tensor, offset: Tensor) -> None:
+    def set_quantized_state(
+        self, module: nn.Module, packed: Tensor, absmax: Tensor, nested: Tensor, offset: Tensor
+    ) -> None:
         module.packed, module.absmax, module.nested_absmax, module.offset = packed, absmax, nested, offset
 
     def dense_weight(self, module: nn.Module) -> Optional[Tensor]:
@@ -250,11 +269,13 @@ class BnbNf4Linear(BaseKind):
     def merge_refusal(self, module: nn.Module) -> Optional[str]:
         return Nf4Linear().merge_refusal(module).replace("lorafuse.nn.Linear4bit", "bitsandbytes' Linear4bit")
 
-    def nf4_state(self, module: nn.Module) -> Optional[tuple]:
+    def quantized_state(self, module: nn.Module) -> Optional[tuple]:
         _to_standard_layout(module)
         return _bnb_nf4_state(module)
 
-    def set_nf4_state(self, module: nn.Module, packed: Tensor, absmax: Tensor, nested: Tensor, offset: Tensor) -> None:
+    def set_quantized_state(
+        self, module: nn.Module, packed: Tensor, absmax: Tensor, nested: Tensor, offset: Tensor
+    ) -> None:
         _to_standard_layout(module)
         state = module.weight.quant_state
         # bitsandbytes' quant_storage dtype (uint8 by default): the same bytes, [bytes / itemsize, 1]
@@ -265,7 +286,7 @@ class BnbNf4Linear(BaseKind):
             state.absmax = absmax
 
     def lora_forward(self, module: nn.Module, x: Tensor, a: Tensor, b: Tensor, scale: float, p: float) -> Tensor:
-        return torch.ops.lorafuse.lora_linear4bit(
+        return torch.ops.lorafuse.lora_linear_nf(
             x,
             *_bnb_nf4_state(module),
             module.out_features,
@@ -279,7 +300,7 @@ class BnbNf4Linear(BaseKind):
 
     def dense_weight(self, module: nn.Module) -> Optional[Tensor]:
         _to_standard_layout(module)
-        return torch.ops.lorafuse.dequantize_nf4(
+        return torch.ops.lorafuse.dequantize_nf(
             *_bnb_nf4_state(module), [module.out_features, module.in_features], torch.float32
         )
 
@@ -296,13 +317,16 @@ def _to_standard_layout(module: nn.Module) -> None:
 
 
 def _bnb_nf4_state(module: nn.Module) -> tuple:
-    """(packed, absmax, nested_absmax, offset, blocksize) of a bitsandbytes NF4 layer, as the NF4 ops take them."""
+    """(packed, absmax, nested_absmax, offset, format) of a bitsandbytes NF4 layer, as the quantized-weight ops take
+    them: format [4, blocksize, 8, 256] with double quantization (bitsandbytes' 256 statistics per scale), else
+    [4, blocksize, 0, 0]."""
     state = module.weight.quant_state
     packed = module.weight.data
     packed = packed if packed.dtype == torch.uint8 else packed.view(torch.uint8)  # quant_storage other than uint8
     nested = state.state2.absmax if state.nested else None
     offset = state.offset.reshape(()) if state.nested else None
-    return packed, state.absmax, nested, offset, state.blocksize
+    fmt = [4, state.blocksize, 8, 256] if state.nested else [4, state.blocksize, 0, 0]
+    return packed, state.absmax, nested, offset, fmt
 
 
 def lora_add(out: Tensor, x: Tensor, a: Tensor, b: Tensor, scale: float, p: float) -> Tensor:

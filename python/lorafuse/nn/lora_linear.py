@@ -323,7 +323,7 @@ class Linear(nn.Module):
     def _fold(self, everything: List[str], requantize: bool = False) -> None:
         """Makes the base weight hold ``everything`` (a plan of the table) merged into the unmerged weight."""
         kind = base_kind_of(self.base_layer)
-        if requantize and kind is not None and kind.nf4_state(self.base_layer) is not None:
+        if requantize and kind is not None and kind.quantized_state(self.base_layer) is not None:
             return self._fold_4bit(kind, everything)
         refusal = (
             kind.merge_refusal(self.base_layer)
@@ -352,12 +352,13 @@ class Linear(nn.Module):
         )
 
     def _fold_4bit(self, kind, everything: List[str]) -> None:
-        """merge(requantize=True) over a 4-bit base: lorafuse.nf4_merge from the unmerged bytes (kept for unmerge)."""
+        """merge(requantize=True) over a quantized base: lorafuse.nf_merge from the unmerged bytes (kept for
+        unmerge)."""
         base = self.base_layer
-        current = kind.nf4_state(base)
+        current = kind.quantized_state(base)
         packed, absmax, nested, offset = self._unmerged_nf4 if self.merged else current[:4]
         with torch.no_grad():
-            *state, error = torch.ops.lorafuse.nf4_merge(
+            *state, error = torch.ops.lorafuse.nf_merge(
                 packed,
                 absmax,
                 nested,
@@ -366,7 +367,7 @@ class Linear(nn.Module):
                 [self.out_features, self.in_features],
                 *self._merge_inputs(everything),
             )
-        kind.set_nf4_state(base, *state)
+        kind.set_quantized_state(base, *state)
         if not self.merged:
             self._unmerged_nf4 = tuple(current[:4])
         self._merge_error = MergeError(*error.tolist())
@@ -378,7 +379,7 @@ class Linear(nn.Module):
         self._table.check_unmerge()
         if self._unmerged_nf4 is not None:
             base = self.base_layer
-            base_kind_of(base).set_nf4_state(base, *self._unmerged_nf4)
+            base_kind_of(base).set_quantized_state(base, *self._unmerged_nf4)
         else:
             with torch.no_grad():
                 self.base_layer.weight.copy_(self.weight_unmerged)
@@ -397,13 +398,13 @@ class Linear(nn.Module):
         in float32 and rounded once; None for bases merged in place. Changes nothing."""
         base = self.base_layer
         kind = base_kind_of(base)
-        if kind is None or kind.nf4_state(base) is None:
+        if kind is None or kind.quantized_state(base) is None:
             return None
         everything = self._table.unloaded_adapters()
         if self._unmerged_nf4 is not None:
-            weight = torch.ops.lorafuse.dequantize_nf4(
+            weight = torch.ops.lorafuse.dequantize_nf(
                 *self._unmerged_nf4,
-                kind.nf4_state(base)[4],
+                kind.quantized_state(base)[4],
                 [self.out_features, self.in_features],
                 torch.float32,
             )
