@@ -92,11 +92,12 @@ void LoraLinear4bitImpl::enable_adapters() { adapters_.enable(); }
 
 void LoraLinear4bitImpl::merge(const std::vector<std::string>& adapter_names, bool requantize) {
   const auto everything = adapters_.table().plan_merge(adapter_names);
-  TORCH_CHECK_VALUE(requantize,
-                    "merge: the base is quantized (lorafuse::nn::Linear4bit); merging rounds W + scale·B·A to "
-                    "its bits again and changes the layer's outputs. Ask for it with requantize = true (merge_error() "
-                    "then reports the cost; unmerge() restores the bytes exactly), keep the adapter as a separate "
-                    "branch, or merge_and_unload for a dense layer holding dequantized W + the adapter");
+  TORCH_CHECK_VALUE(
+      requantize,
+      "merge: the base is 4-bit or quantized otherwise (lorafuse::nn::Linear4bit); merging rounds W + scale·B·A to "
+      "its bits again and changes the layer's outputs. Ask for it with requantize = true (merge_error() "
+      "then reports the cost; unmerge() restores the bytes exactly), keep the adapter as a separate "
+      "branch, or merge_and_unload for a dense layer holding dequantized W + the adapter");
   torch::NoGradGuard no_grad;
   auto& base = *base_layer;
   // Every merge starts from the unmerged bytes, so merging adapters one by one rounds once.

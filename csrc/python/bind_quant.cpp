@@ -1,12 +1,107 @@
 // LQ-LoRA's numerics for the Python front: the bit allocation and the decomposition of one matrix.
+#include <lorafuse/config/lq_lora_config.h>
 #include <lorafuse/quant/bit_allocation.h>
 #include <lorafuse/quant/lq_decompose.h>
+#include <lorafuse/quant/lq_lora.h>
 
 #include "csrc/python/convert.h"
 
 namespace lorafuse::python {
 
+namespace {
+
+using ChoiceFields = std::tuple<std::vector<int64_t>, at::ScalarType>;
+
+std::vector<ChoiceFields> choice_fields(const std::vector<QuantChoice>& grid) {
+  std::vector<ChoiceFields> out;
+  for (const auto& c : grid) out.emplace_back(c.format, c.stat_dtype);
+  return out;
+}
+
+// lorafuse.LqLoraConfig's numeric fields as the C++ config.
+LqLoraConfig lq_config(std::optional<double> budget_bits, int64_t r, double lora_alpha,
+                       const std::vector<ChoiceFields>& configs, int64_t max_iters, double tol, int64_t oversampling,
+                       int64_t power_iters, uint64_t seed, const std::string& cache_path) {
+  std::vector<QuantChoice> choices;
+  for (const auto& [format, dtype] : configs) choices.push_back({format, dtype});
+  return LqLoraConfig()
+      .budget_bits(budget_bits)
+      .r(r)
+      .lora_alpha(lora_alpha)
+      .configs(choices)
+      .max_iters(max_iters)
+      .tol(tol)
+      .oversampling(oversampling)
+      .power_iters(power_iters)
+      .seed(seed)
+      .cache_path(cache_path);
+}
+
+}  // namespace
+
 void bind_quant(py::module& m) {
+  m.def(
+      "_lq_grid",
+      [](const std::string& which) { return choice_fields(which == "paper" ? lq_paper_grid() : lq_default_grid()); },
+      py::arg("which"),
+      "lorafuse::lq_default_grid() (\"default\") or lq_paper_grid() (\"paper\"): (format, stat_dtype).");
+  m.def(
+      "_quant_choice_name",
+      [](const std::vector<int64_t>& format, at::ScalarType dtype) {
+        return translating([&] { return QuantChoice{format, dtype}.name(); });
+      },
+      py::arg("format"), py::arg("stat_dtype"), "lorafuse::QuantChoice::name().");
+  m.def(
+      "_validate_lq_lora_config",
+      [](std::optional<double> budget_bits, int64_t r, double lora_alpha, const std::vector<ChoiceFields>& configs,
+         int64_t max_iters, double tol, int64_t oversampling, int64_t power_iters, uint64_t seed) {
+        translating([&] {
+          lq_config(budget_bits, r, lora_alpha, configs, max_iters, tol, oversampling, power_iters, seed, "")
+              .validate();
+        });
+      },
+      "Raises ValueError unless the lorafuse.LqLoraConfig fields are valid (the C++ LqLoraConfig's rules).");
+  m.def(
+      "_lq_plan",
+      [](const std::vector<std::tuple<std::string, at::Tensor, std::optional<at::Tensor>>>& matrices,
+         std::optional<double> budget_bits, int64_t r, double lora_alpha, const std::vector<ChoiceFields>& configs,
+         int64_t max_iters, double tol, int64_t oversampling, int64_t power_iters, uint64_t seed,
+         const std::string& cache_path, const std::optional<py::function>& progress) {
+        std::vector<LqMatrix> ms;
+        for (const auto& [name, weight, fisher] : matrices) ms.push_back({name, weight, fisher.value_or(at::Tensor())});
+        const auto config =
+            lq_config(budget_bits, r, lora_alpha, configs, max_iters, tol, oversampling, power_iters, seed, cache_path);
+        LqProgress report;
+        if (progress.has_value()) {
+          report = [&](const std::string& stage, int64_t done, int64_t total) {
+            py::gil_scoped_acquire gil;
+            (*progress)(stage, done, total);
+          };
+        }
+        const LqPlan plan = translating([&] {
+          py::gil_scoped_release no_gil;  // ATen work; the progress callback takes the GIL back
+          return lq_plan(ms, config, report);
+        });
+        py::list rows;
+        for (const auto& p : plan.matrices) {
+          rows.append(py::make_tuple(p.name, p.out_features, p.in_features, p.config_index, p.bits, p.error,
+                                     p.relative_error, p.iterations, p.best_iteration, p.l1, p.l2,
+                                     py::make_tuple(p.q.packed, p.q.absmax, p.q.nested_absmax, p.q.offset)));
+        }
+        py::object allocation = py::none();
+        if (plan.allocation.has_value()) {
+          const auto& a = *plan.allocation;
+          allocation = py::make_tuple(a.choice, a.cost, a.storage, a.lower_bound, a.gap, a.optimal, a.nodes);
+        }
+        return py::make_tuple(rows, plan.cost, plan.storage, allocation, plan.average_bits, plan.average_bits_with_lora,
+                              plan.from_cache);
+      },
+      py::arg("matrices"), py::arg("budget_bits"), py::arg("r"), py::arg("lora_alpha"), py::arg("configs"),
+      py::arg("max_iters"), py::arg("tol"), py::arg("oversampling"), py::arg("power_iters"), py::arg("seed"),
+      py::arg("cache_path"), py::arg("progress"),
+      "lorafuse::lq_plan: (matrices [(name, out, in, config_index, bits, error, relative_error, iterations, "
+      "best_iteration, l1, l2, (packed, absmax, nested_absmax, offset))], cost, storage, allocation or None, "
+      "average_bits, average_bits_with_lora, from_cache).");
   m.def(
       "_allocate_bits",
       [](const std::vector<std::vector<double>>& cost, const std::vector<std::vector<double>>& storage, double budget,

@@ -1,6 +1,6 @@
 # The one typed boundary between Python and C++: every binding of lorafuse._C (csrc/python/bind_*.cpp).
 # Names starting with "_" are the Python front's building blocks, not public API.
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -40,6 +40,47 @@ def _allocate_bits(
     max_nodes: int,
     relative_gap: float,
 ) -> Tuple[List[int], float, float, float, float, bool, int]: ...
+
+ChoiceFields = Tuple[List[int], torch.dtype]  # (format, stat_dtype): a lorafuse::QuantChoice
+def _lq_grid(which: str) -> List[ChoiceFields]: ...
+def _quant_choice_name(format: List[int], stat_dtype: torch.dtype) -> str: ...
+def _validate_lq_lora_config(
+    budget_bits: Optional[float],
+    r: int,
+    lora_alpha: float,
+    configs: List[ChoiceFields],
+    max_iters: int,
+    tol: float,
+    oversampling: int,
+    power_iters: int,
+    seed: int,
+) -> None: ...
+
+# lorafuse::lq_plan -> (rows, cost, storage, allocation or None, average_bits, average_bits_with_lora, from_cache);
+# a row: (name, out, in, config_index, bits, error, relative_error, iterations, best_iteration, l1, l2,
+# (packed, absmax, nested_absmax, offset))
+def _lq_plan(
+    matrices: List[Tuple[str, torch.Tensor, Optional[torch.Tensor]]],
+    budget_bits: Optional[float],
+    r: int,
+    lora_alpha: float,
+    configs: List[ChoiceFields],
+    max_iters: int,
+    tol: float,
+    oversampling: int,
+    power_iters: int,
+    seed: int,
+    cache_path: str,
+    progress: Optional[Callable[[str, int, int], None]],
+) -> Tuple[
+    List[Tuple[Any, ...]],
+    List[List[float]],
+    List[List[float]],
+    Optional[Tuple[List[int], float, float, float, float, bool, int]],
+    float,
+    float,
+    bool,
+]: ...
 
 # lorafuse::lq_decompose -> (l1, l2, (packed, absmax, nested_absmax, offset), error, norm, errors, best_iteration)
 def _lq_decompose(

@@ -45,9 +45,10 @@ struct Linear4bitOptions {
   std::vector<int64_t> format() const {
     return {bits(), blocksize(), double_quant() ? stat_bits() : 0, double_quant() ? stat_blocksize() : 0};
   }
-  /// Whether this is bitsandbytes' NF4 (4 bits; its double quantization or none): what its checkpoints hold.
+  /// Whether this is bitsandbytes' NF4 (4 bits, its block sizes; its double quantization or none): what its checkpoints
+  /// hold.
   bool is_nf4() const {
-    return bits() == 4 &&
+    return bits() == 4 && blocksize() >= 32 &&
            (!double_quant() || (stat_bits() == 8 && stat_blocksize() == 256 && stat_dtype() == c10::ScalarType::Float));
   }
 };

@@ -79,7 +79,8 @@ class BaseKind:
         if state is None:
             return None
         fmt = list(state[4])
-        if fmt[0] != 4 or fmt[2:] not in ([8, 256], [0, 0]) or (state[2] is not None and state[2].dtype != torch.float32):
+        nested_dtype = None if state[2] is None or state[2].numel() == 0 else state[2].dtype
+        if fmt[0] != 4 or fmt[1] < 32 or fmt[2:] not in ([8, 256], [0, 0]) or nested_dtype not in (None, torch.float32):
             raise ValueError(
                 f"{type(module).__name__}: its weight is in format {fmt} (lorafuse.NfFormat), not bitsandbytes' NF4 "
                 "([4, blocksize, 8, 256] with float32 scales, or [4, blocksize, 0, 0]), which this needs"

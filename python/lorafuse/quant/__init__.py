@@ -1,5 +1,5 @@
 """Quantizing a model's frozen base: QuantConfig and quantize_model (QLoRA's first step); LQ-LoRA's bit
-allocation (allocate_bits) and decomposition of a matrix (lq_decompose)."""
+allocation (allocate_bits), decomposition of a matrix (lq_decompose) and the whole method on a model (lq_lora)."""
 
 from __future__ import annotations
 
@@ -59,6 +59,16 @@ def quantize_model(model: nn.Module, config: Optional[QuantConfig] = None) -> nn
 
 from .bit_allocation import BitAllocation, allocate_bits  # noqa: E402
 from .decompose import LqDecomposition, lq_decompose  # noqa: E402
+from .lq_lora import (  # noqa: E402
+    LqLoraConfig,
+    LqLoraReport,
+    LqMatrixReport,
+    empirical_fisher,
+    lq_default_grid,
+    lq_lora,
+    lq_paper_grid,
+    quant_choice_name,
+)
 from .checkpoint import load_checkpoint, save_checkpoint  # noqa: E402  (it takes QuantConfig from here)
 
 __all__ = [
@@ -70,4 +80,12 @@ __all__ = [
     "allocate_bits",
     "LqDecomposition",
     "lq_decompose",
+    "LqLoraConfig",
+    "LqLoraReport",
+    "LqMatrixReport",
+    "empirical_fisher",
+    "lq_default_grid",
+    "lq_lora",
+    "lq_paper_grid",
+    "quant_choice_name",
 ]

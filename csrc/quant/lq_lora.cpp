@@ -1,0 +1,202 @@
+#include <ATen/ops/sum.h>
+#include <c10/util/Exception.h>
+#include <lorafuse/io/files.h>
+#include <lorafuse/quant/lq_decompose.h>
+#include <lorafuse/quant/lq_lora.h>
+
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <set>
+#include <sstream>
+
+#include "csrc/config/json.h"
+
+namespace lorafuse {
+namespace {
+
+using Json = nlohmann::ordered_json;
+
+LqDecomposition decompose(const LqMatrix& m, const QuantChoice& choice, const LqLoraConfig& config) {
+  return lq_decompose(m.weight, LqDecomposeOptions(config.r(), choice.format)
+                                    .stat_dtype(choice.stat_dtype)
+                                    .max_iters(config.max_iters())
+                                    .tol(config.tol())
+                                    .oversampling(config.oversampling())
+                                    .power_iters(config.power_iters())
+                                    .seed(config.seed())
+                                    .fisher(m.fisher.defined() ? std::optional<at::Tensor>(m.fisher) : std::nullopt));
+}
+
+// Shortest round-trip text of a double (the cache's key compares these texts).
+std::string exact(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%.17g", v);
+  return buf;
+}
+
+// Sum and sum of squares in float64: a checksum that changes when the weight does.
+Json checksum(const at::Tensor& t) {
+  if (!t.defined()) return nullptr;
+  const at::Tensor d = t.to(at::kDouble);
+  return Json::array({exact(d.sum().item<double>()), exact(d.square().sum().item<double>())});
+}
+
+// Everything the cost table depends on (not the budget).
+Json cache_key(const std::vector<LqMatrix>& matrices, const LqLoraConfig& c) {
+  Json key;
+  key["r"] = c.r();
+  key["max_iters"] = c.max_iters();
+  key["tol"] = exact(c.tol());
+  key["oversampling"] = c.oversampling();
+  key["power_iters"] = c.power_iters();
+  key["seed"] = c.seed();
+  Json configs = Json::array();
+  for (const auto& q : c.configs()) configs.push_back(q.name());
+  key["configs"] = configs;
+  Json ms = Json::array();
+  for (const auto& m : matrices) {
+    ms.push_back({{"name", m.name},
+                  {"shape", m.weight.sizes().vec()},
+                  {"weight", checksum(m.weight)},
+                  {"fisher", checksum(m.fisher)}});
+  }
+  key["matrices"] = ms;
+  return key;
+}
+
+bool read_cache(const std::string& path, const Json& key, std::vector<std::vector<double>>& cost,
+                std::vector<std::vector<double>>& storage) {
+  if (path.empty() || !io::is_file(path)) return false;
+  const std::string what = "lq_plan: cache_path \"" + path + "\"";
+  const Json j = detail::parse_json(io::read_text(path, what), what);
+  TORCH_CHECK_VALUE(j.is_object() && j.contains("key") && j.contains("cost") && j.contains("storage"), what,
+                    ": expected a cost table written by lq_plan (key, cost, storage); remove the file or pass another "
+                    "path");
+  if (j["key"] != key) return false;  // another model or settings: computed again (and the file replaced)
+  try {
+    cost = j["cost"].get<std::vector<std::vector<double>>>();
+    storage = j["storage"].get<std::vector<std::vector<double>>>();
+  } catch (const Json::exception& e) {
+    TORCH_CHECK_VALUE(false, what, ": cost and storage must be tables of numbers (", e.what(), ")");
+  }
+  const size_t n = key["matrices"].size(), k = key["configs"].size();
+  bool fits = cost.size() == n && storage.size() == n;
+  for (size_t i = 0; fits && i < n; ++i) fits = cost[i].size() == k && storage[i].size() == k;
+  TORCH_CHECK_VALUE(fits, what, ": its table is not ", n, " matrices x ", k, " configurations as its key says");
+  return true;
+}
+
+void write_cache(const std::string& path, const Json& key, const std::vector<std::vector<double>>& cost,
+                 const std::vector<std::vector<double>>& storage) {
+  if (path.empty()) return;
+  Json j;
+  j["key"] = key;
+  j["cost"] = cost;
+  j["storage"] = storage;
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+    out << j.dump();
+    out.flush();
+    TORCH_CHECK_VALUE(out.good(), "lq_plan: cache_path: cannot write \"", tmp, "\"");
+  }
+  TORCH_CHECK_VALUE(std::rename(tmp.c_str(), path.c_str()) == 0, "lq_plan: cache_path: cannot move \"", tmp, "\" to \"",
+                    path, "\"");
+}
+
+void check_matrices(const std::vector<LqMatrix>& matrices, const LqLoraConfig& config) {
+  TORCH_CHECK_VALUE(!matrices.empty(), "lq_plan: matrices: expected at least one weight matrix, found none");
+  std::set<std::string> names;
+  for (const auto& m : matrices) {
+    TORCH_CHECK_VALUE(names.insert(m.name).second, "lq_plan: matrices: the name \"", m.name, "\" is given twice");
+    TORCH_CHECK_VALUE(m.weight.defined() && m.weight.dim() == 2, "lq_plan: \"", m.name,
+                      "\": expected a 2-D weight [out, in], found ",
+                      m.weight.defined() ? m.weight.sizes() : at::IntArrayRef{});
+    const int64_t smallest = std::min(m.weight.size(0), m.weight.size(1));
+    TORCH_CHECK_VALUE(config.r() < smallest, "lq_plan: \"", m.name, "\": r = ", config.r(),
+                      " must be below min(out, in) = ", smallest, " of its weight ", m.weight.sizes(),
+                      "; lower r or leave this layer out of the targets");
+    TORCH_CHECK_VALUE(!m.fisher.defined() || m.fisher.sizes() == m.weight.sizes(), "lq_plan: \"", m.name,
+                      "\": fisher: expected the weight's shape ", m.weight.sizes(), ", found ",
+                      m.fisher.defined() ? m.fisher.sizes() : at::IntArrayRef{});
+  }
+}
+
+}  // namespace
+
+LqPlan lq_plan(const std::vector<LqMatrix>& matrices, const LqLoraConfig& config, const LqProgress& progress) {
+  config.validate();
+  check_matrices(matrices, config);
+  const auto& configs = config.configs();
+  const size_t n = matrices.size(), k = configs.size();
+  double numel = 0, lora = 0;
+  for (const auto& m : matrices) {
+    numel += static_cast<double>(m.weight.numel());
+    lora += static_cast<double>(config.r() * (m.weight.size(0) + m.weight.size(1)));
+  }
+  LqPlan plan;
+  std::vector<int64_t> choice(n, 0);
+  if (config.budget_bits().has_value()) {
+    std::vector<double> bits(k);
+    for (size_t c = 0; c < k; ++c) bits[c] = configs[c].bits_per_weight();
+    const double lo = *std::min_element(bits.begin(), bits.end()), hi = *std::max_element(bits.begin(), bits.end());
+    const double budget = *config.budget_bits();
+    const auto text = [](double v) {
+      char buf[32];
+      std::snprintf(buf, sizeof(buf), "%.3f", v);
+      return std::string(buf);
+    };
+    TORCH_CHECK_VALUE(budget >= lo - 1e-12, "LqLoraConfig: budget_bits: ", budget,
+                      " is below the smallest configuration's ", text(lo), " bits per weight");
+    TORCH_CHECK_VALUE(budget <= hi + 1e-12, "LqLoraConfig: budget_bits: ", budget,
+                      " is above the largest configuration's ", text(hi),
+                      " bits per weight (every matrix would take it); ask for at most ", text(hi));
+    const Json key = cache_key(matrices, config);
+    plan.from_cache = read_cache(config.cache_path(), key, plan.cost, plan.storage);
+    if (!plan.from_cache) {
+      plan.cost.assign(n, std::vector<double>(k));
+      plan.storage.assign(n, std::vector<double>(k));
+      int64_t done = 0;
+      for (size_t i = 0; i < n; ++i) {
+        for (size_t c = 0; c < k; ++c) {
+          const double e = decompose(matrices[i], configs[c], config).error;
+          plan.cost[i][c] = e * e;
+          plan.storage[i][c] = bits[c] * static_cast<double>(matrices[i].weight.numel());
+          if (progress) progress("cost", ++done, static_cast<int64_t>(n * k));
+        }
+      }
+      write_cache(config.cache_path(), key, plan.cost, plan.storage);
+    }
+    plan.allocation = allocate_bits(plan.cost, plan.storage, budget * numel);
+    choice = plan.allocation->choice;
+  }
+  double stored = 0;
+  for (size_t i = 0; i < n; ++i) {
+    const LqMatrix& m = matrices[i];
+    const QuantChoice& q = configs[static_cast<size_t>(choice[i])];
+    LqDecomposition d = decompose(m, q, config);
+    LqMatrixPlan p;
+    p.name = m.name;
+    p.out_features = m.weight.size(0);
+    p.in_features = m.weight.size(1);
+    p.config = q;
+    p.config_index = choice[i];
+    p.bits = q.bits_per_weight();
+    p.error = d.error;
+    p.relative_error = d.norm > 0 ? d.error / d.norm : 0.0;
+    p.iterations = static_cast<int64_t>(d.errors.size());
+    p.best_iteration = d.best_iteration;
+    p.l1 = d.l1;
+    p.l2 = d.l2;
+    p.q = d.q;
+    stored += p.bits * static_cast<double>(m.weight.numel());
+    plan.matrices.push_back(std::move(p));
+    if (progress) progress("decompose", static_cast<int64_t>(i + 1), static_cast<int64_t>(n));
+  }
+  plan.average_bits = stored / numel;
+  plan.average_bits_with_lora = (stored + 32.0 * lora) / numel;
+  return plan;
+}
+
+}  // namespace lorafuse

@@ -1,0 +1,177 @@
+"""lorafuse.lq_lora on a tiny configuration of the real transformers Llama: the budget met, each layer holding Q in
+its chosen format and an adapter starting at L1·L2 (the model computes with Q + L1·L2), training that moves only
+the adapter, the uniform variant, the cost-table cache, Fisher weighting, merges, and bad input."""
+
+import copy
+import json
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import lorafuse
+from lorafuse import LqLoraConfig, NfFormat
+from lorafuse.quant import empirical_fisher, lq_default_grid, quant_choice_name
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def targeted(model):
+    return {p: m for p, m in model.named_modules() if isinstance(m, torch.nn.Linear) and p != "lm_head"}
+
+
+def test_the_budget_is_met_and_the_model_computes_with_q_plus_l1_l2():
+    model = tiny_llama()
+    original = {p: m.weight.detach().clone() for p, m in targeted(model).items()}
+    ids = torch.randint(0, 96, (2, 12))
+    report = lorafuse.lq_lora(model, LqLoraConfig(budget_bits=2.75, r=8, lora_alpha=16, progress=False))
+    assert len(report.matrices) == len(original) == 14
+    assert report.average_bits <= 2.75 + 1e-9 and report.allocation.optimal
+    numel = sum(w.numel() for w in original.values())
+    assert report.average_bits == pytest.approx(sum(m.bits * m.out_features * m.in_features
+                                                    for m in report.matrices) / numel)
+    lora = sum(8 * (w.shape[0] + w.shape[1]) for w in original.values())
+    assert report.average_bits_with_lora == pytest.approx(report.average_bits + 32 * lora / numel)
+    names = {quant_choice_name(c) for c in lq_default_grid()}
+    modules = dict(model.named_modules())
+    dense = copy.deepcopy(tiny_llama())  # the same weights; replaced below by Q + s·B·A
+    dense_modules = dict(dense.named_modules())
+    for m in report.matrices:
+        assert m.config in names and 1 <= m.best_iteration <= m.iterations
+        layer = modules[m.name]
+        base = layer.base_layer
+        assert isinstance(base, lorafuse.nn.Linear4bit) and quant_choice_name((base.nf_format, base.stat_dtype)) == m.config
+        a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        assert a.requires_grad and b.requires_grad
+        w = base.dequantized_weight(torch.float32) + (16 / 8) * b @ a
+        w0 = original[m.name]
+        assert ((w - w0).norm() / w0.norm()).item() == pytest.approx(m.relative_error, rel=1e-4, abs=1e-6)
+        with torch.no_grad():
+            dense_modules[m.name].weight.copy_(w)
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, dense(ids).logits, atol=1e-4, rtol=1e-4)
+    summary = report.summary()
+    assert "14 matrices" in summary and "optimal" in summary
+    assert json.loads(report.to_json())["average_bits"] == report.average_bits
+
+
+def test_more_bits_leave_less_error_and_uniform_nf3():
+    errors = []
+    for budget in (2.5, 3.0, 4.2):
+        model = tiny_llama()
+        report = lorafuse.lq_lora(model, LqLoraConfig(budget_bits=budget, r=8, progress=False))
+        errors.append(sum(m.relative_error**2 for m in report.matrices))
+    assert errors[0] > errors[1] > errors[2], errors
+    model = tiny_llama()
+    nf3 = (NfFormat(3, 64, 8, 256), torch.float32)
+    report = lorafuse.lq_lora(model, LqLoraConfig(budget_bits=None, configs=[nf3], r=8, progress=False))
+    assert report.allocation is None and report.average_bits == pytest.approx(3 + 8 / 64 + 32 / (64 * 256))
+    assert {m.config for m in report.matrices} == {"nf3-b64-s8x256-fp32"}
+
+
+def test_training_moves_only_the_adapter_and_lowers_the_loss():
+    model = tiny_llama()
+    lorafuse.lq_lora(model, LqLoraConfig(budget_bits=3.0, r=4, progress=False))
+    frozen = {n: b.clone() for n, b in model.named_buffers() if n.endswith(("packed", "absmax", "nested_absmax"))}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert all(any(k in n for k in ("lora_A", "lora_B")) for n, p in model.named_parameters() if p.requires_grad)
+    opt = torch.optim.AdamW(trainable, lr=1e-2)
+    ids = torch.randint(0, 96, (4, 16))
+    model.train()
+    losses = []
+    for _ in range(8):
+        loss = model(ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert all(torch.equal(b, dict(model.named_buffers())[n]) for n, b in frozen.items())
+
+
+def test_the_cost_table_is_cached(tmp_path):
+    cache = tmp_path / "costs.json"
+    first = lorafuse.lq_lora(tiny_llama(), LqLoraConfig(budget_bits=3.0, r=4, cache_path=str(cache), progress=False))
+    assert not first.from_cache and cache.is_file()
+    second = lorafuse.lq_lora(tiny_llama(), LqLoraConfig(budget_bits=2.5, r=4, cache_path=str(cache), progress=False))
+    assert second.from_cache and second.average_bits <= 2.5 + 1e-9
+    third = lorafuse.lq_lora(tiny_llama(), LqLoraConfig(budget_bits=3.0, r=4, cache_path=str(cache), progress=False))
+    assert third.from_cache and [m.config for m in third.matrices] == [m.config for m in first.matrices]
+    other = lorafuse.lq_lora(tiny_llama(seed=1), LqLoraConfig(budget_bits=3.0, r=4, cache_path=str(cache),
+                                                              progress=False))
+    assert not other.from_cache  # other weights: computed again, the file replaced
+    cache.write_text('{"not": "a table"}')
+    with pytest.raises(ValueError, match="cache_path .*costs.json.*expected a cost table written by lq_plan"):
+        lorafuse.lq_lora(tiny_llama(), LqLoraConfig(budget_bits=3.0, r=4, cache_path=str(cache), progress=False))
+
+
+def test_fisher_weighting():
+    model = tiny_llama()
+    batches = [{"input_ids": torch.randint(0, 96, (3, 10)), "labels": torch.randint(0, 96, (3, 10))}]
+    fisher = empirical_fisher(model, batches)
+    assert set(fisher) == set(targeted(model))
+    assert all(f.shape == targeted(model)[p].weight.shape and (f >= 0).all() and f.sum() > 0 for p, f in fisher.items())
+    assert not any(p.grad is not None for p in model.parameters())
+    weighted = lorafuse.lq_lora(model, LqLoraConfig(budget_bits=3.0, r=4, fisher=fisher, progress=False))
+    assert len(weighted.matrices) == 14 and weighted.average_bits <= 3.0 + 1e-9
+
+
+def test_requantized_merge_and_merge_and_unload():
+    model = tiny_llama()
+    lorafuse.lq_lora(model, LqLoraConfig(budget_bits=3.0, r=4, progress=False))
+    ids = torch.randint(0, 96, (2, 8))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.01 * torch.randn_like(p))
+        before = model(ids).logits
+        lorafuse.merge(model, requantize=True)
+        merged = model(ids).logits
+        lorafuse.unmerge(model)
+        assert torch.equal(model(ids).logits, before)
+        assert ((merged - before).norm() / before.norm()).item() < 0.5
+        dense = lorafuse.merge_and_unload(model)
+        assert torch.allclose(dense(ids).logits, before, atol=1e-4, rtol=1e-4)
+
+
+def test_bad_input_is_named(tmp_path):
+    with pytest.raises(ValueError, match="budget_bits: 1.5 is below the smallest configuration's 2.127"):
+        lorafuse.lq_lora(tiny_llama(), LqLoraConfig(budget_bits=1.5, r=4, progress=False))
+    with pytest.raises(ValueError, match="budget_bits: 9 is above the largest configuration's 8.508"):
+        lorafuse.lq_lora(tiny_llama(), LqLoraConfig(budget_bits=9.0, r=4, progress=False))
+    with pytest.raises(ValueError, match=r"q_proj\": r = 64 must be below min\(out, in\) = 64 of its weight \[64, 64\]"):
+        lorafuse.lq_lora(tiny_llama(), LqLoraConfig(r=64, progress=False))
+    with pytest.raises(ValueError, match="configs: expected at least one configuration"):
+        LqLoraConfig(configs=[])
+    nf3 = (NfFormat(3, 64, 8, 256), torch.float32)
+    with pytest.raises(ValueError, match="configs: nf3-b64-s8x256-fp32 is listed twice"):
+        LqLoraConfig(configs=[nf3, nf3])
+    with pytest.raises(ValueError, match="without a budget .* configs must hold one configuration, found 12"):
+        LqLoraConfig(budget_bits=None)
+    with pytest.raises(ValueError, match=r"configs\[0\]: .*format: bits: expected 2 .. 8, found 1"):
+        LqLoraConfig(configs=[(NfFormat(1, 64, 8, 256), torch.float32)])
+    with pytest.raises(TypeError, match=r"configs\[0\]: expected \(NfFormat, stat dtype\)"):
+        LqLoraConfig(configs=[NfFormat(3, 64, 8, 256)])
+    with pytest.raises(ValueError, match="r: expected >= 1"):
+        LqLoraConfig(r=0)
+    model = tiny_llama()
+    with pytest.raises(ValueError, match=r"fisher: \['nowhere'\] are not targeted Linear layers"):
+        lorafuse.lq_lora(model, LqLoraConfig(r=4, fisher={"nowhere": torch.ones(2, 2)}, progress=False))
+    path = "model.layers.0.self_attn.q_proj"
+    with pytest.raises(ValueError, match=f'lq_plan: "{path}": .*fisher: expected the weight\'s shape'):
+        lorafuse.lq_lora(model, LqLoraConfig(r=4, fisher={path: torch.ones(3, 3)}, progress=False))
+    assert isinstance(dict(model.named_modules())[path], torch.nn.Linear)  # unchanged after the errors
+    lorafuse.lq_lora(model, LqLoraConfig(budget_bits=3.0, r=4, progress=False))
+    with pytest.raises(ValueError, match=f'lq_lora: "{path}" is a Linear; LQ-LoRA decomposes the dense weight'):
+        lorafuse.lq_lora(model, LqLoraConfig(r=4, target_modules=["q_proj"], progress=False))
+    nf3 = torch.nn.Sequential(lorafuse.nn.Linear4bit.from_weight(torch.randn(8, 64), bits=3))
+    with pytest.raises(ValueError, match=r"format \[3, 64, 8, 256\] .*not bitsandbytes' NF4"):
+        lorafuse.save_checkpoint(nf3, tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt").exists()
