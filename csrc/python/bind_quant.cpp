@@ -1,5 +1,6 @@
 // LQ-LoRA's numerics for the Python front: the bit allocation and the decomposition of one matrix.
 #include <lorafuse/config/lq_lora_config.h>
+#include <lorafuse/peft/lq_lora.h>
 #include <lorafuse/quant/bit_allocation.h>
 #include <lorafuse/quant/lq_decompose.h>
 #include <lorafuse/quant/lq_lora.h>
@@ -35,6 +36,23 @@ LqLoraConfig lq_config(std::optional<double> budget_bits, int64_t r, double lora
       .power_iters(power_iters)
       .seed(seed)
       .cache_path(cache_path);
+}
+
+// lorafuse::LqPlan as Python reads it (lorafuse/quant/lq_lora.py).
+py::tuple plan_tuple(const LqPlan& plan) {
+  py::list rows;
+  for (const auto& p : plan.matrices) {
+    rows.append(py::make_tuple(p.name, p.out_features, p.in_features, p.config_index, p.bits, p.error, p.relative_error,
+                               p.iterations, p.best_iteration, p.l1, p.l2,
+                               py::make_tuple(p.q.packed, p.q.absmax, p.q.nested_absmax, p.q.offset)));
+  }
+  py::object allocation = py::none();
+  if (plan.allocation.has_value()) {
+    const auto& a = *plan.allocation;
+    allocation = py::make_tuple(a.choice, a.cost, a.storage, a.lower_bound, a.gap, a.optimal, a.nodes);
+  }
+  return py::make_tuple(rows, plan.cost, plan.storage, allocation, plan.average_bits, plan.average_bits_with_lora,
+                        plan.from_cache);
 }
 
 }  // namespace
@@ -82,19 +100,7 @@ void bind_quant(py::module& m) {
           py::gil_scoped_release no_gil;  // ATen work; the progress callback takes the GIL back
           return lq_plan(ms, config, report);
         });
-        py::list rows;
-        for (const auto& p : plan.matrices) {
-          rows.append(py::make_tuple(p.name, p.out_features, p.in_features, p.config_index, p.bits, p.error,
-                                     p.relative_error, p.iterations, p.best_iteration, p.l1, p.l2,
-                                     py::make_tuple(p.q.packed, p.q.absmax, p.q.nested_absmax, p.q.offset)));
-        }
-        py::object allocation = py::none();
-        if (plan.allocation.has_value()) {
-          const auto& a = *plan.allocation;
-          allocation = py::make_tuple(a.choice, a.cost, a.storage, a.lower_bound, a.gap, a.optimal, a.nodes);
-        }
-        return py::make_tuple(rows, plan.cost, plan.storage, allocation, plan.average_bits, plan.average_bits_with_lora,
-                              plan.from_cache);
+        return plan_tuple(plan);
       },
       py::arg("matrices"), py::arg("budget_bits"), py::arg("r"), py::arg("lora_alpha"), py::arg("configs"),
       py::arg("max_iters"), py::arg("tol"), py::arg("oversampling"), py::arg("power_iters"), py::arg("seed"),
@@ -102,6 +108,32 @@ void bind_quant(py::module& m) {
       "lorafuse::lq_plan: (matrices [(name, out, in, config_index, bits, error, relative_error, iterations, "
       "best_iteration, l1, l2, (packed, absmax, nested_absmax, offset))], cost, storage, allocation or None, "
       "average_bits, average_bits_with_lora, from_cache).");
+  m.def(
+      "_cpp_lq_lora",
+      [](torch::nn::Module& module, std::optional<double> budget_bits, int64_t r, double lora_alpha,
+         const std::vector<ChoiceFields>& configs, int64_t max_iters, double tol, int64_t oversampling,
+         int64_t power_iters, uint64_t seed, const std::string& cache_path, const std::string& targets,
+         const std::string& adapter_name, const std::map<std::string, at::Tensor>& fisher,
+         const std::optional<py::function>& progress) {
+        const auto config =
+            lq_config(budget_bits, r, lora_alpha, configs, max_iters, tol, oversampling, power_iters, seed, cache_path);
+        LqProgress report;
+        if (progress.has_value()) {
+          report = [&](const std::string& stage, int64_t done, int64_t total) {
+            py::gil_scoped_acquire gil;
+            (*progress)(stage, done, total);
+          };
+        }
+        const LqPlan plan = translating([&] {
+          py::gil_scoped_release no_gil;
+          return lq_lora(module, config, config_from(targets), adapter_name, fisher, report);
+        });
+        return plan_tuple(plan);
+      },
+      py::arg("module"), py::arg("budget_bits"), py::arg("r"), py::arg("lora_alpha"), py::arg("configs"),
+      py::arg("max_iters"), py::arg("tol"), py::arg("oversampling"), py::arg("power_iters"), py::arg("seed"),
+      py::arg("cache_path"), py::arg("targets"), py::arg("adapter_name"), py::arg("fisher"), py::arg("progress"),
+      "lorafuse::lq_lora on a bound C++ module (targets: a LoraConfig as JSON); the plan as _lq_plan returns it.");
   m.def(
       "_allocate_bits",
       [](const std::vector<std::vector<double>>& cost, const std::vector<std::vector<double>>& storage, double budget,

@@ -82,6 +82,25 @@ def _lq_plan(
     bool,
 ]: ...
 
+# lorafuse::lq_lora on a bound C++ module (targets: a LoraConfig as JSON) -> the plan as _lq_plan returns it
+def _cpp_lq_lora(
+    module: Any,
+    budget_bits: Optional[float],
+    r: int,
+    lora_alpha: float,
+    configs: List[ChoiceFields],
+    max_iters: int,
+    tol: float,
+    oversampling: int,
+    power_iters: int,
+    seed: int,
+    cache_path: str,
+    targets: LoraConfigJson,
+    adapter_name: str,
+    fisher: Dict[str, torch.Tensor],
+    progress: Optional[Callable[[str, int, int], None]],
+) -> Tuple[Any, ...]: ...
+
 # lorafuse::lq_decompose -> (l1, l2, (packed, absmax, nested_absmax, offset), error, norm, errors, best_iteration)
 def _lq_decompose(
     weight: torch.Tensor,

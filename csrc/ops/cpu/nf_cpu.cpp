@@ -47,6 +47,21 @@ struct CodeTable {
   uint8_t index_of(float x) const {
     return static_cast<uint8_t>(std::lower_bound(midpoints.begin(), midpoints.end(), x) - midpoints.begin());
   }
+  // index_of for x[0 .. n): up to 15 midpoints (4 bits or fewer) every midpoint is compared with every x, a loop the
+  // compiler vectorises over x (the table padded with +inf, below no x); wider codes search.
+  void indices(const float* x, int64_t n, uint8_t* out) const {
+    if (midpoints.size() > 15) {
+      for (int64_t i = 0; i < n; ++i) out[i] = index_of(x[i]);
+      return;
+    }
+    float mid[15];
+    for (size_t k = 0; k < 15; ++k) mid[k] = k < midpoints.size() ? midpoints[k] : INFINITY;
+    for (int64_t i = 0; i < n; ++i) out[i] = 0;
+    for (int k = 0; k < 15; ++k) {
+      const float m = mid[k];
+      for (int64_t i = 0; i < n; ++i) out[i] = static_cast<uint8_t>(out[i] + (m < x[i] ? 1 : 0));
+    }
+  }
 };
 
 const CodeTable& weight_code(int64_t bits) {
@@ -69,6 +84,7 @@ void quantize_blocks(const float* w, int64_t n, const nf::Format& f, float* absm
   const uint8_t pad = table.index_of(0.0f);
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<uint8_t> codes(static_cast<size_t>(blocksize));
+    std::vector<float> scaled(static_cast<size_t>(blocksize));
     for (int64_t b = begin; b < end; ++b) {
       const int64_t start = b * blocksize;
       const int64_t len = std::min(blocksize, n - start);
@@ -78,12 +94,13 @@ void quantize_blocks(const float* w, int64_t n, const nf::Format& f, float* absm
       if (full) {
         absmax[b] = am;
         const float inv = 1.0f / std::max(am, nf4::kMinAbsmax);
-        for (int64_t i = 0; i < len; ++i) codes[i] = table.index_of(std::clamp(w[start + i] * inv, -1.0f, 1.0f));
+        for (int64_t i = 0; i < len; ++i) scaled[i] = std::clamp(w[start + i] * inv, -1.0f, 1.0f);
       } else {
         am = std::max(am, nf4::kMinAbsmax);
         absmax[b] = am;
-        for (int64_t i = 0; i < len; ++i) codes[i] = table.index_of(std::clamp(w[start + i] / am, -1.0f, 1.0f));
+        for (int64_t i = 0; i < len; ++i) scaled[i] = std::clamp(w[start + i] / am, -1.0f, 1.0f);
       }
+      table.indices(scaled.data(), len, codes.data());
       nf::write_codes(codes.data(), len, f.bits, packed, start, pad);
     }
   });

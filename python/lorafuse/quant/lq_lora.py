@@ -217,11 +217,18 @@ def lq_lora(model: nn.Module, config: Optional[LqLoraConfig] = None) -> LqLoraRe
     config = config or LqLoraConfig()
     if not isinstance(config, LqLoraConfig):
         raise TypeError(f"config: expected a lorafuse.LqLoraConfig, found {type(config).__name__}")
-    if _cpp(model) is not None:
-        raise ValueError(
-            "lq_lora: this is a bound C++ model; LQ-LoRA on C++ modules is lorafuse::lq_plan from C++ for now"
-        )
     start = time.perf_counter()
+    cpp = _cpp(model)
+    if cpp is not None:  # a bound C++ model (the reference Llama): lorafuse::lq_lora does it all
+        progress = _Progress(config.progress)
+        try:
+            plan = _C._cpp_lq_lora(
+                cpp, *_numeric_fields(config), config._lora_config()._to_json(), config.adapter_name,
+                dict(config.fisher or {}), progress,
+            )
+        finally:
+            progress.close()
+        return _report(plan, config, start)
     targets = _targets(model, config)
     if not targets:
         raise ValueError("lq_lora: target_modules selects no Linear layer")
@@ -232,27 +239,14 @@ def lq_lora(model: nn.Module, config: Optional[LqLoraConfig] = None) -> LqLoraRe
     matrices = [(path, lin.weight.detach(), fisher.get(path)) for _, _, path, lin in targets]
     progress = _Progress(config.progress)
     try:
-        rows, _, _, allocation, avg, avg_lora, from_cache = _C._lq_plan(
-            matrices,
-            None if config.budget_bits is None else float(config.budget_bits),
-            int(config.r),
-            float(config.lora_alpha),
-            config._choices,
-            int(config.max_iters),
-            float(config.tol),
-            int(config.oversampling),
-            int(config.power_iters),
-            int(config.seed),
-            config.cache_path or "",
-            progress,
-        )
+        plan = _C._lq_plan(matrices, *_numeric_fields(config), progress)
     finally:
         progress.close()
+    rows = plan[0]
     # Nothing of the model changed above. Swap the layers, then inject and initialise the adapter.
     factors = {}
-    reports = []
     for (parent, name, path, lin), row in zip(targets, rows):
-        _, out_f, in_f, index, bits, _, rel, iters, best, l1, l2, q = row
+        _, out_f, in_f, index, _, _, _, _, _, l1, l2, q = row
         fmt, stat_dtype = config._choices[index]
         compute = config.compute_dtype or lin.weight.dtype
         bias = None if lin.bias is None else lin.bias.detach().to(compute).clone()
@@ -262,8 +256,6 @@ def lq_lora(model: nn.Module, config: Optional[LqLoraConfig] = None) -> LqLoraRe
         layer.to(lin.weight.device)
         setattr(parent, name, layer)
         factors[path] = (l1, l2)
-        reports.append(LqMatrixReport(path, out_f, in_f, quant_choice_name((NfFormat(*fmt), stat_dtype)), bits, rel,
-                                      iters, best))
     from ..peft.inject import inject_lora
 
     inject_lora(model, config._lora_config([path for _, _, path, _ in targets]), config.adapter_name)
@@ -276,15 +268,42 @@ def lq_lora(model: nn.Module, config: Optional[LqLoraConfig] = None) -> LqLoraRe
             b = layer.lora_B[config.adapter_name].weight
             a.copy_((l2 / root).to(a))
             b.copy_((l1 / root).to(b))
-    report = LqLoraReport(
-        reports,
+    return _report(plan, config, start)
+
+
+def _numeric_fields(config: LqLoraConfig) -> tuple:
+    """(budget_bits, r, lora_alpha, configs, max_iters, tol, oversampling, power_iters, seed, cache_path) as the C++
+    bindings take them."""
+    return (
+        None if config.budget_bits is None else float(config.budget_bits),
+        int(config.r),
+        float(config.lora_alpha),
+        config._choices,
+        int(config.max_iters),
+        float(config.tol),
+        int(config.oversampling),
+        int(config.power_iters),
+        int(config.seed),
+        config.cache_path or "",
+    )
+
+
+def _report(plan: tuple, config: LqLoraConfig, start: float) -> LqLoraReport:
+    rows, _, _, allocation, avg, avg_lora, from_cache = plan
+    matrices = []
+    for name, out_f, in_f, index, bits, _, rel, iters, best, *_ in rows:
+        fmt, stat_dtype = config._choices[index]
+        matrices.append(
+            LqMatrixReport(name, out_f, in_f, quant_choice_name((NfFormat(*fmt), stat_dtype)), bits, rel, iters, best)
+        )
+    return LqLoraReport(
+        matrices,
         avg,
         avg_lora,
         None if allocation is None else BitAllocation(*allocation),
         from_cache,
         time.perf_counter() - start,
     )
-    return report
 
 
 __all__ = [

@@ -175,3 +175,37 @@ def test_bad_input_is_named(tmp_path):
     with pytest.raises(ValueError, match=r"format \[3, 64, 8, 256\] .*not bitsandbytes' NF4"):
         lorafuse.save_checkpoint(nf3, tmp_path / "ckpt")
     assert not (tmp_path / "ckpt").exists()
+
+
+def test_the_cpp_llama_runs_the_cpp_lq_lora():
+    """On the C++ reference Llama, lorafuse.lq_lora is lorafuse::lq_lora: the same plan as lq_plan on the same weights
+    (the numerics are one C++ implementation), the layers swapped and the adapter initialised in C++."""
+    config = lorafuse.models.LlamaConfig(
+        vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    torch.manual_seed(0)
+    model = lorafuse.models.Llama(config)
+    model.eval()
+    ids = torch.arange(12).reshape(2, 6)
+    with torch.no_grad():
+        before = model(ids)
+    params = dict(model.named_parameters())
+    weights = {p[: -len(".weight")]: w.detach().clone() for p, w in params.items()
+               if p.endswith("_proj.weight")}
+    cfg = LqLoraConfig(budget_bits=3.0, r=8, progress=False)
+    report = lorafuse.lq_lora(model, cfg)
+    assert [m.name for m in report.matrices] == list(weights)
+    assert report.average_bits <= 3.0 + 1e-9 and report.allocation.optimal
+    from lorafuse.quant.lq_lora import _numeric_fields
+    rows, *_ = lorafuse._C._lq_plan([(n, w, None) for n, w in weights.items()], *_numeric_fields(cfg), None)
+    assert [m.config for m in report.matrices] == [quant_choice_name(lq_default_grid()[r[3]]) for r in rows]
+    assert [m.relative_error for m in report.matrices] == [r[6] for r in rows]
+    buffers = dict(model.named_buffers())
+    assert buffers["model.layers.0.self_attn.q_proj.base_layer.packed"].dtype == torch.uint8
+    assert "lm_head.weight" in dict(model.named_parameters())  # not targeted by all-linear
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    with torch.no_grad():
+        after = model(ids)
+    assert ((after - before).norm() / before.norm()).item() < 0.5

@@ -1,0 +1,77 @@
+// lorafuse::lq_lora (<lorafuse/peft/lq_lora.h>) on the reference Llama from LibTorch: the budget met, the targeted
+// layers quantized in their chosen formats with an adapter starting at L1·L2 (each layer's Q + s·B·A recomputes the
+// reported error), training that moves only the adapter, errors that leave the model unchanged.
+#include <ATen/ATen.h>
+#include <lorafuse/nn/linear4bit.h>
+#include <lorafuse/nn/lora_linear4bit.h>
+#include <lorafuse/peft/inject.h>
+#include <lorafuse/peft/lq_lora.h>
+#include <torch/optim/adamw.h>
+
+#include "catch.h"
+#include "models/llama_test_util.h"
+#include "nn/nn_test_util.h"
+
+using lorafuse_test::require_error_parts;
+
+TEST_CASE("lq_lora on the reference Llama", "[peft][lq_lora]") {
+  auto model = lorafuse_test::tiny_llama_nf4();
+  model->eval();
+  std::map<std::string, at::Tensor> original;
+  for (const auto& p : model->named_parameters()) {
+    if (p.key().find("_proj.weight") != std::string::npos) original[p.key()] = p.value().detach().clone();
+  }
+  const auto config = lorafuse::LqLoraConfig().budget_bits(3.0).r(8).lora_alpha(16);
+  require_error_parts<c10::ValueError>(
+      [&] { lorafuse::lq_lora(*model, lorafuse::LqLoraConfig(config).budget_bits(1.0)); },
+      {"budget_bits: 1 is below the smallest configuration's 2.127"});
+  require_error_parts<c10::ValueError>(
+      [&] {
+        lorafuse::lq_lora(*model, config, lorafuse::LoraConfig().target_modules("all-linear"), "default",
+                          {{"nowhere", at::ones({2, 2})}});
+      },
+      {"lq_lora: fisher: \"nowhere\" is not a targeted Linear layer"});
+  CHECK(lorafuse::lora_layers(*model).empty());  // unchanged by the errors
+
+  const lorafuse::LqPlan plan = lorafuse::lq_lora(*model, config);
+  REQUIRE(plan.matrices.size() == 14);
+  CHECK(plan.average_bits <= 3.0 + 1e-9);
+  REQUIRE(plan.allocation.has_value());
+  CHECK(plan.allocation->optimal);
+  const auto layers = lorafuse::lora_layers(*model);
+  REQUIRE(layers.size() == 14);
+  for (const auto& [path, layer] : layers) {
+    const auto* q = layer->module().as<lorafuse::nn::LoraLinear4bitImpl>();
+    REQUIRE(q != nullptr);
+    const auto& base = *q->base_layer;
+    const auto& row = *std::find_if(plan.matrices.begin(), plan.matrices.end(),
+                                    [&](const lorafuse::LqMatrixPlan& m) { return m.name == path; });
+    CHECK(base.options.format() == row.config.format);
+    const at::Tensor w = base.dequantized_weight(at::kFloat) +
+                         2.0 * at::mm(layer->lora_b("default"), layer->lora_a("default"));  // s = 16 / 8
+    const at::Tensor& w0 = original.at(path + ".weight");
+    CHECK(((w - w0).norm() / w0.norm()).item<double>() == Approx(row.relative_error).epsilon(1e-4).margin(1e-6));
+  }
+  // training moves only the adapters
+  std::vector<at::Tensor> trainable;
+  for (const auto& p : model->parameters()) {
+    if (p.requires_grad()) trainable.push_back(p);
+  }
+  CHECK(trainable.size() == 28);
+  const auto packed = model->named_buffers()["model.layers.0.mlp.up_proj.base_layer.packed"].clone();
+  torch::optim::AdamW opt(trainable, torch::optim::AdamWOptions(1e-2));
+  model->train();
+  const at::Tensor ids = lorafuse_test::llama_ids();
+  const auto loss = [&] {
+    const at::Tensor logits = model->forward(ids);
+    return at::cross_entropy_loss(logits.reshape({-1, logits.size(-1)}), ids.reshape({-1}));
+  };
+  const double first = loss().item<double>();
+  for (int step = 0; step < 6; ++step) {
+    opt.zero_grad();
+    loss().backward();
+    opt.step();
+  }
+  CHECK(loss().item<double>() < first);
+  CHECK(at::equal(packed, model->named_buffers()["model.layers.0.mlp.up_proj.base_layer.packed"]));
+}
