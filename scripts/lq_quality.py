@@ -57,7 +57,7 @@ def load_smollm2():
 
     folder = smollm2_folder()
     lib.TOKENIZER = lib.PretrainedTokenizer(AutoTokenizer.from_pretrained(folder))
-    model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     return Logits(model.eval())
 
 

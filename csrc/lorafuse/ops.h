@@ -5,4 +5,5 @@
 #include <lorafuse/ops/lora_linear.h>
 #include <lorafuse/ops/lora_add.h>
 #include <lorafuse/ops/merge.h>
+#include <lorafuse/ops/nf.h>
 #include <lorafuse/ops/nf4.h>

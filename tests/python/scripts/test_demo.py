@@ -6,6 +6,7 @@ SmolLM2 (its default).
 """
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -381,3 +382,30 @@ def test_bad_command_lines_say_what_is_wrong(args, message):
 def test_cuda_without_a_gpu_is_refused_clearly():
     proc = run_script("scripts/demo.py", "--device", "cuda", timeout=120)
     assert proc.returncode != 0 and "use --device cpu" in proc.stderr
+
+
+def test_lq_quality_on_the_real_pretrained_model(tmp_path):
+    """scripts/lq_quality.py --quick: SmolLM2 with two of its matrices quantized as NF4, NF3, NF3 + L1·L2 and LQ-LoRA
+    at two budgets with and without Fisher: every row's bits within its budget, its losses finite and near the float32
+    model's, the table written; the cost table is computed once per Fisher setting and reused by the next budget."""
+    need_smollm2()
+    run = run_script("scripts/lq_quality.py", "--quick", "--out", str(tmp_path))
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    (path,) = tmp_path.glob("lq_quality_smollm2_*.json")
+    report = json.loads(path.read_text())
+    rows = {r["name"]: r for r in report["rows"]}
+    assert list(rows) == [
+        "float32", "NF4 (QLoRA)", "NF3", "NF3 + L1·L2", "LQ-LoRA 3 bits", "LQ-LoRA 3.5 bits",
+        "LQ-LoRA 3 bits + Fisher", "LQ-LoRA 3.5 bits + Fisher",
+    ]  # fmt: skip
+    base = rows["float32"]
+    for name, r in rows.items():
+        assert math.isfinite(r["text_loss"]) and abs(r["text_loss"] - base["text_loss"]) < 0.5, name
+        if name.startswith("LQ-LoRA"):
+            assert r["bits"] <= float(name.split()[1]) + 1e-9 and r["bits_with_lora"] > r["bits"], name
+    assert rows["NF4 (QLoRA)"]["bits"] == pytest.approx(4.127, abs=1e-3)
+    assert not rows["LQ-LoRA 3 bits"]["cost_table_cached"] and rows["LQ-LoRA 3.5 bits"]["cost_table_cached"]
+    assert not rows["LQ-LoRA 3 bits + Fisher"]["cost_table_cached"]
+    assert rows["LQ-LoRA 3.5 bits + Fisher"]["cost_table_cached"]
+    md = path.with_suffix(".md").read_text()
+    assert "| NF3 + L1·L2 |" in md and "Goal (the paper's claim)" in md
