@@ -38,6 +38,15 @@ LqLoraConfig lq_config(std::optional<double> budget_bits, int64_t r, double lora
       .cache_path(cache_path);
 }
 
+// A Python callable (stage, done, total) as lq_plan's progress, called with the GIL taken back; none: no progress.
+LqProgress progress_of(const std::optional<py::function>& progress) {
+  if (!progress.has_value()) return {};
+  return [fn = *progress](const std::string& stage, int64_t done, int64_t total) {
+    py::gil_scoped_acquire gil;
+    fn(stage, done, total);
+  };
+}
+
 // lorafuse::LqPlan as Python reads it (lorafuse/quant/lq_lora.py).
 py::tuple plan_tuple(const LqPlan& plan) {
   py::list rows;
@@ -89,13 +98,7 @@ void bind_quant(py::module& m) {
         for (const auto& [name, weight, fisher] : matrices) ms.push_back({name, weight, fisher.value_or(at::Tensor())});
         const auto config =
             lq_config(budget_bits, r, lora_alpha, configs, max_iters, tol, oversampling, power_iters, seed, cache_path);
-        LqProgress report;
-        if (progress.has_value()) {
-          report = [&](const std::string& stage, int64_t done, int64_t total) {
-            py::gil_scoped_acquire gil;
-            (*progress)(stage, done, total);
-          };
-        }
+        const LqProgress report = progress_of(progress);
         const LqPlan plan = translating([&] {
           py::gil_scoped_release no_gil;  // ATen work; the progress callback takes the GIL back
           return lq_plan(ms, config, report);
@@ -117,13 +120,7 @@ void bind_quant(py::module& m) {
          const std::optional<py::function>& progress) {
         const auto config =
             lq_config(budget_bits, r, lora_alpha, configs, max_iters, tol, oversampling, power_iters, seed, cache_path);
-        LqProgress report;
-        if (progress.has_value()) {
-          report = [&](const std::string& stage, int64_t done, int64_t total) {
-            py::gil_scoped_acquire gil;
-            (*progress)(stage, done, total);
-          };
-        }
+        const LqProgress report = progress_of(progress);
         const LqPlan plan = translating([&] {
           py::gil_scoped_release no_gil;
           return lq_lora(module, config, config_from(targets), adapter_name, fisher, report);
