@@ -130,6 +130,10 @@ double nf_bits_per_weight(at::IntArrayRef format, at::ScalarType stat_dtype) {
   TORCH_CHECK_TYPE(stat_dtype == at::kFloat || stat_dtype == at::kHalf || stat_dtype == at::kBFloat16,
                    "lorafuse.nf_bits_per_weight: stat_dtype: expected float32, bfloat16 or float16, found ",
                    stat_dtype);
+  TORCH_CHECK_TYPE(f.nested() || stat_dtype == at::kFloat,
+                   "lorafuse.nf_bits_per_weight: stat_dtype: expected float32 "
+                   "without double quantization (stat_bits = 0), found ",
+                   stat_dtype);
   return nf::bits_per_weight(f, stat_dtype == at::kFloat ? 32 : 16);
 }
 

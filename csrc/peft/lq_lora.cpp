@@ -21,6 +21,13 @@ LqPlan lq_lora(torch::nn::Module& module, const LqLoraConfig& config, const Lora
   LoraConfig lora = targets;
   lora.r(config.r()).lora_alpha(config.lora_alpha());
   lora.validate();
+  // The adapter starts at s·B·A = L1·L2 with s = lora_alpha / r, the same r and s everywhere: refused, not bent.
+  TORCH_CHECK_VALUE(!lora.use_rslora(),
+                    "lq_lora: targets: use_rslora: LQ-LoRA's adapter is scaled by lora_alpha / r; "
+                    "found use_rslora = true");
+  TORCH_CHECK_VALUE(lora.rank_pattern().empty() && lora.alpha_pattern().empty(),
+                    "lq_lora: targets: rank_pattern and alpha_pattern: LQ-LoRA uses one rank (LqLoraConfig::r) and one "
+                    "lora_alpha for every matrix; found per-module patterns");
   nn::check_adapter_name(adapter_name);
   // Everything is checked, and the plan computed, before anything changes.
   const auto sites = detail::sites_of(module);

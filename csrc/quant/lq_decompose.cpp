@@ -1,4 +1,5 @@
 #include <ATen/CPUGeneratorImpl.h>
+#include <ATen/core/grad_mode.h>
 #include <ATen/ops/all.h>
 #include <ATen/ops/isfinite.h>
 #include <ATen/ops/linalg_qr.h>
@@ -53,12 +54,17 @@ void check(const at::Tensor& weight, const LqDecomposeOptions& o) {
                     ": oversampling and power_iters: expected >= 0, found ", o.oversampling(), " and ",
                     o.power_iters());
   TORCH_CHECK_VALUE(at::isfinite(weight).all().item<bool>(), kOp, ": weight: expected finite values");
+  TORCH_CHECK_VALUE(!o.fisher().has_value() || !o.fisher()->defined() || !o.fisher()->is_meta(), kOp,
+                    ": fisher: is on the meta device (it has no values)");
   if (o.fisher().has_value() && o.fisher()->defined()) {
     const at::Tensor& f = *o.fisher();
     TORCH_CHECK_VALUE(f.sizes() == weight.sizes(), kOp, ": fisher: expected the weight's shape ", weight.sizes(),
                       ", found ", f.sizes());
     TORCH_CHECK_VALUE(at::isfinite(f).all().item<bool>() && f.ge(0).all().item<bool>(), kOp,
                       ": fisher: expected finite values >= 0 (sums of squared gradients)");
+    TORCH_CHECK_VALUE(f.gt(0).any().item<bool>(), kOp,
+                      ": fisher: all zero (no gradient reached this weight), which would weight every error by 0; "
+                      "compute it on data that uses the layer, or leave it out");
   }
 }
 
@@ -72,12 +78,17 @@ at::Tensor fisher_scale(const at::Tensor& fisher, int64_t dim) {
 }  // namespace
 
 LqDecomposition lq_decompose(const at::Tensor& weight, const LqDecomposeOptions& options) {
+  TORCH_CHECK_VALUE(!weight.defined() || !weight.is_meta(), kOp,
+                    ": weight: is on the meta device (it has no values); load it first");
+  at::NoGradGuard no_grad;  // numerics on values: no autograd graph, whatever requires grad
   check(weight, options);
-  const at::Tensor w = weight.to(at::kFloat).contiguous();
+  // On the CPU, whatever the weight's device: the sketch's generator and the quantization are the CPU's (the results
+  // are CPU tensors; callers move them).
+  const at::Tensor w = weight.detach().to(at::kCPU, at::kFloat).contiguous();
   const bool weighted = options.fisher().has_value() && options.fisher()->defined();
   at::Tensor root_f, dr, dc;
   if (weighted) {
-    const at::Tensor f = options.fisher()->to(at::kFloat);
+    const at::Tensor f = options.fisher()->detach().to(at::kCPU, at::kFloat);
     root_f = at::sqrt(f);
     dr = fisher_scale(f, 1);  // [out, 1]
     dc = fisher_scale(f, 0);  // [1, in]

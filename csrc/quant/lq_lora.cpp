@@ -4,11 +4,15 @@
 #include <lorafuse/quant/lq_decompose.h>
 #include <lorafuse/quant/lq_lora.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstdio>
 #include <fstream>
 #include <set>
 #include <sstream>
+
+#include <ATen/core/grad_mode.h>
+#include <unistd.h>
 
 #include "csrc/config/json.h"
 
@@ -35,16 +39,24 @@ std::string exact(double v) {
   return buf;
 }
 
-// Sum and sum of squares in float64: a checksum that changes when the weight does.
+// A 64-bit FNV-1a hash of the tensor's float32 bytes (on the CPU), in hex: changes when any value does.
 Json checksum(const at::Tensor& t) {
   if (!t.defined()) return nullptr;
-  const at::Tensor d = t.to(at::kDouble);
-  return Json::array({exact(d.sum().item<double>()), exact(d.square().sum().item<double>())});
+  const at::Tensor f = t.detach().to(at::kCPU, at::kFloat).contiguous();
+  const auto* bytes = static_cast<const unsigned char*>(f.const_data_ptr());
+  uint64_t h = 1469598103934665603ULL;
+  for (size_t i = 0, n = static_cast<size_t>(f.numel()) * sizeof(float); i < n; ++i) {
+    h = (h ^ bytes[i]) * 1099511628211ULL;
+  }
+  char buf[20];
+  std::snprintf(buf, sizeof(buf), "%016llx", static_cast<unsigned long long>(h));
+  return buf;
 }
 
 // Everything the cost table depends on (not the budget).
 Json cache_key(const std::vector<LqMatrix>& matrices, const LqLoraConfig& c) {
   Json key;
+  key["table"] = "lorafuse lq_plan cost table, version 1";
   key["r"] = c.r();
   key["max_iters"] = c.max_iters();
   key["tol"] = exact(c.tol());
@@ -87,6 +99,25 @@ bool read_cache(const std::string& path, const Json& key, std::vector<std::vecto
   return true;
 }
 
+// The cache's temporary file: beside it, named for this process and call, so that runs at the same time never write
+// into each other's file (the last rename wins, whole).
+std::string temporary_of(const std::string& path) {
+  static std::atomic<int64_t> counter{0};
+  return path + ".tmp." + std::to_string(static_cast<long long>(::getpid())) + "." + std::to_string(counter++);
+}
+
+// Fails early (before the cost table is computed) when the cache cannot be written.
+void check_writable(const std::string& path) {
+  if (path.empty()) return;
+  const std::string tmp = temporary_of(path);
+  {
+    std::ofstream probe(tmp, std::ios::binary | std::ios::trunc);
+    TORCH_CHECK_VALUE(probe.good(), "LqLoraConfig: cache_path: cannot write beside \"", path,
+                      "\" (its folder must exist and be writable)");
+  }
+  std::remove(tmp.c_str());
+}
+
 void write_cache(const std::string& path, const Json& key, const std::vector<std::vector<double>>& cost,
                  const std::vector<std::vector<double>>& storage) {
   if (path.empty()) return;
@@ -94,7 +125,7 @@ void write_cache(const std::string& path, const Json& key, const std::vector<std
   j["key"] = key;
   j["cost"] = cost;
   j["storage"] = storage;
-  const std::string tmp = path + ".tmp";
+  const std::string tmp = temporary_of(path);
   {
     std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
     out << j.dump();
@@ -108,19 +139,34 @@ void write_cache(const std::string& path, const Json& key, const std::vector<std
 void check_matrices(const std::vector<LqMatrix>& matrices, const LqLoraConfig& config) {
   TORCH_CHECK_VALUE(!matrices.empty(), "lq_plan: matrices: expected at least one weight matrix, found none");
   std::set<std::string> names;
+  size_t with_fisher = 0;
   for (const auto& m : matrices) {
+    const std::string where = "lq_plan: \"" + m.name + "\"";
     TORCH_CHECK_VALUE(names.insert(m.name).second, "lq_plan: matrices: the name \"", m.name, "\" is given twice");
-    TORCH_CHECK_VALUE(m.weight.defined() && m.weight.dim() == 2, "lq_plan: \"", m.name,
-                      "\": expected a 2-D weight [out, in], found ",
+    TORCH_CHECK_VALUE(m.weight.defined() && m.weight.dim() == 2, where, ": expected a 2-D weight [out, in], found ",
                       m.weight.defined() ? m.weight.sizes() : at::IntArrayRef{});
+    const auto dtype = m.weight.scalar_type();
+    TORCH_CHECK_VALUE(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, where,
+                      ": weight: expected float32, bfloat16 or float16, found ", dtype);
+    TORCH_CHECK_VALUE(!m.weight.is_meta(), where, ": weight: is on the meta device (it has no values); load it first");
     const int64_t smallest = std::min(m.weight.size(0), m.weight.size(1));
-    TORCH_CHECK_VALUE(config.r() < smallest, "lq_plan: \"", m.name, "\": r = ", config.r(),
-                      " must be below min(out, in) = ", smallest, " of its weight ", m.weight.sizes(),
-                      "; lower r or leave this layer out of the targets");
-    TORCH_CHECK_VALUE(!m.fisher.defined() || m.fisher.sizes() == m.weight.sizes(), "lq_plan: \"", m.name,
-                      "\": fisher: expected the weight's shape ", m.weight.sizes(), ", found ",
-                      m.fisher.defined() ? m.fisher.sizes() : at::IntArrayRef{});
+    TORCH_CHECK_VALUE(config.r() < smallest, where, ": r = ", config.r(), " must be below min(out, in) = ", smallest,
+                      " of its weight ", m.weight.sizes(), "; lower r or leave this layer out of the targets");
+    TORCH_CHECK_VALUE(m.weight.isfinite().all().item<bool>(), where, ": weight: expected finite values");
+    if (!m.fisher.defined()) continue;
+    ++with_fisher;
+    TORCH_CHECK_VALUE(m.fisher.sizes() == m.weight.sizes(), where, ": fisher: expected the weight's shape ",
+                      m.weight.sizes(), ", found ", m.fisher.sizes());
+    TORCH_CHECK_VALUE(
+        !m.fisher.is_meta() && m.fisher.isfinite().all().item<bool>() && m.fisher.ge(0).all().item<bool>(), where,
+        ": fisher: expected finite values >= 0 (sums of squared gradients)");
+    TORCH_CHECK_VALUE(m.fisher.gt(0).any().item<bool>(), where,
+                      ": fisher: all zero (no gradient reached this weight); compute it on data that uses the layer");
   }
+  // Fisher-weighted and plain errors are different units: one allocation compares them all
+  TORCH_CHECK_VALUE(with_fisher == 0 || with_fisher == matrices.size(), "lq_plan: fisher: given for ", with_fisher,
+                    " of the ", matrices.size(),
+                    " matrices; give it for every matrix or for none (the allocation compares their errors)");
 }
 
 }  // namespace
@@ -128,6 +174,7 @@ void check_matrices(const std::vector<LqMatrix>& matrices, const LqLoraConfig& c
 LqPlan lq_plan(const std::vector<LqMatrix>& matrices, const LqLoraConfig& config, const LqProgress& progress) {
   config.validate();
   check_matrices(matrices, config);
+  at::NoGradGuard no_grad;
   const auto& configs = config.configs();
   const size_t n = matrices.size(), k = configs.size();
   double numel = 0, lora = 0;
@@ -155,6 +202,7 @@ LqPlan lq_plan(const std::vector<LqMatrix>& matrices, const LqLoraConfig& config
     const Json key = cache_key(matrices, config);
     plan.from_cache = read_cache(config.cache_path(), key, plan.cost, plan.storage);
     if (!plan.from_cache) {
+      check_writable(config.cache_path());
       plan.cost.assign(n, std::vector<double>(k));
       plan.storage.assign(n, std::vector<double>(k));
       int64_t done = 0;

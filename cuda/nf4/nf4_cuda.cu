@@ -97,7 +97,7 @@ at::Tensor dequantized(const Weight& w, int64_t out_features, int64_t in_feature
                        const at::Tensor& like) {
   at::Tensor dense = at::empty({out_features, in_features}, like.options().dtype(dtype));
   const CudaLauncher launch{at::cuda::getCurrentCUDAStream()};
-  dispatch_float_types(dtype, "lorafuse.dequantize_nf4", [&](auto tag) {
+  dispatch_float_types(dtype, "lorafuse.dequantize_nf", [&](auto tag) {
     using T = typename decltype(tag)::type;
     run_nf4_dequantize<T>(launch, w.view, device_ptr<T>(dense), dense.numel(), max_blocks(like));
   });

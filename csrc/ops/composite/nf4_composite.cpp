@@ -1,6 +1,9 @@
 // The NF4 ops (bitsandbytes' names and fields) as the quantized-weight ops at 4 bits (CompositeImplicitAutograd):
 // the format is [4, blocksize, 8, 256] when the statistics are double-quantized (nested_absmax given), else
-// [4, blocksize, 0, 0]. Each checks its arguments under its own name first, so errors name the op the user called.
+// [4, blocksize, 0, 0]. quantize_nf4, dequantize_nf4, nf4_linear and nf4_lora_linear check their arguments under
+// their own names first, so those errors name the op the user called; what only the kernels can see (a non-finite
+// weight) and the internal ops (the _forward/_backward pairs, linear4bit, lora_linear4bit, nf4_merge) report the
+// generic op's name.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/grad_mode.h>
 #include <torch/library.h>

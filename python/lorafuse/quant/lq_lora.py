@@ -161,7 +161,11 @@ class _Progress:
     def __call__(self, stage: str, done: int, total: int) -> None:
         if not self.show:
             return
-        from tqdm import tqdm
+        try:
+            from tqdm import tqdm
+        except ImportError:  # no progress bars without tqdm (transformers brings it)
+            self.show = False
+            return
 
         label = {"cost": "LQ-LoRA cost table", "decompose": "LQ-LoRA decompositions"}.get(stage, stage)
         bar = self.bars.get(stage)
@@ -218,6 +222,12 @@ def lq_lora(model: nn.Module, config: Optional[LqLoraConfig] = None) -> LqLoraRe
     if not isinstance(config, LqLoraConfig):
         raise TypeError(f"config: expected a lorafuse.LqLoraConfig, found {type(config).__name__}")
     start = time.perf_counter()
+    if not isinstance(config.adapter_name, str):
+        raise TypeError(f"LqLoraConfig: adapter_name: expected a str, found {type(config.adapter_name).__name__}")
+    if config.compute_dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"LqLoraConfig: compute_dtype: expected None, torch.float32, bfloat16 or float16, found "
+                        f"{config.compute_dtype}")
+    _C._validate_adapter(config.adapter_name, int(config.r), float(config.lora_alpha), float(config.lora_dropout))
     cpp = _cpp(model)
     if cpp is not None:  # a bound C++ model (the reference Llama): lorafuse::lq_lora does it all
         progress = _Progress(config.progress)
@@ -229,6 +239,9 @@ def lq_lora(model: nn.Module, config: Optional[LqLoraConfig] = None) -> LqLoraRe
         finally:
             progress.close()
         return _report(plan, config, start)
+    from ..peft.inject import _tables, lora_layers
+
+    _C._rules_check_new_adapter(_tables(lora_layers(model)), config.adapter_name, "")  # before anything changes
     targets = _targets(model, config)
     if not targets:
         raise ValueError("lq_lora: target_modules selects no Linear layer")

@@ -31,6 +31,9 @@ TEST_CASE("lq_lora on the reference Llama", "[peft][lq_lora]") {
                           {{"nowhere", at::ones({2, 2})}});
       },
       {"lq_lora: fisher: \"nowhere\" is not a targeted Linear layer"});
+  require_error_parts<c10::ValueError>(
+      [&] { lorafuse::lq_lora(*model, config, lorafuse::LoraConfig().target_modules("all-linear").use_rslora(true)); },
+      {"lq_lora: targets: use_rslora: LQ-LoRA's adapter is scaled by lora_alpha / r"});
   CHECK(lorafuse::lora_layers(*model).empty());  // unchanged by the errors
 
   const lorafuse::LqPlan plan = lorafuse::lq_lora(*model, config);

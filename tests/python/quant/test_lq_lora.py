@@ -170,6 +170,8 @@ def test_bad_input_is_named(tmp_path):
     assert isinstance(dict(model.named_modules())[path], torch.nn.Linear)  # unchanged after the errors
     lorafuse.lq_lora(model, LqLoraConfig(budget_bits=3.0, r=4, progress=False))
     with pytest.raises(ValueError, match=f'lq_lora: "{path}" is a Linear; LQ-LoRA decomposes the dense weight'):
+        lorafuse.lq_lora(model, LqLoraConfig(r=4, target_modules=["q_proj"], adapter_name="second", progress=False))
+    with pytest.raises(ValueError, match='adapter_name: the model already has an adapter named "default"'):
         lorafuse.lq_lora(model, LqLoraConfig(r=4, target_modules=["q_proj"], progress=False))
     nf3 = torch.nn.Sequential(lorafuse.nn.Linear4bit.from_weight(torch.randn(8, 64), bits=3))
     with pytest.raises(ValueError, match=r"format \[3, 64, 8, 256\] .*not bitsandbytes' NF4"):
@@ -209,3 +211,25 @@ def test_the_cpp_llama_runs_the_cpp_lq_lora():
     with torch.no_grad():
         after = model(ids)
     assert ((after - before).norm() / before.norm()).item() < 0.5
+
+
+def test_errors_found_in_review_leave_the_model_unchanged(tmp_path):
+    model = tiny_llama()
+    path = "model.layers.0.self_attn.q_proj"
+    with pytest.raises(ValueError, match="adapter"):
+        lorafuse.lq_lora(model, LqLoraConfig(r=4, adapter_name="bad.name", progress=False))
+    assert isinstance(dict(model.named_modules())[path], torch.nn.Linear)
+    with pytest.raises(ValueError, match=r"configs\[0\]: .*stat_dtype: expected float32 without double quantization"):
+        LqLoraConfig(budget_bits=None, configs=[(NfFormat(3, 64, 0, 0), torch.bfloat16)])
+    weights = {p: m.weight for p, m in targeted(model).items()}
+    with pytest.raises(ValueError, match="fisher: given for 1 of the 14 matrices; give it for every matrix or for none"):
+        lorafuse.lq_lora(model, LqLoraConfig(r=4, fisher={path: torch.ones_like(weights[path])}, progress=False))
+    zero = {p: torch.zeros_like(w) for p, w in weights.items()}
+    with pytest.raises(ValueError, match=f'"{path}": fisher: all zero'):
+        lorafuse.lq_lora(model, LqLoraConfig(r=4, fisher=zero, progress=False))
+    with pytest.raises(ValueError, match="cache_path: cannot write beside .*its folder must exist"):
+        lorafuse.lq_lora(model, LqLoraConfig(r=4, cache_path=str(tmp_path / "missing" / "c.json"), progress=False))
+    assert isinstance(dict(model.named_modules())[path], torch.nn.Linear)
+    # a weight that requires grad: the factors carry no autograd graph
+    d = lorafuse.lq_decompose(weights[path], 4, NfFormat(3, 64, 8, 256))
+    assert weights[path].requires_grad and d.l1.grad_fn is None and not d.l1.requires_grad
