@@ -113,8 +113,8 @@ Nf4Tensor CheckpointReader::read_nf4(const std::string& name) const {
 
 std::vector<std::string> CheckpointReader::nf4_tensor_names(const std::string& name) const {
   std::vector<std::string> out;
-  for (const char* suffix :
-       {"", ".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", ".quant_state.bitsandbytes__nf4"}) {
+  for (const char* suffix : {"", ".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map",
+                             ".quant_state.bitsandbytes__nf4", ".quant_state.lorafuse__nf"}) {
     if (contains(name + suffix)) out.push_back(name + suffix);
   }
   return out;
@@ -129,7 +129,7 @@ void write_checkpoint(const std::string& dir, const std::string& model_config_js
   // quantization_config from the NF4 weights themselves (each read back as a loader will: a writer bug stops here)
   const std::map<std::string, at::Tensor> by_name(tensors.begin(), tensors.end());
   std::map<at::ScalarType, int> dtypes;
-  bool nested = false;
+  bool nested = false, other_formats = false;
   for (const auto& [name, tensor] : tensors) {
     const auto weight = nf4_weight_of_state(name);
     if (!weight) continue;
@@ -140,11 +140,17 @@ void write_checkpoint(const std::string& dir, const std::string& model_config_js
           return it == by_name.end() ? at::Tensor() : it->second;
         },
         "save_checkpoint");
+    if (!t.is_nf4()) {
+      other_formats = true;
+      continue;
+    }
     ++dtypes[t.dtype];
     nested = nested || t.nested();
   }
   config.erase("quantization_config");
-  if (!dtypes.empty()) {
+  // transformers' quantization_config describes bitsandbytes' NF4 only: with weights in other formats (which
+  // transformers cannot read) there is none, and transformers then stops at those weights instead of misreading them
+  if (!dtypes.empty() && !other_formats) {
     const auto most = std::max_element(dtypes.begin(), dtypes.end(),
                                        [](const auto& a, const auto& b) { return a.second < b.second; });
     config["quantization_config"] = parse_json(

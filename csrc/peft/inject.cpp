@@ -374,4 +374,19 @@ void merge_and_unload(Module& module) {
   }
 }
 
+std::vector<std::string> unload(Module& module) {
+  std::vector<Site> lora_sites;
+  for (auto& s : sites_of(module)) {
+    if (nn::as_lora_layer(s.module.get()) == nullptr) continue;
+    TORCH_CHECK_VALUE(can_rewire(s), cannot_rewire(s, "unload"));
+    lora_sites.push_back(std::move(s));
+  }
+  std::vector<std::string> paths;
+  for (const auto& s : lora_sites) {
+    rewire(s, nn::as_lora_layer(s.module.get())->base_module());
+    paths.push_back(s.path);
+  }
+  return paths;
+}
+
 }  // namespace lorafuse

@@ -34,7 +34,7 @@ QuantFields fields_of(const QuantConfig& c) {
 
 py::tuple nf4_tuple(const io::Nf4Tensor& t) {
   return py::make_tuple(t.weight.packed, t.weight.absmax, t.weight.nested_absmax, t.weight.offset, t.blocksize, t.shape,
-                        t.dtype);
+                        t.dtype, t.format, t.stat_dtype);
 }
 
 // A C++ Linear4bit as Python's lorafuse.nn.Linear4bit is built from it: (in_features, out_features, compute_dtype,
@@ -131,14 +131,18 @@ void bind_checkpoint(py::module& m) {
   m.def(
       "_nf4_checkpoint_tensors",
       [](const std::string& name, const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& nested,
-         const at::Tensor& offset, int64_t blocksize, const std::vector<int64_t>& shape, at::ScalarType dtype) {
+         const at::Tensor& offset, int64_t blocksize, const std::vector<int64_t>& shape, at::ScalarType dtype,
+         const std::vector<int64_t>& format, at::ScalarType stat_dtype) {
         return translating([&] {
-          return io::nf4_checkpoint_tensors(name, {{packed, absmax, nested, offset}, blocksize, shape, dtype});
+          return io::nf4_checkpoint_tensors(
+              name, {{packed, absmax, nested, offset}, blocksize, shape, dtype, format, stat_dtype});
         });
       },
       py::arg("name"), py::arg("packed"), py::arg("absmax"), py::arg("nested_absmax"), py::arg("offset"),
-      py::arg("blocksize"), py::arg("shape"), py::arg("dtype"),
-      "The checkpoint tensors [(name, tensor)] of one NF4 weight, as transformers + bitsandbytes store it.");
+      py::arg("blocksize"), py::arg("shape"), py::arg("dtype"), py::arg("format") = std::vector<int64_t>{},
+      py::arg("stat_dtype") = at::kFloat,
+      "The checkpoint tensors [(name, tensor)] of one quantized weight: bitsandbytes' NF4 as transformers + "
+      "bitsandbytes store it (format empty or NF4's), another format in lorafuse's layout.");
   m.def("_release_freed_memory", &io::release_freed_memory,
         "Gives memory the C allocator holds freed back to the system (lorafuse::io::release_freed_memory).");
   m.def(

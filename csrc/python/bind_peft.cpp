@@ -132,6 +132,9 @@ void bind_peft(py::module& m) {
   m.def(
       "_cpp_merge_and_unload", [](Module& mod) { translating([&] { merge_and_unload(mod); }); }, arg);
   m.def(
+      "_cpp_unload", [](Module& mod) { return translating([&] { return unload(mod); }); }, arg,
+      "lorafuse::unload: every LoRA layer's base back in its place, adapters dropped; the paths unloaded.");
+  m.def(
       "_cpp_adapter_names", [](Module& mod) { return adapter_names(mod); }, arg);
   m.def(
       "_cpp_active_adapter", [](Module& mod) { return active_adapter(mod); }, arg);

@@ -179,11 +179,16 @@ CheckpointLoadPlan plan_checkpoint_load(const io::CheckpointReader& reader, cons
                            : options.quantize() && options.quantize()->compute_dtype()
                                ? *options.quantize()->compute_dtype()
                                : t.dtype;
+      const auto f = t.format_list();
       layer = nn::Linear4bitImpl::from_nf4(nn::Linear4bitOptions(in, out)
                                                .bias(l.has_bias)
                                                .compute_dtype(compute)
                                                .blocksize(t.blocksize)
-                                               .double_quant(t.nested()),
+                                               .double_quant(t.nested())
+                                               .bits(f[0])
+                                               .stat_bits(t.nested() ? f[2] : 8)
+                                               .stat_blocksize(t.nested() ? f[3] : 256)
+                                               .stat_dtype(t.stat_dtype),
                                            t.weight, bias);
       for (const auto& n : reader.nf4_tensor_names(weight)) used.insert(n);
     } else {
@@ -265,14 +270,6 @@ CheckpointLoadPlan plan_checkpoint_load(const io::CheckpointReader& reader, cons
   return plan;
 }
 
-// A checkpoint holds quantized layers in bitsandbytes' NF4 only (transformers' 4-bit format).
-static void check_nf4(const char* op, const std::string& path, const nn::Linear4bitOptions& o) {
-  TORCH_CHECK_VALUE(o.is_nf4(), op, ": \"", path, "\" is a Linear4bit in format ", o.format(), " (stat_dtype ",
-                    o.stat_dtype(),
-                    "), not bitsandbytes' NF4 ([4, blocksize, 8, 256] with float32 scales, or [4, blocksize, 0, 0]), "
-                    "which a checkpoint in transformers' 4-bit format holds");
-}
-
 std::vector<std::string> load_checkpoint(torch::nn::Module& module, const std::string& dir,
                                          const LoadCheckpointOptions& options) {
   const io::CheckpointReader reader(dir);
@@ -284,8 +281,11 @@ std::vector<std::string> load_checkpoint(torch::nn::Module& module, const std::s
                       l.module->named_parameters(false).find("bias") != nullptr, std::nullopt};
     if (l.is_4bit) {
       const auto& o = l.module->as<nn::Linear4bitImpl>()->options;
-      check_nf4("load_checkpoint", l.path, o);
-      d.nf4 = QuantConfig().blocksize(o.blocksize()).double_quant(o.double_quant()).compute_dtype(o.compute_dtype());
+      // a dense weight in the checkpoint is quantized as the model's layer is: QuantConfig says NF4 only (another
+      // format's layer takes a checkpoint of its own format, read as it is)
+      if (o.is_nf4()) {
+        d.nf4 = QuantConfig().blocksize(o.blocksize()).double_quant(o.double_quant()).compute_dtype(o.compute_dtype());
+      }
     }
     described.push_back(std::move(d));
   }
@@ -325,8 +325,9 @@ void save_checkpoint(torch::nn::Module& module, const std::string& dir, const st
       continue;
     }
     const auto* q = l.module->as<nn::Linear4bitImpl>();
-    check_nf4("save_checkpoint", l.path, q->options);
     io::Nf4Tensor t;
+    t.format = q->options.format();
+    t.stat_dtype = q->options.stat_dtype();
     t.weight = {q->packed, q->absmax, q->nested_absmax, q->offset};
     t.blocksize = q->options.blocksize();
     t.shape = {q->options.out_features(), q->options.in_features()};

@@ -127,7 +127,10 @@ def _lq_decompose(
 # (quant_type, blocksize, double_quant, compute_dtype, modules_to_not_convert): lorafuse.QuantConfig's fields
 QuantFields = Tuple[str, int, bool, Optional[torch.dtype], List[str]]
 # (packed, absmax, nested_absmax, offset, blocksize, shape, dtype): one NF4 weight of a checkpoint
-Nf4Entry = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, List[int], torch.dtype]
+# (packed, absmax, nested_absmax, offset, blocksize, shape, dtype, format, stat_dtype)
+Nf4Entry = Tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, List[int], torch.dtype, List[int], torch.dtype
+]
 
 class _CheckpointReader:
     def __init__(self, dir: str) -> None: ...
@@ -152,6 +155,8 @@ def _nf4_checkpoint_tensors(
     blocksize: int,
     shape: List[int],
     dtype: torch.dtype,
+    format: List[int] = ...,
+    stat_dtype: torch.dtype = ...,
 ) -> List[Tuple[str, torch.Tensor]]: ...
 def _release_freed_memory() -> None: ...
 def _write_checkpoint(
@@ -391,6 +396,7 @@ def _cpp_merge(
 ) -> Dict[str, Tuple[float, float]]: ...
 def _cpp_unmerge(module: CppModule) -> None: ...
 def _cpp_merge_and_unload(module: CppModule) -> None: ...
+def _cpp_unload(module: CppModule) -> List[str]: ...
 def _cpp_quantize_model(
     module: CppModule,
     quant_type: str,

@@ -72,6 +72,8 @@ class LoraLayer {
   virtual void unmerge() = 0;
   /// Merges the active adapter for good and returns the base module that then replaces this layer.
   virtual std::shared_ptr<torch::nn::Module> unload_merged() = 0;
+  /// The base module as it is (adapters merged into it stay merged): what unload puts back in this layer's place.
+  virtual std::shared_ptr<torch::nn::Module> base_module() const = 0;
   /// For a base not merged in place (4-bit): the dense module merge_and_unload gives (dequantized W + the active
   /// adapter), computed without changing this layer; nullptr for bases merged in place.
   virtual std::shared_ptr<torch::nn::Module> unloaded_dense() const { return nullptr; }

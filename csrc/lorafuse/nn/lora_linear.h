@@ -121,6 +121,7 @@ class LoraLinearImpl : public torch::nn::Cloneable<LoraLinearImpl>, public LoraL
   int64_t out_features() const override { return options.out_features(); }
   at::Tensor base_bias() const override { return base_layer->bias; }
   std::shared_ptr<torch::nn::Module> unload_merged() override { return merge_and_unload().ptr(); }
+  std::shared_ptr<torch::nn::Module> base_module() const override { return base_layer.ptr(); }
   std::shared_ptr<torch::nn::Module> shallow_copy() const override { return std::make_shared<LoraLinearImpl>(*this); }
 
   /// The wrapped base layer.

@@ -68,6 +68,7 @@ class LoraLinear4bitImpl : public torch::nn::Cloneable<LoraLinear4bitImpl>, publ
   /// base's bias. This layer is left without adapters.
   torch::nn::Linear merge_and_unload();
   std::shared_ptr<torch::nn::Module> unload_merged() override { return merge_and_unload().ptr(); }
+  std::shared_ptr<torch::nn::Module> base_module() const override { return base_layer.ptr(); }
   std::shared_ptr<torch::nn::Module> unloaded_dense() const override { return dense_merged().ptr(); }
   /// The dense Linear merge_and_unload gives, computed without changing this layer.
   torch::nn::Linear dense_merged() const;

@@ -89,4 +89,9 @@ void unmerge_adapter(torch::nn::Module& module);
 /// dequant(W) + the adapter. Nothing changes if a merge fails.
 void merge_and_unload(torch::nn::Module& module);
 
+/// Puts every LoRA layer's base back in its place, adapters dropped (PEFT's unload()): not merged — what a merge
+/// folded into a base stays there (as in PEFT). Save adapters first (save_adapter) to keep them. Every layer must sit
+/// where it can be swapped (checked before any is). Returns the paths unloaded.
+std::vector<std::string> unload(torch::nn::Module& module);
+
 }  // namespace lorafuse

@@ -354,7 +354,18 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     return model
 
 
+@_model_wide(_C._cpp_unload, result=lambda model, _: model)
+def unload(model: nn.Module) -> nn.Module:
+    """Puts every LoRA layer's base back in its place, the adapters dropped (PEFT's ``unload()``): not merged — what
+    a merge folded into a base stays there, as in PEFT. Save the adapters first (:func:`save_adapter`) to keep them.
+    Returns ``model``."""
+    for parent, name, _, layer in [site for site in _sites(model) if is_lora_layer(site[3])]:
+        setattr(parent, name, layer.base_layer)
+    return model
+
+
 __all__ = [
+    "unload",
     "inject_lora",
     "add_adapter",
     "trainable_parameters",

@@ -33,7 +33,7 @@ def _layers(model: nn.Module, what: str) -> List[Tuple[nn.Module, str, str, nn.M
                 lora.append(path)
                 continue
             kind = base_kind_of(child)
-            if kind is not None and kind.nf4_state(child) is not None:
+            if kind is not None and kind.quantized_state(child) is not None:
                 out.append((module, name, path, child, True))
             elif _DENSE.matches(child):
                 out.append((module, name, path, child, False))
@@ -109,7 +109,8 @@ def load_checkpoint(
     described = []
     for _, _, path, module, is_4bit in layers:
         own = None
-        if is_4bit:  # a dense weight in the checkpoint is quantized as the model's 4-bit layer is
+        nf4 = is_4bit and getattr(module, "is_nf4", True)  # a lorafuse Linear4bit in another format: False
+        if nf4:  # a dense weight in the checkpoint is quantized as the model's 4-bit layer is
             _, _, nested, _, blocksize = base_kind_of(module).nf4_state(module)
             double_quant = nested is not None and nested.numel() > 0
             own = ("nf4", blocksize, double_quant, getattr(module, "compute_dtype", None), [])
@@ -191,7 +192,7 @@ def save_checkpoint(model: nn.Module, directory: PathLike, config: Optional[dict
         if not is_4bit:
             dense.append(path)
             continue
-        packed, absmax, nested_absmax, offset, blocksize = base_kind_of(module).nf4_state(module)
+        packed, absmax, nested_absmax, offset, fmt = base_kind_of(module).quantized_state(module)
         dtype = _nf4_dtype(module)
         tensors += _C._nf4_checkpoint_tensors(
             f"{path}.weight",
@@ -199,9 +200,11 @@ def save_checkpoint(model: nn.Module, directory: PathLike, config: Optional[dict
             absmax,
             nested_absmax if nested_absmax is not None else torch.empty(0),
             offset if offset is not None else torch.empty(0),
-            blocksize,
+            int(fmt[1]),
             [module.out_features, module.in_features],
             dtype,
+            list(fmt),
+            getattr(module, "stat_dtype", torch.float32),
         )
         if module.bias is not None:
             tensors.append((f"{path}.bias", module.bias.detach()))
