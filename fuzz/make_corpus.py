@@ -145,6 +145,52 @@ NF4_REGRESSIONS = {
     "nf4_nested_fields_apart": "go together",
 }
 
+# Weights in lorafuse's layout (formats other than NF4) that break a rule: name -> the part of the message.
+NF_REGRESSIONS = {
+    "nf_quant_map_not_nf3": '"layer.weight.quant_map"[2] is 0.25',
+    "nf_unknown_field": 'quant_state: unknown field "extra"',
+    "nf_bits_out_of_range": "format: bits: expected 2 .. 8, found 9",
+    "nf_stat_fields_apart": "go together",
+    "nf_codes_bytes": '"layer.weight.absmax" has shape [5]',
+    "nf_two_states": "one weight has one quant_state",
+}
+
+
+def nf_files():
+    """(seeds, regressions): a 32 x 64 weight in lorafuse's layout, NF3 in blocks of 32 with 4-bit statistics in blocks
+    of 16 (bfloat16 scales), written by lorafuse's own writer, and the NF_REGRESSIONS made from it."""
+    import json as json_module
+
+    import lorafuse
+    import torch
+    from safetensors.torch import save
+
+    weight = (torch.arange(32 * 64, dtype=torch.float64).remainder(41) * 0.09 - 1.7).to(torch.float32).reshape(32, 64)
+    fmt = lorafuse.NfFormat(3, 32, 4, 16)
+    q = lorafuse.quantize_nf(weight, fmt, torch.bfloat16)
+    good = dict(lorafuse._C._nf4_checkpoint_tensors(
+        "layer.weight", *q, 32, [32, 64], torch.float32, list(fmt), torch.bfloat16
+    ))  # fmt: skip
+    key = "layer.weight.quant_state.lorafuse__nf"
+
+    def with_state(change):
+        state = json_module.loads(bytes(good[key].tolist()))
+        change(state)
+        return {**good, key: _json_bytes(json_module.dumps(state))}
+
+    quant_map = good["layer.weight.quant_map"].clone()
+    quant_map[2] = 0.25
+    changes = {
+        "nf_quant_map_not_nf3": {**good, "layer.weight.quant_map": quant_map},
+        "nf_unknown_field": with_state(lambda st: st.update(extra=1)),
+        "nf_bits_out_of_range": with_state(lambda st: st.update(bits=9)),
+        "nf_stat_fields_apart": with_state(lambda st: st.pop("stat_dtype")),
+        "nf_codes_bytes": {**good, "layer.weight.absmax": good["layer.weight.absmax"][:5].clone()},
+        "nf_two_states": {**good, "layer.weight.quant_state.bitsandbytes__nf4": good[key].clone()},
+    }
+    assert set(changes) == set(NF_REGRESSIONS)
+    return {"nf3_nested": save(good)}, {name: save(t) for name, t in changes.items()}
+
 
 def nf4_files():
     """(seeds, regressions): name -> bytes of NF4 weights as transformers + bitsandbytes save them (32 x 64, blocks of
@@ -286,6 +332,7 @@ def seeds():
         ),
     }
     out.update(nf4_files()[0])
+    out.update(nf_files()[0])
     return out
 
 
@@ -303,7 +350,7 @@ def write_all():
         (CORPUS / f"{name}.safetensors").write_bytes(data)
     for name, (data, _) in {**REGRESSIONS_TABLE, **CRASHES}.items():
         (REGRESSIONS / f"{name}.safetensors").write_bytes(data)
-    nf4_regressions = nf4_files()[1]
+    nf4_regressions = {**nf4_files()[1], **nf_files()[1]}
     for name, data in nf4_regressions.items():
         load(data)  # a valid safetensors file: the NF4 reader rejects it
         (REGRESSIONS / f"{name}.safetensors").write_bytes(data)
@@ -317,7 +364,8 @@ def write_all():
 def check_log(log_path):
     """Each regression file in the log must have been rejected with its message, each seed accepted.
     libFuzzer prints "Running: FILE", then come the fuzzer's "rejected: MESSAGE" lines, "Executed FILE"."""
-    expected = {**REGRESSIONS_TABLE, **CRASHES, **{name: (None, m) for name, m in NF4_REGRESSIONS.items()}}
+    regressions = {**NF4_REGRESSIONS, **NF_REGRESSIONS}
+    expected = {**REGRESSIONS_TABLE, **CRASHES, **{name: (None, m) for name, m in regressions.items()}}
     seen = {}  # path -> rejection messages
     current = None
     for line in Path(log_path).read_text(errors="replace").splitlines():
