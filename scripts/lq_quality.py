@@ -21,8 +21,8 @@ this machine. The cost table of each Fisher setting is computed once and cached 
 Writes lq_quality_smollm2_<date>_<device>_<commit>.md, .json and .png into --results (default bench/results, or --out
 with --quick).
 
---finetune: then the same short LoRA fine-tuning (rank r, the same batches, steps and schedule) on the product-description
-task over four bases: the float32 model (LoRA), NF4 (QLoRA), LQ-LoRA at 2.75 and at 3.0 bits (the adapter starting at
+--finetune: then the same short LoRA fine-tuning (rank r, the same batches, steps and schedule) on the
+product-description task over four bases: the float32 model (LoRA), NF4 (QLoRA), LQ-LoRA at 2.75 and at 3.0 bits (the adapter starting at
 L1·L2); the held-out task loss before and after, in lq_finetune_smollm2_<date>_<device>_<commit>.md and .json.
 """
 
@@ -84,7 +84,8 @@ def losses(model, text_batches, task_batches) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--r", type=int, default=64, help="rank of L1·L2 (default 64, the paper's)")
-    parser.add_argument("--out", default=os.path.join(str(common.REPO_ROOT), "build", "lq_quality"), help="cost-table cache")
+    default_out = os.path.join(str(common.REPO_ROOT), "build", "lq_quality")
+    parser.add_argument("--out", default=default_out, help="the cost tables' cache (and --quick's results)")
     parser.add_argument("--results", default=None, help="where the table goes (default bench/results)")
     parser.add_argument("--quick", action="store_true", help="one layer, two budgets, few iterations (for tests)")
     parser.add_argument("--finetune", action="store_true", help="also fine-tune LoRA, QLoRA and LQ-LoRA (see above)")

@@ -1,6 +1,7 @@
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 #include <lorafuse/config/quant_config.h>
+#include <lorafuse/ops/nf.h>
 #include <lorafuse/ops/nf4.h>
 
 #include <nlohmann/json.hpp>
@@ -80,6 +81,8 @@ QuantConfig QuantConfig::from_hf_json(const std::string& json_text, const std::s
 }
 
 std::string QuantConfig::to_hf_json(const std::vector<std::string>& dense_modules) const {
+  TORCH_CHECK_VALUE(bits() == 4, "QuantConfig: quant_type \"", quant_type(),
+                    "\": transformers' quantization_config describes bitsandbytes' NF4 only");
   validate();
   json j = json::object();
   j["quant_method"] = "bitsandbytes";
@@ -96,15 +99,28 @@ std::string QuantConfig::to_hf_json(const std::vector<std::string>& dense_module
   return j.dump();
 }
 
+int64_t QuantConfig::bits() const {
+  const std::string& t = quant_type();
+  return t.size() == 3 && t[0] == 'n' && t[1] == 'f' && t[2] >= '2' && t[2] <= '8' ? t[2] - '0' : 0;
+}
+
 void QuantConfig::validate() const {
-  TORCH_CHECK_VALUE(quant_type() == "nf4", "QuantConfig: quant_type: expected \"nf4\", found \"", quant_type(), "\"");
+  TORCH_CHECK_VALUE(bits() != 0,
+                    "QuantConfig: quant_type: expected \"nf4\" (or \"nf2\", \"nf3\", \"nf5\" ... \"nf8\"), "
+                    "found \"",
+                    quant_type(), "\"");
   if (compute_dtype()) {
     const auto dtype = *compute_dtype();
     TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
                      "QuantConfig: compute_dtype: expected float32, bfloat16 or float16, found ", dtype);
   }
   // the op's own rule for the blocksize (a meta tensor: nothing is computed)
-  lorafuse::quantize_nf4(at::empty({2}, at::TensorOptions().device(at::kMeta)), blocksize(), double_quant());
+  const at::Tensor meta = at::empty({2}, at::TensorOptions().device(at::kMeta));
+  if (bits() == 4) {
+    lorafuse::quantize_nf4(meta, blocksize(), double_quant());
+  } else {
+    lorafuse::quantize_nf(meta, {bits(), blocksize(), double_quant() ? 8 : 0, double_quant() ? 256 : 0});
+  }
   for (const auto& name : modules_to_not_convert()) {
     TORCH_CHECK_VALUE(!name.empty(), "QuantConfig: modules_to_not_convert: an entry is empty");
   }

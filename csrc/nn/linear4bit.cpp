@@ -151,4 +151,14 @@ void Linear4bitImpl::pretty_print(std::ostream& stream) const {
   stream << ", compute_dtype=" << options.compute_dtype() << ")";
 }
 
+Linear4bitOptions linear4bit_options(const QuantConfig& config, int64_t in_features, int64_t out_features, bool bias,
+                                     c10::ScalarType compute_dtype) {
+  return Linear4bitOptions(in_features, out_features)
+      .bias(bias)
+      .compute_dtype(compute_dtype)
+      .blocksize(config.blocksize())
+      .double_quant(config.double_quant())
+      .bits(config.bits());
+}
+
 }  // namespace lorafuse::nn

@@ -198,7 +198,9 @@ CheckpointLoadPlan plan_checkpoint_load(const io::CheckpointReader& reader, cons
       const QuantConfig& q = l.nf4 ? *l.nf4 : *options.quantize();  // as the model's 4-bit layer is quantized
       at::Tensor dense = reader.read(weight);
       try {  // quantize_nf4's own checks (dtype, finite values), with the tensor named
-        layer = nn::Linear4bitImpl::from_weight(dense, bias, q.compute_dtype(), q.blocksize(), q.double_quant());
+        layer = nn::Linear4bitImpl::from_weight(
+            dense, bias,
+            nn::linear4bit_options(q, in, out, bias.defined(), q.compute_dtype().value_or(dense.scalar_type())));
       } catch (const c10::TypeError& e) {
         C10_THROW_ERROR(TypeError, "load_checkpoint: \"" + weight + "\": " + e.what_without_backtrace());
       } catch (const c10::ValueError& e) {

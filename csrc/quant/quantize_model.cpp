@@ -50,13 +50,15 @@ std::vector<std::string> quantize_model(torch::nn::Module& module, const QuantCo
                      " weight; give QuantConfig().compute_dtype (float32, bfloat16 or float16)");
     torch::NoGradGuard no_grad;
     TORCH_CHECK_VALUE(weight.isfinite().all().item<bool>(), "quantize_model: \"", t.path,
-                      "\" has NaN or infinite weights, which NF4 cannot hold");
+                      "\" has NaN or infinite weights, which a quantized weight cannot hold");
   }
   std::vector<std::string> paths;
   for (const auto& t : targets) {
     torch::nn::Linear dense(std::dynamic_pointer_cast<torch::nn::LinearImpl>(t.parent->named_children()[t.name]));
-    auto layer =
-        nn::Linear4bitImpl::from_linear(dense, config.compute_dtype(), config.blocksize(), config.double_quant());
+    auto layer = nn::Linear4bitImpl::from_weight(
+        dense->weight, dense->bias,
+        nn::linear4bit_options(config, dense->weight.size(1), dense->weight.size(0), dense->bias.defined(),
+                               config.compute_dtype().value_or(dense->weight.scalar_type())));
     layer->train(dense->is_training());
     dense = nullptr;  // the parent's registry then holds the last reference to the dense weight
     nn::replace_child(*t.parent, t.name, std::move(layer));

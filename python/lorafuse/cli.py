@@ -9,12 +9,17 @@ count and the size of each file, the warnings, and finally ``valid``.
 Exit status: 0 for a valid adapter; 1 for an invalid one (the reason on stderr as
 ``lorafuse inspect: invalid adapter: <message>``); 2 for a usage error.
 
-``lorafuse quantize SRC DST [--blocksize N] [--no-double-quant] [--compute-dtype DTYPE] [--keep-dense NAME ...]``
-stores the Hugging Face checkpoint in folder SRC (a transformers model: config.json and safetensors weights) in
-4 bits (NF4) as folder DST, which transformers + bitsandbytes and :func:`lorafuse.load_checkpoint` load: the model is
-built on the meta device and each Linear layer quantized as it loads (:func:`lorafuse.load_checkpoint` with
-``quantize``), so memory peaks near the 4-bit size; SRC's other files (tokenizer, generation config) are copied.
-Exit status 0; 1 on an error (the reason on stderr as ``lorafuse quantize: <message>``); 2 for a usage error.
+``lorafuse quantize SRC DST [--method nf4|nf3|lq-lora] [--blocksize N] [--no-double-quant] [--compute-dtype DTYPE]
+[--keep-dense NAME ...] [--budget BITS] [--rank R] [--fisher TEXT]``
+stores the Hugging Face checkpoint in folder SRC (a transformers model: config.json and safetensors weights) quantized
+as folder DST. ``nf4`` (default) and ``nf3``: the model is built on the meta device and each Linear layer quantized
+as it loads (:func:`lorafuse.load_checkpoint` with ``quantize``), so memory peaks near the quantized size; NF4 checkpoints
+load in transformers + bitsandbytes too, NF3 ones in lorafuse (:func:`lorafuse.load_checkpoint`). ``lq-lora``: the
+dense model is loaded, every Linear layer but the kept-dense ones decomposed as Q + L1·L2 within ``--budget`` bits per
+weight at rank ``--rank`` (:func:`lorafuse.lq_lora`; ``--fisher TEXT``: Fisher-weighted, from windows of that text
+file), the model with Q saved as DST/base and the adapter starting at L1·L2 as DST/adapter (PEFT's format); the
+allocation is printed. SRC's other files (tokenizer, generation config) are copied beside the weights. Exit status 0;
+1 on an error (the reason on stderr as ``lorafuse quantize: <message>``); 2 for a usage error.
 
 Also runs as ``python -m lorafuse ...`` and ``python -m lorafuse.cli ...``.
 """
@@ -68,16 +73,26 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true", help="print the description as one JSON object")
     quantize = commands.add_parser(
         "quantize",
-        help="store a Hugging Face checkpoint's Linear layers in 4 bits (NF4)",
+        help="store a Hugging Face checkpoint's Linear layers quantized (NF4, NF3 or LQ-LoRA)",
         description=(
-            "Loads the transformers checkpoint in SRC onto the meta device, quantizing each Linear layer to NF4 as it "
-            "loads (bitsandbytes' format), and saves it as DST, which transformers + bitsandbytes and "
-            "lorafuse.load_checkpoint load. Exit status 0; 1 on an error; 2: usage error."
+            "Loads the transformers checkpoint in SRC onto the meta device, quantizing each Linear layer to NF4 "
+            "(or NF3) as it loads, and saves it as DST, which lorafuse.load_checkpoint (and for NF4 transformers + "
+            "bitsandbytes) load; --method lq-lora: LQ-LoRA within --budget bits per weight, the quantized base in "
+            "DST/base and the adapter in DST/adapter. Exit status 0; 1 on an error; 2: usage error."
         ),
     )
     quantize.add_argument("src", metavar="SRC", help="the checkpoint folder (config.json, *.safetensors)")
     quantize.add_argument("dst", metavar="DST", help="the folder to write (created; other files in it are kept)")
-    quantize.add_argument("--blocksize", type=int, default=64, help="NF4 block size: 32, 64, ..., 4096 (default 64)")
+    quantize.add_argument(
+        "--method",
+        choices=("nf4", "nf3", "lq-lora"),
+        default="nf4",
+        help="nf4 (QLoRA's, default), nf3, or lq-lora (Q + L1·L2 per matrix within --budget)",
+    )
+    quantize.add_argument("--blocksize", type=int, default=64, help="block size: 32, 64, ..., 4096 (default 64)")
+    quantize.add_argument("--budget", type=float, default=2.75, help="lq-lora: bits per weight (default 2.75)")
+    quantize.add_argument("--rank", type=int, default=64, help="lq-lora: rank of L1·L2 (default 64)")
+    quantize.add_argument("--fisher", metavar="TEXT", help="lq-lora: a text file whose windows give the Fisher")
     quantize.add_argument(
         "--no-double-quant", action="store_true", help="keep the block statistics in float32 (4.5 bits per weight)"
     )
@@ -120,7 +135,6 @@ def quantize_checkpoint(src: str, dst: str, config: Any) -> List[str]:
     """The ``quantize`` command's work: SRC loaded onto a meta skeleton with every Linear layer but
     ``config.modules_to_not_convert`` quantized as it loads, saved as DST with SRC's other files. Returns the paths
     quantized."""
-    import shutil
 
     import transformers
     from accelerate import init_empty_weights
@@ -139,12 +153,57 @@ def quantize_checkpoint(src: str, dst: str, config: Any) -> List[str]:
     if not paths:
         raise ValueError(f"{src}: no Linear layer to quantize (all are kept dense, or the model has none)")
     lorafuse.save_checkpoint(model, dst)
-    for name in sorted(os.listdir(src)):  # the tokenizer, generation config, README ...
+    _copy_other_files(src, dst)
+    return paths
+
+
+def _copy_other_files(src: str, dst: str) -> None:
+    """SRC's files other than the weights and config.json (the tokenizer, generation config, README ...) into DST."""
+    import shutil
+
+    for name in sorted(os.listdir(src)):
         path = os.path.join(src, name)
         if name in _WEIGHT_FILES or name.endswith(".safetensors") or not os.path.isfile(path):
             continue
         shutil.copy2(path, os.path.join(dst, name))
-    return paths
+
+
+def lq_lora_checkpoint(src: str, dst: str, args: argparse.Namespace) -> Any:
+    """The ``quantize --method lq-lora`` command's work: SRC loaded dense, LQ-LoRA on every Linear layer but the
+    kept-dense ones, the adapter saved as DST/adapter, the quantized base as DST/base (with SRC's other files).
+    Returns the report."""
+    import torch
+    import transformers
+
+    import lorafuse
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    keep = list(args.keep_dense)
+    targets = sorted(
+        {path.rsplit(".", 1)[-1] for path, m in model.named_modules()
+         if type(m) is torch.nn.Linear and not any(path == k or path.endswith("." + k) for k in keep)}
+    )  # fmt: skip
+    if not targets:
+        raise ValueError(f"{src}: no Linear layer to quantize (all are kept dense, or the model has none)")
+    fisher = None
+    if args.fisher:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(src)
+        with open(args.fisher, encoding="utf-8") as f:
+            ids = torch.tensor(tokenizer.encode(f.read()), dtype=torch.long)
+        windows = [ids[i : i + 128] for i in range(0, max(1, len(ids) - 128), 128)][:32]
+        batches = [{"input_ids": w[None], "labels": w[None]} for w in windows if len(w) > 1]
+        fisher = lorafuse.quant.empirical_fisher(model, batches, targets)
+    config = lorafuse.LqLoraConfig(
+        budget_bits=args.budget, r=args.rank, target_modules=targets, fisher=fisher,
+        compute_dtype=getattr(torch, args.compute_dtype) if args.compute_dtype else None,
+    )  # fmt: skip
+    report = lorafuse.lq_lora(model, config)
+    os.makedirs(dst, exist_ok=True)
+    lorafuse.save_adapter(model, os.path.join(dst, "adapter"))
+    lorafuse.unload(model)
+    lorafuse.save_checkpoint(model, os.path.join(dst, "base"))
+    _copy_other_files(src, os.path.join(dst, "base"))
+    return report
 
 
 def _quantize_command(args: argparse.Namespace) -> int:
@@ -153,7 +212,14 @@ def _quantize_command(args: argparse.Namespace) -> int:
     import lorafuse
 
     try:
+        if args.method == "lq-lora":
+            report = lq_lora_checkpoint(args.src, args.dst, args)
+            print(report.summary())
+            print(f"lorafuse quantize: {len(report.matrices)} Linear layers by LQ-LoRA: the base in "
+                  f"{os.path.join(args.dst, 'base')}, the adapter in {os.path.join(args.dst, 'adapter')}")
+            return 0
         config = lorafuse.QuantConfig(
+            quant_type=args.method,
             blocksize=args.blocksize,
             double_quant=not args.no_double_quant,
             compute_dtype=getattr(torch, args.compute_dtype) if args.compute_dtype else None,
@@ -163,7 +229,10 @@ def _quantize_command(args: argparse.Namespace) -> int:
     except (ValueError, TypeError, OSError) as e:
         print(f"lorafuse quantize: {e}", file=sys.stderr)
         return 1
-    print(f"lorafuse quantize: {len(paths)} Linear layers in NF4 (blocksize {config.blocksize}), written to {args.dst}")
+    print(
+        f"lorafuse quantize: {len(paths)} Linear layers in {args.method.upper()} (blocksize {config.blocksize}), "
+        f"written to {args.dst}"
+    )
     return 0
 
 

@@ -425,3 +425,46 @@ def test_quantize_errors_name_the_problem(tmp_path, capsys):
     transformers.LlamaForCausalLM(hf_models.tiny_llama_config()).save_pretrained(tmp_path / "dense")
     assert cli.main(["quantize", str(tmp_path / "dense"), str(tmp_path / "out"), "--blocksize", "100"]) == 1
     assert "blocksize" in capsys.readouterr().err
+
+
+def test_quantize_nf3_and_lq_lora(tmp_path, capsys):
+    """--method nf3: NF3 layers in lorafuse's layout, loaded back as they are; --method lq-lora: the base (Q, DST/base)
+    and the adapter (starting at L1·L2, DST/adapter) load back into the same logits as the model lq_lora makes in
+    memory."""
+    import transformers
+
+    torch.manual_seed(0)
+    dense = transformers.LlamaForCausalLM(hf_models.tiny_llama_config(hidden_size=64, intermediate_size=128))
+    src = tmp_path / "dense"
+    dense.save_pretrained(src)
+    (src / "tokenizer.json").write_text('{"model": "a tokenizer"}')
+    ids = torch.arange(12).reshape(2, 6)
+    assert cli.main(["quantize", str(src), str(tmp_path / "nf3"), "--method", "nf3"]) == 0
+    assert "14 Linear layers in NF3 (blocksize 64)" in capsys.readouterr().out
+    loaded = transformers.LlamaForCausalLM(hf_models.tiny_llama_config(hidden_size=64, intermediate_size=128))
+    assert len(lorafuse.load_checkpoint(loaded, tmp_path / "nf3")) == 14
+    assert loaded.model.layers[0].mlp.up_proj.nf_format == lorafuse.NfFormat(3, 64, 8, 256)
+    expected = lorafuse.quantize_model(transformers.LlamaForCausalLM.from_pretrained(src),
+                                       lorafuse.QuantConfig(quant_type="nf3")).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(input_ids=ids).logits, expected(input_ids=ids).logits)
+
+    dst = tmp_path / "lq"
+    argv = ["quantize", str(src), str(dst), "--method", "lq-lora", "--budget", "3", "--rank", "4"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "LQ-LoRA: 14 matrices" in out and "allocation: optimal" in out and str(dst / "adapter") in out
+    assert (dst / "base" / "tokenizer.json").is_file() and (dst / "adapter" / "adapter_config.json").is_file()
+    reference = transformers.LlamaForCausalLM.from_pretrained(src)
+    lorafuse.lq_lora(reference, lorafuse.LqLoraConfig(
+        budget_bits=3.0, r=4, progress=False,
+        target_modules=["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"],
+    ))  # fmt: skip
+    model = transformers.LlamaForCausalLM(hf_models.tiny_llama_config(hidden_size=64, intermediate_size=128))
+    lorafuse.load_checkpoint(model, dst / "base")
+    lorafuse.load_adapter(model, dst / "adapter")
+    with torch.no_grad():
+        assert torch.equal(model.eval()(input_ids=ids).logits, reference.eval()(input_ids=ids).logits)
+    bad = ["quantize", str(src), str(tmp_path / "bad"), "--method", "lq-lora", "--budget", "1", "--rank", "4"]
+    assert cli.main(bad) == 1
+    assert "budget_bits: 1 is below the smallest configuration's" in capsys.readouterr().err

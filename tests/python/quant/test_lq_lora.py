@@ -47,7 +47,8 @@ def test_the_budget_is_met_and_the_model_computes_with_q_plus_l1_l2():
         assert m.config in names and 1 <= m.best_iteration <= m.iterations
         layer = modules[m.name]
         base = layer.base_layer
-        assert isinstance(base, lorafuse.nn.Linear4bit) and quant_choice_name((base.nf_format, base.stat_dtype)) == m.config
+        assert isinstance(base, lorafuse.nn.Linear4bit)
+        assert quant_choice_name((base.nf_format, base.stat_dtype)) == m.config
         a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
         assert a.requires_grad and b.requires_grad
         w = base.dequantized_weight(torch.float32) + (16 / 8) * b @ a
@@ -146,7 +147,7 @@ def test_bad_input_is_named(tmp_path):
         lorafuse.lq_lora(tiny_llama(), LqLoraConfig(budget_bits=1.5, r=4, progress=False))
     with pytest.raises(ValueError, match="budget_bits: 9 is above the largest configuration's 8.508"):
         lorafuse.lq_lora(tiny_llama(), LqLoraConfig(budget_bits=9.0, r=4, progress=False))
-    with pytest.raises(ValueError, match=r"q_proj\": r = 64 must be below min\(out, in\) = 64 of its weight \[64, 64\]"):
+    with pytest.raises(ValueError, match=r"q_proj\": r = 64 must be below min\(out, in\) = 64 of its weight \[64, 64"):
         lorafuse.lq_lora(tiny_llama(), LqLoraConfig(r=64, progress=False))
     with pytest.raises(ValueError, match="configs: expected at least one configuration"):
         LqLoraConfig(configs=[])
@@ -224,7 +225,7 @@ def test_errors_found_in_review_leave_the_model_unchanged(tmp_path):
     with pytest.raises(ValueError, match=r"configs\[0\]: .*stat_dtype: expected float32 without double quantization"):
         LqLoraConfig(budget_bits=None, configs=[(NfFormat(3, 64, 0, 0), torch.bfloat16)])
     weights = {p: m.weight for p, m in targeted(model).items()}
-    with pytest.raises(ValueError, match="fisher: given for 1 of the 14 matrices; give it for every matrix or for none"):
+    with pytest.raises(ValueError, match="fisher: given for 1 of the 14 matrices; give it for every matrix or"):
         lorafuse.lq_lora(model, LqLoraConfig(r=4, fisher={path: torch.ones_like(weights[path])}, progress=False))
     zero = {p: torch.zeros_like(w) for p, w in weights.items()}
     with pytest.raises(ValueError, match=f'"{path}": fisher: all zero'):
