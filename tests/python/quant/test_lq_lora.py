@@ -23,6 +23,18 @@ def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     return LlamaForCausalLM(config).eval()
 
 
+def tiny_cpp_llama(seed: int):
+    """lorafuse's C++ reference Llama, small, in eval mode."""
+    config = lorafuse.models.LlamaConfig(
+        vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    torch.manual_seed(seed)
+    model = lorafuse.models.Llama(config)
+    model.eval()
+    return model
+
+
 def targeted(model):
     return {p: m for p, m in model.named_modules() if isinstance(m, torch.nn.Linear) and p != "lm_head"}
 
@@ -185,13 +197,7 @@ def test_bad_input_is_named(tmp_path):
 def test_the_cpp_llama_runs_the_cpp_lq_lora():
     """On the C++ reference Llama, lorafuse.lq_lora is lorafuse::lq_lora: the same plan as lq_plan on the same weights
     (the numerics are one C++ implementation), the layers swapped and the adapter initialised in C++."""
-    config = lorafuse.models.LlamaConfig(
-        vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    torch.manual_seed(0)
-    model = lorafuse.models.Llama(config)
-    model.eval()
+    model = tiny_cpp_llama(0)
     ids = torch.arange(12).reshape(2, 6)
     with torch.no_grad():
         before = model(ids)
@@ -278,13 +284,7 @@ def test_an_lq_lora_model_saves_and_loads_with_the_same_logits(tmp_path):
 
 
 def test_an_lq_lora_cpp_llama_saves_and_loads_with_the_same_logits(tmp_path):
-    config = lorafuse.models.LlamaConfig(
-        vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    torch.manual_seed(0)
-    model = lorafuse.models.Llama(config)
-    model.eval()
+    model = tiny_cpp_llama(0)
     lorafuse.lq_lora(model, LqLoraConfig(budget_bits=2.75, r=4, progress=False))
     ids = torch.arange(12).reshape(2, 6)
     with torch.no_grad():
@@ -292,9 +292,7 @@ def test_an_lq_lora_cpp_llama_saves_and_loads_with_the_same_logits(tmp_path):
     lorafuse.save_adapter(model, tmp_path / "adapter")
     lorafuse.unload(model)
     lorafuse.save_checkpoint(model, tmp_path / "base")
-    torch.manual_seed(1)
-    fresh = lorafuse.models.Llama(config)
-    fresh.eval()
+    fresh = tiny_cpp_llama(1)
     assert len(lorafuse.load_checkpoint(fresh, tmp_path / "base")) == 14
     lorafuse.load_adapter(fresh, tmp_path / "adapter")
     with torch.no_grad():
