@@ -90,6 +90,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one layer, two budgets, few iterations (for tests)")
     parser.add_argument("--finetune", action="store_true", help="also fine-tune LoRA, QLoRA and LQ-LoRA (see above)")
     parser.add_argument("--steps", type=int, default=60, help="fine-tuning steps (default 60)")
+    parser.add_argument("--max-iters", type=int, default=20, help="decomposition iterations at most (default 20)")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     results = args.results or (args.out if args.quick else os.path.join(str(common.REPO_ROOT), "bench", "results"))
@@ -107,7 +108,7 @@ def main() -> None:
     task = lib.RecordBatches([], eval_records, 4, "cpu", eval_records=24 if not args.quick else 4)
     task_batches = task.eval_batches()
     budgets = BUDGETS if not args.quick else [3.0, 3.5]
-    iters = 20 if not args.quick else 2
+    iters = args.max_iters if not args.quick else 2
 
     calibration = lib.CorpusBatches(train_ids, held_ids, 4, 128 if not args.quick else 16, "cpu", seed=1)
     started = time.perf_counter()
