@@ -85,6 +85,30 @@ int64_t int_field(const json& state, const char* key, const std::string& where) 
   return v.get<int64_t>();
 }
 
+float finite_float_field(const json& state, const char* key, const std::string& where) {
+  const auto& v = state[key];
+  TORCH_CHECK_VALUE(v.is_number(), where, ": quant_state: ", key, ": expected a number, found ", v.dump());
+  const float value = static_cast<float>(v.get<double>());
+  TORCH_CHECK_VALUE(std::isfinite(value), where, ": quant_state: ", key, ": expected a finite float32, found ",
+                    v.dump());
+  return value;
+}
+
+// Statistics without double quantization: one float32 absmax per block, and no nested tensors in the checkpoint
+// (`fields` names the quant_state fields that would have announced them).
+void read_plain_absmax(const std::function<at::Tensor(const std::string&)>& get, const std::string& name,
+                       int64_t blocks, const std::string& where, const char* fields, NfWeight& weight) {
+  for (const char* extra : {".nested_absmax", ".nested_quant_map"}) {
+    TORCH_CHECK_VALUE(!get(name + extra).defined(), where, ": the checkpoint has \"", name, extra,
+                      "\" but the quant_state has no ", fields, " fields (double quantization)");
+  }
+  const std::string absmax_name = name + ".absmax";
+  weight.absmax = expect(get, absmax_name, at::kFloat, blocks, where, "one float32 per block");
+  expect_finite_statistics(weight.absmax, absmax_name, where);
+  weight.nested_absmax = at::empty({0}, at::TensorOptions().dtype(at::kFloat));
+  weight.offset = at::empty({0}, at::TensorOptions().dtype(at::kFloat));
+}
+
 std::string string_field(const json& state, const char* key, const std::string& where) {
   const auto& v = state[key];
   TORCH_CHECK_VALUE(v.is_string(), where, ": quant_state: ", key, ": expected a string, found ", v.dump());
@@ -193,11 +217,7 @@ Nf4Tensor read_nf_tensors(const std::string& name, const std::function<at::Tenso
   const std::string absmax_name = name + ".absmax";
   if (nested) {
     out.stat_dtype = dtype_field(state, "stat_dtype", where);
-    const auto& offset = state["offset"];
-    TORCH_CHECK_VALUE(offset.is_number(), where, ": quant_state: offset: expected a number, found ", offset.dump());
-    const float offset_value = static_cast<float>(offset.get<double>());
-    TORCH_CHECK_VALUE(std::isfinite(offset_value), where, ": quant_state: offset: expected a finite float32, found ",
-                      offset.dump());
+    const float offset_value = finite_float_field(state, "offset", where);
     out.weight.absmax =
         expect(get, absmax_name, at::kByte, nf::stream_bytes(blocks, f.stat_bits), where, "the statistics' codes");
     out.weight.nested_absmax = expect(get, name + ".nested_absmax", out.stat_dtype,
@@ -209,14 +229,7 @@ Nf4Tensor read_nf_tensors(const std::string& name, const std::function<at::Tenso
     expect_code(map, float_vector(code), name + ".nested_quant_map", where, "the statistics' code");
     out.weight.offset = at::full({}, offset_value, at::TensorOptions().dtype(at::kFloat));
   } else {
-    for (const char* extra : {".nested_absmax", ".nested_quant_map"}) {
-      TORCH_CHECK_VALUE(!get(name + extra).defined(), where, ": the checkpoint has \"", name, extra,
-                        "\" but the quant_state has no statistics fields (double quantization)");
-    }
-    out.weight.absmax = expect(get, absmax_name, at::kFloat, blocks, where, "one float32 per block");
-    expect_finite_statistics(out.weight.absmax, absmax_name, where);
-    out.weight.nested_absmax = at::empty({0}, at::TensorOptions().dtype(at::kFloat));
-    out.weight.offset = at::empty({0}, at::TensorOptions().dtype(at::kFloat));
+    read_plain_absmax(get, name, blocks, where, "statistics", out.weight);
   }
   const auto code = nf::code(static_cast<int>(f.bits));
   const at::Tensor map =
@@ -233,13 +246,7 @@ std::vector<int64_t> Nf4Tensor::format_list() const {
                   : std::vector<int64_t>{4, blocksize, 0, 0};
 }
 
-bool Nf4Tensor::is_nf4() const {
-  const auto f = format_list();
-  const bool sizes =
-      std::find(std::begin(nf4::kBlocksizes), std::end(nf4::kBlocksizes), f[1]) != std::end(nf4::kBlocksizes);
-  return f[0] == 4 && sizes &&
-         ((f[2] == 8 && f[3] == nf4::kNestedBlocksize && stat_dtype == at::kFloat) || (f[2] == 0 && f[3] == 0));
-}
+bool Nf4Tensor::is_nf4() const { return lorafuse::is_bnb_nf4(format_list(), stat_dtype); }
 
 std::vector<std::pair<std::string, at::Tensor>> nf4_checkpoint_tensors(const std::string& name, const Nf4Tensor& t) {
   if (!t.is_nf4()) return nf_checkpoint_tensors(name, t);
@@ -352,14 +359,7 @@ Nf4Tensor read_nf4_tensors(const std::string& name, const std::function<at::Tens
     const std::string nested_dtype = string_field(state, "nested_dtype", where);
     TORCH_CHECK_VALUE(nested_dtype == "float32", where, ": quant_state: nested_dtype: expected \"float32\", found \"",
                       nested_dtype, "\"");
-    const auto& offset = state["nested_offset"];
-    TORCH_CHECK_VALUE(offset.is_number(), where, ": quant_state: nested_offset: expected a number, found ",
-                      offset.dump());
-    const float offset_value = static_cast<float>(offset.get<double>());
-    TORCH_CHECK_VALUE(std::isfinite(offset_value), where,
-                      ": quant_state: nested_offset: expected a finite float32, "
-                      "found ",
-                      offset.dump());
+    const float offset_value = finite_float_field(state, "nested_offset", where);
     out.weight.absmax = expect(get, absmax_name, at::kByte, blocks, where, "8-bit codes, one per block");
     out.weight.nested_absmax =
         expect(get, name + ".nested_absmax", at::kFloat, lorafuse::detail::nf4_blocks(blocks, nf4::kNestedBlocksize),
@@ -370,14 +370,7 @@ Nf4Tensor read_nf4_tensors(const std::string& name, const std::function<at::Tens
     expect_code(nested_map, dynamic_code(), name + ".nested_quant_map", where, "bitsandbytes' dynamic code");
     out.weight.offset = at::full({}, offset_value, at::TensorOptions().dtype(at::kFloat));
   } else {
-    for (const char* extra : {".nested_absmax", ".nested_quant_map"}) {
-      TORCH_CHECK_VALUE(!get(name + extra).defined(), where, ": the checkpoint has \"", name, extra,
-                        "\" but the quant_state has no nested fields (double quantization)");
-    }
-    out.weight.absmax = expect(get, absmax_name, at::kFloat, blocks, where, "one float32 per block");
-    expect_finite_statistics(out.weight.absmax, absmax_name, where);
-    out.weight.nested_absmax = at::empty({0}, at::TensorOptions().dtype(at::kFloat));
-    out.weight.offset = at::empty({0}, at::TensorOptions().dtype(at::kFloat));
+    read_plain_absmax(get, name, blocks, where, "nested", out.weight);
   }
   const at::Tensor code = expect(get, name + ".quant_map", at::kFloat, 16, where, "the 16 NF4 code values");
   expect_code(code, nf4_code(), name + ".quant_map", where, "NF4's code");

@@ -179,11 +179,16 @@ void bind_config(py::module& m) {
       "_validate_quant_config",
       [](const std::string& quant_type, int64_t blocksize, bool double_quant, std::optional<at::ScalarType> dtype,
          const std::vector<std::string>& skip) {
-        translating([&] { quant_config(quant_type, blocksize, double_quant, dtype, skip).validate(); });
+        return translating([&] {
+          const auto config = quant_config(quant_type, blocksize, double_quant, dtype, skip);
+          config.validate();
+          return config.bits();
+        });
       },
       py::arg("quant_type"), py::arg("blocksize"), py::arg("double_quant"), py::arg("compute_dtype"),
       py::arg("modules_to_not_convert"),
-      "Raises ValueError / TypeError unless the lorafuse.QuantConfig fields are valid.");
+      "Raises ValueError / TypeError unless the lorafuse.QuantConfig fields are valid; returns its bits "
+      "(QuantConfig::bits).");
   m.def(
       "_quant_keeps_dense",
       [](const std::string& path, const std::vector<std::string>& skip) {

@@ -25,6 +25,13 @@ PYBIND11_MODULE(_C, m) {
       pybind11::arg("format"), pybind11::arg("stat_dtype"),
       "Bits per weight of a quantized-weight format [bits, blocksize, stat_bits, stat_blocksize] with statistic "
       "scales in stat_dtype (the one offset per matrix left out).");
+  m.def(
+      "_is_bnb_nf4",
+      [](std::vector<int64_t> format, at::ScalarType stat_dtype) {
+        return lp::translating([&] { return lorafuse::is_bnb_nf4(format, stat_dtype); });
+      },
+      pybind11::arg("format"), pybind11::arg("stat_dtype"),
+      "Whether the format with statistic scales in stat_dtype is bitsandbytes' NF4 (lorafuse::is_bnb_nf4).");
   m.def("dynamic_code_map", &lorafuse::dynamic_code_map,
         "The dynamic 8-bit code of double quantization (bitsandbytes' nested_quant_map), float32 [256].");
   lp::bind_config(m);

@@ -48,10 +48,7 @@ struct Linear4bitOptions {
   }
   /// Whether this is bitsandbytes' NF4 (4 bits, its block sizes; its double quantization or none): what its checkpoints
   /// hold.
-  bool is_nf4() const {
-    return bits() == 4 && blocksize() >= 32 &&
-           (!double_quant() || (stat_bits() == 8 && stat_blocksize() == 256 && stat_dtype() == c10::ScalarType::Float));
-  }
+  bool is_nf4() const { return lorafuse::is_bnb_nf4(format(), stat_dtype()); }
 };
 
 /// y = x·Wᵀ + b with W [out, in] held as the buffers `packed`, `absmax`, `nested_absmax` and `offset`

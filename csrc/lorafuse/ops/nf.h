@@ -114,4 +114,9 @@ NfMerge nf_merge(const at::Tensor& packed, const at::Tensor& absmax, const std::
 /// Bits per weight of `format` with statistic scales in `stat_dtype` (the one offset per matrix left out).
 double nf_bits_per_weight(at::IntArrayRef format, at::ScalarType stat_dtype = at::kFloat);
 
+/// Whether `format` with statistic scales in `stat_dtype` is bitsandbytes' NF4: 4 bits, one of its block sizes (32 ..
+/// 4096), and its double quantization ([8, 256] with float32 scales) or none ([0, 0]). Only such weights go into
+/// bitsandbytes-format checkpoints and bitsandbytes' layers; the rule every layer, file and kind asks.
+bool is_bnb_nf4(at::IntArrayRef format, at::ScalarType stat_dtype = at::kFloat);
+
 }  // namespace lorafuse

@@ -40,6 +40,8 @@ from typing import List, Optional
 import torch
 from torch import Tensor, nn
 
+from .. import _C
+
 
 class BaseKind:
     """One kind of base layer. Subclasses override the methods; :data:`BASE_KINDS` lists one of each."""
@@ -79,8 +81,8 @@ class BaseKind:
         if state is None:
             return None
         fmt = list(state[4])
-        nested_dtype = None if state[2] is None or state[2].numel() == 0 else state[2].dtype
-        if fmt[0] != 4 or fmt[1] < 32 or fmt[2:] not in ([8, 256], [0, 0]) or nested_dtype not in (None, torch.float32):
+        stat_dtype = torch.float32 if state[2] is None or state[2].numel() == 0 else state[2].dtype
+        if not _C._is_bnb_nf4(fmt, stat_dtype):
             raise ValueError(
                 f"{type(module).__name__}: its weight is in format {fmt} (lorafuse.NfFormat), not bitsandbytes' NF4 "
                 "([4, blocksize, 8, 256] with float32 scales, or [4, blocksize, 0, 0]), which this needs"

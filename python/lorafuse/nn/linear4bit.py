@@ -142,9 +142,8 @@ class Linear4bit(nn.Module):
     @property
     def is_nf4(self) -> bool:
         """Whether the weight is bitsandbytes' NF4 (4 bits; its double quantization or none): what its checkpoints
-        hold (the C++ Linear4bitOptions::is_nf4)."""
-        nf4_stats = self.stat_bits == 8 and self.stat_blocksize == 256 and self.stat_dtype == torch.float32
-        return self.bits == 4 and self.blocksize >= 32 and (not self.double_quant or nf4_stats)
+        hold (lorafuse::is_bnb_nf4)."""
+        return _C._is_bnb_nf4(self.format, self.stat_dtype)
 
     def dequantized_weight(self, dtype: Optional[torch.dtype] = None) -> Tensor:
         """The dense weight [out, in] that the quantized bytes encode (a new tensor), in ``dtype`` (default

@@ -31,8 +31,8 @@ class QuantConfig:
 
     @property
     def bits(self) -> int:
-        """The bits of quant_type ("nf3" → 3)."""
-        return int(self.quant_type[2:])
+        """The bits of quant_type ("nf3" → 3; the C++ QuantConfig::bits)."""
+        return _C._validate_quant_config(*self._fields())
 
     def _fields(self) -> tuple:
         return self.quant_type, self.blocksize, self.double_quant, self.compute_dtype, self.modules_to_not_convert
