@@ -71,9 +71,8 @@ std::shared_ptr<Linear4bitImpl> Linear4bitImpl::from_weight(const at::Tensor& we
                     "Linear4bit: weight: expected [out_features, in_features] = [", options.out_features(), ", ",
                     options.in_features(), "], found ", weight_in.defined() ? weight_in.sizes() : at::IntArrayRef{});
   const at::Tensor weight = weight_in.detach();
-  // on the weight's device; through the CPU in a build without CUDA kernels or for a format they do not cover (the
-  // same bytes either way)
-  const bool on_cpu = weight.is_cuda() && (!lorafuse::has_cuda_kernels() || !options.is_nf4());
+  // on the weight's device; through the CPU in a build without CUDA kernels (the same bytes either way)
+  const bool on_cpu = weight.is_cuda() && !lorafuse::has_cuda_kernels();
   const at::Tensor source = on_cpu ? weight.to(at::kCPU) : weight;
   const auto q = options.is_nf4() ? lorafuse::quantize_nf4(source, options.blocksize(), options.double_quant())
                                   : lorafuse::quantize_nf(source, options.format(), options.stat_dtype());

@@ -36,7 +36,7 @@ constexpr float kMinAbsmax = 1e-38f;
 
 /// The NF4 index of x (x = w / absmax, within [-1, 1]): how many midpoints between neighbouring codes lie strictly
 /// below x, so a value exactly between two codes takes the lower one. Host code (the CPU kernels); the CUDA kernels
-/// count the same midpoints, which they get as kernel parameters (cuda/nf4/nf4_kernel.cuh).
+/// count the same midpoints, which they get as kernel parameters (cuda/nf/nf_kernel.cuh).
 inline uint8_t index_of(float x) {
   uint8_t index = 0;
   for (int i = 0; i < 15; ++i) {

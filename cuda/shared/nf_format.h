@@ -1,5 +1,5 @@
 // The one quantized-weight format of QLoRA and LQ-LoRA: NF-b codes in absmax blocks, the block statistics quantized
-// again. Torch-free rules shared by the CPU kernels, the checks and (for b = 4) the CUDA kernels.
+// again. Torch-free rules shared by the CPU kernels, the checks and the CUDA kernels.
 //
 // A format is four integers [bits, blocksize, stat_bits, stat_blocksize]:
 // - the weight, read row-major, is cut into blocks of `blocksize` elements (a partial last block is a block of its
@@ -54,16 +54,18 @@ LORAFUSE_HD uint32_t read_code(const uint8_t* stream, int64_t i, int64_t bits) {
   return (window >> shift) & ((1u << bits) - 1u);
 }
 
-/// Writes codes[0 .. count) as codes first .. first + count of a bit stream whose bytes [first·bits/8, ...) are
-/// this call's own (first·bits is a multiple of 8). A last byte that the codes do not fill is filled with copies of
-/// `pad` (the code of 0: bitsandbytes' padding of an odd 4-bit weight), the last copy cut at the byte's end.
-inline void write_codes(const uint8_t* codes, int64_t count, int64_t bits, uint8_t* stream, int64_t first,
-                        uint8_t pad) {
-  uint8_t* out = stream + first * bits / 8;
+/// A bit stream written code by code, most significant bit first, from a byte boundary on: put() each code, then
+/// finish(pad) to fill a last byte the codes leave partial with copies of `pad` (the last copy cut at the byte's end).
+/// Host and device code (the CPU and CUDA quantizers write through it).
+struct BitWriter {
+  uint8_t* out;
+  int64_t bits;
   uint32_t acc = 0;
   int64_t filled = 0;
-  for (int64_t i = 0; i < count; ++i) {
-    acc = (acc << bits) | codes[i];
+
+  LORAFUSE_HD BitWriter(uint8_t* stream, int64_t code_bits) : out(stream), bits(code_bits) {}
+  LORAFUSE_HD void put(uint32_t code) {
+    acc = (acc << bits) | code;
     filled += bits;
     while (filled >= 8) {
       filled -= 8;
@@ -71,12 +73,40 @@ inline void write_codes(const uint8_t* codes, int64_t count, int64_t bits, uint8
       acc &= (1u << filled) - 1u;
     }
   }
-  if (filled == 0) return;
-  while (filled < 8) {
-    acc = (acc << bits) | pad;
-    filled += bits;
+  LORAFUSE_HD void finish(uint32_t pad) {
+    if (filled == 0) return;
+    while (filled < 8) {
+      acc = (acc << bits) | pad;
+      filled += bits;
+    }
+    *out = static_cast<uint8_t>(acc >> (filled - 8));
+    filled = 0;
   }
-  *out = static_cast<uint8_t>(acc >> (filled - 8));
+};
+
+/// Writes codes[0 .. count) as codes first .. first + count of a bit stream whose bytes [first·bits/8, ...) are
+/// this call's own (first·bits is a multiple of 8). A last byte that the codes do not fill is filled with copies of
+/// `pad` (the code of 0: bitsandbytes' padding of an odd 4-bit weight), the last copy cut at the byte's end.
+inline void write_codes(const uint8_t* codes, int64_t count, int64_t bits, uint8_t* stream, int64_t first,
+                        uint8_t pad) {
+  BitWriter writer(stream + first * bits / 8, bits);
+  for (int64_t i = 0; i < count; ++i) writer.put(codes[i]);
+  writer.finish(pad);
+}
+
+/// How many of the ascending values[0 .. count) lie strictly below x: the index of the code nearest to x when
+/// `values` are the midpoints between neighbouring codes (a tie takes the lower code). Host and device code.
+LORAFUSE_HD int count_below(const float* values, int count, float x) {
+  int lo = 0, hi = count;
+  while (lo < hi) {
+    const int mid = (lo + hi) / 2;
+    if (values[mid] < x) {
+      lo = mid + 1;
+    } else {
+      hi = mid;
+    }
+  }
+  return lo;
 }
 
 /// Bits per weight of a format whose statistic scales take `scale_bits` bits (32 for float32, 16 otherwise),

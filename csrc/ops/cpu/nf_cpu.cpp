@@ -45,7 +45,7 @@ struct CodeTable {
     for (size_t i = 0; i + 1 < values.size(); ++i) midpoints.push_back((values[i] + values[i + 1]) / 2.0f);
   }
   uint8_t index_of(float x) const {
-    return static_cast<uint8_t>(std::lower_bound(midpoints.begin(), midpoints.end(), x) - midpoints.begin());
+    return static_cast<uint8_t>(nf::count_below(midpoints.data(), static_cast<int>(midpoints.size()), x));
   }
   // index_of for x[0 .. n): up to 15 midpoints (4 bits or fewer) every midpoint is compared with every x, a loop the
   // compiler vectorises over x (the table padded with +inf, below no x); wider codes search.

@@ -1,7 +1,11 @@
-"""The NF4 ops on CUDA (cuda/nf4/): quantize and dequantize bit-exact with the CPU kernels, nf4_linear through the decode
-GEMV (T <= 16) and through the dequantized weight + cuBLAS (larger T) against a float64 reference, its backward, a
-QLoRA layer moved to the GPU, and nf4_lora_linear against the CPU kernel. Skipped without a GPU or without CUDA
-kernels in this build; the same kernels run through the CPU emulator in tests/cpp/cuda_emu on every machine."""
+"""The quantized-weight ops on CUDA (cuda/nf/): NF4 and every other format of the family (NF-b, b = 2 .. 8; statistics
+in float32, 8-bit dynamic or 2 .. 7-bit uniform, with float32 / bfloat16 / float16 scales). quantize and dequantize
+bit-exact with the CPU kernels, the linear op through the decode GEMV (T <= 16) and through the dequantized weight +
+cuBLAS (larger T) against a float64 reference, its backward, QLoRA and LQ-LoRA layers moved to the GPU, and the LoRA
+op over a quantized base against the CPU kernel. Skipped without a GPU or without CUDA kernels in this build; the same
+kernels run through the CPU emulator in tests/cpp/cuda_emu on every machine."""
+
+import copy
 
 import pytest
 import torch
@@ -134,3 +138,101 @@ def test_nf4_lora_linear_on_cuda_computes_as_on_the_cpu(dtype, tokens):
     torch.library.opcheck(
         torch.ops.lorafuse.nf4_lora_linear.default, (ins[0], *_cuda(q), 64, out_features, ins[1], ins[2], ins[3], 0.5, 0.0)
     )
+
+
+# LQ-LoRA's formats beside NF4: (format, scale dtype)
+FORMATS = [
+    (lorafuse.NfFormat(2, 16, 3, 64), torch.float32),
+    (lorafuse.NfFormat(3, 64, 8, 16), torch.float32),
+    (lorafuse.NfFormat(5, 32, 4, 256), torch.bfloat16),
+    (lorafuse.NfFormat(8, 16, 2, 16), torch.float16),
+    (lorafuse.NfFormat(6, 128, 0, 0), torch.float32),
+]
+FORMAT_IDS = [f"nf{f.bits}-{f.blocksize}-{f.stat_bits}-{f.stat_blocksize}-{str(d)[6:]}" for f, d in FORMATS]
+
+
+@pytest.mark.parametrize("fmt,stat_dtype", FORMATS, ids=FORMAT_IDS)
+@pytest.mark.parametrize("shape", [(64, 128), (7, 33), (300, 256)])
+def test_every_format_quantizes_and_dequantizes_on_cuda_as_on_the_cpu(fmt, stat_dtype, shape):
+    torch.manual_seed(5)
+    w = torch.randn(*shape) * 3
+    cpu = lorafuse.quantize_nf(w, fmt, stat_dtype)
+    gpu = lorafuse.quantize_nf(w.cuda(), fmt, stat_dtype)
+    for name, c, g in zip(lorafuse.NfWeight._fields, cpu, gpu):
+        assert g.is_cuda and g.dtype == c.dtype and torch.equal(g.cpu(), c), name
+    for dtype in DTYPES:
+        want = lorafuse.dequantize_nf(cpu, fmt, shape, dtype)
+        assert torch.equal(lorafuse.dequantize_nf(gpu, fmt, shape, dtype).cpu(), want)
+
+
+def test_a_scale_float16_cannot_hold_is_refused_on_cuda_as_on_the_cpu():
+    w = torch.full((4, 64), 1e6)
+    w[0, 0] = 0.0
+    fmt = lorafuse.NfFormat(3, 16, 8, 16)
+    for device in ("cpu", "cuda"):
+        with pytest.raises(ValueError, match="stat_dtype: a block of statistics has scale inf in Half"):
+            lorafuse.quantize_nf(w.to(device) * torch.linspace(1, 100, 64, device=device), fmt, torch.float16)
+
+
+@pytest.mark.parametrize("fmt,stat_dtype", FORMATS, ids=FORMAT_IDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens", [1, 16, 300])
+def test_every_format_nf_linear_on_cuda_against_float64(fmt, stat_dtype, dtype, tokens):
+    out_features, in_features = 96, 160
+    torch.manual_seed(6)
+    q = lorafuse.quantize_nf(torch.randn(out_features, in_features), fmt, stat_dtype)
+    x = torch.randn(tokens, in_features + 8)[..., :in_features].to(dtype)  # strided rows
+    bias = torch.randn(out_features).to(dtype)
+    w = lorafuse.dequantize_nf(q, fmt, [out_features, in_features], dtype).double()
+    want = x.double() @ w.t() + bias.double()
+    xg = x.cuda().requires_grad_()
+    y = lorafuse.nf_linear(xg, lorafuse.NfWeight(*(t.cuda() for t in q)), fmt, out_features, bias.cuda())
+    err = (y.detach().cpu().double() - want).abs().max() / want.abs().max()
+    assert err < TOL[dtype], f"T={tokens}: {err}"
+    dy = torch.randn(tokens, out_features).to(dtype)
+    (dx,) = torch.autograd.grad(y, xg, dy.cuda())
+    want_dx = dy.double() @ w
+    assert (dx.cpu().double() - want_dx).abs().max() / want_dx.abs().max() < TOL[dtype]
+
+
+@pytest.mark.parametrize("fmt,stat_dtype", FORMATS, ids=FORMAT_IDS)
+def test_every_format_lora_op_and_layer_on_cuda_compute_as_on_the_cpu(fmt, stat_dtype):
+    """The LoRA op over a b-bit base (nf_lora_linear: forward and gradients) and an LQ-LoRA-style layer (Linear4bit
+    in the format, LoRA injected, merged back into the bits) on CUDA against the same on the CPU; opcheck on the
+    device."""
+    out_features, in_features, r = 96, 160, 8
+    torch.manual_seed(7)
+    q = lorafuse.quantize_nf(torch.randn(out_features, in_features), fmt, stat_dtype)
+    x, bias = torch.randn(20, in_features), torch.randn(out_features)
+    a, b = torch.randn(r, in_features) * 0.1, torch.randn(out_features, r) * 0.1
+    dy = torch.randn(20, out_features)
+
+    def run(device):
+        ins = [t.to(device).requires_grad_() for t in (x, bias, a, b)]
+        qd = lorafuse.NfWeight(*(t.to(device) for t in q))
+        y = lorafuse.nf_lora_linear(ins[0], qd, fmt, out_features, ins[2], ins[3], 0.5, ins[1])
+        return [y.detach().cpu()] + [g.cpu() for g in torch.autograd.grad(y, ins, dy.to(device))]
+
+    for name, got, want in zip(("y", "dx", "dbias", "da", "db"), run("cuda"), run("cpu")):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=name)
+    ins = [t.cuda().requires_grad_() for t in (x, bias, a, b)]
+    torch.library.opcheck(
+        torch.ops.lorafuse.nf_lora_linear.default,
+        (ins[0], *(t.cuda() for t in q), list(fmt), out_features, ins[1], ins[2], ins[3], 0.5, 0.0),
+    )
+
+    model = torch.nn.Sequential(torch.nn.Linear(in_features, out_features))
+    layer = Linear4bit.from_linear(
+        model[0], blocksize=fmt.blocksize, double_quant=fmt.stat_bits > 0, bits=fmt.bits,
+        **({"stat_bits": fmt.stat_bits, "stat_blocksize": fmt.stat_blocksize, "stat_dtype": stat_dtype}
+           if fmt.stat_bits else {}),
+    )
+    model[0] = layer
+    lorafuse.inject_lora(model, lorafuse.LoraConfig(r=4, lora_alpha=8, target_modules=["0"], init_lora_weights=False))
+    want = model(x)
+    gpu = model.cuda()
+    torch.testing.assert_close(gpu(x.cuda()).cpu(), want, rtol=1e-4, atol=1e-4)
+    cpu_model = copy.deepcopy(model).cpu()
+    for m in (gpu, cpu_model):
+        m[0].merge(requantize=True)  # dequant + B·A, quantized again in the layer's format
+    assert torch.equal(gpu[0].base_layer.dequantized_weight().cpu(), cpu_model[0].base_layer.dequantized_weight())

@@ -1,25 +1,33 @@
-// Host wrappers of the NF4 CUDA kernels and their TORCH_LIBRARY_IMPL(lorafuse, CUDA, m) for the quantized-weight ops
-// at NF4 formats (4 bits; bitsandbytes' statistics [4, blocksize, 8, 256] with float32 scales, or none): quantize_nf
-// and dequantize_nf (bit-exact with the CPU kernels: the same bytes on every device), nf_linear (T ≤ kGemvTokens: the
-// 4-bit GEMV on the packed bytes; larger T: the weight dequantized into a scratch buffer in x's dtype, then cuBLAS) and
-// nf_linear_backward (dX = dY·W through cuBLAS on the dequantized weight). Other formats are refused by name.
+// Host wrappers of the quantized-weight CUDA kernels (cuda/nf/nf_kernel.cuh) and their TORCH_LIBRARY_IMPL(lorafuse,
+// CUDA, m) for every format of the family (NF-b, b = 2 .. 8; statistics in float32 or quantized again with float32,
+// bfloat16 or float16 scales): quantize_nf and dequantize_nf (bit-exact with the CPU kernels: the same bytes on every
+// device, bitsandbytes' for NF4), nf_linear (T ≤ kGemvTokens: the GEMV on the packed codes; larger T: the weight
+// dequantized into a scratch buffer in x's dtype, then cuBLAS) and nf_linear_backward (dX = dY·W through cuBLAS on the
+// dequantized weight). The LoRA ops over a quantized base (nf_lora_linear, lora_linear_nf) and nf_merge are composites
+// of these on CUDA.
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/abs.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
+#include <ATen/ops/max.h>
 #include <ATen/ops/mean.h>
+#include <ATen/ops/min.h>
 #include <ATen/ops/mm.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <array>
+#include <cmath>
 #include <optional>
 #include <tuple>
 #include <vector>
 
 #include "csrc/ops/common/nf_checks.h"
 #include "cuda/common/launch.h"
-#include "cuda/nf4/nf4_launch.cuh"
+#include "cuda/nf/nf_launch.cuh"
+#include "cuda/shared/nf_code.h"
 
 namespace lorafuse::cuda {
 namespace {
@@ -34,43 +42,44 @@ struct CudaLauncher {
   }
 };
 
-// The device view of the weight (tensors made contiguous and kept alive in `keep`).
+// The NF-b code of each bit width and the statistics' code of each stat_bits, built once.
+const std::vector<float>& weight_code(int64_t bits) {
+  static const std::array<std::vector<float>, nf::kMaxBits + 1> tables = [] {
+    std::array<std::vector<float>, nf::kMaxBits + 1> t;
+    for (int b = nf::kMinBits; b <= nf::kMaxBits; ++b) t[static_cast<size_t>(b)] = nf::code(b);
+    return t;
+  }();
+  return tables[static_cast<size_t>(bits)];
+}
+const std::vector<float>& statistics_code(int64_t stat_bits) {
+  static const std::array<std::vector<float>, nf::kMaxBits + 1> tables = [] {
+    std::array<std::vector<float>, nf::kMaxBits + 1> t;
+    for (int b = nf::kMinBits; b <= nf::kMaxBits; ++b) t[static_cast<size_t>(b)] = lorafuse::detail::statistics_code(b);
+    return t;
+  }();
+  return tables[static_cast<size_t>(stat_bits)];
+}
+
+// The device view of the weight (tensors made contiguous, 16-bit scales widened to float32, all kept alive here).
 struct Weight {
   at::Tensor packed, absmax, nested, offset;
-  Nf4View view;
+  NfView view;
 };
 
 Weight weight_of(const at::Tensor& packed, const at::Tensor& absmax, const std::optional<at::Tensor>& nested_absmax,
-                 const std::optional<at::Tensor>& offset, int64_t blocksize, bool nested) {
+                 const std::optional<at::Tensor>& offset, const nf::Format& f, bool nested) {
   Weight w;
   w.packed = packed.contiguous();
   w.absmax = absmax.contiguous();
   if (nested) {
-    w.nested = nested_absmax->contiguous();
+    w.nested = nested_absmax->to(at::kFloat).contiguous();
     w.offset = offset->to(at::kFloat).contiguous();
   }
-  w.view = nf4_view(w.packed.data_ptr<uint8_t>(), nested ? nullptr : w.absmax.data_ptr<float>(),
-                    nested ? w.absmax.data_ptr<uint8_t>() : nullptr, nested ? w.nested.data_ptr<float>() : nullptr,
-                    nested ? w.offset.data_ptr<float>() : nullptr, blocksize, lorafuse::detail::dynamic_code().data());
+  w.view = nf_view(f, w.packed.data_ptr<uint8_t>(), nested ? nullptr : w.absmax.data_ptr<float>(),
+                   nested ? w.absmax.data_ptr<uint8_t>() : nullptr, nested ? w.nested.data_ptr<float>() : nullptr,
+                   nested ? w.offset.data_ptr<float>() : nullptr, weight_code(f.bits).data(),
+                   nested ? statistics_code(f.stat_bits).data() : nullptr);
   return w;
-}
-
-// The format, checked to be one the CUDA kernels cover.
-nf::Format cuda_format(const char* op, at::IntArrayRef format) {
-  const nf::Format f = lorafuse::detail::parse_nf_format(op, format);
-  TORCH_CHECK_NOT_IMPLEMENTED(
-      f.bits == 4 && (f.stat_bits == 0 || (f.stat_bits == 8 && f.stat_blocksize == nf4::kNestedBlocksize)), op,
-      ": the CUDA kernels cover NF4 formats so far ([4, blocksize, 8, 256] or [4, blocksize, 0, 0]); found format ",
-      format, ". Other formats run on the CPU");
-  lorafuse::detail::nf4_format(op, f.blocksize, f.nested());  // bitsandbytes' block sizes
-  return f;
-}
-
-void check_cuda_statistics(const char* op, const std::optional<at::Tensor>& nested_absmax) {
-  TORCH_CHECK_NOT_IMPLEMENTED(!nested_absmax.has_value() || !nested_absmax->defined() || nested_absmax->numel() == 0 ||
-                                  nested_absmax->scalar_type() == at::kFloat,
-                              op, ": the CUDA kernels take float32 nested_absmax so far, found ",
-                              nested_absmax->scalar_type());
 }
 
 int64_t max_blocks(const at::Tensor& t) {
@@ -99,7 +108,7 @@ at::Tensor dequantized(const Weight& w, int64_t out_features, int64_t in_feature
   const CudaLauncher launch{at::cuda::getCurrentCUDAStream()};
   dispatch_float_types(dtype, "lorafuse.dequantize_nf", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    run_nf4_dequantize<T>(launch, w.view, device_ptr<T>(dense), dense.numel(), max_blocks(like));
+    run_nf_dequantize<T>(launch, w.view, device_ptr<T>(dense), dense.numel(), max_blocks(like));
   });
   return dense;
 }
@@ -108,64 +117,66 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_nf_cuda(cons
                                                                             at::IntArrayRef format,
                                                                             at::ScalarType stat_dtype) {
   constexpr const char* op = "lorafuse.quantize_nf";
-  const nf::Format f = cuda_format(op, format);
+  const nf::Format f = lorafuse::detail::parse_nf_format(op, format);
   lorafuse::detail::check_quantize_nf_args(op, weight, f, stat_dtype);
-  TORCH_CHECK_NOT_IMPLEMENTED(stat_dtype == at::kFloat, op, ": the CUDA kernels write float32 scales so far, found ",
-                              stat_dtype);
-  const int64_t blocksize = f.blocksize;
-  const bool double_quant = f.nested();
   const c10::cuda::CUDAGuard guard(weight.device());
   const at::Tensor flat = weight.reshape(-1).to(at::kFloat).contiguous();  // row-major, as bitsandbytes reads it
   lorafuse::detail::check_nf_finite(op, flat);
   const int64_t n = flat.numel();
   const auto f32 = flat.options();
-  const auto p = nf4_quantize_params(flat.data_ptr<float>(), n, blocksize, nullptr, nullptr);
-  at::Tensor packed = at::empty({(n + 1) / 2, 1}, f32.dtype(at::kByte));
-  at::Tensor absmax = at::empty({p.blocks}, f32);
-  auto params = p;
-  params.absmax = absmax.data_ptr<float>();
-  params.packed = packed.data_ptr<uint8_t>();
+  at::Tensor packed = at::empty({nf::stream_bytes(n, f.bits), 1}, f32.dtype(at::kByte));
+  at::Tensor absmax = at::empty({nf::blocks_of(n, f.blocksize)}, f32);
   const CudaLauncher launch{at::cuda::getCurrentCUDAStream()};
-  run_nf4_quantize(launch, params);
-  if (!double_quant) return {packed, absmax, at::empty({0}, f32), at::empty({0}, f32)};
-  // the mean on the CPU, in the CPU kernel's reduction order: the same offset (and bytes) on every device
-  const at::Tensor offset = at::mean(absmax.cpu()).to(weight.device());
+  run_nf_quantize(launch, nf_quantize_params(f, weight_code(f.bits).data(), flat.data_ptr<float>(), n,
+                                             absmax.data_ptr<float>(), packed.data_ptr<uint8_t>()));
+  if (!f.nested()) return {packed, absmax, at::empty({0}, f32), at::empty({0}, f32)};
+  // the offset on the CPU, in the CPU kernel's reduction order: the same offset (and bytes) on every device. 8 bits:
+  // bitsandbytes' mean; fewer: the LQ-LoRA reference's minimum
+  const at::Tensor host_absmax = absmax.cpu();
+  const at::Tensor offset = (f.dynamic_statistics() ? at::mean(host_absmax) : at::min(host_absmax)).to(weight.device());
   static const std::vector<uint8_t> lut = [] {
     std::vector<uint8_t> table(nf4::kLutSize);
     nf4::build_lut(lorafuse::detail::dynamic_code().data(), table.data());
     return table;
   }();
-  const at::Tensor device_lut =
-      at::from_blob(const_cast<uint8_t*>(lut.data()), {nf4::kLutSize}, at::TensorOptions().dtype(at::kByte))
-          .to(weight.device());
-  const int64_t groups = ceil_div<int64_t>(p.blocks, nf4::kNestedBlocksize);
-  at::Tensor codes = at::empty({p.blocks}, f32.dtype(at::kByte));
-  at::Tensor nested = at::empty({groups}, f32);
-  run_nf4_quantize_statistics(
-      launch,
-      Nf4QuantizeStatisticsParams{absmax.data_ptr<float>(), offset.data_ptr<float>(), p.blocks, groups,
-                                  nested.data_ptr<float>(), codes.data_ptr<uint8_t>(), device_lut.data_ptr<uint8_t>()});
-  return {packed, codes, nested, offset};
+  at::Tensor device_lut;
+  if (f.dynamic_statistics()) {
+    device_lut = at::from_blob(const_cast<uint8_t*>(lut.data()), {nf4::kLutSize}, at::TensorOptions().dtype(at::kByte))
+                     .to(weight.device());
+  }
+  const int64_t blocks = absmax.numel();
+  at::Tensor codes = at::empty({nf::stream_bytes(blocks, f.stat_bits)}, f32.dtype(at::kByte));
+  at::Tensor scales = at::empty({nf::blocks_of(blocks, f.stat_blocksize)}, f32);
+  const int scale_dtype = stat_dtype == at::kHalf ? 1 : (stat_dtype == at::kBFloat16 ? 2 : 0);
+  run_nf_quantize_statistics(
+      launch, nf_quantize_statistics_params(f, statistics_code(f.stat_bits).data(),
+                                            f.dynamic_statistics() ? device_lut.data_ptr<uint8_t>() : nullptr,
+                                            absmax.data_ptr<float>(), offset.data_ptr<float>(), blocks, scale_dtype,
+                                            scales.data_ptr<float>(), codes.data_ptr<uint8_t>()));
+  if (stat_dtype != at::kFloat) {
+    const at::Tensor largest = scales.abs().max().cpu();
+    TORCH_CHECK_VALUE(std::isfinite(largest.item<float>()), op, ": stat_dtype: a block of statistics has scale ",
+                      largest.item<float>(), " in ", stat_dtype, ", which cannot hold it; use float32 scales");
+  }
+  return {packed, codes, scales.to(stat_dtype), offset};
 }
 
 at::Tensor dequantize_nf_cuda(const at::Tensor& packed, const at::Tensor& absmax,
                               const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,
                               at::IntArrayRef format, at::IntArrayRef shape, at::ScalarType dtype) {
   constexpr const char* op = "lorafuse.dequantize_nf";
-  const nf::Format f = cuda_format(op, format);
-  const int64_t blocksize = f.blocksize;
+  const nf::Format f = lorafuse::detail::parse_nf_format(op, format);
   const bool nested =
       lorafuse::detail::check_dequantize_nf_args(op, packed, absmax, nested_absmax, offset, f, shape, dtype);
-  check_cuda_statistics(op, nested_absmax);
   const c10::cuda::CUDAGuard guard(packed.device());
   int64_t n = 1;
   for (const auto d : shape) n *= d;
-  const Weight w = weight_of(packed, absmax, nested_absmax, offset, blocksize, nested);
+  const Weight w = weight_of(packed, absmax, nested_absmax, offset, f, nested);
   at::Tensor out = at::empty({n}, packed.options().dtype(dtype));
   const CudaLauncher launch{at::cuda::getCurrentCUDAStream()};
   dispatch_float_types(dtype, op, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    run_nf4_dequantize<T>(launch, w.view, device_ptr<T>(out), n, max_blocks(packed));
+    run_nf_dequantize<T>(launch, w.view, device_ptr<T>(out), n, max_blocks(packed));
   });
   return out.reshape(shape);
 }
@@ -174,15 +185,13 @@ at::Tensor nf_linear_cuda(const at::Tensor& x, const at::Tensor& packed, const a
                           const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,
                           at::IntArrayRef format, int64_t out_features, const std::optional<at::Tensor>& bias) {
   constexpr const char* op = "lorafuse.nf_linear";
-  const nf::Format f = cuda_format(op, format);
-  const int64_t blocksize = f.blocksize;
+  const nf::Format f = lorafuse::detail::parse_nf_format(op, format);
   const int64_t in_features = x.dim() >= 1 ? x.size(-1) : 0;
   const bool nested = lorafuse::detail::check_nf_linear_args(op, x, in_features, packed, absmax, nested_absmax, offset,
                                                              f, out_features, in_features, bias);
-  check_cuda_statistics(op, nested_absmax);
   check_cuda_dtype(x, op);
   const c10::cuda::CUDAGuard guard(x.device());
-  const Weight w = weight_of(packed, absmax, nested_absmax, offset, blocksize, nested);
+  const Weight w = weight_of(packed, absmax, nested_absmax, offset, f, nested);
   at::Tensor x2 = x.reshape({-1, in_features});
   if (x2.stride(1) != 1) x2 = x2.contiguous();
   const int64_t tokens = x2.size(0);
@@ -195,8 +204,8 @@ at::Tensor nf_linear_cuda(const at::Tensor& x, const at::Tensor& packed, const a
     const CudaLauncher launch{at::cuda::getCurrentCUDAStream()};
     dispatch_float_types(x.scalar_type(), op, [&](auto tag) {
       using T = typename decltype(tag)::type;
-      run_nf4_gemv<T>(launch, Nf4GemvParams<T>{w.view, device_ptr<T>(x2), has_bias ? device_ptr<T>(b) : nullptr,
-                                               device_ptr<T>(y), tokens, in_features, out_features, x2.stride(0)});
+      run_nf_gemv<T>(launch, NfGemvParams<T>{w.view, device_ptr<T>(x2), has_bias ? device_ptr<T>(b) : nullptr,
+                                             device_ptr<T>(y), tokens, in_features, out_features, x2.stride(0)});
     });
     return y.view(out_shape);
   }
@@ -210,15 +219,13 @@ at::Tensor nf_linear_backward_cuda(const at::Tensor& grad_out, const at::Tensor&
                                    const std::optional<at::Tensor>& offset, at::IntArrayRef format,
                                    int64_t in_features) {
   constexpr const char* op = "lorafuse.nf_linear_backward";
-  const nf::Format f = cuda_format(op, format);
-  const int64_t blocksize = f.blocksize;
+  const nf::Format f = lorafuse::detail::parse_nf_format(op, format);
   const int64_t out_features = grad_out.dim() >= 1 ? grad_out.size(-1) : 0;
   const bool nested = lorafuse::detail::check_nf_linear_args(op, grad_out, out_features, packed, absmax, nested_absmax,
                                                              offset, f, out_features, in_features, std::nullopt);
-  check_cuda_statistics(op, nested_absmax);
   check_cuda_dtype(grad_out, op);
   const c10::cuda::CUDAGuard guard(grad_out.device());
-  const Weight w = weight_of(packed, absmax, nested_absmax, offset, blocksize, nested);
+  const Weight w = weight_of(packed, absmax, nested_absmax, offset, f, nested);
   const at::Tensor dy = grad_out.reshape({-1, out_features});
   const at::Tensor dense = dequantized(w, out_features, in_features, grad_out.scalar_type(), grad_out);
   std::vector<int64_t> shape(grad_out.sizes().begin(), grad_out.sizes().end() - 1);
