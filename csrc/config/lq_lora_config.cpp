@@ -72,6 +72,7 @@ void LqLoraConfig::validate() const {
   TORCH_CHECK_VALUE(oversampling() >= 0 && power_iters() >= 0,
                     "LqLoraConfig: oversampling and power_iters: expected >= 0, found ", oversampling(), " and ",
                     power_iters());
+  TORCH_CHECK_VALUE(threads() >= 0, "LqLoraConfig: threads: expected >= 0 (0: ATen's thread count), found ", threads());
 }
 
 }  // namespace lorafuse

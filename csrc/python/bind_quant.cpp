@@ -22,7 +22,7 @@ std::vector<ChoiceFields> choice_fields(const std::vector<QuantChoice>& grid) {
 // lorafuse.LqLoraConfig's numeric fields as the C++ config.
 LqLoraConfig lq_config(std::optional<double> budget_bits, int64_t r, double lora_alpha,
                        const std::vector<ChoiceFields>& configs, int64_t max_iters, double tol, int64_t oversampling,
-                       int64_t power_iters, uint64_t seed, const std::string& cache_path) {
+                       int64_t power_iters, uint64_t seed, const std::string& cache_path, int64_t threads) {
   std::vector<QuantChoice> choices;
   for (const auto& [format, dtype] : configs) choices.push_back({format, dtype});
   return LqLoraConfig()
@@ -35,7 +35,8 @@ LqLoraConfig lq_config(std::optional<double> budget_bits, int64_t r, double lora
       .oversampling(oversampling)
       .power_iters(power_iters)
       .seed(seed)
-      .cache_path(cache_path);
+      .cache_path(cache_path)
+      .threads(threads);
 }
 
 // A Python callable (stage, done, total) as lq_plan's progress, called with the GIL taken back; none: no progress.
@@ -81,9 +82,9 @@ void bind_quant(py::module& m) {
   m.def(
       "_validate_lq_lora_config",
       [](std::optional<double> budget_bits, int64_t r, double lora_alpha, const std::vector<ChoiceFields>& configs,
-         int64_t max_iters, double tol, int64_t oversampling, int64_t power_iters, uint64_t seed) {
+         int64_t max_iters, double tol, int64_t oversampling, int64_t power_iters, uint64_t seed, int64_t threads) {
         translating([&] {
-          lq_config(budget_bits, r, lora_alpha, configs, max_iters, tol, oversampling, power_iters, seed, "")
+          lq_config(budget_bits, r, lora_alpha, configs, max_iters, tol, oversampling, power_iters, seed, "", threads)
               .validate();
         });
       },
@@ -93,11 +94,11 @@ void bind_quant(py::module& m) {
       [](const std::vector<std::tuple<std::string, at::Tensor, std::optional<at::Tensor>>>& matrices,
          std::optional<double> budget_bits, int64_t r, double lora_alpha, const std::vector<ChoiceFields>& configs,
          int64_t max_iters, double tol, int64_t oversampling, int64_t power_iters, uint64_t seed,
-         const std::string& cache_path, const std::optional<py::function>& progress) {
+         const std::string& cache_path, int64_t threads, const std::optional<py::function>& progress) {
         std::vector<LqMatrix> ms;
         for (const auto& [name, weight, fisher] : matrices) ms.push_back({name, weight, fisher.value_or(at::Tensor())});
-        const auto config =
-            lq_config(budget_bits, r, lora_alpha, configs, max_iters, tol, oversampling, power_iters, seed, cache_path);
+        const auto config = lq_config(budget_bits, r, lora_alpha, configs, max_iters, tol, oversampling, power_iters,
+                                      seed, cache_path, threads);
         const LqProgress report = progress_of(progress);
         const LqPlan plan = translating([&] {
           py::gil_scoped_release no_gil;  // ATen work; the progress callback takes the GIL back
@@ -107,7 +108,7 @@ void bind_quant(py::module& m) {
       },
       py::arg("matrices"), py::arg("budget_bits"), py::arg("r"), py::arg("lora_alpha"), py::arg("configs"),
       py::arg("max_iters"), py::arg("tol"), py::arg("oversampling"), py::arg("power_iters"), py::arg("seed"),
-      py::arg("cache_path"), py::arg("progress"),
+      py::arg("cache_path"), py::arg("threads"), py::arg("progress"),
       "lorafuse::lq_plan: (matrices [(name, out, in, config_index, bits, error, relative_error, iterations, "
       "best_iteration, l1, l2, (packed, absmax, nested_absmax, offset))], cost, storage, allocation or None, "
       "average_bits, average_bits_with_lora, from_cache).");
@@ -115,11 +116,11 @@ void bind_quant(py::module& m) {
       "_cpp_lq_lora",
       [](torch::nn::Module& module, std::optional<double> budget_bits, int64_t r, double lora_alpha,
          const std::vector<ChoiceFields>& configs, int64_t max_iters, double tol, int64_t oversampling,
-         int64_t power_iters, uint64_t seed, const std::string& cache_path, const std::string& targets,
+         int64_t power_iters, uint64_t seed, const std::string& cache_path, int64_t threads, const std::string& targets,
          const std::string& adapter_name, const std::map<std::string, at::Tensor>& fisher,
          const std::optional<py::function>& progress) {
-        const auto config =
-            lq_config(budget_bits, r, lora_alpha, configs, max_iters, tol, oversampling, power_iters, seed, cache_path);
+        const auto config = lq_config(budget_bits, r, lora_alpha, configs, max_iters, tol, oversampling, power_iters,
+                                      seed, cache_path, threads);
         const LqProgress report = progress_of(progress);
         const LqPlan plan = translating([&] {
           py::gil_scoped_release no_gil;
@@ -129,7 +130,8 @@ void bind_quant(py::module& m) {
       },
       py::arg("module"), py::arg("budget_bits"), py::arg("r"), py::arg("lora_alpha"), py::arg("configs"),
       py::arg("max_iters"), py::arg("tol"), py::arg("oversampling"), py::arg("power_iters"), py::arg("seed"),
-      py::arg("cache_path"), py::arg("targets"), py::arg("adapter_name"), py::arg("fisher"), py::arg("progress"),
+      py::arg("cache_path"), py::arg("threads"), py::arg("targets"), py::arg("adapter_name"), py::arg("fisher"),
+      py::arg("progress"),
       "lorafuse::lq_lora on a bound C++ module (targets: a LoraConfig as JSON); the plan as _lq_plan returns it.");
   m.def(
       "_allocate_bits",

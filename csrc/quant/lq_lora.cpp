@@ -4,10 +4,14 @@
 #include <lorafuse/quant/lq_decompose.h>
 #include <lorafuse/quant/lq_lora.h>
 
+#include <ATen/Parallel.h>
+
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdio>
 #include <fstream>
+#include <mutex>
 #include <set>
 #include <sstream>
 
@@ -169,6 +173,52 @@ void check_matrices(const std::vector<LqMatrix>& matrices, const LqLoraConfig& c
                     " matrices; give it for every matrix or for none (the allocation compares their errors)");
 }
 
+// Runs fn(t) for every task t in [0, count) on up to `threads` threads of ATen's intra-op pool (0: all of them), each
+// taking the next task when it finishes one (matrices differ in size). A task's own ops then run on its thread alone:
+// ATen runs a parallel region nested in another inline, and MKL inside one runs single-threaded. The first exception
+// stops the others from starting new tasks and is rethrown here.
+template <class Fn>
+void for_each_task(int64_t count, int64_t threads, Fn&& fn) {
+  const int64_t workers = std::min<int64_t>(count, threads > 0 ? threads : at::get_num_threads());
+  if (workers <= 1) {
+    for (int64_t t = 0; t < count; ++t) fn(t);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  std::atomic<bool> failed{false};
+  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t w = begin; w < end; ++w) {
+      for (int64_t t = next++; t < count && !failed; t = next++) {
+        try {
+          const at::NoGradGuard no_grad;  // grad mode is per thread
+          fn(t);
+        } catch (...) {
+          failed = true;
+          throw;
+        }
+      }
+    }
+  });
+}
+
+// A progress callback safe to call from the tasks' threads: one report at a time, `done` counted under the lock.
+class SharedProgress {
+ public:
+  SharedProgress(const LqProgress& progress, std::string stage, int64_t total)
+      : progress_(progress), stage_(std::move(stage)), total_(total) {}
+  void step() {
+    if (!progress_) return;
+    const std::lock_guard<std::mutex> lock(mutex_);
+    progress_(stage_, ++done_, total_);
+  }
+
+ private:
+  const LqProgress& progress_;
+  std::string stage_;
+  int64_t total_, done_ = 0;
+  std::mutex mutex_;
+};
+
 }  // namespace
 
 LqPlan lq_plan(const std::vector<LqMatrix>& matrices, const LqLoraConfig& config, const LqProgress& progress) {
@@ -205,26 +255,27 @@ LqPlan lq_plan(const std::vector<LqMatrix>& matrices, const LqLoraConfig& config
       check_writable(config.cache_path());
       plan.cost.assign(n, std::vector<double>(k));
       plan.storage.assign(n, std::vector<double>(k));
-      int64_t done = 0;
-      for (size_t i = 0; i < n; ++i) {
-        for (size_t c = 0; c < k; ++c) {
-          const double e = decompose(matrices[i], configs[c], config).error;
-          plan.cost[i][c] = e * e;
-          plan.storage[i][c] = bits[c] * static_cast<double>(matrices[i].weight.numel());
-          if (progress) progress("cost", ++done, static_cast<int64_t>(n * k));
-        }
-      }
+      SharedProgress report(progress, "cost", static_cast<int64_t>(n * k));
+      for_each_task(static_cast<int64_t>(n * k), config.threads(), [&](int64_t t) {
+        const size_t i = static_cast<size_t>(t) / k, c = static_cast<size_t>(t) % k;
+        const double e = decompose(matrices[i], configs[c], config).error;
+        plan.cost[i][c] = e * e;
+        plan.storage[i][c] = bits[c] * static_cast<double>(matrices[i].weight.numel());
+        report.step();
+      });
       write_cache(config.cache_path(), key, plan.cost, plan.storage);
     }
     plan.allocation = allocate_bits(plan.cost, plan.storage, budget * numel);
     choice = plan.allocation->choice;
   }
-  double stored = 0;
-  for (size_t i = 0; i < n; ++i) {
+  plan.matrices.resize(n);
+  SharedProgress report(progress, "decompose", static_cast<int64_t>(n));
+  for_each_task(static_cast<int64_t>(n), config.threads(), [&](int64_t t) {
+    const size_t i = static_cast<size_t>(t);
     const LqMatrix& m = matrices[i];
     const QuantChoice& q = configs[static_cast<size_t>(choice[i])];
     LqDecomposition d = decompose(m, q, config);
-    LqMatrixPlan p;
+    LqMatrixPlan& p = plan.matrices[i];
     p.name = m.name;
     p.out_features = m.weight.size(0);
     p.in_features = m.weight.size(1);
@@ -238,10 +289,10 @@ LqPlan lq_plan(const std::vector<LqMatrix>& matrices, const LqLoraConfig& config
     p.l1 = d.l1;
     p.l2 = d.l2;
     p.q = d.q;
-    stored += p.bits * static_cast<double>(m.weight.numel());
-    plan.matrices.push_back(std::move(p));
-    if (progress) progress("decompose", static_cast<int64_t>(i + 1), static_cast<int64_t>(n));
-  }
+    report.step();
+  });
+  double stored = 0;
+  for (const auto& p : plan.matrices) stored += p.bits * static_cast<double>(p.out_features * p.in_features);
   plan.average_bits = stored / numel;
   plan.average_bits_with_lora = (stored + 32.0 * lora) / numel;
   return plan;

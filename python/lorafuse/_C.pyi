@@ -55,6 +55,7 @@ def _validate_lq_lora_config(
     oversampling: int,
     power_iters: int,
     seed: int,
+    threads: int,
 ) -> None: ...
 
 # lorafuse::lq_plan -> (rows, cost, storage, allocation or None, average_bits, average_bits_with_lora, from_cache);
@@ -72,6 +73,7 @@ def _lq_plan(
     power_iters: int,
     seed: int,
     cache_path: str,
+    threads: int,
     progress: Optional[Callable[[str, int, int], None]],
 ) -> Tuple[
     List[Tuple[Any, ...]],
@@ -96,6 +98,7 @@ def _cpp_lq_lora(
     power_iters: int,
     seed: int,
     cache_path: str,
+    threads: int,
     targets: LoraConfigJson,
     adapter_name: str,
     fisher: Dict[str, torch.Tensor],

@@ -55,6 +55,11 @@ struct LqLoraConfig {
   /// checksums, shapes, Fisher and every setting above but the budget: a second budget costs only the allocation.
   /// Empty: no cache.
   TORCH_ARG(std::string, cache_path) = "";
+  /// Matrices decomposed at once (the cost table's and the chosen configurations' decompositions): 0, as many as
+  /// ATen's intra-op threads (at::get_num_threads()); 1, one after another, each with every thread for its own ops.
+  /// At most ATen's thread count take effect. It changes no result beyond the last bits of a float sum (the ops of a
+  /// matrix run on one thread instead of several) and is not part of the cache key.
+  TORCH_ARG(int64_t, threads) = 0;
 };
 
 }  // namespace lorafuse

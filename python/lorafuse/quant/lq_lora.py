@@ -70,6 +70,9 @@ class LqLoraConfig:
     #: The dtype the quantized layers compute in; None: each layer's weight dtype.
     compute_dtype: Optional[torch.dtype] = None
     adapter_name: str = "default"
+    #: Matrices decomposed at once: 0, as many as torch's intra-op threads (``torch.get_num_threads()``); 1, one after
+    #: another, each with every thread for its own ops. Results are the same but for the last bits of float sums.
+    threads: int = 0
     #: Progress bars (stderr) over the matrices.
     progress: bool = True
     _choices: List[Tuple[List[int], torch.dtype]] = field(init=False, repr=False, default_factory=list)
@@ -85,7 +88,7 @@ class LqLoraConfig:
         _C._validate_lq_lora_config(
             None if self.budget_bits is None else float(self.budget_bits), int(self.r), float(self.lora_alpha),
             choices, int(self.max_iters), float(self.tol), int(self.oversampling), int(self.power_iters),
-            int(self.seed),
+            int(self.seed), int(self.threads),
         )
         self._lora_config()  # the adapter's fields checked now
 
@@ -285,8 +288,8 @@ def lq_lora(model: nn.Module, config: Optional[LqLoraConfig] = None) -> LqLoraRe
 
 
 def _numeric_fields(config: LqLoraConfig) -> tuple:
-    """(budget_bits, r, lora_alpha, configs, max_iters, tol, oversampling, power_iters, seed, cache_path) as the C++
-    bindings take them."""
+    """(budget_bits, r, lora_alpha, configs, max_iters, tol, oversampling, power_iters, seed, cache_path, threads) as
+    the C++ bindings take them."""
     return (
         None if config.budget_bits is None else float(config.budget_bits),
         int(config.r),
@@ -298,6 +301,7 @@ def _numeric_fields(config: LqLoraConfig) -> tuple:
         int(config.power_iters),
         int(config.seed),
         config.cache_path or "",
+        int(config.threads),
     )
 
 

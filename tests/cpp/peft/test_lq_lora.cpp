@@ -8,6 +8,8 @@
 #include <lorafuse/peft/lq_lora.h>
 #include <torch/optim/adamw.h>
 
+#include <numeric>
+
 #include "catch.h"
 #include "models/llama_test_util.h"
 #include "nn/nn_test_util.h"
@@ -77,4 +79,37 @@ TEST_CASE("lq_lora on the reference Llama", "[peft][lq_lora]") {
   }
   CHECK(loss().item<double>() < first);
   CHECK(at::equal(packed, model->named_buffers()["model.layers.0.mlp.up_proj.base_layer.packed"]));
+}
+
+TEST_CASE("lq_plan decomposes matrices on several threads as on one", "[peft][lq_lora]") {
+  at::manual_seed(11);
+  std::vector<lorafuse::LqMatrix> matrices;
+  for (int i = 0; i < 5; ++i) matrices.push_back({"m" + std::to_string(i), at::randn({48 + 16 * i, 64}), {}});
+  const auto config = lorafuse::LqLoraConfig().budget_bits(3.0).r(4).max_iters(3);
+  std::vector<int64_t> seen;
+  const lorafuse::LqProgress record = [&](const std::string& stage, int64_t done, int64_t total) {
+    if (stage == "cost") seen.push_back(done);
+    CHECK(done <= total);
+  };
+  const auto one = lorafuse::lq_plan(matrices, lorafuse::LqLoraConfig(config).threads(1));
+  const auto two = lorafuse::lq_plan(matrices, lorafuse::LqLoraConfig(config).threads(2), record);
+  REQUIRE(one.matrices.size() == two.matrices.size());
+  CHECK(one.allocation->choice == two.allocation->choice);
+  for (size_t i = 0; i < one.matrices.size(); ++i) {
+    CHECK(two.matrices[i].name == one.matrices[i].name);  // in the input's order
+    CHECK(two.matrices[i].error == Approx(one.matrices[i].error).epsilon(1e-5));
+    for (size_t c = 0; c < one.cost[i].size(); ++c) CHECK(two.cost[i][c] == Approx(one.cost[i][c]).epsilon(1e-5));
+  }
+  // progress counted once per task, in order, whichever thread finished it
+  std::vector<int64_t> want(5 * config.configs().size());
+  std::iota(want.begin(), want.end(), 1);
+  CHECK(seen == want);
+  // an error in one task (here the progress callback's) stops the plan and reaches the caller
+  const lorafuse::LqProgress failing = [](const std::string&, int64_t done, int64_t) {
+    TORCH_CHECK_VALUE(done < 7, "stop at 7");
+  };
+  require_error_parts<c10::ValueError>(
+      [&] { lorafuse::lq_plan(matrices, lorafuse::LqLoraConfig(config).threads(2), failing); }, {"stop at 7"});
+  require_error_parts<c10::ValueError>([&] { lorafuse::LqLoraConfig(config).threads(-1).validate(); },
+                                       {"LqLoraConfig: threads: expected >= 0", "found -1"});
 }

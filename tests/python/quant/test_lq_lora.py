@@ -125,6 +125,21 @@ def test_the_cost_table_is_cached(tmp_path):
         lorafuse.lq_lora(tiny_llama(), LqLoraConfig(budget_bits=3.0, r=4, cache_path=str(cache), progress=False))
 
 
+def test_several_threads_decompose_as_one_and_report_progress(capsys):
+    """threads=2: the matrices decomposed two at a time (the progress bars fed from both threads, the GIL taken back
+    for each report) give the allocation and errors of threads=1."""
+    one = lorafuse.lq_lora(tiny_llama(), LqLoraConfig(budget_bits=3.0, r=4, max_iters=3, threads=1, progress=False))
+    two = lorafuse.lq_lora(tiny_llama(), LqLoraConfig(budget_bits=3.0, r=4, max_iters=3, threads=2, progress=True))
+    assert [m.config for m in two.matrices] == [m.config for m in one.matrices]
+    assert [m.name for m in two.matrices] == [m.name for m in one.matrices]
+    for a, b in zip(one.matrices, two.matrices):
+        assert b.relative_error == pytest.approx(a.relative_error, rel=1e-5)
+    err = capsys.readouterr().err
+    assert "LQ-LoRA cost table" in err and "LQ-LoRA decompositions" in err
+    with pytest.raises(ValueError, match="threads: expected >= 0"):
+        LqLoraConfig(threads=-1)
+
+
 def test_fisher_weighting():
     model = tiny_llama()
     batches = [{"input_ids": torch.randint(0, 96, (3, 10)), "labels": torch.randint(0, 96, (3, 10))}]
