@@ -10,12 +10,15 @@ namespace lorafuse::nn {
 InitLoraWeights::InitLoraWeights(const std::string& init) {
   if (init == "gaussian") {
     kind_ = Kind::kGaussian;
+  } else if (init == "loftq") {
+    kind_ = Kind::kLoftq;
   } else if (init == "true") {
     kind_ = Kind::kDefault;
   } else if (init == "false") {
     kind_ = Kind::kRandom;
   } else {
-    TORCH_CHECK_VALUE(false, "init_lora_weights: expected true, false or \"gaussian\", found \"", init, "\"");
+    TORCH_CHECK_VALUE(false, "init_lora_weights: expected true, false, \"gaussian\" or \"loftq\", found \"", init,
+                      "\"");
   }
 }
 
@@ -27,6 +30,8 @@ std::string InitLoraWeights::str() const {
       return "gaussian";
     case Kind::kRandom:
       return "false";
+    case Kind::kLoftq:
+      return "loftq";
   }
   return "true";
 }
@@ -48,6 +53,13 @@ void LoraAdapterOptions::validate() const {
                      "dtype: expected a floating-point dtype for lora_A and lora_B, found ", *dtype_);
   }
   check_task_type(task_type_);
+  if (init_lora_weights_.kind() == InitLoraWeights::Kind::kLoftq) loftq_config_.validate();
+}
+
+void LoftqConfig::validate() const {
+  TORCH_CHECK_VALUE(loftq_bits_ >= 2 && loftq_bits_ <= 8,
+                    "loftq_config: loftq_bits: expected 2 .. 8 (the NF code's bits; PEFT: 4), found ", loftq_bits_);
+  TORCH_CHECK_VALUE(loftq_iter_ >= 1, "loftq_config: loftq_iter: expected >= 1, found ", loftq_iter_);
 }
 
 void check_task_type(const std::string& task_type) {
@@ -94,7 +106,10 @@ std::string adapter_options_json(const LoraAdapterOptions& a) {
               {"lora_alpha", a.lora_alpha()},
               {"lora_dropout", a.lora_dropout()},
               {"use_rslora", a.use_rslora()},
-              {"init_lora_weights", init == "gaussian" ? json(init) : json(init == "true")},
+              {"init_lora_weights", init == "gaussian" || init == "loftq" ? json(init) : json(init == "true")},
+              {"loftq_config", init == "loftq" ? json{{"loftq_bits", a.loftq_config().loftq_bits()},
+                                                      {"loftq_iter", a.loftq_config().loftq_iter()}}
+                                               : json::object()},
               {"bias", a.bias()},
               {"task_type", a.task_type().empty() ? json(nullptr) : json(a.task_type())},
               {"dtype", a.dtype() ? json(c10::toString(*a.dtype())) : json(nullptr)}}
@@ -113,6 +128,11 @@ LoraAdapterOptions adapter_options_from_json(const std::string& text, const std:
     a.init_lora_weights(init.is_boolean() ? InitLoraWeights(init.get<bool>())
                                           : InitLoraWeights(init.get<std::string>()));
     if (j.contains("dtype") && !j.at("dtype").is_null()) a.dtype(dtype_named(j.at("dtype").get<std::string>(), what));
+    if (j.contains("loftq_config") && !j.at("loftq_config").empty()) {  // absent in archives before LoftQ
+      a.loftq_config(LoftqConfig()
+                         .loftq_bits(j.at("loftq_config").at("loftq_bits").get<int64_t>())
+                         .loftq_iter(j.at("loftq_config").at("loftq_iter").get<int64_t>()));
+    }
     // absent in archives written before task_type existed
     if (j.contains("task_type") && !j.at("task_type").is_null()) a.task_type(j.at("task_type").get<std::string>());
     a.validate();

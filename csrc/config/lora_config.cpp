@@ -62,6 +62,7 @@ void LoraConfig::validate() const {
   TORCH_CHECK_VALUE(bias_ == "none" || bias_ == "all" || bias_ == "lora_only",
                     "bias: expected \"none\", \"all\" or \"lora_only\", found \"", bias_, "\"");
   nn::check_task_type(task_type_);
+  if (init_lora_weights_.kind() == nn::InitLoraWeights::Kind::kLoftq) loftq_config_.validate();
   TORCH_CHECK_VALUE(!target_modules_.empty(),
                     "target_modules: none given; expected module names such as {\"q_proj\", \"v_proj\"}, a regular "
                     "expression, or \"all-linear\"");
@@ -101,6 +102,7 @@ nn::LoraAdapterOptions LoraConfig::adapter_for(const std::string& path) const {
       .lora_dropout(lora_dropout_)
       .use_rslora(use_rslora_)
       .init_lora_weights(init_lora_weights_)
+      .loftq_config(loftq_config_)
       .bias(bias_)
       .task_type(task_type_);
 }

@@ -36,7 +36,6 @@ const std::set<std::string> kUnsupported = {"use_dora",
                                             "megatron_config",
                                             "trainable_token_indices",
                                             "alora_invocation_tokens",
-                                            "loftq_config",
                                             "eva_config",
                                             "corda_config",
                                             "arrow_config",
@@ -138,12 +137,28 @@ PeftLoraConfig lora_config_from_peft_json(const std::string& json_text, const st
     } else if (key == "alpha_pattern") {
       c.alpha_pattern(pattern_field<double>(value, what, "alpha_pattern", number));
     } else if (key == "init_lora_weights") {
-      // Only how fresh weights start, but PiSSA, OLoRA, LoftQ, EVA, CorDA... also change the base weights.
-      TORCH_CHECK_VALUE(value.is_boolean() || value == "gaussian", what, ": init_lora_weights = ", value.dump(),
-                        " is a PEFT initialisation that lorafuse does not support yet (it supports true, false and "
-                        "\"gaussian\")");
+      // Only how fresh weights start, but PiSSA, OLoRA, EVA, CorDA... also change the base weights.
+      TORCH_CHECK_VALUE(value.is_boolean() || value == "gaussian" || value == "loftq", what,
+                        ": init_lora_weights = ", value.dump(),
+                        " is a PEFT initialisation that lorafuse does not support yet (it supports true, false, "
+                        "\"gaussian\" and \"loftq\")");
       c.init_lora_weights(value.is_boolean() ? nn::InitLoraWeights(value.get<bool>())
-                                             : nn::InitLoraWeights("gaussian"));
+                                             : nn::InitLoraWeights(value.get<std::string>()));
+    } else if (key == "loftq_config") {
+      TORCH_CHECK_VALUE(value.is_object(), what, ": loftq_config must be an object, found ", type_of(value), " ",
+                        value.dump());
+      nn::LoftqConfig loftq;
+      for (const auto& [field, v] : value.items()) {
+        if (field == "loftq_bits") {
+          loftq.loftq_bits(integer(v, what, "loftq_config.loftq_bits"));
+        } else if (field == "loftq_iter") {
+          loftq.loftq_iter(integer(v, what, "loftq_config.loftq_iter"));
+        } else {
+          TORCH_CHECK_VALUE(false, what, ": loftq_config: unknown field \"", field,
+                            "\" (expected loftq_bits, loftq_iter)");
+        }
+      }
+      c.loftq_config(loftq);
     } else {
       file.warnings.push_back(what + ": unknown field \"" + key + "\" (= " + value.dump() + ") ignored");
     }
@@ -181,7 +196,10 @@ std::string lora_config_to_peft_json(const LoraConfig& c, const std::string& bas
   j["layers_pattern"] = nullptr;
   j["use_dora"] = false;
   const auto init = c.init_lora_weights().str();
-  j["init_lora_weights"] = init == "gaussian" ? json("gaussian") : json(init == "true");
+  j["init_lora_weights"] = init == "gaussian" || init == "loftq" ? json(init) : json(init == "true");
+  j["loftq_config"] = init == "loftq" ? json{{"loftq_bits", c.loftq_config().loftq_bits()},
+                                             {"loftq_iter", c.loftq_config().loftq_iter()}}
+                                      : json::object();
   json ranks = json::object();
   for (const auto& [key, r] : c.rank_pattern()) ranks[key] = r;
   json alphas = json::object();

@@ -277,7 +277,8 @@ AdapterFile describe_adapter(const std::vector<ModuleInfo>& modules, const std::
       .use_rslora(first.adapter.use_rslora())
       .bias(first.adapter.bias())
       .task_type(first.adapter.task_type())
-      .init_lora_weights(first.adapter.init_lora_weights());
+      .init_lora_weights(first.adapter.init_lora_weights())
+      .loftq_config(first.adapter.loftq_config());
   // target_modules: the layers' own names ("q_proj", ...) when they select exactly these layers.
   std::vector<size_t> wanted;
   std::vector<std::string> names, paths;

@@ -1,12 +1,13 @@
 #include <c10/util/Exception.h>
 #include <lorafuse/nn/adapter_table.h>
+#include <lorafuse/ops/nf.h>
 #include <torch/csrc/autograd/grad_mode.h>
 #include <torch/nn/init.h>
 
 #include <algorithm>
 #include <cmath>
-#include <sstream>
 #include <nlohmann/json.hpp>
+#include <sstream>
 
 namespace lorafuse::nn {
 namespace {
@@ -189,6 +190,7 @@ void init_adapter_weights(at::Tensor& a, at::Tensor& b, const LoraAdapterOptions
   torch::NoGradGuard no_grad;
   switch (options.init_lora_weights().kind()) {
     case InitLoraWeights::Kind::kDefault:
+    case InitLoraWeights::Kind::kLoftq:
       torch::nn::init::kaiming_uniform_(a, std::sqrt(5.0));
       torch::nn::init::zeros_(b);
       break;
@@ -201,6 +203,26 @@ void init_adapter_weights(at::Tensor& a, at::Tensor& b, const LoraAdapterOptions
       torch::nn::init::kaiming_uniform_(b, std::sqrt(5.0));
       break;
   }
+}
+
+void init_adapter_weights_loftq(const at::Tensor& base_weight, at::Tensor& a, at::Tensor& b,
+                                const LoraAdapterOptions& options) {
+  torch::NoGradGuard no_grad;
+  const auto& loftq = options.loftq_config();
+  const LoftqInit init = loftq_init(base_weight, loftq.loftq_bits(), options.r(), loftq.loftq_iter());
+  const double root = std::sqrt(options.scale());
+  base_weight.copy_(init.qweight);
+  a.copy_(init.lora_a.div(root));
+  b.copy_(init.lora_b.div(root));
+}
+
+void check_loftq_weight(const std::string& path, const at::Tensor& weight, int64_t r) {
+  TORCH_CHECK_VALUE(weight.dim() == 2 && r <= std::min(weight.size(0), weight.size(1)),
+                    "init_lora_weights \"loftq\": \"", path, "\": r = ", r, " exceeds min(out, in) of its ",
+                    weight.sizes(), " weight");
+  torch::NoGradGuard no_grad;
+  TORCH_CHECK_VALUE(weight.isfinite().all().item<bool>(), "init_lora_weights \"loftq\": \"", path,
+                    "\": its weight holds NaN or infinite values, which cannot be quantized");
 }
 
 }  // namespace lorafuse::nn

@@ -1,6 +1,6 @@
 #include <lorafuse/nn/base_kind.h>
-#include <lorafuse/nn/lora_layer.h>
 #include <lorafuse/nn/linear4bit.h>
+#include <lorafuse/nn/lora_layer.h>
 #include <lorafuse/nn/lora_linear.h>
 #include <lorafuse/nn/lora_linear4bit.h>
 #include <torch/nn/modules/linear.h>
@@ -18,9 +18,7 @@ class DenseLinearKind final : public BaseKind {
     return typeid(module) == typeid(torch::nn::LinearImpl);
   }
   int64_t in_features(const torch::nn::Module& module) const override { return linear(module).options.in_features(); }
-  int64_t out_features(const torch::nn::Module& module) const override {
-    return linear(module).options.out_features();
-  }
+  int64_t out_features(const torch::nn::Module& module) const override { return linear(module).options.out_features(); }
   at::Tensor forward(torch::nn::Module& module, const at::Tensor& x) const override {
     return static_cast<torch::nn::LinearImpl&>(module).forward(x);
   }
@@ -46,9 +44,7 @@ class Nf4LinearKind final : public BaseKind {
   const char* name() const noexcept override { return "linear4bit"; }
   bool matches(const torch::nn::Module& module) const override { return typeid(module) == typeid(Linear4bitImpl); }
   int64_t in_features(const torch::nn::Module& module) const override { return layer(module).options.in_features(); }
-  int64_t out_features(const torch::nn::Module& module) const override {
-    return layer(module).options.out_features();
-  }
+  int64_t out_features(const torch::nn::Module& module) const override { return layer(module).options.out_features(); }
   at::Tensor forward(torch::nn::Module& module, const at::Tensor& x) const override {
     return static_cast<Linear4bitImpl&>(module).forward(x);
   }

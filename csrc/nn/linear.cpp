@@ -1,8 +1,8 @@
 #include <c10/util/Exception.h>
-#include <lorafuse/nn/linear.h>
-#include <torch/nn/modules/container/moduledict.h>
 #include <lorafuse/nn/base_kind.h>
+#include <lorafuse/nn/linear.h>
 #include <lorafuse/nn/lora_layer.h>
+#include <torch/nn/modules/container/moduledict.h>
 
 #include <utility>
 

@@ -32,11 +32,32 @@ void LoraAdapters::create_weights(const std::string& name, const at::TensorOptio
 }
 
 void LoraAdapters::add(const std::string& name, const LoraAdapterOptions& adapter, bool activate,
-                       const at::TensorOptions& base) {
+                       const at::TensorOptions& base, const at::Tensor& dense_weight, const std::string& refusal) {
   const auto dtype = table_.check_add(name, adapter, c10::typeMetaToScalarType(base.dtype()));
+  const bool loftq = adapter.init_lora_weights().kind() == InitLoraWeights::Kind::kLoftq;
+  if (loftq) {
+    TORCH_CHECK_VALUE(dense_weight.defined(), "add_adapter(\"", name, "\"): init_lora_weights \"loftq\" replaces the ",
+                      "layer's full-precision weight by its quantized value and starts the adapter from what that ",
+                      "loses; ", refusal.empty() ? "this layer has no such weight" : refusal);
+    TORCH_CHECK_VALUE(table_.merged().empty(), "add_adapter(\"", name, "\"): init_lora_weights \"loftq\" quantizes ",
+                      "the base weight, which holds merged adapters now; unmerge them first");
+  }
   create_weights(name, base.dtype(dtype), adapter.r());
+  if (loftq) {  // before the table changes: an error (in the decomposition, before any write) leaves the layer as it
+                // was
+    try {
+      init_adapter_weights_loftq(dense_weight, lora_A[name]->as<torch::nn::LinearImpl>()->weight,
+                                 lora_B[name]->as<torch::nn::LinearImpl>()->weight, adapter);
+    } catch (...) {
+      for (auto* dict : {&lora_A, &lora_B}) {
+        (*dict)->pop(name);
+        (*dict)->unregister_module(name);
+      }
+      throw;
+    }
+  }
   table_.add(name, adapter, activate);
-  init_adapter_weights(lora_a(name), lora_b(name), adapter);
+  if (!loftq) init_adapter_weights(lora_a(name), lora_b(name), adapter);
   // A new active adapter changes every adapter's flags; else only the new one's: other threads may be running
   // the others.
   if (table_.trains(name)) {

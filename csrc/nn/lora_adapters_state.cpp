@@ -38,23 +38,22 @@ void LoraAdapters::load(torch::serialize::InputArchive& archive, const at::Tenso
   at::Tensor blob;
   c10::IValue value;
   if (archive.try_read(kStateKey, value)) {
-    TORCH_CHECK_VALUE(!value.isString(), what, ": this archive was written by an older lorafuse (its "
+    TORCH_CHECK_VALUE(!value.isString(), what,
+                      ": this archive was written by an older lorafuse (its "
                       "adapter table is a text record); load it with that version and save it again, or save the "
                       "adapters with save_adapter and load them with load_adapter");
     TORCH_CHECK_VALUE(value.isTensor(), what, ": the archive's ", kStateKey, " is not a tensor");
     blob = value.toTensor().to(at::kCPU).contiguous();  // torch::load(..., device) moves it with the rest
   }
   if (blob.defined()) {
-    const auto state = io::parse_safetensors(blob.data_ptr<uint8_t>(), static_cast<size_t>(blob.numel()),
-                                             what);
+    const auto state = io::parse_safetensors(blob.data_ptr<uint8_t>(), static_cast<size_t>(blob.numel()), what);
     const auto field = [&](const char* key) -> const std::string& {
       const auto it = state.metadata.find(key);
-      TORCH_CHECK_VALUE(it != state.metadata.end(), what, ": the archive's adapter state lacks \"", key,
-                        "\"");
+      TORCH_CHECK_VALUE(it != state.metadata.end(), what, ": the archive's adapter state lacks \"", key, "\"");
       return it->second;
     };
-    TORCH_CHECK_VALUE(field("format") == kFormat, what, ": unknown adapter state format \"",
-                      field("format"), "\"; expected ", kFormat);
+    TORCH_CHECK_VALUE(field("format") == kFormat, what, ": unknown adapter state format \"", field("format"),
+                      "\"; expected ", kFormat);
     // Read and check the whole table before changing anything.
     json table;
     try {
@@ -74,8 +73,8 @@ void LoraAdapters::load(torch::serialize::InputArchive& archive, const at::Tenso
       }
     }
     for (const auto& mine : table_.names()) {
-      TORCH_CHECK_VALUE(loaded.has(mine), what, ": this layer has adapter \"", mine,
-                        "\" but the archive has only ", AdapterTable::join(loaded.names()));
+      TORCH_CHECK_VALUE(loaded.has(mine), what, ": this layer has adapter \"", mine, "\" but the archive has only ",
+                        AdapterTable::join(loaded.names()));
     }
     for (const auto& name : loaded.names()) {
       if (!table_.has(name)) add(name, loaded.options(name), /*activate=*/false, base);

@@ -92,7 +92,7 @@ void LoraLinearImpl::add_adapter(const std::string& name, const LoraAdapterOptio
 }
 
 void LoraLinearImpl::add_adapter(const std::string& name, const LoraAdapterOptions& adapter, bool activate) {
-  adapters_.add(name, adapter, activate, base_options());
+  adapters_.add(name, adapter, activate, base_options(), base_layer->weight);
 }
 
 void LoraLinearImpl::set_adapter(const std::string& name) {

@@ -71,7 +71,10 @@ at::Tensor LoraLinear4bitImpl::forward(const at::Tensor& x) {
 }
 
 void LoraLinear4bitImpl::add_adapter(const std::string& name, const LoraAdapterOptions& options, bool activate) {
-  adapters_.add(name, options, activate, base_options());
+  adapters_.add(name, options, activate, base_options(), {},
+                "this layer's base is already quantized (Linear4bit): start LoftQ from the full-precision model, "
+                "then quantize it (QuantConfig with double_quant false and blocksize 64 stores exactly its Q at 4 "
+                "bits)");
 }
 
 void LoraLinear4bitImpl::set_adapter(const std::string& name) {

@@ -112,6 +112,13 @@ TORCH_LIBRARY(lorafuse, m) {
       "Tensor[] lora_a, Tensor[] lora_b, float[] scale) "
       "-> (Tensor packed, Tensor absmax, Tensor nested_absmax, Tensor offset, Tensor error)");
 
+  // LoftQ's initialisation (PEFT's loftq_init, never differentiated): Q = W; repeat num_iter times { Q = dequant(
+  // quantize_nf(W − L·R)) in format [bits, 64, 0, 0] (at 4 bits bitsandbytes' NF4, blocks of 64, no double
+  // quantization: what PEFT quantizes with), L·R = the rank-r truncated SVD of W − Q (L = U·√S, R = √S·Vᵀ) }, in
+  // float32 (L·R = 0 before the first quantization). → qweight (Q in weight's dtype, on its device), lora_a = R
+  // float32 [r, in], lora_b = L float32 [out, r] (PEFT's factors; a layer with scale s starts from R/√s and L/√s).
+  m.def("loftq_init(Tensor weight, int bits, int r, int num_iter=1) -> (Tensor qweight, Tensor lora_a, Tensor lora_b)");
+
   // ---- NF4: the 4-bit NormalFloat base of QLoRA with bitsandbytes' names and exact bytes: the ops above at
   // format [4, blocksize, 8, 256] (double quantization, float32 scales) or [4, blocksize, 0, 0]
   // (CompositeImplicitAutograd, csrc/ops/composite/nf4_composite.cpp), blocksize one of bitsandbytes' 32 ... 4096.

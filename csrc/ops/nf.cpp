@@ -129,6 +129,15 @@ NfMerge nf_merge(const at::Tensor& packed, const at::Tensor& absmax, const OptTe
   return {{p, a, n, o}, e[0].item<double>(), e[1].item<double>(), error};
 }
 
+LoftqInit loftq_init(const at::Tensor& weight, int64_t bits, int64_t r, int64_t num_iter) {
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("lorafuse::loftq_init", "")
+          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, int64_t, int64_t, int64_t)>();
+  auto [qweight, lora_a, lora_b] = op.call(weight, bits, r, num_iter);
+  return {qweight, lora_a, lora_b};
+}
+
 double nf_bits_per_weight(at::IntArrayRef format, at::ScalarType stat_dtype) {
   const nf::Format f = detail::parse_nf_format("lorafuse.nf_bits_per_weight", format);
   TORCH_CHECK_TYPE(stat_dtype == at::kFloat || stat_dtype == at::kHalf || stat_dtype == at::kBFloat16,

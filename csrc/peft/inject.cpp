@@ -2,6 +2,7 @@
 #include <lorafuse/nn/base_kind.h>
 #include <lorafuse/nn/linear.h>
 #include <lorafuse/nn/linear4bit.h>
+#include <lorafuse/nn/lora_linear.h>
 #include <lorafuse/peft/inject.h>
 #include <lorafuse/peft/rules.h>
 #include <torch/nn/modules/container/moduledict.h>
@@ -138,6 +139,25 @@ void check_rewirable(const std::vector<Site>& sites, const std::vector<TargetCho
 
 std::string join(const std::vector<std::string>& names) { return nn::AdapterTable::join(names); }
 
+void check_loftq(const std::vector<Site>& sites, const std::vector<TargetChoice>& chosen) {
+  for (const auto& c : chosen) {
+    if (c.adapter.init_lora_weights().kind() != nn::InitLoraWeights::Kind::kLoftq) continue;
+    const Site& s = sites[c.index];
+    at::Tensor weight;
+    if (const auto* lora = s.module->as<nn::LoraLinearImpl>()) {
+      TORCH_CHECK_VALUE(lora->adapters().merged().empty(), "init_lora_weights \"loftq\": \"", s.path,
+                        "\" holds merged adapters in its weight; unmerge them first");
+      weight = lora->base_layer->weight;
+    } else if (const auto* linear = s.module->as<torch::nn::LinearImpl>()) {
+      weight = linear->weight;
+    }
+    TORCH_CHECK_VALUE(weight.defined(), "init_lora_weights \"loftq\": \"", s.path, "\" (", s.module->name(),
+                      ") has no full-precision torch::nn::Linear weight for LoftQ to quantize (a quantized base: start "
+                      "LoftQ from the full-precision model, then quantize it)");
+    nn::check_loftq_weight(s.path, weight, c.adapter.r());
+  }
+}
+
 rules::LayerTables tables_of(const std::vector<std::pair<std::string, LoraLayer*>>& layers) {
   rules::LayerTables tables;
   tables.reserve(layers.size());
@@ -155,7 +175,12 @@ InjectReport attach_adapter(const std::vector<Site>& sites, const std::vector<Ta
   const bool all_disabled = rules::starts_disabled(existing);
   InjectReport report;
   report.adapter_name = name;
-  for (const auto& c : chosen) {
+  for (const auto& chosen_site : chosen) {
+    TargetChoice c = chosen_site;
+    // adapters loaded from a file take its weights: LoftQ ran when they were made and must not quantize the base again
+    if (fill && c.adapter.init_lora_weights().kind() == nn::InitLoraWeights::Kind::kLoftq) {
+      c.adapter.init_lora_weights(true);
+    }
     const Site& s = sites[c.index];
     if (auto* lora = nn::as_lora_layer(s.module.get())) {
       lora->add_adapter(name, c.adapter, /*activate=*/!keep_active);
@@ -220,6 +245,7 @@ InjectReport inject_lora(Module& module, const LoraConfig& config, const std::st
   const auto sites = sites_of(module);
   const auto chosen = select_targets(detail::infos_of(sites), config);
   detail::check_rewirable(sites, chosen, "inject_lora");
+  detail::check_loftq(sites, chosen);
 
   const std::string prior_active = active_adapter(module);
   InjectReport report = detail::attach_adapter(sites, chosen, adapter_name, /*keep_active=*/false);

@@ -2,9 +2,9 @@
 #pragma once
 
 #include <lorafuse/config/lora_config.h>
+#include <lorafuse/nn/lora_layer.h>
 #include <lorafuse/peft/inject.h>
 #include <lorafuse/peft/rules.h>
-#include <lorafuse/nn/lora_layer.h>
 #include <torch/nn/module.h>
 
 #include <functional>
@@ -29,6 +29,9 @@ std::vector<ModuleInfo> infos_of(const std::vector<Site>& sites);
 bool is_linear(const torch::nn::Module* m);
 // An error unless every chosen plain Linear can be replaced (see inject_lora).
 void check_rewirable(const std::vector<Site>& sites, const std::vector<TargetChoice>& chosen, const char* what);
+/// For every chosen site whose adapter starts with LoftQ: a full-precision Linear weight (a LoraLinear without merged
+/// adapters, or a torch::nn::Linear) that nn::check_loftq_weight accepts; a ValueError naming the layer otherwise.
+void check_loftq(const std::vector<Site>& sites, const std::vector<TargetChoice>& chosen);
 
 // Gives adapter `name` to sites[c.index] for each choice: adds it to a LoraLinear, or wraps a Linear in a
 // new LoraLinear (in the model's train/eval mode; disabled if the model's adapters are). `fill` (if set)

@@ -6,6 +6,7 @@
 #include <lorafuse/nn/adapter_table.h>
 #include <lorafuse/nn/lora_linear.h>
 
+#include <map>
 #include <memory>
 #include <sstream>
 
@@ -21,7 +22,8 @@ void bind_adapter_table(py::module& m) {
   py::class_<LoraAdapterOptions>(m, "AdapterOptions")
       .def(py::init([](int64_t r, double lora_alpha, double lora_dropout, bool use_rslora,
                        const py::object& init_lora_weights, const std::string& bias,
-                       std::optional<at::ScalarType> dtype, const std::optional<std::string>& task_type) {
+                       std::optional<at::ScalarType> dtype, const std::optional<std::string>& task_type,
+                       const std::optional<std::map<std::string, int64_t>>& loftq_config) {
              return translating([&] {
                LoraAdapterOptions o(r);
                o.lora_alpha(lora_alpha)
@@ -31,13 +33,27 @@ void bind_adapter_table(py::module& m) {
                    .bias(bias)
                    .dtype(dtype)
                    .task_type(task_type.value_or(""));
+               if (loftq_config.has_value()) {
+                 nn::LoftqConfig loftq;
+                 for (const auto& [key, value] : *loftq_config) {
+                   if (key == "loftq_bits") {
+                     loftq.loftq_bits(value);
+                   } else if (key == "loftq_iter") {
+                     loftq.loftq_iter(value);
+                   } else {
+                     TORCH_CHECK_VALUE(false, "loftq_config: unknown field \"", key,
+                                       "\" (expected loftq_bits, loftq_iter)");
+                   }
+                 }
+                 o.loftq_config(loftq);
+               }
                o.validate();
                return o;
              });
            }),
            py::arg("r") = 8, py::arg("lora_alpha") = 8.0, py::arg("lora_dropout") = 0.0, py::arg("use_rslora") = false,
            py::arg("init_lora_weights") = true, py::arg("bias") = "none", py::arg("dtype") = py::none(),
-           py::arg("task_type") = py::none())
+           py::arg("task_type") = py::none(), py::arg("loftq_config") = py::none())
       .def_property_readonly("r", [](const LoraAdapterOptions& o) { return o.r(); })
       .def_property_readonly("lora_alpha", [](const LoraAdapterOptions& o) { return o.lora_alpha(); })
       .def_property_readonly("lora_dropout", [](const LoraAdapterOptions& o) { return o.lora_dropout(); })
@@ -45,8 +61,13 @@ void bind_adapter_table(py::module& m) {
       .def_property_readonly("init_lora_weights",
                              [](const LoraAdapterOptions& o) -> py::object {
                                const auto init = o.init_lora_weights().str();
-                               if (init == "gaussian") return py::str(init);
+                               if (init == "gaussian" || init == "loftq") return py::str(init);
                                return py::bool_(init == "true");
+                             })
+      .def_property_readonly("loftq_config",
+                             [](const LoraAdapterOptions& o) {
+                               return std::map<std::string, int64_t>{{"loftq_bits", o.loftq_config().loftq_bits()},
+                                                                     {"loftq_iter", o.loftq_config().loftq_iter()}};
                              })
       .def_property_readonly("bias", [](const LoraAdapterOptions& o) { return o.bias(); })
       .def_property_readonly("task_type",
@@ -128,6 +149,20 @@ void bind_adapter_table(py::module& m) {
       [](at::Tensor a, at::Tensor b, const LoraAdapterOptions& o) { nn::init_adapter_weights(a, b, o); },
       py::arg("lora_A"), py::arg("lora_B"), py::arg("options"),
       "Sets a new adapter's A [r, in] and B [out, r] in place as options.init_lora_weights says (PEFT's rules).");
+  m.def(
+      "init_adapter_weights_loftq",
+      [](at::Tensor weight, at::Tensor a, at::Tensor b, const LoraAdapterOptions& o) {
+        translating([&] { nn::init_adapter_weights_loftq(weight, a, b, o); });
+      },
+      py::arg("weight"), py::arg("lora_A"), py::arg("lora_B"), py::arg("options"),
+      "LoftQ: the dense base weight replaced in place by its quantized value, A and B set so that Q + s·B·A ≈ W "
+      "(lorafuse::nn::init_adapter_weights_loftq).");
+  m.def(
+      "_check_loftq_weight",
+      [](const std::string& path, const at::Tensor& weight, int64_t r) {
+        translating([&] { nn::check_loftq_weight(path, weight, r); });
+      },
+      py::arg("path"), py::arg("weight"), py::arg("r"), "lorafuse::nn::check_loftq_weight.");
 }
 
 }  // namespace

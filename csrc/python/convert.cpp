@@ -36,7 +36,7 @@ LoraConfig config_from(const std::string& json_text) {
 nn::InitLoraWeights init_from(const py::handle& init) {
   if (py::isinstance<py::bool_>(init)) return nn::InitLoraWeights(init.cast<bool>());
   if (py::isinstance<py::str>(init)) return nn::InitLoraWeights(init.cast<std::string>());
-  throw py::type_error("init_lora_weights: expected True, False or \"gaussian\", found " +
+  throw py::type_error("init_lora_weights: expected True, False, \"gaussian\" or \"loftq\", found " +
                        std::string(py::str(py::type::of(init).attr("__name__"))));
 }
 

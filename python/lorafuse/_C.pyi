@@ -226,6 +226,7 @@ class AdapterOptions:
         bias: str = "none",
         dtype: Optional[torch.dtype] = None,
         task_type: Optional[str] = None,
+        loftq_config: Optional[Dict[str, int]] = None,
     ) -> None: ...
     @property
     def r(self) -> int: ...
@@ -236,7 +237,9 @@ class AdapterOptions:
     @property
     def use_rslora(self) -> bool: ...
     @property
-    def init_lora_weights(self) -> Any: ...  # True, False or "gaussian"
+    def init_lora_weights(self) -> Any: ...  # True, False, "gaussian" or "loftq"
+    @property
+    def loftq_config(self) -> Dict[str, int]: ...
     @property
     def bias(self) -> str: ...
     @property
@@ -285,6 +288,10 @@ class AdapterTable:
     def from_json(text: str, what: str) -> "AdapterTable": ...
 
 def init_adapter_weights(lora_A: torch.Tensor, lora_B: torch.Tensor, options: AdapterOptions) -> None: ...
+def init_adapter_weights_loftq(
+    weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, options: AdapterOptions
+) -> None: ...
+def _check_loftq_weight(path: str, weight: torch.Tensor, r: int) -> None: ...
 
 class LoraLinear(torch.nn.Module):
     def __init__(

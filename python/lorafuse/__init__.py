@@ -6,7 +6,7 @@ Importing this package registers the ``torch.ops.lorafuse.*`` operators.
 import torch  # noqa: F401  (loads libtorch before lorafuse's native library)
 
 from . import _C, models, nn, peft, pretrained, quant
-from .config import LoraConfig
+from .config import LoftQConfig, LoraConfig
 from .ops import (
     NfFormat,
     NfWeight,
@@ -96,6 +96,7 @@ __all__ = [
     "models",
     "pretrained",
     "peft",
+    "LoftQConfig",
     "LoraConfig",
     "inject_lora",
     "add_adapter",

@@ -30,7 +30,15 @@ class LoraConfig:
             ``(.*\\.)?(P)$`` applies (PEFT's rule).
         alpha_pattern: per-module lora_alpha, the same way.
         init_lora_weights: ``True`` (A kaiming-uniform, B zeros: a new adapter changes nothing),
-            ``"gaussian"`` (A normal(0, 1/r), B zeros) or ``False`` (both random).
+            ``"gaussian"`` (A normal(0, 1/r), B zeros), ``False`` (both random) or ``"loftq"``: LoftQ, on the CPU
+            too (PEFT's needs CUDA): each targeted layer's full-precision weight W is replaced by its quantized value
+            Q (NF-``loftq_bits`` in blocks of 64: at 4 bits bitsandbytes' NF4 without double quantization, as PEFT)
+            and the adapter starts at the rank-r approximation of W − Q, so that Q + scale·B·A ≈ W. PEFT sets A and B
+            without the scale (the same when lora_alpha = r). Layers whose base is already quantized refuse it;
+            ``quantize_model(model, QuantConfig(double_quant=False))`` afterwards stores Q's exact NF4 bytes. An
+            adapter loaded from a file takes its weights: LoftQ does not run again.
+        loftq_config: with ``"loftq"``: ``{"loftq_bits": 4, "loftq_iter": 1}`` (the defaults; bits 2 .. 8, where
+            PEFT's 8 is bitsandbytes' int8 code and lorafuse's NF8) or a :class:`LoftQConfig` (or PEFT's).
         task_type: PEFT's task type (a str or ``peft.TaskType``): ``None``, ``"CAUSAL_LM"``,
             ``"SEQ_2_SEQ_LM"`` or ``"FEATURE_EXTRACTION"``; saved in adapter_config.json and read from it, it
             changes nothing lorafuse computes. ``"SEQ_CLS"``, ``"TOKEN_CLS"`` and ``"QUESTION_ANS"`` (PEFT then
@@ -51,6 +59,7 @@ class LoraConfig:
     alpha_pattern: Dict[str, float] = field(default_factory=dict)
     init_lora_weights: Union[bool, str] = True
     task_type: Optional[str] = None
+    loftq_config: Union[Dict[str, int], Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.task_type = getattr(self.task_type, "value", self.task_type)  # peft.TaskType: its name
@@ -89,8 +98,21 @@ class LoraConfig:
         init = self.init_lora_weights
         if not isinstance(init, (bool, str)):
             raise TypeError(
-                f'init_lora_weights: expected True, False or "gaussian", found {type(init).__name__}'
+                f'init_lora_weights: expected True, False, "gaussian" or "loftq", found {type(init).__name__}'
             )
+        loftq = self.loftq_config
+        if loftq is None:
+            loftq = {}
+        elif not isinstance(loftq, dict):  # lorafuse.LoftQConfig or PEFT's: its fields
+            if not hasattr(loftq, "loftq_bits"):
+                raise TypeError(
+                    "loftq_config: expected a dict {loftq_bits, loftq_iter} or a LoftQConfig, found "
+                    f"{type(loftq).__name__}"
+                )
+            loftq = {"loftq_bits": loftq.loftq_bits, "loftq_iter": loftq.loftq_iter}
+        for key, value in loftq.items():
+            _check_number(f"loftq_config[{key!r}]", value, int)
+        self.loftq_config = dict(loftq)
         _C._validate_lora_config(self._to_json())
 
     def to_dict(self) -> Dict[str, Any]:
@@ -110,6 +132,14 @@ class LoraConfig:
             if isinstance(fields[name], (tuple, set)):
                 fields[name] = sorted(fields[name]) if isinstance(fields[name], set) else list(fields[name])
         return json.dumps(fields)
+
+
+@dataclass
+class LoftQConfig:
+    """PEFT's LoftQConfig: how ``init_lora_weights="loftq"`` quantizes (see :class:`LoraConfig`)."""
+
+    loftq_bits: int = 4  #: NF code bits, 2 .. 8
+    loftq_iter: int = 1  #: alternating iterations (quantize, then the SVD of what is left), >= 1
 
 
 def config_fields(config_json: str, targets_from_file: bool) -> Dict[str, Any]:

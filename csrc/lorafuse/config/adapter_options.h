@@ -13,21 +13,39 @@ namespace lorafuse::nn {
 /// How a new adapter's weights start (PEFT's init_lora_weights):
 ///   true        A kaiming-uniform (a = √5), B zeros: the adapter starts as a no-op (the default);
 ///   "gaussian"  A normal(0, 1/r), B zeros;
-///   false       A and B both kaiming-uniform (a = √5): a random, non-zero adapter (for tests).
+///   false       A and B both kaiming-uniform (a = √5): a random, non-zero adapter (for tests);
+///   "loftq"     LoftQ (Li et al., 2023): the layer's full-precision weight W is replaced by its quantized value Q
+///               and the adapter starts at the best rank-r approximation of W − Q (LoftqConfig: the bits and the
+///               alternating iterations), so that the quantized layer plus its adapter starts close to W. Only a new
+///               adapter over a dense Linear can start so (lorafuse::loftq_init, the op torch.ops.lorafuse.loftq_init).
 class InitLoraWeights {
  public:
-  enum class Kind { kDefault, kGaussian, kRandom };
+  enum class Kind { kDefault, kGaussian, kRandom, kLoftq };
   InitLoraWeights(bool init = true) : kind_(init ? Kind::kDefault : Kind::kRandom) {}  // NOLINT
-  /// "gaussian", "true" or "false"; anything else is a ValueError naming init_lora_weights.
+  /// "gaussian", "loftq", "true" or "false"; anything else is a ValueError naming init_lora_weights.
   InitLoraWeights(const std::string& init);                                  // NOLINT
   InitLoraWeights(const char* init) : InitLoraWeights(std::string(init)) {}  // NOLINT
   Kind kind() const noexcept { return kind_; }
-  /// "true", "gaussian" or "false", as PEFT's adapter_config.json writes it.
+  /// "true", "gaussian", "loftq" or "false", as PEFT's adapter_config.json writes it.
   std::string str() const;
   bool operator==(const InitLoraWeights& other) const noexcept { return kind_ == other.kind_; }
 
  private:
   Kind kind_;
+};
+
+/// PEFT's LoftQConfig: how init_lora_weights = "loftq" quantizes the base weight.
+struct LoftqConfig {
+  /// Bits of the NF code, 2 .. 8, in absmax blocks of 64 with float32 statistics: at 4 bits bitsandbytes' NF4 without
+  /// double quantization, what PEFT's LoftQ uses. (PEFT's 8 is bitsandbytes' int8 row-wise code; lorafuse's 8 is NF8.)
+  TORCH_ARG(int64_t, loftq_bits) = 4;
+  /// Alternating iterations (quantize, then the rank-r SVD of what is left), >= 1.
+  TORCH_ARG(int64_t, loftq_iter) = 1;
+
+ public:
+  bool operator==(const LoftqConfig& o) const { return loftq_bits_ == o.loftq_bits_ && loftq_iter_ == o.loftq_iter_; }
+  /// ValueError naming loftq_config's field unless valid.
+  void validate() const;
 };
 
 /// The options of one adapter of a LoraLinear.
@@ -43,6 +61,8 @@ struct LoraAdapterOptions {
   TORCH_ARG(bool, use_rslora) = false;
   /// How A and B start.
   TORCH_ARG(InitLoraWeights, init_lora_weights) = true;
+  /// With init_lora_weights = "loftq": its settings.
+  TORCH_ARG(LoftqConfig, loftq_config);
   /// dtype of lora_A and lora_B: the base weight's dtype or float32; none: float32 for a
   /// float16/bfloat16 base (as PEFT keeps adapters in float32), else the base weight's dtype.
   TORCH_ARG(std::optional<c10::ScalarType>, dtype) = std::nullopt;

@@ -70,8 +70,10 @@ struct LoraConfig {
   TORCH_ARG(PatternMap<int64_t>, rank_pattern);
   /// Per-module lora_alpha, e.g. {{"down_proj", 32.0}}.
   TORCH_ARG(PatternMap<double>, alpha_pattern);
-  /// How new A and B start (true, "gaussian" or false).
+  /// How new A and B start (true, "gaussian", "loftq" or false).
   TORCH_ARG(nn::InitLoraWeights, init_lora_weights) = true;
+  /// With init_lora_weights = "loftq": how LoftQ quantizes (PEFT's loftq_config).
+  TORCH_ARG(nn::LoftqConfig, loftq_config);
   /// PEFT's task type: "" (none), "CAUSAL_LM", "SEQ_2_SEQ_LM" or "FEATURE_EXTRACTION"; written to adapter_config.json
   /// and read from it (nn::check_task_type says what is refused). It changes nothing lorafuse computes.
   TORCH_ARG(std::string, task_type);

@@ -108,6 +108,20 @@ c10::ScalarType adapter_dtype(const LoraAdapterOptions& options, c10::ScalarType
 
 /// Sets a new adapter's weights as its init_lora_weights says (A [r, in], B [out, r]; PEFT's rules):
 /// true: A kaiming-uniform (a = √5), B zeros; "gaussian": A normal(0, 1/r), B zeros; false: both kaiming-uniform.
+/// "loftq" needs the layer's full-precision weight (init_adapter_weights_loftq); here, where it is not at hand (a
+/// clone's or reset_parameters' re-initialisation, whose weights are then copied or loaded), it starts as true does.
 void init_adapter_weights(at::Tensor& a, at::Tensor& b, const LoraAdapterOptions& options);
+
+/// LoftQ (init_lora_weights = "loftq"): the dense base weight W [out, in] replaced in place by its quantized value Q
+/// (lorafuse::loftq_init with options.loftq_config(), in W's dtype), A and B set to R/√s and L/√s (s = options.scale())
+/// so that Q + s·B·A ≈ W. PEFT sets A = R, B = L whatever the scale: the same start when s = 1 (lora_alpha = r),
+/// otherwise PEFT's layer starts at Q + s·L·R.
+void init_adapter_weights_loftq(const at::Tensor& base_weight, at::Tensor& a, at::Tensor& b,
+                                const LoraAdapterOptions& options);
+
+/// A ValueError naming the layer at `path` unless LoftQ can start an adapter of rank r over this full-precision
+/// weight [out, in]: r <= min(out, in) and finite values. inject_lora (C++ and Python) asks it of every targeted layer
+/// before it changes any.
+void check_loftq_weight(const std::string& path, const at::Tensor& weight, int64_t r);
 
 }  // namespace lorafuse::nn

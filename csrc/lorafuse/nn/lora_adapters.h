@@ -44,8 +44,11 @@ class LoraAdapters {
   void reset_parameters();
 
   /// Adds adapter `name` (checked against the table; `base` gives the device and the base dtype). The first one
-  /// becomes active unless `activate` is false.
-  void add(const std::string& name, const LoraAdapterOptions& options, bool activate, const at::TensorOptions& base);
+  /// becomes active unless `activate` is false. `dense_weight`: the layer's full-precision weight, which LoftQ
+  /// (init_lora_weights "loftq") replaces by its quantized value; undefined for a base without one (LoftQ refused,
+  /// `refusal` saying why).
+  void add(const std::string& name, const LoraAdapterOptions& options, bool activate, const at::TensorOptions& base,
+           const at::Tensor& dense_weight = {}, const std::string& refusal = "");
   /// Makes `name` the active adapter / none; only the active adapter's A and B require grad. When the table says
   /// the layer must unmerge first (switching away from a merged adapter), `unmerge` runs before.
   void activate(const std::string& name, const std::function<void()>& unmerge);

@@ -111,6 +111,16 @@ NfMerge nf_merge(const at::Tensor& packed, const at::Tensor& absmax, const std::
                  const std::optional<at::Tensor>& offset, at::IntArrayRef format, at::IntArrayRef shape,
                  at::TensorList lora_a, at::TensorList lora_b, c10::ArrayRef<double> scale);
 
+/// LoftQ's initialisation of a LoRA layer (PEFT's loftq_init; the op lorafuse::loftq_init): W [out, in] (floating
+/// point, finite) quantized to NF-`bits` in blocks of 64 without double quantization (bits = 4: bitsandbytes' NF4, as
+/// PEFT quantizes), alternating `num_iter` times with the rank-r truncated SVD of what the quantization leaves, in
+/// float32. qweight: dequant(Q) in W's dtype; lora_a = √S·Vᵀ [r, in] and lora_b = U·√S [out, r] in float32, so that
+/// qweight + lora_b·lora_a ≈ W. 1 <= r <= min(out, in), 2 <= bits <= 8, num_iter >= 1.
+struct LoftqInit {
+  at::Tensor qweight, lora_a, lora_b;
+};
+LoftqInit loftq_init(const at::Tensor& weight, int64_t bits, int64_t r, int64_t num_iter = 1);
+
 /// Bits per weight of `format` with statistic scales in `stat_dtype` (the one offset per matrix left out).
 double nf_bits_per_weight(at::IntArrayRef format, at::ScalarType stat_dtype = at::kFloat);
 

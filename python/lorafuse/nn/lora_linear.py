@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import _C
-from .base_kinds import base_kind_of, check_base_output, lora_add
+from .base_kinds import DenseLinear, base_kind_of, check_base_output, lora_add
 
 
 AdapterOptions = _C.AdapterOptions
@@ -93,6 +93,7 @@ class Linear(nn.Module):
         adapter_dtype: Optional[torch.dtype] = None,
         bias: str = "none",
         task_type: Optional[str] = None,
+        loftq_config: Optional[Dict[str, int]] = None,
     ) -> None:
         super().__init__()
         kind = base_kind_of(base_layer)
@@ -134,6 +135,7 @@ class Linear(nn.Module):
             adapter_dtype=adapter_dtype,
             bias=bias,
             task_type=task_type,
+            loftq_config=loftq_config,
         )
         # frozen only once the adapter is valid: a bad argument leaves the caller's layer as it was
         kind.freeze(base_layer)
@@ -190,11 +192,18 @@ class Linear(nn.Module):
         adapter_dtype: Optional[torch.dtype] = None,
         bias: str = "none",
         task_type: Optional[str] = None,
+        loftq_config: Optional[Dict[str, int]] = None,
         *,
         activate: bool = True,
     ) -> None:
         """Adds adapter ``adapter_name``. The first adapter becomes active (unless ``activate`` is False:
-        then a layer without an active adapter keeps none); a later one waits (frozen)."""
+        then a layer without an active adapter keeps none); a later one waits (frozen).
+
+        ``init_lora_weights="loftq"`` (with ``loftq_config`` ``{"loftq_bits": 4, "loftq_iter": 1}``, the defaults):
+        LoftQ replaces the dense base weight W by its quantized value Q (NF-``loftq_bits`` in blocks of 64) and
+        starts the adapter at the rank-r approximation of W − Q, scaled so that Q + scale·B·A ≈ W (PEFT's LoftQ
+        sets A and B without the scale: the same when lora_alpha = r). A base without a full-precision weight
+        (a 4-bit one) refuses it."""
         if not isinstance(adapter_name, str):
             raise TypeError(f"adapter_name: expected a str, found {type(adapter_name).__name__}")
         if isinstance(r, bool) or not isinstance(r, int):
@@ -203,21 +212,48 @@ class Linear(nn.Module):
             raise TypeError(f"adapter_dtype: expected a torch.dtype or None, found {adapter_dtype!r}")
         opts = AdapterOptions(
             r, float(lora_alpha), float(lora_dropout), bool(use_rslora), init_lora_weights, bias, adapter_dtype,
-            task_type,
+            task_type, None if loftq_config is None else dict(loftq_config),
         )
         kind = base_kind_of(self.base_layer)
         dtype = self._table.check_add(adapter_name, opts, kind.weight_dtype(self.base_layer))
+        loftq = opts.init_lora_weights == "loftq"
+        if loftq:
+            self._check_loftq(adapter_name, r)
         kw = dict(bias=False, device=kind.device(self.base_layer), dtype=dtype)
-        self.lora_A[adapter_name] = nn.Linear(self.in_features, r, **kw)
-        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, **kw)
+        a, b = nn.Linear(self.in_features, r, **kw), nn.Linear(r, self.out_features, **kw)
+        if loftq:  # before anything of the layer changes: the decomposition fails before it writes
+            _C.init_adapter_weights_loftq(self.base_layer.weight, a.weight, b.weight, opts)
+        self.lora_A[adapter_name], self.lora_B[adapter_name] = a, b
         self._table.add(adapter_name, opts, activate)
-        _C.init_adapter_weights(self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight, opts)
+        if not loftq:
+            _C.init_adapter_weights(a.weight, b.weight, opts)
         if self._table.trains(adapter_name):
             self._apply_trainability()
         else:  # only the new adapter's flags: other threads may be running the others
             self.lora_A[adapter_name].weight.requires_grad_(False)
             self.lora_B[adapter_name].weight.requires_grad_(False)
             self._refresh_route()
+
+    def _check_loftq(self, adapter_name: str, r: int) -> None:
+        """A ValueError unless LoftQ can start adapter ``adapter_name`` here: a plain nn.Linear base (its
+        full-precision weight), nothing merged into it, r <= min(out, in), finite weights."""
+        kind = base_kind_of(self.base_layer)
+        why = None
+        if not isinstance(kind, DenseLinear):
+            why = (
+                f"the base is a {type(self.base_layer).__name__}, not a plain nn.Linear with a full-precision weight "
+                "(a quantized base: start LoftQ from the full-precision model, then quantize it)"
+            )
+        elif kind.merge_refusal(self.base_layer) is not None:
+            why = kind.merge_refusal(self.base_layer)
+        elif self._table.merged:
+            why = "its weight holds merged adapters now; unmerge them first"
+        if why is not None:
+            raise ValueError(
+                f'add_adapter("{adapter_name}"): init_lora_weights "loftq" replaces the layer\'s full-precision '
+                f"weight by its quantized value and starts the adapter from what that loses; {why}"
+            )
+        _C._check_loftq_weight(adapter_name, self.base_layer.weight, r)
 
     def _apply_trainability(self) -> None:
         for name in self._table.names:

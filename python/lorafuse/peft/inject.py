@@ -16,6 +16,7 @@ from .. import _C
 from .._cpp import cpp_module_of as _cpp
 from ..config import LoraConfig
 from ..nn import Linear, Linear4bit, MergeError, base_kind_of, is_lora_layer
+from ..nn.base_kinds import DenseLinear
 
 
 def _model_wide(cpp_impl, result=lambda model, out: out):
@@ -135,11 +136,34 @@ def _inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> nn.Modul
     infos = [(path, type(m).__name__, _is_target(m)) for _, _, path, m in sites]
     chosen = [(i, json.loads(opts)) for i, opts in _C._select_targets(infos, config._to_json())]
     _C._validate_adapter(adapter_name, config.r, float(config.lora_alpha), float(config.lora_dropout))
+    _check_loftq(sites, chosen, adapter_name)
 
     prior_active = active_adapter(model)
     _attach(model, sites, chosen, adapter_name, keep_active=False)
     _activate_and_freeze(model, prior_active if prior_active is not None else adapter_name)
     return model
+
+
+def _check_loftq(sites, chosen, adapter_name: str) -> None:
+    """For every chosen layer whose adapter starts with LoftQ, before any changes: a plain nn.Linear base (or a
+    lorafuse layer over one) with a full-precision weight it may quantize (the layer's own rules, _check_loftq)."""
+    for index, opts in chosen:
+        if opts["init_lora_weights"] != "loftq":
+            continue
+        _, _, path, module = sites[index]
+        base = module.base_layer if is_lora_layer(module) else module
+        if is_lora_layer(module):
+            try:
+                module._check_loftq(adapter_name, opts["r"])
+            except ValueError as err:
+                raise ValueError(f'init_lora_weights "loftq": "{path}": {err}') from None
+            continue
+        if not isinstance(base_kind_of(base), DenseLinear):
+            raise ValueError(
+                f'init_lora_weights "loftq": "{path}" ({type(base).__name__}) has no full-precision nn.Linear weight '
+                "for LoftQ to quantize (a quantized base: start LoftQ from the full-precision model, then quantize it)"
+            )
+        _C._check_loftq_weight(path, base.weight, opts["r"])
 
 
 def _attach(model, sites, chosen, adapter_name: str, keep_active: bool, fill=None) -> None:
@@ -150,14 +174,17 @@ def _attach(model, sites, chosen, adapter_name: str, keep_active: bool, fill=Non
     all_disabled = _C._rules_starts_disabled(_tables(lora_layers(model)))
     for index, opts in chosen:
         parent, name, _, module = sites[index]
+        init = opts["init_lora_weights"]
         kwargs = dict(
             r=opts["r"],
             lora_alpha=opts["lora_alpha"],
             lora_dropout=opts["lora_dropout"],
             use_rslora=opts["use_rslora"],
-            init_lora_weights=opts["init_lora_weights"],
+            # adapters loaded from a file take its weights: LoftQ ran when they were made, not again on this base
+            init_lora_weights=True if fill is not None and init == "loftq" else init,
             bias=opts["bias"],
             task_type=opts["task_type"],
+            loftq_config=opts.get("loftq_config") or None,
         )
         if is_lora_layer(module):
             module.add_adapter(adapter_name, **kwargs, activate=not keep_active)
