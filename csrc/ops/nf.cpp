@@ -3,10 +3,6 @@
 #include <lorafuse/ops/nf.h>
 
 #include "csrc/ops/common/nf_checks.h"
-#include "cuda/shared/nf4.h"
-
-#include <algorithm>
-#include <iterator>
 
 namespace lorafuse {
 
@@ -148,16 +144,6 @@ double nf_bits_per_weight(at::IntArrayRef format, at::ScalarType stat_dtype) {
                    "without double quantization (stat_bits = 0), found ",
                    stat_dtype);
   return nf::bits_per_weight(f, stat_dtype == at::kFloat ? 32 : 16);
-}
-
-bool is_bnb_nf4(at::IntArrayRef format, at::ScalarType stat_dtype) {
-  TORCH_CHECK_VALUE(format.size() == 4, "lorafuse.is_bnb_nf4: format: expected [bits, blocksize, stat_bits, ",
-                    "stat_blocksize], found ", format.size(), " values");
-  const bool sizes =
-      std::find(std::begin(nf4::kBlocksizes), std::end(nf4::kBlocksizes), format[1]) != std::end(nf4::kBlocksizes);
-  const bool stats = (format[2] == 8 && format[3] == nf4::kNestedBlocksize && stat_dtype == at::kFloat) ||
-                     (format[2] == 0 && format[3] == 0);
-  return format[0] == 4 && sizes && stats;
 }
 
 }  // namespace lorafuse

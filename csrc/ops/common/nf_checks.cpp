@@ -1,5 +1,7 @@
 #include "csrc/ops/common/nf_checks.h"
 
+#include <lorafuse/ops/nf.h>
+
 #include <ATen/ops/any.h>
 #include <ATen/ops/isfinite.h>
 #include <ATen/ops/linspace.h>
@@ -10,6 +12,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <iterator>
 #include <vector>
 
 #include "csrc/ops/common/lora_linear_checks.h"
@@ -239,3 +242,19 @@ std::vector<float> statistics_code(int64_t stat_bits) {
 }
 
 }  // namespace lorafuse::detail
+
+// The public rule (lorafuse/ops/nf.h), here beside the format's other checks so that every target that reads the
+// format (the checkpoint fuzzer too) has it.
+namespace lorafuse {
+
+bool is_bnb_nf4(at::IntArrayRef format, at::ScalarType stat_dtype) {
+  TORCH_CHECK_VALUE(format.size() == 4, "lorafuse.is_bnb_nf4: format: expected [bits, blocksize, stat_bits, ",
+                    "stat_blocksize], found ", format.size(), " values");
+  const bool sizes =
+      std::find(std::begin(nf4::kBlocksizes), std::end(nf4::kBlocksizes), format[1]) != std::end(nf4::kBlocksizes);
+  const bool stats = (format[2] == 8 && format[3] == nf4::kNestedBlocksize && stat_dtype == at::kFloat) ||
+                     (format[2] == 0 && format[3] == 0);
+  return format[0] == 4 && sizes && stats;
+}
+
+}  // namespace lorafuse
