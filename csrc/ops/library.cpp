@@ -36,6 +36,33 @@ TORCH_LIBRARY(lorafuse, m) {
       "-> (Tensor out, Tensor u, Tensor rng_state)",
       {at::Tag::nondeterministic_seeded});
 
+  // ---- many adapters in one batch: each row of x goes through its own adapter (or none)
+  // Rows grouped by adapter, once per batch (CompositeExplicitAutograd; every layer of a forward shares the result):
+  // row_adapter int64 [T] holds each row's adapter index in [0, num_adapters), or -1 for the base alone → order int64
+  // [T'] (the rows that have an adapter, grouped by adapter, each group in row order) and offsets int64
+  // [num_adapters + 1] (adapter i's rows are order[offsets[i] : offsets[i + 1]]).
+  m.def("lora_segments(Tensor row_adapter, int num_adapters) -> (Tensor order, Tensor offsets)");
+  // y = base_out; y[t] += scaleᵢ·(dropout(x[t])·Aᵢᵀ)·Bᵢᵀ for every row t of adapter i's segment (lora_segments), as
+  // lora_add computes a row (float32 accumulation, float64 for float64; the dropout mask of row t is the one lora_add
+  // draws for row t of the same batch). Adapters may differ in rank; lora_a[i] [rᵢ, in], lora_b[i] [out, rᵢ];
+  // base_out [..., out], x [..., in] (rows: all but the last dimension). Differentiable in base_out, x, lora_a,
+  // lora_b: each adapter's gradients come from its rows alone.
+  m.def(
+      "lora_multi_add(Tensor base_out, Tensor x, Tensor[] lora_a, Tensor[] lora_b, float[] scale, Tensor order, "
+      "Tensor offsets, float dropout_p=0.0) -> Tensor",
+      {at::Tag::nondeterministic_seeded});
+  // Training forward of lora_multi_add: also the dropout rng_state [2] for backward.
+  m.def(
+      "lora_multi_add_forward(Tensor base_out, Tensor x, Tensor[] lora_a, Tensor[] lora_b, float[] scale, "
+      "Tensor order, Tensor offsets, float dropout_p) -> (Tensor out, Tensor rng_state)",
+      {at::Tag::nondeterministic_seeded});
+  // Its backward for x and every adapter (output_mask = (x, lora_a, lora_b)); grad base_out is grad_out itself.
+  // grad_x [..., in] holds the LoRA terms (rows without an adapter: 0); unrequested grads are empty.
+  m.def(
+      "lora_multi_add_backward(Tensor grad_out, Tensor x, Tensor[] lora_a, Tensor[] lora_b, float[] scale, "
+      "Tensor order, Tensor offsets, Tensor rng_state, float dropout_p, bool[3] output_mask) "
+      "-> (Tensor grad_x, Tensor[] grad_lora_a, Tensor[] grad_lora_b)");
+
   // ---- merging: device-generic (CompositeExplicitAutograd), no gradients
   // scale·B·A [out, in] in float32 (float64 when A is float64): what an adapter adds to the base weight.
   m.def("lora_delta_weight(Tensor lora_a, Tensor lora_b, float scale) -> Tensor");

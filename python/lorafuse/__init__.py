@@ -13,7 +13,10 @@ from .ops import (
     Nf4Weight,
     dequantize_nf,
     dequantize_nf4,
+    LoraSegments,
     lora_linear,
+    lora_multi_add,
+    lora_segments,
     nf4_linear,
     nf4_lora_linear,
     nf_linear,
@@ -67,6 +70,9 @@ def has_cuda_kernels() -> bool:
 
 __all__ = [
     "lora_linear",
+    "LoraSegments",
+    "lora_segments",
+    "lora_multi_add",
     "quantize_nf4",
     "dequantize_nf4",
     "nf4_linear",

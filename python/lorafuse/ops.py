@@ -182,3 +182,44 @@ def nf4_lora_linear(
     return torch.ops.lorafuse.nf4_lora_linear(
         x, *q, int(blocksize), int(out_features), bias, lora_a, lora_b, float(scale), float(dropout_p)
     )
+
+
+class LoraSegments(NamedTuple):
+    """A batch's rows grouped by adapter (:func:`lora_segments`): adapter i's rows are
+    ``order[offsets[i]:offsets[i + 1]]``."""
+
+    order: Tensor  #: int64 [rows with an adapter], adapter by adapter, each adapter's rows in order
+    offsets: Tensor  #: int64 [adapters + 1]
+
+
+def lora_segments(row_adapter: Tensor, num_adapters: int) -> LoraSegments:
+    """Groups a batch's rows by adapter, once per batch (every layer of the forward reuses the result).
+
+    Args:
+        row_adapter: int64 ``[rows]``: each row's adapter index in ``[0, num_adapters)``, or -1 for the base alone.
+        num_adapters: how many adapters the indices refer to.
+    """
+    return LoraSegments(*torch.ops.lorafuse.lora_segments(row_adapter, int(num_adapters)))
+
+
+def lora_multi_add(
+    base_out: Tensor,
+    x: Tensor,
+    lora_a: Sequence[Tensor],
+    lora_b: Sequence[Tensor],
+    scale: Sequence[float],
+    segments: LoraSegments,
+    dropout_p: float = 0.0,
+) -> Tensor:
+    """Many adapters in one batch: ``base_out`` plus, for each row t of adapter i's segment, ``scale[i] *
+    (dropout(x[t]) @ lora_a[i].T) @ lora_b[i].T`` — each row as :func:`torch.ops.lorafuse.lora_add` computes it
+    (accumulation dtype, dropout mask of that row of the batch); rows without an adapter keep ``base_out``.
+
+    Adapters may differ in rank (``lora_a[i]`` ``[r_i, in]``, ``lora_b[i]`` ``[out, r_i]``); nothing is padded.
+    Differentiable in ``base_out``, ``x`` and every adapter's A and B: an adapter's gradients come from its own rows,
+    as if it had been trained on them alone, so one backward trains several adapters at once.
+    """
+    return torch.ops.lorafuse.lora_multi_add(
+        base_out, x, list(lora_a), list(lora_b), [float(s) for s in scale], segments.order, segments.offsets,
+        float(dropout_p),
+    )

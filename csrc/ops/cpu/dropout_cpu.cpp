@@ -260,12 +260,14 @@ at::Tensor lora_shrink_backward(const at::Tensor& x2, const at::Tensor& v, uint6
   return threads == 1 ? partial.select(0, 0) : partial.sum(0);
 }
 
-void dropout_mask_(at::Tensor& t, uint64_t seed, uint64_t offset, double p) {
-  const int64_t rows = t.size(0), in = t.size(1);
+void dropout_mask_(at::Tensor& t, uint64_t seed, uint64_t offset, double p, const int64_t* rows) {
+  const int64_t count = t.size(0), in = t.size(1);
   if (t.numel() == 0) return;
   const uint32_t threshold = philox::keep_threshold(p);
-  at::parallel_for(0, rows, kRowsPerTask, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) mask_row(t, row, row_words(row, in, seed, offset), threshold, p);
+  at::parallel_for(0, count, kRowsPerTask, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      mask_row(t, row, row_words(rows != nullptr ? rows[row] : row, in, seed, offset), threshold, p);
+    }
   });
 }
 

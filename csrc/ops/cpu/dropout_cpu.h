@@ -16,8 +16,9 @@ const uint32_t* mask_words(uint64_t seed, uint64_t offset, uint64_t e0, int64_t 
 // A fresh seed from torch's default CPU generator (so torch.manual_seed makes runs reproducible).
 uint64_t draw_seed();
 
-// t *= mask / (1 - p), in place (dropped elements become exact zeros); t contiguous [T, in].
-void dropout_mask_(at::Tensor& t, uint64_t seed, uint64_t offset, double p);
+// t *= mask / (1 - p), in place (dropped elements become exact zeros); t contiguous [T, in]. With `rows`, row j of t
+// takes the mask of row rows[j] of the batch (the rows of one adapter, gathered by lora_multi_add); else its own.
+void dropout_mask_(at::Tensor& t, uint64_t seed, uint64_t offset, double p, const int64_t* rows = nullptr);
 
 // u = dropout(x2)·aᵀ ([T, r], a's dtype: the accumulation dtype), where dropout(x2) = x2 ⊙ keep / (1 - p) in that
 // dtype (element e of x2 kept when its mask_words word >= philox::keep_threshold(p); x2 cast when p = 0), without a

@@ -1,0 +1,19 @@
+// Argument validation of the multi-adapter ops (CPU, Meta, and the composites): each failure names the argument (and
+// the adapter), what was found and what was expected.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+namespace lorafuse::detail {
+
+// lora_segments: row_adapter int64 1-D; each value in [-1, num_adapters) (read on any device: one small copy).
+void check_lora_segments_args(const char* op, const at::Tensor& row_adapter, int64_t num_adapters);
+
+// lora_multi_add: at least one adapter; lora_b and scale one entry per adapter; each adapter by lora_add's rules
+// (named "op (adapter i)"); order int64 1-D and offsets int64 [adapters + 1] on x's device. With `values` (kernels that
+// read them), also offsets non-decreasing from 0 to order's length and every row index in [0, rows of x).
+void check_lora_multi_add_args(const char* op, const at::Tensor& base_out, const at::Tensor& x, at::TensorList lora_a,
+                               at::TensorList lora_b, at::ArrayRef<double> scale, const at::Tensor& order,
+                               const at::Tensor& offsets, double dropout_p, bool values);
+
+}  // namespace lorafuse::detail
