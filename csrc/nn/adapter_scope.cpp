@@ -15,7 +15,7 @@ std::atomic<uint64_t> next_scope_id{1};
 }  // namespace
 
 AdapterScope::AdapterScope(std::string adapter_name) : id_(next_scope_id++) {
-  if (!adapter_name.empty()) check_adapter_name(adapter_name);
+  if (!adapter_name.empty() && adapter_name != kMixedBatch) check_adapter_name(adapter_name);
   t_scopes.emplace_back(id_, std::move(adapter_name));
 }
 

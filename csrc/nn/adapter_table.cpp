@@ -1,4 +1,5 @@
 #include <c10/util/Exception.h>
+#include <lorafuse/nn/adapter_scope.h>
 #include <lorafuse/nn/adapter_table.h>
 #include <lorafuse/ops/nf.h>
 #include <torch/csrc/autograd/grad_mode.h>
@@ -93,6 +94,9 @@ void AdapterTable::activate(const std::string& name) {
 
 std::string AdapterTable::route(const std::optional<std::string>& scoped) const {
   const std::string& name = scoped ? *scoped : active_;
+  TORCH_CHECK_NOT_IMPLEMENTED(name != AdapterScope::kMixedBatch,
+                              "use_adapter with one adapter name per row (a mixed batch): lorafuse's C++ LoRA layers "
+                              "run one adapter per forward so far; split the batch by adapter or use Python layers");
   if (!enabled_) return "";
   if (!merged_.empty()) {
     TORCH_CHECK_VALUE(name == active_, "AdapterScope(\"", name, "\"): this layer has ", join(merged_),

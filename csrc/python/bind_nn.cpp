@@ -242,12 +242,14 @@ void bind_nn(py::module& m) {
     std::unique_ptr<nn::AdapterScope> scope;
   };
   py::class_<Scope>(m, "_AdapterScope")
-      .def(py::init([](const std::string& name) {
-        translating([&] {
-          if (!name.empty()) nn::check_adapter_name(name);
-        });
-        return Scope{name, nullptr};
-      }))
+      .def(py::init([](const std::string& name, bool mixed) {
+             if (mixed) return Scope{nn::AdapterScope::kMixedBatch, nullptr};
+             translating([&] {
+               if (!name.empty()) nn::check_adapter_name(name);
+             });
+             return Scope{name, nullptr};
+           }),
+           py::arg("name"), py::arg("mixed") = false)
       .def("__enter__", [](Scope& s) { s.scope = std::make_unique<nn::AdapterScope>(s.name); })
       .def("__exit__", [](Scope& s, const py::args&) { s.scope.reset(); });
   m.def(

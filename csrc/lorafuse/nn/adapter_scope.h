@@ -23,6 +23,10 @@ class AdapterScope {
   AdapterScope& operator=(const AdapterScope&) = delete;
   /// The innermost open scope's adapter on this thread, or nullopt outside any scope.
   static std::optional<std::string> current();
+  /// The scope name of a mixed batch (Python's use_adapter with one adapter per row, which Python layers route
+  /// themselves): no adapter can have it (it holds a control character), and a C++ layer refuses it rather than run
+  /// the batch through one adapter.
+  static constexpr const char* kMixedBatch = "\x1fmixed batch";
 
  private:
   uint64_t id_;

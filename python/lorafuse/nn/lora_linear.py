@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from typing import Dict, List, NamedTuple, Optional, Sequence, Union
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -25,7 +25,18 @@ _thread_scope = threading.local()
 _open_scopes = 0
 
 
-def _scope_enter(name: str) -> object:
+class _MixedBatch:
+    """A scope's per-row adapter names (use_adapter with a list) and what layers computed from them once per forward:
+    segments per (this layer's adapter indices, rows, tokens per row, device)."""
+
+    BASE = ("", "__base__")  #: names of rows that run the base alone
+
+    def __init__(self, names: Tuple[str, ...]) -> None:
+        self.names = names
+        self.segments: Dict[tuple, object] = {}
+
+
+def _scope_enter(name) -> object:
     """Pushes ``name`` on this thread's stack; returns the token that removes it."""
     global _open_scopes
     stack = getattr(_thread_scope, "stack", None)
@@ -489,6 +500,8 @@ class Linear(nn.Module):
             stack = getattr(_thread_scope, "stack", None)
             if stack:
                 name = stack[-1][1]
+                if isinstance(name, _MixedBatch):
+                    return self._mixed_forward(x, name)
                 scoped = self._scoped  # one snapshot: other threads may refresh it meanwhile
                 if name in scoped:
                     route = scoped[name]
@@ -509,6 +522,51 @@ class Linear(nn.Module):
             return kind.lora_forward(base, x, a, b, scale, p)
         # the base as it is (its own forward, its hooks, a thawed weight), the branch added by lora_add
         return lora_add(check_base_output(base(x), base, x, self.out_features), x, a, b, scale, p)
+
+    def _mixed_forward(self, x: Tensor, mixed: _MixedBatch) -> Tensor:
+        """One adapter per row of x's first dimension (use_adapter with a list): the base once for the whole batch,
+        then each row's adapter (lorafuse.lora_multi_add); rows whose adapter this layer lacks, and "__base__"
+        rows, keep the base's output."""
+        base = self.base_layer
+        table = self._table
+        if table.merged:
+            raise ValueError(
+                f"use_adapter({list(mixed.names)}): this layer has {table.merged} merged into its weight; a batch "
+                "with one adapter per row needs unmerged adapters (unmerge first)"
+            )
+        names = mixed.names
+        rows = x.shape[0] if x.dim() >= 2 else 1
+        if rows % len(names) != 0:
+            raise ValueError(
+                f"use_adapter: {len(names)} adapter names for a batch of {rows} rows; expected one name per row (or "
+                "per group of consecutive rows, as generate repeats rows for beams and num_return_sequences)"
+            )
+        routes = self._routes  # one snapshot: other threads may refresh it meanwhile
+        present = [n for n in dict.fromkeys(names) if n not in _MixedBatch.BASE and n in routes]
+        if not table.enabled or not present:
+            return base(x)
+        index = {n: i for i, n in enumerate(present)}
+        per_name = tuple(index.get(n, -1) for n in names)
+        tokens = x.numel() // max(1, x.shape[-1]) // max(1, rows)
+        key = (per_name, len(present), rows, tokens, x.device)
+        segments = mixed.segments.get(key)
+        if segments is None:
+            row_adapter = torch.tensor(per_name, device=x.device).repeat_interleave(rows // len(names))
+            segments = torch.ops.lorafuse.lora_segments(row_adapter.repeat_interleave(tokens), len(present))
+            mixed.segments[key] = segments
+        chosen = [routes[n] for n in present]
+        dropouts = {r[3] for r in chosen}
+        if self.training and len(dropouts) > 1:
+            raise ValueError(
+                f"use_adapter({list(names)}): adapters {present} have different lora_dropout {sorted(dropouts)}; a "
+                "mixed batch trains with one dropout probability (train them in separate batches, or evaluate)"
+            )
+        p = dropouts.pop() if self.training else 0.0
+        base_out = check_base_output(base(x), base, x, self.out_features)
+        return torch.ops.lorafuse.lora_multi_add(
+            base_out, x, [r[0].weight for r in chosen], [r[1].weight for r in chosen], [float(r[2]) for r in chosen],
+            segments[0], segments[1], float(p),
+        )
 
     def extra_repr(self) -> str:
         return self._table.describe()

@@ -4,7 +4,7 @@ mechanism for C++ and Python layers)."""
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Iterator, Sequence, Union
 
 from .. import _C
 from ..nn import lora_linear as _layer
@@ -12,13 +12,35 @@ from .files import _check_name
 
 
 @contextlib.contextmanager
-def use_adapter(adapter_name: str) -> Iterator[None]:
+def use_adapter(adapter_name: Union[str, Sequence[str]]) -> Iterator[None]:
     """For the current thread only, inside the ``with`` block: every lorafuse LoRA layer (Python and C++)
     runs adapter ``adapter_name`` instead of its active one; a layer without it runs as its base, and
     ``""`` runs the base model. Other threads are not affected, so each can serve its own adapter of one
     model at the same time. Scopes nest: the innermost open one decides, and one that closes out of order
     (a suspended generator) removes only itself. A layer with a merged adapter accepts only its active
-    adapter. Activation checkpointing recomputes forward during backward: run backward inside the scope."""
+    adapter. Activation checkpointing recomputes forward during backward: run backward inside the scope.
+
+    A list gives one adapter per row of the batch (PEFT's ``adapter_names``): row i of every layer's input runs
+    ``adapter_name[i]``, ``"__base__"`` (or ``""``) the base model; rows of adapters that a layer lacks run its base
+    there. The base computes the whole batch at once and each row adds its own adapter (lorafuse.lora_multi_add), so a
+    batch of many adapters costs about one forward; each row's output equals running it alone with its adapter. The
+    list's length must divide the batch (generate repeats each row for beams and ``num_return_sequences``: the names
+    follow). Training works too: each adapter's gradients are those of its rows. Python layers only (C++ layers
+    refuse it), adapters unmerged."""
+    if not isinstance(adapter_name, str):
+        names = tuple(adapter_name) if isinstance(adapter_name, (list, tuple)) else None
+        if not names or not all(isinstance(n, str) for n in names):
+            raise TypeError(
+                "use_adapter: adapter_name: expected a str or a non-empty list of str (one per row), found "
+                f"{adapter_name!r}"
+            )
+        with _C._AdapterScope("", mixed=True):  # C++ layers refuse a mixed batch rather than misroute it
+            token = _layer._scope_enter(_layer._MixedBatch(names))
+            try:
+                yield
+            finally:
+                _layer._scope_exit(token)
+        return
     _check_name(adapter_name, "use_adapter")
     scope = _C._AdapterScope(adapter_name)  # the C++ per-thread scope: Python and C++ layers both read it
     with scope:

@@ -1,6 +1,8 @@
 // The multi-adapter ops from LibTorch (<lorafuse/ops/lora_multi.h>): segments, each row equal to lora_add with its
 // adapter, heterogeneous ranks, and autograd through the dispatcher giving each adapter its own rows' gradients.
 #include <ATen/ATen.h>
+#include <lorafuse/nn/adapter_scope.h>
+#include <lorafuse/nn/lora_linear.h>
 #include <lorafuse/ops/lora_add.h>
 #include <lorafuse/ops/lora_multi.h>
 #include <torch/csrc/autograd/autograd.h>
@@ -55,4 +57,12 @@ TEST_CASE("lora_multi_add: each row through its own adapter", "[ops][lora_multi]
         lorafuse::lora_multi_add(base, x, {a[0]}, {b[0], b[1]}, scale, segments);
       },
       {"lora_a, lora_b and scale: expected one entry per adapter, found 1, 2 and 2"});
+}
+
+TEST_CASE("C++ LoRA layers refuse a mixed-batch scope rather than run one adapter", "[ops][lora_multi]") {
+  lorafuse::nn::LoraLinear layer(lorafuse::nn::LoraLinearOptions(8, 6));
+  const at::Tensor x = at::randn({2, 8});
+  const lorafuse::nn::AdapterScope scope(lorafuse::nn::AdapterScope::kMixedBatch);
+  require_error_parts<c10::NotImplementedError>([&] { layer->forward(x); },
+                                                {"use_adapter with one adapter name per row (a mixed batch)"});
 }
