@@ -52,13 +52,27 @@ std::tuple<at::Tensor, at::Tensor> lora_multi_add_forward_cpu(const at::Tensor& 
   at::Tensor rng_state = forward_rng_state(x, dropout_p, seed);
   const at::Tensor x2 = x.reshape({tokens, in});
   at::Tensor y2 = base_out.reshape({tokens, out}).clone(at::MemoryFormat::Contiguous);
-  for_each_segment(order, offsets, [&](int64_t i, const at::Tensor& rows) {
+  // the rows gathered once in segment order, each segment's branch into its slice of delta, then one scatter-add
+  // (each row once): y = base_out + delta, delta rounded to y's dtype first for 16-bit outputs as lora_add does
+  const at::Tensor sorted = x2.index_select(0, order);  // [T', in]
+  const at::ScalarType delta_dtype = y2.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor delta = at::empty({order.size(0), out}, y2.options().dtype(delta_dtype));
+  const at::Tensor off = offsets.contiguous();
+  const int64_t* o = off.const_data_ptr<int64_t>();
+  for (size_t i = 0; i < lora_a.size(); ++i) {
+    const int64_t start = o[i], n = o[i + 1] - o[i];
+    if (n == 0) continue;
     const at::ScalarType acc = detail::lora_acc_dtype(x, lora_a[i]);
-    const at::Tensor u = at::mm(dropped_rows(x2, rows, acc, seed, dropout_p), lora_a[i].to(acc).t());  // [n, r]
-    at::Tensor ys = y2.index_select(0, rows);
-    add_expand_(ys, u, lora_b[i], scale[i]);
-    y2.index_copy_(0, rows, ys);
-  });
+    at::Tensor xs = sorted.narrow(0, start, n).to(acc);
+    if (dropout_p > 0.0) {
+      xs = xs.clone(at::MemoryFormat::Contiguous);
+      dropout_mask_(xs, seed, /*offset=*/0, dropout_p,
+                    order.narrow(0, start, n).contiguous().const_data_ptr<int64_t>());
+    }
+    const at::Tensor u = at::mm(xs, lora_a[i].to(acc).t());  // [n, r]
+    delta.narrow(0, start, n).copy_(at::mm(u, lora_b[i].to(acc).t()).mul_(scale[i]));
+  }
+  y2.index_add_(0, order, delta.to(y2.scalar_type()));
   return {y2.view(base_out.sizes()), rng_state};
 }
 

@@ -510,6 +510,10 @@ class Linear(nn.Module):
                     route = self._routes.get(target) if target else None
                 else:  # a name this layer lacks: its base
                     route = None
+        return self._routed_forward(x, route)
+
+    def _routed_forward(self, x: Tensor, route: Optional[list]) -> Tensor:
+        """The base alone (route None) or with one adapter's branch for the whole batch."""
         base = self.base_layer
         if route is None:
             return base(x)
@@ -554,6 +558,8 @@ class Linear(nn.Module):
             row_adapter = torch.tensor(per_name, device=x.device).repeat_interleave(rows // len(names))
             segments = torch.ops.lorafuse.lora_segments(row_adapter.repeat_interleave(tokens), len(present))
             mixed.segments[key] = segments
+        if len(present) == 1 and all(n == present[0] for n in names):  # one adapter for every row: the plain path
+            return self._routed_forward(x, routes[present[0]])
         chosen = [routes[n] for n in present]
         dropouts = {r[3] for r in chosen}
         if self.training and len(dropouts) > 1:
