@@ -92,3 +92,20 @@ def test_refusals():
     with pytest.raises(ValueError, match="merged into its weight; a batch with one adapter per row needs unmerged"):
         with lorafuse.use_adapter(NAMES):
             model(input_ids=IDS)
+
+
+def test_a_4bit_base_and_a_base_called_as_it_is_route_rows_too():
+    """QLoRA layers (a lorafuse Linear4bit base) and a hooked base (called as it is) give each row its adapter."""
+    model = tiny_llama()
+    lorafuse.quantize_model(model, lorafuse.QuantConfig(modules_to_not_convert=["lm_head", "o_proj"]))
+    model.model.layers[0].self_attn.o_proj.register_forward_hook(lambda m, i, o: o * 1.0)
+    lorafuse.inject_lora(model, lorafuse.LoraConfig(r=4, target_modules=["q_proj", "o_proj"],
+                                                    init_lora_weights=False), "a")
+    lorafuse.add_adapter(model, "b", lorafuse.LoraConfig(r=6, target_modules=["q_proj", "o_proj"],
+                                                         init_lora_weights=False))
+    model.eval()
+    names = ["b", "a", "b", "__base__"]
+    with lorafuse.use_adapter(names), torch.no_grad():
+        mixed = model(input_ids=IDS).logits
+    for i, name in enumerate(names):
+        torch.testing.assert_close(mixed[i], alone(model, IDS[i : i + 1], name)[0], rtol=1e-5, atol=1e-5)
