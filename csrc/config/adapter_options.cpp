@@ -1,6 +1,8 @@
 #include <c10/util/Exception.h>
 #include <lorafuse/config/adapter_options.h>
 
+#include "csrc/config/adapter_json.h"
+
 #include <cctype>
 #include <cmath>
 #include <nlohmann/json.hpp>
@@ -101,15 +103,12 @@ c10::ScalarType dtype_named(const std::string& name, const std::string& what) {
 }  // namespace
 
 std::string adapter_options_json(const LoraAdapterOptions& a) {
-  const auto init = a.init_lora_weights().str();
   return json{{"r", a.r()},
               {"lora_alpha", a.lora_alpha()},
               {"lora_dropout", a.lora_dropout()},
               {"use_rslora", a.use_rslora()},
-              {"init_lora_weights", init == "gaussian" || init == "loftq" ? json(init) : json(init == "true")},
-              {"loftq_config", init == "loftq" ? json{{"loftq_bits", a.loftq_config().loftq_bits()},
-                                                      {"loftq_iter", a.loftq_config().loftq_iter()}}
-                                               : json::object()},
+              {"init_lora_weights", detail::init_lora_weights_json(a.init_lora_weights())},
+              {"loftq_config", detail::loftq_config_json(a.init_lora_weights(), a.loftq_config())},
               {"bias", a.bias()},
               {"task_type", a.task_type().empty() ? json(nullptr) : json(a.task_type())},
               {"dtype", a.dtype() ? json(c10::toString(*a.dtype())) : json(nullptr)}}
@@ -128,11 +127,7 @@ LoraAdapterOptions adapter_options_from_json(const std::string& text, const std:
     a.init_lora_weights(init.is_boolean() ? InitLoraWeights(init.get<bool>())
                                           : InitLoraWeights(init.get<std::string>()));
     if (j.contains("dtype") && !j.at("dtype").is_null()) a.dtype(dtype_named(j.at("dtype").get<std::string>(), what));
-    if (j.contains("loftq_config") && !j.at("loftq_config").empty()) {  // absent in archives before LoftQ
-      a.loftq_config(LoftqConfig()
-                         .loftq_bits(j.at("loftq_config").at("loftq_bits").get<int64_t>())
-                         .loftq_iter(j.at("loftq_config").at("loftq_iter").get<int64_t>()));
-    }
+    if (j.contains("loftq_config")) a.loftq_config(detail::loftq_config_from_json(j.at("loftq_config"), what));
     // absent in archives written before task_type existed
     if (j.contains("task_type") && !j.at("task_type").is_null()) a.task_type(j.at("task_type").get<std::string>());
     a.validate();
@@ -143,3 +138,36 @@ LoraAdapterOptions adapter_options_from_json(const std::string& text, const std:
 }
 
 }  // namespace lorafuse::nn
+
+namespace lorafuse::detail {
+
+nlohmann::ordered_json init_lora_weights_json(const nn::InitLoraWeights& init) {
+  const auto text = init.str();
+  return text == "true" || text == "false" ? nlohmann::ordered_json(text == "true") : nlohmann::ordered_json(text);
+}
+
+nlohmann::ordered_json loftq_config_json(const nn::InitLoraWeights& init, const nn::LoftqConfig& loftq) {
+  if (init.kind() != nn::InitLoraWeights::Kind::kLoftq) return nlohmann::ordered_json::object();
+  return {{"loftq_bits", loftq.loftq_bits()}, {"loftq_iter", loftq.loftq_iter()}};
+}
+
+nn::LoftqConfig loftq_config_from_json(const nlohmann::ordered_json& value, const std::string& what) {
+  TORCH_CHECK_VALUE(value.is_object(), what, ": loftq_config must be an object, found ", value.type_name(), " ",
+                    value.dump());
+  nn::LoftqConfig loftq;
+  for (const auto& [field, v] : value.items()) {
+    const bool bits = field == "loftq_bits";
+    TORCH_CHECK_VALUE(bits || field == "loftq_iter", what, ": loftq_config: unknown field \"", field,
+                      "\" (expected loftq_bits, loftq_iter)");
+    TORCH_CHECK_VALUE(v.is_number_integer(), what, ": loftq_config.", field, " must be an integer, found ",
+                      v.type_name(), " ", v.dump());
+    if (bits) {
+      loftq.loftq_bits(v.get<int64_t>());
+    } else {
+      loftq.loftq_iter(v.get<int64_t>());
+    }
+  }
+  return loftq;
+}
+
+}  // namespace lorafuse::detail

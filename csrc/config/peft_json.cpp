@@ -7,6 +7,7 @@
 #include <nlohmann/json.hpp>
 
 #include <set>
+#include "csrc/config/adapter_json.h"
 #include "csrc/config/json.h"
 
 namespace lorafuse {
@@ -145,20 +146,7 @@ PeftLoraConfig lora_config_from_peft_json(const std::string& json_text, const st
       c.init_lora_weights(value.is_boolean() ? nn::InitLoraWeights(value.get<bool>())
                                              : nn::InitLoraWeights(value.get<std::string>()));
     } else if (key == "loftq_config") {
-      TORCH_CHECK_VALUE(value.is_object(), what, ": loftq_config must be an object, found ", type_of(value), " ",
-                        value.dump());
-      nn::LoftqConfig loftq;
-      for (const auto& [field, v] : value.items()) {
-        if (field == "loftq_bits") {
-          loftq.loftq_bits(integer(v, what, "loftq_config.loftq_bits"));
-        } else if (field == "loftq_iter") {
-          loftq.loftq_iter(integer(v, what, "loftq_config.loftq_iter"));
-        } else {
-          TORCH_CHECK_VALUE(false, what, ": loftq_config: unknown field \"", field,
-                            "\" (expected loftq_bits, loftq_iter)");
-        }
-      }
-      c.loftq_config(loftq);
+      c.loftq_config(detail::loftq_config_from_json(value, what));
     } else {
       file.warnings.push_back(what + ": unknown field \"" + key + "\" (= " + value.dump() + ") ignored");
     }
@@ -195,11 +183,8 @@ std::string lora_config_to_peft_json(const LoraConfig& c, const std::string& bas
   j["layers_to_transform"] = nullptr;
   j["layers_pattern"] = nullptr;
   j["use_dora"] = false;
-  const auto init = c.init_lora_weights().str();
-  j["init_lora_weights"] = init == "gaussian" || init == "loftq" ? json(init) : json(init == "true");
-  j["loftq_config"] = init == "loftq" ? json{{"loftq_bits", c.loftq_config().loftq_bits()},
-                                             {"loftq_iter", c.loftq_config().loftq_iter()}}
-                                      : json::object();
+  j["init_lora_weights"] = detail::init_lora_weights_json(c.init_lora_weights());
+  j["loftq_config"] = detail::loftq_config_json(c.init_lora_weights(), c.loftq_config());
   json ranks = json::object();
   for (const auto& [key, r] : c.rank_pattern()) ranks[key] = r;
   json alphas = json::object();

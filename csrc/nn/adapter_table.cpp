@@ -220,7 +220,9 @@ void init_adapter_weights_loftq(const at::Tensor& base_weight, at::Tensor& a, at
   b.copy_(init.lora_b.div(root));
 }
 
-void check_loftq_weight(const std::string& path, const at::Tensor& weight, int64_t r) {
+void check_loftq_weight(const std::string& path, const at::Tensor& weight, int64_t r, const AdapterTable* table) {
+  TORCH_CHECK_VALUE(table == nullptr || table->merged().empty(), "init_lora_weights \"loftq\": \"", path,
+                    "\": its weight holds merged adapters now; unmerge them first");
   TORCH_CHECK_VALUE(weight.dim() == 2 && r <= std::min(weight.size(0), weight.size(1)),
                     "init_lora_weights \"loftq\": \"", path, "\": r = ", r, " exceeds min(out, in) of its ",
                     weight.sizes(), " weight");

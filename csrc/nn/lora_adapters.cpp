@@ -39,8 +39,7 @@ void LoraAdapters::add(const std::string& name, const LoraAdapterOptions& adapte
     TORCH_CHECK_VALUE(dense_weight.defined(), "add_adapter(\"", name, "\"): init_lora_weights \"loftq\" replaces the ",
                       "layer's full-precision weight by its quantized value and starts the adapter from what that ",
                       "loses; ", refusal.empty() ? "this layer has no such weight" : refusal);
-    TORCH_CHECK_VALUE(table_.merged().empty(), "add_adapter(\"", name, "\"): init_lora_weights \"loftq\" quantizes ",
-                      "the base weight, which holds merged adapters now; unmerge them first");
+    check_loftq_weight("add_adapter(" + name + ")", dense_weight, adapter.r(), &table_);
   }
   create_weights(name, base.dtype(dtype), adapter.r());
   if (loftq) {  // before the table changes: an error (in the decomposition, before any write) leaves the layer as it

@@ -144,17 +144,17 @@ void check_loftq(const std::vector<Site>& sites, const std::vector<TargetChoice>
     if (c.adapter.init_lora_weights().kind() != nn::InitLoraWeights::Kind::kLoftq) continue;
     const Site& s = sites[c.index];
     at::Tensor weight;
+    const nn::AdapterTable* table = nullptr;
     if (const auto* lora = s.module->as<nn::LoraLinearImpl>()) {
-      TORCH_CHECK_VALUE(lora->adapters().merged().empty(), "init_lora_weights \"loftq\": \"", s.path,
-                        "\" holds merged adapters in its weight; unmerge them first");
       weight = lora->base_layer->weight;
+      table = &lora->adapters();
     } else if (const auto* linear = s.module->as<torch::nn::LinearImpl>()) {
       weight = linear->weight;
     }
     TORCH_CHECK_VALUE(weight.defined(), "init_lora_weights \"loftq\": \"", s.path, "\" (", s.module->name(),
                       ") has no full-precision torch::nn::Linear weight for LoftQ to quantize (a quantized base: start "
                       "LoftQ from the full-precision model, then quantize it)");
-    nn::check_loftq_weight(s.path, weight, c.adapter.r());
+    nn::check_loftq_weight(s.path, weight, c.adapter.r(), table);
   }
 }
 

@@ -2,6 +2,8 @@
 // adapter scope.
 #include "csrc/python/convert.h"
 
+#include "csrc/config/adapter_json.h"
+
 #include <lorafuse/nn/adapter_scope.h>
 #include <lorafuse/nn/adapter_table.h>
 #include <lorafuse/nn/lora_linear.h>
@@ -34,18 +36,9 @@ void bind_adapter_table(py::module& m) {
                    .dtype(dtype)
                    .task_type(task_type.value_or(""));
                if (loftq_config.has_value()) {
-                 nn::LoftqConfig loftq;
-                 for (const auto& [key, value] : *loftq_config) {
-                   if (key == "loftq_bits") {
-                     loftq.loftq_bits(value);
-                   } else if (key == "loftq_iter") {
-                     loftq.loftq_iter(value);
-                   } else {
-                     TORCH_CHECK_VALUE(false, "loftq_config: unknown field \"", key,
-                                       "\" (expected loftq_bits, loftq_iter)");
-                   }
-                 }
-                 o.loftq_config(loftq);
+                 nlohmann::ordered_json fields = nlohmann::ordered_json::object();
+                 for (const auto& [key, value] : *loftq_config) fields[key] = value;
+                 o.loftq_config(detail::loftq_config_from_json(fields, "AdapterOptions"));
                }
                o.validate();
                return o;
@@ -60,9 +53,9 @@ void bind_adapter_table(py::module& m) {
       .def_property_readonly("use_rslora", [](const LoraAdapterOptions& o) { return o.use_rslora(); })
       .def_property_readonly("init_lora_weights",
                              [](const LoraAdapterOptions& o) -> py::object {
-                               const auto init = o.init_lora_weights().str();
-                               if (init == "gaussian" || init == "loftq") return py::str(init);
-                               return py::bool_(init == "true");
+                               const auto init = detail::init_lora_weights_json(o.init_lora_weights());
+                               if (init.is_string()) return py::str(init.get<std::string>());
+                               return py::bool_(init.get<bool>());
                              })
       .def_property_readonly("loftq_config",
                              [](const LoraAdapterOptions& o) {
@@ -159,10 +152,11 @@ void bind_adapter_table(py::module& m) {
       "(lorafuse::nn::init_adapter_weights_loftq).");
   m.def(
       "_check_loftq_weight",
-      [](const std::string& path, const at::Tensor& weight, int64_t r) {
-        translating([&] { nn::check_loftq_weight(path, weight, r); });
+      [](const std::string& path, const at::Tensor& weight, int64_t r, const nn::AdapterTable* table) {
+        translating([&] { nn::check_loftq_weight(path, weight, r, table); });
       },
-      py::arg("path"), py::arg("weight"), py::arg("r"), "lorafuse::nn::check_loftq_weight.");
+      py::arg("path"), py::arg("weight"), py::arg("r"), py::arg("table") = nullptr,
+      "lorafuse::nn::check_loftq_weight.");
 }
 
 }  // namespace

@@ -12,13 +12,10 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/max.h>
-#include <ATen/ops/mean.h>
-#include <ATen/ops/min.h>
 #include <ATen/ops/mm.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <array>
 #include <cmath>
 #include <optional>
 #include <tuple>
@@ -27,7 +24,6 @@
 #include "csrc/ops/common/nf_checks.h"
 #include "cuda/common/launch.h"
 #include "cuda/nf/nf_launch.cuh"
-#include "cuda/shared/nf_code.h"
 
 namespace lorafuse::cuda {
 namespace {
@@ -41,24 +37,6 @@ struct CudaLauncher {
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 };
-
-// The NF-b code of each bit width and the statistics' code of each stat_bits, built once.
-const std::vector<float>& weight_code(int64_t bits) {
-  static const std::array<std::vector<float>, nf::kMaxBits + 1> tables = [] {
-    std::array<std::vector<float>, nf::kMaxBits + 1> t;
-    for (int b = nf::kMinBits; b <= nf::kMaxBits; ++b) t[static_cast<size_t>(b)] = nf::code(b);
-    return t;
-  }();
-  return tables[static_cast<size_t>(bits)];
-}
-const std::vector<float>& statistics_code(int64_t stat_bits) {
-  static const std::array<std::vector<float>, nf::kMaxBits + 1> tables = [] {
-    std::array<std::vector<float>, nf::kMaxBits + 1> t;
-    for (int b = nf::kMinBits; b <= nf::kMaxBits; ++b) t[static_cast<size_t>(b)] = lorafuse::detail::statistics_code(b);
-    return t;
-  }();
-  return tables[static_cast<size_t>(stat_bits)];
-}
 
 // The device view of the weight (tensors made contiguous, 16-bit scales widened to float32, all kept alive here).
 struct Weight {
@@ -77,8 +55,8 @@ Weight weight_of(const at::Tensor& packed, const at::Tensor& absmax, const std::
   }
   w.view = nf_view(f, w.packed.data_ptr<uint8_t>(), nested ? nullptr : w.absmax.data_ptr<float>(),
                    nested ? w.absmax.data_ptr<uint8_t>() : nullptr, nested ? w.nested.data_ptr<float>() : nullptr,
-                   nested ? w.offset.data_ptr<float>() : nullptr, weight_code(f.bits).data(),
-                   nested ? statistics_code(f.stat_bits).data() : nullptr);
+                   nested ? w.offset.data_ptr<float>() : nullptr, lorafuse::detail::weight_code(f.bits).data(),
+                   nested ? lorafuse::detail::statistics_code(f.stat_bits).data() : nullptr);
   return w;
 }
 
@@ -127,20 +105,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_nf_cuda(cons
   at::Tensor packed = at::empty({nf::stream_bytes(n, f.bits), 1}, f32.dtype(at::kByte));
   at::Tensor absmax = at::empty({nf::blocks_of(n, f.blocksize)}, f32);
   const CudaLauncher launch{at::cuda::getCurrentCUDAStream()};
-  run_nf_quantize(launch, nf_quantize_params(f, weight_code(f.bits).data(), flat.data_ptr<float>(), n,
+  run_nf_quantize(launch, nf_quantize_params(f, lorafuse::detail::weight_code(f.bits).data(), flat.data_ptr<float>(), n,
                                              absmax.data_ptr<float>(), packed.data_ptr<uint8_t>()));
   if (!f.nested()) return {packed, absmax, at::empty({0}, f32), at::empty({0}, f32)};
-  // the offset on the CPU, in the CPU kernel's reduction order: the same offset (and bytes) on every device. 8 bits:
-  // bitsandbytes' mean; fewer: the LQ-LoRA reference's minimum
-  const at::Tensor host_absmax = absmax.cpu();
-  const at::Tensor offset = (f.dynamic_statistics() ? at::mean(host_absmax) : at::min(host_absmax)).to(weight.device());
-  static const std::vector<uint8_t> lut = [] {
-    std::vector<uint8_t> table(nf4::kLutSize);
-    nf4::build_lut(lorafuse::detail::dynamic_code().data(), table.data());
-    return table;
-  }();
+  const at::Tensor offset = lorafuse::detail::statistics_offset(f, absmax.cpu()).to(weight.device());
   at::Tensor device_lut;
   if (f.dynamic_statistics()) {
+    const auto& lut = lorafuse::detail::dynamic_lut();
     device_lut = at::from_blob(const_cast<uint8_t*>(lut.data()), {nf4::kLutSize}, at::TensorOptions().dtype(at::kByte))
                      .to(weight.device());
   }
@@ -149,7 +120,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_nf_cuda(cons
   at::Tensor scales = at::empty({nf::blocks_of(blocks, f.stat_blocksize)}, f32);
   const int scale_dtype = stat_dtype == at::kHalf ? 1 : (stat_dtype == at::kBFloat16 ? 2 : 0);
   run_nf_quantize_statistics(
-      launch, nf_quantize_statistics_params(f, statistics_code(f.stat_bits).data(),
+      launch, nf_quantize_statistics_params(f, lorafuse::detail::statistics_code(f.stat_bits).data(),
                                             f.dynamic_statistics() ? device_lut.data_ptr<uint8_t>() : nullptr,
                                             absmax.data_ptr<float>(), offset.data_ptr<float>(), blocks, scale_dtype,
                                             scales.data_ptr<float>(), codes.data_ptr<uint8_t>()));

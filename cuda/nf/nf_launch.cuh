@@ -45,12 +45,6 @@ inline NfView nf_view(const nf::Format& f, const uint8_t* packed, const float* a
   return v;
 }
 
-// The midpoints between neighbouring values of an ascending code of `count` values, as the CPU kernels compute them.
-inline int fill_midpoints(const float* code, int count, float* midpoints) {
-  for (int i = 0; i + 1 < count; ++i) midpoints[i] = (code[i] + code[i + 1]) / 2.0f;
-  return count - 1;
-}
-
 // The first-level quantize kernel's parameters for w [n] (float32) in format f, whose NF code is `code`.
 inline NfQuantizeParams nf_quantize_params(const nf::Format& f, const float* code, const float* w, int64_t n,
                                            float* absmax, uint8_t* packed) {
@@ -62,7 +56,7 @@ inline NfQuantizeParams nf_quantize_params(const nf::Format& f, const float* cod
   p.bits = static_cast<int>(f.bits);
   p.absmax = absmax;
   p.packed = packed;
-  p.midpoint_count = fill_midpoints(code, 1 << f.bits, p.midpoints);
+  p.midpoint_count = nf::fill_midpoints(code, 1 << f.bits, p.midpoints);
   p.zero_code = static_cast<uint8_t>(nf::count_below(p.midpoints, p.midpoint_count, 0.0f));
   return p;
 }
@@ -84,7 +78,7 @@ inline NfQuantizeStatisticsParams nf_quantize_statistics_params(const nf::Format
   p.scales = scales;
   p.codes = codes;
   p.lut = lut;
-  if (!f.dynamic_statistics()) p.midpoint_count = fill_midpoints(stat_code, 1 << f.stat_bits, p.midpoints);
+  if (!f.dynamic_statistics()) p.midpoint_count = nf::fill_midpoints(stat_code, 1 << f.stat_bits, p.midpoints);
   return p;
 }
 

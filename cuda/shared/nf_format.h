@@ -94,6 +94,13 @@ inline void write_codes(const uint8_t* codes, int64_t count, int64_t bits, uint8
   writer.finish(pad);
 }
 
+/// The count − 1 midpoints between neighbouring values of an ascending code of `count` values, (v[i] + v[i+1]) / 2 in
+/// float32: what every quantizer compares against (count_below). Returns count − 1.
+inline int fill_midpoints(const float* code, int count, float* midpoints) {
+  for (int i = 0; i + 1 < count; ++i) midpoints[i] = (code[i] + code[i + 1]) / 2.0f;
+  return count - 1;
+}
+
 /// How many of the ascending values[0 .. count) lie strictly below x: the index of the code nearest to x when
 /// `values` are the midpoints between neighbouring codes (a tie takes the lower code). Host and device code.
 LORAFUSE_HD int count_below(const float* values, int count, float x) {

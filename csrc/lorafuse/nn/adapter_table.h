@@ -120,8 +120,10 @@ void init_adapter_weights_loftq(const at::Tensor& base_weight, at::Tensor& a, at
                                 const LoraAdapterOptions& options);
 
 /// A ValueError naming the layer at `path` unless LoftQ can start an adapter of rank r over this full-precision
-/// weight [out, in]: r <= min(out, in) and finite values. inject_lora (C++ and Python) asks it of every targeted layer
+/// weight [out, in]: r <= min(out, in), finite values, and (for a LoRA layer, `table` its adapters) nothing merged
+/// into it. Every LoRA layer (C++ and Python) asks it before a LoftQ adapter, inject_lora of every targeted layer
 /// before it changes any.
-void check_loftq_weight(const std::string& path, const at::Tensor& weight, int64_t r);
+void check_loftq_weight(const std::string& path, const at::Tensor& weight, int64_t r,
+                        const AdapterTable* table = nullptr);
 
 }  // namespace lorafuse::nn

@@ -6,17 +6,21 @@
 #include <ATen/ops/isfinite.h>
 #include <ATen/ops/linspace.h>
 #include <ATen/ops/logical_not.h>
+#include <ATen/ops/mean.h>
+#include <ATen/ops/min.h>
 #include <ATen/ops/nonzero.h>
 #include <ATen/ops/select.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <iterator>
 #include <vector>
 
 #include "csrc/ops/common/lora_linear_checks.h"
 #include "cuda/shared/nf4.h"
+#include "cuda/shared/nf_code.h"
 
 namespace lorafuse::detail {
 namespace {
@@ -230,15 +234,53 @@ const std::array<float, 256>& dynamic_code() {
   return code;
 }
 
-std::vector<float> statistics_code(int64_t stat_bits) {
-  if (stat_bits == 8) {
-    const auto& code = dynamic_code();
-    return {code.begin(), code.end()};
-  }
-  const int64_t levels = (int64_t{1} << stat_bits) - 1;
-  std::vector<float> out(static_cast<size_t>(levels + 1));
-  for (int64_t k = 0; k <= levels; ++k) out[k] = static_cast<float>(k) / static_cast<float>(levels);
-  return out;
+namespace {
+
+using CodeTables = std::array<std::vector<float>, nf::kMaxBits + 1>;  // one per width 2 .. 8
+
+const std::vector<float>& table_of(const CodeTables& tables, int64_t bits) {
+  TORCH_CHECK(bits >= nf::kMinBits && bits <= nf::kMaxBits, "lorafuse: no code of ", bits, " bits");
+  return tables[static_cast<size_t>(bits)];
+}
+
+}  // namespace
+
+const std::vector<float>& statistics_code(int64_t stat_bits) {
+  static const CodeTables tables = [] {
+    CodeTables t;
+    for (int64_t b = nf::kMinBits; b <= nf::kMaxBits; ++b) {
+      if (b == 8) {
+        t[b].assign(dynamic_code().begin(), dynamic_code().end());
+        continue;
+      }
+      const int64_t levels = (int64_t{1} << b) - 1;
+      for (int64_t k = 0; k <= levels; ++k) t[b].push_back(static_cast<float>(k) / static_cast<float>(levels));
+    }
+    return t;
+  }();
+  return table_of(tables, stat_bits);
+}
+
+const std::vector<float>& weight_code(int64_t bits) {
+  static const CodeTables tables = [] {
+    CodeTables t;
+    for (int b = nf::kMinBits; b <= nf::kMaxBits; ++b) t[static_cast<size_t>(b)] = nf::code(b);
+    return t;
+  }();
+  return table_of(tables, bits);
+}
+
+const std::vector<uint8_t>& dynamic_lut() {
+  static const std::vector<uint8_t> lut = [] {
+    std::vector<uint8_t> table(nf4::kLutSize);
+    nf4::build_lut(dynamic_code().data(), table.data());
+    return table;
+  }();
+  return lut;
+}
+
+at::Tensor statistics_offset(const nf::Format& f, const at::Tensor& absmax) {
+  return f.dynamic_statistics() ? at::mean(absmax) : at::min(absmax);
 }
 
 }  // namespace lorafuse::detail

@@ -77,7 +77,18 @@ void check_nf_statistics_frozen(const char* op, const at::Tensor& absmax,
 const std::array<float, 256>& dynamic_code();
 
 /// The 2^stat_bits values a statistic's code stands for, ascending: the dynamic code for 8 bits, k / (2^stat_bits − 1)
-/// below (cuda/shared/nf_format.h).
-std::vector<float> statistics_code(int64_t stat_bits);
+/// below (cuda/shared/nf_format.h). Built once per width (2 .. 8), shared by every kernel.
+const std::vector<float>& statistics_code(int64_t stat_bits);
+
+/// The NF-bits code (nf::code), built once per width (2 .. 8), shared by every kernel.
+const std::vector<float>& weight_code(int64_t bits);
+
+/// The 65536-point table of the dynamic code (nf4::build_lut) that 8-bit statistics are quantized through, built once.
+const std::vector<uint8_t>& dynamic_lut();
+
+/// The offset the statistics are centred on before their second quantization, from the first-level absmax [blocks]
+/// (a CPU tensor, so the reduction order, and so the bytes, are the same on every device): 8 bits, bitsandbytes'
+/// mean; fewer, the LQ-LoRA reference's minimum. A float32 scalar tensor on the CPU.
+at::Tensor statistics_offset(const nf::Format& f, const at::Tensor& absmax);
 
 }  // namespace lorafuse::detail

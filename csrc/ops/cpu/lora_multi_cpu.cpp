@@ -20,21 +20,26 @@ namespace {
 
 constexpr const char* kOp = "lorafuse.lora_multi_add";
 
-// dropout(x2[rows]) in `acc` ([n, in], a new tensor): each row cast, then masked with the words of its row in the batch
-// (what lora_add's shrink multiplies for that row).
-at::Tensor dropped_rows(const at::Tensor& x2, const at::Tensor& rows, at::ScalarType acc, uint64_t seed, double p) {
-  at::Tensor xs = x2.index_select(0, rows).to(acc).contiguous();
-  if (p > 0.0) dropout_mask_(xs, seed, /*offset=*/0, p, rows.const_data_ptr<int64_t>());
+// A segment's rows of `sorted` (the batch's rows gathered once in segment order), [start, start + n), in `acc`, masked
+// with the dropout words of their own rows in the batch (order[start ...]): what lora_add's shrink multiplies for
+// those rows. A new tensor when masked.
+at::Tensor segment_rows(const at::Tensor& sorted, const at::Tensor& order, int64_t start, int64_t n, at::ScalarType acc,
+                        uint64_t seed, double p) {
+  at::Tensor xs = sorted.narrow(0, start, n).to(acc);
+  if (p > 0.0) {
+    xs = xs.clone(at::MemoryFormat::Contiguous);
+    dropout_mask_(xs, seed, /*offset=*/0, p, order.narrow(0, start, n).contiguous().const_data_ptr<int64_t>());
+  }
   return xs;
 }
 
-// Runs fn(i, rows) for every adapter with rows in the batch.
+// Runs fn(i, start, n) for every adapter i with n > 0 rows in the batch (order[start : start + n]).
 template <class Fn>
-void for_each_segment(const at::Tensor& order, const at::Tensor& offsets, Fn&& fn) {
+void for_each_segment(const at::Tensor& offsets, Fn&& fn) {
   const at::Tensor off = offsets.contiguous();
   const int64_t* o = off.const_data_ptr<int64_t>();
   for (int64_t i = 0; i + 1 < off.numel(); ++i) {
-    if (o[i + 1] > o[i]) fn(i, order.narrow(0, o[i], o[i + 1] - o[i]).contiguous());
+    if (o[i + 1] > o[i]) fn(i, o[i], o[i + 1] - o[i]);
   }
 }
 
@@ -57,21 +62,11 @@ std::tuple<at::Tensor, at::Tensor> lora_multi_add_forward_cpu(const at::Tensor& 
   const at::Tensor sorted = x2.index_select(0, order);  // [T', in]
   const at::ScalarType delta_dtype = y2.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor delta = at::empty({order.size(0), out}, y2.options().dtype(delta_dtype));
-  const at::Tensor off = offsets.contiguous();
-  const int64_t* o = off.const_data_ptr<int64_t>();
-  for (size_t i = 0; i < lora_a.size(); ++i) {
-    const int64_t start = o[i], n = o[i + 1] - o[i];
-    if (n == 0) continue;
+  for_each_segment(offsets, [&](int64_t i, int64_t start, int64_t n) {
     const at::ScalarType acc = detail::lora_acc_dtype(x, lora_a[i]);
-    at::Tensor xs = sorted.narrow(0, start, n).to(acc);
-    if (dropout_p > 0.0) {
-      xs = xs.clone(at::MemoryFormat::Contiguous);
-      dropout_mask_(xs, seed, /*offset=*/0, dropout_p,
-                    order.narrow(0, start, n).contiguous().const_data_ptr<int64_t>());
-    }
-    const at::Tensor u = at::mm(xs, lora_a[i].to(acc).t());  // [n, r]
-    delta.narrow(0, start, n).copy_(at::mm(u, lora_b[i].to(acc).t()).mul_(scale[i]));
-  }
+    const at::Tensor u = at::mm(segment_rows(sorted, order, start, n, acc, seed, dropout_p), lora_a[i].to(acc).t());
+    delta.narrow(0, start, n).copy_(at::mm(u, lora_b[i].to(acc).t()).mul_(scale[i]));  // [n, out]
+  });
   y2.index_add_(0, order, delta.to(y2.scalar_type()));
   return {y2.view(base_out.sizes()), rng_state};
 }
@@ -104,22 +99,28 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> lora_mu
     gb.push_back(output_mask[2] ? at::zeros_like(lora_b[i]) : at::empty({0}, lora_b[i].options()));
   }
   if (output_mask[0] || output_mask[1] || output_mask[2]) {
-    for_each_segment(order, offsets, [&](int64_t i, const at::Tensor& rows) {
+    const at::Tensor sorted = x2.index_select(0, order), sorted_dy = dy2.index_select(0, order);
+    at::Tensor gx_sorted = output_mask[0] ? at::empty({order.size(0), in}, x.options()) : at::Tensor();
+    for_each_segment(offsets, [&](int64_t i, int64_t start, int64_t n) {
       const at::ScalarType acc = detail::lora_acc_dtype(x, lora_a[i]);
       const at::Tensor a = lora_a[i].to(acc), b = lora_b[i].to(acc);
-      const at::Tensor dys = dy2.index_select(0, rows).to(acc);  // [n, out]
-      const at::Tensor v = at::mm(dys, b).mul_(scale[i]);        // dL/du [n, r]
+      const at::Tensor dys = sorted_dy.narrow(0, start, n).to(acc);  // [n, out]
+      const at::Tensor v = at::mm(dys, b).mul_(scale[i]);            // dL/du [n, r]
       if (output_mask[1] || output_mask[2]) {
-        const at::Tensor xs = dropped_rows(x2, rows, acc, seed, dropout_p);  // [n, in]
+        const at::Tensor xs = segment_rows(sorted, order, start, n, acc, seed, dropout_p);  // [n, in]
         if (output_mask[1]) ga[i] = at::mm(v.t(), xs).to(lora_a[i].scalar_type());
         if (output_mask[2]) gb[i] = at::mm(dys.t(), at::mm(xs, a.t())).mul_(scale[i]).to(lora_b[i].scalar_type());
       }
       if (output_mask[0]) {
         at::Tensor gxs = at::mm(v, a);  // [n, in]
-        if (dropout_p > 0.0) dropout_mask_(gxs, seed, /*offset=*/0, dropout_p, rows.const_data_ptr<int64_t>());
-        gx.index_copy_(0, rows, gxs.to(x.scalar_type()));
+        if (dropout_p > 0.0) {
+          dropout_mask_(gxs, seed, /*offset=*/0, dropout_p,
+                        order.narrow(0, start, n).contiguous().const_data_ptr<int64_t>());
+        }
+        gx_sorted.narrow(0, start, n).copy_(gxs);
       }
     });
+    if (output_mask[0]) gx.index_copy_(0, order, gx_sorted);
   }
   if (output_mask[0]) gx = gx.view(x.sizes());
   return {gx, ga, gb};

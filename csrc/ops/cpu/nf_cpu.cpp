@@ -6,8 +6,6 @@
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/isfinite.h>
-#include <ATen/ops/mean.h>
-#include <ATen/ops/min.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/nonzero.h>
 #include <ATen/ops/sub.h>
@@ -42,7 +40,8 @@ namespace {
 struct CodeTable {
   std::vector<float> values, midpoints;
   explicit CodeTable(std::vector<float> v) : values(std::move(v)) {
-    for (size_t i = 0; i + 1 < values.size(); ++i) midpoints.push_back((values[i] + values[i + 1]) / 2.0f);
+    midpoints.resize(values.empty() ? 0 : values.size() - 1);
+    nf::fill_midpoints(values.data(), static_cast<int>(values.size()), midpoints.data());
   }
   uint8_t index_of(float x) const {
     return static_cast<uint8_t>(nf::count_below(midpoints.data(), static_cast<int>(midpoints.size()), x));
@@ -67,7 +66,9 @@ struct CodeTable {
 const CodeTable& weight_code(int64_t bits) {
   static const std::vector<CodeTable> tables = [] {
     std::vector<CodeTable> t;
-    for (int b = 0; b <= nf::kMaxBits; ++b) t.emplace_back(b < nf::kMinBits ? std::vector<float>{0.0f} : nf::code(b));
+    for (int b = 0; b <= nf::kMaxBits; ++b) {
+      t.emplace_back(b < nf::kMinBits ? std::vector<float>{0.0f} : detail::weight_code(b));
+    }
     return t;
   }();
   return tables[static_cast<size_t>(bits)];
@@ -119,11 +120,7 @@ float as_stat_dtype(float v, at::ScalarType dtype) {
 // fewer: the uniform code, nearest level with ties to the lower one. The codes written as a bit stream.
 void quantize_statistics(const float* v, int64_t n, const nf::Format& f, at::ScalarType stat_dtype, float* scales,
                          uint8_t* stream) {
-  static const std::vector<uint8_t> lut = [] {
-    std::vector<uint8_t> table(nf4::kLutSize);
-    nf4::build_lut(detail::dynamic_code().data(), table.data());
-    return table;
-  }();
+  const std::vector<uint8_t>& lut = detail::dynamic_lut();
   const CodeTable uniform(f.dynamic_statistics() ? std::vector<float>{0.0f} : detail::statistics_code(f.stat_bits));
   const int64_t blocks = nf::blocks_of(n, f.stat_blocksize);
   std::vector<uint8_t> codes(static_cast<size_t>(f.stat_blocksize));
@@ -164,7 +161,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_nf_cpu(const
   quantize_blocks(flat.data_ptr<float>(), n, f, absmax.data_ptr<float>(), packed.data_ptr<uint8_t>());
   if (!f.nested()) return {packed, absmax, at::empty({0}, f32), at::empty({0}, f32)};
   // 8 bits: the same reduction bitsandbytes' absmax.mean() runs; fewer: the reference's minimum (v >= 0)
-  const at::Tensor offset = f.dynamic_statistics() ? at::mean(absmax) : at::min(absmax);
+  const at::Tensor offset = detail::statistics_offset(f, absmax);
   const at::Tensor centred = absmax.sub(offset).contiguous();
   at::Tensor codes = at::empty({nf::stream_bytes(blocks, f.stat_bits)}, f32.dtype(at::kByte));
   at::Tensor scales = at::empty({nf::blocks_of(blocks, f.stat_blocksize)}, f32);
@@ -186,7 +183,7 @@ at::Tensor block_scales(const nf::Format& f, int64_t n, const at::Tensor& absmax
   const uint8_t* q = codes.data_ptr<uint8_t>();
   const float* na = nest.data_ptr<float>();
   const float off = offset->to(at::kFloat).reshape(-1)[0].item<float>();
-  const std::vector<float> code = detail::statistics_code(f.stat_bits);
+  const std::vector<float>& code = detail::statistics_code(f.stat_bits);
   for (int64_t b = 0; b < blocks; ++b) {
     const uint32_t index = f.stat_bits == 8 ? q[b] : nf::read_code(q, b, f.stat_bits);
     const float decoded = code[index] * na[b / f.stat_blocksize];

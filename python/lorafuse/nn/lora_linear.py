@@ -247,7 +247,7 @@ class Linear(nn.Module):
 
     def _check_loftq(self, adapter_name: str, r: int) -> None:
         """A ValueError unless LoftQ can start adapter ``adapter_name`` here: a plain nn.Linear base (its
-        full-precision weight), nothing merged into it, r <= min(out, in), finite weights."""
+        full-precision weight); then nn::check_loftq_weight: nothing merged into it, r <= min(out, in), finite."""
         kind = base_kind_of(self.base_layer)
         why = None
         if not isinstance(kind, DenseLinear):
@@ -257,14 +257,12 @@ class Linear(nn.Module):
             )
         elif kind.merge_refusal(self.base_layer) is not None:
             why = kind.merge_refusal(self.base_layer)
-        elif self._table.merged:
-            why = "its weight holds merged adapters now; unmerge them first"
         if why is not None:
             raise ValueError(
                 f'add_adapter("{adapter_name}"): init_lora_weights "loftq" replaces the layer\'s full-precision '
                 f"weight by its quantized value and starts the adapter from what that loses; {why}"
             )
-        _C._check_loftq_weight(adapter_name, self.base_layer.weight, r)
+        _C._check_loftq_weight(f'add_adapter("{adapter_name}")', self.base_layer.weight, r, self._table)
 
     def _apply_trainability(self) -> None:
         for name in self._table.names:

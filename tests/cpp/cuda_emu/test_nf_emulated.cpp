@@ -11,7 +11,6 @@
 
 #include "catch.h"
 #include "csrc/ops/common/nf_checks.h"
-#include "cuda/shared/nf_code.h"
 #include "cuda_emu/dtype_of.h"
 // the emulator's macros (threadIdx, __shared__, ...) come after other headers and before the kernels'
 #include "cuda_emu/emulator.h"
@@ -74,7 +73,7 @@ Quantized quantize(const at::Tensor& w, const Case& c) {
   out.q = lorafuse::quantize_nf(w, c.format, c.stat_dtype);
   out.f = lorafuse::detail::parse_nf_format("test", c.format);
   out.nested_f32 = out.q.nested_absmax.to(at::kFloat).contiguous();
-  out.code = lorafuse::nf::code(static_cast<int>(out.f.bits));
+  out.code = lorafuse::detail::weight_code(out.f.bits);
   if (out.f.nested()) out.stat_code = lorafuse::detail::statistics_code(out.f.stat_bits);
   return out;
 }
@@ -98,9 +97,8 @@ void check_quantize(const at::Tensor& weight, const Case& c) {
     CHECK(at::equal(absmax, want.q.absmax));
     return;
   }
-  std::vector<uint8_t> lut(lorafuse::nf4::kLutSize);
-  lorafuse::nf4::build_lut(lorafuse::detail::dynamic_code().data(), lut.data());
-  const at::Tensor offset = f.dynamic_statistics() ? at::mean(absmax) : at::min(absmax);
+  const std::vector<uint8_t>& lut = lorafuse::detail::dynamic_lut();
+  const at::Tensor offset = lorafuse::detail::statistics_offset(f, absmax);
   at::Tensor codes = at::full({lorafuse::nf::stream_bytes(blocks, f.stat_bits)}, 0xAB, at::kByte);
   at::Tensor scales = at::full({lorafuse::nf::blocks_of(blocks, f.stat_blocksize)}, -1.0);
   const int scale_dtype = c.stat_dtype == at::kHalf ? 1 : (c.stat_dtype == at::kBFloat16 ? 2 : 0);
