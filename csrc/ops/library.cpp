@@ -39,8 +39,9 @@ TORCH_LIBRARY(lorafuse, m) {
   // ---- many adapters in one batch: each row of x goes through its own adapter (or none)
   // Rows grouped by adapter, once per batch (CompositeExplicitAutograd; every layer of a forward shares the result):
   // row_adapter int64 [T] holds each row's adapter index in [0, num_adapters), or -1 for the base alone → order int64
-  // [T'] (the rows that have an adapter, grouped by adapter, each group in row order) and offsets int64
-  // [num_adapters + 1] (adapter i's rows are order[offsets[i] : offsets[i + 1]]).
+  // [T] (the rows grouped by adapter, each group in row order, then the base's rows) and offsets int64
+  // [num_adapters + 1] (adapter i's rows are order[offsets[i] : offsets[i + 1]]; order[offsets[n]:] the base's).
+  // Static shapes, no read back to the host.
   m.def("lora_segments(Tensor row_adapter, int num_adapters) -> (Tensor order, Tensor offsets)");
   // y = base_out; y[t] += scaleᵢ·(dropout(x[t])·Aᵢᵀ)·Bᵢᵀ for every row t of adapter i's segment (lora_segments), as
   // lora_add computes a row (float32 accumulation, float64 for float64; the dropout mask of row t is the one lora_add
@@ -62,6 +63,14 @@ TORCH_LIBRARY(lorafuse, m) {
       "lora_multi_add_backward(Tensor grad_out, Tensor x, Tensor[] lora_a, Tensor[] lora_b, float[] scale, "
       "Tensor order, Tensor offsets, Tensor rng_state, float dropout_p, bool[3] output_mask) "
       "-> (Tensor grad_x, Tensor[] grad_lora_a, Tensor[] grad_lora_b)");
+
+  // Per token (decode, serving): y = base_out; y[t] += scaleᵢ·(x[t]·Aᵢᵀ)·Bᵢᵀ with i = row_adapter[t] (int64 [T], one
+  // per row of x; -1: the base alone), no dropout. lora_multi_add's result over lora_segments(row_adapter) without
+  // grouping the rows first (CUDA: one shrink block per token and rank, one expand block per token and column tile).
+  // Differentiable in base_out, x, lora_a and lora_b (the backward groups the rows and runs lora_multi_add_backward).
+  m.def(
+      "lora_token_add(Tensor base_out, Tensor x, Tensor[] lora_a, Tensor[] lora_b, float[] scale, "
+      "Tensor row_adapter) -> Tensor");
 
   // ---- merging: device-generic (CompositeExplicitAutograd), no gradients
   // scale·B·A [out, in] in float32 (float64 when A is float64): what an adapter adds to the base weight.

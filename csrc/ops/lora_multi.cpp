@@ -46,4 +46,13 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> lora_mu
                  output_mask);
 }
 
+at::Tensor lora_token_add(const at::Tensor& base_out, const at::Tensor& x, at::TensorList lora_a, at::TensorList lora_b,
+                          at::ArrayRef<double> scale, const at::Tensor& row_adapter) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("lorafuse::lora_token_add", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, at::TensorList, at::TensorList,
+                                         at::ArrayRef<double>, const at::Tensor&)>();
+  return op.call(base_out, x, lora_a, lora_b, scale, row_adapter);
+}
+
 }  // namespace lorafuse

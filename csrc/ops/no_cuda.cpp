@@ -3,6 +3,8 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include <vector>
+
 namespace {
 
 [[noreturn]] void no_cuda(const char* op) {
@@ -62,6 +64,28 @@ at::Tensor nf_linear_backward_no_cuda(const at::Tensor&, const at::Tensor&, cons
   no_cuda("lorafuse.nf_linear_backward");
 }
 
+at::Tensor lora_multi_add_no_cuda(const at::Tensor&, const at::Tensor&, at::TensorList, at::TensorList,
+                                  at::ArrayRef<double>, const at::Tensor&, const at::Tensor&, double) {
+  no_cuda("lorafuse.lora_multi_add");
+}
+
+std::tuple<at::Tensor, at::Tensor> lora_multi_add_forward_no_cuda(const at::Tensor&, const at::Tensor&, at::TensorList,
+                                                                  at::TensorList, at::ArrayRef<double>,
+                                                                  const at::Tensor&, const at::Tensor&, double) {
+  no_cuda("lorafuse.lora_multi_add_forward");
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> lora_multi_add_backward_no_cuda(
+    const at::Tensor&, const at::Tensor&, at::TensorList, at::TensorList, at::ArrayRef<double>, const at::Tensor&,
+    const at::Tensor&, const at::Tensor&, double, std::array<bool, 3>) {
+  no_cuda("lorafuse.lora_multi_add_backward");
+}
+
+at::Tensor lora_token_add_no_cuda(const at::Tensor&, const at::Tensor&, at::TensorList, at::TensorList,
+                                  at::ArrayRef<double>, const at::Tensor&) {
+  no_cuda("lorafuse.lora_token_add");
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lorafuse, CUDA, m) {
@@ -74,4 +98,8 @@ TORCH_LIBRARY_IMPL(lorafuse, CUDA, m) {
   m.impl("dequantize_nf", &dequantize_nf_no_cuda);
   m.impl("nf_linear", &nf_linear_no_cuda);
   m.impl("nf_linear_backward", &nf_linear_backward_no_cuda);
+  m.impl("lora_multi_add", &lora_multi_add_no_cuda);
+  m.impl("lora_multi_add_forward", &lora_multi_add_forward_no_cuda);
+  m.impl("lora_multi_add_backward", &lora_multi_add_backward_no_cuda);
+  m.impl("lora_token_add", &lora_token_add_no_cuda);
 }

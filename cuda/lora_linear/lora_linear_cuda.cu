@@ -3,13 +3,10 @@
 // The base GEMMs (x·Wᵀ forward, dY·W backward) are cuBLAS calls through ATen's addmm_, accumulating with
 // beta = 1 onto the LoRA terms that the custom kernels wrote into the same output.
 #include <ATen/cuda/CUDAContext.h>
-#include <ATen/cuda/CUDAGeneratorImpl.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
-
-#include <mutex>
 
 #include "csrc/ops/common/lora_linear_checks.h"
 #include "cuda/common/launch.h"
@@ -19,61 +16,6 @@ namespace lorafuse::cuda {
 namespace {
 
 constexpr const char* kOp = "lorafuse.lora_linear";
-
-// Launches a kernel on the current stream and checks the launch (the Launcher of lora_linear_launch.cuh).
-struct CudaLauncher {
-  cudaStream_t stream;
-  template <typename P>
-  void operator()(void (*kernel)(P), dim3 grid, unsigned threads, size_t smem, const P& params) const {
-    if (smem > 48 * 1024) {
-      C10_CUDA_CHECK(cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
-                                          cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-    }
-    void* args[] = {const_cast<P*>(&params)};
-    C10_CUDA_CHECK(cudaLaunchKernel(reinterpret_cast<const void*>(kernel), grid, dim3(threads), args, smem, stream));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-};
-
-// x viewed as [T, in] with unit column stride (rows may be strided, e.g. a slice).
-at::Tensor rows_view(const at::Tensor& x) {
-  at::Tensor x2 = x.reshape({detail::leading_numel(x.sizes()), x.size(-1)});
-  if (x2.stride(1) != 1 || (x2.size(0) > 1 && x2.stride(0) < x2.size(1))) x2 = x2.contiguous();
-  return x2;
-}
-
-DropoutParams dropout_params(double p) {
-  DropoutParams d;
-  if (p <= 0.0) return d;
-  d.enabled = true;
-  d.threshold = philox::keep_threshold(p);
-  d.inv_keep = static_cast<float>(1.0 / (1.0 - p));
-  return d;
-}
-
-// Forward: (seed, offset) from torch's CUDA generator (graph-safe), recorded into rng_state by the kernel.
-DropoutParams forward_dropout(double p, at::Tensor& rng_state, const at::Tensor& x) {
-  DropoutParams d = dropout_params(p);
-  if (!d.enabled) return d;
-  auto* gen = at::get_generator_or_default<at::CUDAGeneratorImpl>(
-      std::nullopt, at::cuda::detail::getDefaultCUDAGenerator(x.device().index()));
-  at::PhiloxCudaState st;
-  {
-    std::lock_guard<std::mutex> lock(gen->mutex_);
-    st = gen->philox_cuda_state(4);  // counters are (element / 4, offset): one offset step per call
-  }
-  if (st.captured_) {
-    d.captured = true;
-    d.seed_ptr = st.seed_.ptr;
-    d.offset_ptr = st.offset_.ptr;
-    d.offset_intragraph = st.offset_intragraph_;
-  } else {
-    d.seed = st.seed_.val;
-    d.offset = st.offset_.val;
-  }
-  d.rng_out = rng_state.data_ptr<int64_t>();
-  return d;
-}
 
 }  // namespace
 
@@ -94,8 +36,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_forward_cuda(const at
   at::Tensor bias_c;
   if (bias.has_value() && bias->defined()) bias_c = bias->contiguous();
 
-  at::Tensor y2 = at::empty({tokens, out}, x.options());                     // [T, out]
-  at::Tensor u = at::empty({tokens, r}, x.options().dtype(at::kFloat));      // [T, r]
+  at::Tensor y2 = at::empty({tokens, out}, x.options());                 // [T, out]
+  at::Tensor u = at::empty({tokens, r}, x.options().dtype(at::kFloat));  // [T, r]
   at::Tensor rng_state = at::empty({2}, x.options().dtype(at::kLong));
   rng_state.zero_();  // defined even when no kernel runs (T = 0); the shrink records (seed, offset) here
   const DropoutParams drop = forward_dropout(dropout_p, rng_state, x);
@@ -186,9 +128,9 @@ at::Tensor lora_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward_cuda(
-    const at::Tensor& grad_out, const at::Tensor& x, const std::optional<at::Tensor>& weight,
-    const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& u, const at::Tensor& rng_state, double scale,
-    double dropout_p, std::array<bool, 4> output_mask) {
+    const at::Tensor& grad_out, const at::Tensor& x, const std::optional<at::Tensor>& weight, const at::Tensor& lora_a,
+    const at::Tensor& lora_b, const at::Tensor& u, const at::Tensor& rng_state, double scale, double dropout_p,
+    std::array<bool, 4> output_mask) {
   constexpr const char* op = "lorafuse.lora_linear_backward";
   detail::check_lora_linear_backward_args(op, grad_out, x, weight, lora_a, lora_b, u, rng_state, scale, dropout_p);
   check_cuda_dtype(x, op);
@@ -197,7 +139,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward_
   const bool need_x = output_mask[0], need_a = output_mask[1], need_b = output_mask[2], need_bias = output_mask[3];
 
   const int64_t in = x.size(-1), out = lora_b.size(0), r = lora_a.size(0);
-  const at::Tensor x2 = rows_view(x);                               // [T, in]
+  const at::Tensor x2 = rows_view(x);                                       // [T, in]
   const at::Tensor dy2 = grad_out.reshape({x2.size(0), out}).contiguous();  // [T, out]
   const int64_t tokens = x2.size(0);
   const at::Tensor a = lora_a.contiguous(), b = lora_b.contiguous(), uc = u.contiguous();
@@ -219,7 +161,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward_
     DropoutParams drop = dropout_params(dropout_p);
     if (drop.enabled) drop.rng_in = rng.const_data_ptr<int64_t>();
     // fp32 partials, summed in a fixed order by run_reduce
-    at::Tensor v = need_v ? at::empty({tokens, r}, f32) : at::Tensor();                                  // [T, r]
+    at::Tensor v = need_v ? at::empty({tokens, r}, f32) : at::Tensor();  // [T, r]
     at::Tensor v_part = need_v ? at::empty({plan.out_col_tiles, tokens, r}, f32) : at::Tensor();
     at::Tensor db_part = need_b ? at::empty({plan.out_splits, out, r}, f32) : at::Tensor();
     at::Tensor bias_part = need_bias ? at::empty({plan.out_splits, out}, f32) : at::Tensor();
@@ -240,12 +182,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward_
       gp.out = out;
       gp.r = r;
       run_grad_out<Tx, Ta>(launch, gp, plan);
-      if (need_v) run_reduce<float>(launch, v_part.const_data_ptr<float>(), plan.out_col_tiles, tokens * r, 1.f,
-                                    v.data_ptr<float>());
-      if (need_b) run_reduce<Ta>(launch, db_part.const_data_ptr<float>(), plan.out_splits, out * r,
-                                 static_cast<float>(scale), device_ptr<Ta>(grad_b));
-      if (need_bias) run_reduce<Tx>(launch, bias_part.const_data_ptr<float>(), plan.out_splits, out, 1.f,
-                                    device_ptr<Tx>(grad_bias));
+      if (need_v)
+        run_reduce<float>(launch, v_part.const_data_ptr<float>(), plan.out_col_tiles, tokens * r, 1.f,
+                          v.data_ptr<float>());
+      if (need_b)
+        run_reduce<Ta>(launch, db_part.const_data_ptr<float>(), plan.out_splits, out * r, static_cast<float>(scale),
+                       device_ptr<Ta>(grad_b));
+      if (need_bias)
+        run_reduce<Tx>(launch, bias_part.const_data_ptr<float>(), plan.out_splits, out, 1.f, device_ptr<Tx>(grad_bias));
       if (!need_v) return;
       // one pass over x: dX's LoRA part = scale·(v·A)⊙mask/(1-p), dA = scale·vᵀ·drop(x)
       GradXParams xp{};
@@ -261,8 +205,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward_
       xp.scale = static_cast<float>(scale);
       xp.drop = drop;
       run_grad_x<Tx, Ta>(launch, xp, plan);
-      if (need_a) run_reduce<Ta>(launch, da_part.const_data_ptr<float>(), plan.x_splits, r * in,
-                                 static_cast<float>(scale), device_ptr<Ta>(grad_a));
+      if (need_a)
+        run_reduce<Ta>(launch, da_part.const_data_ptr<float>(), plan.x_splits, r * in, static_cast<float>(scale),
+                       device_ptr<Ta>(grad_a));
     });
     // dX += dY·W (cuBLAS, beta = 1 onto the LoRA part written above); lora_add has no weight: its base's
     // own backward gives that part.

@@ -17,49 +17,10 @@
 
 #include <cstdint>
 
-#include "cuda/shared/philox.h"
 #include "cuda/common/device_utils.cuh"
+#include "cuda/common/dropout.cuh"
 
 namespace lorafuse::cuda {
-
-constexpr int kThreads = 256;
-
-// Dropout of the LoRA branch. The (seed, offset) pair comes from torch's CUDA generator: as values, or
-// (under CUDA graph capture) as device pointers read when the kernel runs. The forward writes the pair it
-// used to rng_out; the backward reads it from rng_in, so it regenerates exactly the forward's mask.
-struct DropoutParams {
-  bool enabled = false;
-  uint32_t threshold = 0;  // keep an element when its Philox word >= threshold
-  float inv_keep = 1.f;    // 1 / (1 - p)
-  uint64_t seed = 0, offset = 0;
-  const int64_t* seed_ptr = nullptr;    // captured: seed read from here
-  const int64_t* offset_ptr = nullptr;  // captured: offset = *offset_ptr + offset_intragraph
-  uint64_t offset_intragraph = 0;
-  bool captured = false;
-  int64_t* rng_out = nullptr;       // forward: where to record (seed, offset)
-  const int64_t* rng_in = nullptr;  // backward: (seed, offset) recorded by the forward
-};
-
-__device__ __forceinline__ void resolve_rng(const DropoutParams& d, uint64_t& seed, uint64_t& offset) {
-  if (d.rng_in != nullptr) {
-    seed = static_cast<uint64_t>(d.rng_in[0]);
-    offset = static_cast<uint64_t>(d.rng_in[1]);
-  } else if (d.captured) {
-    seed = static_cast<uint64_t>(*d.seed_ptr);
-    offset = static_cast<uint64_t>(*d.offset_ptr) + d.offset_intragraph;
-  } else {
-    seed = d.seed;
-    offset = d.offset;
-  }
-}
-
-// Value of drop(x)[t, k] given x[t, k] as float.
-__device__ __forceinline__ float apply_dropout(const DropoutParams& d, uint64_t seed, uint64_t offset, int64_t t,
-                                               int64_t in, int64_t k, float xv) {
-  if (!d.enabled) return xv;
-  const uint64_t e = static_cast<uint64_t>(t) * static_cast<uint64_t>(in) + static_cast<uint64_t>(k);
-  return philox::keep(seed, offset, e, d.threshold) ? xv * d.inv_keep : 0.f;
-}
 
 // ------------------------------------------------------------------------------------------------
 // forward: shrink u[:, r0:r0+rc] = drop(x)·A[r0:r0+rc]ᵀ
@@ -186,10 +147,10 @@ constexpr int kExpandTokens = 16;
 constexpr int kExpandRankChunk = 64;
 
 struct ExpandParams {
-  const float* u;     // [T, r]
-  const void* b;      // [out, r]
-  const void* bias;   // [out] or nullptr
-  void* y;            // [T, out] contiguous
+  const float* u;    // [T, r]
+  const void* b;     // [out, r]
+  const void* bias;  // [out] or nullptr
+  void* y;           // [T, out] contiguous
   int64_t tokens, out, r;
   float scale;
 };
@@ -242,11 +203,11 @@ constexpr int kGradOutCols = kThreads;
 constexpr int kGradOutTokens = 16;
 
 struct GradOutParams {
-  const void* dy;  // [T, out] contiguous
-  const void* b;   // [out, r]
-  const float* u;  // [T, r]
-  float* v_part;   // [n_col_tiles, T, r] or nullptr
-  float* db_part;  // [splits, out, r] or nullptr
+  const void* dy;    // [T, out] contiguous
+  const void* b;     // [out, r]
+  const float* u;    // [T, r]
+  float* v_part;     // [n_col_tiles, T, r] or nullptr
+  float* db_part;    // [splits, out, r] or nullptr
   float* bias_part;  // [splits, out] or nullptr
   int64_t tokens, out, r;
   int64_t tokens_per_split;  // a multiple of kGradOutTokens
@@ -262,9 +223,9 @@ template <typename Tg, typename Tb, int R>
 __global__ void __launch_bounds__(kThreads) lora_grad_out_kernel(GradOutParams p) {
   static_assert(R % 16 == 0, "rank tile must be a multiple of 16");
   LORAFUSE_DYNAMIC_SMEM(smem);
-  float* g_s = smem;                                           // [16][257] dY tile
-  float* u_s = g_s + kGradOutTokens * (kGradOutCols + 1);      // [16][R]
-  float* b_s = u_s + kGradOutTokens * R;                       // [256][R]
+  float* g_s = smem;                                       // [16][257] dY tile
+  float* u_s = g_s + kGradOutTokens * (kGradOutCols + 1);  // [16][R]
+  float* b_s = u_s + kGradOutTokens * R;                   // [256][R]
   const Tg* dy = static_cast<const Tg*>(p.dy);
   const Tb* b = static_cast<const Tb*>(p.b);
   const int tid = threadIdx.x;
@@ -344,7 +305,7 @@ constexpr int kGradXTokens = 32;
 struct GradXParams {
   const void* x;  // [T, in], row stride ldx
   int64_t ldx;
-  const void* a;  // [r, in]
+  const void* a;   // [r, in]
   const float* v;  // [T, r]
   void* dx;        // [T, in] contiguous, or nullptr
   float* da_part;  // [splits, r, in], or nullptr

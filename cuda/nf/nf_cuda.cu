@@ -28,16 +28,6 @@
 namespace lorafuse::cuda {
 namespace {
 
-struct CudaLauncher {
-  cudaStream_t stream;
-  template <typename P>
-  void operator()(void (*kernel)(P), dim3 grid, unsigned threads, size_t smem, const P& params) const {
-    void* args[] = {const_cast<P*>(&params)};
-    C10_CUDA_CHECK(cudaLaunchKernel(reinterpret_cast<const void*>(kernel), grid, dim3(threads), args, smem, stream));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-};
-
 // The device view of the weight (tensors made contiguous, 16-bit scales widened to float32, all kept alive here).
 struct Weight {
   at::Tensor packed, absmax, nested, offset;

@@ -186,9 +186,9 @@ def nf4_lora_linear(
 
 class LoraSegments(NamedTuple):
     """A batch's rows grouped by adapter (:func:`lora_segments`): adapter i's rows are
-    ``order[offsets[i]:offsets[i + 1]]``."""
+    ``order[offsets[i]:offsets[i + 1]]``; ``order[offsets[-1]:]`` are the rows of the base alone."""
 
-    order: Tensor  #: int64 [rows with an adapter], adapter by adapter, each adapter's rows in order
+    order: Tensor  #: int64 [rows], adapter by adapter (each adapter's rows in order), then the base's rows
     offsets: Tensor  #: int64 [adapters + 1]
 
 
@@ -222,4 +222,21 @@ def lora_multi_add(
     return torch.ops.lorafuse.lora_multi_add(
         base_out, x, list(lora_a), list(lora_b), [float(s) for s in scale], segments.order, segments.offsets,
         float(dropout_p),
+    )
+
+
+def lora_token_add(
+    base_out: Tensor,
+    x: Tensor,
+    lora_a: Sequence[Tensor],
+    lora_b: Sequence[Tensor],
+    scale: Sequence[float],
+    row_adapter: Tensor,
+) -> Tensor:
+    """Many adapters in one batch, per token (decode and serving): ``base_out`` plus, for each row t,
+    ``scale[i] * (x[t] @ lora_a[i].T) @ lora_b[i].T`` with ``i = row_adapter[t]`` (int64, one per row of x; -1: the
+    base alone). No dropout. The result of :func:`lora_multi_add` over :func:`lora_segments` of ``row_adapter``
+    without grouping the rows first (on CUDA one kernel block per token). Differentiable."""
+    return torch.ops.lorafuse.lora_token_add(
+        base_out, x, list(lora_a), list(lora_b), [float(s) for s in scale], row_adapter
     )

@@ -12,9 +12,9 @@
 namespace lorafuse {
 
 /// The rows of a batch grouped by adapter, computed once per batch and shared by every layer: row_adapter int64
-/// [T] holds each row's adapter index in [0, num_adapters) or -1 (the base alone). order int64 [T'] lists the rows
-/// with an adapter, adapter by adapter, each adapter's in row order; adapter i's rows are
-/// order[offsets[i] : offsets[i + 1]] (offsets int64 [num_adapters + 1]).
+/// [T] holds each row's adapter index in [0, num_adapters) or -1 (the base alone). order int64 [T] lists the rows
+/// adapter by adapter, each adapter's in row order, then the base's rows; adapter i's rows are
+/// order[offsets[i] : offsets[i + 1]] (offsets int64 [num_adapters + 1]). Shapes are static (no host read).
 struct LoraSegments {
   at::Tensor order, offsets;
 };
@@ -37,5 +37,11 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> lora_mu
     const at::Tensor& grad_out, const at::Tensor& x, at::TensorList lora_a, at::TensorList lora_b,
     at::ArrayRef<double> scale, const LoraSegments& segments, const at::Tensor& rng_state, double dropout_p,
     std::array<bool, 3> output_mask);
+
+/// Per token (decode): y = base_out, then y[t] += scale[i]·(x[t]·A[i]ᵀ)·B[i]ᵀ for i = row_adapter[t] (int64, one per
+/// row of x; -1: the base alone). No dropout. lora_multi_add's result without grouping the rows first (on CUDA one
+/// kernel block per token). Differentiable.
+at::Tensor lora_token_add(const at::Tensor& base_out, const at::Tensor& x, at::TensorList lora_a, at::TensorList lora_b,
+                          at::ArrayRef<double> scale, const at::Tensor& row_adapter);
 
 }  // namespace lorafuse

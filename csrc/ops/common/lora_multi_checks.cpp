@@ -34,9 +34,8 @@ void check_lora_segments_args(const char* op, const at::Tensor& row_adapter, int
                     ") (-1: the base alone), found values from ", low, " to ", high);
 }
 
-void check_lora_multi_add_args(const char* op, const at::Tensor& base_out, const at::Tensor& x, at::TensorList lora_a,
-                               at::TensorList lora_b, at::ArrayRef<double> scale, const at::Tensor& order,
-                               const at::Tensor& offsets, double dropout_p, bool values) {
+void check_adapter_list(const char* op, const at::Tensor& base_out, const at::Tensor& x, at::TensorList lora_a,
+                        at::TensorList lora_b, at::ArrayRef<double> scale, double dropout_p) {
   const auto n = static_cast<int64_t>(lora_a.size());
   TORCH_CHECK_VALUE(n >= 1, op, ": lora_a: expected at least one adapter, found none");
   TORCH_CHECK_VALUE(static_cast<int64_t>(lora_b.size()) == n && static_cast<int64_t>(scale.size()) == n, op,
@@ -46,6 +45,13 @@ void check_lora_multi_add_args(const char* op, const at::Tensor& base_out, const
     const std::string name = std::string(op) + " (adapter " + std::to_string(i) + ")";
     check_lora_add_args(name.c_str(), base_out, x, lora_a[i], lora_b[i], scale[i], dropout_p);
   }
+}
+
+void check_lora_multi_add_args(const char* op, const at::Tensor& base_out, const at::Tensor& x, at::TensorList lora_a,
+                               at::TensorList lora_b, at::ArrayRef<double> scale, const at::Tensor& order,
+                               const at::Tensor& offsets, double dropout_p, bool values) {
+  check_adapter_list(op, base_out, x, lora_a, lora_b, scale, dropout_p);
+  const auto n = static_cast<int64_t>(lora_a.size());
   check_index_tensor(op, "order", order, x);
   check_index_tensor(op, "offsets", offsets, x);
   TORCH_CHECK_VALUE(offsets.size(0) == n + 1, op, ": offsets: expected ", n + 1, " entries (adapters + 1), found ",
@@ -53,13 +59,15 @@ void check_lora_multi_add_args(const char* op, const at::Tensor& base_out, const
   if (!values) return;
   const at::Tensor off = offsets.cpu();
   const int64_t* o = off.const_data_ptr<int64_t>();
-  TORCH_CHECK_VALUE(o[0] == 0 && o[n] == order.size(0), op, ": offsets: expected to run from 0 to order's length ",
-                    order.size(0), ", found ", o[0], " to ", o[n]);
+  TORCH_CHECK_VALUE(o[0] == 0 && o[n] <= order.size(0), op, ": offsets: expected to run from 0 to at most order's ",
+                    "length ", order.size(0), ", found ", o[0], " to ", o[n]);
   for (int64_t i = 0; i < n; ++i) {
     TORCH_CHECK_VALUE(o[i] <= o[i + 1], op, ": offsets: expected non-decreasing values (lora_segments'), found ", o[i],
                       " then ", o[i + 1]);
   }
   const int64_t rows = leading_numel(x.sizes());
+  TORCH_CHECK_VALUE(order.size(0) <= rows, op, ": order: expected at most one entry per row of x (", rows,
+                    " rows), found ", order.size(0));
   if (order.numel() == 0) return;
   const auto [lo, hi] = at::aminmax(order);
   const int64_t low = lo.item<int64_t>(), high = hi.item<int64_t>();
@@ -68,6 +76,23 @@ void check_lora_multi_add_args(const char* op, const at::Tensor& base_out, const
   const int64_t most = at::bincount(order, {}, rows).max().item<int64_t>();
   TORCH_CHECK_VALUE(most <= 1, op, ": order: a row is listed ", most, " times; expected each row once at most (as ",
                     "lora_segments gives it)");
+}
+
+void check_lora_token_add_args(const char* op, const at::Tensor& base_out, const at::Tensor& x, at::TensorList lora_a,
+                               at::TensorList lora_b, at::ArrayRef<double> scale, const at::Tensor& row_adapter,
+                               bool values) {
+  check_adapter_list(op, base_out, x, lora_a, lora_b, scale, 0.0);
+  check_index_tensor(op, "row_adapter", row_adapter, x);
+  const int64_t rows = leading_numel(x.sizes());
+  TORCH_CHECK_VALUE(row_adapter.size(0) == rows, op, ": row_adapter: expected one adapter index per row of x (", rows,
+                    " rows), found ", row_adapter.size(0));
+  if (values) check_lora_segments_args(op, row_adapter, static_cast<int64_t>(lora_a.size()));
+}
+
+void check_lora_multi_rng_state(const char* op, const at::Tensor& rng_state) {
+  TORCH_CHECK_VALUE(rng_state.numel() == 2 && rng_state.scalar_type() == at::kLong, op,
+                    ": rng_state: expected int64 [2] (lora_multi_add_forward's), found ", rng_state.scalar_type(), " ",
+                    rng_state.sizes());
 }
 
 }  // namespace lorafuse::detail

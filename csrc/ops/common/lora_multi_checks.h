@@ -11,9 +11,19 @@ void check_lora_segments_args(const char* op, const at::Tensor& row_adapter, int
 
 // lora_multi_add: at least one adapter; lora_b and scale one entry per adapter; each adapter by lora_add's rules
 // (named "op (adapter i)"); order int64 1-D and offsets int64 [adapters + 1] on x's device. With `values` (kernels that
-// read them), also offsets non-decreasing from 0 to order's length and every row index in [0, rows of x).
+// read them), also offsets non-decreasing from 0 to at most order's length (rows past offsets[n]: the base's), order
+// no longer than x's rows, and every row index in [0, rows of x) listed once at most.
 void check_lora_multi_add_args(const char* op, const at::Tensor& base_out, const at::Tensor& x, at::TensorList lora_a,
                                at::TensorList lora_b, at::ArrayRef<double> scale, const at::Tensor& order,
                                const at::Tensor& offsets, double dropout_p, bool values);
+
+// lora_token_add: the adapters as lora_multi_add's (no dropout); row_adapter int64 [rows of x] on x's device, with
+// `values` also each in [-1, adapters).
+void check_lora_token_add_args(const char* op, const at::Tensor& base_out, const at::Tensor& x, at::TensorList lora_a,
+                               at::TensorList lora_b, at::ArrayRef<double> scale, const at::Tensor& row_adapter,
+                               bool values);
+
+// lora_multi_add_backward's rng_state: int64 [2].
+void check_lora_multi_rng_state(const char* op, const at::Tensor& rng_state);
 
 }  // namespace lorafuse::detail

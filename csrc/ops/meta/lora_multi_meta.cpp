@@ -1,4 +1,4 @@
-// Meta kernels of lora_multi_add: shapes, dtypes and errors only (the segment values are not read).
+// Meta kernels of lora_multi_add and lora_token_add: shapes, dtypes and errors only (the segment values are not read).
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
@@ -39,6 +39,13 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> lora_mu
   return {output_mask[0] ? at::empty_like(x, at::MemoryFormat::Contiguous) : at::empty({0}, x.options()), ga, gb};
 }
 
+at::Tensor lora_token_add_meta(const at::Tensor& base_out, const at::Tensor& x, at::TensorList lora_a,
+                               at::TensorList lora_b, at::ArrayRef<double> scale, const at::Tensor& row_adapter) {
+  detail::check_lora_token_add_args("lorafuse.lora_token_add", base_out, x, lora_a, lora_b, scale, row_adapter,
+                                    /*values=*/false);
+  return at::empty_like(base_out, at::MemoryFormat::Contiguous);
+}
+
 }  // namespace
 }  // namespace lorafuse::meta
 
@@ -46,4 +53,5 @@ TORCH_LIBRARY_IMPL(lorafuse, Meta, m) {
   m.impl("lora_multi_add", &lorafuse::meta::lora_multi_add_meta);
   m.impl("lora_multi_add_forward", &lorafuse::meta::lora_multi_add_forward_meta);
   m.impl("lora_multi_add_backward", &lorafuse::meta::lora_multi_add_backward_meta);
+  m.impl("lora_token_add", &lorafuse::meta::lora_token_add_meta);
 }

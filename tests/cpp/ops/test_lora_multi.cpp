@@ -26,7 +26,7 @@ TEST_CASE("lora_multi_add: each row through its own adapter", "[ops][lora_multi]
   }
   const at::Tensor rows = at::tensor({1, -1, 0, 1, 0}, at::kLong);
   const auto segments = lorafuse::lora_segments(rows, 2);
-  CHECK(segments.order.equal(at::tensor({2, 4, 0, 3}, at::kLong)));
+  CHECK(segments.order.equal(at::tensor({2, 4, 0, 3, 1}, at::kLong)));  // the base's row last
   CHECK(segments.offsets.equal(at::tensor({0, 2, 4}, at::kLong)));
 
   const at::Tensor x = at::randn({5, in}, at::kDouble).requires_grad_();
