@@ -14,9 +14,9 @@
 //   lorafuse_finetune_llama [--device cpu|cuda] [--data DIR] [--steps N] [--ft-steps N]
 
 #include <lorafuse/config/lora_config.h>
-#include <lorafuse/peft/inject.h>
 #include <lorafuse/models/llama.h>
 #include <lorafuse/ops.h>
+#include <lorafuse/peft/inject.h>
 #include <torch/torch.h>
 
 #include <algorithm>
@@ -365,7 +365,8 @@ int run(const Args& args) {
     size_t i = 0;
     for (auto& [path, layer] : lorafuse::lora_layers(*model)) {
       weights_changed =
-          weights_changed && layer->merged() && !torch::equal(layer->module().as<lorafuse::nn::LoraLinear>()->base_layer->weight, weights_before[i++]);
+          weights_changed && layer->merged() &&
+          !torch::equal(layer->module().as<lorafuse::nn::LoraLinear>()->base_layer->weight, weights_before[i++]);
     }
   }
   check(weights_changed, "merge_adapter changed every adapted base weight");
@@ -377,7 +378,8 @@ int run(const Args& args) {
   {
     size_t i = 0;
     for (auto& [path, layer] : lorafuse::lora_layers(*model)) {
-      restored = restored && !layer->merged() && torch::equal(layer->module().as<lorafuse::nn::LoraLinear>()->base_layer->weight, weights_before[i++]);
+      restored = restored && !layer->merged() &&
+                 torch::equal(layer->module().as<lorafuse::nn::LoraLinear>()->base_layer->weight, weights_before[i++]);
     }
   }
   check(restored, "unmerge_adapter restored every base weight bit for bit");

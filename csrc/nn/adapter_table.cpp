@@ -7,8 +7,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <mutex>
 #include <nlohmann/json.hpp>
 #include <sstream>
+#include <unordered_map>
 
 namespace lorafuse::nn {
 namespace {
@@ -19,7 +21,73 @@ bool listed(const std::vector<std::string>& names, const std::string& name) {
   return std::find(names.begin(), names.end(), name) != names.end();
 }
 
+// How many alive tables hold each adapter name.
+std::mutex held_mutex;
+std::unordered_map<std::string, int64_t>& held_counts() {
+  static auto* counts = new std::unordered_map<std::string, int64_t>();  // never destroyed: tables die at exit too
+  return *counts;
+}
+
+void count_held(const std::string& name, int64_t delta) {
+  auto& counts = held_counts();
+  if ((counts[name] += delta) <= 0) counts.erase(name);
+}
+
 }  // namespace
+
+HeldAdapterNames::HeldAdapterNames(const HeldAdapterNames& other) : names_(other.names_) {
+  std::lock_guard<std::mutex> lock(held_mutex);
+  for (const auto& n : names_) count_held(n, 1);
+}
+
+HeldAdapterNames& HeldAdapterNames::operator=(const HeldAdapterNames& other) {
+  if (this == &other) return *this;
+  std::lock_guard<std::mutex> lock(held_mutex);
+  for (const auto& n : other.names_) count_held(n, 1);
+  for (const auto& n : names_) count_held(n, -1);
+  names_ = other.names_;
+  return *this;
+}
+
+HeldAdapterNames::~HeldAdapterNames() {
+  std::lock_guard<std::mutex> lock(held_mutex);
+  for (const auto& n : names_) count_held(n, -1);
+}
+
+void HeldAdapterNames::add(const std::string& name) {
+  std::lock_guard<std::mutex> lock(held_mutex);
+  count_held(name, 1);
+  names_.push_back(name);
+}
+
+void HeldAdapterNames::remove(const std::string& name) {
+  const auto it = std::find(names_.begin(), names_.end(), name);
+  if (it == names_.end()) return;
+  std::lock_guard<std::mutex> lock(held_mutex);
+  count_held(name, -1);
+  names_.erase(it);
+}
+
+std::vector<std::string> HeldAdapterNames::unknown(const std::vector<std::string>& names) {
+  std::vector<std::string> out;
+  std::lock_guard<std::mutex> lock(held_mutex);
+  const auto& counts = held_counts();
+  for (const auto& n : names) {
+    if (n.empty() || n == "__base__" || counts.count(n) != 0 || listed(out, n)) continue;
+    out.push_back(n);
+  }
+  return out;
+}
+
+std::vector<std::string> HeldAdapterNames::all() {
+  std::vector<std::string> out;
+  {
+    std::lock_guard<std::mutex> lock(held_mutex);
+    for (const auto& [name, count] : held_counts()) out.push_back(name);
+  }
+  std::sort(out.begin(), out.end());
+  return out;
+}
 
 std::string AdapterTable::join(const std::vector<std::string>& names) {
   std::string out;
@@ -61,6 +129,7 @@ bool AdapterTable::add(const std::string& name, const LoraAdapterOptions& option
                     join(order_));
   options_.emplace(name, options);
   order_.push_back(name);
+  held_.add(name);
   if (active_.empty() && activate) {
     active_ = name;
     return true;
@@ -77,6 +146,7 @@ bool AdapterTable::remove(const std::string& name) {
   check_remove(name);
   options_.erase(name);
   order_.erase(std::find(order_.begin(), order_.end(), name));
+  held_.remove(name);
   if (active_ != name) return false;
   active_ = order_.empty() ? std::string() : order_.front();
   return true;
@@ -175,6 +245,7 @@ AdapterTable AdapterTable::from_json(const std::string& text, const std::string&
       TORCH_CHECK_VALUE(!table.has(name), what, ": adapter \"", name, "\" is listed twice");
       table.options_.emplace(name, adapter_options_from_json(a.dump(), what));
       table.order_.push_back(name);
+      table.held_.add(name);
     }
     table.active_ = j.at("active").get<std::string>();
     table.enabled_ = j.at("enabled").get<bool>();

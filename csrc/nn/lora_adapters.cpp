@@ -142,17 +142,47 @@ void LoraAdapters::refresh_routes() {
   routes_ = std::move(routes);
 }
 
+std::shared_ptr<const LoraAdapters::RouteTable> LoraAdapters::snapshot() const {
+  // a consistent snapshot, whatever other threads add or remove meanwhile
+  std::lock_guard<std::mutex> lock(route_lock_.mutex);
+  return routes_;
+}
+
 std::optional<LoraAdapters::Route> LoraAdapters::route() const {
   const std::string name = table_.route(AdapterScope::current());
   if (name.empty()) return std::nullopt;
-  std::shared_ptr<const RouteTable> routes;  // a consistent snapshot, whatever other threads add or remove meanwhile
-  {
-    std::lock_guard<std::mutex> lock(route_lock_.mutex);
-    routes = routes_;
-  }
+  const auto routes = snapshot();
   const auto it = routes->find(name);
   if (it == routes->end()) return std::nullopt;  // removed by another thread meanwhile
   return it->second;
+}
+
+at::Tensor LoraAdapters::mixed_forward(const RowAdapters& rows, const at::Tensor& x, bool training,
+                                       const std::function<at::Tensor()>& base,
+                                       const std::function<at::Tensor(const Route&)>& single) const {
+  const auto routes = snapshot();
+  std::vector<std::string> available;
+  available.reserve(routes->size());
+  for (const auto& entry : *routes) available.push_back(entry.first);
+  // rows: x's first dimension (a sequence of tokens each in [batch, seq, in]); a 1-D x is one row of one token
+  const int64_t batch = x.dim() >= 2 ? x.size(0) : 1;
+  int64_t leading = 1;
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) leading *= x.size(d);
+  const int64_t tokens = batch > 0 ? leading / batch : 0;
+  const RowAdapters::Plan plan = rows.plan(table_, available, batch, tokens, x.device());
+  if (plan.adapters.empty()) return base();
+  if (plan.uniform) return single(routes->at(plan.adapters.front()));
+  std::vector<at::Tensor> as, bs;
+  std::vector<double> scales, dropouts;
+  for (const auto& name : plan.adapters) {
+    const Route& r = routes->at(name);
+    as.push_back(r.a->weight);
+    bs.push_back(r.b->weight);
+    scales.push_back(r.scale);
+    dropouts.push_back(r.dropout);
+  }
+  const double p = rows.dropout(plan.adapters, dropouts, training);
+  return lorafuse::lora_multi_add(base(), x, as, bs, scales, plan.segments, p);
 }
 
 }  // namespace lorafuse::nn

@@ -71,20 +71,29 @@ std::shared_ptr<torch::nn::Module> LoraLinearImpl::clone(const std::optional<tor
 }
 
 at::Tensor LoraLinearImpl::forward(const at::Tensor& x) {
+  if (const auto rows = AdapterScope::rows()) {
+    return adapters_.mixed_forward(
+        *rows, x, is_training(), [&] { return base_layer->forward(x); },
+        [&](const LoraAdapters::Route& r) { return routed_forward(x, r); });
+  }
   const auto route = adapters_.route();
   if (!route) return base_layer->forward(x);
-  const double p = is_training() ? route->dropout : 0.0;
+  return routed_forward(x, *route);
+}
+
+at::Tensor LoraLinearImpl::routed_forward(const at::Tensor& x, const LoraAdapters::Route& route) {
+  const double p = is_training() ? route.dropout : 0.0;
   const auto& w = base_layer->weight;
   const auto& bias = base_layer->bias;
-  const auto& a = route->a->weight;
-  const auto& b = route->b->weight;
+  const auto& a = route.a->weight;
+  const auto& b = route.b->weight;
   if (w.requires_grad()) {
     // The fused op never computes a weight gradient; a caller who thawed the base weight gets the base's own
     // forward (autograd through its GEMM) and lora_add for the branch, as Python's call-as-is base kind.
-    return lorafuse::lora_branch(base_layer->forward(x), x, a, b, route->scale, p);
+    return lorafuse::lora_branch(base_layer->forward(x), x, a, b, route.scale, p);
   }
-  return lorafuse::lora_linear(x, w, bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt, a, b,
-                               route->scale, p);
+  return lorafuse::lora_linear(x, w, bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt, a, b, route.scale,
+                               p);
 }
 
 void LoraLinearImpl::add_adapter(const std::string& name, const LoraAdapterOptions& adapter) {

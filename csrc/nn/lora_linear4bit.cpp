@@ -61,13 +61,22 @@ std::shared_ptr<torch::nn::Module> LoraLinear4bitImpl::clone(const std::optional
 }
 
 at::Tensor LoraLinear4bitImpl::forward(const at::Tensor& x) {
+  if (const auto rows = AdapterScope::rows()) {
+    return adapters_.mixed_forward(
+        *rows, x, is_training(), [&] { return base_layer->forward(x); },
+        [&](const LoraAdapters::Route& r) { return routed_forward(x, r); });
+  }
   const auto route = adapters_.route();
   if (!route) return base_layer->forward(x);
+  return routed_forward(x, *route);
+}
+
+at::Tensor LoraLinear4bitImpl::routed_forward(const at::Tensor& x, const LoraAdapters::Route& route) {
   const Linear4bitImpl& base = *base_layer;  // the layer and its branch in one op (nf_lora_linear where it applies)
   return lorafuse::lora_linear_nf(
       x, base.packed, base.absmax, base.nested_absmax, base.offset, base.options.format(), base.options.out_features(),
       base.bias.defined() ? std::optional<at::Tensor>(base.bias) : std::nullopt, base.options.compute_dtype(),
-      route->a->weight, route->b->weight, route->scale, is_training() ? route->dropout : 0.0);
+      route.a->weight, route.b->weight, route.scale, is_training() ? route.dropout : 0.0);
 }
 
 void LoraLinear4bitImpl::add_adapter(const std::string& name, const LoraAdapterOptions& options, bool activate) {

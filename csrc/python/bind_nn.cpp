@@ -7,6 +7,7 @@
 #include <lorafuse/nn/adapter_scope.h>
 #include <lorafuse/nn/adapter_table.h>
 #include <lorafuse/nn/lora_linear.h>
+#include <lorafuse/nn/row_adapters.h>
 
 #include <map>
 #include <memory>
@@ -231,20 +232,49 @@ void bind_nn(py::module& m) {
         return translating([&] { return self.delta_weight(n); });
       });
 
+  // The per-row routing of a mixed batch: Python layers ask it for their plan, as C++ layers do.
+  py::class_<nn::RowAdapters, std::shared_ptr<nn::RowAdapters>>(m, "RowAdapters")
+      .def(py::init([](std::vector<std::string> names, const std::string& what) {
+             return translating([&] { return std::make_shared<nn::RowAdapters>(std::move(names), what); });
+           }),
+           py::arg("names"), py::arg("what") = "use_adapter")
+      .def_property_readonly("names", &nn::RowAdapters::names)
+      .def(
+          "plan",
+          [](const nn::RowAdapters& self, const nn::AdapterTable& table, const std::vector<std::string>& available,
+             int64_t rows, int64_t tokens, const at::Device& device) {
+            const auto plan = translating([&] { return self.plan(table, available, rows, tokens, device); });
+            return py::make_tuple(plan.adapters, plan.segments.order, plan.segments.offsets, plan.uniform);
+          },
+          py::arg("table"), py::arg("available"), py::arg("rows"), py::arg("tokens"), py::arg("device"))
+      .def(
+          "dropout",
+          [](const nn::RowAdapters& self, const std::vector<std::string>& adapters, const std::vector<double>& dropouts,
+             bool training) { return translating([&] { return self.dropout(adapters, dropouts, training); }); },
+          py::arg("adapters"), py::arg("dropouts"), py::arg("training"));
+
   struct Scope {
     std::string name;
+    std::shared_ptr<nn::RowAdapters> rows;  // a mixed batch, else null
     std::unique_ptr<nn::AdapterScope> scope;
   };
   py::class_<Scope>(m, "_AdapterScope")
-      .def(py::init([](const std::string& name, bool mixed) {
-             if (mixed) return Scope{nn::AdapterScope::kMixedBatch, nullptr};
+      .def(py::init([](const std::string& name) {
              translating([&] {
                if (!name.empty()) nn::check_adapter_name(name);
              });
-             return Scope{name, nullptr};
+             return Scope{name, nullptr, nullptr};
            }),
-           py::arg("name"), py::arg("mixed") = false)
-      .def("__enter__", [](Scope& s) { s.scope = std::make_unique<nn::AdapterScope>(s.name); })
+           py::arg("name"))
+      .def(py::init([](std::shared_ptr<nn::RowAdapters> rows) {
+             return Scope{"", std::move(rows), nullptr};
+           }),
+           py::arg("rows"))
+      .def("__enter__",
+           [](Scope& s) {
+             s.scope = s.rows ? std::make_unique<nn::AdapterScope>(std::shared_ptr<const nn::RowAdapters>(s.rows))
+                              : std::make_unique<nn::AdapterScope>(s.name);
+           })
       .def("__exit__", [](Scope& s, const py::args&) { s.scope.reset(); });
   m.def(
       "_current_adapter_scope", [] { return nn::AdapterScope::current(); },

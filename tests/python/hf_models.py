@@ -33,6 +33,6 @@ def tiny_llama(seed: int = 0):
     return transformers.LlamaForCausalLM(tiny_llama_config()).eval()
 
 
-def logits(model) -> torch.Tensor:
+def logits(model, ids: torch.Tensor = IDS) -> torch.Tensor:
     with torch.no_grad():
-        return model(input_ids=IDS).logits
+        return model(input_ids=ids).logits

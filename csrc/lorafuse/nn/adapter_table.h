@@ -15,6 +15,26 @@
 
 namespace lorafuse::nn {
 
+/// The adapter names that the AdapterTables alive in this process hold (every LoRA layer's, C++ and Python): what a
+/// per-row scope checks its names against, as a model-wide list would (a name no layer holds is a typo, not the base).
+class HeldAdapterNames {
+ public:
+  HeldAdapterNames() = default;
+  HeldAdapterNames(const HeldAdapterNames& other);
+  HeldAdapterNames& operator=(const HeldAdapterNames& other);
+  ~HeldAdapterNames();
+  void add(const std::string& name);
+  void remove(const std::string& name);
+
+  /// The names of `names` that no table holds, each once in first-appearance order ("" and "__base__" skipped).
+  static std::vector<std::string> unknown(const std::vector<std::string>& names);
+  /// Every name some table holds, sorted.
+  static std::vector<std::string> all();
+
+ private:
+  std::vector<std::string> names_;
+};
+
 class AdapterTable {
  public:
   // ---- what the table holds -------------------------------------------------------------------
@@ -97,6 +117,7 @@ class AdapterTable {
  private:
   std::unordered_map<std::string, LoraAdapterOptions> options_;
   std::vector<std::string> order_;
+  HeldAdapterNames held_;  // order_'s names, counted process-wide
   std::string active_;
   bool enabled_ = true;
   std::vector<std::string> merged_;

@@ -9,6 +9,7 @@
 #include <lorafuse/config/adapter_options.h>
 #include <lorafuse/nn/adapter_scope.h>
 #include <lorafuse/nn/adapter_table.h>
+#include <lorafuse/nn/row_adapters.h>
 #include <torch/nn/module.h>
 #include <torch/nn/modules/container/moduledict.h>
 #include <torch/nn/modules/linear.h>
@@ -73,6 +74,12 @@ class LoraAdapters {
   std::optional<Route> route() const;
   /// Points the routes at the adapter modules registered now (after Cloneable::clone put fresh ones in).
   void refresh_routes();
+  /// A forward under a mixed-batch scope (AdapterScope::rows(), one adapter per row): `base()` once for the whole
+  /// batch, then each row's adapter (lorafuse::lora_multi_add); rows of adapters this layer lacks and "__base__" rows
+  /// keep the base's output. `single(route)` runs the layer with one adapter for every row (all rows name it).
+  at::Tensor mixed_forward(const RowAdapters& rows, const at::Tensor& x, bool training,
+                           const std::function<at::Tensor()>& base,
+                           const std::function<at::Tensor(const Route&)>& single) const;
 
   /// Writes the table (options, order, active, enabled, merged) into `archive`.
   void save(torch::serialize::OutputArchive& archive) const;
@@ -93,6 +100,7 @@ class LoraAdapters {
     std::mutex mutex;
   };
   void create_weights(const std::string& name, const at::TensorOptions& options, int64_t r);
+  std::shared_ptr<const RouteTable> snapshot() const;
   void apply_trainability();
 
   int64_t in_features_ = 0, out_features_ = 0;

@@ -71,7 +71,7 @@ class LoraLinearImpl : public torch::nn::Cloneable<LoraLinearImpl>, public LoraL
   /// Reads what save() wrote; adapters in the archive that this layer lacks are added first.
   void load(torch::serialize::InputArchive& archive) override;
 
-  /// [..., in] → [..., out].
+  /// [..., in] → [..., out]. Under a mixed-batch AdapterScope (one adapter per row), each row runs its own adapter.
   at::Tensor forward(const at::Tensor& x);
 
   // ---- adapters ------------------------------------------------------------------------------
@@ -135,6 +135,7 @@ class LoraLinearImpl : public torch::nn::Cloneable<LoraLinearImpl>, public LoraL
 
  private:
   at::TensorOptions base_options() const { return base_layer->weight.options(); }
+  at::Tensor routed_forward(const at::Tensor& x, const LoraAdapters::Route& route);
   void drop_unmerged_copy();
   void merge_into_base(const std::vector<std::string>& everything);
 

@@ -40,7 +40,7 @@ class LoraLinear4bitImpl : public torch::nn::Cloneable<LoraLinear4bitImpl>, publ
   void save(torch::serialize::OutputArchive& archive) const override;
   void load(torch::serialize::InputArchive& archive) override;
 
-  /// [..., in] → [..., out] in x's dtype.
+  /// [..., in] → [..., out] in x's dtype. Under a mixed-batch AdapterScope, each row runs its own adapter.
   at::Tensor forward(const at::Tensor& x);
 
   // ---- LoraLayer ----------------------------------------------------------------------------------
@@ -83,6 +83,7 @@ class LoraLinear4bitImpl : public torch::nn::Cloneable<LoraLinear4bitImpl>, publ
 
  private:
   at::TensorOptions base_options() const;
+  at::Tensor routed_forward(const at::Tensor& x, const LoraAdapters::Route& route);
   void drop_unmerged_copy();
 
   Linear4bit pending_base_{nullptr};  // consumed by the first reset() of the wrapping constructor

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -26,14 +27,12 @@ _open_scopes = 0
 
 
 class _MixedBatch:
-    """A scope's per-row adapter names (use_adapter with a list) and what layers computed from them once per forward:
-    segments per (this layer's adapter indices, rows, tokens per row, device)."""
+    """A scope's per-row adapters (use_adapter with a list): the C++ RowAdapters, whose plans (rows grouped by the
+    adapters a layer has) every layer of a forward shares, C++ and Python alike."""
 
-    BASE = ("", "__base__")  #: names of rows that run the base alone
-
-    def __init__(self, names: Tuple[str, ...]) -> None:
-        self.names = names
-        self.segments: Dict[tuple, object] = {}
+    def __init__(self, rows) -> None:
+        self.rows = rows
+        self.names = tuple(rows.names)
 
 
 def _scope_enter(name) -> object:
@@ -530,46 +529,21 @@ class Linear(nn.Module):
         then each row's adapter (lorafuse.lora_multi_add); rows whose adapter this layer lacks, and "__base__"
         rows, keep the base's output."""
         base = self.base_layer
-        table = self._table
-        if table.merged:
-            raise ValueError(
-                f"use_adapter({list(mixed.names)}): this layer has {table.merged} merged into its weight; a batch "
-                "with one adapter per row needs unmerged adapters (unmerge first)"
-            )
-        names = mixed.names
-        rows = x.shape[0] if x.dim() >= 2 else 1
-        if rows % len(names) != 0:
-            raise ValueError(
-                f"use_adapter: {len(names)} adapter names for a batch of {rows} rows; expected one name per row (or "
-                "per group of consecutive rows, as generate repeats rows for beams and num_return_sequences)"
-            )
         routes = self._routes  # one snapshot: other threads may refresh it meanwhile
-        present = [n for n in dict.fromkeys(names) if n not in _MixedBatch.BASE and n in routes]
-        if not table.enabled or not present:
+        rows = x.shape[0] if x.dim() >= 2 else 1
+        tokens = (math.prod(x.shape[:-1]) // rows if rows else 0) if x.dim() >= 2 else 1
+        # the rules (merged layers, rows per name, which adapters, the rows grouped) are the C++ RowAdapters'
+        present, order, offsets, uniform = mixed.rows.plan(self._table, list(routes), rows, tokens, x.device)
+        if not present:
             return base(x)
-        index = {n: i for i, n in enumerate(present)}
-        per_name = tuple(index.get(n, -1) for n in names)
-        tokens = x.numel() // max(1, x.shape[-1]) // max(1, rows)
-        key = (per_name, len(present), rows, tokens, x.device)
-        segments = mixed.segments.get(key)
-        if segments is None:
-            row_adapter = torch.tensor(per_name, device=x.device).repeat_interleave(rows // len(names))
-            segments = torch.ops.lorafuse.lora_segments(row_adapter.repeat_interleave(tokens), len(present))
-            mixed.segments[key] = segments
-        if len(present) == 1 and all(n == present[0] for n in names):  # one adapter for every row: the plain path
+        if uniform:  # one adapter for every row: the plain path
             return self._routed_forward(x, routes[present[0]])
         chosen = [routes[n] for n in present]
-        dropouts = {r[3] for r in chosen}
-        if self.training and len(dropouts) > 1:
-            raise ValueError(
-                f"use_adapter({list(names)}): adapters {present} have different lora_dropout {sorted(dropouts)}; a "
-                "mixed batch trains with one dropout probability (train them in separate batches, or evaluate)"
-            )
-        p = dropouts.pop() if self.training else 0.0
+        p = mixed.rows.dropout(present, [float(r[3]) for r in chosen], self.training)
         base_out = check_base_output(base(x), base, x, self.out_features)
         return torch.ops.lorafuse.lora_multi_add(
             base_out, x, [r[0].weight for r in chosen], [r[1].weight for r in chosen], [float(r[2]) for r in chosen],
-            segments[0], segments[1], float(p),
+            order, offsets, float(p),
         )
 
     def extra_repr(self) -> str:

@@ -25,8 +25,9 @@ def use_adapter(adapter_name: Union[str, Sequence[str]]) -> Iterator[None]:
     there. The base computes the whole batch at once and each row adds its own adapter (lorafuse.lora_multi_add), so a
     batch of many adapters costs about one forward; each row's output equals running it alone with its adapter. The
     list's length must divide the batch (generate repeats each row for beams and ``num_return_sequences``: the names
-    follow). Training works too: each adapter's gradients are those of its rows. Python layers only (C++ layers
-    refuse it), adapters unmerged."""
+    follow). Training works too: each adapter's gradients are those of its rows. Names that no LoRA layer holds are a
+    ValueError (all listed); a layer without a row's adapter runs its base for that row; adapters must be unmerged.
+    C++ layers (a bound lorafuse model) follow the same list."""
     if not isinstance(adapter_name, str):
         names = tuple(adapter_name) if isinstance(adapter_name, (list, tuple)) else None
         if not names or not all(isinstance(n, str) for n in names):
@@ -34,8 +35,9 @@ def use_adapter(adapter_name: Union[str, Sequence[str]]) -> Iterator[None]:
                 "use_adapter: adapter_name: expected a str or a non-empty list of str (one per row), found "
                 f"{adapter_name!r}"
             )
-        with _C._AdapterScope("", mixed=True):  # C++ layers refuse a mixed batch rather than misroute it
-            token = _layer._scope_enter(_layer._MixedBatch(names))
+        rows = _C.RowAdapters(list(names), "use_adapter")  # checks the names: all known to some LoRA layer
+        with _C._AdapterScope(rows):  # what C++ layers read
+            token = _layer._scope_enter(_layer._MixedBatch(rows))  # the same scope, as Python layers read it
             try:
                 yield
             finally:

@@ -59,10 +59,23 @@ TEST_CASE("lora_multi_add: each row through its own adapter", "[ops][lora_multi]
       {"lora_a, lora_b and scale: expected one entry per adapter, found 1, 2 and 2"});
 }
 
-TEST_CASE("C++ LoRA layers refuse a mixed-batch scope rather than run one adapter", "[ops][lora_multi]") {
+TEST_CASE("a C++ LoraLinear routes each row of a mixed batch to its adapter", "[ops][lora_multi]") {
+  at::manual_seed(4);
   lorafuse::nn::LoraLinear layer(lorafuse::nn::LoraLinearOptions(8, 6));
-  const at::Tensor x = at::randn({2, 8});
-  const lorafuse::nn::AdapterScope scope(lorafuse::nn::AdapterScope::kMixedBatch);
-  require_error_parts<c10::NotImplementedError>([&] { layer->forward(x); },
-                                                {"use_adapter with one adapter name per row (a mixed batch)"});
+  layer->add_adapter("one", lorafuse::nn::LoraAdapterOptions().r(2).init_lora_weights(false));
+  layer->add_adapter("two", lorafuse::nn::LoraAdapterOptions().r(5).lora_alpha(3).init_lora_weights(false));
+  const at::Tensor x = at::randn({3, 4, 8});  // 3 rows of 4 tokens
+  const std::vector<std::string> names = {"two", "__base__", "one"};
+  at::Tensor y;
+  {
+    const lorafuse::nn::AdapterScope scope(names);
+    y = layer->forward(x);
+  }
+  for (int64_t i = 0; i < 3; ++i) {
+    const lorafuse::nn::AdapterScope scope(i == 1 ? "" : names[i]);
+    CHECK(at::allclose(y[i], layer->forward(x.narrow(0, i, 1))[0], 1e-6, 1e-6));
+  }
+  // the name a mixed batch's scope reports cannot be opened as an adapter name
+  require_error_parts<c10::ValueError>(
+      [&] { lorafuse::nn::AdapterScope scope(lorafuse::nn::AdapterScope::kMixedBatch); }, {"adapter"});
 }

@@ -3,6 +3,7 @@
 // was, the atomic folder swap, and hot-swapping while threads run forward with their own adapters.
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
+#include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/grad_mode.h>
 
 #include <lorafuse/io/adapter.h>
@@ -360,4 +361,172 @@ TEST_CASE("AdapterScopes closed out of order remove only themselves", "[cpu][ada
   CHECK_FALSE(lorafuse::AdapterScope::current().has_value());
   REQUIRE_THROWS_AS(lorafuse::AdapterScope("a.b"), c10::ValueError);
   CHECK_FALSE(lorafuse::AdapterScope::current().has_value());
+}
+
+// ---- mixed batches: one adapter per row (AdapterScope with a list of names)
+
+namespace {
+
+at::Tensor four_rows() { return at::arange(24, at::kLong).mul(7).remainder(64).reshape({4, 6}); }
+
+// The logits of row i of four_rows() run alone, under AdapterScope(name) ("__base__": no adapter).
+at::Tensor row_alone(LlamaForCausalLM& model, int64_t i, const std::string& name) {
+  torch::NoGradGuard no_grad;
+  lorafuse::AdapterScope scope(name == "__base__" ? "" : name);
+  return model->forward(four_rows().narrow(0, i, 1))[0];
+}
+
+}  // namespace
+
+TEST_CASE("a mixed batch gives each row its own adapter on the reference Llama", "[cpu][adapters][mixed]") {
+  const auto root = temp_dir();
+  auto model = tiny_llama();
+  // ranks 4, 8 and 2; "c" only in q_proj: the other layers run their base for its rows
+  lorafuse::load_adapter(*model, saved_adapter(root, "a", LoraConfig().r(4).target_modules({"q_proj", "v_proj"}), 1),
+                         "a");
+  lorafuse::load_adapter(*model, saved_adapter(root, "b", LoraConfig().r(8).target_modules("all-linear"), 2), "b");
+  lorafuse::load_adapter(*model, saved_adapter(root, "c", LoraConfig().r(2).target_modules({"q_proj"}), 3), "c");
+  const std::vector<std::string> names = {"a", "b", "__base__", "c"};
+  at::Tensor mixed;
+  {
+    torch::NoGradGuard no_grad;
+    lorafuse::AdapterScope scope(names);
+    mixed = model->forward(four_rows());
+  }
+  for (int64_t i = 0; i < 4; ++i) {
+    CAPTURE(i);
+    CHECK(at::allclose(mixed[i], row_alone(model, i, names[i]), 1e-5, 1e-5));
+  }
+  CHECK_FALSE(at::allclose(row_alone(model, 0, "a"), row_alone(model, 0, "b")));
+  // two names for four rows: each name covers two consecutive rows (generate's beams)
+  {
+    torch::NoGradGuard no_grad;
+    lorafuse::AdapterScope scope(std::vector<std::string>{"b", "a"});
+    mixed = model->forward(four_rows());
+  }
+  CHECK(at::allclose(mixed[1], row_alone(model, 1, "b"), 1e-5, 1e-5));
+  CHECK(at::allclose(mixed[2], row_alone(model, 2, "a"), 1e-5, 1e-5));
+  // an empty batch runs
+  {
+    torch::NoGradGuard no_grad;
+    lorafuse::AdapterScope scope(std::vector<std::string>{"a"});
+    auto& layer = *lorafuse::lora_layers(*model)[0].second;
+    const at::Tensor x = at::randn({0, 32});
+    CHECK(layer.lora_forward(x).sizes() == at::IntArrayRef({0, 32}));
+  }
+
+  // bad input
+  require_error_parts<c10::ValueError>(
+      [&] {
+        lorafuse::AdapterScope scope(std::vector<std::string>{"a", "nope", "b", "zzz", "nope"});
+      },
+      {"AdapterScope: no LoRA layer has adapters named [\"nope\", \"zzz\"]", "a, b, c", "__base__"});
+  require_error_parts<c10::ValueError>([&] { lorafuse::AdapterScope scope(std::vector<std::string>{}); },
+                                       {"expected one name per row of the batch, found an empty list"});
+  require_error_parts<c10::ValueError>(
+      [&] {
+        lorafuse::AdapterScope scope(std::vector<std::string>{"a", "b", "c"});
+        logits(model);
+      },
+      {"3 adapter names for a batch of 2 rows"});
+  lorafuse::merge_adapter(*model);  // "a", the active adapter, into the weights
+  require_error_parts<c10::ValueError>(
+      [&] {
+        lorafuse::AdapterScope scope(names);
+        logits(model);
+      },
+      {"merged into its weight", "needs unmerged adapters"});
+}
+
+TEST_CASE("training a mixed batch gives each adapter the gradients of its rows alone", "[cpu][adapters][mixed]") {
+  const auto root = temp_dir();
+  auto model = tiny_llama();
+  lorafuse::load_adapter(*model, saved_adapter(root, "a", LoraConfig().r(4).target_modules("all-linear"), 1), "a");
+  lorafuse::load_adapter(*model, saved_adapter(root, "b", LoraConfig().r(6).target_modules({"q_proj", "o_proj"}), 2),
+                         "b");
+  model->train();
+  std::vector<at::Tensor> params;
+  for (auto& [path, layer] : lorafuse::lora_layers(*model)) {
+    for (const auto& name : layer->adapter_names()) {
+      params.push_back(layer->lora_a(name).requires_grad_(true));
+      params.push_back(layer->lora_b(name).requires_grad_(true));
+    }
+  }
+  const std::vector<std::string> names = {"a", "b", "b", "a"};
+  std::vector<at::Tensor> mixed;
+  {
+    lorafuse::AdapterScope scope(names);
+    mixed = torch::autograd::grad({model->forward(four_rows()).sum()}, params, {}, false, false, true);
+  }
+  std::vector<at::Tensor> separate(params.size());
+  for (const std::string name : {"a", "b"}) {
+    lorafuse::AdapterScope scope(name);
+    const at::Tensor rows = name == "a" ? at::tensor({0, 3}, at::kLong) : at::tensor({1, 2}, at::kLong);
+    const auto g = torch::autograd::grad({model->forward(four_rows().index_select(0, rows)).sum()}, params, {}, false,
+                                         false, true);
+    for (size_t i = 0; i < params.size(); ++i) {
+      if (g[i].defined()) separate[i] = g[i];
+    }
+  }
+  bool nonzero = false;
+  for (size_t i = 0; i < params.size(); ++i) {
+    CAPTURE(i);
+    REQUIRE(mixed[i].defined() == separate[i].defined());
+    if (!mixed[i].defined()) continue;
+    CHECK(at::allclose(mixed[i], separate[i], 1e-4, 1e-5));
+    nonzero = nonzero || mixed[i].abs().sum().item<double>() > 0;
+  }
+  CHECK(nonzero);
+}
+
+TEST_CASE("threads serve mixed batches while another loads and deletes adapters", "[cpu][adapters][mixed]") {
+  const auto root = temp_dir();
+  const auto a = saved_adapter(root, "a", LoraConfig().r(4).target_modules({"q_proj", "v_proj"}), 1);
+  const auto b = saved_adapter(root, "b", LoraConfig().r(8).target_modules({"q_proj"}), 2);
+  const auto c = saved_adapter(root, "c", LoraConfig().r(2).target_modules({"v_proj"}), 3);
+  auto model = tiny_llama();
+  lorafuse::load_adapter(*model, a, "a");
+  lorafuse::load_adapter(*model, b, "b");
+  const std::vector<std::vector<std::string>> batches = {{"a", "__base__", "b", "a"}, {"b", "a"}};
+  std::vector<at::Tensor> reference;
+  for (const auto& names : batches) {
+    torch::NoGradGuard no_grad;
+    lorafuse::AdapterScope scope(names);
+    reference.push_back(model->forward(four_rows()));
+  }
+  std::atomic<bool> stop{false};
+  std::atomic<int> mismatches{0}, failures{0};
+  std::vector<int> runs(batches.size(), 0);
+  std::vector<std::thread> threads;
+  for (size_t i = 0; i < batches.size(); ++i) {
+    threads.emplace_back([&, i] {
+      try {
+        torch::NoGradGuard no_grad;
+        lorafuse::AdapterScope scope(batches[i]);
+        while (!stop) {
+          if (!at::equal(model->forward(four_rows()), reference[i])) ++mismatches;
+          ++runs[i];
+        }
+      } catch (...) {
+        ++failures;
+      }
+    });
+  }
+  for (int i = 0; i < 40; ++i) {
+    lorafuse::load_adapter(*model, c, "swap" + std::to_string(i));
+    if (i >= 2) lorafuse::delete_adapter(*model, "swap" + std::to_string(i - 2));
+  }
+  stop = true;
+  for (auto& t : threads) t.join();
+  CHECK(failures == 0);
+  CHECK(mismatches == 0);
+  for (int n : runs) CHECK(n > 0);
+  // a loaded adapter joins mixed batches at once
+  {
+    torch::NoGradGuard no_grad;
+    lorafuse::AdapterScope scope(std::vector<std::string>{"swap39", "a", "__base__", "swap38"});
+    const at::Tensor mixed = model->forward(four_rows());
+    CHECK(at::allclose(mixed[0], row_alone(model, 0, "swap39"), 1e-5, 1e-5));
+    CHECK(at::allclose(mixed[3], row_alone(model, 3, "swap38"), 1e-5, 1e-5));
+  }
 }

@@ -290,6 +290,46 @@ def test_peft_adapters_load_in_a_cpp_program_with_the_reference_llama(tmp_path):
     assert not torch.allclose(got["q_v"], got["base"])
 
 
+def test_cpp_serving_program_runs_peft_adapters_in_mixed_batches_while_loading_more(tmp_path):
+    """examples/serve_mixed.cpp (lorafuse_serve_mixed): PEFT-saved adapters served from the reference Llama in mixed
+    batches while a second thread loads one more; every row of the last batch equals PEFT's model for that row's
+    adapter, and the program reports its throughput."""
+    program = cpp_program("lorafuse_serve_mixed")
+    base = tiny_llama(seed=10)
+    safetensors_torch.save_file(
+        {n: p.detach().contiguous() for n, p in base.named_parameters()}, tmp_path / "base.st"
+    )
+    ids = torch.arange(30).mul(7).remainder(64).reshape(5, 6)
+    safetensors_torch.save_file({"input_ids": ids.contiguous()}, tmp_path / "ids.st")
+    expected = {"__base__": logits(base, ids)}
+    names = ["q_v", "all_linear_patterns", "rslora_regex_exclude"]
+    for i, name in enumerate(names):
+        theirs = peft_adapter(base, CONFIGS[name], seed=30 + i)
+        theirs.save_pretrained(tmp_path / name)
+        expected[name] = logits(theirs, ids)
+    t = TINY_LLAMA
+    config = ",".join(str(t[k]) for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                          "num_attention_heads", "num_key_value_heads"))
+    run = subprocess.run(
+        [program, "--base", tmp_path / "base.st", "--config", config, "--ids", tmp_path / "ids.st", "--out",
+         tmp_path / "rows.st", "--seconds", "0.5", f"q_v={tmp_path / 'q_v'}",
+         f"all_linear_patterns={tmp_path / 'all_linear_patterns'}", "--late",
+         f"rslora_regex_exclude={tmp_path / 'rslora_regex_exclude'}"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "loaded rslora_regex_exclude while serving" in run.stdout
+    assert "tokens/s" in run.stdout and "one forward per adapter" in run.stdout
+    got = safetensors_torch.load_file(tmp_path / "rows.st")
+    assert len(got) == 5
+    seen = set()
+    for key, row in got.items():
+        index, name = key.split(".", 1)
+        seen.add(name)
+        torch.testing.assert_close(row, expected[name][int(index[3:])], rtol=1e-4, atol=1e-4, msg=key)
+    assert seen == {"__base__", *names}  # the late adapter joined the batches
+
+
 def test_cpp_program_reports_a_bad_adapter(tmp_path):
     program = cpp_program()
     base = tiny_llama(seed=11)
@@ -321,11 +361,13 @@ def test_cpp_program_reports_a_bad_adapter(tmp_path):
 
 
 def _hot_swap(model, tmp_path, rounds, run=logits):
-    """Threads run forward with fixed adapters "a" and "b" (and the base) while this thread loads and deletes
-    other adapters in a loop; returns the mismatches seen and the load times."""
+    """Threads run forward with fixed adapters "a" and "b" (and the base), and a mixed batch (one adapter per row:
+    "b" then "a"), while this thread loads and deletes other adapters in a loop; returns the mismatches seen and the
+    load times."""
+    serving = ("a", "b", "", ("b", "a"))
     references = {}
-    for name in ("a", "b", ""):
-        with lorafuse.use_adapter(name):
+    for name in serving:
+        with lorafuse.use_adapter(list(name) if isinstance(name, tuple) else name):
             references[name] = run(model)
     assert not torch.equal(references["a"], references["b"])
     stop = threading.Event()
@@ -336,7 +378,7 @@ def _hot_swap(model, tmp_path, rounds, run=logits):
         n = 0
         try:
             while not stop.is_set():
-                with lorafuse.use_adapter(name):
+                with lorafuse.use_adapter(list(name) if isinstance(name, tuple) else name):
                     out = run(model)
                 if not torch.equal(out, references[name]):
                     errors.append(f"{name}: max diff {(out - references[name]).abs().max().item()}")
@@ -345,7 +387,7 @@ def _hot_swap(model, tmp_path, rounds, run=logits):
             errors.append(f"{name}: {type(e).__name__}: {e}")
         counts[name] = n
 
-    threads = [threading.Thread(target=serve, args=(n,)) for n in ("a", "b", "")]
+    threads = [threading.Thread(target=serve, args=(n,)) for n in serving]
     for t in threads:
         t.start()
     times = []
@@ -360,7 +402,10 @@ def _hot_swap(model, tmp_path, rounds, run=logits):
         stop.set()
         for t in threads:
             t.join()
-    assert all(counts.get(n, 0) > 0 for n in ("a", "b", "")), counts
+    assert all(counts.get(n, 0) > 0 for n in serving), counts
+    # the mixed batch's rows are the single-adapter runs' rows
+    torch.testing.assert_close(references[("b", "a")][0], references["b"][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(references[("b", "a")][1], references["a"][1], rtol=1e-5, atol=1e-5)
     return errors, times
 
 

@@ -109,3 +109,33 @@ def test_a_4bit_base_and_a_base_called_as_it_is_route_rows_too():
         mixed = model(input_ids=IDS).logits
     for i, name in enumerate(names):
         torch.testing.assert_close(mixed[i], alone(model, IDS[i : i + 1], name)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_names_are_all_listed_and_an_empty_batch_runs():
+    model = three_adapters()
+    with pytest.raises(ValueError, match=r'no LoRA layer has adapters named \["zz", "yy"\].*a, b, c'):
+        with lorafuse.use_adapter(["a", "zz", "yy", "zz"]):
+            pass
+    with pytest.raises(ValueError, match=r'adapter names \["bad name!"\] are not valid'):
+        with lorafuse.use_adapter(["a", "bad name!"]):
+            pass
+    layer = model.model.layers[0].self_attn.q_proj
+    with lorafuse.use_adapter(["a", "c"]), torch.no_grad():
+        out = layer(torch.randn(0, 5, layer.in_features))
+    assert out.shape == (0, 5, layer.out_features)
+
+
+def test_a_cpp_model_follows_the_python_list_too():
+    """A bound C++ Llama (lorafuse.models.Llama) under use_adapter with a list: its C++ layers route each row."""
+    cpp = lorafuse.models.Llama(lorafuse.models.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
+                                                            num_hidden_layers=2, num_attention_heads=4,
+                                                            num_key_value_heads=2))
+    cpp.eval()
+    lorafuse.inject_lora(cpp, lorafuse.LoraConfig(r=4, init_lora_weights=False), "a")
+    lorafuse.add_adapter(cpp, "b", lorafuse.LoraConfig(r=6, target_modules="all-linear", init_lora_weights=False))
+    names = ["b", "__base__", "a", "b"]
+    with lorafuse.use_adapter(names), torch.no_grad():
+        mixed = cpp(IDS)
+    for i, name in enumerate(names):
+        with lorafuse.use_adapter("" if name == "__base__" else name), torch.no_grad():
+            torch.testing.assert_close(mixed[i], cpp(IDS[i : i + 1])[0], rtol=1e-5, atol=1e-5)
