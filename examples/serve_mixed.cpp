@@ -20,6 +20,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdio>
+#include <exception>
 #include <functional>
 #include <iostream>
 #include <mutex>
@@ -95,13 +96,18 @@ int main(int argc, char** argv) try {
   // The loader: adds each late adapter while the main thread serves (load_adapter under a new name is safe beside
   // running forwards: <lorafuse/peft/adapters.h>), then lets it join the rotation.
   std::atomic<bool> loading_done{late.empty()};
+  std::exception_ptr load_error;
   std::thread loader([&] {
-    for (const auto& [name, dir] : late) {
-      const auto start = Clock::now();
-      lorafuse::load_adapter(*model, dir, name);
-      std::printf("loaded %s while serving (%.1f ms)\n", name.c_str(), 1e3 * seconds_since(start));
-      std::lock_guard<std::mutex> lock(served_mutex);
-      served.push_back(name);
+    try {
+      for (const auto& [name, dir] : late) {
+        const auto start = Clock::now();
+        lorafuse::load_adapter(*model, dir, name);
+        std::printf("loaded %s while serving (%.1f ms)\n", name.c_str(), 1e3 * seconds_since(start));
+        std::lock_guard<std::mutex> lock(served_mutex);
+        served.push_back(name);
+      }
+    } catch (...) {
+      load_error = std::current_exception();
     }
     loading_done = true;
   });
@@ -109,15 +115,21 @@ int main(int argc, char** argv) try {
   torch::NoGradGuard no_grad;
   int64_t steps = 0, most_adapters = 0;
   const auto start = Clock::now();
-  while (seconds_since(start) < serve_seconds || !loading_done) {
-    const auto now_served = snapshot();
-    lorafuse::AdapterScope scope(row_names(now_served, rows, steps));
-    model->forward(ids);
-    most_adapters = std::max<int64_t>(most_adapters, static_cast<int64_t>(now_served.size()));
-    ++steps;
+  try {
+    while (seconds_since(start) < serve_seconds || !loading_done) {
+      const auto now_served = snapshot();
+      lorafuse::AdapterScope scope(row_names(now_served, rows, steps));
+      model->forward(ids);
+      most_adapters = std::max<int64_t>(most_adapters, static_cast<int64_t>(now_served.size()));
+      ++steps;
+    }
+  } catch (...) {
+    loader.join();  // never leave the loader running on a model that is going away
+    throw;
   }
   const double mixed_seconds = seconds_since(start);
   loader.join();
+  if (load_error) std::rethrow_exception(load_error);
 
   // The last batch over every adapter: its throughput beside one forward per adapter (the rows split by adapter,
   // what serving without mixed batches does), and each row checked against running it alone.

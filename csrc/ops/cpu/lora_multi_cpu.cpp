@@ -3,6 +3,8 @@
 // Backward: the same gathers, each adapter's gradients from its rows alone.
 #include <ATen/ops/empty.h>
 #include <ATen/ops/index_select.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/ops/mm.h>
 #include <lorafuse/ops/lora_multi.h>
 #include <torch/library.h>
@@ -49,10 +51,26 @@ std::tuple<at::Tensor, at::Tensor> lora_multi_add_forward_cpu(const at::Tensor& 
   const at::ScalarType delta_dtype = y2.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor delta = at::empty({rows.size(0), out}, y2.options().dtype(delta_dtype));
   const detail::RowMask mask = cpu_row_mask(seed, dropout_p);
-  detail::for_each_segment(offsets, [&](int64_t i, int64_t start, int64_t n) {
-    const at::ScalarType acc = detail::lora_acc_dtype(x, lora_a[i]);
-    const at::Tensor u = at::mm(detail::segment_rows(sorted, order, start, n, acc, mask), lora_a[i].to(acc).t());
-    delta.narrow(0, start, n).copy_(at::mm(u, lora_b[i].to(acc).t()).mul_(scale[i]));  // [n, out]
+  // segments in parallel, each writing its own slice of delta (the small GEMMs inside run on one thread each)
+  struct Segment {
+    int64_t adapter, start, n;
+  };
+  std::vector<Segment> segments;
+  detail::for_each_segment(offsets, [&](int64_t i, int64_t start, int64_t n) { segments.push_back({i, start, n}); });
+  at::parallel_for(0, static_cast<int64_t>(segments.size()), 1, [&](int64_t begin, int64_t end) {
+    // worker threads do not inherit the caller's dispatch state: stay below autograd here as the caller is
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    for (int64_t k = begin; k < end; ++k) {
+      const auto [i, start, n] = segments[static_cast<size_t>(k)];
+      const at::ScalarType acc = detail::lora_acc_dtype(x, lora_a[i]);
+      const at::Tensor u = at::mm(detail::segment_rows(sorted, order, start, n, acc, mask), lora_a[i].to(acc).t());
+      at::Tensor slice = delta.narrow(0, start, n);  // [n, out]
+      if (acc == delta.scalar_type()) {
+        at::mm_out(slice, u, lora_b[i].to(acc).t()).mul_(scale[i]);
+      } else {
+        slice.copy_(at::mm(u, lora_b[i].to(acc).t()).mul_(scale[i]));
+      }
+    }
   });
   y2.index_add_(0, rows, delta.to(y2.scalar_type()));
   return {y2.view(base_out.sizes()), rng_state};
