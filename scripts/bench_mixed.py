@@ -7,7 +7,7 @@ T / 64 tokens each, row i running adapter i mod N. Ratios are medians of --repea
 interleaved (scripts/common.py's time_variants). Writes JSON and Markdown into --results (default bench/results) with
 the device named.
 
-  python scripts/bench_mixed.py [--dims 1024 2048] [--tokens 256 1024] [--rank 16] [--adapters 1 4 16 64]
+  python scripts/bench_mixed.py [--dims 1024 2048] [--tokens 256 1024] [--ranks 16] [--adapters 1 4 16 64]
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dims", type=int, nargs="+", default=[1024, 2048])
     parser.add_argument("--tokens", type=int, nargs="+", default=[256, 1024])
-    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--ranks", type=int, nargs="+", default=[16])
     parser.add_argument("--adapters", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--results", default=os.path.join(os.path.dirname(__file__), "..", "bench", "results"))
@@ -74,50 +74,50 @@ def main() -> None:
     timer = Timer(device)
     contention = CpuContention()
     rows_out = []
-    for d in args.dims:
-        for tokens in args.tokens:
-            n_max = max(args.adapters)
-            ours, theirs = layers(d, args.rank, n_max)
-            x = torch.randn(ROWS, tokens // ROWS, d)
-            for n in args.adapters:
-                names = [f"a{i % n}" for i in range(ROWS)]
+    cells = [(d, tokens, rank) for d in args.dims for tokens in args.tokens for rank in args.ranks]
+    for d, tokens, rank in cells:
+        n_max = max(args.adapters)
+        ours, theirs = layers(d, rank, n_max)
+        x = torch.randn(ROWS, tokens // ROWS, d)
+        for n in args.adapters:
+            names = [f"a{i % n}" for i in range(ROWS)]
+            with torch.no_grad(), lorafuse.use_adapter(names):
+                check = ours(x)
+            with torch.no_grad():
+                want = theirs(x, adapter_names=names)
+            torch.testing.assert_close(check, want, rtol=1e-4, atol=1e-4)  # the same outputs
+
+            def ours_mixed():
                 with torch.no_grad(), lorafuse.use_adapter(names):
-                    check = ours(x)
+                    ours(x)
+
+            def ours_one():
+                with torch.no_grad(), lorafuse.use_adapter("a0"):
+                    ours(x)
+
+            def peft_mixed():
                 with torch.no_grad():
-                    want = theirs(x, adapter_names=names)
-                torch.testing.assert_close(check, want, rtol=1e-4, atol=1e-4)  # the same outputs
+                    theirs(x, adapter_names=names)
 
-                def ours_mixed():
-                    with torch.no_grad(), lorafuse.use_adapter(names):
-                        ours(x)
+            def peft_one():
+                with torch.no_grad():
+                    theirs(x, adapter_names=["a0"] * ROWS)
 
-                def ours_one():
-                    with torch.no_grad(), lorafuse.use_adapter("a0"):
-                        ours(x)
-
-                def peft_mixed():
-                    with torch.no_grad():
-                        theirs(x, adapter_names=names)
-
-                def peft_one():
-                    with torch.no_grad():
-                        theirs(x, adapter_names=["a0"] * ROWS)
-
-                samples, iters = time_variants(
-                    {"lorafuse_mixed": ours_mixed, "lorafuse_one": ours_one, "peft_mixed": peft_mixed,
-                     "peft_one": peft_one}, timer, opts)
-                med = medians(samples)
-                row = {
-                    "d": d, "tokens": tokens, "rank": args.rank, "adapters": n, "iters": iters,
-                    "ms": rounded(samples, 4), "median_ms": {k: round(v, 4) for k, v in med.items()},
-                    "lorafuse_ratio": med["lorafuse_mixed"] / med["lorafuse_one"],
-                    "peft_ratio": med["peft_mixed"] / med["peft_one"],
-                    "lorafuse_vs_peft_mixed": med["peft_mixed"] / med["lorafuse_mixed"],
-                }
-                rows_out.append(row)
-                print(f"d={d} T={tokens} N={n}: lorafuse {row['lorafuse_ratio']:.2f}x one adapter, PEFT "
-                      f"{row['peft_ratio']:.2f}x; lorafuse mixed {row['lorafuse_vs_peft_mixed']:.2f}x as fast as "
-                      "PEFT mixed", flush=True)
+            samples, iters = time_variants(
+                {"lorafuse_mixed": ours_mixed, "lorafuse_one": ours_one, "peft_mixed": peft_mixed,
+                 "peft_one": peft_one}, timer, opts)
+            med = medians(samples)
+            row = {
+                "d": d, "tokens": tokens, "rank": rank, "adapters": n, "iters": iters,
+                "ms": rounded(samples, 4), "median_ms": {k: round(v, 4) for k, v in med.items()},
+                "lorafuse_ratio": med["lorafuse_mixed"] / med["lorafuse_one"],
+                "peft_ratio": med["peft_mixed"] / med["peft_one"],
+                "lorafuse_vs_peft_mixed": med["peft_mixed"] / med["lorafuse_mixed"],
+            }
+            rows_out.append(row)
+            print(f"d={d} T={tokens} r={rank} N={n}: lorafuse {row['lorafuse_ratio']:.2f}x one adapter, PEFT "
+                  f"{row['peft_ratio']:.2f}x; lorafuse mixed {row['lorafuse_vs_peft_mixed']:.2f}x as fast as "
+                  "PEFT mixed", flush=True)
     name = device_name(device)
     commit = git_commit()
     now = dt.datetime.now(dt.timezone.utc)
@@ -127,11 +127,11 @@ def main() -> None:
     stem = os.path.join(args.results, f"mixed_{result_stem(now, name, commit)}")
     write_json(stem + ".json", report)
     lines = [f"# Many adapters in one batch: N adapters / one adapter ({name}, commit {commit[:7]})", "",
-             f"One d x d Linear, rank {args.rank}, {ROWS} rows, float32, eval; medians of {args.repeats} repeats.", "",
-             "| d | tokens | N | lorafuse mixed / one | PEFT mixed / one | PEFT mixed / lorafuse mixed |",
-             "|---|---|---|---|---|---|"]
+             f"One d x d Linear, {ROWS} rows, float32, eval; medians of {args.repeats} repeats.", "",
+             "| d | tokens | r | N | lorafuse mixed / one | PEFT mixed / one | PEFT mixed / lorafuse mixed |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows_out:
-        lines.append(f"| {r['d']} | {r['tokens']} | {r['adapters']} | {r['lorafuse_ratio']:.2f} | "
+        lines.append(f"| {r['d']} | {r['tokens']} | {r['rank']} | {r['adapters']} | {r['lorafuse_ratio']:.2f} | "
                      f"{r['peft_ratio']:.2f} | {r['lorafuse_vs_peft_mixed']:.2f} |")
     with open(stem + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
