@@ -21,17 +21,20 @@ std::string quoted(const std::vector<std::string>& names) {
 RowAdapters::RowAdapters(std::vector<std::string> names, const std::string& what) : names_(std::move(names)) {
   TORCH_CHECK_VALUE(!names_.empty(), what, ": adapter names: expected one name per row of the batch, found an empty ",
                     "list");
-  std::vector<std::string> invalid;
+  std::vector<std::string> invalid, distinct;
   for (const auto& n : names_) {
+    if (std::find(distinct.begin(), distinct.end(), n) == distinct.end()) distinct.push_back(n);
+  }
+  for (const auto& n : distinct) {
     if (is_base(n)) continue;
     try {
       check_adapter_name(n);
     } catch (const c10::Error&) {
-      if (std::find(invalid.begin(), invalid.end(), n) == invalid.end()) invalid.push_back(n);
+      invalid.push_back(n);
     }
   }
   TORCH_CHECK_VALUE(invalid.empty(), what, ": adapter names ", quoted(invalid), " are not valid adapter names");
-  const auto unknown = HeldAdapterNames::unknown(names_);
+  const auto unknown = HeldAdapterNames::unknown(distinct);
   TORCH_CHECK_VALUE(unknown.empty(), what, ": no LoRA layer has adapters named ", quoted(unknown), " (the adapters ",
                     "loaded: ", AdapterTable::join(HeldAdapterNames::all()), "; \"__base__\" runs a row on the base ",
                     "model)");
@@ -61,6 +64,9 @@ RowAdapters::Plan RowAdapters::plan(const AdapterTable& table, const std::vector
   }
   Plan plan;
   if (present.empty()) return plan;
+  plan.adapters = present;
+  plan.uniform = present.size() == 1 && std::all_of(index.begin(), index.end(), [](int64_t i) { return i == 0; });
+  if (plan.uniform) return plan;  // the layer runs its plain path: no grouping needed
   std::ostringstream key;
   for (const int64_t i : index) key << i << ',';
   key << '|' << rows << '|' << tokens << '|' << device;
@@ -72,9 +78,7 @@ RowAdapters::Plan RowAdapters::plan(const AdapterTable& table, const std::vector
   per_row.reserve(static_cast<size_t>(rows * tokens));
   for (int64_t r = 0; r < rows; ++r) per_row.insert(per_row.end(), static_cast<size_t>(tokens), index[r / (rows / n)]);
   const at::Tensor row_adapter = at::tensor(per_row, at::TensorOptions().dtype(at::kLong)).to(device);
-  plan.adapters = present;
   plan.segments = lora_segments(row_adapter, static_cast<int64_t>(present.size()));
-  plan.uniform = present.size() == 1 && std::all_of(index.begin(), index.end(), [](int64_t i) { return i == 0; });
   cache_.emplace(key.str(), plan);
   return plan;
 }

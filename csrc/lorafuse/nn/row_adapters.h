@@ -29,7 +29,7 @@ class RowAdapters {
   /// What one layer runs for a batch.
   struct Plan {
     std::vector<std::string> adapters;  // the layer's adapters that rows use, first-appearance order (empty: base)
-    LoraSegments segments;              // the batch's token rows grouped by those adapters
+    LoraSegments segments;              // the batch's token rows grouped by those adapters (unset when uniform)
     bool uniform = false;               // every row runs adapters[0]: the plain single-adapter path
   };
   /// The plan of a layer whose table is `table` and whose routes hold `available` (the adapters it can run now), for

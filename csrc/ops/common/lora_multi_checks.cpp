@@ -1,11 +1,11 @@
 #include "csrc/ops/common/lora_multi_checks.h"
 
-#include <ATen/ops/aminmax.h>
-#include <ATen/ops/bincount.h>
-#include <ATen/ops/max.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "csrc/ops/common/lora_linear_checks.h"
 
@@ -19,6 +19,14 @@ void check_index_tensor(const char* op, const char* name, const at::Tensor& t, c
                     ", found ", t.device());
 }
 
+// The smallest and largest value of a non-empty int64 index tensor (read on the host).
+std::pair<int64_t, int64_t> value_range(const at::Tensor& t) {
+  const at::Tensor c = t.cpu().contiguous();
+  const int64_t* v = c.const_data_ptr<int64_t>();
+  const auto [lo, hi] = std::minmax_element(v, v + c.numel());
+  return {*lo, *hi};
+}
+
 }  // namespace
 
 void check_lora_segments_args(const char* op, const at::Tensor& row_adapter, int64_t num_adapters) {
@@ -27,9 +35,8 @@ void check_lora_segments_args(const char* op, const at::Tensor& row_adapter, int
                    row_adapter.scalar_type());
   TORCH_CHECK_VALUE(row_adapter.dim() == 1, op, ": row_adapter: expected one index per row (1-D), found ",
                     row_adapter.dim(), " dimensions");
-  if (row_adapter.numel() == 0 || row_adapter.is_meta()) return;
-  const auto [lo, hi] = at::aminmax(row_adapter);
-  const int64_t low = lo.item<int64_t>(), high = hi.item<int64_t>();
+  if (row_adapter.is_meta() || row_adapter.sym_numel() == 0) return;
+  const auto [low, high] = value_range(row_adapter);
   TORCH_CHECK_VALUE(low >= -1 && high < num_adapters, op, ": row_adapter: expected indices in [-1, ", num_adapters,
                     ") (-1: the base alone), found values from ", low, " to ", high);
 }
@@ -69,11 +76,16 @@ void check_lora_multi_add_args(const char* op, const at::Tensor& base_out, const
   TORCH_CHECK_VALUE(order.size(0) <= rows, op, ": order: expected at most one entry per row of x (", rows,
                     " rows), found ", order.size(0));
   if (order.numel() == 0) return;
-  const auto [lo, hi] = at::aminmax(order);
-  const int64_t low = lo.item<int64_t>(), high = hi.item<int64_t>();
+  // plain loops over the indices (on the host: one small copy from another device), no ATen reductions: this runs in
+  // every layer of a mixed batch
+  const at::Tensor ord = order.cpu().contiguous();
+  const int64_t* v = ord.const_data_ptr<int64_t>();
+  const auto [low, high] = value_range(ord);
   TORCH_CHECK_VALUE(low >= 0 && high < rows, op, ": order: expected row indices in [0, ", rows, "), found values from ",
                     low, " to ", high);
-  const int64_t most = at::bincount(order, {}, rows).max().item<int64_t>();
+  std::vector<int64_t> count(static_cast<size_t>(rows), 0);
+  int64_t most = 0;
+  for (int64_t j = 0; j < ord.numel(); ++j) most = std::max(most, ++count[static_cast<size_t>(v[j])]);
   TORCH_CHECK_VALUE(most <= 1, op, ": order: a row is listed ", most, " times; expected each row once at most (as ",
                     "lora_segments gives it)");
 }

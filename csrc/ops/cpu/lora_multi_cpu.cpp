@@ -1,14 +1,18 @@
-// CPU kernels of lora_multi_add: adapter by adapter, its rows gathered (cast to the accumulation dtype and masked with
-// their own rows' dropout words), the shrink and expand as lora_add computes them (add_expand_), the rows written back.
-// Backward: the same gathers, each adapter's gradients from its rows alone.
-#include <ATen/ops/empty.h>
-#include <ATen/ops/index_select.h>
+// CPU kernels of lora_segments and lora_multi_add: adapter by adapter, its rows gathered (cast to the accumulation
+// dtype and masked with their own rows' dropout words), the shrink and expand as lora_add computes them (add_expand_),
+// the rows written back. Backward: the same gathers, each adapter's gradients from its rows alone.
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/index_select.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
 #include <lorafuse/ops/lora_multi.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "csrc/ops/common/lora_linear_checks.h"
@@ -51,27 +55,59 @@ std::tuple<at::Tensor, at::Tensor> lora_multi_add_forward_cpu(const at::Tensor& 
   const at::ScalarType delta_dtype = y2.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor delta = at::empty({rows.size(0), out}, y2.options().dtype(delta_dtype));
   const detail::RowMask mask = cpu_row_mask(seed, dropout_p);
-  // segments in parallel, each writing its own slice of delta (the small GEMMs inside run on one thread each)
   struct Segment {
     int64_t adapter, start, n;
   };
   std::vector<Segment> segments;
   detail::for_each_segment(offsets, [&](int64_t i, int64_t start, int64_t n) { segments.push_back({i, start, n}); });
-  at::parallel_for(0, static_cast<int64_t>(segments.size()), 1, [&](int64_t begin, int64_t end) {
-    // worker threads do not inherit the caller's dispatch state: stay below autograd here as the caller is
-    const at::AutoDispatchBelowADInplaceOrView below_autograd;
-    for (int64_t k = begin; k < end; ++k) {
-      const auto [i, start, n] = segments[static_cast<size_t>(k)];
-      const at::ScalarType acc = detail::lora_acc_dtype(x, lora_a[i]);
-      const at::Tensor u = at::mm(detail::segment_rows(sorted, order, start, n, acc, mask), lora_a[i].to(acc).t());
-      at::Tensor slice = delta.narrow(0, start, n);  // [n, out]
-      if (acc == delta.scalar_type()) {
-        at::mm_out(slice, u, lora_b[i].to(acc).t()).mul_(scale[i]);
-      } else {
-        slice.copy_(at::mm(u, lora_b[i].to(acc).t()).mul_(scale[i]));
+  // The lean path (every adapter in the accumulation dtype, contiguous, delta in it too): the gathered rows cast and
+  // masked once, then per segment two GEMMs on views of raw buffers (no per-segment tensor ops around them), the
+  // segments in parallel. A mixed batch runs this in every LoRA layer, so what surrounds the GEMMs matters.
+  const at::ScalarType acc = detail::lora_acc_dtype(x, lora_a[0]);
+  bool lean = acc == delta.scalar_type();
+  for (size_t i = 0; lean && i < lora_a.size(); ++i) {
+    lean = lora_a[i].scalar_type() == acc && lora_b[i].scalar_type() == acc && lora_a[i].is_contiguous() &&
+           lora_b[i].is_contiguous() && !lora_a[i].is_conj() && !lora_b[i].is_conj();
+  }
+  if (lean) {
+    at::Tensor xs_all = sorted.scalar_type() == acc ? sorted : sorted.to(acc);  // our own copy either way
+    if (mask) mask(xs_all, rows);
+    int64_t max_r = 0;
+    for (const auto& a : lora_a) max_r = std::max(max_r, a.size(0));
+    at::Tensor u_all = at::empty({rows.size(0) * max_r}, delta.options());
+    const auto opts = delta.options();
+    const size_t item = delta.element_size();
+    auto* xs_base = static_cast<char*>(xs_all.data_ptr());
+    auto* u_base = static_cast<char*>(u_all.data_ptr());
+    auto* d_base = static_cast<char*>(delta.data_ptr());
+    at::parallel_for(0, static_cast<int64_t>(segments.size()), 1, [&](int64_t begin, int64_t end) {
+      // worker threads do not inherit the caller's dispatch state: stay below autograd here as the caller is
+      const at::AutoDispatchBelowADInplaceOrView below_autograd;
+      for (int64_t k = begin; k < end; ++k) {
+        const auto [i, start, n] = segments[static_cast<size_t>(k)];
+        const int64_t r = lora_a[i].size(0);
+        const auto off = static_cast<size_t>(start);
+        const at::Tensor xs = at::from_blob(xs_base + off * in * item, {n, in}, opts);       // [n, in]
+        const at::Tensor a_t = at::from_blob(lora_a[i].data_ptr(), {in, r}, {1, in}, opts);  // Aᵀ [in, r]
+        const at::Tensor b_t = at::from_blob(lora_b[i].data_ptr(), {r, out}, {1, r}, opts);  // Bᵀ [r, out]
+        at::Tensor u = at::from_blob(u_base + off * max_r * item, {n, r}, opts);             // [n, r]
+        at::Tensor d = at::from_blob(d_base + off * out * item, {n, out}, opts);             // [n, out]
+        at::mm_out(u, xs, a_t);
+        at::addmm_out(d, d, u, b_t, /*beta=*/0, /*alpha=*/scale[i]);
       }
-    }
-  });
+    });
+  } else {
+    at::parallel_for(0, static_cast<int64_t>(segments.size()), 1, [&](int64_t begin, int64_t end) {
+      const at::AutoDispatchBelowADInplaceOrView below_autograd;
+      for (int64_t k = begin; k < end; ++k) {
+        const auto [i, start, n] = segments[static_cast<size_t>(k)];
+        const at::ScalarType acc_i = detail::lora_acc_dtype(x, lora_a[i]);
+        const at::Tensor u =
+            at::mm(detail::segment_rows(sorted, order, start, n, acc_i, mask), lora_a[i].to(acc_i).t());
+        delta.narrow(0, start, n).copy_(at::mm(u, lora_b[i].to(acc_i).t()).mul_(scale[i]));  // [n, out]
+      }
+    });
+  }
   y2.index_add_(0, rows, delta.to(y2.scalar_type()));
   return {y2.view(base_out.sizes()), rng_state};
 }
@@ -104,9 +140,30 @@ at::Tensor lora_token_add_cpu(const at::Tensor& base_out, const at::Tensor& x, a
   return lora_multi_add_cpu(base_out, x, lora_a, lora_b, scale, order, offsets, 0.0);
 }
 
+// lora_segments on the CPU: a counting sort (stable), the composite's result without its sort and scans.
+std::tuple<at::Tensor, at::Tensor> lora_segments_cpu(const at::Tensor& row_adapter, int64_t num_adapters) {
+  detail::check_lora_segments_args("lorafuse.lora_segments", row_adapter, num_adapters);
+  const at::Tensor ra = row_adapter.contiguous();
+  const int64_t t = ra.numel();
+  const int64_t* v = ra.const_data_ptr<int64_t>();
+  at::Tensor offsets = at::zeros({num_adapters + 1}, ra.options());
+  at::Tensor order = at::empty({t}, ra.options());
+  int64_t* off = offsets.data_ptr<int64_t>();
+  int64_t* o = order.data_ptr<int64_t>();
+  for (int64_t j = 0; j < t; ++j) {
+    if (v[j] >= 0) ++off[v[j] + 1];
+  }
+  for (int64_t i = 0; i < num_adapters; ++i) off[i + 1] += off[i];
+  std::vector<int64_t> next(off, off + num_adapters);
+  int64_t base = off[num_adapters];  // the base's rows after every adapter's
+  for (int64_t j = 0; j < t; ++j) o[v[j] >= 0 ? next[static_cast<size_t>(v[j])]++ : base++] = j;
+  return {order, offsets};
+}
+
 }  // namespace lorafuse::cpu
 
 TORCH_LIBRARY_IMPL(lorafuse, CPU, m) {
+  m.impl("lora_segments", &lorafuse::cpu::lora_segments_cpu);
   m.impl("lora_multi_add", &lorafuse::cpu::lora_multi_add_cpu);
   m.impl("lora_multi_add_forward", &lorafuse::cpu::lora_multi_add_forward_cpu);
   m.impl("lora_multi_add_backward", &lorafuse::cpu::lora_multi_add_backward_cpu);
