@@ -113,6 +113,8 @@ def main() -> None:
                 "lorafuse_ratio": med["lorafuse_mixed"] / med["lorafuse_one"],
                 "peft_ratio": med["peft_mixed"] / med["peft_one"],
                 "lorafuse_vs_peft_mixed": med["peft_mixed"] / med["lorafuse_mixed"],
+                # the N adapters' A and B beside the base weight: bytes a mixed batch reads at least
+                "adapter_bytes_per_weight_byte": min(n, ROWS) * 2 * rank * d / (d * d),
             }
             rows_out.append(row)
             print(f"d={d} T={tokens} r={rank} N={n}: lorafuse {row['lorafuse_ratio']:.2f}x one adapter, PEFT "
@@ -128,11 +130,14 @@ def main() -> None:
     write_json(stem + ".json", report)
     lines = [f"# Many adapters in one batch: N adapters / one adapter ({name}, commit {commit[:7]})", "",
              f"One d x d Linear, {ROWS} rows, float32, eval; medians of {args.repeats} repeats.", "",
-             "| d | tokens | r | N | lorafuse mixed / one | PEFT mixed / one | PEFT mixed / lorafuse mixed |",
-             "|---|---|---|---|---|---|---|"]
+             "The last column: the N adapters' bytes per byte of the base weight (a floor where memory bound).", "",
+             "| d | tokens | r | N | lorafuse mixed / one | PEFT mixed / one | PEFT mixed / lorafuse mixed | adapter bytes "
+             "/ weight bytes |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows_out:
         lines.append(f"| {r['d']} | {r['tokens']} | {r['rank']} | {r['adapters']} | {r['lorafuse_ratio']:.2f} | "
-                     f"{r['peft_ratio']:.2f} | {r['lorafuse_vs_peft_mixed']:.2f} |")
+                     f"{r['peft_ratio']:.2f} | {r['lorafuse_vs_peft_mixed']:.2f} | "
+                     f"{r['adapter_bytes_per_weight_byte']:.2f} |")
     with open(stem + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
