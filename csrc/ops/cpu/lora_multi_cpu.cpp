@@ -1,9 +1,9 @@
 // CPU kernels of lora_segments and lora_multi_add: adapter by adapter, its rows gathered (cast to the accumulation
 // dtype and masked with their own rows' dropout words), the shrink and expand as lora_add computes them (add_expand_),
 // the rows written back. Backward: the same gathers, each adapter's gradients from its rows alone.
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
-#include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/index_select.h>
@@ -48,66 +48,85 @@ std::tuple<at::Tensor, at::Tensor> lora_multi_add_forward_cpu(const at::Tensor& 
   at::Tensor rng_state = forward_rng_state(x, dropout_p, seed);
   const at::Tensor x2 = x.reshape({tokens, in});
   at::Tensor y2 = base_out.reshape({tokens, out}).clone(at::MemoryFormat::Contiguous);
-  // the rows gathered once in segment order, each segment's branch into its slice of delta, then one scatter-add
-  // (each row once): y = base_out + delta, delta rounded to y's dtype first for 16-bit outputs as lora_add does
   const at::Tensor rows = detail::adapter_rows(order, offsets);  // [T'] the rows with an adapter
-  const at::Tensor sorted = x2.index_select(0, rows);            // [T', in]
-  const at::ScalarType delta_dtype = y2.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor delta = at::empty({rows.size(0), out}, y2.options().dtype(delta_dtype));
   const detail::RowMask mask = cpu_row_mask(seed, dropout_p);
   struct Segment {
     int64_t adapter, start, n;
   };
   std::vector<Segment> segments;
   detail::for_each_segment(offsets, [&](int64_t i, int64_t start, int64_t n) { segments.push_back({i, start, n}); });
-  // The lean path (every adapter in the accumulation dtype, contiguous, delta in it too): the gathered rows cast and
-  // masked once, then per segment two GEMMs on views of raw buffers (no per-segment tensor ops around them), the
-  // segments in parallel. A mixed batch runs this in every LoRA layer, so what surrounds the GEMMs matters.
+
+  // The lean path: x, base_out and every adapter in one dtype that is also the accumulation dtype (float32 or
+  // float64), all contiguous. Each chunk of a segment's rows is gathered (and masked) into a per-thread buffer, its
+  // two GEMMs run on views of raw buffers (no per-chunk tensor ops around them), and its rows are added into y in
+  // place: x is read once and y updated once, as lora_add does, with the chunks in parallel. A mixed batch runs this
+  // in every LoRA layer, so what surrounds the GEMMs matters.
   const at::ScalarType acc = detail::lora_acc_dtype(x, lora_a[0]);
-  bool lean = acc == delta.scalar_type();
+  bool lean = x.scalar_type() == acc && y2.scalar_type() == acc && x2.is_contiguous();
   for (size_t i = 0; lean && i < lora_a.size(); ++i) {
     lean = lora_a[i].scalar_type() == acc && lora_b[i].scalar_type() == acc && lora_a[i].is_contiguous() &&
-           lora_b[i].is_contiguous() && !lora_a[i].is_conj() && !lora_b[i].is_conj();
+           lora_b[i].is_contiguous();
   }
   if (lean) {
-    at::Tensor xs_all = sorted.scalar_type() == acc ? sorted : sorted.to(acc);  // our own copy either way
-    if (mask) mask(xs_all, rows);
+    constexpr int64_t kChunk = 128;  // rows per chunk: bounds the buffers, splits large segments across threads
+    std::vector<Segment> chunks;
+    for (const auto& sg : segments) {
+      for (int64_t c = 0; c < sg.n; c += kChunk)
+        chunks.push_back({sg.adapter, sg.start + c, std::min(kChunk, sg.n - c)});
+    }
     int64_t max_r = 0;
     for (const auto& a : lora_a) max_r = std::max(max_r, a.size(0));
-    at::Tensor u_all = at::empty({rows.size(0) * max_r}, delta.options());
-    const auto opts = delta.options();
-    const size_t item = delta.element_size();
-    auto* xs_base = static_cast<char*>(xs_all.data_ptr());
-    auto* u_base = static_cast<char*>(u_all.data_ptr());
-    auto* d_base = static_cast<char*>(delta.data_ptr());
-    at::parallel_for(0, static_cast<int64_t>(segments.size()), 1, [&](int64_t begin, int64_t end) {
-      // worker threads do not inherit the caller's dispatch state: stay below autograd here as the caller is
-      const at::AutoDispatchBelowADInplaceOrView below_autograd;
-      for (int64_t k = begin; k < end; ++k) {
-        const auto [i, start, n] = segments[static_cast<size_t>(k)];
-        const int64_t r = lora_a[i].size(0);
-        const auto off = static_cast<size_t>(start);
-        const at::Tensor xs = at::from_blob(xs_base + off * in * item, {n, in}, opts);       // [n, in]
-        const at::Tensor a_t = at::from_blob(lora_a[i].data_ptr(), {in, r}, {1, in}, opts);  // Aᵀ [in, r]
-        const at::Tensor b_t = at::from_blob(lora_b[i].data_ptr(), {r, out}, {1, r}, opts);  // Bᵀ [r, out]
-        at::Tensor u = at::from_blob(u_base + off * max_r * item, {n, r}, opts);             // [n, r]
-        at::Tensor d = at::from_blob(d_base + off * out * item, {n, out}, opts);             // [n, out]
-        at::mm_out(u, xs, a_t);
-        at::addmm_out(d, d, u, b_t, /*beta=*/0, /*alpha=*/scale[i]);
-      }
+    const auto opts = y2.options();
+    const int64_t* row_of = rows.const_data_ptr<int64_t>();
+    AT_DISPATCH_FLOATING_TYPES(acc, "lorafuse_lora_multi_add_lean", [&] {
+      const scalar_t* xp = x2.const_data_ptr<scalar_t>();
+      scalar_t* yp = y2.mutable_data_ptr<scalar_t>();
+      at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
+        // worker threads do not inherit the caller's dispatch state: stay below autograd here as the caller is
+        const at::AutoDispatchBelowADInplaceOrView below_autograd;
+        at::Tensor xs_buf = at::empty({kChunk, in}, opts), u_buf = at::empty({kChunk, max_r}, opts);
+        at::Tensor d_buf = at::empty({kChunk, out}, opts);
+        for (int64_t k = begin; k < end; ++k) {
+          const auto [i, start, n] = chunks[static_cast<size_t>(k)];
+          const int64_t r = lora_a[i].size(0);
+          scalar_t* xs_p = xs_buf.mutable_data_ptr<scalar_t>();
+          for (int64_t j = 0; j < n; ++j) std::copy_n(xp + row_of[start + j] * in, in, xs_p + j * in);
+          at::Tensor xs = xs_buf.narrow(0, 0, n);
+          if (mask) mask(xs, rows.narrow(0, start, n));
+          const at::Tensor a_t = at::from_blob(lora_a[i].data_ptr(), {in, r}, {1, in}, opts);  // Aᵀ [in, r]
+          const at::Tensor b_t = at::from_blob(lora_b[i].data_ptr(), {r, out}, {1, r}, opts);  // Bᵀ [r, out]
+          at::Tensor u = at::from_blob(u_buf.mutable_data_ptr<scalar_t>(), {n, r}, opts);      // [n, r]
+          at::Tensor d = d_buf.narrow(0, 0, n);                                                // [n, out]
+          at::mm_out(u, xs, a_t);
+          at::mm_out(d, u, b_t);
+          const scalar_t sc = static_cast<scalar_t>(scale[i]);
+          const scalar_t* dp = d_buf.const_data_ptr<scalar_t>();
+          for (int64_t j = 0; j < n; ++j) {  // y[row] += scale·d[j] (rows are distinct: no two chunks share one)
+            scalar_t* yr = yp + row_of[start + j] * out;
+            const scalar_t* dr = dp + j * out;
+            for (int64_t o = 0; o < out; ++o) yr[o] += sc * dr[o];
+          }
+        }
+      });
     });
-  } else {
-    at::parallel_for(0, static_cast<int64_t>(segments.size()), 1, [&](int64_t begin, int64_t end) {
-      const at::AutoDispatchBelowADInplaceOrView below_autograd;
-      for (int64_t k = begin; k < end; ++k) {
-        const auto [i, start, n] = segments[static_cast<size_t>(k)];
-        const at::ScalarType acc_i = detail::lora_acc_dtype(x, lora_a[i]);
-        const at::Tensor u =
-            at::mm(detail::segment_rows(sorted, order, start, n, acc_i, mask), lora_a[i].to(acc_i).t());
-        delta.narrow(0, start, n).copy_(at::mm(u, lora_b[i].to(acc_i).t()).mul_(scale[i]));  // [n, out]
-      }
-    });
+    return {y2.view(base_out.sizes()), rng_state};
   }
+
+  // Any other dtypes: the rows gathered once in segment order, each segment's branch into its slice of delta, then one
+  // scatter-add (each row once): y = base_out + delta, delta rounded to y's dtype first for 16-bit outputs as lora_add
+  // does.
+  const at::Tensor sorted = x2.index_select(0, rows);  // [T', in]
+  const at::ScalarType delta_dtype = y2.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor delta = at::empty({rows.size(0), out}, y2.options().dtype(delta_dtype));
+  at::parallel_for(0, static_cast<int64_t>(segments.size()), 1, [&](int64_t begin, int64_t end) {
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    for (int64_t k = begin; k < end; ++k) {
+      const auto [i, start, n] = segments[static_cast<size_t>(k)];
+      const at::ScalarType acc_i = detail::lora_acc_dtype(x, lora_a[i]);
+      const at::Tensor u = at::mm(detail::segment_rows(sorted, order, start, n, acc_i, mask), lora_a[i].to(acc_i).t());
+      delta.narrow(0, start, n).copy_(at::mm(u, lora_b[i].to(acc_i).t()).mul_(scale[i]));  // [n, out]
+    }
+  });
   y2.index_add_(0, rows, delta.to(y2.scalar_type()));
   return {y2.view(base_out.sizes()), rng_state};
 }
