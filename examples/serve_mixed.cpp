@@ -190,4 +190,7 @@ int main(int argc, char** argv) try {
 } catch (const c10::Error& e) {
   std::cerr << "lorafuse_serve_mixed: " << e.what_without_backtrace() << "\n";
   return 1;
+} catch (const std::exception& e) {
+  std::cerr << "lorafuse_serve_mixed: " << e.what() << "\n";
+  return 1;
 }

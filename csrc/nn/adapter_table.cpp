@@ -21,28 +21,36 @@ bool listed(const std::vector<std::string>& names, const std::string& name) {
   return std::find(names.begin(), names.end(), name) != names.end();
 }
 
-// How many alive tables hold each adapter name.
-std::mutex held_mutex;
+// How many alive tables hold each adapter name. Never destroyed (nor its mutex): tables die at exit too.
+std::mutex& held_mutex() {
+  static auto* mutex = new std::mutex();
+  return *mutex;
+}
 std::unordered_map<std::string, int64_t>& held_counts() {
-  static auto* counts = new std::unordered_map<std::string, int64_t>();  // never destroyed: tables die at exit too
+  static auto* counts = new std::unordered_map<std::string, int64_t>();
   return *counts;
 }
 
 void count_held(const std::string& name, int64_t delta) {
   auto& counts = held_counts();
-  if ((counts[name] += delta) <= 0) counts.erase(name);
+  if (delta > 0) {
+    counts[name] += delta;
+    return;
+  }
+  const auto it = counts.find(name);  // no allocation on the way down (destructors)
+  if (it != counts.end() && (it->second += delta) <= 0) counts.erase(it);
 }
 
 }  // namespace
 
 HeldAdapterNames::HeldAdapterNames(const HeldAdapterNames& other) : names_(other.names_) {
-  std::lock_guard<std::mutex> lock(held_mutex);
+  std::lock_guard<std::mutex> lock(held_mutex());
   for (const auto& n : names_) count_held(n, 1);
 }
 
 HeldAdapterNames& HeldAdapterNames::operator=(const HeldAdapterNames& other) {
   if (this == &other) return *this;
-  std::lock_guard<std::mutex> lock(held_mutex);
+  std::lock_guard<std::mutex> lock(held_mutex());
   for (const auto& n : other.names_) count_held(n, 1);
   for (const auto& n : names_) count_held(n, -1);
   names_ = other.names_;
@@ -50,12 +58,12 @@ HeldAdapterNames& HeldAdapterNames::operator=(const HeldAdapterNames& other) {
 }
 
 HeldAdapterNames::~HeldAdapterNames() {
-  std::lock_guard<std::mutex> lock(held_mutex);
+  std::lock_guard<std::mutex> lock(held_mutex());
   for (const auto& n : names_) count_held(n, -1);
 }
 
 void HeldAdapterNames::add(const std::string& name) {
-  std::lock_guard<std::mutex> lock(held_mutex);
+  std::lock_guard<std::mutex> lock(held_mutex());
   count_held(name, 1);
   names_.push_back(name);
 }
@@ -63,14 +71,14 @@ void HeldAdapterNames::add(const std::string& name) {
 void HeldAdapterNames::remove(const std::string& name) {
   const auto it = std::find(names_.begin(), names_.end(), name);
   if (it == names_.end()) return;
-  std::lock_guard<std::mutex> lock(held_mutex);
+  std::lock_guard<std::mutex> lock(held_mutex());
   count_held(name, -1);
   names_.erase(it);
 }
 
 std::vector<std::string> HeldAdapterNames::unknown(const std::vector<std::string>& names) {
   std::vector<std::string> out;
-  std::lock_guard<std::mutex> lock(held_mutex);
+  std::lock_guard<std::mutex> lock(held_mutex());
   const auto& counts = held_counts();
   for (const auto& n : names) {
     if (n.empty() || n == "__base__" || counts.count(n) != 0 || listed(out, n)) continue;
@@ -82,7 +90,7 @@ std::vector<std::string> HeldAdapterNames::unknown(const std::vector<std::string
 std::vector<std::string> HeldAdapterNames::all() {
   std::vector<std::string> out;
   {
-    std::lock_guard<std::mutex> lock(held_mutex);
+    std::lock_guard<std::mutex> lock(held_mutex());
     for (const auto& [name, count] : held_counts()) out.push_back(name);
   }
   std::sort(out.begin(), out.end());

@@ -41,7 +41,8 @@ TORCH_LIBRARY(lorafuse, m) {
   // row_adapter int64 [T] holds each row's adapter index in [0, num_adapters), or -1 for the base alone → order int64
   // [T] (the rows grouped by adapter, each group in row order, then the base's rows) and offsets int64
   // [num_adapters + 1] (adapter i's rows are order[offsets[i] : offsets[i + 1]]; order[offsets[n]:] the base's).
-  // Static shapes, no read back to the host.
+  // Static shapes (no size depends on the values; Meta and torch.compile work). The index check reads row_adapter
+  // once (a small copy from a device).
   m.def("lora_segments(Tensor row_adapter, int num_adapters) -> (Tensor order, Tensor offsets)");
   // y = base_out; y[t] += scaleᵢ·(dropout(x[t])·Aᵢᵀ)·Bᵢᵀ for every row t of adapter i's segment (lora_segments), as
   // lora_add computes a row (float32 accumulation, float64 for float64; the dropout mask of row t is the one lora_add

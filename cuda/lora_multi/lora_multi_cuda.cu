@@ -79,7 +79,9 @@ std::tuple<at::Tensor, at::Tensor> lora_multi_add_forward_cuda(const at::Tensor&
   const DropoutParams drop = forward_dropout(dropout_p, rng_state, x);
   const Slots slots = make_slots(kOp, x, lora_a, lora_b, scale);
   const at::Tensor order_c = order.contiguous(), offsets_c = offsets.contiguous();
-  const MultiPlan plan = plan_multi(order_c.size(0), slots.ranks.data(), static_cast<int64_t>(slots.ranks.size()));
+  // no columns of x (in = 0): every branch is 0 and y is base_out
+  const int64_t sorted_rows = x2.size(1) == 0 ? 0 : order_c.size(0);
+  const MultiPlan plan = plan_multi(sorted_rows, slots.ranks.data(), static_cast<int64_t>(slots.ranks.size()));
   at::Tensor u = at::empty({order_c.size(0), slots.max_rank}, x.options().dtype(at::kFloat));  // [T', max r]
   dispatch_lora_types(x.scalar_type(), slots.dtype, kOp, [&](auto xt, auto at_) {
     using Tx = typename decltype(xt)::type;

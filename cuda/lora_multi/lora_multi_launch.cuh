@@ -59,6 +59,7 @@ void run_multi_shrink(const Launcher& launch, MultiShrinkParams p, const MultiPl
 }
 
 // y[order[j]] += scaleᵢ·u[j]·Bᵢᵀ in y's dtype.
+// plan.sorted_rows = 0 (no rows, or x without columns: u was never written) launches nothing.
 template <typename Ty, typename Tb, typename Launcher>
 void run_multi_expand(const Launcher& launch, const MultiExpandParams& p, const MultiPlan& plan) {
   if (plan.sorted_rows == 0 || p.out == 0) return;

@@ -17,6 +17,7 @@ namespace lorafuse::nn {
 
 /// The adapter names that the AdapterTables alive in this process hold (every LoRA layer's, C++ and Python): what a
 /// per-row scope checks its names against, as a model-wide list would (a name no layer holds is a typo, not the base).
+// (A moved-from table keeps its names counted until it is destroyed: there are no move operations, moves copy.)
 class HeldAdapterNames {
  public:
   HeldAdapterNames() = default;

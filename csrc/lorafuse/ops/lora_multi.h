@@ -14,7 +14,8 @@ namespace lorafuse {
 /// The rows of a batch grouped by adapter, computed once per batch and shared by every layer: row_adapter int64
 /// [T] holds each row's adapter index in [0, num_adapters) or -1 (the base alone). order int64 [T] lists the rows
 /// adapter by adapter, each adapter's in row order, then the base's rows; adapter i's rows are
-/// order[offsets[i] : offsets[i + 1]] (offsets int64 [num_adapters + 1]). Shapes are static (no host read).
+/// order[offsets[i] : offsets[i + 1]] (offsets int64 [num_adapters + 1]). Shapes are static (no size depends on
+/// the values); the index check reads row_adapter once (a small copy from a device).
 struct LoraSegments {
   at::Tensor order, offsets;
 };

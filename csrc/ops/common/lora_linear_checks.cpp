@@ -14,8 +14,8 @@ bool is_float_dtype(at::ScalarType t) {
 void check_strided_on(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x) {
   TORCH_CHECK_VALUE(t.layout() == at::kStrided, op, ": ", name, " must be a dense (strided) tensor; found layout ",
                     t.layout());
-  TORCH_CHECK_VALUE(t.device() == x.device(), op, ": ", name, " must be on x's device ", x.device(), "; found ",
-                    name, " on ", t.device());
+  TORCH_CHECK_VALUE(t.device() == x.device(), op, ": ", name, " must be on x's device ", x.device(), "; found ", name,
+                    " on ", t.device());
 }
 
 void check_scalars(const char* op, double scale, double dropout_p) {
@@ -51,8 +51,7 @@ void check_lora_branch_args(const char* op, const at::Tensor& x, const at::Tenso
                             const c10::SymInt& out, const char* out_from, double scale, double dropout_p) {
   TORCH_CHECK_VALUE(x.defined() && lora_a.defined() && lora_b.defined(), op,
                     ": x, lora_a and lora_b must all be tensors; found an undefined tensor");
-  TORCH_CHECK_VALUE(x.layout() == at::kStrided, op, ": x must be a dense (strided) tensor; found layout ",
-                    x.layout());
+  TORCH_CHECK_VALUE(x.layout() == at::kStrided, op, ": x must be a dense (strided) tensor; found layout ", x.layout());
   check_strided_on(op, "lora_a", lora_a, x);
   check_strided_on(op, "lora_b", lora_b, x);
   TORCH_CHECK_VALUE(x.dim() >= 1, op, ": x must have shape [..., in] (at least 1 dimension); found a 0-d tensor");
@@ -64,12 +63,10 @@ void check_lora_branch_args(const char* op, const at::Tensor& x, const at::Tenso
                     "; found lora_a of shape ", lora_a.sym_sizes());
   TORCH_CHECK_VALUE(r >= 1, op, ": lora_a must have at least one row (rank r >= 1); found lora_a of shape ",
                     lora_a.sym_sizes());
-  TORCH_CHECK_VALUE(lora_b.sym_size(0) == out && lora_b.sym_size(1) == r, op,
-                    ": lora_b must have shape [out, r] = [", out, ", ", r, "] (", out_from,
-                    ", r from lora_a); found lora_b of shape ", lora_b.sym_sizes());
+  TORCH_CHECK_VALUE(lora_b.sym_size(0) == out && lora_b.sym_size(1) == r, op, ": lora_b must have shape [out, r] = [",
+                    out, ", ", r, "] (", out_from, ", r from lora_a); found lora_b of shape ", lora_b.sym_sizes());
   const auto xt = x.scalar_type();
-  TORCH_CHECK_TYPE(is_float_dtype(xt), op,
-                   ": x must be float32, float16, bfloat16 or float64; found x of dtype ", xt);
+  TORCH_CHECK_TYPE(is_float_dtype(xt), op, ": x must be float32, float16, bfloat16 or float64; found x of dtype ", xt);
   const auto at_ = lora_a.scalar_type();
   TORCH_CHECK_TYPE(at_ == xt || at_ == at::kFloat, op, ": lora_a must have x's dtype ", xt,
                    " or float32; found lora_a of dtype ", at_);
@@ -82,12 +79,11 @@ void check_lora_branch_args(const char* op, const at::Tensor& x, const at::Tenso
 }
 
 void check_lora_linear_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
-                            const std::optional<at::Tensor>& bias, const at::Tensor& lora_a,
-                            const at::Tensor& lora_b, double scale, double dropout_p) {
+                            const std::optional<at::Tensor>& bias, const at::Tensor& lora_a, const at::Tensor& lora_b,
+                            double scale, double dropout_p) {
   TORCH_CHECK_VALUE(x.defined() && weight.defined() && lora_a.defined() && lora_b.defined(), op,
                     ": x, weight, lora_a and lora_b must all be tensors; found an undefined tensor");
-  TORCH_CHECK_VALUE(x.layout() == at::kStrided, op, ": x must be a dense (strided) tensor; found layout ",
-                    x.layout());
+  TORCH_CHECK_VALUE(x.layout() == at::kStrided, op, ": x must be a dense (strided) tensor; found layout ", x.layout());
   check_strided_on(op, "weight", weight, x);
   const bool has_bias = bias.has_value() && bias->defined();
   if (has_bias) check_strided_on(op, "bias", *bias, x);
@@ -121,7 +117,8 @@ void check_lora_add_args(const char* op, const at::Tensor& base_out, const at::T
                     ": base_out and x must both be tensors; found an undefined tensor");
   TORCH_CHECK_VALUE(base_out.dim() == x.dim() && base_out.dim() >= 1, op,
                     ": base_out must have x's number of dimensions (the base layer's output for x, [..., out]); "
-                    "found base_out of shape ", base_out.sym_sizes(), " for x of shape ", x.sym_sizes());
+                    "found base_out of shape ",
+                    base_out.sym_sizes(), " for x of shape ", x.sym_sizes());
   check_strided_on(op, "base_out", base_out, x);
   for (int64_t d = 0; d + 1 < x.dim(); ++d) {
     TORCH_CHECK_VALUE(base_out.sym_size(d) == x.sym_size(d), op,
@@ -151,12 +148,12 @@ void check_lora_linear_backward_args(const char* op, const at::Tensor& grad_out,
 
   auto expected_out = x.sym_sizes().vec();
   expected_out.back() = lora_b.sym_size(0);
-  TORCH_CHECK_VALUE(grad_out.sym_sizes() == c10::SymIntArrayRef(expected_out), op,
-                    ": grad_out must have shape ", c10::SymIntArrayRef(expected_out),
+  TORCH_CHECK_VALUE(grad_out.sym_sizes() == c10::SymIntArrayRef(expected_out), op, ": grad_out must have shape ",
+                    c10::SymIntArrayRef(expected_out),
                     " (x's shape with the last dimension replaced by out); found grad_out of shape ",
                     grad_out.sym_sizes());
-  TORCH_CHECK_TYPE(grad_out.scalar_type() == x.scalar_type(), op, ": grad_out must have x's dtype ",
-                   x.scalar_type(), "; found ", grad_out.scalar_type());
+  TORCH_CHECK_TYPE(grad_out.scalar_type() == x.scalar_type(), op, ": grad_out must have x's dtype ", x.scalar_type(),
+                   "; found ", grad_out.scalar_type());
 
   const c10::SymInt tokens = leading_sym_numel(x);
   const auto acc = lora_acc_dtype(x, lora_a);

@@ -19,7 +19,7 @@ void for_each_segment(const at::Tensor& offsets, const std::function<void(int64_
 }
 
 at::Tensor adapter_rows(const at::Tensor& order, const at::Tensor& offsets) {
-  return order.narrow(0, 0, offsets[offsets.size(0) - 1].item<int64_t>());
+  return order.narrow(0, 0, offsets[offsets.size(0) - 1].item<int64_t>()).contiguous();
 }
 
 at::Tensor segment_rows(const at::Tensor& sorted, const at::Tensor& order, int64_t start, int64_t n, at::ScalarType acc,

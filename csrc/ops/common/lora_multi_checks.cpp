@@ -64,7 +64,7 @@ void check_lora_multi_add_args(const char* op, const at::Tensor& base_out, const
   TORCH_CHECK_VALUE(offsets.size(0) == n + 1, op, ": offsets: expected ", n + 1, " entries (adapters + 1), found ",
                     offsets.size(0));
   if (!values) return;
-  const at::Tensor off = offsets.cpu();
+  const at::Tensor off = offsets.cpu().contiguous();
   const int64_t* o = off.const_data_ptr<int64_t>();
   TORCH_CHECK_VALUE(o[0] == 0 && o[n] <= order.size(0), op, ": offsets: expected to run from 0 to at most order's ",
                     "length ", order.size(0), ", found ", o[0], " to ", o[n]);

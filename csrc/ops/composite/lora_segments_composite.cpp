@@ -1,5 +1,5 @@
 // lora_segments: a batch's rows grouped by adapter (CompositeExplicitAutograd: a stable sort and a bincount, on
-// whatever device the indices are, with no read back to the host), and its Meta kernel (the shapes are static).
+// whatever device the indices are; only the index check reads them back), and its Meta kernel (the shapes are static).
 #include <ATen/ops/bincount.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/cumsum.h>
@@ -18,7 +18,7 @@ namespace {
 
 std::tuple<at::Tensor, at::Tensor> lora_segments_composite(const at::Tensor& row_adapter, int64_t num_adapters) {
   detail::check_lora_segments_args("lorafuse.lora_segments", row_adapter, num_adapters);
-  // the base's rows (-1) sort last, as a key past every adapter, and are cut off
+  // the base's rows (-1) sort last, as a key past every adapter: order[offsets[n]:] lists them
   const at::Tensor keys = at::where(row_adapter.lt(0), at::full_like(row_adapter, num_adapters), row_adapter);
   const at::Tensor order = std::get<1>(at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false));
   const at::Tensor counts = at::bincount(keys, {}, num_adapters + 1).narrow(0, 0, num_adapters);

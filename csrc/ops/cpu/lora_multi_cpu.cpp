@@ -48,7 +48,7 @@ std::tuple<at::Tensor, at::Tensor> lora_multi_add_forward_cpu(const at::Tensor& 
   at::Tensor rng_state = forward_rng_state(x, dropout_p, seed);
   const at::Tensor x2 = x.reshape({tokens, in});
   at::Tensor y2 = base_out.reshape({tokens, out}).clone(at::MemoryFormat::Contiguous);
-  const at::Tensor rows = detail::adapter_rows(order, offsets);  // [T'] the rows with an adapter
+  const at::Tensor rows = detail::adapter_rows(order, offsets).contiguous();  // [T'] the rows with an adapter
   const detail::RowMask mask = cpu_row_mask(seed, dropout_p);
   struct Segment {
     int64_t adapter, start, n;

@@ -277,3 +277,26 @@ def test_cuda_kernels_match_the_cpu_op(dtype, dropout_p):
         torch.testing.assert_close((ag[i].grad.double() * ag[i].double()).sum(), want, rtol=5 * tol, atol=5 * tol)
         got_x = (xg.grad.double()[mine] * xg.double()[mine]).sum()
         torch.testing.assert_close(got_x, want, rtol=5 * tol, atol=5 * tol)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_strided_segments_and_x_without_columns(device):
+    """Index tensors that are views with strides read as their values (not their storage); x with no columns adds 0."""
+    from conftest import cuda_skip_reason
+
+    if device == "cuda" and cuda_skip_reason() is not None:
+        pytest.skip(cuda_skip_reason())
+    torch.manual_seed(9)
+    x, base = torch.randn(ROWS.numel(), IN, device=device), torch.randn(ROWS.numel(), OUT, device=device)
+    a, b, s = adapters()
+    a, b = [t.to(device) for t in a], [t.to(device) for t in b]
+    seg = lorafuse.lora_segments(ROWS.to(device), 3)
+    want = lorafuse.lora_multi_add(base, x, a, b, s, seg)
+    order = torch.stack([seg.order, seg.order.flip(0)], 1)[:, 0]  # the same values, stride 2
+    offsets = torch.stack([seg.offsets, seg.offsets * 0 + 99], 1)[:, 0]
+    assert not order.is_contiguous() and not offsets.is_contiguous()
+    got = torch.ops.lorafuse.lora_multi_add(base, x, a, b, s, order, offsets, 0.0)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    empty_a = [torch.randn(r, 0, device=device) for r in RANKS]
+    y = torch.ops.lorafuse.lora_multi_add(base, x[:, :0], empty_a, b, s, seg.order, seg.offsets, 0.0)
+    assert torch.equal(y, base)
