@@ -51,11 +51,11 @@ void dispatch_lora_types(at::ScalarType xt, at::ScalarType at_, const char* op, 
   }
 }
 
-// Calls f(TypeTag<T>{}) for a float32, float16 or bfloat16 tensor `name` of dtype t (an output's dtype, which may
-// differ from x's); other dtypes are refused naming the argument.
+// Calls f(TypeTag<T>{}) for dtype float32, float16 or bfloat16 (of the argument `what`); other dtypes are refused
+// naming it.
 template <typename F>
-void dispatch_float_type(at::ScalarType t, const char* op, const char* name, F&& f) {
-  switch (t) {
+void dispatch_float_types(at::ScalarType dtype, const char* op, F&& f, const char* what = "dtype") {
+  switch (dtype) {
     case at::kFloat:
       return f(TypeTag<float>{});
     case at::kHalf:
@@ -63,7 +63,7 @@ void dispatch_float_type(at::ScalarType t, const char* op, const char* name, F&&
     case at::kBFloat16:
       return f(TypeTag<__nv_bfloat16>{});
     default:
-      TORCH_CHECK_TYPE(false, op, ": ", name, ": CUDA kernels take float32, float16 or bfloat16; found ", t,
+      TORCH_CHECK_TYPE(false, op, ": ", what, ": CUDA kernels take float32, float16 or bfloat16; found ", dtype,
                        " (float64 is supported on CPU)");
   }
 }

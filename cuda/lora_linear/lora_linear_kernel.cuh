@@ -19,6 +19,7 @@
 
 #include "cuda/common/device_utils.cuh"
 #include "cuda/common/dropout.cuh"
+#include "cuda/common/shrink_tile.cuh"
 
 namespace lorafuse::cuda {
 
@@ -38,52 +39,16 @@ struct ShrinkParams {
 // staged in shared memory once per block and reused by its 8·TPW tokens. Accumulators: TPW·R fp32 per lane.
 template <typename Tx, typename Ta, int R, int TPW>
 __global__ void __launch_bounds__(kThreads) lora_shrink_kernel(ShrinkParams p) {
-  constexpr int kWarps = kThreads / 32, kChunk = 128, kPerLane = kChunk / 32;
-  __shared__ float a_s[R][kChunk];
-  const Tx* x = static_cast<const Tx*>(p.x);
-  const Ta* a = static_cast<const Ta*>(p.a);
+  constexpr int kWarps = kThreads / 32;
+  __shared__ float a_s[R][kShrinkChunk];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t t_first = (static_cast<int64_t>(blockIdx.x) * kWarps + warp) * TPW;
-
   uint64_t seed = 0, offset = 0;
-  if (p.drop.enabled) {
-    resolve_rng(p.drop, seed, offset);
-    if (p.drop.rng_out != nullptr && blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0) {
-      p.drop.rng_out[0] = static_cast<int64_t>(seed);
-      p.drop.rng_out[1] = static_cast<int64_t>(offset);
-    }
-  }
-
+  dropout_rng(p.drop, blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0, seed, offset);
   float acc[TPW][R];
-#pragma unroll
-  for (int i = 0; i < TPW; ++i)
-#pragma unroll
-    for (int j = 0; j < R; ++j) acc[i][j] = 0.f;
-
-  for (int64_t k0 = 0; k0 < p.in; k0 += kChunk) {
-    __syncthreads();  // the previous chunk's readers are done
-    for (int i = threadIdx.x; i < R * kChunk; i += kThreads) {
-      const int rr = i / kChunk, kk = i % kChunk;
-      const int64_t k = k0 + kk;
-      a_s[rr][kk] = (rr < p.rc && k < p.in) ? to_float(a[(p.r0 + rr) * p.in + k]) : 0.f;
-    }
-    __syncthreads();
-#pragma unroll
-    for (int j = 0; j < kPerLane; ++j) {
-      const int kk = lane + 32 * j;
-      const int64_t k = k0 + kk;
-      if (k >= p.in) continue;
-#pragma unroll
-      for (int i = 0; i < TPW; ++i) {
-        const int64_t t = t_first + i;
-        if (t >= p.tokens) continue;
-        const float xv = apply_dropout(p.drop, seed, offset, t, p.in, k, to_float(x[t * p.ldx + k]));
-#pragma unroll
-        for (int rr = 0; rr < R; ++rr) acc[i][rr] += xv * a_s[rr][kk];
-      }
-    }
-  }
-
+  shrink_accumulate<Tx, Ta, R, TPW>(
+      static_cast<const Tx*>(p.x), p.ldx, p.in, static_cast<const Ta*>(p.a), p.r0, p.rc, p.drop, seed, offset,
+      [&](int i) -> int64_t { return t_first + i < p.tokens ? t_first + i : -1; }, a_s, acc);
 #pragma unroll
   for (int i = 0; i < TPW; ++i) {
     const int64_t t = t_first + i;
@@ -107,13 +72,7 @@ __global__ void __launch_bounds__(kThreads) lora_shrink_decode_kernel(ShrinkPara
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 
   uint64_t seed = 0, offset = 0;
-  if (p.drop.enabled) {
-    resolve_rng(p.drop, seed, offset);
-    if (p.drop.rng_out != nullptr && blockIdx.x == 0 && threadIdx.x == 0) {
-      p.drop.rng_out[0] = static_cast<int64_t>(seed);
-      p.drop.rng_out[1] = static_cast<int64_t>(offset);
-    }
-  }
+  dropout_rng(p.drop, blockIdx.x == 0 && threadIdx.x == 0, seed, offset);
 
   float acc[MAXT];
 #pragma unroll

@@ -98,19 +98,22 @@ std::tuple<at::Tensor, at::Tensor> lora_multi_add_forward_cuda(const at::Tensor&
     sp.ldu = slots.max_rank;
     sp.drop = drop;
     run_multi_shrink<Tx, Ta>(launch, sp, plan);  // u = drop(x[order])·Aᵢᵀ
-    dispatch_float_type(y2.scalar_type(), kOp, "base_out", [&](auto yt) {
-      using Ty = typename decltype(yt)::type;
-      MultiExpandParams ep{};
-      ep.u = u.const_data_ptr<float>();
-      ep.ldu = slots.max_rank;
-      ep.adapters = slots.ptr();
-      ep.num_adapters = plan.num_adapters;
-      ep.order = sp.order;
-      ep.offsets = sp.offsets;
-      ep.y = y2.data_ptr();
-      ep.out = out;
-      run_multi_expand<Ty, Ta>(launch, ep, plan);  // y[order] += scaleᵢ·u·Bᵢᵀ
-    });
+    dispatch_float_types(
+        y2.scalar_type(), kOp,
+        [&](auto yt) {
+          using Ty = typename decltype(yt)::type;
+          MultiExpandParams ep{};
+          ep.u = u.const_data_ptr<float>();
+          ep.ldu = slots.max_rank;
+          ep.adapters = slots.ptr();
+          ep.num_adapters = plan.num_adapters;
+          ep.order = sp.order;
+          ep.offsets = sp.offsets;
+          ep.y = y2.data_ptr();
+          ep.out = out;
+          run_multi_expand<Ty, Ta>(launch, ep, plan);  // y[order] += scaleᵢ·u·Bᵢᵀ
+        },
+        "base_out");
   });
   return {y2.view(base_out.sizes()), rng_state};
 }
@@ -126,9 +129,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> lora_mu
     at::ArrayRef<double> scale, const at::Tensor& order, const at::Tensor& offsets, const at::Tensor& rng_state,
     double dropout_p, std::array<bool, 3> output_mask) {
   constexpr const char* op = "lorafuse.lora_multi_add_backward";
-  detail::check_lora_multi_add_args(op, grad_out, x, lora_a, lora_b, scale, order, offsets, dropout_p,
-                                    /*values=*/true);
-  detail::check_lora_multi_rng_state(op, rng_state);
+  detail::check_lora_multi_add_backward_args(op, grad_out, x, lora_a, lora_b, scale, order, offsets, rng_state,
+                                             dropout_p);
   check_cuda_dtype(x, op);
   const c10::cuda::OptionalCUDAGuard guard(x.device());
   const CudaLauncher launch{at::cuda::getCurrentCUDAStream()};
@@ -167,20 +169,23 @@ at::Tensor lora_token_add_cuda(const at::Tensor& base_out, const at::Tensor& x, 
   dispatch_lora_types(x.scalar_type(), slots.dtype, op, [&](auto xt, auto at_) {
     using Tx = typename decltype(xt)::type;
     using Ta = typename decltype(at_)::type;
-    dispatch_float_type(y2.scalar_type(), op, "base_out", [&](auto yt) {
-      using Ty = typename decltype(yt)::type;
-      TokenParams p{};
-      p.x = x2.const_data_ptr();
-      p.ldx = x2.stride(0);
-      p.in = x2.size(1);
-      p.adapters = slots.ptr();
-      p.row_adapter = rows.const_data_ptr<int64_t>();
-      p.u = u.data_ptr<float>();
-      p.ldu = slots.max_rank;
-      p.y = y2.data_ptr();
-      p.out = out;
-      run_token<Tx, Ta, Ty>(launch, p, tokens, slots.max_rank);
-    });
+    dispatch_float_types(
+        y2.scalar_type(), op,
+        [&](auto yt) {
+          using Ty = typename decltype(yt)::type;
+          TokenParams p{};
+          p.x = x2.const_data_ptr();
+          p.ldx = x2.stride(0);
+          p.in = x2.size(1);
+          p.adapters = slots.ptr();
+          p.row_adapter = rows.const_data_ptr<int64_t>();
+          p.u = u.data_ptr<float>();
+          p.ldu = slots.max_rank;
+          p.y = y2.data_ptr();
+          p.out = out;
+          run_token<Tx, Ta, Ty>(launch, p, tokens, slots.max_rank);
+        },
+        "base_out");
   });
   return y2.view(base_out.sizes());
 }

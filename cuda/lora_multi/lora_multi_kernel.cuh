@@ -23,6 +23,7 @@
 
 #include "cuda/common/device_utils.cuh"
 #include "cuda/common/dropout.cuh"
+#include "cuda/common/shrink_tile.cuh"
 
 namespace lorafuse::cuda {
 
@@ -84,62 +85,29 @@ struct MultiShrinkParams {
   DropoutParams drop;
 };
 
-// Each warp owns TPW sorted rows of the block's tile (8·TPW rows per block), each lane every 32nd column of a
-// 128-wide chunk of in; the adapter's A chunk is staged in shared memory once per block.
+// Each warp owns TPW sorted rows of the block's tile (8·TPW rows per block) and runs lora_linear's shrink loop
+// (shrink_accumulate) on them; the adapter's A chunk is staged in shared memory once per block.
 template <typename Tx, typename Ta, int R, int TPW>
 __global__ void __launch_bounds__(kThreads) multi_shrink_kernel(MultiShrinkParams p) {
-  constexpr int kWarps = kThreads / 32, kChunk = 128, kPerLane = kChunk / 32, kTile = kWarps * TPW;
-  __shared__ float a_s[R][kChunk];
-  const Tx* x = static_cast<const Tx*>(p.x);
+  constexpr int kWarps = kThreads / 32, kTile = kWarps * TPW;
+  __shared__ float a_s[R][kShrinkChunk];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-
   uint64_t seed = 0, offset = 0;
-  if (p.drop.enabled) {
-    resolve_rng(p.drop, seed, offset);
-    if (p.drop.rng_out != nullptr && blockIdx.x == 0 && threadIdx.x == 0) {
-      p.drop.rng_out[0] = static_cast<int64_t>(seed);
-      p.drop.rng_out[1] = static_cast<int64_t>(offset);
-    }
-  }
+  dropout_rng(p.drop, blockIdx.x == 0 && threadIdx.x == 0, seed, offset);
   const SegmentTile st = find_segment_tile(p.offsets, p.num_adapters, kTile, blockIdx.x);
-  if (st.adapter < 0) return;
+  if (st.adapter < 0) return;  // the whole block: no barrier is skipped by part of it
   const AdapterSlot slot = p.adapters[st.adapter];
   const int64_t rc64 = slot.r - p.r0;
   if (rc64 <= 0 || rank_tile_of(rc64 < 64 ? rc64 : 64) != R) return;  // another launch's (or no) work
   const int rc = static_cast<int>(rc64 < R ? rc64 : R);
-  const Ta* a = static_cast<const Ta*>(slot.a);
-
   float acc[TPW][R];
-#pragma unroll
-  for (int i = 0; i < TPW; ++i)
-#pragma unroll
-    for (int j = 0; j < R; ++j) acc[i][j] = 0.f;
-
-  for (int64_t k0 = 0; k0 < p.in; k0 += kChunk) {
-    __syncthreads();  // the previous chunk's readers are done
-    for (int i = threadIdx.x; i < R * kChunk; i += kThreads) {
-      const int rr = i / kChunk, kk = i % kChunk;
-      const int64_t k = k0 + kk;
-      a_s[rr][kk] = (rr < rc && k < p.in) ? to_float(a[(p.r0 + rr) * p.in + k]) : 0.f;
-    }
-    __syncthreads();
-#pragma unroll
-    for (int j = 0; j < kPerLane; ++j) {
-      const int kk = lane + 32 * j;
-      const int64_t k = k0 + kk;
-      if (k >= p.in) continue;
-#pragma unroll
-      for (int i = 0; i < TPW; ++i) {
+  shrink_accumulate<Tx, Ta, R, TPW>(
+      static_cast<const Tx*>(p.x), p.ldx, p.in, static_cast<const Ta*>(slot.a), p.r0, rc, p.drop, seed, offset,
+      [&](int i) -> int64_t {
         const int64_t local = static_cast<int64_t>(warp) * TPW + i;
-        if (local >= st.rows) continue;
-        const int64_t t = p.order[st.row0 + local];
-        const float xv = apply_dropout(p.drop, seed, offset, t, p.in, k, to_float(x[t * p.ldx + k]));
-#pragma unroll
-        for (int rr = 0; rr < R; ++rr) acc[i][rr] += xv * a_s[rr][kk];
-      }
-    }
-  }
-
+        return local < st.rows ? p.order[st.row0 + local] : -1;
+      },
+      a_s, acc);
 #pragma unroll
   for (int i = 0; i < TPW; ++i) {
     const int64_t local = static_cast<int64_t>(warp) * TPW + i;

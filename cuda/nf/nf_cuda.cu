@@ -54,21 +54,6 @@ int64_t max_blocks(const at::Tensor& t) {
   return 8 * static_cast<int64_t>(at::cuda::getDeviceProperties(t.device().index())->multiProcessorCount);
 }
 
-template <typename F>
-void dispatch_float_types(at::ScalarType dtype, const char* op, F&& f) {
-  switch (dtype) {
-    case at::kFloat:
-      return f(TypeTag<float>{});
-    case at::kHalf:
-      return f(TypeTag<__half>{});
-    case at::kBFloat16:
-      return f(TypeTag<__nv_bfloat16>{});
-    default:
-      TORCH_CHECK_TYPE(false, op, ": CUDA kernels take float32, float16 or bfloat16; found ", dtype,
-                       " (float64 is supported on CPU)");
-  }
-}
-
 // The weight [out, in] in `dtype`, decoded by the dequantize kernel (the scratch buffer of the large-T paths).
 at::Tensor dequantized(const Weight& w, int64_t out_features, int64_t in_features, at::ScalarType dtype,
                        const at::Tensor& like) {

@@ -101,7 +101,11 @@ void check_lora_token_add_args(const char* op, const at::Tensor& base_out, const
   if (values) check_lora_segments_args(op, row_adapter, static_cast<int64_t>(lora_a.size()));
 }
 
-void check_lora_multi_rng_state(const char* op, const at::Tensor& rng_state) {
+void check_lora_multi_add_backward_args(const char* op, const at::Tensor& grad_out, const at::Tensor& x,
+                                        at::TensorList lora_a, at::TensorList lora_b, at::ArrayRef<double> scale,
+                                        const at::Tensor& order, const at::Tensor& offsets, const at::Tensor& rng_state,
+                                        double dropout_p) {
+  check_lora_multi_add_args(op, grad_out, x, lora_a, lora_b, scale, order, offsets, dropout_p, /*values=*/true);
   TORCH_CHECK_VALUE(rng_state.numel() == 2 && rng_state.scalar_type() == at::kLong, op,
                     ": rng_state: expected int64 [2] (lora_multi_add_forward's), found ", rng_state.scalar_type(), " ",
                     rng_state.sizes());

@@ -23,7 +23,11 @@ void check_lora_token_add_args(const char* op, const at::Tensor& base_out, const
                                at::TensorList lora_b, at::ArrayRef<double> scale, const at::Tensor& row_adapter,
                                bool values);
 
-// lora_multi_add_backward's rng_state: int64 [2].
-void check_lora_multi_rng_state(const char* op, const at::Tensor& rng_state);
+// lora_multi_add_backward: its arguments as lora_multi_add's (with values; grad_out in base_out's place), and
+// rng_state int64 [2].
+void check_lora_multi_add_backward_args(const char* op, const at::Tensor& grad_out, const at::Tensor& x,
+                                        at::TensorList lora_a, at::TensorList lora_b, at::ArrayRef<double> scale,
+                                        const at::Tensor& order, const at::Tensor& offsets, const at::Tensor& rng_state,
+                                        double dropout_p);
 
 }  // namespace lorafuse::detail

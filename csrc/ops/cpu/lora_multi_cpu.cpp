@@ -142,9 +142,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> lora_mu
     at::ArrayRef<double> scale, const at::Tensor& order, const at::Tensor& offsets, const at::Tensor& rng_state,
     double dropout_p, std::array<bool, 3> output_mask) {
   constexpr const char* op = "lorafuse.lora_multi_add_backward";
-  detail::check_lora_multi_add_args(op, grad_out, x, lora_a, lora_b, scale, order, offsets, dropout_p,
-                                    /*values=*/true);
-  detail::check_lora_multi_rng_state(op, rng_state);
+  detail::check_lora_multi_add_backward_args(op, grad_out, x, lora_a, lora_b, scale, order, offsets, rng_state,
+                                             dropout_p);
   const auto seed = static_cast<uint64_t>(rng_state.cpu().const_data_ptr<int64_t>()[0]);
   return detail::lora_multi_backward(grad_out, x, lora_a, lora_b, scale, order, offsets, output_mask,
                                      cpu_row_mask(seed, dropout_p));
