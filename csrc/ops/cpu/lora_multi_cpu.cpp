@@ -3,7 +3,7 @@
 // the rows written back. Backward: the same gathers, each adapter's gradients from its rows alone.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/ThreadLocalState.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/index_select.h>
@@ -77,13 +77,14 @@ std::tuple<at::Tensor, at::Tensor> lora_multi_add_forward_cpu(const at::Tensor& 
     int64_t max_r = 0;
     for (const auto& a : lora_a) max_r = std::max(max_r, a.size(0));
     const auto opts = y2.options();
+    // the GEMMs below run on OpenMP's worker threads, which do not inherit this thread's state (below autograd)
+    const at::ThreadLocalState state;
     const int64_t* row_of = rows.const_data_ptr<int64_t>();
     AT_DISPATCH_FLOATING_TYPES(acc, "lorafuse_lora_multi_add_lean", [&] {
       const scalar_t* xp = x2.const_data_ptr<scalar_t>();
       scalar_t* yp = y2.mutable_data_ptr<scalar_t>();
       at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
-        // worker threads do not inherit the caller's dispatch state: stay below autograd here as the caller is
-        const at::AutoDispatchBelowADInplaceOrView below_autograd;
+        const at::ThreadLocalStateGuard guard(state);  // the caller's grad mode and dispatch keys on this worker
         at::Tensor xs_buf = at::empty({kChunk, in}, opts), u_buf = at::empty({kChunk, max_r}, opts);
         at::Tensor d_buf = at::empty({kChunk, out}, opts);
         for (int64_t k = begin; k < end; ++k) {
@@ -118,8 +119,9 @@ std::tuple<at::Tensor, at::Tensor> lora_multi_add_forward_cpu(const at::Tensor& 
   const at::Tensor sorted = x2.index_select(0, rows);  // [T', in]
   const at::ScalarType delta_dtype = y2.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor delta = at::empty({rows.size(0), out}, y2.options().dtype(delta_dtype));
+  const at::ThreadLocalState state;
   at::parallel_for(0, static_cast<int64_t>(segments.size()), 1, [&](int64_t begin, int64_t end) {
-    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    const at::ThreadLocalStateGuard guard(state);
     for (int64_t k = begin; k < end; ++k) {
       const auto [i, start, n] = segments[static_cast<size_t>(k)];
       const at::ScalarType acc_i = detail::lora_acc_dtype(x, lora_a[i]);
