@@ -50,6 +50,18 @@ def test_generate_with_beams_follows_each_rows_adapter():
         assert torch.equal(out[i], want[0]), name
 
 
+def test_generate_with_several_return_sequences_follows_each_rows_adapter():
+    model = three_adapters()
+    kw = dict(num_beams=2, num_return_sequences=2, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    with lorafuse.use_adapter(NAMES):
+        out = model.generate(IDS, **kw)
+    assert out.shape[0] == 2 * len(NAMES)
+    for i, name in enumerate(NAMES):
+        with lorafuse.use_adapter("" if name == "__base__" else name):
+            want = model.generate(IDS[i : i + 1], **kw)
+        assert torch.equal(out[2 * i : 2 * i + 2], want), name
+
+
 def test_training_a_mixed_batch_gives_each_adapter_its_rows_gradients():
     model = three_adapters()
     model.train()
