@@ -11,6 +11,7 @@ single-process reference trains exactly the same model on exactly the same data.
 """
 
 import argparse
+import gc
 import os
 import torch
 import torch.distributed as dist
@@ -180,7 +181,6 @@ def run(mode: str, out_path: str) -> None:
     if rank == 0:
         torch.save(result, out_path)
     dist.barrier()  # rank 0 has written before any rank exits
-    dist.destroy_process_group()
 
 
 def main() -> None:
@@ -189,6 +189,10 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="where rank 0 writes its result (torch.save)")
     args = parser.parse_args()
     run(args.mode, os.path.abspath(args.out))
+    # The wrapped model (DDP's reducer, FSDP's hooks, the optimizer) released before the process group goes, while the
+    # interpreter is whole (pytorch/pytorch#190489: gloo work left at exit aborts a rank).
+    gc.collect()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

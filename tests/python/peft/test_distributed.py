@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -64,8 +65,30 @@ def single_process(worker):
     }
 
 
+# A rank of torch's gloo backend now and then aborts with this line alone (a std::thread left joinable inside torch;
+# pytorch/pytorch#190489 reports the same message), about once in 30 runs here, at any step. Such a launch is run once
+# more, with a warning; any other failure, or the same one twice, fails the test.
+GLOO_ABORT = "terminate called without an active exception"
+
+
 def _torchrun(mode, tmp_path):
     """Runs the worker under torchrun with WORLD processes; returns what rank 0 saved."""
+    for attempt in (1, 2):
+        proc, output, out = _launch(mode, tmp_path / f"attempt{attempt}")
+        if proc.returncode != 0 and GLOO_ABORT in output and attempt == 1:
+            warnings.warn(f"torchrun ({mode}): a rank aborted inside gloo ({GLOO_ABORT!r}); running it once more")
+            continue
+        break
+    # pytest.fail, not assert: a broken launch must not count as FSDP2's expected failure below.
+    if proc.returncode != 0 or not out.exists():
+        pytest.fail(f"torchrun ({mode}) exited with {proc.returncode}:\n{output[-4000:]}")
+    return torch.load(out)
+
+
+def _launch(mode, folder):
+    """One torchrun of the worker in `folder`: (the process, its output, where rank 0 writes)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp_path = folder
     out = tmp_path / f"{mode}.pt"
     # The workers must import the same lorafuse as this test: a checkout's python/ or site-packages.
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(lorafuse.__file__)))
@@ -89,10 +112,7 @@ def _torchrun(mode, tmp_path):
         os.killpg(proc.pid, signal.SIGKILL)
         output, _ = proc.communicate()
         pytest.fail(f"torchrun ({mode}) ran past {TIMEOUT_S} s:\n{output[-4000:]}")
-    # pytest.fail, not assert: a broken launch must not count as FSDP2's expected failure below.
-    if proc.returncode != 0 or not out.exists():
-        pytest.fail(f"torchrun ({mode}) exited with {proc.returncode}:\n{output[-4000:]}")
-    return torch.load(out)
+    return proc, output, out
 
 
 def _assert_same_as_single_process(result, ref):
