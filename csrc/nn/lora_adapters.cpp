@@ -164,12 +164,7 @@ at::Tensor LoraAdapters::mixed_forward(const RowAdapters& rows, const at::Tensor
   std::vector<std::string> available;
   available.reserve(routes->size());
   for (const auto& entry : *routes) available.push_back(entry.first);
-  // rows: x's first dimension (a sequence of tokens each in [batch, seq, in]); a 1-D x is one row of one token
-  const int64_t batch = x.dim() >= 2 ? x.size(0) : 1;
-  int64_t leading = 1;
-  for (int64_t d = 0; d + 1 < x.dim(); ++d) leading *= x.size(d);
-  const int64_t tokens = batch > 0 ? leading / batch : 0;
-  const RowAdapters::Plan plan = rows.plan(table_, available, batch, tokens, x.device());
+  const RowAdapters::Plan plan = rows.plan(table_, available, x.sizes(), x.device());
   if (plan.adapters.empty()) return base();
   if (plan.uniform) return single(routes->at(plan.adapters.front()));
   std::vector<at::Tensor> as, bs;

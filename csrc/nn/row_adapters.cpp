@@ -40,8 +40,13 @@ RowAdapters::RowAdapters(std::vector<std::string> names, const std::string& what
                     "model)");
 }
 
-RowAdapters::Plan RowAdapters::plan(const AdapterTable& table, const std::vector<std::string>& available, int64_t rows,
-                                    int64_t tokens, const c10::Device& device) const {
+RowAdapters::Plan RowAdapters::plan(const AdapterTable& table, const std::vector<std::string>& available,
+                                    c10::IntArrayRef x_sizes, const c10::Device& device) const {
+  // rows: x's first dimension (sequences of tokens in [batch, seq, in]); a 1-D x is one row of one token
+  const int64_t rows = x_sizes.size() >= 2 ? x_sizes[0] : 1;
+  int64_t leading = 1;
+  for (size_t d = 0; d + 1 < x_sizes.size(); ++d) leading *= x_sizes[d];
+  const int64_t tokens = rows > 0 ? leading / rows : 0;
   TORCH_CHECK_VALUE(table.merged().empty(), "use_adapter(", AdapterTable::join(names_), "): this layer has ",
                     AdapterTable::join(table.merged()), " merged into its weight; a batch with one adapter per row ",
                     "needs unmerged adapters (unmerge first)");

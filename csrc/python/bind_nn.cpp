@@ -242,11 +242,11 @@ void bind_nn(py::module& m) {
       .def(
           "plan",
           [](const nn::RowAdapters& self, const nn::AdapterTable& table, const std::vector<std::string>& available,
-             int64_t rows, int64_t tokens, const at::Device& device) {
-            const auto plan = translating([&] { return self.plan(table, available, rows, tokens, device); });
+             const std::vector<int64_t>& x_sizes, const at::Device& device) {
+            const auto plan = translating([&] { return self.plan(table, available, x_sizes, device); });
             return py::make_tuple(plan.adapters, plan.segments.order, plan.segments.offsets, plan.uniform);
           },
-          py::arg("table"), py::arg("available"), py::arg("rows"), py::arg("tokens"), py::arg("device"))
+          py::arg("table"), py::arg("available"), py::arg("x_sizes"), py::arg("device"))
       .def(
           "dropout",
           [](const nn::RowAdapters& self, const std::vector<std::string>& adapters, const std::vector<double>& dropouts,

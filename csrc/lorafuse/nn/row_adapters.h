@@ -33,10 +33,11 @@ class RowAdapters {
     bool uniform = false;               // every row runs adapters[0]: the plain single-adapter path
   };
   /// The plan of a layer whose table is `table` and whose routes hold `available` (the adapters it can run now), for
-  /// an input of `rows` rows (its first dimension; generate repeats each named row for beams: `rows` must be a
-  /// multiple of the names) of `tokens` tokens each, on `device`. Errors: a merged layer, rows not a multiple.
-  /// Rows of adapters the layer lacks run its base. Cached: layers in the same situation share one computation.
-  Plan plan(const AdapterTable& table, const std::vector<std::string>& available, int64_t rows, int64_t tokens,
+  /// an input x of shape `x_sizes` on `device`: its rows are its first dimension (a 1-D x is one row), each of
+  /// numel / rows / in tokens; generate repeats each named row for beams, so the rows must be a multiple of the
+  /// names. Errors: a merged layer, rows not a multiple. Rows of adapters the layer lacks run its base. Cached:
+  /// layers in the same situation share one computation.
+  Plan plan(const AdapterTable& table, const std::vector<std::string>& available, c10::IntArrayRef x_sizes,
             const c10::Device& device) const;
 
   /// The dropout probability of a mixed batch over adapters with `dropouts` (0 unless training): training needs

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import threading
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -530,10 +529,9 @@ class Linear(nn.Module):
         rows, keep the base's output."""
         base = self.base_layer
         routes = self._routes  # one snapshot: other threads may refresh it meanwhile
-        rows = x.shape[0] if x.dim() >= 2 else 1
-        tokens = (math.prod(x.shape[:-1]) // rows if rows else 0) if x.dim() >= 2 else 1
-        # the rules (merged layers, rows per name, which adapters, the rows grouped) are the C++ RowAdapters'
-        present, order, offsets, uniform = mixed.rows.plan(self._table, list(routes), rows, tokens, x.device)
+        # the rules (rows and tokens of x, merged layers, rows per name, which adapters, the rows grouped) are the C++
+        # RowAdapters'
+        present, order, offsets, uniform = mixed.rows.plan(self._table, list(routes), list(x.shape), x.device)
         if not present:
             return base(x)
         if uniform:  # one adapter for every row: the plain path
