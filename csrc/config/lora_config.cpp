@@ -1,4 +1,5 @@
 #include <c10/util/Exception.h>
+#include <lorafuse/config/default_targets.h>
 #include <lorafuse/config/lora_config.h>
 
 #include <cctype>
@@ -42,7 +43,7 @@ bool TargetModules::matches_name(const std::string& path, const std::string& nam
 }
 
 bool TargetModules::matches(const std::string& path) const {
-  if (is_all_linear()) return !last_component_is(path, "lm_head");
+  if (is_all_linear()) return true;
   if (is_regex_) return std::regex_match(path, std::regex(regex_));
   for (const auto& name : names_) {
     if (matches_name(path, name)) return true;
@@ -63,9 +64,6 @@ void LoraConfig::validate() const {
                     "bias: expected \"none\", \"all\" or \"lora_only\", found \"", bias_, "\"");
   nn::check_task_type(task_type_);
   if (init_lora_weights_.kind() == nn::InitLoraWeights::Kind::kLoftq) loftq_config_.validate();
-  TORCH_CHECK_VALUE(!target_modules_.empty(),
-                    "target_modules: none given; expected module names such as {\"q_proj\", \"v_proj\"}, a regular "
-                    "expression, or \"all-linear\"");
   if (target_modules_.is_regex()) check_regex("target_modules", target_modules_.regex());
   if (exclude_modules_.is_regex()) check_regex("exclude_modules", exclude_modules_.regex());
   for (const auto& name : target_modules_.names()) {
@@ -131,9 +129,30 @@ std::string linear_inventory(const std::vector<ModuleInfo>& modules) {
 
 }  // namespace
 
-std::vector<TargetChoice> select_targets(const std::vector<ModuleInfo>& modules, const LoraConfig& config) {
+namespace {
+
+// target_modules as given, or the model type's defaults (PEFT: "Please specify `target_modules`" otherwise).
+TargetModules resolved_targets(const LoraConfig& config, const std::string& model_type) {
+  if (!config.target_modules().empty()) return config.target_modules();
+  const auto defaults = default_target_modules(model_type);
+  if (defaults) return *defaults;
+  std::string known;
+  for (const auto& t : model_types_with_default_targets()) known += (known.empty() ? "" : ", ") + t;
+  TORCH_CHECK_VALUE(false, "target_modules: not given, and ",
+                    model_type.empty() ? std::string("the model has no model_type (it is not a transformers model)")
+                                       : "model_type \"" + model_type + "\" has no default targets",
+                    "; pass target_modules: module names such as [\"q_proj\", \"v_proj\"], a regular expression or "
+                    "\"all-linear\" (default targets exist for the model types ",
+                    known, ")");
+  return {};
+}
+
+}  // namespace
+
+std::vector<TargetChoice> select_targets(const std::vector<ModuleInfo>& modules, const LoraConfig& config,
+                                         const std::string& model_type, std::vector<std::string>* warnings) {
   config.validate();
-  const auto& targets = config.target_modules();
+  const auto targets = resolved_targets(config, model_type);
   const auto& exclude = config.exclude_modules();
   if (!targets.is_all_linear()) {
     for (const auto& m : modules) {
@@ -142,25 +161,36 @@ std::vector<TargetChoice> select_targets(const std::vector<ModuleInfo>& modules,
                         ", but LoRA goes into Linear layers only. Linear layers here: ", linear_inventory(modules));
     }
   }
-  for (const auto& name : targets.names()) {
-    bool found = false;
-    for (const auto& m : modules) found = found || (m.is_linear && TargetModules::matches_name(m.path, name));
-    TORCH_CHECK_VALUE(found, "target_modules: \"", name,
-                      "\" matches no module. Linear layers here: ", linear_inventory(modules));
-  }
   std::vector<TargetChoice> chosen;
   bool any_match = false;
   for (size_t i = 0; i < modules.size(); ++i) {
     const auto& m = modules[i];
     if (!m.is_linear || !targets.matches(m.path)) continue;
+    if (targets.is_all_linear() && m.is_output_layer) continue;
     any_match = true;
     if (!exclude.empty() && exclude.matches(m.path)) continue;
     chosen.push_back({i, config.adapter_for(m.path)});
   }
-  TORCH_CHECK_VALUE(any_match, "target_modules: ", targets.str(),
+  TORCH_CHECK_VALUE(any_match,
+                    "target_modules: ", targets.names().size() == 1 ? "\"" + targets.names()[0] + "\"" : targets.str(),
                     " matches no module. Linear layers here: ", linear_inventory(modules));
   TORCH_CHECK_VALUE(!chosen.empty(), "exclude_modules: ", exclude.str(), " excludes every layer that target_modules ",
                     targets.str(), " selects");
+  // As PEFT: an entry that matches nothing is no error while others match (recipes list names of several
+  // architectures), but it is said.
+  for (const auto& name : targets.names()) {
+    bool found = false;
+    for (const auto& m : modules) found = found || (m.is_linear && TargetModules::matches_name(m.path, name));
+    if (found) continue;
+    const std::string message = "target_modules: \"" + name + "\" matches no module (the other entries select " +
+                                std::to_string(chosen.size()) +
+                                " layers). Linear layers here: " + linear_inventory(modules);
+    if (warnings != nullptr) {
+      warnings->push_back(message);
+    } else {
+      TORCH_WARN(message);
+    }
+  }
   return chosen;
 }
 

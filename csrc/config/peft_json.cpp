@@ -81,6 +81,7 @@ PatternMap<T> pattern_field(const json& v, const std::string& what, const char* 
 }
 
 json modules_json(const TargetModules& m) {
+  if (m.empty()) return nullptr;
   if (m.is_regex() || m.is_all_linear()) return m.regex();
   return m.names();
 }
@@ -117,7 +118,7 @@ PeftLoraConfig lora_config_from_peft_json(const std::string& json_text, const st
       c.lora_dropout(number(value, what, "lora_dropout"));
     } else if (key == "target_modules") {
       if (value.is_null()) {
-        file.targets_from_file = true;
+        file.targets_from_file = adapter_file;  // a LoraConfig's null: the model type's defaults (not given)
       } else {
         c.target_modules(modules_field(value, what, "target_modules"));
       }
@@ -151,7 +152,7 @@ PeftLoraConfig lora_config_from_peft_json(const std::string& json_text, const st
       file.warnings.push_back(what + ": unknown field \"" + key + "\" (= " + value.dump() + ") ignored");
     }
   }
-  if (!j.contains("target_modules")) file.targets_from_file = true;
+  if (adapter_file && !j.contains("target_modules")) file.targets_from_file = true;
   if (file.targets_from_file) c.target_modules(TargetModules(".*"));  // a placeholder that validates
   try {
     c.validate();

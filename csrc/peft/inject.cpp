@@ -3,6 +3,7 @@
 #include <lorafuse/nn/linear.h>
 #include <lorafuse/nn/linear4bit.h>
 #include <lorafuse/nn/lora_linear.h>
+#include <lorafuse/nn/pretrained.h>
 #include <lorafuse/peft/inject.h>
 #include <lorafuse/peft/rules.h>
 #include <torch/nn/modules/container/moduledict.h>
@@ -128,6 +129,15 @@ std::vector<ModuleInfo> infos_of(const std::vector<Site>& sites) {
   return infos;
 }
 
+std::vector<TargetChoice> select_in(const Module& root, const std::vector<Site>& sites, const LoraConfig& config) {
+  auto infos = infos_of(sites);
+  const auto* pretrained = dynamic_cast<const nn::PretrainedModel*>(&root);
+  if (pretrained == nullptr) return select_targets(infos, config);
+  const auto output = pretrained->output_layer();
+  for (auto& info : infos) info.is_output_layer = !output.empty() && info.path == output;
+  return select_targets(infos, config, pretrained->model_type());
+}
+
 void check_rewirable(const std::vector<Site>& sites, const std::vector<TargetChoice>& chosen, const char* what) {
   for (const auto& c : chosen) {
     const Site& s = sites[c.index];
@@ -243,7 +253,7 @@ InjectReport inject_lora(Module& module, const LoraConfig& config, const std::st
   rules::check_new_adapter(tables_of(lora_layers(module)), adapter_name);
   // Everything is checked before anything changes.
   const auto sites = sites_of(module);
-  const auto chosen = select_targets(detail::infos_of(sites), config);
+  const auto chosen = detail::select_in(module, sites, config);
   detail::check_rewirable(sites, chosen, "inject_lora");
   detail::check_loftq(sites, chosen);
 

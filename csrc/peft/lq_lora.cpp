@@ -31,7 +31,7 @@ LqPlan lq_lora(torch::nn::Module& module, const LqLoraConfig& config, const Lora
   nn::check_adapter_name(adapter_name);
   // Everything is checked, and the plan computed, before anything changes.
   const auto sites = detail::sites_of(module);
-  const auto chosen = select_targets(detail::infos_of(sites), lora);
+  const auto chosen = detail::select_in(module, sites, lora);
   std::vector<LqMatrix> matrices;
   std::set<std::string> paths;
   for (const auto& c : chosen) {

@@ -27,6 +27,10 @@ std::vector<Site> sites_of(torch::nn::Module& module);
 // What select_targets and plan_adapter_load see of each site (with Linear shapes).
 std::vector<ModuleInfo> infos_of(const std::vector<Site>& sites);
 bool is_linear(const torch::nn::Module* m);
+// select_targets over the tree of `root` (its sites): the model type and output layer that `root` declares
+// (nn::PretrainedModel) apply.
+std::vector<TargetChoice> select_in(const torch::nn::Module& root, const std::vector<Site>& sites,
+                                    const LoraConfig& config);
 // An error unless every chosen plain Linear can be replaced (see inject_lora).
 void check_rewirable(const std::vector<Site>& sites, const std::vector<TargetChoice>& chosen, const char* what);
 /// For every chosen site whose adapter starts with LoftQ: a full-precision Linear weight (a LoraLinear without merged

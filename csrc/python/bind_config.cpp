@@ -2,6 +2,7 @@
 // selection), so that C++ and Python select the same layers; quantizing and the checkpoint format (load/save).
 #include "csrc/python/convert.h"
 
+#include <lorafuse/config/default_targets.h>
 #include <lorafuse/config/quant_config.h>
 #include <lorafuse/io/checkpoint.h>
 #include <lorafuse/io/files.h>
@@ -220,17 +221,34 @@ void bind_config(py::module& m) {
       "Raises ValueError unless an adapter with this name and these options can be made (the C++ rules).");
   m.def(
       "_select_targets",
-      [](const std::vector<std::tuple<std::string, std::string, bool>>& modules, const std::string& config) {
+      [](const std::vector<std::tuple<std::string, std::string, bool, bool>>& modules, const std::string& config,
+         const std::string& model_type) {
         std::vector<ModuleInfo> infos;
         infos.reserve(modules.size());
-        for (const auto& [path, type_name, is_linear] : modules) infos.push_back({path, type_name, is_linear});
-        const auto chosen = translating([&] { return select_targets(infos, config_from(config)); });
+        for (const auto& [path, type_name, is_linear, is_output] : modules) {
+          ModuleInfo info{path, type_name, is_linear};
+          info.is_output_layer = is_output;
+          infos.push_back(std::move(info));
+        }
+        std::vector<std::string> warnings;
+        const auto chosen =
+            translating([&] { return select_targets(infos, config_from(config), model_type, &warnings); });
         py::list out;
         for (const auto& c : chosen) out.append(py::make_tuple(c.index, nn::adapter_options_json(c.adapter)));
-        return out;
+        return py::make_tuple(out, warnings);
       },
-      "The (index, adapter options) of the modules (path, type name, is_linear) that a config selects: the "
-      "selection rules of C++ inject_lora.");
+      py::arg("modules"), py::arg("config"), py::arg("model_type") = "",
+      "([(index, adapter options)], warnings) of the modules (path, type name, is_linear, is_output_layer) that a "
+      "config selects in a model of type model_type: the selection rules of C++ inject_lora.");
+  m.def(
+      "_default_target_modules",
+      [](const std::string& model_type) -> py::object {
+        const auto targets = default_target_modules(model_type);
+        if (!targets) return py::none();
+        if (targets->is_regex()) return py::str(targets->regex());
+        return py::cast(targets->names());
+      },
+      py::arg("model_type"), "lorafuse::default_target_modules: a list of names, a regular expression or None.");
 }
 
 }  // namespace lorafuse::python

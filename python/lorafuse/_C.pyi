@@ -1,6 +1,6 @@
 # The one typed boundary between Python and C++: every binding of lorafuse._C (csrc/python/bind_*.cpp).
 # Names starting with "_" are the Python front's building blocks, not public API.
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, overload
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union, overload
 
 import torch
 
@@ -14,7 +14,7 @@ def _is_bnb_nf4(format: List[int], stat_dtype: torch.dtype) -> bool: ...
 def dynamic_code_map() -> torch.Tensor: ...
 
 # ---- config (bind_config.cpp): the C++ rules of LoraConfig ------------------------------------------
-ModuleRow = Tuple[str, str, bool]  # (path, type name, is_linear)
+ModuleRow = Tuple[str, str, bool, bool]  # (path, type name, is_linear, is_output_layer)
 ModuleShapeRow = Tuple[str, str, bool, int, int]  # (path, type name, is_linear, in_features, out_features)
 # JSON texts: a LoraConfig with PEFT's field names (lorafuse::lora_config_from_peft_json) and one adapter's
 # options (lorafuse::nn::adapter_options_json: r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,
@@ -209,8 +209,9 @@ def _plan_checkpoint_load(
 def _validate_lora_config(config: LoraConfigJson) -> None: ...
 def _validate_adapter(name: str, r: int, lora_alpha: float, lora_dropout: float) -> None: ...
 def _select_targets(
-    modules: Sequence[ModuleRow], config: LoraConfigJson
-) -> List[Tuple[int, AdapterOptionsJson]]: ...
+    modules: Sequence[ModuleRow], config: LoraConfigJson, model_type: str = ""
+) -> Tuple[List[Tuple[int, AdapterOptionsJson]], List[str]]: ...
+def _default_target_modules(model_type: str) -> Optional[Union[List[str], str]]: ...
 
 # ---- nn (bind_nn.cpp) ---------------------------------------------------------------------------------
 class AdapterOptions:

@@ -398,9 +398,12 @@ def _target_warnings(lorafuse: Any, config: Dict[str, Any], paths: List[str]) ->
     if config["exclude_modules"] is not None:
         what += f" with exclude_modules {json.dumps(config['exclude_modules'])}"
     try:
-        chosen = lorafuse._C._select_targets([(p, "Linear", True) for p in paths], json.dumps(config))
-    except ValueError as e:  # e.g. a name that matches none of the file's modules
+        rows = [(p, "Linear", True, False) for p in paths]
+        chosen, unmatched = lorafuse._C._select_targets(rows, json.dumps(config))
+    except ValueError as e:  # e.g. names that match none of the file's modules
         return [f"{what} does not fit the modules in {WEIGHTS_FILE} ({e})"]
+    if unmatched:  # an entry that matches none of the file's modules
+        return [f"{what} does not fit the modules in {WEIGHTS_FILE} ({w})" for w in unmatched]
     selected = {paths[index] for index, _ in chosen}
     skipped = [p for p in paths if p not in selected]
     if not skipped:

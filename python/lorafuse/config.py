@@ -21,8 +21,10 @@ class LoraConfig:
         lora_dropout: dropout on the LoRA branch while training, in [0, 1).
         target_modules: which Linear layers get the adapter: a list of names (a module matches when its
             path equals an entry or ends with ``"." + entry``), a regular expression that the whole path
-            must match, or ``"all-linear"`` (every Linear except the output head ``lm_head``).
-            ``None`` means ``["q_proj", "v_proj"]``.
+            must match, or ``"all-linear"`` (every Linear except a transformers model's output layer, its
+            ``get_output_embeddings()``, as PEFT). ``None``: PEFT's defaults for the model's type
+            (``model.config.model_type``; :func:`lorafuse.default_target_modules`), an error for a model of
+            another type or none.
         exclude_modules: layers to leave alone even if selected (same forms), or ``None``.
         bias: which biases train: ``"none"``, ``"all"`` or ``"lora_only"``.
         use_rslora: rank-stabilised scaling lora_alpha / sqrt(r).
@@ -121,13 +123,10 @@ class LoraConfig:
 
     def _to_json(self) -> str:
         """The fields as PEFT's JSON, which the C++ rules read (lorafuse::lora_config_from_peft_json, the
-        one mapping of these names); ``target_modules=None`` is written as its meaning,
-        ``["q_proj", "v_proj"]``."""
+        one mapping of these names); ``target_modules=None`` stays null (the model type's defaults)."""
         fields = self.to_dict()
         if fields["init_lora_weights"] in ("true", "false"):  # the spelling lorafuse.nn.Linear accepts too
             fields["init_lora_weights"] = fields["init_lora_weights"] == "true"
-        if fields["target_modules"] is None:
-            fields["target_modules"] = ["q_proj", "v_proj"]
         for name in ("target_modules", "exclude_modules"):
             if isinstance(fields[name], (tuple, set)):
                 fields[name] = sorted(fields[name]) if isinstance(fields[name], set) else list(fields[name])

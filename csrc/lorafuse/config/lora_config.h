@@ -13,10 +13,13 @@
 namespace lorafuse {
 
 /// Which modules a config selects:
+///   not given         the defaults for the model's type (default_target_modules; PEFT's table), an error for a model
+///                     of no known type;
 ///   a list of names   a module matches when its path equals an entry or ends with "." + entry
 ///                     ({"q_proj", "v_proj"} selects model.layers.N.self_attn.q_proj and .v_proj);
 ///   a string          a regular expression (ECMAScript) that the whole module path must match;
-///   "all-linear"      every Linear layer except the output head (a module named lm_head), as PEFT does.
+///   "all-linear"      every Linear layer except the model's output layer (nn::PretrainedModel::output_layer, Hugging
+///                     Face's get_output_embeddings()), as PEFT does.
 class TargetModules {
  public:
   TargetModules() = default;
@@ -25,13 +28,14 @@ class TargetModules {
   TargetModules(std::string regex) : regex_(std::move(regex)), is_regex_(true) {}  // NOLINT
   TargetModules(const char* regex) : TargetModules(std::string(regex)) {}          // NOLINT
 
+  /// Not given (a default-constructed TargetModules): the model type's defaults apply.
   bool empty() const noexcept { return !is_regex_ && names_.empty(); }
   bool is_regex() const noexcept { return is_regex_ && !is_all_linear(); }
   /// "all-linear" in any case, as PEFT accepts it.
   bool is_all_linear() const noexcept;
   const std::vector<std::string>& names() const noexcept { return names_; }
   const std::string& regex() const noexcept { return regex_; }
-  /// Whether module `path` is selected (for "all-linear": whether it is not the output head).
+  /// Whether module `path` is selected ("all-linear" selects every path; select_targets leaves the output layer out).
   bool matches(const std::string& path) const;
   /// Whether `path` is selected by list entry `name`.
   static bool matches_name(const std::string& path, const std::string& name);
@@ -57,8 +61,8 @@ struct LoraConfig {
   TORCH_ARG(double, lora_alpha) = 8.0;
   /// Dropout on the LoRA branch while training, in [0, 1).
   TORCH_ARG(double, lora_dropout) = 0.0;
-  /// Which Linear layers get the adapter.
-  TORCH_ARG(TargetModules, target_modules) = TargetModules({"q_proj", "v_proj"});
+  /// Which Linear layers get the adapter; not given: the defaults for the model's type (default_target_modules).
+  TORCH_ARG(TargetModules, target_modules);
   /// Layers to leave alone even if target_modules selects them (same forms as target_modules).
   TORCH_ARG(TargetModules, exclude_modules);
   /// Which biases train: "none", "all" (every bias of the model) or "lora_only" (the biases of the layers
@@ -96,6 +100,8 @@ struct ModuleInfo {
   /// A Linear layer's shape (for loading adapters; -1 where unknown).
   int64_t in_features = -1;
   int64_t out_features = -1;
+  /// The model's output layer (its output embeddings): "all-linear" leaves it out.
+  bool is_output_layer = false;
 };
 
 /// A module that a config selects, with its adapter's options (rank_pattern/alpha_pattern applied).
@@ -106,8 +112,13 @@ struct TargetChoice {
 
 /// The one implementation of PEFT's selection rules, shared by C++ inject_lora and the Python front:
 /// validates `config`, then returns the Linear modules that target_modules selects and exclude_modules
-/// does not. ValueErrors: a target entry that matches nothing (the message lists the Linear layers that
-/// exist), a selected module that is not a Linear, everything excluded.
-std::vector<TargetChoice> select_targets(const std::vector<ModuleInfo>& modules, const LoraConfig& config);
+/// does not. target_modules not given: the defaults for `model_type` (transformers' config.model_type; "" when the
+/// model has none). ValueErrors: no target_modules and no defaults for the model's type, targets that match nothing
+/// (the message lists the Linear layers that exist), a selected module that is not a Linear, everything excluded. A
+/// list entry that matches nothing while others match is, as in PEFT, no error: a warning, pushed to `warnings` when
+/// given, else TORCH_WARN.
+std::vector<TargetChoice> select_targets(const std::vector<ModuleInfo>& modules, const LoraConfig& config,
+                                         const std::string& model_type = "",
+                                         std::vector<std::string>* warnings = nullptr);
 
 }  // namespace lorafuse

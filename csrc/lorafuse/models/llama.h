@@ -15,6 +15,7 @@
 #include <torch/nn/pimpl.h>
 
 #include <lorafuse/nn/linear.h>
+#include <lorafuse/nn/pretrained.h>
 
 #include <cstdint>
 #include <memory>
@@ -207,7 +208,9 @@ class LlamaModelImpl : public torch::nn::Cloneable<LlamaModelImpl> {
 TORCH_MODULE(LlamaModel);
 
 /// Llama with its language-model head: model (LlamaModel) and lm_head (no bias).
-class LlamaForCausalLMImpl : public torch::nn::Cloneable<LlamaForCausalLMImpl>, public lorafuse::nn::LinearSlotOwner {
+class LlamaForCausalLMImpl : public torch::nn::Cloneable<LlamaForCausalLMImpl>,
+                             public lorafuse::nn::LinearSlotOwner,
+                             public lorafuse::nn::PretrainedModel {
  public:
   explicit LlamaForCausalLMImpl(LlamaConfig config);
 
@@ -218,6 +221,10 @@ class LlamaForCausalLMImpl : public torch::nn::Cloneable<LlamaForCausalLMImpl>, 
   std::shared_ptr<torch::nn::Module> clone(const std::optional<c10::Device>& device = std::nullopt) const override;
   void pretty_print(std::ostream& stream) const override;
   lorafuse::nn::LinearSlot* linear_slot(const std::string& name) override;
+  /// "llama": LoraConfig's default targets are q_proj and v_proj.
+  std::string model_type() const override { return "llama"; }
+  /// "lm_head": "all-linear" leaves it out.
+  std::string output_layer() const override { return "lm_head"; }
   /// input_ids [B, T] -> logits [B, T, vocab_size] in the weights' dtype.
   at::Tensor forward(const at::Tensor& input_ids);
   /// Every parameter once. With tie_word_embeddings one tensor is registered under two names and

@@ -7,7 +7,8 @@ linear layer is this".
 Kinds today:
 
 ``linear``
-    ``torch.nn.Linear`` and subclasses that keep ``nn.Linear.forward``.
+    ``torch.nn.Linear`` and subclasses that keep ``nn.Linear.forward`` (or whose own forward is known to compute
+    x·Wᵀ + b exactly: transformers' ``FalconLinear``).
     Computed by the fused ``torch.ops.lorafuse.lora_linear`` (one pass, no second GEMM), unless the base has
     forward hooks or pre-hooks at call time (accelerate's offloading relies on them) or its weight requires
     grad: then the base is called as it is (hooks run once) and ``lora_add`` adds the branch. Mergeable while
@@ -140,11 +141,22 @@ def _wrappable_linear(module: nn.Module) -> bool:
     )
 
 
+# nn.Linear subclasses whose own forward computes exactly x·Wᵀ + b (read from their source): lorafuse treats them as
+# nn.Linear (fused op, merges), as PEFT does every Linear.
+_PLAIN_LINEAR_SUBCLASSES = {
+    ("transformers.models.falcon.modeling_falcon", "FalconLinear"),  # input @ weight.T (+ bias)
+}
+
+
+def _computes_nn_linear(cls: type) -> bool:
+    return cls.forward is nn.Linear.forward or (cls.__module__, cls.__qualname__) in _PLAIN_LINEAR_SUBCLASSES
+
+
 class DenseLinear(BaseKind):
     name = "linear"
 
     def matches(self, module: nn.Module) -> bool:
-        return _wrappable_linear(module) and type(module).forward is nn.Linear.forward
+        return _wrappable_linear(module) and _computes_nn_linear(type(module))
 
     def fused(self, module: nn.Module) -> bool:
         return not _has_hooks(module) and not module.weight.requires_grad

@@ -8,6 +8,7 @@ from .inject import (
     active_adapter,
     adapter_names,
     add_adapter,
+    default_target_modules,
     delete_adapter,
     disable_adapters,
     enable_adapters,
@@ -25,6 +26,7 @@ from .routing import use_adapter
 
 __all__ = [
     "inject_lora",
+    "default_target_modules",
     "add_adapter",
     "trainable_parameters",
     "print_trainable_parameters",

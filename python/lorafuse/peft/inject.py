@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import functools
 import json
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+import sys
+import warnings
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -133,8 +135,7 @@ def _inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> nn.Modul
         )
     _C._rules_check_new_adapter(_tables(lora_layers(model)), adapter_name, "")
     sites = list(_sites(model))
-    infos = [(path, type(m).__name__, _is_target(m)) for _, _, path, m in sites]
-    chosen = [(i, json.loads(opts)) for i, opts in _C._select_targets(infos, config._to_json())]
+    chosen = [(i, json.loads(opts)) for i, opts in _select(model, sites, config._to_json())]
     _C._validate_adapter(adapter_name, config.r, float(config.lora_alpha), float(config.lora_dropout))
     _check_loftq(sites, chosen, adapter_name)
 
@@ -142,6 +143,41 @@ def _inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> nn.Modul
     _attach(model, sites, chosen, adapter_name, keep_active=False)
     _activate_and_freeze(model, prior_active if prior_active is not None else adapter_name)
     return model
+
+
+def model_type(model: nn.Module) -> str:
+    """transformers' ``config.model_type`` of ``model`` ("" for a model without one), as PEFT reads it."""
+    config = getattr(model, "config", None)
+    value = config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)
+    return value if isinstance(value, str) else ""
+
+
+def _output_layer(model: nn.Module) -> Optional[nn.Module]:
+    """A transformers model's output embeddings (what "all-linear" leaves out, as in PEFT); None for other models."""
+    transformers = sys.modules.get("transformers")
+    if transformers is None or not isinstance(model, transformers.PreTrainedModel):
+        return None
+    return model.get_output_embeddings()
+
+
+def _select(model: nn.Module, sites: list, config_json: str) -> list:
+    """The C++ selection rules (lorafuse::select_targets) over ``sites``, with the model's type (default targets)
+    and output layer ("all-linear")."""
+    output = _output_layer(model)
+    infos = [(path, type(m).__name__, _is_target(m), m is output and output is not None) for _, _, path, m in sites]
+    chosen, messages = _C._select_targets(infos, config_json, model_type(model))
+    for message in messages:
+        warnings.warn(message, stacklevel=4)
+    return chosen
+
+
+def default_target_modules(model_type: str) -> Optional[Union[List[str], str]]:
+    """PEFT's default ``target_modules`` for transformers' ``model_type`` (what ``LoraConfig(target_modules=None)``
+    selects: ``["q_proj", "v_proj"]`` for "llama", ``["c_attn"]`` for "gpt2", ...), or None for a type without
+    defaults. The table is the C++ one (lorafuse::default_target_modules)."""
+    if not isinstance(model_type, str):
+        raise TypeError(f"model_type: expected a str, found {type(model_type).__name__}")
+    return _C._default_target_modules(model_type)
 
 
 def _check_loftq(sites, chosen, adapter_name: str) -> None:
@@ -392,6 +428,7 @@ def unload(model: nn.Module) -> nn.Module:
 
 
 __all__ = [
+    "default_target_modules",
     "unload",
     "inject_lora",
     "add_adapter",

@@ -185,11 +185,10 @@ class _Progress:
 
 def _targets(model: nn.Module, config: LqLoraConfig) -> List[Tuple[nn.Module, str, str, nn.Linear]]:
     """(parent, name, path, linear) of the plain nn.Linear layers the config's target_modules select."""
-    from ..peft.inject import _is_target, _sites
+    from ..peft.inject import _select, _sites
 
     sites = list(_sites(model))
-    infos = [(path, type(m).__name__, _is_target(m)) for _, _, path, m in sites]
-    chosen = _C._select_targets(infos, config._lora_config()._to_json())
+    chosen = _select(model, sites, config._lora_config()._to_json())
     dense = DenseLinear()
     out = []
     for index, _ in chosen:

@@ -1,6 +1,7 @@
 // lorafuse::inject_lora and the model-wide adapter functions, on the reference Llama and on small
 // hand-made modules: selection rules (names, regex, all-linear, exclude, patterns), trainability, bias
 // modes, a second adapter, switching, merging, merge_and_unload, clone, save/load, counts, bad input.
+#include <lorafuse/config/default_targets.h>
 #include <lorafuse/models/llama.h>
 #include <lorafuse/nn/linear.h>
 #include <lorafuse/peft/inject.h>
@@ -9,6 +10,7 @@
 #include <torch/serialize.h>
 
 #include <unistd.h>
+#include <algorithm>
 #include <cstdio>
 #include <filesystem>
 #include <set>
@@ -158,6 +160,78 @@ TEST_CASE("target_modules: all-linear, a regex, exclude_modules", "[cpu][nn][inj
         lorafuse::inject_lora(*model, LoraConfig().target_modules({"q_proj"}).exclude_modules(R"(.*layers\.1\..*)"));
     CHECK(r.targets == std::vector<std::string>{"model.layers.0.self_attn.q_proj"});
   }
+}
+
+// A plain module (no nn::PretrainedModel): no model type, no output layer.
+struct HeadedImpl : torch::nn::Cloneable<HeadedImpl> {
+  HeadedImpl() { reset(); }
+  void reset() override {
+    modules = register_module("modules", torch::nn::ModuleDict());
+    modules->update({{"q_proj", torch::nn::Linear(4, 4).ptr()}, {"lm_head", torch::nn::Linear(4, 8).ptr()}});
+  }
+  torch::nn::ModuleDict modules{nullptr};
+};
+TORCH_MODULE(Headed);
+
+TEST_CASE("target_modules not given: the model type's defaults (PEFT's table)", "[cpu][nn][inject]") {
+  // the reference Llama says it is "llama": q_proj and v_proj, as PEFT's table
+  auto model = tiny_llama();
+  CHECK(model->model_type() == "llama");
+  const auto r = lorafuse::inject_lora(*model, LoraConfig().r(2));
+  CHECK(paths_of(r.targets) ==
+        std::set<std::string>{"model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj",
+                              "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"});
+  const auto gpt2 = lorafuse::default_target_modules("gpt2");
+  REQUIRE(gpt2.has_value());
+  CHECK(gpt2->names() == std::vector<std::string>{"c_attn"});
+  CHECK(lorafuse::default_target_modules("bert")->names() == std::vector<std::string>{"query", "value"});
+  CHECK(lorafuse::default_target_modules("gemma4")->is_regex());
+  CHECK_FALSE(lorafuse::default_target_modules("phi3").has_value());
+  CHECK_FALSE(lorafuse::default_target_modules("").has_value());
+  const auto types = lorafuse::model_types_with_default_targets();
+  CHECK(types.size() == 40);
+  CHECK(std::is_sorted(types.begin(), types.end()));
+
+  // a module of no known type must say what to target, as PEFT asks
+  Headed plain;
+  require_error_parts<c10::ValueError>([&] { lorafuse::inject_lora(*plain, LoraConfig()); },
+                                       {"target_modules: not given", "no model_type", "\"all-linear\"", "llama"});
+  std::vector<lorafuse::ModuleInfo> infos = {{"h.0.attn.c_attn", "Linear", true}, {"lm_head", "Linear", true}};
+  CHECK(lorafuse::select_targets(infos, LoraConfig(), "gpt2").size() == 1);
+  require_error_parts<c10::ValueError>([&] { lorafuse::select_targets(infos, LoraConfig(), "phi3"); },
+                                       {"target_modules: not given", "model_type \"phi3\" has no default targets"});
+}
+
+TEST_CASE("all-linear leaves out the output layer the model declares, whatever its name", "[cpu][nn][inject]") {
+  // a plain module declares none: PEFT adapts every Linear of a model that is not a transformers one
+  Headed plain;
+  const auto r = lorafuse::inject_lora(*plain, LoraConfig().target_modules("all-linear"));
+  CHECK(paths_of(r.targets) == std::set<std::string>{"modules.q_proj", "modules.lm_head"});
+  // the output layer is the one flagged, not one named lm_head
+  std::vector<lorafuse::ModuleInfo> infos = {
+      {"decoder.fc1", "Linear", true}, {"proj_out", "Linear", true}, {"lm_head", "Linear", true}};
+  infos[1].is_output_layer = true;
+  const auto chosen = lorafuse::select_targets(infos, LoraConfig().target_modules("all-linear"), "whisper");
+  REQUIRE(chosen.size() == 2);
+  CHECK(chosen[0].index == 0);
+  CHECK(chosen[1].index == 2);
+}
+
+TEST_CASE("a target entry that matches nothing warns while others match (PEFT: no error)", "[cpu][nn][inject]") {
+  std::vector<lorafuse::ModuleInfo> infos = {{"a.q_proj", "Linear", true}, {"a.v_proj", "Linear", true}};
+  std::vector<std::string> warnings;
+  const auto chosen =
+      lorafuse::select_targets(infos, LoraConfig().target_modules({"query", "q_proj", "value"}), "", &warnings);
+  CHECK(chosen.size() == 1);
+  REQUIRE(warnings.size() == 2);
+  CHECK(warnings[0].find("\"query\" matches no module (the other entries select 1 layers)") != std::string::npos);
+  CHECK(warnings[0].find("q_proj (1), v_proj (1)") != std::string::npos);
+  CHECK(warnings[1].find("\"value\"") != std::string::npos);
+  require_error_parts<c10::ValueError>(
+      [&] {
+        lorafuse::select_targets(infos, LoraConfig().target_modules({"query", "value"}));
+      },
+      {"target_modules: {\"query\", \"value\"} matches no module", "q_proj (1)"});
 }
 
 TEST_CASE("rank_pattern and alpha_pattern override per module", "[cpu][nn][inject]") {
