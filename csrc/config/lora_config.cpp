@@ -2,6 +2,7 @@
 #include <lorafuse/config/default_targets.h>
 #include <lorafuse/config/lora_config.h>
 
+#include <algorithm>
 #include <cctype>
 #include <cmath>
 #include <map>
@@ -69,6 +70,18 @@ void LoraConfig::validate() const {
   for (const auto& name : target_modules_.names()) {
     TORCH_CHECK_VALUE(!name.empty(), "target_modules: an empty module name");
   }
+  for (const auto index : layers_to_transform_) {
+    TORCH_CHECK_VALUE(index >= 0, "layers_to_transform: expected layer indices >= 0, found ", index);
+  }
+  for (const auto& pattern : layers_pattern_) {
+    TORCH_CHECK_VALUE(!pattern.empty(), "layers_pattern: an empty pattern; expected names such as \"layers\"");
+    check_regex("layers_pattern", pattern);
+  }
+  TORCH_CHECK_VALUE(layers_pattern_.empty() || !layers_to_transform_.empty(),
+                    "layers_pattern: given without layers_to_transform; expected both (PEFT's rule), or neither");
+  TORCH_CHECK_VALUE(layers_to_transform_.empty() || !target_modules_.is_regex_or_all_linear(),
+                    "layers_to_transform: cannot be used when target_modules is a string (", target_modules_.str(),
+                    "); give target_modules as a list of names (PEFT's rule)");
   for (const auto& [key, r] : rank_pattern_) {
     check_regex("rank_pattern", key);
     TORCH_CHECK_VALUE(r > 0, "rank_pattern: \"", key, "\" gives r=", r, "; expected a rank > 0");
@@ -103,6 +116,31 @@ nn::LoraAdapterOptions LoraConfig::adapter_for(const std::string& path) const {
       .loftq_config(loftq_config_)
       .bias(bias_)
       .task_type(task_type_);
+}
+
+bool LoraConfig::in_transformed_layers(const TargetModules& targets, const std::string& path) const {
+  if (layers_to_transform_.empty() || targets.is_regex_or_all_linear()) return true;
+  for (const auto& name : targets.names()) {
+    if (path == name) return true;  // named exactly: whatever its layer (PEFT)
+  }
+  // PEFT's rule: the first layer index in the path (not a nested one such as an expert's)
+  std::smatch match;
+  bool found = false;
+  if (layers_pattern_.empty()) {
+    found = std::regex_search(path, match, std::regex(R"(^.*?\.[^.]*\.(\d+)\.)"));
+  } else {
+    for (const auto& pattern : layers_pattern_) {
+      found = std::regex_search(path, match, std::regex("^(?:|.*?\\.)(?:" + pattern + ")\\.(\\d+)\\."));
+      if (found) break;
+    }
+  }
+  if (!found || match[1].length() > 18) return false;  // no index, or none that any int64 layer index equals
+  const int64_t index = std::stoll(match[1].str());
+  return std::find(layers_to_transform_.begin(), layers_to_transform_.end(), index) != layers_to_transform_.end();
+}
+
+bool LoraConfig::selects(const std::string& path) const {
+  return target_modules_.matches(path) && in_transformed_layers(target_modules_, path);
 }
 
 namespace {
@@ -156,8 +194,8 @@ std::vector<TargetChoice> select_targets(const std::vector<ModuleInfo>& modules,
   const auto& exclude = config.exclude_modules();
   if (!targets.is_all_linear()) {
     for (const auto& m : modules) {
-      TORCH_CHECK_VALUE(m.is_linear || !targets.matches(m.path), "target_modules: ", targets.str(), " selects \"",
-                        m.path, "\", a ", m.type_name,
+      TORCH_CHECK_VALUE(m.is_linear || !targets.matches(m.path) || !config.in_transformed_layers(targets, m.path),
+                        "target_modules: ", targets.str(), " selects \"", m.path, "\", a ", m.type_name,
                         ", but LoRA goes into Linear layers only. Linear layers here: ", linear_inventory(modules));
     }
   }
@@ -165,7 +203,7 @@ std::vector<TargetChoice> select_targets(const std::vector<ModuleInfo>& modules,
   bool any_match = false;
   for (size_t i = 0; i < modules.size(); ++i) {
     const auto& m = modules[i];
-    if (!m.is_linear || !targets.matches(m.path)) continue;
+    if (!m.is_linear || !targets.matches(m.path) || !config.in_transformed_layers(targets, m.path)) continue;
     if (targets.is_all_linear() && m.is_output_layer) continue;
     any_match = true;
     if (!exclude.empty() && exclude.matches(m.path)) continue;

@@ -27,9 +27,6 @@ bool is_off(const json& v) {
 }
 const std::set<std::string> kUnsupported = {"use_dora",
                                             "modules_to_save",
-                                            "layers_to_transform",
-                                            "layers_pattern",
-                                            "fan_in_fan_out",
                                             "lora_bias",
                                             "layer_replication",
                                             "use_qalora",
@@ -131,6 +128,37 @@ PeftLoraConfig lora_config_from_peft_json(const std::string& json_text, const st
     } else if (key == "bias") {
       TORCH_CHECK_VALUE(value.is_string(), what, ": bias must be a string, found ", value.dump());
       c.bias(value.get<std::string>());
+    } else if (key == "layers_to_transform") {
+      // PEFT: an int, a list of ints or null
+      std::vector<int64_t> layers;
+      if (value.is_number_integer()) {
+        layers.push_back(value.get<int64_t>());
+      } else if (value.is_array()) {
+        for (const auto& v : value) layers.push_back(integer(v, what, "layers_to_transform"));
+      } else {
+        TORCH_CHECK_VALUE(value.is_null(), what,
+                          ": layers_to_transform must be a layer index, a list of them or null, ", "found ",
+                          value.dump());
+      }
+      c.layers_to_transform(layers);
+    } else if (key == "layers_pattern") {
+      // PEFT: a str, a list of str or null ("" and [] mean none)
+      std::vector<std::string> patterns;
+      if (value.is_string()) {
+        if (!value.get<std::string>().empty()) patterns.push_back(value.get<std::string>());
+      } else if (value.is_array()) {
+        for (const auto& v : value) {
+          TORCH_CHECK_VALUE(v.is_string(), what, ": layers_pattern must hold strings, found ", v.dump());
+          patterns.push_back(v.get<std::string>());
+        }
+      } else {
+        TORCH_CHECK_VALUE(value.is_null(), what, ": layers_pattern must be a string, a list of strings or null, found ",
+                          value.dump());
+      }
+      c.layers_pattern(patterns);
+    } else if (key == "fan_in_fan_out") {
+      TORCH_CHECK_VALUE(value.is_boolean(), what, ": fan_in_fan_out must be true or false, found ", value.dump());
+      c.fan_in_fan_out(value.get<bool>());
     } else if (key == "use_rslora") {
       TORCH_CHECK_VALUE(value.is_boolean(), what, ": use_rslora must be true or false, found ", value.dump());
       c.use_rslora(value.get<bool>());
@@ -179,10 +207,10 @@ std::string lora_config_to_peft_json(const LoraConfig& c, const std::string& bas
   if (!c.exclude_modules().empty()) j["exclude_modules"] = modules_json(c.exclude_modules());
   j["bias"] = c.bias();
   j["use_rslora"] = c.use_rslora();
-  j["fan_in_fan_out"] = false;
+  j["fan_in_fan_out"] = c.fan_in_fan_out();
   j["modules_to_save"] = nullptr;
-  j["layers_to_transform"] = nullptr;
-  j["layers_pattern"] = nullptr;
+  j["layers_to_transform"] = c.layers_to_transform().empty() ? json(nullptr) : json(c.layers_to_transform());
+  j["layers_pattern"] = c.layers_pattern().empty() ? json(nullptr) : json(c.layers_pattern());
   j["use_dora"] = false;
   j["init_lora_weights"] = detail::init_lora_weights_json(c.init_lora_weights());
   j["loftq_config"] = detail::loftq_config_json(c.init_lora_weights(), c.loftq_config());

@@ -156,7 +156,7 @@ std::vector<size_t> selected(const std::vector<ModuleInfo>& modules, const LoraC
   std::vector<size_t> out;
   for (size_t i = 0; i < modules.size(); ++i) {
     const auto& m = modules[i];
-    if (!m.is_linear || !config.target_modules().matches(m.path)) continue;
+    if (!m.is_linear || !config.selects(m.path)) continue;
     if (!config.exclude_modules().empty() && config.exclude_modules().matches(m.path)) continue;
     out.push_back(i);
   }

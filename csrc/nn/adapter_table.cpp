@@ -191,14 +191,20 @@ std::vector<std::string> AdapterTable::plan_merge(const std::vector<std::string>
     TORCH_CHECK_VALUE(!active_.empty(), "merge: this layer has no active adapter; name the adapters to merge");
     chosen.push_back(active_);
   }
+  std::vector<std::string> fresh, again;
   for (size_t i = 0; i < chosen.size(); ++i) {
     options(chosen[i], "merge");
-    TORCH_CHECK_VALUE(!is_merged(chosen[i]), "merge: adapter \"", chosen[i], "\" is already merged");
     TORCH_CHECK_VALUE(std::find(chosen.begin(), chosen.begin() + i, chosen[i]) == chosen.begin() + i,
                       "merge: adapter \"", chosen[i], "\" is named twice");
+    (is_merged(chosen[i]) ? again : fresh).push_back(chosen[i]);
+  }
+  // As PEFT: merging what is merged already is no error; it is left as it is, and said.
+  if (!again.empty()) {
+    TORCH_WARN("merge: ", join(again), " already merged in this layer; ",
+               fresh.empty() ? std::string("nothing to do") : "merging " + join(fresh) + " only");
   }
   std::vector<std::string> all = merged_;
-  all.insert(all.end(), chosen.begin(), chosen.end());
+  all.insert(all.end(), fresh.begin(), fresh.end());
   return all;
 }
 

@@ -19,6 +19,9 @@ class DenseLinearKind final : public BaseKind {
   }
   int64_t in_features(const torch::nn::Module& module) const override { return linear(module).options.in_features(); }
   int64_t out_features(const torch::nn::Module& module) const override { return linear(module).options.out_features(); }
+  c10::ScalarType compute_dtype(const torch::nn::Module& module) const override {
+    return linear(module).weight.scalar_type();
+  }
   at::Tensor forward(torch::nn::Module& module, const at::Tensor& x) const override {
     return static_cast<torch::nn::LinearImpl&>(module).forward(x);
   }
@@ -45,6 +48,9 @@ class Nf4LinearKind final : public BaseKind {
   bool matches(const torch::nn::Module& module) const override { return typeid(module) == typeid(Linear4bitImpl); }
   int64_t in_features(const torch::nn::Module& module) const override { return layer(module).options.in_features(); }
   int64_t out_features(const torch::nn::Module& module) const override { return layer(module).options.out_features(); }
+  c10::ScalarType compute_dtype(const torch::nn::Module& module) const override {
+    return layer(module).options.compute_dtype();
+  }
   at::Tensor forward(torch::nn::Module& module, const at::Tensor& x) const override {
     return static_cast<Linear4bitImpl&>(module).forward(x);
   }

@@ -83,6 +83,7 @@ void LoraAdapters::clear_active(const std::function<void()>& unmerge) {
 void LoraAdapters::disable(const std::function<void()>& unmerge) {
   if (!table_.merged().empty()) unmerge();
   table_.set_enabled(false);
+  apply_trainability();  // as PEFT: disabled adapters do not train
 }
 
 void LoraAdapters::remove(const std::string& name) {

@@ -121,7 +121,9 @@ void LoraLinearImpl::disable_adapters() {
 void LoraLinearImpl::enable_adapters() { adapters_.enable(); }
 
 void LoraLinearImpl::merge(const std::vector<std::string>& adapter_names, bool /*requantize*/) {
-  merge_into_base(adapters_.table().plan_merge(adapter_names));
+  const auto everything = adapters_.table().plan_merge(adapter_names);
+  if (everything == adapters_.table().merged()) return;  // merged already (plan_merge said so)
+  merge_into_base(everything);
 }
 
 void LoraLinearImpl::merge_into_base(const std::vector<std::string>& everything) {

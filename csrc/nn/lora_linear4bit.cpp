@@ -104,6 +104,7 @@ void LoraLinear4bitImpl::enable_adapters() { adapters_.enable(); }
 
 void LoraLinear4bitImpl::merge(const std::vector<std::string>& adapter_names, bool requantize) {
   const auto everything = adapters_.table().plan_merge(adapter_names);
+  if (everything == adapters_.table().merged()) return;  // merged already (plan_merge said so)
   TORCH_CHECK_VALUE(
       requantize,
       "merge: the base is 4-bit or quantized otherwise (lorafuse::nn::Linear4bit); merging rounds W + scale·B·A to "

@@ -62,6 +62,7 @@ InjectReport load_adapter(torch::nn::Module& module, const io::AdapterFile& file
     chosen.push_back({t.index, t.adapter});
     by_index[t.index] = &t;
   }
+  if (!options.autocast_adapter_dtype()) detail::keep_base_dtype(sites, chosen);
   detail::check_rewirable(sites, chosen, "load_adapter");
   std::vector<std::pair<at::Tensor, at::Tensor>> bias_copies;  // (model parameter, file tensor)
   if (!file.biases.empty()) {
@@ -87,6 +88,13 @@ InjectReport load_adapter(torch::nn::Module& module, const io::AdapterFile& file
   }
   if (prior_active.empty()) {
     detail::activate_and_freeze(module, adapter_name);
+    // PEFT's is_trainable=False: inference, the adapter does not train (nor the biases its bias mode names)
+    if (!options.is_trainable()) {
+      for (auto& p : module.parameters()) p.set_requires_grad(false);
+    }
+  }  // else it waits inactive, frozen; the active adapter keeps training as before (PEFT)
+  if (!options.is_trainable()) module.eval();
+  if (prior_active.empty()) {
     const auto count = trainable_parameters(module);
     report.trainable = count.trainable;
     report.total = count.total;

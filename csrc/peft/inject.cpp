@@ -138,6 +138,16 @@ std::vector<TargetChoice> select_in(const Module& root, const std::vector<Site>&
   return select_targets(infos, config, pretrained->model_type());
 }
 
+void keep_base_dtype(const std::vector<Site>& sites, std::vector<TargetChoice>& chosen) {
+  for (auto& c : chosen) {
+    if (c.adapter.dtype()) continue;
+    const auto* lora = nn::as_lora_layer(sites[c.index].module.get());
+    const auto base = lora != nullptr ? lora->base_module() : sites[c.index].module;
+    const auto* kind = nn::base_kind_of(*base);
+    if (kind != nullptr) c.adapter.dtype(kind->compute_dtype(*base));
+  }
+}
+
 void check_rewirable(const std::vector<Site>& sites, const std::vector<TargetChoice>& chosen, const char* what) {
   for (const auto& c : chosen) {
     const Site& s = sites[c.index];
@@ -244,7 +254,8 @@ std::vector<std::string> adapter_names(Module& module) { return rules::adapter_n
 
 std::string active_adapter(Module& module) { return rules::active_adapter(tables_of(lora_layers(module))); }
 
-InjectReport inject_lora(Module& module, const LoraConfig& config, const std::string& adapter_name) {
+InjectReport inject_lora(Module& module, const LoraConfig& config, const std::string& adapter_name,
+                         bool autocast_adapter_dtype) {
   config.validate();
   nn::check_adapter_name(adapter_name);
   TORCH_CHECK_VALUE(!detail::is_linear(&module),
@@ -253,7 +264,8 @@ InjectReport inject_lora(Module& module, const LoraConfig& config, const std::st
   rules::check_new_adapter(tables_of(lora_layers(module)), adapter_name);
   // Everything is checked before anything changes.
   const auto sites = sites_of(module);
-  const auto chosen = detail::select_in(module, sites, config);
+  auto chosen = detail::select_in(module, sites, config);
+  if (!autocast_adapter_dtype) detail::keep_base_dtype(sites, chosen);
   detail::check_rewirable(sites, chosen, "inject_lora");
   detail::check_loftq(sites, chosen);
 
@@ -266,8 +278,9 @@ InjectReport inject_lora(Module& module, const LoraConfig& config, const std::st
   return report;
 }
 
-InjectReport add_adapter(Module& module, const std::string& adapter_name, const LoraConfig& config) {
-  return inject_lora(module, config, adapter_name);
+InjectReport add_adapter(Module& module, const std::string& adapter_name, const LoraConfig& config,
+                         bool autocast_adapter_dtype) {
+  return inject_lora(module, config, adapter_name, autocast_adapter_dtype);
 }
 
 double ParameterCount::percent() const {

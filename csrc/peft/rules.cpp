@@ -82,19 +82,33 @@ std::vector<std::vector<std::string>> plan_merge(const LayerTables& layers, cons
   for (const auto& name : names) {
     require_adapter(layers, name, what);
     for (const auto& [path, table] : layers) {
-      TORCH_CHECK_VALUE(!table->is_merged(name), what, ": adapter \"", name, "\" is already merged into \"", path,
-                        "\"");
-      TORCH_CHECK_VALUE(!table->has(name) || table->enabled(), what, ": adapters are disabled in \"", path,
-                        "\"; enable_adapters() first");
+      TORCH_CHECK_VALUE(!table->has(name) || table->is_merged(name) || table->enabled(), what,
+                        ": adapters are disabled in \"", path, "\"; enable_adapters() first");
     }
   }
+  // As PEFT: a layer that has an adapter merged already keeps it as it is (no error), and that is said.
   std::vector<std::vector<std::string>> plan;
+  std::vector<std::string> again;
+  size_t merging = 0;
   for (const auto& [path, table] : layers) {
     std::vector<std::string> mine;
     for (const auto& name : names) {
-      if (table->has(name)) mine.push_back(name);
+      if (!table->has(name)) continue;
+      if (table->is_merged(name)) {
+        again.push_back("\"" + name + "\" in \"" + path + "\"");
+      } else {
+        mine.push_back(name);
+      }
     }
+    merging += mine.empty() ? 0 : 1;
     plan.push_back(std::move(mine));
+  }
+  if (!again.empty()) {
+    std::string shown;
+    for (size_t i = 0; i < again.size() && i < 3; ++i) shown += (i ? ", " : "") + again[i];
+    TORCH_WARN(what, ": already merged, left as it is: ", shown,
+               again.size() > 3 ? " and " + std::to_string(again.size() - 3) + " more" : std::string(), "; ",
+               merging == 0 ? std::string("nothing to do") : "merging into " + std::to_string(merging) + " layers");
   }
   return plan;
 }

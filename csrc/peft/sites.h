@@ -31,6 +31,8 @@ bool is_linear(const torch::nn::Module* m);
 // (nn::PretrainedModel) apply.
 std::vector<TargetChoice> select_in(const torch::nn::Module& root, const std::vector<Site>& sites,
                                     const LoraConfig& config);
+// autocast_adapter_dtype=false: each choice's adapter in its base's compute dtype (unless its options name one).
+void keep_base_dtype(const std::vector<Site>& sites, std::vector<TargetChoice>& chosen);
 // An error unless every chosen plain Linear can be replaced (see inject_lora).
 void check_rewirable(const std::vector<Site>& sites, const std::vector<TargetChoice>& chosen, const char* what);
 /// For every chosen site whose adapter starts with LoftQ: a full-precision Linear weight (a LoraLinear without merged

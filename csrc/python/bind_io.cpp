@@ -12,20 +12,18 @@ void bind_io(py::module& m) {
   using Modules = std::vector<std::tuple<std::string, std::string, bool, int64_t, int64_t>>;
   m.def(
       "_read_adapter",
-      [](const std::string& dir) {
-        return adapter_file_dict(translating([&] { return io::read_adapter(dir); }));
-      },
+      [](const std::string& dir) { return adapter_file_dict(translating([&] { return io::read_adapter(dir); })); },
       py::arg("dir"),
       "The adapter in a folder, validated: {config, config_json, layers [(path, A, B)], biases, warnings}.");
   m.def(
       "_plan_adapter_load",
       [](const std::string& dir, const Modules& modules, bool partial) {
         const auto file = translating([&] { return io::read_adapter(dir); });
-        const auto plan =
-            translating([&] { return io::plan_adapter_load(file, infos_from(modules), partial); });
+        const auto plan = translating([&] { return io::plan_adapter_load(file, infos_from(modules), partial); });
         py::dict out = adapter_file_dict(file);
         py::list targets;
-        for (const auto& t : plan) targets.append(py::make_tuple(t.index, nn::adapter_options_json(t.adapter), t.lora_A, t.lora_B));
+        for (const auto& t : plan)
+          targets.append(py::make_tuple(t.index, nn::adapter_options_json(t.adapter), t.lora_A, t.lora_B));
         out["targets"] = targets;
         return out;
       },
@@ -36,16 +34,19 @@ void bind_io(py::module& m) {
       "_save_adapter",
       [](const std::string& dir, const Modules& modules,
          const std::vector<std::tuple<size_t, nn::LoraAdapterOptions, at::Tensor, at::Tensor>>& layers,
-         const std::vector<std::pair<std::string, at::Tensor>>& biases, const std::string& base_model_name_or_path) {
+         const std::vector<std::pair<std::string, at::Tensor>>& biases, const std::string& base_model_name_or_path,
+         bool fan_in_fan_out) {
         std::vector<io::SaveSource> sources;
         for (const auto& [index, opts, a, b] : layers) sources.push_back({index, opts, a, b});
         translating([&] {
           auto file = io::describe_adapter(infos_from(modules), sources, biases);
           file.base_model_name_or_path = base_model_name_or_path;
+          file.config.fan_in_fan_out(fan_in_fan_out);
           io::write_adapter(dir, file);
         });
       },
       py::arg("dir"), py::arg("modules"), py::arg("layers"), py::arg("biases"), py::arg("base_model_name_or_path"),
+      py::arg("fan_in_fan_out") = false,
       "Writes an adapter folder (PEFT's format, atomically) for these layers (index, options, A, B) of modules.");
   m.def(
       "_read_safetensors",

@@ -122,7 +122,7 @@ void bind_adapter_table(py::module& m) {
           py::arg("scoped"))
       .def("plan_merge",
            [](const AdapterTable& t, const std::vector<std::string>& names) {
-             return translating([&] { return t.plan_merge(names); });
+             return warning_in_python([&] { return t.plan_merge(names); });
            })
       .def("set_merged", &AdapterTable::set_merged)
       .def("check_unmerge", [](const AdapterTable& t) { translating([&] { t.check_unmerge(); }); })
@@ -217,7 +217,9 @@ void bind_nn(py::module& m) {
       .def("enable_adapters", &LoraLinearImpl::enable_adapters)
       .def(
           "merge",
-          [](LoraLinearImpl& self, const std::vector<std::string>& names) { translating([&] { self.merge(names); }); },
+          [](LoraLinearImpl& self, const std::vector<std::string>& names) {
+            warning_in_python([&] { self.merge(names); });
+          },
           py::arg("adapter_names") = std::vector<std::string>{})
       .def("unmerge", [](LoraLinearImpl& self) { translating([&] { self.unmerge(); }); })
       .def("merged", [](const LoraLinearImpl& self) { return self.merged(); })

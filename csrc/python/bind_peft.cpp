@@ -47,7 +47,7 @@ void bind_rules(py::module& m) {
   m.def(
       "_rules_plan_merge",
       [](const LayerTables& l, const std::vector<std::string>& names, const std::string& what) {
-        return translating([&] { return rules::plan_merge(checked(l), names, what); });
+        return warning_in_python([&] { return rules::plan_merge(checked(l), names, what); });
       },
       layers, py::arg("names"), py::arg("what"));
   m.def(
@@ -91,12 +91,12 @@ void bind_peft(py::module& m) {
   bind_rules(m);
   m.def(
       "_cpp_inject_lora",
-      [](torch::nn::Module& module, const std::string& config, const std::string& adapter_name) {
-        const auto report =
-            translating([&] { return lorafuse::inject_lora(module, config_from(config), adapter_name); });
+      [](torch::nn::Module& module, const std::string& config, const std::string& adapter_name, bool autocast) {
+        const auto report = warning_in_python(
+            [&] { return lorafuse::inject_lora(module, config_from(config), adapter_name, autocast); });
         return py::make_tuple(report.targets, report.wrapped, report.trainable, report.total);
       },
-      py::arg("module"), py::arg("config"), py::arg("adapter_name"));
+      py::arg("module"), py::arg("config"), py::arg("adapter_name"), py::arg("autocast_adapter_dtype") = true);
   using torch::nn::Module;
   const auto arg = py::arg("module");
   m.def(
@@ -120,7 +120,7 @@ void bind_peft(py::module& m) {
       "_cpp_merge",
       [](Module& mod, const std::vector<std::string>& names, bool requantize) {
         std::map<std::string, std::pair<double, double>> report;
-        for (const auto& [path, e] : translating([&] { return merge_adapter(mod, names, requantize); })) {
+        for (const auto& [path, e] : warning_in_python([&] { return merge_adapter(mod, names, requantize); })) {
           report.emplace(path, std::make_pair(e.output_error, e.adapter_error));
         }
         return report;
@@ -154,7 +154,8 @@ void bind_peft(py::module& m) {
       py::arg("module"), py::arg("dir"), py::arg("adapter_name"));
   m.def(
       "_cpp_load_adapter",
-      [](torch::nn::Module& module, const std::string& dir, const std::string& adapter_name, bool partial) {
+      [](torch::nn::Module& module, const std::string& dir, const std::string& adapter_name, bool partial,
+         bool is_trainable, bool autocast_adapter_dtype) {
         // Read and warn first: a warning turned into an error must leave the model unchanged.
         const auto file = translating([&] {
           nn::check_adapter_name(adapter_name);
@@ -164,11 +165,16 @@ void bind_peft(py::module& m) {
           if (PyErr_WarnEx(PyExc_UserWarning, valid_utf8(w).c_str(), 1) != 0) throw py::error_already_set();
         }
         const auto report = translating([&] {
-          return lorafuse::load_adapter(module, file, adapter_name, lorafuse::LoadAdapterOptions().partial(partial));
+          return lorafuse::load_adapter(module, file, adapter_name,
+                                        lorafuse::LoadAdapterOptions()
+                                            .partial(partial)
+                                            .is_trainable(is_trainable)
+                                            .autocast_adapter_dtype(autocast_adapter_dtype));
         });
         return py::make_tuple(report.targets, report.wrapped, report.trainable, report.total);
       },
-      py::arg("module"), py::arg("dir"), py::arg("adapter_name"), py::arg("partial"));
+      py::arg("module"), py::arg("dir"), py::arg("adapter_name"), py::arg("partial"), py::arg("is_trainable"),
+      py::arg("autocast_adapter_dtype"));
 }
 
 }  // namespace lorafuse::python

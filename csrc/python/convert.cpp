@@ -29,6 +29,12 @@ std::string valid_utf8(const std::string& s) {
   return out;
 }
 
+void warn_in_python(const std::vector<std::string>& messages) {
+  for (const auto& m : messages) {
+    if (PyErr_WarnEx(PyExc_UserWarning, valid_utf8(m).c_str(), 1) != 0) throw py::error_already_set();
+  }
+}
+
 LoraConfig config_from(const std::string& json_text) {
   return lora_config_from_peft_json(json_text, "LoraConfig", /*adapter_file=*/false).config;
 }

@@ -12,6 +12,7 @@
 
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace lorafuse::python {
@@ -32,6 +33,37 @@ auto translating(F&& f) -> decltype(f()) {
     throw py::value_error(valid_utf8(e.what_without_backtrace()));
   } catch (const c10::Error& e) {
     throw std::runtime_error(valid_utf8(e.what_without_backtrace()));
+  }
+}
+
+// Collects what C++ code says through TORCH_WARN on this thread (c10's warning handler is per thread).
+class CollectedWarnings : public c10::WarningHandler {
+ public:
+  void process(const c10::Warning& warning) override { messages.push_back(warning.msg()); }
+  std::vector<std::string> messages;
+};
+
+// Issues each message as a Python UserWarning (a warning filter that turns it into an error raises).
+void warn_in_python(const std::vector<std::string>& messages);
+
+// translating(f), with f's TORCH_WARN messages issued as Python UserWarnings once it returns (or raises: then
+// they are dropped and the error propagates).
+template <class F>
+auto warning_in_python(F&& f) -> decltype(f()) {
+  CollectedWarnings collected;
+  if constexpr (std::is_void_v<decltype(f())>) {
+    {
+      c10::WarningUtils::WarningHandlerGuard guard(&collected);
+      translating(f);
+    }
+    warn_in_python(collected.messages);
+  } else {
+    auto result = [&] {
+      c10::WarningUtils::WarningHandlerGuard guard(&collected);
+      return translating(f);
+    }();
+    warn_in_python(collected.messages);
+    return result;
   }
 }
 

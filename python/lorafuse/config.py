@@ -39,6 +39,16 @@ class LoraConfig:
             without the scale (the same when lora_alpha = r). Layers whose base is already quantized refuse it;
             ``quantize_model(model, QuantConfig(double_quant=False))`` afterwards stores Q's exact NF4 bytes. An
             adapter loaded from a file takes its weights: LoftQ does not run again.
+        layers_to_transform: with ``target_modules`` a list of names, only modules inside these layer indices get
+            the adapter (an int or a list; None: every layer), as PEFT: a module's layer index is the first number in
+            its path after a ``layers_pattern`` entry ("model.layers.3.self_attn.q_proj" → 3 for "layers"), or
+            without a pattern the first number that follows two path components; a path named exactly in
+            ``target_modules`` is selected whatever its layer.
+        layers_pattern: the names of the module lists that hold the layers ("layers", "h", ...; each a regular
+            expression), a str or a list; only with ``layers_to_transform``.
+        fan_in_fan_out: PEFT's flag for weights stored [in, out] (transformers' ``Conv1D``, GPT-2). As in PEFT, each
+            layer's kind decides (Conv1D layers compute transposed, Linear layers do not), so it may be left False;
+            an adapter saved over Conv1D layers has it set in adapter_config.json.
         loftq_config: with ``"loftq"``: ``{"loftq_bits": 4, "loftq_iter": 1}`` (the defaults; bits 2 .. 8, where
             PEFT's 8 is bitsandbytes' int8 code and lorafuse's NF8) or a :class:`LoftQConfig` (or PEFT's).
         task_type: PEFT's task type (a str or ``peft.TaskType``): ``None``, ``"CAUSAL_LM"``,
@@ -61,6 +71,9 @@ class LoraConfig:
     alpha_pattern: Dict[str, float] = field(default_factory=dict)
     init_lora_weights: Union[bool, str] = True
     task_type: Optional[str] = None
+    layers_to_transform: Optional[Union[int, List[int]]] = None
+    layers_pattern: Optional[Union[str, List[str]]] = None
+    fan_in_fan_out: bool = False
     loftq_config: Union[Dict[str, int], Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -73,8 +86,9 @@ class LoraConfig:
         _check_number("lora_dropout", self.lora_dropout, (int, float))
         if not isinstance(self.bias, str):
             raise TypeError(f"bias: expected a str, found {type(self.bias).__name__}")
-        if not isinstance(self.use_rslora, bool):
-            raise TypeError(f"use_rslora: expected a bool, found {type(self.use_rslora).__name__}")
+        for name in ("use_rslora", "fan_in_fan_out"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name}: expected a bool, found {type(getattr(self, name)).__name__}")
         for name in ("rank_pattern", "alpha_pattern"):
             value = getattr(self, name)
             if value is None:
@@ -85,6 +99,17 @@ class LoraConfig:
                 if not isinstance(key, str):
                     raise TypeError(f"{name}: expected str patterns, found {type(key).__name__} ({key!r})")
                 _check_number(f"{name}[{key!r}]", v, int if name == "rank_pattern" else (int, float))
+        layers = self.layers_to_transform
+        items = [layers] if isinstance(layers, int) else layers if isinstance(layers, (list, tuple)) else None
+        if layers is not None:
+            if items is None or any(isinstance(v, bool) or not isinstance(v, int) for v in items):
+                raise TypeError(
+                    f"layers_to_transform: expected a layer index (int), a list of them or None, found {layers!r}"
+                )
+        pattern = self.layers_pattern
+        if pattern is not None and not isinstance(pattern, str):
+            if not isinstance(pattern, (list, tuple)) or not all(isinstance(v, str) for v in pattern):
+                raise TypeError(f"layers_pattern: expected a str, a list of str or None, found {pattern!r}")
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
             if value is None or isinstance(value, str):

@@ -31,6 +31,8 @@ class TargetModules {
   /// Not given (a default-constructed TargetModules): the model type's defaults apply.
   bool empty() const noexcept { return !is_regex_ && names_.empty(); }
   bool is_regex() const noexcept { return is_regex_ && !is_all_linear(); }
+  /// Given as a string: a regular expression or "all-linear".
+  bool is_regex_or_all_linear() const noexcept { return is_regex_; }
   /// "all-linear" in any case, as PEFT accepts it.
   bool is_all_linear() const noexcept;
   const std::vector<std::string>& names() const noexcept { return names_; }
@@ -65,6 +67,14 @@ struct LoraConfig {
   TORCH_ARG(TargetModules, target_modules);
   /// Layers to leave alone even if target_modules selects them (same forms as target_modules).
   TORCH_ARG(TargetModules, exclude_modules);
+  /// PEFT's layers_to_transform: with target_modules a list of names, only modules inside these layer indices get the
+  /// adapter (empty: every layer). A module's layer index is the first number in its path after a layers_pattern
+  /// entry ("model.layers.3.self_attn.q_proj" → 3 for "layers"), or without a pattern the first number that follows
+  /// two path components. A path equal to a target entry is selected whatever its layer.
+  TORCH_ARG(std::vector<int64_t>, layers_to_transform);
+  /// PEFT's layers_pattern: the names of the module lists that hold the layers ("layers", "h", ...; each a regular
+  /// expression); only with layers_to_transform.
+  TORCH_ARG(std::vector<std::string>, layers_pattern);
   /// Which biases train: "none", "all" (every bias of the model) or "lora_only" (the biases of the layers
   /// that get adapters).
   TORCH_ARG(std::string, bias) = "none";
@@ -78,6 +88,10 @@ struct LoraConfig {
   TORCH_ARG(nn::InitLoraWeights, init_lora_weights) = true;
   /// With init_lora_weights = "loftq": how LoftQ quantizes (PEFT's loftq_config).
   TORCH_ARG(nn::LoftqConfig, loftq_config);
+  /// PEFT's flag for weights stored [in, out] (transformers' Conv1D, GPT-2). As in PEFT, each layer's kind decides
+  /// (a Conv1D base computes transposed, a Linear does not); the flag is carried to and from adapter_config.json, where
+  /// an adapter over Conv1D layers has it set.
+  TORCH_ARG(bool, fan_in_fan_out) = false;
   /// PEFT's task type: "" (none), "CAUSAL_LM", "SEQ_2_SEQ_LM" or "FEATURE_EXTRACTION"; written to adapter_config.json
   /// and read from it (nn::check_task_type says what is refused). It changes nothing lorafuse computes.
   TORCH_ARG(std::string, task_type);
@@ -87,6 +101,10 @@ struct LoraConfig {
   void validate() const;
   /// The adapter options for the module at `path` (rank_pattern and alpha_pattern applied).
   nn::LoraAdapterOptions adapter_for(const std::string& path) const;
+  /// Whether target_modules (as given) and layers_to_transform select the module at `path` (exclude_modules apart).
+  bool selects(const std::string& path) const;
+  /// Whether layers_to_transform lets `targets` select the module at `path` (true when it is empty).
+  bool in_transformed_layers(const TargetModules& targets, const std::string& path) const;
 };
 
 /// One module of a model, as select_targets sees it.

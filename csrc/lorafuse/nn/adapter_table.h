@@ -50,8 +50,8 @@ class AdapterTable {
   /// The adapters folded into the base weight, in the order they were merged (empty: nothing is merged).
   const std::vector<std::string>& merged() const noexcept { return merged_; }
   bool is_merged(const std::string& name) const;
-  /// Whether `name`'s A and B train: only the active adapter's do.
-  bool trains(const std::string& name) const { return !name.empty() && name == active_; }
+  /// Whether `name`'s A and B train: only the active adapter's do, while adapters are enabled (PEFT).
+  bool trains(const std::string& name) const { return enabled_ && !name.empty() && name == active_; }
 
   // ---- adding and removing ----------------------------------------------------------------------
   /// Checks that adapter `name` with `options` can be added to a layer whose base weight has `base_dtype`
@@ -89,7 +89,8 @@ class AdapterTable {
   // ---- merging ----------------------------------------------------------------------------------
   /// Checks a merge of `names` (empty: the active adapter) and returns every adapter the merged weight then
   /// holds, those merged before first (merges start from the unmerged weight, so merging one by one rounds
-  /// once). Errors: disabled adapters, no active adapter, an unknown, already merged or repeated name.
+  /// once). Errors: disabled adapters, no active adapter, an unknown or repeated name. A name merged already is left
+  /// as it is with a warning (TORCH_WARN), as PEFT does: when all are, the result is merged() (nothing to do).
   std::vector<std::string> plan_merge(const std::vector<std::string>& names) const;
   /// The adapters folded into the weight now (a plan_merge result, or {} after an unmerge).
   void set_merged(std::vector<std::string> names) { merged_ = std::move(names); }

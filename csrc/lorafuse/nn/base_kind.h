@@ -27,6 +27,8 @@ class BaseKind {
   virtual bool matches(const torch::nn::Module& module) const = 0;
   virtual int64_t in_features(const torch::nn::Module& module) const = 0;
   virtual int64_t out_features(const torch::nn::Module& module) const = 0;
+  /// The dtype the base computes in (its weight's, or a quantized base's compute dtype).
+  virtual c10::ScalarType compute_dtype(const torch::nn::Module& module) const = 0;
   /// Calls `module` (a module this kind matches).
   virtual at::Tensor forward(torch::nn::Module& module, const at::Tensor& x) const = 0;
   /// A copy of `module` sharing its tensors (no allocation): the placeholder of a cloned owner.

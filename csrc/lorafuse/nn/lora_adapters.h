@@ -54,11 +54,15 @@ class LoraAdapters {
   /// the layer must unmerge first (switching away from a merged adapter), `unmerge` runs before.
   void activate(const std::string& name, const std::function<void()>& unmerge);
   void clear_active(const std::function<void()>& unmerge);
-  /// Adapters disabled (unmerging first if anything is merged) / enabled again.
+  /// Adapters disabled (unmerging first if anything is merged; no adapter trains, as in PEFT) / enabled again (the
+  /// active one trains).
   void disable(const std::function<void()>& unmerge);
   /// Removes adapter `name` (table.check_remove first).
   void remove(const std::string& name);
-  void enable() { table_.set_enabled(true); }
+  void enable() {
+    table_.set_enabled(true);
+    apply_trainability();
+  }
 
   const AdapterTable& table() const noexcept { return table_; }
   AdapterTable& table() noexcept { return table_; }

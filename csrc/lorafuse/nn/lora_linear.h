@@ -104,7 +104,8 @@ class LoraLinearImpl : public torch::nn::Cloneable<LoraLinearImpl>, public LoraL
 
   // ---- merging -------------------------------------------------------------------------------
   /// Folds the named adapters (default: the active one) into the base weight, in float32 from the
-  /// unmerged weight. Errors: an unknown adapter, one already merged, a non-finite result (the weight
+  /// unmerged weight; adapters merged already are left as they are, with a warning (PEFT's behaviour). Errors: an
+  /// unknown or repeated adapter, disabled adapters, a non-finite result (the weight
   /// is then left as it was). `requantize` has no meaning for a dense base and is ignored.
   void merge(const std::vector<std::string>& adapter_names = {}, bool requantize = false) override;
   /// Restores the unmerged base weight exactly. An error when nothing is merged.

@@ -11,9 +11,9 @@
 // steps, load/save of module archives. Inference with a per-thread adapter never needs the active one.
 #pragma once
 
-#include <lorafuse/peft/inject.h>
 #include <lorafuse/io/adapter.h>
 #include <lorafuse/nn/lora_linear.h>
+#include <lorafuse/peft/inject.h>
 #include <torch/arg.h>
 #include <torch/nn/module.h>
 
@@ -34,11 +34,19 @@ struct LoadAdapterOptions {
   /// Load even if the file lacks weights for some layers that its config targets in this model (those
   /// layers then do not get the adapter). Off: that is an error naming the layers.
   TORCH_ARG(bool, partial) = false;
+  /// PEFT's is_trainable. Off (the default, as PEFT): the loaded adapter is frozen and the model is put in eval mode
+  /// (inference); adapters already there keep their state. On: it trains like one from inject_lora once it is active
+  /// (at once on a model without LoRA layers; beside other adapters it waits, inactive, for set_adapter).
+  TORCH_ARG(bool, is_trainable) = false;
+  /// PEFT's autocast_adapter_dtype: true keeps a float16/bfloat16 base's adapters in float32; false makes them in the
+  /// base's dtype (the file's tensors are cast to it).
+  TORCH_ARG(bool, autocast_adapter_dtype) = true;
 };
 
 /// Loads the adapter in folder `dir` (PEFT's format) under `adapter_name`.
 ///   - On a model without LoRA layers it injects them from the file's adapter_config.json, as PEFT's
-///     from_pretrained does; the adapter becomes active, and trains like one from inject_lora.
+///     from_pretrained does; the adapter becomes active (frozen, the model in eval mode, unless
+///     options.is_trainable: then it trains like one from inject_lora).
 ///   - On a model that has LoRA layers, it adds the adapter beside the others (inactive, frozen) until
 ///     set_adapter or an AdapterScope chooses it.
 /// dtype rule: the file's floating tensors are cast to the layer's adapter dtype (float32 for a

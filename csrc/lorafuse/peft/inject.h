@@ -37,8 +37,11 @@ struct InjectReport {
 /// exist), a selected module that is not a Linear, or a Linear whose parent calls it through a typed
 /// holder that cannot be rewired (keep such layers in a lorafuse::nn::LinearSlot or a
 /// torch::nn::ModuleDict).
+///
+/// `autocast_adapter_dtype` (PEFT's argument): true keeps a float16/bfloat16 base's adapters in float32 (stable
+/// training); false makes them in the base's dtype.
 InjectReport inject_lora(torch::nn::Module& module, const LoraConfig& config,
-                         const std::string& adapter_name = "default");
+                         const std::string& adapter_name = "default", bool autocast_adapter_dtype = true);
 
 /// Parameter counts (shared tensors counted once).
 struct ParameterCount {
@@ -64,7 +67,8 @@ std::vector<std::string> adapter_names(torch::nn::Module& module);
 /// The model's active adapter ("" when none).
 std::string active_adapter(torch::nn::Module& module);
 /// Another adapter beside the existing ones (inject_lora under another name).
-InjectReport add_adapter(torch::nn::Module& module, const std::string& adapter_name, const LoraConfig& config);
+InjectReport add_adapter(torch::nn::Module& module, const std::string& adapter_name, const LoraConfig& config,
+                         bool autocast_adapter_dtype = true);
 /// Activates `adapter_name` in every layer that has it (the others run as their base) and makes only
 /// its weights trainable. Moves no data. An error if no layer has it.
 void set_adapter(torch::nn::Module& module, const std::string& adapter_name);
@@ -74,7 +78,8 @@ void enable_adapters(torch::nn::Module& module);
 /// Removes `adapter_name` from every layer; layers left without adapters stay LoraLinear layers.
 void delete_adapter(torch::nn::Module& module, const std::string& adapter_name);
 /// Folds the named adapters (default: the active one) into the base weights of every layer that has
-/// them, all or nothing: if one layer fails (non-finite weights), the layers before it are put back.
+/// them, all or nothing: if one layer fails (non-finite weights), the layers before it are put back. Layers that have
+/// an adapter merged already keep it as it is, with a warning (TORCH_WARN; PEFT's behaviour).
 /// 4-bit layers refuse (rounding to 4 bits again changes their outputs) unless `requantize`; the result
 /// maps the path of every layer holding a re-quantized merge (this call's or an earlier one's) to what the
 /// rounding cost (empty when nothing is rounded).

@@ -34,7 +34,8 @@ std::vector<std::string> plan_set_adapter(const LayerTables& layers, const std::
 std::optional<std::string> plan_delete_adapter(const LayerTables& layers, const std::string& name);
 /// A model-wide merge of `names` (empty: the active adapter): per layer, the names it merges (empty: none).
 /// Refused, naming `what` (the caller's function) and the layer: no active adapter, a repeated name, a name no
-/// layer has, an adapter already merged, disabled adapters in a layer that has one of them.
+/// layer has, disabled adapters in a layer that would merge one of them. As PEFT, a layer that has an adapter merged
+/// already keeps it as it is (no error): a warning (TORCH_WARN) names them, or says there is nothing to do.
 std::vector<std::vector<std::string>> plan_merge(const LayerTables& layers, const std::vector<std::string>& names,
                                                  const std::string& what);
 /// A ValueError "<what>: nothing is merged in this model" unless some layer is merged.

@@ -19,6 +19,9 @@ Kinds today:
     refused: folding B·A into its weight would not equal ``base(x) + LoRA(x)`` for a forward lorafuse does
     not know.
 
+``conv1d``
+    transformers' ``Conv1D`` (GPT-2): the weight stored [in, out] (PEFT's ``fan_in_fan_out``), computed by the fused
+    op on its transposed view; merges write into it transposed.
 ``linear4bit``
     ``lorafuse.nn.Linear4bit`` (the weight in NF4, QLoRA): the layer and its branch in one op, ``lora_linear4bit``
     (called as it is, the branch added by ``lora_add``, when it has hooks); merging into the 4 bits only when asked (``requantize=True``, its error reported).
@@ -36,7 +39,8 @@ The C++ list is ``lorafuse::nn::base_kinds()`` (<lorafuse/nn/base_kind.h>).
 
 from __future__ import annotations
 
-from typing import List, Optional
+import sys
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -95,9 +99,13 @@ class BaseKind:
         a new tensor. None for a base that adapters merge into in place."""
         return None
 
-    @staticmethod
-    def features(module: nn.Module):
+    def features(self, module: nn.Module) -> Tuple[int, int]:
+        """(in_features, out_features) of the base."""
         return module.in_features, module.out_features
+
+    def merge_weight(self, module: nn.Module) -> Tensor:
+        """The weight that merges change in place, as [out, in] (a view of the module's own weight)."""
+        return module.weight
 
     def weight_dtype(self, module: nn.Module) -> torch.dtype:
         """The dtype the base computes in (adapters are made in it, or in float32 for a 16-bit base)."""
@@ -185,6 +193,44 @@ class CustomLinear(BaseKind):
             f"{type(module).__name__} has its own forward; folding B·A into its weight would not give "
             "base(x) + LoRA(x), so lorafuse does not merge into it (the adapter stays a separate branch)"
         )
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` itself (GPT-2's layers: weight [in, out], ``addmm(bias, x, weight)``), not a subclass
+    with another forward."""
+    conv1d = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+    return (
+        conv1d is not None
+        and isinstance(module, conv1d)
+        and type(module).forward is conv1d.forward
+        and module.weight.is_floating_point()
+    )
+
+
+class TransformersConv1D(BaseKind):
+    """transformers' ``Conv1D`` (GPT-2, GPT-BigCode ...): a linear layer whose weight is stored [in, out] (PEFT's
+    ``fan_in_fan_out``). Computed by the fused ``lora_linear`` on the weight's transposed view (no copy); merges
+    write B·A transposed into it. Adapters keep PEFT's shapes, A [r, in] and B [out, r]."""
+
+    name = "conv1d"
+
+    def matches(self, module: nn.Module) -> bool:
+        return _is_conv1d(module)
+
+    def features(self, module: nn.Module) -> Tuple[int, int]:
+        return module.weight.shape[0], module.weight.shape[1]
+
+    def merge_weight(self, module: nn.Module) -> Tensor:
+        return module.weight.t()
+
+    def fused(self, module: nn.Module) -> bool:
+        return not _has_hooks(module) and not module.weight.requires_grad
+
+    def lora_forward(self, module: nn.Module, x: Tensor, a: Tensor, b: Tensor, scale: float, p: float) -> Tensor:
+        return torch.ops.lorafuse.lora_linear(x, module.weight.t(), module.bias, a, b, scale, p)
+
+    def merge_refusal(self, module: nn.Module) -> Optional[str]:
+        return DenseLinear().merge_refusal(module)
 
 
 class Nf4Linear(BaseKind):
@@ -350,7 +396,7 @@ def lora_add(out: Tensor, x: Tensor, a: Tensor, b: Tensor, scale: float, p: floa
     return torch.ops.lorafuse.lora_branch(out, x, a, b, scale, p)
 
 
-BASE_KINDS: List[BaseKind] = [DenseLinear(), CustomLinear(), Nf4Linear(), BnbNf4Linear()]
+BASE_KINDS: List[BaseKind] = [DenseLinear(), CustomLinear(), TransformersConv1D(), Nf4Linear(), BnbNf4Linear()]
 
 
 def base_kind_of(module: nn.Module) -> Optional[BaseKind]:
@@ -376,4 +422,13 @@ def check_base_output(out: object, module: nn.Module, x: Tensor, out_features: i
     return out
 
 
-__all__ = ["BaseKind", "DenseLinear", "CustomLinear", "Nf4Linear", "BnbNf4Linear", "BASE_KINDS", "base_kind_of"]
+__all__ = [
+    "BaseKind",
+    "DenseLinear",
+    "CustomLinear",
+    "TransformersConv1D",
+    "Nf4Linear",
+    "BnbNf4Linear",
+    "BASE_KINDS",
+    "base_kind_of",
+]

@@ -108,11 +108,11 @@ class Linear(nn.Module):
         kind = base_kind_of(base_layer)
         if kind is None:
             raise TypeError(
-                f"base_layer: expected a torch.nn.Linear or lorafuse.nn.Linear4bit, found {type(base_layer).__name__}"
+                f"base_layer: expected a torch.nn.Linear, transformers' Conv1D or lorafuse.nn.Linear4bit, found "
+                f"{type(base_layer).__name__}"
             )
         self.base_layer = base_layer
-        self.in_features = base_layer.in_features
-        self.out_features = base_layer.out_features
+        self.in_features, self.out_features = kind.features(base_layer)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         # The adapters and every rule over them (which is active, disabled, merged, what forward runs, what a
@@ -317,15 +317,16 @@ class Linear(nn.Module):
             self._apply_trainability()
 
     def disable_adapters(self) -> None:
-        """The base alone from now on (unmerging first)."""
+        """The base alone from now on (unmerging first); no adapter trains until :meth:`enable_adapters` (PEFT)."""
         if self.merged:
             self.unmerge()
         self._table.set_enabled(False)
-        self._refresh_route()
+        self._apply_trainability()  # as PEFT: disabled adapters do not train
 
     def enable_adapters(self) -> None:
+        """The adapters again (the active one trains)."""
         self._table.set_enabled(True)
-        self._refresh_route()
+        self._apply_trainability()
 
     def delta_weight(self, adapter_name: str) -> Tensor:
         """scale · B · A in float32 (float64 for float64 adapters) [out, in] (op ``lora_delta_weight``)."""
@@ -338,13 +339,16 @@ class Linear(nn.Module):
     # ---- merging ---------------------------------------------------------------------------------
     def merge(self, adapter_names: Optional[Sequence[str]] = None, requantize: bool = False) -> None:
         """Folds the named adapters (default: the active one) into the base weight, in float32 from the
-        unmerged weight. Errors: unknown, already merged or repeated names; disabled adapters;
+        unmerged weight. Adapters merged already are left as they are, with a warning (as PEFT). Errors: unknown or
+        repeated names; disabled adapters;
         non-finite weights (the weight is then left unchanged). A 4-bit base holds the merged weight only by
         rounding it to 4 bits again: refused unless ``requantize`` (then :attr:`merge_error` reports the cost and
         ``unmerge`` restores the old bytes exactly); other bases ignore ``requantize``."""
         if isinstance(adapter_names, str):
             adapter_names = [adapter_names]
-        self._fold(self._table.plan_merge(list(adapter_names or [])), requantize)
+        everything = self._table.plan_merge(list(adapter_names or []))
+        if everything != list(self._table.merged):  # else merged already: plan_merge warned, as PEFT, no change
+            self._fold(everything, requantize)
 
     @property
     def _unmerged_nf4(self) -> Optional[tuple]:
@@ -375,7 +379,7 @@ class Linear(nn.Module):
         )
         if refusal is not None:
             raise ValueError(f"merge: {refusal}")
-        weight = self.base_layer.weight
+        weight = kind.merge_weight(self.base_layer)  # [out, in]
         table = self._table
         with torch.no_grad():
             # from the unmerged weight, so merging adapters one by one rounds once; the op checks finiteness
@@ -425,7 +429,7 @@ class Linear(nn.Module):
             base_kind_of(base).set_quantized_state(base, *self._unmerged_nf4)
         else:
             with torch.no_grad():
-                self.base_layer.weight.copy_(self.weight_unmerged)
+                base_kind_of(self.base_layer).merge_weight(self.base_layer).copy_(self.weight_unmerged)
         self._drop_unmerged_copy()
 
     def _drop_unmerged_copy(self) -> None:

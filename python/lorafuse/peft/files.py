@@ -23,7 +23,8 @@ from torch import nn
 
 from .. import _C
 from ..config import config_fields
-from ..nn import Linear, is_lora_layer
+from ..nn import Linear, base_kind_of, is_lora_layer
+from ..nn.base_kinds import TransformersConv1D
 from .inject import (
     _activate_and_freeze,
     _attach,
@@ -45,15 +46,11 @@ def _infos(sites) -> list:
     infos = []
     for _, _, path, m in sites:
         linear = _is_target(m)
-        infos.append(
-            (
-                path,
-                type(m).__name__,
-                linear,
-                m.in_features if linear else -1,
-                m.out_features if linear else -1,
-            )
-        )
+        if is_lora_layer(m):
+            features = (m.in_features, m.out_features)
+        else:
+            features = base_kind_of(m).features(m) if linear else (-1, -1)
+        infos.append((path, type(m).__name__, linear, *features))
     return infos
 
 
@@ -90,33 +87,45 @@ def _save(model: nn.Module, path: str, adapter_name: str) -> None:
     _C._rules_require_adapter(_tables(lora_layers(model)), adapter_name, "save_adapter")
     sites = list(_sites(model))
     layers = []
+    fan_in_fan_out = False  # PEFT's flag: set in a config that adapts Conv1D layers
     for index, (_, _, _, m) in enumerate(sites):
         if is_lora_layer(m) and adapter_name in m.adapters:
             a, b = m.lora_A[adapter_name].weight.detach(), m.lora_B[adapter_name].weight.detach()
             layers.append((index, m.adapters[adapter_name], a, b))
+            fan_in_fan_out = fan_in_fan_out or isinstance(base_kind_of(m.base_layer), TransformersConv1D)
     params = dict(model.named_parameters())
     trained = _C._rules_trained_biases(_tables(lora_layers(model)), list(params), adapter_name)
     biases = [(name, params[name].detach()) for name in trained]
     config = getattr(model, "config", None)
     base_name = getattr(config, "_name_or_path", "") or getattr(model, "name_or_path", "") or ""
-    _C._save_adapter(path, _infos(sites), layers, biases, str(base_name))
+    _C._save_adapter(path, _infos(sites), layers, biases, str(base_name), fan_in_fan_out)
 
 
 def load_adapter(
-    model: nn.Module, dir: PathLike, adapter_name: str = "default", partial: bool = False
+    model: nn.Module,
+    dir: PathLike,
+    adapter_name: str = "default",
+    partial: bool = False,
+    is_trainable: bool = False,
+    autocast_adapter_dtype: bool = True,
 ) -> nn.Module:
     """Loads the PEFT-format adapter in folder ``dir`` into ``model`` under ``adapter_name``.
 
     On a model without LoRA layers the layers are injected from the file's adapter_config.json (as PEFT's
-    ``from_pretrained`` does) and the adapter becomes active (trainable, like one from :func:`inject_lora`).
-    On a model with LoRA layers the adapter is added beside the others, inactive and frozen, until
-    :func:`set_adapter` or :func:`use_adapter` picks it.
+    ``from_pretrained`` does) and the adapter becomes active. On a model with LoRA layers the adapter is added
+    beside the others, inactive and frozen, until :func:`set_adapter` or :func:`use_adapter` picks it.
+
+    As PEFT's ``is_trainable=False`` (the default), the loaded adapter is frozen and the model is put in eval mode
+    (inference); with ``is_trainable=True`` it trains like one from :func:`inject_lora` once it is active.
 
     The file's tensors are cast to the layer's adapter dtype (float32 for a float16/bfloat16 base, else the
     base weight's dtype). Everything is checked before the model changes.
 
     Args:
         partial: load even if the file lacks some layers that its config targets in this model.
+        is_trainable: train the adapter (PEFT's argument); False: inference.
+        autocast_adapter_dtype: PEFT's argument: True keeps a float16/bfloat16 base's adapters in float32; False
+            makes them in the base's dtype.
 
     Raises:
         ValueError: a missing or malformed adapter_config.json; a truncated or corrupted safetensors file;
@@ -126,12 +135,21 @@ def load_adapter(
     """
     path = _folder(dir, "load_adapter")
     _check_name(adapter_name, "load_adapter")
+    for name, value in (
+        ("partial", partial),
+        ("is_trainable", is_trainable),
+        ("autocast_adapter_dtype", autocast_adapter_dtype),
+    ):
+        if not isinstance(value, bool):
+            raise TypeError(f"load_adapter: {name} must be a bool, found {type(value).__name__}")
     _C._validate_adapter(adapter_name, 1, 1.0, 0.0)  # the name's rules, before anything changes
-    return _load(model, path, adapter_name, bool(partial))
+    return _load(model, path, adapter_name, partial, is_trainable, autocast_adapter_dtype)
 
 
 @_model_wide(_C._cpp_load_adapter, result=lambda model, _: model)
-def _load(model: nn.Module, path: str, adapter_name: str, partial: bool) -> nn.Module:
+def _load(
+    model: nn.Module, path: str, adapter_name: str, partial: bool, is_trainable: bool, autocast_adapter_dtype: bool
+) -> nn.Module:
     if _is_target(model):
         raise ValueError(
             "model: load_adapter puts adapters into layers inside a model, and this model is itself a Linear "
@@ -170,12 +188,26 @@ def _load(model: nn.Module, path: str, adapter_name: str, partial: bool) -> nn.M
 
     prior_active = active_adapter(model)
     chosen = [(index, json.loads(opts)) for index, opts, _, _ in plan["targets"]]
-    _attach(model, sites, chosen, adapter_name, keep_active=prior_active is not None, fill=fill)
+    _attach(
+        model,
+        sites,
+        chosen,
+        adapter_name,
+        keep_active=prior_active is not None,
+        fill=fill,
+        autocast_adapter_dtype=autocast_adapter_dtype,
+    )
     with torch.no_grad():
         for param, tensor in bias_copies:
             param.copy_(tensor)
     if prior_active is None:
         _activate_and_freeze(model, adapter_name)
+        if not is_trainable:  # PEFT's is_trainable=False: inference, the adapter (and its biases) do not train
+            for p in model.parameters():
+                p.requires_grad_(False)
+    # else it waits inactive, frozen; the active adapter keeps training as before (PEFT)
+    if not is_trainable:
+        model.eval()
     return model
 
 

@@ -9,6 +9,7 @@ from torch import nn
 
 from .. import _C
 from ..nn import Linear, base_kind_of
+from ..nn.base_kinds import TransformersConv1D
 
 
 def _config_problems(name: str, config: Any) -> List[str]:
@@ -19,14 +20,14 @@ def _config_problems(name: str, config: Any) -> List[str]:
         problems.append(f'adapter "{name}" has modules_to_save={list(config.modules_to_save)}')
     if getattr(config, "lora_bias", False):
         problems.append(f'adapter "{name}" has a bias in lora_B (lora_bias=True)')
-    if getattr(config, "fan_in_fan_out", False):
-        problems.append(f'adapter "{name}" has fan_in_fan_out=True (Conv1D weights)')
     if getattr(config, "layer_replication", None):
         problems.append(f'adapter "{name}" uses layer_replication')
     if getattr(config, "trainable_token_indices", None):
         problems.append(f'adapter "{name}" trains token embeddings (trainable_token_indices)')
     if getattr(config, "target_parameters", None):
         problems.append(f'adapter "{name}" targets parameters (target_parameters)')
+    if getattr(config, "use_bdlora", None):
+        problems.append(f'adapter "{name}" uses BD-LoRA (use_bdlora: block-diagonal factors)')
     return problems
 
 
@@ -40,8 +41,8 @@ def _convertible(module: nn.Module, peft_linear: type) -> bool:
     """A PEFT LoRA layer that a lorafuse layer reproduces: PEFT's Linear over an nn.Linear of a lorafuse base kind,
     or PEFT's bitsandbytes Linear4bit over bitsandbytes' NF4 Linear4bit (the bnb_linear4bit kind)."""
     kind = base_kind_of(module.base_layer)
-    if type(module) is peft_linear:
-        return isinstance(module.base_layer, nn.Linear) and kind is not None
+    if type(module) is peft_linear:  # over an nn.Linear or transformers' Conv1D
+        return kind is not None and kind.quantized_state(module.base_layer) is None
     cls = type(module)
     return cls.__module__ == "peft.tuners.lora.bnb" and cls.__name__ == "Linear4bit" and kind is not None
 
@@ -58,14 +59,16 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
 
     Returns:
         The underlying model (``peft_model.base_model.model``), now with lorafuse layers; use the
-        ``lorafuse`` functions (set_adapter, merge, ...) on it from then on, not PEFT's wrapper.
+        ``lorafuse`` functions (set_adapter, merge, save_adapter, ...) on it from then on, not PEFT's wrapper
+        (whose ``save_pretrained`` then refuses: it would write a file without the adapter's weights).
 
     Raises:
         TypeError: not a PEFT LoRA model.
         ValueError: a PEFT feature that lorafuse does not carry over, named — DoRA and the other LoRA
             variants (aLoRA, KaSA, ...), a scaling other than lora_alpha/r (scale_layer), modules_to_save,
-            lora_bias, fan_in_fan_out, layer replication, trainable tokens, target_parameters, LoRA on
-            layers other than nn.Linear (embeddings, convolutions, quantized bases), merged layers or
+            lora_bias, a fan_in_fan_out that does not fit the layer's weight, layer replication, trainable
+            tokens, target_parameters, BD-LoRA, LoRA on layers other than nn.Linear and transformers' Conv1D
+            (embeddings, convolutions, quantized bases other than bitsandbytes' NF4), merged layers or
             several active adapters at once. Nothing is changed then.
     """
     try:
@@ -100,12 +103,25 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
         }
         if variants:
             problems.append(f'"{path}" uses LoRA variants {variants} (they change the forward)')
+        if bool(getattr(module, "fan_in_fan_out", False)) != isinstance(
+            base_kind_of(module.base_layer), TransformersConv1D
+        ):
+            problems.append(
+                f'"{path}" has fan_in_fan_out={module.fan_in_fan_out} over a {type(module.base_layer).__name__}'
+            )
         if module.merged_adapters:
             problems.append(f'"{path}" has merged adapters {module.merged_adapters}; unmerge them first')
         if len(module.active_adapters) > 1:
             problems.append(f'"{path}" has several active adapters {module.active_adapters}')
         base_dtype = base_kind_of(module.base_layer).weight_dtype(module.base_layer)
         for adapter in module.lora_A:
+            factors = (type(module.lora_A[adapter]), type(module.lora_B[adapter]))
+            if factors != (nn.Linear, nn.Linear):  # a variant's own factor modules (BD-LoRA's block-diagonal ones)
+                problems.append(
+                    f'"{path}" adapter "{adapter}" has lora_A/lora_B of types {factors[0].__name__}/'
+                    f"{factors[1].__name__}, not nn.Linear"
+                )
+                continue
             dtype = module.lora_A[adapter].weight.dtype
             if dtype not in (base_dtype, torch.float32):
                 problems.append(f'"{path}" adapter "{adapter}" is {dtype} over a {base_dtype} base')
@@ -178,7 +194,17 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
         converted.append((parent, child, new))
     for parent, child, new in converted:
         setattr(parent, child, new)
+    # PEFT's wrapper no longer finds its layers: its save_pretrained would write an adapter file without tensors
+    peft_model.save_pretrained = _refuse_save
     return model
+
+
+def _refuse_save(*args: Any, **kwargs: Any) -> None:
+    raise ValueError(
+        "save_pretrained: this PEFT model's LoRA layers were converted by lorafuse.from_peft, so PEFT's wrapper "
+        "would write an adapter without its weights; save with lorafuse.save_adapter(model, dir, adapter_name) "
+        "(PEFT's format: PeftModel.from_pretrained loads it)"
+    )
 
 
 __all__ = ["from_peft"]

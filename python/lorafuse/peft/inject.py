@@ -92,13 +92,18 @@ def _has_peft_layers(model: nn.Module) -> Optional[str]:
     return None
 
 
-def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> nn.Module:
+def inject_lora(
+    model: nn.Module, config: LoraConfig, adapter_name: str = "default", autocast_adapter_dtype: bool = True
+) -> nn.Module:
     """Gives adapter ``adapter_name`` to every Linear layer of ``model`` that ``config`` selects.
 
     An ``nn.Linear`` is replaced in place by a :class:`lorafuse.nn.Linear` wrapping it (sharing its
     weight); a lorafuse layer already there gets the adapter beside its others. Every parameter is then
     frozen except the active adapter's A and B (and the biases that its ``bias`` mode names). The first
     adapter injected becomes active; a later one waits for :func:`set_adapter`. Works on the meta device.
+
+    ``autocast_adapter_dtype`` (PEFT's argument): True keeps a float16/bfloat16 base's adapters in float32 (stable
+    training); False makes them in the base's dtype.
 
     Returns:
         ``model`` (changed in place).
@@ -115,13 +120,16 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
         raise TypeError(f"model: expected a torch.nn.Module, found {type(model).__name__}")
     if not isinstance(adapter_name, str):
         raise TypeError(f"adapter_name: expected a str, found {type(adapter_name).__name__}")
-    return _inject(model, config, adapter_name)
+    if not isinstance(autocast_adapter_dtype, bool):
+        raise TypeError(f"autocast_adapter_dtype: expected a bool, found {type(autocast_adapter_dtype).__name__}")
+    return _inject(model, config, adapter_name, autocast_adapter_dtype)
 
 
 @_model_wide(
-    lambda cpp, config, name: _C._cpp_inject_lora(cpp, config._to_json(), name), result=lambda m, _: m
+    lambda cpp, config, name, autocast: _C._cpp_inject_lora(cpp, config._to_json(), name, autocast),
+    result=lambda m, _: m,
 )
-def _inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> nn.Module:
+def _inject(model: nn.Module, config: LoraConfig, adapter_name: str, autocast_adapter_dtype: bool) -> nn.Module:
     if _is_target(model):
         raise ValueError(
             "model: inject_lora replaces layers inside a model, and this model is itself a Linear layer; "
@@ -140,7 +148,7 @@ def _inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> nn.Modul
     _check_loftq(sites, chosen, adapter_name)
 
     prior_active = active_adapter(model)
-    _attach(model, sites, chosen, adapter_name, keep_active=False)
+    _attach(model, sites, chosen, adapter_name, keep_active=False, autocast_adapter_dtype=autocast_adapter_dtype)
     _activate_and_freeze(model, prior_active if prior_active is not None else adapter_name)
     return model
 
@@ -202,7 +210,7 @@ def _check_loftq(sites, chosen, adapter_name: str) -> None:
         _C._check_loftq_weight(path, base.weight, opts["r"])
 
 
-def _attach(model, sites, chosen, adapter_name: str, keep_active: bool, fill=None) -> None:
+def _attach(model, sites, chosen, adapter_name: str, keep_active: bool, fill=None, autocast_adapter_dtype=True) -> None:
     """Gives ``adapter_name`` to ``sites[index]`` for each (index, options) chosen: added to a lorafuse
     layer, or a new one wrapping an ``nn.Linear`` (in the model's train/eval mode; disabled if the model's
     adapters are; not activating the adapter when ``keep_active``). ``fill(index, layer)`` then sets the
@@ -222,6 +230,9 @@ def _attach(model, sites, chosen, adapter_name: str, keep_active: bool, fill=Non
             task_type=opts["task_type"],
             loftq_config=opts.get("loftq_config") or None,
         )
+        if not autocast_adapter_dtype:  # PEFT's autocast_adapter_dtype=False: the adapter in the base's dtype
+            base = module.base_layer if is_lora_layer(module) else module
+            kwargs["adapter_dtype"] = base_kind_of(base).weight_dtype(base)
         if is_lora_layer(module):
             module.add_adapter(adapter_name, **kwargs, activate=not keep_active)
             layer = module
@@ -249,9 +260,11 @@ def _activate_and_freeze(model: nn.Module, active: str) -> None:
         params[name].requires_grad_(True)
 
 
-def add_adapter(model: nn.Module, adapter_name: str, config: LoraConfig) -> nn.Module:
+def add_adapter(
+    model: nn.Module, adapter_name: str, config: LoraConfig, autocast_adapter_dtype: bool = True
+) -> nn.Module:
     """Another adapter beside the existing ones (:func:`inject_lora` under another name)."""
-    return inject_lora(model, config, adapter_name)
+    return inject_lora(model, config, adapter_name, autocast_adapter_dtype)
 
 
 @_model_wide(_C._cpp_trainable_parameters, lambda model, out: tuple(out))
@@ -346,7 +359,8 @@ def merge(
     model: nn.Module, adapter_names: Optional[Sequence[str]] = None, requantize: bool = False
 ) -> Dict[str, MergeError]:
     """Folds the named adapters (default, or an empty list: the active one) into the base weights, all or
-    nothing. A single name may be given as a str. 4-bit layers refuse (rounding to 4 bits again changes their
+    nothing; layers that have an adapter merged already keep it as it is, with a warning (as PEFT). A single name
+    may be given as a str. 4-bit layers refuse (rounding to 4 bits again changes their
     outputs) unless ``requantize``; the result maps the path of every layer that holds a re-quantized merge (this
     call's or an earlier one's) to what the rounding cost (:class:`lorafuse.nn.MergeError`); ``unmerge`` restores
     the bytes exactly. Empty when nothing is rounded."""

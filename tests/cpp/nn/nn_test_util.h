@@ -46,6 +46,32 @@ void require_error_parts(F&& f, const std::vector<std::string>& parts) {
   }
 }
 
+// The TORCH_WARN messages that f gives on this thread.
+template <class F>
+std::vector<std::string> warnings_of(F&& f) {
+  struct Collected : c10::WarningHandler {
+    void process(const c10::Warning& w) override { messages.push_back(w.msg()); }
+    std::vector<std::string> messages;
+  } collected;
+  {
+    c10::WarningUtils::WarningHandlerGuard guard(&collected);
+    f();
+  }
+  return collected.messages;
+}
+
+// Runs f, which must succeed with one warning whose message contains every part.
+template <class F>
+void require_warning_parts(F&& f, const std::vector<std::string>& parts) {
+  const auto messages = warnings_of(std::forward<F>(f));
+  REQUIRE(messages.size() == 1);
+  INFO("message: " << messages[0]);
+  for (const auto& part : parts) {
+    INFO("expected part: " << part);
+    CHECK(contains(messages[0], part));
+  }
+}
+
 // The devices the module tests run on: CPU, and CUDA where a GPU is present and the build has kernels.
 inline std::vector<at::Device> module_devices() {
   std::vector<at::Device> devices{at::kCPU};

@@ -90,7 +90,17 @@ TEST_CASE("adapter table: merge plans start from the unmerged weight, refusals n
   CHECK(t.plan_merge({"b"}) == std::vector<std::string>{"b"});
   t.set_merged({"b"});
   CHECK(t.plan_merge({"c", "a"}) == std::vector<std::string>{"b", "c", "a"});
-  require_error_parts<c10::ValueError>([&] { t.plan_merge({"b"}); }, {"merge", "\"b\" is already merged"});
+  // merged already: left as it is with a warning (PEFT), nothing new to merge
+  std::vector<std::string> plan;
+  lorafuse_test::require_warning_parts([&] { plan = t.plan_merge({"b"}); },
+                                       {"merge: [b] already merged", "nothing to do"});
+  CHECK(plan == t.merged());
+  lorafuse_test::require_warning_parts(
+      [&] {
+        plan = t.plan_merge({"b", "c"});
+      },
+      {"[b] already merged", "merging [c] only"});
+  CHECK(plan == std::vector<std::string>{"b", "c"});
   require_error_parts<c10::ValueError>([&] { t.plan_merge({"a", "a"}); }, {"merge", "\"a\" is named twice"});
   require_error_parts<c10::ValueError>([&] { t.plan_merge({"zz"}); }, {"merge", "no adapter named \"zz\""});
   CHECK(t.plan_unload() == std::vector<std::string>{"b", "a"});  // the active adapter folded in too
@@ -168,8 +178,11 @@ TEST_CASE("model-wide rules over tables", "[cpu][peft][rules]") {
   v.set_merged({"b"});
   require_error_parts<c10::ValueError>([&] { rules::plan_delete_adapter(layers, "b"); },
                                        {"delete_adapter", "\"b\" is merged into \"v\""});
-  require_error_parts<c10::ValueError>([&] { rules::plan_merge(layers, {"b"}, "merge_adapter"); },
-                                       {"merge_adapter", "\"b\" is already merged into \"v\""});
+  std::vector<std::vector<std::string>> plan;
+  lorafuse_test::require_warning_parts(
+      [&] { plan = rules::plan_merge(layers, {"b"}, "merge_adapter"); },
+      {"merge_adapter: already merged, left as it is: \"b\" in \"v\"", "merging into 1 layers"});
+  CHECK(plan == std::vector<std::vector<std::string>>{{"b"}, {}});
   v.set_merged({});
   q.set_enabled(false);
   require_error_parts<c10::ValueError>([&] { rules::plan_merge(layers, {"b"}, "merge"); },
@@ -190,12 +203,13 @@ TEST_CASE("model-wide rules: new names, trained biases, where a file's biases go
   q.add("a", LoraAdapterOptions(4).bias("lora_only"), true);
   v.add("b", LoraAdapterOptions(4).bias("all"), true);
   rules::LayerTables layers = {{"m.q", &q}, {"m.v", &v}};
-  require_error_parts<c10::ValueError>([&] { rules::check_new_adapter(layers, "b", ". Load under another name"); },
-                                       {"adapter_name: the model already has an adapter named \"b\"", "[a, b]",
-                                        ". Load under another name"});
+  require_error_parts<c10::ValueError>(
+      [&] { rules::check_new_adapter(layers, "b", ". Load under another name"); },
+      {"adapter_name: the model already has an adapter named \"b\"", "[a, b]", ". Load under another name"});
   rules::check_new_adapter(layers, "c");
-  const std::vector<std::string> params = {"m.q.base_layer.weight", "m.q.base_layer.bias", "m.v.base_layer.bias",
-                                           "m.o.bias", "bias", "m.q.lora_A.a.weight", "m.biasless"};
+  const std::vector<std::string> params = {
+      "m.q.base_layer.weight", "m.q.base_layer.bias", "m.v.base_layer.bias", "m.o.bias", "bias",
+      "m.q.lora_A.a.weight",   "m.biasless"};
   CHECK(rules::trained_biases(layers, params, "a") == std::vector<std::string>{"m.q.base_layer.bias"});
   CHECK(rules::trained_biases(layers, params, "b") ==
         std::vector<std::string>{"m.q.base_layer.bias", "m.v.base_layer.bias", "m.o.bias", "bias"});
@@ -205,10 +219,19 @@ TEST_CASE("model-wide rules: new names, trained biases, where a file's biases go
   const Shapes model = {{"m.q.base_layer.bias", {8}}, {"m.o.bias", {4}}, {"bias", {2}}};
   CHECK(rules::match_biases({{"m.q.bias", {8}}, {"m.o.base_layer.bias", {4}}, {"bias", {2}}}, model, "load") ==
         std::vector<std::string>{"m.q.base_layer.bias", "m.o.bias", "bias"});
-  require_error_parts<c10::ValueError>([&] { rules::match_biases({{"m.k.bias", {8}}}, model, "load_adapter"); },
-                                       {"load_adapter", "\"m.k.bias\", which the model lacks"});
-  require_error_parts<c10::ValueError>([&] { rules::match_biases({{"m.q.bias", {3}}}, model, "load_adapter"); },
-                                       {"load_adapter", "\"m.q.bias\" is [3] in the file but [8] in the model"});
-  require_error_parts<c10::ValueError>([&] { rules::match_biases({{"other", {2}}}, model, "load"); },
-                                       {"\"other\", which the model lacks"});
+  require_error_parts<c10::ValueError>(
+      [&] {
+        rules::match_biases({{"m.k.bias", {8}}}, model, "load_adapter");
+      },
+      {"load_adapter", "\"m.k.bias\", which the model lacks"});
+  require_error_parts<c10::ValueError>(
+      [&] {
+        rules::match_biases({{"m.q.bias", {3}}}, model, "load_adapter");
+      },
+      {"load_adapter", "\"m.q.bias\" is [3] in the file but [8] in the model"});
+  require_error_parts<c10::ValueError>(
+      [&] {
+        rules::match_biases({{"other", {2}}}, model, "load");
+      },
+      {"\"other\", which the model lacks"});
 }

@@ -5,9 +5,9 @@
 #include <lorafuse/peft/inject.h>
 #include <torch/serialize.h>
 
+#include <unistd.h>
 #include <filesystem>
 #include <sstream>
-#include <unistd.h>
 
 #include "catch.h"
 #include "nn/nn_test_util.h"
@@ -26,7 +26,8 @@ TEST_CASE("Linear4bit: from_linear holds quantize_nf4's bytes and computes x·de
   CHECK(at::equal(layer->absmax, q.absmax));
   CHECK(at::equal(layer->nested_absmax, q.nested_absmax));
   const auto w = layer->dequantized_weight(at::kFloat);
-  CHECK(at::equal(w, lorafuse::dequantize_nf4(q.packed, q.absmax, q.nested_absmax, q.offset, 64, {70, 200}, at::kFloat)));
+  CHECK(
+      at::equal(w, lorafuse::dequantize_nf4(q.packed, q.absmax, q.nested_absmax, q.offset, 64, {70, 200}, at::kFloat)));
   const auto x = at::randn({3, 5, 200});
   const auto y = layer->forward(x);
   REQUIRE(y.sizes() == at::IntArrayRef({3, 5, 70}));
@@ -55,7 +56,8 @@ TEST_CASE("Linear4bit: a new layer is a zero weight, bfloat16 compute, archives 
   torch::nn::Linear linear(torch::nn::LinearOptions(64, 32));
   Linear4bit layer(Linear4bitImpl::from_linear(linear, at::kBFloat16));
   const auto y = layer->forward(x);
-  const auto ref = at::matmul(x.to(at::kBFloat16), layer->dequantized_weight().t()) + linear->bias.detach().to(at::kBFloat16);
+  const auto ref =
+      at::matmul(x.to(at::kBFloat16), layer->dequantized_weight().t()) + linear->bias.detach().to(at::kBFloat16);
   CHECK(at::allclose(y, ref.to(at::kFloat), 2e-2, 2e-2));
 
   const auto path = (std::filesystem::temp_directory_path() / ("lorafuse_l4_" + std::to_string(::getpid()))).string();

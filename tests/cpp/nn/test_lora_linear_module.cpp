@@ -31,7 +31,8 @@ at::Tensor reference(LoraLinear& layer, const at::Tensor& x, const std::string& 
 
 LoraLinear random_layer(int64_t in, int64_t out, int64_t r, uint64_t seed, bool bias = true) {
   at::manual_seed(seed);
-  return LoraLinear(LoraLinearOptions(in, out).bias(bias).adapter(LoraAdapterOptions(r).lora_alpha(2.0 * r).init_lora_weights(false)));
+  return LoraLinear(LoraLinearOptions(in, out).bias(bias).adapter(
+      LoraAdapterOptions(r).lora_alpha(2.0 * r).init_lora_weights(false)));
 }
 
 std::string temp_path(const std::string& name) {
@@ -393,15 +394,19 @@ TEST_CASE("torch::save / torch::load of a layer with adapters, into a fresh laye
 }
 
 TEST_CASE("bad input to LoraLinear names the argument", "[cpu][nn][errors]") {
-  require_error_parts<c10::ValueError>([] { LoraLinear(LoraLinearOptions(4, 4).adapter(LoraAdapterOptions(0))); }, {"r", "> 0", "0"});
-  require_error_parts<c10::ValueError>([] { LoraLinear(LoraLinearOptions(4, 4).adapter(LoraAdapterOptions().lora_alpha(-1))); },
-                                       {"lora_alpha", "-1"});
-  require_error_parts<c10::ValueError>([] { LoraLinear(LoraLinearOptions(4, 4).adapter(LoraAdapterOptions().lora_dropout(1.0))); },
-                                       {"lora_dropout", "[0, 1)", "1"});
-  require_error_parts<c10::ValueError>([] { LoraLinear(LoraLinearOptions(4, 4).adapter(LoraAdapterOptions().lora_dropout(-0.1))); },
-                                       {"lora_dropout", "-0.1"});
-  require_error_parts<c10::ValueError>([] { LoraLinear(LoraLinearOptions(4, 4).adapter(LoraAdapterOptions().init_lora_weights("pissa"))); },
-                                       {"init_lora_weights", "pissa"});
+  require_error_parts<c10::ValueError>([] { LoraLinear(LoraLinearOptions(4, 4).adapter(LoraAdapterOptions(0))); },
+                                       {"r", "> 0", "0"});
+  require_error_parts<c10::ValueError>(
+      [] { LoraLinear(LoraLinearOptions(4, 4).adapter(LoraAdapterOptions().lora_alpha(-1))); }, {"lora_alpha", "-1"});
+  require_error_parts<c10::ValueError>(
+      [] { LoraLinear(LoraLinearOptions(4, 4).adapter(LoraAdapterOptions().lora_dropout(1.0))); },
+      {"lora_dropout", "[0, 1)", "1"});
+  require_error_parts<c10::ValueError>(
+      [] { LoraLinear(LoraLinearOptions(4, 4).adapter(LoraAdapterOptions().lora_dropout(-0.1))); },
+      {"lora_dropout", "-0.1"});
+  require_error_parts<c10::ValueError>(
+      [] { LoraLinear(LoraLinearOptions(4, 4).adapter(LoraAdapterOptions().init_lora_weights("pissa"))); },
+      {"init_lora_weights", "pissa"});
   require_error_parts<c10::ValueError>([] { LoraLinear(LoraLinearOptions(4, 4).adapter_name("a.b")); },
                                        {"adapter_name", "a.b"});
   require_error_parts<c10::ValueError>([] { LoraLinear(torch::nn::Linear(nullptr), LoraAdapterOptions(2)); },
@@ -415,7 +420,10 @@ TEST_CASE("bad input to LoraLinear names the argument", "[cpu][nn][errors]") {
   require_error_parts<c10::ValueError>([&] { layer->merge({"nope"}); }, {"merge", "\"nope\""});
   require_error_parts<c10::ValueError>([&] { layer->unmerge(); }, {"unmerge", "nothing is merged"});
   layer->merge();
-  require_error_parts<c10::ValueError>([&] { layer->merge(); }, {"merge", "\"default\"", "already merged"});
+  const auto merged_weight = layer->base_layer->weight.clone();
+  lorafuse_test::require_warning_parts([&] { layer->merge(); }, {"merge: [default] already merged", "nothing to do"});
+  CHECK(at::equal(layer->base_layer->weight, merged_weight));
+  CHECK(layer->merged_adapters() == std::vector<std::string>{"default"});
   require_error_parts<c10::ValueError>([&] { layer->delete_adapter("default"); }, {"delete_adapter", "unmerge"});
   layer->unmerge();
   layer->disable_adapters();

@@ -6,6 +6,7 @@
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/grad_mode.h>
 
+#include <lorafuse/config/peft_json.h>
 #include <lorafuse/io/adapter.h>
 #include <lorafuse/models/llama.h>
 #include <lorafuse/peft/adapters.h>
@@ -145,6 +146,31 @@ TEST_CASE("task types whose PEFT model trains a task head are refused by name", 
   auto fresh = tiny_llama();
   require_error_parts<c10::ValueError>([&] { lorafuse::load_adapter(*fresh, a); },
                                        {"adapter_config.json", "task_type: \"SEQ_CLS\"", "modules_to_save"});
+}
+
+TEST_CASE("fan_in_fan_out is read and written; over Linear layers it changes nothing (PEFT)", "[cpu][adapters]") {
+  const auto parsed = lorafuse::lora_config_from_peft_json(
+      R"({"peft_type": "LORA", "r": 4, "target_modules": ["c_attn"], "fan_in_fan_out": true})", "test", true);
+  CHECK(parsed.config.fan_in_fan_out());
+  CHECK(lorafuse::lora_config_to_peft_json(parsed.config).find("\"fan_in_fan_out\": true") != std::string::npos);
+  require_error_parts<c10::ValueError>(
+      [&] { lorafuse::lora_config_from_peft_json(R"({"peft_type": "LORA", "fan_in_fan_out": 1})", "f.json", true); },
+      {"f.json", "fan_in_fan_out must be true or false", "found 1"});
+  // a Llama adapter whose config says true: its Linear layers compute as usual, as PEFT's do (it warns, sets false)
+  const auto root = temp_dir();
+  const auto a = saved_adapter(root, "a", LoraConfig().r(4), 3);
+  CHECK(read_file(a + "/adapter_config.json").find("\"fan_in_fan_out\": false") != std::string::npos);
+  auto plain = tiny_llama();
+  lorafuse::load_adapter(*plain, a);
+  std::string config = read_file(a + "/adapter_config.json");
+  config.replace(config.find("\"fan_in_fan_out\": false"), std::string("\"fan_in_fan_out\": false").size(),
+                 "\"fan_in_fan_out\": true");
+  write_file(a + "/adapter_config.json", config);
+  auto flagged = tiny_llama();
+  lorafuse::load_adapter(*flagged, a);
+  const auto ids = at::arange(12, at::kLong).remainder(50).reshape({2, 6});
+  torch::NoGradGuard no_grad;
+  CHECK(at::allclose(plain->forward(ids), flagged->forward(ids)));
 }
 
 TEST_CASE("a second load_adapter adds the adapter beside the first, inactive and frozen", "[cpu][adapters]") {

@@ -2,6 +2,7 @@
 // hand-made modules: selection rules (names, regex, all-linear, exclude, patterns), trainability, bias
 // modes, a second adapter, switching, merging, merge_and_unload, clone, save/load, counts, bad input.
 #include <lorafuse/config/default_targets.h>
+#include <lorafuse/config/peft_json.h>
 #include <lorafuse/models/llama.h>
 #include <lorafuse/nn/linear.h>
 #include <lorafuse/peft/inject.h>
@@ -232,6 +233,70 @@ TEST_CASE("a target entry that matches nothing warns while others match (PEFT: n
         lorafuse::select_targets(infos, LoraConfig().target_modules({"query", "value"}));
       },
       {"target_modules: {\"query\", \"value\"} matches no module", "q_proj (1)"});
+}
+
+TEST_CASE("layers_to_transform and layers_pattern select layers as PEFT does", "[cpu][nn][inject]") {
+  {
+    auto model = tiny_llama();
+    const auto r =
+        lorafuse::inject_lora(*model, LoraConfig().target_modules({"q_proj", "down_proj"}).layers_to_transform({1}));
+    CHECK(paths_of(r.targets) ==
+          std::set<std::string>{"model.layers.1.self_attn.q_proj", "model.layers.1.mlp.down_proj"});
+  }
+  {
+    auto model = tiny_llama();  // with a pattern, and the model type's default targets
+    const auto r = lorafuse::inject_lora(*model, LoraConfig().layers_to_transform({0}).layers_pattern({"layers"}));
+    CHECK(paths_of(r.targets) ==
+          std::set<std::string>{"model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"});
+  }
+  // the first index in the path counts (an expert's index inside a layer does not), a path named exactly is
+  // selected whatever its layer, and a pattern that finds no index selects nothing there
+  const auto config = LoraConfig().target_modules({"w1", "model.layers.0.extra.w1"}).layers_to_transform({2});
+  CHECK(config.selects("model.layers.2.experts.0.w1"));
+  CHECK_FALSE(config.selects("model.layers.0.experts.2.w1"));
+  CHECK(config.selects("model.layers.0.extra.w1"));
+  CHECK_FALSE(LoraConfig(config).layers_pattern({"blocks"}).selects("model.layers.2.experts.0.w1"));
+  CHECK(LoraConfig(config).layers_pattern({"h", "layers"}).selects("model.layers.2.experts.0.w1"));
+  CHECK_FALSE(config.selects("mlp.w1"));  // no layer index at all
+  // files: written and read back
+  const auto text = lorafuse::lora_config_to_peft_json(LoraConfig(config).layers_pattern({"layers"}));
+  CHECK(text.find("\"layers_to_transform\": [\n    2\n  ]") != std::string::npos);
+  const auto back = lorafuse::lora_config_from_peft_json(text, "test", true).config;
+  CHECK(back.layers_to_transform() == std::vector<int64_t>{2});
+  CHECK(back.layers_pattern() == std::vector<std::string>{"layers"});
+  const auto one = lorafuse::lora_config_from_peft_json(
+      R"({"peft_type": "LORA", "target_modules": ["q"], "layers_to_transform": 3, "layers_pattern": "block"})", "f",
+      true);
+  CHECK(one.config.layers_to_transform() == std::vector<int64_t>{3});
+  CHECK(one.config.layers_pattern() == std::vector<std::string>{"block"});
+  // bad input, named
+  require_error_parts<c10::ValueError>(
+      [&] { LoraConfig().target_modules("all-linear").layers_to_transform({0}).validate(); },
+      {"layers_to_transform: cannot be used when target_modules is a string"});
+  require_error_parts<c10::ValueError>(
+      [&] { LoraConfig().target_modules({"q"}).layers_pattern({"layers"}).validate(); },
+      {"layers_pattern: given without layers_to_transform"});
+  require_error_parts<c10::ValueError>([&] { LoraConfig().layers_to_transform({-2}).validate(); },
+                                       {"layers_to_transform: expected layer indices >= 0, found -2"});
+  require_error_parts<c10::ValueError>(
+      [&] {
+        lorafuse::lora_config_from_peft_json(R"({"peft_type": "LORA", "layers_to_transform": "0"})", "f.json", true);
+      },
+      {"f.json", "layers_to_transform must be a layer index, a list of them or null", "\"0\""});
+}
+
+TEST_CASE("autocast_adapter_dtype = false keeps adapters in the base's dtype (PEFT)", "[cpu][nn][inject]") {
+  for (const auto dtype : {at::kHalf, at::kBFloat16}) {
+    auto model = tiny_llama();
+    model->to(dtype);
+    lorafuse::inject_lora(*model, LoraConfig().r(2), "default", /*autocast_adapter_dtype=*/false);
+    lorafuse::add_adapter(*model, "kept", LoraConfig().r(2));  // the default: float32
+    for (const auto& [path, layer] : lorafuse::lora_layers(*model)) {
+      CHECK(layer->lora_a("default").scalar_type() == dtype);
+      CHECK(layer->lora_b("default").scalar_type() == dtype);
+      CHECK(layer->lora_a("kept").scalar_type() == at::kFloat);
+    }
+  }
 }
 
 TEST_CASE("rank_pattern and alpha_pattern override per module", "[cpu][nn][inject]") {
@@ -563,7 +628,8 @@ TEST_CASE("bad input to inject_lora and the model-wide functions", "[cpu][nn][in
   require_error_parts<c10::ValueError>([&] { lorafuse::unmerge_adapter(*model); },
                                        {"unmerge_adapter", "nothing is merged"});
   lorafuse::merge_adapter(*model);
-  require_error_parts<c10::ValueError>([&] { lorafuse::merge_adapter(*model); }, {"merge_adapter", "already merged"});
+  lorafuse_test::require_warning_parts([&] { lorafuse::merge_adapter(*model); },
+                                       {"merge_adapter: already merged, left as it is", "nothing to do"});
 
   Typed typed;
   require_error_parts<c10::ValueError>([&] { lorafuse::inject_lora(*typed, LoraConfig().target_modules({"fc"})); },

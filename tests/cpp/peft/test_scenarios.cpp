@@ -155,7 +155,8 @@ class Runner {
     } else if (what == "save") {
       lorafuse::save_adapter(m, folder_ + "/" + s.at("slot").get<std::string>(), s.at("name").get<std::string>());
     } else if (what == "load") {
-      lorafuse::load_adapter(m, folder_ + "/" + s.at("slot").get<std::string>(), s.at("name").get<std::string>());
+      lorafuse::load_adapter(m, folder_ + "/" + s.at("slot").get<std::string>(), s.at("name").get<std::string>(),
+                             lorafuse::LoadAdapterOptions().is_trainable(s.value("is_trainable", false)));
     } else if (what == "fresh_model") {
       model_ = build_model();
     } else if (what == "scope") {
@@ -190,6 +191,8 @@ class Runner {
       REQUIRE(lorafuse::trainable_parameters(m).trainable == s.at("count").get<int64_t>());
     } else if (what == "expect_error") {
       expect_error(s, where);
+    } else if (what == "expect_warning") {
+      expect_warning(s, where);
     } else {
       FAIL("unknown step kind \"" << what << "\"");
     }
@@ -235,6 +238,29 @@ class Runner {
       INFO("expected part: " << part.get<std::string>());
       CHECK(message.find(part.get<std::string>()) != std::string::npos);
     }
+  }
+
+  struct Collected : c10::WarningHandler {
+    void process(const c10::Warning& w) override { messages.push_back(w.msg()); }
+    std::vector<std::string> messages;
+  };
+
+  void expect_warning(const json& s, const std::string& where) {
+    Collected collected;
+    {
+      c10::WarningUtils::WarningHandlerGuard guard(&collected);
+      step(s.at("step"), where + " > step");
+    }
+    bool found = false;
+    for (const auto& m : collected.messages) {
+      bool all = true;
+      for (const auto& part : s.at("message_contains"))
+        all = all && m.find(part.get<std::string>()) != std::string::npos;
+      found = found || all;
+    }
+    INFO(where << ": warnings: " << collected.messages.size() << (collected.messages.empty() ? "" : ", first: ")
+               << (collected.messages.empty() ? "" : collected.messages.front()));
+    CHECK(found);
   }
 
   std::string folder_;

@@ -43,7 +43,7 @@ class Block(nn.Module):
 
 
 def test_kinds_are_one_ordered_list():
-    assert [k.name for k in BASE_KINDS] == ["linear", "custom_linear", "linear4bit", "bnb_linear4bit"]
+    assert [k.name for k in BASE_KINDS] == ["linear", "custom_linear", "conv1d", "linear4bit", "bnb_linear4bit"]
     assert base_kind_of(nn.Linear(3, 4)).name == "linear"
     assert base_kind_of(lorafuse.nn.Linear4bit.from_linear(nn.Linear(64, 4))).name == "linear4bit"
 
@@ -55,6 +55,10 @@ def test_kinds_are_one_ordered_list():
     # nn.MultiheadAttention's out_proj is never called by its parent: no kind takes it
     assert base_kind_of(nn.modules.linear.NonDynamicallyQuantizableLinear(3, 4)) is None
     assert base_kind_of(Affine2(3, 4)).name == "custom_linear"
+    transformers = pytest.importorskip("transformers")
+    # a subclass whose own forward is known to compute x·Wᵀ + b (transformers' FalconLinear): the fused kind
+    assert base_kind_of(transformers.models.falcon.modeling_falcon.FalconLinear(3, 4)).name == "linear"
+    assert base_kind_of(transformers.pytorch_utils.Conv1D(4, 3)).name == "conv1d"
     assert base_kind_of(nn.Conv1d(3, 4, 1)) is None
 
 

@@ -313,9 +313,6 @@ def compact(value) -> str:
 UNSUPPORTED = [
     ("use_dora", True),
     ("modules_to_save", ["lm_head"]),
-    ("layers_to_transform", [0]),
-    ("layers_pattern", "layers"),
-    ("fan_in_fan_out", True),
     ("lora_bias", True),
     ("layer_replication", [[0, 2]]),
     ("target_parameters", ["mlp.experts.gate_up_proj"]),
@@ -665,6 +662,9 @@ def test_bias_adapter_round_trips(bias_dir):
     assert not torch.equal(logits(model), expected)
     lorafuse.load_adapter(model, path)
     assert torch.equal(logits(model), expected)
+    assert not [n for n, p in model.named_parameters() if p.requires_grad]  # PEFT's default: inference
+    model = biased_llama(0)
+    lorafuse.load_adapter(model, path, is_trainable=True)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert {n for n in trainable if n.endswith(".bias")} == {
         n for n, _ in model.named_parameters() if n.endswith(".bias")
@@ -791,7 +791,7 @@ def test_lorafuse_adapter_round_trips(tmp_path):
     source_layers = dict(lorafuse.lora_layers(source))
     model = tiny_llama(0)
     assert not torch.equal(logits(model), expected)  # the adapter does change the outputs
-    lorafuse.load_adapter(model, str(tmp_path / "saved"))
+    lorafuse.load_adapter(model, str(tmp_path / "saved"), is_trainable=True)
     assert torch.equal(logits(model), expected)
     file = read_tensors(tmp_path / "saved")
     layers = dict(lorafuse.lora_layers(model))
@@ -841,7 +841,7 @@ def test_second_adapter_loads_inactive_and_frozen(tmp_path):
     expected_two = logits(only_two)
 
     model = tiny_llama(0)
-    lorafuse.load_adapter(model, str(tmp_path / "one"), "one")
+    lorafuse.load_adapter(model, str(tmp_path / "one"), "one", is_trainable=True)
     expected_one = logits(model)
     assert not torch.equal(expected_one, expected_two)
     lorafuse.load_adapter(model, str(tmp_path / "two"), "two")

@@ -83,7 +83,7 @@ def test_peft_adapter_loads_in_lorafuse_with_the_same_outputs(tmp_path, name):
     theirs = peft_adapter(base, CONFIGS[name], seed=6)
     theirs.save_pretrained(tmp_path)
 
-    ours = lorafuse.load_adapter(copy.deepcopy(base), tmp_path)
+    ours = lorafuse.load_adapter(copy.deepcopy(base), tmp_path, is_trainable=True)
     torch.testing.assert_close(logits(ours), logits(theirs), rtol=1e-5, atol=1e-5)
     assert lorafuse.active_adapter(ours) == "default"
     # loaded like an injected adapter: its A and B train, nothing else
@@ -107,7 +107,7 @@ def test_lorafuse_round_trip_and_a_second_adapter_beside_the_first(tmp_path):
     lorafuse.save_adapter(b, tmp_path / "b")
 
     model = copy.deepcopy(base)
-    lorafuse.load_adapter(model, tmp_path / "a", "a")
+    lorafuse.load_adapter(model, tmp_path / "a", "a", is_trainable=True)
     lorafuse.load_adapter(model, tmp_path / "b", "b")
     assert lorafuse.adapter_names(model) == ["a", "b"]
     assert lorafuse.active_adapter(model) == "a"  # the second waits

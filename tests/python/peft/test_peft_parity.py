@@ -35,7 +35,7 @@ EXPLICIT = {
     "opt": ["q_proj", "v_proj", "fc1", "fc2"],
     "falcon": ["query_key_value", "dense_4h_to_h"],
     "gpt_neox": ["query_key_value", "dense_h_to_4h"],
-    "vit": ["query", "value", "dense"],
+    "vit": ["q_proj", "v_proj", "dense"],
     "whisper": ["q_proj", "v_proj", "fc1"],
 }
 
@@ -190,3 +190,133 @@ def test_a_training_step_matches_peft(family):
             torch.testing.assert_close(g_ours[name], g_theirs[name], rtol=1e-4, atol=1e-6, msg=name)
     assert sum(g is not None and bool(g.abs().max() > 0) for g in g_ours.values()) > len(g_ours) // 2
     _close(after_ours, after_theirs)
+
+
+# ---- behaviour that PEFT users rely on -------------------------------------------------------------
+
+
+def _trainable(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def test_merging_twice_warns_and_changes_nothing_as_in_peft():
+    base, theirs = _randomized_peft("llama")
+    ours = lorafuse.inject_lora(copy.deepcopy(base), lorafuse.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    theirs.merge_adapter()
+    lorafuse.merge(ours)
+    with pytest.warns(UserWarning, match="already merged"):
+        theirs.merge_adapter()
+    weights = {n: p.clone() for n, p in ours.named_parameters()}
+    with pytest.warns(UserWarning, match="merge: already merged, left as it is: .*; nothing to do"):
+        lorafuse.merge(ours)
+    assert all(torch.equal(p, weights[n]) for n, p in ours.named_parameters())
+    layer = lorafuse.lora_layers(ours)[0][1]
+    with pytest.warns(UserWarning, match=r"merge: \[default\] already merged in this layer; nothing to do"):
+        layer.merge(["default"])
+    assert layer.merged_adapters == ["default"]
+
+
+def test_disabled_adapters_do_not_train_as_in_peft():
+    base, theirs = _randomized_peft("llama")
+    ours = lorafuse.inject_lora(copy.deepcopy(base), lorafuse.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    assert _trainable(ours) == _trainable(theirs) > 0
+    before = _trainable(ours)
+    theirs.base_model.disable_adapter_layers()
+    lorafuse.disable_adapters(ours)
+    assert _trainable(ours) == _trainable(theirs) == 0
+    theirs.base_model.enable_adapter_layers()
+    lorafuse.enable_adapters(ours)
+    assert _trainable(ours) == _trainable(theirs) == before
+
+
+@pytest.mark.parametrize("is_trainable", [False, True])
+def test_a_loaded_adapter_trains_only_when_asked_as_in_peft(tmp_path, is_trainable):
+    base, theirs = _randomized_peft("llama")
+    theirs.save_pretrained(tmp_path / "a")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base).train(), tmp_path / "a", is_trainable=is_trainable)
+    ours = lorafuse.load_adapter(copy.deepcopy(base).train(), tmp_path / "a", is_trainable=is_trainable)
+    assert _trainable(ours) == _trainable(loaded)
+    assert (_trainable(ours) > 0) == is_trainable
+    assert ours.training == loaded.training == is_trainable
+    # a second adapter beside the first: frozen and inactive; the first keeps its state
+    lorafuse.load_adapter(ours, tmp_path / "a", "second")
+    assert (_trainable(ours) > 0) == is_trainable
+    assert lorafuse.active_adapter(ours) == "default"
+    with pytest.raises(TypeError, match="load_adapter: is_trainable must be a bool, found str"):
+        lorafuse.load_adapter(copy.deepcopy(base), tmp_path / "a", is_trainable="yes")
+
+
+LAYER_CASES = [
+    ("llama", dict(target_modules=["q_proj", "v_proj"], layers_to_transform=[1])),
+    ("llama", dict(target_modules=["q_proj", "down_proj"], layers_to_transform=0, layers_pattern="layers")),
+    ("gpt2", dict(target_modules=["c_attn", "c_fc"], layers_to_transform=[1], layers_pattern=["h"])),
+    ("t5", dict(target_modules=["q", "wo"], layers_to_transform=[0], layers_pattern="block")),
+    ("bert", dict(target_modules=["query", "dense"], layers_to_transform=[1])),
+    ("whisper", dict(target_modules=["q_proj"], layers_to_transform=[0], layers_pattern="layers")),
+    ("llama", dict(target_modules=None, layers_to_transform=[0])),
+]
+
+
+@pytest.mark.parametrize("family, fields", LAYER_CASES, ids=[f"{f}-{i}" for i, (f, _) in enumerate(LAYER_CASES)])
+def test_layers_to_transform_selects_what_peft_selects_and_files_load(family, fields, tmp_path):
+    base = hf_zoo.build(family)
+    theirs = _peft_model(copy.deepcopy(base), r=4, init_lora_weights=False, **fields).eval()
+    ours = lorafuse.inject_lora(copy.deepcopy(base), lorafuse.LoraConfig(r=4, **fields))
+    paths = sorted(p for p, _ in lorafuse.lora_layers(ours))
+    assert paths == _peft_targets(theirs) and paths
+    assert lorafuse.trainable_parameters(ours) == theirs.get_nb_trainable_parameters()
+    # PEFT's file (its config keeps layers_to_transform) loads here: the same layers, the same outputs
+    theirs.save_pretrained(tmp_path)
+    loaded = lorafuse.load_adapter(copy.deepcopy(base), tmp_path)
+    assert sorted(p for p, _ in lorafuse.lora_layers(loaded)) == paths
+    with torch.no_grad():
+        _close(hf_zoo.output(loaded, family), hf_zoo.output(theirs, family))
+
+
+def test_layers_to_transform_bad_input_is_named():
+    with pytest.raises(ValueError, match="layers_to_transform: cannot be used when target_modules is a string"):
+        lorafuse.LoraConfig(target_modules="all-linear", layers_to_transform=[0])
+    with pytest.raises(ValueError, match="layers_pattern: given without layers_to_transform"):
+        lorafuse.LoraConfig(target_modules=["q_proj"], layers_pattern="layers")
+    with pytest.raises(ValueError, match="layers_to_transform: expected layer indices >= 0, found -1"):
+        lorafuse.LoraConfig(target_modules=["q_proj"], layers_to_transform=[-1])
+    with pytest.raises(TypeError, match="layers_to_transform: expected a layer index"):
+        lorafuse.LoraConfig(target_modules=["q_proj"], layers_to_transform=["0"])
+    with pytest.raises(TypeError, match="layers_pattern: expected a str, a list of str or None, found 3"):
+        lorafuse.LoraConfig(target_modules=["q_proj"], layers_to_transform=[0], layers_pattern=3)
+    with pytest.raises(ValueError, match="layers_pattern.*not a valid regular expression"):
+        lorafuse.LoraConfig(target_modules=["q_proj"], layers_to_transform=[0], layers_pattern="lay(ers")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_adapters_in_the_base_dtype_on_request_as_in_peft(dtype, tmp_path):
+    base = hf_zoo.build("llama").to(dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(
+            copy.deepcopy(base), peft.LoraConfig(r=4, init_lora_weights=False), autocast_adapter_dtype=False
+        ).eval()
+        kept = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4))
+    ours = lorafuse.inject_lora(copy.deepcopy(base), lorafuse.LoraConfig(r=4), autocast_adapter_dtype=False).eval()
+    default = lorafuse.inject_lora(copy.deepcopy(base), lorafuse.LoraConfig(r=4))
+
+    def dtypes(model):
+        return {p.dtype for n, p in model.named_parameters() if "lora_" in n}
+
+    assert dtypes(ours) == dtypes(theirs) == {dtype}
+    assert dtypes(default) == dtypes(kept) == {torch.float32}
+    prefix = "base_model.model."
+    with torch.no_grad():
+        params = dict(ours.named_parameters())
+        for name, p in theirs.named_parameters():
+            if "lora_" in name:
+                params[name[len(prefix) :]].copy_(p)
+        torch.testing.assert_close(hf_zoo.output(ours, "llama"), hf_zoo.output(theirs, "llama"), rtol=2e-2, atol=2e-2)
+    theirs.save_pretrained(tmp_path)
+    loaded = lorafuse.load_adapter(copy.deepcopy(base), tmp_path, autocast_adapter_dtype=False)
+    assert dtypes(loaded) == {dtype}
+    assert dtypes(lorafuse.load_adapter(copy.deepcopy(base), tmp_path)) == {torch.float32}
+    with pytest.raises(TypeError, match="autocast_adapter_dtype: expected a bool, found int"):
+        lorafuse.inject_lora(copy.deepcopy(base), lorafuse.LoraConfig(r=4), autocast_adapter_dtype=1)

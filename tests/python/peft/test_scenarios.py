@@ -98,7 +98,9 @@ class Runner:
         elif do == "save":
             lorafuse.save_adapter(m, os.path.join(self.folder, s["slot"]), s["name"])
         elif do == "load":
-            lorafuse.load_adapter(m, os.path.join(self.folder, s["slot"]), s["name"])
+            lorafuse.load_adapter(
+                m, os.path.join(self.folder, s["slot"]), s["name"], is_trainable=s.get("is_trainable", False)
+            )
         elif do == "fresh_model":
             self.model = build_model(self.kind)
         elif do == "scope":
@@ -129,6 +131,11 @@ class Runner:
             assert lorafuse.trainable_parameters(m)[0] == s["count"], where
         elif do == "expect_error":
             self.expect_error(s, where)
+        elif do == "expect_warning":
+            with pytest.warns(UserWarning) as caught:
+                self.step(s["step"], f"{where} > step")
+            messages = [str(w.message) for w in caught]
+            assert any(all(part in m for part in s["message_contains"]) for m in messages), f"{where}: {messages}"
         else:
             raise AssertionError(f"{where}: unknown step kind {do!r}")
 
@@ -164,7 +171,7 @@ def test_the_table_is_well_formed():
             assert s["do"] in kinds, s
             if s["do"] == "scope":
                 walk(s["steps"])
-            if s["do"] == "expect_error":
+            if s["do"] in ("expect_error", "expect_warning"):
                 assert s["message_contains"], s
                 walk([s["step"]])
 
