@@ -16,7 +16,7 @@ if ! command -v nvcc >/dev/null 2>&1 && [ -x /usr/local/cuda/bin/nvcc ]; then
 fi
 
 if [ "${LORAFUSE_SKIP_APT:-0}" != "1" ] && command -v dpkg >/dev/null 2>&1; then
-  need=(build-essential cmake ninja-build ccache catch2 nlohmann-json3-dev git python3 python3-venv python3-dev
+  need=(build-essential cmake ninja-build ccache catch2 nlohmann-json3-dev libpcre2-dev git python3 python3-venv python3-dev
         clang libclang-rt-dev)
   missing=()
   for p in "${need[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done

@@ -6,7 +6,8 @@
 #include <cctype>
 #include <cmath>
 #include <map>
-#include <regex>
+
+#include "csrc/config/pattern.h"
 
 namespace lorafuse {
 namespace {
@@ -19,16 +20,10 @@ bool last_component_is(const std::string& path, const std::string& name) {
 
 // PEFT's rank_pattern / alpha_pattern rule: re.match(rf"(.*\.)?({key})$", path).
 bool pattern_matches(const std::string& path, const std::string& key) {
-  return std::regex_match(path, std::regex("(.*\\.)?(" + key + ")"));
+  return detail::Pattern::compile("(.*\\.)?(" + key + ")$", "rank_pattern")->match(path);
 }
 
-void check_regex(const char* field, const std::string& regex) {
-  try {
-    std::regex re(regex);
-  } catch (const std::regex_error& e) {
-    TORCH_CHECK_VALUE(false, field, ": \"", regex, "\" is not a valid regular expression (", e.what(), ")");
-  }
-}
+void check_regex(const char* field, const std::string& regex) { detail::Pattern::compile(regex, field); }
 
 }  // namespace
 
@@ -45,7 +40,7 @@ bool TargetModules::matches_name(const std::string& path, const std::string& nam
 
 bool TargetModules::matches(const std::string& path) const {
   if (is_all_linear()) return true;
-  if (is_regex_) return std::regex_match(path, std::regex(regex_));
+  if (is_regex_) return detail::Pattern::compile(regex_, "target_modules")->fullmatch(path);
   for (const auto& name : names_) {
     if (matches_name(path, name)) return true;
   }
@@ -124,18 +119,19 @@ bool LoraConfig::in_transformed_layers(const TargetModules& targets, const std::
     if (path == name) return true;  // named exactly: whatever its layer (PEFT)
   }
   // PEFT's rule: the first layer index in the path (not a nested one such as an expert's)
-  std::smatch match;
+  std::string digits;
   bool found = false;
   if (layers_pattern_.empty()) {
-    found = std::regex_search(path, match, std::regex(R"(^.*?\.[^.]*\.(\d+)\.)"));
+    found = detail::Pattern::compile(R"(.*?\.[^.]*\.(\d+)\.)", "layers_to_transform")->match(path, &digits);
   } else {
     for (const auto& pattern : layers_pattern_) {
-      found = std::regex_search(path, match, std::regex("^(?:|.*?\\.)(?:" + pattern + ")\\.(\\d+)\\."));
+      const auto re = detail::Pattern::compile("(?:^|.*?\\.)(?:" + pattern + ")\\.(\\d+)\\.", "layers_pattern");
+      found = re->match(path, &digits);
       if (found) break;
     }
   }
-  if (!found || match[1].length() > 18) return false;  // no index, or none that any int64 layer index equals
-  const int64_t index = std::stoll(match[1].str());
+  if (!found || digits.empty() || digits.size() > 18) return false;  // no index, or none an int64 layer index equals
+  const int64_t index = std::stoll(digits);
   return std::find(layers_to_transform_.begin(), layers_to_transform_.end(), index) != layers_to_transform_.end();
 }
 

@@ -17,7 +17,8 @@ namespace lorafuse {
 ///                     of no known type;
 ///   a list of names   a module matches when its path equals an entry or ends with "." + entry
 ///                     ({"q_proj", "v_proj"} selects model.layers.N.self_attn.q_proj and .v_proj);
-///   a string          a regular expression (ECMAScript) that the whole module path must match;
+///   a string          a regular expression that the whole module path must match (Python's re.fullmatch; the
+///                     syntax of Python's re as PEFT users write it — (?i), lookarounds, (?P<name>...) — by PCRE2);
 ///   "all-linear"      every Linear layer except the model's output layer (nn::PretrainedModel::output_layer, Hugging
 ///                     Face's get_output_embeddings()), as PEFT does.
 class TargetModules {

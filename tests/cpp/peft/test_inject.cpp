@@ -299,6 +299,25 @@ TEST_CASE("autocast_adapter_dtype = false keeps adapters in the base's dtype (PE
   }
 }
 
+TEST_CASE("target_modules regexes are read as Python's re reads them (PCRE2)", "[cpu][nn][inject]") {
+  const std::string q = "model.layers.0.self_attn.q_proj";
+  CHECK(lorafuse::TargetModules("(?i).*\\.Q_PROJ").matches(q));        // inline flags
+  CHECK(lorafuse::TargetModules(R"(.*(?<!mlp)\.q_proj)").matches(q));  // a lookbehind
+  CHECK_FALSE(lorafuse::TargetModules(R"(.*(?<!self_attn)\.q_proj)").matches(q));
+  CHECK(lorafuse::TargetModules(R"(.*?layers\.(?P<layer>0)\..*_proj)").matches(q));  // a named group, lazy
+  CHECK(lorafuse::TargetModules(R"(\Amodel\..*\Z)").matches(q));
+  CHECK_FALSE(lorafuse::TargetModules("q_proj").matches(q));  // the whole path must match
+  auto model = tiny_llama();
+  const auto r = lorafuse::inject_lora(*model, LoraConfig().target_modules(R"((?i).*layers\.1\..*(?=_PROJ)_proj)"));
+  CHECK(r.targets.size() == 7);
+  require_error_parts<c10::ValueError>(
+      [&] { LoraConfig().target_modules(".*(q_proj").validate(); },
+      {"target_modules: \".*(q_proj\" is not a valid regular expression", "missing closing parenthesis"});
+  require_error_parts<c10::ValueError>(
+      [&] { LoraConfig().target_modules({"q_proj"}).exclude_modules(R"(\)").validate(); },
+      {"exclude_modules", "not a valid regular expression"});
+}
+
 TEST_CASE("rank_pattern and alpha_pattern override per module", "[cpu][nn][inject]") {
   auto model = tiny_llama();
   lorafuse::inject_lora(*model, LoraConfig()

@@ -320,3 +320,38 @@ def test_adapters_in_the_base_dtype_on_request_as_in_peft(dtype, tmp_path):
     assert dtypes(lorafuse.load_adapter(copy.deepcopy(base), tmp_path)) == {torch.float32}
     with pytest.raises(TypeError, match="autocast_adapter_dtype: expected a bool, found int"):
         lorafuse.inject_lora(copy.deepcopy(base), lorafuse.LoraConfig(r=4), autocast_adapter_dtype=1)
+
+
+REGEXES = [
+    r"(?i).*\.(Q_PROJ|V_PROJ)",  # inline flags
+    r".*(?<!mlp)\.(q_proj|down_proj|up_proj)",  # a lookbehind
+    r".*?layers\.(?P<layer>0)\..*_proj",  # a named group, a lazy quantifier
+    r"(?=.*self_attn).*\.[qk]_proj",  # a lookahead
+    r"\Amodel\.layers\.1\.mlp\.(?:gate|up)_proj\Z",  # \A and \Z
+]
+
+
+@pytest.mark.parametrize("regex", REGEXES)
+def test_python_regexes_select_what_peft_selects_and_load_from_files(regex, tmp_path):
+    base = hf_zoo.build("llama")
+    theirs = _peft_model(copy.deepcopy(base), r=4, init_lora_weights=False, target_modules=regex).eval()
+    ours = lorafuse.inject_lora(copy.deepcopy(base), lorafuse.LoraConfig(r=4, target_modules=regex))
+    paths = sorted(p for p, _ in lorafuse.lora_layers(ours))
+    assert paths == _peft_targets(theirs) and paths
+    # as exclude_modules and rank_pattern too (the same engine)
+    excluded = lorafuse.inject_lora(
+        copy.deepcopy(base), lorafuse.LoraConfig(r=4, target_modules="all-linear", exclude_modules=regex)
+    )
+    assert not set(paths) & {p for p, _ in lorafuse.lora_layers(excluded)}
+    theirs.save_pretrained(tmp_path)
+    loaded = lorafuse.load_adapter(copy.deepcopy(base), tmp_path)
+    assert sorted(p for p, _ in lorafuse.lora_layers(loaded)) == paths
+    with torch.no_grad():
+        _close(hf_zoo.output(loaded, "llama"), hf_zoo.output(theirs, "llama"))
+
+
+def test_a_bad_regex_is_named_with_the_library_s_reason():
+    with pytest.raises(ValueError, match=r'target_modules: ".\*\(q_proj" is not a valid regular expression \(.*missing'):
+        lorafuse.LoraConfig(target_modules=".*(q_proj")
+    with pytest.raises(ValueError, match=r'rank_pattern: "\(\?<name" is not a valid regular expression'):
+        lorafuse.LoraConfig(target_modules=["q_proj"], rank_pattern={"(?<name": 4})
