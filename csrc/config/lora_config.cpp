@@ -119,14 +119,17 @@ bool LoraConfig::in_transformed_layers(const TargetModules& targets, const std::
     if (path == name) return true;  // named exactly: whatever its layer (PEFT)
   }
   // PEFT's rule: the first layer index in the path (not a nested one such as an expert's)
+  // PEFT's regular expressions, the pattern inserted as it is; the index is the group named idx (a pattern may have
+  // groups of its own)
   std::string digits;
   bool found = false;
   if (layers_pattern_.empty()) {
-    found = detail::Pattern::compile(R"(.*?\.[^.]*\.(\d+)\.)", "layers_to_transform")->match(path, &digits);
+    found =
+        detail::Pattern::compile(R"(.*?\.[^.]*\.(?P<idx>\d+)\.)", "layers_to_transform")->match(path, &digits, "idx");
   } else {
     for (const auto& pattern : layers_pattern_) {
-      const auto re = detail::Pattern::compile("(?:^|.*?\\.)(?:" + pattern + ")\\.(\\d+)\\.", "layers_pattern");
-      found = re->match(path, &digits);
+      const auto re = detail::Pattern::compile("(?:^|.*?\\.)" + pattern + "\\.(?P<idx>\\d+)\\.", "layers_pattern");
+      found = re->match(path, &digits, "idx");
       if (found) break;
     }
   }
@@ -211,8 +214,10 @@ std::vector<TargetChoice> select_targets(const std::vector<ModuleInfo>& modules,
   TORCH_CHECK_VALUE(!chosen.empty(), "exclude_modules: ", exclude.str(), " excludes every layer that target_modules ",
                     targets.str(), " selects");
   // As PEFT: an entry that matches nothing is no error while others match (recipes list names of several
-  // architectures), but it is said.
-  for (const auto& name : targets.names()) {
+  // architectures); PEFT says nothing, lorafuse says it (not for the model type's defaults, which the user did not
+  // write and which may list names of several architectures).
+  const auto& given = config.target_modules().names();
+  for (const auto& name : given) {
     bool found = false;
     for (const auto& m : modules) found = found || (m.is_linear && TargetModules::matches_name(m.path, name));
     if (found) continue;

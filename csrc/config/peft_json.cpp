@@ -181,7 +181,10 @@ PeftLoraConfig lora_config_from_peft_json(const std::string& json_text, const st
     }
   }
   if (adapter_file && !j.contains("target_modules")) file.targets_from_file = true;
-  if (file.targets_from_file) c.target_modules(TargetModules(".*"));  // a placeholder that validates
+  if (file.targets_from_file) {  // the file's layers are the targets: a placeholder that validates
+    c.target_modules(TargetModules(".*"));
+    c.layers_to_transform({}).layers_pattern({});  // they only narrow target_modules' names, of which there are none
+  }
   try {
     c.validate();
   } catch (const c10::Error& e) {

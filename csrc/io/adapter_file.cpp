@@ -235,7 +235,9 @@ std::vector<LoadTarget> plan_adapter_load(const AdapterFile& file, const std::ve
                       m.out_features, ", ", r, "]");
     plan.push_back({i, file.config.adapter_for(l.path), l.lora_A, l.lora_B});
   }
-  if (!file.targets_from_file && !partial) {
+  // "all-linear" (PEFT writes the names it stands for; a hand-written file may say it) leaves out the model's output
+  // layer, which the module list here does not know: the file's tensors are the targets then.
+  if (!file.targets_from_file && !partial && !file.config.target_modules().is_all_linear()) {
     std::vector<std::string> missing;
     for (size_t i : selected(modules, file.config)) {
       if (std::none_of(file.layers.begin(), file.layers.end(),

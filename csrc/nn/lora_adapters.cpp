@@ -83,7 +83,10 @@ void LoraAdapters::clear_active(const std::function<void()>& unmerge) {
 void LoraAdapters::disable(const std::function<void()>& unmerge) {
   if (!table_.merged().empty()) unmerge();
   table_.set_enabled(false);
-  apply_trainability();  // as PEFT: disabled adapters do not train
+  for (const auto& name : table_.names()) {  // as PEFT: disabling freezes every adapter (a switch activates one again)
+    lora_a(name).set_requires_grad(false);
+    lora_b(name).set_requires_grad(false);
+  }
 }
 
 void LoraAdapters::remove(const std::string& name) {

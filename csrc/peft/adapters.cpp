@@ -93,7 +93,13 @@ InjectReport load_adapter(torch::nn::Module& module, const io::AdapterFile& file
       for (auto& p : module.parameters()) p.set_requires_grad(false);
     }
   }  // else it waits inactive, frozen; the active adapter keeps training as before (PEFT)
-  if (!options.is_trainable()) module.eval();
+  // PEFT puts the model in eval mode; a model in eval mode already is not written to (other threads may be running
+  // forward while an adapter loads beside theirs)
+  if (!options.is_trainable()) {
+    bool training = module.is_training();
+    for (const auto& m : module.modules(/*include_self=*/false)) training = training || m->is_training();
+    if (training) module.eval();
+  }
   if (prior_active.empty()) {
     const auto count = trainable_parameters(module);
     report.trainable = count.trainable;

@@ -100,7 +100,7 @@ void bind_quant(py::module& m) {
         const auto config = lq_config(budget_bits, r, lora_alpha, configs, max_iters, tol, oversampling, power_iters,
                                       seed, cache_path, threads);
         const LqProgress report = progress_of(progress);
-        const LqPlan plan = translating([&] {
+        const LqPlan plan = warning_in_python([&] {
           py::gil_scoped_release no_gil;  // ATen work; the progress callback takes the GIL back
           return lq_plan(ms, config, report);
         });

@@ -29,10 +29,9 @@ std::string valid_utf8(const std::string& s) {
   return out;
 }
 
-void warn_in_python(const std::vector<std::string>& messages) {
-  for (const auto& m : messages) {
-    if (PyErr_WarnEx(PyExc_UserWarning, valid_utf8(m).c_str(), 1) != 0) throw py::error_already_set();
-  }
+void PythonWarnings::process(const c10::Warning& warning) {
+  py::gil_scoped_acquire gil;  // the binding may have released it (lq_lora)
+  if (PyErr_WarnEx(PyExc_UserWarning, valid_utf8(warning.msg()).c_str(), 1) != 0) throw py::error_already_set();
 }
 
 LoraConfig config_from(const std::string& json_text) {

@@ -12,7 +12,6 @@
 
 #include <string>
 #include <tuple>
-#include <type_traits>
 #include <vector>
 
 namespace lorafuse::python {
@@ -36,35 +35,19 @@ auto translating(F&& f) -> decltype(f()) {
   }
 }
 
-// Collects what C++ code says through TORCH_WARN on this thread (c10's warning handler is per thread).
-class CollectedWarnings : public c10::WarningHandler {
+// Issues each TORCH_WARN of this thread as a Python UserWarning at once, so that a warning filter turning it into an
+// error raises there: lorafuse's C++ warns while it checks, before it changes anything.
+class PythonWarnings : public c10::WarningHandler {
  public:
-  void process(const c10::Warning& warning) override { messages.push_back(warning.msg()); }
-  std::vector<std::string> messages;
+  void process(const c10::Warning& warning) override;
 };
 
-// Issues each message as a Python UserWarning (a warning filter that turns it into an error raises).
-void warn_in_python(const std::vector<std::string>& messages);
-
-// translating(f), with f's TORCH_WARN messages issued as Python UserWarnings once it returns (or raises: then
-// they are dropped and the error propagates).
+// translating(f), with f's TORCH_WARN messages issued as Python UserWarnings as they come (see PythonWarnings).
 template <class F>
 auto warning_in_python(F&& f) -> decltype(f()) {
-  CollectedWarnings collected;
-  if constexpr (std::is_void_v<decltype(f())>) {
-    {
-      c10::WarningUtils::WarningHandlerGuard guard(&collected);
-      translating(f);
-    }
-    warn_in_python(collected.messages);
-  } else {
-    auto result = [&] {
-      c10::WarningUtils::WarningHandlerGuard guard(&collected);
-      return translating(f);
-    }();
-    warn_in_python(collected.messages);
-    return result;
-  }
+  PythonWarnings handler;
+  c10::WarningUtils::WarningHandlerGuard guard(&handler);
+  return translating(f);
 }
 
 // (path, type name, is_linear, in_features, out_features) per module, as the Python front lists them.

@@ -300,6 +300,8 @@ def inspect_adapter(folder: str) -> Dict[str, Any]:
 
     adapter = lorafuse.read_adapter(folder)
     config = adapter["config"]
+    if json.loads(adapter["config_json"]).get("target_modules") is None:
+        config = dict(config, target_modules=None)  # the file names none: its layers are the targets
     use_rslora = bool(config["use_rslora"])
 
     # lora_alpha of each module: config.lora_alpha, unless alpha_pattern names it. The pattern rule is the
@@ -402,16 +404,16 @@ def _target_warnings(lorafuse: Any, config: Dict[str, Any], paths: List[str]) ->
         chosen, unmatched = lorafuse._C._select_targets(rows, json.dumps(config))
     except ValueError as e:  # e.g. names that match none of the file's modules
         return [f"{what} does not fit the modules in {WEIGHTS_FILE} ({e})"]
-    if unmatched:  # an entry that matches none of the file's modules
-        return [f"{what} does not fit the modules in {WEIGHTS_FILE} ({w})" for w in unmatched]
+    # entries that match none of the file's modules
+    warnings = [f"{what} does not fit the modules in {WEIGHTS_FILE} ({w})" for w in unmatched]
     selected = {paths[index] for index, _ in chosen}
     skipped = [p for p in paths if p not in selected]
     if not skipped:
-        return []
+        return warnings
     shown = ", ".join(f'"{p}"' for p in skipped[:3]) + (
         f" and {len(skipped) - 3} more" if len(skipped) > 3 else ""
     )
-    return [
+    return warnings + [
         f"{what} does not select {len(skipped)} of the {len(paths)} modules in {WEIGHTS_FILE} ({shown}); "
         "PEFT's from_pretrained would not load their weights"
     ]

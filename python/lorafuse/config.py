@@ -166,17 +166,19 @@ class LoftQConfig:
     loftq_iter: int = 1  #: alternating iterations (quantize, then the SVD of what is left), >= 1
 
 
-def config_fields(config_json: str, targets_from_file: bool) -> Dict[str, Any]:
-    """The LoraConfig fields of an adapter_config.json text (``target_modules`` None when the file's layers
-    are the targets)."""
+def config_fields(config_json: str, file_layers: Optional[List[str]]) -> Dict[str, Any]:
+    """The LoraConfig fields of an adapter_config.json text; ``file_layers``: the paths of the file's layers when they
+    are the targets (the config names none), which ``target_modules`` then lists (``LoraConfig(**fields)`` selects
+    them; None would mean the model type's defaults)."""
     j = json.loads(config_json)
     defaults = LoraConfig.__dataclass_fields__
     out: Dict[str, Any] = {}
     for name, f in defaults.items():
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         out[name] = j.get(name, default)
-    if targets_from_file:
-        out["target_modules"] = None
+    if file_layers is not None:
+        out["target_modules"] = list(file_layers)
+        out["layers_to_transform"] = out["layers_pattern"] = None  # they narrow names; these are the exact paths
     return out
 
 

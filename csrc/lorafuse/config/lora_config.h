@@ -74,7 +74,7 @@ struct LoraConfig {
   /// two path components. A path equal to a target entry is selected whatever its layer.
   TORCH_ARG(std::vector<int64_t>, layers_to_transform);
   /// PEFT's layers_pattern: the names of the module lists that hold the layers ("layers", "h", ...; each a regular
-  /// expression); only with layers_to_transform.
+  /// expression, inserted into PEFT's as it is); only with layers_to_transform.
   TORCH_ARG(std::vector<std::string>, layers_pattern);
   /// Which biases train: "none", "all" (every bias of the model) or "lora_only" (the biases of the layers
   /// that get adapters).
@@ -134,8 +134,8 @@ struct TargetChoice {
 /// does not. target_modules not given: the defaults for `model_type` (transformers' config.model_type; "" when the
 /// model has none). ValueErrors: no target_modules and no defaults for the model's type, targets that match nothing
 /// (the message lists the Linear layers that exist), a selected module that is not a Linear, everything excluded. A
-/// list entry that matches nothing while others match is, as in PEFT, no error: a warning, pushed to `warnings` when
-/// given, else TORCH_WARN.
+/// list entry that matches nothing while others match is, as in PEFT, no error; PEFT says nothing, lorafuse warns
+/// (pushed to `warnings` when given, else TORCH_WARN), except for the model type's default targets.
 std::vector<TargetChoice> select_targets(const std::vector<ModuleInfo>& modules, const LoraConfig& config,
                                          const std::string& model_type = "",
                                          std::vector<std::string>* warnings = nullptr);

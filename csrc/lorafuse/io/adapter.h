@@ -44,7 +44,7 @@ struct AdapterFile {
 
 /// adapter_config.json text → LoraConfig. ValueErrors name the field: malformed JSON, a field of the wrong
 /// type, a peft_type other than LORA, and every PEFT feature lorafuse does not support yet (use_dora,
-/// modules_to_save, layers_to_transform, lora_bias, init_lora_weights other than
+/// modules_to_save, lora_bias, init_lora_weights other than
 /// true/false/"gaussian", ...), named. Unknown fields are ignored with a warning appended to `warnings`.
 AdapterFile parse_adapter_config(const std::string& json_text, const std::string& what);
 

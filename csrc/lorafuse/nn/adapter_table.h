@@ -50,8 +50,9 @@ class AdapterTable {
   /// The adapters folded into the base weight, in the order they were merged (empty: nothing is merged).
   const std::vector<std::string>& merged() const noexcept { return merged_; }
   bool is_merged(const std::string& name) const;
-  /// Whether `name`'s A and B train: only the active adapter's do, while adapters are enabled (PEFT).
-  bool trains(const std::string& name) const { return enabled_ && !name.empty() && name == active_; }
+  /// Whether `name`'s A and B train: only the active adapter's do (disable_adapters freezes them all until the next
+  /// enable or switch, as PEFT does).
+  bool trains(const std::string& name) const { return !name.empty() && name == active_; }
 
   // ---- adding and removing ----------------------------------------------------------------------
   /// Checks that adapter `name` with `options` can be added to a layer whose base weight has `base_dtype`

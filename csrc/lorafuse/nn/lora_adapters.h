@@ -54,8 +54,8 @@ class LoraAdapters {
   /// the layer must unmerge first (switching away from a merged adapter), `unmerge` runs before.
   void activate(const std::string& name, const std::function<void()>& unmerge);
   void clear_active(const std::function<void()>& unmerge);
-  /// Adapters disabled (unmerging first if anything is merged; no adapter trains, as in PEFT) / enabled again (the
-  /// active one trains).
+  /// Adapters disabled (unmerging first if anything is merged; every adapter frozen until enable or a switch, as in
+  /// PEFT) / enabled again (the active one trains).
   void disable(const std::function<void()>& unmerge);
   /// Removes adapter `name` (table.check_remove first).
   void remove(const std::string& name);

@@ -35,8 +35,10 @@ struct LoadAdapterOptions {
   /// layers then do not get the adapter). Off: that is an error naming the layers.
   TORCH_ARG(bool, partial) = false;
   /// PEFT's is_trainable. Off (the default, as PEFT): the loaded adapter is frozen and the model is put in eval mode
-  /// (inference); adapters already there keep their state. On: it trains like one from inject_lora once it is active
-  /// (at once on a model without LoRA layers; beside other adapters it waits, inactive, for set_adapter).
+  /// (inference; a model in eval mode already is left untouched, so loading beside running forwards stays safe);
+  /// adapters already there keep their state. On: it trains like one from inject_lora once it is active (at once on a
+  /// model without LoRA layers; beside other adapters it waits, inactive and frozen, for set_adapter — PEFT makes
+  /// it trainable at once: lorafuse trains the active adapter only).
   TORCH_ARG(bool, is_trainable) = false;
   /// PEFT's autocast_adapter_dtype: true keeps a float16/bfloat16 base's adapters in float32; false makes them in the
   /// base's dtype (the file's tensors are cast to it).

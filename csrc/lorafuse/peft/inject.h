@@ -33,8 +33,9 @@ struct InjectReport {
 ///
 /// The model's active adapter does not change: the first adapter injected becomes active; a later one
 /// waits for set_adapter. Nothing is changed when an error is raised: a bad config, an adapter name
-/// already present, a target entry that matches no module (the message lists the Linear layers that
-/// exist), a selected module that is not a Linear, or a Linear whose parent calls it through a typed
+/// already present, targets that match no module (the message lists the Linear layers that exist; one list
+/// entry matching nothing while others match is a warning), no target_modules for a model without default
+/// targets, a selected module that is not a Linear, or a Linear whose parent calls it through a typed
 /// holder that cannot be rewired (keep such layers in a lorafuse::nn::LinearSlot or a
 /// torch::nn::ModuleDict).
 ///
@@ -72,7 +73,8 @@ InjectReport add_adapter(torch::nn::Module& module, const std::string& adapter_n
 /// Activates `adapter_name` in every layer that has it (the others run as their base) and makes only
 /// its weights trainable. Moves no data. An error if no layer has it.
 void set_adapter(torch::nn::Module& module, const std::string& adapter_name);
-/// The base model alone (merged layers are unmerged first) / the adapters again.
+/// The base model alone (merged layers are unmerged first; every adapter frozen, as PEFT) / the adapters again (the
+/// active one trains).
 void disable_adapters(torch::nn::Module& module);
 void enable_adapters(torch::nn::Module& module);
 /// Removes `adapter_name` from every layer; layers left without adapters stay LoraLinear layers.

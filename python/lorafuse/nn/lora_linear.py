@@ -317,11 +317,15 @@ class Linear(nn.Module):
             self._apply_trainability()
 
     def disable_adapters(self) -> None:
-        """The base alone from now on (unmerging first); no adapter trains until :meth:`enable_adapters` (PEFT)."""
+        """The base alone from now on (unmerging first); every adapter is frozen until :meth:`enable_adapters` or
+        :meth:`set_adapter` (PEFT's behaviour)."""
         if self.merged:
             self.unmerge()
         self._table.set_enabled(False)
-        self._apply_trainability()  # as PEFT: disabled adapters do not train
+        for name in self._table.names:  # as PEFT: disabling freezes every adapter (a switch activates one again)
+            self.lora_A[name].weight.requires_grad_(False)
+            self.lora_B[name].weight.requires_grad_(False)
+        self._refresh_route()
 
     def enable_adapters(self) -> None:
         """The adapters again (the active one trains)."""

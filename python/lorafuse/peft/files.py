@@ -206,7 +206,9 @@ def _load(
             for p in model.parameters():
                 p.requires_grad_(False)
     # else it waits inactive, frozen; the active adapter keeps training as before (PEFT)
-    if not is_trainable:
+    # PEFT puts the model in eval mode; a model in eval mode already is not written to (other threads may be running
+    # forward while an adapter loads beside theirs)
+    if not is_trainable and any(m.training for m in model.modules()):
         model.eval()
     return model
 
@@ -216,7 +218,8 @@ def read_adapter(dir: PathLike) -> dict:
     ``{"config": LoraConfig fields, "config_json": str, "layers": [(path, lora_A, lora_B)],
     "biases": [(path, tensor)], "warnings": [str]}``."""
     adapter = _C._read_adapter(_folder(dir, "read_adapter"))
-    adapter["config"] = config_fields(adapter["config_json"], adapter.pop("targets_from_file"))
+    from_file = adapter.pop("targets_from_file")
+    adapter["config"] = config_fields(adapter["config_json"], [p for p, _, _ in adapter["layers"]] if from_file else None)
     return adapter
 
 

@@ -109,9 +109,11 @@ def inject_lora(
         ``model`` (changed in place).
 
     Raises:
-        ValueError: a bad config, an adapter name already present, a target entry that matches no module
-            (the message lists the Linear layers there are), a selected module that is not a Linear, a
-            model that already has PEFT LoRA layers (use :func:`lorafuse.from_peft`). Nothing is changed.
+        ValueError: a bad config, an adapter name already present, targets that match no module (the message
+            lists the Linear layers there are; one list entry matching nothing while others match is a
+            warning, as PEFT allows it), no ``target_modules`` for a model without default targets, a selected
+            module that is not a Linear, a model that already has PEFT LoRA layers (use
+            :func:`lorafuse.from_peft`). Nothing is changed.
         TypeError: a field of the wrong type.
     """
     if not isinstance(config, LoraConfig):
@@ -305,7 +307,8 @@ def set_adapter(model: nn.Module, adapter_name: str) -> None:
 
 @_model_wide(_C._cpp_disable_adapters)
 def disable_adapters(model: nn.Module) -> None:
-    """The base model alone (merged layers are unmerged first)."""
+    """The base model alone (merged layers are unmerged first; every adapter frozen until :func:`enable_adapters` or
+    :func:`set_adapter`, as PEFT)."""
     for _, layer in lora_layers(model):
         layer.disable_adapters()
 

@@ -282,9 +282,11 @@ TEST_CASE("threads run forward with their adapters while another loads and delet
   const auto c = saved_adapter(root, "c", LoraConfig().r(8).target_modules({"q_proj"}), 3);
   const auto d = saved_adapter(root, "d", LoraConfig().r(2).target_modules({"v_proj"}), 4);
   auto model = tiny_llama();
-  lorafuse::load_adapter(*model, a, "a");
+  lorafuse::load_adapter(*model, a, "a", lorafuse::LoadAdapterOptions().is_trainable(true));
+  model->eval();  // served: the loads below then write no module's mode while threads run forward
   lorafuse::load_adapter(*model, b, "b");
   const auto trainable = lorafuse::trainable_parameters(*model).trainable;
+  REQUIRE(trainable > 0);  // "a" trains; the loads below must leave that as it is
   std::map<std::string, at::Tensor> reference;
   for (const std::string name : {"a", "b", ""}) {
     lorafuse::AdapterScope scope(name);

@@ -355,3 +355,32 @@ def test_a_bad_regex_is_named_with_the_library_s_reason():
         lorafuse.LoraConfig(target_modules=".*(q_proj")
     with pytest.raises(ValueError, match=r'rank_pattern: "\(\?<name" is not a valid regular expression'):
         lorafuse.LoraConfig(target_modules=["q_proj"], rank_pattern={"(?<name": 4})
+
+
+def test_a_warning_turned_into_an_error_leaves_a_cpp_model_unchanged():
+    model = lorafuse.models.Llama(lorafuse.models.LlamaConfig())
+    lorafuse.inject_lora(model, lorafuse.LoraConfig(r=2))  # the Llama says "llama": q_proj and v_proj
+    assert len(lorafuse.lora_layers(model)) == 4
+    lorafuse.merge(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(UserWarning, match="merge_adapter: already merged"):
+            lorafuse.merge(model)
+        with pytest.raises(UserWarning, match='"nothing" matches no module'):
+            lorafuse.add_adapter(model, "b", lorafuse.LoraConfig(target_modules=["q_proj", "nothing"]))
+    assert lorafuse.adapter_names(model) == ["default"]
+    with pytest.warns(UserWarning, match='"nothing" matches no module'):
+        lorafuse.add_adapter(model, "b", lorafuse.LoraConfig(target_modules=["q_proj", "nothing"]))
+    assert lorafuse.adapter_names(model) == ["default", "b"]
+
+
+def test_a_layers_pattern_with_groups_of_its_own_and_unicode_classes():
+    base = hf_zoo.build("llama")
+    fields = dict(target_modules=["q_proj"], layers_to_transform=[1], layers_pattern="(layers|h)")
+    theirs = _peft_model(copy.deepcopy(base), r=2, **fields)
+    ours = lorafuse.inject_lora(copy.deepcopy(base), lorafuse.LoraConfig(r=2, **fields))
+    assert sorted(p for p, _ in lorafuse.lora_layers(ours)) == _peft_targets(theirs) == ["model.layers.1.self_attn.q_proj"]
+    model = torch.nn.Sequential()
+    model.add_module("blöck", torch.nn.Linear(2, 2))  # \w is Unicode-aware in Python's re, and here
+    lorafuse.inject_lora(model, lorafuse.LoraConfig(target_modules=r"\w+"))
+    assert [p for p, _ in lorafuse.lora_layers(model)] == ["blöck"]
