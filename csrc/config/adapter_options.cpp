@@ -14,13 +14,21 @@ InitLoraWeights::InitLoraWeights(const std::string& init) {
     kind_ = Kind::kGaussian;
   } else if (init == "loftq") {
     kind_ = Kind::kLoftq;
+  } else if (init == "pissa") {
+    kind_ = Kind::kPissa;
+  } else if (init == "olora") {
+    kind_ = Kind::kOlora;
   } else if (init == "true") {
     kind_ = Kind::kDefault;
   } else if (init == "false") {
     kind_ = Kind::kRandom;
   } else {
-    TORCH_CHECK_VALUE(false, "init_lora_weights: expected true, false, \"gaussian\" or \"loftq\", found \"", init,
-                      "\"");
+    TORCH_CHECK_VALUE(init.rfind("pissa_niter_", 0) != 0, "init_lora_weights: \"", init,
+                      "\" (PiSSA by a randomized SVD) is not supported yet; \"pissa\" computes the exact SVD");
+    TORCH_CHECK_VALUE(false,
+                      "init_lora_weights: expected true, false, \"gaussian\", \"loftq\", \"pissa\" or \"olora\", "
+                      "found \"",
+                      init, "\"");
   }
 }
 
@@ -34,6 +42,10 @@ std::string InitLoraWeights::str() const {
       return "false";
     case Kind::kLoftq:
       return "loftq";
+    case Kind::kPissa:
+      return "pissa";
+    case Kind::kOlora:
+      return "olora";
   }
   return "true";
 }

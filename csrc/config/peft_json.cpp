@@ -167,11 +167,12 @@ PeftLoraConfig lora_config_from_peft_json(const std::string& json_text, const st
     } else if (key == "alpha_pattern") {
       c.alpha_pattern(pattern_field<double>(value, what, "alpha_pattern", number));
     } else if (key == "init_lora_weights") {
-      // Only how fresh weights start, but PiSSA, OLoRA, EVA, CorDA... also change the base weights.
-      TORCH_CHECK_VALUE(value.is_boolean() || value == "gaussian" || value == "loftq", what,
-                        ": init_lora_weights = ", value.dump(),
-                        " is a PEFT initialisation that lorafuse does not support yet (it supports true, false, "
-                        "\"gaussian\" and \"loftq\")");
+      // How fresh weights start (an adapter loaded from a file takes its weights); EVA, CorDA... are not supported.
+      TORCH_CHECK_VALUE(
+          value.is_boolean() || value == "gaussian" || value == "loftq" || value == "pissa" || value == "olora", what,
+          ": init_lora_weights = ", value.dump(),
+          " is a PEFT initialisation that lorafuse does not support yet (it supports true, false, "
+          "\"gaussian\", \"loftq\", \"pissa\" and \"olora\")");
       c.init_lora_weights(value.is_boolean() ? nn::InitLoraWeights(value.get<bool>())
                                              : nn::InitLoraWeights(value.get<std::string>()));
     } else if (key == "loftq_config") {

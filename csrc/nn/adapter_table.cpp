@@ -1,3 +1,6 @@
+#include <ATen/ops/linalg_qr.h>
+#include <ATen/ops/linalg_svd.h>
+#include <ATen/ops/matmul.h>
 #include <c10/util/Exception.h>
 #include <lorafuse/nn/adapter_scope.h>
 #include <lorafuse/nn/adapter_table.h>
@@ -280,6 +283,8 @@ void init_adapter_weights(at::Tensor& a, at::Tensor& b, const LoraAdapterOptions
   switch (options.init_lora_weights().kind()) {
     case InitLoraWeights::Kind::kDefault:
     case InitLoraWeights::Kind::kLoftq:
+    case InitLoraWeights::Kind::kPissa:
+    case InitLoraWeights::Kind::kOlora:
       torch::nn::init::kaiming_uniform_(a, std::sqrt(5.0));
       torch::nn::init::zeros_(b);
       break;
@@ -294,9 +299,34 @@ void init_adapter_weights(at::Tensor& a, at::Tensor& b, const LoraAdapterOptions
   }
 }
 
-void init_adapter_weights_loftq(const at::Tensor& base_weight, at::Tensor& a, at::Tensor& b,
-                                const LoraAdapterOptions& options) {
+void init_adapter_weights_from_base(const at::Tensor& base_weight, at::Tensor& a, at::Tensor& b,
+                                    const LoraAdapterOptions& options) {
   torch::NoGradGuard no_grad;
+  const auto kind = options.init_lora_weights().kind();
+  if (kind == InitLoraWeights::Kind::kPissa || kind == InitLoraWeights::Kind::kOlora) {
+    // PEFT's pissa_init / olora_init, in float32: W = scale·B·A + the residual that the base keeps
+    const double scale = options.scale();
+    const int64_t r = options.r();
+    const at::Tensor w = base_weight.to(at::kFloat);
+    at::Tensor lora_a, lora_b;
+    if (kind == InitLoraWeights::Kind::kPissa) {
+      const auto [u, s, vh] = at::linalg_svd(w, /*full_matrices=*/false);
+      const at::Tensor root = s.narrow(0, 0, r).div(scale).sqrt();  // [r]
+      lora_a = vh.narrow(0, 0, r).mul(root.unsqueeze(1));           // diag(√S_r) · Vh_r  [r, in]
+      lora_b = u.narrow(1, 0, r).mul(root.unsqueeze(0));            // U_r · diag(√S_r)   [out, r]
+    } else {
+      const auto [q, rr] = at::linalg_qr(w);
+      lora_a = rr.narrow(0, 0, r);  // [r, in]
+      lora_b = q.narrow(1, 0, r);   // [out, r]
+    }
+    const at::Tensor residual = w - scale * at::matmul(lora_b, lora_a);
+    a.copy_(lora_a);
+    b.copy_(lora_b);
+    base_weight.copy_(residual);
+    return;
+  }
+  TORCH_CHECK_VALUE(kind == InitLoraWeights::Kind::kLoftq, "init_adapter_weights_from_base: init_lora_weights \"",
+                    options.init_lora_weights().str(), "\" does not start from the base weight");
   const auto& loftq = options.loftq_config();
   const LoftqInit init = loftq_init(base_weight, loftq.loftq_bits(), options.r(), loftq.loftq_iter());
   const double root = std::sqrt(options.scale());
@@ -305,15 +335,15 @@ void init_adapter_weights_loftq(const at::Tensor& base_weight, at::Tensor& a, at
   b.copy_(init.lora_b.div(root));
 }
 
-void check_loftq_weight(const std::string& path, const at::Tensor& weight, int64_t r, const AdapterTable* table) {
-  TORCH_CHECK_VALUE(table == nullptr || table->merged().empty(), "init_lora_weights \"loftq\": \"", path,
+void check_loftq_weight(const std::string& path, const at::Tensor& weight, int64_t r, const AdapterTable* table,
+                        const std::string& init) {
+  TORCH_CHECK_VALUE(table == nullptr || table->merged().empty(), "init_lora_weights \"", init, "\": \"", path,
                     "\": its weight holds merged adapters now; unmerge them first");
-  TORCH_CHECK_VALUE(weight.dim() == 2 && r <= std::min(weight.size(0), weight.size(1)),
-                    "init_lora_weights \"loftq\": \"", path, "\": r = ", r, " exceeds min(out, in) of its ",
-                    weight.sizes(), " weight");
+  TORCH_CHECK_VALUE(weight.dim() == 2 && r <= std::min(weight.size(0), weight.size(1)), "init_lora_weights \"", init,
+                    "\": \"", path, "\": r = ", r, " exceeds min(out, in) of its ", weight.sizes(), " weight");
   torch::NoGradGuard no_grad;
-  TORCH_CHECK_VALUE(weight.isfinite().all().item<bool>(), "init_lora_weights \"loftq\": \"", path,
-                    "\": its weight holds NaN or infinite values, which cannot be quantized");
+  TORCH_CHECK_VALUE(weight.isfinite().all().item<bool>(), "init_lora_weights \"", init, "\": \"", path,
+                    "\": its weight holds NaN or infinite values, which cannot be decomposed");
 }
 
 }  // namespace lorafuse::nn

@@ -34,19 +34,20 @@ void LoraAdapters::create_weights(const std::string& name, const at::TensorOptio
 void LoraAdapters::add(const std::string& name, const LoraAdapterOptions& adapter, bool activate,
                        const at::TensorOptions& base, const at::Tensor& dense_weight, const std::string& refusal) {
   const auto dtype = table_.check_add(name, adapter, c10::typeMetaToScalarType(base.dtype()));
-  const bool loftq = adapter.init_lora_weights().kind() == InitLoraWeights::Kind::kLoftq;
+  const bool loftq = adapter.init_lora_weights().changes_base();  // LoftQ, PiSSA, OLoRA
+  const std::string init = adapter.init_lora_weights().str();
   if (loftq) {
-    TORCH_CHECK_VALUE(dense_weight.defined(), "add_adapter(\"", name, "\"): init_lora_weights \"loftq\" replaces the ",
-                      "layer's full-precision weight by its quantized value and starts the adapter from what that ",
-                      "loses; ", refusal.empty() ? "this layer has no such weight" : refusal);
-    check_loftq_weight("add_adapter(" + name + ")", dense_weight, adapter.r(), &table_);
+    TORCH_CHECK_VALUE(dense_weight.defined(), "add_adapter(\"", name, "\"): init_lora_weights \"", init,
+                      "\" changes the layer's full-precision weight and starts the adapter from it; ",
+                      refusal.empty() ? "this layer has no such weight" : refusal);
+    check_loftq_weight("add_adapter(" + name + ")", dense_weight, adapter.r(), &table_, init);
   }
   create_weights(name, base.dtype(dtype), adapter.r());
   if (loftq) {  // before the table changes: an error (in the decomposition, before any write) leaves the layer as it
                 // was
     try {
-      init_adapter_weights_loftq(dense_weight, lora_A[name]->as<torch::nn::LinearImpl>()->weight,
-                                 lora_B[name]->as<torch::nn::LinearImpl>()->weight, adapter);
+      init_adapter_weights_from_base(dense_weight, lora_A[name]->as<torch::nn::LinearImpl>()->weight,
+                                     lora_B[name]->as<torch::nn::LinearImpl>()->weight, adapter);
     } catch (...) {
       for (auto* dict : {&lora_A, &lora_B}) {
         (*dict)->pop(name);

@@ -161,7 +161,8 @@ std::string join(const std::vector<std::string>& names) { return nn::AdapterTabl
 
 void check_loftq(const std::vector<Site>& sites, const std::vector<TargetChoice>& chosen) {
   for (const auto& c : chosen) {
-    if (c.adapter.init_lora_weights().kind() != nn::InitLoraWeights::Kind::kLoftq) continue;
+    if (!c.adapter.init_lora_weights().changes_base()) continue;
+    const std::string init = c.adapter.init_lora_weights().str();
     const Site& s = sites[c.index];
     at::Tensor weight;
     const nn::AdapterTable* table = nullptr;
@@ -171,10 +172,11 @@ void check_loftq(const std::vector<Site>& sites, const std::vector<TargetChoice>
     } else if (const auto* linear = s.module->as<torch::nn::LinearImpl>()) {
       weight = linear->weight;
     }
-    TORCH_CHECK_VALUE(weight.defined(), "init_lora_weights \"loftq\": \"", s.path, "\" (", s.module->name(),
-                      ") has no full-precision torch::nn::Linear weight for LoftQ to quantize (a quantized base: start "
-                      "LoftQ from the full-precision model, then quantize it)");
-    nn::check_loftq_weight(s.path, weight, c.adapter.r(), table);
+    TORCH_CHECK_VALUE(
+        weight.defined(), "init_lora_weights \"", init, "\": \"", s.path, "\" (", s.module->name(),
+        ") has no full-precision torch::nn::Linear weight to start from (a quantized base: start from the "
+        "full-precision model, then quantize it)");
+    nn::check_loftq_weight(s.path, weight, c.adapter.r(), table, init);
   }
 }
 
@@ -198,7 +200,7 @@ InjectReport attach_adapter(const std::vector<Site>& sites, const std::vector<Ta
   for (const auto& chosen_site : chosen) {
     TargetChoice c = chosen_site;
     // adapters loaded from a file take its weights: LoftQ ran when they were made and must not quantize the base again
-    if (fill && c.adapter.init_lora_weights().kind() == nn::InitLoraWeights::Kind::kLoftq) {
+    if (fill && c.adapter.init_lora_weights().changes_base()) {
       c.adapter.init_lora_weights(true);
     }
     const Site& s = sites[c.index];

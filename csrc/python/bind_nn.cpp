@@ -144,19 +144,18 @@ void bind_adapter_table(py::module& m) {
       py::arg("lora_A"), py::arg("lora_B"), py::arg("options"),
       "Sets a new adapter's A [r, in] and B [out, r] in place as options.init_lora_weights says (PEFT's rules).");
   m.def(
-      "init_adapter_weights_loftq",
+      "init_adapter_weights_from_base",
       [](at::Tensor weight, at::Tensor a, at::Tensor b, const LoraAdapterOptions& o) {
-        translating([&] { nn::init_adapter_weights_loftq(weight, a, b, o); });
+        translating([&] { nn::init_adapter_weights_from_base(weight, a, b, o); });
       },
       py::arg("weight"), py::arg("lora_A"), py::arg("lora_B"), py::arg("options"),
-      "LoftQ: the dense base weight replaced in place by its quantized value, A and B set so that Q + s·B·A ≈ W "
-      "(lorafuse::nn::init_adapter_weights_loftq).");
+      "LoftQ, PiSSA or OLoRA: A and B set from the dense base weight, which is changed in place "
+      "(lorafuse::nn::init_adapter_weights_from_base).");
   m.def(
       "_check_loftq_weight",
-      [](const std::string& path, const at::Tensor& weight, int64_t r, const nn::AdapterTable* table) {
-        translating([&] { nn::check_loftq_weight(path, weight, r, table); });
-      },
-      py::arg("path"), py::arg("weight"), py::arg("r"), py::arg("table") = nullptr,
+      [](const std::string& path, const at::Tensor& weight, int64_t r, const nn::AdapterTable* table,
+         const std::string& init) { translating([&] { nn::check_loftq_weight(path, weight, r, table, init); }); },
+      py::arg("path"), py::arg("weight"), py::arg("r"), py::arg("table") = nullptr, py::arg("init") = "loftq",
       "lorafuse::nn::check_loftq_weight.");
 }
 

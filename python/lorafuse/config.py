@@ -39,6 +39,10 @@ class LoraConfig:
             without the scale (the same when lora_alpha = r). Layers whose base is already quantized refuse it;
             ``quantize_model(model, QuantConfig(double_quant=False))`` afterwards stores Q's exact NF4 bytes. An
             adapter loaded from a file takes its weights: LoftQ does not run again.
+            ``"pissa"`` (PiSSA: A and B from W's r principal singular directions, exact SVD) and ``"olora"``
+            (OLoRA: from W's QR decomposition) start as PEFT computes them, W keeping the residual W − scale·B·A (so
+            the model's outputs do not change); like LoftQ they need a full-precision nn.Linear base, and an adapter
+            loaded from a file takes its weights. ``"pissa_niter_N"`` (a randomized SVD) is not supported yet.
         layers_to_transform: with ``target_modules`` a list of names, only modules inside these layer indices get
             the adapter (an int or a list; None: every layer), as PEFT: a module's layer index is the first number in
             its path after a ``layers_pattern`` entry ("model.layers.3.self_attn.q_proj" → 3 for "layers"), or
@@ -125,7 +129,8 @@ class LoraConfig:
         init = self.init_lora_weights
         if not isinstance(init, (bool, str)):
             raise TypeError(
-                f'init_lora_weights: expected True, False, "gaussian" or "loftq", found {type(init).__name__}'
+                'init_lora_weights: expected True, False, "gaussian", "loftq", "pissa" or "olora", found '
+                f"{type(init).__name__}"
             )
         loftq = self.loftq_config
         if loftq is None:

@@ -17,16 +17,23 @@ namespace lorafuse::nn {
 ///   "loftq"     LoftQ (Li et al., 2023): the layer's full-precision weight W is replaced by its quantized value Q
 ///               and the adapter starts at the best rank-r approximation of W − Q (LoftqConfig: the bits and the
 ///               alternating iterations), so that the quantized layer plus its adapter starts close to W. Only a new
-///               adapter over a dense Linear can start so (lorafuse::loftq_init, the op torch.ops.lorafuse.loftq_init).
+///               adapter over a dense Linear can start so (lorafuse::loftq_init, the op torch.ops.lorafuse.loftq_init);
+///   "pissa"     PiSSA (Meng et al., 2024): A and B start at W's r principal singular directions (exact SVD, float32),
+///               and W keeps the residual W − scale·B·A, as PEFT computes it;
+///   "olora"     OLoRA (Büyükakyüz, 2024): B = Q[:, :r], A = R[:r] of W's QR decomposition, and W keeps W − scale·B·A.
+/// The last three change the base weight: only a new adapter over a dense Linear starts so. An adapter loaded from a
+/// file takes its weights (the initialisation ran when it was made).
 class InitLoraWeights {
  public:
-  enum class Kind { kDefault, kGaussian, kRandom, kLoftq };
+  enum class Kind { kDefault, kGaussian, kRandom, kLoftq, kPissa, kOlora };
   InitLoraWeights(bool init = true) : kind_(init ? Kind::kDefault : Kind::kRandom) {}  // NOLINT
-  /// "gaussian", "loftq", "true" or "false"; anything else is a ValueError naming init_lora_weights.
+  /// "gaussian", "loftq", "pissa", "olora", "true" or "false"; anything else is a ValueError naming init_lora_weights.
   InitLoraWeights(const std::string& init);                                  // NOLINT
   InitLoraWeights(const char* init) : InitLoraWeights(std::string(init)) {}  // NOLINT
   Kind kind() const noexcept { return kind_; }
-  /// "true", "gaussian", "loftq" or "false", as PEFT's adapter_config.json writes it.
+  /// Whether it changes the base weight (loftq, pissa, olora): then the layer's dense weight is needed.
+  bool changes_base() const noexcept { return kind_ == Kind::kLoftq || kind_ == Kind::kPissa || kind_ == Kind::kOlora; }
+  /// "true", "gaussian", "loftq", "pissa", "olora" or "false", as PEFT's adapter_config.json writes it.
   std::string str() const;
   bool operator==(const InitLoraWeights& other) const noexcept { return kind_ == other.kind_; }
 

@@ -136,18 +136,21 @@ c10::ScalarType adapter_dtype(const LoraAdapterOptions& options, c10::ScalarType
 /// clone's or reset_parameters' re-initialisation, whose weights are then copied or loaded), it starts as true does.
 void init_adapter_weights(at::Tensor& a, at::Tensor& b, const LoraAdapterOptions& options);
 
-/// LoftQ (init_lora_weights = "loftq"): the dense base weight W [out, in] replaced in place by its quantized value Q
-/// (lorafuse::loftq_init with options.loftq_config(), in W's dtype), A and B set to R/√s and L/√s (s = options.scale())
-/// so that Q + s·B·A ≈ W. PEFT sets A = R, B = L whatever the scale: the same start when s = 1 (lora_alpha = r),
-/// otherwise PEFT's layer starts at Q + s·L·R.
-void init_adapter_weights_loftq(const at::Tensor& base_weight, at::Tensor& a, at::Tensor& b,
-                                const LoraAdapterOptions& options);
+/// The initialisations that start from the dense base weight W [out, in] and change it in place (s = options.scale()):
+///   "loftq"  W replaced by its quantized value Q (lorafuse::loftq_init with options.loftq_config(), in W's dtype), A
+///            and B set to R/√s and L/√s so that Q + s·B·A ≈ W. PEFT sets A = R, B = L whatever the scale: the same
+///            start when s = 1 (lora_alpha = r), otherwise PEFT's layer starts at Q + s·L·R;
+///   "pissa"  PEFT's PiSSA: with W = U·S·Vh (exact SVD, float32), A = diag(√(S_r/s))·Vh_r, B = U_r·diag(√(S_r/s)), and
+///            W keeps W − s·B·A;
+///   "olora"  PEFT's OLoRA: with W = Q·R, A = R[:r], B = Q[:, :r], and W keeps W − s·B·A.
+void init_adapter_weights_from_base(const at::Tensor& base_weight, at::Tensor& a, at::Tensor& b,
+                                    const LoraAdapterOptions& options);
 
-/// A ValueError naming the layer at `path` unless LoftQ can start an adapter of rank r over this full-precision
-/// weight [out, in]: r <= min(out, in), finite values, and (for a LoRA layer, `table` its adapters) nothing merged
-/// into it. Every LoRA layer (C++ and Python) asks it before a LoftQ adapter, inject_lora of every targeted layer
-/// before it changes any.
+/// A ValueError naming the layer at `path` (and `init`, the initialisation) unless an initialisation that starts from
+/// the base weight (LoftQ, PiSSA, OLoRA) can start an adapter of rank r over this full-precision weight [out, in]:
+/// r <= min(out, in), finite values, and (for a LoRA layer, `table` its adapters) nothing merged into it. Every LoRA
+/// layer (C++ and Python) asks it before such an adapter, inject_lora of every targeted layer before it changes any.
 void check_loftq_weight(const std::string& path, const at::Tensor& weight, int64_t r,
-                        const AdapterTable* table = nullptr);
+                        const AdapterTable* table = nullptr, const std::string& init = "loftq");
 
 }  // namespace lorafuse::nn

@@ -70,6 +70,9 @@ class MergeError(NamedTuple):
     adapter_error: float
 
 
+# init_lora_weights values that start A and B from the dense base weight and change it (the C++ InitLoraWeights::changes_base)
+_FROM_BASE = ("loftq", "pissa", "olora")
+
 class Linear(nn.Module):
     """A frozen linear base layer with named LoRA adapters.
 
@@ -211,8 +214,9 @@ class Linear(nn.Module):
         ``init_lora_weights="loftq"`` (with ``loftq_config`` ``{"loftq_bits": 4, "loftq_iter": 1}``, the defaults):
         LoftQ replaces the dense base weight W by its quantized value Q (NF-``loftq_bits`` in blocks of 64) and
         starts the adapter at the rank-r approximation of W − Q, scaled so that Q + scale·B·A ≈ W (PEFT's LoftQ
-        sets A and B without the scale: the same when lora_alpha = r). A base without a full-precision weight
-        (a 4-bit one) refuses it."""
+        sets A and B without the scale: the same when lora_alpha = r). ``"pissa"`` (PiSSA, exact SVD) and ``"olora"``
+        (OLoRA, QR) start A and B from W's principal part as PEFT does, W keeping the residual W − scale·B·A. A base
+        without a full-precision weight (a 4-bit one) refuses them."""
         if not isinstance(adapter_name, str):
             raise TypeError(f"adapter_name: expected a str, found {type(adapter_name).__name__}")
         if isinstance(r, bool) or not isinstance(r, int):
@@ -225,13 +229,13 @@ class Linear(nn.Module):
         )
         kind = base_kind_of(self.base_layer)
         dtype = self._table.check_add(adapter_name, opts, kind.weight_dtype(self.base_layer))
-        loftq = opts.init_lora_weights == "loftq"
+        loftq = opts.init_lora_weights in _FROM_BASE  # LoftQ, PiSSA, OLoRA: A and B from the base weight, changed
         if loftq:
-            self._check_loftq(adapter_name, r)
+            self._check_loftq(adapter_name, r, opts.init_lora_weights)
         kw = dict(bias=False, device=kind.device(self.base_layer), dtype=dtype)
         a, b = nn.Linear(self.in_features, r, **kw), nn.Linear(r, self.out_features, **kw)
         if loftq:  # before anything of the layer changes: the decomposition fails before it writes
-            _C.init_adapter_weights_loftq(self.base_layer.weight, a.weight, b.weight, opts)
+            _C.init_adapter_weights_from_base(self.base_layer.weight, a.weight, b.weight, opts)
         self.lora_A[adapter_name], self.lora_B[adapter_name] = a, b
         self._table.add(adapter_name, opts, activate)
         if not loftq:
@@ -243,9 +247,10 @@ class Linear(nn.Module):
             self.lora_B[adapter_name].weight.requires_grad_(False)
             self._refresh_route()
 
-    def _check_loftq(self, adapter_name: str, r: int) -> None:
-        """A ValueError unless LoftQ can start adapter ``adapter_name`` here: a plain nn.Linear base (its
-        full-precision weight); then nn::check_loftq_weight: nothing merged into it, r <= min(out, in), finite."""
+    def _check_loftq(self, adapter_name: str, r: int, init: str = "loftq") -> None:
+        """A ValueError unless ``init`` (LoftQ, PiSSA, OLoRA) can start adapter ``adapter_name`` here: a plain nn.Linear
+        base (its full-precision weight); then nn::check_loftq_weight: nothing merged into it, r <= min(out, in),
+        finite."""
         kind = base_kind_of(self.base_layer)
         why = None
         if not isinstance(kind, DenseLinear):
@@ -257,10 +262,10 @@ class Linear(nn.Module):
             why = kind.merge_refusal(self.base_layer)
         if why is not None:
             raise ValueError(
-                f'add_adapter("{adapter_name}"): init_lora_weights "loftq" replaces the layer\'s full-precision '
-                f"weight by its quantized value and starts the adapter from what that loses; {why}"
+                f'add_adapter("{adapter_name}"): init_lora_weights "{init}" changes the layer\'s full-precision '
+                f"weight and starts the adapter from it; {why}"
             )
-        _C._check_loftq_weight(f'add_adapter("{adapter_name}")', self.base_layer.weight, r, self._table)
+        _C._check_loftq_weight(f'add_adapter("{adapter_name}")', self.base_layer.weight, r, self._table, init)
 
     def _apply_trainability(self) -> None:
         for name in self._table.names:

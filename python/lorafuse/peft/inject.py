@@ -191,25 +191,26 @@ def default_target_modules(model_type: str) -> Optional[Union[List[str], str]]:
 
 
 def _check_loftq(sites, chosen, adapter_name: str) -> None:
-    """For every chosen layer whose adapter starts with LoftQ, before any changes: a plain nn.Linear base (or a
-    lorafuse layer over one) with a full-precision weight it may quantize (the layer's own rules, _check_loftq)."""
+    """For every chosen layer whose adapter starts from the base weight (LoftQ, PiSSA, OLoRA), before any changes: a
+    plain nn.Linear base (or a lorafuse layer over one) with a full-precision weight (the layer's rules, _check_loftq)."""
     for index, opts in chosen:
-        if opts["init_lora_weights"] != "loftq":
+        init = opts["init_lora_weights"]
+        if init not in ("loftq", "pissa", "olora"):  # those that start from the base weight and change it
             continue
         _, _, path, module = sites[index]
         base = module.base_layer if is_lora_layer(module) else module
         if is_lora_layer(module):
             try:
-                module._check_loftq(adapter_name, opts["r"])
+                module._check_loftq(adapter_name, opts["r"], init)
             except ValueError as err:
-                raise ValueError(f'init_lora_weights "loftq": "{path}": {err}') from None
+                raise ValueError(f'init_lora_weights "{init}": "{path}": {err}') from None
             continue
         if not isinstance(base_kind_of(base), DenseLinear):
             raise ValueError(
-                f'init_lora_weights "loftq": "{path}" ({type(base).__name__}) has no full-precision nn.Linear weight '
-                "for LoftQ to quantize (a quantized base: start LoftQ from the full-precision model, then quantize it)"
+                f'init_lora_weights "{init}": "{path}" ({type(base).__name__}) has no full-precision nn.Linear weight '
+                "to start from (a quantized base: start from the full-precision model, then quantize it)"
             )
-        _C._check_loftq_weight(path, base.weight, opts["r"])
+        _C._check_loftq_weight(path, base.weight, opts["r"], None, init)
 
 
 def _attach(model, sites, chosen, adapter_name: str, keep_active: bool, fill=None, autocast_adapter_dtype=True) -> None:
@@ -227,7 +228,7 @@ def _attach(model, sites, chosen, adapter_name: str, keep_active: bool, fill=Non
             lora_dropout=opts["lora_dropout"],
             use_rslora=opts["use_rslora"],
             # adapters loaded from a file take its weights: LoftQ ran when they were made, not again on this base
-            init_lora_weights=True if fill is not None and init == "loftq" else init,
+            init_lora_weights=True if fill is not None and init in ("loftq", "pissa", "olora") else init,
             bias=opts["bias"],
             task_type=opts["task_type"],
             loftq_config=opts.get("loftq_config") or None,

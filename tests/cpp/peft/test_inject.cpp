@@ -1,6 +1,8 @@
 // lorafuse::inject_lora and the model-wide adapter functions, on the reference Llama and on small
 // hand-made modules: selection rules (names, regex, all-linear, exclude, patterns), trainability, bias
 // modes, a second adapter, switching, merging, merge_and_unload, clone, save/load, counts, bad input.
+#include <ATen/ops/linalg_qr.h>
+#include <ATen/ops/linalg_svd.h>
 #include <lorafuse/config/default_targets.h>
 #include <lorafuse/config/peft_json.h>
 #include <lorafuse/models/llama.h>
@@ -14,6 +16,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <filesystem>
+#include <map>
 #include <set>
 #include <sstream>
 
@@ -316,6 +319,35 @@ TEST_CASE("target_modules regexes are read as Python's re reads them (PCRE2)", "
   require_error_parts<c10::ValueError>(
       [&] { LoraConfig().target_modules({"q_proj"}).exclude_modules(R"(\)").validate(); },
       {"exclude_modules", "not a valid regular expression"});
+}
+
+TEST_CASE("pissa and olora start from the base weight, which keeps the residual", "[cpu][nn][inject]") {
+  for (const std::string init : {"pissa", "olora"}) {
+    INFO(init);
+    auto model = tiny_llama();
+    const auto before = model->forward(ids()).detach();
+    std::map<std::string, at::Tensor> weights;
+    for (const auto& p : model->named_parameters()) weights[p.key()] = p.value().detach().clone();
+    lorafuse::inject_lora(*model, LoraConfig().r(4).lora_alpha(8).target_modules({"q_proj"}).init_lora_weights(init));
+    // the model computes what it did: residual + scale·B·A = W
+    CHECK(at::allclose(model->forward(ids()), before, 1e-4, 1e-5));
+    for (const auto& [path, layer] : lorafuse::lora_layers(*model)) {
+      const at::Tensor w = weights.at(path + ".weight");
+      const at::Tensor a = layer->lora_a("default"), b = layer->lora_b("default");
+      CHECK(b.abs().max().item<double>() > 0);
+      if (init == "olora") {  // B = Q[:, :r], A = R[:r]
+        const auto [q, r] = at::linalg_qr(w);
+        CHECK(at::allclose(a, r.narrow(0, 0, 4), 1e-4, 1e-5));
+        CHECK(at::allclose(b, q.narrow(1, 0, 4), 1e-4, 1e-5));
+      } else {  // s·B·A is W's best rank-4 approximation
+        const auto [u, sv, vh] = at::linalg_svd(w, false);
+        const at::Tensor best = at::matmul(u.narrow(1, 0, 4) * sv.narrow(0, 0, 4), vh.narrow(0, 0, 4));
+        CHECK(at::allclose(at::matmul(b, a) * 2.0, best, 1e-4, 1e-5));
+      }
+    }
+  }
+  require_error_parts<c10::ValueError>([] { lorafuse::nn::InitLoraWeights("pissa_niter_4"); },
+                                       {"init_lora_weights", "\"pissa_niter_4\"", "not supported yet"});
 }
 
 TEST_CASE("rank_pattern and alpha_pattern override per module", "[cpu][nn][inject]") {

@@ -46,7 +46,7 @@ def test_adapter_options_are_the_cpp_options_validated_and_picklable():
     with pytest.raises(ValueError, match='bias: expected "none", "all" or "lora_only", found "some"'):
         AdapterOptions(4, bias="some")
     with pytest.raises(ValueError, match="init_lora_weights"):
-        AdapterOptions(4, init_lora_weights="pissa")
+        AdapterOptions(4, init_lora_weights="eva")
 
 
 @pytest.mark.parametrize("how", ["deepcopy", "pickle", "torch.save"])

@@ -67,7 +67,7 @@ def test_lora_linear_adapters_and_exact_merge():
         (dict(r=0), ValueError, "r: expected a rank > 0"),
         (dict(lora_alpha=-1.0), ValueError, "lora_alpha"),
         (dict(lora_dropout=1.0), ValueError, "lora_dropout"),
-        (dict(init_lora_weights="pissa"), ValueError, "init_lora_weights"),
+        (dict(init_lora_weights="eva"), ValueError, "init_lora_weights"),
         (dict(init_lora_weights=3), TypeError, "init_lora_weights"),
         (dict(adapter_name="a.b"), ValueError, "adapter_name"),
     ],

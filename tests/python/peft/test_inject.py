@@ -272,7 +272,7 @@ def test_model_wide_merge_is_all_or_nothing():
         (dict(target_modules="(q_proj"), ValueError, ["target_modules", "regular expression"]),
         (dict(target_modules=[1]), TypeError, ["target_modules", "int"]),
         (dict(rank_pattern={"q_proj": -1}), ValueError, ["rank_pattern", "-1"]),
-        (dict(init_lora_weights="pissa"), ValueError, ["init_lora_weights", "pissa"]),
+        (dict(init_lora_weights="eva"), ValueError, ["init_lora_weights", "eva"]),
         (dict(rank_pattern={"q_proj": 2.5}), TypeError, ["rank_pattern", "float"]),
         (dict(alpha_pattern={1: 2.0}), TypeError, ["alpha_pattern", "int"]),
     ],

@@ -384,3 +384,34 @@ def test_a_layers_pattern_with_groups_of_its_own_and_unicode_classes():
     model.add_module("blöck", torch.nn.Linear(2, 2))  # \w is Unicode-aware in Python's re, and here
     lorafuse.inject_lora(model, lorafuse.LoraConfig(target_modules=r"\w+"))
     assert [p for p, _ in lorafuse.lora_layers(model)] == ["blöck"]
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_pissa_and_olora_start_as_peft_s_and_their_files_load(init, tmp_path):
+    base = hf_zoo.build("llama")
+    config = dict(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], init_lora_weights=init)
+    theirs = _peft_model(copy.deepcopy(base), **config).eval()
+    ours = lorafuse.inject_lora(copy.deepcopy(base), lorafuse.LoraConfig(**config)).eval()
+    prefix = "base_model.model."
+    theirs_params = {n[len(prefix) :].replace(".base_layer", ""): p for n, p in theirs.named_parameters()}
+    for name, p in ours.named_parameters():  # A, B and the residual base weights
+        torch.testing.assert_close(p, theirs_params[name.replace(".base_layer", "")], rtol=1e-4, atol=1e-5, msg=name)
+    with torch.no_grad():  # the residual plus the adapter is the model as it was
+        _close(hf_zoo.output(ours, "llama"), hf_zoo.output(base, "llama"))
+    assert lorafuse.lora_layers(ours)[0][1].lora_B["default"].weight.abs().max() > 0
+    # PEFT's file (init_lora_weights "pissa"/"olora") loads over the residual base with its own weights
+    theirs.save_pretrained(tmp_path)
+    residual = copy.deepcopy(theirs).unload()
+    loaded = lorafuse.load_adapter(residual, tmp_path)
+    with torch.no_grad():
+        _close(hf_zoo.output(loaded, "llama"), hf_zoo.output(theirs, "llama"))
+
+
+def test_pissa_niter_and_a_quantized_base_are_refused_by_name():
+    with pytest.raises(ValueError, match=r'init_lora_weights = "pissa_niter_4" is a PEFT initialisation that lorafuse'):
+        lorafuse.LoraConfig(init_lora_weights="pissa_niter_4")
+    with pytest.raises(ValueError, match=r'"pissa_niter_4" \(PiSSA by a randomized SVD\) is not supported yet'):
+        lorafuse.nn.AdapterOptions(4, init_lora_weights="pissa_niter_4")
+    model = lorafuse.quantize_model(hf_zoo.build("llama"), lorafuse.QuantConfig(modules_to_not_convert=["lm_head"]))
+    with pytest.raises(ValueError, match='init_lora_weights "olora": .*no full-precision nn.Linear weight'):
+        lorafuse.inject_lora(model, lorafuse.LoraConfig(r=2, init_lora_weights="olora"))
