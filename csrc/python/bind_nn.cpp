@@ -139,6 +139,12 @@ void bind_adapter_table(py::module& m) {
                         return translating([&] { return AdapterTable::from_json(text, "AdapterTable"); });
                       }));
   m.def(
+      "_init_changes_base",
+      [](const py::object& init) { return translating([&] { return init_from(init).changes_base(); }); },
+      py::arg("init_lora_weights"),
+      "nn::InitLoraWeights::changes_base: whether init_lora_weights starts from the dense base weight and changes it "
+      "(LoftQ, PiSSA, OLoRA).");
+  m.def(
       "init_adapter_weights",
       [](at::Tensor a, at::Tensor b, const LoraAdapterOptions& o) { nn::init_adapter_weights(a, b, o); },
       py::arg("lora_A"), py::arg("lora_B"), py::arg("options"),

@@ -70,9 +70,6 @@ class MergeError(NamedTuple):
     adapter_error: float
 
 
-# init_lora_weights values that start A and B from the dense base weight and change it (the C++ InitLoraWeights::changes_base)
-_FROM_BASE = ("loftq", "pissa", "olora")
-
 class Linear(nn.Module):
     """A frozen linear base layer with named LoRA adapters.
 
@@ -229,7 +226,7 @@ class Linear(nn.Module):
         )
         kind = base_kind_of(self.base_layer)
         dtype = self._table.check_add(adapter_name, opts, kind.weight_dtype(self.base_layer))
-        loftq = opts.init_lora_weights in _FROM_BASE  # LoftQ, PiSSA, OLoRA: A and B from the base weight, changed
+        loftq = _C._init_changes_base(opts.init_lora_weights)  # LoftQ, PiSSA, OLoRA: A and B from the base weight
         if loftq:
             self._check_loftq(adapter_name, r, opts.init_lora_weights)
         kw = dict(bias=False, device=kind.device(self.base_layer), dtype=dtype)

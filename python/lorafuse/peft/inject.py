@@ -195,7 +195,7 @@ def _check_loftq(sites, chosen, adapter_name: str) -> None:
     plain nn.Linear base (or a lorafuse layer over one) with a full-precision weight (the layer's rules, _check_loftq)."""
     for index, opts in chosen:
         init = opts["init_lora_weights"]
-        if init not in ("loftq", "pissa", "olora"):  # those that start from the base weight and change it
+        if not _C._init_changes_base(init):  # those that start from the base weight and change it
             continue
         _, _, path, module = sites[index]
         base = module.base_layer if is_lora_layer(module) else module
@@ -228,7 +228,7 @@ def _attach(model, sites, chosen, adapter_name: str, keep_active: bool, fill=Non
             lora_dropout=opts["lora_dropout"],
             use_rslora=opts["use_rslora"],
             # adapters loaded from a file take its weights: LoftQ ran when they were made, not again on this base
-            init_lora_weights=True if fill is not None and init in ("loftq", "pissa", "olora") else init,
+            init_lora_weights=True if fill is not None and _C._init_changes_base(init) else init,
             bias=opts["bias"],
             task_type=opts["task_type"],
             loftq_config=opts.get("loftq_config") or None,
