@@ -52,6 +52,8 @@ class BaseKind:
     """One kind of base layer. Subclasses override the methods; :data:`BASE_KINDS` lists one of each."""
 
     name = "?"
+    #: the weight is stored [in, out] (PEFT's fan_in_fan_out: a config adapting such layers says so in its file)
+    fan_in_fan_out = False
 
     def matches(self, module: nn.Module) -> bool:
         raise NotImplementedError
@@ -213,6 +215,7 @@ class TransformersConv1D(BaseKind):
     write B·A transposed into it. Adapters keep PEFT's shapes, A [r, in] and B [out, r]."""
 
     name = "conv1d"
+    fan_in_fan_out = True
 
     def matches(self, module: nn.Module) -> bool:
         return _is_conv1d(module)

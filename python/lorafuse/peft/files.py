@@ -24,7 +24,6 @@ from torch import nn
 from .. import _C
 from ..config import config_fields
 from ..nn import Linear, base_kind_of, is_lora_layer
-from ..nn.base_kinds import TransformersConv1D
 from .inject import (
     _activate_and_freeze,
     _attach,
@@ -92,7 +91,7 @@ def _save(model: nn.Module, path: str, adapter_name: str) -> None:
         if is_lora_layer(m) and adapter_name in m.adapters:
             a, b = m.lora_A[adapter_name].weight.detach(), m.lora_B[adapter_name].weight.detach()
             layers.append((index, m.adapters[adapter_name], a, b))
-            fan_in_fan_out = fan_in_fan_out or isinstance(base_kind_of(m.base_layer), TransformersConv1D)
+            fan_in_fan_out = fan_in_fan_out or base_kind_of(m.base_layer).fan_in_fan_out
     params = dict(model.named_parameters())
     trained = _C._rules_trained_biases(_tables(lora_layers(model)), list(params), adapter_name)
     biases = [(name, params[name].detach()) for name in trained]

@@ -9,7 +9,6 @@ from torch import nn
 
 from .. import _C
 from ..nn import Linear, base_kind_of
-from ..nn.base_kinds import TransformersConv1D
 
 
 def _config_problems(name: str, config: Any) -> List[str]:
@@ -103,9 +102,7 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
         }
         if variants:
             problems.append(f'"{path}" uses LoRA variants {variants} (they change the forward)')
-        if bool(getattr(module, "fan_in_fan_out", False)) != isinstance(
-            base_kind_of(module.base_layer), TransformersConv1D
-        ):
+        if bool(getattr(module, "fan_in_fan_out", False)) != base_kind_of(module.base_layer).fan_in_fan_out:
             problems.append(
                 f'"{path}" has fan_in_fan_out={module.fan_in_fan_out} over a {type(module.base_layer).__name__}'
             )
