@@ -10,10 +10,14 @@ ratios to the base layer:
                   (dropout is nn.Identity when p == 0, as in PEFT)
   peft            the real PEFT layer: a peft.tuners.lora.Linear made by peft.get_peft_model on a
                   module holding one nn.Linear
+  lorafuse_dora   DoRA (use_dora=True): lorafuse.nn.Linear, i.e. torch.ops.lorafuse.dora_linear (the fused op,
+                  the row norm of W + scale·B·A without a weight-sized temporary)
+  peft_dora       PEFT's DoRA layer (use_dora=True), which PEFT documents as much slower than its LoRA
 
 All LoRA variants use the same W, b, A, B and scale (lora_alpha / r = 2) and differentiate x, bias, A and
-B. Before a shape is timed, lorafuse's output and gradients are compared with every other LoRA variant
-(dropout off); a mismatch aborts the run, since timing a wrong result is worthless. A shape that would
+B (the DoRA variants also their magnitude vector, the same in both). Before a shape is timed, lorafuse's output and
+gradients are compared with every other LoRA variant, and lorafuse's DoRA with PEFT's (dropout off); a mismatch
+aborts the run, since timing a wrong result is worthless. A shape that would
 not fit in the free memory is skipped. Caches stay warm between calls (no L2 flush).
 """
 
@@ -45,23 +49,32 @@ from common import (
 from torch import Tensor, nn
 
 LORA_VARIANTS = ("lorafuse", "lorafuse_layer", "peft_chain", "peft")
+DORA_VARIANTS = ("lorafuse_dora", "peft_dora")
+# each group is checked against its first variant
+GROUPS = (LORA_VARIANTS, DORA_VARIANTS)
+ALL_VARIANTS = LORA_VARIANTS + DORA_VARIANTS
 DESCRIPTIONS = {
     "base": "F.linear(x, W, b)",
     "lorafuse": "lorafuse.lora_linear (fused op)",
     "lorafuse_layer": "lorafuse.nn.Linear(nn.Linear)",
     "peft_chain": "F.linear(x, W, b) + F.linear(F.linear(dropout(x), A), B) * scale",
     "peft": "peft.tuners.lora.Linear from peft.get_peft_model",
+    "lorafuse_dora": "lorafuse.nn.Linear(nn.Linear, use_dora=True) (torch.ops.lorafuse.dora_linear)",
+    "peft_dora": "peft.tuners.lora.Linear with use_dora=True",
 }
 LABELS = {
     "lorafuse": "lorafuse op",
     "lorafuse_layer": "lorafuse.nn.Linear",
     "peft_chain": "PEFT-style chain",
     "peft": "PEFT (peft.tuners.lora.Linear)",
+    "lorafuse_dora": "lorafuse DoRA",
+    "peft_dora": "PEFT DoRA",
 }
-COLORS = {"lorafuse": "tab:blue", "lorafuse_layer": "tab:cyan", "peft_chain": "tab:orange", "peft": "tab:red"}
+COLORS = {"lorafuse": "tab:blue", "lorafuse_layer": "tab:cyan", "peft_chain": "tab:orange", "peft": "tab:red",
+          "lorafuse_dora": "tab:green", "peft_dora": "tab:purple"}
 # Correctness check of lorafuse against the other variants: max |difference| / max |reference|.
 CHECK_TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}
-CHECK_LABELS = ("out", "dx", "dbias", "dlora_a", "dlora_b")
+CHECK_LABELS = ("out", "dx", "dbias", "dlora_a", "dlora_b", "dmagnitude")
 SCALE = 2.0  # lora_alpha = 2r, a common choice; the value does not change the timings
 
 # shapes and timing by (--quick, device type)
@@ -204,6 +217,33 @@ def peft_layer_fn(p: Problem, dropout_p: float) -> tuple[Callable[[], Tensor], l
     return (lambda: layer(p.x)), _with_problem_adapter(layer, layer.base_layer.bias, p)
 
 
+def dora_fns(p: Problem, dropout_p: float) -> Variants:
+    """lorafuse's and PEFT's DoRA layers over the same nn.Linear weights with the problem's A and B and the same
+    magnitude (PEFT's start, ‖W‖); each differentiates x, bias, A, B and its magnitude."""
+    import peft
+
+    lorafuse = import_lorafuse()
+    rank = p.lora_a.shape[0]
+    config = peft.LoraConfig(
+        r=rank, lora_alpha=p.scale * rank, lora_dropout=dropout_p, target_modules=["lin"], use_dora=True
+    )
+    theirs = peft.get_peft_model(_OneLinear(_frozen_linear(p)), config).base_model.model.lin
+    if not theirs.use_dora.get("default"):
+        raise SystemExit(f"peft.get_peft_model made a {type(theirs).__name__} without DoRA")
+    their_inputs = _with_problem_adapter(theirs, theirs.base_layer.bias, p)
+    base = _frozen_linear(p)
+    ours = lorafuse.nn.Linear(
+        base, r=rank, lora_alpha=p.scale * rank, lora_dropout=dropout_p, adapter_dtype=p.lora_a.dtype, use_dora=True
+    )
+    our_inputs = _with_problem_adapter(ours, base.bias, p)
+    magnitude = theirs.lora_magnitude_vector["default"].weight
+    ours.lora_magnitude_vector["default"].weight = nn.Parameter(magnitude.detach().clone())
+    return {
+        "lorafuse_dora": ((lambda: ours(p.x)), [*our_inputs, ours.lora_magnitude_vector["default"].weight]),
+        "peft_dora": ((lambda: theirs(p.x)), [*their_inputs, magnitude]),
+    }
+
+
 def variant_fns(p: Problem, dropout_p: float) -> Variants:
     """Each variant's forward and the tensors its backward differentiates."""
     lorafuse = import_lorafuse()
@@ -226,6 +266,7 @@ def variant_fns(p: Problem, dropout_p: float) -> Variants:
         "lorafuse_layer": lorafuse_layer_fn(p, dropout_p),
         "peft_chain": (peft_chain, lora_inputs),
         "peft": peft_layer_fn(p, dropout_p),
+        **dora_fns(p, dropout_p),
     }
 
 
@@ -286,10 +327,11 @@ def plot_ratios(path: Path, report: dict[str, Any], rows: list[dict[str, Any]], 
 def check_variants(
     fns: Variants, grad_out: Tensor, dtype: torch.dtype, what: str
 ) -> dict[str, dict[str, float]]:
-    """lorafuse against every other LoRA variant (dropout off): for the output and each gradient,
-    max|lorafuse - other| / max|other|. A mismatch or a failing lorafuse call aborts the run (SystemExit)."""
+    """lorafuse against every other LoRA variant, and lorafuse's DoRA against PEFT's (dropout off): for the output and
+    each gradient, max|lorafuse - other| / max|other|. A mismatch or a failing lorafuse call aborts the run
+    (SystemExit)."""
     got: dict[str, list[Tensor]] = {}
-    for name in LORA_VARIANTS:
+    for name in ALL_VARIANTS:
         fn, inputs = fns[name]
         try:
             y = fn()
@@ -300,20 +342,21 @@ def check_variants(
             raise SystemExit(f"ABORT: {name} failed at {what}: {err}") from err
     errors: dict[str, dict[str, float]] = {}
     bad: list[str] = []
-    for other in LORA_VARIANTS[1:]:
-        errors[other] = {}
-        for label, a, b in zip(CHECK_LABELS, got["lorafuse"], got[other], strict=True):
-            if a.shape != b.shape:
-                raise SystemExit(
-                    f"ABORT at {what}: lorafuse's {label} has shape {tuple(a.shape)}, "
-                    f"{other}'s {tuple(b.shape)}"
-                )
-            ref = b.double().abs().max().item()
-            diff = (a.double() - b.double()).abs().max().item()
-            err = diff / max(ref, 1e-30)
-            errors[other][label] = err
-            if not err <= CHECK_TOL[dtype]:  # `not <=` also catches NaN
-                bad.append(f"{other} {label}={err:.3g}")
+    for group in GROUPS:
+        for other in group[1:]:
+            errors[other] = {}
+            for label, a, b in zip(CHECK_LABELS, got[group[0]], got[other]):
+                if a.shape != b.shape:
+                    raise SystemExit(
+                        f"ABORT at {what}: lorafuse's {label} has shape {tuple(a.shape)}, "
+                        f"{other}'s {tuple(b.shape)}"
+                    )
+                ref = b.double().abs().max().item()
+                diff = (a.double() - b.double()).abs().max().item()
+                err = diff / max(ref, 1e-30)
+                errors[other][label] = err
+                if not err <= CHECK_TOL[dtype]:  # `not <=` also catches NaN
+                    bad.append(f"{other} {label}={err:.3g}")
     if bad:
         raise SystemExit(
             f"ABORT at {what}: lorafuse does not match the other variants "
@@ -338,7 +381,7 @@ def measure_shape(
         "check_rel_err": check,
         "iters_per_repeat": iters,
         "median_ms": med,
-        "ratio": {m: {n: med[m][n] / med[m]["base"] for n in LORA_VARIANTS} for m in med},
+        "ratio": {m: {n: med[m][n] / med[m]["base"] for n in ALL_VARIANTS} for m in med},
         "samples_ms": {m: rounded(r) for m, r in results.items()},
     }
 
@@ -366,7 +409,7 @@ def bench_shape(
 
 
 def print_header() -> None:
-    cells = "".join(f" {n[:15]:>15}" for n in LORA_VARIANTS)
+    cells = "".join(f" {n[:15]:>15}" for n in ALL_VARIANTS)
     line = f"{'T':>7} {'in':>5} {'out':>5} {'r':>3} | {'fwd base':>9}{cells} | {'f+b base':>9}{cells}"
     print(line)
     print("-" * len(line))
@@ -381,7 +424,7 @@ def print_row(row: dict[str, Any]) -> None:
     for mode in ("forward", "fwd_bwd"):
         m, r = row["median_ms"][mode], row["ratio"][mode]
         cells.append(
-            f" {m['base']:>7.3f}ms" + "".join(f" {m[n]:>7.3f} ({r[n]:4.2f}x)" for n in LORA_VARIANTS)
+            f" {m['base']:>7.3f}ms" + "".join(f" {m[n]:>7.3f} ({r[n]:4.2f}x)" for n in ALL_VARIANTS)
         )
     others = row.get("cpu_share_others")
     busy = f"  * others took {others:.0%} CPU" if others is not None and others > 0.10 else ""
@@ -406,7 +449,7 @@ def run(device: torch.device, dtype: torch.dtype, args: argparse.Namespace, quic
         min_repeat_ms=t.min_repeat_ms if args.min_repeat_ms is None else args.min_repeat_ms,
     )
     section: dict[str, Any] = {
-        "variants": ["base", *LORA_VARIANTS],
+        "variants": ["base", *ALL_VARIANTS],
         "variant_descriptions": DESCRIPTIONS,
         "scale": SCALE,
         "dropout_p": args.dropout,
@@ -414,10 +457,14 @@ def run(device: torch.device, dtype: torch.dtype, args: argparse.Namespace, quic
         "timer": "cuda events" if kind == "cuda" else "time.perf_counter",
         "statistic": "median over repeats of ms per call; ratio = median / base median",
         "forward_mode": "torch.no_grad()",
-        "fwd_bwd_grads": {"base": ["x", "bias"], "lora variants": ["x", "bias", "lora_a", "lora_b"]},
+        "fwd_bwd_grads": {
+            "base": ["x", "bias"],
+            "lora variants": ["x", "bias", "lora_a", "lora_b"],
+            "dora variants": ["x", "bias", "lora_a", "lora_b", "magnitude"],
+        },
         "check": (
-            "before timing each shape (dropout 0): lorafuse vs every other LoRA variant, output and "
-            f"gradients, max|diff|/max|other| <= {CHECK_TOL[dtype]:g}"
+            "before timing each shape (dropout 0): lorafuse vs every other LoRA variant and lorafuse_dora vs "
+            f"peft_dora, output and gradients, max|diff|/max|other| <= {CHECK_TOL[dtype]:g}"
         ),
         "results": [],
     }
@@ -450,6 +497,6 @@ def plot(path: Path, report: dict[str, Any]) -> bool:
         + f"\nr={r['rank']}"
         for r in rows
     ]
-    plot_ratios(path, report, rows, labels, lambda r: r["ratio"], LORA_VARIANTS, COLORS, LABELS,
+    plot_ratios(path, report, rows, labels, lambda r: r["ratio"], ALL_VARIANTS, COLORS, LABELS,
                 "time / base linear time", "LoRA linear layer")
     return True

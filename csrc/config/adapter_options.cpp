@@ -3,8 +3,10 @@
 
 #include "csrc/config/adapter_json.h"
 
+#include <algorithm>
 #include <cctype>
 #include <cmath>
+#include <cstring>
 #include <nlohmann/json.hpp>
 
 namespace lorafuse::nn {
@@ -22,12 +24,18 @@ InitLoraWeights::InitLoraWeights(const std::string& init) {
     kind_ = Kind::kDefault;
   } else if (init == "false") {
     kind_ = Kind::kRandom;
+  } else if (init.rfind("pissa_niter_", 0) == 0) {
+    const std::string digits = init.substr(std::strlen("pissa_niter_"));
+    TORCH_CHECK_VALUE(!digits.empty() && digits.size() <= 6 &&
+                          std::all_of(digits.begin(), digits.end(), [](unsigned char c) { return std::isdigit(c); }),
+                      "init_lora_weights: \"", init,
+                      "\": expected \"pissa_niter_N\" with N the number of subspace iterations (0 .. 999999)");
+    kind_ = Kind::kPissaNiter;
+    niter_ = std::stoll(digits);
   } else {
-    TORCH_CHECK_VALUE(init.rfind("pissa_niter_", 0) != 0, "init_lora_weights: \"", init,
-                      "\" (PiSSA by a randomized SVD) is not supported yet; \"pissa\" computes the exact SVD");
     TORCH_CHECK_VALUE(false,
-                      "init_lora_weights: expected true, false, \"gaussian\", \"loftq\", \"pissa\" or \"olora\", "
-                      "found \"",
+                      "init_lora_weights: expected true, false, \"gaussian\", \"loftq\", \"pissa\", "
+                      "\"pissa_niter_N\" or \"olora\", found \"",
                       init, "\"");
   }
 }
@@ -44,6 +52,8 @@ std::string InitLoraWeights::str() const {
       return "loftq";
     case Kind::kPissa:
       return "pissa";
+    case Kind::kPissaNiter:
+      return "pissa_niter_" + std::to_string(niter_);
     case Kind::kOlora:
       return "olora";
   }
@@ -123,6 +133,7 @@ std::string adapter_options_json(const LoraAdapterOptions& a) {
               {"loftq_config", detail::loftq_config_json(a.init_lora_weights(), a.loftq_config())},
               {"bias", a.bias()},
               {"task_type", a.task_type().empty() ? json(nullptr) : json(a.task_type())},
+              {"use_dora", a.use_dora()},
               {"dtype", a.dtype() ? json(c10::toString(*a.dtype())) : json(nullptr)}}
       .dump();
 }
@@ -142,6 +153,7 @@ LoraAdapterOptions adapter_options_from_json(const std::string& text, const std:
     if (j.contains("loftq_config")) a.loftq_config(detail::loftq_config_from_json(j.at("loftq_config"), what));
     // absent in archives written before task_type existed
     if (j.contains("task_type") && !j.at("task_type").is_null()) a.task_type(j.at("task_type").get<std::string>());
+    if (j.contains("use_dora")) a.use_dora(j.at("use_dora").get<bool>());  // absent in archives before DoRA
     a.validate();
     return a;
   } catch (const json::exception& e) {

@@ -110,7 +110,8 @@ nn::LoraAdapterOptions LoraConfig::adapter_for(const std::string& path) const {
       .init_lora_weights(init_lora_weights_)
       .loftq_config(loftq_config_)
       .bias(bias_)
-      .task_type(task_type_);
+      .task_type(task_type_)
+      .use_dora(use_dora_);
 }
 
 bool LoraConfig::in_transformed_layers(const TargetModules& targets, const std::string& path) const {

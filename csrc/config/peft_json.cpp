@@ -25,8 +25,7 @@ bool is_off(const json& v) {
   return v.is_null() || (v.is_boolean() && !v.get<bool>()) || (v.is_array() && v.empty()) ||
          (v.is_object() && v.empty());
 }
-const std::set<std::string> kUnsupported = {"use_dora",
-                                            "modules_to_save",
+const std::set<std::string> kUnsupported = {"modules_to_save",
                                             "lora_bias",
                                             "layer_replication",
                                             "use_qalora",
@@ -159,6 +158,9 @@ PeftLoraConfig lora_config_from_peft_json(const std::string& json_text, const st
     } else if (key == "fan_in_fan_out") {
       TORCH_CHECK_VALUE(value.is_boolean(), what, ": fan_in_fan_out must be true or false, found ", value.dump());
       c.fan_in_fan_out(value.get<bool>());
+    } else if (key == "use_dora") {
+      TORCH_CHECK_VALUE(value.is_boolean(), what, ": use_dora must be true or false, found ", value.dump());
+      c.use_dora(value.get<bool>());
     } else if (key == "use_rslora") {
       TORCH_CHECK_VALUE(value.is_boolean(), what, ": use_rslora must be true or false, found ", value.dump());
       c.use_rslora(value.get<bool>());
@@ -168,11 +170,12 @@ PeftLoraConfig lora_config_from_peft_json(const std::string& json_text, const st
       c.alpha_pattern(pattern_field<double>(value, what, "alpha_pattern", number));
     } else if (key == "init_lora_weights") {
       // How fresh weights start (an adapter loaded from a file takes its weights); EVA, CorDA... are not supported.
-      TORCH_CHECK_VALUE(
-          value.is_boolean() || value == "gaussian" || value == "loftq" || value == "pissa" || value == "olora", what,
-          ": init_lora_weights = ", value.dump(),
-          " is a PEFT initialisation that lorafuse does not support yet (it supports true, false, "
-          "\"gaussian\", \"loftq\", \"pissa\" and \"olora\")");
+      TORCH_CHECK_VALUE(value.is_boolean() || value == "gaussian" || value == "loftq" || value == "pissa" ||
+                            value == "olora" ||
+                            (value.is_string() && value.get<std::string>().rfind("pissa_niter_", 0) == 0),
+                        what, ": init_lora_weights = ", value.dump(),
+                        " is a PEFT initialisation that lorafuse does not support yet (it supports true, false, "
+                        "\"gaussian\", \"loftq\", \"pissa\", \"pissa_niter_N\" and \"olora\")");
       c.init_lora_weights(value.is_boolean() ? nn::InitLoraWeights(value.get<bool>())
                                              : nn::InitLoraWeights(value.get<std::string>()));
     } else if (key == "loftq_config") {
@@ -215,7 +218,7 @@ std::string lora_config_to_peft_json(const LoraConfig& c, const std::string& bas
   j["modules_to_save"] = nullptr;
   j["layers_to_transform"] = c.layers_to_transform().empty() ? json(nullptr) : json(c.layers_to_transform());
   j["layers_pattern"] = c.layers_pattern().empty() ? json(nullptr) : json(c.layers_pattern());
-  j["use_dora"] = false;
+  j["use_dora"] = c.use_dora();
   j["init_lora_weights"] = detail::init_lora_weights_json(c.init_lora_weights());
   j["loftq_config"] = detail::loftq_config_json(c.init_lora_weights(), c.loftq_config());
   json ranks = json::object();

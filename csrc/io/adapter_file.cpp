@@ -24,6 +24,7 @@ namespace lorafuse::io {
 namespace {
 
 constexpr const char* kPrefix = "base_model.model.";
+constexpr const char* kMagnitude = ".lora_magnitude_vector";  // DoRA; PEFT drops the module's ".weight"
 
 std::string join_path(const std::string& dir, const std::string& name) {
   return dir.empty() || dir.back() == '/' ? dir + name : dir + "/" + name;
@@ -66,16 +67,15 @@ void collect_tensors(AdapterFile& file, const std::string& weights_path, Safeten
     auto it = layer_of.find(path);
     if (it == layer_of.end()) {
       it = layer_of.emplace(path, file.layers.size()).first;
-      file.layers.push_back({path, {}, {}});
+      file.layers.push_back({path, {}, {}, {}});
     }
     return file.layers[it->second];
   };
   // Tensors of PEFT features lorafuse does not support are named first, whatever else the file holds.
   for (const auto& [name, tensor] : st.tensors) {
-    if (name.find("lora_embedding_") != std::string::npos || name.find("lora_magnitude_vector") != std::string::npos ||
-        name.find("modules_to_save") != std::string::npos) {
+    if (name.find("lora_embedding_") != std::string::npos || name.find("modules_to_save") != std::string::npos) {
       TORCH_CHECK_VALUE(false, weights_path, ": tensor \"", name,
-                        "\" belongs to a PEFT feature that lorafuse does not support yet (LoRA on embeddings, DoRA, "
+                        "\" belongs to a PEFT feature that lorafuse does not support yet (LoRA on embeddings, "
                         "modules_to_save); only LoRA on Linear layers loads");
     }
   }
@@ -92,6 +92,19 @@ void collect_tensors(AdapterFile& file, const std::string& weights_path, Safeten
         goto next;
       }
     }
+    if (ends_with(rest, kMagnitude) && rest.size() > std::strlen(kMagnitude)) {
+      TORCH_CHECK_VALUE(file.config.use_dora(), weights_path, ": tensor \"", name,
+                        "\" is a DoRA magnitude vector, but adapter_config.json says use_dora = false");
+      TORCH_CHECK_VALUE(tensor.dim() == 1 && tensor.numel() > 0, weights_path, ": tensor \"", name, "\" has shape ",
+                        shape_str(tensor), "; a DoRA magnitude vector is 1-D [out]");
+      TORCH_CHECK_VALUE(at::isFloatingType(tensor.scalar_type()) && tensor.element_size() >= 2, weights_path,
+                        ": tensor \"", name, "\" has dtype ", tensor.scalar_type(),
+                        "; expected float32, float16, bfloat16 or float64");
+      TORCH_CHECK_VALUE(at::isfinite(tensor).all().item<bool>(), weights_path, ": tensor \"", name,
+                        "\" holds non-finite values (inf or nan)");
+      layer(rest.substr(0, rest.size() - std::strlen(kMagnitude))).magnitude = std::move(tensor);
+      continue;
+    }
     if (ends_with(rest, ".bias") || rest == "bias") {
       TORCH_CHECK_VALUE(file.config.bias() != "none", weights_path, ": tensor \"", name,
                         "\" is a bias, but adapter_config.json says bias = \"none\"");
@@ -104,7 +117,8 @@ void collect_tensors(AdapterFile& file, const std::string& weights_path, Safeten
       continue;
     }
     TORCH_CHECK_VALUE(false, weights_path, ": unexpected tensor \"", name,
-                      "\"; an adapter file holds base_model.model.<module>.lora_A.weight / .lora_B.weight");
+                      "\"; an adapter file holds base_model.model.<module>.lora_A.weight / .lora_B.weight (and "
+                      ".lora_magnitude_vector for DoRA)");
   next:;
   }
   std::vector<std::string> zero_b;
@@ -115,6 +129,11 @@ void collect_tensors(AdapterFile& file, const std::string& weights_path, Safeten
     const int64_t r = l.lora_A.size(0);
     TORCH_CHECK_VALUE(l.lora_B.size(1) == r, weights_path, ": module \"", l.path, "\": lora_A is ", shape_str(l.lora_A),
                       " (rank ", r, ") but lora_B is ", shape_str(l.lora_B), "; expected lora_B [out, ", r, "]");
+    TORCH_CHECK_VALUE(!file.config.use_dora() || l.magnitude.defined(), weights_path, ": module \"", l.path,
+                      "\" has no lora_magnitude_vector, but adapter_config.json says use_dora = true (DoRA)");
+    TORCH_CHECK_VALUE(!l.magnitude.defined() || l.magnitude.size(0) == l.lora_B.size(0), weights_path, ": module \"",
+                      l.path, "\": lora_magnitude_vector is ", shape_str(l.magnitude), " but lora_B is ",
+                      shape_str(l.lora_B), "; expected [", l.lora_B.size(0), "]");
     const int64_t expected = file.config.adapter_for(l.path).r();
     TORCH_CHECK_VALUE(r == expected, weights_path, ": module \"", l.path, "\" has rank ", r,
                       " but adapter_config.json gives it r = ", expected,
@@ -166,8 +185,11 @@ std::vector<size_t> selected(const std::vector<ModuleInfo>& modules, const LoraC
 }  // namespace
 
 std::string lora_tensor_name(const std::string& module_path, char which) {
-  TORCH_CHECK_VALUE(which == 'A' || which == 'B', "lora_tensor_name: which must be 'A' or 'B'");
-  return std::string(kPrefix) + module_path + (which == 'A' ? ".lora_A.weight" : ".lora_B.weight");
+  TORCH_CHECK_VALUE(which == 'A' || which == 'B' || which == 'M', "lora_tensor_name: which must be 'A', 'B' or 'M'");
+  return std::string(kPrefix) + module_path +
+         (which == 'A'   ? ".lora_A.weight"
+          : which == 'B' ? ".lora_B.weight"
+                         : kMagnitude);
 }
 
 AdapterFile read_adapter(const std::string& dir) {
@@ -201,6 +223,7 @@ void write_adapter(const std::string& dir, const AdapterFile& file) {
   for (const auto& l : file.layers) {
     tensors.emplace_back(lora_tensor_name(l.path, 'A'), l.lora_A);
     tensors.emplace_back(lora_tensor_name(l.path, 'B'), l.lora_B);
+    if (l.magnitude.defined()) tensors.emplace_back(lora_tensor_name(l.path, 'M'), l.magnitude);
   }
   for (const auto& [path, t] : file.biases) tensors.emplace_back(kPrefix + path, t);
   replace_folder_atomically("save_adapter", dir,
@@ -233,7 +256,10 @@ std::vector<LoadTarget> plan_adapter_load(const AdapterFile& file, const std::ve
     TORCH_CHECK_VALUE(l.lora_B.size(0) == m.out_features, "load_adapter: \"", l.path, "\": lora_B is ",
                       shape_str(l.lora_B), " but the layer gives ", m.out_features, " outputs; expected [",
                       m.out_features, ", ", r, "]");
-    plan.push_back({i, file.config.adapter_for(l.path), l.lora_A, l.lora_B});
+    TORCH_CHECK_VALUE(!l.magnitude.defined() || l.magnitude.size(0) == m.out_features, "load_adapter: \"", l.path,
+                      "\": lora_magnitude_vector is ", shape_str(l.magnitude), " but the layer gives ", m.out_features,
+                      " outputs; expected [", m.out_features, "]");
+    plan.push_back({i, file.config.adapter_for(l.path), l.lora_A, l.lora_B, l.magnitude});
   }
   // "all-linear" (PEFT writes the names it stands for; a hand-written file may say it) leaves out the model's output
   // layer, which the module list here does not know: the file's tensors are the targets then.
@@ -265,10 +291,12 @@ AdapterFile describe_adapter(const std::vector<ModuleInfo>& modules, const std::
     const auto& path = modules.at(l.index).path;
     TORCH_CHECK_VALUE(a.lora_dropout() == first.adapter.lora_dropout() &&
                           a.use_rslora() == first.adapter.use_rslora() && a.bias() == first.adapter.bias() &&
-                          a.task_type() == first.adapter.task_type(),
+                          a.task_type() == first.adapter.task_type() && a.use_dora() == first.adapter.use_dora(),
                       "save_adapter: layers \"", modules.at(first.index).path, "\" and \"", path,
-                      "\" disagree on lora_dropout, use_rslora, bias or task_type, which PEFT's format keeps once per "
-                      "adapter");
+                      "\" disagree on lora_dropout, use_rslora, bias, task_type or use_dora, which PEFT's format keeps "
+                      "once per adapter");
+    TORCH_CHECK_VALUE(a.use_dora() == l.magnitude.defined(), "save_adapter: layer \"", path, "\": ",
+                      a.use_dora() ? "a DoRA adapter without its magnitude vector" : "a magnitude vector without DoRA");
     ranks.push_back(a.r());
     alphas.push_back(a.lora_alpha());
   }
@@ -279,6 +307,7 @@ AdapterFile describe_adapter(const std::vector<ModuleInfo>& modules, const std::
       .use_rslora(first.adapter.use_rslora())
       .bias(first.adapter.bias())
       .task_type(first.adapter.task_type())
+      .use_dora(first.adapter.use_dora())
       .init_lora_weights(first.adapter.init_lora_weights())
       .loftq_config(first.adapter.loftq_config());
   // target_modules: the layers' own names ("q_proj", ...) when they select exactly these layers.
@@ -328,7 +357,7 @@ AdapterFile describe_adapter(const std::vector<ModuleInfo>& modules, const std::
     const auto back = c.adapter_for(path);
     TORCH_CHECK(back.r() == l.adapter.r() && back.lora_alpha() == l.adapter.lora_alpha(),
                 "save_adapter: internal error: the written config does not reproduce \"", path, "\"");
-    file.layers.push_back({path, l.lora_A, l.lora_B});
+    file.layers.push_back({path, l.lora_A, l.lora_B, l.magnitude});
   }
   file.biases = std::move(biases);
   return file;

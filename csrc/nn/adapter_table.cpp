@@ -1,6 +1,7 @@
 #include <ATen/ops/linalg_qr.h>
 #include <ATen/ops/linalg_svd.h>
 #include <ATen/ops/matmul.h>
+#include <ATen/ops/randn.h>
 #include <c10/util/Exception.h>
 #include <lorafuse/nn/adapter_scope.h>
 #include <lorafuse/nn/adapter_table.h>
@@ -13,6 +14,7 @@
 #include <mutex>
 #include <nlohmann/json.hpp>
 #include <sstream>
+#include <tuple>
 #include <unordered_map>
 
 namespace lorafuse::nn {
@@ -278,12 +280,34 @@ AdapterTable AdapterTable::from_json(const std::string& text, const std::string&
   return table;
 }
 
+namespace {
+
+// torch.svd_lowrank(w, q, niter) (Halko et al.'s randomized SVD), step for step and with the same random draws from the
+// default generator, as PEFT's "pissa_niter_N" calls it: (U [m, q], S [q], Vᴴ [q, n]) of w [m, n].
+std::tuple<at::Tensor, at::Tensor, at::Tensor> svd_lowrank(const at::Tensor& w, int64_t q, int64_t niter) {
+  const bool wide = w.size(0) < w.size(1);  // torch works on the tall orientation
+  const at::Tensor a = wide ? w.t() : w;
+  const at::Tensor draws = at::randn({a.size(1), q}, a.options());
+  at::Tensor basis = std::get<0>(at::linalg_qr(at::matmul(a, draws)));
+  for (int64_t i = 0; i < niter; ++i) {
+    basis = std::get<0>(at::linalg_qr(at::matmul(a.t(), basis)));
+    basis = std::get<0>(at::linalg_qr(at::matmul(a, basis)));
+  }
+  auto [u, s, vh] = at::linalg_svd(at::matmul(basis.t(), a), /*full_matrices=*/false);
+  u = at::matmul(basis, u);  // a ≈ u·diag(s)·vh
+  if (wide) return {vh.t(), s, u.t()};
+  return {u, s, vh};
+}
+
+}  // namespace
+
 void init_adapter_weights(at::Tensor& a, at::Tensor& b, const LoraAdapterOptions& options) {
   torch::NoGradGuard no_grad;
   switch (options.init_lora_weights().kind()) {
     case InitLoraWeights::Kind::kDefault:
     case InitLoraWeights::Kind::kLoftq:
     case InitLoraWeights::Kind::kPissa:
+    case InitLoraWeights::Kind::kPissaNiter:
     case InitLoraWeights::Kind::kOlora:
       torch::nn::init::kaiming_uniform_(a, std::sqrt(5.0));
       torch::nn::init::zeros_(b);
@@ -303,14 +327,20 @@ void init_adapter_weights_from_base(const at::Tensor& base_weight, at::Tensor& a
                                     const LoraAdapterOptions& options) {
   torch::NoGradGuard no_grad;
   const auto kind = options.init_lora_weights().kind();
-  if (kind == InitLoraWeights::Kind::kPissa || kind == InitLoraWeights::Kind::kOlora) {
+  if (kind == InitLoraWeights::Kind::kPissa || kind == InitLoraWeights::Kind::kPissaNiter ||
+      kind == InitLoraWeights::Kind::kOlora) {
     // PEFT's pissa_init / olora_init, in float32: W = scale·B·A + the residual that the base keeps
     const double scale = options.scale();
     const int64_t r = options.r();
     const at::Tensor w = base_weight.to(at::kFloat);
     at::Tensor lora_a, lora_b;
-    if (kind == InitLoraWeights::Kind::kPissa) {
-      const auto [u, s, vh] = at::linalg_svd(w, /*full_matrices=*/false);
+    if (kind == InitLoraWeights::Kind::kPissa || kind == InitLoraWeights::Kind::kPissaNiter) {
+      at::Tensor u, s, vh;
+      if (kind == InitLoraWeights::Kind::kPissa) {
+        std::tie(u, s, vh) = at::linalg_svd(w, /*full_matrices=*/false);
+      } else {
+        std::tie(u, s, vh) = svd_lowrank(w, r, options.init_lora_weights().niter());
+      }
       const at::Tensor root = s.narrow(0, 0, r).div(scale).sqrt();  // [r]
       lora_a = vh.narrow(0, 0, r).mul(root.unsqueeze(1));           // diag(√S_r) · Vh_r  [r, in]
       lora_b = u.narrow(1, 0, r).mul(root.unsqueeze(0));            // U_r · diag(√S_r)   [out, r]

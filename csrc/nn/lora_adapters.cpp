@@ -1,34 +1,58 @@
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 #include <lorafuse/nn/linear.h>
 #include <lorafuse/nn/lora_adapters.h>
+#include <lorafuse/ops/dora.h>
 #include <lorafuse/ops/merge.h>
 #include <torch/csrc/autograd/grad_mode.h>
 
 namespace lorafuse::nn {
 
+void DoraMagnitudeImpl::reset() { weight = register_parameter("weight", at::empty({out_features_}, options_)); }
+
 void LoraAdapters::reset(torch::nn::Module& owner, int64_t in_features, int64_t out_features,
-                         const at::TensorOptions& base) {
+                         const at::TensorOptions& base, const at::Tensor& dense_weight) {
   in_features_ = in_features;
   out_features_ = out_features;
   lora_A = owner.register_module("lora_A", torch::nn::ModuleDict());
   lora_B = owner.register_module("lora_B", torch::nn::ModuleDict());
+  lora_magnitude_vector = owner.register_module("lora_magnitude_vector", torch::nn::ModuleDict());
   const auto base_dtype = c10::typeMetaToScalarType(base.dtype());
   for (const auto& name : table_.names()) {
     const auto& adapter = table_.options(name);
-    create_weights(name, base.dtype(adapter_dtype(adapter, base_dtype)), adapter.r());
+    create_weights(name, base.dtype(adapter_dtype(adapter, base_dtype)), adapter);
     init_adapter_weights(lora_a(name), lora_b(name), adapter);
+    if (adapter.use_dora() && dense_weight.defined()) init_magnitude(name, dense_weight);
   }
   apply_trainability();
   refresh_routes();
 }
 
-void LoraAdapters::reset_parameters() {
-  for (const auto& name : table_.names()) init_adapter_weights(lora_a(name), lora_b(name), table_.options(name));
+void LoraAdapters::reset_parameters(const at::Tensor& dense_weight) {
+  for (const auto& name : table_.names()) {
+    init_adapter_weights(lora_a(name), lora_b(name), table_.options(name));
+    if (table_.options(name).use_dora() && dense_weight.defined()) init_magnitude(name, dense_weight);
+  }
 }
 
-void LoraAdapters::create_weights(const std::string& name, const at::TensorOptions& options, int64_t r) {
-  lora_A->update({{name, make_linear(in_features_, r, false, options).ptr()}});
-  lora_B->update({{name, make_linear(r, out_features_, false, options).ptr()}});
+void LoraAdapters::create_weights(const std::string& name, const at::TensorOptions& options,
+                                  const LoraAdapterOptions& adapter) {
+  lora_A->update({{name, make_linear(in_features_, adapter.r(), false, options).ptr()}});
+  lora_B->update({{name, make_linear(adapter.r(), out_features_, false, options).ptr()}});
+  if (adapter.use_dora()) lora_magnitude_vector->update({{name, DoraMagnitude(out_features_, options).ptr()}});
+}
+
+void LoraAdapters::init_magnitude(const std::string& name, const at::Tensor& dense_weight) {
+  // PEFT: the row norms of W + scale·B·A for the adapter's starting A and B (‖W‖ when B starts at zero)
+  torch::NoGradGuard no_grad;
+  lora_magnitude(name).copy_(
+      lorafuse::dora_weight_norm(dense_weight, lora_a(name), lora_b(name), table_.options(name).scale()));
+}
+
+std::vector<torch::nn::ModuleDict*> LoraAdapters::dicts_of(const std::string& name) {
+  std::vector<torch::nn::ModuleDict*> dicts = {&lora_A, &lora_B};
+  if (lora_magnitude_vector->contains(name)) dicts.push_back(&lora_magnitude_vector);
+  return dicts;
 }
 
 void LoraAdapters::add(const std::string& name, const LoraAdapterOptions& adapter, bool activate,
@@ -36,20 +60,23 @@ void LoraAdapters::add(const std::string& name, const LoraAdapterOptions& adapte
   const auto dtype = table_.check_add(name, adapter, c10::typeMetaToScalarType(base.dtype()));
   const bool loftq = adapter.init_lora_weights().changes_base();  // LoftQ, PiSSA, OLoRA
   const std::string init = adapter.init_lora_weights().str();
+  TORCH_CHECK_VALUE(!adapter.use_dora() || dense_weight.defined(), "add_adapter(\"", name,
+                    "\"): use_dora = true: DoRA rescales the rows of the layer's full-precision weight, and this "
+                    "layer has none (a quantized base); lorafuse does not support DoRA over quantized bases yet");
   if (loftq) {
     TORCH_CHECK_VALUE(dense_weight.defined(), "add_adapter(\"", name, "\"): init_lora_weights \"", init,
                       "\" changes the layer's full-precision weight and starts the adapter from it; ",
                       refusal.empty() ? "this layer has no such weight" : refusal);
     check_loftq_weight("add_adapter(" + name + ")", dense_weight, adapter.r(), &table_, init);
   }
-  create_weights(name, base.dtype(dtype), adapter.r());
+  create_weights(name, base.dtype(dtype), adapter);
   if (loftq) {  // before the table changes: an error (in the decomposition, before any write) leaves the layer as it
                 // was
     try {
       init_adapter_weights_from_base(dense_weight, lora_A[name]->as<torch::nn::LinearImpl>()->weight,
                                      lora_B[name]->as<torch::nn::LinearImpl>()->weight, adapter);
     } catch (...) {
-      for (auto* dict : {&lora_A, &lora_B}) {
+      for (auto* dict : dicts_of(name)) {
         (*dict)->pop(name);
         (*dict)->unregister_module(name);
       }
@@ -58,6 +85,7 @@ void LoraAdapters::add(const std::string& name, const LoraAdapterOptions& adapte
   }
   table_.add(name, adapter, activate);
   if (!loftq) init_adapter_weights(lora_a(name), lora_b(name), adapter);
+  if (adapter.use_dora()) init_magnitude(name, dense_weight);  // after LoftQ/PiSSA/OLoRA changed the weight (PEFT)
   // A new active adapter changes every adapter's flags; else only the new one's: other threads may be running
   // the others.
   if (table_.trains(name)) {
@@ -65,6 +93,7 @@ void LoraAdapters::add(const std::string& name, const LoraAdapterOptions& adapte
   } else {
     lora_a(name).set_requires_grad(false);
     lora_b(name).set_requires_grad(false);
+    if (adapter.use_dora()) lora_magnitude(name).set_requires_grad(false);
   }
   refresh_routes();
 }
@@ -87,15 +116,16 @@ void LoraAdapters::disable(const std::function<void()>& unmerge) {
   for (const auto& name : table_.names()) {  // as PEFT: disabling freezes every adapter (a switch activates one again)
     lora_a(name).set_requires_grad(false);
     lora_b(name).set_requires_grad(false);
+    if (table_.options(name).use_dora()) lora_magnitude(name).set_requires_grad(false);
   }
 }
 
 void LoraAdapters::remove(const std::string& name) {
   table_.check_remove(name);
-  lora_A->pop(name);
-  lora_A->unregister_module(name);
-  lora_B->pop(name);
-  lora_B->unregister_module(name);
+  for (auto* dict : dicts_of(name)) {
+    (*dict)->pop(name);
+    (*dict)->unregister_module(name);
+  }
   const bool new_active = table_.remove(name);
   refresh_routes();
   if (new_active) apply_trainability();
@@ -111,6 +141,12 @@ at::Tensor& LoraAdapters::lora_b(const std::string& name) {
   return lora_B[name]->as<torch::nn::LinearImpl>()->weight;
 }
 
+at::Tensor& LoraAdapters::lora_magnitude(const std::string& name) {
+  TORCH_CHECK_VALUE(table_.options(name, "lora_magnitude").use_dora(), "lora_magnitude: adapter \"", name,
+                    "\" is not a DoRA adapter (use_dora = false); it has no magnitude vector");
+  return lora_magnitude_vector[name]->as<DoraMagnitudeImpl>()->weight;
+}
+
 at::Tensor LoraAdapters::delta_weight(const std::string& name) const {
   const auto& adapter = table_.options(name, "delta_weight");
   const auto& a = lora_A->operator[](name)->as<torch::nn::LinearImpl>()->weight;  // [r, in]
@@ -120,11 +156,15 @@ at::Tensor LoraAdapters::delta_weight(const std::string& name) const {
 }
 
 void LoraAdapters::merge_inputs(const std::vector<std::string>& names, std::vector<at::Tensor>& as,
-                                std::vector<at::Tensor>& bs, std::vector<double>& scales) const {
+                                std::vector<at::Tensor>& bs, std::vector<double>& scales,
+                                std::vector<at::Tensor>& magnitudes) const {
   for (const auto& name : names) {
-    scales.push_back(table_.options(name, "merge").scale());
+    const auto& adapter = table_.options(name, "merge");
+    scales.push_back(adapter.scale());
     as.push_back(lora_A->operator[](name)->as<torch::nn::LinearImpl>()->weight);
     bs.push_back(lora_B->operator[](name)->as<torch::nn::LinearImpl>()->weight);
+    magnitudes.push_back(adapter.use_dora() ? lora_magnitude_vector->operator[](name)->as<DoraMagnitudeImpl>()->weight
+                                            : at::Tensor());
   }
 }
 
@@ -132,6 +172,7 @@ void LoraAdapters::apply_trainability() {
   for (const auto& name : table_.names()) {
     lora_a(name).set_requires_grad(table_.trains(name));
     lora_b(name).set_requires_grad(table_.trains(name));
+    if (table_.options(name).use_dora()) lora_magnitude(name).set_requires_grad(table_.trains(name));
   }
 }
 
@@ -139,9 +180,12 @@ void LoraAdapters::refresh_routes() {
   auto routes = std::make_shared<RouteTable>();
   for (const auto& name : table_.names()) {
     const auto& adapter = table_.options(name);
-    routes->emplace(name, Route{std::dynamic_pointer_cast<torch::nn::LinearImpl>(lora_A[name]),
-                                std::dynamic_pointer_cast<torch::nn::LinearImpl>(lora_B[name]), adapter.scale(),
-                                adapter.lora_dropout()});
+    routes->emplace(
+        name,
+        Route{
+            std::dynamic_pointer_cast<torch::nn::LinearImpl>(lora_A[name]),
+            std::dynamic_pointer_cast<torch::nn::LinearImpl>(lora_B[name]), adapter.scale(), adapter.lora_dropout(),
+            adapter.use_dora() ? std::dynamic_pointer_cast<DoraMagnitudeImpl>(lora_magnitude_vector[name]) : nullptr});
   }
   std::lock_guard<std::mutex> lock(route_lock_.mutex);
   routes_ = std::move(routes);

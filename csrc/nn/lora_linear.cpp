@@ -2,6 +2,7 @@
 #include <c10/util/Exception.h>
 #include <lorafuse/nn/linear.h>
 #include <lorafuse/nn/lora_linear.h>
+#include <lorafuse/ops/dora.h>
 #include <lorafuse/ops/lora_add.h>
 #include <lorafuse/ops/lora_linear.h>
 #include <lorafuse/ops/merge.h>
@@ -51,7 +52,7 @@ void LoraLinearImpl::reset() {
     base_layer->weight.set_requires_grad(false);
     if (base_layer->bias.defined()) base_layer->bias.set_requires_grad(false);
   }
-  adapters_.reset(*this, options.in_features(), options.out_features(), base_options());
+  adapters_.reset(*this, options.in_features(), options.out_features(), base_options(), base_layer->weight);
   lora_A = adapters_.lora_A;
   lora_B = adapters_.lora_B;
   // Holds the unmerged weight while anything is merged, else nothing ([0]). Registered, so that it
@@ -59,7 +60,7 @@ void LoraLinearImpl::reset() {
   weight_unmerged_ = register_buffer(kBackup, at::empty({0}, base_layer->weight.options()));
 }
 
-void LoraLinearImpl::reset_parameters() { adapters_.reset_parameters(); }
+void LoraLinearImpl::reset_parameters() { adapters_.reset_parameters(base_layer->weight); }
 
 std::shared_ptr<torch::nn::Module> LoraLinearImpl::clone(const std::optional<torch::Device>& device) const {
   check_cloneable(*this, "LoraLinear::clone");
@@ -87,13 +88,17 @@ at::Tensor LoraLinearImpl::routed_forward(const at::Tensor& x, const LoraAdapter
   const auto& bias = base_layer->bias;
   const auto& a = route.a->weight;
   const auto& b = route.b->weight;
+  const auto bias_opt = bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt;
+  if (route.magnitude) {  // DoRA; a thawed weight: the base's own forward gives x·Wᵀ + b
+    const auto base_out = w.requires_grad() ? std::optional<at::Tensor>(base_layer->forward(x)) : std::nullopt;
+    return lorafuse::dora_linear(x, w, bias_opt, a, b, route.scale, p, route.magnitude->weight, base_out);
+  }
   if (w.requires_grad()) {
     // The fused op never computes a weight gradient; a caller who thawed the base weight gets the base's own
     // forward (autograd through its GEMM) and lora_add for the branch, as Python's call-as-is base kind.
     return lorafuse::lora_branch(base_layer->forward(x), x, a, b, route.scale, p);
   }
-  return lorafuse::lora_linear(x, w, bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt, a, b, route.scale,
-                               p);
+  return lorafuse::lora_linear(x, w, bias_opt, a, b, route.scale, p);
 }
 
 void LoraLinearImpl::add_adapter(const std::string& name, const LoraAdapterOptions& adapter) {
@@ -131,10 +136,10 @@ void LoraLinearImpl::merge_into_base(const std::vector<std::string>& everything)
   auto& w = base_layer->weight;
   // Every merge starts from the unmerged weight, so merging adapters one by one rounds once.
   const at::Tensor& original = merged() ? weight_unmerged_ : w;
-  std::vector<at::Tensor> as, bs;
+  std::vector<at::Tensor> as, bs, magnitudes;
   std::vector<double> scales;
-  adapters_.merge_inputs(everything, as, bs, scales);
-  const at::Tensor merged_weight = lorafuse::lora_merge(original, as, bs, scales);  // checks finiteness
+  adapters_.merge_inputs(everything, as, bs, scales, magnitudes);
+  const at::Tensor merged_weight = lorafuse::lora_merge(original, as, bs, scales, magnitudes);  // checks finiteness
   if (!merged()) weight_unmerged_.set_data(w.clone());
   w.copy_(merged_weight);
   adapters_.table().set_merged(everything);

@@ -119,9 +119,9 @@ void LoraLinear4bitImpl::merge(const std::vector<std::string>& adapter_names, bo
   const at::Tensor absmax = was_merged ? absmax_unmerged_ : base.absmax;
   const at::Tensor nested = was_merged ? nested_absmax_unmerged_ : base.nested_absmax;
   const at::Tensor offset = was_merged ? offset_unmerged_ : base.offset;
-  std::vector<at::Tensor> as, bs;
+  std::vector<at::Tensor> as, bs, magnitudes;  // no DoRA over a 4-bit base: magnitudes stay undefined
   std::vector<double> scales;
-  adapters_.merge_inputs(everything, as, bs, scales);
+  adapters_.merge_inputs(everything, as, bs, scales, magnitudes);
   const NfMerge result = lorafuse::nf_merge(packed, absmax, nested, offset, base.options.format(),
                                             {out_features(), in_features()}, as, bs, scales);
   if (!was_merged) {
@@ -175,9 +175,9 @@ torch::nn::Linear LoraLinear4bitImpl::dense_merged() const {
       was_merged ? nested_absmax_unmerged_ : base.nested_absmax, was_merged ? offset_unmerged_ : base.offset,
       base.options.format(), {out_features(), in_features()}, at::kFloat);
   if (!everything.empty()) {
-    std::vector<at::Tensor> as, bs;
+    std::vector<at::Tensor> as, bs, magnitudes;  // no DoRA over a 4-bit base: magnitudes stay undefined
     std::vector<double> scales;
-    adapters_.merge_inputs(everything, as, bs, scales);
+    adapters_.merge_inputs(everything, as, bs, scales, magnitudes);
     weight = lorafuse::lora_merge(weight, as, bs, scales);  // checks finiteness
   }
   auto dense = make_linear(in_features(), out_features(), base.bias.defined(), base_options());

@@ -72,6 +72,13 @@ RowAdapters::Plan RowAdapters::plan(const AdapterTable& table, const std::vector
   plan.adapters = present;
   plan.uniform = present.size() == 1 && std::all_of(index.begin(), index.end(), [](int64_t i) { return i == 0; });
   if (plan.uniform) return plan;  // the layer runs its plain path: no grouping needed
+  for (const auto& name : present) {
+    TORCH_CHECK_VALUE(!table.options(name).use_dora(), "use_adapter(", AdapterTable::join(names_), "): adapter \"",
+                      name,
+                      "\" is a DoRA adapter (use_dora), which batches with one adapter per row do not support "
+                      "yet; run its rows in a batch of their own (use_adapter(\"",
+                      name, "\"))");
+  }
   std::ostringstream key;
   for (const int64_t i : index) key << i << ',';
   key << '|' << rows << '|' << tokens << '|' << device;

@@ -80,7 +80,22 @@ TORCH_LIBRARY(lorafuse, m) {
   // dtype; raises ValueError (weight untouched) if the result is not finite. Merging several adapters one by
   // one from the unmerged weight gives the same bits as merging them at once. Unmerging is exact because
   // the layers keep the unmerged weight (no subtraction).
-  m.def("lora_merge(Tensor weight, Tensor[] lora_a, Tensor[] lora_b, float[] scale) -> Tensor");
+  // magnitude: one entry per adapter, None for plain LoRA, a DoRA adapter's magnitude vector m [out] otherwise: it
+  // rescales the rows, W ← m / ‖W₀ + scale·B·A‖ ⊙ (W + scale·B·A) with W₀ the weight given (PEFT's order: in turn).
+  m.def(
+      "lora_merge(Tensor weight, Tensor[] lora_a, Tensor[] lora_b, float[] scale, Tensor?[]? magnitude=None) -> "
+      "Tensor");
+
+  // ---- DoRA (use_dora): weight-decomposed LoRA, PEFT's numerics (<lorafuse/ops/dora.h>)
+  // ‖W + scale·B·A‖ per output row [out] in float32 (float64 for float64), without forming W + scale·B·A; no gradients.
+  m.def("dora_weight_norm(Tensor weight, Tensor lora_a, Tensor lora_b, float scale) -> Tensor");
+  // y = g ⊙ (x·Wᵀ + scale·(x·Aᵀ)·Bᵀ) + b with g = magnitude / dora_weight_norm (a constant); base_out: the base's own
+  // output for x (a base called as it is); with dropout PEFT's form (a second base GEMM on dropout(x)).
+  // CompositeImplicitAutograd: differentiable in x, bias, lora_a, lora_b, magnitude, base_out.
+  m.def(
+      "dora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, float scale, float dropout_p, "
+      "Tensor magnitude, Tensor? base_out=None) -> Tensor",
+      {at::Tag::nondeterministic_seeded});
 
   // ---- The quantized-weight format of QLoRA and LQ-LoRA (cuda/shared/nf_format.h has the rules): NF-b codes in absmax
   // blocks, the statistics quantized again; format = [bits, blocksize, stat_bits, stat_blocksize].

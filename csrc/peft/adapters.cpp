@@ -30,8 +30,9 @@ void save_adapter(torch::nn::Module& module, const std::string& dir, const std::
   for (size_t i = 0; i < sites.size(); ++i) {
     auto* layer = nn::as_lora_layer(sites[i].module.get());
     if (layer == nullptr || !layer->has_adapter(adapter_name)) continue;
-    layers.push_back({i, layer->adapter_options(adapter_name), layer->lora_a(adapter_name).detach(),
-                      layer->lora_b(adapter_name).detach()});
+    const auto& options = layer->adapter_options(adapter_name);
+    layers.push_back({i, options, layer->lora_a(adapter_name).detach(), layer->lora_b(adapter_name).detach(),
+                      options.use_dora() ? layer->lora_magnitude(adapter_name).detach() : at::Tensor()});
   }
   auto file = io::describe_adapter(infos, layers, trained_biases(module, adapter_name));
   io::write_adapter(dir, file);
@@ -81,6 +82,7 @@ InjectReport load_adapter(torch::nn::Module& module, const io::AdapterFile& file
         torch::NoGradGuard no_grad;
         layer.lora_a(adapter_name).copy_(t->lora_A);  // cast to the layer's adapter dtype
         layer.lora_b(adapter_name).copy_(t->lora_B);
+        if (t->magnitude.defined()) layer.lora_magnitude(adapter_name).copy_(t->magnitude);
       });
   {
     torch::NoGradGuard no_grad;

@@ -26,9 +26,10 @@ void bind_adapter_table(py::module& m) {
       .def(py::init([](int64_t r, double lora_alpha, double lora_dropout, bool use_rslora,
                        const py::object& init_lora_weights, const std::string& bias,
                        std::optional<at::ScalarType> dtype, const std::optional<std::string>& task_type,
-                       const std::optional<std::map<std::string, int64_t>>& loftq_config) {
+                       const std::optional<std::map<std::string, int64_t>>& loftq_config, bool use_dora) {
              return translating([&] {
                LoraAdapterOptions o(r);
+               o.use_dora(use_dora);
                o.lora_alpha(lora_alpha)
                    .lora_dropout(lora_dropout)
                    .use_rslora(use_rslora)
@@ -47,11 +48,12 @@ void bind_adapter_table(py::module& m) {
            }),
            py::arg("r") = 8, py::arg("lora_alpha") = 8.0, py::arg("lora_dropout") = 0.0, py::arg("use_rslora") = false,
            py::arg("init_lora_weights") = true, py::arg("bias") = "none", py::arg("dtype") = py::none(),
-           py::arg("task_type") = py::none(), py::arg("loftq_config") = py::none())
+           py::arg("task_type") = py::none(), py::arg("loftq_config") = py::none(), py::arg("use_dora") = false)
       .def_property_readonly("r", [](const LoraAdapterOptions& o) { return o.r(); })
       .def_property_readonly("lora_alpha", [](const LoraAdapterOptions& o) { return o.lora_alpha(); })
       .def_property_readonly("lora_dropout", [](const LoraAdapterOptions& o) { return o.lora_dropout(); })
       .def_property_readonly("use_rslora", [](const LoraAdapterOptions& o) { return o.use_rslora(); })
+      .def_property_readonly("use_dora", [](const LoraAdapterOptions& o) { return o.use_dora(); })
       .def_property_readonly("init_lora_weights",
                              [](const LoraAdapterOptions& o) -> py::object {
                                const auto init = detail::init_lora_weights_json(o.init_lora_weights());

@@ -58,8 +58,13 @@ py::dict adapter_file_dict(const io::AdapterFile& file) {
   out["targets_from_file"] = file.targets_from_file;
   out["config_json"] = io::adapter_config_json(file);
   py::list layers;
-  for (const auto& l : file.layers) layers.append(py::make_tuple(l.path, l.lora_A, l.lora_B));
+  py::dict magnitudes;
+  for (const auto& l : file.layers) {
+    layers.append(py::make_tuple(l.path, l.lora_A, l.lora_B));
+    if (l.magnitude.defined()) magnitudes[py::str(l.path)] = l.magnitude;
+  }
   out["layers"] = layers;
+  out["magnitudes"] = magnitudes;
   out["biases"] = file.biases;
   out["warnings"] = file.warnings;
   return out;

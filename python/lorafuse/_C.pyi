@@ -228,6 +228,7 @@ class AdapterOptions:
         dtype: Optional[torch.dtype] = None,
         task_type: Optional[str] = None,
         loftq_config: Optional[Dict[str, int]] = None,
+        use_dora: bool = False,
     ) -> None: ...
     @property
     def r(self) -> int: ...
@@ -237,6 +238,8 @@ class AdapterOptions:
     def lora_dropout(self) -> float: ...
     @property
     def use_rslora(self) -> bool: ...
+    @property
+    def use_dora(self) -> bool: ...
     @property
     def init_lora_weights(self) -> Any: ...  # True, False, "gaussian" or "loftq"
     @property
@@ -446,7 +449,7 @@ def _plan_adapter_load(dir: str, modules: Sequence[ModuleShapeRow], partial: boo
 def _save_adapter(
     dir: str,
     modules: Sequence[ModuleShapeRow],
-    layers: Sequence[Tuple[int, AdapterOptions, torch.Tensor, torch.Tensor]],
+    layers: Sequence[Tuple[int, AdapterOptions, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]],
     biases: Sequence[Tuple[str, torch.Tensor]],
     base_model_name_or_path: str,
     fan_in_fan_out: bool = False,

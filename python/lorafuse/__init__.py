@@ -13,6 +13,7 @@ from .ops import (
     Nf4Weight,
     dequantize_nf,
     dequantize_nf4,
+    dora_linear,
     LoraSegments,
     lora_linear,
     lora_multi_add,
@@ -72,6 +73,7 @@ def has_cuda_kernels() -> bool:
 
 __all__ = [
     "lora_linear",
+    "dora_linear",
     "LoraSegments",
     "lora_segments",
     "lora_multi_add",

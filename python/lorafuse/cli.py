@@ -310,7 +310,7 @@ def inspect_adapter(folder: str) -> Dict[str, Any]:
     if config["alpha_pattern"]:
         infos = [(path, "Linear", True, int(a.shape[1]), int(b.shape[0])) for path, a, b in adapter["layers"]]
         plan = lorafuse._C._plan_adapter_load(folder, infos, True)
-        for index, options, _, _ in plan["targets"]:
+        for index, options, *_ in plan["targets"]:
             alphas[infos[index][0]] = float(json.loads(options)["lora_alpha"])
 
     tensors: List[Dict[str, Any]] = []

@@ -42,7 +42,8 @@ class LoraConfig:
             ``"pissa"`` (PiSSA: A and B from W's r principal singular directions, exact SVD) and ``"olora"``
             (OLoRA: from W's QR decomposition) start as PEFT computes them, W keeping the residual W − scale·B·A (so
             the model's outputs do not change); like LoftQ they need a full-precision nn.Linear base, and an adapter
-            loaded from a file takes its weights. ``"pissa_niter_N"`` (a randomized SVD) is not supported yet.
+            loaded from a file takes its weights. ``"pissa_niter_N"``: PiSSA by a randomized SVD with N subspace
+            iterations (torch.svd_lowrank's algorithm and random draws, as PEFT: the same A and B for the same seed).
         layers_to_transform: with ``target_modules`` a list of names, only modules inside these layer indices get
             the adapter (an int or a list; None: every layer), as PEFT: a module's layer index is the first number in
             its path after a ``layers_pattern`` entry ("model.layers.3.self_attn.q_proj" → 3 for "layers"), or
@@ -53,6 +54,11 @@ class LoraConfig:
         fan_in_fan_out: PEFT's flag for weights stored [in, out] (transformers' ``Conv1D``, GPT-2). As in PEFT, each
             layer's kind decides (Conv1D layers compute transposed, Linear layers do not), so it may be left False;
             an adapter saved over Conv1D layers has it set in adapter_config.json.
+        use_dora: DoRA (weight-decomposed LoRA, PEFT's ``use_dora`` with its numerics): each adapter also trains a
+            magnitude vector m [out], started at the row norms of W + scale·B·A, and the layer computes
+            m / ‖W + scale·B·A‖ ⊙ (x·Wᵀ + scale·(x·Aᵀ)·Bᵀ) + b with the norm a constant. Over nn.Linear and
+            transformers' Conv1D layers (refused over quantized bases and Linear subclasses with their own forward);
+            saved as ``lora_magnitude_vector`` in PEFT's files; merges as PEFT does.
         loftq_config: with ``"loftq"``: ``{"loftq_bits": 4, "loftq_iter": 1}`` (the defaults; bits 2 .. 8, where
             PEFT's 8 is bitsandbytes' int8 code and lorafuse's NF8) or a :class:`LoftQConfig` (or PEFT's).
         task_type: PEFT's task type (a str or ``peft.TaskType``): ``None``, ``"CAUSAL_LM"``,
@@ -78,6 +84,7 @@ class LoraConfig:
     layers_to_transform: Optional[Union[int, List[int]]] = None
     layers_pattern: Optional[Union[str, List[str]]] = None
     fan_in_fan_out: bool = False
+    use_dora: bool = False
     loftq_config: Union[Dict[str, int], Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -90,7 +97,7 @@ class LoraConfig:
         _check_number("lora_dropout", self.lora_dropout, (int, float))
         if not isinstance(self.bias, str):
             raise TypeError(f"bias: expected a str, found {type(self.bias).__name__}")
-        for name in ("use_rslora", "fan_in_fan_out"):
+        for name in ("use_rslora", "fan_in_fan_out", "use_dora"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name}: expected a bool, found {type(getattr(self, name)).__name__}")
         for name in ("rank_pattern", "alpha_pattern"):
@@ -129,7 +136,7 @@ class LoraConfig:
         init = self.init_lora_weights
         if not isinstance(init, (bool, str)):
             raise TypeError(
-                'init_lora_weights: expected True, False, "gaussian", "loftq", "pissa" or "olora", found '
+                'init_lora_weights: expected True, False, "gaussian", "loftq", "pissa", "pissa_niter_N" or "olora", found '
                 f"{type(init).__name__}"
             )
         loftq = self.loftq_config

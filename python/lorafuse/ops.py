@@ -40,6 +40,39 @@ def lora_linear(
     return torch.ops.lorafuse.lora_linear(x, weight, bias, lora_a, lora_b, float(scale), float(dropout_p))
 
 
+def dora_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scale: float,
+    magnitude: Tensor,
+    dropout_p: float = 0.0,
+    base_out: Optional[Tensor] = None,
+) -> Tensor:
+    """A DoRA layer (PEFT's ``use_dora``): ``m / ‖W + scale·B·A‖ ⊙ (x·Wᵀ + scale·(x·Aᵀ)·Bᵀ) + b``, the row norm a
+    constant (no gradient through it, as DoRA and PEFT do).
+
+    Without dropout it is :func:`lora_linear` (bias left out) scaled per output column and the bias added: no second
+    base GEMM, and the norm is computed as ‖W‖² + 2·scale·⟨W·Aᵀ, B⟩ + scale²·B·(A·Aᵀ)·Bᵀ per row, never forming a
+    weight-sized tensor (``torch.ops.lorafuse.dora_weight_norm``). With dropout it is PEFT's form, the base output plus
+    (g − 1)·dropout(x)·Wᵀ + g·scale·(dropout(x)·Aᵀ)·Bᵀ (a second base GEMM, as PEFT).
+
+    Args:
+        x, weight, bias, lora_a, lora_b, scale, dropout_p: as :func:`lora_linear`; weight may be any view [out, in]
+            (Conv1D's transposed weight).
+        magnitude: ``[out]``, the adapter's magnitude vector (float32 or the adapter's dtype).
+        base_out: the base layer's own output for x (a base called as it is, hooks included), or None: computed here.
+
+    Returns:
+        ``[..., out]`` in x's dtype; differentiable with respect to x, bias, lora_a, lora_b, magnitude and base_out.
+    """
+    return torch.ops.lorafuse.dora_linear(
+        x, weight, bias, lora_a, lora_b, float(scale), float(dropout_p), magnitude, base_out
+    )
+
+
 class NfWeight(NamedTuple):
     """A quantized weight (the one format of QLoRA and LQ-LoRA, see :class:`NfFormat`), with bitsandbytes' field names
     (transformers' 4-bit checkpoints name them so)."""

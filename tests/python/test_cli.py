@@ -307,7 +307,7 @@ INVALID = {
         "adapter_model.safetensors: missing",
     ),
     "malformed_json": (lambda f: (f / "adapter_config.json").write_text('{"r": 4,'), "not valid JSON"),
-    "use_dora": (lambda f: _edit_config(f, use_dora=True), "use_dora = true"),
+    "dora_without_magnitudes": (lambda f: _edit_config(f, use_dora=True), "use_dora = true"),
     "truncated_safetensors": (_truncate, "truncated"),
     "wrong_rank": (
         _wrong_rank,

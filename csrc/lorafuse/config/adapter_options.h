@@ -20,25 +20,36 @@ namespace lorafuse::nn {
 ///               adapter over a dense Linear can start so (lorafuse::loftq_init, the op torch.ops.lorafuse.loftq_init);
 ///   "pissa"     PiSSA (Meng et al., 2024): A and B start at W's r principal singular directions (exact SVD, float32),
 ///               and W keeps the residual W − scale·B·A, as PEFT computes it;
+///   "pissa_niter_N"  PiSSA by a randomized SVD with N subspace iterations (Halko et al.; torch.svd_lowrank's
+///               algorithm and random draws from the default generator, as PEFT): faster on large weights;
 ///   "olora"     OLoRA (Büyükakyüz, 2024): B = Q[:, :r], A = R[:r] of W's QR decomposition, and W keeps W − scale·B·A.
 /// The last three change the base weight: only a new adapter over a dense Linear starts so. An adapter loaded from a
 /// file takes its weights (the initialisation ran when it was made).
 class InitLoraWeights {
  public:
-  enum class Kind { kDefault, kGaussian, kRandom, kLoftq, kPissa, kOlora };
+  enum class Kind { kDefault, kGaussian, kRandom, kLoftq, kPissa, kPissaNiter, kOlora };
   InitLoraWeights(bool init = true) : kind_(init ? Kind::kDefault : Kind::kRandom) {}  // NOLINT
-  /// "gaussian", "loftq", "pissa", "olora", "true" or "false"; anything else is a ValueError naming init_lora_weights.
+  /// "gaussian", "loftq", "pissa", "pissa_niter_N" (N ≥ 0 digits), "olora", "true" or "false"; anything else is a
+  /// ValueError naming init_lora_weights.
   InitLoraWeights(const std::string& init);                                  // NOLINT
   InitLoraWeights(const char* init) : InitLoraWeights(std::string(init)) {}  // NOLINT
   Kind kind() const noexcept { return kind_; }
   /// Whether it changes the base weight (loftq, pissa, olora): then the layer's dense weight is needed.
-  bool changes_base() const noexcept { return kind_ == Kind::kLoftq || kind_ == Kind::kPissa || kind_ == Kind::kOlora; }
-  /// "true", "gaussian", "loftq", "pissa", "olora" or "false", as PEFT's adapter_config.json writes it.
+  bool changes_base() const noexcept {
+    return kind_ == Kind::kLoftq || kind_ == Kind::kPissa || kind_ == Kind::kPissaNiter || kind_ == Kind::kOlora;
+  }
+  /// pissa_niter_N's N (0 for the other kinds).
+  int64_t niter() const noexcept { return niter_; }
+  /// "true", "gaussian", "loftq", "pissa", "pissa_niter_N", "olora" or "false", as PEFT's adapter_config.json writes
+  /// it.
   std::string str() const;
-  bool operator==(const InitLoraWeights& other) const noexcept { return kind_ == other.kind_; }
+  bool operator==(const InitLoraWeights& other) const noexcept {
+    return kind_ == other.kind_ && niter_ == other.niter_;
+  }
 
  private:
   Kind kind_;
+  int64_t niter_ = 0;
 };
 
 /// PEFT's LoftQConfig: how init_lora_weights = "loftq" quantizes the base weight.
@@ -79,6 +90,10 @@ struct LoraAdapterOptions {
   /// PEFT's task type of the adapter's config (LoraConfig::task_type; "" for none), recorded with the adapter so that
   /// its file says it again. It changes nothing lorafuse computes.
   TORCH_ARG(std::string, task_type);
+  /// DoRA (PEFT's use_dora; Liu et al., 2024): the adapter also has a magnitude vector m [out], started at the row
+  /// norms of W + scale·B·A, and the layer computes m / ‖W + scale·B·A‖ ⊙ (x·Wᵀ + scale·(x·Aᵀ)·Bᵀ) + b
+  /// (lorafuse::dora_linear). Only over a base with a full-precision weight (a dense Linear, a Conv1D).
+  TORCH_ARG(bool, use_dora) = false;
 
  public:
   /// lora_alpha / r, or lora_alpha / √r with use_rslora.

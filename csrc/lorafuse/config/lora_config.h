@@ -96,6 +96,8 @@ struct LoraConfig {
   /// PEFT's task type: "" (none), "CAUSAL_LM", "SEQ_2_SEQ_LM" or "FEATURE_EXTRACTION"; written to adapter_config.json
   /// and read from it (nn::check_task_type says what is refused). It changes nothing lorafuse computes.
   TORCH_ARG(std::string, task_type);
+  /// DoRA for every adapter of this config (PEFT's use_dora; nn::LoraAdapterOptions::use_dora says what it computes).
+  TORCH_ARG(bool, use_dora) = false;
 
  public:
   /// ValueError naming the first bad field, what was found and what is expected.

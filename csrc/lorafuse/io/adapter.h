@@ -2,8 +2,9 @@
 // implementation of the format and of the tensor-name mapping; the C++ save_adapter/load_adapter
 // (<lorafuse/peft/adapters.h>) and the Python front both go through it.
 //
-// Tensor names: base_model.model.<module path>.lora_A.weight [r, in] and ...lora_B.weight [out, r]; with
-// bias "all" or "lora_only" also the trained biases under base_model.model.<parameter path>.
+// Tensor names: base_model.model.<module path>.lora_A.weight [r, in] and ...lora_B.weight [out, r]; a DoRA adapter
+// (use_dora) also ...lora_magnitude_vector [out]; with bias "all" or "lora_only" also the trained biases under
+// base_model.model.<parameter path>.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -23,8 +24,9 @@ constexpr const char* kAdapterWeightsFile = "adapter_model.safetensors";
 struct AdapterLayer {
   /// Module path in the model, e.g. "model.layers.0.self_attn.q_proj".
   std::string path;
-  at::Tensor lora_A;  // [r, in]
-  at::Tensor lora_B;  // [out, r]
+  at::Tensor lora_A;     // [r, in]
+  at::Tensor lora_B;     // [out, r]
+  at::Tensor magnitude;  // DoRA's magnitude vector [out]; undefined unless the config says use_dora
 };
 
 /// An adapter as PEFT stores it.
@@ -69,6 +71,7 @@ struct LoadTarget {
   nn::LoraAdapterOptions adapter;
   at::Tensor lora_A;
   at::Tensor lora_B;
+  at::Tensor magnitude;  // [out] for a DoRA adapter, else undefined
 };
 
 /// Matches `file` against a model's modules (path, type, is_linear, in/out features). ValueErrors: a module
@@ -83,16 +86,17 @@ struct SaveSource {
   nn::LoraAdapterOptions adapter;
   at::Tensor lora_A;
   at::Tensor lora_B;
+  at::Tensor magnitude;  // [out] for a DoRA adapter (adapter.use_dora()), else undefined
 };
 
 /// The AdapterFile for these layers of a model: a LoraConfig that selects exactly these layers in
 /// `modules` (the layers' names, e.g. ["q_proj", "v_proj"], when they select exactly these layers, else
 /// their full paths), r and lora_alpha the most common values with rank_pattern/alpha_pattern for the
-/// others. ValueErrors: no layers; layers disagreeing on lora_dropout, use_rslora or bias.
+/// others. ValueErrors: no layers; layers disagreeing on lora_dropout, use_rslora, bias, task_type or use_dora.
 AdapterFile describe_adapter(const std::vector<ModuleInfo>& modules, const std::vector<SaveSource>& layers,
                              std::vector<std::pair<std::string, at::Tensor>> biases = {});
 
-/// "base_model.model.<path>.lora_A.weight" and friends.
-std::string lora_tensor_name(const std::string& module_path, char which /* 'A' or 'B' */);
+/// "base_model.model.<path>.lora_A.weight", "...lora_B.weight" and DoRA's "...lora_magnitude_vector" (which 'M').
+std::string lora_tensor_name(const std::string& module_path, char which /* 'A', 'B' or 'M' */);
 
 }  // namespace lorafuse::io

@@ -10,6 +10,7 @@
 #include <lorafuse/nn/adapter_scope.h>
 #include <lorafuse/nn/adapter_table.h>
 #include <lorafuse/nn/row_adapters.h>
+#include <torch/nn/cloneable.h>
 #include <torch/nn/module.h>
 #include <torch/nn/modules/container/moduledict.h>
 #include <torch/nn/modules/linear.h>
@@ -29,6 +30,23 @@ class OutputArchive;
 
 namespace lorafuse::nn {
 
+/// A DoRA adapter's magnitude vector: the parameter `weight` [out] (PEFT's `lora_magnitude_vector.<name>.weight`).
+class DoraMagnitudeImpl : public torch::nn::Cloneable<DoraMagnitudeImpl> {
+ public:
+  explicit DoraMagnitudeImpl(int64_t out_features = 0, const at::TensorOptions& options = {})
+      : out_features_(out_features), options_(options) {
+    reset();
+  }
+  /// Registers a fresh (uninitialised) weight [out].
+  void reset() override;
+  at::Tensor weight;
+
+ private:
+  int64_t out_features_;
+  at::TensorOptions options_;
+};
+TORCH_MODULE(DoraMagnitude);
+
 class LoraAdapters {
  public:
   /// What forward reads of one adapter.
@@ -36,18 +54,22 @@ class LoraAdapters {
     std::shared_ptr<torch::nn::LinearImpl> a, b;  // weights [r, in] and [out, r]
     double scale;
     double dropout;
+    std::shared_ptr<DoraMagnitudeImpl> magnitude;  // a DoRA adapter's magnitude vector, else null
   };
 
-  /// (Re)registers `lora_A` and `lora_B` in `owner` with fresh weights for every adapter the table lists, made
-  /// on `base`'s device with each adapter's dtype (adapter_dtype over `base`'s dtype), then trainability and routes.
-  void reset(torch::nn::Module& owner, int64_t in_features, int64_t out_features, const at::TensorOptions& base);
-  /// Re-initialises every adapter's A and B as its init_lora_weights says.
-  void reset_parameters();
+  /// (Re)registers `lora_A`, `lora_B` and `lora_magnitude_vector` in `owner` with fresh weights for every adapter the
+  /// table lists, made on `base`'s device with each adapter's dtype (adapter_dtype over `base`'s dtype), then
+  /// trainability and routes. `dense_weight`: the layer's full-precision weight [out, in], which DoRA magnitudes start
+  /// from (undefined for a base without one, which holds no DoRA adapter).
+  void reset(torch::nn::Module& owner, int64_t in_features, int64_t out_features, const at::TensorOptions& base,
+             const at::Tensor& dense_weight = {});
+  /// Re-initialises every adapter's A and B as its init_lora_weights says (and a DoRA magnitude from `dense_weight`).
+  void reset_parameters(const at::Tensor& dense_weight = {});
 
   /// Adds adapter `name` (checked against the table; `base` gives the device and the base dtype). The first one
-  /// becomes active unless `activate` is false. `dense_weight`: the layer's full-precision weight, which LoftQ
-  /// (init_lora_weights "loftq") replaces by its quantized value; undefined for a base without one (LoftQ refused,
-  /// `refusal` saying why).
+  /// becomes active unless `activate` is false. `dense_weight`: the layer's full-precision weight [out, in], which
+  /// LoftQ (init_lora_weights "loftq") replaces by its quantized value and a DoRA magnitude starts from (the row norms
+  /// of W + scale·B·A); undefined for a base without one (LoftQ and DoRA refused, `refusal` saying why).
   void add(const std::string& name, const LoraAdapterOptions& options, bool activate, const at::TensorOptions& base,
            const at::Tensor& dense_weight = {}, const std::string& refusal = "");
   /// Makes `name` the active adapter / none; only the active adapter's A and B require grad. When the table says
@@ -68,11 +90,13 @@ class LoraAdapters {
   AdapterTable& table() noexcept { return table_; }
   at::Tensor& lora_a(const std::string& name);
   at::Tensor& lora_b(const std::string& name);
+  /// A DoRA adapter's magnitude vector [out] (lora_magnitude_vector.<name>.weight); ValueError for another adapter.
+  at::Tensor& lora_magnitude(const std::string& name);
   /// scale · B · A in float32 [out, in] (lorafuse::lora_delta_weight).
   at::Tensor delta_weight(const std::string& name) const;
-  /// The A, B and scale of each named adapter, for lorafuse::lora_merge.
+  /// The A, B, scale and magnitude (undefined unless DoRA) of each named adapter, for lorafuse::lora_merge.
   void merge_inputs(const std::vector<std::string>& names, std::vector<at::Tensor>& as, std::vector<at::Tensor>& bs,
-                    std::vector<double>& scales) const;
+                    std::vector<double>& scales, std::vector<at::Tensor>& magnitudes) const;
 
   /// The adapter forward runs now (the table's route under the thread's AdapterScope), or nullopt: the base alone.
   std::optional<Route> route() const;
@@ -91,8 +115,9 @@ class LoraAdapters {
   /// becomes the archive's. `what` prefixes the errors ("LoraLinear::load").
   void load(torch::serialize::InputArchive& archive, const at::TensorOptions& base, const char* what);
 
-  torch::nn::ModuleDict lora_A{nullptr};  // one Linear(in, r, bias=false) per adapter
-  torch::nn::ModuleDict lora_B{nullptr};  // one Linear(r, out, bias=false) per adapter
+  torch::nn::ModuleDict lora_A{nullptr};                 // one Linear(in, r, bias=false) per adapter
+  torch::nn::ModuleDict lora_B{nullptr};                 // one Linear(r, out, bias=false) per adapter
+  torch::nn::ModuleDict lora_magnitude_vector{nullptr};  // one DoraMagnitude per DoRA adapter
 
  private:
   using RouteTable = std::unordered_map<std::string, Route>;
@@ -103,7 +128,9 @@ class LoraAdapters {
     RouteLock& operator=(const RouteLock&) { return *this; }
     std::mutex mutex;
   };
-  void create_weights(const std::string& name, const at::TensorOptions& options, int64_t r);
+  void create_weights(const std::string& name, const at::TensorOptions& options, const LoraAdapterOptions& adapter);
+  void init_magnitude(const std::string& name, const at::Tensor& dense_weight);
+  std::vector<torch::nn::ModuleDict*> dicts_of(const std::string& name);
   std::shared_ptr<const RouteTable> snapshot() const;
   void apply_trainability();
 

@@ -47,6 +47,8 @@ class LoraLayer {
   /// lora_A.<name>.weight [r, in] and lora_B.<name>.weight [out, r].
   virtual at::Tensor& lora_a(const std::string& name) = 0;
   virtual at::Tensor& lora_b(const std::string& name) = 0;
+  /// A DoRA adapter's magnitude vector, lora_magnitude_vector.<name>.weight [out] (ValueError for other adapters).
+  virtual at::Tensor& lora_magnitude(const std::string& name) = 0;
 
   // What the table says, for short.
   bool adapters_enabled() const noexcept { return adapters().enabled(); }

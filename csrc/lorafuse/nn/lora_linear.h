@@ -99,6 +99,7 @@ class LoraLinearImpl : public torch::nn::Cloneable<LoraLinearImpl>, public LoraL
   /// lora_A.<name>.weight [r, in] and lora_B.<name>.weight [out, r].
   at::Tensor& lora_a(const std::string& name) override { return adapters_.lora_a(name); }
   at::Tensor& lora_b(const std::string& name) override { return adapters_.lora_b(name); }
+  at::Tensor& lora_magnitude(const std::string& name) override { return adapters_.lora_magnitude(name); }
   /// scale · B · A in float32 [out, in] (lorafuse::lora_delta_weight).
   at::Tensor delta_weight(const std::string& name) const { return adapters_.delta_weight(name); }
 

@@ -58,6 +58,7 @@ class LoraLinear4bitImpl : public torch::nn::Cloneable<LoraLinear4bitImpl>, publ
   void enable_adapters() override;
   at::Tensor& lora_a(const std::string& name) override { return adapters_.lora_a(name); }
   at::Tensor& lora_b(const std::string& name) override { return adapters_.lora_b(name); }
+  at::Tensor& lora_magnitude(const std::string& name) override { return adapters_.lora_magnitude(name); }
   /// scale · B · A in float32 [out, in].
   at::Tensor delta_weight(const std::string& name) const { return adapters_.delta_weight(name); }
   void merge(const std::vector<std::string>& adapter_names = {}, bool requantize = false) override;

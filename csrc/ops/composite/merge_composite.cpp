@@ -1,9 +1,11 @@
 // lora_delta_weight and lora_merge for every device (CompositeExplicitAutograd: ATen ops only, so CPU, CUDA
 // and Meta share this one implementation). Merged weights are never differentiated.
+#include <ATen/TensorOperators.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/isfinite.h>
 #include <ATen/ops/mm.h>
 #include <c10/util/Exception.h>
+#include <lorafuse/ops/dora.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -43,7 +45,8 @@ at::Tensor lora_delta_weight(const at::Tensor& lora_a, const at::Tensor& lora_b,
 }
 
 at::Tensor lora_merge(const at::Tensor& weight, at::TensorList lora_a, at::TensorList lora_b,
-                      c10::ArrayRef<double> scale) {
+                      c10::ArrayRef<double> scale,
+                      const std::optional<c10::List<std::optional<at::Tensor>>>& magnitude) {
   constexpr const char* op = "lorafuse.lora_merge";
   TORCH_CHECK_VALUE(weight.defined() && weight.dim() == 2, op, ": weight must be a 2-D tensor [out, in]; found ",
                     weight.defined() ? weight.sizes() : at::IntArrayRef{});
@@ -54,14 +57,28 @@ at::Tensor lora_merge(const at::Tensor& weight, at::TensorList lora_a, at::Tenso
   TORCH_CHECK_VALUE(lora_a.size() == lora_b.size() && lora_a.size() == scale.size(), op,
                     ": lora_a, lora_b and scale must have one entry per adapter; found ", lora_a.size(), ", ",
                     lora_b.size(), " and ", scale.size());
+  TORCH_CHECK_VALUE(!magnitude.has_value() || magnitude->size() == lora_a.size(), op,
+                    ": magnitude must have one entry per adapter (None for plain LoRA); found ",
+                    magnitude.has_value() ? magnitude->size() : 0, " for ", lora_a.size(), " adapters");
   const auto acc = weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor merged = weight.to(acc, /*non_blocking=*/false, /*copy=*/true);
   for (size_t i = 0; i < lora_a.size(); ++i) {
     TORCH_CHECK_VALUE(lora_a[i].device() == weight.device() && lora_b[i].device() == weight.device(), op, ": adapter ",
                       i, " must be on weight's device ", weight.device(), "; found ", lora_a[i].device(), " and ",
                       lora_b[i].device());
-    merged.add_(
-        delta(op, lora_a[i], lora_b[i], scale[i], acc, weight.size(0), weight.size(1), "[" + std::to_string(i) + "]"));
+    const std::string which = "[" + std::to_string(i) + "]";
+    merged.add_(delta(op, lora_a[i], lora_b[i], scale[i], acc, weight.size(0), weight.size(1), which));
+    const std::optional<at::Tensor> m = magnitude.has_value() ? magnitude->get(i) : std::nullopt;
+    if (m.has_value() && m->defined()) {  // DoRA: the rows rescaled to the magnitude over the unmerged weight's norm
+      TORCH_CHECK_VALUE(m->dim() == 1 && m->size(0) == weight.size(0), op, ": magnitude", which, " must be [out] = [",
+                        weight.size(0), "]; found ", m->sizes());
+      TORCH_CHECK_TYPE(is_float(m->scalar_type()), op, ": magnitude", which, " must be a floating tensor; found ",
+                       m->scalar_type());
+      TORCH_CHECK_VALUE(m->device() == weight.device(), op, ": magnitude", which, " must be on weight's device ",
+                        weight.device(), "; found ", m->device());
+      const at::Tensor norm = lorafuse::dora_weight_norm(weight, lora_a[i], lora_b[i], scale[i]).to(acc);
+      merged.mul_((m->detach().to(acc) / norm).unsqueeze(1));
+    }
   }
   merged = merged.to(weight.scalar_type());  // checked after rounding: float16 overflows at 65504
   if (!merged.is_meta()) {

@@ -109,6 +109,17 @@ class BaseKind:
         """The weight that merges change in place, as [out, in] (a view of the module's own weight)."""
         return module.weight
 
+    def dora_weight(self, module: nn.Module) -> Optional[Tensor]:
+        """The full-precision weight W as [out, in] (a view) that DoRA rescales, where the base computes x·Wᵀ + b;
+        None: DoRA is refused over this kind (:meth:`dora_refusal` says why)."""
+        return None
+
+    def dora_refusal(self, module: nn.Module) -> str:
+        return (
+            f"the base is a {type(module).__name__} (lorafuse base kind {self.name!r}), whose weight lorafuse cannot "
+            "rescale: DoRA goes on a plain nn.Linear or transformers' Conv1D (a quantized base: not supported yet)"
+        )
+
     def weight_dtype(self, module: nn.Module) -> torch.dtype:
         """The dtype the base computes in (adapters are made in it, or in float32 for a 16-bit base)."""
         return module.weight.dtype
@@ -174,6 +185,9 @@ class DenseLinear(BaseKind):
     def lora_forward(self, module: nn.Module, x: Tensor, a: Tensor, b: Tensor, scale: float, p: float) -> Tensor:
         return torch.ops.lorafuse.lora_linear(x, module.weight, module.bias, a, b, scale, p)
 
+    def dora_weight(self, module: nn.Module) -> Optional[Tensor]:
+        return module.weight
+
     def merge_refusal(self, module: nn.Module) -> Optional[str]:
         if _has_hooks(module):
             return (
@@ -189,6 +203,12 @@ class CustomLinear(BaseKind):
 
     def matches(self, module: nn.Module) -> bool:
         return _wrappable_linear(module)
+
+    def dora_refusal(self, module: nn.Module) -> str:
+        return (
+            f"{type(module).__name__} has its own forward, so x·Wᵀ + b is not what it computes and DoRA's rescaled "
+            "weight would not be its output either"
+        )
 
     def merge_refusal(self, module: nn.Module) -> Optional[str]:
         return (
@@ -224,6 +244,9 @@ class TransformersConv1D(BaseKind):
         return module.weight.shape[0], module.weight.shape[1]
 
     def merge_weight(self, module: nn.Module) -> Tensor:
+        return module.weight.t()
+
+    def dora_weight(self, module: nn.Module) -> Optional[Tensor]:
         return module.weight.t()
 
     def fused(self, module: nn.Module) -> bool:

@@ -70,6 +70,18 @@ class MergeError(NamedTuple):
     adapter_error: float
 
 
+class DoraMagnitude(nn.Module):
+    """A DoRA adapter's magnitude vector: the parameter ``weight`` [out] (PEFT's ``lora_magnitude_vector[name].weight``,
+    saved in files as ``lora_magnitude_vector``)."""
+
+    def __init__(self, out_features: int, device=None, dtype=None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype))
+
+    def extra_repr(self) -> str:
+        return f"out_features={self.weight.shape[0]}"
+
+
 class Linear(nn.Module):
     """A frozen linear base layer with named LoRA adapters.
 
@@ -82,6 +94,10 @@ class Linear(nn.Module):
     float16/bfloat16 base. While adapters are disabled, when none is active, or when the active one is
     merged, the layer is its base. ``merge`` folds scale·B·A into the base weight (float32 math) and
     keeps the unmerged weight so that ``unmerge`` restores it bit for bit.
+
+    A DoRA adapter (``use_dora=True``, PEFT's numerics) also has ``lora_magnitude_vector[name].weight`` [out], started
+    at the row norms of W + scale·B·A, and the layer computes m / ‖W + scale·B·A‖ ⊙ (x·Wᵀ + scale·(x·Aᵀ)·Bᵀ) + b, the
+    norm a constant (``torch.ops.lorafuse.dora_linear``: the fused op, the norm without a second weight-sized tensor).
 
     Args:
         base_layer: the ``nn.Linear`` to wrap.
@@ -103,6 +119,7 @@ class Linear(nn.Module):
         bias: str = "none",
         task_type: Optional[str] = None,
         loftq_config: Optional[Dict[str, int]] = None,
+        use_dora: bool = False,
     ) -> None:
         super().__init__()
         kind = base_kind_of(base_layer)
@@ -115,13 +132,14 @@ class Linear(nn.Module):
         self.in_features, self.out_features = kind.features(base_layer)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters' magnitudes
         # The adapters and every rule over them (which is active, disabled, merged, what forward runs, what a
         # merge folds in): the C++ layer's table (lorafuse::nn::AdapterTable), so both follow the same rules.
         self._table = _C.AdapterTable()
         # What forward reads, recomputed from the table whenever it changes (_refresh_route): Python values,
         # so that torch.compile guards on tensors and numbers, not on the active adapter's name (switching
         # between adapters of the same shapes and scale does not recompile). _route: None (the base alone) or
-        # [A, B, scale, dropout]; _routes: every adapter's, replaced as a whole so that forward on other threads
+        # [A, B, scale, dropout, DoRA magnitude module or None]; _routes: every adapter's, replaced as a whole so that forward on other threads
         # (use_adapter) reads a consistent table; _scoped: the route per scope name that has one; _scoped_ask:
         # whether a name not in _scoped must be asked of the table (which raises), else it runs the base.
         self._route: Optional[list] = None
@@ -145,6 +163,7 @@ class Linear(nn.Module):
             bias=bias,
             task_type=task_type,
             loftq_config=loftq_config,
+            use_dora=use_dora,
         )
         # frozen only once the adapter is valid: a bad argument leaves the caller's layer as it was
         kind.freeze(base_layer)
@@ -164,6 +183,21 @@ class Linear(nn.Module):
         injected on the meta device); the base layer is untouched."""
         for name in self._table.names:
             _C.init_adapter_weights(self.lora_A[name].weight, self.lora_B[name].weight, self._table.options(name))
+            self._init_magnitude(name)
+
+    def _init_magnitude(self, name: str) -> None:
+        """A DoRA adapter's magnitude: the row norms of W + scale·B·A (PEFT's start; ‖W‖ when B is zero)."""
+        if name in self.lora_magnitude_vector:
+            base = self.base_layer
+            with torch.no_grad():
+                self.lora_magnitude_vector[name].weight.copy_(
+                    torch.ops.lorafuse.dora_weight_norm(
+                        base_kind_of(base).dora_weight(base),
+                        self.lora_A[name].weight,
+                        self.lora_B[name].weight,
+                        self._table.options(name).scale,
+                    )
+                )
 
     # ---- what the table says ---------------------------------------------------------------------
     @property
@@ -202,6 +236,7 @@ class Linear(nn.Module):
         bias: str = "none",
         task_type: Optional[str] = None,
         loftq_config: Optional[Dict[str, int]] = None,
+        use_dora: bool = False,
         *,
         activate: bool = True,
     ) -> None:
@@ -213,18 +248,28 @@ class Linear(nn.Module):
         starts the adapter at the rank-r approximation of W − Q, scaled so that Q + scale·B·A ≈ W (PEFT's LoftQ
         sets A and B without the scale: the same when lora_alpha = r). ``"pissa"`` (PiSSA, exact SVD) and ``"olora"``
         (OLoRA, QR) start A and B from W's principal part as PEFT does, W keeping the residual W − scale·B·A. A base
-        without a full-precision weight (a 4-bit one) refuses them."""
+        without a full-precision weight (a 4-bit one) refuses them.
+
+        ``use_dora=True``: DoRA (PEFT's numerics), over a base with a full-precision weight (an ``nn.Linear`` that
+        computes x·Wᵀ + b, transformers' ``Conv1D``); its magnitude starts at the row norms of W + scale·B·A."""
         if not isinstance(adapter_name, str):
             raise TypeError(f"adapter_name: expected a str, found {type(adapter_name).__name__}")
         if isinstance(r, bool) or not isinstance(r, int):
             raise TypeError(f"r: expected an int, found {type(r).__name__} ({r!r})")
         if adapter_dtype is not None and not isinstance(adapter_dtype, torch.dtype):
             raise TypeError(f"adapter_dtype: expected a torch.dtype or None, found {adapter_dtype!r}")
+        if not isinstance(use_dora, bool):
+            raise TypeError(f"use_dora: expected a bool, found {type(use_dora).__name__}")
         opts = AdapterOptions(
             r, float(lora_alpha), float(lora_dropout), bool(use_rslora), init_lora_weights, bias, adapter_dtype,
-            task_type, None if loftq_config is None else dict(loftq_config),
+            task_type, None if loftq_config is None else dict(loftq_config), use_dora,
         )
         kind = base_kind_of(self.base_layer)
+        if use_dora and kind.dora_weight(self.base_layer) is None:
+            raise ValueError(
+                f'add_adapter("{adapter_name}"): use_dora=True: DoRA rescales the rows of the base\'s full-precision '
+                f"weight W; {kind.dora_refusal(self.base_layer)}"
+            )
         dtype = self._table.check_add(adapter_name, opts, kind.weight_dtype(self.base_layer))
         loftq = _C._init_changes_base(opts.init_lora_weights)  # LoftQ, PiSSA, OLoRA: A and B from the base weight
         if loftq:
@@ -234,14 +279,17 @@ class Linear(nn.Module):
         if loftq:  # before anything of the layer changes: the decomposition fails before it writes
             _C.init_adapter_weights_from_base(self.base_layer.weight, a.weight, b.weight, opts)
         self.lora_A[adapter_name], self.lora_B[adapter_name] = a, b
+        if use_dora:
+            self.lora_magnitude_vector[adapter_name] = DoraMagnitude(self.out_features, kw["device"], dtype)
         self._table.add(adapter_name, opts, activate)
         if not loftq:
             _C.init_adapter_weights(a.weight, b.weight, opts)
+        self._init_magnitude(adapter_name)  # after LoftQ/PiSSA/OLoRA changed the weight, as PEFT
         if self._table.trains(adapter_name):
             self._apply_trainability()
         else:  # only the new adapter's flags: other threads may be running the others
-            self.lora_A[adapter_name].weight.requires_grad_(False)
-            self.lora_B[adapter_name].weight.requires_grad_(False)
+            for p in self._adapter_parameters(adapter_name):
+                p.requires_grad_(False)
             self._refresh_route()
 
     def _check_loftq(self, adapter_name: str, r: int, init: str = "loftq") -> None:
@@ -264,11 +312,18 @@ class Linear(nn.Module):
             )
         _C._check_loftq_weight(f'add_adapter("{adapter_name}")', self.base_layer.weight, r, self._table, init)
 
+    def _adapter_parameters(self, name: str) -> List[Tensor]:
+        """Adapter ``name``'s trained tensors: A, B and (DoRA) the magnitude."""
+        params = [self.lora_A[name].weight, self.lora_B[name].weight]
+        if name in self.lora_magnitude_vector:
+            params.append(self.lora_magnitude_vector[name].weight)
+        return params
+
     def _apply_trainability(self) -> None:
         for name in self._table.names:
             train = self._table.trains(name)
-            self.lora_A[name].weight.requires_grad_(train)
-            self.lora_B[name].weight.requires_grad_(train)
+            for p in self._adapter_parameters(name):
+                p.requires_grad_(train)
         self._refresh_route()
 
     def _refresh_route(self) -> None:
@@ -276,7 +331,8 @@ class Linear(nn.Module):
         routes = {}
         for n in table.names:
             opts = table.options(n)
-            routes[n] = [self.lora_A[n], self.lora_B[n], opts.scale, opts.lora_dropout]
+            magnitude = self.lora_magnitude_vector[n] if n in self.lora_magnitude_vector else None
+            routes[n] = [self.lora_A[n], self.lora_B[n], opts.scale, opts.lora_dropout, magnitude]
         self._routes = routes
         name = table.route(None)
         self._route = routes.get(name) if name else None
@@ -315,6 +371,8 @@ class Linear(nn.Module):
         new_active = self._table.remove(adapter_name)
         self._refresh_route()  # forward stops seeing it before its modules go
         del self.lora_A[adapter_name], self.lora_B[adapter_name]
+        if adapter_name in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[adapter_name]
         if new_active:
             self._apply_trainability()
 
@@ -325,8 +383,8 @@ class Linear(nn.Module):
             self.unmerge()
         self._table.set_enabled(False)
         for name in self._table.names:  # as PEFT: disabling freezes every adapter (a switch activates one again)
-            self.lora_A[name].weight.requires_grad_(False)
-            self.lora_B[name].weight.requires_grad_(False)
+            for p in self._adapter_parameters(name):
+                p.requires_grad_(False)
         self._refresh_route()
 
     def enable_adapters(self) -> None:
@@ -398,10 +456,13 @@ class Linear(nn.Module):
         self._refresh_route()
 
     def _merge_inputs(self, names: List[str]) -> tuple:
+        """(A, B, scale, DoRA magnitude or None) lists of the named adapters, as lorafuse.lora_merge takes them."""
+        mags = self.lora_magnitude_vector
         return (
             [self.lora_A[n].weight for n in names],
             [self.lora_B[n].weight for n in names],
             [self._table.options(n).scale for n in names],
+            [mags[n].weight if n in mags else None for n in names],
         )
 
     def _fold_4bit(self, kind, everything: List[str]) -> None:
@@ -418,7 +479,7 @@ class Linear(nn.Module):
                 offset,
                 current[4],
                 [self.out_features, self.in_features],
-                *self._merge_inputs(everything),
+                *self._merge_inputs(everything)[:3],  # no DoRA over a 4-bit base
             )
         kind.set_quantized_state(base, *state)
         if not self.merged:
@@ -523,11 +584,17 @@ class Linear(nn.Module):
         base = self.base_layer
         if route is None:
             return base(x)
-        lora_a, lora_b, scale, dropout = route
+        lora_a, lora_b, scale, dropout, magnitude = route
         # read the weights now: FSDP and load_state_dict(assign=True) put new Parameters in the modules
         a, b = lora_a.weight, lora_b.weight
         p = dropout if self.training else 0.0
         kind = base_kind_of(base)  # asked per call: the base may have been replaced or hooked since
+        if magnitude is not None:  # DoRA: the fused op, or over the base's own output when it is called as it is
+            fused = kind is not None and kind.fused(base)
+            base_out = None if fused else check_base_output(base(x), base, x, self.out_features)
+            return torch.ops.lorafuse.dora_linear(
+                x, kind.dora_weight(base), base.bias, a, b, scale, p, magnitude.weight, base_out
+            )
         if kind is not None and kind.fused(base):
             return kind.lora_forward(base, x, a, b, scale, p)
         # the base as it is (its own forward, its hooks, a thawed weight), the branch added by lora_add

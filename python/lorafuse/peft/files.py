@@ -90,7 +90,9 @@ def _save(model: nn.Module, path: str, adapter_name: str) -> None:
     for index, (_, _, _, m) in enumerate(sites):
         if is_lora_layer(m) and adapter_name in m.adapters:
             a, b = m.lora_A[adapter_name].weight.detach(), m.lora_B[adapter_name].weight.detach()
-            layers.append((index, m.adapters[adapter_name], a, b))
+            mags = m.lora_magnitude_vector
+            magnitude = mags[adapter_name].weight.detach() if adapter_name in mags else None
+            layers.append((index, m.adapters[adapter_name], a, b, magnitude))
             fan_in_fan_out = fan_in_fan_out or base_kind_of(m.base_layer).fan_in_fan_out
     params = dict(model.named_parameters())
     trained = _C._rules_trained_biases(_tables(lora_layers(model)), list(params), adapter_name)
@@ -177,16 +179,18 @@ def _load(
     for message in plan["warnings"]:
         warnings.warn(message, UserWarning, stacklevel=2)
 
-    weights = {index: (a, b) for index, _, a, b in plan["targets"]}
+    weights = {index: (a, b, m) for index, _, a, b, m in plan["targets"]}
 
     def fill(index: int, layer: Linear) -> None:
-        a, b = weights[index]
+        a, b, m = weights[index]
         with torch.no_grad():  # cast to the layer's adapter dtype, moved to its device
             layer.lora_A[adapter_name].weight.copy_(a)
             layer.lora_B[adapter_name].weight.copy_(b)
+            if m is not None:  # DoRA
+                layer.lora_magnitude_vector[adapter_name].weight.copy_(m)
 
     prior_active = active_adapter(model)
-    chosen = [(index, json.loads(opts)) for index, opts, _, _ in plan["targets"]]
+    chosen = [(index, json.loads(opts)) for index, opts, *_ in plan["targets"]]
     _attach(
         model,
         sites,
@@ -215,7 +219,7 @@ def _load(
 def read_adapter(dir: PathLike) -> dict:
     """The adapter in folder ``dir``, validated as :func:`load_adapter` validates it, without a model:
     ``{"config": LoraConfig fields, "config_json": str, "layers": [(path, lora_A, lora_B)],
-    "biases": [(path, tensor)], "warnings": [str]}``."""
+    "magnitudes": {path: DoRA magnitude vector} (a DoRA adapter's), "biases": [(path, tensor)], "warnings": [str]}``."""
     adapter = _C._read_adapter(_folder(dir, "read_adapter"))
     from_file = adapter.pop("targets_from_file")
     adapter["config"] = config_fields(adapter["config_json"], [p for p, _, _ in adapter["layers"]] if from_file else None)

@@ -13,8 +13,6 @@ from ..nn import Linear, base_kind_of
 
 def _config_problems(name: str, config: Any) -> List[str]:
     problems = []
-    if getattr(config, "use_dora", False):
-        problems.append(f'adapter "{name}" uses DoRA (use_dora=True)')
     if getattr(config, "modules_to_save", None):
         problems.append(f'adapter "{name}" has modules_to_save={list(config.modules_to_save)}')
     if getattr(config, "lora_bias", False):
@@ -63,8 +61,8 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
 
     Raises:
         TypeError: not a PEFT LoRA model.
-        ValueError: a PEFT feature that lorafuse does not carry over, named — DoRA and the other LoRA
-            variants (aLoRA, KaSA, ...), a scaling other than lora_alpha/r (scale_layer), modules_to_save,
+        ValueError: a PEFT feature that lorafuse does not carry over, named — LoRA variants other than DoRA
+            (aLoRA, KaSA, ...; DoRA is carried, its magnitude parameter adopted, over nn.Linear and Conv1D), a scaling other than lora_alpha/r (scale_layer), modules_to_save,
             lora_bias, a fan_in_fan_out that does not fit the layer's weight, layer replication, trainable
             tokens, target_parameters, BD-LoRA, LoRA on layers other than nn.Linear and transformers' Conv1D
             (embeddings, convolutions, quantized bases other than bitsandbytes' NF4), merged layers or
@@ -97,8 +95,11 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
                 f'"{path}" is a PEFT {type(module).__name__} over a {type(module.base_layer).__name__}'
             )
             continue
+        dora = base_kind_of(module.base_layer).dora_weight(module.base_layer) is not None
         variants = {
-            a: type(v).__name__ for a, v in getattr(module, "lora_variant", {}).items() if v is not None
+            a: type(v).__name__
+            for a, v in getattr(module, "lora_variant", {}).items()
+            if v is not None and not (dora and type(v).__name__ == "DoraLinearVariant")  # DoRA: lorafuse computes it
         }
         if variants:
             problems.append(f'"{path}" uses LoRA variants {variants} (they change the forward)')
@@ -152,9 +153,13 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
         base = old.base_layer
         frozen = {id(p): p.requires_grad for p in base.parameters()}
         names = list(old.lora_A.keys())
-        requires = {
-            id(p): p.requires_grad for a in names for p in (old.lora_A[a].weight, old.lora_B[a].weight)
-        }
+        magnitudes = getattr(old, "lora_magnitude_vector", {})
+
+        def adapter_params(module, a):
+            params = [module.lora_A[a].weight, module.lora_B[a].weight]
+            return params + [module.lora_magnitude_vector[a].weight] if a in magnitudes else params
+
+        requires = {id(p): p.requires_grad for a in names for p in adapter_params(old, a)}
         new = None
         for adapter in names:
             dropout = old.lora_dropout[adapter]
@@ -167,6 +172,7 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
                 adapter_dtype=old.lora_A[adapter].weight.dtype,
                 task_type=_task_type(peft_model.peft_config.get(adapter)),
                 bias=getattr(peft_model.peft_config.get(adapter), "bias", "none"),  # which biases save with it
+                use_dora=adapter in magnitudes,
             )
             if new is None:
                 new = Linear(base, adapter_name=adapter, **kwargs)
@@ -175,6 +181,8 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
             # adopt PEFT's modules: the very same parameters
             new.lora_A[adapter] = old.lora_A[adapter]
             new.lora_B[adapter] = old.lora_B[adapter]
+            if adapter in magnitudes:  # DoRA: PEFT's magnitude parameter itself
+                new.lora_magnitude_vector[adapter].weight = magnitudes[adapter].weight
         active = old.active_adapters[0] if old.active_adapters else None
         if active in new.adapters:
             new.set_adapter(active)
@@ -185,8 +193,8 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
         for p in base.parameters():
             p.requires_grad_(frozen[id(p)])
         for a in names:  # trainability as PEFT had it
-            new.lora_A[a].weight.requires_grad_(requires[id(new.lora_A[a].weight)])
-            new.lora_B[a].weight.requires_grad_(requires[id(new.lora_B[a].weight)])
+            for p in adapter_params(new, a):
+                p.requires_grad_(requires[id(p)])
         new.train(old.training)  # a new module starts in training mode; keep the model's mode
         converted.append((parent, child, new))
     for parent, child, new in converted:

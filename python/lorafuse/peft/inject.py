@@ -232,6 +232,7 @@ def _attach(model, sites, chosen, adapter_name: str, keep_active: bool, fill=Non
             bias=opts["bias"],
             task_type=opts["task_type"],
             loftq_config=opts.get("loftq_config") or None,
+            use_dora=bool(opts.get("use_dora", False)),
         )
         if not autocast_adapter_dtype:  # PEFT's autocast_adapter_dtype=False: the adapter in the base's dtype
             base = module.base_layer if is_lora_layer(module) else module

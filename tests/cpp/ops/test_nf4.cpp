@@ -104,11 +104,20 @@ TEST_CASE("nf4_linear: forward and LibTorch autograd equal a dense linear over t
   const auto xd = x.detach().to(at::kDouble).set_requires_grad(true);
   const auto bd = bias.detach().to(at::kDouble).set_requires_grad(true);
   const auto ref = at::matmul(xd, w.to(at::kDouble).t()) + bd;
-  CHECK(at::allclose(y.to(at::kDouble), ref, 1e-5, 1e-4));
+  // the design's rule: no further from the float64 reference than twice ATen's own float32 linear (whose sums over
+  // 8200 products round differently on different CPUs' GEMM kernels), plus a small absolute slack
+  const auto err = [](const at::Tensor& a, const at::Tensor& b) {
+    return (a.to(at::kDouble) - b).abs().max().item<double>();
+  };
+  const auto aten = at::matmul(x.detach(), w.t()) + bias.detach();
+  INFO("max error " << err(y, ref) << ", ATen float32 " << err(aten, ref));
+  CHECK(err(y, ref) <= 2 * err(aten, ref) + 1e-5);
   const auto dy = at::randn_like(y);
   y.backward(dy);
   ref.backward(dy.to(at::kDouble));
-  CHECK(at::allclose(x.grad().to(at::kDouble), xd.grad(), 1e-5, 1e-4));
+  const auto aten_dx = at::matmul(dy, w);
+  INFO("dx max error " << err(x.grad(), xd.grad()) << ", ATen float32 " << err(aten_dx, xd.grad()));
+  CHECK(err(x.grad(), xd.grad()) <= 2 * err(aten_dx, xd.grad()) + 1e-5);
   CHECK(at::allclose(bias.grad().to(at::kDouble), bd.grad(), 1e-5, 1e-4));
   CHECK_FALSE(q.packed.grad().defined());
 }

@@ -238,8 +238,9 @@ TEST_CASE("load_adapter errors leave the model as it was", "[cpu][adapters][erro
   }
   SECTION("an unsupported PEFT feature") {
     write_file(a + "/adapter_config.json",
-               R"({"peft_type": "LORA", "r": 4, "target_modules": ["q_proj"], "use_dora": true})");
-    require_error_parts<c10::ValueError>([&] { lorafuse::load_adapter(*model, a); }, {"use_dora", "not support"});
+               R"({"peft_type": "LORA", "r": 4, "target_modules": ["q_proj"], "modules_to_save": ["lm_head"]})");
+    require_error_parts<c10::ValueError>([&] { lorafuse::load_adapter(*model, a); },
+                                         {"modules_to_save", "not support"});
     CHECK(lorafuse::lora_layers(*model).empty());
   }
 }

@@ -338,7 +338,7 @@ def test_cpp_program_reports_a_bad_adapter(tmp_path):
     )
     safetensors_torch.save_file({"input_ids": IDS.to(torch.int64).contiguous()}, tmp_path / "ids.st")
     (tmp_path / "bad").mkdir()
-    (tmp_path / "bad" / "adapter_config.json").write_text('{"peft_type": "LORA", "use_dora": true}')
+    (tmp_path / "bad" / "adapter_config.json").write_text('{"peft_type": "LORA", "modules_to_save": ["lm_head"]}')
     run = subprocess.run(
         [
             program,
@@ -357,7 +357,7 @@ def test_cpp_program_reports_a_bad_adapter(tmp_path):
         timeout=300,
     )
     assert run.returncode == 1
-    assert "use_dora" in run.stderr and "Traceback" not in run.stderr
+    assert "modules_to_save" in run.stderr and "Traceback" not in run.stderr
 
 
 def _hot_swap(model, tmp_path, rounds, run=logits):

@@ -25,7 +25,7 @@ pytest.importorskip("transformers")
 
 REPO = Path(__file__).resolve().parents[3]
 SCRIPTS = REPO / "scripts"
-LAYER_VARIANTS = ("lorafuse", "lorafuse_layer", "peft_chain", "peft")
+LAYER_VARIANTS = ("lorafuse", "lorafuse_layer", "peft_chain", "peft", "lorafuse_dora", "peft_dora")
 MODEL_VARIANTS = ("frozen", "lorafuse", "peft")
 MODEL_LORA_VARIANTS = ("lorafuse", "peft")
 RESULT_NAME = re.compile(r"^\d{8}T\d{6}Z_[a-z0-9-]+_([0-9a-f]{7}|unknown)\.json$")
@@ -127,10 +127,12 @@ def test_quick_run_layer_level(quick_run):
             for name in LAYER_VARIANTS:
                 assert row["ratio"][mode][name] == pytest.approx(med[name] / med["base"], rel=1e-9)
                 assert len(row["samples_ms"][mode][name]) == layer["timing"]["repeats"]
-        # the check ran: lorafuse against every other LoRA variant, output and each gradient
-        assert set(row["check_rel_err"]) == {"lorafuse_layer", "peft_chain", "peft"}
-        for errors in row["check_rel_err"].values():
-            assert set(errors) == {"out", "dx", "dbias", "dlora_a", "dlora_b"}
+        # the check ran: lorafuse against every other LoRA variant, lorafuse's DoRA against PEFT's, output and each
+        # gradient (DoRA's magnitude too)
+        assert set(row["check_rel_err"]) == {"lorafuse_layer", "peft_chain", "peft", "peft_dora"}
+        for name, errors in row["check_rel_err"].items():
+            dora = {"dmagnitude"} if name == "peft_dora" else set()
+            assert set(errors) == {"out", "dx", "dbias", "dlora_a", "dlora_b"} | dora
             assert all(0 <= e <= 1e-4 for e in errors.values()), errors
 
 
