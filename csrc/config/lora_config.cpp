@@ -194,17 +194,19 @@ std::vector<TargetChoice> select_targets(const std::vector<ModuleInfo>& modules,
   const auto& exclude = config.exclude_modules();
   if (!targets.is_all_linear()) {
     for (const auto& m : modules) {
-      TORCH_CHECK_VALUE(m.is_linear || !targets.matches(m.path) || !config.in_transformed_layers(targets, m.path),
-                        "target_modules: ", targets.str(), " selects \"", m.path, "\", a ", m.type_name,
-                        ", but LoRA goes into Linear layers only. Linear layers here: ", linear_inventory(modules));
+      TORCH_CHECK_VALUE(
+          m.takes_lora() || !targets.matches(m.path) || !config.in_transformed_layers(targets, m.path),
+          "target_modules: ", targets.str(), " selects \"", m.path, "\", a ", m.type_name,
+          ", but LoRA goes into Linear layers only (and embedding layers of Python models). Linear layers here: ",
+          linear_inventory(modules));
     }
   }
   std::vector<TargetChoice> chosen;
   bool any_match = false;
   for (size_t i = 0; i < modules.size(); ++i) {
     const auto& m = modules[i];
-    if (!m.is_linear || !targets.matches(m.path) || !config.in_transformed_layers(targets, m.path)) continue;
-    if (targets.is_all_linear() && m.is_output_layer) continue;
+    if (!m.takes_lora() || !targets.matches(m.path) || !config.in_transformed_layers(targets, m.path)) continue;
+    if (targets.is_all_linear() && (m.is_output_layer || !m.is_linear)) continue;
     any_match = true;
     if (!exclude.empty() && exclude.matches(m.path)) continue;
     chosen.push_back({i, config.adapter_for(m.path)});
@@ -220,7 +222,7 @@ std::vector<TargetChoice> select_targets(const std::vector<ModuleInfo>& modules,
   const auto& given = config.target_modules().names();
   for (const auto& name : given) {
     bool found = false;
-    for (const auto& m : modules) found = found || (m.is_linear && TargetModules::matches_name(m.path, name));
+    for (const auto& m : modules) found = found || (m.takes_lora() && TargetModules::matches_name(m.path, name));
     if (found) continue;
     const std::string message = "target_modules: \"" + name + "\" matches no module (the other entries select " +
                                 std::to_string(chosen.size()) +

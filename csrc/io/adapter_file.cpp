@@ -25,6 +25,7 @@ namespace {
 
 constexpr const char* kPrefix = "base_model.model.";
 constexpr const char* kMagnitude = ".lora_magnitude_vector";  // DoRA; PEFT drops the module's ".weight"
+constexpr const char* kBaseWeight = ".base_layer.weight";     // PEFT's save_embedding_layers
 
 std::string join_path(const std::string& dir, const std::string& name) {
   return dir.empty() || dir.back() == '/' ? dir + name : dir + "/" + name;
@@ -67,27 +68,34 @@ void collect_tensors(AdapterFile& file, const std::string& weights_path, Safeten
     auto it = layer_of.find(path);
     if (it == layer_of.end()) {
       it = layer_of.emplace(path, file.layers.size()).first;
-      file.layers.push_back({path, {}, {}, {}});
+      file.layers.push_back({path, {}, {}, {}, false});
     }
     return file.layers[it->second];
   };
   // Tensors of PEFT features lorafuse does not support are named first, whatever else the file holds.
   for (const auto& [name, tensor] : st.tensors) {
-    if (name.find("lora_embedding_") != std::string::npos || name.find("modules_to_save") != std::string::npos) {
+    if (name.find("modules_to_save") != std::string::npos) {
       TORCH_CHECK_VALUE(false, weights_path, ": tensor \"", name,
-                        "\" belongs to a PEFT feature that lorafuse does not support yet (LoRA on embeddings, "
-                        "modules_to_save); only LoRA on Linear layers loads");
+                        "\" belongs to a PEFT feature that lorafuse does not support yet (modules_to_save); only "
+                        "LoRA adapters load");
     }
   }
   for (auto& [name, tensor] : st.tensors) {
     TORCH_CHECK_VALUE(starts_with(name, kPrefix), weights_path, ": tensor \"", name,
                       "\" is not named as PEFT names adapter tensors (base_model.model.<module>.lora_A.weight)");
     const std::string rest = name.substr(std::strlen(kPrefix));
-    for (const char* which : {".lora_A.weight", ".lora_B.weight"}) {
+    for (const char* which : {".lora_A.weight", ".lora_B.weight", ".lora_embedding_A", ".lora_embedding_B"}) {
       if (ends_with(rest, which) && rest.size() > std::strlen(which)) {
         const std::string path = rest.substr(0, rest.size() - std::strlen(which));
         check_weight(weights_path, name, tensor);
-        auto& entry = which[6] == 'A' ? layer(path).lora_A : layer(path).lora_B;
+        const bool embedding = std::strstr(which, "embedding") != nullptr;
+        AdapterLayer& l = layer(path);
+        TORCH_CHECK_VALUE(!(l.lora_A.defined() || l.lora_B.defined()) || l.embedding == embedding, weights_path,
+                          ": module \"", path,
+                          "\" has both a Linear layer's tensors (lora_A.weight / lora_B.weight) and an embedding's "
+                          "(lora_embedding_A / lora_embedding_B)");
+        l.embedding = embedding;
+        auto& entry = which[std::strlen(which) - (embedding ? 1 : 8)] == 'A' ? l.lora_A : l.lora_B;
         entry = std::move(tensor);
         goto next;
       }
@@ -105,6 +113,11 @@ void collect_tensors(AdapterFile& file, const std::string& weights_path, Safeten
       layer(rest.substr(0, rest.size() - std::strlen(kMagnitude))).magnitude = std::move(tensor);
       continue;
     }
+    if (ends_with(rest, kBaseWeight) && rest.size() > std::strlen(kBaseWeight)) {
+      check_weight(weights_path, name, tensor);
+      file.base_weights.emplace_back(rest.substr(0, rest.size() - std::strlen(kBaseWeight)), std::move(tensor));
+      continue;
+    }
     if (ends_with(rest, ".bias") || rest == "bias") {
       TORCH_CHECK_VALUE(file.config.bias() != "none", weights_path, ": tensor \"", name,
                         "\" is a bias, but adapter_config.json says bias = \"none\"");
@@ -117,8 +130,9 @@ void collect_tensors(AdapterFile& file, const std::string& weights_path, Safeten
       continue;
     }
     TORCH_CHECK_VALUE(false, weights_path, ": unexpected tensor \"", name,
-                      "\"; an adapter file holds base_model.model.<module>.lora_A.weight / .lora_B.weight (and "
-                      ".lora_magnitude_vector for DoRA)");
+                      "\"; an adapter file holds base_model.model.<module>.lora_A.weight / .lora_B.weight (or an "
+                      "embedding's .lora_embedding_A / _B, DoRA's .lora_magnitude_vector, a base layer's "
+                      ".base_layer.weight)");
   next:;
   }
   std::vector<std::string> zero_b;
@@ -142,6 +156,12 @@ void collect_tensors(AdapterFile& file, const std::string& weights_path, Safeten
   }
   TORCH_CHECK_VALUE(!file.layers.empty(), weights_path,
                     ": holds no LoRA weights (no base_model.model.<module>.lora_A.weight)");
+  for (const auto& [path, t] : file.base_weights) {
+    TORCH_CHECK_VALUE(
+        std::any_of(file.layers.begin(), file.layers.end(), [&](const auto& l) { return l.path == path; }),
+        weights_path, ": tensor \"", kPrefix, path, kBaseWeight,
+        "\" is the base weight of a module that the file does not adapt");
+  }
   if (!zero_b.empty()) {
     file.warnings.push_back(weights_path + ": lora_B is all zeros in " + std::to_string(zero_b.size()) + " of " +
                             std::to_string(file.layers.size()) + " modules (" + list_some(zero_b, 3) +
@@ -175,7 +195,7 @@ std::vector<size_t> selected(const std::vector<ModuleInfo>& modules, const LoraC
   std::vector<size_t> out;
   for (size_t i = 0; i < modules.size(); ++i) {
     const auto& m = modules[i];
-    if (!m.is_linear || !config.selects(m.path)) continue;
+    if (!m.takes_lora() || !config.selects(m.path)) continue;
     if (!config.exclude_modules().empty() && config.exclude_modules().matches(m.path)) continue;
     out.push_back(i);
   }
@@ -184,8 +204,9 @@ std::vector<size_t> selected(const std::vector<ModuleInfo>& modules, const LoraC
 
 }  // namespace
 
-std::string lora_tensor_name(const std::string& module_path, char which) {
+std::string lora_tensor_name(const std::string& module_path, char which, bool embedding) {
   TORCH_CHECK_VALUE(which == 'A' || which == 'B' || which == 'M', "lora_tensor_name: which must be 'A', 'B' or 'M'");
+  if (embedding && which != 'M') return std::string(kPrefix) + module_path + ".lora_embedding_" + which;
   return std::string(kPrefix) + module_path +
          (which == 'A'   ? ".lora_A.weight"
           : which == 'B' ? ".lora_B.weight"
@@ -221,8 +242,8 @@ AdapterFile read_adapter(const std::string& dir) {
 void write_adapter(const std::string& dir, const AdapterFile& file) {
   std::vector<std::pair<std::string, at::Tensor>> tensors;
   for (const auto& l : file.layers) {
-    tensors.emplace_back(lora_tensor_name(l.path, 'A'), l.lora_A);
-    tensors.emplace_back(lora_tensor_name(l.path, 'B'), l.lora_B);
+    tensors.emplace_back(lora_tensor_name(l.path, 'A', l.embedding), l.lora_A);
+    tensors.emplace_back(lora_tensor_name(l.path, 'B', l.embedding), l.lora_B);
     if (l.magnitude.defined()) tensors.emplace_back(lora_tensor_name(l.path, 'M'), l.magnitude);
   }
   for (const auto& [path, t] : file.biases) tensors.emplace_back(kPrefix + path, t);
@@ -246,9 +267,10 @@ std::vector<LoadTarget> plan_adapter_load(const AdapterFile& file, const std::ve
   for (const auto& l : file.layers) {
     const size_t i = index.at(l.path);
     const auto& m = modules[i];
-    TORCH_CHECK_VALUE(m.is_linear, "load_adapter: the file adapts \"", l.path,
-                      "\", which is not a Linear layer in this model (its type: ", m.type_name,
-                      "); LoRA goes into Linear layers only");
+    TORCH_CHECK_VALUE(l.embedding ? m.is_embedding : m.is_linear, "load_adapter: the file adapts \"", l.path, "\" as ",
+                      l.embedding ? "an embedding layer (lora_embedding_A/B)" : "a Linear layer (lora_A/B)",
+                      ", which it is not in this model (its type: ", m.type_name, ")",
+                      l.embedding ? "; LoRA on embeddings works on Python models (nn.Embedding)" : "");
     const int64_t r = l.lora_A.size(0);
     TORCH_CHECK_VALUE(l.lora_A.size(1) == m.in_features, "load_adapter: \"", l.path, "\": lora_A is ",
                       shape_str(l.lora_A), " but the layer takes ", m.in_features, " inputs; expected [", r, ", ",
@@ -259,7 +281,14 @@ std::vector<LoadTarget> plan_adapter_load(const AdapterFile& file, const std::ve
     TORCH_CHECK_VALUE(!l.magnitude.defined() || l.magnitude.size(0) == m.out_features, "load_adapter: \"", l.path,
                       "\": lora_magnitude_vector is ", shape_str(l.magnitude), " but the layer gives ", m.out_features,
                       " outputs; expected [", m.out_features, "]");
-    plan.push_back({i, file.config.adapter_for(l.path), l.lora_A, l.lora_B, l.magnitude});
+    at::Tensor base_weight;
+    for (const auto& [path, t] : file.base_weights) {
+      if (path == l.path) base_weight = t;
+    }
+    TORCH_CHECK_VALUE(!base_weight.defined() || base_weight.numel() == m.in_features * m.out_features,
+                      "load_adapter: \"", l.path, "\": the file's base weight is ", shape_str(base_weight),
+                      " but the layer's weight has ", m.in_features, " × ", m.out_features, " elements");
+    plan.push_back({i, file.config.adapter_for(l.path), l.lora_A, l.lora_B, l.magnitude, base_weight});
   }
   // "all-linear" (PEFT writes the names it stands for; a hand-written file may say it) leaves out the model's output
   // layer, which the module list here does not know: the file's tensors are the targets then.
@@ -357,7 +386,7 @@ AdapterFile describe_adapter(const std::vector<ModuleInfo>& modules, const std::
     const auto back = c.adapter_for(path);
     TORCH_CHECK(back.r() == l.adapter.r() && back.lora_alpha() == l.adapter.lora_alpha(),
                 "save_adapter: internal error: the written config does not reproduce \"", path, "\"");
-    file.layers.push_back({path, l.lora_A, l.lora_B, l.magnitude});
+    file.layers.push_back({path, l.lora_A, l.lora_B, l.magnitude, modules.at(l.index).is_embedding});
   }
   file.biases = std::move(biases);
   return file;

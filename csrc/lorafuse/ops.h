@@ -4,6 +4,7 @@
 
 #include <lorafuse/ops/dora.h>
 #include <lorafuse/ops/lora_add.h>
+#include <lorafuse/ops/lora_embedding.h>
 #include <lorafuse/ops/lora_linear.h>
 #include <lorafuse/ops/lora_multi.h>
 #include <lorafuse/ops/merge.h>

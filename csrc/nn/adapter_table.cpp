@@ -301,8 +301,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> svd_lowrank(const at::Tensor& w, 
 
 }  // namespace
 
-void init_adapter_weights(at::Tensor& a, at::Tensor& b, const LoraAdapterOptions& options) {
+void init_adapter_weights(at::Tensor& a, at::Tensor& b, const LoraAdapterOptions& options, bool embedding) {
   torch::NoGradGuard no_grad;
+  if (embedding) {
+    if (options.init_lora_weights().kind() == InitLoraWeights::Kind::kRandom) {
+      torch::nn::init::normal_(a);
+    } else {
+      torch::nn::init::zeros_(a);
+    }
+    torch::nn::init::normal_(b);
+    return;
+  }
   switch (options.init_lora_weights().kind()) {
     case InitLoraWeights::Kind::kDefault:
     case InitLoraWeights::Kind::kLoftq:

@@ -73,6 +73,13 @@ TORCH_LIBRARY(lorafuse, m) {
       "lora_token_add(Tensor base_out, Tensor x, Tensor[] lora_a, Tensor[] lora_b, float[] scale, "
       "Tensor row_adapter) -> Tensor");
 
+  // ---- an embedding layer's LoRA branch (PEFT's lora_embedding_A [r, num], lora_embedding_B [dim, r]):
+  // y = base_out + scale·embedding(indices, Aᵀ)·Bᵀ, summed in the wider dtype and rounded to base_out's; padding_idx
+  // (−1: none), scale_grad_by_freq and sparse act on A's gradient as the base embedding's. CompositeImplicitAutograd.
+  m.def(
+      "lora_embedding(Tensor base_out, Tensor indices, Tensor lora_a, Tensor lora_b, float scale, int padding_idx=-1, "
+      "bool scale_grad_by_freq=False, bool sparse=False) -> Tensor");
+
   // ---- merging: device-generic (CompositeExplicitAutograd), no gradients
   // scale·B·A [out, in] in float32 (float64 when A is float64): what an adapter adds to the base weight.
   m.def("lora_delta_weight(Tensor lora_a, Tensor lora_b, float scale) -> Tensor");

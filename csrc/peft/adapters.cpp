@@ -20,6 +20,27 @@ std::vector<std::pair<std::string, at::Tensor>> trained_biases(torch::nn::Module
   return out;
 }
 
+// The weight of a LoRA layer's base (a dense Linear's), which a file's base weight replaces.
+at::Tensor base_weight_of(LoraLayer& layer) {
+  auto params = layer.base_module()->named_parameters(/*recurse=*/false);
+  TORCH_CHECK_VALUE(params.contains("weight"), "load_adapter: the file holds a base weight for a ",
+                    layer.base_module()->name(), ", which has no full-precision weight to take it");
+  return params["weight"];
+}
+
+// A file's base weight (PEFT's save_embedding_layers) fits the site's base: its shape, and no adapters merged into it.
+void check_base_weight(const detail::Site& site, const at::Tensor& weight) {
+  auto* layer = nn::as_lora_layer(site.module.get());
+  const auto params = (layer != nullptr ? layer->base_module() : site.module)->named_parameters(/*recurse=*/false);
+  TORCH_CHECK_VALUE(params.contains("weight") && params["weight"].sizes() == weight.sizes(), "load_adapter: \"",
+                    site.path, "\": the file's base weight (", site.path, ".base_layer.weight) is ", weight.sizes(),
+                    params.contains("weight") ? " but the layer's weight is " : " but the layer has no weight",
+                    params.contains("weight") ? c10::str(params["weight"].sizes()) : "");
+  TORCH_CHECK_VALUE(layer == nullptr || !layer->merged(), "load_adapter: \"", site.path,
+                    "\": the file holds a base weight for it, and adapters are merged into its weight now; unmerge "
+                    "first");
+}
+
 }  // namespace
 
 void save_adapter(torch::nn::Module& module, const std::string& dir, const std::string& adapter_name) {
@@ -62,6 +83,7 @@ InjectReport load_adapter(torch::nn::Module& module, const io::AdapterFile& file
   for (const auto& t : plan) {
     chosen.push_back({t.index, t.adapter});
     by_index[t.index] = &t;
+    if (t.base_weight.defined()) check_base_weight(sites[t.index], t.base_weight);
   }
   if (!options.autocast_adapter_dtype()) detail::keep_base_dtype(sites, chosen);
   detail::check_rewirable(sites, chosen, "load_adapter");
@@ -83,6 +105,7 @@ InjectReport load_adapter(torch::nn::Module& module, const io::AdapterFile& file
         layer.lora_a(adapter_name).copy_(t->lora_A);  // cast to the layer's adapter dtype
         layer.lora_b(adapter_name).copy_(t->lora_B);
         if (t->magnitude.defined()) layer.lora_magnitude(adapter_name).copy_(t->magnitude);
+        if (t->base_weight.defined()) base_weight_of(layer).copy_(t->base_weight.view_as(base_weight_of(layer)));
       });
   {
     torch::NoGradGuard no_grad;

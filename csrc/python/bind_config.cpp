@@ -221,13 +221,14 @@ void bind_config(py::module& m) {
       "Raises ValueError unless an adapter with this name and these options can be made (the C++ rules).");
   m.def(
       "_select_targets",
-      [](const std::vector<std::tuple<std::string, std::string, bool, bool>>& modules, const std::string& config,
+      [](const std::vector<std::tuple<std::string, std::string, bool, bool, bool>>& modules, const std::string& config,
          const std::string& model_type) {
         std::vector<ModuleInfo> infos;
         infos.reserve(modules.size());
-        for (const auto& [path, type_name, is_linear, is_output] : modules) {
+        for (const auto& [path, type_name, is_linear, is_output, is_embedding] : modules) {
           ModuleInfo info{path, type_name, is_linear};
           info.is_output_layer = is_output;
+          info.is_embedding = is_embedding;
           infos.push_back(std::move(info));
         }
         std::vector<std::string> warnings;
@@ -238,7 +239,8 @@ void bind_config(py::module& m) {
         return py::make_tuple(out, warnings);
       },
       py::arg("modules"), py::arg("config"), py::arg("model_type") = "",
-      "([(index, adapter options)], warnings) of the modules (path, type name, is_linear, is_output_layer) that a "
+      "([(index, adapter options)], warnings) of the modules (path, type name, is_linear, is_output_layer, "
+      "is_embedding) that a "
       "config selects in a model of type model_type: the selection rules of C++ inject_lora.");
   m.def(
       "_default_target_modules",

@@ -9,7 +9,7 @@
 namespace lorafuse::python {
 
 void bind_io(py::module& m) {
-  using Modules = std::vector<std::tuple<std::string, std::string, bool, int64_t, int64_t>>;
+  using Modules = ModuleTuples;
   m.def(
       "_read_adapter",
       [](const std::string& dir) { return adapter_file_dict(translating([&] { return io::read_adapter(dir); })); },
@@ -25,14 +25,16 @@ void bind_io(py::module& m) {
         py::list targets;
         for (const auto& t : plan) {
           targets.append(py::make_tuple(t.index, nn::adapter_options_json(t.adapter), t.lora_A, t.lora_B,
-                                        t.magnitude.defined() ? py::cast(t.magnitude) : py::none()));
+                                        t.magnitude.defined() ? py::cast(t.magnitude) : py::none(),
+                                        t.base_weight.defined() ? py::cast(t.base_weight) : py::none()));
         }
         out["targets"] = targets;
         return out;
       },
       py::arg("dir"), py::arg("modules"), py::arg("partial"),
       "Reads the adapter in `dir` and matches it against modules (path, type, is_linear, in, out): the "
-      "(index, adapter options, A, B, DoRA magnitude or None) to load, every loading rule checked.");
+      "(index, adapter options, A, B, DoRA magnitude or None, base weight or None) to load, every loading rule "
+      "checked.");
   m.def(
       "_save_adapter",
       [](const std::string& dir, const Modules& modules,

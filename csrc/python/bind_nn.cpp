@@ -148,9 +148,12 @@ void bind_adapter_table(py::module& m) {
       "(LoftQ, PiSSA, OLoRA).");
   m.def(
       "init_adapter_weights",
-      [](at::Tensor a, at::Tensor b, const LoraAdapterOptions& o) { nn::init_adapter_weights(a, b, o); },
-      py::arg("lora_A"), py::arg("lora_B"), py::arg("options"),
-      "Sets a new adapter's A [r, in] and B [out, r] in place as options.init_lora_weights says (PEFT's rules).");
+      [](at::Tensor a, at::Tensor b, const LoraAdapterOptions& o, bool embedding) {
+        nn::init_adapter_weights(a, b, o, embedding);
+      },
+      py::arg("lora_A"), py::arg("lora_B"), py::arg("options"), py::arg("embedding") = false,
+      "Sets a new adapter's A [r, in] and B [out, r] in place as options.init_lora_weights says (PEFT's rules; "
+      "embedding: an embedding layer's, which PEFT starts the other way round).");
   m.def(
       "init_adapter_weights_from_base",
       [](at::Tensor weight, at::Tensor a, at::Tensor b, const LoraAdapterOptions& o) {

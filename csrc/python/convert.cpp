@@ -48,8 +48,11 @@ nn::InitLoraWeights init_from(const py::handle& init) {
 std::vector<ModuleInfo> infos_from(const ModuleTuples& modules) {
   std::vector<ModuleInfo> infos;
   infos.reserve(modules.size());
-  for (const auto& [path, type_name, is_linear, in, out] : modules)
-    infos.push_back({path, type_name, is_linear, in, out});
+  for (const auto& [path, type_name, is_linear, in, out, is_embedding] : modules) {
+    ModuleInfo info{path, type_name, is_linear, in, out};
+    info.is_embedding = is_embedding;
+    infos.push_back(std::move(info));
+  }
   return infos;
 }
 
@@ -59,12 +62,16 @@ py::dict adapter_file_dict(const io::AdapterFile& file) {
   out["config_json"] = io::adapter_config_json(file);
   py::list layers;
   py::dict magnitudes;
+  py::list embeddings;
   for (const auto& l : file.layers) {
     layers.append(py::make_tuple(l.path, l.lora_A, l.lora_B));
     if (l.magnitude.defined()) magnitudes[py::str(l.path)] = l.magnitude;
+    if (l.embedding) embeddings.append(l.path);
   }
   out["layers"] = layers;
   out["magnitudes"] = magnitudes;
+  out["embeddings"] = embeddings;
+  out["base_weights"] = file.base_weights;
   out["biases"] = file.biases;
   out["warnings"] = file.warnings;
   return out;

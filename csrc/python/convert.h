@@ -51,7 +51,8 @@ auto warning_in_python(F&& f) -> decltype(f()) {
 }
 
 // (path, type name, is_linear, in_features, out_features) per module, as the Python front lists them.
-using ModuleTuples = std::vector<std::tuple<std::string, std::string, bool, int64_t, int64_t>>;
+// (path, type name, is_linear, in_features, out_features, is_embedding)
+using ModuleTuples = std::vector<std::tuple<std::string, std::string, bool, int64_t, int64_t, bool>>;
 
 // lorafuse.LoraConfig's fields as JSON (LoraConfig._to_json) → LoraConfig, through the one PEFT-JSON mapping.
 LoraConfig config_from(const std::string& json_text);

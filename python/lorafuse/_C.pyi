@@ -14,8 +14,9 @@ def _is_bnb_nf4(format: List[int], stat_dtype: torch.dtype) -> bool: ...
 def dynamic_code_map() -> torch.Tensor: ...
 
 # ---- config (bind_config.cpp): the C++ rules of LoraConfig ------------------------------------------
-ModuleRow = Tuple[str, str, bool, bool]  # (path, type name, is_linear, is_output_layer)
-ModuleShapeRow = Tuple[str, str, bool, int, int]  # (path, type name, is_linear, in_features, out_features)
+ModuleRow = Tuple[str, str, bool, bool, bool]  # (path, type name, is_linear, is_output_layer, is_embedding)
+# (path, type name, is_linear, in_features, out_features, is_embedding)
+ModuleShapeRow = Tuple[str, str, bool, int, int, bool]
 # JSON texts: a LoraConfig with PEFT's field names (lorafuse::lora_config_from_peft_json) and one adapter's
 # options (lorafuse::nn::adapter_options_json: r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,
 # bias, task_type, dtype)
@@ -291,7 +292,9 @@ class AdapterTable:
     @staticmethod
     def from_json(text: str, what: str) -> "AdapterTable": ...
 
-def init_adapter_weights(lora_A: torch.Tensor, lora_B: torch.Tensor, options: AdapterOptions) -> None: ...
+def init_adapter_weights(
+    lora_A: torch.Tensor, lora_B: torch.Tensor, options: AdapterOptions, embedding: bool = False
+) -> None: ...
 def _init_changes_base(init_lora_weights: Union[bool, str]) -> bool: ...
 def init_adapter_weights_from_base(
     weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, options: AdapterOptions

@@ -308,7 +308,11 @@ def inspect_adapter(folder: str) -> Dict[str, Any]:
     # C++ one (LoraConfig::adapter_for), applied by the load planner to the file's own modules.
     alphas = {path: float(config["lora_alpha"]) for path, _, _ in adapter["layers"]}
     if config["alpha_pattern"]:
-        infos = [(path, "Linear", True, int(a.shape[1]), int(b.shape[0])) for path, a, b in adapter["layers"]]
+        embeddings = adapter["embeddings"]
+        infos = [
+            (path, "Linear", path not in embeddings, int(a.shape[1]), int(b.shape[0]), path in embeddings)
+            for path, a, b in adapter["layers"]
+        ]
         plan = lorafuse._C._plan_adapter_load(folder, infos, True)
         for index, options, *_ in plan["targets"]:
             alphas[infos[index][0]] = float(json.loads(options)["lora_alpha"])
@@ -363,7 +367,7 @@ def inspect_adapter(folder: str) -> Dict[str, Any]:
         by_name[name] = by_name.get(name, 0) + 1
 
     warnings = list(adapter["warnings"]) + _target_warnings(
-        lorafuse, config, [p for p, _, _ in adapter["layers"]]
+        lorafuse, config, [p for p, _, _ in adapter["layers"]], adapter["embeddings"]
     )
     files = {name: os.path.getsize(os.path.join(folder, name)) for name in (CONFIG_FILE, WEIGHTS_FILE)}
     try:
@@ -390,7 +394,7 @@ def inspect_adapter(folder: str) -> Dict[str, Any]:
     }
 
 
-def _target_warnings(lorafuse: Any, config: Dict[str, Any], paths: List[str]) -> List[str]:
+def _target_warnings(lorafuse: Any, config: Dict[str, Any], paths: List[str], embeddings: List[str]) -> List[str]:
     """Where adapter_config.json's target_modules/exclude_modules and the file's modules disagree (PEFT's
     from_pretrained injects LoRA where the config says, so it would skip the file's other modules and leave
     the config's extra targets untrained). The selection rule is the C++ one (lorafuse::select_targets)."""
@@ -400,7 +404,8 @@ def _target_warnings(lorafuse: Any, config: Dict[str, Any], paths: List[str]) ->
     if config["exclude_modules"] is not None:
         what += f" with exclude_modules {json.dumps(config['exclude_modules'])}"
     try:
-        rows = [(p, "Linear", True, False) for p in paths]
+        embeddings = set(embeddings)
+        rows = [(p, "Linear", p not in embeddings, False, p in embeddings) for p in paths]
         chosen, unmatched = lorafuse._C._select_targets(rows, json.dumps(config))
     except ValueError as e:  # e.g. names that match none of the file's modules
         return [f"{what} does not fit the modules in {WEIGHTS_FILE} ({e})"]

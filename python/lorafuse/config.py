@@ -19,9 +19,9 @@ class LoraConfig:
         r: rank of every adapter (unless ``rank_pattern`` overrides it); > 0.
         lora_alpha: scale = lora_alpha / r (lora_alpha / sqrt(r) with ``use_rslora``); > 0.
         lora_dropout: dropout on the LoRA branch while training, in [0, 1).
-        target_modules: which Linear layers get the adapter: a list of names (a module matches when its
-            path equals an entry or ends with ``"." + entry``), a regular expression that the whole path
-            must match, or ``"all-linear"`` (every Linear except a transformers model's output layer, its
+        target_modules: which Linear (or ``nn.Embedding``) layers get the adapter: a list of names (a module matches
+            when its path equals an entry or ends with ``"." + entry``), a regular expression that the whole path
+            must match, or ``"all-linear"`` (Linear layers only) (every Linear except a transformers model's output layer, its
             ``get_output_embeddings()``, as PEFT). ``None``: PEFT's defaults for the model's type
             (``model.config.model_type``; :func:`lorafuse.default_target_modules`), an error for a model of
             another type or none.

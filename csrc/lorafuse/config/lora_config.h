@@ -123,6 +123,11 @@ struct ModuleInfo {
   int64_t out_features = -1;
   /// The model's output layer (its output embeddings): "all-linear" leaves it out.
   bool is_output_layer = false;
+  /// An embedding layer that can take an adapter (PEFT's lora_embedding_A/B; in/out features are num_embeddings and
+  /// embedding_dim): selected when target_modules names it, never by "all-linear".
+  bool is_embedding = false;
+  /// Whether LoRA can go into it (a Linear or an embedding layer).
+  bool takes_lora() const noexcept { return is_linear || is_embedding; }
 };
 
 /// A module that a config selects, with its adapter's options (rank_pattern/alpha_pattern applied).

@@ -27,6 +27,9 @@ struct AdapterLayer {
   at::Tensor lora_A;     // [r, in]
   at::Tensor lora_B;     // [out, r]
   at::Tensor magnitude;  // DoRA's magnitude vector [out]; undefined unless the config says use_dora
+  /// An embedding layer's adapter: PEFT names its tensors ...lora_embedding_A [r, num_embeddings] and
+  /// ...lora_embedding_B [embedding_dim, r] (no ".weight"), in and out being num_embeddings and embedding_dim.
+  bool embedding = false;
 };
 
 /// An adapter as PEFT stores it.
@@ -40,6 +43,10 @@ struct AdapterFile {
   std::vector<AdapterLayer> layers;
   /// Trained biases (bias "all" / "lora_only"): parameter path in the model → tensor.
   std::vector<std::pair<std::string, at::Tensor>> biases;
+  /// Base weights of adapted layers, as PEFT saves them for embedding layers in target_modules (its
+  /// save_embedding_layers: ...embed_tokens.base_layer.weight, ...lm_head.base_layer.weight): module path → the base
+  /// layer's weight in its own layout. Loading puts them into the base layer, as PEFT does.
+  std::vector<std::pair<std::string, at::Tensor>> base_weights;
   /// Things worth telling the user that do not stop a load (an all-zero lora_B, unknown config fields).
   std::vector<std::string> warnings;
 };
@@ -71,7 +78,8 @@ struct LoadTarget {
   nn::LoraAdapterOptions adapter;
   at::Tensor lora_A;
   at::Tensor lora_B;
-  at::Tensor magnitude;  // [out] for a DoRA adapter, else undefined
+  at::Tensor magnitude;    // [out] for a DoRA adapter, else undefined
+  at::Tensor base_weight;  // the file's weight for the base layer (PEFT's save_embedding_layers), else undefined
 };
 
 /// Matches `file` against a model's modules (path, type, is_linear, in/out features). ValueErrors: a module
@@ -96,7 +104,8 @@ struct SaveSource {
 AdapterFile describe_adapter(const std::vector<ModuleInfo>& modules, const std::vector<SaveSource>& layers,
                              std::vector<std::pair<std::string, at::Tensor>> biases = {});
 
-/// "base_model.model.<path>.lora_A.weight", "...lora_B.weight" and DoRA's "...lora_magnitude_vector" (which 'M').
-std::string lora_tensor_name(const std::string& module_path, char which /* 'A', 'B' or 'M' */);
+/// "base_model.model.<path>.lora_A.weight", "...lora_B.weight" and DoRA's "...lora_magnitude_vector" (which 'M'); an
+/// embedding layer's "...lora_embedding_A" / "...lora_embedding_B".
+std::string lora_tensor_name(const std::string& module_path, char which /* 'A', 'B' or 'M' */, bool embedding = false);
 
 }  // namespace lorafuse::io

@@ -134,7 +134,11 @@ c10::ScalarType adapter_dtype(const LoraAdapterOptions& options, c10::ScalarType
 /// true: A kaiming-uniform (a = √5), B zeros; "gaussian": A normal(0, 1/r), B zeros; false: both kaiming-uniform.
 /// "loftq" needs the layer's full-precision weight (init_adapter_weights_loftq); here, where it is not at hand (a
 /// clone's or reset_parameters' re-initialisation, whose weights are then copied or loaded), it starts as true does.
-void init_adapter_weights(at::Tensor& a, at::Tensor& b, const LoraAdapterOptions& options);
+///
+/// `embedding`: an embedding layer's adapter (PEFT's lora_embedding_A [r, num_embeddings], lora_embedding_B
+/// [embedding_dim, r]), which PEFT starts the other way round: A zeros and B normal(0, 1) (init true or a string),
+/// both normal(0, 1) (false).
+void init_adapter_weights(at::Tensor& a, at::Tensor& b, const LoraAdapterOptions& options, bool embedding = false);
 
 /// The initialisations that start from the dense base weight W [out, in] and change it in place (s = options.scale()):
 ///   "loftq"  W replaced by its quantized value Q (lorafuse::loftq_init with options.loftq_config(), in W's dtype), A

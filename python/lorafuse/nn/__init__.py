@@ -4,6 +4,7 @@ kinds they wrap, and the C++ layer bound from LibTorch."""
 from .. import _C
 from .base_kinds import BASE_KINDS, BaseKind, base_kind_of
 from .linear4bit import Linear4bit
+from .lora_embedding import Embedding
 from .lora_linear import AdapterOptions, Linear, MergeError
 
 # The C++ layer (lorafuse::nn::LoraLinear) bound with torch::python::bind_module: a torch.nn.Module whose
@@ -18,9 +19,16 @@ def is_lora_layer(module) -> bool:
     return isinstance(module, Linear)
 
 
+def lora_layer_class(base: object) -> type:
+    """The lorafuse layer that wraps ``base``: :class:`Embedding` for an embedding kind, else :class:`Linear`."""
+    kind = base_kind_of(base)
+    return Embedding if kind is not None and kind.embedding else Linear
+
+
 __all__ = [
     "MergeError",
     "Linear",
+    "Embedding",
     "Linear4bit",
     "LoraLinear",
     "AdapterOptions",
@@ -28,4 +36,5 @@ __all__ = [
     "BaseKind",
     "base_kind_of",
     "is_lora_layer",
+    "lora_layer_class",
 ]

@@ -22,6 +22,9 @@ Kinds today:
 ``conv1d``
     transformers' ``Conv1D`` (GPT-2): the weight stored [in, out] (PEFT's ``fan_in_fan_out``), computed by the fused
     op on its transposed view; merges write into it transposed.
+``embedding``
+    ``torch.nn.Embedding`` (PEFT's embedding LoRA): wrapped by ``lorafuse.nn.Embedding``, the branch added by
+    ``lora_embedding``; merges go into the embedding matrix.
 ``linear4bit``
     ``lorafuse.nn.Linear4bit`` (the weight in NF4, QLoRA): the layer and its branch in one op, ``lora_linear4bit``
     (called as it is, the branch added by ``lora_add``, when it has hooks); merging into the 4 bits only when asked (``requantize=True``, its error reported).
@@ -54,6 +57,8 @@ class BaseKind:
     name = "?"
     #: the weight is stored [in, out] (PEFT's fan_in_fan_out: a config adapting such layers says so in its file)
     fan_in_fan_out = False
+    #: an embedding layer (lorafuse.nn.Embedding wraps it; files name its factors lora_embedding_A / _B)
+    embedding = False
 
     def matches(self, module: nn.Module) -> bool:
         raise NotImplementedError
@@ -259,6 +264,39 @@ class TransformersConv1D(BaseKind):
         return DenseLinear().merge_refusal(module)
 
 
+class TorchEmbedding(BaseKind):
+    """``torch.nn.Embedding`` itself (PEFT's ``lora.Embedding``): wrapped by :class:`lorafuse.nn.Embedding`, the base
+    called as it is and ``lora_embedding`` adding the branch; in and out are num_embeddings and embedding_dim, so the
+    [out, in] weight that merges change is the embedding matrix transposed. Not taken: a subclass with its own forward,
+    an embedding with ``max_norm`` (its lookups renormalise rows in place)."""
+
+    name = "embedding"
+    embedding = True
+
+    def matches(self, module: nn.Module) -> bool:
+        return (
+            isinstance(module, nn.Embedding)
+            and type(module).forward is nn.Embedding.forward
+            and module.max_norm is None
+            and module.weight.is_floating_point()
+        )
+
+    def features(self, module: nn.Module) -> Tuple[int, int]:
+        return module.num_embeddings, module.embedding_dim
+
+    def merge_weight(self, module: nn.Module) -> Tensor:
+        return module.weight.t()
+
+    def freeze(self, module: nn.Module) -> None:
+        module.weight.requires_grad_(False)
+
+    def dora_refusal(self, module: nn.Module) -> str:
+        return "DoRA on embedding layers (PEFT's DoraEmbeddingLayer) is not supported by lorafuse yet"
+
+    def merge_refusal(self, module: nn.Module) -> Optional[str]:
+        return DenseLinear().merge_refusal(module)
+
+
 class Nf4Linear(BaseKind):
     """lorafuse.nn.Linear4bit: the weight quantized, NF4 (QLoRA) or another format of the family (LQ-LoRA). The layer
     and its branch in one op, ``lora_linear_nf`` (``nf_lora_linear``: the weight dequantized a tile of rows at a
@@ -422,7 +460,9 @@ def lora_add(out: Tensor, x: Tensor, a: Tensor, b: Tensor, scale: float, p: floa
     return torch.ops.lorafuse.lora_branch(out, x, a, b, scale, p)
 
 
-BASE_KINDS: List[BaseKind] = [DenseLinear(), CustomLinear(), TransformersConv1D(), Nf4Linear(), BnbNf4Linear()]
+BASE_KINDS: List[BaseKind] = [
+    DenseLinear(), CustomLinear(), TransformersConv1D(), TorchEmbedding(), Nf4Linear(), BnbNf4Linear()
+]
 
 
 def base_kind_of(module: nn.Module) -> Optional[BaseKind]:
@@ -453,6 +493,7 @@ __all__ = [
     "DenseLinear",
     "CustomLinear",
     "TransformersConv1D",
+    "TorchEmbedding",
     "Nf4Linear",
     "BnbNf4Linear",
     "BASE_KINDS",

@@ -123,16 +123,19 @@ class Linear(nn.Module):
     ) -> None:
         super().__init__()
         kind = base_kind_of(base_layer)
-        if kind is None:
-            raise TypeError(
-                f"base_layer: expected a torch.nn.Linear, transformers' Conv1D or lorafuse.nn.Linear4bit, found "
-                f"{type(base_layer).__name__}"
+        if kind is None or kind.embedding != self._embedding:
+            expected = (
+                "a torch.nn.Embedding" if self._embedding
+                else "a torch.nn.Linear, transformers' Conv1D or lorafuse.nn.Linear4bit (lorafuse.nn.Embedding wraps an "
+                "nn.Embedding)"
             )
+            raise TypeError(f"base_layer: expected {expected}, found {type(base_layer).__name__}")
         self.base_layer = base_layer
         self.in_features, self.out_features = kind.features(base_layer)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters' magnitudes
+        self._init_storage()
         # The adapters and every rule over them (which is active, disabled, merged, what forward runs, what a
         # merge folds in): the C++ layer's table (lorafuse::nn::AdapterTable), so both follow the same rules.
         self._table = _C.AdapterTable()
@@ -168,6 +171,35 @@ class Linear(nn.Module):
         # frozen only once the adapter is valid: a bad argument leaves the caller's layer as it was
         kind.freeze(base_layer)
 
+    #: an embedding layer's adapters (lorafuse.nn.Embedding)
+    _embedding = False
+
+    # ---- where the adapters' factors live: A [r, in] and B [out, r] (lorafuse.nn.Embedding keeps them as PEFT does) --
+    def _init_storage(self) -> None:
+        """Registers what holds the factors beside lora_A / lora_B (nothing for a Linear base)."""
+
+    def _new_factors(self, name: str, r: int, device, dtype) -> tuple:
+        """Adapter ``name``'s new A [r, in] and B [out, r] (not yet in the layer) and the function that registers them."""
+        kw = dict(bias=False, device=device, dtype=dtype)
+        a, b = nn.Linear(self.in_features, r, **kw), nn.Linear(r, self.out_features, **kw)
+
+        def register() -> None:
+            self.lora_A[name], self.lora_B[name] = a, b
+
+        return a.weight, b.weight, register
+
+    def _factors(self, name: str) -> Tuple[Tensor, Tensor]:
+        """Adapter ``name``'s A and B as they are now."""
+        return self.lora_A[name].weight, self.lora_B[name].weight
+
+    def _route_factors(self, name: str) -> tuple:
+        """What a route holds for A and B: objects whose ``weight`` forward reads at call time (FSDP and
+        load_state_dict(assign=True) put new Parameters in)."""
+        return self.lora_A[name], self.lora_B[name]
+
+    def _drop_factors(self, name: str) -> None:
+        del self.lora_A[name], self.lora_B[name]
+
     @property
     def weight(self) -> Tensor:
         """The base layer's weight (model code that reads ``layer.weight`` keeps working, as with PEFT)."""
@@ -182,7 +214,7 @@ class Linear(nn.Module):
         """Re-initialises every adapter as its init_lora_weights says (e.g. after ``to_empty()`` of a model
         injected on the meta device); the base layer is untouched."""
         for name in self._table.names:
-            _C.init_adapter_weights(self.lora_A[name].weight, self.lora_B[name].weight, self._table.options(name))
+            _C.init_adapter_weights(*self._factors(name), self._table.options(name), self._embedding)
             self._init_magnitude(name)
 
     def _init_magnitude(self, name: str) -> None:
@@ -192,10 +224,7 @@ class Linear(nn.Module):
             with torch.no_grad():
                 self.lora_magnitude_vector[name].weight.copy_(
                     torch.ops.lorafuse.dora_weight_norm(
-                        base_kind_of(base).dora_weight(base),
-                        self.lora_A[name].weight,
-                        self.lora_B[name].weight,
-                        self._table.options(name).scale,
+                        base_kind_of(base).dora_weight(base), *self._factors(name), self._table.options(name).scale
                     )
                 )
 
@@ -274,16 +303,16 @@ class Linear(nn.Module):
         loftq = _C._init_changes_base(opts.init_lora_weights)  # LoftQ, PiSSA, OLoRA: A and B from the base weight
         if loftq:
             self._check_loftq(adapter_name, r, opts.init_lora_weights)
-        kw = dict(bias=False, device=kind.device(self.base_layer), dtype=dtype)
-        a, b = nn.Linear(self.in_features, r, **kw), nn.Linear(r, self.out_features, **kw)
+        device = kind.device(self.base_layer)
+        a, b, register = self._new_factors(adapter_name, r, device, dtype)
         if loftq:  # before anything of the layer changes: the decomposition fails before it writes
-            _C.init_adapter_weights_from_base(self.base_layer.weight, a.weight, b.weight, opts)
-        self.lora_A[adapter_name], self.lora_B[adapter_name] = a, b
+            _C.init_adapter_weights_from_base(self.base_layer.weight, a, b, opts)
+        register()
         if use_dora:
-            self.lora_magnitude_vector[adapter_name] = DoraMagnitude(self.out_features, kw["device"], dtype)
+            self.lora_magnitude_vector[adapter_name] = DoraMagnitude(self.out_features, device, dtype)
         self._table.add(adapter_name, opts, activate)
         if not loftq:
-            _C.init_adapter_weights(a.weight, b.weight, opts)
+            _C.init_adapter_weights(a, b, opts, self._embedding)
         self._init_magnitude(adapter_name)  # after LoftQ/PiSSA/OLoRA changed the weight, as PEFT
         if self._table.trains(adapter_name):
             self._apply_trainability()
@@ -298,7 +327,9 @@ class Linear(nn.Module):
         finite."""
         kind = base_kind_of(self.base_layer)
         why = None
-        if not isinstance(kind, DenseLinear):
+        if self._embedding:
+            why = "lorafuse starts an embedding layer's adapter only as PEFT's default does (A zeros, B normal)"
+        elif not isinstance(kind, DenseLinear):
             why = (
                 f"the base is a {type(self.base_layer).__name__}, not a plain nn.Linear with a full-precision weight "
                 "(a quantized base: start LoftQ from the full-precision model, then quantize it)"
@@ -314,7 +345,7 @@ class Linear(nn.Module):
 
     def _adapter_parameters(self, name: str) -> List[Tensor]:
         """Adapter ``name``'s trained tensors: A, B and (DoRA) the magnitude."""
-        params = [self.lora_A[name].weight, self.lora_B[name].weight]
+        params = list(self._factors(name))
         if name in self.lora_magnitude_vector:
             params.append(self.lora_magnitude_vector[name].weight)
         return params
@@ -332,7 +363,7 @@ class Linear(nn.Module):
         for n in table.names:
             opts = table.options(n)
             magnitude = self.lora_magnitude_vector[n] if n in self.lora_magnitude_vector else None
-            routes[n] = [self.lora_A[n], self.lora_B[n], opts.scale, opts.lora_dropout, magnitude]
+            routes[n] = [*self._route_factors(n), opts.scale, opts.lora_dropout, magnitude]
         self._routes = routes
         name = table.route(None)
         self._route = routes.get(name) if name else None
@@ -370,7 +401,7 @@ class Linear(nn.Module):
         self._table.check_remove(adapter_name)
         new_active = self._table.remove(adapter_name)
         self._refresh_route()  # forward stops seeing it before its modules go
-        del self.lora_A[adapter_name], self.lora_B[adapter_name]
+        self._drop_factors(adapter_name)
         if adapter_name in self.lora_magnitude_vector:
             del self.lora_magnitude_vector[adapter_name]
         if new_active:
@@ -396,9 +427,7 @@ class Linear(nn.Module):
         """scale · B · A in float32 (float64 for float64 adapters) [out, in] (op ``lora_delta_weight``)."""
         opts = self._table.options(adapter_name, "delta_weight")
         with torch.no_grad():
-            return torch.ops.lorafuse.lora_delta_weight(
-                self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight, opts.scale
-            )
+            return torch.ops.lorafuse.lora_delta_weight(*self._factors(adapter_name), opts.scale)
 
     # ---- merging ---------------------------------------------------------------------------------
     def merge(self, adapter_names: Optional[Sequence[str]] = None, requantize: bool = False) -> None:
@@ -459,8 +488,8 @@ class Linear(nn.Module):
         """(A, B, scale, DoRA magnitude or None) lists of the named adapters, as lorafuse.lora_merge takes them."""
         mags = self.lora_magnitude_vector
         return (
-            [self.lora_A[n].weight for n in names],
-            [self.lora_B[n].weight for n in names],
+            [self._factors(n)[0] for n in names],
+            [self._factors(n)[1] for n in names],
             [self._table.options(n).scale for n in names],
             [mags[n].weight if n in mags else None for n in names],
         )

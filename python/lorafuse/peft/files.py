@@ -27,7 +27,9 @@ from ..nn import Linear, base_kind_of, is_lora_layer
 from .inject import (
     _activate_and_freeze,
     _attach,
+    _check_dora,
     _has_peft_layers,
+    _is_embedding,
     _is_target,
     _model_wide,
     _sites,
@@ -41,15 +43,16 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 
 def _infos(sites) -> list:
-    """(path, type, is_linear, in_features, out_features) of each site, as the C++ rules take them."""
+    """(path, type, is_linear, in_features, out_features, is_embedding) of each site, as the C++ rules take them (an
+    embedding's in and out: num_embeddings and embedding_dim)."""
     infos = []
     for _, _, path, m in sites:
-        linear = _is_target(m)
+        target, embedding = _is_target(m), _is_embedding(m)
         if is_lora_layer(m):
             features = (m.in_features, m.out_features)
         else:
-            features = base_kind_of(m).features(m) if linear else (-1, -1)
-        infos.append((path, type(m).__name__, linear, *features))
+            features = base_kind_of(m).features(m) if target else (-1, -1)
+        infos.append((path, type(m).__name__, target and not embedding, *features, embedding))
     return infos
 
 
@@ -89,7 +92,7 @@ def _save(model: nn.Module, path: str, adapter_name: str) -> None:
     fan_in_fan_out = False  # PEFT's flag: set in a config that adapts Conv1D layers
     for index, (_, _, _, m) in enumerate(sites):
         if is_lora_layer(m) and adapter_name in m.adapters:
-            a, b = m.lora_A[adapter_name].weight.detach(), m.lora_B[adapter_name].weight.detach()
+            a, b = (t.detach() for t in m._factors(adapter_name))
             mags = m.lora_magnitude_vector
             magnitude = mags[adapter_name].weight.detach() if adapter_name in mags else None
             layers.append((index, m.adapters[adapter_name], a, b, magnitude))
@@ -179,18 +182,25 @@ def _load(
     for message in plan["warnings"]:
         warnings.warn(message, UserWarning, stacklevel=2)
 
-    weights = {index: (a, b, m) for index, _, a, b, m in plan["targets"]}
+    weights = {index: (a, b, m, w) for index, _, a, b, m, w in plan["targets"]}
+    for index, (_, _, _, w) in weights.items():  # PEFT's save_embedding_layers: the base weight, checked before changes
+        if w is not None:
+            _check_base_weight(sites[index], w)
 
     def fill(index: int, layer: Linear) -> None:
-        a, b, m = weights[index]
+        a, b, m, w = weights[index]
         with torch.no_grad():  # cast to the layer's adapter dtype, moved to its device
-            layer.lora_A[adapter_name].weight.copy_(a)
-            layer.lora_B[adapter_name].weight.copy_(b)
+            layer_a, layer_b = layer._factors(adapter_name)
+            layer_a.copy_(a)
+            layer_b.copy_(b)
             if m is not None:  # DoRA
                 layer.lora_magnitude_vector[adapter_name].weight.copy_(m)
+            if w is not None:  # the base weight, as PEFT loads it
+                layer.base_layer.weight.copy_(w)
 
     prior_active = active_adapter(model)
     chosen = [(index, json.loads(opts)) for index, opts, *_ in plan["targets"]]
+    _check_dora(sites, chosen)
     _attach(
         model,
         sites,
@@ -216,10 +226,36 @@ def _load(
     return model
 
 
+def _check_base_weight(site, weight) -> None:
+    """A file's base weight (PEFT's save_embedding_layers) fits the site's base: a full-precision weight of its shape,
+    with nothing merged into it."""
+    _, _, path, module = site
+    base = module.base_layer if is_lora_layer(module) else module
+    own = getattr(base, "weight", None)
+    kind = base_kind_of(base)
+    if not isinstance(own, torch.Tensor) or kind is None or kind.quantized_state(base) is not None:
+        raise ValueError(
+            f'load_adapter: "{path}": the file holds a base weight for it ({path}.base_layer.weight), and its '
+            f"{type(base).__name__} has no full-precision weight to take it"
+        )
+    if tuple(own.shape) != tuple(weight.shape):
+        raise ValueError(
+            f'load_adapter: "{path}": the file\'s base weight ({path}.base_layer.weight) is {list(weight.shape)} but '
+            f"the layer's weight is {list(own.shape)}"
+        )
+    if is_lora_layer(module) and module.merged:
+        raise ValueError(
+            f'load_adapter: "{path}": the file holds a base weight for it, and adapters are merged into its weight '
+            "now; unmerge first"
+        )
+
+
 def read_adapter(dir: PathLike) -> dict:
     """The adapter in folder ``dir``, validated as :func:`load_adapter` validates it, without a model:
     ``{"config": LoraConfig fields, "config_json": str, "layers": [(path, lora_A, lora_B)],
-    "magnitudes": {path: DoRA magnitude vector} (a DoRA adapter's), "biases": [(path, tensor)], "warnings": [str]}``."""
+    "magnitudes": {path: DoRA magnitude vector} (a DoRA adapter's), "embeddings": [paths of embedding layers],
+    "base_weights": [(path, base weight)] (PEFT's save_embedding_layers), "biases": [(path, tensor)],
+    "warnings": [str]}``."""
     adapter = _C._read_adapter(_folder(dir, "read_adapter"))
     from_file = adapter.pop("targets_from_file")
     adapter["config"] = config_fields(adapter["config_json"], [p for p, _, _ in adapter["layers"]] if from_file else None)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .. import _C
-from ..nn import Linear, base_kind_of
+from ..nn import base_kind_of, lora_layer_class
 
 
 def _config_problems(name: str, config: Any) -> List[str]:
@@ -34,12 +34,15 @@ def _task_type(config: Any) -> Any:
     return getattr(task_type, "value", task_type)
 
 
-def _convertible(module: nn.Module, peft_linear: type) -> bool:
+def _convertible(module: nn.Module, peft_linear: type, peft_embedding: type) -> bool:
     """A PEFT LoRA layer that a lorafuse layer reproduces: PEFT's Linear over an nn.Linear of a lorafuse base kind,
-    or PEFT's bitsandbytes Linear4bit over bitsandbytes' NF4 Linear4bit (the bnb_linear4bit kind)."""
+    PEFT's Embedding over an nn.Embedding, or PEFT's bitsandbytes Linear4bit over bitsandbytes' NF4 Linear4bit (the
+    bnb_linear4bit kind)."""
     kind = base_kind_of(module.base_layer)
+    if type(module) is peft_embedding:
+        return kind is not None and kind.embedding
     if type(module) is peft_linear:  # over an nn.Linear or transformers' Conv1D
-        return kind is not None and kind.quantized_state(module.base_layer) is None
+        return kind is not None and not kind.embedding and kind.quantized_state(module.base_layer) is None
     cls = type(module)
     return cls.__module__ == "peft.tuners.lora.bnb" and cls.__name__ == "Linear4bit" and kind is not None
 
@@ -64,12 +67,13 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
         ValueError: a PEFT feature that lorafuse does not carry over, named — LoRA variants other than DoRA
             (aLoRA, KaSA, ...; DoRA is carried, its magnitude parameter adopted, over nn.Linear and Conv1D), a scaling other than lora_alpha/r (scale_layer), modules_to_save,
             lora_bias, a fan_in_fan_out that does not fit the layer's weight, layer replication, trainable
-            tokens, target_parameters, BD-LoRA, LoRA on layers other than nn.Linear and transformers' Conv1D
-            (embeddings, convolutions, quantized bases other than bitsandbytes' NF4), merged layers or
+            tokens, target_parameters, BD-LoRA, LoRA on layers other than nn.Linear, transformers' Conv1D and
+            nn.Embedding (convolutions, quantized bases other than bitsandbytes' NF4), merged layers or
             several active adapters at once. Nothing is changed then.
     """
     try:
         import peft
+        from peft.tuners.lora import Embedding as PeftEmbedding
         from peft.tuners.lora import Linear as PeftLinear
         from peft.tuners.lora import LoraLayer, LoraModel
     except ImportError as e:  # pragma: no cover - peft is a test dependency
@@ -90,7 +94,7 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
             continue
         if not isinstance(module, LoraLayer):
             continue
-        if not _convertible(module, PeftLinear):
+        if not _convertible(module, PeftLinear, PeftEmbedding):
             problems.append(
                 f'"{path}" is a PEFT {type(module).__name__} over a {type(module.base_layer).__name__}'
             )
@@ -112,7 +116,13 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
         if len(module.active_adapters) > 1:
             problems.append(f'"{path}" has several active adapters {module.active_adapters}')
         base_dtype = base_kind_of(module.base_layer).weight_dtype(module.base_layer)
-        for adapter in module.lora_A:
+        embedding = type(module) is PeftEmbedding
+        for adapter in module.lora_embedding_A if embedding else module.lora_A:
+            if embedding:
+                dtype = module.lora_embedding_A[adapter].dtype
+                if dtype not in (base_dtype, torch.float32):
+                    problems.append(f'"{path}" adapter "{adapter}" is {dtype} over a {base_dtype} base')
+                continue
             factors = (type(module.lora_A[adapter]), type(module.lora_B[adapter]))
             if factors != (nn.Linear, nn.Linear):  # a variant's own factor modules (BD-LoRA's block-diagonal ones)
                 problems.append(
@@ -152,10 +162,13 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
     for parent, child, _, old in layers:
         base = old.base_layer
         frozen = {id(p): p.requires_grad for p in base.parameters()}
-        names = list(old.lora_A.keys())
+        embedding = bool(old.lora_embedding_A)
+        names = list(old.lora_embedding_A.keys() if embedding else old.lora_A.keys())
         magnitudes = getattr(old, "lora_magnitude_vector", {})
 
         def adapter_params(module, a):
+            if embedding:
+                return [module.lora_embedding_A[a], module.lora_embedding_B[a]]
             params = [module.lora_A[a].weight, module.lora_B[a].weight]
             return params + [module.lora_magnitude_vector[a].weight] if a in magnitudes else params
 
@@ -169,18 +182,22 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
                 lora_alpha=float(old.lora_alpha[adapter]),
                 lora_dropout=p,
                 use_rslora=bool(old.use_rslora.get(adapter, False)),
-                adapter_dtype=old.lora_A[adapter].weight.dtype,
+                adapter_dtype=adapter_params(old, adapter)[0].dtype,
                 task_type=_task_type(peft_model.peft_config.get(adapter)),
                 bias=getattr(peft_model.peft_config.get(adapter), "bias", "none"),  # which biases save with it
                 use_dora=adapter in magnitudes,
             )
             if new is None:
-                new = Linear(base, adapter_name=adapter, **kwargs)
+                new = lora_layer_class(base)(base, adapter_name=adapter, **kwargs)
             else:
                 new.add_adapter(adapter, **kwargs)
             # adopt PEFT's modules: the very same parameters
-            new.lora_A[adapter] = old.lora_A[adapter]
-            new.lora_B[adapter] = old.lora_B[adapter]
+            if embedding:
+                new.lora_embedding_A[adapter] = old.lora_embedding_A[adapter]
+                new.lora_embedding_B[adapter] = old.lora_embedding_B[adapter]
+            else:
+                new.lora_A[adapter] = old.lora_A[adapter]
+                new.lora_B[adapter] = old.lora_B[adapter]
             if adapter in magnitudes:  # DoRA: PEFT's magnitude parameter itself
                 new.lora_magnitude_vector[adapter].weight = magnitudes[adapter].weight
         active = old.active_adapters[0] if old.active_adapters else None

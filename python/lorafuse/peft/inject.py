@@ -17,7 +17,7 @@ from torch import nn
 from .. import _C
 from .._cpp import cpp_module_of as _cpp
 from ..config import LoraConfig
-from ..nn import Linear, Linear4bit, MergeError, base_kind_of, is_lora_layer
+from ..nn import Linear, Linear4bit, MergeError, base_kind_of, is_lora_layer, lora_layer_class
 from ..nn.base_kinds import DenseLinear
 
 
@@ -41,6 +41,12 @@ def _model_wide(cpp_impl, result=lambda model, out: out):
 def _is_target(m: nn.Module) -> bool:
     """A module that can take an adapter: a lorafuse layer, or a base of a known kind."""
     return is_lora_layer(m) or base_kind_of(m) is not None
+
+
+def _is_embedding(m: nn.Module) -> bool:
+    """An embedding layer that can take an adapter (a lorafuse.nn.Embedding, or an nn.Embedding base)."""
+    kind = base_kind_of(m.base_layer if is_lora_layer(m) else m)
+    return kind is not None and kind.embedding
 
 
 def _sites(model: nn.Module) -> Iterator[Tuple[nn.Module, str, str, nn.Module]]:
@@ -174,7 +180,11 @@ def _select(model: nn.Module, sites: list, config_json: str) -> list:
     """The C++ selection rules (lorafuse::select_targets) over ``sites``, with the model's type (default targets)
     and output layer ("all-linear")."""
     output = _output_layer(model)
-    infos = [(path, type(m).__name__, _is_target(m), m is output and output is not None) for _, _, path, m in sites]
+    infos = [
+        (path, type(m).__name__, _is_target(m) and not _is_embedding(m), m is output and output is not None,
+         _is_embedding(m))
+        for _, _, path, m in sites
+    ]
     chosen, messages = _C._select_targets(infos, config_json, model_type(model))
     for message in messages:
         warnings.warn(message, stacklevel=4)
@@ -193,24 +203,44 @@ def default_target_modules(model_type: str) -> Optional[Union[List[str], str]]:
 def _check_loftq(sites, chosen, adapter_name: str) -> None:
     """For every chosen layer whose adapter starts from the base weight (LoftQ, PiSSA, OLoRA), before any changes: a
     plain nn.Linear base (or a lorafuse layer over one) with a full-precision weight (the layer's rules, _check_loftq)."""
+    _check_dora(sites, chosen)
     for index, opts in chosen:
         init = opts["init_lora_weights"]
-        if not _C._init_changes_base(init):  # those that start from the base weight and change it
-            continue
         _, _, path, module = sites[index]
         base = module.base_layer if is_lora_layer(module) else module
+        kind = base_kind_of(base)
+        if not _C._init_changes_base(init):  # those that start from the base weight and change it
+            continue
         if is_lora_layer(module):
             try:
                 module._check_loftq(adapter_name, opts["r"], init)
             except ValueError as err:
                 raise ValueError(f'init_lora_weights "{init}": "{path}": {err}') from None
             continue
-        if not isinstance(base_kind_of(base), DenseLinear):
+        if kind is not None and kind.embedding:
+            raise ValueError(
+                f'init_lora_weights "{init}": "{path}" is an embedding layer, whose adapter lorafuse starts only as '
+                "PEFT's default does (A zeros, B normal); leave it out of target_modules or use init_lora_weights=True"
+            )
+        if not isinstance(kind, DenseLinear):
             raise ValueError(
                 f'init_lora_weights "{init}": "{path}" ({type(base).__name__}) has no full-precision nn.Linear weight '
                 "to start from (a quantized base: start from the full-precision model, then quantize it)"
             )
         _C._check_loftq_weight(path, base.weight, opts["r"], None, init)
+
+
+def _check_dora(sites, chosen) -> None:
+    """For every chosen DoRA adapter, before the first layer changes: a base whose weight DoRA can rescale."""
+    for index, opts in chosen:
+        if not opts.get("use_dora"):
+            continue
+        _, _, path, module = sites[index]
+        base = module.base_layer if is_lora_layer(module) else module
+        kind = base_kind_of(base)
+        if kind is None or kind.dora_weight(base) is None:
+            why = kind.dora_refusal(base) if kind is not None else f"{type(base).__name__} is no base kind"
+            raise ValueError(f'use_dora: "{path}": DoRA rescales the rows of the base\'s full-precision weight; {why}')
 
 
 def _attach(model, sites, chosen, adapter_name: str, keep_active: bool, fill=None, autocast_adapter_dtype=True) -> None:
@@ -241,7 +271,7 @@ def _attach(model, sites, chosen, adapter_name: str, keep_active: bool, fill=Non
             module.add_adapter(adapter_name, **kwargs, activate=not keep_active)
             layer = module
         else:
-            layer = Linear(module, adapter_name=adapter_name, **kwargs)
+            layer = lora_layer_class(module)(module, adapter_name=adapter_name, **kwargs)
             layer.train(module.training)  # a new module starts in training mode; keep the model's mode
             if all_disabled:  # a model whose adapters are disabled stays so
                 layer.disable_adapters()

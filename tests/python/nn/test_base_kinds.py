@@ -43,7 +43,11 @@ class Block(nn.Module):
 
 
 def test_kinds_are_one_ordered_list():
-    assert [k.name for k in BASE_KINDS] == ["linear", "custom_linear", "conv1d", "linear4bit", "bnb_linear4bit"]
+    assert [k.name for k in BASE_KINDS] == [
+        "linear", "custom_linear", "conv1d", "embedding", "linear4bit", "bnb_linear4bit"
+    ]
+    assert base_kind_of(nn.Embedding(5, 3)).name == "embedding"
+    assert base_kind_of(nn.Embedding(5, 3, max_norm=1.0)) is None  # its lookups renormalise rows in place
     assert base_kind_of(nn.Linear(3, 4)).name == "linear"
     assert base_kind_of(lorafuse.nn.Linear4bit.from_linear(nn.Linear(64, 4))).name == "linear4bit"
 

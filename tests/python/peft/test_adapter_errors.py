@@ -214,12 +214,15 @@ def test_modules_in_the_file_that_the_model_lacks(model, folder, partial):
     ids=["rmsnorm", "embedding"],
 )
 def test_module_that_is_not_a_linear(model, folder, path, type_name, shape_a, shape_b):
+    """A Linear layer's tensors (lora_A.weight / lora_B.weight) for a module that is not one (an embedding's would be
+    lora_embedding_A / _B)."""
+
     def add(ts):
         ts[tensor_name(path, "A")] = torch.randn(shape_a)
         ts[tensor_name(path, "B")] = torch.randn(shape_b)
 
     rewrite_tensors(folder, add)
-    match = rx(f'"{path}"', "not a Linear layer", f"its type: {type_name}", "Linear layers only")
+    match = rx(f'"{path}"', "as a Linear layer (lora_A/B), which it is not", f"its type: {type_name}")
     expect_rejected(model, folder, match, in_file=False)
 
 
@@ -340,15 +343,16 @@ def test_other_peft_types_are_rejected(bare, folder, peft_type):
 
 
 FEATURE_TENSORS = [
-    (f"{PREFIX}model.embed_tokens.lora_embedding_A", [4, 64]),
-    (f"{PREFIX}model.embed_tokens.lora_embedding_B", [32, 4]),
+    (f"{PREFIX}model.embed_tokens.lora_embedding_A", [4, 64], "lora_A but no lora_B"),
+    (f"{PREFIX}model.embed_tokens.lora_embedding_B", [32, 4], "lora_B but no lora_A"),
+    (f"{PREFIX}model.embed_tokens.modules_to_save.default.weight", [64, 32], "does not support"),
 ]
 
 
-@pytest.mark.parametrize("name, shape", FEATURE_TENSORS, ids=["embedding_A", "embedding_B"])
-def test_tensor_of_an_unsupported_feature_is_named(bare, folder, name, shape):
+@pytest.mark.parametrize("name, shape, words", FEATURE_TENSORS, ids=["embedding_A", "embedding_B", "modules_to_save"])
+def test_a_tensor_without_its_partner_or_of_an_unsupported_feature_is_named(bare, folder, name, shape, words):
     rewrite_tensors(folder, lambda ts: ts.__setitem__(name, torch.ones(shape)))
-    expect_rejected(bare, folder, rx(WEIGHTS, f'"{name}"', "PEFT feature", "does not support"))
+    expect_rejected(bare, folder, rx(WEIGHTS, words))
 
 
 def test_dora_tensors_that_disagree_with_the_config_are_named(model, tmp_path):
@@ -365,13 +369,16 @@ def test_dora_tensors_that_disagree_with_the_config_are_named(model, tmp_path):
     expect_rejected(model, path, rx(WEIGHTS, "unexpected tensor", f'"{magnitude}.weight"', "lora_magnitude_vector"))
 
 
-def test_a_peft_embedding_adapter_is_rejected_naming_the_feature(model, tmp_path):
+def test_a_peft_embedding_adapter_loads_beside_other_adapters(model, tmp_path):
     path = str(tmp_path / "embedding")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         peft_adapter(path, targets=["embed_tokens", "q_proj"])
     assert f"{PREFIX}model.embed_tokens.lora_embedding_A" in read_tensors(path)
-    expect_rejected(model, path, rx(WEIGHTS, "lora_embedding_", "PEFT feature", "does not support"))
+    lorafuse.load_adapter(model, path, "emb")
+    layer = model.model.embed_tokens
+    assert isinstance(layer, lorafuse.nn.Embedding) and list(layer.adapters) == ["emb"]
+    assert torch.equal(layer.lora_embedding_A["emb"], read_tensors(path)[f"{PREFIX}model.embed_tokens.lora_embedding_A"])
 
 
 # ---- values ---------------------------------------------------------------------------------------
