@@ -79,3 +79,53 @@ def output(model: torch.nn.Module, family: str) -> torch.Tensor:
     """The model's main output (logits, or the last hidden state) for :func:`inputs`."""
     out = model(**inputs(family))
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+# ---- side by side with the real peft ----------------------------------------------------------------------------
+
+PEFT_PREFIX = "base_model.model."
+
+
+def peft_model(base: torch.nn.Module, **config) -> torch.nn.Module:
+    """peft.get_peft_model(base, peft.LoraConfig(**config)), its warnings silenced."""
+    import warnings
+
+    import peft
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return peft.get_peft_model(base, peft.LoraConfig(**config))
+
+
+def assert_close(a, b, **kw) -> None:
+    """torch.testing.assert_close with the side-by-side tests' float32 tolerances unless given."""
+    torch.testing.assert_close(a, b, **({"rtol": 1e-5, "atol": 2e-6} | kw))
+
+
+def sgd_step_side_by_side(theirs, ours, output) -> tuple:
+    """PEFT's model and lorafuse's with the same trainable parameters (names checked equal, PEFT's values copied into
+    lorafuse's), one SGD step (lr 0.1) on mean(output(model)²) each: ((PEFT's gradients, lorafuse's), (PEFT's output
+    after the step, lorafuse's)). A gradient is None where the output does not use the parameter."""
+    peft_params = {n[len(PEFT_PREFIX) :]: p for n, p in theirs.named_parameters() if p.requires_grad}
+    our_params = {n: p for n, p in ours.named_parameters() if p.requires_grad}
+    assert sorted(peft_params) == sorted(our_params)
+    with torch.no_grad():
+        for name, p in our_params.items():
+            p.copy_(peft_params[name])
+    grads, after = [], []
+    for model, params in ((theirs, peft_params), (ours, our_params)):
+        opt = torch.optim.SGD(params.values(), lr=0.1)
+        (output(model).float() ** 2).mean().backward()
+        grads.append({n: p.grad for n, p in params.items()})
+        opt.step()
+        with torch.no_grad():
+            after.append(output(model))
+    return tuple(grads), tuple(after)
+
+
+def assert_same_grads(theirs: dict, ours: dict, rtol: float = 1e-4, atol: float = 1e-6) -> None:
+    for name in theirs:
+        if theirs[name] is None:
+            assert ours[name] is None, name
+        else:
+            torch.testing.assert_close(ours[name], theirs[name], rtol=rtol, atol=atol, msg=name)

@@ -17,6 +17,7 @@
 
 #include "catch.h"
 #include "nn/nn_test_util.h"
+#include "peft/tiny_llama.h"
 
 using lorafuse::nn::LoraAdapterOptions;
 using lorafuse::nn::LoraLinear;
@@ -156,14 +157,7 @@ TEST_CASE("DoRA is refused over a 4-bit base and in batches with one adapter per
 
 TEST_CASE("a DoRA adapter saved by save_adapter loads with its magnitudes", "[cpu][dora][adapters]") {
   lorafuse_test::TempDir root;
-  using lorafuse::models::LlamaConfig;
-  using lorafuse::models::LlamaForCausalLM;
-  auto make = [] {
-    at::manual_seed(0);
-    LlamaForCausalLM model(LlamaConfig().vocab_size(64).hidden_size(32).intermediate_size(48));
-    model->eval();
-    return model;
-  };
+  const auto make = [] { return lorafuse_test::tiny_llama(); };
   auto trained = make();
   at::manual_seed(5);
   lorafuse::inject_lora(

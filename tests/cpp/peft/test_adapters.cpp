@@ -28,6 +28,7 @@
 
 #include "catch.h"
 #include "nn/nn_test_util.h"
+#include "peft/tiny_llama.h"
 
 using lorafuse::LoraConfig;
 using lorafuse::models::LlamaConfig;
@@ -51,13 +52,7 @@ std::string read_file(const std::string& path) {
 
 void write_file(const std::string& path, const std::string& text) { std::ofstream(path) << text; }
 
-// A tiny Llama with fixed weights (the same for every call with the same seed).
-LlamaForCausalLM tiny_llama(uint64_t seed = 0) {
-  at::manual_seed(seed);
-  LlamaForCausalLM model(LlamaConfig().vocab_size(64).hidden_size(32).intermediate_size(48));
-  model->eval();
-  return model;
-}
+using lorafuse_test::tiny_llama;
 
 at::Tensor ids() { return at::arange(12, at::kLong).remainder(64).reshape({2, 6}); }
 

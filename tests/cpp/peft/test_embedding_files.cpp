@@ -13,6 +13,7 @@
 
 #include "catch.h"
 #include "nn/nn_test_util.h"
+#include "peft/tiny_llama.h"
 
 using lorafuse::LoraConfig;
 using lorafuse::ModuleInfo;
@@ -97,14 +98,7 @@ TEST_CASE("adapter files name an embedding's tensors as PEFT does and carry base
 }
 
 TEST_CASE("load_adapter puts a file's base weight into the reference Llama's lm_head, as PEFT", "[cpu][embedding]") {
-  using lorafuse::models::LlamaConfig;
-  using lorafuse::models::LlamaForCausalLM;
-  auto make = [] {
-    at::manual_seed(0);
-    LlamaForCausalLM model(LlamaConfig().vocab_size(64).hidden_size(32).intermediate_size(48));
-    model->eval();
-    return model;
-  };
+  const auto make = [] { return lorafuse_test::tiny_llama(); };
   auto trained = make();
   at::manual_seed(2);
   lorafuse::inject_lora(*trained, LoraConfig().r(4).target_modules({"lm_head"}).init_lora_weights(false));

@@ -23,14 +23,8 @@ FAMILIES = hf_zoo.FAMILIES
 PREFIX = "base_model.model."
 
 
-def _peft_model(base, **config):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return peft.get_peft_model(base, peft.LoraConfig(**config))
-
-
-def _close(a, b, **kw):
-    torch.testing.assert_close(a, b, **({"rtol": 1e-5, "atol": 2e-6} | kw))
+_peft_model = hf_zoo.peft_model
+_close = hf_zoo.assert_close
 
 
 def _perturb_magnitudes(model, seed=1):
@@ -189,28 +183,11 @@ def test_a_dora_training_step_matches_peft(family):
     ours = lorafuse.inject_lora(
         copy.deepcopy(base), lorafuse.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", use_dora=True)
     ).eval()
-    peft_params = {n[len(PREFIX) :]: p for n, p in theirs.named_parameters() if p.requires_grad}
-    our_params = {n: p for n, p in ours.named_parameters() if p.requires_grad}
-    assert sorted(peft_params) == sorted(our_params)
-    assert any("lora_magnitude_vector" in n for n in our_params)
-    with torch.no_grad():
-        for name, p in our_params.items():
-            p.copy_(peft_params[name])
-    steps = []
-    for model, params in ((theirs, peft_params), (ours, our_params)):
-        opt = torch.optim.SGD(params.values(), lr=0.1)
-        out = hf_zoo.output(model, family)
-        (out.float() ** 2).mean().backward()
-        grads = {n: p.grad for n, p in params.items()}
-        opt.step()
-        with torch.no_grad():
-            steps.append((grads, hf_zoo.output(model, family)))
-    (g_theirs, after_theirs), (g_ours, after_ours) = steps
-    for name in g_theirs:
-        if g_theirs[name] is None:
-            assert g_ours[name] is None, name
-        else:
-            torch.testing.assert_close(g_ours[name], g_theirs[name], rtol=1e-4, atol=1e-6, msg=name)
+    (g_theirs, g_ours), (after_theirs, after_ours) = hf_zoo.sgd_step_side_by_side(
+        theirs, ours, lambda m: hf_zoo.output(m, family)
+    )
+    assert any("lora_magnitude_vector" in n for n in g_ours)
+    hf_zoo.assert_same_grads(g_theirs, g_ours)
     magnitude_grads = [g for n, g in g_ours.items() if "magnitude" in n and g is not None]
     assert magnitude_grads and all(bool(g.abs().max() > 0) for g in magnitude_grads)
     # float32 rounding of the two norm formulas (PEFT's ‖W + s·B·A‖, lorafuse's expansion) carried through a step; in

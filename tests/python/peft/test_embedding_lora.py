@@ -23,14 +23,8 @@ PREFIX = "base_model.model."
 EMBEDDINGS = {"llama": "embed_tokens", "bert": "word_embeddings", "opt": "embed_tokens", "gpt_neox": "embed_in"}
 
 
-def _peft_model(base, **config):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return peft.get_peft_model(base, peft.LoraConfig(**config))
-
-
-def _close(a, b, **kw):
-    torch.testing.assert_close(a, b, **({"rtol": 1e-5, "atol": 2e-6} | kw))
+_peft_model = hf_zoo.peft_model
+_close = hf_zoo.assert_close
 
 
 def _targets(family):
@@ -88,24 +82,9 @@ def test_an_embedding_training_step_matches_peft(family):
     config = dict(r=4, lora_alpha=8, target_modules=_targets(family), init_lora_weights=False)
     theirs = _peft_model(copy.deepcopy(base), **config).eval()
     ours = lorafuse.inject_lora(copy.deepcopy(base), lorafuse.LoraConfig(**config)).eval()
-    peft_params = {n[len(PREFIX) :]: p for n, p in theirs.named_parameters() if p.requires_grad}
-    our_params = {n: p for n, p in ours.named_parameters() if p.requires_grad}
-    assert sorted(peft_params) == sorted(our_params)
-    assert any("lora_embedding_A" in n for n in our_params)
-    with torch.no_grad():
-        for name, p in our_params.items():
-            p.copy_(peft_params[name])
-    after = []
-    grads = []
-    for model, params in ((theirs, peft_params), (ours, our_params)):
-        opt = torch.optim.SGD(params.values(), lr=0.1)
-        (hf_zoo.output(model, family) ** 2).mean().backward()
-        grads.append({n: p.grad for n, p in params.items()})
-        opt.step()
-        with torch.no_grad():
-            after.append(hf_zoo.output(model, family))
-    for name in grads[0]:
-        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6, msg=name)
+    grads, after = hf_zoo.sgd_step_side_by_side(theirs, ours, lambda m: hf_zoo.output(m, family))
+    assert any("lora_embedding_A" in n for n in grads[1])
+    hf_zoo.assert_same_grads(*grads)
     assert any(bool(g.abs().max() > 0) for n, g in grads[1].items() if "lora_embedding" in n)
     _close(after[1], after[0], rtol=1e-4, atol=1e-5)
 

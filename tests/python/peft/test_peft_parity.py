@@ -40,10 +40,7 @@ EXPLICIT = {
 }
 
 
-def _peft_model(base, **config):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return peft.get_peft_model(base, peft.LoraConfig(**config))
+_peft_model = hf_zoo.peft_model
 
 
 def _peft_targets(model) -> list:
@@ -125,8 +122,7 @@ def _randomized_peft(family: str):
     return base, model.eval()
 
 
-def _close(a, b):
-    torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-6)
+_close = hf_zoo.assert_close
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -166,28 +162,11 @@ def test_a_training_step_matches_peft(family):
     ours = lorafuse.inject_lora(
         copy.deepcopy(base), lorafuse.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")
     ).eval()
-    prefix = "base_model.model."
-    peft_params = {n[len(prefix) :]: p for n, p in theirs.named_parameters() if p.requires_grad}
-    our_params = {n: p for n, p in ours.named_parameters() if p.requires_grad}
-    assert sorted(peft_params) == sorted(our_params)
-    with torch.no_grad():
-        for name, p in our_params.items():
-            p.copy_(peft_params[name])
-    steps = []
-    for model, params in ((theirs, peft_params), (ours, our_params)):
-        opt = torch.optim.SGD(params.values(), lr=0.1)
-        out = hf_zoo.output(model, family)
-        (out.float() ** 2).mean().backward()
-        grads = {n: p.grad for n, p in params.items()}  # None: the output does not use the layer (ViT's pooler)
-        opt.step()
-        with torch.no_grad():
-            steps.append((grads, hf_zoo.output(model, family)))
-    (g_theirs, after_theirs), (g_ours, after_ours) = steps
-    for name in g_theirs:
-        if g_theirs[name] is None:
-            assert g_ours[name] is None, name
-        else:
-            torch.testing.assert_close(g_ours[name], g_theirs[name], rtol=1e-4, atol=1e-6, msg=name)
+    # a gradient is None where the output does not use the layer (ViT's pooler)
+    (g_theirs, g_ours), (after_theirs, after_ours) = hf_zoo.sgd_step_side_by_side(
+        theirs, ours, lambda m: hf_zoo.output(m, family)
+    )
+    hf_zoo.assert_same_grads(g_theirs, g_ours)
     assert sum(g is not None and bool(g.abs().max() > 0) for g in g_ours.values()) > len(g_ours) // 2
     _close(after_ours, after_theirs)
 
