@@ -197,7 +197,7 @@ std::vector<TargetChoice> select_targets(const std::vector<ModuleInfo>& modules,
       TORCH_CHECK_VALUE(
           m.takes_lora() || !targets.matches(m.path) || !config.in_transformed_layers(targets, m.path),
           "target_modules: ", targets.str(), " selects \"", m.path, "\", a ", m.type_name,
-          ", but LoRA goes into Linear layers only (and embedding layers of Python models). Linear layers here: ",
+          ", but LoRA goes into Linear and embedding layers only. Linear layers here: ",
           linear_inventory(modules));
     }
   }

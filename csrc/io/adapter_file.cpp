@@ -269,8 +269,7 @@ std::vector<LoadTarget> plan_adapter_load(const AdapterFile& file, const std::ve
     const auto& m = modules[i];
     TORCH_CHECK_VALUE(l.embedding ? m.is_embedding : m.is_linear, "load_adapter: the file adapts \"", l.path, "\" as ",
                       l.embedding ? "an embedding layer (lora_embedding_A/B)" : "a Linear layer (lora_A/B)",
-                      ", which it is not in this model (its type: ", m.type_name, ")",
-                      l.embedding ? "; LoRA on embeddings works on Python models (nn.Embedding)" : "");
+                      ", which it is not in this model (its type: ", m.type_name, ")");
     const int64_t r = l.lora_A.size(0);
     TORCH_CHECK_VALUE(l.lora_A.size(1) == m.in_features, "load_adapter: \"", l.path, "\": lora_A is ",
                       shape_str(l.lora_A), " but the layer takes ", m.in_features, " inputs; expected [", r, ", ",

@@ -9,6 +9,7 @@
 #include <torch/nn/options/linear.h>
 
 #include <lorafuse/nn/linear.h>
+#include <lorafuse/nn/lora_layer.h>
 
 #include <nlohmann/json.hpp>
 #include <unordered_set>
@@ -444,6 +445,7 @@ void LlamaModelImpl::reset() {
   table.set_requires_grad(true);
   embed_tokens = register_module(
       "embed_tokens", embedding_with(table, torch::nn::EmbeddingOptions(config.vocab_size(), config.hidden_size())));
+  embed_slot_.rebind(embed_tokens.ptr());
   layers = register_module("layers", torch::nn::ModuleList());
   for (int64_t i = 0; i < config.num_hidden_layers(); ++i) layers->push_back(LlamaDecoderLayer(config));
   norm = register_module("norm", LlamaRMSNorm(LlamaRMSNormOptions(config.hidden_size())
@@ -469,20 +471,27 @@ std::shared_ptr<torch::nn::Module> LlamaModelImpl::clone(const std::optional<c10
   // registration order, which replace_module keeps).
   auto copy = std::make_shared<LlamaModelImpl>(*this);
   for (const auto& child : named_children()) {
-    if (child.key() == "embed_tokens") {
+    if (child.key() == "embed_tokens" && lorafuse::nn::as_lora_layer(child.value().get()) == nullptr) {
       copy->replace_module("embed_tokens",
                            embedding_with(copy_of(embed_tokens->weight, device), embed_tokens->options));
-    } else {
+    } else {  // a LoRA layer on embed_tokens clones itself (its base included)
       copy->replace_module(child.key(), child.value()->clone(device));
     }
   }
   const auto children = copy->named_children();
-  copy->embed_tokens =
-      torch::nn::Embedding(std::dynamic_pointer_cast<torch::nn::EmbeddingImpl>(children["embed_tokens"]));
+  const auto embed = children["embed_tokens"];
+  const auto* lora = lorafuse::nn::as_lora_layer(embed.get());
+  copy->embed_tokens = torch::nn::Embedding(
+      std::dynamic_pointer_cast<torch::nn::EmbeddingImpl>(lora != nullptr ? lora->base_module() : embed));
+  copy->embed_slot_.rebind(embed);
   copy->layers = torch::nn::ModuleList(std::dynamic_pointer_cast<torch::nn::ModuleListImpl>(children["layers"]));
   copy->norm = LlamaRMSNorm(std::dynamic_pointer_cast<LlamaRMSNormImpl>(children["norm"]));
   lorafuse::nn::copy_requires_grad(*this, *copy);  // a frozen base stays frozen in the copy
   return copy;
+}
+
+lorafuse::nn::LinearSlot* LlamaModelImpl::linear_slot(const std::string& name) {
+  return name == "embed_tokens" ? &embed_slot_ : nullptr;
 }
 
 void LlamaModelImpl::pretty_print(std::ostream& stream) const {
@@ -501,7 +510,7 @@ at::Tensor LlamaModelImpl::forward(const at::Tensor& input_ids) {
                     table.device(), "; found ", input_ids.device());
 
   const int64_t t = input_ids.size(1);
-  at::Tensor h = embed_tokens->forward(input_ids);                                                // [B, T, hidden]
+  at::Tensor h = embed_slot_(input_ids);                                                          // [B, T, hidden]
   const at::Tensor positions = at::arange(t, input_ids.options().dtype(at::kLong)).unsqueeze(0);  // [1, T]
   const auto [cos, sin] =
       llama_rotary_cos_sin(positions, config.head_dim(), config.rope_theta(), h.scalar_type());  // [1, T, D]

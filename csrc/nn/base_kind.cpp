@@ -1,8 +1,10 @@
 #include <lorafuse/nn/base_kind.h>
 #include <lorafuse/nn/linear4bit.h>
+#include <lorafuse/nn/lora_embedding.h>
 #include <lorafuse/nn/lora_layer.h>
 #include <lorafuse/nn/lora_linear.h>
 #include <lorafuse/nn/lora_linear4bit.h>
+#include <torch/nn/modules/embedding.h>
 #include <torch/nn/modules/linear.h>
 
 #include <typeinfo>
@@ -70,12 +72,45 @@ class Nf4LinearKind final : public BaseKind {
   }
 };
 
+// Exactly torch::nn::EmbeddingImpl (no max_norm: its lookups renormalise rows in place): LoraEmbedding wraps it.
+class EmbeddingKind final : public BaseKind {
+ public:
+  const char* name() const noexcept override { return "embedding"; }
+  bool embedding() const noexcept override { return true; }
+  bool matches(const torch::nn::Module& module) const override {
+    return typeid(module) == typeid(torch::nn::EmbeddingImpl) && !layer(module).options.max_norm().has_value();
+  }
+  int64_t in_features(const torch::nn::Module& module) const override { return layer(module).options.num_embeddings(); }
+  int64_t out_features(const torch::nn::Module& module) const override { return layer(module).options.embedding_dim(); }
+  c10::ScalarType compute_dtype(const torch::nn::Module& module) const override {
+    return layer(module).weight.scalar_type();
+  }
+  at::Tensor forward(torch::nn::Module& module, const at::Tensor& x) const override {
+    return static_cast<torch::nn::EmbeddingImpl&>(module).forward(x);
+  }
+  std::shared_ptr<torch::nn::Module> shallow_copy(const torch::nn::Module& module) const override {
+    return std::make_shared<torch::nn::EmbeddingImpl>(layer(module));
+  }
+  std::shared_ptr<torch::nn::Module> wrap(const std::shared_ptr<torch::nn::Module>& module,
+                                          const LoraAdapterOptions& adapter,
+                                          const std::string& adapter_name) const override {
+    torch::nn::Embedding base(std::static_pointer_cast<torch::nn::EmbeddingImpl>(module));
+    return std::make_shared<LoraEmbeddingImpl>(base, adapter, adapter_name);
+  }
+
+ private:
+  static const torch::nn::EmbeddingImpl& layer(const torch::nn::Module& module) {
+    return static_cast<const torch::nn::EmbeddingImpl&>(module);
+  }
+};
+
 }  // namespace
 
 const std::vector<const BaseKind*>& base_kinds() {
   static const DenseLinearKind dense;
   static const Nf4LinearKind nf4;
-  static const std::vector<const BaseKind*> kinds = {&dense, &nf4};
+  static const EmbeddingKind embedding;
+  static const std::vector<const BaseKind*> kinds = {&dense, &nf4, &embedding};
   return kinds;
 }
 

@@ -11,17 +11,18 @@ namespace lorafuse::nn {
 void DoraMagnitudeImpl::reset() { weight = register_parameter("weight", at::empty({out_features_}, options_)); }
 
 void LoraAdapters::reset(torch::nn::Module& owner, int64_t in_features, int64_t out_features,
-                         const at::TensorOptions& base, const at::Tensor& dense_weight) {
+                         const at::TensorOptions& base, const at::Tensor& dense_weight, bool embedding) {
   in_features_ = in_features;
   out_features_ = out_features;
-  lora_A = owner.register_module("lora_A", torch::nn::ModuleDict());
-  lora_B = owner.register_module("lora_B", torch::nn::ModuleDict());
-  lora_magnitude_vector = owner.register_module("lora_magnitude_vector", torch::nn::ModuleDict());
+  embedding_ = embedding;
+  lora_A = owner.register_module(embedding ? "lora_embedding_A" : "lora_A", torch::nn::ModuleDict());
+  lora_B = owner.register_module(embedding ? "lora_embedding_B" : "lora_B", torch::nn::ModuleDict());
+  lora_magnitude_vector = nullptr;
   const auto base_dtype = c10::typeMetaToScalarType(base.dtype());
   for (const auto& name : table_.names()) {
     const auto& adapter = table_.options(name);
-    create_weights(name, base.dtype(adapter_dtype(adapter, base_dtype)), adapter);
-    init_adapter_weights(lora_a(name), lora_b(name), adapter);
+    create_weights(owner, name, base.dtype(adapter_dtype(adapter, base_dtype)), adapter);
+    init_adapter_weights(lora_a(name), lora_b(name), adapter, embedding_);
     if (adapter.use_dora() && dense_weight.defined()) init_magnitude(name, dense_weight);
   }
   apply_trainability();
@@ -30,13 +31,16 @@ void LoraAdapters::reset(torch::nn::Module& owner, int64_t in_features, int64_t 
 
 void LoraAdapters::reset_parameters(const at::Tensor& dense_weight) {
   for (const auto& name : table_.names()) {
-    init_adapter_weights(lora_a(name), lora_b(name), table_.options(name));
+    init_adapter_weights(lora_a(name), lora_b(name), table_.options(name), embedding_);
     if (table_.options(name).use_dora() && dense_weight.defined()) init_magnitude(name, dense_weight);
   }
 }
 
-void LoraAdapters::create_weights(const std::string& name, const at::TensorOptions& options,
+void LoraAdapters::create_weights(torch::nn::Module& owner, const std::string& name, const at::TensorOptions& options,
                                   const LoraAdapterOptions& adapter) {
+  if (adapter.use_dora() && lora_magnitude_vector.is_empty()) {
+    lora_magnitude_vector = owner.register_module("lora_magnitude_vector", torch::nn::ModuleDict());
+  }
   lora_A->update({{name, make_linear(in_features_, adapter.r(), false, options).ptr()}});
   lora_B->update({{name, make_linear(adapter.r(), out_features_, false, options).ptr()}});
   if (adapter.use_dora()) lora_magnitude_vector->update({{name, DoraMagnitude(out_features_, options).ptr()}});
@@ -51,15 +55,22 @@ void LoraAdapters::init_magnitude(const std::string& name, const at::Tensor& den
 
 std::vector<torch::nn::ModuleDict*> LoraAdapters::dicts_of(const std::string& name) {
   std::vector<torch::nn::ModuleDict*> dicts = {&lora_A, &lora_B};
-  if (lora_magnitude_vector->contains(name)) dicts.push_back(&lora_magnitude_vector);
+  if (!lora_magnitude_vector.is_empty() && lora_magnitude_vector->contains(name)) {
+    dicts.push_back(&lora_magnitude_vector);
+  }
   return dicts;
 }
 
-void LoraAdapters::add(const std::string& name, const LoraAdapterOptions& adapter, bool activate,
-                       const at::TensorOptions& base, const at::Tensor& dense_weight, const std::string& refusal) {
+void LoraAdapters::add(torch::nn::Module& owner, const std::string& name, const LoraAdapterOptions& adapter,
+                       bool activate, const at::TensorOptions& base, const at::Tensor& dense_weight,
+                       const std::string& refusal) {
   const auto dtype = table_.check_add(name, adapter, c10::typeMetaToScalarType(base.dtype()));
   const bool loftq = adapter.init_lora_weights().changes_base();  // LoftQ, PiSSA, OLoRA
   const std::string init = adapter.init_lora_weights().str();
+  TORCH_CHECK_VALUE(!embedding_ || !adapter.use_dora(), "add_adapter(\"", name,
+                    "\"): use_dora = true: DoRA on embedding layers is not supported by lorafuse yet");
+  TORCH_CHECK_VALUE(!embedding_ || !loftq, "add_adapter(\"", name, "\"): init_lora_weights \"", init,
+                    "\": lorafuse starts an embedding layer's adapter only as PEFT's default does (A zeros, B normal)");
   TORCH_CHECK_VALUE(!adapter.use_dora() || dense_weight.defined(), "add_adapter(\"", name,
                     "\"): use_dora = true: DoRA rescales the rows of the layer's full-precision weight, and this "
                     "layer has none (a quantized base); lorafuse does not support DoRA over quantized bases yet");
@@ -69,7 +80,7 @@ void LoraAdapters::add(const std::string& name, const LoraAdapterOptions& adapte
                       refusal.empty() ? "this layer has no such weight" : refusal);
     check_loftq_weight("add_adapter(" + name + ")", dense_weight, adapter.r(), &table_, init);
   }
-  create_weights(name, base.dtype(dtype), adapter);
+  create_weights(owner, name, base.dtype(dtype), adapter);
   if (loftq) {  // before the table changes: an error (in the decomposition, before any write) leaves the layer as it
                 // was
     try {
@@ -84,7 +95,7 @@ void LoraAdapters::add(const std::string& name, const LoraAdapterOptions& adapte
     }
   }
   table_.add(name, adapter, activate);
-  if (!loftq) init_adapter_weights(lora_a(name), lora_b(name), adapter);
+  if (!loftq) init_adapter_weights(lora_a(name), lora_b(name), adapter, embedding_);
   if (adapter.use_dora()) init_magnitude(name, dense_weight);  // after LoftQ/PiSSA/OLoRA changed the weight (PEFT)
   // A new active adapter changes every adapter's flags; else only the new one's: other threads may be running
   // the others.
@@ -195,6 +206,21 @@ std::shared_ptr<const LoraAdapters::RouteTable> LoraAdapters::snapshot() const {
   // a consistent snapshot, whatever other threads add or remove meanwhile
   std::lock_guard<std::mutex> lock(route_lock_.mutex);
   return routes_;
+}
+
+std::optional<LoraAdapters::Route> LoraAdapters::route_of(const std::string& name) const {
+  const auto routes = snapshot();
+  const auto it = routes->find(name);
+  if (it == routes->end()) return std::nullopt;
+  return it->second;
+}
+
+std::vector<std::string> LoraAdapters::routed_names() const {
+  const auto routes = snapshot();
+  std::vector<std::string> names;
+  names.reserve(routes->size());
+  for (const auto& entry : *routes) names.push_back(entry.first);
+  return names;
 }
 
 std::optional<LoraAdapters::Route> LoraAdapters::route() const {

@@ -34,7 +34,8 @@ void LoraAdapters::save(torch::serialize::OutputArchive& archive) const {
   archive.write(kStateKey, blob, /*is_buffer=*/true);
 }
 
-void LoraAdapters::load(torch::serialize::InputArchive& archive, const at::TensorOptions& base, const char* what) {
+void LoraAdapters::load(torch::serialize::InputArchive& archive, torch::nn::Module& owner,
+                        const at::TensorOptions& base, const char* what, const at::Tensor& dense_weight) {
   at::Tensor blob;
   c10::IValue value;
   if (archive.try_read(kStateKey, value)) {
@@ -70,6 +71,10 @@ void LoraAdapters::load(torch::serialize::InputArchive& archive, const at::Tenso
         const auto r = loaded.options(name).r();
         TORCH_CHECK_VALUE(table_.options(name).r() == r, what, ": adapter \"", name, "\" has r=", r,
                           " in the archive but r=", table_.options(name).r(), " in this layer");
+        const bool dora = loaded.options(name).use_dora();
+        TORCH_CHECK_VALUE(table_.options(name).use_dora() == dora, what, ": adapter \"", name, "\" is ",
+                          dora ? "a DoRA adapter in the archive but not in this layer"
+                               : "a DoRA adapter in this layer but not in the archive");
       }
     }
     for (const auto& mine : table_.names()) {
@@ -77,7 +82,7 @@ void LoraAdapters::load(torch::serialize::InputArchive& archive, const at::Tenso
                         AdapterTable::join(loaded.names()));
     }
     for (const auto& name : loaded.names()) {
-      if (!table_.has(name)) add(name, loaded.options(name), /*activate=*/false, base);
+      if (!table_.has(name)) add(owner, name, loaded.options(name), /*activate=*/false, base, dense_weight);
     }
     table_ = std::move(loaded);  // the archive's options, order, active adapter and merge state
     apply_trainability();        // the owner's Module::load then reads the weights (and its unmerged copy) as saved

@@ -106,7 +106,7 @@ void LoraLinearImpl::add_adapter(const std::string& name, const LoraAdapterOptio
 }
 
 void LoraLinearImpl::add_adapter(const std::string& name, const LoraAdapterOptions& adapter, bool activate) {
-  adapters_.add(name, adapter, activate, base_options(), base_layer->weight);
+  adapters_.add(*this, name, adapter, activate, base_options(), base_layer->weight);
 }
 
 void LoraLinearImpl::set_adapter(const std::string& name) {
@@ -177,7 +177,7 @@ void LoraLinearImpl::save(torch::serialize::OutputArchive& archive) const {
 }
 
 void LoraLinearImpl::load(torch::serialize::InputArchive& archive) {
-  adapters_.load(archive, base_options(), "LoraLinear::load");
+  adapters_.load(archive, *this, base_options(), "LoraLinear::load", base_layer->weight);
   torch::nn::Module::load(archive);  // reads weight_unmerged as saved
 }
 

@@ -80,7 +80,7 @@ at::Tensor LoraLinear4bitImpl::routed_forward(const at::Tensor& x, const LoraAda
 }
 
 void LoraLinear4bitImpl::add_adapter(const std::string& name, const LoraAdapterOptions& options, bool activate) {
-  adapters_.add(name, options, activate, base_options(), {},
+  adapters_.add(*this, name, options, activate, base_options(), {},
                 "this layer's base is already quantized (Linear4bit): start LoftQ from the full-precision model, "
                 "then quantize it (QuantConfig with double_quant false and blocksize 64 stores exactly its Q at 4 "
                 "bits)");
@@ -203,7 +203,7 @@ void LoraLinear4bitImpl::save(torch::serialize::OutputArchive& archive) const {
 }
 
 void LoraLinear4bitImpl::load(torch::serialize::InputArchive& archive) {
-  adapters_.load(archive, base_options(), "LoraLinear4bit::load");
+  adapters_.load(archive, *this, base_options(), "LoraLinear4bit::load");
   torch::nn::Module::load(archive);  // reads the unmerged bytes and the merge error as saved
 }
 

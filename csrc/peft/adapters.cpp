@@ -87,6 +87,7 @@ InjectReport load_adapter(torch::nn::Module& module, const io::AdapterFile& file
   }
   if (!options.autocast_adapter_dtype()) detail::keep_base_dtype(sites, chosen);
   detail::check_rewirable(sites, chosen, "load_adapter");
+  detail::check_dora(sites, chosen);
   std::vector<std::pair<at::Tensor, at::Tensor>> bias_copies;  // (model parameter, file tensor)
   if (!file.biases.empty()) {
     const auto params = module.named_parameters();

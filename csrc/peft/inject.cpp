@@ -124,6 +124,12 @@ std::vector<ModuleInfo> infos_of(const std::vector<Site>& sites) {
       info.in_features = kind->in_features(*s.module);
       info.out_features = kind->out_features(*s.module);
     }
+    const auto* lora = nn::as_lora_layer(s.module.get());
+    const auto* kind = nn::base_kind_of(lora != nullptr ? *lora->base_module() : *s.module);
+    if (kind != nullptr && kind->embedding()) {  // an embedding: named targets only, its own tensor names in files
+      info.is_embedding = true;
+      info.is_linear = false;
+    }
     infos.push_back(std::move(info));
   }
   return infos;
@@ -177,6 +183,18 @@ void check_loftq(const std::vector<Site>& sites, const std::vector<TargetChoice>
         ") has no full-precision torch::nn::Linear weight to start from (a quantized base: start from the "
         "full-precision model, then quantize it)");
     nn::check_loftq_weight(s.path, weight, c.adapter.r(), table, init);
+  }
+}
+
+void check_dora(const std::vector<Site>& sites, const std::vector<TargetChoice>& chosen) {
+  for (const auto& c : chosen) {
+    if (!c.adapter.use_dora()) continue;
+    const Site& s = sites[c.index];
+    const bool dense =
+        s.module->as<nn::LoraLinearImpl>() != nullptr || s.module->as<torch::nn::LinearImpl>() != nullptr;
+    TORCH_CHECK_VALUE(dense, "use_dora: \"", s.path, "\" (", s.module->name(),
+                      ") has no full-precision torch::nn::Linear weight for DoRA to rescale (DoRA over quantized bases "
+                      "and embeddings is not supported yet)");
   }
 }
 
@@ -270,6 +288,7 @@ InjectReport inject_lora(Module& module, const LoraConfig& config, const std::st
   if (!autocast_adapter_dtype) detail::keep_base_dtype(sites, chosen);
   detail::check_rewirable(sites, chosen, "inject_lora");
   detail::check_loftq(sites, chosen);
+  detail::check_dora(sites, chosen);
 
   const std::string prior_active = active_adapter(module);
   InjectReport report = detail::attach_adapter(sites, chosen, adapter_name, /*keep_active=*/false);

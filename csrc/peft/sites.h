@@ -38,6 +38,9 @@ void check_rewirable(const std::vector<Site>& sites, const std::vector<TargetCho
 /// For every chosen site whose adapter starts with LoftQ: a full-precision Linear weight (a LoraLinear without merged
 /// adapters, or a torch::nn::Linear) that nn::check_loftq_weight accepts; a ValueError naming the layer otherwise.
 void check_loftq(const std::vector<Site>& sites, const std::vector<TargetChoice>& chosen);
+/// For every chosen DoRA adapter: a dense Linear base (a LoraLinear or a torch::nn::Linear); a ValueError naming the
+/// layer otherwise, before anything changes.
+void check_dora(const std::vector<Site>& sites, const std::vector<TargetChoice>& chosen);
 
 // Gives adapter `name` to sites[c.index] for each choice: adds it to a LoraLinear, or wraps a Linear in a
 // new LoraLinear (in the model's train/eval mode; disabled if the model's adapters are). `fill` (if set)

@@ -43,7 +43,8 @@ class LoraConfig:
             (OLoRA: from W's QR decomposition) start as PEFT computes them, W keeping the residual W − scale·B·A (so
             the model's outputs do not change); like LoftQ they need a full-precision nn.Linear base, and an adapter
             loaded from a file takes its weights. ``"pissa_niter_N"``: PiSSA by a randomized SVD with N subspace
-            iterations (torch.svd_lowrank's algorithm and random draws, as PEFT: the same A and B for the same seed).
+            iterations (torch.svd_lowrank's algorithm and random draws, as PEFT: over a float32 base the same A and B
+            for the same seed).
         layers_to_transform: with ``target_modules`` a list of names, only modules inside these layer indices get
             the adapter (an int or a list; None: every layer), as PEFT: a module's layer index is the first number in
             its path after a ``layers_pattern`` entry ("model.layers.3.self_attn.q_proj" → 3 for "layers"), or

@@ -180,8 +180,9 @@ class LlamaDecoderLayerImpl : public torch::nn::Cloneable<LlamaDecoderLayerImpl>
 };
 TORCH_MODULE(LlamaDecoderLayer);
 
-/// The decoder stack without the LM head: embed_tokens, layers (LlamaDecoderLayer), norm.
-class LlamaModelImpl : public torch::nn::Cloneable<LlamaModelImpl> {
+/// The decoder stack without the LM head: embed_tokens, layers (LlamaDecoderLayer), norm. embed_tokens is called
+/// through a slot, so that inject_lora can wrap it in a LoraEmbedding (target_modules naming "embed_tokens").
+class LlamaModelImpl : public torch::nn::Cloneable<LlamaModelImpl>, public lorafuse::nn::LinearSlotOwner {
  public:
   explicit LlamaModelImpl(LlamaConfig config);
 
@@ -199,11 +200,17 @@ class LlamaModelImpl : public torch::nn::Cloneable<LlamaModelImpl> {
   /// (the embedding lookup does that on CPU). Not available on the meta device from C++ (the embedding
   /// lookup has no C++ meta kernel).
   at::Tensor forward(const at::Tensor& input_ids);
+  lorafuse::nn::LinearSlot* linear_slot(const std::string& name) override;
 
   LlamaConfig config;
-  torch::nn::Embedding embed_tokens = nullptr;  // weight [vocab_size, hidden_size]
+  /// The embedding table's layer (weight [vocab_size, hidden_size]); with a LoRA adapter on embed_tokens, the
+  /// LoraEmbedding's base (the child registered as embed_tokens is then the LoraEmbedding).
+  torch::nn::Embedding embed_tokens = nullptr;
   torch::nn::ModuleList layers = nullptr;
   LlamaRMSNorm norm = nullptr;
+
+ private:
+  lorafuse::nn::LinearSlot embed_slot_;  // what forward calls for embed_tokens
 };
 TORCH_MODULE(LlamaModel);
 

@@ -3,7 +3,8 @@
 // (inject_lora, adapter files), injection and LinearSlot ask this list and nothing else.
 //
 // Kinds today: "linear" — exactly torch::nn::LinearImpl, computed by the fused lora_linear op; "linear4bit" — exactly
-// lorafuse::nn::Linear4bit (QLoRA's NF4 base), wrapped by LoraLinear4bit. A subclass of
+// lorafuse::nn::Linear4bit (QLoRA's NF4 base), wrapped by LoraLinear4bit; "embedding" — exactly
+// torch::nn::EmbeddingImpl without max_norm, wrapped by LoraEmbedding. A subclass of
 // LinearImpl is not taken: LibTorch's forward is not virtual, so a wrapper could not call the subclass's own
 // forward, and computing W·x instead would silently change the model (selecting one is a clear error).
 #pragma once
@@ -23,6 +24,9 @@ class BaseKind {
   virtual ~BaseKind() = default;
   /// A short name for messages ("linear").
   virtual const char* name() const noexcept = 0;
+  /// An embedding layer (in, out = num_embeddings, embedding_dim): selected only when named, its adapters' tensors
+  /// named lora_embedding_A / _B in files.
+  virtual bool embedding() const noexcept { return false; }
   /// Whether this kind takes `module`.
   virtual bool matches(const torch::nn::Module& module) const = 0;
   virtual int64_t in_features(const torch::nn::Module& module) const = 0;

@@ -61,8 +61,10 @@ class LoraAdapters {
   /// table lists, made on `base`'s device with each adapter's dtype (adapter_dtype over `base`'s dtype), then
   /// trainability and routes. `dense_weight`: the layer's full-precision weight [out, in], which DoRA magnitudes start
   /// from (undefined for a base without one, which holds no DoRA adapter).
+  /// `embedding`: an embedding layer's adapters (in, out = num_embeddings, embedding_dim), registered as
+  /// `lora_embedding_A` / `lora_embedding_B` and started as PEFT starts them (init_adapter_weights' embedding rule).
   void reset(torch::nn::Module& owner, int64_t in_features, int64_t out_features, const at::TensorOptions& base,
-             const at::Tensor& dense_weight = {});
+             const at::Tensor& dense_weight = {}, bool embedding = false);
   /// Re-initialises every adapter's A and B as its init_lora_weights says (and a DoRA magnitude from `dense_weight`).
   void reset_parameters(const at::Tensor& dense_weight = {});
 
@@ -70,8 +72,9 @@ class LoraAdapters {
   /// becomes active unless `activate` is false. `dense_weight`: the layer's full-precision weight [out, in], which
   /// LoftQ (init_lora_weights "loftq") replaces by its quantized value and a DoRA magnitude starts from (the row norms
   /// of W + scale·B·A); undefined for a base without one (LoftQ and DoRA refused, `refusal` saying why).
-  void add(const std::string& name, const LoraAdapterOptions& options, bool activate, const at::TensorOptions& base,
-           const at::Tensor& dense_weight = {}, const std::string& refusal = "");
+  /// `owner`: the layer (a DoRA adapter's magnitude goes into its `lora_magnitude_vector`, registered with the first).
+  void add(torch::nn::Module& owner, const std::string& name, const LoraAdapterOptions& options, bool activate,
+           const at::TensorOptions& base, const at::Tensor& dense_weight = {}, const std::string& refusal = "");
   /// Makes `name` the active adapter / none; only the active adapter's A and B require grad. When the table says
   /// the layer must unmerge first (switching away from a merged adapter), `unmerge` runs before.
   void activate(const std::string& name, const std::function<void()>& unmerge);
@@ -100,6 +103,10 @@ class LoraAdapters {
 
   /// The adapter forward runs now (the table's route under the thread's AdapterScope), or nullopt: the base alone.
   std::optional<Route> route() const;
+  /// The route of adapter `name` as the routes hold it now, or nullopt (removed meanwhile).
+  std::optional<Route> route_of(const std::string& name) const;
+  /// The names the routes hold now (a consistent snapshot).
+  std::vector<std::string> routed_names() const;
   /// Points the routes at the adapter modules registered now (after Cloneable::clone put fresh ones in).
   void refresh_routes();
   /// A forward under a mixed-batch scope (AdapterScope::rows(), one adapter per row): `base()` once for the whole
@@ -113,11 +120,14 @@ class LoraAdapters {
   void save(torch::serialize::OutputArchive& archive) const;
   /// Reads what save() wrote, if the archive has it: adapters it lacks are added first (on `base`), then the table
   /// becomes the archive's. `what` prefixes the errors ("LoraLinear::load").
-  void load(torch::serialize::InputArchive& archive, const at::TensorOptions& base, const char* what);
+  /// `dense_weight`: as for add (a DoRA adapter in the archive starts from it before its values are read).
+  void load(torch::serialize::InputArchive& archive, torch::nn::Module& owner, const at::TensorOptions& base,
+            const char* what, const at::Tensor& dense_weight = {});
 
-  torch::nn::ModuleDict lora_A{nullptr};                 // one Linear(in, r, bias=false) per adapter
-  torch::nn::ModuleDict lora_B{nullptr};                 // one Linear(r, out, bias=false) per adapter
-  torch::nn::ModuleDict lora_magnitude_vector{nullptr};  // one DoraMagnitude per DoRA adapter
+  torch::nn::ModuleDict lora_A{nullptr};  // one Linear(in, r, bias=false) per adapter
+  torch::nn::ModuleDict lora_B{nullptr};  // one Linear(r, out, bias=false) per adapter
+  // one DoraMagnitude per DoRA adapter; registered with the first DoRA adapter (archives without DoRA have none)
+  torch::nn::ModuleDict lora_magnitude_vector{nullptr};
 
  private:
   using RouteTable = std::unordered_map<std::string, Route>;
@@ -128,13 +138,15 @@ class LoraAdapters {
     RouteLock& operator=(const RouteLock&) { return *this; }
     std::mutex mutex;
   };
-  void create_weights(const std::string& name, const at::TensorOptions& options, const LoraAdapterOptions& adapter);
+  void create_weights(torch::nn::Module& owner, const std::string& name, const at::TensorOptions& options,
+                      const LoraAdapterOptions& adapter);
   void init_magnitude(const std::string& name, const at::Tensor& dense_weight);
   std::vector<torch::nn::ModuleDict*> dicts_of(const std::string& name);
   std::shared_ptr<const RouteTable> snapshot() const;
   void apply_trainability();
 
   int64_t in_features_ = 0, out_features_ = 0;
+  bool embedding_ = false;
   AdapterTable table_;
   // Replaced as a whole (copy on write) whenever adapters are added, removed or reloaded, so that forward on other
   // threads sees a consistent table while load_adapter or delete_adapter runs.

@@ -96,26 +96,35 @@ at::Tensor dora_linear(const at::Tensor& x, const at::Tensor& weight, const std:
                       ": base_out must be the base layer's output [..., out] for x ", x.sizes(), "; found ",
                       base_out->sizes());
   }
+  for (const auto* t : {&magnitude, has_bias ? &*bias : nullptr, given ? &*base_out : nullptr}) {
+    TORCH_CHECK_VALUE(t == nullptr || t->device() == weight.device(), op,
+                      ": magnitude, bias and base_out must be on weight's device ", weight.device(), "; found ",
+                      t == nullptr ? weight.device() : t->device());
+  }
   // g = m / ‖W + scale·B·A‖, the norm a constant (DoRA §4.3; PEFT detaches it)
   const at::Tensor g = magnitude / lorafuse::dora_weight_norm(weight.detach(), lora_a.detach(), lora_b.detach(), scale);
+  // The DoRA arithmetic runs in the wider of x's and the adapter's dtypes (float32 adapters over a 16-bit base: x cast
+  // to float32 for the branch, as PEFT does), so that the gradients reaching A, B and m are not rounded to 16 bits.
+  const auto wide = at::promote_types(x.scalar_type(), lora_a.scalar_type());
   if (dropout_p == 0.0) {
     at::Tensor adapted;  // x·Wᵀ + scale·(x·Aᵀ)·Bᵀ, without the bias
-    if (given) {
-      adapted = lorafuse::lora_branch(has_bias ? *base_out - *bias : *base_out, x, lora_a, lora_b, scale, 0.0);
+    if (!given && wide == x.scalar_type()) {
+      adapted = lorafuse::lora_linear(x, weight, std::nullopt, lora_a, lora_b, scale, 0.0);  // one fused pass
     } else {
-      adapted = lorafuse::lora_linear(x, weight, std::nullopt, lora_a, lora_b, scale, 0.0);
+      const at::Tensor base = given ? (has_bias ? *base_out - *bias : *base_out) : at::linear(x, weight);
+      adapted = lorafuse::lora_branch(base.to(wide), x.to(wide), lora_a, lora_b, scale, 0.0);
     }
     const at::Tensor gs = g.to(adapted.scalar_type());
-    return has_bias ? at::addcmul(bias->to(adapted.scalar_type()), adapted, gs) : adapted * gs;
+    const at::Tensor y = has_bias ? at::addcmul(bias->to(adapted.scalar_type()), adapted, gs) : adapted * gs;
+    return y.to(x.scalar_type());
   }
   // PEFT with dropout: base(x) + (g − 1) ⊙ x̃·Wᵀ + g ⊙ scale·(x̃·Aᵀ)·Bᵀ; the branch on x̃ needs its own base GEMM
   const at::Tensor dropped = at::dropout(x, dropout_p, /*train=*/true);
   const at::Tensor base = given ? *base_out : at::linear(x, weight, has_bias ? *bias : at::Tensor());
-  const at::Tensor plain = at::linear(dropped, weight);  // x̃·Wᵀ [..., out]
-  const at::Tensor gs = g.to(plain.scalar_type());
+  const at::Tensor plain = at::linear(dropped, weight).to(wide);  // x̃·Wᵀ [..., out]
   // g ⊙ (x̃·Wᵀ + scale·(x̃·Aᵀ)·Bᵀ) − x̃·Wᵀ + base(x)
-  const at::Tensor branch = lorafuse::lora_branch(plain, dropped, lora_a, lora_b, scale, 0.0) * gs;
-  return base + (branch - plain).to(base.scalar_type());
+  const at::Tensor branch = lorafuse::lora_branch(plain, dropped.to(wide), lora_a, lora_b, scale, 0.0) * g.to(wide);
+  return (base.to(wide) + (branch - plain)).to(x.scalar_type());
 }
 
 }  // namespace

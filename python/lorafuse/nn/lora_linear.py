@@ -619,7 +619,12 @@ class Linear(nn.Module):
         p = dropout if self.training else 0.0
         kind = base_kind_of(base)  # asked per call: the base may have been replaced or hooked since
         if magnitude is not None:  # DoRA: the fused op, or over the base's own output when it is called as it is
-            fused = kind is not None and kind.fused(base)
+            if kind is None or kind.dora_weight(base) is None:
+                raise ValueError(
+                    f"DoRA: the base is now a {type(base).__name__}, whose weight DoRA cannot rescale "
+                    "(was base_layer replaced?)"
+                )
+            fused = kind.fused(base)
             base_out = None if fused else check_base_output(base(x), base, x, self.out_features)
             return torch.ops.lorafuse.dora_linear(
                 x, kind.dora_weight(base), base.bias, a, b, scale, p, magnitude.weight, base_out

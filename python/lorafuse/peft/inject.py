@@ -101,10 +101,11 @@ def _has_peft_layers(model: nn.Module) -> Optional[str]:
 def inject_lora(
     model: nn.Module, config: LoraConfig, adapter_name: str = "default", autocast_adapter_dtype: bool = True
 ) -> nn.Module:
-    """Gives adapter ``adapter_name`` to every Linear layer of ``model`` that ``config`` selects.
+    """Gives adapter ``adapter_name`` to every Linear (or named embedding) layer of ``model`` that ``config`` selects.
 
     An ``nn.Linear`` is replaced in place by a :class:`lorafuse.nn.Linear` wrapping it (sharing its
-    weight); a lorafuse layer already there gets the adapter beside its others. Every parameter is then
+    weight), an ``nn.Embedding`` by a :class:`lorafuse.nn.Embedding`; a lorafuse layer already there gets the adapter
+    beside its others. Every parameter is then
     frozen except the active adapter's A and B (and the biases that its ``bias`` mode names). The first
     adapter injected becomes active; a later one waits for :func:`set_adapter`. Works on the meta device.
 
@@ -118,7 +119,8 @@ def inject_lora(
         ValueError: a bad config, an adapter name already present, targets that match no module (the message
             lists the Linear layers there are; one list entry matching nothing while others match is a
             warning, as PEFT allows it), no ``target_modules`` for a model without default targets, a selected
-            module that is not a Linear, a model that already has PEFT LoRA layers (use
+            module that is neither a Linear nor an embedding, DoRA or LoftQ/PiSSA/OLoRA where they cannot run, a model
+            that already has PEFT LoRA layers (use
             :func:`lorafuse.from_peft`). Nothing is changed.
         TypeError: a field of the wrong type.
     """

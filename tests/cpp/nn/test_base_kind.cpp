@@ -21,7 +21,7 @@ struct ScaledLinearImpl : torch::nn::LinearImpl {
 
 TEST_CASE("base kinds: exactly torch::nn::Linear, a subclass is refused by name", "[cpu][nn][base_kind]") {
   using lorafuse::nn::base_kind_of;
-  REQUIRE(lorafuse::nn::base_kinds().size() == 2);  // dense and 4-bit (test_lora_linear4bit.cpp)
+  REQUIRE(lorafuse::nn::base_kinds().size() == 3);  // dense, 4-bit (test_lora_linear4bit.cpp), embedding
   torch::nn::Linear plain(4, 3);
   const auto* kind = base_kind_of(*plain);
   REQUIRE(kind != nullptr);

@@ -6,10 +6,12 @@
 #include <lorafuse/io/safetensors.h>
 #include <lorafuse/models/llama.h>
 #include <lorafuse/nn/adapter_table.h>
+#include <lorafuse/nn/lora_embedding.h>
 #include <lorafuse/ops/lora_embedding.h>
 #include <lorafuse/peft/adapters.h>
 #include <lorafuse/peft/inject.h>
 #include <torch/csrc/autograd/grad_mode.h>
+#include <torch/serialize.h>
 
 #include "catch.h"
 #include "nn/nn_test_util.h"
@@ -39,7 +41,7 @@ TEST_CASE("embedding layers are selected when named, never by all-linear", "[cpu
   ModuleInfo norm{"model.norm", "RMSNorm", false};
   require_error_parts<c10::ValueError>(
       [&] { lorafuse::select_targets({norm}, LoraConfig().target_modules({"norm"})); },
-      {"selects \"model.norm\", a RMSNorm", "Linear layers only (and embedding layers of Python models)"});
+      {"selects \"model.norm\", a RMSNorm", "Linear and embedding layers only"});
 }
 
 TEST_CASE("lora_embedding adds scale·Aᵀ[x]·Bᵀ and PEFT's start", "[cpu][embedding]") {
@@ -90,7 +92,7 @@ TEST_CASE("adapter files name an embedding's tensors as PEFT does and carry base
   wrong[0].is_embedding = false;
   wrong[0].is_linear = true;
   require_error_parts<c10::ValueError>([&] { lorafuse::io::plan_adapter_load(back, wrong, false); },
-                                       {"model.embed_tokens", "as an embedding layer", "Python models"});
+                                       {"model.embed_tokens", "as an embedding layer", "its type: Embedding"});
   // base weights: one per adapted module, of the layer's size
   back.base_weights = {{"model.embed_tokens", at::zeros({64, 31})}};
   require_error_parts<c10::ValueError>([&] { lorafuse::io::plan_adapter_load(back, infos, false); },
@@ -119,4 +121,74 @@ TEST_CASE("load_adapter puts a file's base weight into the reference Llama's lm_
   require_error_parts<c10::ValueError>([&] { lorafuse::load_adapter(*other, file, "default"); },
                                        {"lm_head", "base weight", "[32, 64]", "[64, 32]"});
   CHECK(lorafuse::lora_layers(*other).empty());
+}
+
+TEST_CASE("LoRA on the reference Llama's embed_tokens: the formula, merges, files, clone and archives",
+          "[cpu][embedding]") {
+  auto model = lorafuse_test::tiny_llama();
+  const auto ids = at::arange(12, at::kLong).remainder(64).reshape({2, 6});
+  torch::NoGradGuard no_grad;
+  const auto before = model->forward(ids);
+  const auto report =
+      lorafuse::inject_lora(*model, LoraConfig().r(4).lora_alpha(8).target_modules({"embed_tokens", "q_proj"}));
+  CHECK(report.targets.size() == 3);
+  auto* layer = model->model->named_children()["embed_tokens"]->as<lorafuse::nn::LoraEmbeddingImpl>();
+  REQUIRE(layer != nullptr);
+  CHECK(at::equal(model->forward(ids), before));  // A zeros: a new adapter changes nothing
+  CHECK(layer->lora_a("default").abs().max().item<double>() == 0);
+  CHECK(layer->lora_b("default").sizes() == at::IntArrayRef({32, 4}));
+  std::vector<std::string> names;
+  for (const auto& p : layer->named_parameters()) names.push_back(p.key());
+  CHECK(std::find(names.begin(), names.end(), "lora_embedding_A.default.weight") != names.end());
+
+  layer->lora_a("default").normal_();
+  const auto adapted = model->forward(ids);
+  CHECK_FALSE(at::allclose(adapted, before));
+  // the layer alone: E[x] + scale·Aᵀ[x]·Bᵀ
+  const auto e = layer->forward(ids);
+  const auto expected =
+      at::embedding(layer->base_layer->weight, ids) +
+      2.0 * at::matmul(at::embedding(layer->lora_a("default").t(), ids), layer->lora_b("default").t());
+  CHECK(at::allclose(e, expected, 1e-6, 1e-6));
+  const auto table = layer->base_layer->weight.clone();
+  layer->merge();
+  CHECK(at::allclose(model->forward(ids), adapted, 1e-5, 1e-5));
+  layer->unmerge();
+  CHECK(at::equal(layer->base_layer->weight, table));
+
+  lorafuse_test::TempDir root;
+  lorafuse::save_adapter(*model, root.path + "/a");
+  const auto file = lorafuse::io::read_adapter(root.path + "/a");
+  CHECK(std::count_if(file.layers.begin(), file.layers.end(), [](const auto& l) { return l.embedding; }) == 1);
+  auto fresh = lorafuse_test::tiny_llama();
+  lorafuse::load_adapter(*fresh, root.path + "/a");
+  CHECK(at::allclose(fresh->forward(ids), adapted, 1e-6, 1e-6));
+
+  auto copy = std::dynamic_pointer_cast<lorafuse::models::LlamaForCausalLMImpl>(model->clone());
+  CHECK(at::allclose(copy->forward(ids), adapted, 1e-6, 1e-6));
+  std::stringstream layer_archive;  // the LoRA layer's own archive (options, table and weights)
+  {
+    auto saved = model->model->named_children()["embed_tokens"];
+    torch::serialize::OutputArchive out;
+    saved->save(out);
+    out.save_to(layer_archive);
+  }
+  lorafuse::nn::LoraEmbedding other(torch::nn::Embedding(torch::nn::EmbeddingOptions(64, 32)),
+                                    lorafuse::nn::LoraAdapterOptions(4).lora_alpha(8));
+  torch::serialize::InputArchive in;
+  in.load_from(layer_archive);
+  other->load(in);
+  CHECK(at::equal(other->lora_a("default"), layer->lora_a("default")));
+  CHECK(at::equal(other->base_layer->weight, layer->base_layer->weight));
+
+  lorafuse::merge_and_unload(*model);
+  CHECK(lorafuse::lora_layers(*model).empty());
+  CHECK(model->model->named_children()["embed_tokens"]->as<torch::nn::EmbeddingImpl>() != nullptr);
+  CHECK(at::allclose(model->forward(ids), adapted, 1e-5, 1e-5));
+  require_error_parts<c10::ValueError>(
+      [] {
+        auto m = lorafuse_test::tiny_llama();
+        lorafuse::inject_lora(*m, LoraConfig().target_modules({"q_proj", "embed_tokens"}).use_dora(true));
+      },
+      {"use_dora", "model.embed_tokens"});
 }

@@ -662,7 +662,7 @@ TEST_CASE("bad input to inject_lora and the model-wide functions", "[cpu][nn][in
       {"target_modules", "matches no module", "down_proj (2)"});
   require_error_parts<c10::ValueError>(
       [&] { lorafuse::inject_lora(*model, LoraConfig().target_modules({"self_attn"})); },
-      {"target_modules", "model.layers.0.self_attn", "Linear layers only"});
+      {"target_modules", "model.layers.0.self_attn", "Linear and embedding layers only"});
   require_error_parts<c10::ValueError>([&] { lorafuse::inject_lora(*model, LoraConfig().r(0)); }, {"r", "0"});
   require_error_parts<c10::ValueError>([&] { lorafuse::inject_lora(*model, LoraConfig().lora_alpha(0)); },
                                        {"lora_alpha", "0"});

@@ -288,7 +288,7 @@ def test_bad_injection_names_the_problem_and_changes_nothing():
     model = tiny_llama()
     with pytest.raises(ValueError, match=r'"qkv_proj" matches no module.*q_proj \(2\).*lm_head \(1\)'):
         lorafuse.inject_lora(model, LoraConfig(target_modules=["qkv_proj"]))
-    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn.*LlamaAttention.*Linear layers only"):
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn.*LlamaAttention.*Linear and embedding layers only"):
         lorafuse.inject_lora(model, LoraConfig(target_modules=["self_attn"]))
     with pytest.raises(ValueError, match="adapter_name"):
         lorafuse.inject_lora(model, LoraConfig(), adapter_name="a.b")
