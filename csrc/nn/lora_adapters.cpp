@@ -179,6 +179,39 @@ void LoraAdapters::merge_inputs(const std::vector<std::string>& names, std::vect
   }
 }
 
+void LoraAdapters::merge_dense(at::Tensor& weight, bool transposed, at::Tensor& unmerged,
+                               const std::vector<std::string>& everything) {
+  torch::NoGradGuard no_grad;
+  const bool merged = !table_.merged().empty();
+  const at::Tensor& original = merged ? unmerged : weight;
+  std::vector<at::Tensor> as, bs, magnitudes;
+  std::vector<double> scales;
+  merge_inputs(everything, as, bs, scales, magnitudes);
+  const at::Tensor folded =  // [out, in]; checks finiteness before anything changes
+      lorafuse::lora_merge(transposed ? original.t() : original, as, bs, scales, magnitudes);
+  if (!merged) unmerged.set_data(weight.clone());
+  weight.copy_(transposed ? folded.t() : folded);
+  table_.set_merged(everything);
+}
+
+void LoraAdapters::unmerge_dense(at::Tensor& weight, at::Tensor& unmerged) {
+  table_.check_unmerge();
+  torch::NoGradGuard no_grad;
+  weight.copy_(unmerged);
+  unmerged.set_data(at::empty({0}, weight.options()));
+  table_.set_merged({});
+}
+
+void LoraAdapters::unload_dense(at::Tensor& weight, bool transposed, at::Tensor& unmerged) {
+  const auto everything = table_.plan_unload();
+  if (!everything.empty()) merge_dense(weight, transposed, unmerged, everything);
+  if (!table_.merged().empty()) {  // the weight keeps what is merged: forget the copy
+    unmerged.set_data(at::empty({0}, weight.options()));
+    table_.set_merged({});
+  }
+  while (!table_.names().empty()) remove(table_.names().back());
+}
+
 void LoraAdapters::apply_trainability() {
   for (const auto& name : table_.names()) {
     lora_a(name).set_requires_grad(table_.trains(name));

@@ -132,36 +132,13 @@ void LoraLinearImpl::merge(const std::vector<std::string>& adapter_names, bool /
 }
 
 void LoraLinearImpl::merge_into_base(const std::vector<std::string>& everything) {
-  torch::NoGradGuard no_grad;
-  auto& w = base_layer->weight;
-  // Every merge starts from the unmerged weight, so merging adapters one by one rounds once.
-  const at::Tensor& original = merged() ? weight_unmerged_ : w;
-  std::vector<at::Tensor> as, bs, magnitudes;
-  std::vector<double> scales;
-  adapters_.merge_inputs(everything, as, bs, scales, magnitudes);
-  const at::Tensor merged_weight = lorafuse::lora_merge(original, as, bs, scales, magnitudes);  // checks finiteness
-  if (!merged()) weight_unmerged_.set_data(w.clone());
-  w.copy_(merged_weight);
-  adapters_.table().set_merged(everything);
+  adapters_.merge_dense(base_layer->weight, /*transposed=*/false, weight_unmerged_, everything);
 }
 
-void LoraLinearImpl::drop_unmerged_copy() {
-  weight_unmerged_.set_data(at::empty({0}, base_layer->weight.options()));
-  adapters_.table().set_merged({});
-}
-
-void LoraLinearImpl::unmerge() {
-  adapters_.table().check_unmerge();
-  torch::NoGradGuard no_grad;
-  base_layer->weight.copy_(weight_unmerged_);
-  drop_unmerged_copy();
-}
+void LoraLinearImpl::unmerge() { adapters_.unmerge_dense(base_layer->weight, weight_unmerged_); }
 
 torch::nn::Linear LoraLinearImpl::merge_and_unload() {
-  const auto everything = adapters_.table().plan_unload();
-  if (!everything.empty()) merge_into_base(everything);
-  if (merged()) drop_unmerged_copy();
-  while (!adapter_names().empty()) delete_adapter(adapter_names().back());
+  adapters_.unload_dense(base_layer->weight, /*transposed=*/false, weight_unmerged_);
   return base_layer;
 }
 

@@ -101,6 +101,18 @@ class LoraAdapters {
   void merge_inputs(const std::vector<std::string>& names, std::vector<at::Tensor>& as, std::vector<at::Tensor>& bs,
                     std::vector<double>& scales, std::vector<at::Tensor>& magnitudes) const;
 
+  /// Merging into a dense weight held in place (a Linear's [out, in], or with `transposed` an embedding's [num, dim],
+  /// the transpose of its [out, in]): folds `everything` (a plan of the table) in with lorafuse::lora_merge, from the
+  /// unmerged weight, which `unmerged` keeps from the first merge on (so merging one by one rounds once, and
+  /// unmerge_dense restores it exactly).
+  void merge_dense(at::Tensor& weight, bool transposed, at::Tensor& unmerged,
+                   const std::vector<std::string>& everything);
+  /// Restores the unmerged weight exactly (an error when nothing is merged).
+  void unmerge_dense(at::Tensor& weight, at::Tensor& unmerged);
+  /// merge_and_unload for a dense weight: merges the active adapter for good (plan_unload), forgets the unmerged copy
+  /// and removes every adapter.
+  void unload_dense(at::Tensor& weight, bool transposed, at::Tensor& unmerged);
+
   /// The adapter forward runs now (the table's route under the thread's AdapterScope), or nullopt: the base alone.
   std::optional<Route> route() const;
   /// The route of adapter `name` as the routes hold it now, or nullopt (removed meanwhile).

@@ -75,7 +75,6 @@ class LoraEmbeddingImpl : public torch::nn::Cloneable<LoraEmbeddingImpl>, public
   at::TensorOptions base_options() const { return base_layer->weight.options(); }
   at::Tensor routed_forward(const at::Tensor& indices, const LoraAdapters::Route& route);
   void merge_into_base(const std::vector<std::string>& everything);
-  void drop_unmerged_copy();
 
   torch::nn::Embedding pending_base_{nullptr};  // consumed by the first reset() of the constructor
   LoraAdapters adapters_;

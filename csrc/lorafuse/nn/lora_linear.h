@@ -138,7 +138,6 @@ class LoraLinearImpl : public torch::nn::Cloneable<LoraLinearImpl>, public LoraL
  private:
   at::TensorOptions base_options() const { return base_layer->weight.options(); }
   at::Tensor routed_forward(const at::Tensor& x, const LoraAdapters::Route& route);
-  void drop_unmerged_copy();
   void merge_into_base(const std::vector<std::string>& everything);
 
   torch::nn::Linear pending_base_{nullptr};  // consumed by the first reset() of the wrapping constructor
