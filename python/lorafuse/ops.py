@@ -55,7 +55,8 @@ def dora_linear(
     constant (no gradient through it, as DoRA and PEFT do).
 
     Without dropout it is :func:`lora_linear` (bias left out) scaled per output column and the bias added: no second
-    base GEMM, and the norm is computed as ‖W‖² + 2·scale·⟨W·Aᵀ, B⟩ + scale²·B·(A·Aᵀ)·Bᵀ per row, never forming a
+    base GEMM (over a 16-bit x with float32 adapters: the base GEMM and the branch in float32, as PEFT, so that the
+    gradients of A, B and m are not rounded to 16 bits), and the norm is computed as ‖W‖² + 2·scale·⟨W·Aᵀ, B⟩ + scale²·B·(A·Aᵀ)·Bᵀ per row, never forming a
     weight-sized tensor (``torch.ops.lorafuse.dora_weight_norm``). With dropout it is PEFT's form, the base output plus
     (g − 1)·dropout(x)·Wᵀ + g·scale·(dropout(x)·Aᵀ)·Bᵀ (a second base GEMM, as PEFT).
 

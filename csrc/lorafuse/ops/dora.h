@@ -19,8 +19,9 @@ at::Tensor dora_weight_norm(const at::Tensor& weight, const at::Tensor& lora_a, 
 
 /// A DoRA layer's output, PEFT's numerics. Without dropout (dropout_p = 0):
 ///   y = g ⊙ (x·Wᵀ + scale·(x·Aᵀ)·Bᵀ) + b,   g = magnitude / dora_weight_norm(W, A, B, scale) (constant norm)
-/// computed by the fused lora_linear (no second GEMM) — or, when `base_out` (the base layer's own output for x: a base
-/// called as it is) is given, g ⊙ (base_out − b + scale·(x·Aᵀ)·Bᵀ) + b. With dropout (training), as PEFT: the base
+/// computed by the fused lora_linear (no second GEMM; over a 16-bit x with float32 adapters the base GEMM and a float32
+/// branch, x cast as PEFT casts it) — or, when `base_out` (the base layer's own output for x: a base called as it is)
+/// is given, g ⊙ (base_out − b + scale·(x·Aᵀ)·Bᵀ) + b. With dropout (training), as PEFT: the base
 /// output plus (g − 1) ⊙ x̃·Wᵀ + g ⊙ scale·(x̃·Aᵀ)·Bᵀ with x̃ = dropout(x). x [..., in]; weight [out, in]; bias [out]
 /// or none; magnitude [out]. y has x's dtype. Differentiable in x, bias, lora_a, lora_b, magnitude and base_out.
 at::Tensor dora_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
