@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-import threading
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
 from .. import _C
+from . import scope as _scope
 from .base_kinds import DenseLinear, base_kind_of, check_base_output, lora_add
+from .dora import DoraMagnitude
+from .quantized_merge import _NF4_UNMERGED, MergeError, QuantizedMerge
+from .scope import MixedBatch
 
 
 AdapterOptions = _C.AdapterOptions
@@ -17,72 +20,7 @@ AdapterOptions.__doc__ = """One adapter's hyperparameters (PEFT's names; C++ ``L
 ``lora_dropout``, ``use_rslora``, ``init_lora_weights``, ``bias``, ``dtype`` and ``scale`` (lora_alpha / r, or
 lora_alpha / sqrt(r) with use_rslora)."""
 
-# Per-thread adapter choice: lorafuse.use_adapter opens a C++ AdapterScope (what C++ layers read) and, in
-# the same call, pushes the name onto this thread's stack here (what Python layers read: a Python value, so
-# that torch.compile can trace and guard it). _open_scopes counts the scopes open on any thread, so that
-# forward looks at the thread-local stack only while some scope is open.
-_thread_scope = threading.local()
-_open_scopes = 0
-
-
-class _MixedBatch:
-    """A scope's per-row adapters (use_adapter with a list): the C++ RowAdapters, whose plans (rows grouped by the
-    adapters a layer has) every layer of a forward shares, C++ and Python alike."""
-
-    def __init__(self, rows) -> None:
-        self.rows = rows
-        self.names = tuple(rows.names)
-
-
-def _scope_enter(name) -> object:
-    """Pushes ``name`` on this thread's stack; returns the token that removes it."""
-    global _open_scopes
-    stack = getattr(_thread_scope, "stack", None)
-    if stack is None:
-        stack = _thread_scope.stack = []
-    token = object()
-    stack.append((token, name))
-    _open_scopes += 1
-    return token
-
-
-def _scope_exit(token: object) -> None:
-    """Removes the entry of ``token`` wherever it is (generators may close scopes out of order)."""
-    global _open_scopes
-    stack = getattr(_thread_scope, "stack", [])
-    for i in range(len(stack) - 1, -1, -1):
-        if stack[i][0] is token:
-            del stack[i]
-            break
-    _open_scopes -= 1
-
-
-_NF4_UNMERGED = ("packed_unmerged", "absmax_unmerged", "nested_absmax_unmerged", "offset_unmerged")
-
-
-class MergeError(NamedTuple):
-    """What merging into a 4-bit base cost (``merge(requantize=True)``; lorafuse.nf4_merge), with W' = dequant(W) +
-    the adapters and Ŵ what the new 4 bits encode."""
-
-    #: ‖Ŵ − W'‖ / ‖W'‖: the relative change of the layer's outputs for inputs with uncorrelated features
-    output_error: float
-    #: ‖Ŵ − W'‖ / ‖W' − dequant(W)‖: the rounding against what the adapters add (1.0: as large)
-    adapter_error: float
-
-
-class DoraMagnitude(nn.Module):
-    """A DoRA adapter's magnitude vector: the parameter ``weight`` [out] (PEFT's ``lora_magnitude_vector[name].weight``,
-    saved in files as ``lora_magnitude_vector``)."""
-
-    def __init__(self, out_features: int, device=None, dtype=None) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype))
-
-    def extra_repr(self) -> str:
-        return f"out_features={self.weight.shape[0]}"
-
-
-class Linear(nn.Module):
+class Linear(QuantizedMerge, nn.Module):
     """A frozen linear base layer with named LoRA adapters.
 
     ``y = base_layer(x) + scale * (dropout(x) @ A.T) @ B.T`` for the active adapter. What the base may be
@@ -443,23 +381,6 @@ class Linear(nn.Module):
         if everything != list(self._table.merged):  # else merged already: plan_merge warned, as PEFT, no change
             self._fold(everything, requantize)
 
-    @property
-    def _unmerged_nf4(self) -> Optional[tuple]:
-        """(packed, absmax, nested_absmax, offset) of a 4-bit base before a requantized merge, else None."""
-        if self.packed_unmerged is None:
-            return None
-        return tuple(getattr(self, name) for name in _NF4_UNMERGED)
-
-    @_unmerged_nf4.setter
-    def _unmerged_nf4(self, state: Optional[tuple]) -> None:
-        for name, tensor in zip(_NF4_UNMERGED, state or (None,) * len(_NF4_UNMERGED)):
-            setattr(self, name, tensor)
-
-    @property
-    def merge_error(self) -> Optional["MergeError"]:
-        """What re-quantizing the current merge cost (a 4-bit base merged with ``requantize=True``), else None."""
-        return self._merge_error
-
     def _fold(self, everything: List[str], requantize: bool = False) -> None:
         """Makes the base weight hold ``everything`` (a plan of the table) merged into the unmerged weight."""
         kind = base_kind_of(self.base_layer)
@@ -494,29 +415,6 @@ class Linear(nn.Module):
             [mags[n].weight if n in mags else None for n in names],
         )
 
-    def _fold_4bit(self, kind, everything: List[str]) -> None:
-        """merge(requantize=True) over a quantized base: lorafuse.nf_merge from the unmerged bytes (kept for
-        unmerge)."""
-        base = self.base_layer
-        current = kind.quantized_state(base)
-        packed, absmax, nested, offset = self._unmerged_nf4 if self.merged else current[:4]
-        with torch.no_grad():
-            *state, error = torch.ops.lorafuse.nf_merge(
-                packed,
-                absmax,
-                nested,
-                offset,
-                current[4],
-                [self.out_features, self.in_features],
-                *self._merge_inputs(everything)[:3],  # no DoRA over a 4-bit base
-            )
-        kind.set_quantized_state(base, *state)
-        if not self.merged:
-            self._unmerged_nf4 = tuple(current[:4])
-        self._merge_error = MergeError(*error.tolist())
-        self._table.set_merged(everything)
-        self._refresh_route()
-
     def unmerge(self) -> None:
         """Restores the unmerged base weight (or 4-bit bytes) exactly. An error when nothing is merged."""
         self._table.check_unmerge()
@@ -534,41 +432,6 @@ class Linear(nn.Module):
         self._merge_error = None
         self._table.set_merged([])
         self._refresh_route()
-
-    def _unloaded_dense(self) -> Optional[nn.Linear]:
-        """For a 4-bit base: a new dense ``nn.Linear`` (compute dtype) holding dequant(W) + the adapter that
-        merge_and_unload folds in (with a requantized merge, from the unmerged bytes and the merged adapters), summed
-        in float32 and rounded once; None for bases merged in place. Changes nothing."""
-        base = self.base_layer
-        kind = base_kind_of(base)
-        if kind is None or kind.quantized_state(base) is None:
-            return None
-        everything = self._table.unloaded_adapters()
-        if self._unmerged_nf4 is not None:
-            weight = torch.ops.lorafuse.dequantize_nf(
-                *self._unmerged_nf4,
-                kind.quantized_state(base)[4],
-                [self.out_features, self.in_features],
-                torch.float32,
-            )
-        else:
-            weight = kind.dense_weight(base)
-        with torch.no_grad():
-            if everything:
-                weight = torch.ops.lorafuse.lora_merge(weight, *self._merge_inputs(everything))
-            dense = nn.Linear(
-                self.in_features,
-                self.out_features,
-                bias=base.bias is not None,
-                device=weight.device,
-                dtype=kind.weight_dtype(base),
-            )
-            dense.weight.copy_(weight)
-            dense.weight.requires_grad_(False)
-            if base.bias is not None:
-                dense.bias.copy_(base.bias)
-                dense.bias.requires_grad_(base.bias.requires_grad)
-        return dense
 
     def merge_and_unload(self) -> nn.Linear:
         """Merges the active adapter for good (also while disabled) and returns the plain base layer; over a
@@ -592,11 +455,11 @@ class Linear(nn.Module):
     # ---- forward ---------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
         route = self._route
-        if _open_scopes:
-            stack = getattr(_thread_scope, "stack", None)
+        if _scope.open_scopes:
+            stack = getattr(_scope.thread_scope, "stack", None)
             if stack:
                 name = stack[-1][1]
-                if isinstance(name, _MixedBatch):
+                if isinstance(name, MixedBatch):
                     return self._mixed_forward(x, name)
                 scoped = self._scoped  # one snapshot: other threads may refresh it meanwhile
                 if name in scoped:
@@ -634,7 +497,7 @@ class Linear(nn.Module):
         # the base as it is (its own forward, its hooks, a thawed weight), the branch added by lora_add
         return lora_add(check_base_output(base(x), base, x, self.out_features), x, a, b, scale, p)
 
-    def _mixed_forward(self, x: Tensor, mixed: _MixedBatch) -> Tensor:
+    def _mixed_forward(self, x: Tensor, mixed: MixedBatch) -> Tensor:
         """One adapter per row of x's first dimension (use_adapter with a list): the base once for the whole batch,
         then each row's adapter (lorafuse.lora_multi_add); rows whose adapter this layer lacks, and "__base__"
         rows, keep the base's output."""

@@ -7,7 +7,7 @@ import contextlib
 from typing import Iterator, Sequence, Union
 
 from .. import _C
-from ..nn import lora_linear as _layer
+from ..nn import scope as _scope
 from .files import _check_name
 
 
@@ -37,20 +37,20 @@ def use_adapter(adapter_name: Union[str, Sequence[str]]) -> Iterator[None]:
             )
         rows = _C.RowAdapters(list(names), "use_adapter")  # checks the names: all known to some LoRA layer
         with _C._AdapterScope(rows):  # what C++ layers read
-            token = _layer._scope_enter(_layer._MixedBatch(rows))  # the same scope, as Python layers read it
+            token = _scope.enter(_scope.MixedBatch(rows))  # the same scope, as Python layers read it
             try:
                 yield
             finally:
-                _layer._scope_exit(token)
+                _scope.exit(token)
         return
     _check_name(adapter_name, "use_adapter")
     scope = _C._AdapterScope(adapter_name)  # the C++ per-thread scope: Python and C++ layers both read it
     with scope:
-        token = _layer._scope_enter(adapter_name)  # the same scope, as Python layers read it
+        token = _scope.enter(adapter_name)  # the same scope, as Python layers read it
         try:
             yield
         finally:
-            _layer._scope_exit(token)
+            _scope.exit(token)
 
 
 __all__ = ["use_adapter"]
