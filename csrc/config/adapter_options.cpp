@@ -87,13 +87,9 @@ void LoftqConfig::validate() const {
 }
 
 void check_task_type(const std::string& task_type) {
-  if (task_type.empty() || task_type == "CAUSAL_LM" || task_type == "SEQ_2_SEQ_LM" || task_type == "FEATURE_EXTRACTION")
-    return;
-  const bool head = task_type == "SEQ_CLS" || task_type == "TOKEN_CLS" || task_type == "QUESTION_ANS";
-  TORCH_CHECK_VALUE(!head, "task_type: \"", task_type,
-                    "\" makes PEFT train and save the model's task head with the adapter (modules_to_save), which "
-                    "lorafuse does not support yet; leave task_type unset (or use \"FEATURE_EXTRACTION\") to adapt "
-                    "the targeted layers only");
+  for (const char* known :
+       {"", "CAUSAL_LM", "SEQ_2_SEQ_LM", "FEATURE_EXTRACTION", "SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS"})
+    if (task_type == known) return;
   TORCH_CHECK_VALUE(false,
                     "task_type: expected one of PEFT's task types \"CAUSAL_LM\", \"SEQ_2_SEQ_LM\", "
                     "\"FEATURE_EXTRACTION\", \"SEQ_CLS\", \"TOKEN_CLS\", \"QUESTION_ANS\" or none, found \"",

@@ -12,6 +12,13 @@
 namespace lorafuse {
 namespace {
 
+// ["classifier", "score"]
+std::string quoted(const std::vector<std::string>& names) {
+  std::string out;
+  for (const auto& n : names) out += (out.empty() ? "[\"" : ", \"") + n + "\"";
+  return out.empty() ? "[]" : out + "]";
+}
+
 bool last_component_is(const std::string& path, const std::string& name) {
   return path == name ||
          (path.size() > name.size() && path.compare(path.size() - name.size(), name.size(), name) == 0 &&
@@ -64,6 +71,10 @@ void LoraConfig::validate() const {
   if (exclude_modules_.is_regex()) check_regex("exclude_modules", exclude_modules_.regex());
   for (const auto& name : target_modules_.names()) {
     TORCH_CHECK_VALUE(!name.empty(), "target_modules: an empty module name");
+  }
+  for (const auto& name : modules_to_save_) {
+    TORCH_CHECK_VALUE(!name.empty(), "modules_to_save: an empty module name; expected names such as \"classifier\"");
+    check_regex("modules_to_save", name);  // PEFT puts each entry into a regular expression as it is
   }
   for (const auto index : layers_to_transform_) {
     TORCH_CHECK_VALUE(index >= 0, "layers_to_transform: expected layer indices >= 0, found ", index);
@@ -143,6 +154,36 @@ bool LoraConfig::selects(const std::string& path) const {
   return target_modules_.matches(path) && in_transformed_layers(target_modules_, path);
 }
 
+std::vector<std::string> task_heads(const std::string& task_type) {
+  if (task_type == "SEQ_CLS" || task_type == "TOKEN_CLS") return {"classifier", "score"};
+  if (task_type == "QUESTION_ANS") return {"qa_outputs"};
+  return {};
+}
+
+std::vector<std::string> LoraConfig::saved_modules() const {
+  std::vector<std::string> out;
+  for (const auto& list : {modules_to_save_, task_heads(task_type_)}) {
+    for (const auto& name : list) {
+      if (std::find(out.begin(), out.end(), name) == out.end()) out.push_back(name);
+    }
+  }
+  return out;
+}
+
+bool LoraConfig::saves_module(const std::string& path) const {
+  for (const auto& name : saved_modules()) {
+    if (path.size() >= name.size() && path.compare(path.size() - name.size(), name.size(), name) == 0) return true;
+  }
+  return false;
+}
+
+bool LoraConfig::inside_saved_module(const std::string& path) const {
+  for (const auto& name : saved_modules()) {
+    if (detail::Pattern::compile("(^|.*\\.)" + name + "($|\\..*)", "modules_to_save")->match(path)) return true;
+  }
+  return false;
+}
+
 namespace {
 
 std::string last_component(const std::string& path) {
@@ -195,22 +236,31 @@ std::vector<TargetChoice> select_targets(const std::vector<ModuleInfo>& modules,
   if (!targets.is_all_linear()) {
     for (const auto& m : modules) {
       TORCH_CHECK_VALUE(
-          m.takes_lora() || !targets.matches(m.path) || !config.in_transformed_layers(targets, m.path),
+          m.takes_lora() || !targets.matches(m.path) || !config.in_transformed_layers(targets, m.path) ||
+              config.inside_saved_module(m.path),
           "target_modules: ", targets.str(), " selects \"", m.path, "\", a ", m.type_name,
-          ", but LoRA goes into Linear and embedding layers only. Linear layers here: ",
-          linear_inventory(modules));
+          ", but LoRA goes into Linear and embedding layers only. Linear layers here: ", linear_inventory(modules));
     }
   }
   std::vector<TargetChoice> chosen;
   bool any_match = false;
+  std::vector<std::string> kept_whole;  // selected, but inside a module that modules_to_save trains whole (PEFT)
   for (size_t i = 0; i < modules.size(); ++i) {
     const auto& m = modules[i];
     if (!m.takes_lora() || !targets.matches(m.path) || !config.in_transformed_layers(targets, m.path)) continue;
     if (targets.is_all_linear() && (m.is_output_layer || !m.is_linear)) continue;
+    if (config.inside_saved_module(m.path)) {
+      kept_whole.push_back(m.path);
+      continue;
+    }
     any_match = true;
     if (!exclude.empty() && exclude.matches(m.path)) continue;
     chosen.push_back({i, config.adapter_for(m.path)});
   }
+  TORCH_CHECK_VALUE(any_match || kept_whole.empty(), "target_modules: ", targets.str(), " selects only \"",
+                    kept_whole.front(), "\"", kept_whole.size() > 1 ? " and others" : "",
+                    ", inside modules that modules_to_save ", quoted(config.saved_modules()),
+                    " trains whole (PEFT leaves LoRA out of them); target other layers");
   TORCH_CHECK_VALUE(any_match,
                     "target_modules: ", targets.names().size() == 1 ? "\"" + targets.names()[0] + "\"" : targets.str(),
                     " matches no module. Linear layers here: ", linear_inventory(modules));
@@ -232,6 +282,66 @@ std::vector<TargetChoice> select_targets(const std::vector<ModuleInfo>& modules,
     } else {
       TORCH_WARN(message);
     }
+  }
+  return chosen;
+}
+
+std::vector<size_t> select_saved_modules(const std::vector<ModuleInfo>& modules, const LoraConfig& config, bool strict,
+                                         std::vector<std::string>* warnings) {
+  config.validate();
+  const auto names = config.saved_modules();
+  std::vector<size_t> chosen;
+  if (names.empty()) return chosen;
+  auto warn = [&](const std::string& message) {
+    if (warnings != nullptr) {
+      warnings->push_back(message);
+    } else {
+      TORCH_WARN(message);
+    }
+  };
+  auto inside = [](const std::string& path, const std::string& outer) {
+    return path.size() > outer.size() && path.compare(0, outer.size(), outer) == 0 && path[outer.size()] == '.';
+  };
+  for (size_t i = 0; i < modules.size(); ++i) {
+    const auto& m = modules[i];
+    if (!config.saves_module(m.path)) continue;
+    TORCH_CHECK_VALUE(m.is_saved_module || !m.is_lora_layer, "modules_to_save: ", quoted(names), " names \"", m.path,
+                      "\", a LoRA layer (", m.type_name,
+                      "); a module trains either whole (modules_to_save) or through LoRA, not both");
+    for (const size_t j : chosen) {
+      TORCH_CHECK_VALUE(!inside(m.path, modules[j].path), "modules_to_save: ", quoted(names), " names both \"",
+                        modules[j].path, "\" and \"", m.path,
+                        "\" inside it; a module is copied whole with what it holds: name one of them");
+    }
+    for (const auto& inner : modules) {
+      TORCH_CHECK_VALUE(!inside(inner.path, m.path) || !inner.is_lora_layer, "modules_to_save: ", quoted(names),
+                        " names \"", m.path, "\", which holds the LoRA layer \"", inner.path,
+                        "\"; a module trains either whole (modules_to_save) or through LoRA, not both");
+    }
+    chosen.push_back(i);
+  }
+  const auto heads = task_heads(config.task_type());
+  auto names_something = [&](const std::string& name) {
+    for (const auto& m : modules) {
+      if (m.path.size() >= name.size() && m.path.compare(m.path.size() - name.size(), name.size(), name) == 0)
+        return true;
+    }
+    return false;
+  };
+  if (chosen.empty()) {
+    const std::string message = "modules_to_save: " + quoted(names) + " names no module of this model" +
+                                (config.task_type().empty() ? std::string()
+                                                            : " (task_type \"" + config.task_type() + "\" adds " +
+                                                                  quoted(heads) + ", the names of its usual heads)") +
+                                "; name the module to train whole by its path or last name";
+    TORCH_CHECK_VALUE(!strict || config.modules_to_save().empty(), message);
+    warn(message + ". Nothing but the LoRA layers trains");
+    return chosen;
+  }
+  for (const auto& name : config.modules_to_save()) {
+    if (std::find(heads.begin(), heads.end(), name) != heads.end() || names_something(name)) continue;
+    warn("modules_to_save: \"" + name + "\" names no module (the other entries name " + std::to_string(chosen.size()) +
+         ")");
   }
   return chosen;
 }

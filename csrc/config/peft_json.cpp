@@ -3,6 +3,7 @@
 #include <c10/util/Exception.h>
 #include <lorafuse/config/peft_json.h>
 
+#include <algorithm>
 #include <cmath>
 #include <nlohmann/json.hpp>
 
@@ -25,8 +26,7 @@ bool is_off(const json& v) {
   return v.is_null() || (v.is_boolean() && !v.get<bool>()) || (v.is_array() && v.empty()) ||
          (v.is_object() && v.empty());
 }
-const std::set<std::string> kUnsupported = {"modules_to_save",
-                                            "lora_bias",
+const std::set<std::string> kUnsupported = {"lora_bias",
                                             "layer_replication",
                                             "use_qalora",
                                             "target_parameters",
@@ -120,6 +120,21 @@ PeftLoraConfig lora_config_from_peft_json(const std::string& json_text, const st
       }
     } else if (key == "exclude_modules") {
       if (!value.is_null()) c.exclude_modules(modules_field(value, what, "exclude_modules"));
+    } else if (key == "modules_to_save") {
+      // PEFT: a list of names or null
+      std::vector<std::string> names;
+      TORCH_CHECK_VALUE(value.is_null() || value.is_array(), what,
+                        ": modules_to_save must be a list of module names or null, found ", type_of(value), " ",
+                        value.dump());
+      if (value.is_array()) {
+        for (const auto& v : value) {
+          TORCH_CHECK_VALUE(v.is_string(), what, ": modules_to_save must hold module names (strings), found ",
+                            v.dump());
+          if (std::find(names.begin(), names.end(), v.get<std::string>()) == names.end())
+            names.push_back(v.get<std::string>());  // PEFT's task models extend the list again on each load
+        }
+      }
+      c.modules_to_save(names);
     } else if (key == "task_type") {
       TORCH_CHECK_VALUE(value.is_null() || value.is_string(), what, ": task_type must be a string or null, found ",
                         value.dump());
@@ -215,7 +230,7 @@ std::string lora_config_to_peft_json(const LoraConfig& c, const std::string& bas
   j["bias"] = c.bias();
   j["use_rslora"] = c.use_rslora();
   j["fan_in_fan_out"] = c.fan_in_fan_out();
-  j["modules_to_save"] = nullptr;
+  j["modules_to_save"] = c.modules_to_save().empty() ? json(nullptr) : json(c.modules_to_save());
   j["layers_to_transform"] = c.layers_to_transform().empty() ? json(nullptr) : json(c.layers_to_transform());
   j["layers_pattern"] = c.layers_pattern().empty() ? json(nullptr) : json(c.layers_pattern());
   j["use_dora"] = c.use_dora();

@@ -72,14 +72,16 @@ void collect_tensors(AdapterFile& file, const std::string& weights_path, Safeten
     }
     return file.layers[it->second];
   };
-  // Tensors of PEFT features lorafuse does not support are named first, whatever else the file holds.
-  for (const auto& [name, tensor] : st.tensors) {
-    if (name.find("modules_to_save") != std::string::npos) {
-      TORCH_CHECK_VALUE(false, weights_path, ": tensor \"", name,
-                        "\" belongs to a PEFT feature that lorafuse does not support yet (modules_to_save); only "
-                        "LoRA adapters load");
+  // modules_to_save: the outermost module path of the tensor that ends with an entry (PEFT's rule), else ""
+  const auto saved_names = file.config.saved_modules();
+  auto saved_module_of = [&](const std::string& rest) -> std::string {
+    for (size_t dot = rest.find('.'); dot != std::string::npos; dot = rest.find('.', dot + 1)) {
+      const std::string prefix = rest.substr(0, dot);
+      if (file.config.saves_module(prefix)) return prefix;
     }
-  }
+    return "";
+  };
+  std::map<std::string, size_t> saved_of;  // module path → index into file.saved_modules
   for (auto& [name, tensor] : st.tensors) {
     TORCH_CHECK_VALUE(starts_with(name, kPrefix), weights_path, ": tensor \"", name,
                       "\" is not named as PEFT names adapter tensors (base_model.model.<module>.lora_A.weight)");
@@ -98,6 +100,25 @@ void collect_tensors(AdapterFile& file, const std::string& weights_path, Safeten
         auto& entry = which[std::strlen(which) - (embedding ? 1 : 8)] == 'A' ? l.lora_A : l.lora_B;
         entry = std::move(tensor);
         goto next;
+      }
+    }
+    if (!saved_names.empty()) {
+      const std::string module = saved_module_of(rest);
+      if (!module.empty()) {
+        TORCH_CHECK_VALUE(!at::isFloatingType(tensor.scalar_type()) || at::isfinite(tensor).all().item<bool>(),
+                          weights_path, ": tensor \"", name, "\" (of \"", module,
+                          "\", which modules_to_save trains whole) holds non-finite values (inf or nan)");
+        const std::string key = rest.substr(module.size() + 1);
+        // PEFT's files with bias "all" also hold the wrapper's own bias names (<module>.original_module.bias,
+        // <module>.modules_to_save.bias): the original's and the copy's biases again, which the module's state holds
+        if (starts_with(key, "original_module.") || starts_with(key, "modules_to_save.")) continue;
+        auto it = saved_of.find(module);
+        if (it == saved_of.end()) {
+          it = saved_of.emplace(module, file.saved_modules.size()).first;
+          file.saved_modules.push_back({module, {}});
+        }
+        file.saved_modules[it->second].state.emplace_back(key, std::move(tensor));
+        continue;
       }
     }
     if (ends_with(rest, kMagnitude) && rest.size() > std::strlen(kMagnitude)) {
@@ -132,7 +153,7 @@ void collect_tensors(AdapterFile& file, const std::string& weights_path, Safeten
     TORCH_CHECK_VALUE(false, weights_path, ": unexpected tensor \"", name,
                       "\"; an adapter file holds base_model.model.<module>.lora_A.weight / .lora_B.weight (or an "
                       "embedding's .lora_embedding_A / _B, DoRA's .lora_magnitude_vector, a base layer's "
-                      ".base_layer.weight)");
+                      ".base_layer.weight, the state of a module that modules_to_save names)");
   next:;
   }
   std::vector<std::string> zero_b;
@@ -195,7 +216,7 @@ std::vector<size_t> selected(const std::vector<ModuleInfo>& modules, const LoraC
   std::vector<size_t> out;
   for (size_t i = 0; i < modules.size(); ++i) {
     const auto& m = modules[i];
-    if (!m.takes_lora() || !config.selects(m.path)) continue;
+    if (!m.takes_lora() || !config.selects(m.path) || config.inside_saved_module(m.path)) continue;
     if (!config.exclude_modules().empty() && config.exclude_modules().matches(m.path)) continue;
     out.push_back(i);
   }
@@ -247,6 +268,9 @@ void write_adapter(const std::string& dir, const AdapterFile& file) {
     if (l.magnitude.defined()) tensors.emplace_back(lora_tensor_name(l.path, 'M'), l.magnitude);
   }
   for (const auto& [path, t] : file.biases) tensors.emplace_back(kPrefix + path, t);
+  for (const auto& m : file.saved_modules) {
+    for (const auto& [key, t] : m.state) tensors.emplace_back(kPrefix + m.path + "." + key, t);
+  }
   replace_folder_atomically("save_adapter", dir,
                             {{kAdapterConfigFile, adapter_config_json(file)},
                              {kAdapterWeightsFile, serialize_safetensors(tensors, {{"format", "pt"}})}});
@@ -307,8 +331,57 @@ std::vector<LoadTarget> plan_adapter_load(const AdapterFile& file, const std::ve
   return plan;
 }
 
+std::vector<SavedModuleLoad> plan_saved_modules_load(const AdapterFile& file, const std::vector<ModuleInfo>& modules,
+                                                     bool partial, std::vector<std::string>& warnings) {
+  std::vector<SavedModuleLoad> plan;
+  if (file.config.saved_modules().empty()) return plan;
+  const auto chosen = select_saved_modules(modules, file.config, /*strict=*/false, &warnings);
+  std::vector<bool> has_state(chosen.size(), false);
+  for (const auto& m : file.saved_modules) {
+    const auto it = std::find_if(chosen.begin(), chosen.end(), [&](size_t i) { return modules[i].path == m.path; });
+    TORCH_CHECK_VALUE(it != chosen.end(), "load_adapter: the file holds the state of \"", m.path,
+                      "\" (modules_to_save), which this model lacks or does not name so: is this adapter for another "
+                      "model?");
+    has_state[static_cast<size_t>(it - chosen.begin())] = true;
+    plan.push_back({*it, m.state});
+  }
+  std::vector<std::string> missing;
+  for (size_t k = 0; k < chosen.size(); ++k) {
+    if (!has_state[k]) missing.push_back(modules[chosen[k]].path);
+  }
+  TORCH_CHECK_VALUE(partial || missing.empty(), "load_adapter: adapter_config.json's modules_to_save names ",
+                    list_some(missing), " in this model, but the file holds no state for ",
+                    missing.size() == 1 ? "it" : "them",
+                    ". Load with partial (partial=True in Python, LoadAdapterOptions().partial(true) in C++) to keep "
+                    "the model's own module there");
+  return plan;
+}
+
+void check_saved_state(const std::string& path, const std::vector<std::pair<std::string, std::vector<int64_t>>>& own,
+                       const std::vector<std::pair<std::string, at::Tensor>>& state) {
+  std::vector<std::string> missing, unexpected;
+  for (const auto& [key, sizes] : own) {
+    const auto it = std::find_if(state.begin(), state.end(), [&](const auto& kv) { return kv.first == key; });
+    if (it == state.end()) {
+      missing.push_back(key);
+      continue;
+    }
+    TORCH_CHECK_VALUE(it->second.sizes() == c10::IntArrayRef(sizes), "load_adapter: \"", path,
+                      "\" (modules_to_save): the file's \"", key, "\" is ", shape_str(it->second),
+                      " but the module's is ", c10::IntArrayRef(sizes));
+  }
+  for (const auto& [key, t] : state) {
+    if (std::none_of(own.begin(), own.end(), [&](const auto& kv) { return kv.first == key; }))
+      unexpected.push_back(key);
+  }
+  TORCH_CHECK_VALUE(missing.empty() && unexpected.empty(), "load_adapter: \"", path,
+                    "\" (modules_to_save): the file's state does not fit the module",
+                    missing.empty() ? "" : "; the file lacks " + list_some(missing),
+                    unexpected.empty() ? "" : "; the module has no " + list_some(unexpected));
+}
+
 AdapterFile describe_adapter(const std::vector<ModuleInfo>& modules, const std::vector<SaveSource>& layers,
-                             std::vector<std::pair<std::string, at::Tensor>> biases) {
+                             std::vector<std::pair<std::string, at::Tensor>> biases, std::vector<SavedModule> saved) {
   TORCH_CHECK_VALUE(!layers.empty(), "save_adapter: no layer has this adapter");
   AdapterFile file;
   const auto& first = layers.front();
@@ -388,6 +461,29 @@ AdapterFile describe_adapter(const std::vector<ModuleInfo>& modules, const std::
     file.layers.push_back({path, l.lora_A, l.lora_B, l.magnitude, modules.at(l.index).is_embedding});
   }
   file.biases = std::move(biases);
+  // modules_to_save: the saved modules' last names when they name exactly these modules (PEFT's suffix rule), else
+  // their paths
+  if (!saved.empty()) {
+    std::vector<std::string> leaves, saved_paths;
+    for (const auto& m : saved) {
+      saved_paths.push_back(m.path);
+      const auto leaf = last_component(m.path);
+      if (std::find(leaves.begin(), leaves.end(), leaf) == leaves.end()) leaves.push_back(leaf);
+    }
+    auto names_exactly = [&](const std::vector<std::string>& names) {
+      LoraConfig probe = c;
+      probe.modules_to_save(names).task_type("");
+      for (const auto& m : modules) {
+        const bool wanted = std::find(saved_paths.begin(), saved_paths.end(), m.path) != saved_paths.end();
+        if (probe.saves_module(m.path) != wanted) return false;
+      }
+      return true;
+    };
+    c.modules_to_save(names_exactly(leaves) ? leaves : saved_paths);
+    TORCH_CHECK_VALUE(names_exactly(c.modules_to_save()),
+                      "save_adapter: cannot name exactly the modules that the adapter trains whole in modules_to_save");
+    file.saved_modules = std::move(saved);
+  }
   return file;
 }
 

@@ -69,6 +69,8 @@ void LinearSlot::reset(torch::nn::Module& owner, const std::string& name, const 
     layer = make_linear(options.in_features(), options.out_features(), options.bias(), tensor_options).ptr();
   } else if (const LoraLayer* lora = as_lora_layer(module_.get())) {
     layer = lora->shallow_copy();
+  } else if (const auto* slot_module = dynamic_cast<const SlotModule*>(module_.get())) {
+    layer = slot_module->shallow_copy();
   } else {
     layer = base_kind_of(*module_)->shallow_copy(*module_);
   }
@@ -82,8 +84,12 @@ void LinearSlot::rebind(std::shared_ptr<torch::nn::Module> layer) {
     call_ = [lora](const at::Tensor& x) { return lora->lora_forward(x); };
   } else if (const BaseKind* kind = base_kind_of(*raw)) {
     call_ = [kind, raw](const at::Tensor& x) { return kind->forward(*raw, x); };
+  } else if (auto* slot_module = dynamic_cast<SlotModule*>(raw)) {
+    call_ = [slot_module](const at::Tensor& x) { return slot_module->slot_forward(x); };
   } else {
-    TORCH_CHECK_TYPE(false, "LinearSlot::rebind: expected a torch::nn::Linear or a lorafuse LoRA layer, found ",
+    TORCH_CHECK_TYPE(false,
+                     "LinearSlot::rebind: expected a torch::nn::Linear, a lorafuse LoRA layer or a modules-to-save "
+                     "layer, found ",
                      layer->name());
   }
   module_ = std::move(layer);

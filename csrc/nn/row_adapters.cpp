@@ -95,6 +95,23 @@ RowAdapters::Plan RowAdapters::plan(const AdapterTable& table, const std::vector
   return plan;
 }
 
+std::vector<std::pair<std::string, std::vector<int64_t>>> RowAdapters::row_groups(
+    int64_t rows, const std::vector<std::string>& available) const {
+  const auto n = static_cast<int64_t>(names_.size());
+  TORCH_CHECK_VALUE(rows % n == 0, "use_adapter: ", n, " adapter names for a batch of ", rows, " rows; expected one ",
+                    "name per row (or per group of consecutive rows, as generate repeats rows for beams and ",
+                    "num_return_sequences)");
+  std::vector<std::pair<std::string, std::vector<int64_t>>> groups;
+  for (int64_t r = 0; r < rows; ++r) {
+    std::string name = names_[static_cast<size_t>(r / (rows / n))];
+    if (is_base(name) || std::find(available.begin(), available.end(), name) == available.end()) name.clear();
+    auto it = std::find_if(groups.begin(), groups.end(), [&](const auto& g) { return g.first == name; });
+    if (it == groups.end()) it = groups.insert(groups.end(), {name, {}});
+    it->second.push_back(r);
+  }
+  return groups;
+}
+
 double RowAdapters::dropout(const std::vector<std::string>& adapters, const std::vector<double>& dropouts,
                             bool training) const {
   if (!training || dropouts.empty()) return 0.0;

@@ -3,6 +3,7 @@
 #include <lorafuse/peft/rules.h>
 #include <torch/csrc/autograd/grad_mode.h>
 
+#include <algorithm>
 #include <map>
 
 #include "csrc/peft/sites.h"
@@ -41,6 +42,23 @@ void check_base_weight(const detail::Site& site, const at::Tensor& weight) {
                     "first");
 }
 
+// A module's state as PEFT saves a modules_to_save copy: its state_dict (parameters, then buffers), detached.
+std::vector<std::pair<std::string, at::Tensor>> state_of(const torch::nn::Module& module) {
+  std::vector<std::pair<std::string, at::Tensor>> out;
+  for (const auto& p : module.named_parameters()) out.emplace_back(p.key(), p.value().detach());
+  for (const auto& b : module.named_buffers()) out.emplace_back(b.key(), b.value().detach());
+  return out;
+}
+
+// The file's state of a module kept whole fits the module (io::check_saved_state).
+void check_saved_state(const detail::Site& site, const std::vector<std::pair<std::string, at::Tensor>>& state) {
+  auto* wrapper = nn::as_saved_module(site.module.get());
+  std::vector<std::pair<std::string, std::vector<int64_t>>> own;
+  for (const auto& [key, t] : state_of(wrapper != nullptr ? *wrapper->original_module : *site.module))
+    own.emplace_back(key, t.sizes().vec());
+  io::check_saved_state(site.path, own, state);
+}
+
 }  // namespace
 
 void save_adapter(torch::nn::Module& module, const std::string& dir, const std::string& adapter_name) {
@@ -55,7 +73,13 @@ void save_adapter(torch::nn::Module& module, const std::string& dir, const std::
     layers.push_back({i, options, layer->lora_a(adapter_name).detach(), layer->lora_b(adapter_name).detach(),
                       options.use_dora() ? layer->lora_magnitude(adapter_name).detach() : at::Tensor()});
   }
-  auto file = io::describe_adapter(infos, layers, trained_biases(module, adapter_name));
+  std::vector<io::SavedModule> saved;
+  for (const auto& s : sites) {
+    auto* wrapper = nn::as_saved_module(s.module.get());
+    if (wrapper != nullptr && wrapper->adapters().has(adapter_name))
+      saved.push_back({s.path, state_of(*wrapper->module_for(adapter_name))});
+  }
+  auto file = io::describe_adapter(infos, layers, trained_biases(module, adapter_name), std::move(saved));
   io::write_adapter(dir, file);
 }
 
@@ -77,7 +101,18 @@ InjectReport load_adapter(torch::nn::Module& module, const io::AdapterFile& file
                            ". Load under another name, or delete_adapter first");
   // Everything is checked before anything changes.
   const auto sites = detail::sites_of(module);
-  const auto plan = io::plan_adapter_load(file, detail::infos_of(sites), options.partial());
+  const auto infos = detail::infos_of(sites);
+  const auto plan = io::plan_adapter_load(file, infos, options.partial());
+  std::vector<std::string> warnings;
+  const auto saved_plan = io::plan_saved_modules_load(file, infos, options.partial(), warnings);
+  for (const auto& w : warnings) TORCH_WARN(w);
+  std::vector<size_t> saved;
+  std::map<size_t, const io::SavedModuleLoad*> saved_by_index;
+  for (const auto& s : saved_plan) {
+    check_saved_state(sites[s.index], s.state);
+    saved.push_back(s.index);
+    saved_by_index[s.index] = &s;
+  }
   std::vector<TargetChoice> chosen;
   std::map<size_t, const io::LoadTarget*> by_index;
   for (const auto& t : plan) {
@@ -87,6 +122,7 @@ InjectReport load_adapter(torch::nn::Module& module, const io::AdapterFile& file
   }
   if (!options.autocast_adapter_dtype()) detail::keep_base_dtype(sites, chosen);
   detail::check_rewirable(sites, chosen, "load_adapter");
+  detail::check_saved(module, sites, saved, "load_adapter");
   detail::check_dora(sites, chosen);
   std::vector<std::pair<at::Tensor, at::Tensor>> bias_copies;  // (model parameter, file tensor)
   if (!file.biases.empty()) {
@@ -108,6 +144,17 @@ InjectReport load_adapter(torch::nn::Module& module, const io::AdapterFile& file
         if (t->magnitude.defined()) layer.lora_magnitude(adapter_name).copy_(t->magnitude);
         if (t->base_weight.defined()) base_weight_of(layer).copy_(t->base_weight.view_as(base_weight_of(layer)));
       });
+  detail::attach_saved(sites, saved, file.config, adapter_name, /*keep_active=*/!prior_active.empty(),
+                       [&](size_t index, nn::ModulesToSaveImpl& wrapper) {
+                         auto copy = wrapper.module_for(adapter_name);
+                         auto params = copy->named_parameters();
+                         auto buffers = copy->named_buffers();
+                         torch::NoGradGuard no_grad;
+                         for (const auto& [key, t] : saved_by_index.at(index)->state) {
+                           (params.contains(key) ? params[key] : buffers[key]).copy_(t);
+                         }
+                       });
+  for (const auto& s : saved_plan) report.saved.push_back(sites[s.index].path);
   {
     torch::NoGradGuard no_grad;
     for (auto& [param, t] : bias_copies) param.copy_(t);

@@ -3,6 +3,7 @@
 #include <lorafuse/nn/linear.h>
 #include <lorafuse/nn/linear4bit.h>
 #include <lorafuse/nn/lora_linear.h>
+#include <lorafuse/nn/modules_to_save.h>
 #include <lorafuse/nn/pretrained.h>
 #include <lorafuse/peft/inject.h>
 #include <lorafuse/peft/rules.h>
@@ -24,23 +25,30 @@ using nn::LoraLayer;
 using torch::nn::Module;
 
 // rules::check_not_tied over this model's parameters (identity: the tensor's storage object).
-void check_not_tied(const Module& model, const std::vector<std::pair<std::string, LoraLayer*>>& layers,
-                    const char* what) {
-  if (layers.empty()) return;
+void check_not_tied(const Module& model, const std::vector<std::string>& paths, const char* what,
+                    const std::string& consequence = "") {
+  if (paths.empty()) return;
   std::vector<std::pair<std::string, int64_t>> parameters;
   for (const auto& p : model.named_parameters(/*recurse=*/true)) {
     parameters.emplace_back(p.key(), reinterpret_cast<int64_t>(p.value().unsafeGetTensorImpl()));
   }
+  rules::check_not_tied(parameters, paths, what, consequence);
+}
+
+void check_not_tied(const Module& model, const std::vector<std::pair<std::string, LoraLayer*>>& layers,
+                    const char* what) {
   std::vector<std::string> merging;
   for (const auto& [path, layer] : layers) merging.push_back(path);
-  rules::check_not_tied(parameters, merging, what);
+  check_not_tied(model, merging, what);
 }
 
 void walk(Module& module, const std::string& prefix, std::vector<Site>& out) {
   for (const auto& child : module.named_children()) {
     std::string path = prefix.empty() ? child.key() : prefix + "." + child.key();
     out.push_back({&module, child.key(), path, child.value()});
-    if (nn::as_lora_layer(child.value().get()) == nullptr) walk(*child.value(), path, out);
+    // LoRA and modules-to-save layers are leaves: what they hold is theirs
+    if (nn::as_lora_layer(child.value().get()) == nullptr && nn::as_saved_module(child.value().get()) == nullptr)
+      walk(*child.value(), path, out);
   }
 }
 
@@ -130,6 +138,8 @@ std::vector<ModuleInfo> infos_of(const std::vector<Site>& sites) {
       info.is_embedding = true;
       info.is_linear = false;
     }
+    info.is_saved_module = nn::as_saved_module(s.module.get()) != nullptr;
+    info.is_lora_layer = lora != nullptr || info.is_saved_module;
     infos.push_back(std::move(info));
   }
   return infos;
@@ -243,6 +253,49 @@ InjectReport attach_adapter(const std::vector<Site>& sites, const std::vector<Ta
   return report;
 }
 
+void check_saved(const Module& root, const std::vector<Site>& sites, const std::vector<size_t>& saved,
+                 const char* what) {
+  std::vector<std::string> paths;
+  for (const size_t i : saved) {
+    const Site& s = sites[i];
+    if (nn::as_saved_module(s.module.get()) != nullptr) continue;
+    TORCH_CHECK_VALUE(can_rewire(s), cannot_rewire(s, what));
+    nn::check_saved_module(*s.module, s.path);
+    paths.push_back(s.path);
+  }
+  lorafuse::check_not_tied(root, paths, "modules_to_save",
+                           "a copy of it per adapter would untie them, so the model would compute something else (PEFT "
+                           "ties such copies; lorafuse does not yet). Untie them first, or leave the module out of "
+                           "modules_to_save");
+}
+
+void attach_saved(const std::vector<Site>& sites, const std::vector<size_t>& saved, const LoraConfig& config,
+                  const std::string& name, bool keep_active,
+                  const std::function<void(size_t, nn::ModulesToSaveImpl&)>& fill) {
+  bool all_disabled = false;
+  {
+    rules::LayerTables existing;
+    for (const auto& s : sites) {
+      if (auto* lora = nn::as_lora_layer(s.module.get())) existing.emplace_back(s.path, &lora->adapters());
+    }
+    all_disabled = rules::starts_disabled(existing);
+  }
+  for (const size_t i : saved) {
+    const Site& s = sites[i];
+    const auto options = config.adapter_for(s.path);
+    if (auto* wrapper = nn::as_saved_module(s.module.get())) {
+      wrapper->add_adapter(name, options, /*activate=*/!keep_active);
+      if (fill) fill(i, *wrapper);
+      continue;
+    }
+    auto wrapper = std::make_shared<nn::ModulesToSaveImpl>(s.module, name, options, /*activate=*/!keep_active);
+    wrapper->train(s.module->is_training());
+    if (all_disabled) wrapper->disable_adapters();
+    if (fill) fill(i, *wrapper);
+    rewire(s, wrapper);
+  }
+}
+
 void activate_and_freeze(Module& module, const std::string& active) {
   for (auto& p : module.parameters()) p.set_requires_grad(false);
   set_adapter(module, active);
@@ -255,7 +308,9 @@ std::vector<std::pair<std::string, at::Tensor>> trained_bias_parameters(Module& 
   std::vector<std::string> names;
   for (const auto& p : params) names.push_back(p.key());
   std::vector<std::pair<std::string, at::Tensor>> out;
-  for (const auto& name : rules::trained_biases(tables_of(lora_layers(module)), names, adapter))
+  std::vector<std::string> kept;
+  for (const auto& [path, wrapper] : saved_modules(module)) kept.push_back(path);
+  for (const auto& name : rules::trained_biases(tables_of(lora_layers(module)), names, adapter, kept))
     out.emplace_back(name, params[name]);
   return out;
 }
@@ -268,6 +323,14 @@ std::vector<std::pair<std::string, LoraLayer*>> lora_layers(Module& module) {
     if (auto* lora = nn::as_lora_layer(s.module.get())) layers.emplace_back(s.path, lora);
   }
   return layers;
+}
+
+std::vector<std::pair<std::string, nn::ModulesToSaveImpl*>> saved_modules(Module& module) {
+  std::vector<std::pair<std::string, nn::ModulesToSaveImpl*>> out;
+  for (const auto& s : sites_of(module)) {
+    if (auto* wrapper = nn::as_saved_module(s.module.get())) out.emplace_back(s.path, wrapper);
+  }
+  return out;
 }
 
 std::vector<std::string> adapter_names(Module& module) { return rules::adapter_names(tables_of(lora_layers(module))); }
@@ -285,13 +348,17 @@ InjectReport inject_lora(Module& module, const LoraConfig& config, const std::st
   // Everything is checked before anything changes.
   const auto sites = sites_of(module);
   auto chosen = detail::select_in(module, sites, config);
+  const auto saved = select_saved_modules(detail::infos_of(sites), config);
   if (!autocast_adapter_dtype) detail::keep_base_dtype(sites, chosen);
   detail::check_rewirable(sites, chosen, "inject_lora");
+  detail::check_saved(module, sites, saved, "inject_lora");
   detail::check_loftq(sites, chosen);
   detail::check_dora(sites, chosen);
 
   const std::string prior_active = active_adapter(module);
   InjectReport report = detail::attach_adapter(sites, chosen, adapter_name, /*keep_active=*/false);
+  detail::attach_saved(sites, saved, config, adapter_name, /*keep_active=*/false);
+  for (const size_t i : saved) report.saved.push_back(sites[i].path);
   detail::activate_and_freeze(module, prior_active.empty() ? adapter_name : prior_active);
   const auto count = trainable_parameters(module);
   report.trainable = count.trainable;
@@ -347,25 +414,39 @@ void set_adapter(Module& module, const std::string& adapter_name) {
       layers[i].second->set_adapter(plan[i]);
     }
   }
+  for (const auto& [path, wrapper] : saved_modules(module)) {  // PEFT: its copy if it has one, else the original
+    if (wrapper->adapters().has(adapter_name)) {
+      wrapper->set_adapter(adapter_name);
+    } else {
+      wrapper->clear_active_adapter();
+    }
+  }
 }
 
 void disable_adapters(Module& module) {
   for (const auto& [path, layer] : lora_layers(module)) layer->disable_adapters();
+  for (const auto& [path, wrapper] : saved_modules(module)) wrapper->disable_adapters();
 }
 
 void enable_adapters(Module& module) {
   for (const auto& [path, layer] : lora_layers(module)) layer->enable_adapters();
+  for (const auto& [path, wrapper] : saved_modules(module)) wrapper->enable_adapters();
 }
 
 void delete_adapter(Module& module, const std::string& adapter_name) {
   const auto layers = lora_layers(module);
   const auto next_active = rules::plan_delete_adapter(tables_of(layers), adapter_name);
+  const auto wrappers = saved_modules(module);
   for (const auto& [path, layer] : layers) {
     if (layer->has_adapter(adapter_name)) layer->delete_adapter(adapter_name);
+  }
+  for (const auto& [path, wrapper] : wrappers) {
+    if (wrapper->adapters().has(adapter_name)) wrapper->delete_adapter(adapter_name);
   }
   if (next_active) {
     if (next_active->empty()) {
       for (const auto& [path, layer] : layers) layer->clear_active_adapter();
+      for (const auto& [path, wrapper] : wrappers) wrapper->clear_active_adapter();
     } else {
       set_adapter(module, *next_active);
     }
@@ -406,7 +487,28 @@ void unmerge_adapter(Module& module) {
   }
 }
 
+namespace {
+
+// The modules-to-save layers of `module`, each checked replaceable: merge_and_unload and unload put the active
+// adapter's copy (or the original) in their place, as PEFT does.
+std::vector<Site> saved_sites(Module& module, const char* what) {
+  std::vector<Site> out;
+  for (auto& s : sites_of(module)) {
+    if (nn::as_saved_module(s.module.get()) == nullptr) continue;
+    TORCH_CHECK_VALUE(can_rewire(s), cannot_rewire(s, what));
+    out.push_back(std::move(s));
+  }
+  return out;
+}
+
+void unload_saved(const std::vector<Site>& sites) {
+  for (const auto& s : sites) rewire(s, nn::as_saved_module(s.module.get())->unloaded());
+}
+
+}  // namespace
+
 void merge_and_unload(Module& module) {
+  const auto wrappers = saved_sites(module, "merge_and_unload");
   std::vector<Site> lora_sites;
   for (auto& s : sites_of(module)) {
     if (nn::as_lora_layer(s.module.get()) == nullptr) continue;
@@ -442,9 +544,11 @@ void merge_and_unload(Module& module) {
   for (size_t i = 0; i < lora_sites.size(); ++i) {
     rewire(lora_sites[i], dense[i] ? dense[i] : nn::as_lora_layer(lora_sites[i].module.get())->unload_merged());
   }
+  unload_saved(wrappers);
 }
 
 std::vector<std::string> unload(Module& module) {
+  const auto wrappers = saved_sites(module, "unload");
   std::vector<Site> lora_sites;
   for (auto& s : sites_of(module)) {
     if (nn::as_lora_layer(s.module.get()) == nullptr) continue;
@@ -456,6 +560,8 @@ std::vector<std::string> unload(Module& module) {
     rewire(s, nn::as_lora_layer(s.module.get())->base_module());
     paths.push_back(s.path);
   }
+  unload_saved(wrappers);
+  for (const auto& s : wrappers) paths.push_back(s.path);
   return paths;
 }
 

@@ -147,7 +147,7 @@ std::string shape_str(const std::vector<int64_t>& shape) {
 }  // namespace
 
 std::vector<std::string> trained_biases(const LayerTables& layers, const std::vector<std::string>& parameter_names,
-                                        const std::string& adapter) {
+                                        const std::string& adapter, const std::vector<std::string>& kept_whole) {
   const std::string mode = bias_mode(layers, adapter);
   std::set<std::string> wanted;
   if (mode == "lora_only") {
@@ -157,7 +157,10 @@ std::vector<std::string> trained_biases(const LayerTables& layers, const std::ve
   }
   std::vector<std::string> out;
   for (const auto& name : parameter_names) {
-    if ((mode == "all" && is_bias(name)) || wanted.count(name) != 0) out.push_back(name);
+    const bool inside_kept = std::any_of(kept_whole.begin(), kept_whole.end(), [&](const std::string& path) {
+      return name.size() > path.size() && name.compare(0, path.size(), path) == 0 && name[path.size()] == '.';
+    });
+    if (!inside_kept && ((mode == "all" && is_bias(name)) || wanted.count(name) != 0)) out.push_back(name);
   }
   return out;
 }
@@ -184,7 +187,7 @@ std::vector<std::string> match_biases(const std::vector<std::pair<std::string, s
 }
 
 void check_not_tied(const std::vector<std::pair<std::string, int64_t>>& parameters,
-                    const std::vector<std::string>& merging, const std::string& what) {
+                    const std::vector<std::string>& merging, const std::string& what, const std::string& consequence) {
   std::map<int64_t, std::vector<std::string>> names;
   for (const auto& [name, id] : parameters) names[id].push_back(name);
   for (const auto& path : merging) {
@@ -193,8 +196,10 @@ void check_not_tied(const std::vector<std::pair<std::string, int64_t>>& paramete
       if (name.rfind(prefix, 0) != 0) continue;
       for (const auto& other : names[id]) {
         TORCH_CHECK_VALUE(other.rfind(prefix, 0) == 0, what, ": \"", name, "\" is also \"", other,
-                          "\" (tied weights): merging into it would change that module too. Give the layer a weight of "
-                          "its own first (untie them), or keep the adapter unmerged");
+                          "\" (tied weights): ",
+                          consequence.empty() ? "merging into it would change that module too. Give the layer a weight "
+                                                "of its own first (untie them), or keep the adapter unmerged"
+                                              : consequence);
       }
     }
   }

@@ -3,6 +3,7 @@
 
 #include <lorafuse/config/lora_config.h>
 #include <lorafuse/nn/lora_layer.h>
+#include <lorafuse/nn/modules_to_save.h>
 #include <lorafuse/peft/inject.h>
 #include <lorafuse/peft/rules.h>
 #include <torch/nn/module.h>
@@ -49,6 +50,18 @@ void check_dora(const std::vector<Site>& sites, const std::vector<TargetChoice>&
 InjectReport attach_adapter(const std::vector<Site>& sites, const std::vector<TargetChoice>& chosen,
                             const std::string& name, bool keep_active,
                             const std::function<void(size_t, nn::LoraLayer&)>& fill = nullptr);
+
+// For each module that modules_to_save keeps whole (indices into sites of `root`): a modules-to-save layer already, or
+// a module lorafuse can wrap (nn::check_saved_module) where its parent lets it be replaced, holding no weights tied to
+// a module outside it. Before anything changes.
+void check_saved(const torch::nn::Module& root, const std::vector<Site>& sites, const std::vector<size_t>& saved,
+                 const char* what);
+// Gives adapter `name` its copy of each module in `saved`: added to a modules-to-save layer there, or a new one
+// wrapping the module (in the model's mode; disabled if the model's adapters are); `keep_active` as attach_adapter.
+// `fill` (if set) then sets the copy's state.
+void attach_saved(const std::vector<Site>& sites, const std::vector<size_t>& saved, const LoraConfig& config,
+                  const std::string& name, bool keep_active,
+                  const std::function<void(size_t, nn::ModulesToSaveImpl&)>& fill = nullptr);
 
 // inject_lora's last step: freeze everything but `active`'s A and B (and its biases by its bias mode).
 void activate_and_freeze(torch::nn::Module& module, const std::string& active);

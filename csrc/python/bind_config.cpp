@@ -221,27 +221,25 @@ void bind_config(py::module& m) {
       "Raises ValueError unless an adapter with this name and these options can be made (the C++ rules).");
   m.def(
       "_select_targets",
-      [](const std::vector<std::tuple<std::string, std::string, bool, bool, bool>>& modules, const std::string& config,
-         const std::string& model_type) {
-        std::vector<ModuleInfo> infos;
-        infos.reserve(modules.size());
-        for (const auto& [path, type_name, is_linear, is_output, is_embedding] : modules) {
-          ModuleInfo info{path, type_name, is_linear};
-          info.is_output_layer = is_output;
-          info.is_embedding = is_embedding;
-          infos.push_back(std::move(info));
-        }
+      [](const ModuleTuples& modules, const std::string& config, const std::string& model_type,
+         const std::string& output_layer) {
+        auto infos = infos_from(modules);
+        for (auto& info : infos) info.is_output_layer = !output_layer.empty() && info.path == output_layer;
         std::vector<std::string> warnings;
-        const auto chosen =
-            translating([&] { return select_targets(infos, config_from(config), model_type, &warnings); });
-        py::list out;
+        const auto parsed = translating([&] { return config_from(config); });
+        const auto chosen = translating([&] { return select_targets(infos, parsed, model_type, &warnings); });
+        const auto saved = translating([&] { return select_saved_modules(infos, parsed, true, &warnings); });
+        py::list out, saved_out;
         for (const auto& c : chosen) out.append(py::make_tuple(c.index, nn::adapter_options_json(c.adapter)));
-        return py::make_tuple(out, warnings);
+        for (const size_t i : saved)
+          saved_out.append(py::make_tuple(i, nn::adapter_options_json(parsed.adapter_for(infos[i].path))));
+        return py::make_tuple(out, saved_out, warnings);
       },
-      py::arg("modules"), py::arg("config"), py::arg("model_type") = "",
-      "([(index, adapter options)], warnings) of the modules (path, type name, is_linear, is_output_layer, "
-      "is_embedding) that a "
-      "config selects in a model of type model_type: the selection rules of C++ inject_lora.");
+      py::arg("modules"), py::arg("config"), py::arg("model_type") = "", py::arg("output_layer") = "",
+      "([(index, adapter options)], [(index, adapter options) of each module that modules_to_save trains whole], "
+      "warnings) for the "
+      "modules (path, type name, is_linear, in, out, is_embedding, is_lora_layer, is_saved_module) of a model of type "
+      "model_type whose output layer is at path output_layer: the selection rules of C++ inject_lora.");
   m.def(
       "_default_target_modules",
       [](const std::string& model_type) -> py::object {

@@ -263,7 +263,13 @@ void bind_nn(py::module& m) {
           "dropout",
           [](const nn::RowAdapters& self, const std::vector<std::string>& adapters, const std::vector<double>& dropouts,
              bool training) { return translating([&] { return self.dropout(adapters, dropouts, training); }); },
-          py::arg("adapters"), py::arg("dropouts"), py::arg("training"));
+          py::arg("adapters"), py::arg("dropouts"), py::arg("training"))
+      .def(
+          "row_groups",
+          [](const nn::RowAdapters& self, int64_t rows, const std::vector<std::string>& available) {
+            return translating([&] { return self.row_groups(rows, available); });
+          },
+          py::arg("rows"), py::arg("available"));
 
   struct Scope {
     std::string name;

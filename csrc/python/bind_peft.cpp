@@ -53,9 +53,12 @@ void bind_rules(py::module& m) {
   m.def(
       "_rules_check_not_tied",
       [](const std::vector<std::pair<std::string, int64_t>>& parameters, const std::vector<std::string>& merging,
-         const std::string& what) { translating([&] { rules::check_not_tied(parameters, merging, what); }); },
-      py::arg("parameters"), py::arg("merging"), py::arg("what"),
-      "Refuses merging into a weight another module holds too (rules::check_not_tied): parameters are (name, id).");
+         const std::string& what, const std::string& consequence) {
+        translating([&] { rules::check_not_tied(parameters, merging, what, consequence); });
+      },
+      py::arg("parameters"), py::arg("merging"), py::arg("what"), py::arg("consequence") = "",
+      "Refuses merging into (or copying) a weight another module holds too (rules::check_not_tied): parameters are "
+      "(name, id).");
   m.def(
       "_rules_check_unmerge",
       [](const LayerTables& l, const std::string& what) {
@@ -72,10 +75,11 @@ void bind_rules(py::module& m) {
       layers, py::arg("name"), py::arg("hint"));
   m.def(
       "_rules_trained_biases",
-      [](const LayerTables& l, const std::vector<std::string>& parameter_names, const std::string& adapter) {
-        return rules::trained_biases(checked(l), parameter_names, adapter);
+      [](const LayerTables& l, const std::vector<std::string>& parameter_names, const std::string& adapter,
+         const std::vector<std::string>& kept_whole) {
+        return rules::trained_biases(checked(l), parameter_names, adapter, kept_whole);
       },
-      layers, py::arg("parameter_names"), py::arg("adapter"));
+      layers, py::arg("parameter_names"), py::arg("adapter"), py::arg("kept_whole") = std::vector<std::string>{});
   using Shapes = std::vector<std::pair<std::string, std::vector<int64_t>>>;
   m.def(
       "_rules_match_biases",
@@ -143,6 +147,14 @@ void bind_peft(py::module& m) {
       [](Module& mod) {
         std::vector<std::string> paths;
         for (const auto& [path, layer] : lora_layers(mod)) paths.push_back(path);
+        return paths;
+      },
+      arg);
+  m.def(
+      "_cpp_saved_modules",
+      [](Module& mod) {
+        std::vector<std::string> paths;
+        for (const auto& [path, wrapper] : saved_modules(mod)) paths.push_back(path);
         return paths;
       },
       arg);

@@ -48,9 +48,11 @@ nn::InitLoraWeights init_from(const py::handle& init) {
 std::vector<ModuleInfo> infos_from(const ModuleTuples& modules) {
   std::vector<ModuleInfo> infos;
   infos.reserve(modules.size());
-  for (const auto& [path, type_name, is_linear, in, out, is_embedding] : modules) {
+  for (const auto& [path, type_name, is_linear, in, out, is_embedding, is_lora, is_saved] : modules) {
     ModuleInfo info{path, type_name, is_linear, in, out};
     info.is_embedding = is_embedding;
+    info.is_lora_layer = is_lora;
+    info.is_saved_module = is_saved;
     infos.push_back(std::move(info));
   }
   return infos;
@@ -73,6 +75,9 @@ py::dict adapter_file_dict(const io::AdapterFile& file) {
   out["embeddings"] = embeddings;
   out["base_weights"] = file.base_weights;
   out["biases"] = file.biases;
+  py::list saved;
+  for (const auto& m : file.saved_modules) saved.append(py::make_tuple(m.path, m.state));
+  out["saved_modules"] = saved;
   out["warnings"] = file.warnings;
   return out;
 }

@@ -50,9 +50,9 @@ auto warning_in_python(F&& f) -> decltype(f()) {
   return translating(f);
 }
 
-// (path, type name, is_linear, in_features, out_features) per module, as the Python front lists them.
-// (path, type name, is_linear, in_features, out_features, is_embedding)
-using ModuleTuples = std::vector<std::tuple<std::string, std::string, bool, int64_t, int64_t, bool>>;
+// (path, type name, is_linear, in_features, out_features, is_embedding, is_lora_layer, is_saved_module) per module, as
+// the Python front lists them (ModuleInfo's fields).
+using ModuleTuples = std::vector<std::tuple<std::string, std::string, bool, int64_t, int64_t, bool, bool, bool>>;
 
 // lorafuse.LoraConfig's fields as JSON (LoraConfig._to_json) → LoraConfig, through the one PEFT-JSON mapping.
 LoraConfig config_from(const std::string& json_text);
@@ -60,6 +60,8 @@ nn::InitLoraWeights init_from(const py::handle& init);
 std::vector<ModuleInfo> infos_from(const ModuleTuples& modules);
 // {config_json, targets_from_file, layers, biases, warnings}: lorafuse.read_adapter builds "config" from config_json.
 py::dict adapter_file_dict(const io::AdapterFile& file);
+// [(module path, [(key, tensor)])] ⇔ io::SavedModule (modules_to_save)
+using SavedTuples = std::vector<std::pair<std::string, std::vector<std::pair<std::string, at::Tensor>>>>;
 
 // One binding function per area (csrc/python/bind_<area>.cpp), called by PYBIND11_MODULE in module.cpp.
 void bind_config(py::module& m);

@@ -62,10 +62,17 @@ class LoraConfig:
             saved as ``lora_magnitude_vector`` in PEFT's files; merges as PEFT does.
         loftq_config: with ``"loftq"``: ``{"loftq_bits": 4, "loftq_iter": 1}`` (the defaults; bits 2 .. 8, where
             PEFT's 8 is bitsandbytes' int8 code and lorafuse's NF8) or a :class:`LoftQConfig` (or PEFT's).
-        task_type: PEFT's task type (a str or ``peft.TaskType``): ``None``, ``"CAUSAL_LM"``,
-            ``"SEQ_2_SEQ_LM"`` or ``"FEATURE_EXTRACTION"``; saved in adapter_config.json and read from it, it
-            changes nothing lorafuse computes. ``"SEQ_CLS"``, ``"TOKEN_CLS"`` and ``"QUESTION_ANS"`` (PEFT then
-            trains and saves the task head too, ``modules_to_save``) are refused until lorafuse supports that.
+        task_type: PEFT's task type (a str or ``peft.TaskType``): ``None``, ``"CAUSAL_LM"``, ``"SEQ_2_SEQ_LM"``,
+            ``"FEATURE_EXTRACTION"``, ``"SEQ_CLS"``, ``"TOKEN_CLS"`` or ``"QUESTION_ANS"``; saved in adapter_config.json
+            and read from it. As PEFT's task models do, ``"SEQ_CLS"`` and ``"TOKEN_CLS"`` add the task heads
+            ``"classifier"`` and ``"score"`` to ``modules_to_save``, ``"QUESTION_ANS"`` adds ``"qa_outputs"`` (the GLUE
+            recipe: the classification head trains and is saved with the adapter); the others change nothing.
+        modules_to_save: modules that train whole with this adapter and are saved with it (PEFT's field), e.g.
+            ``["classifier"]``: each module whose path ends with an entry (PEFT's rule, a plain string suffix) is
+            wrapped in a :class:`lorafuse.nn.ModulesToSave` (the original frozen, a trainable copy per adapter; the
+            active adapter's copy runs), and LoRA leaves the layers inside it alone. Saved in PEFT's format
+            (``base_model.model.classifier.weight``); ``merge_and_unload`` and ``unload`` put the trained copy in
+            place. ``None``: none (but the task type's heads).
 
     The rules are checked (and applied by :func:`lorafuse.inject_lora`) by the same C++ code that the
     C++ ``lorafuse::LoraConfig`` uses. Bad values raise ValueError / TypeError naming the field.
@@ -82,6 +89,7 @@ class LoraConfig:
     alpha_pattern: Dict[str, float] = field(default_factory=dict)
     init_lora_weights: Union[bool, str] = True
     task_type: Optional[str] = None
+    modules_to_save: Optional[List[str]] = None
     layers_to_transform: Optional[Union[int, List[int]]] = None
     layers_pattern: Optional[Union[str, List[str]]] = None
     fan_in_fan_out: bool = False
@@ -122,6 +130,17 @@ class LoraConfig:
         if pattern is not None and not isinstance(pattern, str):
             if not isinstance(pattern, (list, tuple)) or not all(isinstance(v, str) for v in pattern):
                 raise TypeError(f"layers_pattern: expected a str, a list of str or None, found {pattern!r}")
+        saved = self.modules_to_save
+        if saved is not None:
+            if isinstance(saved, str) or not isinstance(saved, (list, tuple, set)):
+                raise TypeError(
+                    f"modules_to_save: expected a list of module names or None, found {type(saved).__name__} "
+                    f"({saved!r})"
+                )
+            for item in saved:
+                if not isinstance(item, str):
+                    raise TypeError(f"modules_to_save: expected module names (str), found {type(item).__name__}")
+            self.modules_to_save = list(saved) if not isinstance(saved, set) else sorted(saved)
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
             if value is None or isinstance(value, str):

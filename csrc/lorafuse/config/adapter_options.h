@@ -109,9 +109,9 @@ std::string adapter_options_json(const LoraAdapterOptions& options);
 /// The inverse, validated; ValueErrors are prefixed with `what`.
 LoraAdapterOptions adapter_options_from_json(const std::string& json_text, const std::string& what);
 
-/// A ValueError unless `task_type` is "" (none) or a PEFT task type whose model wrapper adapts only the targeted layers
-/// ("CAUSAL_LM", "SEQ_2_SEQ_LM", "FEATURE_EXTRACTION"). "SEQ_CLS", "TOKEN_CLS" and "QUESTION_ANS" make PEFT also train
-/// and save the model's task head (modules_to_save), which lorafuse does not do yet: refused by name.
+/// A ValueError unless `task_type` is "" (none) or one of PEFT's LoRA task types: "CAUSAL_LM", "SEQ_2_SEQ_LM",
+/// "FEATURE_EXTRACTION", "SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS" (the last three also train and save the model's task
+/// head: lorafuse::task_heads).
 void check_task_type(const std::string& task_type);
 
 /// Throws a ValueError unless `name` can name an adapter: non-empty, without '.', whitespace or

@@ -93,9 +93,16 @@ struct LoraConfig {
   /// (a Conv1D base computes transposed, a Linear does not); the flag is carried to and from adapter_config.json, where
   /// an adapter over Conv1D layers has it set.
   TORCH_ARG(bool, fan_in_fan_out) = false;
-  /// PEFT's task type: "" (none), "CAUSAL_LM", "SEQ_2_SEQ_LM" or "FEATURE_EXTRACTION"; written to adapter_config.json
-  /// and read from it (nn::check_task_type says what is refused). It changes nothing lorafuse computes.
+  /// PEFT's task type: "" (none), "CAUSAL_LM", "SEQ_2_SEQ_LM", "FEATURE_EXTRACTION", "SEQ_CLS", "TOKEN_CLS" or
+  /// "QUESTION_ANS"; written to adapter_config.json and read from it. As PEFT's task models do, "SEQ_CLS" and
+  /// "TOKEN_CLS" add the task heads "classifier" and "score" to modules_to_save, "QUESTION_ANS" adds "qa_outputs"; the
+  /// others change nothing lorafuse computes.
   TORCH_ARG(std::string, task_type);
+  /// PEFT's modules_to_save: modules (besides the LoRA layers) that train whole with this adapter and are saved with
+  /// it, such as a classification head. A module whose path ends with an entry (PEFT's rule, a plain string suffix:
+  /// "classifier" takes "classifier" and "model.classifier") is wrapped in a modules-to-save layer holding the original
+  /// (frozen) and one trainable copy per adapter; LoRA targets inside it are left out. See saved_modules().
+  TORCH_ARG(std::vector<std::string>, modules_to_save);
   /// DoRA for every adapter of this config (PEFT's use_dora; nn::LoraAdapterOptions::use_dora says what it computes).
   TORCH_ARG(bool, use_dora) = false;
 
@@ -108,7 +115,18 @@ struct LoraConfig {
   bool selects(const std::string& path) const;
   /// Whether layers_to_transform lets `targets` select the module at `path` (true when it is empty).
   bool in_transformed_layers(const TargetModules& targets, const std::string& path) const;
+  /// modules_to_save with the task type's heads added (task_heads), each name once, in that order.
+  std::vector<std::string> saved_modules() const;
+  /// Whether the module at `path` is one that saved_modules() wraps: its path ends with an entry (PEFT's rule).
+  bool saves_module(const std::string& path) const;
+  /// Whether the module at `path` is, or is inside, a module that saved_modules() names (PEFT's rule
+  /// `(^|.*\.)entry($|\..*)`): LoRA leaves it out.
+  bool inside_saved_module(const std::string& path) const;
 };
+
+/// The task heads PEFT's task models add to modules_to_save: {"classifier", "score"} for "SEQ_CLS" and "TOKEN_CLS",
+/// {"qa_outputs"} for "QUESTION_ANS", none for other task types.
+std::vector<std::string> task_heads(const std::string& task_type);
 
 /// One module of a model, as select_targets sees it.
 struct ModuleInfo {
@@ -126,6 +144,10 @@ struct ModuleInfo {
   /// An embedding layer that can take an adapter (PEFT's lora_embedding_A/B; in/out features are num_embeddings and
   /// embedding_dim): selected when target_modules names it, never by "all-linear".
   bool is_embedding = false;
+  /// A LoRA layer (lorafuse's, wrapping a base) or a modules-to-save layer: modules_to_save may not take it.
+  bool is_lora_layer = false;
+  /// A modules-to-save layer already (an earlier adapter's): a new adapter's modules_to_save adds its copy to it.
+  bool is_saved_module = false;
   /// Whether LoRA can go into it (a Linear or an embedding layer).
   bool takes_lora() const noexcept { return is_linear || is_embedding; }
 };
@@ -146,5 +168,14 @@ struct TargetChoice {
 std::vector<TargetChoice> select_targets(const std::vector<ModuleInfo>& modules, const LoraConfig& config,
                                          const std::string& model_type = "",
                                          std::vector<std::string>* warnings = nullptr);
+
+/// The modules that `config`'s saved_modules() wraps (indices into `modules`, in module order): each module whose path
+/// ends with an entry (PEFT's rule), or a modules-to-save layer there already. ValueErrors naming the module: a LoRA
+/// layer, a module holding LoRA layers, one such module inside another; with `strict` (inject_lora), also
+/// modules_to_save entries of which none names a module (the task type's heads alone: a warning, as a model may name
+/// its head otherwise). An entry that names nothing while others do is a warning, as with target_modules (not for the
+/// task type's heads). Warnings go to `warnings` when given, else TORCH_WARN.
+std::vector<size_t> select_saved_modules(const std::vector<ModuleInfo>& modules, const LoraConfig& config,
+                                         bool strict = true, std::vector<std::string>* warnings = nullptr);
 
 }  // namespace lorafuse

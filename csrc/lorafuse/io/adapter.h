@@ -4,7 +4,8 @@
 //
 // Tensor names: base_model.model.<module path>.lora_A.weight [r, in] and ...lora_B.weight [out, r]; a DoRA adapter
 // (use_dora) also ...lora_magnitude_vector [out]; with bias "all" or "lora_only" also the trained biases under
-// base_model.model.<parameter path>.
+// base_model.model.<parameter path>; a module that modules_to_save trains whole, its state under
+// base_model.model.<module path>.<key> (e.g. base_model.model.classifier.weight), as PEFT writes it.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -32,6 +33,12 @@ struct AdapterLayer {
   bool embedding = false;
 };
 
+/// A module that the adapter trains whole (modules_to_save): its state (state_dict keys within the module → tensor).
+struct SavedModule {
+  std::string path;
+  std::vector<std::pair<std::string, at::Tensor>> state;
+};
+
 /// An adapter as PEFT stores it.
 struct AdapterFile {
   LoraConfig config;
@@ -47,14 +54,17 @@ struct AdapterFile {
   /// save_embedding_layers: ...embed_tokens.base_layer.weight, ...lm_head.base_layer.weight): module path → the base
   /// layer's weight in its own layout. Loading puts them into the base layer, as PEFT does.
   std::vector<std::pair<std::string, at::Tensor>> base_weights;
+  /// The modules that config.saved_modules() trains whole, in file order: the outermost module path of each tensor
+  /// that ends with a saved_modules() entry.
+  std::vector<SavedModule> saved_modules;
   /// Things worth telling the user that do not stop a load (an all-zero lora_B, unknown config fields).
   std::vector<std::string> warnings;
 };
 
 /// adapter_config.json text → LoraConfig. ValueErrors name the field: malformed JSON, a field of the wrong
-/// type, a peft_type other than LORA, and every PEFT feature lorafuse does not support yet (use_dora,
-/// modules_to_save, lora_bias, init_lora_weights other than
-/// true/false/"gaussian", ...), named. Unknown fields are ignored with a warning appended to `warnings`.
+/// type, a peft_type other than LORA, and every PEFT feature lorafuse does not support yet (lora_bias,
+/// trainable_token_indices, init_lora_weights such as "eva", ...), named. Unknown fields are ignored with a warning
+/// appended to `warnings`.
 AdapterFile parse_adapter_config(const std::string& json_text, const std::string& what);
 
 /// The adapter_config.json that PEFT writes for `file.config` (PEFT's LoraConfig fields).
@@ -88,6 +98,24 @@ struct LoadTarget {
 std::vector<LoadTarget> plan_adapter_load(const AdapterFile& file, const std::vector<ModuleInfo>& modules,
                                           bool partial);
 
+/// A module that load_adapter gives the adapter's own copy to (modules_to_save): modules[index], the file's state.
+struct SavedModuleLoad {
+  size_t index;
+  std::vector<std::pair<std::string, at::Tensor>> state;
+};
+
+/// Matches the file's saved modules (modules_to_save) against a model's modules: each must be a module that the
+/// config's modules_to_save names there (select_saved_modules, warnings appended to `warnings`). ValueErrors: a saved
+/// module the model lacks or that modules_to_save does not name; a module it names that the file holds no state for,
+/// unless `partial`. Whether the keys and shapes fit the module is the loader's check (it holds the module).
+std::vector<SavedModuleLoad> plan_saved_modules_load(const AdapterFile& file, const std::vector<ModuleInfo>& modules,
+                                                     bool partial, std::vector<std::string>& warnings);
+
+/// A ValueError naming `path` unless a file's `state` of a module kept whole fits the module's own state `own` (its
+/// state_dict keys with their shapes): the same keys, each of the same shape.
+void check_saved_state(const std::string& path, const std::vector<std::pair<std::string, std::vector<int64_t>>>& own,
+                       const std::vector<std::pair<std::string, at::Tensor>>& state);
+
 /// One layer's adapter to save: modules[index] with these options and weights.
 struct SaveSource {
   size_t index;
@@ -101,8 +129,11 @@ struct SaveSource {
 /// `modules` (the layers' names, e.g. ["q_proj", "v_proj"], when they select exactly these layers, else
 /// their full paths), r and lora_alpha the most common values with rank_pattern/alpha_pattern for the
 /// others. ValueErrors: no layers; layers disagreeing on lora_dropout, use_rslora, bias, task_type or use_dora.
+/// `saved`: the modules the adapter trains whole (modules_to_save), each module's path and state; the config's
+/// modules_to_save names them (their last names when these name exactly them, else their paths).
 AdapterFile describe_adapter(const std::vector<ModuleInfo>& modules, const std::vector<SaveSource>& layers,
-                             std::vector<std::pair<std::string, at::Tensor>> biases = {});
+                             std::vector<std::pair<std::string, at::Tensor>> biases = {},
+                             std::vector<SavedModule> saved = {});
 
 /// "base_model.model.<path>.lora_A.weight", "...lora_B.weight" and DoRA's "...lora_magnitude_vector" (which 'M'); an
 /// embedding layer's "...lora_embedding_A" / "...lora_embedding_B".

@@ -32,6 +32,16 @@ void copy_requires_grad(const torch::nn::Module& from, torch::nn::Module& to);
 /// config instead of cloned.
 void check_cloneable(const torch::nn::Module& module, const char* what);
 
+/// A module that a LinearSlot holds besides LoRA layers and bases (a modules-to-save layer): how to call it and how
+/// to copy it for a cloned owner.
+class SlotModule {
+ public:
+  virtual ~SlotModule() = default;
+  virtual at::Tensor slot_forward(const at::Tensor& x) = 0;
+  /// A same-structure module sharing its tensors (the placeholder that Cloneable::clone then overwrites).
+  virtual std::shared_ptr<torch::nn::Module> shallow_copy() const = 0;
+};
+
 /// A linear-layer child that inject_lora and merge_and_unload may swap between torch::nn::Linear and
 /// lorafuse::nn::LoraLinear. LibTorch calls a child through the typed holder its owner keeps, and
 /// replacing the registered child does not change that holder. A module that keeps its linear layers
@@ -51,8 +61,8 @@ class LinearSlot {
   /// Cloneable::clone then copies.
   void reset(torch::nn::Module& owner, const std::string& name, const torch::nn::LinearOptions& options,
              const c10::TensorOptions& tensor_options = {});
-  /// Points the slot at `layer` once the owner's child was replaced: a LoRA layer (nn::LoraLayer) or a base
-  /// that nn::base_kinds() takes. Anything else is an error.
+  /// Points the slot at `layer` once the owner's child was replaced: a LoRA layer (nn::LoraLayer), a base
+  /// that nn::base_kinds() takes, or a SlotModule (a modules-to-save layer). Anything else is an error.
   void rebind(std::shared_ptr<torch::nn::Module> layer);
   /// Calls the bound layer.
   at::Tensor operator()(const at::Tensor& x) const;

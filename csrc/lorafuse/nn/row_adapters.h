@@ -40,6 +40,13 @@ class RowAdapters {
   Plan plan(const AdapterTable& table, const std::vector<std::string>& available, c10::IntArrayRef x_sizes,
             const c10::Device& device) const;
 
+  /// A batch of `rows` rows (a multiple of the names; generate repeats each named row), grouped by the name each row
+  /// runs, in first-appearance order: (name, row indices), the base's rows under "" (for "" and "__base__") and under
+  /// each name not in `available` (the adapters a layer holds), merged into one "" group. What layers that run a whole
+  /// module per adapter (modules_to_save) compute a mixed batch with.
+  std::vector<std::pair<std::string, std::vector<int64_t>>> row_groups(int64_t rows,
+                                                                       const std::vector<std::string>& available) const;
+
   /// The dropout probability of a mixed batch over adapters with `dropouts` (0 unless training): training needs
   /// one value for all of them (a ValueError naming them otherwise).
   double dropout(const std::vector<std::string>& adapters, const std::vector<double>& dropouts, bool training) const;

@@ -3,6 +3,7 @@
 
 #include <lorafuse/config/lora_config.h>
 #include <lorafuse/nn/lora_linear.h>
+#include <lorafuse/nn/modules_to_save.h>
 #include <torch/nn/module.h>
 
 #include <cstdint>
@@ -21,6 +22,8 @@ struct InjectReport {
   std::vector<std::string> targets;
   /// Of those, the ones that were plain Linear layers and are LoraLinear layers now.
   std::vector<std::string> wrapped;
+  /// Paths of the modules that train whole with the adapter (modules_to_save; ModulesToSave layers now).
+  std::vector<std::string> saved;
   /// Parameters that require grad, and all parameters, after injection.
   int64_t trainable = 0;
   int64_t total = 0;
@@ -41,6 +44,11 @@ struct InjectReport {
 ///
 /// `autocast_adapter_dtype` (PEFT's argument): true keeps a float16/bfloat16 base's adapters in float32 (stable
 /// training); false makes them in the base's dtype.
+///
+/// config.saved_modules() (modules_to_save, and the heads of task_type SEQ_CLS/TOKEN_CLS/QUESTION_ANS): each module
+/// select_saved_modules picks is wrapped in a nn::ModulesToSave (original frozen, a trainable copy for the adapter), or
+/// gets its copy in the ModulesToSave there; LoRA leaves the layers inside it out. The copy trains while the adapter
+/// is active, is saved with it (save_adapter), and replaces the module on merge_and_unload/unload.
 InjectReport inject_lora(torch::nn::Module& module, const LoraConfig& config,
                          const std::string& adapter_name = "default", bool autocast_adapter_dtype = true);
 
@@ -62,6 +70,9 @@ void print_trainable_parameters(const torch::nn::Module& module);
 
 /// Every LoRA layer in the tree (whatever its base kind), with its path, in module order.
 std::vector<std::pair<std::string, nn::LoraLayer*>> lora_layers(torch::nn::Module& module);
+
+/// Every modules-to-save layer in the tree (modules_to_save), with its path, in module order.
+std::vector<std::pair<std::string, nn::ModulesToSaveImpl*>> saved_modules(torch::nn::Module& module);
 
 /// Adapter names present in the model, in the order they first appear.
 std::vector<std::string> adapter_names(torch::nn::Module& module);
@@ -98,7 +109,8 @@ void merge_and_unload(torch::nn::Module& module);
 
 /// Puts every LoRA layer's base back in its place, adapters dropped (PEFT's unload()): not merged — what a merge
 /// folded into a base stays there (as in PEFT). Save adapters first (save_adapter) to keep them. Every layer must sit
-/// where it can be swapped (checked before any is). Returns the paths unloaded.
+/// where it can be swapped (checked before any is). A modules-to-save layer gives its active adapter's copy (the
+/// original when none is active), as merge_and_unload and PEFT do. Returns the paths unloaded.
 std::vector<std::string> unload(torch::nn::Module& module);
 
 }  // namespace lorafuse

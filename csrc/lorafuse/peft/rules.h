@@ -47,8 +47,10 @@ std::string bias_mode(const LayerTables& layers, const std::string& active);
 /// The biases that train with `adapter` (PEFT's bias modes; they are saved with it), as names among
 /// `parameter_names` (the model's named parameters): "all" every bias, "lora_only" the base biases
 /// ("<path>.base_layer.bias") of the layers that have it, "none" none.
+/// Biases inside the modules at `kept_whole` (modules_to_save layers) are never among them: their copies train whole
+/// and their originals stay frozen.
 std::vector<std::string> trained_biases(const LayerTables& layers, const std::vector<std::string>& parameter_names,
-                                        const std::string& adapter);
+                                        const std::string& adapter, const std::vector<std::string>& kept_whole = {});
 /// Where each bias of an adapter file goes: for each (name, shape) of `file_biases`, the model parameter among
 /// `parameters` (name, shape) it is copied into — its own name, or the same bias before/after wrapping
 /// ("<path>.bias" ⇔ "<path>.base_layer.bias", as PEFT since 0.7 names it). ValueErrors prefixed with `what`: a
@@ -61,8 +63,10 @@ std::vector<std::string> match_biases(const std::vector<std::pair<std::string, s
 /// an lm_head sharing the input embeddings'), that module would change too, silently. `parameters` are the model's
 /// parameters as (full name, identity: equal for one tensor under several names); for each layer path in `merging`
 /// (LoRA layers about to merge in place), a parameter inside it that also has a name outside it is a ValueError
-/// prefixed with `what`, naming both.
+/// prefixed with `what`, naming both; `consequence` says why that is refused (default: what a merge would do).
+/// modules_to_save asks it too: a copy per adapter of a module holding tied weights would untie them.
 void check_not_tied(const std::vector<std::pair<std::string, int64_t>>& parameters,
-                    const std::vector<std::string>& merging, const std::string& what);
+                    const std::vector<std::string>& merging, const std::string& what,
+                    const std::string& consequence = "");
 
 }  // namespace lorafuse::rules

@@ -6,6 +6,7 @@ from .base_kinds import BASE_KINDS, BaseKind, base_kind_of
 from .linear4bit import Linear4bit
 from .lora_embedding import Embedding
 from .lora_linear import AdapterOptions, Linear, MergeError
+from .modules_to_save import ModulesToSave
 
 # The C++ layer (lorafuse::nn::LoraLinear) bound with torch::python::bind_module: a torch.nn.Module whose
 # keyword arguments are the C++ LoraLinearOptions fields (in_features, out_features, bias, adapter_name, r,
@@ -29,6 +30,7 @@ __all__ = [
     "MergeError",
     "Linear",
     "Embedding",
+    "ModulesToSave",
     "Linear4bit",
     "LoraLinear",
     "AdapterOptions",

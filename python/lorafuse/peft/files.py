@@ -23,37 +23,26 @@ from torch import nn
 
 from .. import _C
 from ..config import config_fields
-from ..nn import Linear, base_kind_of, is_lora_layer
+from ..nn import Linear, ModulesToSave, base_kind_of, is_lora_layer
+from ..nn.modules_to_save import saved_state
 from .inject import (
     _activate_and_freeze,
     _attach,
+    _attach_saved,
     _check_dora,
+    _check_saved,
     _has_peft_layers,
-    _is_embedding,
+    _infos,
     _is_target,
     _model_wide,
     _sites,
     _tables,
     active_adapter,
-    adapter_names,
     lora_layers,
+    saved_modules,
 )
 
 PathLike = Union[str, "os.PathLike[str]"]
-
-
-def _infos(sites) -> list:
-    """(path, type, is_linear, in_features, out_features, is_embedding) of each site, as the C++ rules take them (an
-    embedding's in and out: num_embeddings and embedding_dim)."""
-    infos = []
-    for _, _, path, m in sites:
-        target, embedding = _is_target(m), _is_embedding(m)
-        if is_lora_layer(m):
-            features = (m.in_features, m.out_features)
-        else:
-            features = base_kind_of(m).features(m) if target else (-1, -1)
-        infos.append((path, type(m).__name__, target and not embedding, *features, embedding))
-    return infos
 
 
 def _folder(dir: PathLike, what: str) -> str:
@@ -98,11 +87,15 @@ def _save(model: nn.Module, path: str, adapter_name: str) -> None:
             layers.append((index, m.adapters[adapter_name], a, b, magnitude))
             fan_in_fan_out = fan_in_fan_out or base_kind_of(m.base_layer).fan_in_fan_out
     params = dict(model.named_parameters())
-    trained = _C._rules_trained_biases(_tables(lora_layers(model)), list(params), adapter_name)
+    kept = [p for p, _ in saved_modules(model)]
+    trained = _C._rules_trained_biases(_tables(lora_layers(model)), list(params), adapter_name, kept)
     biases = [(name, params[name].detach()) for name in trained]
     config = getattr(model, "config", None)
     base_name = getattr(config, "_name_or_path", "") or getattr(model, "name_or_path", "") or ""
-    _C._save_adapter(path, _infos(sites), layers, biases, str(base_name), fan_in_fan_out)
+    saved = [
+        (p, saved_state(w.modules_to_save[adapter_name])) for p, w in saved_modules(model) if adapter_name in w.adapters
+    ]
+    _C._save_adapter(path, _infos(sites), layers, biases, str(base_name), fan_in_fan_out, saved)
 
 
 def load_adapter(
@@ -182,6 +175,15 @@ def _load(
     for message in plan["warnings"]:
         warnings.warn(message, UserWarning, stacklevel=2)
 
+    states = {}
+    for index, _, state in plan["saved"]:  # modules_to_save: the file's state fits the module (before changes)
+        _, _, spath, module = sites[index]
+        own = module.original_module if isinstance(module, ModulesToSave) else module
+        _C._check_saved_state(spath, [(k, list(v.shape)) for k, v in own.state_dict().items()], state)
+        states[index] = state
+    saved = [(index, json.loads(opts)) for index, opts, _ in plan["saved"]]
+    _check_saved(model, sites, saved)
+
     weights = {index: (a, b, m, w) for index, _, a, b, m, w in plan["targets"]}
     for index, (_, _, _, w) in weights.items():  # PEFT's save_embedding_layers: the base weight, checked before changes
         if w is not None:
@@ -210,6 +212,14 @@ def _load(
         fill=fill,
         autocast_adapter_dtype=autocast_adapter_dtype,
     )
+
+    def fill_saved(index: int, copy: nn.Module) -> None:
+        own = copy.state_dict(keep_vars=True)
+        with torch.no_grad():
+            for key, tensor in states[index]:
+                own[key].copy_(tensor)
+
+    _attach_saved(model, sites, saved, adapter_name, keep_active=prior_active is not None, fill=fill_saved)
     with torch.no_grad():
         for param, tensor in bias_copies:
             param.copy_(tensor)

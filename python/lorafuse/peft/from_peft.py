@@ -8,13 +8,11 @@ import torch
 from torch import nn
 
 from .. import _C
-from ..nn import base_kind_of, lora_layer_class
+from ..nn import ModulesToSave, base_kind_of, lora_layer_class
 
 
 def _config_problems(name: str, config: Any) -> List[str]:
     problems = []
-    if getattr(config, "modules_to_save", None):
-        problems.append(f'adapter "{name}" has modules_to_save={list(config.modules_to_save)}')
     if getattr(config, "lora_bias", False):
         problems.append(f'adapter "{name}" has a bias in lora_B (lora_bias=True)')
     if getattr(config, "layer_replication", None):
@@ -52,7 +50,9 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
 
     Each layer keeps its base layer and adopts PEFT's own ``lora_A`` / ``lora_B`` modules (the same
     parameter objects, so an optimizer built on the PEFT model keeps working), with the same ranks,
-    scales, dropout, active adapter and enabled state. Outputs are the same as PEFT's.
+    scales, dropout, active adapter and enabled state. PEFT's ``ModulesToSaveWrapper`` layers (``modules_to_save``,
+    task heads) become :class:`lorafuse.nn.ModulesToSave` layers holding the same original and copies. Outputs are
+    the same as PEFT's.
 
     Args:
         peft_model: a ``peft.PeftModel`` whose tuner is LoRA.
@@ -65,8 +65,8 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
     Raises:
         TypeError: not a PEFT LoRA model.
         ValueError: a PEFT feature that lorafuse does not carry over, named — LoRA variants other than DoRA
-            (aLoRA, KaSA, ...; DoRA is carried, its magnitude parameter adopted, over nn.Linear and Conv1D), a scaling other than lora_alpha/r (scale_layer), modules_to_save,
-            lora_bias, a fan_in_fan_out that does not fit the layer's weight, layer replication, trainable
+            (aLoRA, KaSA, ...; DoRA is carried, its magnitude parameter adopted, over nn.Linear and Conv1D), a scaling
+            other than lora_alpha/r (scale_layer), lora_bias, a fan_in_fan_out that does not fit the layer's weight, layer replication, trainable
             tokens, target_parameters, BD-LoRA, LoRA on layers other than nn.Linear, transformers' Conv1D and
             nn.Embedding (convolutions, quantized bases other than bitsandbytes' NF4), merged layers or
             several active adapters at once. Nothing is changed then.
@@ -88,8 +88,18 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
     for name, config in peft_model.peft_config.items():
         problems += _config_problems(name, config)
     layers: List[Tuple[nn.Module, str, str, Any]] = []
+    kept_whole: List[Tuple[nn.Module, str, Any]] = []  # PEFT's ModulesToSaveWrapper layers
     for path, module in model.named_modules():
-        if type(module).__name__ in ("ModulesToSaveWrapper", "TrainableTokensWrapper"):
+        if type(module).__name__ == "ModulesToSaveWrapper":
+            if len(module.active_adapters) > 1:
+                problems.append(f'"{path}" has several active adapters {module.active_adapters}')
+            if set(module.modules_to_save) != set(module._adapters):
+                problems.append(f'"{path}" (modules_to_save) has copies {sorted(module.modules_to_save)} but adapters '
+                                f"{sorted(module._adapters)}")
+            parent_path, _, child = path.rpartition(".")
+            kept_whole.append((model.get_submodule(parent_path) if parent_path else model, child, module))
+            continue
+        if type(module).__name__ == "TrainableTokensWrapper":
             problems.append(f'"{path}" is a {type(module).__name__}')
             continue
         if not isinstance(module, LoraLayer):
@@ -213,6 +223,28 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
             for p in adapter_params(new, a):
                 p.requires_grad_(requires[id(p)])
         new.train(old.training)  # a new module starts in training mode; keep the model's mode
+        converted.append((parent, child, new))
+    for parent, child, old in kept_whole:  # the very same original and copies, in a lorafuse ModulesToSave
+        requires = {id(p): p.requires_grad for p in old.parameters()}
+        new = None
+        for adapter, copy_module in old.modules_to_save.items():
+            config = peft_model.peft_config.get(adapter)
+            options = _C.AdapterOptions(
+                int(getattr(config, "r", 8)), float(getattr(config, "lora_alpha", 8)), 0.0, False, True,
+                getattr(config, "bias", "none"), None, _task_type(config), None, False,
+            )
+            if new is None:
+                new = ModulesToSave(old.original_module, adapter, options, activate=False, copy_module=copy_module)
+            else:
+                new.add_adapter(adapter, options, activate=False, copy_module=copy_module)
+        active = old.active_adapters[0] if old.active_adapters else None
+        if active in new.adapters:
+            new.set_adapter(active)
+        if old.disable_adapters:
+            new.disable_adapters()
+        for p in new.parameters():  # trainability as PEFT had it
+            p.requires_grad_(requires[id(p)])
+        new.train(old.training)
         converted.append((parent, child, new))
     for parent, child, new in converted:
         setattr(parent, child, new)

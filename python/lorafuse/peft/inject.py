@@ -17,8 +17,9 @@ from torch import nn
 from .. import _C
 from .._cpp import cpp_module_of as _cpp
 from ..config import LoraConfig
-from ..nn import Linear, Linear4bit, MergeError, base_kind_of, is_lora_layer, lora_layer_class
+from ..nn import Linear, Linear4bit, MergeError, ModulesToSave, base_kind_of, is_lora_layer, lora_layer_class
 from ..nn.base_kinds import DenseLinear
+from ..nn.modules_to_save import check_saved_module
 
 
 def _model_wide(cpp_impl, result=lambda model, out: out):
@@ -50,16 +51,43 @@ def _is_embedding(m: nn.Module) -> bool:
 
 
 def _sites(model: nn.Module) -> Iterator[Tuple[nn.Module, str, str, nn.Module]]:
-    """(parent, name, path, module) in module order; lorafuse layers are leaves."""
+    """(parent, name, path, module) in module order; lorafuse layers (LoRA and modules-to-save) are leaves."""
 
     def walk(module: nn.Module, prefix: str):
         for name, child in module.named_children():
             path = f"{prefix}.{name}" if prefix else name
             yield module, name, path, child
-            if not is_lora_layer(child):
+            if not is_lora_layer(child) and not isinstance(child, ModulesToSave):
                 yield from walk(child, path)
 
     yield from walk(model, "")
+
+
+def _infos(sites) -> list:
+    """What the C++ rules see of each site (ModuleInfo): (path, type, is_linear, in_features, out_features, is_embedding,
+    is_lora_layer, is_saved_module); an embedding's in and out are num_embeddings and embedding_dim."""
+    infos = []
+    for _, _, path, m in sites:
+        target, embedding, saved = _is_target(m), _is_embedding(m), isinstance(m, ModulesToSave)
+        if is_lora_layer(m):
+            features = (m.in_features, m.out_features)
+        else:
+            features = base_kind_of(m).features(m) if target else (-1, -1)
+        infos.append((path, type(m).__name__, target and not embedding, *features, embedding, is_lora_layer(m) or saved,
+                      saved))
+    return infos
+
+
+def _cpp_saved_modules(cpp) -> List[Tuple[str, nn.Module]]:
+    modules = dict(cpp.named_modules().items())
+    return [(path, modules[path]) for path in _C._cpp_saved_modules(cpp)]
+
+
+@_model_wide(_cpp_saved_modules)
+def saved_modules(model: nn.Module) -> List[Tuple[str, ModulesToSave]]:
+    """Every module kept whole (``modules_to_save``: a :class:`lorafuse.nn.ModulesToSave`), with its path, in module
+    order (for a C++ model: the bound C++ lorafuse::nn::ModulesToSave layers)."""
+    return [(path, m) for _, _, path, m in _sites(model) if isinstance(m, ModulesToSave)]
 
 
 def _cpp_lora_layers(cpp) -> List[Tuple[str, nn.Module]]:
@@ -153,12 +181,14 @@ def _inject(model: nn.Module, config: LoraConfig, adapter_name: str, autocast_ad
         )
     _C._rules_check_new_adapter(_tables(lora_layers(model)), adapter_name, "")
     sites = list(_sites(model))
-    chosen = [(i, json.loads(opts)) for i, opts in _select(model, sites, config._to_json())]
+    chosen, saved = _select(model, sites, config._to_json())
     _C._validate_adapter(adapter_name, config.r, float(config.lora_alpha), float(config.lora_dropout))
     _check_loftq(sites, chosen, adapter_name)
+    _check_saved(model, sites, saved)
 
     prior_active = active_adapter(model)
     _attach(model, sites, chosen, adapter_name, keep_active=False, autocast_adapter_dtype=autocast_adapter_dtype)
+    _attach_saved(model, sites, saved, adapter_name, keep_active=False)
     _activate_and_freeze(model, prior_active if prior_active is not None else adapter_name)
     return model
 
@@ -178,19 +208,16 @@ def _output_layer(model: nn.Module) -> Optional[nn.Module]:
     return model.get_output_embeddings()
 
 
-def _select(model: nn.Module, sites: list, config_json: str) -> list:
-    """The C++ selection rules (lorafuse::select_targets) over ``sites``, with the model's type (default targets)
-    and output layer ("all-linear")."""
+def _select(model: nn.Module, sites: list, config_json: str) -> Tuple[list, list]:
+    """The C++ selection rules (lorafuse::select_targets, select_saved_modules) over ``sites``, with the model's type
+    (default targets) and output layer ("all-linear"): the LoRA targets and the modules kept whole, each (index into
+    sites, adapter options as a dict)."""
     output = _output_layer(model)
-    infos = [
-        (path, type(m).__name__, _is_target(m) and not _is_embedding(m), m is output and output is not None,
-         _is_embedding(m))
-        for _, _, path, m in sites
-    ]
-    chosen, messages = _C._select_targets(infos, config_json, model_type(model))
+    output_path = next((path for _, _, path, m in sites if output is not None and m is output), "")
+    chosen, saved, messages = _C._select_targets(_infos(sites), config_json, model_type(model), output_path)
     for message in messages:
         warnings.warn(message, stacklevel=4)
-    return chosen
+    return [(i, json.loads(o)) for i, o in chosen], [(i, json.loads(o)) for i, o in saved]
 
 
 def default_target_modules(model_type: str) -> Optional[Union[List[str], str]]:
@@ -285,6 +312,47 @@ def _attach(model, sites, chosen, adapter_name: str, keep_active: bool, fill=Non
             setattr(parent, name, layer)
 
 
+def _check_saved(model: nn.Module, sites, saved) -> None:
+    """Every module that modules_to_save keeps whole can be (before anything changes): one that runs, holding no
+    weights tied to a module outside it."""
+    new = []
+    for index, _ in saved:
+        _, _, path, module = sites[index]
+        if not isinstance(module, ModulesToSave):
+            check_saved_module(module, path)
+            new.append((path, module))
+    _check_not_tied(model, new, "modules_to_save", _UNTIES)
+
+
+def _saved_options(opts: dict):
+    """The adapter options a modules-to-save layer records (its table's), from the options as a dict."""
+    return _C.AdapterOptions(
+        opts["r"], float(opts["lora_alpha"]), float(opts["lora_dropout"]), opts["use_rslora"], True, opts["bias"],
+        None, opts["task_type"], None, False,
+    )
+
+
+def _attach_saved(model, sites, saved, adapter_name: str, keep_active: bool, fill=None) -> None:
+    """Gives ``adapter_name`` its copy of each module ``saved`` names (index, options): added to a modules-to-save
+    layer there, or a new one wrapping the module (in its train/eval mode; disabled if the model's adapters are).
+    ``fill(index, copy)`` then sets the copy's state."""
+    all_disabled = _C._rules_starts_disabled(_tables(lora_layers(model)))
+    for index, opts in saved:
+        parent, name, _, module = sites[index]
+        if isinstance(module, ModulesToSave):
+            module.add_adapter(adapter_name, _saved_options(opts), activate=not keep_active)
+            wrapper = module
+        else:
+            wrapper = ModulesToSave(module, adapter_name, _saved_options(opts), activate=not keep_active)
+            wrapper.train(module.training)
+            if all_disabled:
+                wrapper.disable_adapters()
+        if fill is not None:
+            fill(index, wrapper.modules_to_save[adapter_name])
+        if wrapper is not module:
+            setattr(parent, name, wrapper)
+
+
 def _activate_and_freeze(model: nn.Module, active: str) -> None:
     """Freezes everything but ``active``'s A and B (and the biases its ``bias`` mode names)."""
     for p in model.parameters():
@@ -292,7 +360,8 @@ def _activate_and_freeze(model: nn.Module, active: str) -> None:
     set_adapter(model, active)
     # the active adapter's bias mode decides, as in PEFT (a later adapter's config waits until it is active)
     params = dict(model.named_parameters())
-    for name in _C._rules_trained_biases(_tables(lora_layers(model)), list(params), active):
+    kept = [path for path, _ in saved_modules(model)]
+    for name in _C._rules_trained_biases(_tables(lora_layers(model)), list(params), active, kept):
         params[name].requires_grad_(True)
 
 
@@ -337,20 +406,25 @@ def set_adapter(model: nn.Module, adapter_name: str) -> None:
             layer.set_adapter(name)
         else:
             layer.clear_active_adapter()
+    for _, wrapper in saved_modules(model):  # PEFT: the adapter's copy where the wrapper has one, else the original
+        if adapter_name in wrapper.adapters:
+            wrapper.set_adapter(adapter_name)
+        else:
+            wrapper.clear_active_adapter()
 
 
 @_model_wide(_C._cpp_disable_adapters)
 def disable_adapters(model: nn.Module) -> None:
     """The base model alone (merged layers are unmerged first; every adapter frozen until :func:`enable_adapters` or
     :func:`set_adapter`, as PEFT)."""
-    for _, layer in lora_layers(model):
+    for _, layer in lora_layers(model) + saved_modules(model):
         layer.disable_adapters()
 
 
 @_model_wide(_C._cpp_enable_adapters)
 def enable_adapters(model: nn.Module) -> None:
     """The adapters again."""
-    for _, layer in lora_layers(model):
+    for _, layer in lora_layers(model) + saved_modules(model):
         layer.enable_adapters()
 
 
@@ -359,6 +433,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     """Removes ``adapter_name`` from every layer (a merged adapter must be unmerged first)."""
     layers = lora_layers(model)
     next_active = _C._rules_plan_delete_adapter(_tables(layers), adapter_name)
+    layers = layers + saved_modules(model)
     for _, layer in layers:
         if adapter_name in layer.adapters:
             layer.delete_adapter(adapter_name)
@@ -410,11 +485,18 @@ def _cpp_merge_report(model: nn.Module, report: Dict[str, tuple]) -> Dict[str, M
     return {path: MergeError(*errors) for path, errors in report.items()}
 
 
-def _check_not_tied(model: nn.Module, layers: List[Tuple[str, nn.Module]], what: str) -> None:
-    """rules::check_not_tied over this model's parameters: no merge into a weight another module holds too."""
+_UNTIES = (
+    "a copy of it per adapter would untie them, so the model would compute something else (PEFT ties such copies; "
+    "lorafuse does not yet). Untie them first, or leave the module out of modules_to_save"
+)
+
+
+def _check_not_tied(model: nn.Module, layers: List[Tuple[str, nn.Module]], what: str, consequence: str = "") -> None:
+    """rules::check_not_tied over this model's parameters: no merge into (or copy of) a weight another module holds
+    too."""
     if layers:
         parameters = [(n, id(p)) for n, p in model.named_parameters(remove_duplicate=False)]
-        _C._rules_check_not_tied(parameters, [path for path, _ in layers], what)
+        _C._rules_check_not_tied(parameters, [path for path, _ in layers], what, consequence)
 
 
 @_model_wide(_C._cpp_merge, result=_cpp_merge_report)
@@ -447,7 +529,8 @@ def unmerge(model: nn.Module) -> None:
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Merges the active adapter for good (also while disabled) and puts each plain ``nn.Linear`` back:
     the base model again, with the adapter inside its weights; a 4-bit base becomes a dense ``nn.Linear`` holding
-    dequant(W) + the adapter in its compute dtype. All or nothing. Returns ``model``."""
+    dequant(W) + the adapter in its compute dtype; a module kept whole (``modules_to_save``) becomes the active
+    adapter's copy (PEFT). All or nothing. Returns ``model``."""
     sites = [(parent, name, m) for parent, name, _, m in _sites(model) if is_lora_layer(m)]
     dense = {id(layer): layer._unloaded_dense() for _, _, layer in sites}  # 4-bit bases; nothing changes yet
     in_place = [(path, m) for _, _, path, m in _sites(model) if is_lora_layer(m) and dense[id(m)] is None]
@@ -465,16 +548,25 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         if unloaded is None:
             unloaded = layer.merge_and_unload()
         setattr(parent, name, unloaded)
+    _unload_saved(model)
     return model
+
+
+def _unload_saved(model: nn.Module) -> None:
+    """Each modules-to-save layer's place: its active adapter's copy (the original when none is active), as PEFT."""
+    for parent, name, _, wrapper in [site for site in _sites(model) if isinstance(site[3], ModulesToSave)]:
+        setattr(parent, name, wrapper.unloaded())
 
 
 @_model_wide(_C._cpp_unload, result=lambda model, _: model)
 def unload(model: nn.Module) -> nn.Module:
     """Puts every LoRA layer's base back in its place, the adapters dropped (PEFT's ``unload()``): not merged — what
     a merge folded into a base stays there, as in PEFT. Save the adapters first (:func:`save_adapter`) to keep them.
+    A module kept whole (``modules_to_save``) becomes the active adapter's copy, as PEFT's ``unload()`` leaves it.
     Returns ``model``."""
     for parent, name, _, layer in [site for site in _sites(model) if is_lora_layer(site[3])]:
         setattr(parent, name, layer.base_layer)
+    _unload_saved(model)
     return model
 
 
@@ -493,6 +585,7 @@ __all__ = [
     "unmerge",
     "merge_and_unload",
     "lora_layers",
+    "saved_modules",
     "adapter_names",
     "active_adapter",
 ]

@@ -188,7 +188,7 @@ def _targets(model: nn.Module, config: LqLoraConfig) -> List[Tuple[nn.Module, st
     from ..peft.inject import _select, _sites
 
     sites = list(_sites(model))
-    chosen = _select(model, sites, config._lora_config()._to_json())
+    chosen, _ = _select(model, sites, config._lora_config()._to_json())  # LQ-LoRA configs keep no module whole
     dense = DenseLinear()
     out = []
     for index, _ in chosen:

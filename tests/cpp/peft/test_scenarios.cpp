@@ -83,6 +83,7 @@ LoraConfig lora_config(const std::string& name) {
   } else {
     config.target_modules(c.at("targets").get<std::vector<std::string>>());
   }
+  if (c.contains("modules_to_save")) config.modules_to_save(c.at("modules_to_save").get<std::vector<std::string>>());
   return config;
 }
 
@@ -187,6 +188,10 @@ class Runner {
       REQUIRE(lorafuse::active_adapter(m) == s.at("name").get<std::string>());
     } else if (what == "expect_lora_layers") {
       REQUIRE(static_cast<int64_t>(lorafuse::lora_layers(m).size()) == s.at("count").get<int64_t>());
+    } else if (what == "expect_saved_modules") {
+      std::vector<std::string> paths;
+      for (const auto& [path, wrapper] : lorafuse::saved_modules(m)) paths.push_back(path);
+      REQUIRE(paths == s.at("paths").get<std::vector<std::string>>());
     } else if (what == "expect_trainable") {
       REQUIRE(lorafuse::trainable_parameters(m).trainable == s.at("count").get<int64_t>());
     } else if (what == "expect_error") {

@@ -75,7 +75,6 @@ def test_from_peft_keeps_rslora_dropout_and_disabled_state():
 @pytest.mark.parametrize(
     "kwargs, part",
     [
-        (dict(modules_to_save=["lm_head"]), "modules_to_save"),
         (dict(lora_bias=True), "lora_bias"),
         (dict(alora_invocation_tokens=[5]), "variants"),
     ],

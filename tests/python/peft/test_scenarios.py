@@ -39,7 +39,8 @@ def lora_config(name: str) -> lorafuse.LoraConfig:
     c = TABLE["configs"][name]
     init = {"random": False, "default": True, "gaussian": "gaussian"}[c["init"]]
     return lorafuse.LoraConfig(
-        r=c["r"], lora_alpha=c["lora_alpha"], target_modules=c["targets"], init_lora_weights=init
+        r=c["r"], lora_alpha=c["lora_alpha"], target_modules=c["targets"], init_lora_weights=init,
+        modules_to_save=c.get("modules_to_save"),
     )
 
 
@@ -127,6 +128,8 @@ class Runner:
             assert (lorafuse.active_adapter(m) or "") == s["name"], where
         elif do == "expect_lora_layers":
             assert len(lorafuse.lora_layers(m)) == s["count"], where
+        elif do == "expect_saved_modules":
+            assert [path for path, _ in lorafuse.saved_modules(m)] == s["paths"], where
         elif do == "expect_trainable":
             assert lorafuse.trainable_parameters(m)[0] == s["count"], where
         elif do == "expect_error":
