@@ -280,38 +280,58 @@ std::vector<LoadTarget> plan_adapter_load(const AdapterFile& file, const std::ve
                                           bool partial) {
   std::map<std::string, size_t> index;
   for (size_t i = 0; i < modules.size(); ++i) index.emplace(modules[i].path, i);
+  // an attention module's output projection: <path>.base_layer.out_proj in the file, modules[<path>] in the model
+  auto attention_of = [&](const std::string& path) -> const size_t* {
+    const std::string suffix = kAttentionOutProj;
+    if (!ends_with(path, suffix) || path.size() == suffix.size()) return nullptr;
+    const auto it = index.find(path.substr(0, path.size() - suffix.size()));
+    return it != index.end() && modules[it->second].is_attention ? &it->second : nullptr;
+  };
   std::vector<std::string> absent;
   for (const auto& l : file.layers) {
-    if (!index.count(l.path)) absent.push_back(l.path);
+    if (!index.count(l.path) && attention_of(l.path) == nullptr) absent.push_back(l.path);
   }
   TORCH_CHECK_VALUE(absent.empty(), "load_adapter: ", absent.size(),
                     " module(s) of the adapter file are not in the model: ", list_some(absent),
                     ". Is this adapter for another model?");
   std::vector<LoadTarget> plan;
   for (const auto& l : file.layers) {
-    const size_t i = index.at(l.path);
+    const size_t* attention = index.count(l.path) ? nullptr : attention_of(l.path);
+    const size_t i = attention != nullptr ? *attention : index.at(l.path);
     const auto& m = modules[i];
-    TORCH_CHECK_VALUE(l.embedding ? m.is_embedding : m.is_linear, "load_adapter: the file adapts \"", l.path, "\" as ",
+    TORCH_CHECK_VALUE(l.embedding ? m.is_embedding : (m.is_linear || m.is_attention),
+                      "load_adapter: the file adapts \"", l.path, "\" as ",
                       l.embedding ? "an embedding layer (lora_embedding_A/B)" : "a Linear layer (lora_A/B)",
                       ", which it is not in this model (its type: ", m.type_name, ")");
+    // an attention module's output projection maps embed_dim to embed_dim (its in_features)
+    const int64_t in = m.in_features, out = attention != nullptr ? m.in_features : m.out_features;
     const int64_t r = l.lora_A.size(0);
-    TORCH_CHECK_VALUE(l.lora_A.size(1) == m.in_features, "load_adapter: \"", l.path, "\": lora_A is ",
-                      shape_str(l.lora_A), " but the layer takes ", m.in_features, " inputs; expected [", r, ", ",
-                      m.in_features, "]");
-    TORCH_CHECK_VALUE(l.lora_B.size(0) == m.out_features, "load_adapter: \"", l.path, "\": lora_B is ",
-                      shape_str(l.lora_B), " but the layer gives ", m.out_features, " outputs; expected [",
-                      m.out_features, ", ", r, "]");
-    TORCH_CHECK_VALUE(!l.magnitude.defined() || l.magnitude.size(0) == m.out_features, "load_adapter: \"", l.path,
-                      "\": lora_magnitude_vector is ", shape_str(l.magnitude), " but the layer gives ", m.out_features,
-                      " outputs; expected [", m.out_features, "]");
+    TORCH_CHECK_VALUE(l.lora_A.size(1) == in, "load_adapter: \"", l.path, "\": lora_A is ", shape_str(l.lora_A),
+                      " but the layer takes ", in, " inputs; expected [", r, ", ", in, "]");
+    TORCH_CHECK_VALUE(l.lora_B.size(0) == out, "load_adapter: \"", l.path, "\": lora_B is ", shape_str(l.lora_B),
+                      " but the layer gives ", out, " outputs; expected [", out, ", ", r, "]");
+    TORCH_CHECK_VALUE(!l.magnitude.defined() || l.magnitude.size(0) == out, "load_adapter: \"", l.path,
+                      "\": lora_magnitude_vector is ", shape_str(l.magnitude), " but the layer gives ", out,
+                      " outputs; expected [", out, "]");
     at::Tensor base_weight;
     for (const auto& [path, t] : file.base_weights) {
       if (path == l.path) base_weight = t;
     }
-    TORCH_CHECK_VALUE(!base_weight.defined() || base_weight.numel() == m.in_features * m.out_features,
-                      "load_adapter: \"", l.path, "\": the file's base weight is ", shape_str(base_weight),
-                      " but the layer's weight has ", m.in_features, " × ", m.out_features, " elements");
-    plan.push_back({i, file.config.adapter_for(l.path), l.lora_A, l.lora_B, l.magnitude, base_weight});
+    TORCH_CHECK_VALUE(!base_weight.defined() || base_weight.numel() == in * out, "load_adapter: \"", l.path,
+                      "\": the file's base weight is ", shape_str(base_weight), " but the layer's weight has ", in,
+                      " × ", out, " elements");
+    plan.push_back(
+        {i, file.config.adapter_for(m.path), l.lora_A, l.lora_B, l.magnitude, base_weight, attention != nullptr});
+  }
+  // an attention module needs both parts
+  for (const auto& t : plan) {
+    if (!modules[t.index].is_attention) continue;
+    const bool both =
+        std::count_if(plan.begin(), plan.end(), [&](const LoadTarget& o) { return o.index == t.index; }) == 2;
+    TORCH_CHECK_VALUE(both, "load_adapter: the file adapts the attention module \"", modules[t.index].path,
+                      "\" without its ", t.out_proj ? "packed q/k/v projection (" : "output projection (",
+                      modules[t.index].path, t.out_proj ? "" : kAttentionOutProj,
+                      ".lora_A.weight); PEFT's MultiheadAttention adapters have both");
   }
   // "all-linear" (PEFT writes the names it stands for; a hand-written file may say it) leaves out the model's output
   // layer, which the module list here does not know: the file's tensors are the targets then.
@@ -398,6 +418,7 @@ AdapterFile describe_adapter(const std::vector<ModuleInfo>& modules, const std::
                       "once per adapter");
     TORCH_CHECK_VALUE(a.use_dora() == l.magnitude.defined(), "save_adapter: layer \"", path, "\": ",
                       a.use_dora() ? "a DoRA adapter without its magnitude vector" : "a magnitude vector without DoRA");
+    if (l.out_proj) continue;  // an attention module's output projection: its module's options, written once
     ranks.push_back(a.r());
     alphas.push_back(a.lora_alpha());
   }
@@ -415,6 +436,7 @@ AdapterFile describe_adapter(const std::vector<ModuleInfo>& modules, const std::
   std::vector<size_t> wanted;
   std::vector<std::string> names, paths;
   for (const auto& l : layers) {
+    if (l.out_proj) continue;
     wanted.push_back(l.index);
     paths.push_back(modules.at(l.index).path);
     const auto leaf = last_component(paths.back());
@@ -440,7 +462,7 @@ AdapterFile describe_adapter(const std::vector<ModuleInfo>& modules, const std::
       name_ok[leaf] = same;
     }
     for (const auto& l : layers) {
-      if (value_of(l.adapter) == common) continue;
+      if (l.out_proj || value_of(l.adapter) == common) continue;
       const auto& path = modules.at(l.index).path;
       const auto leaf = last_component(path);
       const std::string key = name_ok[leaf] ? leaf : escape_regex(path);
@@ -456,9 +478,11 @@ AdapterFile describe_adapter(const std::vector<ModuleInfo>& modules, const std::
   for (const auto& l : layers) {
     const auto& path = modules.at(l.index).path;
     const auto back = c.adapter_for(path);
-    TORCH_CHECK(back.r() == l.adapter.r() && back.lora_alpha() == l.adapter.lora_alpha(),
-                "save_adapter: internal error: the written config does not reproduce \"", path, "\"");
-    file.layers.push_back({path, l.lora_A, l.lora_B, l.magnitude, modules.at(l.index).is_embedding});
+    TORCH_CHECK_VALUE(back.r() == l.adapter.r() && back.lora_alpha() == l.adapter.lora_alpha(), "save_adapter: \"",
+                      path, "\"", l.out_proj ? "'s output projection" : "",
+                      ": the written config does not reproduce its rank and lora_alpha");
+    file.layers.push_back({l.out_proj ? path + kAttentionOutProj : path, l.lora_A, l.lora_B, l.magnitude,
+                           modules.at(l.index).is_embedding});
   }
   file.biases = std::move(biases);
   // modules_to_save: the saved modules' last names when they name exactly these modules (PEFT's suffix rule), else

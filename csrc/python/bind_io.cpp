@@ -36,26 +36,27 @@ void bind_io(py::module& m) {
         for (const auto& t : plan) {
           targets.append(py::make_tuple(t.index, nn::adapter_options_json(t.adapter), t.lora_A, t.lora_B,
                                         t.magnitude.defined() ? py::cast(t.magnitude) : py::none(),
-                                        t.base_weight.defined() ? py::cast(t.base_weight) : py::none()));
+                                        t.base_weight.defined() ? py::cast(t.base_weight) : py::none(), t.out_proj));
         }
         out["targets"] = targets;
         return out;
       },
       py::arg("dir"), py::arg("modules"), py::arg("partial"),
       "Reads the adapter in `dir` and matches it against modules (ModuleTuples): \"targets\", the "
-      "(index, adapter options, A, B, DoRA magnitude or None, base weight or None) to load, and \"saved\", the "
+      "(index, adapter options, A, B, DoRA magnitude or None, base weight or None, out_proj: an attention module's "
+      "output projection) to load, and \"saved\", the "
       "(index, adapter options, [(key, tensor)]) of each module that modules_to_save trains whole, every loading rule "
       "checked.");
   m.def(
       "_save_adapter",
       [](const std::string& dir, const Modules& modules,
-         const std::vector<
-             std::tuple<size_t, nn::LoraAdapterOptions, at::Tensor, at::Tensor, std::optional<at::Tensor>>>& layers,
+         const std::vector<std::tuple<size_t, nn::LoraAdapterOptions, at::Tensor, at::Tensor, std::optional<at::Tensor>,
+                                      bool>>& layers,
          const std::vector<std::pair<std::string, at::Tensor>>& biases, const std::string& base_model_name_or_path,
          bool fan_in_fan_out, const SavedTuples& saved) {
         std::vector<io::SaveSource> sources;
-        for (const auto& [index, opts, a, b, m] : layers)
-          sources.push_back({index, opts, a, b, m.value_or(at::Tensor())});
+        for (const auto& [index, opts, a, b, m, out_proj] : layers)
+          sources.push_back({index, opts, a, b, m.value_or(at::Tensor()), out_proj});
         translating([&] {
           std::vector<io::SavedModule> saved_modules;
           for (const auto& [path, state] : saved) saved_modules.push_back({path, state});
@@ -68,7 +69,8 @@ void bind_io(py::module& m) {
       py::arg("dir"), py::arg("modules"), py::arg("layers"), py::arg("biases"), py::arg("base_model_name_or_path"),
       py::arg("fan_in_fan_out") = false, py::arg("saved") = SavedTuples{},
       "Writes an adapter folder (PEFT's format, atomically) for these layers (index, options, A, B, DoRA magnitude or "
-      "None) of modules, with the modules it trains whole (path, [(key, tensor)]).");
+      "None, out_proj: an attention module's output projection) of modules, with the modules it trains whole (path, "
+      "[(key, tensor)]).");
   m.def(
       "_check_saved_state",
       [](const std::string& path, const std::vector<std::pair<std::string, std::vector<int64_t>>>& own,

@@ -48,11 +48,12 @@ nn::InitLoraWeights init_from(const py::handle& init) {
 std::vector<ModuleInfo> infos_from(const ModuleTuples& modules) {
   std::vector<ModuleInfo> infos;
   infos.reserve(modules.size());
-  for (const auto& [path, type_name, is_linear, in, out, is_embedding, is_lora, is_saved] : modules) {
+  for (const auto& [path, type_name, is_linear, in, out, is_embedding, is_lora, is_saved, is_attention] : modules) {
     ModuleInfo info{path, type_name, is_linear, in, out};
     info.is_embedding = is_embedding;
     info.is_lora_layer = is_lora;
     info.is_saved_module = is_saved;
+    info.is_attention = is_attention;
     infos.push_back(std::move(info));
   }
   return infos;

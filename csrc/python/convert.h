@@ -50,9 +50,9 @@ auto warning_in_python(F&& f) -> decltype(f()) {
   return translating(f);
 }
 
-// (path, type name, is_linear, in_features, out_features, is_embedding, is_lora_layer, is_saved_module) per module, as
-// the Python front lists them (ModuleInfo's fields).
-using ModuleTuples = std::vector<std::tuple<std::string, std::string, bool, int64_t, int64_t, bool, bool, bool>>;
+// (path, type name, is_linear, in_features, out_features, is_embedding, is_lora_layer, is_saved_module, is_attention)
+// per module, as the Python front lists them (ModuleInfo's fields).
+using ModuleTuples = std::vector<std::tuple<std::string, std::string, bool, int64_t, int64_t, bool, bool, bool, bool>>;
 
 // lorafuse.LoraConfig's fields as JSON (LoraConfig._to_json) → LoraConfig, through the one PEFT-JSON mapping.
 LoraConfig config_from(const std::string& json_text);

@@ -14,8 +14,8 @@ def _is_bnb_nf4(format: List[int], stat_dtype: torch.dtype) -> bool: ...
 def dynamic_code_map() -> torch.Tensor: ...
 
 # ---- config (bind_config.cpp): the C++ rules of LoraConfig ------------------------------------------
-# (path, type name, is_linear, in_features, out_features, is_embedding, is_lora_layer, is_saved_module)
-ModuleRow = Tuple[str, str, bool, int, int, bool, bool, bool]
+# (path, type name, is_linear, in_features, out_features, is_embedding, is_lora_layer, is_saved_module, is_attention)
+ModuleRow = Tuple[str, str, bool, int, int, bool, bool, bool, bool]
 # JSON texts: a LoraConfig with PEFT's field names (lorafuse::lora_config_from_peft_json) and one adapter's
 # options (lorafuse::nn::adapter_options_json: r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,
 # bias, task_type, dtype)
@@ -457,7 +457,7 @@ def _plan_adapter_load(dir: str, modules: Sequence[ModuleRow], partial: bool) ->
 def _save_adapter(
     dir: str,
     modules: Sequence[ModuleRow],
-    layers: Sequence[Tuple[int, AdapterOptions, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]],
+    layers: Sequence[Tuple[int, AdapterOptions, torch.Tensor, torch.Tensor, Optional[torch.Tensor], bool]],
     biases: Sequence[Tuple[str, torch.Tensor]],
     base_model_name_or_path: str,
     fan_in_fan_out: bool = False,

@@ -310,9 +310,10 @@ def inspect_adapter(folder: str) -> Dict[str, Any]:
     if config["alpha_pattern"]:
         embeddings = adapter["embeddings"]
         infos = [
-            (path, "Linear", path not in embeddings, int(a.shape[1]), int(b.shape[0]), path in embeddings, False, False)
+            (path, "Linear", path not in embeddings, int(a.shape[1]), int(b.shape[0]), path in embeddings, False, False,
+             False)
             for path, a, b in adapter["layers"]
-        ] + [(path, "Module", False, -1, -1, False, False, False) for path, _ in adapter["saved_modules"]]
+        ] + [(path, "Module", False, -1, -1, False, False, False, False) for path, _ in adapter["saved_modules"]]
         plan = lorafuse._C._plan_adapter_load(folder, infos, True)
         for index, options, *_ in plan["targets"]:
             alphas[infos[index][0]] = float(json.loads(options)["lora_alpha"])
@@ -405,7 +406,7 @@ def _target_warnings(lorafuse: Any, config: Dict[str, Any], paths: List[str], em
         what += f" with exclude_modules {json.dumps(config['exclude_modules'])}"
     try:
         embeddings = set(embeddings)
-        rows = [(p, "Linear", p not in embeddings, -1, -1, p in embeddings, False, False) for p in paths]
+        rows = [(p, "Linear", p not in embeddings, -1, -1, p in embeddings, False, False, False) for p in paths]
         # the modules kept whole (modules_to_save) are no LoRA layers of the file: only the targets are compared here
         lora_only = dict(config, modules_to_save=None, task_type=None)
         chosen, _, unmatched = lorafuse._C._select_targets(rows, json.dumps(lora_only))

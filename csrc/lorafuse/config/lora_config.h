@@ -144,12 +144,17 @@ struct ModuleInfo {
   /// An embedding layer that can take an adapter (PEFT's lora_embedding_A/B; in/out features are num_embeddings and
   /// embedding_dim): selected when target_modules names it, never by "all-linear".
   bool is_embedding = false;
+  /// A multi-head attention module (torch.nn.MultiheadAttention, PEFT's lora.MultiheadAttention): its adapter adapts
+  /// the packed q/k/v projection (in/out features: embed_dim and 3·embed_dim) and the output projection, whose factors
+  /// files name <path>.base_layer.out_proj.lora_A/B (io::kAttentionOutProj). Selected when target_modules names it,
+  /// never by "all-linear".
+  bool is_attention = false;
   /// A LoRA layer (lorafuse's, wrapping a base) or a modules-to-save layer: modules_to_save may not take it.
   bool is_lora_layer = false;
   /// A modules-to-save layer already (an earlier adapter's): a new adapter's modules_to_save adds its copy to it.
   bool is_saved_module = false;
   /// Whether LoRA can go into it (a Linear or an embedding layer).
-  bool takes_lora() const noexcept { return is_linear || is_embedding; }
+  bool takes_lora() const noexcept { return is_linear || is_embedding || is_attention; }
 };
 
 /// A module that a config selects, with its adapter's options (rank_pattern/alpha_pattern applied).

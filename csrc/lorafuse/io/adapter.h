@@ -20,6 +20,9 @@ namespace lorafuse::io {
 
 constexpr const char* kAdapterConfigFile = "adapter_config.json";
 constexpr const char* kAdapterWeightsFile = "adapter_model.safetensors";
+/// Where PEFT's files keep the output projection's factors of an adapted attention module (ModuleInfo::is_attention)
+/// at <path>: <path>.base_layer.out_proj.lora_A.weight / .lora_B.weight (its packed q/k/v projection's at <path>).
+constexpr const char* kAttentionOutProj = ".base_layer.out_proj";
 
 /// One layer's adapter in a file.
 struct AdapterLayer {
@@ -90,11 +93,15 @@ struct LoadTarget {
   at::Tensor lora_B;
   at::Tensor magnitude;    // [out] for a DoRA adapter, else undefined
   at::Tensor base_weight;  // the file's weight for the base layer (PEFT's save_embedding_layers), else undefined
+  /// An attention module's output projection (file path <path>.base_layer.out_proj; modules[index] is the attention
+  /// module, lora_A [r, embed_dim], lora_B [embed_dim, r]).
+  bool out_proj = false;
 };
 
 /// Matches `file` against a model's modules (path, type, is_linear, in/out features). ValueErrors: a module
 /// in the file that the model lacks or that is not a Linear layer; A or B not matching the layer's
-/// [r, in] / [out, r]; a Linear layer that the config targets but the file lacks, unless `partial`.
+/// [r, in] / [out, r]; a Linear layer that the config targets but the file lacks, unless `partial`. An attention
+/// module's two parts: the one at its path and the one at <path>.base_layer.out_proj (out_proj), both needed.
 std::vector<LoadTarget> plan_adapter_load(const AdapterFile& file, const std::vector<ModuleInfo>& modules,
                                           bool partial);
 
@@ -123,6 +130,8 @@ struct SaveSource {
   at::Tensor lora_A;
   at::Tensor lora_B;
   at::Tensor magnitude;  // [out] for a DoRA adapter (adapter.use_dora()), else undefined
+  /// An attention module's output projection (saved as <path>.base_layer.out_proj; modules[index] the attention).
+  bool out_proj = false;
 };
 
 /// The AdapterFile for these layers of a model: a LoraConfig that selects exactly these layers in

@@ -5,6 +5,7 @@ from .. import _C
 from .base_kinds import BASE_KINDS, BaseKind, base_kind_of
 from .linear4bit import Linear4bit
 from .lora_embedding import Embedding
+from .lora_attention import MultiheadAttention
 from .lora_linear import AdapterOptions, Linear, MergeError
 from .modules_to_save import ModulesToSave
 
@@ -21,8 +22,11 @@ def is_lora_layer(module) -> bool:
 
 
 def lora_layer_class(base: object) -> type:
-    """The lorafuse layer that wraps ``base``: :class:`Embedding` for an embedding kind, else :class:`Linear`."""
+    """The lorafuse layer that wraps ``base``: :class:`Embedding` for an embedding kind, :class:`MultiheadAttention`
+    for an attention, else :class:`Linear`."""
     kind = base_kind_of(base)
+    if kind is not None and kind.attention:
+        return MultiheadAttention
     return Embedding if kind is not None and kind.embedding else Linear
 
 
@@ -31,6 +35,7 @@ __all__ = [
     "Linear",
     "Embedding",
     "ModulesToSave",
+    "MultiheadAttention",
     "Linear4bit",
     "LoraLinear",
     "AdapterOptions",

@@ -32,10 +32,17 @@ Kinds today:
     ``bitsandbytes.nn.Linear4bit`` with an NF4 weight (transformers' 4-bit models): lorafuse's kernels on
     bitsandbytes' own bytes, the branch in the same op (``lora_linear4bit``); merging as ``linear4bit``.
 
-Not taken: a Linear with an integer weight (a quantized base is its own kind), and
-``nn.MultiheadAttention``'s ``out_proj`` (a ``NonDynamicallyQuantizableLinear``): the attention
-reads ``out_proj.weight`` itself and never calls the module, so a LoRA branch there would never run (selecting
-it is an error; "all-linear" leaves it alone).
+``multihead_attention``
+    ``torch.nn.MultiheadAttention`` itself, with one embed_dim for query, key and value (PEFT's
+    ``lora.MultiheadAttention``): wrapped by ``lorafuse.nn.MultiheadAttention``, which adapts its packed q/k/v
+    projection ``in_proj_weight`` [3·E, E] (in E, out 3·E) and its output projection, and computes the attention with
+    the adapted weights. Selected only when named (never by "all-linear"), as PEFT.
+``attention_out_proj``
+    the ``out_proj`` of such an attention (a ``NonDynamicallyQuantizableLinear``, whose weight the attention reads
+    without calling the module): never selected itself (a LoRA branch on it would never run; selecting it is an
+    error, "all-linear" leaves it alone); only ``lorafuse.nn.MultiheadAttention`` wraps it, for its output projection.
+
+Not taken: a Linear with an integer weight (a quantized base is its own kind).
 
 The C++ list is ``lorafuse::nn::base_kinds()`` (<lorafuse/nn/base_kind.h>).
 """
@@ -59,6 +66,10 @@ class BaseKind:
     fan_in_fan_out = False
     #: an embedding layer (lorafuse.nn.Embedding wraps it; files name its factors lora_embedding_A / _B)
     embedding = False
+    #: a multi-head attention (lorafuse.nn.MultiheadAttention wraps it; selected only when named)
+    attention = False
+    #: target_modules may select it (False: only a lorafuse layer wraps it, for a part of its own base)
+    selectable = True
 
     def matches(self, module: nn.Module) -> bool:
         raise NotImplementedError
@@ -66,6 +77,10 @@ class BaseKind:
     def fused(self, module: nn.Module) -> bool:
         """Whether the fused op may compute ``module`` right now (else it is called as it is)."""
         return False
+
+    def refusal(self, module: nn.Module) -> Optional[str]:
+        """Why lorafuse cannot adapt this module of the kind at all, or None."""
+        return None
 
     def merge_refusal(self, module: nn.Module) -> Optional[str]:
         """Why adapters cannot be merged into ``module``, or None when they can."""
@@ -297,6 +312,75 @@ class TorchEmbedding(BaseKind):
         return DenseLinear().merge_refusal(module)
 
 
+class TorchMultiheadAttention(BaseKind):
+    """``torch.nn.MultiheadAttention`` itself (PEFT's ``lora.MultiheadAttention``): the adapted weight, which merges
+    change, is the packed q/k/v projection ``in_proj_weight`` [3·E, E]; its output projection's adapters live in an
+    inner layer over ``out_proj`` (the ``attention_out_proj`` kind). Query, key and value of other sizes (separate
+    q/k/v weights) are refused by name, as PEFT does."""
+
+    name = "multihead_attention"
+    attention = True
+
+    def matches(self, module: nn.Module) -> bool:
+        return type(module) is nn.MultiheadAttention and module.out_proj.weight.is_floating_point()
+
+    def out_proj(self, module: nn.Module) -> nn.Module:
+        """The attention's own out_proj (under the LoRA layer that lorafuse.nn.MultiheadAttention puts there)."""
+        out = module.out_proj
+        return out.base_layer if hasattr(out, "base_layer") else out
+
+    def features(self, module: nn.Module) -> Tuple[int, int]:
+        return module.embed_dim, 3 * module.embed_dim
+
+    def merge_weight(self, module: nn.Module) -> Tensor:
+        return module.in_proj_weight
+
+    def weight_dtype(self, module: nn.Module) -> torch.dtype:
+        return module.in_proj_weight.dtype
+
+    def device(self, module: nn.Module) -> torch.device:
+        return module.in_proj_weight.device
+
+    def freeze(self, module: nn.Module) -> None:
+        out = self.out_proj(module)
+        for p in (module.in_proj_weight, module.in_proj_bias, module.bias_k, module.bias_v, out.weight, out.bias):
+            if p is not None:
+                p.requires_grad_(False)
+
+    def refusal(self, module: nn.Module) -> Optional[str]:
+        """Why lorafuse cannot adapt this attention at all, or None."""
+        if not module._qkv_same_embed_dim:
+            return (
+                f"its key and value sizes (kdim={module.kdim}, vdim={module.vdim}) differ from embed_dim="
+                f"{module.embed_dim}, so it keeps separate q/k/v weights; lorafuse (as PEFT) adapts the packed "
+                "in_proj_weight of an attention whose query, key and value share embed_dim"
+            )
+        return None
+
+    def dora_refusal(self, module: nn.Module) -> str:
+        return "DoRA on nn.MultiheadAttention is not supported (PEFT's MultiheadAttention has no DoRA either)"
+
+    def merge_refusal(self, module: nn.Module) -> Optional[str]:
+        return DenseLinear().merge_refusal(module)
+
+
+class AttentionOutProj(BaseKind):
+    """The ``out_proj`` of an ``nn.MultiheadAttention``: the attention reads its weight and bias without calling it.
+    Never selected; :class:`lorafuse.nn.MultiheadAttention` wraps it for its output projection's adapters and folds
+    them into the weight that the attention reads."""
+
+    name = "attention_out_proj"
+    selectable = False
+
+    def matches(self, module: nn.Module) -> bool:
+        return (
+            type(module) is nn.modules.linear.NonDynamicallyQuantizableLinear and module.weight.is_floating_point()
+        )
+
+    def merge_refusal(self, module: nn.Module) -> Optional[str]:
+        return DenseLinear().merge_refusal(module)
+
+
 class Nf4Linear(BaseKind):
     """lorafuse.nn.Linear4bit: the weight quantized, NF4 (QLoRA) or another format of the family (LQ-LoRA). The layer
     and its branch in one op, ``lora_linear_nf`` (``nf_lora_linear``: the weight dequantized a tile of rows at a
@@ -461,7 +545,8 @@ def lora_add(out: Tensor, x: Tensor, a: Tensor, b: Tensor, scale: float, p: floa
 
 
 BASE_KINDS: List[BaseKind] = [
-    DenseLinear(), CustomLinear(), TransformersConv1D(), TorchEmbedding(), Nf4Linear(), BnbNf4Linear()
+    DenseLinear(), CustomLinear(), TransformersConv1D(), TorchEmbedding(), TorchMultiheadAttention(),
+    AttentionOutProj(), Nf4Linear(), BnbNf4Linear(),
 ]
 
 
@@ -494,6 +579,8 @@ __all__ = [
     "CustomLinear",
     "TransformersConv1D",
     "TorchEmbedding",
+    "TorchMultiheadAttention",
+    "AttentionOutProj",
     "Nf4Linear",
     "BnbNf4Linear",
     "BASE_KINDS",

@@ -61,11 +61,12 @@ class Linear(QuantizedMerge, nn.Module):
     ) -> None:
         super().__init__()
         kind = base_kind_of(base_layer)
-        if kind is None or kind.embedding != self._embedding:
+        if kind is None or kind.embedding != self._embedding or kind.attention != self._attention:
             expected = (
                 "a torch.nn.Embedding" if self._embedding
+                else "a torch.nn.MultiheadAttention" if self._attention
                 else "a torch.nn.Linear, transformers' Conv1D or lorafuse.nn.Linear4bit (lorafuse.nn.Embedding wraps an "
-                "nn.Embedding)"
+                "nn.Embedding, lorafuse.nn.MultiheadAttention an nn.MultiheadAttention)"
             )
             raise TypeError(f"base_layer: expected {expected}, found {type(base_layer).__name__}")
         self.base_layer = base_layer
@@ -111,6 +112,8 @@ class Linear(QuantizedMerge, nn.Module):
 
     #: an embedding layer's adapters (lorafuse.nn.Embedding)
     _embedding = False
+    #: a multi-head attention's adapters (lorafuse.nn.MultiheadAttention)
+    _attention = False
 
     # ---- where the adapters' factors live: A [r, in] and B [out, r] (lorafuse.nn.Embedding keeps them as PEFT does) --
     def _init_storage(self) -> None:
@@ -433,6 +436,10 @@ class Linear(QuantizedMerge, nn.Module):
         self._table.set_merged([])
         self._refresh_route()
 
+    def unloaded_base(self) -> nn.Module:
+        """The base layer as it is, for unload (merged adapters stay in it)."""
+        return self.base_layer
+
     def merge_and_unload(self) -> nn.Linear:
         """Merges the active adapter for good (also while disabled) and returns the plain base layer; over a
         4-bit base, a new dense ``nn.Linear`` holding dequant(W) + the adapter (in the compute dtype)."""
@@ -454,13 +461,20 @@ class Linear(QuantizedMerge, nn.Module):
 
     # ---- forward ---------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
+        route = self._route_now()
+        if isinstance(route, MixedBatch):
+            return self._mixed_forward(x, route)
+        return self._routed_forward(x, route)
+
+    def _route_now(self) -> Union[None, list, MixedBatch]:
+        """What this call runs: an adapter's route, None (the base alone), or the scope's per-row adapters."""
         route = self._route
         if _scope.open_scopes:
             stack = getattr(_scope.thread_scope, "stack", None)
             if stack:
                 name = stack[-1][1]
                 if isinstance(name, MixedBatch):
-                    return self._mixed_forward(x, name)
+                    return name
                 scoped = self._scoped  # one snapshot: other threads may refresh it meanwhile
                 if name in scoped:
                     route = scoped[name]
@@ -469,7 +483,7 @@ class Linear(QuantizedMerge, nn.Module):
                     route = self._routes.get(target) if target else None
                 else:  # a name this layer lacks: its base
                     route = None
-        return self._routed_forward(x, route)
+        return route
 
     def _routed_forward(self, x: Tensor, route: Optional[list]) -> Tensor:
         """The base alone (route None) or with one adapter's branch for the whole batch."""

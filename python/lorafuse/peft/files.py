@@ -23,7 +23,7 @@ from torch import nn
 
 from .. import _C
 from ..config import config_fields
-from ..nn import Linear, ModulesToSave, base_kind_of, is_lora_layer
+from ..nn import Linear, ModulesToSave, MultiheadAttention, base_kind_of, is_lora_layer
 from ..nn.modules_to_save import saved_state
 from .inject import (
     _activate_and_freeze,
@@ -81,10 +81,14 @@ def _save(model: nn.Module, path: str, adapter_name: str) -> None:
     fan_in_fan_out = False  # PEFT's flag: set in a config that adapts Conv1D layers
     for index, (_, _, _, m) in enumerate(sites):
         if is_lora_layer(m) and adapter_name in m.adapters:
-            a, b = (t.detach() for t in m._factors(adapter_name))
-            mags = m.lora_magnitude_vector
-            magnitude = mags[adapter_name].weight.detach() if adapter_name in mags else None
-            layers.append((index, m.adapters[adapter_name], a, b, magnitude))
+            parts = [(m, False)]
+            if isinstance(m, MultiheadAttention):  # its output projection: <path>.base_layer.out_proj in the file
+                parts.append((m.out_proj_layer, True))
+            for layer, out_proj in parts:
+                a, b = (t.detach() for t in layer._factors(adapter_name))
+                mags = layer.lora_magnitude_vector
+                magnitude = mags[adapter_name].weight.detach() if adapter_name in mags else None
+                layers.append((index, layer.adapters[adapter_name], a, b, magnitude, out_proj))
             fan_in_fan_out = fan_in_fan_out or base_kind_of(m.base_layer).fan_in_fan_out
     params = dict(model.named_parameters())
     kept = [p for p, _ in saved_modules(model)]
@@ -184,24 +188,27 @@ def _load(
     saved = [(index, json.loads(opts)) for index, opts, _ in plan["saved"]]
     _check_saved(model, sites, saved)
 
-    weights = {index: (a, b, m, w) for index, _, a, b, m, w in plan["targets"]}
-    for index, (_, _, _, w) in weights.items():  # PEFT's save_embedding_layers: the base weight, checked before changes
+    # (index, out_proj) → weights; out_proj: an attention's output projection (<path>.base_layer.out_proj in the file)
+    weights = {(index, out_proj): (a, b, m, w) for index, _, a, b, m, w, out_proj in plan["targets"]}
+    for (index, _), (_, _, _, w) in weights.items():  # PEFT's save_embedding_layers: the base weight, checked first
         if w is not None:
             _check_base_weight(sites[index], w)
 
     def fill(index: int, layer: Linear) -> None:
-        a, b, m, w = weights[index]
-        with torch.no_grad():  # cast to the layer's adapter dtype, moved to its device
-            layer_a, layer_b = layer._factors(adapter_name)
-            layer_a.copy_(a)
-            layer_b.copy_(b)
-            if m is not None:  # DoRA
-                layer.lora_magnitude_vector[adapter_name].weight.copy_(m)
-            if w is not None:  # the base weight, as PEFT loads it
-                layer.base_layer.weight.copy_(w)
+        parts = [(layer, False)] + ([(layer.out_proj_layer, True)] if isinstance(layer, MultiheadAttention) else [])
+        for part, out_proj in parts:
+            a, b, m, w = weights[(index, out_proj)]
+            with torch.no_grad():  # cast to the layer's adapter dtype, moved to its device
+                part_a, part_b = part._factors(adapter_name)
+                part_a.copy_(a)
+                part_b.copy_(b)
+                if m is not None:  # DoRA
+                    part.lora_magnitude_vector[adapter_name].weight.copy_(m)
+                if w is not None:  # the base weight, as PEFT loads it
+                    part.base_layer.weight.copy_(w)
 
     prior_active = active_adapter(model)
-    chosen = [(index, json.loads(opts)) for index, opts, *_ in plan["targets"]]
+    chosen = [(index, json.loads(opts)) for index, opts, *_, out_proj in plan["targets"] if not out_proj]
     _check_dora(sites, chosen)
     _attach(
         model,

@@ -37,6 +37,8 @@ def _convertible(module: nn.Module, peft_linear: type, peft_embedding: type) -> 
     PEFT's Embedding over an nn.Embedding, or PEFT's bitsandbytes Linear4bit over bitsandbytes' NF4 Linear4bit (the
     bnb_linear4bit kind)."""
     kind = base_kind_of(module.base_layer)
+    if kind is not None and not kind.selectable:  # an attention's out_proj: the attention never calls it
+        return False
     if type(module) is peft_embedding:
         return kind is not None and kind.embedding
     if type(module) is peft_linear:  # over an nn.Linear or transformers' Conv1D
@@ -104,6 +106,16 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
             continue
         if not isinstance(module, LoraLayer):
             continue
+        if type(module).__name__ == "MultiheadAttention":
+            problems.append(
+                f'"{path}" is PEFT\'s MultiheadAttention LoRA layer, which in PEFT 0.21 adds its out_proj delta twice '
+                "(PEFT pull request #3774) where lorafuse.nn.MultiheadAttention adds it once, so the converted model "
+                "would compute something else; save the adapter (save_pretrained) and load it with "
+                "lorafuse.load_adapter for LoRA's own outputs"
+            )
+            continue
+        if path.endswith(".base_layer.out_proj") and type(module.base_layer).__name__ == "NonDynamicallyQuantizableLinear":
+            continue  # the out_proj of a PEFT MultiheadAttention layer (named above)
         if not _convertible(module, PeftLinear, PeftEmbedding):
             problems.append(
                 f'"{path}" is a PEFT {type(module).__name__} over a {type(module.base_layer).__name__}'

@@ -40,8 +40,15 @@ def _model_wide(cpp_impl, result=lambda model, out: out):
 
 
 def _is_target(m: nn.Module) -> bool:
-    """A module that can take an adapter: a lorafuse layer, or a base of a known kind."""
-    return is_lora_layer(m) or base_kind_of(m) is not None
+    """A module that can take an adapter: a lorafuse layer, or a base of a known kind that may be selected."""
+    kind = base_kind_of(m)
+    return is_lora_layer(m) or (kind is not None and kind.selectable)
+
+
+def _is_attention(m: nn.Module) -> bool:
+    """A multi-head attention that can take an adapter (a lorafuse.nn.MultiheadAttention, or its base)."""
+    kind = base_kind_of(m.base_layer if is_lora_layer(m) else m)
+    return kind is not None and kind.attention
 
 
 def _is_embedding(m: nn.Module) -> bool:
@@ -65,16 +72,18 @@ def _sites(model: nn.Module) -> Iterator[Tuple[nn.Module, str, str, nn.Module]]:
 
 def _infos(sites) -> list:
     """What the C++ rules see of each site (ModuleInfo): (path, type, is_linear, in_features, out_features, is_embedding,
-    is_lora_layer, is_saved_module); an embedding's in and out are num_embeddings and embedding_dim."""
+    is_lora_layer, is_saved_module, is_attention); an embedding's in and out are num_embeddings and embedding_dim, an
+    attention's embed_dim and 3·embed_dim."""
     infos = []
     for _, _, path, m in sites:
         target, embedding, saved = _is_target(m), _is_embedding(m), isinstance(m, ModulesToSave)
+        attention = target and _is_attention(m)
         if is_lora_layer(m):
             features = (m.in_features, m.out_features)
         else:
             features = base_kind_of(m).features(m) if target else (-1, -1)
-        infos.append((path, type(m).__name__, target and not embedding, *features, embedding, is_lora_layer(m) or saved,
-                      saved))
+        infos.append((path, type(m).__name__, target and not embedding and not attention, *features, embedding,
+                      is_lora_layer(m) or saved, saved, attention))
     return infos
 
 
@@ -260,7 +269,15 @@ def _check_loftq(sites, chosen, adapter_name: str) -> None:
 
 
 def _check_dora(sites, chosen) -> None:
-    """For every chosen DoRA adapter, before the first layer changes: a base whose weight DoRA can rescale."""
+    """For every chosen layer, before the first layer changes: a base its kind can adapt, and for a DoRA adapter, a
+    base whose weight DoRA can rescale."""
+    for index, _ in chosen:
+        _, _, path, module = sites[index]
+        base = module.base_layer if is_lora_layer(module) else module
+        kind = base_kind_of(base)
+        why = kind.refusal(base) if kind is not None else None
+        if why is not None:
+            raise ValueError(f'target_modules: "{path}" ({type(base).__name__}): {why}')
     for index, opts in chosen:
         if not opts.get("use_dora"):
             continue
@@ -565,7 +582,7 @@ def unload(model: nn.Module) -> nn.Module:
     A module kept whole (``modules_to_save``) becomes the active adapter's copy, as PEFT's ``unload()`` leaves it.
     Returns ``model``."""
     for parent, name, _, layer in [site for site in _sites(model) if is_lora_layer(site[3])]:
-        setattr(parent, name, layer.base_layer)
+        setattr(parent, name, layer.unloaded_base())
     _unload_saved(model)
     return model
 

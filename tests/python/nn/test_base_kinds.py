@@ -44,8 +44,10 @@ class Block(nn.Module):
 
 def test_kinds_are_one_ordered_list():
     assert [k.name for k in BASE_KINDS] == [
-        "linear", "custom_linear", "conv1d", "embedding", "linear4bit", "bnb_linear4bit"
+        "linear", "custom_linear", "conv1d", "embedding", "multihead_attention", "attention_out_proj", "linear4bit",
+        "bnb_linear4bit",
     ]
+    assert base_kind_of(nn.MultiheadAttention(8, 2)).name == "multihead_attention"
     assert base_kind_of(nn.Embedding(5, 3)).name == "embedding"
     assert base_kind_of(nn.Embedding(5, 3, max_norm=1.0)) is None  # its lookups renormalise rows in place
     assert base_kind_of(nn.Linear(3, 4)).name == "linear"
@@ -56,8 +58,10 @@ def test_kinds_are_one_ordered_list():
         pass
 
     assert base_kind_of(Plain(3, 4)).name == "linear"
-    # nn.MultiheadAttention's out_proj is never called by its parent: no kind takes it
-    assert base_kind_of(nn.modules.linear.NonDynamicallyQuantizableLinear(3, 4)) is None
+    # nn.MultiheadAttention's out_proj is never called by its parent: only lorafuse.nn.MultiheadAttention wraps it,
+    # and target_modules never selects it
+    out_proj = base_kind_of(nn.modules.linear.NonDynamicallyQuantizableLinear(3, 4))
+    assert out_proj.name == "attention_out_proj" and not out_proj.selectable
     assert base_kind_of(Affine2(3, 4)).name == "custom_linear"
     transformers = pytest.importorskip("transformers")
     # a subclass whose own forward is known to compute x·Wᵀ + b (transformers' FalconLinear): the fused kind
