@@ -2,6 +2,7 @@
 // dispatcher (torch.ops.lorafuse.*), so C++ and Python callers reach the same CPU, CUDA, Meta and Autograd kernels.
 #pragma once
 
+#include <lorafuse/ops/adapted_weight.h>
 #include <lorafuse/ops/dora.h>
 #include <lorafuse/ops/lora_add.h>
 #include <lorafuse/ops/lora_embedding.h>

@@ -1,5 +1,6 @@
 #include <lorafuse/nn/base_kind.h>
 #include <lorafuse/nn/linear4bit.h>
+#include <lorafuse/nn/lora_attention.h>
 #include <lorafuse/nn/lora_embedding.h>
 #include <lorafuse/nn/lora_layer.h>
 #include <lorafuse/nn/lora_linear.h>
@@ -104,13 +105,48 @@ class EmbeddingKind final : public BaseKind {
   }
 };
 
+// Exactly torch::nn::MultiheadAttentionImpl (PEFT's lora.MultiheadAttention): LoraMultiheadAttention wraps it; in and
+// out are embed_dim and 3·embed_dim (its packed in_proj_weight).
+class MultiheadAttentionKind final : public BaseKind {
+ public:
+  const char* name() const noexcept override { return "multihead_attention"; }
+  bool attention() const noexcept override { return true; }
+  bool matches(const torch::nn::Module& module) const override {
+    return typeid(module) == typeid(torch::nn::MultiheadAttentionImpl);
+  }
+  int64_t in_features(const torch::nn::Module& module) const override { return layer(module).options.embed_dim(); }
+  int64_t out_features(const torch::nn::Module& module) const override { return 3 * layer(module).options.embed_dim(); }
+  c10::ScalarType compute_dtype(const torch::nn::Module& module) const override {
+    return layer(module).in_proj_weight.scalar_type();
+  }
+  at::Tensor forward(torch::nn::Module& module, const at::Tensor& /*x*/) const override {
+    TORCH_CHECK_VALUE(false, module.name(),
+                      ": an attention takes query, key and value; hold it in a lorafuse::nn::AttentionSlot");
+  }
+  std::shared_ptr<torch::nn::Module> shallow_copy(const torch::nn::Module& module) const override {
+    return std::make_shared<torch::nn::MultiheadAttentionImpl>(layer(module));
+  }
+  std::shared_ptr<torch::nn::Module> wrap(const std::shared_ptr<torch::nn::Module>& module,
+                                          const LoraAdapterOptions& adapter,
+                                          const std::string& adapter_name) const override {
+    torch::nn::MultiheadAttention base(std::static_pointer_cast<torch::nn::MultiheadAttentionImpl>(module));
+    return std::make_shared<LoraMultiheadAttentionImpl>(base, adapter, adapter_name);
+  }
+
+ private:
+  static const torch::nn::MultiheadAttentionImpl& layer(const torch::nn::Module& module) {
+    return static_cast<const torch::nn::MultiheadAttentionImpl&>(module);
+  }
+};
+
 }  // namespace
 
 const std::vector<const BaseKind*>& base_kinds() {
   static const DenseLinearKind dense;
   static const Nf4LinearKind nf4;
   static const EmbeddingKind embedding;
-  static const std::vector<const BaseKind*> kinds = {&dense, &nf4, &embedding};
+  static const MultiheadAttentionKind attention;
+  static const std::vector<const BaseKind*> kinds = {&dense, &nf4, &embedding, &attention};
   return kinds;
 }
 

@@ -1,6 +1,7 @@
 #include <c10/util/Exception.h>
 #include <lorafuse/nn/base_kind.h>
 #include <lorafuse/nn/linear.h>
+#include <lorafuse/nn/lora_attention.h>
 #include <lorafuse/nn/lora_layer.h>
 #include <torch/nn/modules/container/moduledict.h>
 
@@ -107,14 +108,25 @@ LinearSlot* slot_of(torch::nn::Module& parent, const std::string& name) {
   return owner == nullptr ? nullptr : owner->linear_slot(name);
 }
 
+AttentionSlot* attention_slot_of(torch::nn::Module& parent, const std::string& name) {
+  auto* owner = dynamic_cast<AttentionSlotOwner*>(&parent);
+  return owner == nullptr ? nullptr : owner->attention_slot(name);
+}
+
 }  // namespace
 
 bool can_replace_child(torch::nn::Module& parent, const std::string& name) {
-  return slot_of(parent, name) != nullptr || dynamic_cast<torch::nn::ModuleDictImpl*>(&parent) != nullptr;
+  return slot_of(parent, name) != nullptr || attention_slot_of(parent, name) != nullptr ||
+         dynamic_cast<torch::nn::ModuleDictImpl*>(&parent) != nullptr;
 }
 
 bool replace_child(torch::nn::Module& parent, const std::string& name, std::shared_ptr<torch::nn::Module> replacement) {
   if (auto* slot = slot_of(parent, name)) {
+    parent.replace_module(name, replacement);
+    slot->rebind(std::move(replacement));
+    return true;
+  }
+  if (auto* slot = attention_slot_of(parent, name)) {
     parent.replace_module(name, replacement);
     slot->rebind(std::move(replacement));
     return true;
@@ -129,7 +141,8 @@ bool replace_child(torch::nn::Module& parent, const std::string& name, std::shar
 std::string cannot_replace_message(const torch::nn::Module& parent, const std::string& path, const char* what) {
   return std::string(what) + ": cannot replace \"" + path + "\": its parent (" + parent.name() +
          ") calls it through a typed holder that lorafuse cannot rewire. Keep such layers in a "
-         "lorafuse::nn::LinearSlot (with the parent implementing lorafuse::nn::LinearSlotOwner) or in a "
+         "lorafuse::nn::LinearSlot (with the parent implementing lorafuse::nn::LinearSlotOwner; an attention in an "
+         "AttentionSlot, the parent an AttentionSlotOwner) or in a "
          "torch::nn::ModuleDict, or build the layer as a lorafuse::nn::LoraLinear yourself";
 }
 

@@ -24,6 +24,9 @@ const BaseKind& callable_kind(const torch::nn::Module& module, const char* what)
   const BaseKind* kind = base_kind_of(module);
   TORCH_CHECK_VALUE(kind != nullptr, what, ": modules_to_save: lorafuse keeps a C++ module whole when it can call it: ",
                     "a torch::nn::Linear or Embedding, found ", module.name());
+  TORCH_CHECK_VALUE(!kind->attention(), what,
+                    ": modules_to_save: an attention takes query, key and value, which a modules-to-save layer does "
+                    "not pass on in C++; keep a Linear or Embedding whole");
   TORCH_CHECK_VALUE(std::strcmp(kind->name(), "linear4bit") != 0, what,
                     ": modules_to_save: a 4-bit layer cannot train whole (its copy would be 4-bit too); keep the "
                     "module in full precision or adapt it with LoRA");

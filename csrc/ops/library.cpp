@@ -80,6 +80,11 @@ TORCH_LIBRARY(lorafuse, m) {
       "lora_embedding(Tensor base_out, Tensor indices, Tensor lora_a, Tensor lora_b, float scale, int padding_idx=-1, "
       "bool scale_grad_by_freq=False, bool sparse=False) -> Tensor");
 
+  // ---- a base weight with an adapter added, for bases that read their weights rather than being called
+  // (nn.MultiheadAttention): W + scale·B·A in W's dtype, the product in the adapter's dtype; weight [out, in],
+  // lora_a [r, in], lora_b [out, r]. CompositeImplicitAutograd (gradients reach A and B).
+  m.def("lora_adapted_weight(Tensor weight, Tensor lora_a, Tensor lora_b, float scale) -> Tensor");
+
   // ---- merging: device-generic (CompositeExplicitAutograd), no gradients
   // scale·B·A [out, in] in float32 (float64 when A is float64): what an adapter adds to the base weight.
   m.def("lora_delta_weight(Tensor lora_a, Tensor lora_b, float scale) -> Tensor");

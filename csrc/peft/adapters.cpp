@@ -1,4 +1,5 @@
 #include <c10/util/Exception.h>
+#include <lorafuse/nn/lora_attention.h>
 #include <lorafuse/peft/adapters.h>
 #include <lorafuse/peft/rules.h>
 #include <torch/csrc/autograd/grad_mode.h>
@@ -72,6 +73,10 @@ void save_adapter(torch::nn::Module& module, const std::string& dir, const std::
     const auto& options = layer->adapter_options(adapter_name);
     layers.push_back({i, options, layer->lora_a(adapter_name).detach(), layer->lora_b(adapter_name).detach(),
                       options.use_dora() ? layer->lora_magnitude(adapter_name).detach() : at::Tensor()});
+    if (auto* attention = sites[i].module->as<nn::LoraMultiheadAttentionImpl>()) {  // its output projection
+      layers.push_back({i, options, attention->out_proj_lora_a(adapter_name).detach(),
+                        attention->out_proj_lora_b(adapter_name).detach(), at::Tensor(), /*out_proj=*/true});
+    }
   }
   std::vector<io::SavedModule> saved;
   for (const auto& s : sites) {
@@ -114,8 +119,12 @@ InjectReport load_adapter(torch::nn::Module& module, const io::AdapterFile& file
     saved_by_index[s.index] = &s;
   }
   std::vector<TargetChoice> chosen;
-  std::map<size_t, const io::LoadTarget*> by_index;
+  std::map<size_t, const io::LoadTarget*> by_index, out_proj_of;  // out_proj_of: an attention's output projection
   for (const auto& t : plan) {
+    if (t.out_proj) {
+      out_proj_of[t.index] = &t;
+      continue;
+    }
     chosen.push_back({t.index, t.adapter});
     by_index[t.index] = &t;
     if (t.base_weight.defined()) check_base_weight(sites[t.index], t.base_weight);
@@ -143,6 +152,12 @@ InjectReport load_adapter(torch::nn::Module& module, const io::AdapterFile& file
         layer.lora_b(adapter_name).copy_(t->lora_B);
         if (t->magnitude.defined()) layer.lora_magnitude(adapter_name).copy_(t->magnitude);
         if (t->base_weight.defined()) base_weight_of(layer).copy_(t->base_weight.view_as(base_weight_of(layer)));
+        if (const auto out = out_proj_of.find(index); out != out_proj_of.end()) {
+          auto* attention = layer.module().as<nn::LoraMultiheadAttentionImpl>();
+          TORCH_CHECK(attention != nullptr, "load_adapter: internal error: an output projection for a non-attention");
+          attention->out_proj_lora_a(adapter_name).copy_(out->second->lora_A);
+          attention->out_proj_lora_b(adapter_name).copy_(out->second->lora_B);
+        }
       });
   detail::attach_saved(sites, saved, file.config, adapter_name, /*keep_active=*/!prior_active.empty(),
                        [&](size_t index, nn::ModulesToSaveImpl& wrapper) {

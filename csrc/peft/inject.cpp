@@ -2,6 +2,7 @@
 #include <lorafuse/nn/base_kind.h>
 #include <lorafuse/nn/linear.h>
 #include <lorafuse/nn/linear4bit.h>
+#include <lorafuse/nn/lora_attention.h>
 #include <lorafuse/nn/lora_linear.h>
 #include <lorafuse/nn/modules_to_save.h>
 #include <lorafuse/nn/pretrained.h>
@@ -138,6 +139,17 @@ std::vector<ModuleInfo> infos_of(const std::vector<Site>& sites) {
       info.is_embedding = true;
       info.is_linear = false;
     }
+    if (kind != nullptr && kind->attention()) {  // an attention: named targets only, two parts in files
+      info.is_attention = true;
+      info.is_linear = false;
+    }
+    if (s.parent->as<torch::nn::MultiheadAttentionImpl>() != nullptr && info.is_linear) {
+      // the attention reads its out_proj's weight without calling it: a LoRA branch there would never run
+      info.is_linear = false;
+      info.type_name +=
+          " (a MultiheadAttention's out_proj, which the attention reads without calling; target the "
+          "attention itself)";
+    }
     info.is_saved_module = nn::as_saved_module(s.module.get()) != nullptr;
     info.is_lora_layer = lora != nullptr || info.is_saved_module;
     infos.push_back(std::move(info));
@@ -169,6 +181,9 @@ void check_rewirable(const std::vector<Site>& sites, const std::vector<TargetCho
     const Site& s = sites[c.index];
     if (nn::as_lora_layer(s.module.get()) == nullptr) {  // a base to replace
       TORCH_CHECK_VALUE(can_rewire(s), cannot_rewire(s, what));
+      if (const auto* attention = s.module->as<torch::nn::MultiheadAttentionImpl>()) {
+        nn::check_attention(*attention, "target_modules: \"" + s.path + "\"");
+      }
     }
   }
 }

@@ -14,6 +14,7 @@ from .ops import (
     dequantize_nf,
     dequantize_nf4,
     dora_linear,
+    lora_adapted_weight,
     LoraSegments,
     lora_linear,
     lora_multi_add,
@@ -75,6 +76,7 @@ def has_cuda_kernels() -> bool:
 __all__ = [
     "lora_linear",
     "dora_linear",
+    "lora_adapted_weight",
     "LoraSegments",
     "lora_segments",
     "lora_multi_add",

@@ -74,6 +74,14 @@ def dora_linear(
     )
 
 
+def lora_adapted_weight(weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float) -> Tensor:
+    """``W + scale·B·A`` in W's dtype (the product in the adapter's dtype): a base weight with an adapter added, for a
+    layer that reads its weights instead of being called (``nn.MultiheadAttention``: lorafuse.nn.MultiheadAttention
+    computes the attention with it). weight ``[out, in]``, lora_a ``[r, in]``, lora_b ``[out, r]``; differentiable in all
+    three."""
+    return torch.ops.lorafuse.lora_adapted_weight(weight, lora_a, lora_b, float(scale))
+
+
 class NfWeight(NamedTuple):
     """A quantized weight (the one format of QLoRA and LQ-LoRA, see :class:`NfFormat`), with bitsandbytes' field names
     (transformers' 4-bit checkpoints name them so)."""

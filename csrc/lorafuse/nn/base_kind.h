@@ -4,7 +4,8 @@
 //
 // Kinds today: "linear" — exactly torch::nn::LinearImpl, computed by the fused lora_linear op; "linear4bit" — exactly
 // lorafuse::nn::Linear4bit (QLoRA's NF4 base), wrapped by LoraLinear4bit; "embedding" — exactly
-// torch::nn::EmbeddingImpl without max_norm, wrapped by LoraEmbedding. A subclass of
+// torch::nn::EmbeddingImpl without max_norm, wrapped by LoraEmbedding; "multihead_attention" — exactly
+// torch::nn::MultiheadAttentionImpl, wrapped by LoraMultiheadAttention. A subclass of
 // LinearImpl is not taken: LibTorch's forward is not virtual, so a wrapper could not call the subclass's own
 // forward, and computing W·x instead would silently change the model (selecting one is a clear error).
 #pragma once
@@ -27,6 +28,9 @@ class BaseKind {
   /// An embedding layer (in, out = num_embeddings, embedding_dim): selected only when named, its adapters' tensors
   /// named lora_embedding_A / _B in files.
   virtual bool embedding() const noexcept { return false; }
+  /// A multi-head attention (in, out = embed_dim, 3·embed_dim: its packed q/k/v projection): selected only when named,
+  /// wrapped by LoraMultiheadAttention, held by an AttentionSlot; forward() is not how it is called.
+  virtual bool attention() const noexcept { return false; }
   /// Whether this kind takes `module`.
   virtual bool matches(const torch::nn::Module& module) const = 0;
   virtual int64_t in_features(const torch::nn::Module& module) const = 0;

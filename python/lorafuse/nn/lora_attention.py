@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import _C
+from ..ops import lora_adapted_weight
 from .base_kinds import _has_hooks, base_kind_of
 from .lora_linear import Linear
 from .scope import MixedBatch
@@ -24,7 +25,8 @@ class MultiheadAttention(Linear):
     ``weight`` and ``bias`` are the original's) holding the output projection's ``lora_A[name]`` [r, E] and
     ``lora_B[name]`` [E, r] (in PEFT's files: ``<path>.base_layer.out_proj.lora_A.weight``).
     The attention reads those weights without calling a module, so the layer computes the attention itself
-    (``F.multi_head_attention_forward``, the module's own path) with the adapted weights W + scale·B·A, which carry
+    (``F.multi_head_attention_forward``, the module's own path) with the adapted weights W + scale·B·A
+    (``torch.ops.lorafuse.lora_adapted_weight``), which carry
     the gradients to A and B; it writes nothing into the module, so threads may run their own adapters at once.
     PEFT 0.21 adds the output projection's delta twice (W + 2·scale·B·A, in its forward and its merges; its pull
     request #3774 fixes that): lorafuse computes W + scale·B·A, what LoRA and the fixed PEFT compute. As in PEFT, ``lora_dropout`` does not act on these adapters (a warning says so), DoRA and LoftQ/PiSSA/OLoRA are refused,
@@ -211,12 +213,10 @@ def _calls_forward(module: nn.Module, args: tuple) -> None:
 
 
 def _adapted(weight: Tensor, route: Optional[list]) -> Tensor:
-    """W + scale·B·A in W's dtype (the product in the adapter's dtype, as PEFT's merge computes it); W alone for no
-    route."""
+    """W + scale·B·A in W's dtype (op ``lora_adapted_weight``, the C++ layer's too); W alone for no route."""
     if route is None:
         return weight
-    a, b, scale = route[0].weight, route[1].weight, route[2]
-    return weight + ((b @ a) * scale).to(weight.dtype)
+    return lora_adapted_weight(weight, route[0].weight, route[1].weight, route[2])
 
 
 def _attention(base, query, key, value, in_proj_weight, out_proj_weight, key_padding_mask, need_weights, attn_mask,

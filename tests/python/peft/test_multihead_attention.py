@@ -219,3 +219,13 @@ def test_a_transformer_encoder_layer_runs_its_adapted_attention_in_eval_mode():
         expected = functional_call(base.train(), weights, (X,))  # train mode, dropout 0: the unfused path
         hf_zoo.assert_close(layer(X), expected)
         assert (layer(X) - base.eval()(X)).abs().max() > 1e-2
+
+
+def test_the_adapted_weight_op():
+    g = torch.Generator().manual_seed(5)
+    w, a, b = (torch.randn(shape, generator=g, dtype=torch.float64) for shape in ((6, 4), (2, 4), (6, 2)))
+    torch.testing.assert_close(torch.ops.lorafuse.lora_adapted_weight(w, a, b, 0.5), w + 0.5 * b @ a)
+    torch.library.opcheck(torch.ops.lorafuse.lora_adapted_weight, (w, a.requires_grad_(), b.requires_grad_(), 0.5))
+    assert torch.autograd.gradcheck(lambda a, b: torch.ops.lorafuse.lora_adapted_weight(w, a, b, 0.5), (a, b))
+    with pytest.raises(ValueError, match=r"lorafuse.lora_adapted_weight: for weight \[6, 4\] expected lora_a \[r, 4\]"):
+        torch.ops.lorafuse.lora_adapted_weight(w, b, a, 0.5)
