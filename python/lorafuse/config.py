@@ -130,29 +130,21 @@ class LoraConfig:
         if pattern is not None and not isinstance(pattern, str):
             if not isinstance(pattern, (list, tuple)) or not all(isinstance(v, str) for v in pattern):
                 raise TypeError(f"layers_pattern: expected a str, a list of str or None, found {pattern!r}")
-        saved = self.modules_to_save
-        if saved is not None:
-            if isinstance(saved, str) or not isinstance(saved, (list, tuple, set)):
-                raise TypeError(
-                    f"modules_to_save: expected a list of module names or None, found {type(saved).__name__} "
-                    f"({saved!r})"
-                )
-            for item in saved:
-                if not isinstance(item, str):
-                    raise TypeError(f"modules_to_save: expected module names (str), found {type(item).__name__}")
-            self.modules_to_save = list(saved) if not isinstance(saved, set) else sorted(saved)
-        for name in ("target_modules", "exclude_modules"):
+        for name in ("target_modules", "exclude_modules", "modules_to_save"):
             value = getattr(self, name)
-            if value is None or isinstance(value, str):
+            if value is None or (isinstance(value, str) and name != "modules_to_save"):
                 continue
-            if not isinstance(value, (list, tuple, set)):
-                raise TypeError(
-                    f"{name}: expected a list of module names, a regular expression (str) or "
-                    f'"all-linear", found {type(value).__name__}'
+            if isinstance(value, str) or not isinstance(value, (list, tuple, set)):
+                forms = "a list of module names or None" if name == "modules_to_save" else (
+                    'a list of module names, a regular expression (str) or "all-linear"'
                 )
+                raise TypeError(f"{name}: expected {forms}, found {type(value).__name__} ({value!r})")
             for item in value:
                 if not isinstance(item, str):
                     raise TypeError(f"{name}: expected module names (str), found {type(item).__name__}")
+        if self.modules_to_save is not None:
+            saved = self.modules_to_save
+            self.modules_to_save = sorted(saved) if isinstance(saved, set) else list(saved)
         init = self.init_lora_weights
         if not isinstance(init, (bool, str)):
             raise TypeError(

@@ -13,6 +13,7 @@ from .base_kinds import DenseLinear, base_kind_of, check_base_output, lora_add
 from .dora import DoraMagnitude
 from .quantized_merge import _NF4_UNMERGED, MergeError, QuantizedMerge
 from .scope import MixedBatch
+from .table_view import AdapterTableView
 
 
 AdapterOptions = _C.AdapterOptions
@@ -20,7 +21,7 @@ AdapterOptions.__doc__ = """One adapter's hyperparameters (PEFT's names; C++ ``L
 ``lora_dropout``, ``use_rslora``, ``init_lora_weights``, ``bias``, ``dtype`` and ``scale`` (lora_alpha / r, or
 lora_alpha / sqrt(r) with use_rslora)."""
 
-class Linear(QuantizedMerge, nn.Module):
+class Linear(QuantizedMerge, AdapterTableView, nn.Module):
     """A frozen linear base layer with named LoRA adapters.
 
     ``y = base_layer(x) + scale * (dropout(x) @ A.T) @ B.T`` for the active adapter. What the base may be
@@ -169,21 +170,7 @@ class Linear(QuantizedMerge, nn.Module):
                     )
                 )
 
-    # ---- what the table says ---------------------------------------------------------------------
-    @property
-    def adapters(self) -> Dict[str, AdapterOptions]:
-        """Each adapter's options, in the order they were added."""
-        return {n: self._table.options(n) for n in self._table.names}
-
-    @property
-    def active_adapter(self) -> Optional[str]:
-        """The active adapter, or None."""
-        return self._table.active or None
-
-    @property
-    def adapters_enabled(self) -> bool:
-        return self._table.enabled
-
+    # ---- what the table says (adapters, active_adapter, adapters_enabled: AdapterTableView) -----------
     @property
     def merged_adapters(self) -> List[str]:
         """The adapters folded into the base weight (empty: none)."""

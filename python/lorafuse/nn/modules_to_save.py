@@ -11,9 +11,10 @@ from torch import nn
 from .. import _C
 from . import scope as _scope
 from .scope import MixedBatch
+from .table_view import AdapterTableView
 
 
-class ModulesToSave(nn.Module):
+class ModulesToSave(AdapterTableView, nn.Module):
     """PEFT's ``ModulesToSaveWrapper``, with its names: ``original_module`` (the model's module, frozen) and
     ``modules_to_save[adapter]``, a copy per adapter made when the adapter is added; the active adapter's copy trains.
 
@@ -53,20 +54,6 @@ class ModulesToSave(nn.Module):
         for p in module.parameters():
             p.requires_grad_(False)
         self.add_adapter(adapter_name, options, activate=activate, copy_module=copy_module)
-
-    # ---- what the table says -------------------------------------------------------------------------
-    @property
-    def adapters(self) -> Dict[str, Any]:
-        """Each adapter's options, in the order they were added."""
-        return {n: self._table.options(n) for n in self._table.names}
-
-    @property
-    def active_adapter(self) -> Optional[str]:
-        return self._table.active or None
-
-    @property
-    def adapters_enabled(self) -> bool:
-        return self._table.enabled
 
     # ---- adapters -------------------------------------------------------------------------------------
     def add_adapter(
