@@ -21,7 +21,9 @@ struct ScaledLinearImpl : torch::nn::LinearImpl {
 
 TEST_CASE("base kinds: exactly torch::nn::Linear, a subclass is refused by name", "[cpu][nn][base_kind]") {
   using lorafuse::nn::base_kind_of;
-  REQUIRE(lorafuse::nn::base_kinds().size() == 3);  // dense, 4-bit (test_lora_linear4bit.cpp), embedding
+  // dense, 4-bit (test_lora_linear4bit.cpp), embedding, attention (test_lora_attention.cpp)
+  REQUIRE(lorafuse::nn::base_kinds().size() == 4);
+  CHECK(std::string(lorafuse::nn::base_kinds().back()->name()) == "multihead_attention");
   torch::nn::Linear plain(4, 3);
   const auto* kind = base_kind_of(*plain);
   REQUIRE(kind != nullptr);
