@@ -287,7 +287,7 @@ std::vector<TargetChoice> select_targets(const std::vector<ModuleInfo>& modules,
 }
 
 std::vector<size_t> select_saved_modules(const std::vector<ModuleInfo>& modules, const LoraConfig& config, bool strict,
-                                         std::vector<std::string>* warnings) {
+                                         std::vector<std::string>* warnings, const std::vector<size_t>& lora_targets) {
   config.validate();
   const auto names = config.saved_modules();
   std::vector<size_t> chosen;
@@ -317,6 +317,14 @@ std::vector<size_t> select_saved_modules(const std::vector<ModuleInfo>& modules,
       TORCH_CHECK_VALUE(!inside(inner.path, m.path) || !inner.is_lora_layer, "modules_to_save: ", quoted(names),
                         " names \"", m.path, "\", which holds the LoRA layer \"", inner.path,
                         "\"; a module trains either whole (modules_to_save) or through LoRA, not both");
+    }
+    for (const size_t t : lora_targets) {
+      const auto& target = modules.at(t).path;
+      TORCH_CHECK_VALUE(target != m.path && !inside(target, m.path), "modules_to_save: ", quoted(names), " names \"",
+                        m.path, "\" (its path ends with an entry, PEFT's rule), and target_modules selects \"", target,
+                        "\"", target == m.path ? "" : " inside it",
+                        " for LoRA; a module trains either whole or through LoRA, not both (PEFT refuses it too): "
+                        "leave it out of one of them");
     }
     chosen.push_back(i);
   }

@@ -352,10 +352,13 @@ std::vector<LoadTarget> plan_adapter_load(const AdapterFile& file, const std::ve
 }
 
 std::vector<SavedModuleLoad> plan_saved_modules_load(const AdapterFile& file, const std::vector<ModuleInfo>& modules,
-                                                     bool partial, std::vector<std::string>& warnings) {
+                                                     bool partial, std::vector<std::string>& warnings,
+                                                     const std::vector<LoadTarget>& lora_targets) {
   std::vector<SavedModuleLoad> plan;
   if (file.config.saved_modules().empty()) return plan;
-  const auto chosen = select_saved_modules(modules, file.config, /*strict=*/false, &warnings);
+  std::vector<size_t> lora;
+  for (const auto& t : lora_targets) lora.push_back(t.index);
+  const auto chosen = select_saved_modules(modules, file.config, /*strict=*/false, &warnings, lora);
   std::vector<bool> has_state(chosen.size(), false);
   for (const auto& m : file.saved_modules) {
     const auto it = std::find_if(chosen.begin(), chosen.end(), [&](size_t i) { return modules[i].path == m.path; });

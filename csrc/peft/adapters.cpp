@@ -18,7 +18,18 @@ using nn::LoraLayer;
 std::vector<std::pair<std::string, at::Tensor>> trained_biases(torch::nn::Module& module,
                                                                const std::string& adapter_name) {
   auto out = detail::trained_bias_parameters(module, adapter_name);
-  for (auto& [name, bias] : out) bias = bias.detach();
+  std::vector<std::string> attentions;
+  for (const auto& [path, layer] : lora_layers(module)) {
+    if (layer->module().as<nn::LoraMultiheadAttentionImpl>() != nullptr) attentions.push_back(path);
+  }
+  for (auto& [name, bias] : out) {
+    bias = bias.detach();
+    // PEFT's name for an attention's output-projection bias (its out_proj is a LoRA layer there):
+    // <path>.base_layer.out_proj.base_layer.bias, where LibTorch's is <path>.base_layer.out_proj.bias
+    for (const auto& path : attentions) {
+      if (name == path + ".base_layer.out_proj.bias") name = path + ".base_layer.out_proj.base_layer.bias";
+    }
+  }
   return out;
 }
 
@@ -109,7 +120,7 @@ InjectReport load_adapter(torch::nn::Module& module, const io::AdapterFile& file
   const auto infos = detail::infos_of(sites);
   const auto plan = io::plan_adapter_load(file, infos, options.partial());
   std::vector<std::string> warnings;
-  const auto saved_plan = io::plan_saved_modules_load(file, infos, options.partial(), warnings);
+  const auto saved_plan = io::plan_saved_modules_load(file, infos, options.partial(), warnings, plan);
   for (const auto& w : warnings) TORCH_WARN(w);
   std::vector<size_t> saved;
   std::map<size_t, const io::SavedModuleLoad*> saved_by_index;

@@ -325,8 +325,13 @@ std::vector<std::pair<std::string, at::Tensor>> trained_bias_parameters(Module& 
   std::vector<std::pair<std::string, at::Tensor>> out;
   std::vector<std::string> kept;
   for (const auto& [path, wrapper] : saved_modules(module)) kept.push_back(path);
-  for (const auto& name : rules::trained_biases(tables_of(lora_layers(module)), names, adapter, kept))
-    out.emplace_back(name, params[name]);
+  const auto layers = lora_layers(module);
+  auto tables = tables_of(layers);
+  for (const auto& [path, layer] : layers) {  // an attention's output projection: a layer of its own for bias modes
+    if (auto* attention = layer->module().as<nn::LoraMultiheadAttentionImpl>())
+      tables.emplace_back(path + ".base_layer.out_proj", &attention->out_proj_adapters->adapters.table());
+  }
+  for (const auto& name : rules::trained_biases(tables, names, adapter, kept)) out.emplace_back(name, params[name]);
   return out;
 }
 
@@ -363,7 +368,9 @@ InjectReport inject_lora(Module& module, const LoraConfig& config, const std::st
   // Everything is checked before anything changes.
   const auto sites = sites_of(module);
   auto chosen = detail::select_in(module, sites, config);
-  const auto saved = select_saved_modules(detail::infos_of(sites), config);
+  std::vector<size_t> lora;
+  for (const auto& c : chosen) lora.push_back(c.index);
+  const auto saved = select_saved_modules(detail::infos_of(sites), config, /*strict=*/true, nullptr, lora);
   if (!autocast_adapter_dtype) detail::keep_base_dtype(sites, chosen);
   detail::check_rewirable(sites, chosen, "inject_lora");
   detail::check_saved(module, sites, saved, "inject_lora");

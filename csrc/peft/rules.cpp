@@ -138,6 +138,21 @@ bool ends_with(const std::string& s, const std::string& suffix) {
 
 bool is_bias(const std::string& name) { return name == "bias" || ends_with(name, ".bias"); }
 
+// A parameter's name without the "base_layer" components that LoRA layers put in paths: the same parameter before and
+// after wrapping, however deep ("attn.base_layer.out_proj.base_layer.bias" and "attn.out_proj.bias").
+std::string unwrapped(const std::string& name) {
+  std::string out;
+  size_t start = 0;
+  while (start <= name.size()) {
+    size_t dot = name.find('.', start);
+    if (dot == std::string::npos) dot = name.size();
+    const std::string part = name.substr(start, dot - start);
+    if (part != "base_layer") out += (out.empty() ? "" : ".") + part;
+    start = dot + 1;
+  }
+  return out;
+}
+
 std::string shape_str(const std::vector<int64_t>& shape) {
   std::string out;
   for (const auto d : shape) out += (out.empty() ? "" : ", ") + std::to_string(d);
@@ -149,10 +164,10 @@ std::string shape_str(const std::vector<int64_t>& shape) {
 std::vector<std::string> trained_biases(const LayerTables& layers, const std::vector<std::string>& parameter_names,
                                         const std::string& adapter, const std::vector<std::string>& kept_whole) {
   const std::string mode = bias_mode(layers, adapter);
-  std::set<std::string> wanted;
+  std::set<std::string> wanted;  // unwrapped names: a layer's base bias however its base is nested
   if (mode == "lora_only") {
     for (const auto& [path, table] : layers) {
-      if (table->has(adapter)) wanted.insert(path + ".base_layer.bias");
+      if (table->has(adapter)) wanted.insert(unwrapped(path + ".bias"));
     }
   }
   std::vector<std::string> out;
@@ -160,7 +175,9 @@ std::vector<std::string> trained_biases(const LayerTables& layers, const std::ve
     const bool inside_kept = std::any_of(kept_whole.begin(), kept_whole.end(), [&](const std::string& path) {
       return name.size() > path.size() && name.compare(0, path.size(), path) == 0 && name[path.size()] == '.';
     });
-    if (!inside_kept && ((mode == "all" && is_bias(name)) || wanted.count(name) != 0)) out.push_back(name);
+    const bool lora_only = !wanted.empty() && is_bias(name) && name.find("base_layer") != std::string::npos &&
+                           wanted.count(unwrapped(name)) != 0;
+    if (!inside_kept && ((mode == "all" && is_bias(name)) || lora_only)) out.push_back(name);
   }
   return out;
 }
@@ -169,16 +186,22 @@ std::vector<std::string> match_biases(const std::vector<std::pair<std::string, s
                                       const std::vector<std::pair<std::string, std::vector<int64_t>>>& parameters,
                                       const std::string& what) {
   const std::map<std::string, std::vector<int64_t>> shapes(parameters.begin(), parameters.end());
-  const std::string wrapped = ".base_layer.bias";
+  std::map<std::string, std::vector<std::string>> by_unwrapped;  // the same bias before and after wrapping
+  for (const auto& [name, shape] : parameters) {
+    if (is_bias(name)) by_unwrapped[unwrapped(name)].push_back(name);
+  }
   std::vector<std::string> out;
   for (const auto& [name, shape] : file_biases) {
     std::string target = name;
-    if (shapes.count(target) == 0 && ends_with(name, ".bias")) {
-      target = ends_with(name, wrapped) ? name.substr(0, name.size() - wrapped.size()) + ".bias"
-                                        : name.substr(0, name.size() - 5) + wrapped;
+    if (shapes.count(target) == 0) {
+      const auto it = by_unwrapped.find(unwrapped(name));
+      TORCH_CHECK_VALUE(it != by_unwrapped.end() && is_bias(name), what, ": the file has bias \"", name,
+                        "\", which the model lacks");
+      TORCH_CHECK_VALUE(it->second.size() == 1, what, ": the file's bias \"", name, "\" could be any of ",
+                        it->second.size(), " parameters of the model (\"", it->second.front(), "\", ...)");
+      target = it->second.front();
     }
     const auto it = shapes.find(target);
-    TORCH_CHECK_VALUE(it != shapes.end(), what, ": the file has bias \"", name, "\", which the model lacks");
     TORCH_CHECK_VALUE(it->second == shape, what, ": bias \"", name, "\" is ", shape_str(shape), " in the file but ",
                       shape_str(it->second), " in the model");
     out.push_back(target);

@@ -228,7 +228,9 @@ void bind_config(py::module& m) {
         std::vector<std::string> warnings;
         const auto parsed = translating([&] { return config_from(config); });
         const auto chosen = translating([&] { return select_targets(infos, parsed, model_type, &warnings); });
-        const auto saved = translating([&] { return select_saved_modules(infos, parsed, true, &warnings); });
+        std::vector<size_t> lora;
+        for (const auto& c : chosen) lora.push_back(c.index);
+        const auto saved = translating([&] { return select_saved_modules(infos, parsed, true, &warnings, lora); });
         py::list out, saved_out;
         for (const auto& c : chosen) out.append(py::make_tuple(c.index, nn::adapter_options_json(c.adapter)));
         for (const size_t i : saved)

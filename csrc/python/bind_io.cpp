@@ -23,7 +23,8 @@ void bind_io(py::module& m) {
         const auto infos = infos_from(modules);
         const auto plan = translating([&] { return io::plan_adapter_load(file, infos, partial); });
         std::vector<std::string> warnings = file.warnings;
-        const auto saved = translating([&] { return io::plan_saved_modules_load(file, infos, partial, warnings); });
+        const auto saved =
+            translating([&] { return io::plan_saved_modules_load(file, infos, partial, warnings, plan); });
         py::dict out = adapter_file_dict(file);
         out["warnings"] = warnings;
         py::list saved_out;

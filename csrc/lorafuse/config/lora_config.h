@@ -180,7 +180,10 @@ std::vector<TargetChoice> select_targets(const std::vector<ModuleInfo>& modules,
 /// modules_to_save entries of which none names a module (the task type's heads alone: a warning, as a model may name
 /// its head otherwise). An entry that names nothing while others do is a warning, as with target_modules (not for the
 /// task type's heads). Warnings go to `warnings` when given, else TORCH_WARN.
+/// `lora_targets`: the modules that get LoRA layers with this config (select_targets' indices); one of them being a
+/// module kept whole, or inside one, is a ValueError (PEFT refuses it too: a module trains whole or through LoRA).
 std::vector<size_t> select_saved_modules(const std::vector<ModuleInfo>& modules, const LoraConfig& config,
-                                         bool strict = true, std::vector<std::string>* warnings = nullptr);
+                                         bool strict = true, std::vector<std::string>* warnings = nullptr,
+                                         const std::vector<size_t>& lora_targets = {});
 
 }  // namespace lorafuse

@@ -112,11 +112,13 @@ struct SavedModuleLoad {
 };
 
 /// Matches the file's saved modules (modules_to_save) against a model's modules: each must be a module that the
-/// config's modules_to_save names there (select_saved_modules, warnings appended to `warnings`). ValueErrors: a saved
+/// config's modules_to_save names there (select_saved_modules, warnings appended to `warnings`; `lora_targets`, the
+/// plan_adapter_load result, none inside them). ValueErrors: a saved
 /// module the model lacks or that modules_to_save does not name; a module it names that the file holds no state for,
 /// unless `partial`. Whether the keys and shapes fit the module is the loader's check (it holds the module).
 std::vector<SavedModuleLoad> plan_saved_modules_load(const AdapterFile& file, const std::vector<ModuleInfo>& modules,
-                                                     bool partial, std::vector<std::string>& warnings);
+                                                     bool partial, std::vector<std::string>& warnings,
+                                                     const std::vector<LoadTarget>& lora_targets = {});
 
 /// A ValueError naming `path` unless a file's `state` of a module kept whole fits the module's own state `own` (its
 /// state_dict keys with their shapes): the same keys, each of the same shape.

@@ -45,15 +45,17 @@ bool starts_disabled(const LayerTables& layers);
 /// The `bias` mode that decides which biases train while `active` is active (its first layer's options; "none").
 std::string bias_mode(const LayerTables& layers, const std::string& active);
 /// The biases that train with `adapter` (PEFT's bias modes; they are saved with it), as names among
-/// `parameter_names` (the model's named parameters): "all" every bias, "lora_only" the base biases
-/// ("<path>.base_layer.bias") of the layers that have it, "none" none.
+/// `parameter_names` (the model's named parameters): "all" every bias, "lora_only" the base biases of the layers that
+/// have it ("<path>.base_layer.bias", however deep the base is nested: an attention's output projection is the layer
+/// "<path>.base_layer.out_proj"), "none" none.
 /// Biases inside the modules at `kept_whole` (modules_to_save layers) are never among them: their copies train whole
 /// and their originals stay frozen.
 std::vector<std::string> trained_biases(const LayerTables& layers, const std::vector<std::string>& parameter_names,
                                         const std::string& adapter, const std::vector<std::string>& kept_whole = {});
 /// Where each bias of an adapter file goes: for each (name, shape) of `file_biases`, the model parameter among
-/// `parameters` (name, shape) it is copied into — its own name, or the same bias before/after wrapping
-/// ("<path>.bias" ⇔ "<path>.base_layer.bias", as PEFT since 0.7 names it). ValueErrors prefixed with `what`: a
+/// `parameters` (name, shape) it is copied into — its own name, or the same bias before/after wrapping (the names
+/// equal without their "base_layer" components: "<path>.bias" ⇔ "<path>.base_layer.bias", as PEFT since 0.7 names it,
+/// and "attn.out_proj.bias" ⇔ "attn.base_layer.out_proj.base_layer.bias"). ValueErrors prefixed with `what`: a
 /// bias the model lacks, a shape that differs.
 std::vector<std::string> match_biases(const std::vector<std::pair<std::string, std::vector<int64_t>>>& file_biases,
                                       const std::vector<std::pair<std::string, std::vector<int64_t>>>& parameters,

@@ -231,8 +231,15 @@ def _attention(base, query, key, value, in_proj_weight, out_proj_weight, key_pad
         mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="", target_type=query.dtype,
         check_other=False,
     )
-    if base.batch_first and is_batched:
-        query, key, value = (x.transpose(1, 0) for x in (query, key, value))
+    if base.batch_first and is_batched:  # keeping "query is key is value", which lets the projection run packed
+        if key is value:
+            if query is key:
+                query = key = value = query.transpose(1, 0)
+            else:
+                query, key = (x.transpose(1, 0) for x in (query, key))
+                value = key
+        else:
+            query, key, value = (x.transpose(1, 0) for x in (query, key, value))
     out, weights = F.multi_head_attention_forward(
         query, key, value, base.embed_dim, base.num_heads, in_proj_weight, base.in_proj_bias, base.bias_k, base.bias_v,
         base.add_zero_attn, base.dropout, out_proj_weight, base.out_proj.bias, training=base.training,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Any, Dict, List, Optional
+from typing import Any, List, Optional
 
 import torch
 from torch import nn
@@ -47,10 +47,11 @@ class ModulesToSave(AdapterTableView, nn.Module):
         self.modules_to_save = nn.ModuleDict()
         # The adapters and the rules over them (active, enabled, what a scope runs): the C++ table, as LoRA layers.
         self._table = _C.AdapterTable()
-        # What forward reads, recomputed whenever the table changes and replaced as a whole (other threads may run
-        # forward): each adapter's copy while adapters are enabled, and the copy the active adapter runs.
-        self._routes: Dict[str, nn.Module] = {}
-        self._active: Optional[nn.Module] = None
+        # What forward reads, recomputed whenever the table changes (Python values, replaced as a whole: other threads
+        # may run forward): the names of the copies that run while adapters are enabled, and the active one's (None:
+        # the original). The copy itself is looked up in modules_to_save at call time (FSDP or a user may replace it).
+        self._running: frozenset = frozenset()
+        self._active_name: Optional[str] = None
         for p in module.parameters():
             p.requires_grad_(False)
         self.add_adapter(adapter_name, options, activate=activate, copy_module=copy_module)
@@ -118,28 +119,30 @@ class ModulesToSave(AdapterTableView, nn.Module):
 
     def _refresh(self) -> None:
         table = self._table
-        routes = {n: self.modules_to_save[n] for n in table.names} if table.enabled else {}
+        self._running = frozenset(table.names) if table.enabled else frozenset()
         active = table.route(None)
-        self._routes = routes
-        # not a submodule: object.__setattr__ keeps nn.Module from registering the copy a second time
-        object.__setattr__(self, "_active", routes.get(active) if active else None)
+        self._active_name = active or None
+
+    def _running_module(self, name: Optional[str]) -> nn.Module:
+        """Adapter ``name``'s copy when it runs here, else the original."""
+        return self.modules_to_save[name] if name is not None and name in self._running else self.original_module
 
     # ---- forward --------------------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        module = self._active
+        name = self._active_name
         if _scope.open_scopes:
             stack = getattr(_scope.thread_scope, "stack", None)
             if stack:
                 name = stack[-1][1]
                 if isinstance(name, MixedBatch):
                     return self._mixed_forward(name, args, kwargs)
-                module = self._routes.get(name)  # "" (the base) and names without a copy here: the original
-        return (module if module is not None else self.original_module)(*args, **kwargs)
+        # "" (the base) and names without a copy here: the original
+        return self._running_module(name)(*args, **kwargs)
 
     def _mixed_forward(self, mixed: MixedBatch, args: tuple, kwargs: dict) -> Any:
         """One adapter per row of the input's first dimension: each group of rows through its adapter's copy (the
         rows grouped by the C++ RowAdapters)."""
-        routes = self._routes  # one snapshot
+        running = self._running  # one snapshot
         x = args[0] if args else None
         if not isinstance(x, torch.Tensor) or len(args) > 1 or kwargs:
             raise ValueError(
@@ -148,15 +151,13 @@ class ModulesToSave(AdapterTableView, nn.Module):
                 "rows in a batch of their own"
             )
         rows = x.shape[0] if x.dim() >= 2 else 1
-        groups = mixed.rows.row_groups(rows, list(routes))
+        groups = mixed.rows.row_groups(rows, sorted(running))
         if len(groups) == 1:
-            module = routes.get(groups[0][0])
-            return (module if module is not None else self.original_module)(x)
+            return self._running_module(groups[0][0] or None)(x)
         out = None
         for name, indices in groups:
             index = torch.tensor(indices, dtype=torch.long, device=x.device)
-            module = routes.get(name)
-            y = (module if module is not None else self.original_module)(x.index_select(0, index))
+            y = self._running_module(name or None)(x.index_select(0, index))
             if out is None:
                 out = y.new_zeros((rows, *y.shape[1:]))
             out = out.index_copy(0, index, y)
@@ -170,7 +171,9 @@ class ModulesToSave(AdapterTableView, nn.Module):
         modules = self.__dict__.get("_modules")
         if modules is None or "original_module" not in modules:
             raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
-        running = self.__dict__.get("_active")
+        active = self.__dict__.get("_active_name")
+        copies = modules.get("modules_to_save")
+        running = copies[active] if active is not None and active in self.__dict__.get("_running", ()) else None
         return getattr(running if running is not None else modules["original_module"], name)
 
     def extra_repr(self) -> str:
@@ -188,6 +191,15 @@ def check_saved_module(module: Any, path: str) -> None:
         raise TypeError(
             f'modules_to_save: "{path}" is a {type(module).__name__}, a container that cannot run; name the module '
             "inside it to train whole"
+        )
+    from .base_kinds import base_kind_of
+
+    kind = base_kind_of(module)
+    if kind is not None and not kind.selectable:
+        raise ValueError(
+            f'modules_to_save: "{path}" is a {type(module).__name__} ({kind.name}) that its owner never calls (an '
+            "nn.MultiheadAttention reads its out_proj's weight itself), so a copy there would not run; keep the owner "
+            "whole instead"
         )
     if is_lora_layer(module) or isinstance(module, ModulesToSave):
         raise TypeError(

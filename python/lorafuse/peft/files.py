@@ -29,6 +29,7 @@ from .inject import (
     _activate_and_freeze,
     _attach,
     _attach_saved,
+    _bias_tables,
     _check_dora,
     _check_saved,
     _has_peft_layers,
@@ -92,7 +93,7 @@ def _save(model: nn.Module, path: str, adapter_name: str) -> None:
             fan_in_fan_out = fan_in_fan_out or base_kind_of(m.base_layer).fan_in_fan_out
     params = dict(model.named_parameters())
     kept = [p for p, _ in saved_modules(model)]
-    trained = _C._rules_trained_biases(_tables(lora_layers(model)), list(params), adapter_name, kept)
+    trained = _C._rules_trained_biases(_bias_tables(model), list(params), adapter_name, kept)
     biases = [(name, params[name].detach()) for name in trained]
     config = getattr(model, "config", None)
     base_name = getattr(config, "_name_or_path", "") or getattr(model, "name_or_path", "") or ""

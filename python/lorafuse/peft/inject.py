@@ -17,7 +17,16 @@ from torch import nn
 from .. import _C
 from .._cpp import cpp_module_of as _cpp
 from ..config import LoraConfig
-from ..nn import Linear, Linear4bit, MergeError, ModulesToSave, base_kind_of, is_lora_layer, lora_layer_class
+from ..nn import (
+    Linear,
+    Linear4bit,
+    MergeError,
+    ModulesToSave,
+    MultiheadAttention,
+    base_kind_of,
+    is_lora_layer,
+    lora_layer_class,
+)
 from ..nn.base_kinds import DenseLinear
 from ..nn.modules_to_save import check_saved_module
 
@@ -114,6 +123,15 @@ def lora_layers(model: nn.Module) -> List[Tuple[str, Linear]]:
 def _tables(layers: Sequence[Tuple[str, Linear]]) -> list:
     """(path, adapter table) per layer: what the model-wide rules (C++ lorafuse::rules) read."""
     return [(path, layer._table) for path, layer in layers]
+
+
+def _bias_tables(model: nn.Module) -> list:
+    """The tables that PEFT's bias modes read: every LoRA layer's, and an attention's output projection as a layer of its
+    own (PEFT's structure: <path>.base_layer.out_proj)."""
+    layers = lora_layers(model)
+    inner = [(f"{path}.base_layer.out_proj", m.out_proj_layer._table) for path, m in layers
+             if isinstance(m, MultiheadAttention)]
+    return _tables(layers) + inner
 
 
 @_model_wide(_C._cpp_adapter_names)
@@ -378,7 +396,7 @@ def _activate_and_freeze(model: nn.Module, active: str) -> None:
     # the active adapter's bias mode decides, as in PEFT (a later adapter's config waits until it is active)
     params = dict(model.named_parameters())
     kept = [path for path, _ in saved_modules(model)]
-    for name in _C._rules_trained_biases(_tables(lora_layers(model)), list(params), active, kept):
+    for name in _C._rules_trained_biases(_bias_tables(model), list(params), active, kept):
         params[name].requires_grad_(True)
 
 

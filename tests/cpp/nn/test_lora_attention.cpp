@@ -220,3 +220,27 @@ TEST_CASE("LoraMultiheadAttention refuses what it cannot compute, by name", "[cp
       },
       {"lorafuse.lora_adapted_weight", "expected lora_a [r, 3]"});
 }
+
+TEST_CASE("bias modes reach the attention's output projection, saved under PEFT's name", "[cpu][attention]") {
+  lorafuse_test::TempDir root;
+  auto model = block();
+  lorafuse::inject_lora(*model, LoraConfig().r(2).target_modules({"attn"}).bias("lora_only"));
+  auto* layer = attention_of(model);
+  CHECK(layer->base_layer->out_proj->bias.requires_grad());  // PEFT's lora_only: the output projection's bias
+  CHECK(!layer->base_layer->in_proj_bias.requires_grad());
+  randomize(*layer, "default", 3);
+  {
+    torch::NoGradGuard no_grad;
+    layer->base_layer->out_proj->bias.add_(0.5);
+  }
+  const auto expected = model->forward(input()).detach();
+  lorafuse::save_adapter(*model, root.path + "/a");
+  const auto tensors = lorafuse::io::read_safetensors(root.path + "/a/adapter_model.safetensors").tensors;
+  CHECK(std::any_of(tensors.begin(), tensors.end(), [](const auto& kv) {
+    return kv.first == "base_model.model.attn.base_layer.out_proj.base_layer.bias";
+  }));
+  auto fresh = block();
+  lorafuse::load_adapter(*fresh, root.path + "/a");
+  torch::NoGradGuard no_grad;
+  CHECK(at::allclose(fresh->forward(input()), expected, 1e-5, 1e-6));
+}

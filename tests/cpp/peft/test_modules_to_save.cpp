@@ -65,6 +65,14 @@ TEST_CASE("modules_to_save selects by PEFT's suffix rule and task types add thei
   require_error_parts<c10::ValueError>(
       [&] { lorafuse::select_saved_modules(lora, LoraConfig().modules_to_save({"classifier"})); },
       {"names \"classifier\", a LoRA layer"});
+  // a module LoRA targets that modules_to_save also names (PEFT's plain suffix rule): refused, as PEFT refuses it
+  std::vector<ModuleInfo> heads = {{"pre_classifier", "Linear", true, 8, 8}, {"classifier", "Linear", true, 8, 2}};
+  const auto both = LoraConfig().target_modules({"pre_classifier"}).modules_to_save({"classifier"});
+  const auto targets = lorafuse::select_targets(heads, both);
+  REQUIRE(targets.size() == 1);
+  require_error_parts<c10::ValueError>(
+      [&] { lorafuse::select_saved_modules(heads, both, true, nullptr, {targets[0].index}); },
+      {"names \"pre_classifier\"", "target_modules selects \"pre_classifier\" for LoRA"});
   require_error_parts<c10::ValueError>([&] { LoraConfig().task_type("SEQ_CLASSIFICATION").validate(); },
                                        {"task_type: expected one of PEFT's task types"});
   // the task type's heads alone naming nothing: a warning, not an error (a model may call its head otherwise)

@@ -250,6 +250,21 @@ def test_tied_weights_are_refused():
     assert not lorafuse.lora_layers(tied)
 
 
+def test_a_replaced_copy_is_the_one_that_runs():
+    """FSDP's auto-wrap or a user may put another module in modules_to_save[name]: forward and attributes use it."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential()
+    model.add_module("head", torch.nn.Linear(8, 4))
+    model.add_module("classifier", torch.nn.Linear(4, 3))
+    lorafuse.inject_lora(model, lorafuse.LoraConfig(r=2, target_modules=["head"], modules_to_save=["classifier"]))
+    new = torch.nn.Linear(4, 3)
+    model.classifier.modules_to_save["default"] = new
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        hf_zoo.assert_close(model(x), new(model.head(x)))
+    assert model.classifier.weight is new.weight
+
+
 def test_refusals_name_the_option(tmp_path):
     base = _build("roberta-seq_cls")
     with pytest.raises(ValueError, match=r'modules_to_save: \["head"\] names no module'):
@@ -268,9 +283,23 @@ def test_refusals_name_the_option(tmp_path):
     with pytest.raises(ValueError, match=r'names "roberta.encoder.layer.0.attention.self.query", a LoRA layer'):
         lorafuse.add_adapter(model, "b", lorafuse.LoraConfig(target_modules=["value"], modules_to_save=["query"]))
     assert lorafuse.adapter_names(model) == ["default"]  # nothing changed
+    # a module that LoRA targets and modules_to_save names (PEFT's plain suffix rule: "pre_classifier" ends with
+    # "classifier"): refused before anything changes, as PEFT refuses it
+    heads = torch.nn.Sequential()
+    heads.add_module("pre_classifier", torch.nn.Linear(8, 8))
+    heads.add_module("classifier", torch.nn.Linear(8, 2))
+    with pytest.raises(ValueError, match=r'names "pre_classifier" .* target_modules selects "pre_classifier" for LoRA'):
+        lorafuse.inject_lora(heads, lorafuse.LoraConfig(target_modules=["pre_classifier"], modules_to_save=["classifier"]))
+    assert not lorafuse.lora_layers(heads)
     with pytest.raises(ValueError, match="selects only .* inside modules that modules_to_save"):
         lorafuse.inject_lora(copy.deepcopy(base), lorafuse.LoraConfig(target_modules=["out_proj"],
                                                                        modules_to_save=["classifier"]))
+    # the out_proj of an nn.MultiheadAttention: the attention reads its weight and never calls a copy
+    attention = torch.nn.Module()
+    attention.attn = torch.nn.MultiheadAttention(8, 2)
+    attention.head = torch.nn.Linear(8, 2)
+    with pytest.raises(ValueError, match='"attn.out_proj" is a NonDynamicallyQuantizableLinear .* never calls'):
+        lorafuse.inject_lora(attention, lorafuse.LoraConfig(target_modules=["head"], modules_to_save=["out_proj"]))
     # a head of another shape in the file: named, before anything changes
     seq = lorafuse.inject_lora(copy.deepcopy(base), lorafuse.LoraConfig(task_type="SEQ_CLS", target_modules=["query"]))
     lorafuse.save_adapter(seq, tmp_path / "a")

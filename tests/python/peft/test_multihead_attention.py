@@ -229,3 +229,25 @@ def test_the_adapted_weight_op():
     assert torch.autograd.gradcheck(lambda a, b: torch.ops.lorafuse.lora_adapted_weight(w, a, b, 0.5), (a, b))
     with pytest.raises(ValueError, match=r"lorafuse.lora_adapted_weight: for weight \[6, 4\] expected lora_a \[r, 4\]"):
         torch.ops.lorafuse.lora_adapted_weight(w, b, a, 0.5)
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_bias_modes_train_the_output_projection_bias_as_peft(bias, tmp_path):
+    """PEFT's bias modes reach the attention's output projection (a LoRA layer of its own there,
+    <path>.base_layer.out_proj): the same trained biases and file names as PEFT, and the file loads back."""
+    base = _net()
+    config = dict(r=2, target_modules=["attn", "head"], init_lora_weights=False, bias=bias)
+    theirs = hf_zoo.peft_model(copy.deepcopy(base), **config)
+    ours = lorafuse.inject_lora(copy.deepcopy(base), lorafuse.LoraConfig(**config)).eval()
+    trained = sorted(n for n, p in ours.named_parameters() if p.requires_grad and "lora_" not in n)
+    peft_trained = sorted(
+        n[len(hf_zoo.PEFT_PREFIX):] for n, p in theirs.named_parameters() if p.requires_grad and "lora_" not in n
+    )
+    assert trained == peft_trained and "attn.base_layer.out_proj.base_layer.bias" in trained
+    _randomize(ours)
+    with torch.no_grad():
+        expected = ours(X)
+    lorafuse.save_adapter(ours, tmp_path / "a")
+    loaded = lorafuse.load_adapter(copy.deepcopy(base), tmp_path / "a").eval()
+    with torch.no_grad():
+        hf_zoo.assert_close(loaded(X), expected)
