@@ -11,7 +11,6 @@ import sys
 import warnings
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
-import torch
 from torch import nn
 
 from .. import _C
