@@ -113,6 +113,16 @@ AttentionSlot* attention_slot_of(torch::nn::Module& parent, const std::string& n
   return owner == nullptr ? nullptr : owner->attention_slot(name);
 }
 
+// Child `name` of `parent` replaced in the registry and in the slot its forward calls.
+template <typename Slot>
+bool rebind_slot(Slot* slot, torch::nn::Module& parent, const std::string& name,
+                 std::shared_ptr<torch::nn::Module>& replacement) {
+  if (slot == nullptr) return false;
+  parent.replace_module(name, replacement);
+  slot->rebind(std::move(replacement));
+  return true;
+}
+
 }  // namespace
 
 bool can_replace_child(torch::nn::Module& parent, const std::string& name) {
@@ -121,16 +131,9 @@ bool can_replace_child(torch::nn::Module& parent, const std::string& name) {
 }
 
 bool replace_child(torch::nn::Module& parent, const std::string& name, std::shared_ptr<torch::nn::Module> replacement) {
-  if (auto* slot = slot_of(parent, name)) {
-    parent.replace_module(name, replacement);
-    slot->rebind(std::move(replacement));
+  if (rebind_slot(slot_of(parent, name), parent, name, replacement) ||
+      rebind_slot(attention_slot_of(parent, name), parent, name, replacement))
     return true;
-  }
-  if (auto* slot = attention_slot_of(parent, name)) {
-    parent.replace_module(name, replacement);
-    slot->rebind(std::move(replacement));
-    return true;
-  }
   if (auto* dict = dynamic_cast<torch::nn::ModuleDictImpl*>(&parent)) {
     dict->update({{name, std::move(replacement)}});
     return true;

@@ -30,7 +30,6 @@ class AttentionOutProjImpl : public torch::nn::Cloneable<AttentionOutProjImpl> {
   void load(torch::serialize::InputArchive& archive) override;
   /// The options new adapters are made with (the base's device and dtype).
   void set_options(const at::TensorOptions& options) { options_ = options; }
-  const at::TensorOptions& options() const noexcept { return options_; }
 
   LoraAdapters adapters;
 

@@ -1,27 +1,19 @@
 """Model-wide LoRA: inject_lora and the adapter functions (PEFT's LoraModel), adapter files in PEFT's format,
 per-thread adapter routing, and conversion of PEFT models. On a bound C++ model every function runs the C++
-implementation (the switch is :func:`lorafuse.peft.inject._model_wide`)."""
+implementation (the switch is :func:`lorafuse.peft.model_tree._model_wide`)."""
 
 from .files import load_adapter, read_adapter, save_adapter
 from .from_peft import from_peft
-from .inject import (
+from .inject import add_adapter, delete_adapter, disable_adapters, enable_adapters, inject_lora, set_adapter
+from .merging import merge, merge_and_unload, unload, unmerge
+from .model_tree import (
     active_adapter,
     adapter_names,
-    add_adapter,
     default_target_modules,
-    delete_adapter,
-    disable_adapters,
-    enable_adapters,
-    inject_lora,
     lora_layers,
-    saved_modules,
-    merge,
-    merge_and_unload,
-    unload,
     print_trainable_parameters,
-    set_adapter,
+    saved_modules,
     trainable_parameters,
-    unmerge,
 )
 from .routing import use_adapter
 

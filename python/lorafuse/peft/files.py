@@ -25,13 +25,9 @@ from .. import _C
 from ..config import config_fields
 from ..nn import Linear, ModulesToSave, MultiheadAttention, base_kind_of, is_lora_layer
 from ..nn.modules_to_save import saved_state
-from .inject import (
-    _activate_and_freeze,
-    _attach,
-    _attach_saved,
+from .inject import _activate_and_freeze, _attach, _attach_saved, _check_dora, _check_saved
+from .model_tree import (
     _bias_tables,
-    _check_dora,
-    _check_saved,
     _has_peft_layers,
     _infos,
     _is_target,

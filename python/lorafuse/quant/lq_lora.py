@@ -185,7 +185,7 @@ class _Progress:
 
 def _targets(model: nn.Module, config: LqLoraConfig) -> List[Tuple[nn.Module, str, str, nn.Linear]]:
     """(parent, name, path, linear) of the plain nn.Linear layers the config's target_modules select."""
-    from ..peft.inject import _select, _sites
+    from ..peft.model_tree import _select, _sites
 
     sites = list(_sites(model))
     chosen, _ = _select(model, sites, config._lora_config()._to_json())  # LQ-LoRA configs keep no module whole
@@ -241,7 +241,7 @@ def lq_lora(model: nn.Module, config: Optional[LqLoraConfig] = None) -> LqLoraRe
         finally:
             progress.close()
         return _report(plan, config, start)
-    from ..peft.inject import _tables, lora_layers
+    from ..peft.model_tree import _tables, lora_layers
 
     _C._rules_check_new_adapter(_tables(lora_layers(model)), config.adapter_name, "")  # before anything changes
     targets = _targets(model, config)
